@@ -1,0 +1,101 @@
+"""The HTTP API: create_app() builds it; `python app.py` runs it for development."""
+
+from __future__ import annotations
+
+import logging
+
+from flask import Flask, jsonify
+from marshmallow import ValidationError
+from werkzeug.exceptions import HTTPException
+
+from notifier.config import Settings
+from notifier.db import UNAVAILABLE_ERRORS, database
+from notifier.errors import ApiError
+from notifier.queues import connect_redis
+from notifier.runtime import configure_logging, load_settings, make_renderer, open_database
+from notifier.service import NotificationService
+
+logger = logging.getLogger("notifier.api")
+
+# Error codes for the HTTP errors Flask and Werkzeug raise themselves.
+HTTP_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    429: "rate_limited",
+}
+
+
+def error_response(status: int, code: str, message: str, details=None):
+    """The one error envelope every failed request gets."""
+    response = jsonify(error={"code": code, "message": message, "details": details})
+    response.status_code = status
+    return response
+
+
+def register_error_handlers(app: Flask) -> None:
+    @app.errorhandler(ApiError)
+    def _api_error(exc: ApiError):
+        return error_response(exc.status, exc.code, exc.message, exc.details)
+
+    @app.errorhandler(ValidationError)
+    def _validation_error(exc: ValidationError):
+        return error_response(422, "validation_error", "the request has invalid fields", exc.normalized_messages())
+
+    @app.errorhandler(HTTPException)
+    def _http_error(exc: HTTPException):
+        status = exc.code or 500
+        response = error_response(status, HTTP_CODES.get(status, "http_error"), exc.description or exc.name)
+        if status == 405 and exc.get_response().headers.get("Allow"):
+            response.headers["Allow"] = exc.get_response().headers["Allow"]
+        return response
+
+    def _database_unavailable(exc):
+        logger.warning("database unavailable: %s", type(exc).__name__)
+        return error_response(503, "service_unavailable", "the database is unavailable; try again shortly")
+
+    for error_class in UNAVAILABLE_ERRORS:
+        app.register_error_handler(error_class, _database_unavailable)
+
+    @app.errorhandler(Exception)
+    def _unexpected(exc: Exception):
+        logger.exception("unhandled error")
+        return error_response(500, "internal_error", "an unexpected error occurred")
+
+
+def create_app(settings: Settings | None = None, *, redis=None) -> Flask:
+    """Build the API for settings (read from the environment when not given)."""
+    settings = settings or load_settings()
+    configure_logging(settings)
+    app = Flask(__name__)
+    app.config.update(MAX_CONTENT_LENGTH=settings.max_body_bytes, NOTIFIER_SETTINGS=settings, JSON_SORT_KEYS=False)
+    app.json.sort_keys = False
+
+    open_database(settings)
+    redis = redis or connect_redis(settings.redis_url)
+    app.extensions["notifier"] = {
+        "settings": settings,
+        "redis": redis,
+        "service": NotificationService(settings, make_renderer(settings), redis),
+    }
+
+    # peewee connects on first use, so /api/health never touches the database; give it back after.
+    @app.teardown_request
+    def _close_db(exc):
+        if not database.is_closed():
+            database.close()
+
+    from notifier.api import health, notifications
+
+    app.register_blueprint(health.bp)
+    app.register_blueprint(notifications.bp)
+    register_error_handlers(app)
+    return app
+
+
+if __name__ == "__main__":
+    _settings = load_settings()
+    create_app(_settings).run(host="127.0.0.1", port=_settings.port, threaded=True)

@@ -1,0 +1,1 @@
+"""notifier: a small, Redis-backed notification service."""

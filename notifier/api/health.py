@@ -1,0 +1,42 @@
+"""Liveness and readiness: no API key needed."""
+
+from __future__ import annotations
+
+from flask import Blueprint, current_app, jsonify
+
+from notifier.db import database
+
+bp = Blueprint("health", __name__, url_prefix="/api")
+
+
+@bp.get("/health")
+def health():
+    """The process is up; checks nothing else so a slow dependency never gets it restarted."""
+    return jsonify(status="ok")
+
+
+@bp.get("/ready")
+def ready():
+    """Whether the database and Redis answer; 503 naming each one that does not."""
+    checks = {}
+    try:
+        database.execute_sql("SELECT 1")
+        checks["database"] = "ok"
+    except Exception as exc:  # noqa: BLE001 - any failure means not ready
+        checks["database"] = f"unavailable: {type(exc).__name__}"
+    try:
+        current_app.extensions["notifier"]["redis"].ping()
+        checks["redis"] = "ok"
+    except Exception as exc:  # noqa: BLE001
+        checks["redis"] = f"unavailable: {type(exc).__name__}"
+    failed = sorted(name for name, state in checks.items() if state != "ok")
+    if failed:
+        body = {
+            "error": {
+                "code": "not_ready",
+                "message": f"unavailable: {', '.join(failed)}",
+                "details": checks,
+            }
+        }
+        return jsonify(body), 503
+    return jsonify(status="ready", checks=checks)

@@ -1,0 +1,79 @@
+"""Sending notifications and reading them back."""
+
+from __future__ import annotations
+
+from flask import Blueprint, current_app, jsonify, request, url_for
+
+from notifier import store
+from notifier.api.common import current_key, json_body, require_api_key, service
+from notifier.errors import NotFound, Unprocessable
+from notifier.schemas import (
+    AcceptedSchema,
+    ListQuerySchema,
+    NotificationDetailSchema,
+    NotificationSchema,
+    SendSchema,
+    VerificationSchema,
+)
+
+bp = Blueprint("notifications", __name__, url_prefix="/api/notifications")
+bp.before_request(require_api_key)
+
+_send = SendSchema()
+_verification = VerificationSchema()
+_query = ListQuerySchema()
+_accepted = AcceptedSchema()
+_one = NotificationDetailSchema()
+_many = NotificationSchema(many=True)
+
+
+def _accepted_response(notification):
+    response = jsonify(_accepted.dump(notification))
+    response.status_code = 202
+    response.headers["Location"] = url_for("notifications.get_one", notification_id=notification.id)
+    return response
+
+
+@bp.post("/send")
+def send():
+    """Accept an email for delivery."""
+    return _accepted_response(service().send(current_key(), json_body(_send)))
+
+
+@bp.post("/send-verification")
+def send_verification():
+    """Accept a verification email, sent at high priority."""
+    return _accepted_response(service().send_verification(current_key(), json_body(_verification)))
+
+
+@bp.get("/<notification_id>")
+def get_one(notification_id: str):
+    """One notification with its history."""
+    notification = store.get_for_key(current_key(), notification_id)
+    if notification is None:
+        raise NotFound("no such notification")
+    notification.history = store.history(notification)
+    return jsonify(_one.dump(notification))
+
+
+@bp.get("")
+def list_all():
+    """The caller's notifications, newest first, a page at a time."""
+    args = _query.load(request.args.to_dict())
+    limit = args.pop("limit")
+    max_page = current_app.config["NOTIFIER_SETTINGS"].page_size_max
+    if limit > max_page:
+        raise Unprocessable(f"limit may be at most {max_page}", {"limit": [f"must be at most {max_page}"]})
+    before_seq = None
+    if "cursor" in args:
+        before_seq = store.decode_cursor(args.pop("cursor"))
+        if before_seq is None:
+            raise Unprocessable("the cursor is not valid", {"cursor": ["not a cursor from this API"]})
+    rows, next_cursor = store.list_for_key(current_key(), limit=limit, before_seq=before_seq, **args)
+    return jsonify(data=_many.dump(rows), next=next_cursor)
+
+
+@bp.get("/user/<user_id>/stats")
+def user_stats(user_id: str):
+    """How many notifications a user has, in total and per status."""
+    return jsonify(store.stats_for_user(current_key(), user_id))

@@ -1,0 +1,147 @@
+"""Settings, read once from the environment, with every default in one place."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from email.utils import parseaddr
+from urllib.parse import urlparse
+
+from notifier.errors import ConfigError
+
+SMTP_SECURITY_MODES = ("none", "starttls", "ssl")
+DEFAULT_RETRY_INTERVALS = (60, 300, 900, 1800, 3600)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a process needs to know about its surroundings."""
+
+    database_url: str = "sqlite:///var/notifier.db"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    smtp_host: str = "127.0.0.1"
+    smtp_port: int = 1025
+    smtp_username: str = ""
+    smtp_password: str = field(default="", repr=False)
+    smtp_security: str = "none"
+    smtp_timeout: float = 30.0
+    mail_from: str = "notifier@localhost"
+    retry_intervals: tuple[int, ...] = DEFAULT_RETRY_INTERVALS
+    port: int = 5000
+    max_body_bytes: int = 256 * 1024
+    page_size_max: int = 100
+    job_timeout: int = 120
+    templates_dir: str = ""
+    brand_name: str = "notifier"
+    log_level: str = "INFO"
+
+    @property
+    def max_attempts(self) -> int:
+        """The first attempt plus one per retry interval."""
+        return 1 + len(self.retry_intervals)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Build settings from environment variables; raise ConfigError naming the bad one."""
+        env = os.environ if environ is None else environ
+        defaults = cls()
+        return cls(
+            database_url=_database_url(env.get("DATABASE_URL", defaults.database_url)),
+            redis_url=_redis_url(env.get("REDIS_URL", defaults.redis_url)),
+            smtp_host=env.get("SMTP_HOST", defaults.smtp_host).strip() or defaults.smtp_host,
+            smtp_port=_int(env, "SMTP_PORT", defaults.smtp_port, 1, 65535),
+            smtp_username=env.get("SMTP_USERNAME", ""),
+            smtp_password=_password(env),
+            smtp_security=_choice(env, "SMTP_SECURITY", defaults.smtp_security, SMTP_SECURITY_MODES),
+            smtp_timeout=_float(env, "SMTP_TIMEOUT", defaults.smtp_timeout),
+            mail_from=_mail_from(env.get("MAIL_FROM", defaults.mail_from)),
+            retry_intervals=_intervals(env.get("RETRY_INTERVALS")),
+            port=_int(env, "PORT", defaults.port, 1, 65535),
+            max_body_bytes=_int(env, "MAX_BODY_BYTES", defaults.max_body_bytes, 1024, 64 * 1024 * 1024),
+            page_size_max=_int(env, "PAGE_SIZE_MAX", defaults.page_size_max, 1, 1000),
+            job_timeout=_int(env, "JOB_TIMEOUT", defaults.job_timeout, 1, 3600),
+            templates_dir=env.get("TEMPLATES_DIR", defaults.templates_dir),
+            brand_name=env.get("BRAND_NAME", defaults.brand_name).strip() or defaults.brand_name,
+            log_level=_choice(env, "LOG_LEVEL", defaults.log_level, ("DEBUG", "INFO", "WARNING", "ERROR")),
+        )
+
+
+def _int(env: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(name, f"must be a whole number, got {raw!r}") from None
+    if not low <= value <= high:
+        raise ConfigError(name, f"must be between {low} and {high}, got {value}")
+    return value
+
+
+def _float(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(name, f"must be a number, got {raw!r}") from None
+    if value <= 0:
+        raise ConfigError(name, f"must be positive, got {raw!r}")
+    return value
+
+
+def _choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str, ...]) -> str:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    value = raw.upper() if choices[0].isupper() else raw.lower()
+    if value not in choices:
+        raise ConfigError(name, f"must be one of {', '.join(choices)}, got {raw!r}")
+    return value
+
+
+def _intervals(raw: str | None) -> tuple[int, ...]:
+    if raw is None:
+        return DEFAULT_RETRY_INTERVALS
+    if raw.strip() == "":
+        return ()
+    try:
+        values = tuple(int(part) for part in raw.split(","))
+    except ValueError:
+        raise ConfigError("RETRY_INTERVALS", f"must be comma-separated whole seconds, got {raw!r}") from None
+    if any(v < 0 for v in values):
+        raise ConfigError("RETRY_INTERVALS", "intervals cannot be negative")
+    return values
+
+
+def _database_url(raw: str) -> str:
+    scheme = urlparse(raw).scheme
+    if scheme not in ("sqlite", "postgres", "postgresql"):
+        raise ConfigError("DATABASE_URL", f"must start with sqlite:// or postgresql://, got scheme {scheme!r}")
+    return raw
+
+
+def _redis_url(raw: str) -> str:
+    if urlparse(raw).scheme not in ("redis", "rediss", "unix"):
+        raise ConfigError("REDIS_URL", "must start with redis://, rediss:// or unix://")
+    return raw
+
+
+def _mail_from(raw: str) -> str:
+    # "Acme <no-reply@acme.test>" and a bare address are both fine; the address part must be whole.
+    address = parseaddr(raw)[1]
+    local, _, domain = address.rpartition("@")
+    if not local or not domain or any(c in raw for c in "\r\n") or any(c.isspace() for c in address):
+        raise ConfigError("MAIL_FROM", f"must be an email address, got {raw!r}")
+    return raw
+
+
+def _password(env: Mapping[str, str]) -> str:
+    password = env.get("SMTP_PASSWORD", "")
+    # yagmail would otherwise fall back to the keyring or a terminal prompt and hang the worker.
+    if env.get("SMTP_USERNAME") and not password:
+        raise ConfigError("SMTP_PASSWORD", "is required when SMTP_USERNAME is set")
+    return password

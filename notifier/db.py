@@ -1,0 +1,58 @@
+"""The database proxy, bound to a real database at start-up; nothing connects at import."""
+
+from __future__ import annotations
+
+import os
+from urllib.parse import urlparse
+
+from peewee import DatabaseProxy, InterfaceError, OperationalError, SqliteDatabase
+from playhouse.db_url import parse
+from playhouse.pool import PooledPostgresqlDatabase
+from playhouse.shortcuts import ReconnectMixin
+
+database = DatabaseProxy()
+
+# Errors that the database unreachable or restarting produces; the API answers 503 for these.
+UNAVAILABLE_ERRORS = (OperationalError, InterfaceError)
+
+
+class PostgresDatabase(ReconnectMixin, PooledPostgresqlDatabase):
+    """Pooled PostgreSQL that reconnects once when the server restarted under us."""
+
+    reconnect_errors = (
+        (OperationalError, "server closed the connection"),
+        (OperationalError, "terminating connection"),
+        (OperationalError, "connection to server"),
+        (OperationalError, "SSL connection has been closed"),
+        (InterfaceError, "connection already closed"),
+    )
+
+
+def connect(url: str):
+    """Make (but do not open) a peewee database for a DATABASE_URL."""
+    scheme = urlparse(url).scheme
+    if scheme == "sqlite":
+        path = url.split("sqlite:///", 1)[1] if url.startswith("sqlite:///") else ":memory:"
+        if path != ":memory:":
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        return SqliteDatabase(
+            path,
+            pragmas={"journal_mode": "wal", "busy_timeout": 10000, "foreign_keys": 1, "synchronous": "normal"},
+            timeout=10,
+        )
+    params = parse(url)
+    return PostgresDatabase(
+        params.pop("database"),
+        max_connections=int(os.environ.get("DATABASE_POOL_SIZE", "16")),
+        stale_timeout=300,
+        timeout=10,
+        connect_timeout=5,
+        **params,
+    )
+
+
+def bind(url: str):
+    """Point the shared proxy at the database named by url and return it."""
+    db = connect(url)
+    database.initialize(db)
+    return db

@@ -1,0 +1,156 @@
+"""`python -m notifier dev` (what `make run` runs): the whole stack on one machine, on embedded defaults.
+
+Starts a private Redis (unless REDIS_URL is set), an SMTP capture server keeping mail under var/mail
+(unless SMTP_HOST is set), then the API, a worker and the scheduler. Ctrl-C stops them all.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+from notifier.runtime import PROJECT_ROOT
+
+VAR = os.path.join(PROJECT_ROOT, "var")
+DEV_REDIS_PORT = 6390
+DEV_SMTP_PORT = 1025
+DEV_KEY_FILE = os.path.join(VAR, "dev-api-key")
+
+
+def _wait_for_port(port: int, timeout: float = 15.0) -> bool:
+    import socket
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            sock.settimeout(0.2)
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return True
+        time.sleep(0.1)
+    return False
+
+
+def _dev_key(env: dict) -> str:
+    """The development API key: reused from var/ while it still works, otherwise made anew."""
+    code = (
+        "import sys\n"
+        "from notifier import keys\nfrom notifier.db import database\n"
+        "from notifier.runtime import load_settings, open_database\n"
+        "open_database(load_settings())\n"
+        "with database.connection_context():\n"
+        "    old = open(sys.argv[1]).read().strip() if len(sys.argv) > 1 else ''\n"
+        "    if old and keys.authenticate(old):\n"
+        "        print(old)\n"
+        "    else:\n"
+        "        keys.revoke('dev')\n"
+        "        from notifier.models import ApiKey\n"
+        "        ApiKey.delete().where(ApiKey.name == 'dev').execute()\n"
+        "        print(keys.create('dev')[1])\n"
+    )
+    args = [sys.executable, "-c", code] + ([DEV_KEY_FILE] if os.path.exists(DEV_KEY_FILE) else [])
+    key = subprocess.run(args, env=env, check=True, capture_output=True, text=True, cwd=PROJECT_ROOT).stdout.strip()
+    with open(DEV_KEY_FILE, "w") as fh:
+        fh.write(key + "\n")
+    return key
+
+
+def main() -> int:
+    os.makedirs(VAR, exist_ok=True)
+    env = dict(os.environ)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    procs: list[tuple[str, subprocess.Popen]] = []
+
+    def spawn(name: str, args: list[str]) -> None:
+        procs.append((name, subprocess.Popen(args, env=env, cwd=PROJECT_ROOT)))
+
+    if "REDIS_URL" not in env:
+        server = shutil.which("redis-server")
+        if server is None:
+            print(
+                "make run needs redis-server on PATH (apt-get install redis-server) or REDIS_URL set", file=sys.stderr
+            )
+            return 1
+        spawn(
+            "redis",
+            [
+                server,
+                "--port",
+                str(DEV_REDIS_PORT),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                VAR,
+                "--loglevel",
+                "warning",
+            ],
+        )
+        env["REDIS_URL"] = f"redis://127.0.0.1:{DEV_REDIS_PORT}/0"
+        if not _wait_for_port(DEV_REDIS_PORT):
+            print("the development Redis did not start", file=sys.stderr)
+            return _stop(procs, 1)
+    mail_dir = None
+    if "SMTP_HOST" not in env:
+        mail_dir = os.path.join(VAR, "mail")
+        spawn("smtp", [sys.executable, "-m", "notifier.devmail", "--port", str(DEV_SMTP_PORT), "--dir", mail_dir])
+        env.update(SMTP_HOST="127.0.0.1", SMTP_PORT=str(DEV_SMTP_PORT), SMTP_SECURITY="none")
+        _wait_for_port(DEV_SMTP_PORT)
+
+    key = _dev_key(env)
+    port = env.get("PORT", "5000")
+    spawn("api", [sys.executable, "app.py"])
+    spawn("worker", [sys.executable, "worker.py"])
+    spawn("scheduler", [sys.executable, "scheduler.py"])
+    if not _wait_for_port(int(port)):
+        print("the API did not start", file=sys.stderr)
+        return _stop(procs, 1)
+
+    base = f"http://127.0.0.1:{port}"
+    print(
+        f"""
+notifier is running.
+  API:        {base}   (health: {base}/api/health)
+  API key:    {key}
+  Mail:       {mail_dir or env["SMTP_HOST"]}{" (each message is a .eml file)" if mail_dir else ""}
+  Database:   {env.get("DATABASE_URL", "sqlite:///var/notifier.db")}
+
+Send one:
+  curl -s -X POST {base}/api/notifications/send-verification \\
+    -H 'X-API-Key: {key}' -H 'Content-Type: application/json' \\
+    -d '{{"to": "ada@example.com", "user_id": "u1", "code": "123456", "name": "Ada"}}'
+
+Ctrl-C stops everything.
+""",
+        flush=True,
+    )
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        while True:
+            for name, proc in procs:
+                if proc.poll() is not None:
+                    print(f"{name} exited with {proc.returncode}; stopping", file=sys.stderr)
+                    return _stop(procs, 1)
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        print("\nstopping...", flush=True)
+        return _stop(procs, 0)
+
+
+def _stop(procs, code: int) -> int:
+    for _, proc in reversed(procs):
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 30
+    for _, proc in reversed(procs):
+        try:
+            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    return code

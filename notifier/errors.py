@@ -1,0 +1,74 @@
+"""Errors, grouped by what the caller should do about them."""
+
+from __future__ import annotations
+
+
+class NotifierError(Exception):
+    """Base class for every error notifier raises on purpose."""
+
+
+class ConfigError(NotifierError):
+    """A setting is wrong: the process must not start."""
+
+    def __init__(self, setting: str, problem: str):
+        super().__init__(f"{setting} {problem}")
+        self.setting = setting
+
+
+class DeliveryError(NotifierError):
+    """Sending failed; subclasses say whether trying again can help."""
+
+    def __init__(self, message: str, smtp_code: int | None = None):
+        super().__init__(message)
+        self.smtp_code = smtp_code
+
+
+class TransientDeliveryError(DeliveryError):
+    """Try again later: a 4xx reply, a timeout, a dropped connection."""
+
+
+class PermanentDeliveryError(DeliveryError):
+    """Never try again: a 5xx reply, a refused recipient, a broken template."""
+
+
+class ApiError(NotifierError):
+    """A request the caller must change before sending again; becomes the JSON error envelope."""
+
+    status = 400
+    code = "bad_request"
+
+    def __init__(self, message: str, details: object = None, *, status: int | None = None, code: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.details = details
+        if status is not None:
+            self.status = status
+        if code is not None:
+            self.code = code
+
+
+class Unauthorized(ApiError):
+    status = 401
+    code = "unauthorized"
+
+
+class NotFound(ApiError):
+    status = 404
+    code = "not_found"
+
+
+class Conflict(ApiError):
+    status = 409
+    code = "conflict"
+
+
+class Unprocessable(ApiError):
+    status = 422
+    code = "validation_error"
+
+
+class ServiceUnavailable(ApiError):
+    """A dependency is down; the caller may retry the same request later."""
+
+    status = 503
+    code = "service_unavailable"

@@ -1,0 +1,215 @@
+"""Mailer interface, the SMTP implementation over yagmail's connection, and the test double."""
+
+from __future__ import annotations
+
+import logging
+import smtplib
+import socket
+import ssl
+import time
+from dataclasses import dataclass, field
+from email.message import EmailMessage
+from email.policy import SMTP as SMTP_POLICY
+from email.utils import formatdate, parseaddr
+from typing import Protocol
+
+import yagmail
+
+from notifier.config import Settings
+from notifier.errors import DeliveryError, PermanentDeliveryError, TransientDeliveryError
+from notifier.rendering import RenderedEmail
+
+logger = logging.getLogger(__name__)
+
+# A connection idle longer than this is probed with NOOP before use: servers drop idle clients, and
+# a send that fails on a dead connection would cost a whole retry interval.
+IDLE_PROBE_SECONDS = 10.0
+
+
+@dataclass(frozen=True)
+class OutgoingEmail:
+    notification_id: str
+    to: str
+    content: RenderedEmail
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SendResult:
+    message_id: str
+    smtp_code: int
+    smtp_reply: str
+
+
+class Mailer(Protocol):
+    """Sends one email; raises TransientDeliveryError or PermanentDeliveryError."""
+
+    def send(self, email: OutgoingEmail) -> SendResult: ...
+
+    def close(self) -> None: ...
+
+
+def message_id_for(notification_id: str, mail_from: str) -> str:
+    """The same Message-ID on every attempt, so a receiver can drop a duplicate."""
+    return f"<{notification_id}@{parseaddr(mail_from)[1].rpartition('@')[2]}>"
+
+
+def build_message(email: OutgoingEmail, mail_from: str) -> EmailMessage:
+    """A MIME message: multipart/alternative when there is both text and HTML."""
+    msg = EmailMessage(policy=SMTP_POLICY)
+    msg["From"] = mail_from
+    msg["To"] = email.to
+    msg["Subject"] = email.content.subject
+    msg["Date"] = formatdate(localtime=False, usegmt=True)
+    msg["Message-ID"] = message_id_for(email.notification_id, mail_from)
+    msg["X-Notification-ID"] = email.notification_id
+    for name, value in email.headers.items():
+        msg[name] = value
+    text, html = email.content.text, email.content.html
+    if text is not None:
+        msg.set_content(text, subtype="plain", charset="utf-8")
+        if html is not None:
+            msg.add_alternative(html, subtype="html", charset="utf-8")
+    else:
+        msg.set_content(html or "", subtype="html", charset="utf-8")
+    return msg
+
+
+def classify(exc: BaseException) -> DeliveryError:
+    """Turn what smtplib or the network raised into an error that says whether to retry."""
+    if isinstance(exc, DeliveryError):
+        return exc
+    if isinstance(exc, smtplib.SMTPRecipientsRefused):
+        code, reply = next(iter(exc.recipients.values()), (550, b"recipient refused"))
+        return _by_code(code, reply, "recipient refused")
+    if isinstance(exc, smtplib.SMTPAuthenticationError):
+        # A login problem is the operator's to fix; retrying gives them the time to.
+        return TransientDeliveryError(f"SMTP login failed: {exc.smtp_code} {_text(exc.smtp_error)}", exc.smtp_code)
+    if isinstance(exc, smtplib.SMTPResponseException):
+        return _by_code(exc.smtp_code, exc.smtp_error, "SMTP error")
+    if isinstance(exc, smtplib.SMTPServerDisconnected):
+        return TransientDeliveryError(f"SMTP connection dropped: {exc}")
+    if isinstance(exc, (socket.timeout, TimeoutError)):
+        return TransientDeliveryError("SMTP timed out")
+    if isinstance(exc, (ssl.SSLError, smtplib.SMTPException, OSError)):
+        return TransientDeliveryError(f"SMTP connection failed: {type(exc).__name__}: {exc}")
+    return TransientDeliveryError(f"unexpected error while sending: {type(exc).__name__}")
+
+
+def _text(reply) -> str:
+    return reply.decode("utf-8", "replace") if isinstance(reply, bytes) else str(reply)
+
+
+def _by_code(code: int, reply, what: str) -> DeliveryError:
+    message = f"{what}: {code} {_text(reply)}"
+    if 400 <= code < 500:
+        return TransientDeliveryError(message, code)
+    return PermanentDeliveryError(message, code)
+
+
+class SmtpMailer:
+    """Sends over one SMTP connection per process, opened by yagmail and reopened when it drops."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self._client: yagmail.SMTP | None = None
+        self._last_used = 0.0
+
+    def _open(self) -> yagmail.SMTP:
+        s = self.settings
+        client = yagmail.SMTP(
+            user=s.smtp_username or None,
+            password=s.smtp_password or None,
+            host=s.smtp_host,
+            port=s.smtp_port,
+            smtp_ssl=s.smtp_security == "ssl",
+            smtp_starttls=s.smtp_security == "starttls",
+            # Without this yagmail asks the keyring or a terminal for a password and hangs the worker.
+            smtp_skip_login=not s.smtp_username,
+            soft_email_validation=False,
+            timeout=s.smtp_timeout,
+        )
+        client.login()
+        return client
+
+    def _connection(self) -> smtplib.SMTP:
+        if self._client is not None and time.monotonic() - self._last_used > IDLE_PROBE_SECONDS:
+            try:
+                if self._client.smtp.noop()[0] != 250:
+                    self.close()
+            except (smtplib.SMTPException, OSError):
+                self.close()
+        if self._client is None:
+            self._client = self._open()
+        return self._client.smtp
+
+    def send(self, email: OutgoingEmail) -> SendResult:
+        """Send one message; the reply to DATA is what we record."""
+        message = build_message(email, self.settings.mail_from)
+        try:
+            smtp = self._connection()
+            code, reply = _transmit(smtp, parseaddr(self.settings.mail_from)[1], email.to, message.as_bytes())
+        except Exception as exc:
+            self.close()
+            raise classify(exc) from exc
+        self._last_used = time.monotonic()
+        return SendResult(message_id=message["Message-ID"], smtp_code=code, smtp_reply=_text(reply))
+
+    def close(self) -> None:
+        """Drop the connection; the next send opens a new one."""
+        client, self._client = self._client, None
+        if client is not None:
+            try:
+                client.close()
+            except Exception:  # noqa: BLE001 - closing a broken connection may fail in any way
+                logger.debug("closing SMTP connection failed", exc_info=True)
+
+
+def _transmit(smtp: smtplib.SMTP, sender: str, recipient: str, body: bytes) -> tuple[int, bytes]:
+    # smtplib.sendmail hides the reply to DATA, which is the receipt we keep; this is its single-
+    # recipient core, raising the same exceptions.
+    smtp.ehlo_or_helo_if_needed()
+    code, reply = smtp.mail(sender)
+    if code != 250:
+        _reset(smtp)
+        raise smtplib.SMTPSenderRefused(code, reply, sender)
+    code, reply = smtp.rcpt(recipient)
+    if code not in (250, 251):
+        _reset(smtp)
+        raise smtplib.SMTPRecipientsRefused({recipient: (code, reply)})
+    code, reply = smtp.data(body)
+    if code != 250:
+        _reset(smtp)
+        raise smtplib.SMTPDataError(code, reply)
+    return code, reply
+
+
+def _reset(smtp: smtplib.SMTP) -> None:
+    try:
+        smtp.rset()
+    except smtplib.SMTPServerDisconnected:
+        pass
+
+
+class MemoryMailer:
+    """The test double: keeps what it sends; raises the errors it is given, one per send."""
+
+    def __init__(self, mail_from: str = "notifier@localhost", failures: list[BaseException] | None = None):
+        self.mail_from = mail_from
+        self.failures = list(failures or [])
+        self.sent: list[EmailMessage] = []
+
+    def send(self, email: OutgoingEmail) -> SendResult:
+        if self.failures:
+            raise classify(self.failures.pop(0))
+        message = build_message(email, self.mail_from)
+        self.sent.append(message)
+        return SendResult(message_id=message["Message-ID"], smtp_code=250, smtp_reply="OK (memory)")
+
+    def close(self) -> None:
+        pass
+
+
+def make_mailer(settings: Settings) -> Mailer:
+    """The mailer the settings describe."""
+    return SmtpMailer(settings)

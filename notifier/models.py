@@ -1,0 +1,148 @@
+"""Peewee models, the notification statuses and the transitions allowed between them."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import UTC, datetime
+from enum import StrEnum
+
+from peewee import (
+    BigAutoField,
+    CharField,
+    DateTimeField,
+    ForeignKeyField,
+    IntegerField,
+    Model,
+    SmallIntegerField,
+    TextField,
+)
+
+from notifier.db import database
+
+
+def utcnow() -> datetime:
+    """The current time as a naive UTC datetime, the form every column stores."""
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+class Status(StrEnum):
+    QUEUED = "queued"
+    SCHEDULED = "scheduled"
+    SENDING = "sending"
+    SENT = "sent"
+    RETRYING = "retrying"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+FINAL_STATUSES = frozenset({Status.SENT, Status.FAILED, Status.CANCELLED})
+
+# Every move a notification may make. Anything else is refused by store.transition(), which is how a
+# job delivered twice sends once: the second claim finds the row no longer queued.
+TRANSITIONS: dict[Status, frozenset[Status]] = {
+    Status.SCHEDULED: frozenset({Status.QUEUED, Status.CANCELLED}),
+    Status.QUEUED: frozenset({Status.SENDING, Status.CANCELLED, Status.FAILED}),
+    Status.RETRYING: frozenset({Status.SENDING, Status.CANCELLED, Status.FAILED}),
+    Status.SENDING: frozenset({Status.SENT, Status.RETRYING, Status.FAILED}),
+    Status.FAILED: frozenset({Status.QUEUED}),
+    Status.SENT: frozenset(),
+    Status.CANCELLED: frozenset(),
+}
+
+
+def allowed_sources(target: Status) -> frozenset[Status]:
+    """The statuses from which a notification may move to target."""
+    return frozenset(source for source, targets in TRANSITIONS.items() if target in targets)
+
+
+class Priority(StrEnum):
+    HIGH = "high"
+    DEFAULT = "default"
+    LOW = "low"
+
+
+class JSONField(TextField):
+    """JSON stored as text, so SQLite and PostgreSQL behave the same."""
+
+    def db_value(self, value):
+        return None if value is None else json.dumps(value, separators=(",", ":"), sort_keys=True)
+
+    def python_value(self, value):
+        return None if value is None else json.loads(value)
+
+
+class BaseModel(Model):
+    class Meta:
+        database = database
+
+
+class ApiKey(BaseModel):
+    name = CharField(max_length=100, unique=True)
+    prefix = CharField(max_length=16, unique=True)
+    key_hash = CharField(max_length=64)
+    created_at = DateTimeField(default=utcnow)
+    revoked_at = DateTimeField(null=True)
+
+    class Meta:
+        table_name = "api_keys"
+
+
+def new_public_id() -> str:
+    return str(uuid.uuid4())
+
+
+class Notification(BaseModel):
+    # seq orders pages: it only grows, so a cursor on it is stable while rows are being inserted.
+    seq = BigAutoField()
+    id = CharField(max_length=36, unique=True, default=new_public_id)
+    api_key = ForeignKeyField(ApiKey, backref="notifications", on_delete="RESTRICT")
+    to = CharField(max_length=320)
+    user_id = CharField(max_length=200, null=True)
+    template = CharField(max_length=100, null=True)
+    data = JSONField(null=True)
+    subject = TextField(null=True)
+    text = TextField(null=True)
+    html = TextField(null=True)
+    priority = CharField(max_length=10, default=Priority.DEFAULT.value)
+    metadata = JSONField(null=True)
+    status = CharField(max_length=16, default=Status.QUEUED.value)
+    attempts = IntegerField(default=0)
+    last_error = TextField(null=True)
+    message_id = CharField(max_length=255, null=True)
+    created_at = DateTimeField(default=utcnow)
+    updated_at = DateTimeField(default=utcnow)
+    sent_at = DateTimeField(null=True)
+
+    class Meta:
+        table_name = "notifications"
+        indexes = (
+            (("api_key", "seq"), False),
+            (("api_key", "user_id", "seq"), False),
+            (("status", "updated_at"), False),
+        )
+
+
+class Event(BaseModel):
+    """One line of a notification's history: a status change or a delivery attempt."""
+
+    notification = ForeignKeyField(Notification, backref="events", on_delete="CASCADE")
+    at = DateTimeField(default=utcnow)
+    from_status = CharField(max_length=16, null=True)
+    to_status = CharField(max_length=16)
+    reason = TextField(null=True)
+    smtp_code = SmallIntegerField(null=True)
+    smtp_reply = TextField(null=True)
+
+    class Meta:
+        table_name = "notification_events"
+
+
+class SchemaVersion(BaseModel):
+    version = IntegerField()
+
+    class Meta:
+        table_name = "schema_version"
+
+
+MODELS = (ApiKey, Notification, Event, SchemaVersion)

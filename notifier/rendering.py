@@ -1,0 +1,128 @@
+"""Jinja2 over templates/: the subject, HTML and plain-text parts of an email."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from html.parser import HTMLParser
+
+from jinja2 import FileSystemLoader, StrictUndefined, TemplateError, select_autoescape
+from jinja2.sandbox import SandboxedEnvironment
+
+from notifier.errors import PermanentDeliveryError
+
+TEMPLATE_NAME = re.compile(r"^[a-z0-9][a-z0-9_]{0,99}$")
+
+
+class TemplateRenderError(PermanentDeliveryError):
+    """The template is missing, broken, or lacks a variable: sending again will not help."""
+
+
+@dataclass(frozen=True)
+class RenderedEmail:
+    subject: str
+    text: str | None
+    html: str | None
+
+
+class Renderer:
+    """Renders the templates under one directory; caches compiled templates."""
+
+    def __init__(self, templates_dir: str, brand_name: str = "notifier"):
+        self.root = os.path.abspath(templates_dir)
+        # Sandboxed: template variables are the caller's values and never get to reach Python objects.
+        self.env = SandboxedEnvironment(
+            loader=FileSystemLoader(self.root),
+            undefined=StrictUndefined,
+            autoescape=select_autoescape(["html"], default_for_string=False),
+            trim_blocks=True,
+            lstrip_blocks=True,
+            keep_trailing_newline=False,
+        )
+        self.env.globals["brand_name"] = brand_name
+
+    def _path(self, name: str, part: str) -> str:
+        return os.path.join(self.root, "email", f"{name}.{part}")
+
+    def exists(self, name: str) -> bool:
+        """Whether name is a template we can send: a subject and at least one body part."""
+        if not TEMPLATE_NAME.match(name or ""):
+            return False
+        has_body = os.path.isfile(self._path(name, "txt")) or os.path.isfile(self._path(name, "html"))
+        return has_body and os.path.isfile(self._path(name, "subject.txt"))
+
+    def names(self) -> list[str]:
+        """Every sendable template, sorted."""
+        folder = os.path.join(self.root, "email")
+        found = {f.split(".", 1)[0] for f in os.listdir(folder)} if os.path.isdir(folder) else set()
+        return sorted(name for name in found if self.exists(name))
+
+    def render(self, name: str, data: dict | None) -> RenderedEmail:
+        """Render the three parts of template name; TemplateRenderError if that cannot be done."""
+        if not self.exists(name):
+            raise TemplateRenderError(f"unknown template {name!r}")
+        context = dict(data or {})
+        try:
+            subject = self._render_part(name, "subject.txt", context)
+            text = self._render_part(name, "txt", context)
+            html = self._render_part(name, "html", context)
+        except TemplateError as exc:
+            raise TemplateRenderError(f"template {name!r}: {exc.message or exc}") from exc
+        except (TypeError, ValueError, LookupError, AttributeError) as exc:
+            # Data of the wrong shape (a number where the template loops over a list) fails inside filters.
+            raise TemplateRenderError(f"template {name!r}: the data do not fit: {exc}") from exc
+        subject = " ".join((subject or "").split())
+        if not subject:
+            raise TemplateRenderError(f"template {name!r} rendered an empty subject")
+        if text is None and html is not None:
+            text = html_to_text(html)
+        return RenderedEmail(subject=subject, text=text, html=html)
+
+    def _render_part(self, name: str, part: str, context: dict) -> str | None:
+        if not os.path.isfile(self._path(name, part)):
+            return None
+        return self.env.get_template(f"email/{name}.{part}").render(context).strip() + "\n"
+
+
+def literal(subject: str, text: str | None, html: str | None) -> RenderedEmail:
+    """An email whose parts the caller wrote; sent as given, never treated as a template."""
+    if text is None and html is not None:
+        text = html_to_text(html)
+    return RenderedEmail(subject=" ".join(subject.split()), text=text, html=html)
+
+
+class _TextExtractor(HTMLParser):
+    _SKIP = {"style", "script", "head", "title"}
+    _BREAK = {"br", "p", "div", "tr", "li", "h1", "h2", "h3", "h4", "table"}
+
+    def __init__(self):
+        super().__init__(convert_charrefs=True)
+        self.parts: list[str] = []
+        self._skipping = 0
+
+    def handle_starttag(self, tag, attrs):
+        if tag in self._SKIP:
+            self._skipping += 1
+        elif tag in self._BREAK:
+            self.parts.append("\n")
+
+    def handle_endtag(self, tag):
+        if tag in self._SKIP and self._skipping:
+            self._skipping -= 1
+        elif tag in self._BREAK:
+            self.parts.append("\n")
+
+    def handle_data(self, data):
+        if not self._skipping:
+            self.parts.append(data)
+
+
+def html_to_text(html: str) -> str:
+    """A readable plain-text version of an HTML body, for the text/plain part."""
+    parser = _TextExtractor()
+    parser.feed(html)
+    parser.close()
+    lines = [" ".join(line.split()) for line in "".join(parser.parts).splitlines()]
+    text = re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
+    return text + "\n"

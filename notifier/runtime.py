@@ -1,0 +1,59 @@
+"""Start-up shared by every entry point: settings, logging, database, Redis, and the deliverer."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from notifier import schema
+from notifier.config import Settings
+from notifier.db import bind
+from notifier.errors import ConfigError
+
+PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_TEMPLATES_DIR = os.path.join(PROJECT_ROOT, "templates")
+
+
+def load_settings() -> Settings:
+    """Settings from the environment, or exit with a message naming the bad setting."""
+    try:
+        return Settings.from_env()
+    except ConfigError as exc:
+        print(f"notifier: configuration error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def configure_logging(settings: Settings) -> None:
+    """One line per event on stderr, at the configured level."""
+    logging.basicConfig(
+        level=settings.log_level,
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def open_database(settings: Settings):
+    """Bind the database proxy and bring the schema up to date."""
+    db = bind(settings.database_url)
+    schema.upgrade(db)
+    return db
+
+
+def templates_dir(settings: Settings) -> str:
+    return settings.templates_dir or DEFAULT_TEMPLATES_DIR
+
+
+def make_renderer(settings: Settings):
+    from notifier.rendering import Renderer
+
+    return Renderer(templates_dir(settings), brand_name=settings.brand_name)
+
+
+def build_deliverer(settings: Settings, mailer=None):
+    """A Deliverer wired to the configured database, SMTP server and templates."""
+    from notifier.jobs import Deliverer
+    from notifier.mail import make_mailer
+
+    open_database(settings)
+    return Deliverer(settings, mailer or make_mailer(settings), make_renderer(settings))

@@ -1,0 +1,43 @@
+"""Create or upgrade the schema, idempotently and safely when several processes start at once."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+
+from peewee import PostgresqlDatabase
+
+from notifier.models import MODELS, SchemaVersion
+
+logger = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+_LOCK_ID = 0x6E6F7469  # an arbitrary constant: "noti"
+
+
+@contextmanager
+def _migration_lock(db):
+    # Two processes starting together would race on CREATE TABLE IF NOT EXISTS in PostgreSQL.
+    if isinstance(db, PostgresqlDatabase):
+        db.execute_sql("SELECT pg_advisory_lock(%s)", (_LOCK_ID,))
+        try:
+            yield
+        finally:
+            db.execute_sql("SELECT pg_advisory_unlock(%s)", (_LOCK_ID,))
+    else:
+        yield
+
+
+def upgrade(db) -> int:
+    """Bring the schema to SCHEMA_VERSION and return it."""
+    with db.connection_context(), _migration_lock(db):
+        with db.atomic():
+            db.create_tables(MODELS, safe=True)
+            row = SchemaVersion.select().first()
+            if row is None:
+                SchemaVersion.create(version=SCHEMA_VERSION)
+            elif row.version < SCHEMA_VERSION:
+                row.version = SCHEMA_VERSION
+                row.save()
+    logger.debug("schema at version %s", SCHEMA_VERSION)
+    return SCHEMA_VERSION

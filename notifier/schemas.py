@@ -1,0 +1,131 @@
+"""marshmallow schemas: what a request may say and what a response says."""
+
+from __future__ import annotations
+
+from datetime import UTC
+
+from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates_schema
+
+from notifier.models import Priority, Status
+
+PRIORITIES = [p.value for p in Priority]
+STATUSES = [s.value for s in Status]
+MAX_BODY_CHARS = 1_000_000
+
+
+def _no_line_breaks(value: str) -> None:
+    # A CR or LF in a header value would let the caller add headers of their own.
+    if "\r" in value or "\n" in value:
+        raise ValidationError("must not contain line breaks")
+
+
+class Email(fields.Email):
+    def __init__(self, **kwargs):
+        super().__init__(validate=[validate.Length(max=320), _no_line_breaks], **kwargs)
+
+
+class UtcDateTime(fields.DateTime):
+    """Naive datetimes are UTC in our tables; say so on the way out, and insist on it on the way in."""
+
+    def _serialize(self, value, attr, obj, **kwargs):
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=UTC)
+        return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        parsed = super()._deserialize(value, attr, data, **kwargs)
+        if parsed.tzinfo is None:
+            raise ValidationError("must include a UTC offset, e.g. 2026-01-01T09:00:00Z")
+        return parsed.astimezone(UTC).replace(tzinfo=None)
+
+
+class StrictSchema(Schema):
+    class Meta:
+        unknown = RAISE
+
+
+class SendSchema(StrictSchema):
+    to = Email(required=True)
+    template = fields.String(validate=validate.Length(min=1, max=100))
+    data = fields.Dict(keys=fields.String(), load_default=dict)
+    subject = fields.String(validate=[validate.Length(min=1, max=998), _no_line_breaks])
+    text = fields.String(validate=validate.Length(min=1, max=MAX_BODY_CHARS))
+    html = fields.String(validate=validate.Length(min=1, max=MAX_BODY_CHARS))
+    priority = fields.String(load_default=Priority.DEFAULT.value, validate=validate.OneOf(PRIORITIES))
+    user_id = fields.String(validate=validate.Length(min=1, max=200))
+    metadata = fields.Dict(keys=fields.String(), load_default=None)
+
+    @validates_schema
+    def _template_or_literal(self, data, **kwargs):
+        if data.get("template"):
+            extra = [name for name in ("subject", "text", "html") if name in data]
+            if extra:
+                raise ValidationError({name: ["not allowed with template"] for name in extra})
+        elif "subject" in data:
+            if "text" not in data and "html" not in data:
+                raise ValidationError({"text": ["text or html is required with subject"]})
+        else:
+            raise ValidationError({"template": ["either template or subject (with text and/or html) is required"]})
+
+
+class VerificationSchema(StrictSchema):
+    to = Email(required=True)
+    user_id = fields.String(required=True, validate=validate.Length(min=1, max=200))
+    code = fields.String(validate=validate.Length(min=1, max=64))
+    verification_url = fields.Url(schemes={"http", "https"}, require_tld=False)
+    name = fields.String(validate=validate.Length(min=1, max=200))
+    metadata = fields.Dict(keys=fields.String(), load_default=None)
+
+    @validates_schema
+    def _code_or_url(self, data, **kwargs):
+        if "code" not in data and "verification_url" not in data:
+            raise ValidationError({"code": ["code or verification_url is required"]})
+
+
+class ListQuerySchema(StrictSchema):
+    status = fields.String(validate=validate.OneOf(STATUSES))
+    user_id = fields.String(validate=validate.Length(min=1, max=200))
+    template = fields.String(validate=validate.Length(min=1, max=100))
+    priority = fields.String(validate=validate.OneOf(PRIORITIES))
+    to = fields.String(validate=validate.Length(min=1, max=320))
+    created_after = UtcDateTime()
+    created_before = UtcDateTime()
+    limit = fields.Integer(load_default=50, validate=validate.Range(min=1))
+    cursor = fields.String(validate=validate.Length(min=1, max=64))
+
+
+class EventSchema(Schema):
+    at = UtcDateTime()
+    from_status = fields.String(allow_none=True)
+    status = fields.String(attribute="to_status")
+    reason = fields.String(allow_none=True)
+    smtp_code = fields.Integer(allow_none=True)
+    smtp_reply = fields.String(allow_none=True)
+
+
+class NotificationSchema(Schema):
+    id = fields.String()
+    status = fields.String()
+    priority = fields.String()
+    to = fields.String()
+    template = fields.String(allow_none=True)
+    subject = fields.String(allow_none=True)
+    user_id = fields.String(allow_none=True)
+    metadata = fields.Dict(allow_none=True)
+    attempts = fields.Integer()
+    last_error = fields.String(allow_none=True)
+    message_id = fields.String(allow_none=True)
+    created_at = UtcDateTime()
+    updated_at = UtcDateTime()
+    sent_at = UtcDateTime(allow_none=True)
+
+
+class NotificationDetailSchema(NotificationSchema):
+    history = fields.List(fields.Nested(EventSchema))
+
+
+class AcceptedSchema(Schema):
+    id = fields.String()
+    status = fields.String()

@@ -1,0 +1,159 @@
+"""The queries: create, read, list and the one guarded status transition."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Iterable
+from datetime import datetime
+
+from peewee import fn
+
+from notifier.models import ApiKey, Event, Notification, Status, allowed_sources, utcnow
+
+
+def create_notification(api_key: ApiKey, fields: dict, status: Status = Status.QUEUED, reason: str = "accepted"):
+    """Store a new notification and the first line of its history, together or not at all."""
+    now = utcnow()
+    with Notification._meta.database.atomic():
+        notification = Notification.create(
+            api_key=api_key, status=status.value, created_at=now, updated_at=now, **fields
+        )
+        Event.create(notification=notification, at=now, from_status=None, to_status=status.value, reason=reason)
+    return notification
+
+
+def get(public_id: str) -> Notification | None:
+    """The notification with this id, whoever owns it."""
+    return Notification.get_or_none(Notification.id == public_id)
+
+
+def get_for_key(api_key: ApiKey, public_id: str) -> Notification | None:
+    """The notification with this id if it belongs to api_key."""
+    return Notification.get_or_none((Notification.id == public_id) & (Notification.api_key == api_key.id))
+
+
+def history(notification: Notification) -> list[Event]:
+    """Every status change and attempt of a notification, oldest first."""
+    return list(Event.select().where(Event.notification == notification.seq).order_by(Event.at, Event.id))
+
+
+def transition(
+    public_id: str,
+    target: Status,
+    *,
+    reason: str,
+    sources: Iterable[Status] | None = None,
+    smtp_code: int | None = None,
+    smtp_reply: str | None = None,
+    **changes,
+) -> bool:
+    """Move a notification to target if, and only if, it is in an allowed source status.
+
+    This is the only way a status changes: a compare-and-set update, so two workers (or a job
+    delivered twice) can never both win. Returns whether this call made the change.
+    """
+    allowed = frozenset(sources) if sources is not None else allowed_sources(target)
+    allowed &= allowed_sources(target)
+    if not allowed:
+        return False
+    now = utcnow()
+    db = Notification._meta.database
+    with db.atomic():
+        row = (
+            Notification.select(Notification.seq, Notification.status)
+            .where((Notification.id == public_id) & (Notification.status.in_([s.value for s in allowed])))
+            .first()
+        )
+        if row is None:
+            return False
+        updated = (
+            Notification.update(status=target.value, updated_at=now, **changes)
+            .where((Notification.seq == row.seq) & (Notification.status == row.status))
+            .execute()
+        )
+        if not updated:
+            return False
+        Event.create(
+            notification=row.seq,
+            at=now,
+            from_status=row.status,
+            to_status=target.value,
+            reason=reason,
+            smtp_code=smtp_code,
+            smtp_reply=smtp_reply,
+        )
+    return True
+
+
+def claim(public_id: str) -> bool:
+    """Take a queued or retrying notification for sending and count the attempt."""
+    return transition(
+        public_id,
+        Status.SENDING,
+        reason="claimed by worker",
+        sources=(Status.QUEUED, Status.RETRYING),
+        attempts=Notification.attempts + 1,
+    )
+
+
+def encode_cursor(seq: int) -> str:
+    return base64.urlsafe_b64encode(str(seq).encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> int | None:
+    """The seq a cursor points at, or None when the cursor is not one of ours."""
+    try:
+        padded = cursor + "=" * (-len(cursor) % 4)
+        value = int(base64.urlsafe_b64decode(padded.encode()).decode())
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return value if value > 0 else None
+
+
+def list_for_key(
+    api_key: ApiKey,
+    *,
+    limit: int,
+    before_seq: int | None = None,
+    status: str | None = None,
+    user_id: str | None = None,
+    template: str | None = None,
+    priority: str | None = None,
+    to: str | None = None,
+    created_after: datetime | None = None,
+    created_before: datetime | None = None,
+) -> tuple[list[Notification], str | None]:
+    """A page of the key's notifications, newest first, and the cursor of the next page."""
+    query = Notification.select().where(Notification.api_key == api_key.id)
+    filters = {
+        Notification.status: status,
+        Notification.user_id: user_id,
+        Notification.template: template,
+        Notification.priority: priority,
+        Notification.to: to,
+    }
+    for column, value in filters.items():
+        if value is not None:
+            query = query.where(column == value)
+    if created_after is not None:
+        query = query.where(Notification.created_at >= created_after)
+    if created_before is not None:
+        query = query.where(Notification.created_at < created_before)
+    if before_seq is not None:
+        query = query.where(Notification.seq < before_seq)
+    rows = list(query.order_by(Notification.seq.desc()).limit(limit + 1))
+    next_cursor = encode_cursor(rows[limit - 1].seq) if len(rows) > limit else None
+    return rows[:limit], next_cursor
+
+
+def stats_for_user(api_key: ApiKey, user_id: str) -> dict:
+    """How many of a user's notifications there are, in total and per status."""
+    counts = {status.value: 0 for status in Status}
+    query = (
+        Notification.select(Notification.status, fn.COUNT(Notification.seq).alias("n"))
+        .where((Notification.api_key == api_key.id) & (Notification.user_id == user_id))
+        .group_by(Notification.status)
+    )
+    for row in query:
+        counts[row.status] = row.n
+    return {"user_id": user_id, "total": sum(counts.values()), "by_status": counts}

@@ -1,0 +1,182 @@
+"""Fixtures: real PostgreSQL, Redis and SMTP for integration tests; SQLite and fakeredis for unit tests."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import replace
+
+import fakeredis
+import psycopg2
+import pytest
+from redis import Redis
+
+from app import create_app
+from notifier import jobs, keys
+from notifier.config import Settings
+from notifier.db import bind, database
+from notifier.devmail import CaptureHandler, start
+from notifier.jobs import Deliverer
+from notifier.mail import MemoryMailer, SmtpMailer
+from notifier.models import MODELS
+from notifier.runtime import make_renderer
+from notifier.schema import upgrade
+
+PG_ADMIN_URL = os.environ.get("TEST_PG_ADMIN_DSN", "host=127.0.0.1 port=5432 user=postgres dbname=postgres")
+REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+
+
+def _pg_database_name() -> str:
+    # One database per pytest-xdist worker (or one for a plain run), so parallel runs never collide.
+    return f"notifier_test_{re.sub(r'[^a-z0-9]', '', os.environ.get('PYTEST_XDIST_WORKER', 'main'))}"
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> str:
+    """A fresh PostgreSQL database for this test session."""
+    name = _pg_database_name()
+    admin = psycopg2.connect(PG_ADMIN_URL)
+    admin.autocommit = True
+    with admin.cursor() as cur:
+        cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        cur.execute(f'CREATE DATABASE "{name}"')
+    admin.close()
+    return f"postgresql://postgres@127.0.0.1:5432/{name}"
+
+
+@pytest.fixture(scope="session")
+def smtp_server():
+    """A real SMTP server (aiosmtpd) in this process, for the whole session."""
+    handler = CaptureHandler()
+    controller = start(handler)
+    yield handler, controller
+    controller.stop()
+
+
+@pytest.fixture
+def smtp(smtp_server) -> CaptureHandler:
+    """The SMTP server's handler, emptied for this test."""
+    handler, _ = smtp_server
+    handler.messages.clear()
+    handler.replies.clear()
+    handler.rcpt_replies.clear()
+    handler.delay = 0.0
+    yield handler
+    handler.replies.clear()
+    handler.delay = 0.0
+
+
+@pytest.fixture
+def redis_conn():
+    """The real Redis, on a database of its own, flushed around each test."""
+    conn = Redis.from_url(REDIS_URL)
+    conn.flushdb()
+    yield conn
+    conn.flushdb()
+    conn.close()
+
+
+@pytest.fixture
+def fake_redis():
+    return fakeredis.FakeRedis()
+
+
+def _settings(**overrides) -> Settings:
+    base = Settings(
+        retry_intervals=(0, 0, 0),
+        mail_from="notifier@example.com",
+        smtp_timeout=5,
+        brand_name="Acme",
+    )
+    return replace(base, **overrides)
+
+
+@pytest.fixture
+def sqlite_settings(tmp_path) -> Settings:
+    return _settings(database_url=f"sqlite:///{tmp_path}/notifier.db", redis_url="redis://fake/0")
+
+
+@pytest.fixture
+def pg_settings(pg_url, smtp_server) -> Settings:
+    _, controller = smtp_server
+    return _settings(database_url=pg_url, redis_url=REDIS_URL, smtp_host="127.0.0.1", smtp_port=controller.port)
+
+
+def _bind_clean(url: str):
+    db = bind(url)
+    upgrade(db)
+    with db.connection_context():
+        for model in reversed(MODELS):
+            if model.__name__ != "SchemaVersion":
+                model.delete().execute()
+    return db
+
+
+@pytest.fixture
+def sqlite_db(sqlite_settings):
+    """The database proxy bound to a new SQLite file (unit tests)."""
+    db = _bind_clean(sqlite_settings.database_url)
+    db.connect(reuse_if_open=True)
+    yield db
+    db.close()
+
+
+@pytest.fixture
+def pg_db(pg_settings):
+    """The database proxy bound to the real PostgreSQL test database, emptied before the test."""
+    db = _bind_clean(pg_settings.database_url)
+    yield db
+    if not db.is_closed():
+        db.close()
+    db.close_all()
+
+
+@pytest.fixture
+def api_key(pg_db):
+    """A live API key: (model, plaintext)."""
+    with database.connection_context():
+        return keys.create("test-service")
+
+
+@pytest.fixture
+def other_key(pg_db):
+    with database.connection_context():
+        return keys.create("other-service")
+
+
+@pytest.fixture
+def app(pg_settings, pg_db, redis_conn):
+    """The API on real PostgreSQL and Redis."""
+    application = create_app(pg_settings, redis=redis_conn)
+    application.config["TESTING"] = True
+    return application
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+@pytest.fixture
+def headers(api_key):
+    return {"X-API-Key": api_key[1]}
+
+
+@pytest.fixture
+def deliverer(pg_settings, pg_db):
+    """A Deliverer sending over real SMTP to the test server, installed for in-process workers."""
+    mailer = SmtpMailer(pg_settings)
+    instance = Deliverer(pg_settings, mailer, make_renderer(pg_settings))
+    jobs.install(instance)
+    yield instance
+    mailer.close()
+    jobs.install(None)
+
+
+@pytest.fixture
+def memory_deliverer(sqlite_settings, sqlite_db):
+    """A Deliverer with the in-memory mailer, for unit tests."""
+    instance = Deliverer(sqlite_settings, MemoryMailer("notifier@example.com"), make_renderer(sqlite_settings))
+    jobs.install(instance)
+    yield instance
+    jobs.install(None)

@@ -1,0 +1,212 @@
+"""The HTTP API on real PostgreSQL and Redis: acceptance, reading back, auth and every error code."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from redis import Redis
+from rq import Queue
+
+from app import create_app
+from notifier.db import database
+from notifier.models import Event, Notification
+from notifier.queues import QUEUE_NAMES, job_id_for
+from tests.helpers import LITERAL, VERIFICATION, make_notification
+
+pytestmark = pytest.mark.integration
+
+
+def _count_rows() -> tuple[int, int]:
+    with database.connection_context():
+        return Notification.select().count(), Event.select().count()
+
+
+def _assert_envelope(response, status: int, code: str):
+    assert response.status_code == status, response.get_data(as_text=True)
+    body = response.get_json()
+    assert set(body) == {"error"}
+    assert set(body["error"]) == {"code", "message", "details"}
+    assert body["error"]["code"] == code
+    assert body["error"]["message"]
+    return body["error"]
+
+
+def test_send_is_accepted_stored_and_queued_on_its_priority(client, headers, redis_conn):
+    response = client.post("/api/notifications/send", json={**LITERAL, "priority": "low", "metadata": {"k": "v"}},
+                           headers=headers)
+    assert response.status_code == 202
+    body = response.get_json()
+    assert body["status"] == "queued"
+    assert response.headers["Location"] == f"/api/notifications/{body['id']}"
+    queue = Queue(QUEUE_NAMES["low"], connection=redis_conn)
+    assert queue.job_ids == [job_id_for(body["id"])]
+
+    detail = client.get(response.headers["Location"], headers=headers).get_json()
+    assert detail["priority"] == "low"
+    assert detail["metadata"] == {"k": "v"}
+    assert detail["attempts"] == 0
+    assert [event["status"] for event in detail["history"]] == ["queued"]
+    for field in ("status", "template", "last_error", "created_at", "updated_at", "sent_at"):
+        assert field in detail
+
+
+def test_send_verification_uses_the_verification_template_at_high_priority(client, headers, redis_conn):
+    response = client.post("/api/notifications/send-verification", json=VERIFICATION, headers=headers)
+    assert response.status_code == 202
+    detail = client.get(response.headers["Location"], headers=headers).get_json()
+    assert (detail["template"], detail["priority"], detail["user_id"]) == ("verification", "high", "u1")
+    assert Queue(QUEUE_NAMES["high"], connection=redis_conn).count == 1
+
+
+def test_template_send_with_data(client, headers):
+    payload = {"to": "ann@example.com", "template": "password_reset", "data": {"reset_url": "https://x.test/r"}}
+    assert client.post("/api/notifications/send", json=payload, headers=headers).status_code == 202
+
+
+@pytest.mark.parametrize("key", [None, "", "nfy_nope_nope", "garbage"])
+def test_missing_or_wrong_key_is_401(client, key):
+    hdrs = {} if key is None else {"X-API-Key": key}
+    _assert_envelope(client.post("/api/notifications/send", json=LITERAL, headers=hdrs), 401, "unauthorized")
+    _assert_envelope(client.get("/api/notifications", headers=hdrs), 401, "unauthorized")
+
+
+def test_revoked_key_is_401_at_once(client, headers, api_key):
+    from notifier import keys
+
+    assert client.get("/api/notifications", headers=headers).status_code == 200
+    with database.connection_context():
+        keys.revoke(api_key[0].name)
+    _assert_envelope(client.get("/api/notifications", headers=headers), 401, "unauthorized")
+
+
+def test_malformed_json_is_400_and_writes_nothing(client, headers):
+    response = client.post("/api/notifications/send", data='{"to": ', headers=headers,
+                           content_type="application/json")
+    _assert_envelope(response, 400, "malformed_json")
+    _assert_envelope(client.post("/api/notifications/send", data="[1,2]", headers=headers), 400, "malformed_json")
+    _assert_envelope(client.post("/api/notifications/send", data=b"\xff\xfe{", headers=headers), 400,
+                     "malformed_json")
+    assert _count_rows() == (0, 0)
+
+
+def test_invalid_payload_is_422_naming_each_bad_field(client, headers):
+    response = client.post("/api/notifications/send", json={"to": "not-an-email", "template": "welcome",
+                                                            "priority": "urgent", "colour": "red"},
+                           headers=headers)
+    error = _assert_envelope(response, 422, "validation_error")
+    assert set(error["details"]) == {"to", "priority", "colour"}
+    assert _count_rows() == (0, 0)
+
+
+def test_unknown_template_is_422_at_request_time(client, headers):
+    error = _assert_envelope(
+        client.post("/api/notifications/send", json={"to": "a@example.com", "template": "nope"}, headers=headers),
+        422, "validation_error")
+    assert "template" in error["details"]
+    assert _count_rows() == (0, 0)
+
+
+def test_template_missing_required_data_is_422(client, headers):
+    payload = {"to": "a@example.com", "template": "password_reset", "data": {}}
+    error = _assert_envelope(client.post("/api/notifications/send", json=payload, headers=headers), 422,
+                             "validation_error")
+    assert "reset_url" in json.dumps(error["details"])
+
+
+def test_header_injection_in_subject_is_refused(client, headers):
+    payload = {**LITERAL, "subject": "Hi\r\nBcc: victim@example.com"}
+    error = _assert_envelope(client.post("/api/notifications/send", json=payload, headers=headers), 422,
+                             "validation_error")
+    assert "subject" in error["details"]
+
+
+def test_oversized_body_is_413(client, headers):
+    payload = {**LITERAL, "text": "x" * (300 * 1024)}
+    _assert_envelope(client.post("/api/notifications/send", json=payload, headers=headers), 413, "payload_too_large")
+    assert _count_rows() == (0, 0)
+
+
+def test_unknown_route_is_404_and_wrong_method_is_405(client, headers):
+    _assert_envelope(client.get("/api/nothing-here", headers=headers), 404, "not_found")
+    response = client.delete("/api/notifications/send", headers=headers)
+    _assert_envelope(response, 405, "method_not_allowed")
+    assert "POST" in response.headers["Allow"]
+
+
+def test_other_keys_notification_is_404(client, headers, other_key):
+    created = client.post("/api/notifications/send", json=LITERAL, headers=headers).get_json()
+    _assert_envelope(client.get(f"/api/notifications/{created['id']}", headers={"X-API-Key": other_key[1]}), 404,
+                     "not_found")
+    _assert_envelope(client.get("/api/notifications/00000000-0000-0000-0000-000000000000", headers=headers), 404,
+                     "not_found")
+    listed = client.get("/api/notifications", headers={"X-API-Key": other_key[1]}).get_json()
+    assert listed["data"] == []
+
+
+def test_list_is_newest_first_paginated_and_stable_under_inserts(client, headers, api_key):
+    ids = [make_notification(api_key[0], user_id=f"u{i % 2}").id for i in range(7)]
+    page1 = client.get("/api/notifications?limit=3", headers=headers).get_json()
+    assert [n["id"] for n in page1["data"]] == ids[::-1][:3]
+    # A notification arriving between pages must not shift what the next page holds.
+    make_notification(api_key[0])
+    page2 = client.get(f"/api/notifications?limit=3&cursor={page1['next']}", headers=headers).get_json()
+    assert [n["id"] for n in page2["data"]] == ids[::-1][3:6]
+    page3 = client.get(f"/api/notifications?limit=3&cursor={page2['next']}", headers=headers).get_json()
+    assert [n["id"] for n in page3["data"]] == ids[::-1][6:]
+    assert page3["next"] is None
+
+
+def test_list_filters(client, headers, api_key):
+    make_notification(api_key[0], user_id="u1", priority="high", to="x@example.com")
+    make_notification(api_key[0], user_id="u2", template="welcome", data={})
+    rows = client.get("/api/notifications?user_id=u1&priority=high&to=x@example.com&status=queued",
+                      headers=headers).get_json()["data"]
+    assert len(rows) == 1
+    assert len(client.get("/api/notifications?template=welcome", headers=headers).get_json()["data"]) == 1
+    assert client.get("/api/notifications?created_after=2000-01-01T00:00:00Z&created_before=2000-01-02T00:00:00Z",
+                      headers=headers).get_json()["data"] == []
+
+
+@pytest.mark.parametrize("query", ["limit=0", "limit=100000", "status=lost", "cursor=%%%", "created_after=yesterday",
+                                   "colour=red"])
+def test_bad_list_queries_are_422(client, headers, query):
+    _assert_envelope(client.get(f"/api/notifications?{query}", headers=headers), 422, "validation_error")
+
+
+def test_user_stats_count_per_status(client, headers, api_key):
+    for _ in range(3):
+        make_notification(api_key[0], user_id="u9")
+    make_notification(api_key[0], user_id="someone-else")
+    stats = client.get("/api/notifications/user/u9/stats", headers=headers).get_json()
+    assert stats["total"] == 3
+    assert stats["by_status"]["queued"] == 3
+    assert stats["by_status"]["sent"] == 0
+
+
+def test_health_needs_no_key_and_ready_checks_dependencies(client):
+    assert client.get("/api/health").get_json() == {"status": "ok"}
+    ready = client.get("/api/ready")
+    assert ready.status_code == 200
+    assert ready.get_json()["checks"] == {"database": "ok", "redis": "ok"}
+
+
+def test_ready_is_503_naming_redis_when_redis_is_down(pg_settings, pg_db):
+    dead = Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.5)
+    response = create_app(pg_settings, redis=dead).test_client().get("/api/ready")
+    error = _assert_envelope(response, 503, "not_ready")
+    assert "redis" in error["message"] and "database" not in error["message"]
+
+
+def test_send_is_accepted_while_redis_is_down_and_stays_queued(pg_settings, pg_db, api_key):
+    dead = Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.5)
+    client = create_app(pg_settings, redis=dead).test_client()
+    response = client.post("/api/notifications/send", json=LITERAL, headers={"X-API-Key": api_key[1]})
+    assert response.status_code == 202
+    assert client.get(response.headers["Location"], headers={"X-API-Key": api_key[1]}).get_json()["status"] == "queued"
+
+
+def test_template_data_of_the_wrong_shape_is_422(client, headers):
+    payload = {"to": "a@example.com", "template": "digest", "data": {"items": 5}}
+    _assert_envelope(client.post("/api/notifications/send", json=payload, headers=headers), 422, "validation_error")
+    assert _count_rows() == (0, 0)

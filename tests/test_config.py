@@ -1,0 +1,205 @@
+"""Settings.from_env: defaults, parsing, and the errors that stop a process from starting."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from notifier.config import DEFAULT_RETRY_INTERVALS, Settings
+from notifier.errors import ConfigError
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+SETTING_NAMES = (
+    "DATABASE_URL",
+    "REDIS_URL",
+    "SMTP_HOST",
+    "SMTP_PORT",
+    "SMTP_USERNAME",
+    "SMTP_PASSWORD",
+    "SMTP_SECURITY",
+    "SMTP_TIMEOUT",
+    "MAIL_FROM",
+    "RETRY_INTERVALS",
+    "PORT",
+    "MAX_BODY_BYTES",
+    "PAGE_SIZE_MAX",
+    "JOB_TIMEOUT",
+    "TEMPLATES_DIR",
+    "BRAND_NAME",
+    "LOG_LEVEL",
+)
+
+
+def config_error(env: dict[str, str]) -> ConfigError:
+    """The ConfigError that from_env raises for env (fails the test when none is raised)."""
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env(env)
+    return caught.value
+
+
+def test_empty_environment_gives_the_defaults():
+    settings = Settings.from_env({})
+
+    assert settings == Settings()
+    assert settings.database_url == "sqlite:///var/notifier.db"
+    assert settings.redis_url == "redis://127.0.0.1:6379/0"
+    assert settings.smtp_host == "127.0.0.1"
+    assert settings.smtp_port == 1025
+    assert settings.smtp_username == ""
+    assert settings.smtp_password == ""
+    assert settings.smtp_security == "none"
+    assert settings.mail_from == "notifier@localhost"
+    assert settings.retry_intervals == DEFAULT_RETRY_INTERVALS
+    assert settings.port == 5000
+
+
+def test_every_setting_is_read_from_the_environment():
+    settings = Settings.from_env(
+        {
+            "DATABASE_URL": "postgresql://notifier:secret@db:5432/notifier",
+            "REDIS_URL": "redis://redis:6379/3",
+            "SMTP_HOST": "smtp.example.com",
+            "SMTP_PORT": "587",
+            "SMTP_USERNAME": "mailer",
+            "SMTP_PASSWORD": "hunter2",
+            "SMTP_SECURITY": "starttls",
+            "MAIL_FROM": "no-reply@example.com",
+            "RETRY_INTERVALS": "5,10,20",
+            "PORT": "8080",
+        }
+    )
+
+    assert settings.database_url == "postgresql://notifier:secret@db:5432/notifier"
+    assert settings.redis_url == "redis://redis:6379/3"
+    assert settings.smtp_host == "smtp.example.com"
+    assert settings.smtp_port == 587
+    assert settings.smtp_username == "mailer"
+    assert settings.smtp_password == "hunter2"
+    assert settings.smtp_security == "starttls"
+    assert settings.mail_from == "no-reply@example.com"
+    assert settings.retry_intervals == (5, 10, 20)
+    assert settings.port == 8080
+
+
+def test_smtp_password_is_kept_out_of_repr():
+    settings = Settings.from_env({"SMTP_USERNAME": "mailer", "SMTP_PASSWORD": "hunter2"})
+
+    assert "hunter2" not in repr(settings)
+
+
+@pytest.mark.parametrize("raw", ["SSL", " ssl "])
+def test_smtp_security_is_case_and_space_insensitive(raw):
+    assert Settings.from_env({"SMTP_SECURITY": raw}).smtp_security == "ssl"
+
+
+def test_blank_numbers_and_host_fall_back_to_defaults():
+    settings = Settings.from_env({"SMTP_PORT": "", "PORT": "  ", "SMTP_HOST": "   "})
+
+    assert settings.smtp_port == 1025
+    assert settings.port == 5000
+    assert settings.smtp_host == "127.0.0.1"
+
+
+def test_sqlite_database_url_is_accepted():
+    assert Settings.from_env({"DATABASE_URL": "sqlite:////tmp/n.db"}).database_url == "sqlite:////tmp/n.db"
+
+
+def test_retry_intervals_allow_spaces_after_commas():
+    assert Settings.from_env({"RETRY_INTERVALS": "1, 2, 3"}).retry_intervals == (1, 2, 3)
+
+
+def test_empty_retry_intervals_mean_a_single_attempt():
+    settings = Settings.from_env({"RETRY_INTERVALS": ""})
+
+    assert settings.retry_intervals == ()
+    assert settings.max_attempts == 1
+
+
+@pytest.mark.parametrize(("intervals", "attempts"), [((), 1), ((0,), 2), ((0, 0, 0), 4), (DEFAULT_RETRY_INTERVALS, 6)])
+def test_max_attempts_is_one_more_than_the_number_of_retry_intervals(intervals, attempts):
+    assert Settings(retry_intervals=intervals).max_attempts == attempts
+
+
+@pytest.mark.parametrize("raw", ["abc", "0", "65536", "-25", "25.5"])
+def test_bad_smtp_port_names_smtp_port(raw):
+    assert config_error({"SMTP_PORT": raw}).setting == "SMTP_PORT"
+
+
+@pytest.mark.parametrize("raw", ["http", "0", "70000"])
+def test_bad_port_names_port(raw):
+    assert config_error({"PORT": raw}).setting == "PORT"
+
+
+@pytest.mark.parametrize("raw", ["tls", "yes", "ssl3"])
+def test_unknown_smtp_security_mode_names_smtp_security(raw):
+    error = config_error({"SMTP_SECURITY": raw})
+
+    assert error.setting == "SMTP_SECURITY"
+    assert "starttls" in str(error)
+
+
+@pytest.mark.parametrize("raw", ["a,b", "-1", "60,-5", "60,,300", "1.5", "60;300"])
+def test_bad_retry_intervals_name_retry_intervals(raw):
+    assert config_error({"RETRY_INTERVALS": raw}).setting == "RETRY_INTERVALS"
+
+
+def test_username_without_password_names_smtp_password():
+    assert config_error({"SMTP_USERNAME": "mailer"}).setting == "SMTP_PASSWORD"
+
+
+@pytest.mark.parametrize("raw", ["mysql://u:p@db/notifier", "notifier.db", "http://db/notifier"])
+def test_bad_database_url_scheme_names_database_url(raw):
+    assert config_error({"DATABASE_URL": raw}).setting == "DATABASE_URL"
+
+
+@pytest.mark.parametrize("raw", ["http://redis:6379/0", "localhost:6379"])
+def test_bad_redis_url_scheme_names_redis_url(raw):
+    assert config_error({"REDIS_URL": raw}).setting == "REDIS_URL"
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "not-an-email",
+        "",
+        "notifier@example.com\r\nBcc: victim@example.com",
+        "notifier@example.com\nX-Evil: 1",
+        "notifier@",
+        "@example.com",
+    ],
+)
+def test_bad_mail_from_names_mail_from(raw):
+    assert config_error({"MAIL_FROM": raw}).setting == "MAIL_FROM"
+
+
+def test_config_error_message_starts_with_the_setting_name():
+    error = config_error({"SMTP_PORT": "abc"})
+
+    assert str(error).startswith("SMTP_PORT ")
+    assert "abc" in str(error)
+
+
+def clean_env(**settings: str) -> dict[str, str]:
+    """This process's environment without any notifier setting, plus the given ones."""
+    env = {k: v for k, v in os.environ.items() if k not in SETTING_NAMES}
+    return env | settings
+
+
+@pytest.mark.parametrize("script", ["worker.py", "app.py"])
+def test_entry_point_with_invalid_setting_exits_2_naming_it(script):
+    result = subprocess.run(
+        [sys.executable, script],
+        cwd=PROJECT_ROOT,
+        env=clean_env(SMTP_PORT="abc"),
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
+
+    assert result.returncode == 2
+    assert "SMTP_PORT" in result.stderr

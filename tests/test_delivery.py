@@ -1,0 +1,163 @@
+"""Delivery on real parts: PostgreSQL, Redis, an RQ worker and a real SMTP server receiving the mail."""
+
+from __future__ import annotations
+
+import pytest
+from rq import Queue
+
+from notifier.queues import QUEUE_NAMES, enqueue_delivery
+from tests.helpers import LITERAL, VERIFICATION, reload, run_worker_until_idle
+
+pytestmark = pytest.mark.integration
+
+
+def _send(client, headers, path="/api/notifications/send", **payload):
+    response = client.post(path, json=payload, headers=headers)
+    assert response.status_code == 202, response.get_data(as_text=True)
+    return response.get_json()["id"]
+
+
+def test_sent_email_has_headers_and_both_parts(client, headers, deliverer, smtp, redis_conn):
+    notification_id = _send(client, headers, "/api/notifications/send-verification", **VERIFICATION)
+    run_worker_until_idle(redis_conn)
+
+    (received,) = smtp.wait_for(1)
+    message = received.message
+    assert received.rcpt_tos == ["ada@example.com"]
+    assert message["To"] == "ada@example.com"
+    assert message["From"] == "notifier@example.com"
+    assert message["Subject"] == "Verify your email address"
+    assert message["X-Notification-ID"] == notification_id
+    assert message["Message-ID"] == f"<{notification_id}@example.com>"
+    assert message.get_content_type() == "multipart/alternative"
+    text, html = message.get_payload()
+    assert text.get_content_type() == "text/plain" and "123456" in text.get_content()
+    assert html.get_content_type() == "text/html" and "123456" in html.get_content()
+    assert "Ada" in text.get_content()
+
+    notification = reload(notification_id)
+    assert notification.status == "sent"
+    assert notification.attempts == 1
+    assert notification.message_id == message["Message-ID"]
+    assert notification.sent_at is not None
+    detail = client.get(f"/api/notifications/{notification_id}", headers=headers).get_json()
+    assert [e["status"] for e in detail["history"]] == ["queued", "sending", "sent"]
+    assert detail["history"][-1]["smtp_code"] == 250
+
+
+def test_caller_data_is_escaped_in_html(client, headers, deliverer, smtp, redis_conn):
+    _send(client, headers, "/api/notifications/send-verification", **{**VERIFICATION, "name": "<script>x</script>"})
+    run_worker_until_idle(redis_conn)
+    _, html = smtp.wait_for(1)[0].message.get_payload()
+    assert "<script>" not in html.get_content()
+    assert "&lt;script&gt;" in html.get_content()
+
+
+def test_literal_email_is_sent_as_given(client, headers, deliverer, smtp, redis_conn):
+    _send(client, headers, **{**LITERAL, "text": "Hello {{ 7*7 }}"})
+    run_worker_until_idle(redis_conn)
+    text, html = smtp.wait_for(1)[0].message.get_payload()
+    assert text.get_content().strip() == "Hello {{ 7*7 }}"
+    assert html.get_content().strip() == "<p>HTML body</p>"
+
+
+def test_451_is_retried_then_delivered(client, headers, deliverer, smtp, redis_conn):
+    smtp.replies.append("451 4.3.0 try again later")
+    notification_id = _send(client, headers, **LITERAL)
+    run_worker_until_idle(redis_conn)
+
+    assert len(smtp.wait_for(1)) == 1
+    notification = reload(notification_id)
+    assert notification.status == "sent"
+    assert notification.attempts == 2
+    detail = client.get(f"/api/notifications/{notification_id}", headers=headers).get_json()
+    statuses = [e["status"] for e in detail["history"]]
+    assert statuses == ["queued", "sending", "retrying", "sending", "sent"]
+    retry = detail["history"][2]
+    assert retry["smtp_code"] == 451 and "try again later" in retry["smtp_reply"]
+
+
+def test_550_fails_at_once_without_retry(client, headers, deliverer, smtp, redis_conn):
+    smtp.replies.append("550 5.1.1 no such user")
+    notification_id = _send(client, headers, **LITERAL)
+    run_worker_until_idle(redis_conn)
+
+    assert smtp.count() == 0
+    notification = reload(notification_id)
+    assert notification.status == "failed"
+    assert notification.attempts == 1
+    assert "550" in notification.last_error and "no such user" in notification.last_error
+    failed = Queue(QUEUE_NAMES["default"], connection=redis_conn).failed_job_registry
+    assert failed.get_job_ids() == [f"notification-{notification_id}"]
+
+
+def test_refused_recipient_is_permanent(client, headers, deliverer, smtp, redis_conn):
+    smtp.rcpt_replies.append("550 5.1.1 mailbox unavailable")
+    notification_id = _send(client, headers, **LITERAL)
+    run_worker_until_idle(redis_conn)
+    notification = reload(notification_id)
+    assert (notification.status, notification.attempts) == ("failed", 1)
+    assert "recipient refused" in notification.last_error
+
+
+def test_exhausted_retries_end_failed_in_the_failed_registry(client, headers, deliverer, smtp, redis_conn):
+    attempts = deliverer.settings.max_attempts
+    smtp.replies.extend(["451 4.4.1 still busy"] * attempts)
+    notification_id = _send(client, headers, **LITERAL)
+    run_worker_until_idle(redis_conn)
+
+    assert smtp.count() == 0
+    notification = reload(notification_id)
+    assert notification.status == "failed"
+    assert notification.attempts == attempts
+    assert "still busy" in notification.last_error
+    failed = Queue(QUEUE_NAMES["default"], connection=redis_conn).failed_job_registry
+    assert failed.get_job_ids() == [f"notification-{notification_id}"]
+    job = failed.get_job_ids() and Queue(QUEUE_NAMES["default"], connection=redis_conn).fetch_job(
+        f"notification-{notification_id}")
+    assert "RetriesExhausted" in job.latest_result().exc_string
+
+
+def test_high_priority_is_sent_before_a_low_backlog(client, headers, deliverer, smtp, redis_conn):
+    for i in range(5):
+        _send(client, headers, **{**LITERAL, "to": f"low{i}@example.com", "priority": "low"})
+    _send(client, headers, **{**LITERAL, "to": "default@example.com"})
+    _send(client, headers, **{**LITERAL, "to": "high@example.com", "priority": "high"})
+    run_worker_until_idle(redis_conn)
+
+    order = [m.rcpt_tos[0] for m in smtp.wait_for(7)]
+    assert order[:2] == ["high@example.com", "default@example.com"]
+    assert sorted(order[2:]) == [f"low{i}@example.com" for i in range(5)]
+
+
+def test_same_job_enqueued_twice_sends_once(client, headers, deliverer, smtp, redis_conn, pg_settings):
+    notification_id = _send(client, headers, **LITERAL)
+    # A second copy of the job, as a retry racing a recovery would make.
+    enqueue_delivery(redis_conn, pg_settings, notification_id, "high")
+    run_worker_until_idle(redis_conn)
+    assert smtp.count() == 1
+    assert reload(notification_id).attempts == 1
+
+
+def test_smtp_server_down_is_transient(headers, pg_settings, pg_db, redis_conn, smtp):
+    from dataclasses import replace
+
+    from app import create_app
+    from notifier import jobs
+    from notifier.jobs import Deliverer
+    from notifier.mail import SmtpMailer
+    from notifier.runtime import make_renderer
+
+    down = replace(pg_settings, smtp_port=1, retry_intervals=(3600,))
+    client = create_app(down, redis=redis_conn).test_client()
+    jobs.install(Deliverer(down, SmtpMailer(down), make_renderer(down)))
+    try:
+        notification_id = _send(client, headers, **LITERAL)
+        run_worker_until_idle(redis_conn)
+    finally:
+        jobs.install(None)
+    notification = reload(notification_id)
+    assert notification.status == "retrying"
+    assert "connection" in notification.last_error.lower()
+    scheduled = Queue(QUEUE_NAMES["default"], connection=redis_conn).scheduled_job_registry
+    assert scheduled.get_job_ids() == [f"notification-{notification_id}"]

@@ -1,0 +1,216 @@
+"""The delivery job over SQLite, the MemoryMailer and (for the RQ cases) fakeredis with a SimpleWorker."""
+
+from __future__ import annotations
+
+import smtplib
+
+import pytest
+from rq import Queue
+
+from notifier import keys, store
+from notifier.errors import PermanentDeliveryError, TransientDeliveryError
+from notifier.jobs import RetriesExhausted
+from notifier.mail import message_id_for
+from notifier.models import Status
+from notifier.queues import QUEUE_NAMES, enqueue_delivery, job_id_for
+from notifier.rendering import TemplateRenderError
+from tests.helpers import make_notification, reload, run_worker_until_idle
+
+
+def smtp_reply(code: int) -> smtplib.SMTPResponseException:
+    return smtplib.SMTPResponseException(code, b"scripted reply")
+
+
+@pytest.fixture
+def owner(sqlite_db):
+    key, _ = keys.create("jobs-test")
+    return key
+
+
+def statuses(notification_id: str) -> list[str]:
+    """The to_status of every history event, oldest first."""
+    return [event.to_status for event in store.history(reload(notification_id))]
+
+
+def failed_job_ids(connection, priority: str = "default") -> list[str]:
+    return Queue(QUEUE_NAMES[priority], connection=connection).failed_job_registry.get_job_ids()
+
+
+def test_delivered_notification_ends_sent_with_its_history(memory_deliverer, owner):
+    notification = make_notification(owner)
+
+    assert memory_deliverer.deliver(notification.id) == "sent"
+
+    sent = reload(notification.id)
+    assert sent.status == Status.SENT
+    assert sent.attempts == 1
+    assert sent.sent_at is not None
+    assert sent.last_error is None
+    assert sent.message_id == message_id_for(notification.id, "notifier@example.com")
+    history = store.history(sent)
+    assert [(e.from_status, e.to_status) for e in history] == [
+        (None, "queued"),
+        ("queued", "sending"),
+        ("sending", "sent"),
+    ]
+    assert history[-1].smtp_code == 250
+    assert len(memory_deliverer.mailer.sent) == 1
+    assert memory_deliverer.mailer.sent[0]["To"] == "carol@example.com"
+
+
+def test_template_notification_is_rendered_before_sending(memory_deliverer, owner):
+    notification = make_notification(
+        owner, subject=None, text=None, template="password_reset", data={"reset_url": "https://e.x/r?t=1"}
+    )
+
+    memory_deliverer.deliver(notification.id)
+
+    (message,) = memory_deliverer.mailer.sent
+    assert message["Subject"] == "Reset your password"
+    assert "https://e.x/r?t=1" in message.get_body(("plain",)).get_content()
+
+
+def test_job_delivered_twice_sends_once(memory_deliverer, owner):
+    notification = make_notification(owner)
+
+    assert memory_deliverer.deliver(notification.id) == "sent"
+    assert memory_deliverer.deliver(notification.id) == "skipped"
+
+    assert len(memory_deliverer.mailer.sent) == 1
+    assert reload(notification.id).attempts == 1
+    assert statuses(notification.id) == ["queued", "sending", "sent"]
+
+
+@pytest.mark.parametrize("status", [Status.CANCELLED, Status.SCHEDULED, Status.FAILED])
+def test_notification_not_waiting_to_be_sent_is_skipped(memory_deliverer, owner, status):
+    notification = make_notification(owner, status)
+
+    assert memory_deliverer.deliver(notification.id) == "skipped"
+    assert memory_deliverer.mailer.sent == []
+
+
+def test_unknown_notification_is_skipped(memory_deliverer):
+    assert memory_deliverer.deliver("00000000-0000-0000-0000-000000000000") == "skipped"
+
+
+def test_transient_failure_records_retrying_and_reraises(memory_deliverer, owner):
+    notification = make_notification(owner)
+    memory_deliverer.mailer.failures = [smtp_reply(451)]
+
+    with pytest.raises(TransientDeliveryError):
+        memory_deliverer.deliver(notification.id)
+
+    retrying = reload(notification.id)
+    assert retrying.status == Status.RETRYING
+    assert retrying.attempts == 1
+    assert "451" in retrying.last_error
+    assert store.history(retrying)[-1].smtp_code == 451
+    assert memory_deliverer.mailer.sent == []
+
+
+def test_retrying_notification_is_sent_on_the_next_attempt(memory_deliverer, owner):
+    notification = make_notification(owner)
+    memory_deliverer.mailer.failures = [smtp_reply(451)]
+    with pytest.raises(TransientDeliveryError):
+        memory_deliverer.deliver(notification.id)
+
+    assert memory_deliverer.deliver(notification.id) == "sent"
+
+    sent = reload(notification.id)
+    assert sent.attempts == 2
+    assert sent.last_error is None
+    assert statuses(notification.id) == ["queued", "sending", "retrying", "sending", "sent"]
+
+
+def test_permanent_failure_records_failed_and_reraises(memory_deliverer, owner):
+    notification = make_notification(owner)
+    memory_deliverer.mailer.failures = [smtp_reply(550)]
+
+    with pytest.raises(PermanentDeliveryError) as caught:
+        memory_deliverer.deliver(notification.id)
+
+    assert caught.value.smtp_code == 550
+    failed = reload(notification.id)
+    assert failed.status == Status.FAILED
+    assert "550" in failed.last_error
+    assert statuses(notification.id) == ["queued", "sending", "failed"]
+
+
+def test_template_that_cannot_render_fails_permanently_without_sending(memory_deliverer, owner):
+    notification = make_notification(owner, subject=None, text=None, template="password_reset", data={})
+
+    with pytest.raises(TemplateRenderError):
+        memory_deliverer.deliver(notification.id)
+
+    assert reload(notification.id).status == Status.FAILED
+    assert memory_deliverer.mailer.sent == []
+
+
+def test_transient_failure_on_the_last_attempt_fails_with_retries_exhausted(memory_deliverer, owner):
+    max_attempts = memory_deliverer.settings.max_attempts
+    notification = make_notification(owner, Status.RETRYING, attempts=max_attempts - 1)
+    memory_deliverer.mailer.failures = [smtp_reply(451)]
+
+    with pytest.raises(RetriesExhausted) as caught:
+        memory_deliverer.deliver(notification.id)
+
+    assert caught.value.smtp_code == 451
+    failed = reload(notification.id)
+    assert failed.status == Status.FAILED
+    assert failed.attempts == max_attempts
+    assert "451" in failed.last_error
+    assert str(max_attempts) in failed.last_error
+
+
+def test_rq_retries_transient_failures_until_sent(memory_deliverer, owner, fake_redis):
+    notification = make_notification(owner)
+    memory_deliverer.mailer.failures = [smtp_reply(451), smtp_reply(451)]
+
+    enqueue_delivery(fake_redis, memory_deliverer.settings, notification.id, "default")
+    run_worker_until_idle(fake_redis)
+
+    sent = reload(notification.id)
+    assert sent.status == Status.SENT
+    assert sent.attempts == 3
+    assert len(memory_deliverer.mailer.sent) == 1
+    assert statuses(notification.id) == ["queued", "sending", "retrying", "sending", "retrying", "sending", "sent"]
+    assert failed_job_ids(fake_redis) == []
+
+
+def test_permanent_smtp_error_is_not_retried(memory_deliverer, owner, fake_redis):
+    notification = make_notification(owner)
+    memory_deliverer.mailer.failures = [smtp_reply(550), smtp_reply(550), smtp_reply(550)]
+
+    enqueue_delivery(fake_redis, memory_deliverer.settings, notification.id, "default")
+    run_worker_until_idle(fake_redis)
+
+    failed = reload(notification.id)
+    assert failed.status == Status.FAILED
+    assert failed.attempts == 1
+    assert len(memory_deliverer.mailer.failures) == 2
+    assert failed_job_ids(fake_redis) == [job_id_for(notification.id)]
+
+
+def test_transient_failures_beyond_the_retry_schedule_end_in_the_failed_registry(memory_deliverer, owner, fake_redis):
+    max_attempts = memory_deliverer.settings.max_attempts
+    notification = make_notification(owner)
+    memory_deliverer.mailer.failures = [smtp_reply(451) for _ in range(max_attempts + 1)]
+
+    enqueue_delivery(fake_redis, memory_deliverer.settings, notification.id, "default")
+    run_worker_until_idle(fake_redis)
+
+    failed = reload(notification.id)
+    assert failed.status == Status.FAILED
+    assert failed.attempts == max_attempts
+    assert len(memory_deliverer.mailer.failures) == 1
+    assert failed_job_ids(fake_redis) == [job_id_for(notification.id)]
+
+
+def test_high_priority_notification_is_delivered_from_its_own_queue(memory_deliverer, owner, fake_redis):
+    notification = make_notification(owner, priority="high")
+
+    job = enqueue_delivery(fake_redis, memory_deliverer.settings, notification.id, "high")
+    run_worker_until_idle(fake_redis)
+
+    assert job.origin == QUEUE_NAMES["high"]
+    assert reload(notification.id).status == Status.SENT

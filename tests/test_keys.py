@@ -1,0 +1,109 @@
+"""API keys: shown once, stored as a hash, revocable at once."""
+
+from __future__ import annotations
+
+import pytest
+
+from notifier import keys
+from notifier.models import ApiKey
+
+
+@pytest.fixture
+def created(sqlite_db):
+    """A live key: (model, plaintext)."""
+    return keys.create("billing")
+
+
+def test_created_plaintext_authenticates_as_its_key(created):
+    key, plaintext = created
+
+    authenticated = keys.authenticate(plaintext)
+
+    assert authenticated is not None
+    assert authenticated.id == key.id
+    assert authenticated.name == "billing"
+
+
+def test_plaintext_is_never_stored(created):
+    key, plaintext = created
+
+    stored = ApiKey.get_by_id(key.id)
+
+    assert stored.key_hash != plaintext
+    assert plaintext not in stored.key_hash
+    secret = plaintext.split("_", 2)[2]
+    assert all(secret not in str(value) for value in stored.__data__.values())
+
+
+def test_plaintext_has_the_key_prefix(created):
+    key, plaintext = created
+
+    assert plaintext.startswith(f"{keys.KEY_PREFIX}_{key.prefix}_")
+
+
+def test_two_keys_get_different_plaintexts(sqlite_db):
+    _, first = keys.create("one")
+    _, second = keys.create("two")
+
+    assert first != second
+    assert keys.authenticate(first).name == "one"
+    assert keys.authenticate(second).name == "two"
+
+
+def test_key_with_a_changed_character_does_not_authenticate(created):
+    _, plaintext = created
+    tampered = plaintext[:-1] + ("A" if plaintext[-1] != "A" else "B")
+
+    assert keys.authenticate(tampered) is None
+
+
+@pytest.mark.parametrize(
+    "garbled", [None, "", "garbage", "nfy_", "nfy_abc", "nfy_000000000000_secret", "xyz_000000000000_secret", "nfy__"]
+)
+def test_garbled_or_missing_key_does_not_authenticate(created, garbled):
+    assert keys.authenticate(garbled) is None
+
+
+def test_secret_of_one_key_with_prefix_of_another_does_not_authenticate(sqlite_db):
+    first, first_plain = keys.create("one")
+    _, second_plain = keys.create("two")
+    mixed = f"{keys.KEY_PREFIX}_{first.prefix}_{second_plain.split('_', 2)[2]}"
+
+    assert keys.authenticate(mixed) is None
+    assert keys.authenticate(first_plain) is not None
+
+
+def test_revoked_key_stops_authenticating_at_once(created):
+    _, plaintext = created
+
+    assert keys.revoke("billing") is True
+
+    assert keys.authenticate(plaintext) is None
+
+
+def test_revoking_one_key_leaves_others_working(sqlite_db):
+    _, first = keys.create("one")
+    _, second = keys.create("two")
+
+    keys.revoke("one")
+
+    assert keys.authenticate(first) is None
+    assert keys.authenticate(second) is not None
+
+
+def test_revoke_of_unknown_name_returns_false(sqlite_db):
+    assert keys.revoke("nobody") is False
+
+
+def test_revoke_of_already_revoked_key_returns_false(created):
+    keys.revoke("billing")
+
+    assert keys.revoke("billing") is False
+
+
+def test_all_keys_lists_revoked_keys_too(sqlite_db):
+    keys.create("one")
+    keys.create("two")
+    keys.revoke("one")
+
+    assert [k.name for k in keys.all_keys()] == ["one", "two"]

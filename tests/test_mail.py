@@ -1,0 +1,180 @@
+"""Mail: classifying SMTP errors, building the MIME message, and the MemoryMailer test double."""
+
+from __future__ import annotations
+
+import smtplib
+import socket
+import ssl
+
+import pytest
+
+from notifier.errors import PermanentDeliveryError, TransientDeliveryError
+from notifier.mail import MemoryMailer, OutgoingEmail, build_message, classify, message_id_for
+from notifier.rendering import RenderedEmail
+
+MAIL_FROM = "notifier@example.com"
+NOTIFICATION_ID = "3f1c2a9e-0000-4000-8000-000000000001"
+
+
+def outgoing(text: str | None = "Plain body", html: str | None = "<p>HTML body</p>", **fields) -> OutgoingEmail:
+    """An email ready to send, with the parts and fields given."""
+    values = {
+        "notification_id": NOTIFICATION_ID,
+        "to": "ada@example.com",
+        "content": RenderedEmail(subject="Hello", text=text, html=html),
+    } | fields
+    return OutgoingEmail(**values)
+
+
+@pytest.mark.parametrize(
+    ("exc", "kind", "code"),
+    [
+        (smtplib.SMTPResponseException(451, b"try later"), TransientDeliveryError, 451),
+        (smtplib.SMTPResponseException(421, b"closing"), TransientDeliveryError, 421),
+        (smtplib.SMTPResponseException(550, b"no such user"), PermanentDeliveryError, 550),
+        (smtplib.SMTPResponseException(554, b"rejected"), PermanentDeliveryError, 554),
+        (smtplib.SMTPDataError(452, b"mailbox full"), TransientDeliveryError, 452),
+        (smtplib.SMTPSenderRefused(553, b"bad sender", MAIL_FROM), PermanentDeliveryError, 553),
+        (smtplib.SMTPRecipientsRefused({"ada@example.com": (550, b"no such user")}), PermanentDeliveryError, 550),
+        (smtplib.SMTPRecipientsRefused({"ada@example.com": (450, b"greylisted")}), TransientDeliveryError, 450),
+        (smtplib.SMTPAuthenticationError(535, b"bad credentials"), TransientDeliveryError, 535),
+    ],
+)
+def test_classify_smtp_replies_by_code(exc, kind, code):
+    error = classify(exc)
+
+    assert type(error) is kind
+    assert error.smtp_code == code
+
+
+def test_classify_keeps_the_reply_text_in_the_message():
+    error = classify(smtplib.SMTPResponseException(550, b"5.1.1 no such user"))
+
+    assert "550" in str(error)
+    assert "no such user" in str(error)
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        smtplib.SMTPServerDisconnected("Connection unexpectedly closed"),
+        ConnectionRefusedError(111, "Connection refused"),
+        ConnectionResetError(104, "Connection reset by peer"),
+        TimeoutError("timed out"),  # socket.timeout is this very class since Python 3.10
+        socket.gaierror(-2, "Name or service not known"),
+        ssl.SSLError("handshake failed"),
+        RuntimeError("anything else"),
+    ],
+)
+def test_classify_connection_problems_as_transient(exc):
+    error = classify(exc)
+
+    assert type(error) is TransientDeliveryError
+    assert error.smtp_code is None
+
+
+def test_classify_passes_delivery_errors_through():
+    original = PermanentDeliveryError("already decided", 550)
+
+    assert classify(original) is original
+
+
+def test_message_with_text_and_html_is_multipart_alternative_text_first():
+    message = build_message(outgoing(), MAIL_FROM)
+
+    assert message.get_content_type() == "multipart/alternative"
+    parts = list(message.iter_parts())
+    assert [p.get_content_type() for p in parts] == ["text/plain", "text/html"]
+    assert parts[0].get_content().strip() == "Plain body"
+    assert parts[1].get_content().strip() == "<p>HTML body</p>"
+
+
+def test_message_without_html_is_only_text_plain():
+    message = build_message(outgoing(html=None), MAIL_FROM)
+
+    assert message.get_content_type() == "text/plain"
+    assert not message.is_multipart()
+    assert message.get_content().strip() == "Plain body"
+
+
+def test_message_without_text_is_text_html():
+    message = build_message(outgoing(text=None), MAIL_FROM)
+
+    assert message.get_content_type() == "text/html"
+
+
+def test_message_headers_name_sender_recipient_and_subject():
+    message = build_message(outgoing(), MAIL_FROM)
+
+    assert message["From"] == MAIL_FROM
+    assert message["To"] == "ada@example.com"
+    assert message["Subject"] == "Hello"
+    assert message["Date"]
+
+
+def test_message_id_is_stable_for_the_same_notification():
+    first = build_message(outgoing(), MAIL_FROM)
+    second = build_message(outgoing(), MAIL_FROM)
+
+    assert first["Message-ID"] == second["Message-ID"] == message_id_for(NOTIFICATION_ID, MAIL_FROM)
+    assert first["Message-ID"] == f"<{NOTIFICATION_ID}@example.com>"
+
+
+def test_message_id_differs_between_notifications():
+    other = build_message(outgoing(notification_id="another-id"), MAIL_FROM)
+
+    assert other["Message-ID"] != message_id_for(NOTIFICATION_ID, MAIL_FROM)
+
+
+def test_message_carries_the_notification_id_header():
+    assert build_message(outgoing(), MAIL_FROM)["X-Notification-ID"] == NOTIFICATION_ID
+
+
+def test_message_includes_extra_headers():
+    message = build_message(outgoing(headers={"List-Unsubscribe": "<https://example.com/u>"}), MAIL_FROM)
+
+    assert message["List-Unsubscribe"] == "<https://example.com/u>"
+
+
+def test_non_ascii_content_survives_serialisation():
+    message = build_message(outgoing(content=RenderedEmail("Héllo", "Grüße, Zoë", None)), MAIL_FROM)
+
+    assert b"Subject: =?utf-8?" in message.as_bytes()
+    assert message.get_content().strip() == "Grüße, Zoë"
+
+
+def test_memory_mailer_records_each_message():
+    mailer = MemoryMailer(MAIL_FROM)
+
+    result = mailer.send(outgoing())
+
+    assert len(mailer.sent) == 1
+    assert mailer.sent[0]["To"] == "ada@example.com"
+    assert result.message_id == message_id_for(NOTIFICATION_ID, MAIL_FROM)
+    assert result.smtp_code == 250
+
+
+def test_memory_mailer_raises_scripted_failures_in_order_then_sends():
+    mailer = MemoryMailer(
+        MAIL_FROM,
+        failures=[smtplib.SMTPResponseException(451, b"later"), smtplib.SMTPResponseException(550, b"no")],
+    )
+
+    with pytest.raises(TransientDeliveryError):
+        mailer.send(outgoing())
+    with pytest.raises(PermanentDeliveryError):
+        mailer.send(outgoing())
+    mailer.send(outgoing())
+
+    assert len(mailer.sent) == 1
+    assert mailer.failures == []
+
+
+def test_memory_mailer_does_not_share_the_callers_failure_list():
+    failures = [smtplib.SMTPResponseException(451, b"later")]
+    mailer = MemoryMailer(MAIL_FROM, failures=failures)
+
+    with pytest.raises(TransientDeliveryError):
+        mailer.send(outgoing())
+
+    assert len(failures) == 1

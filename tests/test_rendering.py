@@ -1,0 +1,194 @@
+"""The Renderer over the shipped templates, and literal emails."""
+
+from __future__ import annotations
+
+import pytest
+
+from notifier.errors import PermanentDeliveryError
+from notifier.rendering import Renderer, TemplateRenderError, html_to_text, literal
+from notifier.runtime import DEFAULT_TEMPLATES_DIR
+
+SHIPPED = ["digest", "order_confirmation", "password_reset", "verification", "welcome"]
+
+SAMPLES = {
+    "verification": ({"code": "482913", "name": "Ada"}, "Verify your email address", "482913"),
+    "welcome": (
+        {"name": "Ada", "action_url": "https://example.com/start"},
+        "Welcome to Acme",
+        "https://example.com/start",
+    ),
+    "password_reset": ({"reset_url": "https://example.com/reset?t=abc"}, "Reset your password", "reset?t=abc"),
+    "order_confirmation": (
+        {"order_id": "A-1001", "items": [{"name": "Widget", "quantity": 2, "price": "9.50"}], "total": "19.00"},
+        "Order A-1001 confirmed",
+        "Widget",
+    ),
+    "digest": (
+        {"period": "weekly", "items": [{"subject": "New comment", "text": "Bob replied", "url": "https://e.x/1"}]},
+        "Your weekly digest",
+        "New comment",
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def renderer() -> Renderer:
+    return Renderer(DEFAULT_TEMPLATES_DIR, brand_name="Acme")
+
+
+def write_template(root, name: str, **parts: str) -> None:
+    """Write templates/email/<name>.<part> files under root; part keys use _ for the dot (subject_txt)."""
+    folder = root / "email"
+    folder.mkdir(parents=True, exist_ok=True)
+    for part, body in parts.items():
+        (folder / f"{name}.{part.replace('_', '.')}").write_text(body)
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_template_renders_subject_text_and_html(renderer, name):
+    data, subject, marker = SAMPLES[name]
+
+    email = renderer.render(name, data)
+
+    assert email.subject == subject
+    assert marker in email.text
+    assert marker in email.html
+    assert email.html.lstrip().startswith("<!DOCTYPE html>")
+    assert "Acme" in email.text
+    assert "{{" not in email.text and "{%" not in email.text
+
+
+def test_subject_is_one_line(renderer):
+    subject = renderer.render("welcome", {}).subject
+
+    assert "\n" not in subject and subject == subject.strip()
+
+
+def test_html_escapes_caller_data_while_text_keeps_it(renderer):
+    email = renderer.render("welcome", {"name": "<script>alert(1)</script>"})
+
+    assert "<script>" not in email.html
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in email.html
+    assert "Hi <script>alert(1)</script>," in email.text
+
+
+def test_missing_required_variable_raises_template_render_error(renderer):
+    with pytest.raises(TemplateRenderError, match="reset_url"):
+        renderer.render("password_reset", {"name": "Ada"})
+
+
+def test_verification_without_code_or_url_raises_template_render_error(renderer):
+    with pytest.raises(TemplateRenderError):
+        renderer.render("verification", {"name": "Ada"})
+
+
+@pytest.mark.parametrize(
+    ("name", "data"),
+    [
+        ("order_confirmation", {"order_id": "A-1", "items": 5, "total": "1"}),
+        ("digest", {"items": 5}),
+    ],
+)
+def test_data_of_the_wrong_shape_raises_template_render_error(renderer, name, data):
+    # Caller data is arbitrary JSON: a number where a list belongs must be a permanent render error,
+    # not a TypeError that the API turns into a 500 and the worker into a retry.
+    with pytest.raises(TemplateRenderError):
+        renderer.render(name, data)
+
+
+def test_template_render_error_is_permanent(renderer):
+    with pytest.raises(PermanentDeliveryError):
+        renderer.render("password_reset", {})
+
+
+@pytest.mark.parametrize(
+    "name", ["nope", "../etc", "../etc/passwd", "_layout", "_macros", "", "Welcome", "email/welcome"]
+)
+def test_unknown_or_unsafe_names_do_not_exist(renderer, name):
+    assert renderer.exists(name) is False
+
+
+def test_rendering_unknown_template_raises_template_render_error(renderer):
+    with pytest.raises(TemplateRenderError, match="unknown template"):
+        renderer.render("../etc", {})
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_templates_exist(renderer, name):
+    assert renderer.exists(name) is True
+
+
+def test_names_lists_the_five_shipped_templates(renderer):
+    assert renderer.names() == SHIPPED
+
+
+def test_names_is_empty_without_an_email_folder(tmp_path):
+    assert Renderer(str(tmp_path)).names() == []
+
+
+def test_template_without_subject_does_not_exist(tmp_path):
+    write_template(tmp_path, "nosubject", txt="Hello")
+
+    assert Renderer(str(tmp_path)).exists("nosubject") is False
+
+
+def test_template_with_only_html_gets_a_derived_text_part(tmp_path):
+    write_template(tmp_path, "onlyhtml", subject_txt="Hi", html="<p>Hello <b>{{ name }}</b></p><p>Bye</p>")
+
+    email = Renderer(str(tmp_path)).render("onlyhtml", {"name": "Ada"})
+
+    assert email.text == "Hello Ada\n\nBye\n"
+
+
+def test_template_with_a_syntax_error_raises_template_render_error(tmp_path):
+    write_template(tmp_path, "broken", subject_txt="Hi", txt="Hello {% if %}")
+
+    with pytest.raises(TemplateRenderError):
+        Renderer(str(tmp_path)).render("broken", {})
+
+
+def test_template_rendering_an_empty_subject_raises_template_render_error(tmp_path):
+    write_template(tmp_path, "blank", subject_txt="{{ subject_line }}", txt="Hello")
+
+    with pytest.raises(TemplateRenderError, match="empty subject"):
+        Renderer(str(tmp_path)).render("blank", {"subject_line": "  "})
+
+
+def test_sandbox_refuses_access_to_python_internals(tmp_path):
+    write_template(tmp_path, "sneaky", subject_txt="Hi", txt="{{ name.__class__.__mro__ }}")
+
+    with pytest.raises(TemplateRenderError):
+        Renderer(str(tmp_path)).render("sneaky", {"name": "Ada"})
+
+
+def test_jinja_syntax_in_data_is_rendered_literally(renderer):
+    email = renderer.render("welcome", {"name": "{{ 7*7 }}"})
+
+    assert "{{ 7*7 }}" in email.text
+    assert "49" not in email.text
+    assert "49" not in email.html
+
+
+def test_literal_with_only_html_derives_the_text_part():
+    email = literal("Hello", None, "<h1>Title</h1><p>First &amp; second</p><script>x()</script>")
+
+    assert email.html == "<h1>Title</h1><p>First &amp; second</p><script>x()</script>"
+    assert email.text == html_to_text(email.html)
+    assert email.text == "Title\n\nFirst & second\n"
+
+
+def test_literal_keeps_caller_text_and_html_as_given():
+    email = literal("Hello", "Plain {{ 7*7 }}", "<p>{{ 7*7 }}</p>")
+
+    assert email.text == "Plain {{ 7*7 }}"
+    assert email.html == "<p>{{ 7*7 }}</p>"
+
+
+def test_literal_subject_whitespace_is_collapsed():
+    assert literal("  Hello   there ", "body", None).subject == "Hello there"
+
+
+def test_html_to_text_drops_style_and_head():
+    html = "<html><head><title>T</title><style>p{color:red}</style></head><body><p>Visible</p></body></html>"
+
+    assert html_to_text(html) == "Visible\n"
