@@ -88,10 +88,11 @@ def create_app(settings: Settings | None = None, *, redis=None) -> Flask:
         if not database.is_closed():
             database.close()
 
-    from notifier.api import health, notifications
+    from notifier.api import deadletters, health, notifications
 
     app.register_blueprint(health.bp)
     app.register_blueprint(notifications.bp)
+    app.register_blueprint(deadletters.bp)
     register_error_handlers(app)
     return app
 

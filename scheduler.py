@@ -6,12 +6,43 @@ import logging
 
 from rq_scheduler import Scheduler
 
-from notifier.queues import connect_redis
+from notifier.config import Settings
+from notifier.models import utcnow
+from notifier.queues import CONTROL_QUEUE, connect_redis
 from notifier.runtime import configure_logging, load_settings, open_database
 
 logger = logging.getLogger("notifier.scheduler")
 
 POLL_SECONDS = 1
+RECONCILE_JOB_ID = "notifier-reconcile"
+
+
+def periodic_jobs(settings: Settings) -> list[tuple[str, str, int]]:
+    """(stable id, job function, interval in seconds) of every periodic job."""
+    return [(RECONCILE_JOB_ID, "notifier.jobs.reconcile", settings.reconcile_interval)]
+
+
+class NotifierScheduler(Scheduler):
+    """rq-scheduler that keeps our periodic jobs registered, once each, whatever happens to Redis.
+
+    Periodic jobs have stable ids, so a restart or a second scheduler replaces them instead of adding
+    copies; and since a flushed Redis forgets them, every poll puts back any that went missing."""
+
+    def __init__(self, settings: Settings, **kwargs):
+        super().__init__(**kwargs)
+        self.settings = settings
+
+    def register_periodic_jobs(self, only_missing: bool = False) -> None:
+        for job_id, func, interval in periodic_jobs(self.settings):
+            if only_missing and job_id in self:
+                continue
+            self.schedule(utcnow(), func, interval=interval, repeat=None, id=job_id, queue_name=CONTROL_QUEUE,
+                          result_ttl=600, timeout=300)
+            logger.info("periodic job %s registered (every %ss)", job_id, interval)
+
+    def enqueue_jobs(self):
+        self.register_periodic_jobs(only_missing=True)
+        return super().enqueue_jobs()
 
 
 def main() -> None:
@@ -19,7 +50,8 @@ def main() -> None:
     configure_logging(settings)
     open_database(settings)
     connection = connect_redis(settings.redis_url)
-    scheduler = Scheduler(connection=connection, interval=POLL_SECONDS)
+    scheduler = NotifierScheduler(settings, connection=connection, interval=POLL_SECONDS)
+    scheduler.register_periodic_jobs()
     logger.info("scheduler starting, polling every %ss", POLL_SECONDS)
     scheduler.run()
 

@@ -54,8 +54,8 @@ def main() -> None:
     configure_logging(settings)
     parent = os.getpid()
     os.register_at_fork(after_in_child=lambda: _die_with_parent(parent))
-    jobs.install(build_deliverer(settings))
     connection = connect_redis(settings.redis_url)
+    jobs.install(build_deliverer(settings, redis=connection))
     name = f"notifier-{socket.gethostname()}-{os.getpid()}"
     logger.info("worker %s starting", name)
     make_worker(connection, name=name).work(with_scheduler=True, logging_level=settings.log_level)

@@ -34,7 +34,10 @@ def keys_create(name: str) -> None:
             key, plaintext = keys.create(name)
         except IntegrityError:
             raise click.ClickException(f"a key named {name!r} already exists") from None
-    click.echo(f"created API key {key.name!r} (prefix {key.prefix}); store it now, it is not shown again:")
+    click.echo(f"created API key {key.name!r} (prefix {key.prefix})")
+    click.echo(f"callback signing secret (verifies Notifier-Signature; `keys secret {name}` shows it again):")
+    click.echo(f"  {key.callback_secret}")
+    click.echo("API key (store it now; it is not shown again):")
     click.echo(plaintext)
 
 
@@ -56,6 +59,111 @@ def keys_revoke(name: str) -> None:
         if not keys.revoke(name):
             raise click.ClickException(f"no active key named {name!r}")
     click.echo(f"revoked {name!r}")
+
+
+@keys_group.command("secret")
+@click.argument("name")
+def keys_secret(name: str) -> None:
+    """Show the callback signing secret of a key."""
+    from notifier.models import ApiKey
+
+    with _open():
+        key = ApiKey.get_or_none(ApiKey.name == name)
+    if key is None:
+        raise click.ClickException(f"no key named {name!r}")
+    click.echo(key.callback_secret)
+
+
+@main.group(name="dlq")
+def dlq_group() -> None:
+    """The dead-letter queue: notifications that failed for good."""
+
+
+def _redis():
+    from notifier.queues import connect_redis
+
+    settings = load_settings()
+    return connect_redis(settings.redis_url), settings
+
+
+@dlq_group.command("list")
+@click.option("--limit", default=100, show_default=True)
+def dlq_list(limit: int) -> None:
+    """Failed notifications, newest first."""
+    from notifier import deadletters
+
+    redis, _ = _redis()
+    with _open():
+        entries = deadletters.list_dead(redis, limit=limit)
+    for e in entries:
+        where = "in RQ failed registry" if e.in_failed_registry else "not in RQ"
+        click.echo(f"{e.id}	{e.failed_at:%Y-%m-%d %H:%M:%S}	attempts={e.attempts}	{where}	{e.reason}")
+    click.echo(f"{len(entries)} dead letter(s)")
+
+
+@dlq_group.command("show")
+@click.argument("notification_id")
+def dlq_show(notification_id: str) -> None:
+    """One dead letter: why it failed, the SMTP reply, attempts, and its RQ job."""
+    from notifier import deadletters
+    from notifier.errors import ApiError
+
+    redis, _ = _redis()
+    with _open():
+        try:
+            entry, job = deadletters.show(redis, notification_id)
+        except ApiError as exc:
+            raise click.ClickException(exc.message) from None
+    for field, value in vars(entry).items():
+        click.echo(f"{field}: {value}")
+    if job is not None:
+        result = job.latest_result()
+        click.echo(f"rq job: {job.id} ({job.get_status()})")
+        if result is not None and result.exc_string:
+            click.echo("rq exception (last line): " + result.exc_string.strip().splitlines()[-1])
+
+
+@dlq_group.command("requeue")
+@click.argument("notification_id", required=False)
+@click.option("--all", "everything", is_flag=True, help="requeue every dead letter")
+def dlq_requeue(notification_id: str | None, everything: bool) -> None:
+    """Send a failed notification (or all of them) again; a sent one is refused."""
+    from notifier import deadletters
+    from notifier.errors import ApiError
+
+    if bool(notification_id) == everything:
+        raise click.UsageError("give a notification id or --all")
+    redis, settings = _redis()
+    with _open():
+        if everything:
+            click.echo(f"requeued {deadletters.requeue_all(redis, settings)} notification(s)")
+            return
+        try:
+            deadletters.requeue(redis, settings, notification_id)
+        except ApiError as exc:
+            raise click.ClickException(exc.message) from None
+    click.echo(f"requeued {notification_id}")
+
+
+@dlq_group.command("purge")
+@click.confirmation_option(prompt="Remove every job from RQ's failed registries?")
+def dlq_purge() -> None:
+    """Empty RQ's failed registries; the notifications keep their failed status and history."""
+    from notifier import deadletters
+
+    redis, _ = _redis()
+    click.echo(f"purged {deadletters.purge(redis)} job(s)")
+
+
+@main.command("reconcile")
+def reconcile_now() -> None:
+    """Run one reconciler pass now (scheduler.py runs it every RECONCILE_INTERVAL seconds)."""
+    from notifier.reconciler import reconcile
+
+    redis, settings = _redis()
+    with _open():
+        report = reconcile(settings, redis)
+    click.echo(" ".join(f"{k}={v}" for k, v in report.as_dict().items()))
 
 
 @main.group(name="db")

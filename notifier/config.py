@@ -12,6 +12,7 @@ from notifier.errors import ConfigError
 
 SMTP_SECURITY_MODES = ("none", "starttls", "ssl")
 DEFAULT_RETRY_INTERVALS = (60, 300, 900, 1800, 3600)
+DEFAULT_CALLBACK_RETRY_INTERVALS = (10, 60, 300, 1800)
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,14 @@ class Settings:
     max_body_bytes: int = 256 * 1024
     page_size_max: int = 100
     job_timeout: int = 120
+    idempotency_ttl_days: int = 7
+    verification_ttl_seconds: int = 3600
+    schedule_horizon_days: int = 90
+    reconcile_interval: int = 30
+    reconcile_grace_seconds: int = 30
+    sending_timeout: int = 300
+    callback_timeout: float = 5.0
+    callback_retry_intervals: tuple[int, ...] = DEFAULT_CALLBACK_RETRY_INTERVALS
     templates_dir: str = ""
     brand_name: str = "notifier"
     log_level: str = "INFO"
@@ -40,6 +49,10 @@ class Settings:
     def max_attempts(self) -> int:
         """The first attempt plus one per retry interval."""
         return 1 + len(self.retry_intervals)
+
+    @property
+    def max_callback_attempts(self) -> int:
+        return 1 + len(self.callback_retry_intervals)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -56,7 +69,16 @@ class Settings:
             smtp_security=_choice(env, "SMTP_SECURITY", defaults.smtp_security, SMTP_SECURITY_MODES),
             smtp_timeout=_float(env, "SMTP_TIMEOUT", defaults.smtp_timeout),
             mail_from=_mail_from(env.get("MAIL_FROM", defaults.mail_from)),
-            retry_intervals=_intervals(env.get("RETRY_INTERVALS")),
+            retry_intervals=_intervals(env, "RETRY_INTERVALS", DEFAULT_RETRY_INTERVALS),
+            idempotency_ttl_days=_int(env, "IDEMPOTENCY_TTL_DAYS", defaults.idempotency_ttl_days, 1, 3650),
+            verification_ttl_seconds=_int(env, "VERIFICATION_TTL_SECONDS", defaults.verification_ttl_seconds, 1,
+                                          30 * 86400),
+            schedule_horizon_days=_int(env, "SCHEDULE_HORIZON_DAYS", defaults.schedule_horizon_days, 1, 3650),
+            reconcile_interval=_int(env, "RECONCILE_INTERVAL", defaults.reconcile_interval, 1, 3600),
+            reconcile_grace_seconds=_int(env, "RECONCILE_GRACE_SECONDS", defaults.reconcile_grace_seconds, 0, 3600),
+            sending_timeout=_int(env, "SENDING_TIMEOUT", defaults.sending_timeout, 1, 86400),
+            callback_timeout=_float(env, "CALLBACK_TIMEOUT", defaults.callback_timeout),
+            callback_retry_intervals=_intervals(env, "CALLBACK_RETRY_INTERVALS", DEFAULT_CALLBACK_RETRY_INTERVALS),
             port=_int(env, "PORT", defaults.port, 1, 65535),
             max_body_bytes=_int(env, "MAX_BODY_BYTES", defaults.max_body_bytes, 1024, 64 * 1024 * 1024),
             page_size_max=_int(env, "PAGE_SIZE_MAX", defaults.page_size_max, 1, 1000),
@@ -103,17 +125,18 @@ def _choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str,
     return value
 
 
-def _intervals(raw: str | None) -> tuple[int, ...]:
+def _intervals(env: Mapping[str, str], name: str, default: tuple[int, ...]) -> tuple[int, ...]:
+    raw = env.get(name)
     if raw is None:
-        return DEFAULT_RETRY_INTERVALS
+        return default
     if raw.strip() == "":
         return ()
     try:
         values = tuple(int(part) for part in raw.split(","))
     except ValueError:
-        raise ConfigError("RETRY_INTERVALS", f"must be comma-separated whole seconds, got {raw!r}") from None
+        raise ConfigError(name, f"must be comma-separated whole seconds, got {raw!r}") from None
     if any(v < 0 for v in values):
-        raise ConfigError("RETRY_INTERVALS", "intervals cannot be negative")
+        raise ConfigError(name, "intervals cannot be negative")
     return values
 
 

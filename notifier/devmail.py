@@ -6,6 +6,7 @@ Run alone with `python -m notifier.devmail --port 1025 --dir var/mail`.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import email
 import email.policy
 import itertools
@@ -60,7 +61,10 @@ class CaptureHandler:
 
     async def handle_DATA(self, server, session, envelope):
         if self.delay:
-            time.sleep(self.delay)
+            await asyncio.sleep(self.delay)
+            if server.transport is None or server.transport.is_closing():
+                # The client hung up before our reply: like a careful MTA, keep nothing.
+                return "421 client went away"
         if self.replies:
             return self.replies.popleft()
         received = Received(envelope.mail_from, list(envelope.rcpt_tos), bytes(envelope.content))

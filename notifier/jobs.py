@@ -5,12 +5,14 @@ from __future__ import annotations
 import logging
 import time
 
-from notifier import store
+from redis import Redis
+
+from notifier import callbacks, queues, store
 from notifier.config import Settings
 from notifier.db import UNAVAILABLE_ERRORS, database
 from notifier.errors import DeliveryError, PermanentDeliveryError, TransientDeliveryError
 from notifier.mail import Mailer, OutgoingEmail, SendResult
-from notifier.models import Notification, Status, utcnow
+from notifier.models import CallbackStatus, Notification, Status, utcnow
 from notifier.rendering import RenderedEmail, Renderer, literal
 
 logger = logging.getLogger(__name__)
@@ -20,22 +22,33 @@ class RetriesExhausted(PermanentDeliveryError):
     """The last allowed attempt failed; the job goes to the dead-letter queue."""
 
 
-class Deliverer:
-    """Everything one delivery needs, built once per worker process."""
+class CallbackGaveUp(PermanentDeliveryError):
+    """The caller's callback endpoint refused or kept failing; we stop trying."""
 
-    def __init__(self, settings: Settings, mailer: Mailer, renderer: Renderer):
+
+class Deliverer:
+    """Everything the jobs of one worker process need, built once."""
+
+    def __init__(self, settings: Settings, mailer: Mailer, renderer: Renderer, redis: Redis | None = None):
         self.settings = settings
         self.mailer = mailer
         self.renderer = renderer
+        self.redis = redis
 
     def deliver(self, notification_id: str) -> str:
         """Send one notification at most once; return what happened."""
         with database.connection_context():
+            # A cheap statement outside any transaction lets a pooled connection that died with a
+            # database restart be replaced before the claim needs it.
+            database.execute_sql("SELECT 1")
             if not store.claim(notification_id):
                 # Someone else holds it, it was cancelled, or it is already final: nothing to do.
                 logger.info("notification %s not claimable; skipping", notification_id)
                 return "skipped"
             notification = store.get(notification_id)
+            if notification.expires_at is not None and utcnow() >= notification.expires_at:
+                self._finish(notification, Status.EXPIRED, reason="deadline passed before it could be sent")
+                return "expired"
             try:
                 result = self.mailer.send(self._outgoing(notification))
             except PermanentDeliveryError as exc:
@@ -64,18 +77,22 @@ class Deliverer:
             return self.renderer.render(notification.template, notification.data)
         return literal(notification.subject or "", notification.text, notification.html)
 
+    def _finish(self, notification: Notification, target: Status, **fields) -> None:
+        if store.transition(notification.id, target, sources=(Status.SENDING,), **fields):
+            self.after_final(notification.id)
+
+    def after_final(self, notification_id: str) -> None:
+        """Queue the status callback a final notification owes its caller, if any."""
+        if self.redis is not None:
+            queues.dispatch_callback(self.redis, self.settings, store.get(notification_id))
+
     def _record_failure(self, notification: Notification, exc: DeliveryError, *, final: bool) -> None:
-        target = Status.FAILED if final else Status.RETRYING
         message = str(exc)
-        store.transition(
-            notification.id,
-            target,
-            reason=message,
-            sources=(Status.SENDING,),
-            smtp_code=exc.smtp_code,
-            smtp_reply=message,
-            last_error=message,
-        )
+        fields = {"reason": message, "smtp_code": exc.smtp_code, "smtp_reply": message, "last_error": message}
+        if final:
+            self._finish(notification, Status.FAILED, **fields)
+        else:
+            store.transition(notification.id, Status.RETRYING, sources=(Status.SENDING,), **fields)
         logger.warning(
             "notification %s attempt %s failed (%s): %s",
             notification.id,
@@ -90,11 +107,10 @@ class Deliverer:
         for delay in (0, 0.5, 1, 2, 4):
             time.sleep(delay)
             try:
-                store.transition(
-                    notification.id,
+                self._finish(
+                    notification,
                     Status.SENT,
                     reason="accepted by SMTP server",
-                    sources=(Status.SENDING,),
                     smtp_code=result.smtp_code,
                     smtp_reply=result.smtp_reply,
                     sent_at=utcnow(),
@@ -109,11 +125,53 @@ class Deliverer:
             raise RuntimeError(f"notification {notification.id} was sent but could not be recorded")
         logger.info("notification %s sent (attempt %s)", notification.id, notification.attempts)
 
+    def release(self, notification_id: str) -> str:
+        """A delayed notification is due: queue it, unless it was cancelled or released already."""
+        with database.connection_context():
+            database.execute_sql("SELECT 1")
+            if not store.transition(notification_id, Status.QUEUED, reason="send time reached",
+                                    sources=(Status.SCHEDULED,)):
+                return "skipped"
+            queues.dispatch(self.redis, self.settings, store.get(notification_id))
+            return "released"
+
+    def send_callback(self, notification_id: str) -> str:
+        """POST the signed status event to the caller's callback_url; RQ retries what may pass."""
+        with database.connection_context():
+            notification = store.get(notification_id)
+            if notification is None or notification.callback_status != CallbackStatus.PENDING:
+                return "skipped"
+            attempt = notification.callback_attempts + 1
+            Notification.update(callback_attempts=attempt).where(Notification.seq == notification.seq).execute()
+            body = callbacks.event_body(notification)
+            try:
+                code = callbacks.post(
+                    notification.callback_url,
+                    body,
+                    notification.api_key.callback_secret,
+                    f"{notification.id}:{notification.status}",
+                    self.settings.callback_timeout,
+                )
+            except (callbacks.CallbackRetry, callbacks.CallbackRejected) as exc:
+                final = isinstance(exc, callbacks.CallbackRejected) or attempt >= self.settings.max_callback_attempts
+                self._callback_outcome(notification, CallbackStatus.GAVE_UP if final else None,
+                                       f"callback attempt {attempt} failed: {exc}" + ("; giving up" if final else ""))
+                if final:
+                    raise CallbackGaveUp(str(exc)) from exc
+                raise
+            self._callback_outcome(notification, CallbackStatus.DELIVERED, f"callback delivered: HTTP {code}")
+            return "delivered"
+
+    def _callback_outcome(self, notification: Notification, state: CallbackStatus | None, reason: str) -> None:
+        if state is not None:
+            Notification.update(callback_status=state.value).where(Notification.seq == notification.seq).execute()
+        store.record(notification.id, kind="callback", reason=reason)
+
 
 _deliverer: Deliverer | None = None
 
 
-def install(deliverer: Deliverer) -> None:
+def install(deliverer: Deliverer | None) -> None:
     """Make deliverer the one this process's jobs use (worker.py and tests call this)."""
     global _deliverer
     _deliverer = deliverer
@@ -131,3 +189,22 @@ def _current() -> Deliverer:
 def deliver(notification_id: str) -> str:
     """The RQ job: deliver one notification by id."""
     return _current().deliver(notification_id)
+
+
+def release(notification_id: str) -> str:
+    """The job rq-scheduler runs when a delayed notification is due."""
+    return _current().release(notification_id)
+
+
+def send_callback(notification_id: str) -> str:
+    """The RQ job: send a notification's status callback."""
+    return _current().send_callback(notification_id)
+
+
+def reconcile() -> dict:
+    """The periodic job: rebuild from the database whatever Redis lost (see notifier.reconciler)."""
+    from notifier.reconciler import reconcile as run
+
+    current = _current()
+    with database.connection_context():
+        return run(current.settings, current.redis).as_dict()

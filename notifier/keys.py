@@ -20,7 +20,9 @@ def create(name: str) -> tuple[ApiKey, str]:
     prefix = secrets.token_hex(6)
     secret = secrets.token_urlsafe(32)
     plaintext = f"{KEY_PREFIX}_{prefix}_{secret}"
-    key = ApiKey.create(name=name, prefix=prefix, key_hash=_hash(plaintext))
+    key = ApiKey.create(
+        name=name, prefix=prefix, key_hash=_hash(plaintext), callback_secret=f"whsec_{secrets.token_urlsafe(32)}"
+    )
     return key, plaintext
 
 

@@ -34,21 +34,31 @@ class Status(StrEnum):
     RETRYING = "retrying"
     FAILED = "failed"
     CANCELLED = "cancelled"
+    EXPIRED = "expired"
 
 
-FINAL_STATUSES = frozenset({Status.SENT, Status.FAILED, Status.CANCELLED})
+FINAL_STATUSES = frozenset({Status.SENT, Status.FAILED, Status.CANCELLED, Status.EXPIRED})
 
 # Every move a notification may make. Anything else is refused by store.transition(), which is how a
 # job delivered twice sends once: the second claim finds the row no longer queued.
 TRANSITIONS: dict[Status, frozenset[Status]] = {
-    Status.SCHEDULED: frozenset({Status.QUEUED, Status.CANCELLED}),
-    Status.QUEUED: frozenset({Status.SENDING, Status.CANCELLED, Status.FAILED}),
-    Status.RETRYING: frozenset({Status.SENDING, Status.CANCELLED, Status.FAILED}),
-    Status.SENDING: frozenset({Status.SENT, Status.RETRYING, Status.FAILED}),
+    Status.SCHEDULED: frozenset({Status.QUEUED, Status.CANCELLED, Status.EXPIRED}),
+    Status.QUEUED: frozenset({Status.SENDING, Status.CANCELLED, Status.FAILED, Status.EXPIRED}),
+    Status.RETRYING: frozenset({Status.SENDING, Status.CANCELLED, Status.FAILED, Status.EXPIRED}),
+    # sending -> retrying is also how the reconciler recovers a notification whose worker died.
+    Status.SENDING: frozenset({Status.SENT, Status.RETRYING, Status.FAILED, Status.EXPIRED}),
+    # failed -> queued: an operator requeues a dead letter.
     Status.FAILED: frozenset({Status.QUEUED}),
     Status.SENT: frozenset(),
     Status.CANCELLED: frozenset(),
+    Status.EXPIRED: frozenset(),
 }
+
+
+class CallbackStatus(StrEnum):
+    PENDING = "pending"
+    DELIVERED = "delivered"
+    GAVE_UP = "gave_up"
 
 
 def allowed_sources(target: Status) -> frozenset[Status]:
@@ -81,6 +91,8 @@ class ApiKey(BaseModel):
     name = CharField(max_length=100, unique=True)
     prefix = CharField(max_length=16, unique=True)
     key_hash = CharField(max_length=64)
+    # Signs status callbacks; the caller needs it back to verify them, so it is kept, not hashed.
+    callback_secret = CharField(max_length=80)
     created_at = DateTimeField(default=utcnow)
     revoked_at = DateTimeField(null=True)
 
@@ -113,13 +125,22 @@ class Notification(BaseModel):
     created_at = DateTimeField(default=utcnow)
     updated_at = DateTimeField(default=utcnow)
     sent_at = DateTimeField(null=True)
+    send_at = DateTimeField(null=True)
+    expires_at = DateTimeField(null=True)
+    idempotency_key = CharField(max_length=255, null=True)
+    request_hash = CharField(max_length=64, null=True)
+    callback_url = TextField(null=True)
+    callback_status = CharField(max_length=16, null=True)
+    callback_attempts = IntegerField(default=0)
 
     class Meta:
         table_name = "notifications"
         indexes = (
             (("api_key", "seq"), False),
             (("api_key", "user_id", "seq"), False),
+            (("api_key", "idempotency_key"), True),
             (("status", "updated_at"), False),
+            (("callback_status", "updated_at"), False),
         )
 
 
@@ -128,6 +149,7 @@ class Event(BaseModel):
 
     notification = ForeignKeyField(Notification, backref="events", on_delete="CASCADE")
     at = DateTimeField(default=utcnow)
+    kind = CharField(max_length=16, default="status")  # "status" or "callback"
     from_status = CharField(max_length=16, null=True)
     to_status = CharField(max_length=16)
     reason = TextField(null=True)

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import logging
+from datetime import datetime
 
 from redis import Redis
+from redis.exceptions import RedisError
 from rq import Queue, Retry
+from rq_scheduler import Scheduler
 
 from notifier.config import Settings
-from notifier.models import Priority
+from notifier.models import Notification, Priority, Status
 
 logger = logging.getLogger(__name__)
 
@@ -17,10 +20,19 @@ QUEUE_NAMES: dict[Priority, str] = {
     Priority.DEFAULT: "notifier.default",
     Priority.LOW: "notifier.low",
 }
+# Status callbacks to callers have a queue of their own, last, so they never hold up an email.
+CALLBACK_QUEUE = "notifier.callbacks"
 # Workers listen in this order, so a high-priority email never waits behind a low-priority backlog.
-QUEUES_BY_PRIORITY: tuple[str, ...] = tuple(QUEUE_NAMES[p] for p in (Priority.HIGH, Priority.DEFAULT, Priority.LOW))
+QUEUES_BY_PRIORITY: tuple[str, ...] = (
+    *(QUEUE_NAMES[p] for p in (Priority.HIGH, Priority.DEFAULT, Priority.LOW)),
+    CALLBACK_QUEUE,
+)
+# Small, quick jobs (releasing a delayed send, the reconciler) go where they are picked up first.
+CONTROL_QUEUE = QUEUE_NAMES[Priority.HIGH]
 
 DELIVER_JOB = "notifier.jobs.deliver"
+RELEASE_JOB = "notifier.jobs.release"
+CALLBACK_JOB = "notifier.jobs.send_callback"
 
 
 def connect_redis(url: str) -> Redis:
@@ -34,7 +46,7 @@ def queue_for(priority: str, connection: Redis) -> Queue:
 
 
 def all_queues(connection: Redis) -> list[Queue]:
-    """Every notifier queue, highest priority first."""
+    """Every queue a notifier worker consumes, highest priority first."""
     return [Queue(name, connection=connection) for name in QUEUES_BY_PRIORITY]
 
 
@@ -43,23 +55,95 @@ def job_id_for(notification_id: str) -> str:
     return f"notification-{notification_id}"
 
 
-def retry_policy(settings: Settings, attempts_made: int) -> Retry | None:
-    """RQ's retries for a notification that has already been tried attempts_made times."""
-    remaining = settings.retry_intervals[attempts_made:]
+def callback_job_id_for(notification_id: str) -> str:
+    return f"callback-{notification_id}"
+
+
+def release_job_id_for(notification_id: str) -> str:
+    return f"release-{notification_id}"
+
+
+def _retry(intervals: tuple[int, ...], attempts_made: int) -> Retry | None:
+    remaining = intervals[attempts_made:]
     return Retry(max=len(remaining), interval=list(remaining)) if remaining else None
 
 
+def retry_policy(settings: Settings, attempts_made: int) -> Retry | None:
+    """RQ's retries for a notification that has already been tried attempts_made times."""
+    return _retry(settings.retry_intervals, attempts_made)
+
+
 def enqueue_delivery(
-    connection: Redis, settings: Settings, notification_id: str, priority: str, attempts_made: int = 0
+    connection: Redis,
+    settings: Settings,
+    notification_id: str,
+    priority: str,
+    attempts_made: int = 0,
+    at: datetime | None = None,
 ):
-    """Put a delivery job for the notification on its priority queue; raises if Redis is unreachable."""
-    return queue_for(priority, connection).enqueue(
-        DELIVER_JOB,
-        notification_id,
-        job_id=job_id_for(notification_id),
-        retry=retry_policy(settings, attempts_made),
-        job_timeout=settings.job_timeout,
-        result_ttl=3600,
-        failure_ttl=365 * 24 * 3600,
-        description=f"deliver notification {notification_id}",
+    """Put a delivery job for the notification on its priority queue (at a time, if given).
+
+    Raises RedisError if Redis is unreachable."""
+    queue = queue_for(priority, connection)
+    options = {
+        "job_id": job_id_for(notification_id),
+        "retry": retry_policy(settings, attempts_made),
+        "job_timeout": settings.job_timeout,
+        "result_ttl": 3600,
+        "failure_ttl": 365 * 24 * 3600,
+        "description": f"deliver notification {notification_id}",
+    }
+    if at is not None:
+        return queue.enqueue_at(at, DELIVER_JOB, notification_id, **options)
+    return queue.enqueue(DELIVER_JOB, notification_id, **options)
+
+
+def schedule_release(connection: Redis, notification_id: str, send_at: datetime) -> None:
+    """Ask rq-scheduler to release a delayed notification at send_at (naive UTC).
+
+    rq-scheduler passes unknown options on to the job function and knows nothing of RQ's retries, so
+    it only enqueues a small release job; that job puts the notification on its priority queue."""
+    Scheduler(queue_name=CONTROL_QUEUE, connection=connection).enqueue_at(
+        send_at, RELEASE_JOB, notification_id, job_id=release_job_id_for(notification_id)
     )
+
+
+def enqueue_callback(connection: Redis, settings: Settings, notification_id: str, attempts_made: int = 0):
+    """Queue the status callback for a notification that reached a final state."""
+    return Queue(CALLBACK_QUEUE, connection=connection).enqueue(
+        CALLBACK_JOB,
+        notification_id,
+        job_id=callback_job_id_for(notification_id),
+        retry=_retry(settings.callback_retry_intervals, attempts_made),
+        job_timeout=max(30, int(settings.callback_timeout * 2)),
+        result_ttl=3600,
+        failure_ttl=30 * 24 * 3600,
+        description=f"status callback for notification {notification_id}",
+    )
+
+
+def dispatch(connection: Redis, settings: Settings, notification: Notification) -> bool:
+    """Hand a stored notification to Redis as its status asks. False when Redis is away: the row
+    stays as it is, and the reconciler hands it over once Redis is back."""
+    try:
+        if notification.status == Status.SCHEDULED:
+            schedule_release(connection, notification.id, notification.send_at)
+        else:
+            enqueue_delivery(connection, settings, notification.id, notification.priority, notification.attempts)
+    except RedisError as exc:
+        logger.warning("notification %s stored but not queued: %s", notification.id, type(exc).__name__)
+        return False
+    return True
+
+
+def dispatch_callback(connection: Redis, settings: Settings, notification: Notification) -> bool:
+    """Queue the status callback a final notification owes, if any; Redis away means the reconciler
+    queues it later."""
+    if notification.callback_status != "pending":
+        return False
+    try:
+        enqueue_callback(connection, settings, notification.id, notification.callback_attempts)
+    except RedisError as exc:
+        logger.warning("callback for notification %s not queued: %s", notification.id, type(exc).__name__)
+        return False
+    return True

@@ -50,10 +50,13 @@ def make_renderer(settings: Settings):
     return Renderer(templates_dir(settings), brand_name=settings.brand_name)
 
 
-def build_deliverer(settings: Settings, mailer=None):
-    """A Deliverer wired to the configured database, SMTP server and templates."""
+def build_deliverer(settings: Settings, mailer=None, redis=None):
+    """A Deliverer wired to the configured database, Redis, SMTP server and templates."""
     from notifier.jobs import Deliverer
     from notifier.mail import make_mailer
+    from notifier.queues import connect_redis
 
     open_database(settings)
-    return Deliverer(settings, mailer or make_mailer(settings), make_renderer(settings))
+    return Deliverer(
+        settings, mailer or make_mailer(settings), make_renderer(settings), redis or connect_redis(settings.redis_url)
+    )

@@ -46,7 +46,25 @@ class StrictSchema(Schema):
         unknown = RAISE
 
 
-class SendSchema(StrictSchema):
+class DeliveryOptions(StrictSchema):
+    """What every send route accepts besides the message itself."""
+
+    idempotency_key = fields.String(validate=[validate.Length(min=1, max=255), _no_line_breaks])
+    send_at = UtcDateTime()
+    delay_seconds = fields.Integer(validate=validate.Range(min=0))
+    expires_at = UtcDateTime()
+    ttl_seconds = fields.Integer(validate=validate.Range(min=1, max=30 * 86400))
+    callback_url = fields.Url(schemes={"http", "https"}, require_tld=False, validate=validate.Length(max=2000))
+    metadata = fields.Dict(keys=fields.String(), load_default=None)
+
+    @validates_schema
+    def _one_way_to_say_each(self, data, **kwargs):
+        for a, b in (("send_at", "delay_seconds"), ("expires_at", "ttl_seconds")):
+            if a in data and b in data:
+                raise ValidationError({b: [f"give {a} or {b}, not both"]})
+
+
+class SendSchema(DeliveryOptions):
     to = Email(required=True)
     template = fields.String(validate=validate.Length(min=1, max=100))
     data = fields.Dict(keys=fields.String(), load_default=dict)
@@ -55,7 +73,6 @@ class SendSchema(StrictSchema):
     html = fields.String(validate=validate.Length(min=1, max=MAX_BODY_CHARS))
     priority = fields.String(load_default=Priority.DEFAULT.value, validate=validate.OneOf(PRIORITIES))
     user_id = fields.String(validate=validate.Length(min=1, max=200))
-    metadata = fields.Dict(keys=fields.String(), load_default=None)
 
     @validates_schema
     def _template_or_literal(self, data, **kwargs):
@@ -70,13 +87,12 @@ class SendSchema(StrictSchema):
             raise ValidationError({"template": ["either template or subject (with text and/or html) is required"]})
 
 
-class VerificationSchema(StrictSchema):
+class VerificationSchema(DeliveryOptions):
     to = Email(required=True)
     user_id = fields.String(required=True, validate=validate.Length(min=1, max=200))
     code = fields.String(validate=validate.Length(min=1, max=64))
     verification_url = fields.Url(schemes={"http", "https"}, require_tld=False)
     name = fields.String(validate=validate.Length(min=1, max=200))
-    metadata = fields.Dict(keys=fields.String(), load_default=None)
 
     @validates_schema
     def _code_or_url(self, data, **kwargs):
@@ -98,6 +114,7 @@ class ListQuerySchema(StrictSchema):
 
 class EventSchema(Schema):
     at = UtcDateTime()
+    kind = fields.String()
     from_status = fields.String(allow_none=True)
     status = fields.String(attribute="to_status")
     reason = fields.String(allow_none=True)
@@ -120,6 +137,10 @@ class NotificationSchema(Schema):
     created_at = UtcDateTime()
     updated_at = UtcDateTime()
     sent_at = UtcDateTime(allow_none=True)
+    send_at = UtcDateTime(allow_none=True)
+    expires_at = UtcDateTime(allow_none=True)
+    callback_url = fields.String(allow_none=True)
+    callback_status = fields.String(allow_none=True)
 
 
 class NotificationDetailSchema(NotificationSchema):

@@ -6,9 +6,18 @@ import base64
 from collections.abc import Iterable
 from datetime import datetime
 
-from peewee import fn
+from peewee import Case, fn
 
-from notifier.models import ApiKey, Event, Notification, Status, allowed_sources, utcnow
+from notifier.models import (
+    FINAL_STATUSES,
+    ApiKey,
+    CallbackStatus,
+    Event,
+    Notification,
+    Status,
+    allowed_sources,
+    utcnow,
+)
 
 
 def create_notification(api_key: ApiKey, fields: dict, status: Status = Status.QUEUED, reason: str = "accepted"):
@@ -57,6 +66,12 @@ def transition(
     if not allowed:
         return False
     now = utcnow()
+    if target in FINAL_STATUSES:
+        # Reaching a final state owes the caller a status callback, if they asked for one.
+        changes["callback_status"] = Case(
+            None, [(Notification.callback_url.is_null(False), CallbackStatus.PENDING.value)], None
+        )
+        changes["callback_attempts"] = 0
     db = Notification._meta.database
     with db.atomic():
         row = (
@@ -83,6 +98,21 @@ def transition(
             smtp_reply=smtp_reply,
         )
     return True
+
+
+def record(public_id: str, *, kind: str, reason: str, status: str | None = None, **fields) -> None:
+    """Append a line to a notification's history that is not a status change (a callback attempt)."""
+    row = Notification.select(Notification.seq, Notification.status).where(Notification.id == public_id).first()
+    if row is not None:
+        Event.create(notification=row.seq, kind=kind, from_status=row.status, to_status=status or row.status,
+                     reason=reason, **fields)
+
+
+def find_idempotent(api_key: ApiKey, idempotency_key: str) -> Notification | None:
+    """The notification an earlier request with this key made, if it is still remembered."""
+    return Notification.get_or_none(
+        (Notification.api_key == api_key.id) & (Notification.idempotency_key == idempotency_key)
+    )
 
 
 def claim(public_id: str) -> bool:

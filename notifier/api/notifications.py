@@ -27,23 +27,39 @@ _one = NotificationDetailSchema()
 _many = NotificationSchema(many=True)
 
 
-def _accepted_response(notification):
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+
+
+def _accepted_response(result):
+    notification, replayed = result
     response = jsonify(_accepted.dump(notification))
     response.status_code = 202
     response.headers["Location"] = url_for("notifications.get_one", notification_id=notification.id)
+    if replayed:
+        response.headers["Idempotent-Replayed"] = "true"
     return response
 
 
 @bp.post("/send")
 def send():
     """Accept an email for delivery."""
-    return _accepted_response(service().send(current_key(), json_body(_send)))
+    body = json_body(_send)
+    return _accepted_response(service().send(current_key(), body, request.headers.get(IDEMPOTENCY_HEADER)))
 
 
 @bp.post("/send-verification")
 def send_verification():
     """Accept a verification email, sent at high priority."""
-    return _accepted_response(service().send_verification(current_key(), json_body(_verification)))
+    body = json_body(_verification)
+    return _accepted_response(
+        service().send_verification(current_key(), body, request.headers.get(IDEMPOTENCY_HEADER))
+    )
+
+
+@bp.post("/<notification_id>/cancel")
+def cancel(notification_id: str):
+    """Cancel a notification that has not been sent yet."""
+    return _detail(service().cancel(current_key(), notification_id))
 
 
 @bp.get("/<notification_id>")
@@ -52,6 +68,10 @@ def get_one(notification_id: str):
     notification = store.get_for_key(current_key(), notification_id)
     if notification is None:
         raise NotFound("no such notification")
+    return _detail(notification)
+
+
+def _detail(notification):
     notification.history = store.history(notification)
     return jsonify(_one.dump(notification))
 

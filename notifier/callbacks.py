@@ -1,0 +1,84 @@
+"""Status callbacks to the caller: the signed JSON event, and posting it.
+
+A callback carries two headers:
+  Notifier-Event-Id:  the notification id and status, e.g. "4f…:sent" (the same on every retry)
+  Notifier-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256 of "<t>.<raw body>" keyed with the API key's
+                      callback secret>
+A receiver recomputes v1 over the raw body and rejects the call when it differs or t is old.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import time
+import urllib.error
+import urllib.request
+
+from notifier.models import Notification
+from notifier.schemas import UtcDateTime
+
+SIGNATURE_HEADER = "Notifier-Signature"
+EVENT_ID_HEADER = "Notifier-Event-Id"
+_dt = UtcDateTime()
+
+
+class CallbackRetry(Exception):
+    """The receiver was unreachable, slow, or asked us to come back (timeout, 5xx, 429)."""
+
+
+class CallbackRejected(Exception):
+    """The receiver refused the event for good (any other 4xx); retrying will not help."""
+
+
+def event_body(notification: Notification) -> bytes:
+    """The JSON event for a notification's current, final state."""
+    event = {
+        "event": f"notification.{notification.status}",
+        "id": notification.id,
+        "status": notification.status,
+        "attempts": notification.attempts,
+        "error": notification.last_error,
+        "created_at": _dt.serialize("created_at", notification),
+        "updated_at": _dt.serialize("updated_at", notification),
+        "sent_at": _dt.serialize("sent_at", notification),
+        "metadata": notification.metadata,
+    }
+    return json.dumps(event, separators=(",", ":")).encode()
+
+
+def sign(secret: str, body: bytes, timestamp: int) -> str:
+    """The Notifier-Signature header value for body sent at timestamp."""
+    digest = hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256).hexdigest()
+    return f"t={timestamp},v1={digest}"
+
+
+def verify(secret: str, body: bytes, header: str, tolerance: int = 300, now: float | None = None) -> bool:
+    """What a receiver does: check the signature and that it is recent."""
+    try:
+        parts = dict(item.split("=", 1) for item in header.split(","))
+        timestamp = int(parts["t"])
+    except (ValueError, KeyError):
+        return False
+    if abs((now or time.time()) - timestamp) > tolerance:
+        return False
+    return hmac.compare_digest(sign(secret, body, timestamp), header)
+
+
+def post(url: str, body: bytes, secret: str, event_id: str, timeout: float) -> int:
+    """POST the event; return the HTTP status, or raise CallbackRetry / CallbackRejected."""
+    request = urllib.request.Request(url, data=body, method="POST")
+    request.add_header("Content-Type", "application/json")
+    request.add_header("User-Agent", "notifier-callbacks/1")
+    request.add_header(EVENT_ID_HEADER, event_id)
+    request.add_header(SIGNATURE_HEADER, sign(secret, body, int(time.time())))
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        if exc.code == 429 or exc.code >= 500:
+            raise CallbackRetry(f"HTTP {exc.code}") from exc
+        raise CallbackRejected(f"HTTP {exc.code}") from exc
+    except (urllib.error.URLError, TimeoutError, OSError) as exc:
+        raise CallbackRetry(f"{type(exc).__name__}: {getattr(exc, 'reason', exc)}") from exc

@@ -1,0 +1,136 @@
+"""The dead-letter queue: notifications that ended `failed`, and their jobs in RQ's failed registries.
+
+PostgreSQL is the record (RQ's registry lives in Redis and expires); requeueing always asks the
+database first, so a notification that was sent is never sent again, even when RQ filed its job as
+failed (RQ can move a job that succeeded into the failed registry as abandoned)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from redis import Redis
+from rq.job import Job
+
+from notifier import queues, store
+from notifier.config import Settings
+from notifier.errors import Conflict, NotFound
+from notifier.models import ApiKey, Event, Notification, Status
+
+
+@dataclass
+class DeadLetter:
+    id: str
+    to: str
+    template: str | None
+    priority: str
+    attempts: int
+    reason: str | None
+    smtp_code: int | None
+    smtp_reply: str | None
+    failed_at: datetime
+    in_failed_registry: bool
+
+
+def _failed_registry_ids(redis: Redis) -> set[str]:
+    ids: set[str] = set()
+    for queue in queues.all_queues(redis):
+        ids.update(queue.failed_job_registry.get_job_ids())
+    return ids
+
+
+def _entry(row: Notification, registry: set[str]) -> DeadLetter:
+    last = (
+        Event.select()
+        .where((Event.notification == row.seq) & (Event.to_status == Status.FAILED.value) & (Event.kind == "status"))
+        .order_by(Event.at.desc(), Event.id.desc())
+        .first()
+    )
+    return DeadLetter(
+        id=row.id,
+        to=row.to,
+        template=row.template,
+        priority=row.priority,
+        attempts=row.attempts,
+        reason=last.reason if last else row.last_error,
+        smtp_code=last.smtp_code if last else None,
+        smtp_reply=last.smtp_reply if last else None,
+        failed_at=row.updated_at,
+        in_failed_registry=queues.job_id_for(row.id) in registry,
+    )
+
+
+def list_dead(redis: Redis, api_key: ApiKey | None = None, limit: int = 100) -> list[DeadLetter]:
+    """Failed notifications, newest first (only api_key's when given)."""
+    query = Notification.select().where(Notification.status == Status.FAILED.value)
+    if api_key is not None:
+        query = query.where(Notification.api_key == api_key.id)
+    registry = _failed_registry_ids(redis)
+    return [_entry(row, registry) for row in query.order_by(Notification.updated_at.desc()).limit(limit)]
+
+
+def show(redis: Redis, notification_id: str, api_key: ApiKey | None = None) -> tuple[DeadLetter, Job | None]:
+    """One dead letter and its RQ job, if Redis still has it."""
+    row = _owned(notification_id, api_key)
+    if row.status != Status.FAILED:
+        raise NotFound(f"notification {notification_id} is {row.status}, not a dead letter")
+    job = Job.fetch(queues.job_id_for(row.id), connection=redis) if redis.exists(
+        f"rq:job:{queues.job_id_for(row.id)}") else None
+    return _entry(row, _failed_registry_ids(redis)), job
+
+
+def _owned(notification_id: str, api_key: ApiKey | None) -> Notification:
+    row = store.get_for_key(api_key, notification_id) if api_key is not None else store.get(notification_id)
+    if row is None:
+        raise NotFound("no such notification")
+    return row
+
+
+def requeue(redis: Redis, settings: Settings, notification_id: str, api_key: ApiKey | None = None) -> Notification:
+    """Give a failed notification a fresh set of attempts; refuse anything that is not failed."""
+    row = _owned(notification_id, api_key)
+    if not store.transition(row.id, Status.QUEUED, reason="requeued from the dead-letter queue",
+                            sources=(Status.FAILED,), attempts=0, last_error=None):
+        current = store.get(row.id)
+        raise Conflict(
+            f"notification {row.id} is {current.status}; only failed notifications can be requeued"
+            + (" (it was sent, and is never sent twice)" if current.status == Status.SENT else ""),
+            {"status": current.status},
+            code="not_requeueable",
+        )
+    _drop_from_registries(redis, [row.id])
+    notification = store.get(row.id)
+    queues.dispatch(redis, settings, notification)
+    return notification
+
+
+def requeue_all(redis: Redis, settings: Settings, api_key: ApiKey | None = None) -> int:
+    """Requeue every dead letter; returns how many."""
+    return sum(1 for entry in list_dead(redis, api_key, limit=100_000) if _try_requeue(redis, settings, entry.id))
+
+
+def _try_requeue(redis: Redis, settings: Settings, notification_id: str) -> bool:
+    try:
+        requeue(redis, settings, notification_id)
+    except Conflict:
+        return False
+    return True
+
+
+def _drop_from_registries(redis: Redis, notification_ids: list[str]) -> None:
+    job_ids = {queues.job_id_for(n) for n in notification_ids}
+    for queue in queues.all_queues(redis):
+        registry = queue.failed_job_registry
+        for job_id in job_ids & set(registry.get_job_ids()):
+            registry.remove(job_id)
+
+
+def purge(redis: Redis) -> int:
+    """Empty RQ's failed registries. The notifications stay `failed`, with their history."""
+    count = 0
+    for queue in queues.all_queues(redis):
+        registry = queue.failed_job_registry
+        for job_id in registry.get_job_ids():
+            registry.remove(job_id, delete_job=True)
+            count += 1
+    return count

@@ -1,0 +1,172 @@
+"""The reconciler: PostgreSQL knows what is owed; this puts back into Redis whatever Redis lost.
+
+scheduler.py runs it every RECONCILE_INTERVAL seconds (a periodic rq-scheduler job with a stable id).
+Each pass, in bounded batches:
+  1. expires notifications whose deadline passed before they were sent;
+  2. releases delayed notifications whose send time passed but whose release job never ran;
+  3. recovers notifications stuck in `sending` past SENDING_TIMEOUT (their worker died mid-send) -
+     the one case where a message may go out twice, so each one is recorded and counted;
+  4. re-enqueues `queued` and `retrying` notifications whose job is gone from Redis (flushed,
+     restarted empty, lost between BLPOP and a crash, or failed by RQ as abandoned);
+  5. re-enqueues owed status callbacks whose job is gone;
+  6. forgets idempotency keys older than IDEMPOTENCY_TTL_DAYS.
+Nothing here sends mail: it only hands work back to the queues, and the claim in the delivery job
+keeps a notification that ends up queued twice from being sent twice.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from datetime import datetime, timedelta
+
+from redis import Redis
+
+from notifier import queues, store
+from notifier.config import Settings
+from notifier.models import CallbackStatus, Notification, Status, utcnow
+
+logger = logging.getLogger(__name__)
+
+BATCH = 500
+LIVE_JOB_STATES = {b"queued", b"started", b"scheduled", b"deferred"}
+RECOVERED_REASON = "recovered: the worker was lost mid-send, so this message may have been sent already"
+
+
+@dataclass
+class Report:
+    expired: int = 0
+    released: int = 0
+    recovered: int = 0
+    requeued: int = 0
+    callbacks: int = 0
+    keys_forgotten: int = 0
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def reconcile(settings: Settings, redis: Redis, now: datetime | None = None) -> Report:
+    """One pass over the database; returns what it did."""
+    now = now or utcnow()
+    settled = now - timedelta(seconds=settings.reconcile_grace_seconds)
+    report = Report()
+    report.expired = _expire(redis, settings, now)
+    report.released = _release(redis, settings, settled)
+    report.recovered = _recover(redis, settings, now - timedelta(seconds=settings.sending_timeout))
+    report.requeued = _requeue(redis, settings, settled)
+    report.callbacks = _callbacks(redis, settings, settled)
+    report.keys_forgotten = _forget_keys(now - timedelta(days=settings.idempotency_ttl_days))
+    if any(asdict(report).values()):
+        logger.info("reconciled: %s", report.as_dict())
+    return report
+
+
+def _rows(*conditions):
+    query = Notification.select()
+    for condition in conditions:
+        query = query.where(condition)
+    return list(query.order_by(Notification.seq).limit(BATCH))
+
+
+def _expire(redis: Redis, settings: Settings, now: datetime) -> int:
+    waiting = (Status.QUEUED, Status.RETRYING, Status.SCHEDULED)
+    count = 0
+    for row in _rows(Notification.status.in_([s.value for s in waiting]), Notification.expires_at <= now):
+        if store.transition(row.id, Status.EXPIRED, reason="deadline passed before it could be sent",
+                            sources=waiting):
+            queues.dispatch_callback(redis, settings, store.get(row.id))
+            count += 1
+    return count
+
+
+def _release(redis: Redis, settings: Settings, settled: datetime) -> int:
+    count = 0
+    for row in _rows(Notification.status == Status.SCHEDULED.value, Notification.send_at <= settled):
+        if store.transition(row.id, Status.QUEUED, reason="send time reached (released by the reconciler)",
+                            sources=(Status.SCHEDULED,)):
+            queues.dispatch(redis, settings, store.get(row.id))
+            count += 1
+    return count
+
+
+def _recover(redis: Redis, settings: Settings, stuck_before: datetime) -> int:
+    count = 0
+    for row in _rows(Notification.status == Status.SENDING.value, Notification.updated_at <= stuck_before):
+        if row.attempts < settings.max_attempts:
+            moved = store.transition(row.id, Status.RETRYING, reason=RECOVERED_REASON, sources=(Status.SENDING,),
+                                     last_error="worker lost mid-send")
+            if moved:
+                queues.dispatch(redis, settings, store.get(row.id))
+        else:
+            moved = store.transition(row.id, Status.FAILED, sources=(Status.SENDING,),
+                                     reason="the worker was lost during the final attempt; delivery is unknown",
+                                     last_error="worker lost during the final attempt")
+            if moved:
+                queues.dispatch_callback(redis, settings, store.get(row.id))
+        if moved:
+            logger.warning("notification %s recovered from a lost worker (possible duplicate)", row.id)
+            count += 1
+    return count
+
+
+def _missing_jobs(redis: Redis, job_ids: list[str], queue_names: list[str]) -> set[str]:
+    """The job ids Redis no longer holds as live work."""
+    with redis.pipeline(transaction=False) as pipe:
+        for job_id in job_ids:
+            pipe.hget(f"rq:job:{job_id}", "status")
+        states = pipe.execute()
+    missing = {job_id for job_id, state in zip(job_ids, states, strict=True) if state not in LIVE_JOB_STATES}
+    # A job marked queued but in no queue list was lost between BLPOP and a crash.
+    queued = [(job_id, name) for job_id, state, name in zip(job_ids, states, queue_names, strict=True)
+              if state == b"queued"]
+    if queued:
+        with redis.pipeline(transaction=False) as pipe:
+            for job_id, name in queued:
+                pipe.lpos(f"rq:queue:{name}", job_id)
+            positions = pipe.execute()
+        missing |= {job_id for (job_id, _), pos in zip(queued, positions, strict=True) if pos is None}
+    return missing
+
+
+def _requeue(redis: Redis, settings: Settings, settled: datetime) -> int:
+    rows = _rows(Notification.status.in_([Status.QUEUED.value, Status.RETRYING.value]),
+                 Notification.updated_at <= settled)
+    if not rows:
+        return 0
+    missing = _missing_jobs(redis, [queues.job_id_for(r.id) for r in rows],
+                            [queues.QUEUE_NAMES[r.priority] for r in rows])
+    count = 0
+    for row in rows:
+        if queues.job_id_for(row.id) not in missing:
+            continue
+        at = None
+        if row.status == Status.RETRYING and 0 < row.attempts <= len(settings.retry_intervals):
+            due = row.updated_at + timedelta(seconds=settings.retry_intervals[row.attempts - 1])
+            at = due if due > utcnow() else None
+        queues.enqueue_delivery(redis, settings, row.id, row.priority, row.attempts, at=at)
+        store.record(row.id, kind="status", reason="re-enqueued by the reconciler: its job was missing from Redis")
+        count += 1
+    return count
+
+
+def _callbacks(redis: Redis, settings: Settings, settled: datetime) -> int:
+    rows = _rows(Notification.callback_status == CallbackStatus.PENDING.value, Notification.updated_at <= settled)
+    if not rows:
+        return 0
+    missing = _missing_jobs(redis, [queues.callback_job_id_for(r.id) for r in rows],
+                            [queues.CALLBACK_QUEUE] * len(rows))
+    count = 0
+    for row in rows:
+        if queues.callback_job_id_for(row.id) in missing:
+            queues.enqueue_callback(redis, settings, row.id, row.callback_attempts)
+            count += 1
+    return count
+
+
+def _forget_keys(before: datetime) -> int:
+    return (
+        Notification.update(idempotency_key=None, request_hash=None)
+        .where(Notification.idempotency_key.is_null(False) & (Notification.created_at < before))
+        .execute()
+    )
