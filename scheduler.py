@@ -9,6 +9,7 @@ from rq_scheduler import Scheduler
 from notifier.config import Settings
 from notifier.models import utcnow
 from notifier.queues import CONTROL_QUEUE, connect_redis
+from notifier.resilience import run_until_stopped
 from notifier.runtime import configure_logging, load_settings, open_database
 
 logger = logging.getLogger("notifier.scheduler")
@@ -50,10 +51,18 @@ def main() -> None:
     configure_logging(settings)
     open_database(settings)
     connection = connect_redis(settings.redis_url)
-    scheduler = NotifierScheduler(settings, connection=connection, interval=POLL_SECONDS)
-    scheduler.register_periodic_jobs()
     logger.info("scheduler starting, polling every %ss", POLL_SECONDS)
-    scheduler.run()
+
+    def run_once(generation: int) -> bool:
+        scheduler = NotifierScheduler(settings, connection=connection, interval=POLL_SECONDS)
+        scheduler.register_periodic_jobs()
+        try:
+            scheduler.run()
+        except SystemExit:  # rq-scheduler's answer to SIGTERM and SIGINT
+            return True
+        return False
+
+    run_until_stopped(connection, run_once, "scheduler")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from rq import SimpleWorker
 from notifier import jobs
 from notifier.errors import PermanentDeliveryError
 from notifier.queues import all_queues, connect_redis
+from notifier.resilience import run_until_stopped
 from notifier.runtime import build_deliverer, configure_logging, load_settings
 
 logger = logging.getLogger("notifier.worker")
@@ -38,10 +39,21 @@ def _die_with_parent(parent_pid: int) -> None:
         os._exit(1)
 
 
-def make_worker(connection, name: str | None = None) -> SimpleWorker:
-    """A worker on all notifier queues. SimpleWorker: sending is I/O, and not forking per job keeps
-    the SMTP and database connections warm."""
-    return SimpleWorker(
+class NotifierWorker(SimpleWorker):
+    """SimpleWorker: sending is I/O, and not forking per job keeps the SMTP and database connections
+    warm. It remembers whether it was asked to stop, so a loop that ends for any other reason (Redis
+    went away) can be told apart and started again."""
+
+    stopping = False
+
+    def request_stop(self, signum, frame):
+        self.stopping = True
+        super().request_stop(signum, frame)
+
+
+def make_worker(connection, name: str | None = None) -> NotifierWorker:
+    """A worker on all notifier queues, highest priority first, callbacks last."""
+    return NotifierWorker(
         all_queues(connection),
         connection=connection,
         name=name,
@@ -58,7 +70,16 @@ def main() -> None:
     jobs.install(build_deliverer(settings, redis=connection))
     name = f"notifier-{socket.gethostname()}-{os.getpid()}"
     logger.info("worker %s starting", name)
-    make_worker(connection, name=name).work(with_scheduler=True, logging_level=settings.log_level)
+
+    def run_once(generation: int) -> bool:
+        worker = make_worker(connection, name=f"{name}-{generation}" if generation else name)
+        try:
+            worker.work(with_scheduler=True, logging_level=settings.log_level)
+        finally:
+            stopping = worker.stopping
+        return stopping
+
+    run_until_stopped(connection, run_once, "worker")
 
 
 if __name__ == "__main__":

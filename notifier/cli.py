@@ -118,7 +118,8 @@ def dlq_show(notification_id: str) -> None:
         click.echo(f"{field}: {value}")
     if job is not None:
         result = job.latest_result()
-        click.echo(f"rq job: {job.id} ({job.get_status()})")
+        status = job.get_status()
+        click.echo(f"rq job: {job.id} ({getattr(status, 'value', status)})")
         if result is not None and result.exc_string:
             click.echo("rq exception (last line): " + result.exc_string.strip().splitlines()[-1])
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from redis import Redis
+from rq.exceptions import NoSuchJobError
 from rq.job import Job
 
 from notifier import queues, store
@@ -90,7 +91,8 @@ def requeue(redis: Redis, settings: Settings, notification_id: str, api_key: Api
     """Give a failed notification a fresh set of attempts; refuse anything that is not failed."""
     row = _owned(notification_id, api_key)
     if not store.transition(row.id, Status.QUEUED, reason="requeued from the dead-letter queue",
-                            sources=(Status.FAILED,), attempts=0, last_error=None):
+                            sources=(Status.FAILED,), attempts=0, last_error=None, callback_status=None,
+                            callback_attempts=0):
         current = store.get(row.id)
         raise Conflict(
             f"notification {row.id} is {current.status}; only failed notifications can be requeued"
@@ -131,6 +133,9 @@ def purge(redis: Redis) -> int:
     for queue in queues.all_queues(redis):
         registry = queue.failed_job_registry
         for job_id in registry.get_job_ids():
-            registry.remove(job_id, delete_job=True)
+            try:
+                registry.remove(job_id, delete_job=True)
+            except NoSuchJobError:  # the job's data expired or was evicted; its entry goes all the same
+                registry.remove(job_id)
             count += 1
     return count

@@ -12,7 +12,7 @@ from notifier.config import Settings
 from notifier.db import UNAVAILABLE_ERRORS, database
 from notifier.errors import DeliveryError, PermanentDeliveryError, TransientDeliveryError
 from notifier.mail import Mailer, OutgoingEmail, SendResult
-from notifier.models import CallbackStatus, Notification, Status, utcnow
+from notifier.models import FINAL_STATUSES, CallbackStatus, Notification, Status, utcnow
 from notifier.rendering import RenderedEmail, Renderer, literal
 
 logger = logging.getLogger(__name__)
@@ -38,9 +38,15 @@ class Deliverer:
     def deliver(self, notification_id: str) -> str:
         """Send one notification at most once; return what happened."""
         with database.connection_context():
-            # A cheap statement outside any transaction lets a pooled connection that died with a
-            # database restart be replaced before the claim needs it.
-            database.execute_sql("SELECT 1")
+            # Read outside any transaction first: a pooled connection that died with a database
+            # restart is replaced here, before the claim needs it.
+            current = store.get(notification_id)
+            if current is not None and current.expires_at is not None and utcnow() >= current.expires_at:
+                # Past its deadline before any attempt: expire it without counting an attempt.
+                if store.transition(notification_id, Status.EXPIRED, reason="deadline passed before it could be sent",
+                                    sources=(Status.QUEUED, Status.RETRYING)):
+                    self.after_final(notification_id)
+                    return "expired"
             if not store.claim(notification_id):
                 # Someone else holds it, it was cancelled, or it is already final: nothing to do.
                 logger.info("notification %s not claimable; skipping", notification_id)
@@ -139,7 +145,11 @@ class Deliverer:
         """POST the signed status event to the caller's callback_url; RQ retries what may pass."""
         with database.connection_context():
             notification = store.get(notification_id)
-            if notification is None or notification.callback_status != CallbackStatus.PENDING:
+            if (
+                notification is None
+                or notification.callback_status != CallbackStatus.PENDING
+                or notification.status not in FINAL_STATUSES
+            ):
                 return "skipped"
             attempt = notification.callback_attempts + 1
             Notification.update(callback_attempts=attempt).where(Notification.seq == notification.seq).execute()

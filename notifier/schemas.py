@@ -51,7 +51,7 @@ class DeliveryOptions(StrictSchema):
 
     idempotency_key = fields.String(validate=[validate.Length(min=1, max=255), _no_line_breaks])
     send_at = UtcDateTime()
-    delay_seconds = fields.Integer(validate=validate.Range(min=0))
+    delay_seconds = fields.Integer(validate=validate.Range(min=0, max=3650 * 86400))
     expires_at = UtcDateTime()
     ttl_seconds = fields.Integer(validate=validate.Range(min=1, max=30 * 86400))
     callback_url = fields.Url(schemes={"http", "https"}, require_tld=False, validate=validate.Length(max=2000))

@@ -96,11 +96,13 @@ class NotificationService:
     def _timing(self, payload: dict) -> dict:
         now = utcnow()
         send_at = payload.get("send_at")
+        horizon = timedelta(days=self.settings.schedule_horizon_days)
         if "delay_seconds" in payload:
-            send_at = now + timedelta(seconds=payload["delay_seconds"])
+            delay = timedelta(seconds=payload["delay_seconds"])
+            send_at = now + min(delay, horizon + timedelta(seconds=1))
         if send_at is not None and send_at <= now:
             send_at = None  # a time already past means now
-        if send_at is not None and send_at > now + timedelta(days=self.settings.schedule_horizon_days):
+        if send_at is not None and send_at > now + horizon:
             horizon = f"at most {self.settings.schedule_horizon_days} days ahead"
             raise Unprocessable("send_at is too far ahead", {"send_at": [horizon]})
         expires_at = payload.get("expires_at")

@@ -27,8 +27,9 @@ REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 
 
 def _pg_database_name() -> str:
-    # One database per pytest-xdist worker (or one for a plain run), so parallel runs never collide.
-    return f"notifier_test_{re.sub(r'[^a-z0-9]', '', os.environ.get('PYTEST_XDIST_WORKER', 'main'))}"
+    # One database per pytest-xdist worker (or per TEST_DB_SUFFIX), so parallel runs never collide.
+    suffix = os.environ.get("TEST_DB_SUFFIX") or os.environ.get("PYTEST_XDIST_WORKER", "main")
+    return f"notifier_test_{re.sub(r'[^a-z0-9]', '', suffix.lower())}"
 
 
 @pytest.fixture(scope="session")

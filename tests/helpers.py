@@ -27,3 +27,35 @@ def run_worker_until_idle(connection) -> None:
     from worker import make_worker
 
     make_worker(connection).work(burst=True, with_scheduler=False)
+
+
+def notification_count() -> int:
+    """How many notifications the database holds, whoever owns them."""
+    with database.connection_context():
+        return Notification.select().count()
+
+
+def installed_deliverer(settings, redis):
+    """Install a Deliverer on real SMTP that also queues callbacks and releases (it has Redis).
+
+    A context manager: `with installed_deliverer(settings, redis_conn) as deliverer: ...`; on exit the
+    mailer is closed and no deliverer is installed."""
+    from contextlib import contextmanager
+
+    from notifier import jobs
+    from notifier.jobs import Deliverer
+    from notifier.mail import SmtpMailer
+    from notifier.runtime import make_renderer
+
+    @contextmanager
+    def _installed():
+        mailer = SmtpMailer(settings)
+        deliverer = Deliverer(settings, mailer, make_renderer(settings), redis)
+        jobs.install(deliverer)
+        try:
+            yield deliverer
+        finally:
+            mailer.close()
+            jobs.install(None)
+
+    return _installed()

@@ -93,3 +93,47 @@ def stop(proc: subprocess.Popen, sig=signal.SIGTERM, timeout: float = 30.0) -> i
     except subprocess.TimeoutExpired:
         proc.kill()
         return proc.wait()
+
+
+class Stack:
+    """API, worker and scheduler processes on given settings, started and stopped by name."""
+
+    def __init__(self, settings, log_dir, **env_extra):
+        self.port = free_port()
+        self.env = env_for(settings, PORT=self.port, **env_extra)
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.log_dir = log_dir
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.key = cli(["keys", "create", f"stack-{self.port}"], self.env).strip().splitlines()[-1]
+
+    SCRIPTS = {"api": "app.py", "worker": "worker.py", "scheduler": "scheduler.py"}
+
+    def start(self, *names: str) -> Stack:
+        for name in names:
+            self.procs[name] = spawn([self.SCRIPTS[name.rstrip("0123456789")]], self.env,
+                                     str(self.log_dir / f"{name}.log"))
+            if name == "api":
+                wait_for_http(f"{self.base}/api/health")
+        return self
+
+    def stop(self, name: str, sig=signal.SIGTERM) -> int:
+        return stop(self.procs.pop(name), sig)
+
+    def close(self) -> None:
+        for name in list(self.procs):
+            self.stop(name, signal.SIGKILL)
+
+    def log(self, name: str) -> str:
+        return (self.log_dir / f"{name}.log").read_text(errors="replace")
+
+    def send(self, payload: dict, path: str = "/api/notifications/send") -> str:
+        status, body = request("POST", f"{self.base}{path}", self.key, payload)
+        assert status == 202, body
+        return body["id"]
+
+    def get(self, notification_id: str) -> dict:
+        return request("GET", f"{self.base}/api/notifications/{notification_id}", self.key)[1]
+
+    def wait_status(self, notification_id: str, *statuses: str, timeout: float = 30.0) -> dict:
+        return wait_until(lambda: (d := self.get(notification_id))["status"] in statuses and d, timeout=timeout,
+                          interval=0.05)

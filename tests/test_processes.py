@@ -9,7 +9,7 @@ from dataclasses import replace
 import pytest
 
 from tests.helpers import LITERAL, VERIFICATION
-from tests.processes import cli, env_for, free_port, request, spawn, stop, wait_for_http, wait_until
+from tests.processes import Stack, cli, request, spawn, stop, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -17,28 +17,18 @@ pytestmark = pytest.mark.integration
 @pytest.fixture
 def stack(pg_settings, pg_db, redis_conn, smtp, tmp_path):
     """API and worker processes on PostgreSQL, Redis and the test SMTP server; retries after 1 s."""
-    settings = replace(pg_settings, retry_intervals=(1, 1))
-    port = free_port()
-    env = env_for(settings, PORT=port)
-    key = cli(["keys", "create", "process-test"], env).strip().splitlines()[-1]
-    procs = {
-        "api": spawn(["app.py"], env, str(tmp_path / "api.log")),
-        "worker": spawn(["worker.py"], env, str(tmp_path / "worker.log")),
-    }
-    base = f"http://127.0.0.1:{port}"
-    wait_for_http(f"{base}/api/health")
-    yield {"base": base, "key": key, "procs": procs, "env": env, "logs": tmp_path}
-    for proc in procs.values():
-        stop(proc, signal.SIGKILL, timeout=5)
+    running = Stack(replace(pg_settings, retry_intervals=(1, 1)), tmp_path).start("api", "worker")
+    yield running
+    running.close()
 
 
 def _status(stack, notification_id):
-    return request("GET", f"{stack['base']}/api/notifications/{notification_id}", stack["key"])[1]
+    return stack.get(notification_id)
 
 
 def test_api_and_worker_processes_deliver_and_retry_a_451(stack, smtp):
     smtp.replies.append("451 4.7.1 greylisted")
-    status, accepted = request("POST", f"{stack['base']}/api/notifications/send-verification", stack["key"],
+    status, accepted = request("POST", f"{stack.base}/api/notifications/send-verification", stack.key,
                                VERIFICATION)
     assert status == 202
     detail = wait_until(lambda: (d := _status(stack, accepted["id"]))["status"] == "sent" and d, timeout=30)
@@ -54,10 +44,10 @@ def test_api_and_worker_processes_deliver_and_retry_a_451(stack, smtp):
 
 def test_worker_finishes_its_current_send_on_sigterm(stack, smtp):
     smtp.delay = 2.0
-    status, accepted = request("POST", f"{stack['base']}/api/notifications/send", stack["key"], LITERAL)
+    status, accepted = request("POST", f"{stack.base}/api/notifications/send", stack.key, LITERAL)
     assert status == 202
     wait_until(lambda: _status(stack, accepted["id"])["status"] == "sending", timeout=10, interval=0.02)
-    worker = stack["procs"]["worker"]
+    worker = stack.procs["worker"]
     worker.send_signal(signal.SIGTERM)
     assert worker.wait(timeout=30) == 0
     assert _status(stack, accepted["id"])["status"] == "sent"
@@ -65,21 +55,22 @@ def test_worker_finishes_its_current_send_on_sigterm(stack, smtp):
 
 
 def test_keys_cli_lists_and_revokes(stack):
-    env = stack["env"]
-    assert "process-test" in cli(["keys", "list"], env)
-    cli(["keys", "revoke", "process-test"], env)
-    status, body = request("GET", f"{stack['base']}/api/notifications", stack["key"])
+    env = stack.env
+    name = f"stack-{stack.port}"
+    assert name in cli(["keys", "list"], env)
+    cli(["keys", "revoke", name], env)
+    status, body = request("GET", f"{stack.base}/api/notifications", stack.key)
     assert status == 401 and body["error"]["code"] == "unauthorized"
     assert "revoked" in cli(["keys", "list"], env)
 
 
 def test_db_upgrade_is_idempotent(stack):
     for _ in range(2):
-        assert "schema at version" in cli(["db", "upgrade"], stack["env"])
+        assert "schema at version" in cli(["db", "upgrade"], stack.env)
 
 
 def test_scheduler_starts_and_runs_cleanly(stack, tmp_path):
-    scheduler = spawn(["scheduler.py"], stack["env"], str(tmp_path / "scheduler.log"))
+    scheduler = spawn(["scheduler.py"], stack.env, str(tmp_path / "scheduler.log"))
     time.sleep(3)
     assert scheduler.poll() is None, (tmp_path / "scheduler.log").read_text()
     assert stop(scheduler, signal.SIGTERM) in (0, -signal.SIGTERM)

@@ -1,0 +1,362 @@
+"""Status callbacks: a signed POST to the caller once a notification is final, retried, never blocking mail."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections import deque
+from dataclasses import dataclass, replace
+from datetime import timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from rq import Queue
+
+from app import create_app
+from notifier import callbacks, jobs, store
+from notifier.db import database
+from notifier.models import Notification, Status, utcnow
+from notifier.queues import CALLBACK_QUEUE, callback_job_id_for, enqueue_callback
+from notifier.reconciler import reconcile
+from tests.helpers import LITERAL, installed_deliverer, make_notification, reload, run_worker_until_idle
+
+pytestmark = pytest.mark.integration
+
+SEND = "/api/notifications/send"
+
+
+@dataclass
+class Call:
+    headers: dict[str, str]
+    body: bytes
+
+    @property
+    def json(self) -> dict:
+        return json.loads(self.body)
+
+
+class Receiver:
+    """A caller's callback endpoint: records every POST and answers from a script (200 when it runs out)."""
+
+    def __init__(self):
+        self.calls: list[Call] = []
+        self.codes: deque[int] = deque()
+        self.always: int = 200
+        self.delay = 0.0
+        self.answered = threading.Event()
+        self.closing = threading.Event()
+        self._lock = threading.Lock()
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hooks/notifier"
+
+    def _handler(self):
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                with receiver._lock:
+                    receiver.calls.append(Call(dict(self.headers.items()), body))
+                    code = receiver.codes.popleft() if receiver.codes else receiver.always
+                if receiver.delay:
+                    receiver.closing.wait(receiver.delay)
+                try:
+                    self.send_response(code)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                except OSError:
+                    pass  # the notifier stopped waiting for us
+                receiver.answered.set()
+
+            def log_message(self, format, *args):
+                pass
+
+        return Handler
+
+    def count(self) -> int:
+        with self._lock:
+            return len(self.calls)
+
+    def start(self) -> None:
+        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
+
+    def close(self) -> None:
+        self.closing.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def receiver():
+    instance = Receiver()
+    instance.start()
+    yield instance
+    instance.close()
+
+
+@pytest.fixture
+def fast_settings(pg_settings):
+    """Callbacks retried at once, so a burst worker runs every attempt."""
+    return replace(pg_settings, callback_retry_intervals=(0, 0, 0))
+
+
+@pytest.fixture
+def api(fast_settings, pg_db, redis_conn):
+    application = create_app(fast_settings, redis=redis_conn)
+    application.config["TESTING"] = True
+    return application.test_client()
+
+
+@pytest.fixture
+def live_deliverer(fast_settings, pg_db, redis_conn):
+    """A Deliverer with Redis, so reaching a final state queues the callback."""
+    with installed_deliverer(fast_settings, redis_conn) as deliverer:
+        yield deliverer
+
+
+def _send(api, headers, **payload) -> str:
+    response = api.post(SEND, json={**LITERAL, **payload}, headers=headers)
+    assert response.status_code == 202, response.get_data(as_text=True)
+    return response.get_json()["id"]
+
+
+def _callback_events(notification_id: str) -> list[str]:
+    with database.connection_context():
+        return [e.reason for e in store.history(store.get(notification_id)) if e.kind == "callback"]
+
+
+def _last_reason(notification_id: str) -> str:
+    with database.connection_context():
+        return store.history(store.get(notification_id))[-1].reason
+
+
+def test_sent_notification_posts_one_signed_callback(api, headers, api_key, live_deliverer, receiver, smtp,
+                                                     redis_conn):
+    metadata = {"order": "A-17", "attempt": 2}
+    notification_id = _send(api, headers, callback_url=receiver.url, metadata=metadata)
+
+    run_worker_until_idle(redis_conn)
+
+    assert receiver.count() == 1
+    (call,) = receiver.calls
+    event = call.json
+    assert event["id"] == notification_id
+    assert event["event"] == "notification.sent"
+    assert event["status"] == "sent"
+    assert event["attempts"] == 1
+    assert event["error"] is None
+    assert event["metadata"] == metadata
+    assert event["sent_at"] is not None
+    assert call.headers["Content-Type"] == "application/json"
+    assert call.headers[callbacks.EVENT_ID_HEADER] == f"{notification_id}:sent"
+    secret = api_key[0].callback_secret
+    signature = call.headers[callbacks.SIGNATURE_HEADER]
+    assert callbacks.verify(secret, call.body, signature)
+    assert not callbacks.verify(secret, call.body.replace(b'"sent"', b'"failed"', 1), signature)
+    assert not callbacks.verify("whsec_someone-else", call.body, signature)
+
+    notification = reload(notification_id)
+    assert (notification.status, notification.callback_status, notification.callback_attempts) == (
+        "sent", "delivered", 1)
+    assert _callback_events(notification_id) == ["callback delivered: HTTP 200"]
+    history = api.get(f"/api/notifications/{notification_id}", headers=headers).get_json()["history"]
+    assert [e["kind"] for e in history] == ["status", "status", "status", "callback"]
+    assert smtp.count() == 1
+
+
+def test_callback_is_retried_on_503_and_429_until_delivered(api, headers, live_deliverer, receiver, smtp,
+                                                            redis_conn):
+    receiver.codes.extend([503, 429])
+    notification_id = _send(api, headers, callback_url=receiver.url)
+
+    run_worker_until_idle(redis_conn)
+
+    assert receiver.count() == 3
+    event_ids = {call.headers[callbacks.EVENT_ID_HEADER] for call in receiver.calls}
+    assert event_ids == {f"{notification_id}:sent"}  # the same event on every retry
+    notification = reload(notification_id)
+    assert (notification.status, notification.callback_status, notification.callback_attempts) == (
+        "sent", "delivered", 3)
+    assert _callback_events(notification_id) == [
+        "callback attempt 1 failed: HTTP 503",
+        "callback attempt 2 failed: HTTP 429",
+        "callback delivered: HTTP 200",
+    ]
+    assert smtp.count() == 1
+
+
+def test_callback_gives_up_after_max_attempts_without_touching_the_email(
+    api, headers, live_deliverer, receiver, smtp, redis_conn, fast_settings
+):
+    receiver.always = 500
+    notification_id = _send(api, headers, callback_url=receiver.url)
+
+    run_worker_until_idle(redis_conn)
+
+    assert fast_settings.max_callback_attempts == 4
+    assert receiver.count() == 4
+    notification = reload(notification_id)
+    assert (notification.status, notification.callback_status, notification.callback_attempts) == (
+        "sent", "gave_up", 4)
+    assert notification.sent_at is not None
+    reasons = _callback_events(notification_id)
+    assert len(reasons) == 4
+    assert _last_reason(notification_id) == "callback attempt 4 failed: HTTP 500; giving up"
+    failed = Queue(CALLBACK_QUEUE, connection=redis_conn).failed_job_registry
+    assert failed.get_job_ids() == [callback_job_id_for(notification_id)]
+    assert smtp.count() == 1
+
+
+def test_callback_refused_with_410_is_not_retried(api, headers, live_deliverer, receiver, smtp, redis_conn):
+    receiver.always = 410
+    notification_id = _send(api, headers, callback_url=receiver.url)
+
+    run_worker_until_idle(redis_conn)
+
+    assert receiver.count() == 1
+    notification = reload(notification_id)
+    assert (notification.status, notification.callback_status, notification.callback_attempts) == (
+        "sent", "gave_up", 1)
+    assert _callback_events(notification_id) == ["callback attempt 1 failed: HTTP 410; giving up"]
+    assert smtp.count() == 1
+
+
+def test_failed_notification_posts_a_failed_callback(api, headers, api_key, live_deliverer, receiver, smtp,
+                                                     redis_conn):
+    smtp.replies.append("550 5.1.1 no such user")
+    notification_id = _send(api, headers, callback_url=receiver.url, metadata={"k": "v"})
+
+    run_worker_until_idle(redis_conn)
+
+    (call,) = receiver.calls
+    event = call.json
+    assert (event["id"], event["status"], event["event"]) == (notification_id, "failed", "notification.failed")
+    assert "550" in event["error"] and "no such user" in event["error"]
+    assert event["sent_at"] is None and event["metadata"] == {"k": "v"}
+    assert call.headers[callbacks.EVENT_ID_HEADER] == f"{notification_id}:failed"
+    assert callbacks.verify(api_key[0].callback_secret, call.body, call.headers[callbacks.SIGNATURE_HEADER])
+    notification = reload(notification_id)
+    assert (notification.status, notification.callback_status) == ("failed", "delivered")
+    assert smtp.count() == 0
+
+
+def test_cancelled_notification_posts_a_cancelled_callback(api, headers, live_deliverer, receiver, smtp, redis_conn):
+    notification_id = _send(api, headers, callback_url=receiver.url, delay_seconds=60)
+
+    assert api.post(f"/api/notifications/{notification_id}/cancel", headers=headers).status_code == 200
+    run_worker_until_idle(redis_conn)
+
+    (call,) = receiver.calls
+    assert (call.json["id"], call.json["status"]) == (notification_id, "cancelled")
+    notification = reload(notification_id)
+    assert (notification.status, notification.callback_status) == ("cancelled", "delivered")
+    assert smtp.count() == 0
+
+
+@pytest.mark.parametrize("url", ["ftp://x", "not a url", "ftp://example.com/hook", "javascript:alert(1)"])
+def test_callback_url_must_be_http(api, headers, live_deliverer, receiver, smtp, redis_conn, url):
+    response = api.post(SEND, json={**LITERAL, "callback_url": url}, headers=headers)
+
+    assert response.status_code == 422
+    error = response.get_json()["error"]
+    assert error["code"] == "validation_error" and "callback_url" in error["details"]
+    with database.connection_context():
+        assert Notification.select().count() == 0
+    run_worker_until_idle(redis_conn)
+    assert receiver.count() == 0
+    assert smtp.count() == 0
+
+
+def test_slow_callback_never_holds_up_the_email(pg_settings, pg_db, headers, receiver, smtp, redis_conn):
+    # One slow attempt, then a retry parked an hour away, so the burst worker ends after the timeout.
+    slow = replace(pg_settings, callback_timeout=1.0, callback_retry_intervals=(3600,))
+    api = create_app(slow, redis=redis_conn).test_client()
+    receiver.delay = 3.0
+    with installed_deliverer(slow, redis_conn):
+        notification_id = _send(api, headers, callback_url=receiver.url)
+        run_worker_until_idle(redis_conn)
+
+    assert len(smtp.wait_for(1)) == 1
+    notification = reload(notification_id)
+    assert notification.status == "sent"
+    assert notification.sent_at is not None
+    assert receiver.count() == 1
+    assert not receiver.answered.is_set()  # the receiver is still busy with the callback
+    with database.connection_context():
+        history = store.history(notification)
+    sent_event = next(e for e in history if e.to_status == Status.SENT and e.kind == "status")
+    (timed_out,) = [e for e in history if e.kind == "callback"]
+    assert sent_event.at <= timed_out.at
+    assert "timed out" in timed_out.reason.lower() or "timeout" in timed_out.reason.lower()
+    assert (notification.callback_status, notification.callback_attempts) == ("pending", 1)
+    scheduled = Queue(CALLBACK_QUEUE, connection=redis_conn).scheduled_job_registry
+    assert scheduled.get_job_ids() == [callback_job_id_for(notification_id)]
+    assert smtp.count() == 1
+
+
+def test_reconciler_requeues_a_callback_whose_job_vanished(api_key, fast_settings, live_deliverer, receiver, smtp,
+                                                           redis_conn):
+    notification = make_notification(api_key[0], Status.SENT, callback_url=receiver.url, callback_status="pending",
+                                     attempts=1, sent_at=utcnow())
+    enqueue_callback(redis_conn, fast_settings, notification.id)
+    redis_conn.flushdb()  # Redis restarted empty: the callback job is gone, PostgreSQL still owes it
+
+    with database.connection_context():
+        assert reconcile(fast_settings, redis_conn).callbacks == 0  # within the grace period: hands off
+        Notification.update(
+            updated_at=utcnow() - timedelta(seconds=fast_settings.reconcile_grace_seconds + 30)
+        ).where(Notification.id == notification.id).execute()
+        assert reconcile(fast_settings, redis_conn).callbacks == 1
+    run_worker_until_idle(redis_conn)
+
+    (call,) = receiver.calls
+    assert (call.json["id"], call.json["status"]) == (notification.id, "sent")
+    delivered = reload(notification.id)
+    assert (delivered.status, delivered.callback_status, delivered.callback_attempts) == ("sent", "delivered", 1)
+    with database.connection_context():
+        assert reconcile(fast_settings, redis_conn).callbacks == 0  # nothing owed any more
+    assert smtp.count() == 0
+
+
+def test_requeued_dead_letter_posts_failed_then_sent(api, headers, live_deliverer, receiver, smtp, redis_conn):
+    smtp.replies.append("550 5.1.1 no such user")
+    notification_id = _send(api, headers, callback_url=receiver.url)
+    run_worker_until_idle(redis_conn)
+    assert reload(notification_id).callback_status == "delivered"
+
+    assert api.post(f"/api/dead-letters/{notification_id}/requeue", headers=headers).status_code == 202
+    run_worker_until_idle(redis_conn)
+
+    assert [c.json["status"] for c in receiver.calls] == ["failed", "sent"]
+    assert [c.headers[callbacks.EVENT_ID_HEADER] for c in receiver.calls] == [
+        f"{notification_id}:failed", f"{notification_id}:sent"
+    ]
+    notification = reload(notification_id)
+    assert (notification.status, notification.callback_status, notification.callback_attempts) == (
+        "sent", "delivered", 1)
+    assert smtp.count() == 1
+
+
+def test_requeued_dead_letter_never_posts_a_non_final_callback(pg_settings, pg_db, headers, receiver, smtp,
+                                                               redis_conn):
+    # The "failed" callback is still waiting for its retry (an hour away) when an operator requeues.
+    patient = replace(pg_settings, callback_retry_intervals=(3600,))
+    api = create_app(patient, redis=redis_conn).test_client()
+    receiver.codes.append(503)
+    smtp.replies.append("550 5.1.1 no such user")
+    with installed_deliverer(patient, redis_conn):
+        notification_id = _send(api, headers, callback_url=receiver.url)
+        run_worker_until_idle(redis_conn)
+        assert reload(notification_id).callback_status == "pending"
+        assert api.post(f"/api/dead-letters/{notification_id}/requeue", headers=headers).status_code == 202
+
+        jobs.send_callback(notification_id)  # the callback's retry fires while the notification is queued
+        run_worker_until_idle(redis_conn)
+
+    statuses = [c.json["status"] for c in receiver.calls]
+    assert set(statuses) <= {"failed", "sent"}, statuses
+    assert statuses[-1] == "sent"
+    assert not any(c.headers[callbacks.EVENT_ID_HEADER].endswith(":queued") for c in receiver.calls)
+    notification = reload(notification_id)
+    assert (notification.status, notification.callback_status) == ("sent", "delivered")
+    assert smtp.count() == 1

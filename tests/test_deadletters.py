@@ -1,0 +1,256 @@
+"""The dead-letter queue: failed notifications, listing them, and requeueing them safely."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import uuid
+
+import pytest
+from rq import Queue
+from rq.job import Job
+
+from notifier.queues import QUEUE_NAMES, all_queues, job_id_for
+from tests.helpers import LITERAL, reload, run_worker_until_idle
+from tests.processes import ROOT, cli, env_for
+
+pytestmark = pytest.mark.integration
+
+DEAD = "/api/dead-letters"
+
+
+def _send(client, headers, **payload) -> str:
+    response = client.post("/api/notifications/send", json={**LITERAL, **payload}, headers=headers)
+    assert response.status_code == 202, response.get_data(as_text=True)
+    return response.get_json()["id"]
+
+
+def _dead_letter(client, headers, smtp, redis_conn, **payload) -> str:
+    """A notification the SMTP server refused for good: failed, its job in RQ's failed registry."""
+    smtp.replies.append("550 5.1.1 no such user")
+    notification_id = _send(client, headers, **payload)
+    run_worker_until_idle(redis_conn)
+    assert reload(notification_id).status == "failed"
+    return notification_id
+
+
+def _failed_job_ids(redis_conn) -> set[str]:
+    return {job_id for queue in all_queues(redis_conn) for job_id in queue.failed_job_registry.get_job_ids()}
+
+
+def _history(client, headers, notification_id) -> list[dict]:
+    return client.get(f"/api/notifications/{notification_id}", headers=headers).get_json()["history"]
+
+
+def _failing_cli(args: list[str], env: dict) -> subprocess.CompletedProcess:
+    """Run `python -m notifier ...` when it is expected to fail (tests.processes.cli insists on success)."""
+    return subprocess.run([sys.executable, "-m", "notifier", *args], env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_550_is_listed_as_a_dead_letter_for_its_key_only(client, headers, other_key, deliverer, smtp, redis_conn):
+    notification_id = _dead_letter(client, headers, smtp, redis_conn)
+
+    response = client.get(DEAD, headers=headers)
+    assert response.status_code == 200
+    (entry,) = response.get_json()["data"]
+    assert entry["id"] == notification_id
+    assert "550" in entry["reason"] and "no such user" in entry["reason"]
+    assert entry["smtp_code"] == 550
+    assert entry["attempts"] == 1
+    assert entry["in_failed_registry"] is True
+    assert entry["to"] == LITERAL["to"]
+    assert entry["failed_at"].endswith("Z")
+
+    theirs = client.get(DEAD, headers={"X-API-Key": other_key[1]})
+    assert theirs.status_code == 200
+    assert theirs.get_json() == {"data": []}
+    assert reload(notification_id).status == "failed"
+    assert smtp.count() == 0
+
+
+def test_requeue_sends_a_dead_letter_with_fresh_attempts(client, headers, deliverer, smtp, redis_conn):
+    notification_id = _dead_letter(client, headers, smtp, redis_conn)
+    assert _failed_job_ids(redis_conn) == {job_id_for(notification_id)}
+
+    response = client.post(f"{DEAD}/{notification_id}/requeue", headers=headers)
+
+    assert response.status_code == 202
+    assert response.get_json() == {"id": notification_id, "status": "queued"}
+    requeued = reload(notification_id)
+    assert (requeued.status, requeued.attempts, requeued.last_error) == ("queued", 0, None)
+    assert _failed_job_ids(redis_conn) == set()
+    last = _history(client, headers, notification_id)[-1]
+    assert (last["from_status"], last["status"]) == ("failed", "queued")
+    assert last["reason"] == "requeued from the dead-letter queue"
+
+    run_worker_until_idle(redis_conn)
+    sent = reload(notification_id)
+    assert (sent.status, sent.attempts) == ("sent", 1)
+    assert [e["status"] for e in _history(client, headers, notification_id)] == [
+        "queued", "sending", "failed", "queued", "sending", "sent"
+    ]
+    assert client.get(DEAD, headers=headers).get_json() == {"data": []}
+    assert len(smtp.wait_for(1)) == 1
+    assert smtp.count() == 1
+
+
+def test_requeue_of_a_sent_notification_is_refused(client, headers, deliverer, smtp, redis_conn):
+    notification_id = _send(client, headers)
+    run_worker_until_idle(redis_conn)
+    assert reload(notification_id).status == "sent"
+
+    response = client.post(f"{DEAD}/{notification_id}/requeue", headers=headers)
+
+    assert response.status_code == 409
+    error = response.get_json()["error"]
+    assert error["code"] == "not_requeueable"
+    assert "sent" in error["message"]
+    assert error["details"] == {"status": "sent"}
+    run_worker_until_idle(redis_conn)
+    assert reload(notification_id).status == "sent"
+    assert smtp.count() == 1
+
+
+def test_sent_job_filed_as_failed_by_rq_is_not_requeued_by_the_cli(
+    client, headers, deliverer, smtp, redis_conn, pg_settings
+):
+    notification_id = _send(client, headers)
+    run_worker_until_idle(redis_conn)
+    assert reload(notification_id).status == "sent"
+    assert len(smtp.wait_for(1)) == 1
+    # What RQ has been seen to do: move a job that succeeded into the failed registry as abandoned.
+    job = Job.fetch(job_id_for(notification_id), connection=redis_conn)
+    registry = Queue(QUEUE_NAMES["default"], connection=redis_conn).failed_job_registry
+    registry.add(job, ttl=3600, exc_string="AbandonedJobError: moved to the failed registry")
+    assert job_id_for(notification_id) in registry.get_job_ids()
+    env = env_for(pg_settings)
+
+    done = _failing_cli(["dlq", "requeue", notification_id], env)
+
+    assert done.returncode != 0
+    assert "sent" in done.stderr and "never sent twice" in done.stderr
+    assert "requeued 0 notification(s)" in cli(["dlq", "requeue", "--all"], env)
+    run_worker_until_idle(redis_conn)
+    assert reload(notification_id).status == "sent"
+    assert smtp.count() == 1
+
+
+def test_dlq_cli_lists_and_shows_a_dead_letter(client, headers, deliverer, smtp, redis_conn, pg_settings):
+    notification_id = _dead_letter(client, headers, smtp, redis_conn)
+    env = env_for(pg_settings)
+
+    listed = cli(["dlq", "list"], env)
+    shown = cli(["dlq", "show", notification_id], env)
+
+    (line,) = [row for row in listed.splitlines() if row.startswith(notification_id)]
+    assert "attempts=1" in line and "in RQ failed registry" in line and "550" in line
+    assert "1 dead letter(s)" in listed
+    assert f"id: {notification_id}" in shown
+    assert "smtp_code: 550" in shown
+    reason = next(row for row in shown.splitlines() if row.startswith("reason: "))
+    assert "550" in reason and "no such user" in reason
+    assert f"rq job: {job_id_for(notification_id)} (failed)" in shown
+    assert reload(notification_id).status == "failed"
+    assert smtp.count() == 0
+
+
+def test_dlq_cli_show_refuses_a_notification_that_is_not_failed(client, headers, deliverer, smtp, redis_conn,
+                                                                 pg_settings):
+    notification_id = _send(client, headers)
+    run_worker_until_idle(redis_conn)
+
+    done = _failing_cli(["dlq", "show", notification_id], env_for(pg_settings))
+
+    assert done.returncode != 0
+    assert "not a dead letter" in done.stderr
+    assert reload(notification_id).status == "sent"
+    assert smtp.count() == 1
+
+
+def test_dlq_cli_purge_empties_rq_but_keeps_the_failed_record(client, headers, deliverer, smtp, redis_conn,
+                                                              pg_settings):
+    first = _dead_letter(client, headers, smtp, redis_conn)
+    second = _dead_letter(client, headers, smtp, redis_conn, priority="high")
+    assert _failed_job_ids(redis_conn) == {job_id_for(first), job_id_for(second)}
+    env = env_for(pg_settings)
+
+    assert "purged 2 job(s)" in cli(["dlq", "purge", "--yes"], env)
+
+    assert _failed_job_ids(redis_conn) == set()
+    assert not redis_conn.exists(f"rq:job:{job_id_for(first)}")
+    assert [reload(i).status for i in (first, second)] == ["failed", "failed"]
+    entries = client.get(DEAD, headers=headers).get_json()["data"]
+    assert {e["id"] for e in entries} == {first, second}
+    assert all(e["in_failed_registry"] is False and e["smtp_code"] == 550 for e in entries)
+    listed = cli(["dlq", "list"], env)
+    assert "2 dead letter(s)" in listed and listed.count("not in RQ") == 2
+    assert smtp.count() == 0
+
+
+def test_dlq_cli_purge_survives_a_failed_entry_whose_job_is_gone(client, headers, deliverer, smtp, redis_conn,
+                                                                pg_settings):
+    # Redis may evict a job hash (it has a TTL) while its entry stays in the failed registry.
+    gone = _dead_letter(client, headers, smtp, redis_conn)
+    kept = _dead_letter(client, headers, smtp, redis_conn)
+    redis_conn.delete(f"rq:job:{job_id_for(gone)}")
+    assert _failed_job_ids(redis_conn) == {job_id_for(gone), job_id_for(kept)}
+
+    assert "purged 2 job(s)" in cli(["dlq", "purge", "--yes"], env_for(pg_settings))
+
+    assert _failed_job_ids(redis_conn) == set()
+    assert [reload(i).status for i in (gone, kept)] == ["failed", "failed"]
+    assert smtp.count() == 0
+
+
+def test_dlq_cli_requeue_all_sends_every_dead_letter_once(client, headers, deliverer, smtp, redis_conn,
+                                                          pg_settings):
+    first = _dead_letter(client, headers, smtp, redis_conn, to="first@example.com")
+    second = _dead_letter(client, headers, smtp, redis_conn, to="second@example.com")
+    sent = _send(client, headers, to="third@example.com")
+    run_worker_until_idle(redis_conn)
+    assert smtp.count() == 1
+
+    assert "requeued 2 notification(s)" in cli(["dlq", "requeue", "--all"], env_for(pg_settings))
+
+    assert [reload(i).status for i in (first, second)] == ["queued", "queued"]
+    assert _failed_job_ids(redis_conn) == set()
+    run_worker_until_idle(redis_conn)
+    assert [reload(i).status for i in (first, second, sent)] == ["sent", "sent", "sent"]
+    received = smtp.wait_for(3)
+    assert sorted(m.rcpt_tos[0] for m in received) == ["first@example.com", "second@example.com",
+                                                       "third@example.com"]
+    assert smtp.count() == 3
+
+
+def test_dlq_cli_requeue_one_sends_it(client, headers, deliverer, smtp, redis_conn, pg_settings):
+    notification_id = _dead_letter(client, headers, smtp, redis_conn)
+
+    assert f"requeued {notification_id}" in cli(["dlq", "requeue", notification_id], env_for(pg_settings))
+
+    run_worker_until_idle(redis_conn)
+    assert reload(notification_id).status == "sent"
+    assert smtp.count() == 1
+
+
+def test_requeue_of_an_unknown_id_is_not_found(client, headers, deliverer, smtp, redis_conn):
+    response = client.post(f"{DEAD}/{uuid.uuid4()}/requeue", headers=headers)
+
+    assert response.status_code == 404
+    assert response.get_json()["error"]["code"] == "not_found"
+    assert smtp.count() == 0
+
+
+def test_requeue_of_another_keys_dead_letter_is_not_found(client, headers, other_key, deliverer, smtp, redis_conn):
+    notification_id = _dead_letter(client, headers, smtp, redis_conn)
+
+    response = client.post(f"{DEAD}/{notification_id}/requeue", headers={"X-API-Key": other_key[1]})
+
+    assert response.status_code == 404
+    assert response.get_json()["error"]["code"] == "not_found"
+    failed = reload(notification_id)
+    assert (failed.status, failed.attempts) == ("failed", 1)
+    assert _failed_job_ids(redis_conn) == {job_id_for(notification_id)}
+    run_worker_until_idle(redis_conn)
+    assert reload(notification_id).status == "failed"
+    assert smtp.count() == 0

@@ -1,0 +1,260 @@
+"""Deadlines, delayed sends and cancelling: a message is sent in its window or not at all."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from rq_scheduler import Scheduler
+
+from notifier import jobs, store
+from notifier.db import database
+from notifier.models import Status, utcnow
+from notifier.queues import dispatch, release_job_id_for
+from notifier.reconciler import reconcile
+from tests.helpers import (
+    LITERAL,
+    VERIFICATION,
+    installed_deliverer,
+    make_notification,
+    notification_count,
+    reload,
+    run_worker_until_idle,
+)
+
+pytestmark = pytest.mark.integration
+
+SEND = "/api/notifications/send"
+DEADLINE_REASON = "deadline passed before it could be sent"
+
+
+@pytest.fixture
+def live_deliverer(pg_settings, pg_db, redis_conn):
+    """A Deliverer with Redis, so a release can hand the notification to its queue."""
+    with installed_deliverer(pg_settings, redis_conn) as deliverer:
+        yield deliverer
+
+
+def _iso(moment: datetime) -> str:
+    return moment.replace(tzinfo=UTC).isoformat().replace("+00:00", "Z")
+
+
+def _parse(value: str) -> datetime:
+    return datetime.fromisoformat(value.replace("Z", "+00:00")).replace(tzinfo=None)
+
+
+def _send(client, headers, path=SEND, **payload) -> dict:
+    response = client.post(path, json=payload, headers=headers)
+    assert response.status_code == 202, response.get_data(as_text=True)
+    return response.get_json()
+
+
+def _detail(client, headers, notification_id) -> dict:
+    return client.get(f"/api/notifications/{notification_id}", headers=headers).get_json()
+
+
+def test_notification_past_its_deadline_is_expired_not_sent(client, headers, live_deliverer, smtp, redis_conn):
+    by_ttl = _send(client, headers, **LITERAL, ttl_seconds=1)
+    by_time = _send(client, headers, **LITERAL, expires_at=_iso(utcnow() + timedelta(seconds=1)))
+    assert by_ttl["status"] == by_time["status"] == "queued"
+    deadlines = [_parse(_detail(client, headers, n["id"])["expires_at"]) for n in (by_ttl, by_time)]
+    time.sleep(max(0.0, (max(deadlines) - utcnow()).total_seconds()) + 0.05)
+
+    run_worker_until_idle(redis_conn)
+
+    for accepted in (by_ttl, by_time):
+        detail = _detail(client, headers, accepted["id"])
+        assert detail["status"] == "expired"
+        assert detail["sent_at"] is None
+        last = detail["history"][-1]
+        assert last["status"] == "expired" and "deadline" in last["reason"]
+    assert smtp.count() == 0
+
+
+def test_reconciler_expires_overdue_notifications_without_a_worker(api_key, pg_settings, live_deliverer, smtp,
+                                                                    redis_conn):
+    now = utcnow()
+    past = now - timedelta(seconds=1)
+    queued = make_notification(api_key[0], Status.QUEUED, to="queued@example.com", expires_at=past)
+    retrying = make_notification(api_key[0], Status.RETRYING, to="retrying@example.com", expires_at=past,
+                                 attempts=1, last_error="451 busy")
+    scheduled = make_notification(api_key[0], Status.SCHEDULED, to="scheduled@example.com", expires_at=past,
+                                  send_at=now - timedelta(seconds=5))
+    in_time = make_notification(api_key[0], Status.QUEUED, to="in-time@example.com",
+                                expires_at=now + timedelta(hours=1))
+    for row in (queued, retrying, scheduled, in_time):
+        dispatch(redis_conn, pg_settings, row)  # their jobs are waiting in Redis, as after a backlog
+
+    with database.connection_context():
+        report = reconcile(pg_settings, redis_conn)
+
+    assert report.expired == 3
+    assert smtp.count() == 0
+    for row, was in ((queued, "queued"), (retrying, "retrying"), (scheduled, "scheduled")):
+        expired = reload(row.id)
+        assert expired.status == "expired"
+        with database.connection_context():
+            last = store.history(expired)[-1]
+        assert (last.from_status, last.to_status, last.reason) == (was, "expired", DEADLINE_REASON)
+    assert reload(in_time.id).status == "queued"
+
+    run_worker_until_idle(redis_conn)  # the expired ones' jobs find nothing to claim
+    assert [reload(r.id).status for r in (queued, retrying, scheduled, in_time)] == [
+        "expired", "expired", "expired", "sent"
+    ]
+    assert reload(retrying.id).attempts == 1
+    assert [m.rcpt_tos for m in smtp.wait_for(1)] == [["in-time@example.com"]]
+    assert smtp.count() == 1
+
+
+def test_verification_gets_a_default_deadline(client, headers, live_deliverer, smtp, redis_conn, pg_settings):
+    accepted = _send(client, headers, "/api/notifications/send-verification", **VERIFICATION)
+
+    detail = _detail(client, headers, accepted["id"])
+    lifetime = _parse(detail["expires_at"]) - _parse(detail["created_at"])
+    assert pg_settings.verification_ttl_seconds == 3600
+    assert abs(lifetime.total_seconds() - 3600) < 2
+    run_worker_until_idle(redis_conn)
+    assert reload(accepted["id"]).status == "sent"
+    assert smtp.count() == 1
+
+
+def test_verification_keeps_a_deadline_the_caller_gives(client, headers, live_deliverer, smtp, redis_conn):
+    accepted = _send(client, headers, "/api/notifications/send-verification", **VERIFICATION, ttl_seconds=60)
+
+    detail = _detail(client, headers, accepted["id"])
+    lifetime = _parse(detail["expires_at"]) - _parse(detail["created_at"])
+    assert abs(lifetime.total_seconds() - 60) < 2
+    run_worker_until_idle(redis_conn)
+    assert reload(accepted["id"]).status == "sent"
+    assert smtp.count() == 1
+
+
+def _in(**delta) -> str:
+    return _iso(utcnow() + timedelta(**delta))
+
+
+@pytest.mark.parametrize(
+    ("timing", "field"),
+    [
+        pytest.param(lambda: {"expires_at": _in(seconds=-60)}, "expires_at", id="expires_at-in-the-past"),
+        pytest.param(lambda: {"expires_at": _in(hours=1), "ttl_seconds": 60}, "ttl_seconds",
+                     id="expires_at-and-ttl_seconds"),
+        pytest.param(lambda: {"send_at": _in(hours=2), "expires_at": _in(hours=1)}, "expires_at",
+                     id="send_at-after-expires_at"),
+        pytest.param(lambda: {"delay_seconds": 7200, "ttl_seconds": 3600}, "expires_at",
+                     id="delay-longer-than-ttl"),
+        pytest.param(lambda: {"send_at": _in(days=91)}, "send_at", id="send_at-beyond-the-horizon"),
+        pytest.param(lambda: {"delay_seconds": 91 * 86400}, "send_at", id="delay-beyond-the-horizon"),
+        pytest.param(lambda: {"delay_seconds": 10**12}, None, id="delay-beyond-any-calendar"),
+        pytest.param(lambda: {"send_at": "2030-01-01T09:00:00"}, "send_at", id="send_at-without-offset"),
+        pytest.param(lambda: {"send_at": _in(hours=1), "delay_seconds": 60}, "delay_seconds",
+                     id="send_at-and-delay_seconds"),
+    ],
+)
+def test_impossible_timing_is_refused(client, headers, live_deliverer, smtp, redis_conn, timing, field):
+    response = client.post(SEND, json={**LITERAL, **timing()}, headers=headers)
+
+    assert response.status_code == 422, response.get_data(as_text=True)
+    error = response.get_json()["error"]
+    assert error["code"] == "validation_error"
+    if field is not None:
+        assert field in error["details"]
+    assert notification_count() == 0
+    run_worker_until_idle(redis_conn)
+    assert smtp.count() == 0
+
+
+def test_send_at_at_the_horizon_is_accepted(client, headers, live_deliverer, smtp, redis_conn):
+    accepted = _send(client, headers, **LITERAL, send_at=_in(days=89))
+
+    assert accepted["status"] == "scheduled"
+    run_worker_until_idle(redis_conn)
+    assert reload(accepted["id"]).status == "scheduled"
+    assert smtp.count() == 0
+
+
+def test_delayed_send_waits_for_its_release_then_is_sent(client, headers, live_deliverer, smtp, redis_conn):
+    accepted = _send(client, headers, **LITERAL, delay_seconds=2)
+
+    assert accepted["status"] == "scheduled"
+    notification_id = accepted["id"]
+    detail = _detail(client, headers, notification_id)
+    assert abs((_parse(detail["send_at"]) - _parse(detail["created_at"])).total_seconds() - 2) < 1
+    scheduler = Scheduler(connection=redis_conn)
+    assert release_job_id_for(notification_id) in scheduler
+    ((job, at),) = scheduler.get_jobs(with_times=True)
+    assert list(job.args) == [notification_id]
+    assert abs((at.replace(tzinfo=None) - _parse(detail["send_at"])).total_seconds()) < 1
+    run_worker_until_idle(redis_conn)  # nothing is on a delivery queue before the release
+    assert reload(notification_id).status == "scheduled"
+    assert smtp.count() == 0
+
+    assert jobs.release(notification_id) == "released"
+
+    assert reload(notification_id).status == "queued"
+    assert jobs.release(notification_id) == "skipped"  # a second release is harmless
+    run_worker_until_idle(redis_conn)
+    sent = reload(notification_id)
+    assert (sent.status, sent.attempts) == ("sent", 1)
+    statuses = [e["status"] for e in _detail(client, headers, notification_id)["history"]]
+    assert statuses == ["scheduled", "queued", "sending", "sent"]
+    assert len(smtp.wait_for(1)) == 1
+    assert smtp.count() == 1
+
+
+def test_cancelled_scheduled_notification_stays_cancelled_after_release(client, headers, live_deliverer, smtp,
+                                                                        redis_conn):
+    notification_id = _send(client, headers, **LITERAL, delay_seconds=60)["id"]
+
+    response = client.post(f"/api/notifications/{notification_id}/cancel", headers=headers)
+
+    assert response.status_code == 200
+    body = response.get_json()
+    assert body["status"] == "cancelled"
+    assert body["history"][-1]["reason"] == "cancelled by the caller"
+    assert jobs.release(notification_id) == "skipped"
+    run_worker_until_idle(redis_conn)
+    assert reload(notification_id).status == "cancelled"
+    assert smtp.count() == 0
+
+
+def test_cancelled_queued_notification_is_not_sent(client, headers, live_deliverer, smtp, redis_conn):
+    notification_id = _send(client, headers, **LITERAL)["id"]
+
+    response = client.post(f"/api/notifications/{notification_id}/cancel", headers=headers)
+
+    assert response.status_code == 200 and response.get_json()["status"] == "cancelled"
+    run_worker_until_idle(redis_conn)
+    cancelled = reload(notification_id)
+    assert (cancelled.status, cancelled.attempts) == ("cancelled", 0)
+    assert smtp.count() == 0
+
+
+def test_cancelling_a_sent_notification_is_a_conflict(client, headers, live_deliverer, smtp, redis_conn):
+    notification_id = _send(client, headers, **LITERAL)["id"]
+    run_worker_until_idle(redis_conn)
+
+    response = client.post(f"/api/notifications/{notification_id}/cancel", headers=headers)
+
+    assert response.status_code == 409
+    error = response.get_json()["error"]
+    assert error["code"] == "not_cancellable"
+    assert error["details"] == {"status": "sent"}
+    assert reload(notification_id).status == "sent"
+    assert smtp.count() == 1
+
+
+def test_cancelling_another_keys_or_an_unknown_notification_is_not_found(client, headers, other_key,
+                                                                         live_deliverer, smtp, redis_conn):
+    notification_id = _send(client, headers, **LITERAL, delay_seconds=60)["id"]
+
+    theirs = client.post(f"/api/notifications/{notification_id}/cancel", headers={"X-API-Key": other_key[1]})
+    unknown = client.post(f"/api/notifications/{uuid.uuid4()}/cancel", headers=headers)
+
+    assert theirs.status_code == unknown.status_code == 404
+    assert reload(notification_id).status == "scheduled"
+    run_worker_until_idle(redis_conn)
+    assert smtp.count() == 0

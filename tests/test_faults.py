@@ -1,0 +1,197 @@
+"""Faults, with real processes: every accepted notification ends final, with the right number of emails.
+
+Each test kills or cuts off one real part (a worker, Redis, the SMTP server, PostgreSQL's connections)
+and then checks the final status of every notification and exactly what the SMTP server received.
+"""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import time
+from dataclasses import replace
+
+import psycopg2
+import pytest
+from redis import Redis
+
+from notifier.devmail import CaptureHandler, start
+from tests.conftest import PG_ADMIN_URL
+from tests.helpers import LITERAL
+from tests.processes import Stack, free_port, wait_until
+
+pytestmark = pytest.mark.integration
+
+# Short clocks, so recovery happens within a test's patience.
+FAST = {"RECONCILE_INTERVAL": 1, "RECONCILE_GRACE_SECONDS": 1, "SENDING_TIMEOUT": 2}
+
+
+@pytest.fixture
+def make_stack(pg_settings, pg_db, redis_conn, smtp, tmp_path):
+    stacks = []
+
+    def make(settings=None, **env) -> Stack:
+        stack = Stack(settings or replace(pg_settings, retry_intervals=(1, 1, 1)), tmp_path, **(FAST | env))
+        stacks.append(stack)
+        return stack
+
+    yield make
+    for stack in stacks:
+        stack.close()
+
+
+def _to(n: int) -> dict:
+    return {**LITERAL, "to": f"user{n}@example.com"}
+
+
+def _recipients(handler: CaptureHandler) -> list[str]:
+    return sorted(m.rcpt_tos[0] for m in handler.messages)
+
+
+def test_worker_sigkill_mid_send_is_recovered_and_sent_once(make_stack, smtp):
+    stack = make_stack().start("api", "worker", "scheduler")
+    smtp.delay = 3.0
+    notification_id = stack.send(_to(1))
+    stack.wait_status(notification_id, "sending", timeout=15)
+    stack.stop("worker", signal.SIGKILL)  # mid-DATA: the server never answered, so it keeps nothing
+    smtp.delay = 0.0
+    stack.start("worker2")
+
+    detail = stack.wait_status(notification_id, "sent", timeout=40)
+    assert detail["attempts"] == 2
+    assert any("worker was lost mid-send" in (e["reason"] or "") for e in detail["history"])
+    assert _recipients(smtp) == ["user1@example.com"]
+
+
+def test_worker_sigterm_finishes_the_send_and_loses_nothing(make_stack, smtp):
+    stack = make_stack().start("api", "worker")
+    smtp.delay = 1.5
+    first = stack.send(_to(1))
+    stack.wait_status(first, "sending", timeout=15)
+    later = [stack.send(_to(n)) for n in (2, 3)]
+    assert stack.stop("worker", signal.SIGTERM) == 0
+    assert stack.get(first)["status"] == "sent"
+    smtp.delay = 0.0
+    stack.start("worker2")
+    for notification_id in later:
+        stack.wait_status(notification_id, "sent")
+    assert _recipients(smtp) == ["user1@example.com", "user2@example.com", "user3@example.com"]
+
+
+def test_redis_flushed_with_work_queued_retrying_and_scheduled(make_stack, smtp, redis_conn):
+    stack = make_stack(RETRY_INTERVALS="3,3").start("api", "worker")
+    smtp.replies.append("451 4.3.0 busy")
+    retrying = stack.send(_to(1))
+    stack.wait_status(retrying, "retrying")
+    stack.stop("worker")
+    queued = [stack.send(_to(n)) for n in (2, 3)]
+    scheduled = stack.send({**_to(4), "delay_seconds": 2})
+    assert stack.get(scheduled)["status"] == "scheduled"
+
+    redis_conn.flushdb()  # Redis restarted empty: every job, retry and schedule is gone
+
+    stack.start("worker2", "scheduler")
+    for notification_id in [retrying, *queued, scheduled]:
+        stack.wait_status(notification_id, "sent", timeout=40)
+    assert _recipients(smtp) == [f"user{n}@example.com" for n in (1, 2, 3, 4)]
+
+
+@pytest.fixture
+def own_redis(tmp_path):
+    """A private redis-server this test may stop and start again (empty, like a restart without disk)."""
+    binary = shutil.which("redis-server")
+    assert binary, "redis-server is needed"
+    port = free_port()
+    args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+            "--dir", str(tmp_path)]
+    state = {"proc": None}
+
+    def up():
+        state["proc"] = subprocess.Popen(args, stdout=subprocess.DEVNULL)
+        wait_until(lambda: _pings(port), timeout=10)
+
+    def down():
+        state["proc"].kill()
+        state["proc"].wait()
+
+    up()
+    yield f"redis://127.0.0.1:{port}/0", up, down
+    if state["proc"].poll() is None:
+        down()
+
+
+def _pings(port: int) -> bool:
+    try:
+        return Redis(port=port, socket_connect_timeout=0.2).ping()
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def test_redis_down_at_request_time_then_back(make_stack, pg_settings, smtp, own_redis):
+    url, up, down = own_redis
+    stack = make_stack(replace(pg_settings, redis_url=url, retry_intervals=(1, 1))).start("api", "worker", "scheduler")
+    before = stack.send(_to(1))
+    stack.wait_status(before, "sent")
+
+    down()
+    during = [stack.send(_to(n)) for n in (2, 3)]  # accepted: stored, to be queued when Redis returns
+    assert all(stack.get(n)["status"] == "queued" for n in during)
+    time.sleep(1)
+    up()  # back, but empty
+
+    for notification_id in during:
+        stack.wait_status(notification_id, "sent", timeout=45)
+    assert _recipients(smtp) == ["user1@example.com", "user2@example.com", "user3@example.com"]
+    assert "Traceback" not in stack.log("scheduler").split("Redis is back")[-1]
+
+
+def test_smtp_server_down_for_a_while_then_up(make_stack, pg_settings):
+    handler = CaptureHandler()
+    port = free_port()
+    settings = replace(pg_settings, smtp_port=port, retry_intervals=(1, 1, 1, 1, 1))
+    stack = make_stack(settings).start("api", "worker")
+    notification_id = stack.send(_to(1))
+    detail = stack.wait_status(notification_id, "retrying")
+    assert "connection" in detail["last_error"].lower()
+
+    controller = start(handler, port=port)
+    try:
+        detail = stack.wait_status(notification_id, "sent", timeout=30)
+    finally:
+        controller.stop()
+    assert detail["attempts"] >= 2
+    assert _recipients(handler) == ["user1@example.com"]
+
+
+def _drop_connections(database: str) -> int:
+    """What clients see when PostgreSQL restarts: every connection to the database is cut."""
+    admin = psycopg2.connect(PG_ADMIN_URL)
+    admin.autocommit = True
+    with admin.cursor() as cur:
+        cur.execute(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = %s AND pid <> "
+            "pg_backend_pid()",
+            (database,),
+        )
+        (count,) = cur.fetchone()
+    admin.close()
+    return count
+
+
+def test_api_and_worker_reconnect_after_postgresql_drops_them(make_stack, pg_settings, smtp):
+    stack = make_stack().start("api", "worker")
+    first = stack.send(_to(1))
+    stack.wait_status(first, "sent")
+
+    assert _drop_connections(pg_settings.database_url.rsplit("/", 1)[1]) >= 2
+
+    def accepted():
+        try:
+            return stack.send(_to(2))
+        except AssertionError:  # a 503 while the pool notices; callers retry, and so do we
+            return None
+
+    second = wait_until(accepted, timeout=15, interval=0.2)
+    stack.wait_status(second, "sent", timeout=30)
+    assert _recipients(smtp) == ["user1@example.com", "user2@example.com"]

@@ -1,0 +1,284 @@
+"""Idempotency keys: a request repeated with the same key is stored, queued and sent once."""
+
+from __future__ import annotations
+
+import json
+import threading
+import urllib.error
+import urllib.request
+from datetime import timedelta
+
+import pytest
+
+from notifier import store
+from notifier.db import database
+from notifier.models import Notification
+from notifier.reconciler import reconcile
+from tests.helpers import LITERAL, VERIFICATION, notification_count, reload, run_worker_until_idle
+from tests.processes import cli, env_for, free_port, spawn, stop, wait_for_http
+
+pytestmark = pytest.mark.integration
+
+SEND = "/api/notifications/send"
+REPLAYED = "Idempotent-Replayed"
+
+
+def _post(client, headers, payload, key=None, path=SEND):
+    extra = {"Idempotency-Key": key} if key is not None else {}
+    return client.post(path, json=payload, headers={**headers, **extra})
+
+
+def _age(notification_id: str, days: int) -> None:
+    """Pretend the notification was created days ago."""
+    with database.connection_context():
+        Notification.update(created_at=Notification.created_at - timedelta(days=days)).where(
+            Notification.id == notification_id
+        ).execute()
+
+
+def test_same_key_and_payload_twice_stores_and_sends_once(client, headers, deliverer, smtp, redis_conn):
+    first = _post(client, headers, LITERAL, key="order-1")
+    second = _post(client, headers, LITERAL, key="order-1")
+
+    assert first.status_code == second.status_code == 202
+    assert first.get_json()["id"] == second.get_json()["id"]
+    assert REPLAYED not in first.headers
+    assert second.headers[REPLAYED] == "true"
+    assert second.headers["Location"] == first.headers["Location"]
+    assert notification_count() == 1
+
+    run_worker_until_idle(redis_conn)
+    assert len(smtp.wait_for(1)) == 1
+    notification_id = first.get_json()["id"]
+    assert reload(notification_id).status == "sent"
+    assert smtp.count() == 1
+
+
+def test_replay_answers_with_the_current_status(client, headers, deliverer, smtp, redis_conn):
+    accepted = _post(client, headers, LITERAL, key="order-2").get_json()
+    assert accepted["status"] == "queued"
+    run_worker_until_idle(redis_conn)
+
+    replay = _post(client, headers, LITERAL, key="order-2")
+    assert replay.status_code == 202
+    assert replay.headers[REPLAYED] == "true"
+    assert replay.get_json() == {"id": accepted["id"], "status": "sent"}
+
+    run_worker_until_idle(redis_conn)  # the replay queued nothing new
+    assert reload(accepted["id"]).status == "sent"
+    assert notification_count() == 1
+    assert smtp.count() == 1
+
+
+def test_idempotency_key_field_works_like_the_header(client, headers, deliverer, smtp, redis_conn):
+    first = _post(client, headers, {**LITERAL, "idempotency_key": "order-3"})
+    by_field = _post(client, headers, {**LITERAL, "idempotency_key": "order-3"})
+    by_header = _post(client, headers, LITERAL, key="order-3")
+    both = _post(client, headers, {**LITERAL, "idempotency_key": "order-3"}, key="order-3")
+
+    notification_id = first.get_json()["id"]
+    assert REPLAYED not in first.headers
+    for replay in (by_field, by_header, both):
+        assert replay.status_code == 202
+        assert replay.get_json()["id"] == notification_id
+        assert replay.headers[REPLAYED] == "true"
+    assert notification_count() == 1
+
+    run_worker_until_idle(redis_conn)
+    assert reload(notification_id).status == "sent"
+    assert len(smtp.wait_for(1)) == 1
+
+
+def test_header_and_field_that_differ_are_refused(client, headers, deliverer, smtp, redis_conn):
+    response = _post(client, headers, {**LITERAL, "idempotency_key": "order-4"}, key="order-5")
+
+    assert response.status_code == 422
+    error = response.get_json()["error"]
+    assert error["code"] == "validation_error"
+    assert "idempotency_key" in error["details"]
+    assert notification_count() == 0
+    run_worker_until_idle(redis_conn)
+    assert smtp.count() == 0
+
+
+def test_same_key_with_a_different_payload_is_a_conflict(client, headers, deliverer, smtp, redis_conn):
+    original = _post(client, headers, LITERAL, key="order-6").get_json()
+    reused = _post(client, headers, {**LITERAL, "text": "Another body"}, key="order-6")
+    other_route = _post(client, headers, VERIFICATION, key="order-6", path="/api/notifications/send-verification")
+
+    for response in (reused, other_route):
+        assert response.status_code == 409
+        error = response.get_json()["error"]
+        assert error["code"] == "idempotency_key_reused"
+        assert error["details"] == {"id": original["id"]}
+    assert notification_count() == 1
+
+    run_worker_until_idle(redis_conn)
+    assert reload(original["id"]).status == "sent"
+    (received,) = smtp.wait_for(1)
+    assert received.message.get_payload()[0].get_content().strip() == LITERAL["text"]
+
+
+def test_keys_are_scoped_to_the_api_key(client, api_key, other_key, deliverer, smtp, redis_conn):
+    ours = _post(client, {"X-API-Key": api_key[1]}, LITERAL, key="shared-key")
+    theirs = _post(client, {"X-API-Key": other_key[1]}, LITERAL, key="shared-key")
+
+    assert ours.status_code == theirs.status_code == 202
+    assert REPLAYED not in ours.headers and REPLAYED not in theirs.headers
+    ids = {ours.get_json()["id"], theirs.get_json()["id"]}
+    assert len(ids) == 2
+    assert notification_count() == 2
+
+    run_worker_until_idle(redis_conn)
+    assert [reload(i).status for i in sorted(ids)] == ["sent", "sent"]
+    assert len(smtp.wait_for(2)) == 2
+    assert smtp.count() == 2
+
+
+def _concurrently(n: int, call):
+    """Run call() in n threads released at the same instant; return their results in order."""
+    barrier = threading.Barrier(n)
+    results: list = [None] * n
+
+    def run(i):
+        barrier.wait()
+        try:
+            results[i] = call()
+        except Exception as exc:  # noqa: BLE001 - the assertion below shows it
+            results[i] = exc
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    return results
+
+
+def _http_post(url: str, api_key: str, payload: dict, idempotency_key: str) -> tuple[int, dict, dict]:
+    """POST JSON with an Idempotency-Key; return status, response headers and body."""
+    req = urllib.request.Request(url, data=json.dumps(payload).encode(), method="POST")
+    req.add_header("Content-Type", "application/json")
+    req.add_header("X-API-Key", api_key)
+    req.add_header("Idempotency-Key", idempotency_key)
+    try:
+        with urllib.request.urlopen(req, timeout=15) as resp:
+            return resp.status, dict(resp.headers), json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        return err.code, dict(err.headers), json.loads(err.read())
+
+
+@pytest.fixture
+def api_process(pg_settings, pg_db, redis_conn, tmp_path):
+    """The API as its own process (app.py, the threaded dev server) on the test database and Redis."""
+    port = free_port()
+    env = env_for(pg_settings, PORT=port)
+    key = cli(["keys", "create", "racing-client"], env).strip().splitlines()[-1]
+    proc = spawn(["app.py"], env, str(tmp_path / "api.log"))
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/api/health")
+        yield f"http://127.0.0.1:{port}", key
+    finally:
+        stop(proc, timeout=10)
+
+
+def test_concurrent_requests_with_one_key_create_one_notification(api_process, deliverer, smtp, redis_conn):
+    base, key = api_process
+    results = _concurrently(8, lambda: _http_post(f"{base}{SEND}", key, LITERAL, "race-1"))
+
+    assert all(isinstance(r, tuple) for r in results), results
+    assert [status for status, _, _ in results] == [202] * 8, results
+    ids = {body["id"] for _, _, body in results}
+    assert len(ids) == 1
+    replayed = [headers.get(REPLAYED) for _, headers, _ in results]
+    assert replayed.count("true") == 7 and replayed.count(None) == 1
+    assert notification_count() == 1
+
+    run_worker_until_idle(redis_conn)
+    (notification_id,) = ids
+    assert reload(notification_id).status == "sent"
+    assert len(smtp.wait_for(1)) == 1
+    assert smtp.count() == 1
+
+
+def test_concurrent_requests_in_process_create_one_notification(app, headers, deliverer, smtp, redis_conn):
+    def post():
+        response = app.test_client().post(SEND, json=LITERAL, headers={**headers, "Idempotency-Key": "race-2"})
+        return response.status_code, response.get_json()["id"]
+
+    results = _concurrently(8, post)
+
+    assert all(isinstance(r, tuple) for r in results), results
+    assert {status for status, _ in results} == {202}
+    ids = {notification_id for _, notification_id in results}
+    assert len(ids) == 1
+    assert notification_count() == 1
+
+    run_worker_until_idle(redis_conn)
+    assert reload(ids.pop()).status == "sent"
+    assert len(smtp.wait_for(1)) == 1
+    assert smtp.count() == 1
+
+
+def test_requests_that_all_miss_the_lookup_still_create_one(app, headers, deliverer, smtp, redis_conn, monkeypatch):
+    # Force the worst interleaving: every request looks the key up before any of them inserts, so all
+    # but one must lose on the unique index and answer as replays.
+    lookups = threading.Barrier(8)
+    first_lookup = threading.local()
+    real_lookup = store.find_idempotent
+
+    def lookup_then_wait(api_key, key):
+        found = real_lookup(api_key, key)
+        if not getattr(first_lookup, "done", False):
+            first_lookup.done = True
+            lookups.wait(timeout=10)
+        return found
+
+    monkeypatch.setattr(store, "find_idempotent", lookup_then_wait)
+
+    def post():
+        response = app.test_client().post(SEND, json=LITERAL, headers={**headers, "Idempotency-Key": "race-3"})
+        return response.status_code, response.headers.get(REPLAYED), response.get_json().get("id")
+
+    results = _concurrently(8, post)
+
+    assert all(isinstance(r, tuple) for r in results), results
+    assert [status for status, _, _ in results] == [202] * 8, results
+    assert [replayed for _, replayed, _ in results].count("true") == 7
+    ids = {notification_id for _, _, notification_id in results}
+    assert len(ids) == 1
+    assert notification_count() == 1
+
+    run_worker_until_idle(redis_conn)
+    assert reload(ids.pop()).status == "sent"
+    assert len(smtp.wait_for(1)) == 1
+    assert smtp.count() == 1
+
+
+def test_reconciler_forgets_keys_older_than_the_ttl(client, headers, deliverer, smtp, redis_conn, pg_settings):
+    old = _post(client, headers, LITERAL, key="old-key").get_json()["id"]
+    recent = _post(client, headers, LITERAL, key="recent-key").get_json()["id"]
+    run_worker_until_idle(redis_conn)
+    _age(old, pg_settings.idempotency_ttl_days + 1)
+    _age(recent, pg_settings.idempotency_ttl_days - 1)
+
+    with database.connection_context():
+        report = reconcile(pg_settings, redis_conn)
+    assert report.keys_forgotten == 1
+
+    again = _post(client, headers, LITERAL, key="old-key")
+    assert again.status_code == 202
+    assert REPLAYED not in again.headers
+    renewed = again.get_json()["id"]
+    assert renewed != old
+    still_known = _post(client, headers, LITERAL, key="recent-key")
+    assert still_known.headers[REPLAYED] == "true"
+    assert still_known.get_json()["id"] == recent
+    assert notification_count() == 3
+
+    run_worker_until_idle(redis_conn)
+    assert [reload(i).status for i in (old, recent, renewed)] == ["sent", "sent", "sent"]
+    assert reload(old).idempotency_key is None
+    assert reload(renewed).idempotency_key == "old-key"
+    assert len(smtp.wait_for(3)) == 3
+    assert smtp.count() == 3
