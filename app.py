@@ -88,11 +88,13 @@ def create_app(settings: Settings | None = None, *, redis=None) -> Flask:
         if not database.is_closed():
             database.close()
 
-    from notifier.api import deadletters, health, notifications
+    from notifier.api import deadletters, events, health, notifications, suppressions, unsubscribe, users
 
     app.register_blueprint(health.bp)
     app.register_blueprint(notifications.bp)
     app.register_blueprint(deadletters.bp)
+    for blueprint in (events.bp, users.bp, suppressions.bp, unsubscribe.bp):
+        app.register_blueprint(blueprint)
     register_error_handlers(app)
     return app
 

@@ -16,11 +16,17 @@ logger = logging.getLogger("notifier.scheduler")
 
 POLL_SECONDS = 1
 RECONCILE_JOB_ID = "notifier-reconcile"
+DIGESTS_JOB_ID = "notifier-digests"
+# Digests are due at a minute of the day; checking every half minute is on time and cheap.
+DIGEST_POLL_SECONDS = 30
 
 
 def periodic_jobs(settings: Settings) -> list[tuple[str, str, int]]:
     """(stable id, job function, interval in seconds) of every periodic job."""
-    return [(RECONCILE_JOB_ID, "notifier.jobs.reconcile", settings.reconcile_interval)]
+    return [
+        (RECONCILE_JOB_ID, "notifier.jobs.reconcile", settings.reconcile_interval),
+        (DIGESTS_JOB_ID, "notifier.jobs.flush_digests", DIGEST_POLL_SECONDS),
+    ]
 
 
 class NotifierScheduler(Scheduler):

@@ -13,6 +13,9 @@ from notifier.errors import ConfigError
 SMTP_SECURITY_MODES = ("none", "starttls", "ssl")
 DEFAULT_RETRY_INTERVALS = (60, 300, 900, 1800, 3600)
 DEFAULT_CALLBACK_RETRY_INTERVALS = (10, 60, 300, 1800)
+WEEKDAYS = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
+# Signs unsubscribe links when SECRET_KEY is unset; fine on a laptop, forgeable anywhere else.
+INSECURE_DEVELOPMENT_SECRET = "notifier-development-secret-do-not-use-in-production"
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,12 @@ class Settings:
     sending_timeout: int = 300
     callback_timeout: float = 5.0
     callback_retry_intervals: tuple[int, ...] = DEFAULT_CALLBACK_RETRY_INTERVALS
+    secret_key: str = field(default="", repr=False)
+    public_base_url: str = "http://127.0.0.1:5000"
+    digest_time: str = "08:00"
+    digest_weekday: int = 0  # Monday
+    digest_grace_seconds: int = 60
+    welcome_delay_seconds: int = 600
     templates_dir: str = ""
     brand_name: str = "notifier"
     log_level: str = "INFO"
@@ -49,6 +58,11 @@ class Settings:
     def max_attempts(self) -> int:
         """The first attempt plus one per retry interval."""
         return 1 + len(self.retry_intervals)
+
+    @property
+    def signing_key(self) -> str:
+        """What signs unsubscribe links."""
+        return self.secret_key or INSECURE_DEVELOPMENT_SECRET
 
     @property
     def max_callback_attempts(self) -> int:
@@ -83,6 +97,12 @@ class Settings:
             max_body_bytes=_int(env, "MAX_BODY_BYTES", defaults.max_body_bytes, 1024, 64 * 1024 * 1024),
             page_size_max=_int(env, "PAGE_SIZE_MAX", defaults.page_size_max, 1, 1000),
             job_timeout=_int(env, "JOB_TIMEOUT", defaults.job_timeout, 1, 3600),
+            secret_key=env.get("SECRET_KEY", ""),
+            public_base_url=_base_url(env.get("PUBLIC_BASE_URL", defaults.public_base_url)),
+            digest_time=_clock(env, "DIGEST_TIME", defaults.digest_time),
+            digest_weekday=WEEKDAYS.index(_choice(env, "DIGEST_WEEKDAY", "monday", WEEKDAYS)),
+            digest_grace_seconds=_int(env, "DIGEST_GRACE_SECONDS", defaults.digest_grace_seconds, 0, 3600),
+            welcome_delay_seconds=_int(env, "WELCOME_DELAY_SECONDS", defaults.welcome_delay_seconds, 0, 30 * 86400),
             templates_dir=env.get("TEMPLATES_DIR", defaults.templates_dir),
             brand_name=env.get("BRAND_NAME", defaults.brand_name).strip() or defaults.brand_name,
             log_level=_choice(env, "LOG_LEVEL", defaults.log_level, ("DEBUG", "INFO", "WARNING", "ERROR")),
@@ -168,3 +188,26 @@ def _password(env: Mapping[str, str]) -> str:
     if env.get("SMTP_USERNAME") and not password:
         raise ConfigError("SMTP_PASSWORD", "is required when SMTP_USERNAME is set")
     return password
+
+
+def parse_clock(raw: str) -> tuple[int, int] | None:
+    """(hour, minute) of an "HH:MM" string, or None when it is not one."""
+    parts = raw.strip().split(":")
+    if len(parts) != 2 or not all(p.isdigit() for p in parts):
+        return None
+    hour, minute = int(parts[0]), int(parts[1])
+    return (hour, minute) if 0 <= hour < 24 and 0 <= minute < 60 else None
+
+
+def _clock(env: Mapping[str, str], name: str, default: str) -> str:
+    raw = env.get(name, "").strip() or default
+    if parse_clock(raw) is None:
+        raise ConfigError(name, f"must be a time of day like 08:00, got {raw!r}")
+    return raw
+
+
+def _base_url(raw: str) -> str:
+    parsed = urlparse(raw)
+    if parsed.scheme not in ("http", "https") or not parsed.netloc:
+        raise ConfigError("PUBLIC_BASE_URL", f"must be an http(s) URL, got {raw!r}")
+    return raw.rstrip("/")

@@ -18,9 +18,11 @@ class ConfigError(NotifierError):
 class DeliveryError(NotifierError):
     """Sending failed; subclasses say whether trying again can help."""
 
-    def __init__(self, message: str, smtp_code: int | None = None):
+    def __init__(self, message: str, smtp_code: int | None = None, address_rejected: bool = False):
         super().__init__(message)
         self.smtp_code = smtp_code
+        # The server said this mailbox does not exist: the address belongs on the suppression list.
+        self.address_rejected = address_rejected
 
 
 class TransientDeliveryError(DeliveryError):

@@ -7,12 +7,12 @@ import time
 
 from redis import Redis
 
-from notifier import callbacks, queues, store
+from notifier import callbacks, consent, digests, queues, store, unsubscribe
 from notifier.config import Settings
 from notifier.db import UNAVAILABLE_ERRORS, database
 from notifier.errors import DeliveryError, PermanentDeliveryError, TransientDeliveryError
 from notifier.mail import Mailer, OutgoingEmail, SendResult
-from notifier.models import FINAL_STATUSES, CallbackStatus, Notification, Status, utcnow
+from notifier.models import FINAL_STATUSES, CallbackStatus, Category, Notification, Status, utcnow
 from notifier.rendering import RenderedEmail, Renderer, literal
 
 logger = logging.getLogger(__name__)
@@ -47,6 +47,13 @@ class Deliverer:
                                     sources=(Status.QUEUED, Status.RETRYING)):
                     self.after_final(notification_id)
                     return "expired"
+            if current is not None and current.status in (Status.QUEUED, Status.RETRYING):
+                reason = consent.unwanted(current.api_key_id, to=current.to, user_key=current.user_key,
+                                          category=current.category)
+                if reason and store.transition(notification_id, Status.SUPPRESSED, reason=reason,
+                                               sources=(Status.QUEUED, Status.RETRYING)):
+                    self.after_final(notification_id)
+                    return "suppressed"
             if not store.claim(notification_id):
                 # Someone else holds it, it was cancelled, or it is already final: nothing to do.
                 logger.info("notification %s not claimable; skipping", notification_id)
@@ -74,13 +81,17 @@ class Deliverer:
             return "sent"
 
     def _outgoing(self, notification: Notification) -> OutgoingEmail:
-        content = self.render(notification)
-        return OutgoingEmail(notification_id=notification.id, to=notification.to, content=content)
+        headers, extra = {}, {}
+        if notification.category != Category.TRANSACTIONAL and notification.user_key:
+            url = unsubscribe.link(self.settings, notification.api_key_id, notification.user_key, notification.category)
+            headers, extra = unsubscribe.headers(url), {"unsubscribe_url": url}
+        content = self.render(notification, extra)
+        return OutgoingEmail(notification_id=notification.id, to=notification.to, content=content, headers=headers)
 
-    def render(self, notification: Notification) -> RenderedEmail:
+    def render(self, notification: Notification, extra: dict | None = None) -> RenderedEmail:
         """The subject and body parts of a notification, from its template or its literal content."""
         if notification.template:
-            return self.renderer.render(notification.template, notification.data)
+            return self.renderer.render(notification.template, {**(notification.data or {}), **(extra or {})})
         return literal(notification.subject or "", notification.text, notification.html)
 
     def _finish(self, notification: Notification, target: Status, **fields) -> None:
@@ -96,6 +107,8 @@ class Deliverer:
         message = str(exc)
         fields = {"reason": message, "smtp_code": exc.smtp_code, "smtp_reply": message, "last_error": message}
         if final:
+            if exc.address_rejected:
+                consent.suppress(notification.api_key_id, notification.to, reason=message)
             self._finish(notification, Status.FAILED, **fields)
         else:
             store.transition(notification.id, Status.RETRYING, sources=(Status.SENDING,), **fields)
@@ -218,3 +231,10 @@ def reconcile() -> dict:
     current = _current()
     with database.connection_context():
         return run(current.settings, current.redis).as_dict()
+
+
+def flush_digests() -> int:
+    """The periodic job: make every daily or weekly digest that is due."""
+    current = _current()
+    with database.connection_context():
+        return digests.flush_due(current.settings, current.redis, current.renderer)

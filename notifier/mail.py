@@ -81,7 +81,9 @@ def classify(exc: BaseException) -> DeliveryError:
         return exc
     if isinstance(exc, smtplib.SMTPRecipientsRefused):
         code, reply = next(iter(exc.recipients.values()), (550, b"recipient refused"))
-        return _by_code(code, reply, "recipient refused")
+        error = _by_code(code, reply, "recipient refused")
+        error.address_rejected = isinstance(error, PermanentDeliveryError)
+        return error
     if isinstance(exc, smtplib.SMTPAuthenticationError):
         # A login problem is the operator's to fix; retrying gives them the time to.
         return TransientDeliveryError(f"SMTP login failed: {exc.smtp_code} {_text(exc.smtp_error)}", exc.smtp_code)
@@ -100,11 +102,17 @@ def _text(reply) -> str:
     return reply.decode("utf-8", "replace") if isinstance(reply, bytes) else str(reply)
 
 
+# Enhanced status codes (RFC 3463) that mean the mailbox does not exist or never will.
+_BAD_MAILBOX = ("5.1.1", "5.1.2", "5.1.3", "5.1.6", "5.1.10")
+
+
 def _by_code(code: int, reply, what: str) -> DeliveryError:
-    message = f"{what}: {code} {_text(reply)}"
+    text = _text(reply)
+    message = f"{what}: {code} {text}"
     if 400 <= code < 500:
         return TransientDeliveryError(message, code)
-    return PermanentDeliveryError(message, code)
+    bad_mailbox = code in (550, 551, 553) and any(status in text for status in _BAD_MAILBOX)
+    return PermanentDeliveryError(message, code, address_rejected=bad_mailbox)
 
 
 class SmtpMailer:

@@ -35,16 +35,26 @@ class Status(StrEnum):
     FAILED = "failed"
     CANCELLED = "cancelled"
     EXPIRED = "expired"
+    # Waiting for the user's daily or weekly digest; then `digested`, having gone out inside one.
+    HELD = "held"
+    DIGESTED = "digested"
+    # Not sent on purpose: the user turned the category off, or the address is on the suppression list.
+    SUPPRESSED = "suppressed"
 
 
-FINAL_STATUSES = frozenset({Status.SENT, Status.FAILED, Status.CANCELLED, Status.EXPIRED})
+FINAL_STATUSES = frozenset(
+    {Status.SENT, Status.FAILED, Status.CANCELLED, Status.EXPIRED, Status.DIGESTED, Status.SUPPRESSED}
+)
+# Statuses in which a notification is still waiting to go out, and may be cancelled or expire.
+WAITING_STATUSES = frozenset({Status.QUEUED, Status.RETRYING, Status.SCHEDULED, Status.HELD})
 
 # Every move a notification may make. Anything else is refused by store.transition(), which is how a
 # job delivered twice sends once: the second claim finds the row no longer queued.
 TRANSITIONS: dict[Status, frozenset[Status]] = {
-    Status.SCHEDULED: frozenset({Status.QUEUED, Status.CANCELLED, Status.EXPIRED}),
-    Status.QUEUED: frozenset({Status.SENDING, Status.CANCELLED, Status.FAILED, Status.EXPIRED}),
-    Status.RETRYING: frozenset({Status.SENDING, Status.CANCELLED, Status.FAILED, Status.EXPIRED}),
+    Status.SCHEDULED: frozenset({Status.QUEUED, Status.CANCELLED, Status.EXPIRED, Status.SUPPRESSED}),
+    Status.QUEUED: frozenset({Status.SENDING, Status.CANCELLED, Status.FAILED, Status.EXPIRED, Status.SUPPRESSED}),
+    Status.RETRYING: frozenset({Status.SENDING, Status.CANCELLED, Status.FAILED, Status.EXPIRED, Status.SUPPRESSED}),
+    Status.HELD: frozenset({Status.DIGESTED, Status.CANCELLED, Status.EXPIRED, Status.SUPPRESSED}),
     # sending -> retrying is also how the reconciler recovers a notification whose worker died.
     Status.SENDING: frozenset({Status.SENT, Status.RETRYING, Status.FAILED, Status.EXPIRED}),
     # failed -> queued: an operator requeues a dead letter.
@@ -52,7 +62,23 @@ TRANSITIONS: dict[Status, frozenset[Status]] = {
     Status.SENT: frozenset(),
     Status.CANCELLED: frozenset(),
     Status.EXPIRED: frozenset(),
+    Status.DIGESTED: frozenset(),
+    Status.SUPPRESSED: frozenset(),
 }
+
+
+class Category(StrEnum):
+    TRANSACTIONAL = "transactional"  # always sent: verification, password reset, receipts
+    PRODUCT = "product"
+    MARKETING = "marketing"
+    UPDATES = "updates"
+
+
+class DeliveryMode(StrEnum):
+    IMMEDIATE = "immediate"
+    DAILY = "daily"
+    WEEKLY = "weekly"
+    OFF = "off"
 
 
 class CallbackStatus(StrEnum):
@@ -117,6 +143,11 @@ class Notification(BaseModel):
     text = TextField(null=True)
     html = TextField(null=True)
     priority = CharField(max_length=10, default=Priority.DEFAULT.value)
+    category = CharField(max_length=32, default=Category.TRANSACTIONAL.value)
+    # Whose preferences apply: user_id when the caller gave one, otherwise "email:<to>".
+    user_key = CharField(max_length=330, null=True)
+    # For an item that went out inside a digest: the digest notification's id.
+    digest_id = CharField(max_length=36, null=True)
     metadata = JSONField(null=True)
     status = CharField(max_length=16, default=Status.QUEUED.value)
     attempts = IntegerField(default=0)
@@ -141,6 +172,7 @@ class Notification(BaseModel):
             (("api_key", "idempotency_key"), True),
             (("status", "updated_at"), False),
             (("callback_status", "updated_at"), False),
+            (("status", "api_key", "user_key", "category"), False),
         )
 
 
@@ -160,6 +192,64 @@ class Event(BaseModel):
         table_name = "notification_events"
 
 
+class UserProfile(BaseModel):
+    """A recipient's timezone and quiet hours, as one calling service knows them."""
+
+    api_key = ForeignKeyField(ApiKey, on_delete="CASCADE")
+    user_key = CharField(max_length=330)
+    timezone = CharField(max_length=64, default="UTC")
+    quiet_start = CharField(max_length=5, null=True)  # "22:00", local time
+    quiet_end = CharField(max_length=5, null=True)
+    updated_at = DateTimeField(default=utcnow)
+
+    class Meta:
+        table_name = "user_profiles"
+        indexes = ((("api_key", "user_key"), True),)
+
+
+class Preference(BaseModel):
+    """How a recipient wants one category of mail: immediate, daily, weekly or off."""
+
+    api_key = ForeignKeyField(ApiKey, on_delete="CASCADE")
+    user_key = CharField(max_length=330)
+    category = CharField(max_length=32)
+    mode = CharField(max_length=16)
+    updated_at = DateTimeField(default=utcnow)
+
+    class Meta:
+        table_name = "preferences"
+        indexes = ((("api_key", "user_key", "category"), True),)
+
+
+class Digest(BaseModel):
+    """One digest per user, category and window: the unique index is what makes a second one impossible."""
+
+    api_key = ForeignKeyField(ApiKey, on_delete="CASCADE")
+    user_key = CharField(max_length=330)
+    category = CharField(max_length=32)
+    window_end = DateTimeField()
+    notification_id = CharField(max_length=36)
+    items = IntegerField()
+    created_at = DateTimeField(default=utcnow)
+
+    class Meta:
+        table_name = "digests"
+        indexes = ((("api_key", "user_key", "category", "window_end"), True),)
+
+
+class Suppression(BaseModel):
+    """An address that must not be mailed: the server said it does not exist."""
+
+    api_key = ForeignKeyField(ApiKey, on_delete="CASCADE")
+    email = CharField(max_length=320)
+    reason = TextField()
+    created_at = DateTimeField(default=utcnow)
+
+    class Meta:
+        table_name = "suppressions"
+        indexes = ((("api_key", "email"), True),)
+
+
 class SchemaVersion(BaseModel):
     version = IntegerField()
 
@@ -167,4 +257,4 @@ class SchemaVersion(BaseModel):
         table_name = "schema_version"
 
 
-MODELS = (ApiKey, Notification, Event, SchemaVersion)
+MODELS = (ApiKey, Notification, Event, UserProfile, Preference, Digest, Suppression, SchemaVersion)

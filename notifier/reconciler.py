@@ -24,7 +24,7 @@ from redis import Redis
 
 from notifier import queues, store
 from notifier.config import Settings
-from notifier.models import CallbackStatus, Notification, Status, utcnow
+from notifier.models import WAITING_STATUSES, CallbackStatus, Notification, Status, utcnow
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ def _rows(*conditions):
 
 
 def _expire(redis: Redis, settings: Settings, now: datetime) -> int:
-    waiting = (Status.QUEUED, Status.RETRYING, Status.SCHEDULED)
+    waiting = tuple(WAITING_STATUSES)
     count = 0
     for row in _rows(Notification.status.in_([s.value for s in waiting]), Notification.expires_at <= now):
         if store.transition(row.id, Status.EXPIRED, reason="deadline passed before it could be sent",

@@ -6,12 +6,13 @@ import logging
 from contextlib import contextmanager
 
 from peewee import PostgresqlDatabase
+from playhouse.migrate import PostgresqlMigrator, SqliteMigrator, migrate
 
 from notifier.models import MODELS, SchemaVersion
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 _LOCK_ID = 0x6E6F7469  # an arbitrary constant: "noti"
 
 
@@ -33,6 +34,7 @@ def upgrade(db) -> int:
     with db.connection_context(), _migration_lock(db):
         with db.atomic():
             db.create_tables(MODELS, safe=True)
+            _add_missing_columns(db)
             row = SchemaVersion.select().first()
             if row is None:
                 SchemaVersion.create(version=SCHEMA_VERSION)
@@ -41,3 +43,18 @@ def upgrade(db) -> int:
                 row.save()
     logger.debug("schema at version %s", SCHEMA_VERSION)
     return SCHEMA_VERSION
+
+
+def _add_missing_columns(db) -> None:
+    # Upgrades so far only add columns (each nullable or with a default): add whatever a table lacks.
+    migrator = PostgresqlMigrator(db) if isinstance(db, PostgresqlDatabase) else SqliteMigrator(db)
+    operations = []
+    for model in MODELS:
+        table = model._meta.table_name
+        present = {column.name for column in db.get_columns(table)}
+        for field in model._meta.sorted_fields:
+            if field.column_name not in present:
+                logger.info("adding column %s.%s", table, field.column_name)
+                operations.append(migrator.add_column(table, field.column_name, field))
+    if operations:
+        migrate(*operations)

@@ -6,9 +6,13 @@ from datetime import UTC
 
 from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates_schema
 
-from notifier.models import Priority, Status
+from notifier.consent import OPTIONAL_CATEGORIES, valid_timezone
+from notifier.models import Category, DeliveryMode, Priority, Status
+from notifier.rules import RULES
 
 PRIORITIES = [p.value for p in Priority]
+CATEGORIES = [c.value for c in Category]
+MODES = [m.value for m in DeliveryMode]
 STATUSES = [s.value for s in Status]
 MAX_BODY_CHARS = 1_000_000
 
@@ -73,11 +77,12 @@ class SendSchema(DeliveryOptions):
     html = fields.String(validate=validate.Length(min=1, max=MAX_BODY_CHARS))
     priority = fields.String(load_default=Priority.DEFAULT.value, validate=validate.OneOf(PRIORITIES))
     user_id = fields.String(validate=validate.Length(min=1, max=200))
+    category = fields.String(validate=validate.OneOf(CATEGORIES))
 
     @validates_schema
     def _template_or_literal(self, data, **kwargs):
         if data.get("template"):
-            extra = [name for name in ("subject", "text", "html") if name in data]
+            extra = [name for name in ("subject", "text", "html", "category") if name in data]
             if extra:
                 raise ValidationError({name: ["not allowed with template"] for name in extra})
         elif "subject" in data:
@@ -100,6 +105,46 @@ class VerificationSchema(DeliveryOptions):
             raise ValidationError({"code": ["code or verification_url is required"]})
 
 
+def _timezone(value: str) -> None:
+    if not valid_timezone(value):
+        raise ValidationError("not an IANA timezone name, e.g. Europe/Berlin")
+
+
+def _clock(value: str) -> None:
+    from notifier.config import parse_clock
+
+    if len(value) != 5 or parse_clock(value) is None:
+        raise ValidationError("must be a time of day like 22:00")
+
+
+class EventUserSchema(StrictSchema):
+    id = fields.String(required=True, validate=validate.Length(min=1, max=200))
+    email = Email(required=True)
+    name = fields.String(validate=[validate.Length(min=1, max=200), _no_line_breaks])
+    timezone = fields.String(validate=_timezone)
+
+
+class EventSchema(StrictSchema):
+    type = fields.String(required=True, validate=validate.OneOf(sorted(RULES)))
+    user = fields.Nested(EventUserSchema, required=True)
+    data = fields.Dict(keys=fields.String(), load_default=dict)
+    metadata = fields.Dict(keys=fields.String(), load_default=None)
+    idempotency_key = fields.String(validate=[validate.Length(min=1, max=255), _no_line_breaks])
+    callback_url = fields.Url(schemes={"http", "https"}, require_tld=False, validate=validate.Length(max=2000))
+
+
+class QuietHoursSchema(StrictSchema):
+    start = fields.String(required=True, validate=_clock)
+    end = fields.String(required=True, validate=_clock)
+
+
+class PreferencesSchema(StrictSchema):
+    timezone = fields.String(validate=_timezone)
+    quiet_hours = fields.Nested(QuietHoursSchema, allow_none=True)
+    categories = fields.Dict(keys=fields.String(validate=validate.OneOf([c.value for c in OPTIONAL_CATEGORIES])),
+                             values=fields.String(validate=validate.OneOf(MODES)))
+
+
 class ListQuerySchema(StrictSchema):
     status = fields.String(validate=validate.OneOf(STATUSES))
     user_id = fields.String(validate=validate.Length(min=1, max=200))
@@ -112,7 +157,7 @@ class ListQuerySchema(StrictSchema):
     cursor = fields.String(validate=validate.Length(min=1, max=64))
 
 
-class EventSchema(Schema):
+class HistorySchema(Schema):
     at = UtcDateTime()
     kind = fields.String()
     from_status = fields.String(allow_none=True)
@@ -141,10 +186,12 @@ class NotificationSchema(Schema):
     expires_at = UtcDateTime(allow_none=True)
     callback_url = fields.String(allow_none=True)
     callback_status = fields.String(allow_none=True)
+    category = fields.String()
+    digest_id = fields.String(allow_none=True)
 
 
 class NotificationDetailSchema(NotificationSchema):
-    history = fields.List(fields.Nested(EventSchema))
+    history = fields.List(fields.Nested(HistorySchema))
 
 
 class AcceptedSchema(Schema):

@@ -5,21 +5,33 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from dataclasses import dataclass
 from datetime import timedelta
 
 from peewee import IntegrityError
 from redis import Redis
 
-from notifier import queues, store
+from notifier import consent, queues, rules, store
 from notifier.config import Settings
+from notifier.consent import Decision
 from notifier.errors import Conflict, NotFound, Unprocessable
-from notifier.models import ApiKey, Notification, Priority, Status, utcnow
+from notifier.models import FINAL_STATUSES, ApiKey, CallbackStatus, Notification, Priority, Status, utcnow
 from notifier.rendering import Renderer, TemplateRenderError
 
 logger = logging.getLogger(__name__)
 
 VERIFICATION_TEMPLATE = "verification"
 MESSAGE_FIELDS = ("to", "template", "data", "subject", "text", "html", "priority", "user_id", "metadata")
+
+
+@dataclass(frozen=True)
+class Draft:
+    """A checked request: the row to store and what happens to it."""
+
+    fields: dict
+    decision: Decision
+    key: str | None
+    request_hash: str
 
 
 class NotificationService:
@@ -40,32 +52,92 @@ class NotificationService:
         except TemplateRenderError as exc:
             raise Unprocessable("the template cannot be rendered with this data", {"data": [str(exc)]}) from exc
 
-    def send(self, api_key: ApiKey, payload: dict, idempotency_key: str | None = None) -> tuple[Notification, bool]:
-        """Store a validated send request and queue it; returns it and whether it was a replay."""
+    def draft(self, api_key: ApiKey, payload: dict, idempotency_key: str | None = None):
+        """Check a send request and decide its fate, storing nothing: (Draft, None), or (None, the
+        earlier notification) when it replays an idempotency key."""
         key = _idempotency_key(payload, idempotency_key)
         request_hash = _fingerprint(payload)
         if key is not None:
             earlier = store.find_idempotent(api_key, key)
             if earlier is not None:
-                return _replay(earlier, request_hash), True
+                return None, _replay(earlier, request_hash)
         if payload.get("template"):
             self.check_template(payload["template"], payload["data"])
         fields = {name: payload.get(name) for name in MESSAGE_FIELDS}
         if not payload.get("template"):
             fields["data"] = None
-        fields.update(self._timing(payload), idempotency_key=key, request_hash=request_hash if key else None,
-                      callback_url=payload.get("callback_url"))
-        status = Status.SCHEDULED if fields["send_at"] else Status.QUEUED
+        timing = self._timing(payload)
+        category = rules.category_of(payload.get("template"), payload.get("category"))
+        user_key = consent.user_key_for(payload.get("user_id"), payload["to"])
+        decision = consent.decide(api_key, to=payload["to"], user_key=user_key, category=category,
+                                  send_at=timing["send_at"], now=utcnow())
+        fields.update(
+            timing,
+            send_at=decision.send_at,
+            category=category.value,
+            user_key=user_key,
+            idempotency_key=key,
+            request_hash=request_hash if key else None,
+            callback_url=payload.get("callback_url"),
+        )
+        if decision.status in FINAL_STATUSES and fields["callback_url"]:
+            fields["callback_status"] = CallbackStatus.PENDING.value
+        return Draft(fields, decision, key, request_hash), None
+
+    def send(self, api_key: ApiKey, payload: dict, idempotency_key: str | None = None) -> tuple[Notification, bool]:
+        """Store a validated send request and queue it; returns it and whether it was a replay."""
+        draft, earlier = self.draft(api_key, payload, idempotency_key)
+        if earlier is not None:
+            return earlier, True
         try:
-            notification = store.create_notification(api_key, fields, status=status)
+            notification = self._store(api_key, draft)
         except IntegrityError:
             # Another request with the same key won the race; answer as its replay.
-            earlier = store.find_idempotent(api_key, key) if key else None
+            earlier = store.find_idempotent(api_key, draft.key) if draft.key else None
             if earlier is None:
                 raise
-            return _replay(earlier, request_hash), True
-        queues.dispatch(self.redis, self.settings, notification)
+            return _replay(earlier, draft.request_hash), True
+        self.hand_over(notification)
         return notification, False
+
+    def _store(self, api_key: ApiKey, draft: Draft) -> Notification:
+        return store.create_notification(api_key, draft.fields, status=draft.decision.status,
+                                         reason=draft.decision.reason)
+
+    def hand_over(self, notification: Notification) -> None:
+        """After the commit: queue what must be sent, or the callback of what ended at once."""
+        if notification.status in (Status.QUEUED, Status.SCHEDULED):
+            queues.dispatch(self.redis, self.settings, notification)
+        elif notification.status in FINAL_STATUSES:
+            queues.dispatch_callback(self.redis, self.settings, notification)
+
+    def emit(self, api_key: ApiKey, event: dict, idempotency_key: str | None = None) -> list[tuple[Notification, bool]]:
+        """A business event: every notification its rule causes, stored together or not at all."""
+        user = event["user"]
+        if user.get("timezone"):
+            consent.update_preferences(api_key, user["id"], {"timezone": user["timezone"]})
+        key = _idempotency_key(event, idempotency_key)
+        drafts = []
+        for rule in rules.RULES[event["type"]]:
+            data = dict(event["data"])
+            if user.get("name"):
+                data.setdefault("name", user["name"])
+            payload = {"to": user["email"], "template": rule.template, "data": data, "priority": rule.priority.value,
+                       "user_id": user["id"], "metadata": {"event": event["type"], **(event.get("metadata") or {})}}
+            if event.get("callback_url"):
+                payload["callback_url"] = event["callback_url"]
+            delay = rules.delay_of(rule, self.settings)
+            if delay:
+                payload["delay_seconds"] = delay
+            drafts.append(self.draft(api_key, payload, f"{key}:{rule.template}" if key else None))
+        results: list[tuple[Notification, bool]] = []
+        with Notification._meta.database.atomic():
+            for draft, earlier in drafts:
+                results.append((earlier, True) if earlier is not None else (self._store(api_key, draft), False))
+        for notification, replayed in results:
+            if not replayed:
+                self.hand_over(notification)
+        return results
 
     def send_verification(self, api_key: ApiKey, payload: dict, idempotency_key: str | None = None):
         """A verification email: the verification template at high priority, with a default deadline."""
@@ -84,7 +156,7 @@ class NotificationService:
             notification_id,
             Status.CANCELLED,
             reason="cancelled by the caller",
-            sources=(Status.SCHEDULED, Status.QUEUED, Status.RETRYING),
+            sources=(Status.SCHEDULED, Status.QUEUED, Status.RETRYING, Status.HELD),
         )
         notification = store.get(notification_id)
         if not cancelled:

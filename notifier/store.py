@@ -100,6 +100,38 @@ def transition(
     return True
 
 
+def transition_many(
+    seqs: list[int], target: Status, *, reason: str, sources: Iterable[Status], **changes
+) -> int:
+    """transition() for many rows at once (a digest taking its items); returns how many moved.
+
+    The same compare-and-set, so a row that moved on meanwhile is left alone; callers that need all
+    or nothing compare the count inside their own transaction."""
+    allowed = [s.value for s in frozenset(sources) & allowed_sources(target)]
+    if not seqs or not allowed:
+        return 0
+    now = utcnow()
+    if target in FINAL_STATUSES:
+        changes["callback_status"] = Case(
+            None, [(Notification.callback_url.is_null(False), CallbackStatus.PENDING.value)], None
+        )
+    with Notification._meta.database.atomic():
+        rows = list(
+            Notification.select(Notification.seq, Notification.status)
+            .where(Notification.seq.in_(seqs) & Notification.status.in_(allowed))
+        )
+        moved = (
+            Notification.update(status=target.value, updated_at=now, **changes)
+            .where(Notification.seq.in_([r.seq for r in rows]) & Notification.status.in_(allowed))
+            .execute()
+        )
+        Event.insert_many(
+            [{"notification": r.seq, "at": now, "kind": "status", "from_status": r.status,
+              "to_status": target.value, "reason": reason} for r in rows]
+        ).execute()
+    return moved
+
+
 def record(public_id: str, *, kind: str, reason: str, status: str | None = None, **fields) -> None:
     """Append a line to a notification's history that is not a status change (a callback attempt)."""
     row = Notification.select(Notification.seq, Notification.status).where(Notification.id == public_id).first()

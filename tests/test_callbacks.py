@@ -223,7 +223,7 @@ def test_callback_refused_with_410_is_not_retried(api, headers, live_deliverer, 
 
 def test_failed_notification_posts_a_failed_callback(api, headers, api_key, live_deliverer, receiver, smtp,
                                                      redis_conn):
-    smtp.replies.append("550 5.1.1 no such user")
+    smtp.replies.append("550 5.7.1 message rejected by policy")
     notification_id = _send(api, headers, callback_url=receiver.url, metadata={"k": "v"})
 
     run_worker_until_idle(redis_conn)
@@ -231,7 +231,7 @@ def test_failed_notification_posts_a_failed_callback(api, headers, api_key, live
     (call,) = receiver.calls
     event = call.json
     assert (event["id"], event["status"], event["event"]) == (notification_id, "failed", "notification.failed")
-    assert "550" in event["error"] and "no such user" in event["error"]
+    assert "550" in event["error"] and "rejected by policy" in event["error"]
     assert event["sent_at"] is None and event["metadata"] == {"k": "v"}
     assert call.headers[callbacks.EVENT_ID_HEADER] == f"{notification_id}:failed"
     assert callbacks.verify(api_key[0].callback_secret, call.body, call.headers[callbacks.SIGNATURE_HEADER])
@@ -319,7 +319,7 @@ def test_reconciler_requeues_a_callback_whose_job_vanished(api_key, fast_setting
 
 
 def test_requeued_dead_letter_posts_failed_then_sent(api, headers, live_deliverer, receiver, smtp, redis_conn):
-    smtp.replies.append("550 5.1.1 no such user")
+    smtp.replies.append("550 5.7.1 message rejected by policy")
     notification_id = _send(api, headers, callback_url=receiver.url)
     run_worker_until_idle(redis_conn)
     assert reload(notification_id).callback_status == "delivered"
@@ -343,7 +343,7 @@ def test_requeued_dead_letter_never_posts_a_non_final_callback(pg_settings, pg_d
     patient = replace(pg_settings, callback_retry_intervals=(3600,))
     api = create_app(patient, redis=redis_conn).test_client()
     receiver.codes.append(503)
-    smtp.replies.append("550 5.1.1 no such user")
+    smtp.replies.append("550 5.7.1 message rejected by policy")
     with installed_deliverer(patient, redis_conn):
         notification_id = _send(api, headers, callback_url=receiver.url)
         run_worker_until_idle(redis_conn)

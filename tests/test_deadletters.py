@@ -27,7 +27,7 @@ def _send(client, headers, **payload) -> str:
 
 def _dead_letter(client, headers, smtp, redis_conn, **payload) -> str:
     """A notification the SMTP server refused for good: failed, its job in RQ's failed registry."""
-    smtp.replies.append("550 5.1.1 no such user")
+    smtp.replies.append("550 5.7.1 message rejected by policy")
     notification_id = _send(client, headers, **payload)
     run_worker_until_idle(redis_conn)
     assert reload(notification_id).status == "failed"
@@ -55,7 +55,7 @@ def test_550_is_listed_as_a_dead_letter_for_its_key_only(client, headers, other_
     assert response.status_code == 200
     (entry,) = response.get_json()["data"]
     assert entry["id"] == notification_id
-    assert "550" in entry["reason"] and "no such user" in entry["reason"]
+    assert "550" in entry["reason"] and "rejected by policy" in entry["reason"]
     assert entry["smtp_code"] == 550
     assert entry["attempts"] == 1
     assert entry["in_failed_registry"] is True
@@ -149,7 +149,7 @@ def test_dlq_cli_lists_and_shows_a_dead_letter(client, headers, deliverer, smtp,
     assert f"id: {notification_id}" in shown
     assert "smtp_code: 550" in shown
     reason = next(row for row in shown.splitlines() if row.startswith("reason: "))
-    assert "550" in reason and "no such user" in reason
+    assert "550" in reason and "rejected by policy" in reason
     assert f"rq job: {job_id_for(notification_id)} (failed)" in shown
     assert reload(notification_id).status == "failed"
     assert smtp.count() == 0

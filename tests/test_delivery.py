@@ -78,7 +78,7 @@ def test_451_is_retried_then_delivered(client, headers, deliverer, smtp, redis_c
 
 
 def test_550_fails_at_once_without_retry(client, headers, deliverer, smtp, redis_conn):
-    smtp.replies.append("550 5.1.1 no such user")
+    smtp.replies.append("550 5.7.1 message rejected by policy")
     notification_id = _send(client, headers, **LITERAL)
     run_worker_until_idle(redis_conn)
 
@@ -86,7 +86,7 @@ def test_550_fails_at_once_without_retry(client, headers, deliverer, smtp, redis
     notification = reload(notification_id)
     assert notification.status == "failed"
     assert notification.attempts == 1
-    assert "550" in notification.last_error and "no such user" in notification.last_error
+    assert "550" in notification.last_error and "rejected by policy" in notification.last_error
     failed = Queue(QUEUE_NAMES["default"], connection=redis_conn).failed_job_registry
     assert failed.get_job_ids() == [f"notification-{notification_id}"]
 

@@ -1,0 +1,47 @@
+"""One-click unsubscribe (RFC 8058): no API key, the signed token in the link is the credential."""
+
+from __future__ import annotations
+
+from html import escape
+
+from flask import Blueprint, current_app, request
+
+from notifier import consent
+from notifier.errors import ApiError
+from notifier.models import ApiKey, DeliveryMode
+from notifier.unsubscribe import read_token
+
+bp = Blueprint("unsubscribe", __name__, url_prefix="/unsubscribe")
+
+_PAGE = """<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{title}</title>
+<meta name="viewport" content="width=device-width, initial-scale=1"></head>
+<body style="font-family:system-ui,sans-serif;max-width:32rem;margin:4rem auto;padding:0 1rem;color:#111827">
+<h1 style="font-size:1.4rem">{title}</h1><p>{body}</p>{form}</body></html>"""
+
+
+def _read(token: str) -> tuple[ApiKey, str, str]:
+    found = read_token(current_app.extensions["notifier"]["settings"], token)
+    key = ApiKey.get_or_none(ApiKey.id == found[0]) if found else None
+    if found is None or key is None or key.revoked_at is not None:
+        raise ApiError("this unsubscribe link is not valid", code="invalid_token")
+    return key, found[1], found[2]
+
+
+@bp.get("/<token>")
+def confirm(token: str):
+    """A small page that asks before unsubscribing (a link scanner's GET must not unsubscribe)."""
+    _, _, category = _read(token)
+    form = (f'<form method="post" action="{escape(request.path)}">'
+            '<button type="submit" style="padding:.6rem 1.2rem">Unsubscribe</button></form>')
+    return _PAGE.format(title="Unsubscribe", form=form,
+                        body=f"Stop receiving {escape(category)} emails? Account emails such as password "
+                             "resets will still arrive.")
+
+
+@bp.post("/<token>")
+def one_click(token: str):
+    """Turn the category off for this user: what the mail client's one-click button posts."""
+    key, user_key, category = _read(token)
+    consent.set_mode(key, user_key, category, DeliveryMode.OFF.value)
+    return _PAGE.format(title="You are unsubscribed", form="",
+                        body=f"You will no longer receive {escape(category)} emails.")

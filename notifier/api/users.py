@@ -1,0 +1,25 @@
+"""A recipient's preferences: per category immediate, daily, weekly or off; timezone; quiet hours."""
+
+from __future__ import annotations
+
+from flask import Blueprint, jsonify
+
+from notifier import consent
+from notifier.api.common import current_key, json_body, require_api_key
+from notifier.schemas import PreferencesSchema
+
+bp = Blueprint("users", __name__, url_prefix="/api/users")
+bp.before_request(require_api_key)
+_preferences = PreferencesSchema()
+
+
+@bp.get("/<user_id>/preferences")
+def get_preferences(user_id: str):
+    """The user's preferences, with defaults for anything never set."""
+    return jsonify(consent.preferences(current_key(), user_id))
+
+
+@bp.put("/<user_id>/preferences")
+def put_preferences(user_id: str):
+    """Change the parts given; transactional mail cannot be turned off."""
+    return jsonify(consent.update_preferences(current_key(), user_id, json_body(_preferences)))

@@ -1,0 +1,172 @@
+"""What the recipient agreed to: preferences per category, quiet hours, and the suppression list."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime, time, timedelta
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from peewee import IntegrityError
+
+from notifier.config import parse_clock
+from notifier.models import (
+    ApiKey,
+    Category,
+    DeliveryMode,
+    Preference,
+    Status,
+    Suppression,
+    UserProfile,
+    utcnow,
+)
+
+OPTIONAL_CATEGORIES = tuple(c for c in Category if c is not Category.TRANSACTIONAL)
+
+
+def user_key_for(user_id: str | None, to: str) -> str:
+    """Whose preferences apply: the caller's user id, or the address when there is none."""
+    return user_id if user_id else f"email:{to.lower()}"
+
+
+def zone(name: str | None) -> ZoneInfo:
+    try:
+        return ZoneInfo(name or "UTC")
+    except (ZoneInfoNotFoundError, ValueError):
+        return ZoneInfo("UTC")
+
+
+def valid_timezone(name: str) -> bool:
+    try:
+        ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        return False
+    return True
+
+
+def get_profile(api_key: ApiKey, user_key: str) -> UserProfile | None:
+    return UserProfile.get_or_none((UserProfile.api_key == api_key.id) & (UserProfile.user_key == user_key))
+
+
+def preferences(api_key: ApiKey, user_key: str) -> dict:
+    """The whole picture for one user, with defaults filled in."""
+    profile = get_profile(api_key, user_key)
+    modes = {category.value: DeliveryMode.IMMEDIATE.value for category in OPTIONAL_CATEGORIES}
+    for pref in Preference.select().where((Preference.api_key == api_key.id) & (Preference.user_key == user_key)):
+        modes[pref.category] = pref.mode
+    quiet = None
+    if profile is not None and profile.quiet_start and profile.quiet_end:
+        quiet = {"start": profile.quiet_start, "end": profile.quiet_end}
+    return {
+        "user_id": user_key,
+        "timezone": profile.timezone if profile else "UTC",
+        "quiet_hours": quiet,
+        "categories": {Category.TRANSACTIONAL.value: DeliveryMode.IMMEDIATE.value, **modes},
+    }
+
+
+def update_preferences(api_key: ApiKey, user_key: str, changes: dict) -> dict:
+    """Apply the given parts (timezone, quiet_hours, categories); leave the rest as it was."""
+    db = Preference._meta.database
+    with db.atomic():
+        if "timezone" in changes or "quiet_hours" in changes:
+            profile = get_profile(api_key, user_key) or UserProfile(api_key=api_key, user_key=user_key)
+            if "timezone" in changes:
+                profile.timezone = changes["timezone"]
+            if "quiet_hours" in changes:
+                quiet = changes["quiet_hours"] or {}
+                profile.quiet_start, profile.quiet_end = quiet.get("start"), quiet.get("end")
+            profile.updated_at = utcnow()
+            profile.save()
+        for category, mode in (changes.get("categories") or {}).items():
+            set_mode(api_key, user_key, category, mode)
+    return preferences(api_key, user_key)
+
+
+def set_mode(api_key: ApiKey, user_key: str, category: str, mode: str) -> None:
+    """Record how the user wants one category (an upsert that two requests may race on safely)."""
+    updated = (
+        Preference.update(mode=mode, updated_at=utcnow())
+        .where((Preference.api_key == api_key.id) & (Preference.user_key == user_key)
+               & (Preference.category == category))
+        .execute()
+    )
+    if not updated:
+        try:
+            with Preference._meta.database.atomic():
+                Preference.create(api_key=api_key, user_key=user_key, category=category, mode=mode)
+        except IntegrityError:
+            set_mode(api_key, user_key, category, mode)
+
+
+def mode_for(api_key_id: int, user_key: str, category: str) -> DeliveryMode:
+    if category == Category.TRANSACTIONAL:
+        return DeliveryMode.IMMEDIATE
+    pref = Preference.get_or_none(
+        (Preference.api_key == api_key_id) & (Preference.user_key == user_key) & (Preference.category == category)
+    )
+    return DeliveryMode(pref.mode) if pref else DeliveryMode.IMMEDIATE
+
+
+def suppression(api_key_id: int, email: str) -> Suppression | None:
+    return Suppression.get_or_none((Suppression.api_key == api_key_id) & (Suppression.email == email.lower()))
+
+
+def suppress(api_key_id: int, email: str, reason: str) -> None:
+    """Put an address on the key's suppression list (once)."""
+    Suppression.insert(api_key=api_key_id, email=email.lower(), reason=reason).on_conflict_ignore().execute()
+
+
+def quiet_until(profile: UserProfile | None, at: datetime) -> datetime | None:
+    """If `at` (naive UTC) falls in the user's quiet hours, when they end (naive UTC); else None."""
+    if profile is None or not profile.quiet_start or not profile.quiet_end:
+        return None
+    start, end = parse_clock(profile.quiet_start), parse_clock(profile.quiet_end)
+    if start is None or end is None or start == end:
+        return None
+    tz = zone(profile.timezone)
+    local = at.replace(tzinfo=UTC).astimezone(tz)
+    now_t = (local.hour, local.minute)
+    overnight = start > end
+    inside = (now_t >= start or now_t < end) if overnight else (start <= now_t < end)
+    if not inside:
+        return None
+    end_day = local.date() + timedelta(days=1) if overnight and now_t >= start else local.date()
+    end_local = datetime.combine(end_day, time(*end), tzinfo=tz)
+    return end_local.astimezone(UTC).replace(tzinfo=None)
+
+
+@dataclass(frozen=True)
+class Decision:
+    status: Status
+    reason: str
+    send_at: datetime | None = None
+
+
+def decide(api_key: ApiKey, *, to: str, user_key: str, category: str, send_at: datetime | None,
+           now: datetime) -> Decision:
+    """What to do with a new notification, given who it is for and what they agreed to."""
+    suppressed = suppression(api_key.id, to)
+    if suppressed is not None:
+        return Decision(Status.SUPPRESSED, f"the address is on the suppression list: {suppressed.reason}")
+    mode = mode_for(api_key.id, user_key, category)
+    if mode is DeliveryMode.OFF:
+        return Decision(Status.SUPPRESSED, f"the user turned off {category} email")
+    if mode in (DeliveryMode.DAILY, DeliveryMode.WEEKLY):
+        return Decision(Status.HELD, f"collected for the user's {mode} {category} digest")
+    if category != Category.TRANSACTIONAL:
+        ends = quiet_until(get_profile(api_key, user_key), send_at or now)
+        if ends is not None:
+            return Decision(Status.SCHEDULED, "waiting for the user's quiet hours to end", ends)
+    if send_at is not None:
+        return Decision(Status.SCHEDULED, "accepted for later", send_at)
+    return Decision(Status.QUEUED, "accepted")
+
+
+def unwanted(api_key_id: int, *, to: str, user_key: str | None, category: str) -> str | None:
+    """At delivery time: a reason not to send after all (unsubscribed or suppressed since), or None."""
+    suppressed = suppression(api_key_id, to)
+    if suppressed is not None:
+        return f"the address is on the suppression list: {suppressed.reason}"
+    if category != Category.TRANSACTIONAL and user_key and mode_for(api_key_id, user_key, category) is DeliveryMode.OFF:
+        return f"the user turned off {category} email"
+    return None

@@ -1,0 +1,162 @@
+"""Daily and weekly digests: held notifications collected into one email per user, category and window.
+
+A digest window ends at DIGEST_TIME in the user's timezone (every day, or on DIGEST_WEEKDAY), so
+windows follow daylight saving time. Correct by construction:
+  - one digest per user, category and window: a unique index on (key, user, category, window end);
+  - an item is in exactly one digest: taking an item is a compare-and-set from `held` to `digested`,
+    in the same transaction that creates the digest, so a crash leaves either both or neither;
+  - an item that arrives while a digest is being made is still `held` afterwards (it was not in the
+    transaction's snapshot, or its insert committed later) and goes into the next window's digest.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime, time, timedelta
+
+from peewee import IntegrityError, fn
+
+from notifier import queues, store
+from notifier.config import Settings, parse_clock
+from notifier.consent import get_profile, mode_for, zone
+from notifier.models import ApiKey, DeliveryMode, Digest, Notification, Priority, Status, utcnow
+
+logger = logging.getLogger(__name__)
+
+ITEM_TEXT_CHARS = 500
+
+
+def boundary_at_or_before(instant: datetime, tz_name: str, clock: str, weekday: int | None = None) -> datetime:
+    """The latest digest time at or before instant (naive UTC in, naive UTC out)."""
+    tz = zone(tz_name)
+    hour, minute = parse_clock(clock)
+    local_day = instant.replace(tzinfo=UTC).astimezone(tz).date()
+    for back in range(0, 9):
+        day = local_day - timedelta(days=back)
+        if weekday is not None and day.weekday() != weekday:
+            continue
+        candidate = datetime.combine(day, time(hour, minute), tzinfo=tz).astimezone(UTC).replace(tzinfo=None)
+        if candidate <= instant:
+            return candidate
+    raise AssertionError("no digest time in the past eight days")  # unreachable: a week always has one
+
+
+def boundary_after(instant: datetime, tz_name: str, clock: str, weekday: int | None = None) -> datetime:
+    """The first digest time strictly after instant (naive UTC)."""
+    tz = zone(tz_name)
+    hour, minute = parse_clock(clock)
+    local_day = instant.replace(tzinfo=UTC).astimezone(tz).date()
+    for ahead in range(0, 9):
+        day = local_day + timedelta(days=ahead)
+        if weekday is not None and day.weekday() != weekday:
+            continue
+        candidate = datetime.combine(day, time(hour, minute), tzinfo=tz).astimezone(UTC).replace(tzinfo=None)
+        if candidate > instant:
+            return candidate
+    raise AssertionError("no digest time in the next eight days")
+
+
+def due_window(settings: Settings, mode: DeliveryMode, tz_name: str, now: datetime) -> datetime | None:
+    """The end of the newest window that may be flushed now, or None for modes that are not digests."""
+    if mode is DeliveryMode.IMMEDIATE:
+        return now  # the user switched back: send what was held right away
+    if mode not in (DeliveryMode.DAILY, DeliveryMode.WEEKLY):
+        return None
+    weekday = settings.digest_weekday if mode is DeliveryMode.WEEKLY else None
+    return boundary_at_or_before(now - timedelta(seconds=settings.digest_grace_seconds), tz_name,
+                                 settings.digest_time, weekday)
+
+
+def flush_due(settings: Settings, redis, renderer, now: datetime | None = None) -> int:
+    """Make every digest that is due; returns how many were made."""
+    now = now or utcnow()
+    groups = (
+        Notification.select(Notification.api_key, Notification.user_key, Notification.category)
+        .where(Notification.status == Status.HELD.value)
+        .group_by(Notification.api_key, Notification.user_key, Notification.category)
+        .tuples()
+    )
+    made = 0
+    for api_key_id, user_key, category in list(groups):
+        api_key = ApiKey.get_by_id(api_key_id)
+        mode = mode_for(api_key_id, user_key, category)
+        if mode is DeliveryMode.OFF:
+            _suppress_held(api_key_id, user_key, category)
+            continue
+        profile = get_profile(api_key, user_key)
+        window_end = due_window(settings, mode, profile.timezone if profile else "UTC", now)
+        if window_end is not None and _flush(settings, redis, renderer, api_key, user_key, category, mode, window_end):
+            made += 1
+    return made
+
+
+def _held(api_key_id: int, user_key: str, category: str):
+    return Notification.select().where(
+        (Notification.status == Status.HELD.value) & (Notification.api_key == api_key_id)
+        & (Notification.user_key == user_key) & (Notification.category == category)
+    )
+
+
+def _suppress_held(api_key_id: int, user_key: str, category: str) -> None:
+    seqs = [n.seq for n in _held(api_key_id, user_key, category)]
+    store.transition_many(seqs, Status.SUPPRESSED, reason=f"the user turned off {category} email",
+                          sources=(Status.HELD,))
+
+
+def _flush(settings, redis, renderer, api_key, user_key, category, mode, window_end) -> bool:
+    db = Notification._meta.database
+    with db.atomic() as tx:
+        items = list(_held(api_key.id, user_key, category).where(Notification.created_at < window_end)
+                     .order_by(Notification.seq))
+        if not items:
+            return False
+        digest_fields = {
+            "to": items[-1].to,
+            "user_id": items[-1].user_id,
+            "user_key": user_key,
+            "template": "digest",
+            "data": {"items": [_item(renderer, n) for n in items], "period": mode.value},
+            "priority": Priority.LOW.value,
+            "category": category,
+        }
+        try:
+            with db.atomic():
+                notification = store.create_notification(
+                    api_key, digest_fields, reason=f"{mode} digest of {len(items)} {category} notifications")
+                Digest.create(api_key=api_key, user_key=user_key, category=category, window_end=window_end,
+                              notification_id=notification.id, items=len(items))
+        except IntegrityError:
+            tx.rollback()  # this window's digest exists already; its items were taken by it
+            return False
+        moved = store.transition_many(
+            [n.seq for n in items], Status.DIGESTED, reason=f"included in digest {notification.id}",
+            sources=(Status.HELD,), digest_id=notification.id,
+        )
+        if moved != len(items):
+            tx.rollback()  # someone changed an item meanwhile (cancelled it): try again next pass
+            return False
+    logger.info("digest %s made with %s items", notification.id, len(items))
+    queues.dispatch(redis, settings, notification)
+    return True
+
+
+def _item(renderer, notification: Notification) -> dict:
+    if notification.template:
+        try:
+            content = renderer.render(notification.template, notification.data)
+        except Exception:  # noqa: BLE001 - one broken item must not hold the whole digest back
+            return {"subject": notification.template.replace("_", " ").capitalize(), "text": ""}
+        subject, text = content.subject, content.text
+    else:
+        subject, text = notification.subject or "", notification.text or ""
+    text = (text or "").strip()
+    if len(text) > ITEM_TEXT_CHARS:
+        text = text[: ITEM_TEXT_CHARS - 1].rstrip() + "…"
+    return {"subject": subject, "text": text}
+
+
+def pending_counts() -> dict[str, int]:
+    """How many items wait per category (for operators)."""
+    rows = (Notification.select(Notification.category, fn.COUNT(Notification.seq))
+            .where(Notification.status == Status.HELD.value).group_by(Notification.category).tuples())
+    return dict(rows)

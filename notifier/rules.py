@@ -1,0 +1,51 @@
+"""What each business event causes, and which category each template belongs to.
+
+Adding a rule is one entry in RULES plus its templates under templates/email/ (and, for a new
+template, one entry in TEMPLATE_CATEGORIES). A rule's `data` is the event's data with the user's
+name added; `delay` is seconds after the event (a Settings attribute name may stand in for a number,
+so operators can tune it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from notifier.models import Category, Priority
+
+TEMPLATE_CATEGORIES: dict[str, Category] = {
+    "verification": Category.TRANSACTIONAL,
+    "password_reset": Category.TRANSACTIONAL,
+    "order_confirmation": Category.TRANSACTIONAL,
+    "welcome": Category.PRODUCT,
+    "digest": Category.UPDATES,
+}
+# A template nobody categorised follows the user's preferences: safer than mailing regardless.
+UNCATEGORISED = Category.PRODUCT
+
+
+@dataclass(frozen=True)
+class Notify:
+    template: str
+    priority: Priority = Priority.DEFAULT
+    delay: int | str = 0
+
+
+RULES: dict[str, tuple[Notify, ...]] = {
+    "user.signup": (
+        Notify("verification", Priority.HIGH),
+        Notify("welcome", Priority.LOW, delay="welcome_delay_seconds"),
+    ),
+    "password.reset_requested": (Notify("password_reset", Priority.HIGH),),
+    "order.placed": (Notify("order_confirmation", Priority.DEFAULT),),
+}
+
+
+def category_of(template: str | None, requested: str | None = None) -> Category:
+    """A template's category; a literal send says its own (transactional unless it says otherwise)."""
+    if template:
+        return TEMPLATE_CATEGORIES.get(template, UNCATEGORISED)
+    return Category(requested) if requested else Category.TRANSACTIONAL
+
+
+def delay_of(rule: Notify, settings) -> int:
+    return getattr(settings, rule.delay) if isinstance(rule.delay, str) else rule.delay
