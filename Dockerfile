@@ -17,7 +17,7 @@ COPY requirements.txt .
 RUN pip install --no-cache-dir -r requirements.txt
 
 # Application code (root-owned, read-only for the runtime user).
-COPY app.py worker.py scheduler.py ./
+COPY app.py worker.py scheduler.py gunicorn.conf.py ./
 COPY notifier/ ./notifier/
 COPY templates/ ./templates/
 

@@ -8,10 +8,13 @@ from flask import Flask, jsonify
 from marshmallow import ValidationError
 from werkzeug.exceptions import HTTPException
 
+from notifier.api import docs, guards, operators, tracing
+from notifier.api.common import rate_limit_headers
 from notifier.config import Settings
 from notifier.db import UNAVAILABLE_ERRORS, database
 from notifier.errors import ApiError
 from notifier.queues import connect_redis
+from notifier.ratelimit import Limiter
 from notifier.runtime import configure_logging, load_settings, make_renderer, open_database
 from notifier.service import NotificationService
 
@@ -49,8 +52,11 @@ def register_error_handlers(app: Flask) -> None:
     def _http_error(exc: HTTPException):
         status = exc.code or 500
         response = error_response(status, HTTP_CODES.get(status, "http_error"), exc.description or exc.name)
-        if status == 405 and exc.get_response().headers.get("Allow"):
-            response.headers["Allow"] = exc.get_response().headers["Allow"]
+        # Keep the headers that tell the caller what to do instead: Allow (405), WWW-Authenticate (401).
+        original = exc.get_response().headers
+        for name in ("Allow", "WWW-Authenticate"):
+            if name in original:
+                response.headers[name] = original[name]
         return response
 
     def _database_unavailable(exc):
@@ -73,14 +79,19 @@ def create_app(settings: Settings | None = None, *, redis=None) -> Flask:
     app = Flask(__name__)
     app.config.update(MAX_CONTENT_LENGTH=settings.max_body_bytes, NOTIFIER_SETTINGS=settings, JSON_SORT_KEYS=False)
     app.json.sort_keys = False
+    tracing.init_app(app)  # first, so every other hook and error already has the request id
+    guards.init_app(app)
 
     open_database(settings)
     redis = redis or connect_redis(settings.redis_url)
+    limiter = Limiter(settings.redis_url)
     app.extensions["notifier"] = {
         "settings": settings,
         "redis": redis,
-        "service": NotificationService(settings, make_renderer(settings), redis),
+        "limiter": limiter,
+        "service": NotificationService(settings, make_renderer(settings), redis, limiter),
     }
+    app.after_request(rate_limit_headers)
 
     # peewee connects on first use, so /api/health never touches the database; give it back after.
     @app.teardown_request
@@ -95,6 +106,8 @@ def create_app(settings: Settings | None = None, *, redis=None) -> Flask:
     app.register_blueprint(deadletters.bp)
     for blueprint in (events.bp, users.bp, suppressions.bp, unsubscribe.bp):
         app.register_blueprint(blueprint)
+    app.register_blueprint(docs.bp)  # /api/openapi.json and /api/docs, built from the routes above
+    operators.init_app(app)  # /rq (the RQ dashboard) and /metrics, behind operator basic auth
     register_error_handlers(app)
     return app
 

@@ -25,13 +25,26 @@ def _open():
     return database.connection_context()
 
 
+def _check_rate(ctx, param, value):
+    if value is None:
+        return None
+    from notifier.ratelimit import parse_rate
+
+    try:
+        parse_rate(value)
+    except ValueError:
+        raise click.BadParameter("a rate like 100/second or 6000/minute") from None
+    return value
+
+
 @keys_group.command("create")
 @click.argument("name")
-def keys_create(name: str) -> None:
+@click.option("--rate", callback=_check_rate, help="this key's request rate, e.g. 100/second (default RATE_LIMIT)")
+def keys_create(name: str, rate: str | None) -> None:
     """Create a key; its plaintext is the last line printed and is never shown again."""
     with _open():
         try:
-            key, plaintext = keys.create(name)
+            key, plaintext = keys.create(name, rate_limit=rate)
         except IntegrityError:
             raise click.ClickException(f"a key named {name!r} already exists") from None
     click.echo(f"created API key {key.name!r} (prefix {key.prefix})")
@@ -48,17 +61,34 @@ def keys_list() -> None:
         rows = keys.all_keys()
     for key in rows:
         state = f"revoked {key.revoked_at:%Y-%m-%d %H:%M}" if key.revoked_at else "active"
-        click.echo(f"{key.name}\t{key.prefix}\tcreated {key.created_at:%Y-%m-%d %H:%M}\t{state}")
+        if key.old_prefix and not key.revoked_at:
+            state += f" (rotating: previous secret {key.old_prefix} still works)"
+        rate = key.rate_limit or "default rate"
+        click.echo(f"{key.name}\t{key.prefix}\tcreated {key.created_at:%Y-%m-%d %H:%M}\t{rate}\t{state}")
+
+
+@keys_group.command("rotate")
+@click.argument("name")
+def keys_rotate(name: str) -> None:
+    """Give a key a new secret; the old one keeps working until `keys revoke NAME --old`."""
+    with _open():
+        plaintext = keys.rotate(name)
+    if plaintext is None:
+        raise click.ClickException(f"no active key named {name!r}")
+    click.echo(f"rotated {name!r}; the previous secret works until `keys revoke {name} --old`.")
+    click.echo("new API key (store it now; it is not shown again):")
+    click.echo(plaintext)
 
 
 @keys_group.command("revoke")
 @click.argument("name")
-def keys_revoke(name: str) -> None:
-    """Revoke a key at once."""
+@click.option("--old", "old_only", is_flag=True, help="revoke only the secret a rotation replaced")
+def keys_revoke(name: str, old_only: bool) -> None:
+    """Revoke a key at once (every request with it gets 401 from now on)."""
     with _open():
-        if not keys.revoke(name):
-            raise click.ClickException(f"no active key named {name!r}")
-    click.echo(f"revoked {name!r}")
+        if not keys.revoke(name, old_only=old_only):
+            raise click.ClickException(f"no active key named {name!r}" + (" being rotated" if old_only else ""))
+    click.echo(f"revoked {'the previous secret of ' if old_only else ''}{name!r}")
 
 
 @keys_group.command("secret")

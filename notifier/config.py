@@ -45,14 +45,21 @@ class Settings:
     callback_timeout: float = 5.0
     callback_retry_intervals: tuple[int, ...] = DEFAULT_CALLBACK_RETRY_INTERVALS
     secret_key: str = field(default="", repr=False)
+    # HTTP basic auth for /rq (the RQ dashboard) and /metrics; while either is empty nobody gets in.
+    operator_username: str = ""
+    operator_password: str = field(default="", repr=False)
     public_base_url: str = "http://127.0.0.1:5000"
     digest_time: str = "08:00"
     digest_weekday: int = 0  # Monday
     digest_grace_seconds: int = 60
     welcome_delay_seconds: int = 600
+    rate_limit: str = "100/second"
+    batch_max: int = 1000
+    recipient_cap: str = "20/hour"
     templates_dir: str = ""
     brand_name: str = "notifier"
     log_level: str = "INFO"
+    log_format: str = "json"  # or "text", for people reading a terminal
 
     @property
     def max_attempts(self) -> int:
@@ -73,6 +80,7 @@ class Settings:
         """Build settings from environment variables; raise ConfigError naming the bad one."""
         env = os.environ if environ is None else environ
         defaults = cls()
+        operator_username, operator_password = _operator_credentials(env)
         return cls(
             database_url=_database_url(env.get("DATABASE_URL", defaults.database_url)),
             redis_url=_redis_url(env.get("REDIS_URL", defaults.redis_url)),
@@ -98,14 +106,20 @@ class Settings:
             page_size_max=_int(env, "PAGE_SIZE_MAX", defaults.page_size_max, 1, 1000),
             job_timeout=_int(env, "JOB_TIMEOUT", defaults.job_timeout, 1, 3600),
             secret_key=env.get("SECRET_KEY", ""),
+            operator_username=operator_username,
+            operator_password=operator_password,
             public_base_url=_base_url(env.get("PUBLIC_BASE_URL", defaults.public_base_url)),
             digest_time=_clock(env, "DIGEST_TIME", defaults.digest_time),
             digest_weekday=WEEKDAYS.index(_choice(env, "DIGEST_WEEKDAY", "monday", WEEKDAYS)),
             digest_grace_seconds=_int(env, "DIGEST_GRACE_SECONDS", defaults.digest_grace_seconds, 0, 3600),
             welcome_delay_seconds=_int(env, "WELCOME_DELAY_SECONDS", defaults.welcome_delay_seconds, 0, 30 * 86400),
+            rate_limit=_rate(env, "RATE_LIMIT", defaults.rate_limit, allow_empty=False),
+            batch_max=_int(env, "BATCH_MAX", defaults.batch_max, 1, 10000),
+            recipient_cap=_rate(env, "RECIPIENT_CAP", defaults.recipient_cap, allow_empty=True),
             templates_dir=env.get("TEMPLATES_DIR", defaults.templates_dir),
             brand_name=env.get("BRAND_NAME", defaults.brand_name).strip() or defaults.brand_name,
             log_level=_choice(env, "LOG_LEVEL", defaults.log_level, ("DEBUG", "INFO", "WARNING", "ERROR")),
+            log_format=_choice(env, "LOG_FORMAT", defaults.log_format, ("json", "text")),
         )
 
 
@@ -190,6 +204,18 @@ def _password(env: Mapping[str, str]) -> str:
     return password
 
 
+def _operator_credentials(env: Mapping[str, str]) -> tuple[str, str]:
+    username, password = env.get("OPERATOR_USERNAME", "").strip(), env.get("OPERATOR_PASSWORD", "")
+    if ":" in username:
+        raise ConfigError("OPERATOR_USERNAME", "cannot contain ':' (basic auth separates name and password with it)")
+    # Half a pair would lock everyone out while looking configured: say so at start instead.
+    if username and not password:
+        raise ConfigError("OPERATOR_PASSWORD", "is required when OPERATOR_USERNAME is set")
+    if password and not username:
+        raise ConfigError("OPERATOR_USERNAME", "is required when OPERATOR_PASSWORD is set")
+    return username, password
+
+
 def parse_clock(raw: str) -> tuple[int, int] | None:
     """(hour, minute) of an "HH:MM" string, or None when it is not one."""
     parts = raw.strip().split(":")
@@ -211,3 +237,19 @@ def _base_url(raw: str) -> str:
     if parsed.scheme not in ("http", "https") or not parsed.netloc:
         raise ConfigError("PUBLIC_BASE_URL", f"must be an http(s) URL, got {raw!r}")
     return raw.rstrip("/")
+
+
+def _rate(env: Mapping[str, str], name: str, default: str, allow_empty: bool) -> str:
+    raw = env.get(name)
+    if raw is None:
+        return default
+    raw = raw.strip()
+    if not raw and allow_empty:
+        return ""  # no cap
+    from limits import parse
+
+    try:
+        parse(raw)
+    except ValueError:
+        raise ConfigError(name, f"must be a rate like 100/second or 20/hour, got {raw!r}") from None
+    return raw

@@ -6,10 +6,12 @@ failed (RQ can move a job that succeeded into the failed registry as abandoned).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from datetime import datetime
 
 from redis import Redis
+from redis.exceptions import RedisError
 from rq.exceptions import NoSuchJobError
 from rq.job import Job
 
@@ -17,6 +19,8 @@ from notifier import queues, store
 from notifier.config import Settings
 from notifier.errors import Conflict, NotFound
 from notifier.models import ApiKey, Event, Notification, Status
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -35,8 +39,12 @@ class DeadLetter:
 
 def _failed_registry_ids(redis: Redis) -> set[str]:
     ids: set[str] = set()
-    for queue in queues.all_queues(redis):
-        ids.update(queue.failed_job_registry.get_job_ids())
+    try:
+        for queue in queues.all_queues(redis):
+            ids.update(queue.failed_job_registry.get_job_ids())
+    except RedisError as exc:
+        # The database is the record; without Redis the list is still right, only this flag is not.
+        logger.warning("RQ's failed registries are unreadable: %s", type(exc).__name__)
     return ids
 
 

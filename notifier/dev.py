@@ -7,6 +7,7 @@ Starts a private Redis (unless REDIS_URL is set), an SMTP capture server keeping
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -19,6 +20,7 @@ VAR = os.path.join(PROJECT_ROOT, "var")
 DEV_REDIS_PORT = 6390
 DEV_SMTP_PORT = 1025
 DEV_KEY_FILE = os.path.join(VAR, "dev-api-key")
+DEV_OPERATOR_PASSWORD_FILE = os.path.join(VAR, "operator-password")
 
 
 def _wait_for_port(port: int, timeout: float = 15.0) -> bool:
@@ -58,10 +60,28 @@ def _dev_key(env: dict) -> str:
     return key
 
 
+def _dev_operator(env: dict) -> str:
+    """Operator credentials for /rq and /metrics: the environment's, or `operator` with a password
+    generated once into var/operator-password. Returns what the banner shows."""
+    if env.get("OPERATOR_USERNAME") or env.get("OPERATOR_PASSWORD"):
+        return f"{env.get('OPERATOR_USERNAME', '')} (password from OPERATOR_PASSWORD)"
+    password = ""
+    if os.path.exists(DEV_OPERATOR_PASSWORD_FILE):
+        with open(DEV_OPERATOR_PASSWORD_FILE) as fh:
+            password = fh.read().strip()
+    if not password:
+        password = secrets.token_urlsafe(16)
+        with open(os.open(DEV_OPERATOR_PASSWORD_FILE, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as fh:
+            fh.write(password + "\n")
+    env.update(OPERATOR_USERNAME="operator", OPERATOR_PASSWORD=password)
+    return f"operator / {password}"
+
+
 def main() -> int:
     os.makedirs(VAR, exist_ok=True)
     env = dict(os.environ)
     env.setdefault("PYTHONUNBUFFERED", "1")
+    env.setdefault("LOG_FORMAT", "text")  # a person is reading this terminal
     procs: list[tuple[str, subprocess.Popen]] = []
 
     def spawn(name: str, args: list[str]) -> None:
@@ -103,6 +123,7 @@ def main() -> int:
         env.update(SMTP_HOST="127.0.0.1", SMTP_PORT=str(DEV_SMTP_PORT), SMTP_SECURITY="none")
         _wait_for_port(DEV_SMTP_PORT)
 
+    operator = _dev_operator(env)
     key = _dev_key(env)
     port = env.get("PORT", "5000")
     spawn("api", [sys.executable, "app.py"])
@@ -118,6 +139,8 @@ def main() -> int:
 notifier is running.
   API:        {base}   (health: {base}/api/health)
   API key:    {key}
+  Dashboard:  {base}/rq   (metrics: {base}/metrics)
+  Operator:   {operator}
   Mail:       {mail_dir or env["SMTP_HOST"]}{" (each message is a .eml file)" if mail_dir else ""}
   Database:   {env.get("DATABASE_URL", "sqlite:///var/notifier.db")}
 

@@ -64,6 +64,13 @@ class Conflict(ApiError):
     code = "conflict"
 
 
+class RateLimited(ApiError):
+    """Slow down: the answer's Retry-After says when to come back."""
+
+    status = 429
+    code = "rate_limited"
+
+
 class Unprocessable(ApiError):
     status = 422
     code = "validation_error"

@@ -7,7 +7,7 @@ import time
 
 from redis import Redis
 
-from notifier import callbacks, consent, digests, queues, store, unsubscribe
+from notifier import callbacks, consent, digests, logs, metrics, queues, store, unsubscribe
 from notifier.config import Settings
 from notifier.db import UNAVAILABLE_ERRORS, database
 from notifier.errors import DeliveryError, PermanentDeliveryError, TransientDeliveryError
@@ -37,7 +37,7 @@ class Deliverer:
 
     def deliver(self, notification_id: str) -> str:
         """Send one notification at most once; return what happened."""
-        with database.connection_context():
+        with database.connection_context(), logs.bound(notification_id=notification_id):
             # Read outside any transaction first: a pooled connection that died with a database
             # restart is replaced here, before the claim needs it.
             current = store.get(notification_id)
@@ -45,6 +45,7 @@ class Deliverer:
                 # Past its deadline before any attempt: expire it without counting an attempt.
                 if store.transition(notification_id, Status.EXPIRED, reason="deadline passed before it could be sent",
                                     sources=(Status.QUEUED, Status.RETRYING)):
+                    metrics.expired(self.redis, current)
                     self.after_final(notification_id)
                     return "expired"
             if current is not None and current.status in (Status.QUEUED, Status.RETRYING):
@@ -61,6 +62,7 @@ class Deliverer:
             notification = store.get(notification_id)
             if notification.expires_at is not None and utcnow() >= notification.expires_at:
                 self._finish(notification, Status.EXPIRED, reason="deadline passed before it could be sent")
+                metrics.expired(self.redis, notification)
                 return "expired"
             try:
                 result = self.mailer.send(self._outgoing(notification))
@@ -78,6 +80,7 @@ class Deliverer:
                 self._record_failure(notification, error, final=False)
                 raise
             self._record_sent(notification, result)
+            metrics.sent(self.redis, notification, result.smtp_code)
             return "sent"
 
     def _outgoing(self, notification: Notification) -> OutgoingEmail:
@@ -112,6 +115,7 @@ class Deliverer:
             self._finish(notification, Status.FAILED, **fields)
         else:
             store.transition(notification.id, Status.RETRYING, sources=(Status.SENDING,), **fields)
+        metrics.attempt_failed(self.redis, notification, exc.smtp_code, final=final)
         logger.warning(
             "notification %s attempt %s failed (%s): %s",
             notification.id,
@@ -146,8 +150,12 @@ class Deliverer:
 
     def release(self, notification_id: str) -> str:
         """A delayed notification is due: queue it, unless it was cancelled or released already."""
-        with database.connection_context():
-            database.execute_sql("SELECT 1")
+        with database.connection_context(), logs.bound(notification_id=notification_id):
+            current = store.get(notification_id)
+            if current is not None and current.status == Status.SCHEDULED and current.send_at > utcnow():
+                # Woken early (a clock step, a hand-run job): never send before the time asked for.
+                queues.schedule_release(self.redis, notification_id, current.send_at)
+                return "early"
             if not store.transition(notification_id, Status.QUEUED, reason="send time reached",
                                     sources=(Status.SCHEDULED,)):
                 return "skipped"
@@ -156,7 +164,7 @@ class Deliverer:
 
     def send_callback(self, notification_id: str) -> str:
         """POST the signed status event to the caller's callback_url; RQ retries what may pass."""
-        with database.connection_context():
+        with database.connection_context(), logs.bound(notification_id=notification_id):
             notification = store.get(notification_id)
             if (
                 notification is None

@@ -1,4 +1,7 @@
-"""API keys for calling services: made once, shown once, stored only as a hash."""
+"""API keys for calling services: made once, shown once, stored only as a hash.
+
+A key can be rotated: the new secret works at once and the previous one keeps working until it is
+revoked (`keys revoke NAME --old`), so a caller can switch over without a moment of 401s."""
 
 from __future__ import annotations
 
@@ -15,15 +18,34 @@ def _hash(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
-def create(name: str) -> tuple[ApiKey, str]:
-    """Create a key named name and return it with its plaintext, which is never stored."""
+def _new_secret() -> tuple[str, str]:
     prefix = secrets.token_hex(6)
-    secret = secrets.token_urlsafe(32)
-    plaintext = f"{KEY_PREFIX}_{prefix}_{secret}"
+    return prefix, f"{KEY_PREFIX}_{prefix}_{secrets.token_urlsafe(32)}"
+
+
+def create(name: str, rate_limit: str | None = None) -> tuple[ApiKey, str]:
+    """Create a key named name and return it with its plaintext, which is never stored."""
+    prefix, plaintext = _new_secret()
     key = ApiKey.create(
-        name=name, prefix=prefix, key_hash=_hash(plaintext), callback_secret=f"whsec_{secrets.token_urlsafe(32)}"
+        name=name,
+        prefix=prefix,
+        key_hash=_hash(plaintext),
+        callback_secret=f"whsec_{secrets.token_urlsafe(32)}",
+        rate_limit=rate_limit,
     )
     return key, plaintext
+
+
+def rotate(name: str) -> str | None:
+    """Give the live key named name a new secret; the current one keeps working until revoked."""
+    key = ApiKey.get_or_none((ApiKey.name == name) & ApiKey.revoked_at.is_null())
+    if key is None:
+        return None
+    prefix, plaintext = _new_secret()
+    key.old_prefix, key.old_key_hash = key.prefix, key.key_hash
+    key.prefix, key.key_hash = prefix, _hash(plaintext)
+    key.save()
+    return plaintext
 
 
 def authenticate(plaintext: str | None) -> ApiKey | None:
@@ -33,19 +55,22 @@ def authenticate(plaintext: str | None) -> ApiKey | None:
     parts = plaintext.split("_", 2)
     if len(parts) != 3 or parts[0] != KEY_PREFIX:
         return None
-    key = ApiKey.get_or_none(ApiKey.prefix == parts[1])
+    key = ApiKey.get_or_none((ApiKey.prefix == parts[1]) | (ApiKey.old_prefix == parts[1]))
     if key is None or key.revoked_at is not None:
         return None
-    if not hmac.compare_digest(key.key_hash, _hash(plaintext)):
+    stored = key.key_hash if key.prefix == parts[1] else key.old_key_hash
+    if not stored or not hmac.compare_digest(stored, _hash(plaintext)):
         return None
     return key
 
 
-def revoke(name: str) -> bool:
-    """Revoke the key named name at once; False when there is no such live key."""
-    return bool(
-        ApiKey.update(revoked_at=utcnow()).where((ApiKey.name == name) & (ApiKey.revoked_at.is_null())).execute()
-    )
+def revoke(name: str, old_only: bool = False) -> bool:
+    """Revoke the key named name at once (or only the secret a rotation replaced)."""
+    live = (ApiKey.name == name) & (ApiKey.revoked_at.is_null())
+    if old_only:
+        return bool(ApiKey.update(old_prefix=None, old_key_hash=None)
+                    .where(live & ApiKey.old_prefix.is_null(False)).execute())
+    return bool(ApiKey.update(revoked_at=utcnow()).where(live).execute())
 
 
 def all_keys() -> list[ApiKey]:

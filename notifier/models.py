@@ -119,6 +119,10 @@ class ApiKey(BaseModel):
     key_hash = CharField(max_length=64)
     # Signs status callbacks; the caller needs it back to verify them, so it is kept, not hashed.
     callback_secret = CharField(max_length=80)
+    # During a rotation the previous secret keeps working until it is revoked.
+    old_prefix = CharField(max_length=16, null=True, unique=True)
+    old_key_hash = CharField(max_length=64, null=True)
+    rate_limit = CharField(max_length=40, null=True)  # e.g. "100/second"; RATE_LIMIT when unset
     created_at = DateTimeField(default=utcnow)
     revoked_at = DateTimeField(null=True)
 

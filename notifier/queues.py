@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from redis import Redis
 from redis.exceptions import RedisError
@@ -103,8 +103,10 @@ def schedule_release(connection: Redis, notification_id: str, send_at: datetime)
 
     rq-scheduler passes unknown options on to the job function and knows nothing of RQ's retries, so
     it only enqueues a small release job; that job puts the notification on its priority queue."""
+    # rq-scheduler keeps whole seconds (it truncates): round up, or the email could go out early.
+    at = send_at.replace(microsecond=0) + timedelta(seconds=1) if send_at.microsecond else send_at
     Scheduler(queue_name=CONTROL_QUEUE, connection=connection).enqueue_at(
-        send_at, RELEASE_JOB, notification_id, job_id=release_job_id_for(notification_id)
+        at, RELEASE_JOB, notification_id, job_id=release_job_id_for(notification_id)
     )
 
 
@@ -147,3 +149,26 @@ def dispatch_callback(connection: Redis, settings: Settings, notification: Notif
         logger.warning("callback for notification %s not queued: %s", notification.id, type(exc).__name__)
         return False
     return True
+
+
+def dispatch_many(connection: Redis, settings: Settings, notifications: list[Notification]) -> None:
+    """dispatch() for a batch: every delivery job goes to Redis in one pipeline."""
+    by_queue: dict[str, list] = {}
+    scheduled = []
+    for n in notifications:
+        if n.status == Status.QUEUED:
+            by_queue.setdefault(n.priority, []).append(Queue.prepare_data(
+                DELIVER_JOB, (n.id,), job_id=job_id_for(n.id), retry=retry_policy(settings, n.attempts),
+                timeout=settings.job_timeout, result_ttl=3600, failure_ttl=365 * 24 * 3600,
+                description=f"deliver notification {n.id}"))
+        elif n.status == Status.SCHEDULED:
+            scheduled.append(n)
+    try:
+        with connection.pipeline() as pipe:
+            for priority, jobs in by_queue.items():
+                queue_for(priority, connection).enqueue_many(jobs, pipeline=pipe)
+            pipe.execute()
+        for n in scheduled:
+            schedule_release(connection, n.id, n.send_at)
+    except RedisError as exc:
+        logger.warning("%s notifications stored but not queued: %s", len(notifications), type(exc).__name__)

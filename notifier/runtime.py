@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 
-from notifier import schema
+from notifier import logs, schema
 from notifier.config import Settings
 from notifier.db import bind
 from notifier.errors import ConfigError
@@ -25,12 +24,8 @@ def load_settings() -> Settings:
 
 
 def configure_logging(settings: Settings) -> None:
-    """One line per event on stderr, at the configured level."""
-    logging.basicConfig(
-        level=settings.log_level,
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-        stream=sys.stderr,
-    )
+    """One line per event on stderr, at the configured level: JSON, or text (LOG_FORMAT=text)."""
+    logs.configure(settings.log_level, settings.log_format)
 
 
 def open_database(settings: Settings):

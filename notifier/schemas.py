@@ -15,6 +15,8 @@ CATEGORIES = [c.value for c in Category]
 MODES = [m.value for m in DeliveryMode]
 STATUSES = [s.value for s in Status]
 MAX_BODY_CHARS = 1_000_000
+MAX_JSON_DEPTH = 20
+MAX_JSON_NODES = 1000
 
 
 def _no_line_breaks(value: str) -> None:
@@ -26,6 +28,30 @@ def _no_line_breaks(value: str) -> None:
 class Email(fields.Email):
     def __init__(self, **kwargs):
         super().__init__(validate=[validate.Length(max=320), _no_line_breaks], **kwargs)
+
+
+def _bounded_json(value: dict) -> None:
+    # Deep or sprawling data costs every later step (hashing, storing, rendering) more than it can be
+    # worth to a template or a caller's bookkeeping.
+    level, depth, nodes = [value], 0, 0
+    while level:
+        depth += 1
+        if depth > MAX_JSON_DEPTH:
+            raise ValidationError(f"must be nested at most {MAX_JSON_DEPTH} levels deep")
+        children = [child for item in level for child in (item.values() if isinstance(item, dict) else item)]
+        nodes += len(children)
+        if nodes > MAX_JSON_NODES:
+            raise ValidationError(f"must hold at most {MAX_JSON_NODES} keys and items in all")
+        level = [child for child in children if isinstance(child, dict | list)]
+
+
+class JsonObject(fields.Dict):
+    """A caller's free-form object (template data, metadata): string keys, bounded depth and size."""
+
+    def __init__(self, **kwargs):
+        kwargs.setdefault("metadata", {"description": f"nested at most {MAX_JSON_DEPTH} levels deep, with at most "
+                                                      f"{MAX_JSON_NODES} keys and items in all"})
+        super().__init__(keys=fields.String(), validate=_bounded_json, **kwargs)
 
 
 class UtcDateTime(fields.DateTime):
@@ -42,7 +68,10 @@ class UtcDateTime(fields.DateTime):
         parsed = super()._deserialize(value, attr, data, **kwargs)
         if parsed.tzinfo is None:
             raise ValidationError("must include a UTC offset, e.g. 2026-01-01T09:00:00Z")
-        return parsed.astimezone(UTC).replace(tzinfo=None)
+        try:
+            return parsed.astimezone(UTC).replace(tzinfo=None)
+        except OverflowError:  # 0001-01-01T00:00+01:00 is before the first instant Python can hold in UTC
+            raise ValidationError("is out of range") from None
 
 
 class StrictSchema(Schema):
@@ -59,7 +88,7 @@ class DeliveryOptions(StrictSchema):
     expires_at = UtcDateTime()
     ttl_seconds = fields.Integer(validate=validate.Range(min=1, max=30 * 86400))
     callback_url = fields.Url(schemes={"http", "https"}, require_tld=False, validate=validate.Length(max=2000))
-    metadata = fields.Dict(keys=fields.String(), load_default=None)
+    metadata = JsonObject(load_default=None)
 
     @validates_schema
     def _one_way_to_say_each(self, data, **kwargs):
@@ -71,7 +100,7 @@ class DeliveryOptions(StrictSchema):
 class SendSchema(DeliveryOptions):
     to = Email(required=True)
     template = fields.String(validate=validate.Length(min=1, max=100))
-    data = fields.Dict(keys=fields.String(), load_default=dict)
+    data = JsonObject(load_default=dict)
     subject = fields.String(validate=[validate.Length(min=1, max=998), _no_line_breaks])
     text = fields.String(validate=validate.Length(min=1, max=MAX_BODY_CHARS))
     html = fields.String(validate=validate.Length(min=1, max=MAX_BODY_CHARS))
@@ -92,12 +121,26 @@ class SendSchema(DeliveryOptions):
             raise ValidationError({"template": ["either template or subject (with text and/or html) is required"]})
 
 
+class BatchSchema(StrictSchema):
+    """The envelope of a batch; each item is checked on its own against SendSchema."""
+
+    notifications = fields.List(fields.Raw(), required=True, validate=validate.Length(min=1))
+
+
+class BatchItemResultSchema(Schema):
+    index = fields.Integer(required=True)
+    id = fields.String()
+    status = fields.String()
+    replayed = fields.Boolean()
+    error = fields.Dict()
+
+
 class VerificationSchema(DeliveryOptions):
     to = Email(required=True)
     user_id = fields.String(required=True, validate=validate.Length(min=1, max=200))
     code = fields.String(validate=validate.Length(min=1, max=64))
     verification_url = fields.Url(schemes={"http", "https"}, require_tld=False)
-    name = fields.String(validate=validate.Length(min=1, max=200))
+    name = fields.String(validate=[validate.Length(min=1, max=200), _no_line_breaks])
 
     @validates_schema
     def _code_or_url(self, data, **kwargs):
@@ -127,8 +170,8 @@ class EventUserSchema(StrictSchema):
 class EventSchema(StrictSchema):
     type = fields.String(required=True, validate=validate.OneOf(sorted(RULES)))
     user = fields.Nested(EventUserSchema, required=True)
-    data = fields.Dict(keys=fields.String(), load_default=dict)
-    metadata = fields.Dict(keys=fields.String(), load_default=None)
+    data = JsonObject(load_default=dict)
+    metadata = JsonObject(load_default=None)
     idempotency_key = fields.String(validate=[validate.Length(min=1, max=255), _no_line_breaks])
     callback_url = fields.Url(schemes={"http", "https"}, require_tld=False, validate=validate.Length(max=2000))
 

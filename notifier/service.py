@@ -11,11 +11,12 @@ from datetime import timedelta
 from peewee import IntegrityError
 from redis import Redis
 
-from notifier import consent, queues, rules, store
+from notifier import consent, metrics, queues, rules, store
 from notifier.config import Settings
 from notifier.consent import Decision
-from notifier.errors import Conflict, NotFound, Unprocessable
+from notifier.errors import ApiError, Conflict, NotFound, Unprocessable
 from notifier.models import FINAL_STATUSES, ApiKey, CallbackStatus, Notification, Priority, Status, utcnow
+from notifier.ratelimit import Limiter, parse_rate
 from notifier.rendering import Renderer, TemplateRenderError
 
 logger = logging.getLogger(__name__)
@@ -37,10 +38,12 @@ class Draft:
 class NotificationService:
     """Accepts notifications for the API; built once per app with its dependencies."""
 
-    def __init__(self, settings: Settings, renderer: Renderer, redis: Redis):
+    def __init__(self, settings: Settings, renderer: Renderer, redis: Redis, limiter: Limiter | None = None):
         self.settings = settings
         self.renderer = renderer
         self.redis = redis
+        self.limiter = limiter
+        self.recipient_cap = parse_rate(settings.recipient_cap) if settings.recipient_cap else None
 
     def check_template(self, name: str, data: dict) -> None:
         """Refuse, before anything is stored, a template that does not exist or cannot render."""
@@ -52,13 +55,14 @@ class NotificationService:
         except TemplateRenderError as exc:
             raise Unprocessable("the template cannot be rendered with this data", {"data": [str(exc)]}) from exc
 
-    def draft(self, api_key: ApiKey, payload: dict, idempotency_key: str | None = None):
+    def draft(self, api_key: ApiKey, payload: dict, idempotency_key: str | None = None,
+              lookup: consent.Lookup = consent.DATABASE, earlier: Notification | None = None):
         """Check a send request and decide its fate, storing nothing: (Draft, None), or (None, the
         earlier notification) when it replays an idempotency key."""
         key = _idempotency_key(payload, idempotency_key)
         request_hash = _fingerprint(payload)
         if key is not None:
-            earlier = store.find_idempotent(api_key, key)
+            earlier = earlier or store.find_idempotent(api_key, key)
             if earlier is not None:
                 return None, _replay(earlier, request_hash)
         if payload.get("template"):
@@ -70,7 +74,8 @@ class NotificationService:
         category = rules.category_of(payload.get("template"), payload.get("category"))
         user_key = consent.user_key_for(payload.get("user_id"), payload["to"])
         decision = consent.decide(api_key, to=payload["to"], user_key=user_key, category=category,
-                                  send_at=timing["send_at"], now=utcnow())
+                                  send_at=timing["send_at"], now=utcnow(), lookup=lookup)
+        decision = self._cap(api_key, payload["to"], category, decision)
         fields.update(
             timing,
             send_at=decision.send_at,
@@ -106,38 +111,92 @@ class NotificationService:
 
     def hand_over(self, notification: Notification) -> None:
         """After the commit: queue what must be sent, or the callback of what ended at once."""
+        metrics.accepted(self.redis, notification)  # every newly stored notification passes here once
         if notification.status in (Status.QUEUED, Status.SCHEDULED):
             queues.dispatch(self.redis, self.settings, notification)
         elif notification.status in FINAL_STATUSES:
             queues.dispatch_callback(self.redis, self.settings, notification)
 
+    def send_batch(self, api_key: ApiKey, payloads: list[dict | None], batch_key: str | None = None) -> list:
+        """Accept many sends at once. Each item stands alone: the answer, by index, is a Notification
+        (new or replayed) or the ApiError that refused it; None items were refused by the caller's
+        schema already. Valid items are stored in one bulk insert and queued through one pipeline."""
+        results: list = [None] * len(payloads)
+        keys = {}
+        for index, payload in enumerate(payloads):
+            if payload is not None:
+                item_key = payload.get("idempotency_key") or (f"{batch_key}:{index}" if batch_key else None)
+                if item_key is not None:
+                    payload["idempotency_key"] = item_key
+                    keys[index] = item_key
+        known = store.find_idempotent_many(api_key, list(keys.values()))
+        valid = [p for p in payloads if p is not None]
+        lookup = consent.Prefetched(api_key.id, {p["to"] for p in valid},
+                                    {consent.user_key_for(p.get("user_id"), p["to"]) for p in valid})
+        drafts = []
+        for index, payload in enumerate(payloads):
+            if payload is None:
+                continue
+            try:
+                draft, earlier = self.draft(api_key, payload, lookup=lookup, earlier=known.get(keys.get(index)))
+            except ApiError as exc:
+                results[index] = exc
+                continue
+            if earlier is not None:
+                results[index] = (earlier, True)
+            else:
+                drafts.append((index, draft))
+        try:
+            stored = store.create_notifications(api_key, [(d.fields, d.decision.status, d.decision.reason)
+                                                          for _, d in drafts])
+        except IntegrityError:
+            # Another request took one of these keys meanwhile: fall back to one at a time for this batch.
+            for index, draft in drafts:
+                try:
+                    results[index] = self.send(api_key, {**draft.fields, **_loaded(draft)})
+                except ApiError as exc:
+                    results[index] = exc
+            return results
+        for (index, _), notification in zip(drafts, stored, strict=True):
+            results[index] = (notification, False)
+        queues.dispatch_many(self.redis, self.settings, stored)
+        for notification in stored:
+            if notification.status in FINAL_STATUSES:
+                queues.dispatch_callback(self.redis, self.settings, notification)
+        return results
+
     def emit(self, api_key: ApiKey, event: dict, idempotency_key: str | None = None) -> list[tuple[Notification, bool]]:
         """A business event: every notification its rule causes, stored together or not at all."""
         user = event["user"]
-        if user.get("timezone"):
-            consent.update_preferences(api_key, user["id"], {"timezone": user["timezone"]})
         key = _idempotency_key(event, idempotency_key)
-        drafts = []
-        for rule in rules.RULES[event["type"]]:
-            data = dict(event["data"])
-            if user.get("name"):
-                data.setdefault("name", user["name"])
-            payload = {"to": user["email"], "template": rule.template, "data": data, "priority": rule.priority.value,
-                       "user_id": user["id"], "metadata": {"event": event["type"], **(event.get("metadata") or {})}}
-            if event.get("callback_url"):
-                payload["callback_url"] = event["callback_url"]
-            delay = rules.delay_of(rule, self.settings)
-            if delay:
-                payload["delay_seconds"] = delay
-            drafts.append(self.draft(api_key, payload, f"{key}:{rule.template}" if key else None))
         results: list[tuple[Notification, bool]] = []
+        # One transaction for everything the event writes, the user's timezone included: a refused
+        # event (422, 409) leaves no trace. The timezone goes first, so quiet hours use it.
         with Notification._meta.database.atomic():
+            if user.get("timezone"):
+                consent.update_preferences(api_key, user["id"], {"timezone": user["timezone"]})
+            drafts = [self.draft(api_key, self._rule_payload(event, rule), f"{key}:{rule.template}" if key else None)
+                      for rule in rules.RULES[event["type"]]]
             for draft, earlier in drafts:
                 results.append((earlier, True) if earlier is not None else (self._store(api_key, draft), False))
         for notification, replayed in results:
             if not replayed:
                 self.hand_over(notification)
         return results
+
+    def _rule_payload(self, event: dict, rule) -> dict:
+        user = event["user"]
+        data = dict(event["data"])
+        if user.get("name"):
+            data.setdefault("name", user["name"])
+        payload = {"to": user["email"], "template": rule.template, "data": data, "priority": rule.priority.value,
+                   "user_id": user["id"], "metadata": {"event": event["type"], **(event.get("metadata") or {})}}
+        if event.get("callback_url"):
+            payload["callback_url"] = event["callback_url"]
+        delay = rules.delay_of(rule, self.settings)
+        if delay:
+            payload["delay_seconds"] = delay
+        return payload
 
     def send_verification(self, api_key: ApiKey, payload: dict, idempotency_key: str | None = None):
         """A verification email: the verification template at high priority, with a default deadline."""
@@ -164,6 +223,17 @@ class NotificationService:
                            code="not_cancellable")
         queues.dispatch_callback(self.redis, self.settings, notification)
         return notification
+
+    def _cap(self, api_key: ApiKey, to: str, category: str, decision: Decision) -> Decision:
+        """Non-transactional mail to one address is capped (RECIPIENT_CAP), so a looping caller
+        cannot flood an inbox; a capped notification is stored as suppressed, with the reason."""
+        if (self.limiter is None or self.recipient_cap is None or category == rules.Category.TRANSACTIONAL
+                or decision.status not in (Status.QUEUED, Status.SCHEDULED, Status.HELD)):
+            return decision
+        if self.limiter.hit(self.recipient_cap, "recipient", str(api_key.id), to.lower()).allowed:
+            return decision
+        return Decision(Status.SUPPRESSED, f"the recipient cap of {self.settings.recipient_cap} for this address "
+                                           "was reached")
 
     def _timing(self, payload: dict) -> dict:
         now = utcnow()
@@ -213,3 +283,16 @@ def _replay(earlier: Notification, request_hash: str) -> Notification:
             code="idempotency_key_reused",
         )
     return earlier
+
+
+def _loaded(draft: Draft) -> dict:
+    # The request as the schema loaded it, rebuilt from a draft, for the one-at-a-time fallback.
+    fields = draft.fields
+    payload = {name: fields[name] for name in MESSAGE_FIELDS if fields.get(name) is not None}
+    payload.setdefault("data", {})
+    for name in ("send_at", "expires_at", "callback_url"):
+        if fields.get(name) is not None:
+            payload[name] = fields[name]
+    if draft.key:
+        payload["idempotency_key"] = draft.key
+    return payload

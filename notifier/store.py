@@ -16,6 +16,7 @@ from notifier.models import (
     Notification,
     Status,
     allowed_sources,
+    new_public_id,
     utcnow,
 )
 
@@ -29,6 +30,48 @@ def create_notification(api_key: ApiKey, fields: dict, status: Status = Status.Q
         )
         Event.create(notification=notification, at=now, from_status=None, to_status=status.value, reason=reason)
     return notification
+
+
+def create_notifications(api_key: ApiKey, items: list[tuple[dict, Status, str]]) -> list[Notification]:
+    """Store many notifications and their first history lines in one transaction, in order."""
+    if not items:
+        return []
+    now = utcnow()
+    rows = [{"id": new_public_id(), "api_key": api_key.id, "status": status.value, "created_at": now,
+             "updated_at": now, **fields} for fields, status, _ in items]
+    # A bulk insert names the same columns for every row.
+    columns = set().union(*rows)
+    for row in rows:
+        for name in columns - row.keys():
+            default = Notification._meta.fields[name].default
+            row[name] = default() if callable(default) else default
+    db = Notification._meta.database
+    with db.atomic():
+        for chunk in range(0, len(rows), 200):
+            Notification.insert_many(rows[chunk:chunk + 200]).execute()
+        seqs = dict(Notification.select(Notification.id, Notification.seq)
+                    .where(Notification.id.in_([r["id"] for r in rows])).tuples())
+        events = [
+            {"notification": seqs[row["id"]], "at": now, "kind": "status", "from_status": None,
+             "to_status": row["status"], "reason": reason}
+            for row, (_, _, reason) in zip(rows, items, strict=True)
+        ]
+        for chunk in range(0, len(events), 500):
+            Event.insert_many(events[chunk:chunk + 500]).execute()
+    notifications = []
+    for row in rows:
+        notification = Notification(**{**row, "api_key": api_key})
+        notification.seq = seqs[row["id"]]
+        notifications.append(notification)
+    return notifications
+
+
+def find_idempotent_many(api_key: ApiKey, keys: list[str]) -> dict[str, Notification]:
+    """The notifications earlier requests made with any of these keys, by key."""
+    if not keys:
+        return {}
+    query = Notification.select().where((Notification.api_key == api_key.id) & Notification.idempotency_key.in_(keys))
+    return {n.idempotency_key: n for n in query}
 
 
 def get(public_id: str) -> Notification | None:

@@ -59,3 +59,21 @@ def installed_deliverer(settings, redis):
             jobs.install(None)
 
     return _installed()
+
+
+def wait_for_arrivals(smtp, n: int, timeout: float = 20.0) -> list[float]:
+    """Watch the test SMTP server until it holds n messages; when each was first seen (time.time()).
+
+    The server keeps no times of its own, so this polls its count every few milliseconds: each time
+    is at most a poll later than the real arrival, which makes it a fair upper bound for "no later
+    than" checks. For "no earlier than", compare with the notification's `sending` history line."""
+    import time
+
+    seen: list[float] = []
+    deadline = time.monotonic() + timeout
+    while len(seen) < n and time.monotonic() < deadline:
+        count = smtp.count()
+        now = time.time()
+        seen.extend(now for _ in range(count - len(seen)))
+        time.sleep(0.005)
+    return seen

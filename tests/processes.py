@@ -112,7 +112,7 @@ class Stack:
         for name in names:
             self.procs[name] = spawn([self.SCRIPTS[name.rstrip("0123456789")]], self.env,
                                      str(self.log_dir / f"{name}.log"))
-            if name == "api":
+            if name.startswith("api"):
                 wait_for_http(f"{self.base}/api/health")
         return self
 
@@ -137,3 +137,13 @@ class Stack:
     def wait_status(self, notification_id: str, *statuses: str, timeout: float = 30.0) -> dict:
         return wait_until(lambda: (d := self.get(notification_id))["status"] in statuses and d, timeout=timeout,
                           interval=0.05)
+
+
+def http(method: str, url: str, body: bytes | None = None, headers: dict | None = None) -> tuple[int, dict, str]:
+    """A plain HTTP request as a browser or a mail client sends it: (status, headers, body text)."""
+    req = urllib.request.Request(url, data=body, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status, dict(resp.headers), resp.read().decode("utf-8", "replace")
+    except urllib.error.HTTPError as err:
+        return err.code, dict(err.headers), err.read().decode("utf-8", "replace")

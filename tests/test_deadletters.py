@@ -254,3 +254,16 @@ def test_requeue_of_another_keys_dead_letter_is_not_found(client, headers, other
     run_worker_until_idle(redis_conn)
     assert reload(notification_id).status == "failed"
     assert smtp.count() == 0
+
+
+def test_dead_letters_are_listed_while_redis_is_down(pg_settings, pg_db, api_key):
+    from redis import Redis
+
+    from app import create_app
+    from notifier.models import Status
+    from tests.helpers import make_notification
+
+    failed = make_notification(api_key[0], status=Status.FAILED)
+    client = create_app(pg_settings, redis=Redis(port=1, socket_connect_timeout=0.2)).test_client()
+    body = client.get("/api/dead-letters", headers={"X-API-Key": api_key[1]}).get_json()
+    assert [(e["id"], e["in_failed_registry"]) for e in body["data"]] == [(failed.id, False)]

@@ -192,6 +192,11 @@ def test_delayed_send_waits_for_its_release_then_is_sent(client, headers, live_d
     assert reload(notification_id).status == "scheduled"
     assert smtp.count() == 0
 
+    # Run by hand before its time, the release puts itself back instead of sending early.
+    assert jobs.release(notification_id) == "early"
+    assert reload(notification_id).status == "scheduled"
+    time.sleep(max(0.0, (_parse(detail["send_at"]) - utcnow())
+                   .total_seconds()) + 0.05)
     assert jobs.release(notification_id) == "released"
 
     assert reload(notification_id).status == "queued"

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import re
+from functools import lru_cache
+
 from flask import current_app, g, request
-from marshmallow import Schema
+from marshmallow import Schema, ValidationError
 from werkzeug.exceptions import BadRequest
 
 from notifier import keys
-from notifier.errors import ApiError, Unauthorized
+from notifier.errors import ApiError, RateLimited, Unauthorized
 from notifier.models import ApiKey
+from notifier.ratelimit import parse_rate
 from notifier.service import NotificationService
 
 API_KEY_HEADER = "X-API-Key"
+_SURROGATE = re.compile("[\\ud800-\\udfff]")
 
 
 def service() -> NotificationService:
@@ -24,6 +29,24 @@ def require_api_key() -> None:
     if key is None:
         raise Unauthorized(f"a valid {API_KEY_HEADER} header is required")
     g.api_key = key
+    ext = current_app.extensions["notifier"]
+    verdict = ext["limiter"].hit(_key_rate(key.rate_limit or ext["settings"].rate_limit), "key", str(key.id))
+    g.rate_limit = verdict
+    if not verdict.allowed:
+        raise RateLimited(f"over this key's rate limit of {verdict.limit} requests; retry in {verdict.reset_seconds} s")
+
+
+@lru_cache(maxsize=256)
+def _key_rate(text: str):
+    return parse_rate(text)
+
+
+def rate_limit_headers(response):
+    """after_request hook: every answer to a keyed request says where the caller stands."""
+    verdict = g.get("rate_limit")
+    if verdict is not None:
+        response.headers.update(verdict.headers())
+    return response
 
 
 def current_key() -> ApiKey:
@@ -33,9 +56,38 @@ def current_key() -> ApiKey:
 def json_body(schema: Schema) -> dict:
     """The request's JSON object, loaded through schema (ValidationError becomes a 422)."""
     try:
+        # JSON on the wire is UTF-8 (RFC 8259); the parser alone would let encoded surrogates through.
+        request.get_data(cache=True).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ApiError("the request body is not valid UTF-8", code="malformed_json") from exc
+    try:
         body = request.get_json(force=True)
-    except BadRequest as exc:
+    except BadRequest as exc:  # not JSON
         raise ApiError("the request body is not valid JSON", code="malformed_json") from exc
+    except RecursionError as exc:  # nested deeper than Python's parser goes
+        raise ApiError("the request body is nested too deeply", code="malformed_json") from exc
     if not isinstance(body, dict):
         raise ApiError("the request body must be a JSON object", code="malformed_json")
+    bad = _unstorable_text(body)
+    if bad:
+        raise ValidationError(bad)
     return schema.load(body)
+
+
+def _unstorable_text(body: dict) -> dict:
+    """{field: [problem]} for strings no database column may hold: NUL characters, which PostgreSQL
+    refuses, and unpaired surrogates (a JSON escape like \\ud800), which are not Unicode text."""
+    problems: dict[str, list[str]] = {}
+    stack = [*body.items(), *((name, name) for name in body)]
+    while stack:
+        field, value = stack.pop()
+        if isinstance(value, dict):
+            stack.extend((field, item) for pair in value.items() for item in pair)
+        elif isinstance(value, list):
+            stack.extend((field, item) for item in value)
+        elif isinstance(value, str) and field not in problems:
+            if "\x00" in value:
+                problems[field] = ["must not contain NUL characters"]
+            elif _SURROGATE.search(value):
+                problems[field] = ["must be valid Unicode text (no unpaired surrogates)"]
+    return problems

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from flask import Blueprint, current_app, jsonify, request, url_for
+from marshmallow import ValidationError
 
 from notifier import store
 from notifier.api.common import current_key, json_body, require_api_key, service
-from notifier.errors import NotFound, Unprocessable
+from notifier.errors import ApiError, NotFound, Unprocessable
 from notifier.schemas import (
     AcceptedSchema,
+    BatchSchema,
     ListQuerySchema,
     NotificationDetailSchema,
     NotificationSchema,
@@ -20,6 +22,7 @@ bp = Blueprint("notifications", __name__, url_prefix="/api/notifications")
 bp.before_request(require_api_key)
 
 _send = SendSchema()
+_batch = BatchSchema()
 _verification = VerificationSchema()
 _query = ListQuerySchema()
 _accepted = AcceptedSchema()
@@ -45,6 +48,47 @@ def send():
     """Accept an email for delivery."""
     body = json_body(_send)
     return _accepted_response(service().send(current_key(), body, request.headers.get(IDEMPOTENCY_HEADER)))
+
+
+@bp.post("/batch")
+def send_batch():
+    """Accept up to BATCH_MAX notifications at once; each is accepted or refused on its own."""
+    body = json_body(_batch)
+    limit = current_app.config["NOTIFIER_SETTINGS"].batch_max
+    items = body["notifications"]
+    if len(items) > limit:
+        raise Unprocessable(f"a batch holds at most {limit} notifications",
+                            {"notifications": [f"at most {limit} items"]})
+    payloads, errors = [], {}
+    for index, item in enumerate(items):
+        try:
+            payloads.append(_send.load(item) if isinstance(item, dict) else _not_an_object())
+        except ValidationError as exc:
+            payloads.append(None)
+            errors[index] = {"code": "validation_error", "message": "the item has invalid fields",
+                             "details": exc.normalized_messages()}
+    outcomes = service().send_batch(current_key(), payloads, request.headers.get(IDEMPOTENCY_HEADER))
+    results = []
+    for index, outcome in enumerate(outcomes):
+        if index in errors:
+            results.append({"index": index, "error": errors[index]})
+        elif isinstance(outcome, ApiError):
+            results.append({"index": index, "error": {"code": outcome.code, "message": outcome.message,
+                                                      "details": outcome.details}})
+        else:
+            notification, replayed = outcome
+            results.append({"index": index, "id": notification.id, "status": notification.status,
+                            "replayed": replayed})
+    accepted = sum(1 for r in results if "id" in r)
+    if not accepted:
+        raise Unprocessable("no notification in the batch was accepted", {"results": results})
+    response = jsonify(accepted=accepted, rejected=len(results) - accepted, results=results)
+    response.status_code = 202
+    return response
+
+
+def _not_an_object():
+    raise ValidationError({"_schema": ["each item must be a JSON object"]})
 
 
 @bp.post("/send-verification")

@@ -1,0 +1,81 @@
+"""Operator pages: the RQ dashboard at /rq and Prometheus metrics at /metrics, behind HTTP basic auth.
+
+rq-dashboard has no authentication of its own, and a plain GET to its requeue route requeues every
+failed job, so every path under /rq is guarded, matched or not, before the dashboard's own hooks run.
+Without OPERATOR_USERNAME and OPERATOR_PASSWORD configured, nobody gets in.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+
+import rq_dashboard
+from flask import Blueprint, Flask, Response, current_app, request
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import choose_encoder
+from redis.exceptions import RedisError
+from rq_dashboard.web import setup_rq_connection
+from werkzeug.datastructures import WWWAuthenticate
+from werkzeug.exceptions import Unauthorized
+
+from notifier import metrics
+from notifier.config import Settings
+from notifier.errors import ServiceUnavailable
+
+logger = logging.getLogger(__name__)
+
+REALM = "notifier operators"
+DASHBOARD_PREFIX = "/rq"
+
+bp = Blueprint("operators", __name__)
+
+
+def init_app(app: Flask) -> None:
+    """Mount the dashboard and the metrics, and guard both."""
+    settings: Settings = app.extensions["notifier"]["settings"]
+    app.config["RQ_DASHBOARD_REDIS_URL"] = settings.redis_url
+    app.register_blueprint(rq_dashboard.blueprint, url_prefix=DASHBOARD_PREFIX)
+    setup_rq_connection(app)
+    app.register_blueprint(bp)
+    # On the app, not the blueprint: it then runs before rq-dashboard's hooks, and for paths under
+    # /rq that match no route too.
+    app.before_request(_guard)
+
+
+def _guard() -> None:
+    path = request.path
+    if request.blueprint == bp.name or path == DASHBOARD_PREFIX or path.startswith(DASHBOARD_PREFIX + "/"):
+        require_operator()
+
+
+def require_operator() -> None:
+    """Let the request through only with the configured operator's basic-auth credentials."""
+    settings: Settings = current_app.extensions["notifier"]["settings"]
+    challenge = WWWAuthenticate("basic", {"realm": REALM})
+    if not (settings.operator_username and settings.operator_password):
+        raise Unauthorized("operator access is not configured (set OPERATOR_USERNAME and OPERATOR_PASSWORD)",
+                           www_authenticate=challenge)
+    auth = request.authorization
+    if auth is None or auth.type != "basic":
+        raise Unauthorized("operator credentials are required", www_authenticate=challenge)
+    # Both compared in full, in constant time, so the answer's timing says nothing about either.
+    name_ok = hmac.compare_digest((auth.username or "").encode(), settings.operator_username.encode())
+    password_ok = hmac.compare_digest((auth.password or "").encode(), settings.operator_password.encode())
+    if not (name_ok and password_ok):
+        logger.warning("operator authentication failed for %s %s", request.method, request.path)
+        raise Unauthorized("wrong operator credentials", www_authenticate=challenge)
+
+
+@bp.get("/metrics")
+def scrape():
+    """Prometheus metrics of every API and worker process, read from Redis now."""
+    ext = current_app.extensions["notifier"]
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(metrics.RedisCollector(ext["redis"], dead_letters=metrics.dead_letter_count))
+    encode, content_type = choose_encoder(request.headers.get("Accept", ""))
+    try:
+        body = encode(registry)
+    except RedisError as exc:
+        raise ServiceUnavailable("Redis is unavailable; the metrics live there") from exc
+    return Response(body, headers={"Content-Type": content_type, "Cache-Control": "no-store"})

@@ -1,0 +1,67 @@
+"""Request ids and the access log: every response says which request it was, and so does every log line."""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+
+from flask import Flask, Response, g, request
+
+from notifier import logs
+
+REQUEST_ID_HEADER = "X-Request-ID"
+# What a caller's own id may look like; anything else (too long, odd characters) is replaced, so a
+# header can never smuggle line breaks or markup into the logs.
+_VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
+
+SECRET_VIEW_ARGS = {"token"}
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+access_log = logging.getLogger("notifier.api.access")
+
+
+def request_id_from(header: str | None) -> str:
+    """The caller's X-Request-ID when it is well-formed, otherwise a new one."""
+    if header and _VALID_REQUEST_ID.fullmatch(header):
+        return header
+    return uuid.uuid4().hex
+
+
+def _loggable_path() -> str:
+    # The path only: query strings may carry addresses, and bodies are never logged. A route whose
+    # path holds a credential (an unsubscribe token) is logged as its pattern.
+    rule = request.url_rule
+    if rule is not None and any(name in SECRET_VIEW_ARGS for name in rule.arguments):
+        return rule.rule
+    # A decoded %0A must not start a forged line in a text log.
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", request.path)
+
+
+def init_app(app: Flask) -> None:
+    """Give each request an id (the caller's, or a new one), echo it, and log one line per request."""
+
+    @app.before_request
+    def _begin():
+        g.request_started = time.monotonic()
+        g.request_id_token = logs.request_id.set(request_id_from(request.headers.get(REQUEST_ID_HEADER)))
+
+    @app.after_request
+    def _end(response: Response) -> Response:
+        request_id = logs.request_id.get()
+        if request_id is not None:
+            response.headers[REQUEST_ID_HEADER] = request_id
+        started = g.get("request_started")
+        duration_ms = round((time.monotonic() - started) * 1000, 1) if started is not None else None
+        path = _loggable_path()
+        access_log.info("%s %s %s", request.method, path, response.status_code,
+                        extra={"method": request.method, "path": path, "status": response.status_code,
+                               "duration_ms": duration_ms})
+        return response
+
+    @app.teardown_request
+    def _forget(exc):
+        token = g.pop("request_id_token", None)
+        if token is not None:
+            logs.request_id.reset(token)

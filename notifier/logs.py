@@ -1,0 +1,193 @@
+"""Logging for every process: one JSON object per line on stderr (or readable text), ids bound from
+context, and nothing in a line that must not be there (full addresses, API keys, secrets)."""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import logging
+import re
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+
+from notifier.redact import mask_address
+
+FORMATS = ("json", "text")
+
+# What the current request or job is about; every line logged meanwhile carries it.
+request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
+notification_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("notification_id", default=None)
+_CONTEXT = {"request_id": request_id, "notification_id": notification_id}
+
+
+@contextmanager
+def bound(**ids: str | None) -> Iterator[None]:
+    """Within the block, every log line carries these ids: `with bound(notification_id=nid): ...`."""
+    tokens = [(_CONTEXT[name], _CONTEXT[name].set(value)) for name, value in ids.items()]
+    try:
+        yield
+    finally:
+        for var, token in reversed(tokens):
+            var.reset(token)
+
+
+# --- redaction -------------------------------------------------------------------------------------
+
+# Local parts may hold more than this, but "/" and "=" would swallow a path or a "to=" in front.
+_ADDRESS = re.compile(r"[A-Za-z0-9.!#$&'*+?^_`{|}~-]+(?:@|%40)[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*")
+_API_KEY = re.compile(r"\b(nfy_[0-9a-f]+_)[A-Za-z0-9_-]+")
+_SECRET = re.compile(r"\b(whsec_)[A-Za-z0-9_-]+")
+_URL_PASSWORD = re.compile(r"(\b[a-z][a-z0-9+.-]*://[^:/@\s]*:)[^@\s/]+@", re.IGNORECASE)
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _mask(match: re.Match) -> str:
+    return mask_address(match.group(0).replace("%40", "@"))
+
+
+def redact(text: str) -> str:
+    """text with passwords in URLs, API keys, callback secrets and email addresses masked."""
+    text = _URL_PASSWORD.sub(r"\1***@", text)
+    text = _API_KEY.sub(r"\1[redacted]", text)
+    text = _SECRET.sub(r"\1[redacted]", text)
+    return _ADDRESS.sub(_mask, text)
+
+
+class RedactingFilter(logging.Filter):
+    """Formats each record's message once, redacted; RQ's terminal colours go too."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # noqa: BLE001 - a bad format string must not break the caller; log what we have
+            message = f"{record.msg} {record.args!r}"
+        record.msg = redact(_ANSI.sub("", message))
+        record.args = None
+        return True
+
+
+class AccessLogFilter(logging.Filter):
+    """Drops the werkzeug development server's per-request line; the API logs its own, structured."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (isinstance(record.msg, str) and record.msg.endswith('"%s" %s %s'))
+
+
+# --- formatting ------------------------------------------------------------------------------------
+
+# Attributes every LogRecord has; anything else on a record came from `extra=` and is logged as a field.
+_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "taskName"}
+
+
+def _safe(value):
+    if isinstance(value, str):
+        return redact(value)
+    if value is None or isinstance(value, bool | int | float):
+        return value
+    if isinstance(value, list | tuple):
+        return [_safe(item) for item in value]
+    if isinstance(value, dict):
+        return {str(k): _safe(v) for k, v in value.items()}
+    return redact(str(value))
+
+
+def _fields(record: logging.LogRecord) -> dict:
+    found = {name: var.get() for name, var in _CONTEXT.items() if var.get() is not None}
+    for name, value in vars(record).items():
+        if name not in _STANDARD and not name.startswith("_"):
+            found[name] = _safe(value)
+    return found
+
+
+def _exception(formatter: logging.Formatter, record: logging.LogRecord) -> str | None:
+    if record.exc_info:
+        return redact(formatter.formatException(record.exc_info))
+    if record.exc_text:
+        return redact(record.exc_text)
+    return None
+
+
+class JsonFormatter(logging.Formatter):
+    """{"ts", "level", "logger", "message", request_id?, notification_id?, exc_info?, extra fields}."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = {
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+            **_fields(record),
+        }
+        exc = _exception(self, record)
+        if exc:
+            line["exc_info"] = exc
+        return json.dumps(line, default=str, ensure_ascii=False)
+
+
+class TextFormatter(logging.Formatter):
+    """For people at a terminal: `12:00:01 INFO notifier.jobs [nid=...] message`."""
+
+    def __init__(self):
+        super().__init__("%(asctime)s %(levelname)s %(name)s %(message)s", datefmt="%H:%M:%S")
+
+    def format(self, record: logging.LogRecord) -> str:
+        fields = _fields(record)
+        text = f"{self.formatTime(record, self.datefmt)} {record.levelname} {record.name}"
+        if fields:
+            text += " [" + " ".join(f"{k}={v}" for k, v in fields.items()) + "]"
+        text += f" {record.getMessage()}"
+        exc = _exception(self, record)
+        return f"{text}\n{exc}" if exc else text
+
+
+class StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time, so a replaced stderr (pytest's) is never stale."""
+
+    def __init__(self):
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
+def make_handler(fmt: str = "json") -> logging.Handler:
+    """The one handler every process logs through: stderr, redacted, JSON or text."""
+    handler = StderrHandler()
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    handler.addFilter(AccessLogFilter())
+    handler.addFilter(RedactingFilter())
+    return handler
+
+
+def configure(level: str = "INFO", fmt: str = "json") -> None:
+    """Route every logger, ours, RQ's, rq-scheduler's and werkzeug's, through one stderr handler."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if isinstance(handler, StderrHandler):
+            root.removeHandler(handler)
+    root.addHandler(make_handler(fmt))
+    root.setLevel(level)
+    # RQ and rq-scheduler add handlers of their own (to stdout, in their format) unless a handler
+    # already catches their loggers; clear any they added before us so lines go through ours.
+    for name in ("rq", "rq.worker", "rq.job", "rq.scheduler", "rq_scheduler", "rq_scheduler.scheduler", "werkzeug"):
+        logger = logging.getLogger(name)
+        for own in list(logger.handlers):
+            logger.removeHandler(own)
+        logger.propagate = True
+
+
+def gunicorn_logconfig(level: str = "INFO", fmt: str = "json") -> dict:
+    """gunicorn's logconfig_dict: its own lines (booting, worker exits) through the same handler."""
+    quiet = {"level": level, "handlers": [], "propagate": True}
+    return {
+        "root": {"level": level, "handlers": ["notifier"]},
+        "loggers": {"gunicorn.error": quiet, "gunicorn.access": quiet},
+        "handlers": {"notifier": {"()": make_handler, "fmt": fmt}},
+    }

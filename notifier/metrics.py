@@ -1,0 +1,191 @@
+"""Delivery metrics kept in Redis, so every API and worker process counts into the same numbers.
+
+A Prometheus client counter lives in one process, and notifier has several: gunicorn workers accept,
+RQ workers send. So each event is written where it is observed, as one pipelined round trip of
+HINCRBY on a hash per metric (the field is the JSON list of its label values), and /metrics reads
+the hashes back at scrape time through a prometheus_client collector, with the queue depths and the
+dead letters read then too. A metric that cannot be written is dropped and logged at debug: counting
+must never get in the way of sending.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from bisect import bisect_left
+from collections.abc import Callable, Iterator
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.utils import floatToGoString
+from redis import Redis
+from redis.exceptions import RedisError
+from rq import Queue
+
+from notifier.models import Notification, Priority, Status, utcnow
+from notifier.queues import QUEUES_BY_PRIORITY
+
+logger = logging.getLogger(__name__)
+
+KEY_PREFIX = "notifier:metrics:"
+NOTIFICATION_LABELS = ("priority", "template")
+LITERAL_TEMPLATE = "-"  # the template label of a send with its own subject and body
+# Seconds from acceptance to the SMTP server taking the message: a quick send is well under a second,
+# a retried one takes the retry intervals (minutes to an hour).
+DELIVERY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
+REPLY_CLASSES = ("2xx", "4xx", "5xx", "none")
+
+COUNTERS = {
+    "notifier_notifications_accepted_total": "Notifications the API accepted and stored (replays excluded).",
+    "notifier_notifications_sent_total": "Notifications the SMTP server accepted.",
+    "notifier_notifications_failed_total": "Notifications that failed for good (permanent error or last retry).",
+    "notifier_notifications_retried_total": "Delivery attempts that failed transiently and will be retried.",
+    "notifier_notifications_expired_total": "Notifications a worker found past their deadline (never sent late).",
+}
+DELIVERY_SECONDS = "notifier_delivery_seconds"
+SMTP_REPLIES = "notifier_smtp_replies_total"
+
+
+def _key(metric: str, part: str = "") -> str:
+    return f"{KEY_PREFIX}{metric}{':' + part if part else ''}"
+
+
+def _field(*labels: str) -> str:
+    return json.dumps(labels, separators=(",", ":"))
+
+
+def _labels(notification: Notification) -> str:
+    return _field(notification.priority or Priority.DEFAULT.value, notification.template or LITERAL_TEMPLATE)
+
+
+def reply_class(smtp_code: int | None) -> str:
+    """The class of an SMTP reply code: 2xx, 4xx, 5xx, or none when no reply came."""
+    if smtp_code is not None and smtp_code // 100 in (2, 4, 5):
+        return f"{smtp_code // 100}xx"
+    return "none"
+
+
+def _write(redis: Redis | None, build: Callable) -> None:
+    """One pipelined round trip; a failure is logged and dropped, never raised."""
+    if redis is None:
+        return
+    try:
+        pipe = redis.pipeline(transaction=False)
+        build(pipe)
+        pipe.execute()
+    except RedisError as exc:
+        logger.debug("metrics not recorded: %s", type(exc).__name__)
+    except Exception:  # noqa: BLE001 - a bug in counting must not fail a delivery either
+        logger.warning("metrics not recorded", exc_info=True)
+
+
+def accepted(redis: Redis | None, notification: Notification) -> None:
+    """Count a notification the API just stored."""
+    _write(redis, lambda p: p.hincrby(_key("notifier_notifications_accepted_total"), _labels(notification), 1))
+
+
+def sent(redis: Redis | None, notification: Notification, smtp_code: int | None) -> None:
+    """Count a notification the SMTP server took, with its latency since acceptance and the reply."""
+    seconds = max(0.0, (utcnow() - notification.created_at).total_seconds())
+    index = bisect_left(DELIVERY_BUCKETS, seconds)
+    bound = floatToGoString(DELIVERY_BUCKETS[index]) if index < len(DELIVERY_BUCKETS) else "+Inf"
+    priority = notification.priority or Priority.DEFAULT.value
+
+    def build(pipe):
+        pipe.hincrby(_key("notifier_notifications_sent_total"), _labels(notification), 1)
+        # Each observation lands in its own bucket only; the collector makes them cumulative.
+        pipe.hincrby(_key(DELIVERY_SECONDS, "buckets"), _field(priority, bound), 1)
+        pipe.hincrbyfloat(_key(DELIVERY_SECONDS, "sum"), _field(priority), seconds)
+        pipe.hincrby(_key(SMTP_REPLIES), _field(reply_class(smtp_code)), 1)
+
+    _write(redis, build)
+
+
+def attempt_failed(redis: Redis | None, notification: Notification, smtp_code: int | None, *, final: bool) -> None:
+    """Count a failed attempt: failed for good when final, otherwise retried; and the reply it got."""
+    metric = "notifier_notifications_failed_total" if final else "notifier_notifications_retried_total"
+
+    def build(pipe):
+        pipe.hincrby(_key(metric), _labels(notification), 1)
+        pipe.hincrby(_key(SMTP_REPLIES), _field(reply_class(smtp_code)), 1)
+
+    _write(redis, build)
+
+
+def expired(redis: Redis | None, notification: Notification) -> None:
+    """Count a notification that reached its deadline unsent."""
+    _write(redis, lambda p: p.hincrby(_key("notifier_notifications_expired_total"), _labels(notification), 1))
+
+
+def dead_letter_count() -> int:
+    """Failed notifications in the database: the dead-letter queue, as `dlq list` shows it."""
+    return Notification.select().where(Notification.status == Status.FAILED.value).count()
+
+
+class RedisCollector:
+    """A prometheus_client collector reading every process's counts from Redis at scrape time.
+
+    Register it on a fresh CollectorRegistry(auto_describe=False) per scrape. A Redis error
+    propagates (the scrape fails); a dead_letters callable that fails only leaves that gauge out."""
+
+    def __init__(self, redis: Redis, dead_letters: Callable[[], int] | None = None):
+        self.redis = redis
+        self.dead_letters = dead_letters
+
+    def collect(self) -> Iterator[Metric]:
+        pipe = self.redis.pipeline(transaction=False)
+        for name in COUNTERS:
+            pipe.hgetall(_key(name))
+        pipe.hgetall(_key(DELIVERY_SECONDS, "buckets"))
+        pipe.hgetall(_key(DELIVERY_SECONDS, "sum"))
+        pipe.hgetall(_key(SMTP_REPLIES))
+        for name in QUEUES_BY_PRIORITY:
+            pipe.llen(Queue(name, connection=self.redis).key)
+        results = iter(pipe.execute())
+
+        for name, documentation in COUNTERS.items():
+            family = CounterMetricFamily(name, documentation, labels=NOTIFICATION_LABELS)
+            for labels, value in sorted(_decode(next(results)).items()):
+                family.add_metric(labels, value)
+            yield family
+
+        yield _histogram(_decode(next(results)), _decode(next(results)))
+
+        replies = {labels[0]: value for labels, value in _decode(next(results)).items()}
+        family = CounterMetricFamily(SMTP_REPLIES, "SMTP replies to delivery attempts by class; none: no reply "
+                                     "(connection refused, dropped or timed out, or a template error).",
+                                     labels=("class",))
+        for reply in REPLY_CLASSES:
+            family.add_metric((reply,), replies.get(reply, 0))
+        yield family
+
+        family = GaugeMetricFamily("notifier_queue_depth", "Jobs waiting in each RQ queue.", labels=("queue",))
+        for name in QUEUES_BY_PRIORITY:
+            family.add_metric((name,), next(results))
+        yield family
+
+        if self.dead_letters is not None:
+            try:
+                count = self.dead_letters()
+            except Exception as exc:  # noqa: BLE001 - the other metrics are still worth scraping
+                logger.warning("dead letters not counted: %s", type(exc).__name__)
+            else:
+                yield GaugeMetricFamily("notifier_dead_letters", "Notifications with status failed in the database "
+                                        "(the dead-letter queue; requeueing one removes it).", value=count)
+
+
+def _decode(raw: dict) -> dict[tuple[str, ...], float]:
+    return {tuple(json.loads(field)): float(value) for field, value in raw.items()}
+
+
+def _histogram(buckets: dict[tuple[str, ...], float], sums: dict[tuple[str, ...], float]) -> HistogramMetricFamily:
+    family = HistogramMetricFamily(DELIVERY_SECONDS, "Seconds from acceptance (created_at) to the SMTP server "
+                                   "accepting the message.", labels=("priority",))
+    priorities = [p.value for p in Priority]
+    priorities += sorted({labels[0] for labels in buckets} - set(priorities))
+    for priority in priorities:
+        counts = {float(bound): value for (p, bound), value in buckets.items() if p == priority}
+        cumulative = [(floatToGoString(le), sum(v for bound, v in counts.items() if bound <= le))
+                      for le in DELIVERY_BUCKETS]
+        cumulative.append(("+Inf", sum(counts.values())))
+        family.add_metric((priority,), cumulative, sums.get((priority,), 0.0))
+    return family

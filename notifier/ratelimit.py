@@ -1,0 +1,61 @@
+"""Rate limits over Redis with the `limits` library (moving window), shared by every API process.
+
+Two limits: each API key's request rate (its own, or RATE_LIMIT), and a cap per recipient on
+non-transactional mail (RECIPIENT_CAP) so a looping caller cannot flood one inbox. If Redis cannot be
+reached the limits are not enforced: refusing every request would turn a Redis outage into an
+outage of the API, which keeps accepting work while Redis is down."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+from limits import RateLimitItem, parse
+from limits.storage import storage_from_string
+from limits.strategies import MovingWindowRateLimiter
+from redis.exceptions import RedisError
+
+logger = logging.getLogger(__name__)
+
+
+def parse_rate(text: str) -> RateLimitItem:
+    """"100/second", "20/hour", "1000 per minute": raises ValueError for anything else."""
+    return parse(text)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    allowed: bool
+    limit: int
+    remaining: int
+    reset_seconds: int
+
+    def headers(self) -> dict[str, str]:
+        headers = {
+            "RateLimit-Limit": str(self.limit),
+            "RateLimit-Remaining": str(self.remaining),
+            "RateLimit-Reset": str(self.reset_seconds),
+        }
+        if not self.allowed:
+            headers["Retry-After"] = str(max(1, self.reset_seconds))
+        return headers
+
+
+class Limiter:
+    """A moving-window limiter on one Redis."""
+
+    def __init__(self, redis_url: str):
+        self._limiter = MovingWindowRateLimiter(storage_from_string(redis_url, socket_connect_timeout=2))
+
+    def hit(self, rate: RateLimitItem, *identifiers: str) -> Verdict:
+        """Count one request against rate; say whether it is allowed and what is left."""
+        try:
+            allowed = self._limiter.hit(rate, "notifier", *identifiers)
+            stats = self._limiter.get_window_stats(rate, "notifier", *identifiers)
+        except (RedisError, ConnectionError, OSError) as exc:
+            logger.warning("rate limit not enforced, Redis unreachable: %s", type(exc).__name__)
+            return Verdict(True, rate.amount, rate.amount, 0)
+        reset = max(0, math.ceil(stats.reset_time - time.time()))
+        return Verdict(allowed, rate.amount, max(0, stats.remaining), reset)

@@ -1,0 +1,119 @@
+"""Access and limits: per-key rate limits (also across API processes), rotation, revocation, the
+per-recipient cap, and one key never reaching another's data on any route."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from app import create_app
+from notifier import keys
+from notifier.db import database
+from notifier.models import Status
+from tests.helpers import LITERAL, make_notification, run_worker_until_idle
+from tests.processes import Stack, cli, request
+
+pytestmark = pytest.mark.integration
+
+WELCOME = {"to": "ann@example.com", "template": "welcome", "user_id": "u1"}
+VERIFY = {"to": "ann@example.com", "user_id": "u1", "code": "123456"}
+
+
+def _key(name: str, rate: str | None = None) -> str:
+    with database.connection_context():
+        return keys.create(name, rate_limit=rate)[1]
+
+
+def test_rate_limit_per_key_with_headers_and_429(client, pg_db):
+    slow, other = _key("slow", "3/minute"), _key("other", "3/minute")
+    answers = [client.get("/api/notifications", headers={"X-API-Key": slow}) for _ in range(4)]
+    assert [a.status_code for a in answers] == [200, 200, 200, 429]
+    assert [a.headers["RateLimit-Remaining"] for a in answers] == ["2", "1", "0", "0"]
+    assert all(a.headers["RateLimit-Limit"] == "3" for a in answers)
+    refused = answers[-1]
+    assert refused.get_json()["error"]["code"] == "rate_limited"
+    assert 0 < int(refused.headers["Retry-After"]) <= 60
+    assert 0 < int(refused.headers["RateLimit-Reset"]) <= 60
+    # One key's limit is its own.
+    assert client.get("/api/notifications", headers={"X-API-Key": other}).status_code == 200
+
+
+def test_default_rate_limit_applies_to_keys_without_their_own(pg_settings, pg_db, redis_conn):
+    key = _key("default-rate")
+    client = create_app(replace(pg_settings, rate_limit="2/minute"), redis=redis_conn).test_client()
+    codes = [client.get("/api/notifications", headers={"X-API-Key": key}).status_code for _ in range(3)]
+    assert codes == [200, 200, 429]
+
+
+def test_rate_limit_holds_across_two_api_processes(pg_settings, pg_db, redis_conn, smtp, tmp_path):
+    first = Stack(pg_settings, tmp_path).start("api")
+    second = Stack(pg_settings, tmp_path)
+    second.start("api2")
+    try:
+        key = cli(["keys", "create", "shared", "--rate", "6/minute"], first.env).strip().splitlines()[-1]
+        codes = []
+        for i in range(10):
+            base = first.base if i % 2 == 0 else second.base
+            codes.append(request("GET", f"{base}/api/notifications", key)[0])
+        assert codes.count(200) == 6 and codes.count(429) == 4
+        assert codes[:6] == [200] * 6
+    finally:
+        first.close()
+        second.close()
+
+
+def test_rotation_keeps_the_old_secret_until_it_is_revoked(client, pg_db):
+    old = _key("rotating")
+    with database.connection_context():
+        new = keys.rotate("rotating")
+    created = client.post("/api/notifications/send", json=LITERAL, headers={"X-API-Key": old}).get_json()
+    # Same service, same notifications, whichever secret asks.
+    assert client.get(f"/api/notifications/{created['id']}", headers={"X-API-Key": new}).status_code == 200
+    with database.connection_context():
+        assert keys.revoke("rotating", old_only=True)
+    assert client.get("/api/notifications", headers={"X-API-Key": old}).status_code == 401
+    assert client.get("/api/notifications", headers={"X-API-Key": new}).status_code == 200
+    with database.connection_context():
+        assert keys.revoke("rotating")
+    assert client.get("/api/notifications", headers={"X-API-Key": new}).status_code == 401
+
+
+def test_recipient_cap_stops_non_transactional_floods_only(pg_settings, pg_db, redis_conn, api_key, smtp, deliverer):
+    client = create_app(replace(pg_settings, recipient_cap="2/hour"), redis=redis_conn).test_client()
+    hdrs = {"X-API-Key": api_key[1]}
+    welcome = [client.post("/api/notifications/send", json=WELCOME, headers=hdrs).get_json() for _ in range(3)]
+    assert [w["status"] for w in welcome] == ["queued", "queued", "suppressed"]
+    capped = client.get(f"/api/notifications/{welcome[2]['id']}", headers=hdrs).get_json()
+    assert "recipient cap" in capped["history"][-1]["reason"]
+    verify = [client.post("/api/notifications/send-verification", json=VERIFY, headers=hdrs).get_json()
+              for _ in range(4)]
+    assert {v["status"] for v in verify} == {"queued"}
+    run_worker_until_idle(redis_conn)
+    assert smtp.count() == 6
+
+
+def test_no_route_lets_one_key_reach_another_keys_data(client, headers, api_key, other_key, redis_conn, smtp,
+                                                       deliverer):
+    theirs = {"X-API-Key": other_key[1]}
+    mine = client.post("/api/notifications/send", json={**LITERAL, "user_id": "u7"}, headers=headers).get_json()
+    failed = make_notification(api_key[0], status=Status.FAILED, user_id="u7")
+    assert client.put("/api/users/u7/preferences", json={"categories": {"product": "off"}},
+                      headers=headers).status_code == 200
+    from notifier.consent import suppress
+
+    with database.connection_context():
+        suppress(api_key[0].id, "gone@example.com", "550 5.1.1 no such user")
+
+    assert client.get(f"/api/notifications/{mine['id']}", headers=theirs).status_code == 404
+    assert client.post(f"/api/notifications/{mine['id']}/cancel", headers=theirs).status_code == 404
+    assert client.get("/api/notifications", headers=theirs).get_json()["data"] == []
+    assert client.get("/api/notifications/user/u7/stats", headers=theirs).get_json()["total"] == 0
+    assert client.get("/api/dead-letters", headers=theirs).get_json()["data"] == []
+    assert client.post(f"/api/dead-letters/{failed.id}/requeue", headers=theirs).status_code == 404
+    assert client.get("/api/users/u7/preferences", headers=theirs).get_json()["categories"]["product"] == "immediate"
+    assert client.get("/api/suppressions", headers=theirs).get_json()["data"] == []
+    assert client.delete("/api/suppressions/gone@example.com", headers=theirs).status_code == 404
+    # ... and all of it is still there for its owner.
+    assert client.get(f"/api/notifications/{mine['id']}", headers=headers).status_code == 200
+    assert len(client.get("/api/suppressions", headers=headers).get_json()["data"]) == 1

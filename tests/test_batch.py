@@ -1,0 +1,94 @@
+"""POST /api/notifications/batch: each item accepted or refused on its own, stored in bulk, queued in
+one pipeline, idempotent per item and per batch."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+from rq import Queue
+
+from app import create_app
+from notifier.consent import suppress
+from notifier.db import database
+from notifier.models import Event, Notification
+from notifier.queues import QUEUE_NAMES
+from tests.helpers import LITERAL, run_worker_until_idle
+
+pytestmark = pytest.mark.integration
+
+
+def _item(n: int, **extra) -> dict:
+    return {**LITERAL, "to": f"user{n}@example.com", **extra}
+
+
+def _rows() -> tuple[int, int]:
+    with database.connection_context():
+        return Notification.select().count(), Event.select().count()
+
+
+def test_valid_items_are_accepted_even_when_others_fail(client, headers, redis_conn, smtp, deliverer):
+    items = [_item(0), {"to": "not-an-email", "subject": "x", "text": "y"}, _item(2, priority="high"), "nope",
+             {"to": "a@example.com", "template": "no_such_template"}, _item(5, priority="low")]
+    response = client.post("/api/notifications/batch", json={"notifications": items}, headers=headers)
+    assert response.status_code == 202
+    body = response.get_json()
+    assert (body["accepted"], body["rejected"]) == (3, 3)
+    results = body["results"]
+    assert [r["index"] for r in results] == list(range(6))
+    assert [("id" in r) for r in results] == [True, False, True, False, False, True]
+    assert "to" in results[1]["error"]["details"]
+    assert results[4]["error"]["code"] == "validation_error" and "template" in results[4]["error"]["details"]
+    assert _rows() == (3, 3)
+    assert [Queue(QUEUE_NAMES[p], connection=redis_conn).count for p in ("high", "default", "low")] == [1, 1, 1]
+
+    run_worker_until_idle(redis_conn)
+    assert sorted(m.rcpt_tos[0] for m in smtp.wait_for(3)) == ["user0@example.com", "user2@example.com",
+                                                               "user5@example.com"]
+    for result in results:
+        if "id" in result:
+            assert client.get(f"/api/notifications/{result['id']}", headers=headers).get_json()["status"] == "sent"
+
+
+def test_a_batch_with_nothing_valid_is_422(client, headers):
+    response = client.post("/api/notifications/batch", json={"notifications": [{"to": "x"}]}, headers=headers)
+    assert response.status_code == 422
+    assert response.get_json()["error"]["details"]["results"][0]["index"] == 0
+    assert client.post("/api/notifications/batch", json={"notifications": []}, headers=headers).status_code == 422
+    assert _rows() == (0, 0)
+
+
+def test_batches_over_the_limit_are_422(pg_settings, pg_db, redis_conn, headers):
+    client = create_app(replace(pg_settings, batch_max=3), redis=redis_conn).test_client()
+    response = client.post("/api/notifications/batch", json={"notifications": [_item(n) for n in range(4)]},
+                           headers=headers)
+    assert response.status_code == 422
+    assert _rows() == (0, 0)
+
+
+def test_batch_and_item_idempotency_keys_replay_without_new_rows(client, headers, redis_conn):
+    items = [_item(0), _item(1, idempotency_key="own-key"), _item(2)]
+    first = client.post("/api/notifications/batch", json={"notifications": items},
+                        headers={**headers, "Idempotency-Key": "batch-1"}).get_json()
+    again = client.post("/api/notifications/batch", json={"notifications": items},
+                        headers={**headers, "Idempotency-Key": "batch-1"}).get_json()
+    assert [r["id"] for r in again["results"]] == [r["id"] for r in first["results"]]
+    assert [r["replayed"] for r in again["results"]] == [True, True, True]
+    assert _rows() == (3, 3)
+    # The item's own key is honoured outside the batch too, and a changed payload under it is refused.
+    single = client.post("/api/notifications/send", json=_item(1, idempotency_key="own-key"), headers=headers)
+    assert single.get_json()["id"] == first["results"][1]["id"]
+    changed = client.post("/api/notifications/batch", json={"notifications": [_item(9, idempotency_key="own-key")]},
+                          headers=headers)
+    assert changed.status_code == 422
+    assert changed.get_json()["error"]["details"]["results"][0]["error"]["code"] == "idempotency_key_reused"
+
+
+def test_consent_applies_to_every_item(client, headers, api_key, redis_conn, smtp, deliverer):
+    with database.connection_context():
+        suppress(api_key[0].id, "user1@example.com", "550 5.1.1 no such user")
+    body = client.post("/api/notifications/batch", json={"notifications": [_item(0), _item(1), _item(2)]},
+                       headers=headers).get_json()
+    assert [r["status"] for r in body["results"]] == ["queued", "suppressed", "queued"]
+    run_worker_until_idle(redis_conn)
+    assert sorted(m.rcpt_tos[0] for m in smtp.wait_for(2)) == ["user0@example.com", "user2@example.com"]

@@ -1,0 +1,164 @@
+"""Time-controlled unit tests: quiet hours, digest windows across DST changes, and what decide() does."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from datetime import datetime, timedelta
+
+import pytest
+
+from notifier import consent, digests, keys, store
+from notifier.models import Category, DeliveryMode, Digest, Notification, Status, UserProfile
+from notifier.runtime import make_renderer
+from tests.helpers import make_notification, reload
+
+
+def utc(*args) -> datetime:
+    return datetime(*args)
+
+
+@pytest.mark.parametrize(
+    ("tz", "start", "end", "at", "expected_end"),
+    [
+        ("UTC", "22:00", "07:00", utc(2026, 6, 1, 23, 30), utc(2026, 6, 2, 7, 0)),  # overnight, before midnight
+        ("UTC", "22:00", "07:00", utc(2026, 6, 2, 3, 0), utc(2026, 6, 2, 7, 0)),  # overnight, after midnight
+        ("UTC", "22:00", "07:00", utc(2026, 6, 2, 12, 0), None),  # daytime
+        ("UTC", "12:00", "14:00", utc(2026, 6, 2, 13, 0), utc(2026, 6, 2, 14, 0)),  # same-day window
+        ("UTC", "22:00", "07:00", utc(2026, 6, 2, 7, 0), None),  # the end is not quiet any more
+        # Berlin is UTC+2 in summer: 21:30 UTC is 23:30 local, quiet until 07:00 local = 05:00 UTC
+        ("Europe/Berlin", "22:00", "07:00", utc(2026, 6, 1, 21, 30), utc(2026, 6, 2, 5, 0)),
+        # The night DST ends in Berlin (25 Oct 2026, 03:00 -> 02:00): 07:00 local is UTC+1 again
+        ("Europe/Berlin", "22:00", "07:00", utc(2026, 10, 24, 21, 30), utc(2026, 10, 25, 6, 0)),
+        # The night DST starts (29 Mar 2026, 02:00 -> 03:00): 07:00 local is already UTC+2
+        ("Europe/Berlin", "22:00", "07:00", utc(2026, 3, 28, 22, 30), utc(2026, 3, 29, 5, 0)),
+        ("America/New_York", "21:00", "08:00", utc(2026, 11, 1, 3, 0), utc(2026, 11, 1, 13, 0)),
+    ],
+)
+def test_quiet_hours_end_in_the_users_own_time(tz, start, end, at, expected_end):
+    profile = UserProfile(timezone=tz, quiet_start=start, quiet_end=end)
+    assert consent.quiet_until(profile, at) == expected_end
+
+
+def test_no_quiet_hours_without_a_profile_or_with_a_half_set_one():
+    assert consent.quiet_until(None, utc(2026, 6, 1, 23, 0)) is None
+    assert consent.quiet_until(UserProfile(timezone="UTC", quiet_start="22:00"), utc(2026, 6, 1, 23, 0)) is None
+
+
+@pytest.mark.parametrize(
+    ("instant", "expected"),
+    [
+        # Berlin 08:00 is 07:00 UTC in winter and 06:00 UTC in summer; the windows follow it.
+        (utc(2026, 3, 27, 12, 0), utc(2026, 3, 28, 7, 0)),
+        (utc(2026, 3, 28, 7, 0), utc(2026, 3, 29, 6, 0)),  # the 23-hour window across the spring change
+        (utc(2026, 10, 24, 6, 0), utc(2026, 10, 25, 7, 0)),  # the 25-hour window across the autumn change
+        (utc(2026, 10, 25, 7, 0), utc(2026, 10, 26, 7, 0)),
+    ],
+)
+def test_daily_digest_windows_follow_daylight_saving_time(instant, expected):
+    assert digests.boundary_after(instant, "Europe/Berlin", "08:00") == expected
+
+
+def test_window_boundaries_before_and_after_agree():
+    for hours in range(0, 24 * 10, 5):
+        instant = utc(2026, 3, 24) + timedelta(hours=hours)
+        before = digests.boundary_at_or_before(instant, "Europe/Berlin", "08:00")
+        after = digests.boundary_after(instant, "Europe/Berlin", "08:00")
+        assert before <= instant < after
+        assert digests.boundary_after(before, "Europe/Berlin", "08:00") == after
+
+
+def test_weekly_windows_end_on_the_configured_weekday():
+    monday = 0
+    # Sunday 29 March 2026 (the DST change) -> Monday 30 March 08:00 Berlin = 06:00 UTC
+    assert digests.boundary_after(utc(2026, 3, 29, 12, 0), "Europe/Berlin", "08:00", monday) == utc(2026, 3, 30, 6)
+    assert digests.boundary_at_or_before(utc(2026, 3, 29, 12, 0), "Europe/Berlin", "08:00", monday) == utc(
+        2026, 3, 23, 7)
+
+
+@pytest.fixture
+def owner(sqlite_db):
+    return keys.create("consent-test")[0]
+
+
+NOON = datetime(2026, 6, 1, 12, 0)
+
+
+def _decide(owner, category=Category.PRODUCT, at=NOON, send_at=None, to="ann@example.com"):
+    return consent.decide(owner, to=to, user_key="u1", category=category, send_at=send_at, now=at)
+
+
+def test_decide_follows_preferences_except_for_transactional_mail(owner):
+    assert _decide(owner).status is Status.QUEUED
+    for mode, status in [(DeliveryMode.OFF, Status.SUPPRESSED), (DeliveryMode.DAILY, Status.HELD),
+                         (DeliveryMode.WEEKLY, Status.HELD), (DeliveryMode.IMMEDIATE, Status.QUEUED)]:
+        consent.set_mode(owner, "u1", Category.PRODUCT.value, mode.value)
+        assert _decide(owner).status is status
+        assert _decide(owner, Category.TRANSACTIONAL).status is Status.QUEUED
+
+
+def test_quiet_hours_delay_only_non_transactional_mail(owner):
+    consent.update_preferences(owner, "u1", {"timezone": "UTC", "quiet_hours": {"start": "22:00", "end": "07:00"}})
+    night = utc(2026, 6, 1, 23, 0)
+    decision = _decide(owner, at=night)
+    assert (decision.status, decision.send_at) == (Status.SCHEDULED, utc(2026, 6, 2, 7, 0))
+    assert _decide(owner, Category.TRANSACTIONAL, at=night).status is Status.QUEUED
+    # A send asked for during the night is moved to the morning too.
+    assert _decide(owner, send_at=night).send_at == utc(2026, 6, 2, 7, 0)
+
+
+def test_a_suppressed_address_is_never_sent_whatever_the_category(owner):
+    consent.suppress(owner.id, "Ann@Example.com", "550 5.1.1 no such user")
+    consent.suppress(owner.id, "ann@example.com", "again")  # once only
+    for category in Category:
+        decision = _decide(owner, category)
+        assert decision.status is Status.SUPPRESSED and "no such user" in decision.reason
+
+
+def test_unsubscribe_tokens_carry_key_user_and_category_and_refuse_tampering(sqlite_settings):
+    from notifier.unsubscribe import make_token, read_token
+
+    token = make_token(sqlite_settings, 7, "u1", "product")
+    assert read_token(sqlite_settings, token) == (7, "u1", "product")
+    assert read_token(sqlite_settings, token[:-2] + ("AA" if not token.endswith("AA") else "BB")) is None
+    assert read_token(replace(sqlite_settings, secret_key="another deployment"), token) is None
+
+
+def _held(owner, n, created):
+    rows = []
+    for i in range(n):
+        row = make_notification(owner, status=Status.HELD, template="welcome", data={"name": f"N{i}"},
+                                category="product", user_key="u1", to="ann@example.com", subject=None, text=None)
+        Notification.update(created_at=created).where(Notification.seq == row.seq).execute()
+        rows.append(row)
+    return rows
+
+
+def test_a_digest_takes_each_item_once_and_only_from_closed_windows(owner, sqlite_settings, fake_redis):
+    consent.set_mode(owner, "u1", "product", "daily")
+    settings = replace(sqlite_settings, digest_time="08:00", digest_grace_seconds=0)
+    renderer = make_renderer(settings)
+    early = _held(owner, 3, utc(2026, 6, 1, 9, 0))
+    late = _held(owner, 1, utc(2026, 6, 2, 8, 30))  # after the 2 June 08:00 boundary: the next window
+
+    assert digests.flush_due(settings, fake_redis, renderer, now=utc(2026, 6, 1, 20, 0)) == 0  # window open
+    assert digests.flush_due(settings, fake_redis, renderer, now=utc(2026, 6, 2, 9, 0)) == 1
+    assert digests.flush_due(settings, fake_redis, renderer, now=utc(2026, 6, 2, 9, 5)) == 0  # no second one
+    (digest,) = Digest.select()
+    assert digest.items == 3 and digest.window_end == utc(2026, 6, 2, 8, 0)
+    assert {reload(n.id).status for n in early} == {Status.DIGESTED}
+    assert {reload(n.id).digest_id for n in early} == {digest.notification_id}
+    assert reload(late[0].id).status == Status.HELD
+    made = store.get(digest.notification_id)
+    assert made.template == "digest" and made.status == Status.QUEUED
+    assert [item["subject"] for item in made.data["items"]] == ["Welcome to Acme"] * 3
+
+    assert digests.flush_due(settings, fake_redis, renderer, now=utc(2026, 6, 3, 9, 0)) == 1
+    assert reload(late[0].id).status == Status.DIGESTED
+
+
+def test_turning_a_category_off_suppresses_what_was_held(owner, sqlite_settings, fake_redis):
+    held = _held(owner, 2, utc(2026, 6, 1, 9, 0))
+    consent.set_mode(owner, "u1", "product", "off")
+    digests.flush_due(sqlite_settings, fake_redis, make_renderer(sqlite_settings), now=utc(2026, 6, 2, 9, 0))
+    assert {reload(n.id).status for n in held} == {Status.SUPPRESSED}
+    assert Digest.select().count() == 0

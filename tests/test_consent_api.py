@@ -1,0 +1,324 @@
+"""Consent through the API, in process on real PostgreSQL and Redis: preferences, what a send becomes
+for each of them, business events, the suppression list and literal sends with a category.
+
+Where a test sends, an in-process worker then runs every queued job, and the test checks the final
+status of each notification and exactly how many messages the test SMTP server received.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from rq import Queue
+from rq_scheduler import Scheduler
+
+from notifier.db import database
+from notifier.models import UserProfile, utcnow
+from notifier.queues import CALLBACK_QUEUE, QUEUES_BY_PRIORITY, callback_job_id_for
+from tests.helpers import LITERAL, VERIFICATION, notification_count, run_worker_until_idle
+
+pytestmark = pytest.mark.integration
+
+DEFAULTS = {"transactional": "immediate", "product": "immediate", "marketing": "immediate", "updates": "immediate"}
+SIGNUP = {"type": "user.signup", "user": {"id": "u-evt", "email": "eve@example.com", "name": "Eve"},
+          "data": {"code": "777111"}}
+ORDER = {"order_id": "A-1001", "items": [{"name": "Tea", "quantity": 2, "price": "4.50"}], "total": "9.00"}
+
+
+def _error(response, status: int, code: str = "validation_error") -> dict:
+    assert response.status_code == status, response.get_data(as_text=True)
+    error = response.get_json()["error"]
+    assert error["code"] == code
+    return error
+
+
+def _prefs(client, headers, user_id: str = "u1") -> dict:
+    response = client.get(f"/api/users/{user_id}/preferences", headers=headers)
+    assert response.status_code == 200, response.get_data(as_text=True)
+    return response.get_json()
+
+
+def _put(client, headers, changes: dict, user_id: str = "u1"):
+    return client.put(f"/api/users/{user_id}/preferences", json=changes, headers=headers)
+
+
+def _send(client, headers, payload: dict, path: str = "/api/notifications/send") -> dict:
+    response = client.post(path, json=payload, headers=headers)
+    assert response.status_code == 202, response.get_data(as_text=True)
+    return response.get_json()
+
+
+def _detail(client, headers, notification_id: str) -> dict:
+    response = client.get(f"/api/notifications/{notification_id}", headers=headers)
+    assert response.status_code == 200, response.get_data(as_text=True)
+    return response.get_json()
+
+
+def _welcome(user_id: str = "u1", **extra) -> dict:
+    return {"to": "ann@example.com", "template": "welcome", "data": {"name": "Ann"}, "user_id": user_id, **extra}
+
+
+def _nothing_queued(redis_conn) -> bool:
+    """No job on any notifier queue and nothing waiting in rq-scheduler."""
+    queued = sum(Queue(name, connection=redis_conn).count for name in QUEUES_BY_PRIORITY)
+    return queued == 0 and Scheduler(connection=redis_conn).count() == 0
+
+
+# --- preferences --------------------------------------------------------------------------------------
+
+
+def test_unknown_user_has_default_preferences(client, headers, smtp):
+    assert _prefs(client, headers, "nobody") == {"user_id": "nobody", "timezone": "UTC", "quiet_hours": None,
+                                                 "categories": DEFAULTS}
+    assert notification_count() == 0
+    assert smtp.count() == 0
+
+
+def test_partial_preference_changes_merge_with_what_was_set(client, headers, smtp):
+    assert _put(client, headers, {"categories": {"marketing": "off"}}).status_code == 200
+    assert _put(client, headers, {"timezone": "Europe/Berlin"}).status_code == 200
+    assert _put(client, headers, {"quiet_hours": {"start": "22:00", "end": "07:00"}}).status_code == 200
+    response = _put(client, headers, {"categories": {"product": "weekly"}})
+    assert response.status_code == 200
+    expected = {"user_id": "u1", "timezone": "Europe/Berlin", "quiet_hours": {"start": "22:00", "end": "07:00"},
+                "categories": {**DEFAULTS, "marketing": "off", "product": "weekly"}}
+    assert response.get_json() == expected
+    assert _prefs(client, headers) == expected
+
+    cleared = _put(client, headers, {"quiet_hours": None}).get_json()
+    assert cleared == {**expected, "quiet_hours": None}
+    assert notification_count() == 0
+    assert smtp.count() == 0
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        ({"timezone": "Mars/Olympus_Mons"}, "timezone"),
+        ({"categories": {"product": "hourly"}}, "categories"),
+        ({"categories": {"transactional": "off"}}, "categories"),
+        ({"categories": {"gossip": "off"}}, "categories"),
+        ({"quiet_hours": {"start": "25:00", "end": "07:00"}}, "quiet_hours"),
+        ({"quiet_hours": {"start": "22:00"}}, "quiet_hours"),
+        ({"colour": "blue"}, "colour"),
+    ],
+)
+def test_invalid_preferences_are_422_and_change_nothing(client, headers, smtp, changes, field):
+    assert _put(client, headers, {"categories": {"marketing": "daily"}}).status_code == 200
+    before = _prefs(client, headers)
+    error = _error(_put(client, headers, changes), 422)
+    assert field in error["details"]
+    assert _prefs(client, headers) == before
+    assert notification_count() == 0
+    assert smtp.count() == 0
+
+
+def test_each_api_key_has_its_own_preferences(client, headers, other_key, smtp):
+    other = {"X-API-Key": other_key[1]}
+    assert _put(client, headers, {"categories": {"product": "off"}, "timezone": "Asia/Tokyo"}).status_code == 200
+    assert _prefs(client, other) == {"user_id": "u1", "timezone": "UTC", "quiet_hours": None, "categories": DEFAULTS}
+    assert _put(client, other, {"categories": {"updates": "daily"}}).status_code == 200
+    assert _prefs(client, headers)["categories"] == {**DEFAULTS, "product": "off"}
+    assert notification_count() == 0
+    assert smtp.count() == 0
+
+
+# --- what a send becomes ------------------------------------------------------------------------------
+
+
+def test_send_for_a_category_turned_off_is_suppressed_and_owes_its_callback(client, headers, deliverer, smtp,
+                                                                             redis_conn):
+    assert _put(client, headers, {"categories": {"product": "off"}}).status_code == 200
+    accepted = _send(client, headers, _welcome(callback_url="http://127.0.0.1:9/hook"))
+    assert accepted["status"] == "suppressed"
+    detail = _detail(client, headers, accepted["id"])
+    assert (detail["status"], detail["category"], detail["callback_status"]) == ("suppressed", "product", "pending")
+    assert [e["status"] for e in detail["history"]] == ["suppressed"]
+    assert "product" in detail["history"][0]["reason"]
+    assert Queue(CALLBACK_QUEUE, connection=redis_conn).job_ids == [callback_job_id_for(accepted["id"])]
+    assert all(Queue(name, connection=redis_conn).count == 0 for name in QUEUES_BY_PRIORITY[:3])
+
+    run_worker_until_idle(redis_conn)
+    detail = _detail(client, headers, accepted["id"])
+    assert (detail["status"], detail["attempts"], detail["sent_at"]) == ("suppressed", 0, None)
+    assert smtp.count() == 0
+
+
+def test_send_for_a_daily_category_is_held_for_the_digest(client, headers, deliverer, smtp, redis_conn):
+    assert _put(client, headers, {"categories": {"product": "daily"}}).status_code == 200
+    accepted = _send(client, headers, _welcome())
+    assert accepted["status"] == "held"
+    assert _nothing_queued(redis_conn)
+
+    run_worker_until_idle(redis_conn)
+    detail = _detail(client, headers, accepted["id"])
+    assert (detail["status"], detail["digest_id"]) == ("held", None)
+    assert "daily" in detail["history"][0]["reason"] and "digest" in detail["history"][0]["reason"]
+    assert smtp.count() == 0
+
+
+def _quiet_around_now() -> tuple[dict, str]:
+    """Quiet hours from an hour ago to an hour from now (UTC), and when they end as the API writes it."""
+    now = utcnow().replace(second=0, microsecond=0)
+    start, end = now - timedelta(hours=1), now + timedelta(hours=1)
+    return {"start": start.strftime("%H:%M"), "end": end.strftime("%H:%M")}, end.isoformat() + "Z"
+
+
+def test_quiet_hours_covering_now_schedule_the_send_for_their_end(client, headers, deliverer, smtp, redis_conn):
+    quiet, ends = _quiet_around_now()
+    assert _put(client, headers, {"timezone": "UTC", "quiet_hours": quiet}).status_code == 200
+    accepted = _send(client, headers, _welcome())
+    assert accepted["status"] == "scheduled"
+
+    run_worker_until_idle(redis_conn)
+    detail = _detail(client, headers, accepted["id"])
+    assert (detail["status"], detail["send_at"]) == ("scheduled", ends)
+    assert "quiet hours" in detail["history"][0]["reason"]
+    assert [job.id for job in Scheduler(connection=redis_conn).get_jobs()] == [f"release-{accepted['id']}"]
+    assert smtp.count() == 0
+
+
+def test_transactional_mail_ignores_off_daily_and_quiet_hours(client, headers, deliverer, smtp, redis_conn):
+    quiet, _ = _quiet_around_now()
+    changes = {"categories": {"product": "off", "marketing": "daily", "updates": "weekly"}, "quiet_hours": quiet}
+    assert _put(client, headers, changes).status_code == 200
+    sent = [
+        _send(client, headers, {**VERIFICATION, "to": "ann@example.com"}, "/api/notifications/send-verification"),
+        _send(client, headers, {**LITERAL, "to": "ann@example.com", "user_id": "u1"}),
+        _send(client, headers, {**LITERAL, "to": "ann@example.com", "user_id": "u1", "category": "transactional"}),
+    ]
+    assert [a["status"] for a in sent] == ["queued"] * 3
+
+    run_worker_until_idle(redis_conn)
+    for accepted in sent:
+        detail = _detail(client, headers, accepted["id"])
+        assert (detail["status"], detail["category"]) == ("sent", "transactional")
+    assert smtp.count() == 3
+    assert all("List-Unsubscribe" not in m.message for m in smtp.messages)
+
+
+# --- events -------------------------------------------------------------------------------------------
+
+
+def test_unknown_event_type_is_422_and_stores_nothing(client, headers, deliverer, smtp, redis_conn):
+    error = _error(client.post("/api/events", json={**SIGNUP, "type": "user.exploded"}, headers=headers), 422)
+    assert "type" in error["details"]
+    run_worker_until_idle(redis_conn)
+    assert notification_count() == 0
+    assert _nothing_queued(redis_conn)
+    assert smtp.count() == 0
+
+
+def test_signup_without_code_or_url_is_422_and_stores_neither_notification(client, headers, deliverer, smtp,
+                                                                            redis_conn):
+    response = client.post("/api/events", json={**SIGNUP, "data": {}}, headers=headers)
+    error = _error(response, 422)
+    assert "data" in error["details"]
+    run_worker_until_idle(redis_conn)
+    assert notification_count() == 0
+    assert _nothing_queued(redis_conn)
+    assert smtp.count() == 0
+
+
+def test_rejected_event_does_not_change_the_users_timezone(client, headers, deliverer, smtp, redis_conn):
+    user = {**SIGNUP["user"], "timezone": "Asia/Tokyo"}
+    _error(client.post("/api/events", json={**SIGNUP, "user": user, "data": {}}, headers=headers), 422)
+    run_worker_until_idle(redis_conn)
+    assert _prefs(client, headers, "u-evt")["timezone"] == "UTC"  # a rejected request stores nothing
+    with database.connection_context():
+        assert UserProfile.select().count() == 0
+    assert notification_count() == 0
+    assert smtp.count() == 0
+
+
+def test_event_idempotency_key_replays_both_notifications(client, headers, deliverer, smtp, redis_conn):
+    keyed = {**headers, "Idempotency-Key": "signup-u-evt"}
+    first = client.post("/api/events", json=SIGNUP, headers=keyed)
+    assert first.status_code == 202, first.get_data(as_text=True)
+    again = client.post("/api/events", json=SIGNUP, headers=keyed)
+    assert again.status_code == 202, again.get_data(as_text=True)
+    made, replayed = first.get_json()["notifications"], again.get_json()["notifications"]
+    assert [n["id"] for n in replayed] == [n["id"] for n in made]
+    assert [n["template"] for n in replayed] == ["verification", "welcome"]
+    assert [n["replayed"] for n in made] == [False, False]
+    assert [n["replayed"] for n in replayed] == [True, True]
+    assert notification_count() == 2
+
+    run_worker_until_idle(redis_conn)
+    verification, welcome = (_detail(client, headers, n["id"]) for n in made)
+    assert (verification["status"], verification["attempts"]) == ("sent", 1)
+    assert welcome["status"] == "scheduled"  # WELCOME_DELAY_SECONDS ahead
+    assert smtp.count() == 1
+    assert smtp.messages[0].message["X-Notification-ID"] == verification["id"]
+
+
+def test_event_user_timezone_is_stored_in_the_profile(client, headers, deliverer, smtp, redis_conn):
+    event = {"type": "password.reset_requested", "user": {"id": "u-tz", "email": "tz@example.com",
+                                                          "timezone": "America/New_York"},
+             "data": {"reset_url": "https://app.example.com/reset/abc"}}
+    response = client.post("/api/events", json=event, headers=headers)
+    assert response.status_code == 202, response.get_data(as_text=True)
+    (made,) = response.get_json()["notifications"]
+    assert (made["template"], made["priority"], made["status"]) == ("password_reset", "high", "queued")
+    assert _prefs(client, headers, "u-tz")["timezone"] == "America/New_York"
+
+    run_worker_until_idle(redis_conn)
+    assert _detail(client, headers, made["id"])["status"] == "sent"
+    assert smtp.count() == 1
+    assert "https://app.example.com/reset/abc" in smtp.messages[0].message.get_body(("plain",)).get_content()
+
+
+def test_order_placed_creates_an_order_confirmation(client, headers, deliverer, smtp, redis_conn):
+    event = {"type": "order.placed", "user": {"id": "u-shop", "email": "shop@example.com", "name": "Sam"},
+             "data": ORDER, "metadata": {"source": "checkout"}}
+    response = client.post("/api/events", json=event, headers=headers)
+    assert response.status_code == 202, response.get_data(as_text=True)
+    (made,) = response.get_json()["notifications"]
+    assert (made["template"], made["priority"], made["status"]) == ("order_confirmation", "default", "queued")
+
+    run_worker_until_idle(redis_conn)
+    detail = _detail(client, headers, made["id"])
+    assert (detail["status"], detail["category"], detail["user_id"]) == ("sent", "transactional", "u-shop")
+    assert detail["metadata"] == {"event": "order.placed", "source": "checkout"}
+    assert smtp.count() == 1
+    assert smtp.messages[0].message["Subject"] == "Order A-1001 confirmed"
+    assert notification_count() == 1
+
+
+# --- suppressions and literal categories --------------------------------------------------------------
+
+
+def test_suppression_list_is_empty_and_deleting_an_unknown_address_is_404(client, headers, smtp):
+    response = client.get("/api/suppressions", headers=headers)
+    assert (response.status_code, response.get_json()) == (200, {"data": []})
+    _error(client.delete("/api/suppressions/nobody@example.com", headers=headers), 404, "not_found")
+    assert notification_count() == 0
+    assert smtp.count() == 0
+
+
+def test_literal_send_with_a_category_follows_preferences(client, headers, deliverer, smtp, redis_conn):
+    literal = {**LITERAL, "user_id": "u-lit", "category": "marketing"}
+    statuses = []
+    for mode in ("off", "daily", "immediate"):
+        assert _put(client, headers, {"categories": {"marketing": mode}}, "u-lit").status_code == 200
+        statuses.append(_send(client, headers, literal))
+    assert [a["status"] for a in statuses] == ["suppressed", "held", "queued"]
+
+    run_worker_until_idle(redis_conn)
+    final = [_detail(client, headers, a["id"]) for a in statuses]
+    assert [(d["status"], d["category"]) for d in final] == [
+        ("suppressed", "marketing"), ("held", "marketing"), ("sent", "marketing")]
+    assert smtp.count() == 1
+    message = smtp.messages[0].message
+    assert message["X-Notification-ID"] == statuses[2]["id"]
+    assert message["List-Unsubscribe"].startswith("<http") and "/unsubscribe/" in message["List-Unsubscribe"]
+
+
+def test_category_together_with_a_template_is_422(client, headers, deliverer, smtp, redis_conn):
+    error = _error(client.post("/api/notifications/send", json={**_welcome(), "category": "marketing"},
+                               headers=headers), 422)
+    assert error["details"] == {"category": ["not allowed with template"]}
+    run_worker_until_idle(redis_conn)
+    assert notification_count() == 0
+    assert smtp.count() == 0

@@ -1,0 +1,318 @@
+"""Hostile input: each attempt is refused with a 4xx in the error envelope and stores nothing, or, where
+the field is free text, is stored verbatim and does no harm."""
+
+from __future__ import annotations
+
+import json
+import socket
+import urllib.error
+import urllib.request
+from dataclasses import replace
+
+import pytest
+
+from notifier.db import database
+from notifier.models import Notification
+from notifier.rules import RULES
+from notifier.schemas import MAX_JSON_DEPTH, MAX_JSON_NODES
+from tests.helpers import LITERAL, VERIFICATION, notification_count, run_worker_until_idle
+from tests.processes import Stack
+
+pytestmark = pytest.mark.integration
+
+SEND = "/api/notifications/send"
+VERIFY = "/api/notifications/send-verification"
+INJECTED = "\r\nBcc: evil@attacker.example"
+SQL = ["' OR 1=1 --", '"; DROP TABLE notifications; --', "1; SELECT pg_sleep(5); --",
+       "%' UNION SELECT * FROM api_keys --"]
+EVENT = sorted(RULES)[0]
+
+
+def _refused(response, status: int, code: str | None = None) -> dict:
+    assert response.status_code == status, response.get_data(as_text=True)
+    body = response.get_json()
+    assert set(body) == {"error"} and set(body["error"]) == {"code", "message", "details"}
+    if code is not None:
+        assert body["error"]["code"] == code
+    return body["error"]
+
+
+def _nested(depth: int, leaf=1):
+    """An object nested depth levels deep: {"a": {"a": ... leaf}}."""
+    value = leaf
+    for _ in range(depth):
+        value = {"a": value}
+    return value
+
+
+def _accepted(client, headers, payload, path=SEND) -> str:
+    response = client.post(path, json=payload, headers=headers)
+    assert response.status_code == 202, response.get_data(as_text=True)
+    return response.get_json()["id"]
+
+
+# --- header injection -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path, payload, field", [
+    (SEND, LITERAL | {"to": "bob@example.com" + INJECTED}, "to"),
+    (SEND, LITERAL | {"to": "bob@example.com\nX-Injected: 1"}, "to"),
+    (SEND, LITERAL | {"subject": "Hello" + INJECTED}, "subject"),
+    (SEND, LITERAL | {"subject": "Hello\rX-Injected: 1"}, "subject"),
+    (VERIFY, VERIFICATION | {"to": "ada@example.com" + INJECTED}, "to"),
+    (VERIFY, VERIFICATION | {"name": "Ada" + INJECTED}, "name"),
+    (VERIFY, VERIFICATION | {"name": "Ada\nX-Injected: 1"}, "name"),
+    (SEND, LITERAL | {"idempotency_key": "k" + INJECTED}, "idempotency_key"),
+])
+def test_line_breaks_in_header_fields_are_refused(client, headers, path, payload, field):
+    error = _refused(client.post(path, json=payload, headers=headers), 422, "validation_error")
+
+    assert field in error["details"]
+    assert notification_count() == 0
+
+
+@pytest.mark.parametrize("user, field", [
+    ({"id": "u1", "email": "ada@example.com" + INJECTED, "name": "Ada"}, "email"),
+    ({"id": "u1", "email": "ada@example.com", "name": "Ada" + INJECTED}, "name"),
+])
+def test_line_breaks_in_an_events_user_are_refused(client, headers, user, field):
+    error = _refused(client.post("/api/events", json={"type": EVENT, "user": user}, headers=headers), 422)
+
+    assert field in error["details"]["user"]
+    assert notification_count() == 0
+
+
+def test_a_line_break_in_data_shown_in_a_subject_adds_no_header(client, headers, deliverer, smtp, redis_conn):
+    data = {"order_id": "A-1" + INJECTED, "items": [{"name": "Widget", "quantity": 1, "price": "9.50"}],
+            "total": "9.50"}
+    _accepted(client, headers, {"to": "ada@example.com", "template": "order_confirmation", "data": data})
+    run_worker_until_idle(redis_conn)
+
+    (received,) = smtp.wait_for(1)
+    assert received.rcpt_tos == ["ada@example.com"]
+    assert received.message["Bcc"] is None
+    assert received.message["Subject"] == "Order A-1 Bcc: evil@attacker.example confirmed"
+
+
+# --- data are values, never templates ---------------------------------------------------------------
+
+TRAPS = "{{ config }} {{ 7*7 }} {% for i in range(3) %}X{% endfor %} {{ self.__init__.__globals__ }} {# c #}"
+
+
+def test_template_syntax_in_data_is_delivered_literally(client, headers, deliverer, smtp, redis_conn):
+    _accepted(client, headers, {"to": "ada@example.com", "template": "welcome",
+                                "data": {"name": TRAPS, "action_url": "https://example.com/{{ 7*7 }}"}})
+    run_worker_until_idle(redis_conn)
+
+    text, html = smtp.wait_for(1)[0].message.get_payload()
+    assert f"Hi {TRAPS}," in text.get_content()
+    assert "https://example.com/{{ 7*7 }}" in text.get_content()
+    for part in (text.get_content(), html.get_content()):
+        assert "{{ config }}" in part and "{% for i in range(3) %}X{% endfor %}" in part
+        assert "49" not in part and "XXX" not in part and "<Config" not in part
+
+
+def test_template_syntax_in_a_literal_subject_and_body_is_sent_as_given(client, headers, deliverer, smtp,
+                                                                       redis_conn):
+    _accepted(client, headers, {"to": "bob@example.com", "subject": "{{ 7*7 }}", "text": TRAPS, "html": TRAPS})
+    run_worker_until_idle(redis_conn)
+
+    message = smtp.wait_for(1)[0].message
+    text, html = message.get_payload()
+    assert message["Subject"] == "{{ 7*7 }}"
+    assert text.get_content().strip() == TRAPS
+    assert "{{ config }}" in html.get_content()
+
+
+# --- size, depth and encoding ------------------------------------------------------------------------
+
+
+def test_a_body_over_max_body_bytes_is_413(client, headers, pg_settings):
+    payload = LITERAL | {"text": "x" * (pg_settings.max_body_bytes + 1)}
+
+    _refused(client.post(SEND, json=payload, headers=headers), 413, "payload_too_large")
+    assert notification_count() == 0
+
+
+@pytest.mark.parametrize("body", [
+    "[" * 100_000 + "]" * 100_000,
+    '{"to": "ada@example.com", "template": "welcome", "data": {"name": ' + "[" * 100_000 + "]" * 100_000 + "}}",
+    '{"metadata": ' + '{"a": ' * 30_000 + "1" + "}" * 30_000 + "}",
+])
+def test_json_nested_deeper_than_the_parser_goes_is_400(client, headers, body):
+    response = client.post(SEND, data=body, headers=headers, content_type="application/json")
+
+    _refused(response, 400, "malformed_json")
+    assert notification_count() == 0
+
+
+@pytest.mark.parametrize("field, value", [
+    ("data", {"name": "Ada", "deep": _nested(MAX_JSON_DEPTH + 5)}),
+    ("data", {"name": json.loads("[" * (MAX_JSON_DEPTH + 2) + "]" * (MAX_JSON_DEPTH + 2))}),
+    ("data", {f"k{i}": i for i in range(MAX_JSON_NODES + 1)}),
+    ("metadata", _nested(MAX_JSON_DEPTH + 1)),
+    ("metadata", {"list": list(range(MAX_JSON_NODES + 1))}),
+])
+def test_deep_or_sprawling_data_and_metadata_are_422(client, headers, field, value):
+    payload = {"to": "ada@example.com", "template": "welcome", "data": {"name": "Ada"}} | {field: value}
+
+    error = _refused(client.post(SEND, json=payload, headers=headers), 422, "validation_error")
+    assert field in error["details"]
+    assert notification_count() == 0
+
+
+def test_metadata_as_deep_as_allowed_is_accepted(client, headers):
+    _accepted(client, headers, LITERAL | {"metadata": _nested(MAX_JSON_DEPTH - 1)})
+
+
+@pytest.mark.parametrize("raw", [
+    b'{"to": "ada@example.com", "subject": "caf\xe9", "text": "t"}',  # Latin-1, not UTF-8
+    b'{"to": "ada@example.com", "subject": "\xff\xfe", "text": "t"}',
+    b'{"to": "ada@example.com", "subject": "\xed\xa0\x80", "text": "t"}',  # an encoded surrogate
+    b'{"to": "ada@example.com", "subject": "\xc0\xaf", "text": "t"}',  # an overlong encoding
+])
+def test_invalid_utf8_is_400(client, headers, raw):
+    response = client.post(SEND, data=raw, headers=headers, content_type="application/json")
+
+    _refused(response, 400, "malformed_json")
+    assert notification_count() == 0
+
+
+@pytest.mark.parametrize("payload, field", [
+    ('{"to": "ada@example.com", "subject": "\\ud800", "text": "t"}', "subject"),
+    ('{"to": "ada@example.com", "subject": "s", "text": "t", "user_id": "u\\u0000"}', "user_id"),
+    ('{"to": "ada@example.com", "subject": "s", "text": "t", "metadata": {"k": ["\\u0000"]}}', "metadata"),
+    ('{"to": "ada@example.com", "subject": "s", "text": "t", "metadata": {"\\udc00": 1}}', "metadata"),
+])
+def test_unstorable_text_in_valid_json_is_422(client, headers, payload, field):
+    response = client.post(SEND, data=payload, headers=headers, content_type="application/json")
+
+    assert field in _refused(response, 422, "validation_error")["details"]
+    assert notification_count() == 0
+
+
+@pytest.mark.parametrize("path", [
+    "/api/notifications/%00", "/api/notifications?user_id=%00", "/api/notifications?to=a%00b",
+    "/api/users/%00/preferences", "/api/notifications/user/u%00/stats",
+])
+def test_a_nul_in_the_path_or_query_is_400(client, headers, path):
+    _refused(client.get(path, headers=headers), 400, "bad_request")
+
+
+@pytest.mark.parametrize("value", ["0001-01-01T00:00:00+01:00", "9999-12-31T23:59:59-01:00"])
+def test_times_outside_what_utc_can_hold_are_422(client, headers, value):
+    for field in ("send_at", "expires_at"):
+        _refused(client.post(SEND, json=LITERAL | {field: value}, headers=headers), 422)
+    _refused(client.get(f"/api/notifications?created_after={value.replace('+', '%2B')}", headers=headers), 422)
+    assert notification_count() == 0
+
+
+# --- SQL metacharacters ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sql", SQL)
+@pytest.mark.parametrize("path, payload, field", [
+    (SEND, LITERAL | {"to": None}, "to"),
+    (SEND, {"to": "ada@example.com", "template": None, "data": {}}, "template"),
+    (SEND, LITERAL | {"priority": None}, "priority"),
+    (VERIFY, VERIFICATION | {"to": None}, "to"),
+])
+def test_sql_in_validated_fields_is_refused(client, headers, sql, path, payload, field):
+    error = _refused(client.post(path, json={**payload, field: sql}, headers=headers), 422, "validation_error")
+
+    assert field in error["details"]
+    assert notification_count() == 0
+
+
+@pytest.mark.parametrize("sql", SQL)
+@pytest.mark.parametrize("param", ["status", "priority", "cursor", "created_after", "limit"])
+def test_sql_in_validated_filters_is_refused(client, headers, sql, param):
+    response = client.get("/api/notifications", query_string={param: sql}, headers=headers)
+
+    assert param in _refused(response, 422, "validation_error")["details"]
+
+
+@pytest.mark.parametrize("sql", SQL)
+def test_sql_in_a_path_finds_nothing(client, headers, sql):
+    _accepted(client, headers, LITERAL)
+    quoted = urllib.request.quote(sql, safe="")
+    for method, path in (("GET", f"/api/notifications/{quoted}"), ("POST", f"/api/notifications/{quoted}/cancel"),
+                         ("POST", f"/api/dead-letters/{quoted}/requeue")):
+        _refused(client.open(path, method=method, headers=headers), 404, "not_found")
+    assert notification_count() == 1
+
+
+def test_sql_in_free_text_is_stored_verbatim_and_harmless(client, headers):
+    ids = {}
+    for sql in SQL:
+        payload = LITERAL | {"user_id": sql, "metadata": {sql: sql, "note": [sql]}}
+        ids[sql] = _accepted(client, headers, payload)
+    response = client.post(SEND, json=LITERAL, headers={**headers, "Idempotency-Key": SQL[1]})
+    assert response.status_code == 202
+
+    for sql, notification_id in ids.items():
+        detail = client.get(f"/api/notifications/{notification_id}", headers=headers).get_json()
+        assert detail["user_id"] == sql
+        assert detail["metadata"] == {sql: sql, "note": [sql]}
+        found = client.get("/api/notifications", query_string={"user_id": sql}, headers=headers).get_json()
+        assert [n["id"] for n in found["data"]] == [notification_id]
+        stats = client.get(f"/api/notifications/user/{urllib.request.quote(sql, safe='')}/stats",
+                           headers=headers).get_json()
+        assert stats["total"] == 1
+    for param in ("to", "template", "user_id"):
+        found = client.get("/api/notifications", query_string={param: SQL[0]}, headers=headers).get_json()
+        assert all(n["id"] in ids.values() for n in found["data"])
+    assert notification_count() == len(SQL) + 1  # the table is still there, with exactly these rows
+    with database.connection_context():
+        assert Notification.select().where(Notification.idempotency_key == SQL[1]).count() == 1
+
+
+# --- the same through a real app.py process ---------------------------------------------------------
+
+
+def _raw_http(port: int, head: bytes, body: bytes = b"") -> tuple[int, bytes]:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(head + b"\r\n\r\n" + body)
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    status_line, _, rest = data.partition(b"\r\n")
+    return int(status_line.split()[1]), rest.partition(b"\r\n\r\n")[2]
+
+
+def test_hostile_requests_to_a_real_process_are_4xx_and_store_nothing(pg_settings, pg_db, redis_conn, tmp_path):
+    stack = Stack(replace(pg_settings), tmp_path).start("api")
+    port = int(stack.base.rsplit(":", 1)[1])
+    try:
+        def post(body: bytes) -> tuple[int, dict]:
+            req = urllib.request.Request(f"{stack.base}{SEND}", data=body, method="POST",
+                                         headers={"X-API-Key": stack.key, "Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(req, timeout=20) as response:
+                    return response.status, json.loads(response.read())
+            except urllib.error.HTTPError as err:
+                return err.code, json.loads(err.read())
+
+        big = json.dumps(LITERAL | {"text": "x" * (pg_settings.max_body_bytes + 1)}).encode()
+        assert post(big)[0] == 413
+        status, body = post(("[" * 100_000 + "]" * 100_000).encode())
+        assert status == 400 and body["error"]["code"] == "malformed_json"
+        status, body = post(b'{"to": "ada@example.com", "subject": "\xff", "text": "t"}')
+        assert status == 400 and body["error"]["code"] == "malformed_json"
+        status, body = post(json.dumps(LITERAL | {"subject": "Hi" + INJECTED}).encode())
+        assert status == 422 and "subject" in body["error"]["details"]
+
+        # A NUL in an API key or an idempotency key, which no HTTP client library will send.
+        status, body = _raw_http(port, b"GET /api/notifications HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                                       b"X-API-Key: nfy_00\x00_x")
+        assert status == 400 and json.loads(body)["error"]["code"] == "bad_request"
+        payload = json.dumps(LITERAL).encode()
+        status, body = _raw_http(port, b"POST " + SEND.encode() + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                                       b"Content-Type: application/json\r\nContent-Length: "
+                                       + str(len(payload)).encode() + b"\r\nX-API-Key: " + stack.key.encode()
+                                       + b"\r\nIdempotency-Key: k\x00", payload)
+        assert status == 400 and json.loads(body)["error"]["code"] == "bad_request"
+        assert "Traceback" not in stack.log("api")
+    finally:
+        stack.close()
+    assert notification_count() == 0

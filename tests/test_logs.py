@@ -1,0 +1,148 @@
+"""Structured logs: one JSON object per line, the request and notification ids, and nothing secret."""
+
+from __future__ import annotations
+
+import json
+import logging
+import urllib.request
+from dataclasses import replace
+
+import fakeredis
+import pytest
+
+from app import create_app
+from notifier import logs
+from notifier.api.tracing import request_id_from
+from notifier.config import Settings
+from notifier.errors import ConfigError
+from tests.helpers import VERIFICATION
+from tests.processes import Stack, wait_until
+
+
+@pytest.fixture
+def captured(capsys):
+    """The lines the process writes to stderr, as JSON configured for every process."""
+    logs.configure("INFO", "json")
+    return lambda: [line for line in capsys.readouterr().err.splitlines() if line]
+
+
+def test_a_line_is_one_json_object_with_the_fields(captured):
+    with logs.bound(notification_id="n-1"):
+        logging.getLogger("notifier.jobs").warning("attempt %s failed", 2)
+
+    (line,) = captured()
+    record = json.loads(line)
+    assert record["level"] == "WARNING"
+    assert record["logger"] == "notifier.jobs"
+    assert record["message"] == "attempt 2 failed"
+    assert record["notification_id"] == "n-1"
+    assert record["ts"].endswith("Z")
+    assert "request_id" not in record and "exc_info" not in record
+
+
+def test_exceptions_are_one_string_field(captured):
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        logging.getLogger("notifier.api").exception("unhandled error")
+
+    record = json.loads(captured()[0])
+    assert record["exc_info"].startswith("Traceback") and "ValueError: boom" in record["exc_info"]
+
+
+def test_addresses_keys_and_secrets_are_masked_everywhere_in_the_line(captured):
+    key = "nfy_0123456789ab_Zx-_9secretsecretsecretsecretsecretsecre"
+    try:
+        raise RuntimeError("550 <grace.hopper@example.com> unknown")
+    except RuntimeError:
+        logging.getLogger("rq.worker").exception(
+            "sending to %s with %s, secret %s, db %s", "ada.lovelace@example.com", key, "whsec_abcDEF-123_x",
+            "postgresql://notifier:hunter2@db:5432/notifier", extra={"arguments": ["bob@example.org"]})
+
+    line = captured()[0]
+    for secret in ("ada.lovelace@", "grace.hopper@", "bob@example.org", "Zx-_9secret", "abcDEF-123", "hunter2"):
+        assert secret not in line
+    record = json.loads(line)
+    assert "a***@example.com" in record["message"] and "nfy_0123456789ab_[redacted]" in record["message"]
+    assert "whsec_[redacted]" in record["message"]
+    assert "g***@example.com" in record["exc_info"]
+    assert record["arguments"] == ["b***@example.org"]
+
+
+def test_text_format_is_for_people(capsys):
+    logs.configure("INFO", "text")
+    try:
+        with logs.bound(request_id="r-1"):
+            logging.getLogger("notifier.api").info("to %s", "ada@example.com")
+    finally:
+        logs.configure("INFO", "json")
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.endswith("INFO notifier.api [request_id=r-1] to a***@example.com")
+
+
+def test_log_format_is_json_unless_told_text():
+    assert Settings.from_env({}).log_format == "json"
+    assert Settings.from_env({"LOG_FORMAT": "TEXT"}).log_format == "text"
+    with pytest.raises(ConfigError, match="LOG_FORMAT"):
+        Settings.from_env({"LOG_FORMAT": "xml"})
+
+
+@pytest.mark.parametrize("header, kept", [
+    ("abc-123_DEF.9", True), ("x" * 128, True), ("x" * 129, False), ("", False), ("has space", False),
+    ("semi;colon", False), ("ünïcode", False),
+])
+def test_a_callers_request_id_is_kept_only_when_well_formed(header, kept):
+    found = request_id_from(header)
+    assert (found == header) is kept
+    if not kept:
+        assert len(found) == 32 and int(found, 16) >= 0
+
+
+def test_every_response_carries_the_request_id_even_errors(sqlite_settings, sqlite_db):
+    app = create_app(sqlite_settings, redis=fakeredis.FakeRedis())
+
+    @app.get("/api/explode")
+    def explode():
+        raise RuntimeError("boom")
+
+    client = app.test_client()
+    for method, path, status in (("GET", "/api/health", 200), ("GET", "/api/notifications", 401),
+                                 ("GET", "/nowhere", 404), ("DELETE", "/api/health", 405),
+                                 ("GET", "/api/explode", 500)):
+        response = client.open(path, method=method, headers={"X-Request-ID": "req-42"})
+        assert response.status_code == status
+        assert response.headers["X-Request-ID"] == "req-42"
+    generated = client.get("/api/health").headers["X-Request-ID"]
+    assert len(generated) == 32
+
+
+@pytest.mark.integration
+def test_real_processes_log_json_with_ids_and_never_the_address_or_key(pg_settings, pg_db, redis_conn, smtp,
+                                                                      tmp_path):
+    stack = Stack(replace(pg_settings), tmp_path).start("api", "worker")
+    try:
+        req = urllib.request.Request(f"{stack.base}/api/notifications/send-verification", method="POST",
+                                     data=json.dumps(VERIFICATION | {"to": "ada.lovelace@example.com"}).encode(),
+                                     headers={"X-API-Key": stack.key, "X-Request-ID": "trace-1",
+                                              "Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=10) as response:
+            assert response.headers["X-Request-ID"] == "trace-1"
+            notification_id = json.loads(response.read())["id"]
+        stack.wait_status(notification_id, "sent")
+        wait_until(lambda: f"notification {notification_id} sent" in stack.log("worker"))
+    finally:
+        stack.close()
+
+    api = [json.loads(line) for line in stack.log("api").splitlines() if line.startswith("{")]
+    worker = [json.loads(line) for line in stack.log("worker").splitlines() if line.startswith("{")]
+    access = [r for r in api if r["logger"] == "notifier.api.access" and r.get("request_id") == "trace-1"]
+    assert access and access[0]["status"] == 202 and access[0]["path"] == "/api/notifications/send-verification"
+    assert any(r.get("notification_id") == notification_id and r["logger"] == "notifier.jobs" for r in worker)
+    assert any(r["logger"].startswith("rq.") for r in worker), "RQ's own lines are JSON too"
+    for name in ("api", "worker"):
+        text = stack.log(name)
+        assert "ada.lovelace@example.com" not in text
+        assert stack.key not in text
+        assert "123456" not in text  # the verification code, part of the body
+        # Every line on stderr is JSON (Flask's start-up banner goes to stdout, merged into this file).
+        assert all(json.loads(line) for line in text.splitlines() if line and not line.startswith(" * "))

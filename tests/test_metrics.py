@@ -1,0 +1,229 @@
+"""Prometheus metrics at /metrics: kept in Redis, so every API and worker process counts into one total."""
+
+from __future__ import annotations
+
+import signal
+from dataclasses import replace
+from datetime import timedelta
+from types import SimpleNamespace
+
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+from rq import Queue
+
+from notifier import metrics, queues
+from notifier.jobs import Deliverer
+from notifier.mail import SmtpMailer
+from notifier.models import Status, utcnow
+from notifier.queues import QUEUES_BY_PRIORITY, connect_redis
+from notifier.runtime import make_renderer
+from tests.helpers import LITERAL, VERIFICATION, installed_deliverer, make_notification, reload, run_worker_until_idle
+from tests.operators import (
+    CHALLENGE,
+    OPERATOR,
+    operator_client,
+    parse,
+    scrape,
+    scrape_url,
+    total,
+    value,
+    with_operator,
+)
+from tests.processes import Stack, free_port, request, spawn, stop, wait_for_http
+
+SEND = "/api/notifications/send"
+VERIFY = "/api/notifications/send-verification"
+
+
+@pytest.fixture
+def ops(pg_settings, pg_db, redis_conn):
+    """A client of the API with the test operator configured."""
+    return operator_client(pg_settings, redis_conn)
+
+
+def _accept(client, headers, path=SEND, payload=LITERAL) -> str:
+    response = client.post(path, json=payload, headers=headers)
+    assert response.status_code == 202, response.get_data(as_text=True)
+    return response.get_json()["id"]
+
+
+def _collect(redis) -> dict:
+    """What a scrape would show, read straight through the collector."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(metrics.RedisCollector(redis))
+    return parse(generate_latest(registry).decode())
+
+
+def _work(settings, redis_conn) -> None:
+    """Run an in-process worker whose deliverer has Redis, so it counts what it does."""
+    with installed_deliverer(settings, redis_conn):
+        run_worker_until_idle(redis_conn)
+
+
+def test_metrics_without_operator_credentials_are_401(ops, api_key):
+    for kwargs in ({}, {"auth": (OPERATOR[0], "wrong")}, {"headers": {"X-API-Key": api_key[1]}}):
+        response = ops.get("/metrics", **kwargs)
+        assert response.status_code == 401
+        assert response.headers["WWW-Authenticate"] == CHALLENGE
+        assert response.get_json()["error"]["code"] == "unauthorized"
+
+
+def test_metrics_are_closed_when_no_operator_is_configured(client):
+    assert client.get("/metrics", auth=OPERATOR).status_code == 401
+
+
+def test_a_known_run_is_counted_exactly(ops, headers, pg_settings, redis_conn, smtp):
+    # The high-priority verification is sent first and gets the scripted 550; the two literal sends pass.
+    smtp.replies.append("550 5.7.1 message rejected by policy")
+    refused = _accept(ops, headers, VERIFY, VERIFICATION)
+    delivered = [_accept(ops, headers), _accept(ops, headers)]
+    _work(pg_settings, redis_conn)
+    assert reload(refused).status == Status.FAILED
+    assert {reload(n).status for n in delivered} == {Status.SENT}
+
+    samples = scrape(ops)
+    assert value(samples, "notifier_notifications_accepted_total", priority="high", template="verification") == 1
+    assert value(samples, "notifier_notifications_accepted_total", priority="default", template="-") == 2
+    assert total(samples, "notifier_notifications_accepted_total") == 3
+    assert total(samples, "notifier_notifications_sent_total") == 2
+    assert value(samples, "notifier_notifications_sent_total", priority="default", template="-") == 2
+    assert total(samples, "notifier_notifications_failed_total") == 1
+    assert value(samples, "notifier_notifications_failed_total", priority="high", template="verification") == 1
+    assert total(samples, "notifier_notifications_retried_total") == 0
+    assert total(samples, "notifier_notifications_expired_total") == 0
+    assert value(samples, "notifier_delivery_seconds_count", priority="default") == 2
+    assert value(samples, "notifier_delivery_seconds_count", priority="high") == 0
+    assert value(samples, "notifier_delivery_seconds_bucket", priority="default", le="+Inf") == 2
+    assert 0 < value(samples, "notifier_delivery_seconds_sum", priority="default") < 60
+    assert value(samples, "notifier_smtp_replies_total", **{"class": "2xx"}) == 2
+    assert value(samples, "notifier_smtp_replies_total", **{"class": "5xx"}) == 1
+    assert value(samples, "notifier_smtp_replies_total", **{"class": "4xx"}) == 0
+    assert value(samples, "notifier_dead_letters") == 1
+    assert all(value(samples, "notifier_queue_depth", queue=name) == 0 for name in QUEUES_BY_PRIORITY)
+
+
+def test_queue_depth_is_what_waits_in_each_queue(ops, headers, redis_conn):
+    for _ in range(2):
+        _accept(ops, headers, VERIFY, VERIFICATION)
+    _accept(ops, headers)
+    _accept(ops, headers, payload={**LITERAL, "priority": "low"})
+
+    samples = scrape(ops)
+    expected = {"notifier.high": 2, "notifier.default": 1, "notifier.low": 1, "notifier.callbacks": 0}
+    assert {name: value(samples, "notifier_queue_depth", queue=name) for name in QUEUES_BY_PRIORITY} == expected
+    assert {name: Queue(name, connection=redis_conn).count for name in QUEUES_BY_PRIORITY} == expected
+    assert total(samples, "notifier_notifications_accepted_total") == 4
+    assert total(samples, "notifier_notifications_sent_total") == 0
+
+
+def test_a_transient_failure_counts_a_retry_and_its_4xx(ops, headers, pg_settings, redis_conn, smtp):
+    smtp.replies.append("451 4.3.0 try again later")
+    notification_id = _accept(ops, headers)
+    _work(pg_settings, redis_conn)
+    assert reload(notification_id).status == Status.SENT
+
+    samples = scrape(ops)
+    assert value(samples, "notifier_notifications_retried_total", priority="default", template="-") == 1
+    assert total(samples, "notifier_notifications_sent_total") == 1
+    assert total(samples, "notifier_notifications_failed_total") == 0
+    assert value(samples, "notifier_smtp_replies_total", **{"class": "4xx"}) == 1
+    assert value(samples, "notifier_smtp_replies_total", **{"class": "2xx"}) == 1
+
+
+def test_a_notification_past_its_deadline_counts_as_expired(ops, api_key, pg_settings, redis_conn, smtp):
+    late = make_notification(api_key[0], expires_at=utcnow() - timedelta(seconds=1), priority="low")
+    queues.enqueue_delivery(redis_conn, pg_settings, late.id, "low")
+    _work(pg_settings, redis_conn)
+    assert reload(late.id).status == Status.EXPIRED
+
+    samples = scrape(ops)
+    assert value(samples, "notifier_notifications_expired_total", priority="low", template="-") == 1
+    assert total(samples, "notifier_notifications_sent_total") == 0
+    assert smtp.count() == 0
+
+
+def test_replays_are_not_counted_as_accepted(ops, headers):
+    payload = {**LITERAL, "idempotency_key": "order-42"}
+    first, again = _accept(ops, headers, payload=payload), _accept(ops, headers, payload=payload)
+    assert first == again
+
+    assert total(scrape(ops), "notifier_notifications_accepted_total") == 1
+
+
+def test_delivery_goes_on_when_metrics_cannot_be_written(api_key, pg_settings, redis_conn, smtp):
+    # Nothing listens on port 1: every metric write fails, and the email is sent and recorded all the same.
+    notification = make_notification(api_key[0])
+    mailer = SmtpMailer(pg_settings)
+    deliverer = Deliverer(pg_settings, mailer, make_renderer(pg_settings), connect_redis("redis://127.0.0.1:1/0"))
+    try:
+        assert deliverer.deliver(notification.id) == "sent"
+    finally:
+        mailer.close()
+    assert reload(notification.id).status == Status.SENT
+    assert smtp.count() == 1
+
+
+def test_histogram_buckets_are_cumulative(fake_redis):
+    def sent_ago(seconds: float, priority: str = "default"):
+        notification = SimpleNamespace(priority=priority, template=None,
+                                       created_at=utcnow() - timedelta(seconds=seconds))
+        metrics.sent(fake_redis, notification, 250)
+
+    for seconds in (0.3, 0.3, 7, 5000):
+        sent_ago(seconds)
+    sent_ago(0.3, "high")
+
+    samples = _collect(fake_redis)
+    bucket = {le: value(samples, "notifier_delivery_seconds_bucket", priority="default", le=le)
+              for le in ("0.25", "0.5", "5.0", "10.0", "3600.0", "+Inf")}
+    assert bucket == {"0.25": 0, "0.5": 2, "5.0": 2, "10.0": 3, "3600.0": 3, "+Inf": 4}
+    assert value(samples, "notifier_delivery_seconds_count", priority="default") == 4
+    assert value(samples, "notifier_delivery_seconds_sum", priority="default") == pytest.approx(5007.6, abs=1)
+    assert value(samples, "notifier_delivery_seconds_count", priority="high") == 1
+    assert value(samples, "notifier_smtp_replies_total", **{"class": "2xx"}) == 5
+
+
+def test_reply_classes():
+    assert [metrics.reply_class(code) for code in (250, 451, 550, None, 0, 999)] == [
+        "2xx", "4xx", "5xx", "none", "none", "none"]
+
+
+def test_writes_without_redis_do_nothing():
+    metrics.accepted(None, SimpleNamespace(priority="high", template="welcome"))
+
+
+@pytest.mark.integration
+def test_every_api_process_scrapes_the_same_totals(pg_settings, pg_db, redis_conn, smtp, tmp_path):
+    settings = with_operator(replace(pg_settings, retry_intervals=(1, 1)))
+    stack = Stack(settings, tmp_path, OPERATOR_USERNAME=OPERATOR[0], OPERATOR_PASSWORD=OPERATOR[1])
+    second = None
+    try:
+        stack.start("api")
+        port = free_port()
+        second_base = f"http://127.0.0.1:{port}"
+        second = spawn(["app.py"], {**stack.env, "PORT": str(port)}, str(tmp_path / "api2.log"))
+        wait_for_http(f"{second_base}/api/health")
+
+        # Accepted by two processes, sent by a third; the SMTP server refuses the first message it gets.
+        smtp.replies.append("550 5.7.1 message rejected by policy")
+        ids = [stack.send(LITERAL) for _ in range(2)]
+        for _ in range(2):
+            status, body = request("POST", f"{second_base}{SEND}", stack.key, LITERAL)
+            assert status == 202, body
+            ids.append(body["id"])
+        stack.start("worker")
+        outcomes = sorted(stack.wait_status(n, "sent", "failed")["status"] for n in ids)
+        assert outcomes == ["failed", "sent", "sent", "sent"]
+
+        one, two = scrape_url(stack.base), scrape_url(second_base)
+        assert one == two
+        assert total(one, "notifier_notifications_accepted_total") == 4
+        assert total(one, "notifier_notifications_sent_total") == 3
+        assert total(one, "notifier_notifications_failed_total") == 1
+        assert value(one, "notifier_delivery_seconds_count", priority="default") == 3
+        assert value(one, "notifier_smtp_replies_total", **{"class": "5xx"}) == 1
+        assert value(one, "notifier_dead_letters") == 1
+    finally:
+        if second is not None:
+            stop(second, signal.SIGKILL)
+        stack.close()

@@ -1,0 +1,162 @@
+"""Operator access: the RQ dashboard at /rq opens only with the operator's basic-auth credentials."""
+
+from __future__ import annotations
+
+import pytest
+from rq import Queue
+
+from notifier.config import Settings
+from notifier.errors import ConfigError
+from notifier.models import Priority
+from notifier.queues import QUEUE_NAMES, all_queues, job_id_for
+from tests.helpers import LITERAL, installed_deliverer, reload, run_worker_until_idle
+from tests.operators import CHALLENGE, OPERATOR, operator_client
+
+DEFAULT_QUEUE = QUEUE_NAMES[Priority.DEFAULT]
+
+
+@pytest.fixture
+def ops(pg_settings, pg_db, redis_conn):
+    """A client of the API with the test operator configured."""
+    return operator_client(pg_settings, redis_conn)
+
+
+def _assert_refused(response) -> None:
+    assert response.status_code == 401
+    assert response.headers["WWW-Authenticate"] == CHALLENGE
+    body = response.get_json()
+    assert body["error"]["code"] == "unauthorized"
+    assert body["error"]["message"]
+    assert body["error"]["details"] is None
+
+
+def _failed_jobs(redis_conn) -> set[str]:
+    return {job_id for queue in all_queues(redis_conn) for job_id in queue.failed_job_registry.get_job_ids()}
+
+
+@pytest.fixture
+def dead_letter(ops, headers, pg_settings, redis_conn, smtp) -> str:
+    """A notification refused for good by the SMTP server: failed, its job in RQ's failed registry."""
+    smtp.replies.append("550 5.7.1 message rejected by policy")
+    response = ops.post("/api/notifications/send", json=LITERAL, headers=headers)
+    assert response.status_code == 202
+    notification_id = response.get_json()["id"]
+    with installed_deliverer(pg_settings, redis_conn):
+        run_worker_until_idle(redis_conn)
+    assert reload(notification_id).status == "failed"
+    assert _failed_jobs(redis_conn) == {job_id_for(notification_id)}
+    return notification_id
+
+
+def test_dashboard_without_credentials_is_401_with_a_basic_challenge(ops):
+    _assert_refused(ops.get("/rq/"))
+
+
+@pytest.mark.parametrize(
+    "auth",
+    [(OPERATOR[0], "wrong"), ("someone", OPERATOR[1]), (OPERATOR[0], ""), ("", ""), (OPERATOR[0].upper(), OPERATOR[1])],
+)
+def test_dashboard_with_wrong_credentials_is_401(ops, auth):
+    _assert_refused(ops.get("/rq/", auth=auth))
+
+
+@pytest.mark.parametrize("auth", [None, ("", ""), ("operator", ""), ("admin", "admin"), OPERATOR])
+def test_dashboard_is_closed_to_everyone_when_no_operator_is_configured(client, auth):
+    # The stock app fixture configures no operator: no guess, not even an empty one, gets in.
+    response = client.get("/rq/", auth=auth)
+    _assert_refused(response)
+    assert "not configured" in response.get_json()["error"]["message"]
+
+
+def test_dashboard_opens_with_the_operator_credentials(ops, headers, redis_conn):
+    assert ops.post("/api/notifications/send", json=LITERAL, headers=headers).status_code == 202
+
+    page = ops.get("/rq/", auth=OPERATOR)
+    assert page.status_code == 200
+    assert b"<title>RQ dashboard" in page.data
+    queues = ops.get("/rq/0/data/queues.json", auth=OPERATOR)
+    assert queues.status_code == 200
+    by_name = {q["name"]: q for q in queues.get_json()["queues"]}
+    assert by_name[DEFAULT_QUEUE]["count"] == 1
+    assert ops.get("/rq/0/data/workers.json", auth=OPERATOR).status_code == 200
+
+
+def test_every_path_under_rq_is_guarded_even_unknown_ones(ops):
+    for path in ("/rq", "/rq/0/view/workers", "/rq/static/css/main.css", "/rq/no/such/page", "/rq/0/data/queues.json"):
+        _assert_refused(ops.get(path))
+
+
+def test_api_keys_do_not_open_the_dashboard(ops, api_key):
+    _, plaintext = api_key
+    _assert_refused(ops.get("/rq/", headers={"X-API-Key": plaintext}))
+    _assert_refused(ops.get("/rq/", auth=(plaintext, plaintext)))
+    _assert_refused(ops.get("/rq/", headers={"Authorization": f"Bearer {plaintext}"}))
+
+
+def test_dashboard_actions_without_credentials_are_401_and_change_nothing(ops, dead_letter, redis_conn):
+    job_id = job_id_for(dead_letter)
+    actions = [
+        ("GET", f"/rq/requeue/{DEFAULT_QUEUE}"),  # the plain GET that would requeue every failed job
+        ("POST", f"/rq/requeue/{DEFAULT_QUEUE}"),
+        ("POST", f"/rq/job/{job_id}/requeue"),
+        ("POST", f"/rq/job/{job_id}/delete"),
+        ("POST", f"/rq/queue/{DEFAULT_QUEUE}/failed/empty"),
+        ("POST", f"/rq/queue/{DEFAULT_QUEUE}/queued/empty"),
+        ("POST", f"/rq/queue/{DEFAULT_QUEUE}/compact"),
+    ]
+    for method, path in actions:
+        _assert_refused(ops.open(path, method=method))
+        _assert_refused(ops.open(path, method=method, auth=(OPERATOR[0], "wrong")))
+
+    assert _failed_jobs(redis_conn) == {job_id}
+    assert redis_conn.exists(f"rq:job:{job_id}")
+    assert Queue(DEFAULT_QUEUE, connection=redis_conn).count == 0
+    assert reload(dead_letter).status == "failed"
+
+
+def test_dashboard_lists_a_failed_job_and_its_details(ops, dead_letter):
+    job_id = job_id_for(dead_letter)
+
+    listing = ops.get(f"/rq/0/data/jobs/{DEFAULT_QUEUE}/failed/8/asc/1.json", auth=OPERATOR)
+    assert listing.status_code == 200
+    assert [job["id"] for job in listing.get_json()["jobs"]] == [job_id]
+    detail = ops.get(f"/rq/0/data/job/{job_id}.json", auth=OPERATOR)
+    assert detail.status_code == 200
+    assert detail.get_json()["status"] == "failed"
+    assert "550" in detail.get_json()["exc_info"]
+    assert ops.get(f"/rq/0/view/job/{job_id}", auth=OPERATOR).status_code == 200
+
+
+def test_dashboard_requeue_never_resends_a_failed_notification(ops, dead_letter, pg_settings, redis_conn, smtp):
+    # The dashboard's requeue only re-runs the RQ job; the job finds the notification failed in the
+    # database and sends nothing. (`python -m notifier dlq requeue` is the way to send it again.)
+    response = ops.get(f"/rq/requeue/{DEFAULT_QUEUE}", auth=OPERATOR)
+    assert response.status_code == 200
+    assert response.get_json()["count"] == 1
+    with installed_deliverer(pg_settings, redis_conn):
+        run_worker_until_idle(redis_conn)
+
+    assert reload(dead_letter).status == "failed"
+    assert smtp.count() == 0
+
+
+def test_operator_credentials_are_read_from_the_environment():
+    settings = Settings.from_env({"OPERATOR_USERNAME": " ops ", "OPERATOR_PASSWORD": " s3cret "})
+
+    assert (settings.operator_username, settings.operator_password) == ("ops", " s3cret ")
+    assert "s3cret" not in repr(settings)
+    assert (Settings.from_env({}).operator_username, Settings.from_env({}).operator_password) == ("", "")
+
+
+@pytest.mark.parametrize(
+    ("env", "named"),
+    [
+        ({"OPERATOR_USERNAME": "ops"}, "OPERATOR_PASSWORD"),
+        ({"OPERATOR_PASSWORD": "s3cret"}, "OPERATOR_USERNAME"),
+        ({"OPERATOR_USERNAME": "ops:root", "OPERATOR_PASSWORD": "s3cret"}, "OPERATOR_USERNAME"),
+    ],
+)
+def test_half_an_operator_pair_or_a_colon_in_the_name_stops_start_up(env, named):
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env(env)
+    assert caught.value.setting == named
