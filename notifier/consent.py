@@ -9,6 +9,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from peewee import IntegrityError
 
 from notifier.config import parse_clock
+from notifier.db import select_one
 from notifier.models import (
     ApiKey,
     Category,
@@ -101,14 +102,13 @@ def set_mode(api_key: ApiKey, user_key: str, category: str, mode: str) -> None:
 def mode_for(api_key_id: int, user_key: str, category: str) -> DeliveryMode:
     if category == Category.TRANSACTIONAL:
         return DeliveryMode.IMMEDIATE
-    pref = Preference.get_or_none(
-        (Preference.api_key == api_key_id) & (Preference.user_key == user_key) & (Preference.category == category)
-    )
+    pref = select_one(Preference, '"api_key_id" = {} AND "user_key" = {} AND "category" = {}',
+                      api_key_id, user_key, category)
     return DeliveryMode(pref.mode) if pref else DeliveryMode.IMMEDIATE
 
 
 def suppression(api_key_id: int, email: str) -> Suppression | None:
-    return Suppression.get_or_none((Suppression.api_key == api_key_id) & (Suppression.email == email.lower()))
+    return select_one(Suppression, '"api_key_id" = {} AND "email" = {}', api_key_id, email.lower())
 
 
 def suppress(api_key_id: int, email: str, reason: str) -> None:

@@ -56,3 +56,20 @@ def bind(url: str):
     db = connect(url)
     database.initialize(db)
     return db
+
+
+_SQL: dict[tuple, str] = {}
+
+
+def select_one(model, where: str, *params):
+    """The first row of model matching where, a fixed SQL condition with a {} per parameter.
+
+    On the per-request paths (API key, suppression, preference) building the query with peewee's
+    builder costs more than running it, so the SQL is written once per database kind and reused."""
+    param = database.param
+    key = (model, where, param)
+    sql = _SQL.get(key)
+    if sql is None:
+        condition = where.format(*([param] * where.count("{}")))
+        sql = _SQL[key] = f'SELECT * FROM "{model._meta.table_name}" WHERE {condition} LIMIT 1'
+    return next(iter(model.raw(sql, *params)), None)

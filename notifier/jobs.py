@@ -55,11 +55,12 @@ class Deliverer:
                                                sources=(Status.QUEUED, Status.RETRYING)):
                     self.after_final(notification_id)
                     return "suppressed"
-            if not store.claim(notification_id):
+            if current is None or not store.claim(notification_id, known=current):
                 # Someone else holds it, it was cancelled, or it is already final: nothing to do.
                 logger.info("notification %s not claimable; skipping", notification_id)
                 return "skipped"
-            notification = store.get(notification_id)
+            notification = current  # the claim changed only these two, so the row need not be read again
+            notification.status, notification.attempts = Status.SENDING.value, current.attempts + 1
             if notification.expires_at is not None and utcnow() >= notification.expires_at:
                 self._finish(notification, Status.EXPIRED, reason="deadline passed before it could be sent")
                 metrics.expired(self.redis, notification)
@@ -98,8 +99,10 @@ class Deliverer:
         return literal(notification.subject or "", notification.text, notification.html)
 
     def _finish(self, notification: Notification, target: Status, **fields) -> None:
-        if store.transition(notification.id, target, sources=(Status.SENDING,), **fields):
-            self.after_final(notification.id)
+        if store.transition(notification.id, target, sources=(Status.SENDING,), known=notification, **fields):
+            notification.status = target.value
+            if notification.callback_url:
+                self.after_final(notification.id)
 
     def after_final(self, notification_id: str) -> None:
         """Queue the status callback a final notification owes its caller, if any."""
@@ -114,7 +117,7 @@ class Deliverer:
                 consent.suppress(notification.api_key_id, notification.to, reason=message)
             self._finish(notification, Status.FAILED, **fields)
         else:
-            store.transition(notification.id, Status.RETRYING, sources=(Status.SENDING,), **fields)
+            store.transition(notification.id, Status.RETRYING, sources=(Status.SENDING,), known=notification, **fields)
         metrics.attempt_failed(self.redis, notification, exc.smtp_code, final=final)
         logger.warning(
             "notification %s attempt %s failed (%s): %s",

@@ -9,6 +9,7 @@ import hashlib
 import hmac
 import secrets
 
+from notifier.db import select_one
 from notifier.models import ApiKey, utcnow
 
 KEY_PREFIX = "nfy"
@@ -55,7 +56,7 @@ def authenticate(plaintext: str | None) -> ApiKey | None:
     parts = plaintext.split("_", 2)
     if len(parts) != 3 or parts[0] != KEY_PREFIX:
         return None
-    key = ApiKey.get_or_none((ApiKey.prefix == parts[1]) | (ApiKey.old_prefix == parts[1]))
+    key = select_one(ApiKey, '"prefix" = {} OR "old_prefix" = {}', parts[1], parts[1])
     if key is None or key.revoked_at is not None:
         return None
     stored = key.key_hash if key.prefix == parts[1] else key.old_key_hash

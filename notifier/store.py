@@ -21,14 +21,36 @@ from notifier.models import (
 )
 
 
+def _insert_sql(model, columns: tuple[str, ...], returning: str | None) -> str:
+    # Written once per database kind: peewee's builder costs more than the insert on the accept path.
+    param = Notification._meta.database.param
+    key = (model, columns, param, returning)
+    sql = _INSERTS.get(key)
+    if sql is None:
+        names = ", ".join(f'"{model._meta.fields[c].column_name}"' for c in columns)
+        sql = f'INSERT INTO "{model._meta.table_name}" ({names}) VALUES ({", ".join([param] * len(columns))})'
+        sql = _INSERTS[key] = sql + (f' RETURNING "{returning}"' if returning else "")
+    return sql
+
+
+_INSERTS: dict[tuple, str] = {}
+_NOTIFICATION_COLUMNS = tuple(f.name for f in Notification._meta.sorted_fields if f.name != "seq")
+_EVENT_COLUMNS = ("notification", "at", "kind", "from_status", "to_status", "reason")
+
+
 def create_notification(api_key: ApiKey, fields: dict, status: Status = Status.QUEUED, reason: str = "accepted"):
     """Store a new notification and the first line of its history, together or not at all."""
     now = utcnow()
-    with Notification._meta.database.atomic():
-        notification = Notification.create(
-            api_key=api_key, status=status.value, created_at=now, updated_at=now, **fields
-        )
-        Event.create(notification=notification, at=now, from_status=None, to_status=status.value, reason=reason)
+    notification = Notification(api_key=api_key, status=status.value, created_at=now, updated_at=now, **fields)
+    model_fields = Notification._meta.fields
+    values = [model_fields[c].db_value(getattr(notification, c if c != "api_key" else "api_key_id"))
+              for c in _NOTIFICATION_COLUMNS]
+    db = Notification._meta.database
+    with db.atomic():
+        cursor = db.execute_sql(_insert_sql(Notification, _NOTIFICATION_COLUMNS, "seq"), values)
+        notification.seq = cursor.fetchone()[0]
+        db.execute_sql(_insert_sql(Event, _EVENT_COLUMNS, None),
+                       [notification.seq, Event._meta.fields["at"].db_value(now), "status", None, status.value, reason])
     return notification
 
 
@@ -97,13 +119,18 @@ def transition(
     sources: Iterable[Status] | None = None,
     smtp_code: int | None = None,
     smtp_reply: str | None = None,
+    known: Notification | None = None,
     **changes,
 ) -> bool:
     """Move a notification to target if, and only if, it is in an allowed source status.
 
     This is the only way a status changes: a compare-and-set update, so two workers (or a job
-    delivered twice) can never both win. Returns whether this call made the change.
+    delivered twice) can never both win. Returns whether this call made the change. A caller that
+    has just read the row passes it as `known`: the update is then guarded by the status it read
+    (still a compare-and-set) and the row need not be read again.
     """
+    if known is not None:
+        sources = [s for s in (sources or allowed_sources(target)) if s == known.status]
     allowed = frozenset(sources) if sources is not None else allowed_sources(target)
     allowed &= allowed_sources(target)
     if not allowed:
@@ -117,13 +144,16 @@ def transition(
         changes["callback_attempts"] = 0
     db = Notification._meta.database
     with db.atomic():
-        row = (
-            Notification.select(Notification.seq, Notification.status)
-            .where((Notification.id == public_id) & (Notification.status.in_([s.value for s in allowed])))
-            .first()
-        )
-        if row is None:
-            return False
+        if known is not None:
+            row = known
+        else:
+            row = (
+                Notification.select(Notification.seq, Notification.status)
+                .where((Notification.id == public_id) & (Notification.status.in_([s.value for s in allowed])))
+                .first()
+            )
+            if row is None:
+                return False
         updated = (
             Notification.update(status=target.value, updated_at=now, **changes)
             .where((Notification.seq == row.seq) & (Notification.status == row.status))
@@ -131,16 +161,14 @@ def transition(
         )
         if not updated:
             return False
-        Event.create(
-            notification=row.seq,
-            at=now,
-            from_status=row.status,
-            to_status=target.value,
-            reason=reason,
-            smtp_code=smtp_code,
-            smtp_reply=smtp_reply,
-        )
+        db.execute_sql(_insert_sql(Event, _FULL_EVENT_COLUMNS, None), [
+            row.seq, Event._meta.fields["at"].db_value(now), "status", row.status, target.value, reason,
+            smtp_code, smtp_reply,
+        ])
     return True
+
+
+_FULL_EVENT_COLUMNS = (*_EVENT_COLUMNS, "smtp_code", "smtp_reply")
 
 
 def transition_many(
@@ -190,7 +218,7 @@ def find_idempotent(api_key: ApiKey, idempotency_key: str) -> Notification | Non
     )
 
 
-def claim(public_id: str) -> bool:
+def claim(public_id: str, known: Notification | None = None) -> bool:
     """Take a queued or retrying notification for sending and count the attempt."""
     return transition(
         public_id,
@@ -198,6 +226,7 @@ def claim(public_id: str) -> bool:
         reason="claimed by worker",
         sources=(Status.QUEUED, Status.RETRYING),
         attempts=Notification.attempts + 1,
+        known=known,
     )
 
 
