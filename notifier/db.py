@@ -35,10 +35,14 @@ def connect(url: str):
         path = url.split("sqlite:///", 1)[1] if url.startswith("sqlite:///") else ":memory:"
         if path != ":memory:":
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        # API, worker and scheduler write to one file. A transaction that reads and then writes after
+        # another process committed fails at once (SQLITE_BUSY_SNAPSHOT), whatever busy_timeout says;
+        # beginning IMMEDIATE takes the write lock up front, so writers queue up instead.
         return SqliteDatabase(
             path,
-            pragmas={"journal_mode": "wal", "busy_timeout": 10000, "foreign_keys": 1, "synchronous": "normal"},
+            pragmas={"journal_mode": "wal", "busy_timeout": 10000, "foreign_keys": 1, "synchronous": "full"},
             timeout=10,
+            lock_type="IMMEDIATE",
         )
     params = parse(url)
     return PostgresDatabase(

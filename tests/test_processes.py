@@ -75,3 +75,26 @@ def test_scheduler_starts_and_runs_cleanly(stack, tmp_path):
     assert scheduler.poll() is None, (tmp_path / "scheduler.log").read_text()
     assert stop(scheduler, signal.SIGTERM) in (0, -signal.SIGTERM)
     assert "Traceback" not in (tmp_path / "scheduler.log").read_text()
+
+
+def test_embedded_sqlite_default_takes_writes_from_api_and_worker_at_once(pg_settings, redis_conn, smtp, tmp_path):
+    # make run's shape: API, worker and scheduler all writing one SQLite file, requests in parallel.
+    from concurrent.futures import ThreadPoolExecutor
+
+    settings = replace(pg_settings, database_url=f"sqlite:///{tmp_path}/notifier.db", retry_intervals=(1,))
+    stack = Stack(settings, tmp_path).start("api", "worker", "scheduler")
+
+    def signup(n):
+        return request("POST", f"{stack.base}/api/events", stack.key, {
+            "type": "user.signup", "user": {"id": f"u{n}", "email": f"user{n}@example.com"},
+            "data": {"code": "123456"}})
+
+    try:
+        with ThreadPoolExecutor(6) as pool:
+            answers = list(pool.map(signup, range(30)))
+        assert [status for status, _ in answers] == [202] * 30, [b for s, b in answers if s != 202][:2]
+        for _, body in answers:
+            stack.wait_status(body["notifications"][0]["id"], "sent")
+        assert len(smtp.wait_for(30)) == 30
+    finally:
+        stack.close()
