@@ -138,9 +138,7 @@ def transition(
     now = utcnow()
     if target in FINAL_STATUSES:
         # Reaching a final state owes the caller a status callback, if they asked for one.
-        changes["callback_status"] = Case(
-            None, [(Notification.callback_url.is_null(False), CallbackStatus.PENDING.value)], None
-        )
+        changes["callback_status"] = PENDING_IF_CALLBACK_URL
         changes["callback_attempts"] = 0
     db = Notification._meta.database
     with db.atomic():
@@ -154,12 +152,7 @@ def transition(
             )
             if row is None:
                 return False
-        updated = (
-            Notification.update(status=target.value, updated_at=now, **changes)
-            .where((Notification.seq == row.seq) & (Notification.status == row.status))
-            .execute()
-        )
-        if not updated:
+        if not _compare_and_set(db, row.seq, row.status, {"status": target.value, "updated_at": now, **changes}):
             return False
         db.execute_sql(_insert_sql(Event, _FULL_EVENT_COLUMNS, None), [
             row.seq, Event._meta.fields["at"].db_value(now), "status", row.status, target.value, reason,
@@ -218,6 +211,41 @@ def find_idempotent(api_key: ApiKey, idempotency_key: str) -> Notification | Non
     )
 
 
+# Values for transition() changes that SQL computes rather than the caller.
+INCREMENT = object()  # the column plus one
+PENDING_IF_CALLBACK_URL = object()  # "pending" when the caller gave a callback_url, else NULL
+_UPDATES: dict[tuple, str] = {}
+
+
+def _compare_and_set(db, seq: int, expected_status: str, assignments: dict) -> bool:
+    """UPDATE ... WHERE seq = ? AND status = ?, with its SQL written once per set of columns: on the
+    delivery path peewee's builder cost more than the update itself."""
+    fields = Notification._meta.fields
+    names = tuple(assignments)
+    key = (names, db.param)
+    sql = _UPDATES.get(key)
+    if sql is None:
+        parts = []
+        for name in names:
+            column = f'"{fields[name].column_name}"'
+            if assignments[name] is INCREMENT:
+                parts.append(f"{column} = {column} + 1")
+            elif assignments[name] is PENDING_IF_CALLBACK_URL:
+                parts.append(f'{column} = CASE WHEN "callback_url" IS NULL THEN NULL ELSE {db.param} END')
+            else:
+                parts.append(f"{column} = {db.param}")
+        sql = _UPDATES[key] = (f'UPDATE "notifications" SET {", ".join(parts)} '
+                               f'WHERE "seq" = {db.param} AND "status" = {db.param}')
+    params = []
+    for name in names:
+        value = assignments[name]
+        if value is PENDING_IF_CALLBACK_URL:
+            params.append(CallbackStatus.PENDING.value)
+        elif value is not INCREMENT:
+            params.append(fields[name].db_value(value))
+    return db.execute_sql(sql, [*params, seq, str(expected_status)]).rowcount == 1
+
+
 def claim(public_id: str, known: Notification | None = None) -> bool:
     """Take a queued or retrying notification for sending and count the attempt."""
     return transition(
@@ -225,7 +253,7 @@ def claim(public_id: str, known: Notification | None = None) -> bool:
         Status.SENDING,
         reason="claimed by worker",
         sources=(Status.QUEUED, Status.RETRYING),
-        attempts=Notification.attempts + 1,
+        attempts=INCREMENT,
         known=known,
     )
 

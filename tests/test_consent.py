@@ -162,3 +162,27 @@ def test_turning_a_category_off_suppresses_what_was_held(owner, sqlite_settings,
     digests.flush_due(sqlite_settings, fake_redis, make_renderer(sqlite_settings), now=utc(2026, 6, 2, 9, 0))
     assert {reload(n.id).status for n in held} == {Status.SUPPRESSED}
     assert Digest.select().count() == 0
+
+
+def test_a_crash_mid_flush_neither_drops_nor_duplicates_items(owner, sqlite_settings, fake_redis, monkeypatch):
+    consent.set_mode(owner, "u1", "product", "daily")
+    settings = replace(sqlite_settings, digest_time="08:00", digest_grace_seconds=0)
+    renderer = make_renderer(settings)
+    items = _held(owner, 3, utc(2026, 6, 1, 9, 0))
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("worker killed mid-flush")
+
+    # The process dies after the digest row and its notification were written, before the items moved.
+    monkeypatch.setattr(store, "transition_many", crash)
+    with pytest.raises(RuntimeError):
+        digests.flush_due(settings, fake_redis, renderer, now=utc(2026, 6, 2, 9, 0))
+    assert Digest.select().count() == 0
+    assert Notification.select().where(Notification.template == "digest").count() == 0
+    assert {reload(n.id).status for n in items} == {Status.HELD}
+
+    monkeypatch.undo()
+    assert digests.flush_due(settings, fake_redis, renderer, now=utc(2026, 6, 2, 9, 0)) == 1
+    (digest,) = Digest.select()
+    assert digest.items == 3
+    assert {reload(n.id).digest_id for n in items} == {digest.notification_id}
