@@ -164,7 +164,8 @@ def dispatch_many(connection: Redis, settings: Settings, notifications: list[Not
         elif n.status == Status.SCHEDULED:
             scheduled.append(n)
     try:
-        with connection.pipeline() as pipe:
+        # One round trip for the lot; MULTI/EXEC would add nothing, each job being whole on its own.
+        with connection.pipeline(transaction=False) as pipe:
             for priority, jobs in by_queue.items():
                 queue_for(priority, connection).enqueue_many(jobs, pipeline=pipe)
             pipe.execute()

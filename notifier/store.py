@@ -16,75 +16,60 @@ from notifier.models import (
     Notification,
     Status,
     allowed_sources,
-    new_public_id,
     utcnow,
 )
 
 
-def _insert_sql(model, columns: tuple[str, ...], returning: str | None) -> str:
-    # Written once per database kind: peewee's builder costs more than the insert on the accept path.
+def _insert_sql(model, columns: tuple[str, ...], rows: int = 1, returning: tuple[str, ...] = ()) -> str:
+    # Written once per shape and database kind: on the accept path peewee's builder cost more than
+    # the insert itself.
     param = Notification._meta.database.param
-    key = (model, columns, param, returning)
+    key = (model, columns, rows, returning, param)
     sql = _INSERTS.get(key)
     if sql is None:
         names = ", ".join(f'"{model._meta.fields[c].column_name}"' for c in columns)
-        sql = f'INSERT INTO "{model._meta.table_name}" ({names}) VALUES ({", ".join([param] * len(columns))})'
-        sql = _INSERTS[key] = sql + (f' RETURNING "{returning}"' if returning else "")
+        row = f"({', '.join([param] * len(columns))})"
+        sql = f'INSERT INTO "{model._meta.table_name}" ({names}) VALUES {", ".join([row] * rows)}'
+        if returning:
+            sql += " RETURNING " + ", ".join(f'"{c}"' for c in returning)
+        _INSERTS[key] = sql
     return sql
 
 
 _INSERTS: dict[tuple, str] = {}
 _NOTIFICATION_COLUMNS = tuple(f.name for f in Notification._meta.sorted_fields if f.name != "seq")
 _EVENT_COLUMNS = ("notification", "at", "kind", "from_status", "to_status", "reason")
+_CHUNK = 200  # rows per INSERT: well under every database's limit on parameters
 
 
 def create_notification(api_key: ApiKey, fields: dict, status: Status = Status.QUEUED, reason: str = "accepted"):
     """Store a new notification and the first line of its history, together or not at all."""
-    now = utcnow()
-    notification = Notification(api_key=api_key, status=status.value, created_at=now, updated_at=now, **fields)
-    model_fields = Notification._meta.fields
-    values = [model_fields[c].db_value(getattr(notification, c if c != "api_key" else "api_key_id"))
-              for c in _NOTIFICATION_COLUMNS]
-    db = Notification._meta.database
-    with db.atomic():
-        cursor = db.execute_sql(_insert_sql(Notification, _NOTIFICATION_COLUMNS, "seq"), values)
-        notification.seq = cursor.fetchone()[0]
-        db.execute_sql(_insert_sql(Event, _EVENT_COLUMNS, None),
-                       [notification.seq, Event._meta.fields["at"].db_value(now), "status", None, status.value, reason])
-    return notification
+    return create_notifications(api_key, [(fields, status, reason)])[0]
 
 
 def create_notifications(api_key: ApiKey, items: list[tuple[dict, Status, str]]) -> list[Notification]:
-    """Store many notifications and their first history lines in one transaction, in order."""
-    if not items:
-        return []
+    """Store notifications and their first history lines in one transaction; returned in order."""
     now = utcnow()
-    rows = [{"id": new_public_id(), "api_key": api_key.id, "status": status.value, "created_at": now,
-             "updated_at": now, **fields} for fields, status, _ in items]
-    # A bulk insert names the same columns for every row.
-    columns = set().union(*rows)
-    for row in rows:
-        for name in columns - row.keys():
-            default = Notification._meta.fields[name].default
-            row[name] = default() if callable(default) else default
+    notifications = [Notification(api_key=api_key, status=status.value, created_at=now, updated_at=now, **fields)
+                     for fields, status, _ in items]
+    model_fields = Notification._meta.fields
+    at = Event._meta.fields["at"].db_value(now)
     db = Notification._meta.database
     with db.atomic():
-        for chunk in range(0, len(rows), 200):
-            Notification.insert_many(rows[chunk:chunk + 200]).execute()
-        seqs = dict(Notification.select(Notification.id, Notification.seq)
-                    .where(Notification.id.in_([r["id"] for r in rows])).tuples())
-        events = [
-            {"notification": seqs[row["id"]], "at": now, "kind": "status", "from_status": None,
-             "to_status": row["status"], "reason": reason}
-            for row, (_, _, reason) in zip(rows, items, strict=True)
-        ]
-        for chunk in range(0, len(events), 500):
-            Event.insert_many(events[chunk:chunk + 500]).execute()
-    notifications = []
-    for row in rows:
-        notification = Notification(**{**row, "api_key": api_key})
-        notification.seq = seqs[row["id"]]
-        notifications.append(notification)
+        seqs = {}
+        for start in range(0, len(notifications), _CHUNK):
+            chunk = notifications[start:start + _CHUNK]
+            values = [model_fields[c].db_value(getattr(n, "api_key_id" if c == "api_key" else c))
+                      for n in chunk for c in _NOTIFICATION_COLUMNS]
+            sql = _insert_sql(Notification, _NOTIFICATION_COLUMNS, len(chunk), ("seq", "id"))
+            seqs.update((public_id, seq) for seq, public_id in db.execute_sql(sql, values).fetchall())
+        for n in notifications:
+            n.seq = seqs[n.id]
+        events = [(n.seq, at, "status", None, n.status, reason) for n, (_, _, reason) in zip(notifications, items,
+                                                                                              strict=True)]
+        for start in range(0, len(events), _CHUNK):
+            chunk = events[start:start + _CHUNK]
+            db.execute_sql(_insert_sql(Event, _EVENT_COLUMNS, len(chunk)), [v for row in chunk for v in row])
     return notifications
 
 
@@ -154,7 +139,7 @@ def transition(
                 return False
         if not _compare_and_set(db, row.seq, row.status, {"status": target.value, "updated_at": now, **changes}):
             return False
-        db.execute_sql(_insert_sql(Event, _FULL_EVENT_COLUMNS, None), [
+        db.execute_sql(_insert_sql(Event, _FULL_EVENT_COLUMNS), [
             row.seq, Event._meta.fields["at"].db_value(now), "status", row.status, target.value, reason,
             smtp_code, smtp_reply,
         ])
