@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import signal
 
+from redis.exceptions import RedisError
 from rq_scheduler import Scheduler
 
 from notifier.config import Settings
@@ -35,9 +37,26 @@ class NotifierScheduler(Scheduler):
     Periodic jobs have stable ids, so a restart or a second scheduler replaces them instead of adding
     copies; and since a flushed Redis forgets them, every poll puts back any that went missing."""
 
+    stopping = False
+
     def __init__(self, settings: Settings, **kwargs):
         super().__init__(**kwargs)
         self.settings = settings
+
+    def _install_signal_handlers(self):
+        # rq-scheduler's own handler records its death in Redis before exiting; with Redis gone at the
+        # same moment that raised a connection error instead, and the process waited for Redis forever.
+        def stop(signum, frame):
+            self.stopping = True
+            try:
+                self.register_death()
+                self.remove_lock()
+            except RedisError:
+                pass
+            raise SystemExit()
+
+        signal.signal(signal.SIGINT, stop)
+        signal.signal(signal.SIGTERM, stop)
 
     def register_periodic_jobs(self, only_missing: bool = False) -> None:
         for job_id, func, interval in periodic_jobs(self.settings):
@@ -64,8 +83,12 @@ def main() -> None:
         scheduler.register_periodic_jobs()
         try:
             scheduler.run()
-        except SystemExit:  # rq-scheduler's answer to SIGTERM and SIGINT
+        except SystemExit:  # our answer to SIGTERM and SIGINT
             return True
+        except RedisError:
+            if scheduler.stopping:
+                return True
+            raise
         return False
 
     run_until_stopped(connection, run_once, "scheduler")

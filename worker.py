@@ -8,6 +8,7 @@ import os
 import signal
 import socket
 
+from redis.exceptions import RedisError
 from rq import SimpleWorker
 
 from notifier import jobs
@@ -75,9 +76,12 @@ def main() -> None:
         worker = make_worker(connection, name=f"{name}-{generation}" if generation else name)
         try:
             worker.work(with_scheduler=True, logging_level=settings.log_level)
-        finally:
-            stopping = worker.stopping
-        return stopping
+        except RedisError:
+            # Asked to stop while Redis went away too (Ctrl-C on the whole stack): stop, do not wait.
+            if worker.stopping:
+                return True
+            raise
+        return worker.stopping
 
     run_until_stopped(connection, run_once, "worker")
 

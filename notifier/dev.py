@@ -167,13 +167,17 @@ Ctrl-C stops everything.
 
 
 def _stop(procs, code: int) -> int:
-    for _, proc in reversed(procs):
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + 30
-    for _, proc in reversed(procs):
-        try:
-            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    # The app processes first (a worker finishes its current send), then the Redis and SMTP server
+    # they were using: stopping all at once left workers waiting for a Redis that had gone.
+    services = {"redis", "smtp"}
+    for group in ([p for n, p in procs if n not in services], [p for n, p in procs if n in services]):
+        for proc in group:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        for proc in group:
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
     return code

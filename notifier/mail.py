@@ -9,7 +9,7 @@ import ssl
 import time
 from dataclasses import dataclass, field
 from email.message import EmailMessage
-from email.policy import SMTP as SMTP_POLICY
+from email.policy import SMTP
 from email.utils import formatdate, parseaddr
 from typing import Protocol
 
@@ -52,6 +52,11 @@ class Mailer(Protocol):
 def message_id_for(notification_id: str, mail_from: str) -> str:
     """The same Message-ID on every attempt, so a receiver can drop a duplicate."""
     return f"<{notification_id}@{parseaddr(mail_from)[1].rpartition('@')[2]}>"
+
+
+# Fold only past RFC 5322's hard limit: folding a long token at 78 turns it into an RFC 2047 encoded
+# word, and a mail client does not decode those in List-Unsubscribe (RFC 2369), so the link breaks.
+SMTP_POLICY = SMTP.clone(max_line_length=998)
 
 
 def build_message(email: OutgoingEmail, mail_from: str) -> EmailMessage:

@@ -195,3 +195,18 @@ def test_api_and_worker_reconnect_after_postgresql_drops_them(make_stack, pg_set
     second = wait_until(accepted, timeout=15, interval=0.2)
     stack.wait_status(second, "sent", timeout=30)
     assert _recipients(smtp) == ["user1@example.com", "user2@example.com"]
+
+
+def test_worker_and_scheduler_exit_on_sigterm_even_when_redis_dies_at_the_same_moment(
+        make_stack, pg_settings, own_redis):
+    # Ctrl-C on a whole stack: before the fix they waited for that Redis forever, and when a new one
+    # came up on the same port they took its jobs.
+    url, _, down = own_redis
+    stack = make_stack(replace(pg_settings, redis_url=url)).start("worker", "scheduler")
+    time.sleep(2)
+    worker, scheduler = stack.procs["worker"], stack.procs["scheduler"]
+    down()
+    worker.send_signal(signal.SIGTERM)
+    scheduler.send_signal(signal.SIGTERM)
+    assert worker.wait(timeout=20) is not None
+    assert scheduler.wait(timeout=20) is not None

@@ -178,3 +178,16 @@ def test_memory_mailer_does_not_share_the_callers_failure_list():
         mailer.send(outgoing())
 
     assert len(failures) == 1
+
+
+def test_a_long_list_unsubscribe_link_goes_out_verbatim():
+    from notifier.mail import OutgoingEmail, build_message
+    from notifier.rendering import RenderedEmail
+    from notifier.unsubscribe import headers
+
+    url = "https://notify.example.com/unsubscribe/" + "eyJrIjoxLCJ1IjoidTIiLCJjIjoicHJvZHVjdCJ9" * 3
+    email = OutgoingEmail("n1", "bob@example.com", RenderedEmail("Hi", "text", "<p>html</p>"), headers(url))
+    raw = build_message(email, "notifier@example.com").as_bytes()
+    assert f"List-Unsubscribe: <{url}>".encode() in raw
+    assert b"List-Unsubscribe-Post: List-Unsubscribe=One-Click" in raw
+    assert b"=?utf-8?" not in raw
