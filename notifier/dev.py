@@ -85,7 +85,10 @@ def main() -> int:
     procs: list[tuple[str, subprocess.Popen]] = []
 
     def spawn(name: str, args: list[str]) -> None:
-        procs.append((name, subprocess.Popen(args, env=env, cwd=PROJECT_ROOT)))
+        # Ctrl-C reaches every process of the terminal's group at once; Redis and the SMTP capture
+        # get a session of their own, so they outlive the workers that are finishing with them.
+        own_session = name in ("redis", "smtp")
+        procs.append((name, subprocess.Popen(args, env=env, cwd=PROJECT_ROOT, start_new_session=own_session)))
 
     if "REDIS_URL" not in env:
         server = shutil.which("redis-server")
