@@ -181,3 +181,19 @@ def memory_deliverer(sqlite_settings, sqlite_db):
     jobs.install(instance)
     yield instance
     jobs.install(None)
+
+
+@pytest.fixture
+def stacks(pg_settings, pg_db, redis_conn, smtp, tmp_path):
+    """Make real app.py/worker.py/scheduler.py stacks (tests/processes.Stack); all killed afterwards."""
+    from tests.processes import Stack
+
+    made = []
+
+    def make(settings, **env) -> Stack:
+        made.append(Stack(settings, tmp_path, **env))
+        return made[-1]
+
+    yield make
+    for stack in made:
+        stack.close()

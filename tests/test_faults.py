@@ -28,17 +28,11 @@ FAST = {"RECONCILE_INTERVAL": 1, "RECONCILE_GRACE_SECONDS": 1, "SENDING_TIMEOUT"
 
 
 @pytest.fixture
-def make_stack(pg_settings, pg_db, redis_conn, smtp, tmp_path):
-    stacks = []
-
+def make_stack(stacks, pg_settings):
     def make(settings=None, **env) -> Stack:
-        stack = Stack(settings or replace(pg_settings, retry_intervals=(1, 1, 1)), tmp_path, **(FAST | env))
-        stacks.append(stack)
-        return stack
+        return stacks(settings or replace(pg_settings, retry_intervals=(1, 1, 1)), **(FAST | env))
 
-    yield make
-    for stack in stacks:
-        stack.close()
+    return make
 
 
 def _to(n: int) -> dict:

@@ -31,20 +31,16 @@ FORM = {"Content-Type": "application/x-www-form-urlencoded"}
 
 
 @pytest.fixture
-def make_stack(pg_settings, pg_db, redis_conn, smtp, tmp_path):
-    """Stacks on the test database, Redis and SMTP server; unsubscribe links point at their own API."""
-    stacks = []
+def make_stack(stacks, pg_settings):
+    """Stacks whose unsubscribe links point at their own API."""
 
     def make(**env) -> Stack:
         defaults = {"SECRET_KEY": SECRET, "BRAND_NAME": pg_settings.brand_name, "RECONCILE_INTERVAL": 2}
-        stack = Stack(replace(pg_settings, retry_intervals=(1, 1)), tmp_path, **(defaults | env))
+        stack = stacks(replace(pg_settings, retry_intervals=(1, 1)), **(defaults | env))
         stack.env["PUBLIC_BASE_URL"] = stack.base
-        stacks.append(stack)
         return stack
 
-    yield make
-    for stack in stacks:
-        stack.close()
+    return make
 
 
 def _at(text: str) -> datetime:
