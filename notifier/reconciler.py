@@ -71,21 +71,23 @@ def _rows(*conditions):
 
 def _expire(redis: Redis, settings: Settings, now: datetime) -> int:
     waiting = tuple(WAITING_STATUSES)
-    count = 0
-    for row in _rows(Notification.status.in_([s.value for s in waiting]), Notification.expires_at <= now):
-        if store.transition(row.id, Status.EXPIRED, reason="deadline passed before it could be sent",
-                            sources=waiting):
-            queues.dispatch_callback(redis, settings, store.get(row.id))
-            count += 1
-    return count
+    rows = _rows(Notification.status.in_([s.value for s in waiting]), Notification.expires_at <= now)
+    return _move_each(rows, Status.EXPIRED, "deadline passed before it could be sent", waiting,
+                      lambda n: queues.dispatch_callback(redis, settings, n))
 
 
 def _release(redis: Redis, settings: Settings, settled: datetime) -> int:
+    rows = _rows(Notification.status == Status.SCHEDULED.value, Notification.send_at <= settled)
+    return _move_each(rows, Status.QUEUED, "send time reached (released by the reconciler)", (Status.SCHEDULED,),
+                      lambda n: queues.dispatch(redis, settings, n))
+
+
+def _move_each(rows, target: Status, reason: str, sources, then) -> int:
+    """Move each row to target (a compare-and-set each), hand the moved ones to `then`; count them."""
     count = 0
-    for row in _rows(Notification.status == Status.SCHEDULED.value, Notification.send_at <= settled):
-        if store.transition(row.id, Status.QUEUED, reason="send time reached (released by the reconciler)",
-                            sources=(Status.SCHEDULED,)):
-            queues.dispatch(redis, settings, store.get(row.id))
+    for row in rows:
+        if store.transition(row.id, target, reason=reason, sources=sources):
+            then(store.get(row.id))
             count += 1
     return count
 

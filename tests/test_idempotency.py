@@ -214,10 +214,7 @@ def test_concurrent_requests_in_process_create_one_notification(app, headers, de
     assert len(ids) == 1
     assert notification_count() == 1
 
-    run_worker_until_idle(redis_conn)
-    assert reload(ids.pop()).status == "sent"
-    assert len(smtp.wait_for(1)) == 1
-    assert smtp.count() == 1
+    _assert_sent_once(ids.pop(), redis_conn, smtp)
 
 
 def test_requests_that_all_miss_the_lookup_still_create_one(app, headers, deliverer, smtp, redis_conn, monkeypatch):
@@ -249,10 +246,7 @@ def test_requests_that_all_miss_the_lookup_still_create_one(app, headers, delive
     assert len(ids) == 1
     assert notification_count() == 1
 
-    run_worker_until_idle(redis_conn)
-    assert reload(ids.pop()).status == "sent"
-    assert len(smtp.wait_for(1)) == 1
-    assert smtp.count() == 1
+    _assert_sent_once(ids.pop(), redis_conn, smtp)
 
 
 def test_reconciler_forgets_keys_older_than_the_ttl(client, headers, deliverer, smtp, redis_conn, pg_settings):
@@ -282,3 +276,11 @@ def test_reconciler_forgets_keys_older_than_the_ttl(client, headers, deliverer, 
     assert reload(renewed).idempotency_key == "old-key"
     assert len(smtp.wait_for(3)) == 3
     assert smtp.count() == 3
+
+
+def _assert_sent_once(notification_id, redis_conn, smtp):
+    """Run the worker: the one notification is sent, and the SMTP server got exactly one message."""
+    run_worker_until_idle(redis_conn)
+    assert reload(notification_id).status == "sent"
+    assert len(smtp.wait_for(1)) == 1
+    assert smtp.count() == 1
