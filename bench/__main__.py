@@ -27,7 +27,7 @@ from bench.procs import ROOT, Procs
 from bench.report import HOW, build_rows, delivery_line, render
 from bench.stack import Options, Sink, product_env, recreate_database, start_redis
 
-PHASES = ("smtp", "rq", "bare", "latency", "priority", "batch", "drain", "single", "memory")
+PHASES = ("smtp", "rq", "bare", "latency", "priority", "queued", "batch", "drain", "single", "memory")
 DEFAULT_DATABASE = "postgresql://postgres@127.0.0.1:5432/notifier_bench"
 
 
@@ -91,7 +91,7 @@ def run(opts: Options, procs: Procs, results: dict) -> None:
         results["bare"] = baselines.bare_flask(opts, procs, env)
     results["latency_baseline"] = baselines.latency_baseline(results.get("bare"), results.get("raw_rq"),
                                                              results.get("raw_smtp"))
-    if not wanted & {"latency", "priority", "batch", "drain", "single", "memory"}:
+    if not wanted & {"latency", "priority", "queued", "batch", "drain", "single", "memory"}:
         return
 
     redis.flushdb()  # the baselines' jobs and stamps; the product starts on an empty Redis
@@ -108,6 +108,10 @@ def run(opts: Options, procs: Procs, results: dict) -> None:
     if "priority" in wanted:
         say(f"priority: {opts.backlog} low queued, high at {opts.priority_rate:g}/s while they drain")
         results["priority"] = phases.priority(product)
+    if "queued" in wanted:
+        say(f"queued+drain: workers paused, {opts.backlog} single sends ({opts.concurrency} connections), "
+            "then timed drain of one job per notification")
+        results["queued"] = phases.batch_and_drain(product, False, batch=False)
     if wanted & {"batch", "drain"}:
         how = "batch route" if product.batch_route else "single sends (no batch route)"
         say(f"batch+drain: workers paused, {opts.backlog} notifications via {how}, then timed drain")

@@ -157,11 +157,12 @@ def latency(product: Product) -> dict:
             "created_to_sent_ms": summarize_ms(db_latencies(product, [i for i, _ in ids]))}
 
 
-def _create_backlog(product: Product, priority: str, tag: str) -> tuple[dict, list[tuple[str, float]]]:
-    """--backlog notifications at priority, through the batch route when there is one."""
+def _create_backlog(product: Product, priority: str, tag: str,
+                    batch: bool = True) -> tuple[dict, list[tuple[str, float]]]:
+    """--backlog notifications at priority, through the batch route when there is one (and batch)."""
     opts = product.opts
     ids_path = os.path.join(opts.run_dir, f"{tag}-ids.jsonl")
-    if product.batch_route:
+    if product.batch_route and batch:
         load = product.load(BATCH, kind="batch", batch_size=opts.batch_size, priority=priority,
                             requests=math.ceil(opts.backlog / opts.batch_size), total_items=opts.backlog,
                             concurrency=opts.batch_concurrency, tag=tag, ids_out=ids_path)
@@ -171,14 +172,15 @@ def _create_backlog(product: Product, priority: str, tag: str) -> tuple[dict, li
     return load, read_ids(ids_path)
 
 
-def batch_and_drain(product: Product, measure_batch: bool) -> dict:
-    """Workers paused: --backlog notifications go in (the batch figure, when there is a batch route);
-    then the workers resume and the drain is timed until the sink has every one of them."""
+def batch_and_drain(product: Product, measure_batch: bool, batch: bool = True) -> dict:
+    """Workers paused: --backlog notifications go in (the batch figure, when there is a batch route
+    and batch; otherwise single sends, one job each); then the workers resume and the drain is timed
+    until the sink has every one of them."""
     product.wait_settled()
     before = product.sink.count()
     product.pause_workers()
     try:
-        load, ids = _create_backlog(product, "default", "drain")
+        load, ids = _create_backlog(product, "default", "drain" if batch else "queued", batch=batch)
     finally:
         resumed = time.time()
         product.resume_workers()
@@ -186,7 +188,7 @@ def batch_and_drain(product: Product, measure_batch: bool) -> dict:
     dump = product.sink.dump()
     product.wait_settled()
     arrivals = sorted(dump["first"][i] for i, _ in ids if i in dump["first"])
-    out = {"created_with": "batch" if product.batch_route else "single sends", "create": load,
+    out = {"created_with": "batch" if product.batch_route and batch else "single sends", "create": load,
            "notifications": len(ids), "received": len(arrivals)}
     if arrivals:
         elapsed = arrivals[-1] - resumed

@@ -55,6 +55,9 @@ class Settings:
     welcome_delay_seconds: int = 600
     rate_limit: str = "100/second"
     batch_max: int = 1000
+    # A batch's notifications go to the workers this many to a job; small enough that a high-priority
+    # email never waits long behind a chunk of low ones.
+    batch_job_size: int = 25
     recipient_cap: str = "20/hour"
     templates_dir: str = ""
     brand_name: str = "notifier"
@@ -115,6 +118,7 @@ class Settings:
             welcome_delay_seconds=_int(env, "WELCOME_DELAY_SECONDS", defaults.welcome_delay_seconds, 0, 30 * 86400),
             rate_limit=_rate(env, "RATE_LIMIT", defaults.rate_limit, allow_empty=False),
             batch_max=_int(env, "BATCH_MAX", defaults.batch_max, 1, 10000),
+            batch_job_size=_int(env, "BATCH_JOB_SIZE", defaults.batch_job_size, 1, 1000),
             recipient_cap=_rate(env, "RECIPIENT_CAP", defaults.recipient_cap, allow_empty=True),
             templates_dir=env.get("TEMPLATES_DIR", defaults.templates_dir),
             brand_name=env.get("BRAND_NAME", defaults.brand_name).strip() or defaults.brand_name,

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import time
 from urllib.parse import urlparse
 
-from peewee import DatabaseProxy, InterfaceError, OperationalError, SqliteDatabase
+from peewee import DatabaseProxy, InterfaceError, OperationalError, PostgresqlDatabase, SqliteDatabase
 from playhouse.db_url import parse
 from playhouse.pool import PooledPostgresqlDatabase
 from playhouse.shortcuts import ReconnectMixin
+from psycopg2.extensions import TRANSACTION_STATUS_IDLE
 
 database = DatabaseProxy()
 
@@ -26,6 +28,26 @@ class PostgresDatabase(ReconnectMixin, PooledPostgresqlDatabase):
         (OperationalError, "SSL connection has been closed"),
         (InterfaceError, "connection already closed"),
     )
+    # The pool pings a connection (SELECT 1) each time it hands it out: a round trip per job or
+    # request. One that came back to the pool moments ago was alive then, so it is handed out
+    # unpinged; a server restart in that moment is caught by the reconnect on the first statement.
+    ping_after_seconds = 1.0
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._returned_at: dict[int, float] = {}
+
+    def _close(self, conn, close_conn=False):
+        if not close_conn:
+            self._returned_at[id(conn)] = time.monotonic()
+        super()._close(conn, close_conn)
+
+    def _is_closed(self, conn):
+        returned_at = self._returned_at.pop(id(conn), None)
+        if (returned_at is not None and time.monotonic() - returned_at < self.ping_after_seconds
+                and not conn.closed and conn.get_transaction_status() == TRANSACTION_STATUS_IDLE):
+            return False
+        return super()._is_closed(conn)
 
 
 def connect(url: str):
@@ -53,6 +75,11 @@ def connect(url: str):
         connect_timeout=5,
         **params,
     )
+
+
+def is_postgres(db) -> bool:
+    """Whether db (or the database behind the proxy) is PostgreSQL, for the statements only it has."""
+    return isinstance(getattr(db, "obj", db), PostgresqlDatabase)
 
 
 def bind(url: str):

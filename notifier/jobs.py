@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 
 from redis import Redis
 
@@ -83,6 +84,35 @@ class Deliverer:
             self._record_sent(notification, result)
             metrics.sent(self.redis, notification, result.smtp_code)
             return "sent"
+
+    def deliver_many(self, notification_ids: list[str]) -> dict[str, int]:
+        """Deliver the notifications of a batch's shared job, each exactly as deliver() does. One that
+        fails goes on in a job of its own: its retry at the due time, or RQ's failed registry; one
+        this job never reached (the worker died) is handed on by the reconciler."""
+        outcomes: Counter[str] = Counter()
+        for notification_id in notification_ids:
+            try:
+                outcomes[self.deliver(notification_id)] += 1
+            except UNAVAILABLE_ERRORS:
+                raise
+            except Exception as exc:  # noqa: BLE001 - deliver() recorded it; where it goes next is read back
+                outcomes[self._carry_on(notification_id, exc)] += 1
+        return dict(outcomes)
+
+    def _carry_on(self, notification_id: str, exc: Exception) -> str:
+        with database.connection_context():
+            current = store.get(notification_id)
+        if current is not None and current.status == Status.RETRYING:
+            queues.enqueue_delivery(self.redis, self.settings, current.id, current.priority, current.attempts,
+                                    at=queues.retry_due(self.settings, current))
+            return "retrying"
+        if current is not None and current.status == Status.FAILED:
+            queues.file_failed(self.redis, self.settings, current, f"{type(exc).__name__}: {exc}")
+            return "failed"
+        # Still `sending` (sent, but the record could not be written): the reconciler recovers it.
+        logger.error("notification %s left %s after %s", notification_id, current and current.status,
+                     type(exc).__name__)
+        return "unresolved"
 
     def _outgoing(self, notification: Notification) -> OutgoingEmail:
         headers, extra = {}, {}
@@ -223,6 +253,11 @@ def _current() -> Deliverer:
 def deliver(notification_id: str) -> str:
     """The RQ job: deliver one notification by id."""
     return _current().deliver(notification_id)
+
+
+def deliver_many(notification_ids: list[str]) -> dict[str, int]:
+    """The RQ job: deliver the notifications of a batch that share one job."""
+    return _current().deliver_many(notification_ids)
 
 
 def release(notification_id: str) -> str:

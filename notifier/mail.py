@@ -8,9 +8,14 @@ import socket
 import ssl
 import time
 from dataclasses import dataclass, field
+from email import message_from_bytes
+from email.charset import QP, Charset
+from email.header import Header
 from email.message import EmailMessage
-from email.policy import SMTP
-from email.utils import formatdate, parseaddr
+from email.mime.multipart import MIMEMultipart
+from email.mime.text import MIMEText
+from email.policy import SMTP, compat32
+from email.utils import formataddr, formatdate, parseaddr
 from typing import Protocol
 
 import yagmail
@@ -59,25 +64,60 @@ def message_id_for(notification_id: str, mail_from: str) -> str:
 SMTP_POLICY = SMTP.clone(max_line_length=998)
 
 
-def build_message(email: OutgoingEmail, mail_from: str) -> EmailMessage:
-    """A MIME message: multipart/alternative when there is both text and HTML."""
-    msg = EmailMessage(policy=SMTP_POLICY)
-    msg["From"] = mail_from
-    msg["To"] = email.to
-    msg["Subject"] = email.content.subject
+# The message is written with the email package's compat32 classes: its modern API parses every header
+# as it is set and re-folds it on output, which cost a worker more than the rest of a delivery.
+_WIRE = compat32.clone(linesep="\r\n", max_line_length=998)
+_QUOTED_PRINTABLE = Charset("utf-8")
+_QUOTED_PRINTABLE.body_encoding = QP
+_SEVEN_BIT = Charset("utf-8")
+_SEVEN_BIT.body_encoding = None
+
+
+def _header(value: str) -> str:
+    # Line breaks were refused at the API; never let one through to the wire all the same.
+    value = " ".join(value.splitlines())
+    return value if value.isascii() else Header(value, "utf-8").encode()
+
+
+def _address(value: str) -> str:
+    value = " ".join(value.splitlines())
+    if value.isascii():
+        return value
+    name, address = parseaddr(value)
+    return formataddr((name, address), "utf-8")
+
+
+def _part(body: str, subtype: str) -> MIMEText:
+    # 7bit where SMTP carries it as it is; quoted-printable for non-ASCII text or over-long lines.
+    seven_bit = body.isascii() and all(len(line) <= 998 for line in body.splitlines())
+    return MIMEText(body, subtype, _SEVEN_BIT if seven_bit else _QUOTED_PRINTABLE, policy=_WIRE)
+
+
+def message_bytes(email: OutgoingEmail, mail_from: str) -> bytes:
+    """The MIME message as sent: multipart/alternative when there is both text and HTML."""
+    text, html = email.content.text, email.content.html
+    if text is not None and html is not None:
+        msg = MIMEMultipart("alternative", policy=_WIRE)
+        msg.attach(_part(text, "plain"))
+        msg.attach(_part(html, "html"))
+    elif text is not None:
+        msg = _part(text, "plain")
+    else:
+        msg = _part(html or "", "html")
+    msg["From"] = _address(mail_from)
+    msg["To"] = _address(email.to)
+    msg["Subject"] = _header(email.content.subject)
     msg["Date"] = formatdate(localtime=False, usegmt=True)
     msg["Message-ID"] = message_id_for(email.notification_id, mail_from)
-    msg["X-Notification-ID"] = email.notification_id
+    msg["X-Notification-ID"] = _header(email.notification_id)
     for name, value in email.headers.items():
-        msg[name] = value
-    text, html = email.content.text, email.content.html
-    if text is not None:
-        msg.set_content(text, subtype="plain", charset="utf-8")
-        if html is not None:
-            msg.add_alternative(html, subtype="html", charset="utf-8")
-    else:
-        msg.set_content(html or "", subtype="html", charset="utf-8")
-    return msg
+        msg[name] = _header(value)
+    return msg.as_bytes()
+
+
+def build_message(email: OutgoingEmail, mail_from: str) -> EmailMessage:
+    """The message as sent, parsed back (the test double keeps these; tests read them)."""
+    return message_from_bytes(message_bytes(email, mail_from), policy=SMTP_POLICY)
 
 
 def classify(exc: BaseException) -> DeliveryError:
@@ -126,6 +166,7 @@ class SmtpMailer:
     def __init__(self, settings: Settings):
         self.settings = settings
         self._client: yagmail.SMTP | None = None
+        self._sender = parseaddr(settings.mail_from)[1]
         self._last_used = 0.0
 
     def _open(self) -> yagmail.SMTP:
@@ -158,15 +199,16 @@ class SmtpMailer:
 
     def send(self, email: OutgoingEmail) -> SendResult:
         """Send one message; the reply to DATA is what we record."""
-        message = build_message(email, self.settings.mail_from)
+        body = message_bytes(email, self.settings.mail_from)
         try:
             smtp = self._connection()
-            code, reply = _transmit(smtp, parseaddr(self.settings.mail_from)[1], email.to, message.as_bytes())
+            code, reply = _transmit(smtp, self._sender, email.to, body)
         except Exception as exc:
             self.close()
             raise classify(exc) from exc
         self._last_used = time.monotonic()
-        return SendResult(message_id=message["Message-ID"], smtp_code=code, smtp_reply=_text(reply))
+        return SendResult(message_id=message_id_for(email.notification_id, self.settings.mail_from),
+                          smtp_code=code, smtp_reply=_text(reply))
 
     def close(self) -> None:
         """Drop the connection; the next send opens a new one."""

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import logging
+import uuid
 from datetime import datetime, timedelta
 
 from redis import Redis
 from redis.exceptions import RedisError
 from rq import Queue, Retry
+from rq.job import JobStatus
+from rq.results import Result
 from rq_scheduler import Scheduler
 
 from notifier.config import Settings
-from notifier.models import Notification, Priority, Status
+from notifier.models import Notification, Priority, Status, utcnow
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +33,10 @@ QUEUES_BY_PRIORITY: tuple[str, ...] = (
 # Small, quick jobs (releasing a delayed send, the reconciler) go where they are picked up first.
 CONTROL_QUEUE = QUEUE_NAMES[Priority.HIGH]
 
+# Failed delivery jobs stay in RQ's failed registry (the dead-letter queue) this long.
+FAILURE_TTL = 365 * 24 * 3600
 DELIVER_JOB = "notifier.jobs.deliver"
+DELIVER_MANY_JOB = "notifier.jobs.deliver_many"
 RELEASE_JOB = "notifier.jobs.release"
 CALLBACK_JOB = "notifier.jobs.send_callback"
 
@@ -53,6 +59,16 @@ def all_queues(connection: Redis) -> list[Queue]:
 def job_id_for(notification_id: str) -> str:
     """One RQ job id per notification: enqueueing it again replaces the job instead of adding one."""
     return f"notification-{notification_id}"
+
+
+def new_shared_job_id() -> str:
+    """The id of a job that carries several notifications of one batch."""
+    return f"notifications-{uuid.uuid4()}"
+
+
+def job_id_of(notification: Notification) -> str:
+    """The id of the job that carries this notification now."""
+    return notification.job_id or job_id_for(notification.id)
 
 
 def callback_job_id_for(notification_id: str) -> str:
@@ -90,12 +106,38 @@ def enqueue_delivery(
         "retry": retry_policy(settings, attempts_made),
         "job_timeout": settings.job_timeout,
         "result_ttl": 3600,
-        "failure_ttl": 365 * 24 * 3600,
+        "failure_ttl": FAILURE_TTL,
         "description": f"deliver notification {notification_id}",
     }
     if at is not None:
         return queue.enqueue_at(at, DELIVER_JOB, notification_id, **options)
     return queue.enqueue(DELIVER_JOB, notification_id, **options)
+
+
+def retry_due(settings: Settings, notification: Notification) -> datetime | None:
+    """When a retrying notification's next attempt is due (None: now), by RETRY_INTERVALS."""
+    attempts = notification.attempts
+    if notification.status != Status.RETRYING or not 0 < attempts <= len(settings.retry_intervals):
+        return None
+    due = notification.updated_at + timedelta(seconds=settings.retry_intervals[attempts - 1])
+    return due if due > utcnow() else None
+
+
+def file_failed(connection: Redis, settings: Settings, notification: Notification, reason: str) -> None:
+    """Put a notification that failed inside a shared job into RQ's failed registry (the dead-letter
+    queue) as its own job, as if it had failed alone; the database already says `failed`."""
+    queue = queue_for(notification.priority, connection)
+    job = queue.create_job(DELIVER_JOB, args=(notification.id,), job_id=job_id_for(notification.id),
+                           timeout=settings.job_timeout, result_ttl=3600, failure_ttl=FAILURE_TTL,
+                           description=f"deliver notification {notification.id}")
+    try:
+        with connection.pipeline() as pipe:
+            job.set_status(JobStatus.FAILED, pipeline=pipe)
+            queue.failed_job_registry.add(job, ttl=FAILURE_TTL, exc_string=reason, pipeline=pipe)
+            Result.create_failure(job, FAILURE_TTL, exc_string=reason, pipeline=pipe)
+            pipe.execute()
+    except RedisError as exc:
+        logger.warning("notification %s failed; not filed in RQ's registry: %s", notification.id, type(exc).__name__)
 
 
 def schedule_release(connection: Redis, notification_id: str, send_at: datetime) -> None:
@@ -122,6 +164,29 @@ def enqueue_callback(connection: Redis, settings: Settings, notification_id: str
         failure_ttl=30 * 24 * 3600,
         description=f"status callback for notification {notification_id}",
     )
+
+
+def share_jobs(settings: Settings, items: list[tuple[str, dict]]) -> list[dict]:
+    """Give the queued notifications of a batch, given as (status, fields), a job_id each, so that up
+    to BATCH_JOB_SIZE of one priority travel in one job; returns the fields, with job_id where shared.
+
+    One RQ job per notification costs the worker more than the send itself; one per chunk keeps a
+    chunk small enough that a high-priority email never waits long behind it."""
+    size = settings.batch_job_size
+    out = [fields for _, fields in items]
+    if size <= 1:
+        return out
+    current: dict[str, tuple[str, int]] = {}  # priority -> (job id, members so far)
+    for index, (status, fields) in enumerate(items):
+        if status != Status.QUEUED:
+            continue
+        priority = fields.get("priority") or Priority.DEFAULT.value
+        job_id, members = current.get(priority, ("", size))
+        if members >= size:
+            job_id, members = new_shared_job_id(), 0
+        current[priority] = (job_id, members + 1)
+        out[index] = {**fields, "job_id": job_id}
+    return out
 
 
 def dispatch(connection: Redis, settings: Settings, notification: Notification) -> bool:
@@ -152,17 +217,27 @@ def dispatch_callback(connection: Redis, settings: Settings, notification: Notif
 
 
 def dispatch_many(connection: Redis, settings: Settings, notifications: list[Notification]) -> None:
-    """dispatch() for a batch: every delivery job goes to Redis in one pipeline."""
+    """dispatch() for a batch: every delivery job goes to Redis in one pipeline. Notifications that
+    share a job_id (see share_jobs) go in one job; the others get one each."""
     by_queue: dict[str, list] = {}
+    shared: dict[str, list[Notification]] = {}
     scheduled = []
     for n in notifications:
-        if n.status == Status.QUEUED:
+        if n.status == Status.QUEUED and n.job_id:
+            shared.setdefault(n.job_id, []).append(n)
+        elif n.status == Status.QUEUED:
             by_queue.setdefault(n.priority, []).append(Queue.prepare_data(
                 DELIVER_JOB, (n.id,), job_id=job_id_for(n.id), retry=retry_policy(settings, n.attempts),
-                timeout=settings.job_timeout, result_ttl=3600, failure_ttl=365 * 24 * 3600,
+                timeout=settings.job_timeout, result_ttl=3600, failure_ttl=FAILURE_TTL,
                 description=f"deliver notification {n.id}"))
         elif n.status == Status.SCHEDULED:
             scheduled.append(n)
+    for job_id, members in shared.items():
+        # No RQ retry: each notification that fails in it goes on in a job of its own (jobs.deliver_many).
+        by_queue.setdefault(members[0].priority, []).append(Queue.prepare_data(
+            DELIVER_MANY_JOB, ([n.id for n in members],), job_id=job_id,
+            timeout=settings.job_timeout * len(members), result_ttl=3600, failure_ttl=FAILURE_TTL,
+            description=f"deliver {len(members)} notifications of a batch"))
     try:
         # One round trip for the lot; MULTI/EXEC would add nothing, each job being whole on its own.
         with connection.pipeline(transaction=False) as pipe:

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
 
 from redis import Redis
+from rq.utils import utcparse
 
 from notifier import queues, store
 from notifier.config import Settings
@@ -54,7 +55,7 @@ def reconcile(settings: Settings, redis: Redis, now: datetime | None = None) -> 
     report.expired = _expire(redis, settings, now)
     report.released = _release(redis, settings, settled)
     report.recovered = _recover(redis, settings, now - timedelta(seconds=settings.sending_timeout))
-    report.requeued = _requeue(redis, settings, settled)
+    report.requeued = _requeue(redis, settings, settled, now - timedelta(seconds=settings.sending_timeout))
     report.callbacks = _callbacks(redis, settings, settled)
     report.keys_forgotten = _forget_keys(now - timedelta(days=settings.idempotency_ttl_days))
     if any(asdict(report).values()):
@@ -112,13 +113,22 @@ def _recover(redis: Redis, settings: Settings, stuck_before: datetime) -> int:
     return count
 
 
-def _missing_jobs(redis: Redis, job_ids: list[str], queue_names: list[str]) -> set[str]:
-    """The job ids Redis no longer holds as live work."""
+def _missing_jobs(redis: Redis, job_ids: list[str], queue_names: list[str],
+                  started_before: datetime | None = None) -> set[str]:
+    """The job ids Redis no longer holds as live work. With started_before, a job that started before
+    it counts as gone too: its notification would have been claimed long since, so the worker died
+    (RQ only calls a dead worker's job abandoned after the job's whole timeout, and a batch's shared
+    job has many notifications to reach)."""
     with redis.pipeline(transaction=False) as pipe:
         for job_id in job_ids:
-            pipe.hget(f"rq:job:{job_id}", "status")
-        states = pipe.execute()
+            pipe.hmget(f"rq:job:{job_id}", "status", "started_at")
+        found = pipe.execute()
+    states = [state for state, _ in found]
     missing = {job_id for job_id, state in zip(job_ids, states, strict=True) if state not in LIVE_JOB_STATES}
+    if started_before is not None:
+        missing |= {job_id for job_id, (state, started) in zip(job_ids, found, strict=True)
+                    if state == b"started" and started
+                    and utcparse(started.decode()).replace(tzinfo=None) < started_before}
     # A job marked queued but in no queue list was lost between BLPOP and a crash.
     queued = [(job_id, name) for job_id, state, name in zip(job_ids, states, queue_names, strict=True)
               if state == b"queued"]
@@ -131,22 +141,21 @@ def _missing_jobs(redis: Redis, job_ids: list[str], queue_names: list[str]) -> s
     return missing
 
 
-def _requeue(redis: Redis, settings: Settings, settled: datetime) -> int:
+def _requeue(redis: Redis, settings: Settings, settled: datetime, stuck_before: datetime) -> int:
     rows = _rows(Notification.status.in_([Status.QUEUED.value, Status.RETRYING.value]),
                  Notification.updated_at <= settled)
     if not rows:
         return 0
-    missing = _missing_jobs(redis, [queues.job_id_for(r.id) for r in rows],
-                            [queues.QUEUE_NAMES[r.priority] for r in rows])
+    missing = _missing_jobs(redis, [queues.job_id_of(r) for r in rows],
+                            [queues.QUEUE_NAMES[r.priority] for r in rows], started_before=stuck_before)
     count = 0
     for row in rows:
-        if queues.job_id_for(row.id) not in missing:
+        if queues.job_id_of(row) not in missing:
             continue
-        at = None
-        if row.status == Status.RETRYING and 0 < row.attempts <= len(settings.retry_intervals):
-            due = row.updated_at + timedelta(seconds=settings.retry_intervals[row.attempts - 1])
-            at = due if due > utcnow() else None
-        queues.enqueue_delivery(redis, settings, row.id, row.priority, row.attempts, at=at)
+        if row.job_id is not None:
+            # Its shared job is gone: from now on it travels alone, so look for its own job next time.
+            Notification.update(job_id=None).where(Notification.seq == row.seq).execute()
+        queues.enqueue_delivery(redis, settings, row.id, row.priority, row.attempts, at=queues.retry_due(settings, row))
         store.record(row.id, kind="status", reason="re-enqueued by the reconciler: its job was missing from Redis")
         count += 1
     return count

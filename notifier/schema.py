@@ -12,7 +12,7 @@ from notifier.models import MODELS, SchemaVersion
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 _LOCK_ID = 0x6E6F7469  # an arbitrary constant: "noti"
 
 

@@ -147,8 +147,9 @@ class NotificationService:
             else:
                 drafts.append((index, draft))
         try:
-            stored = store.create_notifications(api_key, [(d.fields, d.decision.status, d.decision.reason)
-                                                          for _, d in drafts])
+            fields = queues.share_jobs(self.settings, [(d.decision.status, d.fields) for _, d in drafts])
+            stored = store.create_notifications(api_key, [(f, d.decision.status, d.decision.reason)
+                                                          for f, (_, d) in zip(fields, drafts, strict=True)])
         except IntegrityError:
             # Another request took one of these keys meanwhile: fall back to one at a time for this batch.
             for index, draft in drafts:

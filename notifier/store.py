@@ -8,6 +8,7 @@ from datetime import datetime
 
 from peewee import Case, fn
 
+from notifier.db import is_postgres, select_one
 from notifier.models import (
     FINAL_STATUSES,
     ApiKey,
@@ -83,7 +84,7 @@ def find_idempotent_many(api_key: ApiKey, keys: list[str]) -> dict[str, Notifica
 
 def get(public_id: str) -> Notification | None:
     """The notification with this id, whoever owns it."""
-    return Notification.get_or_none(Notification.id == public_id)
+    return select_one(Notification, '"id" = {}', public_id)
 
 
 def get_for_key(api_key: ApiKey, public_id: str) -> Notification | None:
@@ -125,7 +126,17 @@ def transition(
         # Reaching a final state owes the caller a status callback, if they asked for one.
         changes["callback_status"] = PENDING_IF_CALLBACK_URL
         changes["callback_attempts"] = 0
+    elif target in (Status.QUEUED, Status.RETRYING):
+        # Whatever queues it again gives it a job of its own, never a batch's shared one.
+        changes.setdefault("job_id", None)
     db = Notification._meta.database
+    assignments = {"status": target.value, "updated_at": now, **changes}
+    event = [Event._meta.fields["at"].db_value(now), "status", None, target.value, reason, smtp_code, smtp_reply]
+    if known is not None and is_postgres(db):
+        # One statement, so one round trip and (outside a caller's transaction) one commit: the
+        # update and its history line together or not at all, the update still guarded by status.
+        event[2] = known.status
+        return _compare_and_set(db, known.seq, known.status, assignments, event)
     with db.atomic():
         if known is not None:
             row = known
@@ -137,12 +148,10 @@ def transition(
             )
             if row is None:
                 return False
-        if not _compare_and_set(db, row.seq, row.status, {"status": target.value, "updated_at": now, **changes}):
+        if not _compare_and_set(db, row.seq, row.status, assignments):
             return False
-        db.execute_sql(_insert_sql(Event, _FULL_EVENT_COLUMNS), [
-            row.seq, Event._meta.fields["at"].db_value(now), "status", row.status, target.value, reason,
-            smtp_code, smtp_reply,
-        ])
+        event[2] = row.status
+        db.execute_sql(_insert_sql(Event, _FULL_EVENT_COLUMNS), [row.seq, *event])
     return True
 
 
@@ -202,12 +211,14 @@ PENDING_IF_CALLBACK_URL = object()  # "pending" when the caller gave a callback_
 _UPDATES: dict[tuple, str] = {}
 
 
-def _compare_and_set(db, seq: int, expected_status: str, assignments: dict) -> bool:
+def _compare_and_set(db, seq: int, expected_status: str, assignments: dict, event: list | None = None) -> bool:
     """UPDATE ... WHERE seq = ? AND status = ?, with its SQL written once per set of columns: on the
-    delivery path peewee's builder cost more than the update itself."""
+    delivery path peewee's builder cost more than the update itself. Given the values of a history
+    line (every event column but the notification), the update also writes it, in the same statement
+    (PostgreSQL: a data-modifying WITH)."""
     fields = Notification._meta.fields
     names = tuple(assignments)
-    key = (names, db.param)
+    key = (names, db.param, event is not None)
     sql = _UPDATES.get(key)
     if sql is None:
         parts = []
@@ -219,8 +230,14 @@ def _compare_and_set(db, seq: int, expected_status: str, assignments: dict) -> b
                 parts.append(f'{column} = CASE WHEN "callback_url" IS NULL THEN NULL ELSE {db.param} END')
             else:
                 parts.append(f"{column} = {db.param}")
-        sql = _UPDATES[key] = (f'UPDATE "notifications" SET {", ".join(parts)} '
-                               f'WHERE "seq" = {db.param} AND "status" = {db.param}')
+        sql = (f'UPDATE "notifications" SET {", ".join(parts)} '
+               f'WHERE "seq" = {db.param} AND "status" = {db.param}')
+        if event is not None:
+            columns = ", ".join(f'"{Event._meta.fields[c].column_name}"' for c in _FULL_EVENT_COLUMNS)
+            values = ", ".join([db.param] * (len(_FULL_EVENT_COLUMNS) - 1))
+            sql = (f'WITH moved AS ({sql} RETURNING "seq") '
+                   f'INSERT INTO "{Event._meta.table_name}" ({columns}) SELECT "seq", {values} FROM moved')
+        _UPDATES[key] = sql
     params = []
     for name in names:
         value = assignments[name]
@@ -228,7 +245,7 @@ def _compare_and_set(db, seq: int, expected_status: str, assignments: dict) -> b
             params.append(CallbackStatus.PENDING.value)
         elif value is not INCREMENT:
             params.append(fields[name].db_value(value))
-    return db.execute_sql(sql, [*params, seq, str(expected_status)]).rowcount == 1
+    return db.execute_sql(sql, [*params, seq, str(expected_status), *(event or ())]).rowcount == 1
 
 
 def claim(public_id: str, known: Notification | None = None) -> bool:

@@ -1,0 +1,160 @@
+"""A batch's notifications travel BATCH_JOB_SIZE to a job: delivered one by one as deliver() does, and
+each one that fails, or that its lost job never reached, goes on alone without being sent twice."""
+
+from __future__ import annotations
+
+import signal
+from dataclasses import replace
+
+import pytest
+from rq import Queue
+from rq.job import Job
+
+from notifier import deadletters, jobs, queues
+from notifier.db import database
+from notifier.models import Event, Notification
+from notifier.reconciler import reconcile
+from tests.helpers import LITERAL, installed_deliverer, run_worker_until_idle
+from tests.processes import request
+
+pytestmark = pytest.mark.integration
+
+BATCH = "/api/notifications/batch"
+
+
+def _items(count: int, **extra) -> list[dict]:
+    return [{**LITERAL, "to": f"user{n}@example.com", **extra} for n in range(count)]
+
+
+def _rows() -> list[Notification]:
+    with database.connection_context():
+        return list(Notification.select().order_by(Notification.seq))
+
+
+def _recipients(smtp) -> list[str]:
+    return sorted(m.rcpt_tos[0] for m in smtp.messages)
+
+
+@pytest.fixture
+def chunked(pg_settings, pg_db, redis_conn):
+    """The API with jobs of 4 notifications, and a deliverer that can queue follow-up jobs."""
+    from app import create_app
+
+    settings = replace(pg_settings, batch_job_size=4, retry_intervals=(0, 0, 0))
+    app = create_app(settings, redis=redis_conn)
+    app.config["TESTING"] = True
+    with installed_deliverer(settings, redis_conn) as deliverer:
+        yield settings, app.test_client(), deliverer
+
+
+def _post(client, headers, items) -> list[str]:
+    response = client.post(BATCH, json={"notifications": items}, headers=headers)
+    assert response.status_code == 202, response.get_json()
+    return [r["id"] for r in response.get_json()["results"]]
+
+
+def test_a_batch_goes_in_jobs_of_batch_job_size_per_priority_and_each_is_sent_once(chunked, headers, redis_conn,
+                                                                                    smtp):
+    _, client, _ = chunked
+    ids = _post(client, headers, _items(9) + _items(2, priority="high"))
+    default, high = (Queue(queues.QUEUE_NAMES[p], connection=redis_conn) for p in ("default", "high"))
+    assert (default.count, high.count) == (3, 1)  # 9 -> 4 + 4 + 1; 2 high -> one job of their own priority
+    rows = _rows()
+    by_job: dict[str, list[str]] = {}
+    for row in rows:
+        by_job.setdefault(row.job_id, []).append(row.id)
+    assert sorted(len(members) for members in by_job.values()) == [1, 2, 4, 4]
+    for job_id, members in by_job.items():
+        assert Job.fetch(job_id, connection=redis_conn).args == (members,)
+
+    run_worker_until_idle(redis_conn)
+    smtp.wait_for(11)
+    assert _recipients(smtp) == sorted([f"user{n}@example.com" for n in range(9)] + ["user0@example.com",
+                                                                                    "user1@example.com"])
+    assert {row.status for row in _rows()} == {"sent"}
+    assert len({m.message["X-Notification-ID"] for m in smtp.messages}) == len(ids) == 11
+
+
+def test_one_that_fails_for_now_retries_in_a_job_of_its_own(chunked, headers, redis_conn, smtp):
+    _, client, _ = chunked
+    smtp.replies.append("451 4.3.0 try again later")  # the first of the job fails once
+    ids = _post(client, headers, _items(4))
+    run_worker_until_idle(redis_conn)  # the shared job, then the retry (due at once: interval 0)
+    smtp.wait_for(4)
+    rows = {row.id: row for row in _rows()}
+    assert {row.status for row in rows.values()} == {"sent"}
+    retried = rows[ids[0]]
+    assert retried.attempts == 2 and retried.job_id is None
+    assert [r.attempts for i, r in rows.items() if i != ids[0]] == [1, 1, 1]
+    assert _recipients(smtp) == [f"user{n}@example.com" for n in range(4)]
+
+
+def test_one_that_fails_for_good_lands_in_the_dead_letter_queue_and_the_rest_go(chunked, headers, redis_conn, smtp):
+    settings, client, _ = chunked
+    smtp.replies.append("550 5.7.1 message rejected by policy")  # the first of the job
+    ids = _post(client, headers, _items(4))
+    run_worker_until_idle(redis_conn)
+    smtp.wait_for(3)
+    statuses = {row.id: row.status for row in _rows()}
+    assert [statuses[i] for i in ids] == ["failed", "sent", "sent", "sent"]
+    failed = queues.queue_for("default", redis_conn).failed_job_registry
+    assert failed.get_job_ids() == [queues.job_id_for(ids[0])]
+    assert "550" in Job.fetch(queues.job_id_for(ids[0]), connection=redis_conn).latest_result().exc_string
+    with database.connection_context():
+        [entry] = deadletters.list_dead(redis_conn)
+        assert entry.id == ids[0] and entry.in_failed_registry and "rejected by policy" in entry.reason
+        # Requeued from the dead-letter queue, it goes alone and is sent.
+        deadletters.requeue(redis_conn, settings, ids[0])
+    run_worker_until_idle(redis_conn)
+    smtp.wait_for(4)
+    assert {row.status for row in _rows()} == {"sent"}
+    assert failed.get_job_ids() == []
+
+
+def test_the_reconciler_hands_on_each_notification_of_a_lost_shared_job_alone(chunked, headers, redis_conn, smtp):
+    settings, client, _ = chunked
+    ids = _post(client, headers, _items(6))
+    redis_conn.flushdb()  # the shared jobs are gone
+    with database.connection_context():
+        report = reconcile(replace(settings, reconcile_grace_seconds=0), redis_conn)
+    assert report.requeued == 6
+    assert {row.job_id for row in _rows()} == {None}
+    assert queues.queue_for("default", redis_conn).count == 6
+    with database.connection_context():
+        # A second pass finds each one's own job and queues nothing more.
+        assert reconcile(replace(settings, reconcile_grace_seconds=0), redis_conn).requeued == 0
+    run_worker_until_idle(redis_conn)
+    smtp.wait_for(6)
+    assert _recipients(smtp) == [f"user{n}@example.com" for n in range(6)]
+    with database.connection_context():
+        reasons = [e.reason for e in Event.select().where(Event.reason.contains("re-enqueued"))]
+    assert len(reasons) == len(ids)
+
+
+def test_a_shared_job_that_already_ran_sends_nothing_twice(chunked, headers, redis_conn, smtp):
+    _, client, _ = chunked
+    ids = _post(client, headers, _items(3))
+    run_worker_until_idle(redis_conn)
+    smtp.wait_for(3)
+    assert jobs.deliver_many(ids) == {"skipped": 3}
+    assert len(smtp.messages) == 3
+
+
+def test_a_worker_killed_inside_a_shared_job_loses_nothing_and_sends_each_at_most_once_more(stacks, pg_settings,
+                                                                                            smtp):
+    settings = replace(pg_settings, retry_intervals=(1, 1, 1))
+    stack = stacks(settings, BATCH_JOB_SIZE=10, RECONCILE_INTERVAL=1, RECONCILE_GRACE_SECONDS=1,
+                   SENDING_TIMEOUT=2).start("api", "worker", "scheduler")
+    smtp.delay = 0.3
+    status, body = request("POST", f"{stack.base}{BATCH}", stack.key, {"notifications": _items(10)})
+    assert status == 202, body
+    ids = [r["id"] for r in body["results"]]
+    stack.wait_status(ids[0], "sent", timeout=20)
+    stack.stop("worker", signal.SIGKILL)  # some sent, one mid-DATA, the rest not reached
+    smtp.delay = 0.0
+    stack.start("worker2")
+    for notification_id in ids:
+        stack.wait_status(notification_id, "sent", timeout=40)
+    received = _recipients(smtp)
+    # Every one arrived, and none twice: the one cut off mid-DATA was never taken by the server.
+    assert received == sorted(f"user{n}@example.com" for n in range(10))
