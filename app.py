@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from flask import Flask, jsonify
+from flask import Flask, jsonify, request
 from marshmallow import ValidationError
 from werkzeug.exceptions import HTTPException
 
@@ -15,7 +15,7 @@ from notifier.db import UNAVAILABLE_ERRORS, database
 from notifier.errors import ApiError
 from notifier.queues import connect_redis
 from notifier.ratelimit import Limiter
-from notifier.runtime import configure_logging, load_settings, make_renderer, open_database
+from notifier.runtime import configure_logging, load_settings, make_renderer, open_database, release_free_memory
 from notifier.service import NotificationService
 
 logger = logging.getLogger("notifier.api")
@@ -72,6 +72,10 @@ def register_error_handlers(app: Flask) -> None:
         return error_response(500, "internal_error", "an unexpected error occurred")
 
 
+# After a request this large (a big batch), freed memory is handed back to the system.
+LARGE_REQUEST_BYTES = 64 * 1024
+
+
 def create_app(settings: Settings | None = None, *, redis=None) -> Flask:
     """Build the API for settings (read from the environment when not given)."""
     settings = settings or load_settings()
@@ -98,6 +102,8 @@ def create_app(settings: Settings | None = None, *, redis=None) -> Flask:
     def _close_db(exc):
         if not database.is_closed():
             database.close()
+        if (request.content_length or 0) >= LARGE_REQUEST_BYTES:
+            release_free_memory()
 
     from notifier.api import deadletters, events, health, notifications, suppressions, unsubscribe, users
 

@@ -9,7 +9,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from peewee import IntegrityError
 
 from notifier.config import parse_clock
-from notifier.db import select_one
+from notifier.db import select_in, select_one
 from notifier.models import (
     ApiKey,
     Category,
@@ -152,13 +152,13 @@ class Prefetched(Lookup):
     """The same answers for a whole batch, read with three queries instead of three per item."""
 
     def __init__(self, api_key_id: int, emails: set[str], user_keys: set[str]):
-        emails = {e.lower() for e in emails}
-        self._suppressed = {s.email: s for s in Suppression.select().where(
-            (Suppression.api_key == api_key_id) & Suppression.email.in_(list(emails)))} if emails else {}
-        self._modes = {(p.user_key, p.category): DeliveryMode(p.mode) for p in Preference.select().where(
-            (Preference.api_key == api_key_id) & Preference.user_key.in_(list(user_keys)))} if user_keys else {}
-        self._profiles = {p.user_key: p for p in UserProfile.select().where(
-            (UserProfile.api_key == api_key_id) & UserProfile.user_key.in_(list(user_keys)))} if user_keys else {}
+        """user_keys: those whose preferences may matter (transactional email has none to look up)."""
+        key = '"api_key_id" = {}'
+        self._suppressed = {s.email: s for s in select_in(Suppression, key, [api_key_id], "email",
+                                                            {e.lower() for e in emails})}
+        self._modes = {(p.user_key, p.category): DeliveryMode(p.mode)
+                       for p in select_in(Preference, key, [api_key_id], "user_key", user_keys)}
+        self._profiles = {p.user_key: p for p in select_in(UserProfile, key, [api_key_id], "user_key", user_keys)}
 
     def suppression(self, api_key_id: int, email: str) -> Suppression | None:
         return self._suppressed.get(email.lower())
@@ -202,11 +202,13 @@ def decide(api_key: ApiKey, *, to: str, user_key: str, category: str, send_at: d
     return Decision(Status.QUEUED, "accepted")
 
 
-def unwanted(api_key_id: int, *, to: str, user_key: str | None, category: str) -> str | None:
+def unwanted(api_key_id: int, *, to: str, user_key: str | None, category: str,
+             lookup: Lookup = DATABASE) -> str | None:
     """At delivery time: a reason not to send after all (unsubscribed or suppressed since), or None."""
-    suppressed = suppression(api_key_id, to)
+    suppressed = lookup.suppression(api_key_id, to)
     if suppressed is not None:
         return f"the address is on the suppression list: {suppressed.reason}"
-    if category != Category.TRANSACTIONAL and user_key and mode_for(api_key_id, user_key, category) is DeliveryMode.OFF:
+    turned_off = user_key and lookup.mode(api_key_id, user_key, category) is DeliveryMode.OFF
+    if category != Category.TRANSACTIONAL and turned_off:
         return f"the user turned off {category} email"
     return None

@@ -35,69 +35,130 @@ class Deliverer:
         self.mailer = mailer
         self.renderer = renderer
         self.redis = redis
+        # Inside a shared job: the `sent` record of the last email, written in one transaction with
+        # the next claim (one commit instead of two; see deliver_many).
+        self._unrecorded: tuple[Notification, SendResult] | None = None
+        self._hold_records = False
+        self._counts: Redis | metrics.Deferred | None = redis
 
     def deliver(self, notification_id: str) -> str:
         """Send one notification at most once; return what happened."""
         with database.connection_context(), logs.bound(notification_id=notification_id):
             # Read outside any transaction first: a pooled connection that died with a database
             # restart is replaced here, before the claim needs it.
-            current = store.get(notification_id)
-            if current is not None and current.expires_at is not None and utcnow() >= current.expires_at:
-                # Past its deadline before any attempt: expire it without counting an attempt.
-                if store.transition(notification_id, Status.EXPIRED, reason="deadline passed before it could be sent",
-                                    sources=(Status.QUEUED, Status.RETRYING)):
-                    metrics.expired(self.redis, current)
-                    self.after_final(notification_id)
-                    return "expired"
-            if current is not None and current.status in (Status.QUEUED, Status.RETRYING):
-                reason = consent.unwanted(current.api_key_id, to=current.to, user_key=current.user_key,
-                                          category=current.category)
-                if reason and store.transition(notification_id, Status.SUPPRESSED, reason=reason,
-                                               sources=(Status.QUEUED, Status.RETRYING)):
-                    self.after_final(notification_id)
-                    return "suppressed"
-            if current is None or not store.claim(notification_id, known=current):
-                # Someone else holds it, it was cancelled, or it is already final: nothing to do.
-                logger.info("notification %s not claimable; skipping", notification_id)
-                return "skipped"
-            notification = current  # the claim changed only these two, so the row need not be read again
-            notification.status, notification.attempts = Status.SENDING.value, current.attempts + 1
-            if notification.expires_at is not None and utcnow() >= notification.expires_at:
-                self._finish(notification, Status.EXPIRED, reason="deadline passed before it could be sent")
-                metrics.expired(self.redis, notification)
+            return self._deliver(notification_id, store.get(notification_id), consent.DATABASE)
+
+    def _deliver(self, notification_id: str, current: Notification | None, lookup: consent.Lookup) -> str:
+        if current is None or current.status not in (Status.QUEUED, Status.RETRYING):
+            self._record_unrecorded()
+        elif current.expires_at is not None and utcnow() >= current.expires_at:
+            # Past its deadline before any attempt: expire it without counting an attempt.
+            self._record_unrecorded()
+            if store.transition(notification_id, Status.EXPIRED, reason="deadline passed before it could be sent",
+                                sources=(Status.QUEUED, Status.RETRYING)):
+                metrics.expired(self._counts, current)
+                self.after_final(notification_id)
                 return "expired"
-            try:
-                result = self.mailer.send(self._outgoing(notification))
-            except PermanentDeliveryError as exc:
-                self._record_failure(notification, exc, final=True)
-                raise
-            except Exception as exc:  # noqa: BLE001 - anything else may pass: try again
-                error = exc if isinstance(exc, DeliveryError) else TransientDeliveryError(f"{type(exc).__name__}")
-                if notification.attempts >= self.settings.max_attempts:
-                    exhausted = RetriesExhausted(
-                        f"gave up after {notification.attempts} attempts: {error}", error.smtp_code
-                    )
-                    self._record_failure(notification, exhausted, final=True)
-                    raise exhausted from exc
-                self._record_failure(notification, error, final=False)
-                raise
+        elif reason := consent.unwanted(current.api_key_id, to=current.to, user_key=current.user_key,
+                                        category=current.category, lookup=lookup):
+            self._record_unrecorded()
+            if store.transition(notification_id, Status.SUPPRESSED, reason=reason,
+                                sources=(Status.QUEUED, Status.RETRYING)):
+                self.after_final(notification_id)
+                return "suppressed"
+        if current is None or not self._claim(current):
+            # Someone else holds it, it was cancelled, or it is already final: nothing to do.
+            logger.info("notification %s not claimable; skipping", notification_id)
+            return "skipped"
+        notification = current  # the claim changed only these two, so the row need not be read again
+        notification.status, notification.attempts = Status.SENDING.value, current.attempts + 1
+        if notification.expires_at is not None and utcnow() >= notification.expires_at:
+            self._finish(notification, Status.EXPIRED, reason="deadline passed before it could be sent")
+            metrics.expired(self._counts, notification)
+            return "expired"
+        try:
+            result = self.mailer.send(self._outgoing(notification))
+        except PermanentDeliveryError as exc:
+            self._record_failure(notification, exc, final=True)
+            raise
+        except Exception as exc:  # noqa: BLE001 - anything else may pass: try again
+            error = exc if isinstance(exc, DeliveryError) else TransientDeliveryError(f"{type(exc).__name__}")
+            if notification.attempts >= self.settings.max_attempts:
+                exhausted = RetriesExhausted(
+                    f"gave up after {notification.attempts} attempts: {error}", error.smtp_code
+                )
+                self._record_failure(notification, exhausted, final=True)
+                raise exhausted from exc
+            self._record_failure(notification, error, final=False)
+            raise
+        if self._hold_records:
+            self._unrecorded = (notification, result)
+        else:
             self._record_sent(notification, result)
-            metrics.sent(self.redis, notification, result.smtp_code)
-            return "sent"
+        return "sent"
+
+    def _claim(self, current: Notification) -> bool:
+        """The claim; with the last email's `sent` record in the same transaction when one is held.
+        Each write is exactly what it would be alone, so this changes no guarantee: the email went out
+        before either, and the next one goes out after both are committed."""
+        if self._unrecorded is None:
+            return store.claim(current.id, known=current)
+        sent, result = self._unrecorded
+        try:
+            with database.atomic():
+                recorded = store.transition(sent.id, Status.SENT, sources=(Status.SENDING,),
+                                            known=sent, **self._sent_fields(result))
+                claimed = store.claim(current.id, known=current)
+        except UNAVAILABLE_ERRORS:
+            # Neither was written: the held record takes the careful way (it waits out a short outage).
+            database.close()
+            self._record_unrecorded()
+            return store.claim(current.id, known=current)
+        self._unrecorded = None
+        self._after_sent(sent, result, recorded)
+        return claimed
 
     def deliver_many(self, notification_ids: list[str]) -> dict[str, int]:
         """Deliver the notifications of a batch's shared job, each exactly as deliver() does. One that
         fails goes on in a job of its own: its retry at the due time, or RQ's failed registry; one
-        this job never reached (the worker died) is handed on by the reconciler."""
+        this job never reached (the worker died) is handed on by the reconciler.
+
+        The rows and what their recipients agreed to are read once for the job (the claim still
+        compares each row's status, so a row changed meanwhile is skipped), and each `sent` record
+        shares a commit with the next claim."""
         outcomes: Counter[str] = Counter()
-        for notification_id in notification_ids:
+        with database.connection_context():
+            rows = store.get_many(notification_ids)
+            lookups = {}
+            for key in {r.api_key_id for r in rows.values()}:
+                mine = [r for r in rows.values() if r.api_key_id == key]
+                lookups[key] = consent.Prefetched(key, {r.to for r in mine}, {r.user_key for r in mine if r.user_key})
+            self._hold_records, self._counts = True, metrics.Deferred(self.redis)
             try:
-                outcomes[self.deliver(notification_id)] += 1
-            except UNAVAILABLE_ERRORS:
-                raise
-            except Exception as exc:  # noqa: BLE001 - deliver() recorded it; where it goes next is read back
-                outcomes[self._carry_on(notification_id, exc)] += 1
+                for notification_id in notification_ids:
+                    current = rows.get(notification_id)
+                    lookup = lookups[current.api_key_id] if current is not None else consent.DATABASE
+                    try:
+                        with logs.bound(notification_id=notification_id):
+                            outcomes[self._deliver(notification_id, current, lookup)] += 1
+                    except UNAVAILABLE_ERRORS:
+                        raise
+                    except Exception as exc:  # noqa: BLE001 - _deliver() recorded it; where it goes next is read back
+                        outcomes[self._carry_on(notification_id, exc)] += 1
+            finally:
+                self._hold_records = False
+                try:
+                    self._record_unrecorded()
+                finally:
+                    counts, self._counts = self._counts, self.redis
+                    counts.flush()
         return dict(outcomes)
+
+    def _record_unrecorded(self) -> None:
+        if self._unrecorded is not None:
+            sent, result = self._unrecorded
+            self._unrecorded = None
+            self._record_sent(sent, result)
 
     def _carry_on(self, notification_id: str, exc: Exception) -> str:
         with database.connection_context():
@@ -148,7 +209,7 @@ class Deliverer:
             self._finish(notification, Status.FAILED, **fields)
         else:
             store.transition(notification.id, Status.RETRYING, sources=(Status.SENDING,), known=notification, **fields)
-        metrics.attempt_failed(self.redis, notification, exc.smtp_code, final=final)
+        metrics.attempt_failed(self._counts, notification, exc.smtp_code, final=final)
         logger.warning(
             "notification %s attempt %s failed (%s): %s",
             notification.id,
@@ -157,28 +218,33 @@ class Deliverer:
             message,
         )
 
+    @staticmethod
+    def _sent_fields(result: SendResult) -> dict:
+        return {"reason": "accepted by SMTP server", "smtp_code": result.smtp_code, "smtp_reply": result.smtp_reply,
+                "sent_at": utcnow(), "message_id": result.message_id, "last_error": None}
+
     def _record_sent(self, notification: Notification, result: SendResult) -> None:
         # The server has the message now; losing this record would send it again after recovery,
         # so ride out a short database blip before giving up.
         for delay in (0, 0.5, 1, 2, 4):
             time.sleep(delay)
             try:
-                self._finish(
-                    notification,
-                    Status.SENT,
-                    reason="accepted by SMTP server",
-                    smtp_code=result.smtp_code,
-                    smtp_reply=result.smtp_reply,
-                    sent_at=utcnow(),
-                    message_id=result.message_id,
-                    last_error=None,
-                )
+                recorded = store.transition(notification.id, Status.SENT, sources=(Status.SENDING,),
+                                            known=notification, **self._sent_fields(result))
                 break
             except UNAVAILABLE_ERRORS:
                 logger.warning("notification %s sent but not yet recorded; retrying", notification.id)
                 database.close()
         else:
             raise RuntimeError(f"notification {notification.id} was sent but could not be recorded")
+        self._after_sent(notification, result, recorded)
+
+    def _after_sent(self, notification: Notification, result: SendResult, recorded: bool) -> None:
+        if recorded:
+            notification.status = Status.SENT.value
+            if notification.callback_url:
+                self.after_final(notification.id)
+        metrics.sent(self._counts, notification, result.smtp_code)
         logger.info("notification %s sent (attempt %s)", notification.id, notification.attempts)
 
     def release(self, notification_id: str) -> str:

@@ -64,8 +64,27 @@ def reply_class(smtp_code: int | None) -> str:
     return "none"
 
 
-def _write(redis: Redis | None, build: Callable) -> None:
+class Deferred:
+    """Counts kept to be written together: a shared delivery job's, in one round trip at its end."""
+
+    def __init__(self, redis: Redis | None):
+        self.redis = redis
+        self._builds: list[Callable] = []
+
+    def add(self, build: Callable) -> None:
+        self._builds.append(build)
+
+    def flush(self) -> None:
+        builds, self._builds = self._builds, []
+        if builds:
+            _write(self.redis, lambda pipe: [build(pipe) for build in builds])
+
+
+def _write(redis: Redis | Deferred | None, build: Callable) -> None:
     """One pipelined round trip; a failure is logged and dropped, never raised."""
+    if isinstance(redis, Deferred):
+        redis.add(build)
+        return
     if redis is None:
         return
     try:
@@ -78,12 +97,12 @@ def _write(redis: Redis | None, build: Callable) -> None:
         logger.warning("metrics not recorded", exc_info=True)
 
 
-def accepted(redis: Redis | None, notification: Notification) -> None:
+def accepted(redis: Redis | Deferred | None, notification: Notification) -> None:
     """Count a notification the API just stored."""
     _write(redis, lambda p: p.hincrby(_key("notifier_notifications_accepted_total"), _labels(notification), 1))
 
 
-def sent(redis: Redis | None, notification: Notification, smtp_code: int | None) -> None:
+def sent(redis: Redis | Deferred | None, notification: Notification, smtp_code: int | None) -> None:
     """Count a notification the SMTP server took, with its latency since acceptance and the reply."""
     seconds = max(0.0, (utcnow() - notification.created_at).total_seconds())
     index = bisect_left(DELIVERY_BUCKETS, seconds)
@@ -100,7 +119,8 @@ def sent(redis: Redis | None, notification: Notification, smtp_code: int | None)
     _write(redis, build)
 
 
-def attempt_failed(redis: Redis | None, notification: Notification, smtp_code: int | None, *, final: bool) -> None:
+def attempt_failed(redis: Redis | Deferred | None, notification: Notification, smtp_code: int | None, *,
+                   final: bool) -> None:
     """Count a failed attempt: failed for good when final, otherwise retried; and the reply it got."""
     metric = "notifier_notifications_failed_total" if final else "notifier_notifications_retried_total"
 
@@ -111,7 +131,7 @@ def attempt_failed(redis: Redis | None, notification: Notification, smtp_code: i
     _write(redis, build)
 
 
-def expired(redis: Redis | None, notification: Notification) -> None:
+def expired(redis: Redis | Deferred | None, notification: Notification) -> None:
     """Count a notification that reached its deadline unsent."""
     _write(redis, lambda p: p.hincrby(_key("notifier_notifications_expired_total"), _labels(notification), 1))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import sys
 
@@ -43,6 +44,26 @@ def make_renderer(settings: Settings):
     from notifier.rendering import Renderer
 
     return Renderer(templates_dir(settings), brand_name=settings.brand_name)
+
+
+def _libc_trim():
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc: nothing to give back this way
+        return None
+
+
+_MALLOC_TRIM = _libc_trim() if sys.platform.startswith("linux") else None
+
+
+def release_free_memory() -> None:
+    """Hand memory the process has freed back to the system (glibc's malloc_trim).
+
+    A large request (a 1,000-item batch) leaves the heap at its high-water mark after everything in
+    it was freed, and glibc keeps that memory; trimming after such a request keeps an API worker's
+    resident size where it was before."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 def build_deliverer(settings: Settings, mailer=None, redis=None):

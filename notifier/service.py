@@ -15,7 +15,7 @@ from notifier import consent, metrics, queues, rules, store
 from notifier.config import Settings
 from notifier.consent import Decision
 from notifier.errors import ApiError, Conflict, NotFound, Unprocessable
-from notifier.models import FINAL_STATUSES, ApiKey, CallbackStatus, Notification, Priority, Status, utcnow
+from notifier.models import FINAL_STATUSES, ApiKey, CallbackStatus, Category, Notification, Priority, Status, utcnow
 from notifier.ratelimit import Limiter, parse_rate
 from notifier.rendering import Renderer, TemplateRenderError
 
@@ -131,8 +131,11 @@ class NotificationService:
                     keys[index] = item_key
         known = store.find_idempotent_many(api_key, list(keys.values()))
         valid = [p for p in payloads if p is not None]
+        # Only a non-transactional item has preferences and quiet hours to look up.
         lookup = consent.Prefetched(api_key.id, {p["to"] for p in valid},
-                                    {consent.user_key_for(p.get("user_id"), p["to"]) for p in valid})
+                                    {consent.user_key_for(p.get("user_id"), p["to"]) for p in valid
+                                     if rules.category_of(p.get("template"), p.get("category"))
+                                     != Category.TRANSACTIONAL})
         drafts = []
         for index, payload in enumerate(payloads):
             if payload is None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Iterable
+from contextlib import nullcontext
 from datetime import datetime
 
 from peewee import Case, fn
@@ -56,22 +57,49 @@ def create_notifications(api_key: ApiKey, items: list[tuple[dict, Status, str]])
     model_fields = Notification._meta.fields
     at = Event._meta.fields["at"].db_value(now)
     db = Notification._meta.database
-    with db.atomic():
+    reasons = [reason for _, _, reason in items]
+    postgres = is_postgres(db)
+    # One statement per chunk on PostgreSQL (the rows and their history lines together, a
+    # data-modifying WITH); a batch of more than one chunk is one transaction all the same.
+    with db.atomic() if len(notifications) > _CHUNK or not postgres else nullcontext():
         seqs = {}
         for start in range(0, len(notifications), _CHUNK):
             chunk = notifications[start:start + _CHUNK]
             values = [model_fields[c].db_value(getattr(n, "api_key_id" if c == "api_key" else c))
                       for n in chunk for c in _NOTIFICATION_COLUMNS]
             sql = _insert_sql(Notification, _NOTIFICATION_COLUMNS, len(chunk), ("seq", "id"))
+            if postgres:
+                sql, values = _with_history(sql, len(chunk)), [
+                    *values, at, *(v for n, reason in zip(chunk, reasons[start:], strict=False)
+                                   for v in (n.id, n.status, reason))]
             seqs.update((public_id, seq) for seq, public_id in db.execute_sql(sql, values).fetchall())
         for n in notifications:
             n.seq = seqs[n.id]
-        events = [(n.seq, at, "status", None, n.status, reason) for n, (_, _, reason) in zip(notifications, items,
-                                                                                              strict=True)]
-        for start in range(0, len(events), _CHUNK):
-            chunk = events[start:start + _CHUNK]
-            db.execute_sql(_insert_sql(Event, _EVENT_COLUMNS, len(chunk)), [v for row in chunk for v in row])
+        if not postgres:
+            events = [(n.seq, at, "status", None, n.status, reason) for n, reason in zip(notifications, reasons,
+                                                                                          strict=True)]
+            for start in range(0, len(events), _CHUNK):
+                chunk = events[start:start + _CHUNK]
+                db.execute_sql(_insert_sql(Event, _EVENT_COLUMNS, len(chunk)), [v for row in chunk for v in row])
     return notifications
+
+
+def _with_history(insert_sql: str, rows: int) -> str:
+    """insert_sql (notifications ... RETURNING seq, id) that also writes each row's first history line."""
+    key = ("with-history", insert_sql)
+    sql = _INSERTS.get(key)
+    if sql is None:
+        param = Notification._meta.database.param
+        columns = ", ".join(f'"{Event._meta.fields[c].column_name}"' for c in _EVENT_COLUMNS)
+        first = ", ".join([f"({param}, {param}, {param})"] * rows)
+        sql = _INSERTS[key] = (
+            f"WITH made AS ({insert_sql}), "
+            f"lines AS (INSERT INTO \"{Event._meta.table_name}\" ({columns}) "
+            f"SELECT made.seq, {param}, 'status', NULL, first.status, first.reason FROM made "
+            f"JOIN (VALUES {first}) AS first (id, status, reason) ON first.id = made.id) "
+            f"SELECT seq, id FROM made"
+        )
+    return sql
 
 
 def find_idempotent_many(api_key: ApiKey, keys: list[str]) -> dict[str, Notification]:
@@ -85,6 +113,11 @@ def find_idempotent_many(api_key: ApiKey, keys: list[str]) -> dict[str, Notifica
 def get(public_id: str) -> Notification | None:
     """The notification with this id, whoever owns it."""
     return select_one(Notification, '"id" = {}', public_id)
+
+
+def get_many(public_ids: list[str]) -> dict[str, Notification]:
+    """The notifications with these ids, by id (missing ones left out)."""
+    return {n.id: n for n in Notification.select().where(Notification.id.in_(public_ids))} if public_ids else {}
 
 
 def get_for_key(api_key: ApiKey, public_id: str) -> Notification | None:
