@@ -137,8 +137,14 @@ def db_latencies(product: Product, ids: list[str]) -> list[float]:
 
 
 def warm_up(product: Product) -> dict:
-    """A few sends through every process, so 'idle' means started and warm, not cold."""
+    """A few sends, and one batch for each API worker, through every process, so 'idle' means started
+    and warm (every route the run uses has run once), not cold."""
     result = product.load(concurrency=4, requests=100, tag="warm")
+    if product.batch_route:
+        opts = product.opts
+        result = {"single": result, "batch": product.load(
+            BATCH, kind="batch", batch_size=opts.batch_size, requests=opts.api_workers,
+            total_items=opts.api_workers * opts.batch_size, concurrency=opts.api_workers, tag="warmb")}
     product.wait_settled()
     time.sleep(1.0)
     return result

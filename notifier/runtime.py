@@ -46,14 +46,14 @@ def make_renderer(settings: Settings):
     return Renderer(templates_dir(settings), brand_name=settings.brand_name)
 
 
-def _libc_trim():
+def _glibc_trim():
     try:
         return ctypes.CDLL("libc.so.6").malloc_trim
     except (OSError, AttributeError):  # not glibc: nothing to give back this way
         return None
 
 
-_MALLOC_TRIM = _libc_trim() if sys.platform.startswith("linux") else None
+_MALLOC_TRIM = _glibc_trim() if sys.platform.startswith("linux") else None
 
 
 def release_free_memory() -> None:
