@@ -203,3 +203,10 @@ def test_entry_point_with_invalid_setting_exits_2_naming_it(script):
 
     assert result.returncode == 2
     assert "SMTP_PORT" in result.stderr
+
+
+def test_batch_job_size_is_read_and_bounded():
+    assert Settings.from_env({}).batch_job_size == 25
+    assert Settings.from_env({"BATCH_JOB_SIZE": "1"}).batch_job_size == 1
+    for raw in ("0", "1001", "many"):
+        assert "BATCH_JOB_SIZE" in str(config_error({"BATCH_JOB_SIZE": raw}))

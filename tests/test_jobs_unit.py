@@ -7,7 +7,9 @@ import smtplib
 import pytest
 from rq import Queue
 
-from notifier import keys, store
+from notifier import keys, queues, store
+from notifier.config import Settings
+from notifier.db import database
 from notifier.errors import PermanentDeliveryError, TransientDeliveryError
 from notifier.jobs import RetriesExhausted
 from notifier.mail import message_id_for
@@ -214,3 +216,32 @@ def test_high_priority_notification_is_delivered_from_its_own_queue(memory_deliv
 
     assert job.origin == QUEUE_NAMES["high"]
     assert reload(notification.id).status == Status.SENT
+
+
+def test_a_shared_job_on_sqlite_sends_each_once_and_records_each(memory_deliverer, owner):
+    ids = [make_notification(owner, to=f"user{n}@example.com").id for n in range(3)]
+    cancelled = make_notification(owner, to="gone@example.com")
+    with database.connection_context():
+        store.transition(cancelled.id, Status.CANCELLED, reason="test")
+
+    assert memory_deliverer.deliver_many([*ids, cancelled.id, "no-such-id"]) == {"sent": 3, "skipped": 2}
+    assert sorted(m["To"] for m in memory_deliverer.mailer.sent) == [f"user{n}@example.com" for n in range(3)]
+    for notification_id in ids:
+        row = reload(notification_id)
+        assert (row.status, row.attempts, row.sent_at is not None) == ("sent", 1, True)
+    assert memory_deliverer.deliver_many(ids) == {"skipped": 3}
+    assert len(memory_deliverer.mailer.sent) == 3
+
+
+def test_share_jobs_fills_jobs_per_priority_and_skips_what_is_not_queued():
+    settings = Settings(batch_job_size=2)
+    items = [(Status.QUEUED, {"priority": "low"}), (Status.SCHEDULED, {"priority": "low"}),
+             (Status.QUEUED, {"priority": "high"}), (Status.QUEUED, {"priority": "low"}),
+             (Status.QUEUED, {"priority": "low"}), (Status.SUPPRESSED, {})]
+    shared = queues.share_jobs(settings, items)
+    jobs_of = [fields.get("job_id") for fields in shared]
+    assert jobs_of[1] is None and jobs_of[5] is None
+    assert jobs_of[0] == jobs_of[3] != jobs_of[4]  # two low ones fill a job; the third starts another
+    assert jobs_of[2] not in (jobs_of[0], jobs_of[4])  # another priority, another job
+    assert all(j.startswith("notifications-") for j in (jobs_of[0], jobs_of[2], jobs_of[4]))
+    assert queues.share_jobs(Settings(batch_job_size=1), items) == [fields for _, fields in items]
