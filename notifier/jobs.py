@@ -7,6 +7,7 @@ import time
 from collections import Counter
 
 from redis import Redis
+from redis.exceptions import RedisError
 
 from notifier import callbacks, consent, digests, logs, metrics, queues, store, unsubscribe
 from notifier.config import Settings
@@ -115,7 +116,11 @@ class Deliverer:
             self._record_unrecorded()
             return store.claim(current.id, known=current)
         self._unrecorded = None
-        self._after_sent(sent, result, recorded)
+        try:
+            self._after_sent(sent, result, recorded)
+        except Exception:  # noqa: BLE001 - the next email is claimed now: nothing may stop its send
+            # Its callback, if any, is recorded as owed, and the reconciler queues it.
+            logger.warning("after sending notification %s", sent.id, exc_info=True)
         return claimed
 
     def deliver_many(self, notification_ids: list[str]) -> dict[str, int]:
@@ -164,8 +169,12 @@ class Deliverer:
         with database.connection_context():
             current = store.get(notification_id)
         if current is not None and current.status == Status.RETRYING:
-            queues.enqueue_delivery(self.redis, self.settings, current.id, current.priority, current.attempts,
-                                    at=queues.retry_due(self.settings, current))
+            try:
+                queues.enqueue_delivery(self.redis, self.settings, current.id, current.priority, current.attempts,
+                                        at=queues.retry_due(self.settings, current))
+            except RedisError as error:
+                # The rest of the job goes on; the reconciler queues this one's retry once Redis answers.
+                logger.warning("notification %s retry not queued: %s", notification_id, type(error).__name__)
             return "retrying"
         if current is not None and current.status == Status.FAILED:
             queues.file_failed(self.redis, self.settings, current, f"{type(exc).__name__}: {exc}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import smtplib
 import socket
 import ssl
@@ -73,10 +74,17 @@ _SEVEN_BIT = Charset("utf-8")
 _SEVEN_BIT.body_encoding = None
 
 
+# SMTP's limit is 998 characters a line (RFC 5322); a header's name and the folding take some.
+_LONGEST_WORD = 900
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")
+
+
 def _header(value: str) -> str:
     # Line breaks were refused at the API; never let one through to the wire all the same.
     value = " ".join(value.splitlines())
-    return value if value.isascii() else Header(value, "utf-8").encode()
+    if value.isascii() and all(len(word) <= _LONGEST_WORD for word in value.split()):
+        return value  # folded at spaces, if at all, when written
+    return Header(value, "utf-8").encode()  # encoded words, which fold anywhere
 
 
 def _address(value: str) -> str:
@@ -89,7 +97,7 @@ def _address(value: str) -> str:
 
 def _part(body: str, subtype: str) -> MIMEText:
     # 7bit where SMTP carries it as it is; quoted-printable for non-ASCII text or over-long lines.
-    seven_bit = body.isascii() and all(len(line) <= 998 for line in body.splitlines())
+    seven_bit = body.isascii() and all(len(line) <= 998 for line in _LINE_BREAK.split(body))
     return MIMEText(body, subtype, _SEVEN_BIT if seven_bit else _QUOTED_PRINTABLE, policy=_WIRE)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from redis import Redis
 from redis.exceptions import RedisError
@@ -110,7 +110,9 @@ def enqueue_delivery(
         "description": f"deliver notification {notification_id}",
     }
     if at is not None:
-        return queue.enqueue_at(at, DELIVER_JOB, notification_id, **options)
+        # Our times are naive UTC; RQ reads a naive time as the machine's local time.
+        return queue.enqueue_at(at.replace(tzinfo=UTC) if at.tzinfo is None else at, DELIVER_JOB, notification_id,
+                                **options)
     return queue.enqueue(DELIVER_JOB, notification_id, **options)
 
 

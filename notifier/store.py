@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Iterable
-from contextlib import nullcontext
 from datetime import datetime
 
 from peewee import Case, fn
@@ -60,8 +59,9 @@ def create_notifications(api_key: ApiKey, items: list[tuple[dict, Status, str]])
     reasons = [reason for _, _, reason in items]
     postgres = is_postgres(db)
     # One statement per chunk on PostgreSQL (the rows and their history lines together, a
-    # data-modifying WITH); a batch of more than one chunk is one transaction all the same.
-    with db.atomic() if len(notifications) > _CHUNK or not postgres else nullcontext():
+    # data-modifying WITH). Always inside a transaction: outside one, the reconnecting pool would run
+    # an insert again whose commit reached the server but whose answer was lost.
+    with db.atomic():
         seqs = {}
         for start in range(0, len(notifications), _CHUNK):
             chunk = notifications[start:start + _CHUNK]

@@ -191,3 +191,16 @@ def test_a_long_list_unsubscribe_link_goes_out_verbatim():
     assert f"List-Unsubscribe: <{url}>".encode() in raw
     assert b"List-Unsubscribe-Post: List-Unsubscribe=One-Click" in raw
     assert b"=?utf-8?" not in raw
+
+
+@pytest.mark.parametrize("subject", ["a" * 1500, " ".join(["word"] * 300), "Grüße " + "b" * 1200])
+def test_no_line_of_a_message_is_longer_than_smtp_allows(subject):
+    from notifier.mail import message_bytes
+
+    text = "c" * 600 + "\x0c" + "c" * 600  # a form feed is no line break on the wire
+    email = outgoing(text=text, html="<p>" + "d" * 1500 + "</p>", content=RenderedEmail(subject, text, "d" * 1500))
+    raw = message_bytes(email, MAIL_FROM)
+    assert max(len(line) for line in raw.split(b"\r\n")) <= 998
+    message = build_message(email, MAIL_FROM)
+    assert message["Subject"] == subject
+    assert [part.get_content() for part in message.iter_parts()] == [text, "d" * 1500]

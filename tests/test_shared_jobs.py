@@ -158,3 +158,26 @@ def test_a_worker_killed_inside_a_shared_job_loses_nothing_and_sends_each_at_mos
     received = _recipients(smtp)
     # Every one arrived, and none twice: the one cut off mid-DATA was never taken by the server.
     assert received == sorted(f"user{n}@example.com" for n in range(10))
+
+
+def test_a_failure_after_one_is_recorded_never_strands_the_next_claimed_one(chunked, headers, redis_conn, smtp,
+                                                                          monkeypatch):
+    from peewee import OperationalError
+
+    _, client, deliverer = chunked
+    ids = _post(client, headers, _items(3, callback_url="http://127.0.0.1:9/hook"))
+    real, calls = deliverer.after_final, []
+
+    def flaky(notification_id):  # the database blips while the first email's callback is queued
+        calls.append(notification_id)
+        if len(calls) == 1:
+            raise OperationalError("server closed the connection unexpectedly")
+        return real(notification_id)
+
+    monkeypatch.setattr(deliverer, "after_final", flaky)
+    run_worker_until_idle(redis_conn)
+    smtp.wait_for(3)
+    assert {row.status for row in _rows()} == {"sent"}
+    assert _recipients(smtp) == [f"user{n}@example.com" for n in range(3)]
+    assert {row.callback_status for row in _rows()} == {"pending"}  # owed; the reconciler queues the lost one
+    assert calls[0] == ids[0]
