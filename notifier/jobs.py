@@ -8,6 +8,7 @@ from collections import Counter
 
 from redis import Redis
 from redis.exceptions import RedisError
+from rq import get_current_job
 
 from notifier import callbacks, consent, digests, logs, metrics, queues, store, unsubscribe
 from notifier.config import Settings
@@ -18,6 +19,11 @@ from notifier.models import FINAL_STATUSES, CallbackStatus, Category, Notificati
 from notifier.rendering import RenderedEmail, Renderer, literal
 
 logger = logging.getLogger(__name__)
+
+
+# How often a shared job looks whether higher-priority work is waiting: an urgent email waits at most
+# about this long, plus the send in progress, behind a chunk of less urgent ones.
+MAKE_WAY_CHECK_SECONDS = 0.01
 
 
 class RetriesExhausted(PermanentDeliveryError):
@@ -139,8 +145,15 @@ class Deliverer:
                 mine = [r for r in rows.values() if r.api_key_id == key]
                 lookups[key] = consent.Prefetched(key, {r.to for r in mine}, {r.user_key for r in mine if r.user_key})
             self._hold_records, self._counts = True, metrics.Deferred(self.redis)
+            priority = next((r.priority for r in rows.values()), None)
+            checked = time.monotonic()
             try:
-                for notification_id in notification_ids:
+                for index, notification_id in enumerate(notification_ids):
+                    if index and time.monotonic() - checked >= MAKE_WAY_CHECK_SECONDS:
+                        checked = time.monotonic()
+                        if self._make_way(notification_ids[index:], priority):
+                            outcomes["made way"] += len(notification_ids) - index
+                            break
                     current = rows.get(notification_id)
                     lookup = lookups[current.api_key_id] if current is not None else consent.DATABASE
                     try:
@@ -158,6 +171,30 @@ class Deliverer:
                     counts, self._counts = self._counts, self.redis
                     counts.flush()
         return dict(outcomes)
+
+    def _make_way(self, rest: list[str], priority: str | None) -> bool:
+        """If higher-priority work is waiting, put the rest of this shared job back at the front of its
+        queue as a job of its own, so a worker takes the urgent job first; True when it did."""
+        if self.redis is None or priority is None:
+            return False
+        try:
+            if not queues.waiting_above(self.redis, priority):
+                return False
+        except RedisError:
+            return False
+        current = get_current_job()
+        job_id = queues.new_shared_job_id()
+        # The rows first: if the new job never reaches Redis, the reconciler finds it missing and hands
+        # each of them on alone.
+        mine = Notification.id.in_(rest)
+        if current is not None:
+            mine &= Notification.job_id == current.id  # not those already handed on alone
+        Notification.update(job_id=job_id).where(mine).execute()
+        try:
+            queues.enqueue_shared(self.redis, self.settings, job_id, rest, priority)
+        except RedisError as exc:
+            logger.warning("the rest of a shared job not queued (%s); the reconciler hands it on", type(exc).__name__)
+        return True
 
     def _record_unrecorded(self) -> None:
         if self._unrecorded is not None:

@@ -218,6 +218,32 @@ def dispatch_callback(connection: Redis, settings: Settings, notification: Notif
     return True
 
 
+def _shared_job(settings: Settings, job_id: str, notification_ids: list[str], at_front: bool = False):
+    # No RQ retry: each notification that fails in it goes on in a job of its own (jobs.deliver_many).
+    return Queue.prepare_data(DELIVER_MANY_JOB, (notification_ids,), job_id=job_id, at_front=at_front,
+                              timeout=settings.job_timeout * len(notification_ids), result_ttl=3600,
+                              failure_ttl=FAILURE_TTL,
+                              description=f"deliver {len(notification_ids)} notifications of a batch")
+
+
+def enqueue_shared(connection: Redis, settings: Settings, job_id: str, notification_ids: list[str],
+                   priority: str) -> None:
+    """Put a shared job back at the front of its queue (the rest of one that made way)."""
+    queue_for(priority, connection).enqueue_many([_shared_job(settings, job_id, notification_ids, at_front=True)])
+
+
+def waiting_above(connection: Redis, priority: str) -> bool:
+    """Whether a queue of higher priority than this one has jobs waiting."""
+    order = list(Priority)  # highest first
+    higher = order[:order.index(Priority(priority))]
+    if not higher:
+        return False
+    with connection.pipeline(transaction=False) as pipe:
+        for p in higher:
+            pipe.llen(f"{Queue.redis_queue_namespace_prefix}{QUEUE_NAMES[p]}")
+        return any(pipe.execute())
+
+
 def dispatch_many(connection: Redis, settings: Settings, notifications: list[Notification]) -> None:
     """dispatch() for a batch: every delivery job goes to Redis in one pipeline. Notifications that
     share a job_id (see share_jobs) go in one job; the others get one each."""
@@ -235,11 +261,7 @@ def dispatch_many(connection: Redis, settings: Settings, notifications: list[Not
         elif n.status == Status.SCHEDULED:
             scheduled.append(n)
     for job_id, members in shared.items():
-        # No RQ retry: each notification that fails in it goes on in a job of its own (jobs.deliver_many).
-        by_queue.setdefault(members[0].priority, []).append(Queue.prepare_data(
-            DELIVER_MANY_JOB, ([n.id for n in members],), job_id=job_id,
-            timeout=settings.job_timeout * len(members), result_ttl=3600, failure_ttl=FAILURE_TTL,
-            description=f"deliver {len(members)} notifications of a batch"))
+        by_queue.setdefault(members[0].priority, []).append(_shared_job(settings, job_id, [n.id for n in members]))
     try:
         # One round trip for the lot; MULTI/EXEC would add nothing, each job being whole on its own.
         with connection.pipeline(transaction=False) as pipe:

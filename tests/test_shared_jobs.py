@@ -181,3 +181,28 @@ def test_a_failure_after_one_is_recorded_never_strands_the_next_claimed_one(chun
     assert _recipients(smtp) == [f"user{n}@example.com" for n in range(3)]
     assert {row.callback_status for row in _rows()} == {"pending"}  # owed; the reconciler queues the lost one
     assert calls[0] == ids[0]
+
+
+def test_a_shared_job_makes_way_for_more_urgent_work_and_its_rest_follows(chunked, headers, redis_conn, smtp):
+    _, client, _ = chunked
+    ids = _post(client, headers, _items(4, priority="low"))
+    low = queues.queue_for("low", redis_conn)
+    [shared_job] = low.get_job_ids()
+    low.empty()  # this test runs the shared job itself, as a worker would
+    urgent = client.post("/api/notifications/send", json={**LITERAL, "to": "urgent@example.com", "priority": "high"},
+                         headers=headers).get_json()["id"]
+    smtp.delay = 0.02  # each send outlasts the 10 ms between looks at the higher queues
+
+    assert jobs.deliver_many(ids) == {"sent": 1, "made way": 3}
+    rows = {row.id: row for row in _rows()}
+    [rest_job] = low.get_job_ids()
+    assert rest_job != shared_job and Job.fetch(rest_job, connection=redis_conn).args == (ids[1:],)
+    assert {rows[i].job_id for i in ids[1:]} == {rest_job}
+    smtp.delay = 0.0
+
+    run_worker_until_idle(redis_conn)
+    smtp.wait_for(5)
+    order = [m.rcpt_tos[0] for m in smtp.messages]
+    assert order[:2] == ["user0@example.com", "urgent@example.com"]  # the urgent one went next
+    assert sorted(order[2:]) == ["user1@example.com", "user2@example.com", "user3@example.com"]
+    assert {row.status for row in _rows()} == {"sent"} and urgent in {row.id for row in _rows()}
