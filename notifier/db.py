@@ -6,7 +6,14 @@ import os
 import time
 from urllib.parse import urlparse
 
-from peewee import DatabaseProxy, InterfaceError, OperationalError, PostgresqlDatabase, SqliteDatabase
+from peewee import (
+    DatabaseProxy,
+    InterfaceError,
+    OperationalError,
+    PostgresqlDatabase,
+    SqliteDatabase,
+    __exception_wrapper__,
+)
 from playhouse.db_url import parse
 from playhouse.pool import PooledPostgresqlDatabase
 from playhouse.shortcuts import ReconnectMixin
@@ -75,6 +82,16 @@ def connect(url: str):
         connect_timeout=5,
         **params,
     )
+
+
+def execute_once(db, sql: str, params: list):
+    """db.execute_sql, except that a connection lost meanwhile is an error rather than a reason to run
+    the statement again: for an insert whose commit may have reached the server before its answer
+    was lost (the reconnecting pool would insert it twice)."""
+    with __exception_wrapper__:
+        cursor = db.cursor()
+        cursor.execute(sql, params)
+    return cursor
 
 
 def is_postgres(db) -> bool:

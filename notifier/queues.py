@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 from redis import Redis
+from redis.client import Pipeline
 from redis.exceptions import RedisError
 from rq import Queue, Retry
 from rq.job import JobStatus
@@ -191,18 +193,11 @@ def share_jobs(settings: Settings, items: list[tuple[str, dict]]) -> list[dict]:
     return out
 
 
-def dispatch(connection: Redis, settings: Settings, notification: Notification) -> bool:
+def dispatch(connection: Redis, settings: Settings, notification: Notification,
+             also: Callable[[Pipeline], None] | None = None) -> bool:
     """Hand a stored notification to Redis as its status asks. False when Redis is away: the row
     stays as it is, and the reconciler hands it over once Redis is back."""
-    try:
-        if notification.status == Status.SCHEDULED:
-            schedule_release(connection, notification.id, notification.send_at)
-        else:
-            enqueue_delivery(connection, settings, notification.id, notification.priority, notification.attempts)
-    except RedisError as exc:
-        logger.warning("notification %s stored but not queued: %s", notification.id, type(exc).__name__)
-        return False
-    return True
+    return dispatch_many(connection, settings, [notification], also)
 
 
 def dispatch_callback(connection: Redis, settings: Settings, notification: Notification) -> bool:
@@ -244,16 +239,18 @@ def waiting_above(connection: Redis, priority: str) -> bool:
         return any(pipe.execute())
 
 
-def dispatch_many(connection: Redis, settings: Settings, notifications: list[Notification]) -> None:
-    """dispatch() for a batch: every delivery job goes to Redis in one pipeline. Notifications that
-    share a job_id (see share_jobs) go in one job; the others get one each."""
+def dispatch_many(connection: Redis, settings: Settings, notifications: list[Notification],
+                  also: Callable[[Pipeline], None] | None = None) -> bool:
+    """dispatch() for many: every delivery job goes to Redis in one pipeline, with whatever `also`
+    adds to it (the acceptance counts). Notifications that share a job_id (see share_jobs) go in one
+    job; the others get one each. False when Redis is away (the reconciler hands them over later)."""
     by_queue: dict[str, list] = {}
     shared: dict[str, list[Notification]] = {}
     scheduled = []
     for n in notifications:
         if n.status == Status.QUEUED and n.job_id:
             shared.setdefault(n.job_id, []).append(n)
-        elif n.status == Status.QUEUED:
+        elif n.status in (Status.QUEUED, Status.RETRYING):
             by_queue.setdefault(n.priority, []).append(Queue.prepare_data(
                 DELIVER_JOB, (n.id,), job_id=job_id_for(n.id), retry=retry_policy(settings, n.attempts),
                 timeout=settings.job_timeout, result_ttl=3600, failure_ttl=FAILURE_TTL,
@@ -267,8 +264,14 @@ def dispatch_many(connection: Redis, settings: Settings, notifications: list[Not
         with connection.pipeline(transaction=False) as pipe:
             for priority, jobs in by_queue.items():
                 queue_for(priority, connection).enqueue_many(jobs, pipeline=pipe)
+            if also is not None:
+                also(pipe)
             pipe.execute()
         for n in scheduled:
             schedule_release(connection, n.id, n.send_at)
     except RedisError as exc:
-        logger.warning("%s notifications stored but not queued: %s", len(notifications), type(exc).__name__)
+        one = len(notifications) == 1
+        what = f"notification {notifications[0].id}" if one else f"{len(notifications)} notifications"
+        logger.warning("%s stored but not queued: %s", what, type(exc).__name__)
+        return False
+    return True

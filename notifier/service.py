@@ -111,11 +111,17 @@ class NotificationService:
 
     def hand_over(self, notification: Notification) -> None:
         """After the commit: queue what must be sent, or the callback of what ended at once."""
-        metrics.accepted(self.redis, notification)  # every newly stored notification passes here once
-        if notification.status in (Status.QUEUED, Status.SCHEDULED):
-            queues.dispatch(self.redis, self.settings, notification)
-        elif notification.status in FINAL_STATUSES:
-            queues.dispatch_callback(self.redis, self.settings, notification)
+        self.hand_over_many([notification])
+
+    def hand_over_many(self, notifications: list[Notification]) -> None:
+        """hand_over() for many, with their delivery jobs and acceptance counts in one round trip."""
+        counts = metrics.Deferred(self.redis)
+        metrics.accepted(counts, notifications)  # every newly stored notification passes here once
+        queues.dispatch_many(self.redis, self.settings, [n for n in notifications if n.status in (
+            Status.QUEUED, Status.SCHEDULED)], also=counts.apply)
+        for notification in notifications:
+            if notification.status in FINAL_STATUSES:
+                queues.dispatch_callback(self.redis, self.settings, notification)
 
     def send_batch(self, api_key: ApiKey, payloads: list[dict | None], batch_key: str | None = None) -> list:
         """Accept many sends at once. Each item stands alone: the answer, by index, is a Notification
@@ -163,10 +169,7 @@ class NotificationService:
             return results
         for (index, _), notification in zip(drafts, stored, strict=True):
             results[index] = (notification, False)
-        queues.dispatch_many(self.redis, self.settings, stored)
-        for notification in stored:
-            if notification.status in FINAL_STATUSES:
-                queues.dispatch_callback(self.redis, self.settings, notification)
+        self.hand_over_many(stored)
         return results
 
     def emit(self, api_key: ApiKey, event: dict, idempotency_key: str | None = None) -> list[tuple[Notification, bool]]:

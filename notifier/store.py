@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Iterable
+from contextlib import nullcontext
 from datetime import datetime
 
 from peewee import Case, fn
 
-from notifier.db import is_postgres, select_one
+from notifier.db import execute_once, is_postgres, select_one
 from notifier.models import (
     FINAL_STATUSES,
     ApiKey,
@@ -59,9 +60,8 @@ def create_notifications(api_key: ApiKey, items: list[tuple[dict, Status, str]])
     reasons = [reason for _, _, reason in items]
     postgres = is_postgres(db)
     # One statement per chunk on PostgreSQL (the rows and their history lines together, a
-    # data-modifying WITH). Always inside a transaction: outside one, the reconnecting pool would run
-    # an insert again whose commit reached the server but whose answer was lost.
-    with db.atomic():
+    # data-modifying WITH); a batch of more than one chunk is one transaction all the same.
+    with db.atomic() if len(notifications) > _CHUNK or not postgres else nullcontext():
         seqs = {}
         for start in range(0, len(notifications), _CHUNK):
             chunk = notifications[start:start + _CHUNK]
@@ -72,7 +72,7 @@ def create_notifications(api_key: ApiKey, items: list[tuple[dict, Status, str]])
                 sql, values = _with_history(sql, len(chunk)), [
                     *values, at, *(v for n, reason in zip(chunk, reasons[start:], strict=False)
                                    for v in (n.id, n.status, reason))]
-            seqs.update((public_id, seq) for seq, public_id in db.execute_sql(sql, values).fetchall())
+            seqs.update((public_id, seq) for seq, public_id in execute_once(db, sql, values).fetchall())
         for n in notifications:
             n.seq = seqs[n.id]
         if not postgres:

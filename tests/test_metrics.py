@@ -150,6 +150,18 @@ def test_replays_are_not_counted_as_accepted(ops, headers):
     assert total(scrape(ops), "notifier_notifications_accepted_total") == 1
 
 
+def test_a_batch_counts_each_notification_it_accepted_and_only_those(ops, headers):
+    items = [{**LITERAL, "to": f"user{n}@example.com"} for n in range(3)] + [{"to": "nope"}]
+    items.append({**LITERAL, "to": "vip@example.com", "priority": "high"})
+    response = ops.post("/api/notifications/batch", json={"notifications": items}, headers=headers)
+    assert response.status_code == 202 and response.get_json()["accepted"] == 4
+
+    samples = scrape(ops)
+    assert value(samples, "notifier_notifications_accepted_total", priority="default", template="-") == 3
+    assert value(samples, "notifier_notifications_accepted_total", priority="high", template="-") == 1
+    assert total(samples, "notifier_notifications_accepted_total") == 4
+
+
 def test_delivery_goes_on_when_metrics_cannot_be_written(api_key, pg_settings, redis_conn, smtp):
     # Nothing listens on port 1: every metric write fails, and the email is sent and recorded all the same.
     notification = make_notification(api_key[0])
@@ -189,7 +201,7 @@ def test_reply_classes():
 
 
 def test_writes_without_redis_do_nothing():
-    metrics.accepted(None, SimpleNamespace(priority="high", template="welcome"))
+    metrics.accepted(None, [SimpleNamespace(priority="high", template="welcome")])
 
 
 @pytest.mark.integration
