@@ -147,6 +147,9 @@ class Lookup:
     def profile(self, api_key_id: int, user_key: str) -> UserProfile | None:
         return UserProfile.get_or_none((UserProfile.api_key == api_key_id) & (UserProfile.user_key == user_key))
 
+    def suppressed(self, api_key_id: int, email: str, reason: str) -> None:
+        """An address was put on the suppression list just now (the database has it already)."""
+
 
 class Prefetched(Lookup):
     """The same answers for a whole batch, read with three queries instead of three per item."""
@@ -170,6 +173,10 @@ class Prefetched(Lookup):
 
     def profile(self, api_key_id: int, user_key: str) -> UserProfile | None:
         return self._profiles.get(user_key)
+
+    def suppressed(self, api_key_id: int, email: str, reason: str) -> None:
+        # A later email of the same shared job to this address must see it too.
+        self._suppressed[email.lower()] = Suppression(api_key=api_key_id, email=email.lower(), reason=reason)
 
 
 DATABASE = Lookup()

@@ -86,7 +86,7 @@ class Deliverer:
         try:
             result = self.mailer.send(self._outgoing(notification))
         except PermanentDeliveryError as exc:
-            self._record_failure(notification, exc, final=True)
+            self._record_failure(notification, exc, final=True, lookup=lookup)
             raise
         except Exception as exc:  # noqa: BLE001 - anything else may pass: try again
             error = exc if isinstance(exc, DeliveryError) else TransientDeliveryError(f"{type(exc).__name__}")
@@ -94,9 +94,9 @@ class Deliverer:
                 exhausted = RetriesExhausted(
                     f"gave up after {notification.attempts} attempts: {error}", error.smtp_code
                 )
-                self._record_failure(notification, exhausted, final=True)
+                self._record_failure(notification, exhausted, final=True, lookup=lookup)
                 raise exhausted from exc
-            self._record_failure(notification, error, final=False)
+            self._record_failure(notification, error, final=False, lookup=lookup)
             raise
         if self._hold_records:
             self._unrecorded = (notification, result)
@@ -246,12 +246,14 @@ class Deliverer:
         if self.redis is not None:
             queues.dispatch_callback(self.redis, self.settings, store.get(notification_id))
 
-    def _record_failure(self, notification: Notification, exc: DeliveryError, *, final: bool) -> None:
+    def _record_failure(self, notification: Notification, exc: DeliveryError, *, final: bool,
+                        lookup: consent.Lookup = consent.DATABASE) -> None:
         message = str(exc)
         fields = {"reason": message, "smtp_code": exc.smtp_code, "smtp_reply": message, "last_error": message}
         if final:
             if exc.address_rejected:
                 consent.suppress(notification.api_key_id, notification.to, reason=message)
+                lookup.suppressed(notification.api_key_id, notification.to, message)
             self._finish(notification, Status.FAILED, **fields)
         else:
             store.transition(notification.id, Status.RETRYING, sources=(Status.SENDING,), known=notification, **fields)

@@ -206,3 +206,15 @@ def test_a_shared_job_makes_way_for_more_urgent_work_and_its_rest_follows(chunke
     assert order[:2] == ["user0@example.com", "urgent@example.com"]  # the urgent one went next
     assert sorted(order[2:]) == ["user1@example.com", "user2@example.com", "user3@example.com"]
     assert {row.status for row in _rows()} == {"sent"} and urgent in {row.id for row in _rows()}
+
+
+def test_an_address_that_bounces_is_not_tried_again_later_in_the_same_job(chunked, headers, redis_conn, smtp):
+    _, client, _ = chunked
+    same = {**LITERAL, "to": "gone@example.com"}
+    smtp.rcpt_replies.append("550 5.1.1 mailbox unavailable")
+    ids = _post(client, headers, [same, _items(1)[0], same])
+    run_worker_until_idle(redis_conn)
+    smtp.wait_for(1)
+    statuses = {row.id: row.status for row in _rows()}
+    assert [statuses[i] for i in ids] == ["failed", "sent", "suppressed"]
+    assert _recipients(smtp) == ["user0@example.com"]
