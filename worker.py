@@ -11,7 +11,7 @@ import socket
 from redis.exceptions import RedisError
 from rq import SimpleWorker
 
-from notifier import jobs
+from notifier import jobs, metrics
 from notifier.errors import PermanentDeliveryError
 from notifier.queues import all_queues, connect_redis
 from notifier.resilience import run_until_stopped
@@ -46,20 +46,45 @@ class NotifierWorker(SimpleWorker):
     went away) can be told apart and started again."""
 
     stopping = False
+    counts: metrics.Deferred | None = None  # the jobs' counters, sent with each heartbeat
+
+    def heartbeat(self, timeout=None, pipeline=None):
+        # RQ sends a heartbeat (twice per job) as three commands, a round trip each unless it is
+        # given a pipeline: one pipeline makes it one, and the counts of the job just done ride along.
+        if pipeline is not None:
+            return super().heartbeat(timeout, pipeline=pipeline)
+        with self.connection.pipeline(transaction=False) as pipe:
+            super().heartbeat(timeout, pipeline=pipe)
+            own = len(pipe.command_stack)
+            if self.counts is not None:
+                try:
+                    self.counts.apply(pipe)
+                except Exception:  # noqa: BLE001 - a bug in counting must not stop the worker
+                    logger.warning("metrics not recorded", exc_info=True)
+            # Only the heartbeat's own errors are RQ's business; a count that failed is dropped, as
+            # metrics never get in the way of sending.
+            replies = pipe.execute(raise_on_error=False)
+        for reply in replies[:own]:
+            if isinstance(reply, Exception):
+                raise reply
+        if any(isinstance(reply, Exception) for reply in replies[own:]):
+            logger.warning("metrics not recorded: %s", next(r for r in replies[own:] if isinstance(r, Exception)))
 
     def request_stop(self, signum, frame):
         self.stopping = True
         super().request_stop(signum, frame)
 
 
-def make_worker(connection, name: str | None = None) -> NotifierWorker:
+def make_worker(connection, name: str | None = None, counts: metrics.Deferred | None = None) -> NotifierWorker:
     """A worker on all notifier queues, highest priority first, callbacks last."""
-    return NotifierWorker(
+    worker = NotifierWorker(
         all_queues(connection),
         connection=connection,
         name=name,
         exception_handlers=[stop_retrying_permanent_failures],
     )
+    worker.counts = counts
+    return worker
 
 
 def main() -> None:
@@ -68,12 +93,13 @@ def main() -> None:
     parent = os.getpid()
     os.register_at_fork(after_in_child=lambda: _die_with_parent(parent))
     connection = connect_redis(settings.redis_url)
-    jobs.install(build_deliverer(settings, redis=connection))
+    counts = metrics.Deferred(connection)
+    jobs.install(build_deliverer(settings, redis=connection, counts=counts))
     name = f"notifier-{socket.gethostname()}-{os.getpid()}"
     logger.info("worker %s starting", name)
 
     def run_once(generation: int) -> bool:
-        worker = make_worker(connection, name=f"{name}-{generation}" if generation else name)
+        worker = make_worker(connection, name=f"{name}-{generation}" if generation else name, counts=counts)
         try:
             worker.work(with_scheduler=True, logging_level=settings.log_level)
         except RedisError:
@@ -84,6 +110,7 @@ def main() -> None:
         return worker.stopping
 
     run_until_stopped(connection, run_once, "worker")
+    counts.flush()  # the last job's, had no heartbeat followed it
 
 
 if __name__ == "__main__":

@@ -84,7 +84,7 @@ def run(opts: Options, procs: Procs, results: dict) -> None:
         say(f"baseline: raw SMTP, {opts.rq_workers} connections, {opts.backlog} messages")
         results["raw_smtp"] = baselines.raw_smtp(opts, procs, sink)
     if "rq" in wanted:
-        say(f"baseline: raw RQ, {opts.rq_workers} SimpleWorkers, {opts.backlog} no-op jobs")
+        say(f"baseline: raw RQ, {opts.rq_workers} workers of worker.py's class, {opts.backlog} no-op jobs")
         results["raw_rq"] = baselines.raw_rq(opts, procs, redis, redis_url, env)
     if "bare" in wanted:
         say(f"baseline: bare Flask under gunicorn ({opts.api_workers} x {opts.worker_class})")

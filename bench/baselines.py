@@ -78,11 +78,12 @@ def _noop_jobs(count: int, prefix: str) -> list:
 
 
 def raw_rq(opts: Options, procs: Procs, redis: Redis, redis_url: str, env: dict) -> dict:
-    """No-op jobs through the same worker setup: SimpleWorker with the scheduler, --rq-workers of
-    them on four queues; first the rate at which they drain --backlog jobs, then how long a job
-    waits from enqueue to start at the latency phase's offered rate."""
+    """No-op jobs through the same worker setup: worker.py's class (a SimpleWorker whose heartbeat
+    is one round trip) with the scheduler, --rq-workers of them on four queues; first the rate at
+    which they drain --backlog jobs, then how long a job waits from enqueue to start at the latency
+    phase's offered rate."""
     rq_cli = [os.path.join(os.path.dirname(sys.executable), "rq"), "worker", "--worker-class",
-              "rq.worker.SimpleWorker", "--with-scheduler", "--logging_level", "WARNING", "--url", redis_url]
+              "worker.NotifierWorker", "--with-scheduler", "--logging_level", "WARNING", "--url", redis_url]
     workers = [procs.spawn(f"rawrq-{i}", [*rq_cli, "--name", f"rawrq-{i}", *RAW_QUEUES], env, python=False)
                for i in range(opts.rq_workers)]
     try:

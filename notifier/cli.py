@@ -84,7 +84,7 @@ def keys_rotate(name: str) -> None:
 @click.argument("name")
 @click.option("--old", "old_only", is_flag=True, help="revoke only the secret a rotation replaced")
 def keys_revoke(name: str, old_only: bool) -> None:
-    """Revoke a key at once (every request with it gets 401 from now on)."""
+    """Revoke a key (every request with it gets 401 as soon as the API processes hear of it: milliseconds)."""
     with _open():
         if not keys.revoke(name, old_only=old_only):
             raise click.ClickException(f"no active key named {name!r}" + (" being rotated" if old_only else ""))

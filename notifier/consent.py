@@ -9,7 +9,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from peewee import IntegrityError
 
 from notifier.config import parse_clock
-from notifier.db import select_in, select_one
+from notifier.db import database, in_values, select_one
 from notifier.models import (
     ApiKey,
     Category,
@@ -145,23 +145,28 @@ class Lookup:
         return mode_for(api_key_id, user_key, category)
 
     def profile(self, api_key_id: int, user_key: str) -> UserProfile | None:
-        return UserProfile.get_or_none((UserProfile.api_key == api_key_id) & (UserProfile.user_key == user_key))
+        return select_one(UserProfile, '"api_key_id" = {} AND "user_key" = {}', api_key_id, user_key)
 
     def suppressed(self, api_key_id: int, email: str, reason: str) -> None:
         """An address was put on the suppression list just now (the database has it already)."""
 
 
 class Prefetched(Lookup):
-    """The same answers for a whole batch, read with three queries instead of three per item."""
+    """The same answers for a send or a whole batch, read in one round trip instead of up to three
+    per item."""
 
     def __init__(self, api_key_id: int, emails: set[str], user_keys: set[str]):
         """user_keys: those whose preferences may matter (transactional email has none to look up)."""
-        key = '"api_key_id" = {}'
-        self._suppressed = {s.email: s for s in select_in(Suppression, key, [api_key_id], "email",
-                                                            {e.lower() for e in emails})}
-        self._modes = {(p.user_key, p.category): DeliveryMode(p.mode)
-                       for p in select_in(Preference, key, [api_key_id], "user_key", user_keys)}
-        self._profiles = {p.user_key: p for p in select_in(UserProfile, key, [api_key_id], "user_key", user_keys)}
+        self._suppressed: dict[str, Suppression] = {}
+        self._modes: dict[tuple[str, str], DeliveryMode] = {}
+        self._profiles: dict[str, UserProfile] = {}
+        for kind, a, b, c, d in _consent_rows(api_key_id, {e.lower() for e in emails}, user_keys):
+            if kind == "s":
+                self._suppressed[a] = Suppression(api_key=api_key_id, email=a, reason=b)
+            elif kind == "p":
+                self._modes[(a, b)] = DeliveryMode(c)
+            else:
+                self._profiles[a] = UserProfile(api_key=api_key_id, user_key=a, timezone=b, quiet_start=c, quiet_end=d)
 
     def suppression(self, api_key_id: int, email: str) -> Suppression | None:
         return self._suppressed.get(email.lower())
@@ -180,6 +185,37 @@ class Prefetched(Lookup):
 
 
 DATABASE = Lookup()
+
+
+def prefetch(api_key_id: int, recipients) -> Prefetched:
+    """A Prefetched for recipients, (to, user_key, category) each: only optional categories have
+    preferences and quiet hours to look up."""
+    recipients = list(recipients)
+    return Prefetched(api_key_id, {to for to, _, _ in recipients},
+                      {user_key for _, user_key, category in recipients
+                       if user_key and category != Category.TRANSACTIONAL})
+
+# Each part: a table, the column matched against the given values, and the four columns it answers
+# with, so that one UNION ALL reads suppressions, preferences and profiles together.
+_PARTS = (
+    ("s", Suppression, "email", ("email", "reason", "NULL", "NULL")),
+    ("p", Preference, "user_key", ("user_key", "category", "mode", "NULL")),
+    ("u", UserProfile, "user_key", ("user_key", "timezone", "quiet_start", "quiet_end")),
+)
+
+
+def _consent_rows(api_key_id: int, emails: set[str], user_keys: set[str]) -> list[tuple]:
+    selects, args = [], []
+    for kind, model, column, answers in _PARTS:
+        values = list(emails if column == "email" else user_keys)
+        if not values:
+            continue
+        among, among_args = in_values(column, values)
+        shown = ", ".join(a if a == "NULL" else f'"{a}"' for a in answers)
+        selects.append(f"SELECT '{kind}', {shown} FROM \"{model._meta.table_name}\" "
+                       f'WHERE "api_key_id" = {database.param} AND {among}')
+        args += [api_key_id, *among_args]
+    return list(database.execute_sql(" UNION ALL ".join(selects), args).fetchall()) if selects else []
 
 
 @dataclass(frozen=True)

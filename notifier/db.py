@@ -109,19 +109,13 @@ def bind(url: str):
 _SQL: dict[tuple, str] = {}
 
 
-def select_in(model, where: str, params: list, column: str, values) -> list:
-    """The rows of model matching where (as for select_one) whose column is one of values; for a
-    batch's lookups, where peewee's builder cost more for a thousand values than the query."""
-    values = list(values)
-    if not values:
-        return []
+def in_values(column: str, values: list) -> tuple[str, list]:
+    """SQL for "column is one of values" and its parameters: `= ANY(array)` on PostgreSQL (one
+    parameter, so one statement text for any count), `IN (...)` elsewhere."""
     param = database.param
-    condition = where.format(*([param] * where.count("{}")))
     if is_postgres(database):
-        sql, args = f'{condition} AND "{column}" = ANY({param})', [*params, values]
-    else:
-        sql, args = f'{condition} AND "{column}" IN ({", ".join([param] * len(values))})', [*params, *values]
-    return list(model.raw(f'SELECT * FROM "{model._meta.table_name}" WHERE {sql}', *args))
+        return f'"{column}" = ANY({param})', [values]
+    return f'"{column}" IN ({", ".join([param] * len(values))})', list(values)
 
 
 def select_one(model, where: str, *params):

@@ -26,6 +26,14 @@ logger = logging.getLogger(__name__)
 MAKE_WAY_CHECK_SECONDS = 0.01
 
 
+def _lookup_for(rows: list[Notification]) -> consent.Lookup:
+    """Consent answers for the rows still to be sent (one key's), read in one round trip."""
+    waiting = [r for r in rows if r.status in (Status.QUEUED, Status.RETRYING)]
+    if not waiting:
+        return consent.DATABASE
+    return consent.prefetch(waiting[0].api_key_id, [(r.to, r.user_key, r.category) for r in waiting])
+
+
 class RetriesExhausted(PermanentDeliveryError):
     """The last allowed attempt failed; the job goes to the dead-letter queue."""
 
@@ -37,7 +45,10 @@ class CallbackGaveUp(PermanentDeliveryError):
 class Deliverer:
     """Everything the jobs of one worker process need, built once."""
 
-    def __init__(self, settings: Settings, mailer: Mailer, renderer: Renderer, redis: Redis | None = None):
+    def __init__(self, settings: Settings, mailer: Mailer, renderer: Renderer, redis: Redis | None = None,
+                 counts: metrics.Deferred | None = None):
+        """counts: where the delivery counters go when not straight to redis: a worker's, which
+        sends them with its next heartbeat (one round trip fewer per job)."""
         self.settings = settings
         self.mailer = mailer
         self.renderer = renderer
@@ -46,14 +57,15 @@ class Deliverer:
         # the next claim (one commit instead of two; see deliver_many).
         self._unrecorded: tuple[Notification, SendResult] | None = None
         self._hold_records = False
-        self._counts: Redis | metrics.Deferred | None = redis
+        self._counts: Redis | metrics.Deferred | None = counts if counts is not None else redis
 
     def deliver(self, notification_id: str) -> str:
         """Send one notification at most once; return what happened."""
         with database.connection_context(), logs.bound(notification_id=notification_id):
             # Read outside any transaction first: a pooled connection that died with a database
             # restart is replaced here, before the claim needs it.
-            return self._deliver(notification_id, store.get(notification_id), consent.DATABASE)
+            current = store.get(notification_id)
+            return self._deliver(notification_id, current, _lookup_for([current] if current else []))
 
     def _deliver(self, notification_id: str, current: Notification | None, lookup: consent.Lookup) -> str:
         if current is None or current.status not in (Status.QUEUED, Status.RETRYING):
@@ -140,11 +152,13 @@ class Deliverer:
         outcomes: Counter[str] = Counter()
         with database.connection_context():
             rows = store.get_many(notification_ids)
-            lookups = {}
-            for key in {r.api_key_id for r in rows.values()}:
-                mine = [r for r in rows.values() if r.api_key_id == key]
-                lookups[key] = consent.Prefetched(key, {r.to for r in mine}, {r.user_key for r in mine if r.user_key})
-            self._hold_records, self._counts = True, metrics.Deferred(self.redis)
+            lookups = {key: _lookup_for([r for r in rows.values() if r.api_key_id == key])
+                       for key in {r.api_key_id for r in rows.values()}}
+            # Counters go in one round trip at the end, unless the worker sends them already.
+            own_counts = not isinstance(self._counts, metrics.Deferred)
+            if own_counts:
+                self._counts = metrics.Deferred(self.redis)
+            self._hold_records = True
             priority = next((r.priority for r in rows.values()), None)
             checked = time.monotonic()
             try:
@@ -168,8 +182,9 @@ class Deliverer:
                 try:
                     self._record_unrecorded()
                 finally:
-                    counts, self._counts = self._counts, self.redis
-                    counts.flush()
+                    if own_counts:
+                        counts, self._counts = self._counts, self.redis
+                        counts.flush()
         return dict(outcomes)
 
     def _make_way(self, rest: list[str], priority: str | None) -> bool:

@@ -1,7 +1,8 @@
 """API keys for calling services: made once, shown once, stored only as a hash.
 
 A key can be rotated: the new secret works at once and the previous one keeps working until it is
-revoked (`keys revoke NAME --old`), so a caller can switch over without a moment of 401s."""
+revoked (`keys revoke NAME --old`), so a caller can switch over without a moment of 401s. The API
+caches keys (notifier.keycache); a change here reaches it as soon as PostgreSQL tells it."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import hmac
 import secrets
 
 from notifier.db import select_one
+from notifier.keycache import KeyCache
 from notifier.models import ApiKey, utcnow
 
 KEY_PREFIX = "nfy"
@@ -49,14 +51,15 @@ def rotate(name: str) -> str | None:
     return plaintext
 
 
-def authenticate(plaintext: str | None) -> ApiKey | None:
-    """The live key this plaintext belongs to, or None; compared in constant time."""
+def authenticate(plaintext: str | None, cache: KeyCache | None = None) -> ApiKey | None:
+    """The live key this plaintext belongs to, or None; compared in constant time. The API passes
+    its cache; the key is read from the database when there is none."""
     if not plaintext:
         return None
     parts = plaintext.split("_", 2)
     if len(parts) != 3 or parts[0] != KEY_PREFIX:
         return None
-    key = select_one(ApiKey, '"prefix" = {} OR "old_prefix" = {}', parts[1], parts[1])
+    key = cache.lookup(parts[1], _by_prefix) if cache is not None else _by_prefix(parts[1])
     if key is None or key.revoked_at is not None:
         return None
     stored = key.key_hash if key.prefix == parts[1] else key.old_key_hash
@@ -65,8 +68,13 @@ def authenticate(plaintext: str | None) -> ApiKey | None:
     return key
 
 
+def _by_prefix(prefix: str) -> ApiKey | None:
+    return select_one(ApiKey, '"prefix" = {} OR "old_prefix" = {}', prefix, prefix)
+
+
 def revoke(name: str, old_only: bool = False) -> bool:
-    """Revoke the key named name at once (or only the secret a rotation replaced)."""
+    """Revoke the key named name (or only the secret a rotation replaced); API processes refuse it as
+    soon as PostgreSQL notifies them, milliseconds later."""
     live = (ApiKey.name == name) & (ApiKey.revoked_at.is_null())
     if old_only:
         return bool(ApiKey.update(old_prefix=None, old_key_hash=None)

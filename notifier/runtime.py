@@ -66,13 +66,15 @@ def release_free_memory() -> None:
         _MALLOC_TRIM(0)
 
 
-def build_deliverer(settings: Settings, mailer=None, redis=None):
-    """A Deliverer wired to the configured database, Redis, SMTP server and templates."""
+def build_deliverer(settings: Settings, mailer=None, redis=None, counts=None):
+    """A Deliverer wired to the configured database, Redis, SMTP server and templates (counts: see
+    Deliverer)."""
     from notifier.jobs import Deliverer
     from notifier.mail import make_mailer
     from notifier.queues import connect_redis
 
     open_database(settings)
     return Deliverer(
-        settings, mailer or make_mailer(settings), make_renderer(settings), redis or connect_redis(settings.redis_url)
+        settings, mailer or make_mailer(settings), make_renderer(settings), redis or connect_redis(settings.redis_url),
+        counts,
     )

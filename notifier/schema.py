@@ -8,12 +8,14 @@ from contextlib import contextmanager
 from peewee import PostgresqlDatabase
 from playhouse.migrate import PostgresqlMigrator, SqliteMigrator, migrate
 
+from notifier.keycache import CHANNEL
 from notifier.models import MODELS, SchemaVersion
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 _LOCK_ID = 0x6E6F7469  # an arbitrary constant: "noti"
+_KEY_TRIGGER = "notifier_api_keys_changed"
 
 
 @contextmanager
@@ -35,6 +37,8 @@ def upgrade(db) -> int:
         with db.atomic():
             db.create_tables(MODELS, safe=True)
             _add_missing_columns(db)
+            if isinstance(db, PostgresqlDatabase):
+                _notify_key_changes(db)
             row = SchemaVersion.select().first()
             if row is None:
                 SchemaVersion.create(version=SCHEMA_VERSION)
@@ -43,6 +47,24 @@ def upgrade(db) -> int:
                 row.save()
     logger.debug("schema at version %s", SCHEMA_VERSION)
     return SCHEMA_VERSION
+
+
+def _notify_key_changes(db) -> None:
+    # The API caches keys and empties its cache on this notification (notifier.keycache), so that a
+    # change made any way at all - the CLI, or SQL by hand - reaches every API process. Created
+    # only when missing: CREATE TRIGGER locks api_keys, and every process runs this at start.
+    present = db.execute_sql("SELECT 1 FROM pg_trigger WHERE tgname = %s AND tgrelid = 'api_keys'::regclass",
+                             (_KEY_TRIGGER,)).fetchone()
+    if present:
+        return
+    db.execute_sql(
+        "CREATE OR REPLACE FUNCTION notifier_api_keys_changed() RETURNS trigger LANGUAGE plpgsql AS "
+        f"$$ BEGIN PERFORM pg_notify('{CHANNEL}', ''); RETURN NULL; END $$"
+    )
+    db.execute_sql(
+        f"CREATE TRIGGER {_KEY_TRIGGER} AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON api_keys "
+        "FOR EACH STATEMENT EXECUTE PROCEDURE notifier_api_keys_changed()"
+    )
 
 
 def _add_missing_columns(db) -> None:

@@ -15,7 +15,7 @@ from notifier import consent, metrics, queues, rules, store
 from notifier.config import Settings
 from notifier.consent import Decision
 from notifier.errors import ApiError, Conflict, NotFound, Unprocessable
-from notifier.models import FINAL_STATUSES, ApiKey, CallbackStatus, Category, Notification, Priority, Status, utcnow
+from notifier.models import FINAL_STATUSES, ApiKey, CallbackStatus, Notification, Priority, Status, utcnow
 from notifier.ratelimit import Limiter, parse_rate
 from notifier.rendering import Renderer, TemplateRenderError
 
@@ -56,7 +56,7 @@ class NotificationService:
             raise Unprocessable("the template cannot be rendered with this data", {"data": [str(exc)]}) from exc
 
     def draft(self, api_key: ApiKey, payload: dict, idempotency_key: str | None = None,
-              lookup: consent.Lookup = consent.DATABASE, earlier: Notification | None = None):
+              lookup: consent.Lookup | None = None, earlier: Notification | None = None):
         """Check a send request and decide its fate, storing nothing: (Draft, None), or (None, the
         earlier notification) when it replays an idempotency key."""
         key = _idempotency_key(payload, idempotency_key)
@@ -71,8 +71,9 @@ class NotificationService:
         if not payload.get("template"):
             fields["data"] = None
         timing = self._timing(payload)
-        category = rules.category_of(payload.get("template"), payload.get("category"))
-        user_key = consent.user_key_for(payload.get("user_id"), payload["to"])
+        to, user_key, category = _recipient(payload)
+        if lookup is None:  # one send: its consent answers in one round trip
+            lookup = consent.prefetch(api_key.id, [(to, user_key, category)])
         decision = consent.decide(api_key, to=payload["to"], user_key=user_key, category=category,
                                   send_at=timing["send_at"], now=utcnow(), lookup=lookup)
         decision = self._cap(api_key, payload["to"], category, decision)
@@ -137,11 +138,7 @@ class NotificationService:
                     keys[index] = item_key
         known = store.find_idempotent_many(api_key, list(keys.values()))
         valid = [p for p in payloads if p is not None]
-        # Only a non-transactional item has preferences and quiet hours to look up.
-        lookup = consent.Prefetched(api_key.id, {p["to"] for p in valid},
-                                    {consent.user_key_for(p.get("user_id"), p["to"]) for p in valid
-                                     if rules.category_of(p.get("template"), p.get("category"))
-                                     != Category.TRANSACTIONAL})
+        lookup = consent.prefetch(api_key.id, (_recipient(p) for p in valid))
         drafts = []
         for index, payload in enumerate(payloads):
             if payload is None:
@@ -303,3 +300,9 @@ def _loaded(draft: Draft) -> dict:
     if draft.key:
         payload["idempotency_key"] = draft.key
     return payload
+
+
+def _recipient(payload: dict) -> tuple[str, str, str]:
+    """(to, user_key, category) of a validated send request: whose consent applies, and to what."""
+    return (payload["to"], consent.user_key_for(payload.get("user_id"), payload["to"]),
+            rules.category_of(payload.get("template"), payload.get("category")))

@@ -77,3 +77,16 @@ def wait_for_arrivals(smtp, n: int, timeout: float = 20.0) -> list[float]:
         seen.extend(now for _ in range(count - len(seen)))
         time.sleep(0.005)
     return seen
+
+
+def eventually(predicate, timeout: float = 2.0) -> bool:
+    """Whether predicate() comes true within timeout: for what another connection tells the API
+    (a key revoked elsewhere reaches its cache as a PostgreSQL notification, milliseconds later)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.005)
+    return predicate()

@@ -11,7 +11,7 @@ from app import create_app
 from notifier import keys
 from notifier.db import database
 from notifier.models import Status
-from tests.helpers import LITERAL, make_notification, run_worker_until_idle
+from tests.helpers import LITERAL, eventually, make_notification, run_worker_until_idle
 from tests.processes import Stack, cli, request
 
 pytestmark = pytest.mark.integration
@@ -72,11 +72,11 @@ def test_rotation_keeps_the_old_secret_until_it_is_revoked(client, pg_db):
     assert client.get(f"/api/notifications/{created['id']}", headers={"X-API-Key": new}).status_code == 200
     with database.connection_context():
         assert keys.revoke("rotating", old_only=True)
-    assert client.get("/api/notifications", headers={"X-API-Key": old}).status_code == 401
+    assert eventually(lambda: client.get("/api/notifications", headers={"X-API-Key": old}).status_code == 401)
     assert client.get("/api/notifications", headers={"X-API-Key": new}).status_code == 200
     with database.connection_context():
         assert keys.revoke("rotating")
-    assert client.get("/api/notifications", headers={"X-API-Key": new}).status_code == 401
+    assert eventually(lambda: client.get("/api/notifications", headers={"X-API-Key": new}).status_code == 401)
 
 
 def test_recipient_cap_stops_non_transactional_floods_only(pg_settings, pg_db, redis_conn, api_key, smtp, deliverer):

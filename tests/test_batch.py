@@ -92,3 +92,21 @@ def test_consent_applies_to_every_item(client, headers, api_key, redis_conn, smt
     assert [r["status"] for r in body["results"]] == ["queued", "suppressed", "queued"]
     run_worker_until_idle(redis_conn)
     assert sorted(m.rcpt_tos[0] for m in smtp.wait_for(2)) == ["user0@example.com", "user2@example.com"]
+
+
+def test_a_batch_waits_for_the_one_before_it_then_gets_503_not_a_stuck_thread(app, client, headers, monkeypatch):
+    from notifier.api import notifications
+
+    monkeypatch.setattr(notifications, "BATCH_WAIT_SECONDS", 0.05)
+    slot = app.extensions["notifier"]["batch_slot"]
+    slot.acquire()  # another batch of this process is in progress, and stuck
+    try:
+        response = client.post("/api/notifications/batch", json={"notifications": [LITERAL]}, headers=headers)
+    finally:
+        slot.release()
+    assert response.status_code == 503
+    assert response.get_json()["error"]["code"] == "service_unavailable"
+    with database.connection_context():
+        assert Notification.select().count() == 0
+    again = client.post("/api/notifications/batch", json={"notifications": [LITERAL]}, headers=headers)
+    assert again.status_code == 202

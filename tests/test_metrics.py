@@ -17,7 +17,15 @@ from notifier.mail import SmtpMailer
 from notifier.models import Status, utcnow
 from notifier.queues import QUEUES_BY_PRIORITY, connect_redis
 from notifier.runtime import make_renderer
-from tests.helpers import LITERAL, VERIFICATION, installed_deliverer, make_notification, reload, run_worker_until_idle
+from tests.helpers import (
+    LITERAL,
+    VERIFICATION,
+    eventually,
+    installed_deliverer,
+    make_notification,
+    reload,
+    run_worker_until_idle,
+)
 from tests.operators import (
     CHALLENGE,
     OPERATOR,
@@ -227,6 +235,8 @@ def test_every_api_process_scrapes_the_same_totals(pg_settings, pg_db, redis_con
         outcomes = sorted(stack.wait_status(n, "sent", "failed")["status"] for n in ids)
         assert outcomes == ["failed", "sent", "sent", "sent"]
 
+        # A worker sends its counts with the heartbeat right after each job: a moment after the status.
+        assert eventually(lambda: total(scrape_url(stack.base), "notifier_notifications_sent_total") == 3)
         one, two = scrape_url(stack.base), scrape_url(second_base)
         assert one == two
         assert total(one, "notifier_notifications_accepted_total") == 4
@@ -239,3 +249,33 @@ def test_every_api_process_scrapes_the_same_totals(pg_settings, pg_db, redis_con
         if second is not None:
             stop(second, signal.SIGKILL)
         stack.close()
+
+
+def test_a_workers_counts_ride_its_next_heartbeat(redis_conn):
+    from worker import make_worker
+
+    counts = metrics.Deferred(redis_conn)
+    worker = make_worker(redis_conn, name="counting", counts=counts)
+    counts.add(lambda pipe: pipe.hincrby("test:counted", "n", 2))
+    assert redis_conn.hget("test:counted", "n") is None  # kept until the worker next talks to Redis
+
+    worker.heartbeat()
+
+    assert redis_conn.hget("test:counted", "n") == b"2"
+    assert redis_conn.hget(worker.key, "last_heartbeat")  # and the heartbeat itself went too
+    assert redis_conn.ttl(worker.key) > 0
+
+
+def test_a_count_that_fails_never_fails_the_heartbeat(redis_conn):
+    from worker import make_worker
+
+    redis_conn.set("test:not-a-hash", "x")
+    counts = metrics.Deferred(redis_conn)
+    worker = make_worker(redis_conn, name="counting", counts=counts)
+    counts.add(lambda pipe: pipe.hincrby("test:not-a-hash", "n", 1))  # WRONGTYPE
+    counts.add(lambda pipe: pipe.hincrby("test:counted", "n", 1))
+
+    worker.heartbeat()
+
+    assert redis_conn.hget("test:counted", "n") == b"1"
+    assert redis_conn.hget(worker.key, "last_heartbeat")

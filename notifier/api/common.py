@@ -25,11 +25,11 @@ def service() -> NotificationService:
 
 def require_api_key() -> None:
     """before_request hook: the caller must present a live API key."""
-    key = keys.authenticate(request.headers.get(API_KEY_HEADER))
+    ext = current_app.extensions["notifier"]
+    key = keys.authenticate(request.headers.get(API_KEY_HEADER), ext["key_cache"])
     if key is None:
         raise Unauthorized(f"a valid {API_KEY_HEADER} header is required")
     g.api_key = key
-    ext = current_app.extensions["notifier"]
     verdict = ext["limiter"].hit(_key_rate(key.rate_limit or ext["settings"].rate_limit), "key", str(key.id))
     g.rate_limit = verdict
     if not verdict.allowed:

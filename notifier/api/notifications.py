@@ -7,7 +7,7 @@ from marshmallow import ValidationError
 
 from notifier import store
 from notifier.api.common import current_key, json_body, require_api_key, service
-from notifier.errors import ApiError, NotFound, Unprocessable
+from notifier.errors import ApiError, NotFound, ServiceUnavailable, Unprocessable
 from notifier.schemas import (
     AcceptedSchema,
     BatchSchema,
@@ -31,6 +31,7 @@ _many = NotificationSchema(many=True)
 
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
+BATCH_WAIT_SECONDS = 10.0
 
 
 def _accepted_response(result):
@@ -53,6 +54,18 @@ def send():
 @bp.post("/batch")
 def send_batch():
     """Accept up to BATCH_MAX notifications at once; each is accepted or refused on its own."""
+    request.get_data(cache=True)  # a slow upload must not hold the slot
+    slot = current_app.extensions["notifier"]["batch_slot"]
+    # A batch stuck behind a database lock must not take every thread of this process with it.
+    if not slot.acquire(timeout=BATCH_WAIT_SECONDS):
+        raise ServiceUnavailable("this API process is busy with other batches; retry shortly")
+    try:
+        return _send_batch()
+    finally:
+        slot.release()
+
+
+def _send_batch():
     body = json_body(_batch)
     limit = current_app.config["NOTIFIER_SETTINGS"].batch_max
     items = body["notifications"]

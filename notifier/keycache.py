@@ -1,0 +1,122 @@
+"""The API's cache of API keys, kept honest by PostgreSQL.
+
+Every keyed request used to read its key from the database: a round trip, and on the accept path as
+costly as the insert. A trigger on api_keys (see schema) sends a NOTIFY for every change - a key
+made, rotated or revoked by the CLI, or an UPDATE typed by hand - and the cache LISTENs on a
+connection of its own. Before each lookup it reads whatever notifications have arrived, which is a
+non-blocking read of that connection's socket, not a round trip; any change empties the cache. So a
+revoked key stops working as soon as the notification arrives (well under a millisecond on one
+host), and whenever the listening connection is down the cache is not used at all. (Behind a pooler in
+transaction mode, such as PgBouncer's, LISTEN hears nothing: point DATABASE_URL at PostgreSQL itself.)"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+
+import psycopg2
+
+from notifier.models import ApiKey
+
+logger = logging.getLogger(__name__)
+
+CHANNEL = "notifier_api_keys"
+# A backstop for a listening connection that died without the socket noticing (no FIN reached us).
+MAX_AGE_SECONDS = 60.0
+RECONNECT_SECONDS = 5.0
+
+
+class KeyCache:
+    """Keys by public prefix, for one process; thread-safe."""
+
+    def __init__(self, database_url: str):
+        self._url = database_url
+        self._lock = threading.Lock()
+        self._connecting = threading.Lock()
+        self._conn = None
+        self._pid = os.getpid()
+        self._retry_at = 0.0
+        self._generation = 0
+        self._keys: dict[str, tuple[float, ApiKey]] = {}
+
+    def lookup(self, prefix: str, load: Callable[[str], ApiKey | None]) -> ApiKey | None:
+        """The key with this prefix: from the cache, or load(prefix), kept when nothing changed meanwhile."""
+        with self._lock:
+            listening = self._listening()
+            entry = self._keys.get(prefix) if listening else None
+            generation = self._generation
+        if not listening:
+            self._connect()  # outside the lock: a slow connect holds up no other request
+        if entry is not None and time.monotonic() - entry[0] < MAX_AGE_SECONDS:
+            return entry[1]
+        key = load(prefix)
+        if listening and key is not None:
+            with self._lock:
+                # A change that arrived while loading may concern this very key: keep it only if not.
+                if self._generation == generation:
+                    self._keys[prefix] = (time.monotonic(), key)
+        return key
+
+    def close(self) -> None:
+        with self._lock:
+            self._drop()
+
+    def _listening(self) -> bool:
+        """Whether the cache may be used: LISTENing, with every notification so far applied."""
+        if self._pid != os.getpid():
+            # A forked child shares the parent's socket: leave it to the parent, listen afresh.
+            self._conn, self._pid = None, os.getpid()
+            self._forget()
+        if self._conn is None:
+            return False
+        try:
+            self._conn.poll()
+        except psycopg2.Error as exc:
+            logger.warning("API key cache off until PostgreSQL is back: %s", type(exc).__name__)
+            self._drop()
+            return False
+        if self._conn.notifies:
+            del self._conn.notifies[:]
+            self._forget()
+        return True
+
+    def _connect(self) -> None:
+        """Start listening, unless another thread is at it or the last try was moments ago."""
+        if time.monotonic() < self._retry_at or not self._connecting.acquire(blocking=False):
+            return
+        try:
+            conn = psycopg2.connect(self._url, connect_timeout=5, application_name="notifier-api-keycache",
+                                    keepalives=1, keepalives_idle=30, keepalives_interval=10, keepalives_count=3)
+            conn.autocommit = True
+            with conn.cursor() as cur:
+                cur.execute(f"LISTEN {CHANNEL}")
+        except psycopg2.Error as exc:
+            logger.warning("API key cache off, cannot listen: %s", type(exc).__name__)
+            self._retry_at = time.monotonic() + RECONNECT_SECONDS
+            return
+        finally:
+            self._connecting.release()
+        with self._lock:
+            if self._conn is not None or self._pid != os.getpid():
+                conn.close()
+                return
+            # Whatever was cached before this LISTEN may have changed unheard.
+            self._conn = conn
+            self._forget()
+
+    def _forget(self) -> None:
+        self._keys.clear()
+        self._generation += 1
+
+    def _drop(self) -> None:
+        conn, self._conn = self._conn, None
+        self._forget()
+        self._retry_at = time.monotonic() + RECONNECT_SECONDS
+        if conn is not None:
+            try:
+                conn.close()
+            except psycopg2.Error:
+                pass
