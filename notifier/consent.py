@@ -9,12 +9,11 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from peewee import IntegrityError
 
 from notifier.config import parse_clock
-from notifier.db import database, in_values, is_postgres, select_one
+from notifier.db import database, in_values, select_one
 from notifier.models import (
     ApiKey,
     Category,
     DeliveryMode,
-    Notification,
     Preference,
     Status,
     Suppression,
@@ -186,56 +185,6 @@ class Prefetched(Lookup):
 
 
 DATABASE = Lookup()
-
-
-class Known(Lookup):
-    """The answers a delivery read together with its row (see for_delivery): whether its address is
-    suppressed and its user's mode for its category. Anything else is asked of the database."""
-
-    def __init__(self, notification: Notification, reason: str | None, mode: str | None):
-        self._email, self._reason = notification.to.lower(), reason
-        self._pref = (notification.user_key, notification.category)
-        self._mode = DeliveryMode(mode) if mode else DeliveryMode.IMMEDIATE
-
-    def suppression(self, api_key_id: int, email: str) -> Suppression | None:
-        if email.lower() != self._email:
-            return super().suppression(api_key_id, email)
-        return Suppression(api_key=api_key_id, email=self._email, reason=self._reason) if self._reason else None
-
-    def mode(self, api_key_id: int, user_key: str, category: str) -> DeliveryMode:
-        if category == Category.TRANSACTIONAL:
-            return DeliveryMode.IMMEDIATE
-        if (user_key, category) != self._pref:
-            return super().mode(api_key_id, user_key, category)
-        return self._mode
-
-
-def for_delivery(notification_id: str) -> tuple[Notification | None, Lookup]:
-    """A notification and the consent answers its delivery needs, in one round trip.
-
-    The suppression list holds addresses lowercased by Python. SQL's lower() on the "C" collation
-    lowercases A-Z only, which is the same for an ASCII address; any other address is looked up
-    the usual way (a second round trip)."""
-    sql = _DELIVERY_SQL.get(database.param)
-    if sql is None:
-        to = 'lower(n."to" COLLATE "C")' if is_postgres(database) else 'lower(n."to")'
-        sql = _DELIVERY_SQL[database.param] = (
-            'SELECT n.*, (SELECT s."reason" FROM "suppressions" s WHERE s."api_key_id" = n."api_key_id" '
-            f'AND s."email" = {to} LIMIT 1) AS consent_reason, '
-            '(SELECT p."mode" FROM "preferences" p WHERE p."api_key_id" = n."api_key_id" '
-            'AND p."user_key" = n."user_key" AND p."category" = n."category" LIMIT 1) AS consent_mode '
-            f'FROM "notifications" n WHERE n."id" = {database.param} LIMIT 1'
-        )
-    row = next(iter(Notification.raw(sql, notification_id)), None)
-    if row is None:
-        return None, DATABASE
-    reason, mode = row.__dict__.pop("consent_reason", None), row.__dict__.pop("consent_mode", None)
-    if not row.to.isascii():
-        return row, prefetch(row.api_key_id, [(row.to, row.user_key, row.category)])
-    return row, Known(row, reason, mode)
-
-
-_DELIVERY_SQL: dict[str, str] = {}
 
 
 def prefetch(api_key_id: int, recipients) -> Prefetched:

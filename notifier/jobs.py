@@ -64,8 +64,8 @@ class Deliverer:
         with database.connection_context(), logs.bound(notification_id=notification_id):
             # Read outside any transaction first: a pooled connection that died with a database
             # restart is replaced here, before the claim needs it.
-            current, lookup = consent.for_delivery(notification_id)
-            return self._deliver(notification_id, current, lookup)
+            current = store.get(notification_id)
+            return self._deliver(notification_id, current, _lookup_for([current] if current else []))
 
     def _deliver(self, notification_id: str, current: Notification | None, lookup: consent.Lookup) -> str:
         if current is None or current.status not in (Status.QUEUED, Status.RETRYING):

@@ -186,28 +186,3 @@ def test_a_crash_mid_flush_neither_drops_nor_duplicates_items(owner, sqlite_sett
     (digest,) = Digest.select()
     assert digest.items == 3
     assert {reload(n.id).digest_id for n in items} == {digest.notification_id}
-
-
-@pytest.mark.parametrize("db", ["sqlite_db", pytest.param("pg_db", marks=pytest.mark.integration)])
-def test_a_delivery_reads_its_row_and_its_consent_answers_together(db, request):
-    request.getfixturevalue(db)
-    key = keys.create("delivery-consent")[0]
-    consent.suppress(key.id, "Ann@Example.com", "550 5.1.1 no such user")
-    consent.set_mode(key, "u1", Category.PRODUCT.value, DeliveryMode.OFF.value)
-    suppressed = make_notification(key, to="ANN@example.COM")
-    turned_off = make_notification(key, to="bob@example.com", user_key="u1", category=Category.PRODUCT.value)
-    welcome = make_notification(key, to="bob@example.com", user_key="u1", category=Category.MARKETING.value)
-    # Python and SQL lowercase beyond ASCII differently: such an address takes the second query.
-    unicode_to = make_notification(key, to="ÅSA@example.com")
-    consent.suppress(key.id, "ÅSA@example.com", "hard bounce")
-
-    def unwanted(notification):
-        row, lookup = consent.for_delivery(notification.id)
-        assert row.id == notification.id and not hasattr(row, "consent_reason")
-        return consent.unwanted(key.id, to=row.to, user_key=row.user_key, category=row.category, lookup=lookup)
-
-    assert "no such user" in unwanted(suppressed)
-    assert "turned off product" in unwanted(turned_off)
-    assert unwanted(welcome) is None
-    assert "hard bounce" in unwanted(unicode_to)
-    assert consent.for_delivery("no-such-id")[0] is None
