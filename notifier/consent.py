@@ -195,6 +195,7 @@ def prefetch(api_key_id: int, recipients) -> Prefetched:
                       {user_key for _, user_key, category in recipients
                        if user_key and category != Category.TRANSACTIONAL})
 
+
 # Each part: a table, the column matched against the given values, and the four columns it answers
 # with, so that one UNION ALL reads suppressions, preferences and profiles together.
 _PARTS = (
