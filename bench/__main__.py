@@ -134,6 +134,39 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
+def cpu_times() -> list[int] | None:
+    """The machine's CPU time counters (/proc/stat: user nice system idle iowait irq softirq steal),
+    or None where there are none."""
+    try:
+        with open("/proc/stat") as fh:
+            return [int(v) for v in fh.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+
+
+def loop_seconds(n: int = 5_000_000) -> float:
+    """Seconds one interpreter takes for n additions: the machine's speed for Python today, since a
+    virtual machine can run slower without reporting steal."""
+    started = time.perf_counter()
+    total = 0
+    for i in range(n):
+        total += i
+    return time.perf_counter() - started
+
+
+def cpu_share(start: list[int] | None, end: list[int] | None) -> dict | None:
+    """Busy and stolen shares of all CPU time between two cpu_times(): on a virtual machine, steal is
+    time the hypervisor gave to someone else, so a run with much of it measured a slower machine."""
+    if not start or not end or len(start) < 8 or len(end) < 8:
+        return None
+    delta = [b - a for a, b in zip(start, end, strict=True)]
+    total = sum(delta)
+    if total <= 0:
+        return None
+    idle = delta[3] + delta[4]
+    return {"busy_pct": 100.0 * (total - idle - delta[7]) / total, "steal_pct": 100.0 * delta[7] / total}
+
+
 def main(argv: list[str] | None = None) -> int:
     opts = parse_args(argv)
     # Ctrl-C and a plain `kill` both end the run the same way: stop everything, report what was measured.
@@ -144,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {"options": vars(opts), "cpus": os.cpu_count(), "load_average_start": os.getloadavg(),
                      "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     procs = Procs(log_dir=opts.run_dir)
+    results["loop_seconds"] = loop_seconds()
+    cpu_start = cpu_times()
     failed = None
     try:
         run(opts, procs, results)
@@ -156,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         say("stopping every process this run started")
         procs.close()
     results["load_average_end"] = os.getloadavg()
+    results["cpu"] = cpu_share(cpu_start, cpu_times())
     results["error"] = failed
     rows = build_rows(results, opts)
     results["table"] = [row.as_dict() for row in rows]
@@ -166,7 +202,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"notifier benchmark: {opts.api_workers} x gunicorn {opts.worker_class}"
           f"{f' ({opts.threads} threads)' if opts.worker_class == 'gthread' else ''}, {opts.rq_workers} RQ workers, "
           f"{opts.duration:g}s phases, backlog {opts.backlog}; {results['cpus']} CPUs, "
-          f"load average {load1[0]:.2f} at start, {load1[1]:.2f} at end")
+          f"load average {load1[0]:.2f} at start, {load1[1]:.2f} at end"
+          + (f"; CPU over the run {results['cpu']['busy_pct']:.0f}% busy, {results['cpu']['steal_pct']:.1f}% stolen "
+             "by the hypervisor" if results["cpu"] else "")
+          + f"; 5M Python additions took {results['loop_seconds']:.2f} s")
     print(render(rows))
     print(delivery_line(results.get("delivery_check")))
     print(HOW)
