@@ -10,6 +10,7 @@ import socket
 
 from redis.exceptions import RedisError
 from rq import SimpleWorker
+from rq.exceptions import StopRequested
 
 from notifier import jobs, metrics
 from notifier.errors import PermanentDeliveryError
@@ -59,6 +60,8 @@ class NotifierWorker(SimpleWorker):
             if self.counts is not None:
                 try:
                     self.counts.apply(pipe)
+                except StopRequested:
+                    raise  # RQ's stop signal, raised wherever the worker happens to be: never swallow it
                 except Exception:  # noqa: BLE001 - a bug in counting must not stop the worker
                     logger.warning("metrics not recorded", exc_info=True)
             # Only the heartbeat's own errors are RQ's business; a count that failed is dropped, as

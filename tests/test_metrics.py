@@ -279,3 +279,18 @@ def test_a_count_that_fails_never_fails_the_heartbeat(redis_conn):
 
     assert redis_conn.hget("test:counted", "n") == b"1"
     assert redis_conn.hget(worker.key, "last_heartbeat")
+
+
+def test_a_stop_signal_while_counting_still_stops_the_worker(redis_conn):
+    from rq.exceptions import StopRequested
+
+    from worker import make_worker
+
+    def stop_arrives(pipe):
+        raise StopRequested()  # what RQ's SIGTERM handler raises, wherever the worker is
+
+    counts = metrics.Deferred(redis_conn)
+    worker = make_worker(redis_conn, name="stopping", counts=counts)
+    counts.add(stop_arrives)
+    with pytest.raises(StopRequested):
+        worker.heartbeat()
