@@ -11,6 +11,7 @@ import socket
 from redis.exceptions import RedisError
 from rq import SimpleWorker
 from rq.exceptions import StopRequested
+from rq.worker import WorkerStatus
 
 from notifier import jobs, metrics
 from notifier.errors import PermanentDeliveryError
@@ -54,6 +55,13 @@ class NotifierWorker(SimpleWorker):
         # given a pipeline: one pipeline makes it one, and the counts of the job just done ride along.
         if pipeline is not None:
             return super().heartbeat(timeout, pipeline=pipeline)
+        if self.stopping and self.get_state() != WorkerStatus.BUSY:
+            # RQ's signal handler raises StopRequested wherever the worker happens to be, and code
+            # that catches every Exception there (a logging handler formatting a line) swallows it.
+            # The dequeue loop sends a heartbeat on every turn, also while it waits out a Redis
+            # outage, so a requested stop takes effect here at the latest. (A job dequeued but not
+            # started stays in RQ's intermediate queue, which RQ's maintenance puts back.)
+            raise StopRequested()
         with self.connection.pipeline(transaction=False) as pipe:
             super().heartbeat(timeout, pipeline=pipe)
             own = len(pipe.command_stack)

@@ -294,3 +294,15 @@ def test_a_stop_signal_while_counting_still_stops_the_worker(redis_conn):
     counts.add(stop_arrives)
     with pytest.raises(StopRequested):
         worker.heartbeat()
+
+
+def test_a_stop_that_was_swallowed_takes_effect_at_the_next_heartbeat(redis_conn):
+    from rq.exceptions import StopRequested
+
+    from worker import make_worker
+
+    worker = make_worker(redis_conn, name="stopping")
+    worker.heartbeat()  # not asked to stop: an ordinary heartbeat
+    worker.stopping = True  # asked, but the StopRequested RQ raised was caught somewhere
+    with pytest.raises(StopRequested):
+        worker.heartbeat()
