@@ -5,11 +5,12 @@ from __future__ import annotations
 import smtplib
 import socket
 import ssl
+from email.policy import compat32
 
 import pytest
 
 from notifier.errors import PermanentDeliveryError, TransientDeliveryError
-from notifier.mail import MemoryMailer, OutgoingEmail, build_message, classify, message_id_for
+from notifier.mail import _WIRE, MemoryMailer, OutgoingEmail, build_message, classify, message_id_for
 from notifier.rendering import RenderedEmail
 
 MAIL_FROM = "notifier@example.com"
@@ -204,3 +205,15 @@ def test_no_line_of_a_message_is_longer_than_smtp_allows(subject):
     message = build_message(email, MAIL_FROM)
     assert message["Subject"] == subject
     assert [part.get_content() for part in message.iter_parts()] == [text, "d" * 1500]
+
+
+@pytest.mark.parametrize("value", [
+    "", "a", "Hello  world", " lead", "trail ", "tab\there", "a\tb  c   d", "  ", "x" * 980, "x" * 994,
+    "x" * 995, "a " * 480, "=?utf-8?q?x?=", "<id@example.com>", "Tue, 01 Dec 2026 00:00:00 GMT", 'a;b, c"d"',
+    "caf\u00e9", "line\r\nbreak",
+])
+@pytest.mark.parametrize("name", ["Subject", "X-Notification-ID", "List-Unsubscribe"])
+def test_headers_are_written_exactly_as_compat32_writes_them(name, value):
+    # The writer skips compat32's folding for a header that needs none; it must not change a byte.
+    reference = compat32.clone(linesep="\r\n", max_line_length=998)
+    assert _WIRE.fold_binary(name, value) == reference.fold_binary(name, value)
