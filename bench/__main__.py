@@ -23,8 +23,8 @@ import traceback
 from redis import Redis
 
 from bench import baselines, phases
-from bench.procs import ROOT, Procs
-from bench.report import HOW, build_rows, delivery_line, render
+from bench.procs import ROOT, Procs, cpu_times
+from bench.report import HOW, build_rows, cpu_lines, delivery_line, render
 from bench.stack import Options, Sink, product_env, recreate_database, start_redis
 
 PHASES = ("smtp", "rq", "bare", "latency", "priority", "queued", "batch", "drain", "single", "memory")
@@ -74,7 +74,7 @@ def run(opts: Options, procs: Procs, results: dict) -> None:
     """Every chosen phase, in an order that keeps each one's conditions clean."""
     wanted = set(opts.phases)
     say(f"private Redis, SMTP sink, database {opts.database.rsplit('/', 1)[-1]} (dropped and recreated)")
-    _, redis_url = start_redis(procs)
+    redis_proc, redis_url = start_redis(procs)
     redis = Redis.from_url(redis_url)
     sink = Sink(procs)
     recreate_database(opts.database)
@@ -85,7 +85,7 @@ def run(opts: Options, procs: Procs, results: dict) -> None:
         results["raw_smtp"] = baselines.raw_smtp(opts, procs, sink)
     if "rq" in wanted:
         say(f"baseline: raw RQ, {opts.rq_workers} workers of worker.py's class, {opts.backlog} no-op jobs")
-        results["raw_rq"] = baselines.raw_rq(opts, procs, redis, redis_url, env)
+        results["raw_rq"] = baselines.raw_rq(opts, procs, redis, redis_url, env, redis_proc.pid)
     if "bare" in wanted:
         say(f"baseline: bare Flask under gunicorn ({opts.api_workers} x {opts.worker_class})")
         results["bare"] = baselines.bare_flask(opts, procs, env)
@@ -97,7 +97,7 @@ def run(opts: Options, procs: Procs, results: dict) -> None:
     redis.flushdb()  # the baselines' jobs and stamps; the product starts on an empty Redis
     say(f"product: gunicorn app ({opts.api_workers} x {opts.worker_class}), {opts.rq_workers} worker.py, "
         "scheduler.py")
-    product = phases.Product(opts, procs, env, redis, sink, opts.database)
+    product = phases.Product(opts, procs, env, redis, sink, opts.database, redis_pid=redis_proc.pid)
     product.start()
     results["batch_route"] = product.batch_route
     results["warm_up"] = phases.warm_up(product)
@@ -132,16 +132,6 @@ def run(opts: Options, procs: Procs, results: dict) -> None:
 
 def _interrupt(signum, frame):
     raise KeyboardInterrupt(signal.Signals(signum).name)
-
-
-def cpu_times() -> list[int] | None:
-    """The machine's CPU time counters (/proc/stat: user nice system idle iowait irq softirq steal),
-    or None where there are none."""
-    try:
-        with open("/proc/stat") as fh:
-            return [int(v) for v in fh.readline().split()[1:9]]
-    except (OSError, ValueError):
-        return None
 
 
 def loop_seconds(n: int = 5_000_000) -> float:
@@ -208,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
           + f"; 5M Python additions took {results['loop_seconds']:.2f} s")
     print(render(rows))
     print(delivery_line(results.get("delivery_check")))
+    if where := cpu_lines(results):
+        print(where)
     print(HOW)
     if failed:
         print(f"run did not finish: {failed} (logs in {os.path.relpath(opts.run_dir, ROOT)})")

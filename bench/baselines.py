@@ -15,7 +15,7 @@ from rq import Queue, Retry
 
 from bench.load import summarize_ms
 from bench.noop import STAMPS_KEY
-from bench.procs import ROOT, Procs
+from bench.procs import ROOT, CpuMeter, Procs, children
 from bench.stack import Gunicorn, Options, Sink, rss_mb, wait_workers
 
 # The same shape as notifier's queues: the no-op jobs go on the second, as literal sends do.
@@ -46,17 +46,21 @@ def raw_smtp(opts: Options, procs: Procs, sink: Sink) -> dict:
     clients = opts.rq_workers
     share = [opts.backlog // clients + (1 if i < opts.backlog % clients else 0) for i in range(clients)]
     start_at = time.time() + 2.0  # every client connected and waiting by then
+    meter = CpuMeter({"sink": lambda: [sink.proc.pid]})
     running, first = [], 0
     for count in share:
         argv = [sys.executable, "-m", "bench.smtp_client", "--port", str(sink.port), "--first", str(first),
                 "--count", str(count), "--start-at", repr(start_at)]
         running.append(subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, text=True))
         first += count
+    time.sleep(max(0.0, start_at - time.time()))
+    meter.start()  # the clients' start-up is not theirs to count
     outs = []
     for proc in running:
         out, _ = proc.communicate(timeout=600)
         outs.append(json.loads(out))
     accepted = sum(o["accepted"] for o in outs)
+    cpu = meter.per_item(accepted)
     elapsed = max(o["finished"] for o in outs) - start_at
     per_message = [(o["finished"] - o["started"]) / max(1, o["accepted"]) for o in outs]
     return {
@@ -66,6 +70,7 @@ def raw_smtp(opts: Options, procs: Procs, sink: Sink) -> dict:
         "elapsed_s": round(elapsed, 3),
         "messages_per_s": round(accepted / elapsed, 1),
         "seconds_per_message": sum(per_message) / len(per_message),
+        "cpu_ms": cpu,  # per message; "other" is the smtplib clients
     }
 
 
@@ -77,7 +82,7 @@ def _noop_jobs(count: int, prefix: str) -> list:
             for i in range(count)]
 
 
-def raw_rq(opts: Options, procs: Procs, redis: Redis, redis_url: str, env: dict) -> dict:
+def raw_rq(opts: Options, procs: Procs, redis: Redis, redis_url: str, env: dict, redis_pid: int) -> dict:
     """No-op jobs through the same worker setup: worker.py's class (a SimpleWorker whose heartbeat
     is one round trip) with the scheduler, --rq-workers of them on four queues; first the rate at
     which they drain --backlog jobs, then how long a job waits from enqueue to start at the latency
@@ -95,6 +100,8 @@ def raw_rq(opts: Options, procs: Procs, redis: Redis, redis_url: str, env: dict)
         with redis.pipeline() as pipe:
             queue.enqueue_many(jobs, pipeline=pipe)
             pipe.execute()
+        meter = CpuMeter({"workers": lambda: [p for w in workers for p in (w.pid, *children(w.pid))],
+                          "redis": lambda: [redis_pid]}).start()
         started = time.perf_counter()
         finished = queue.finished_job_registry
         last, last_change = 0, time.monotonic()
@@ -105,6 +112,7 @@ def raw_rq(opts: Options, procs: Procs, redis: Redis, redis_url: str, env: dict)
                 raise RuntimeError(f"raw RQ: stuck at {done} of {opts.backlog} jobs")
             time.sleep(0.005)
         elapsed = time.perf_counter() - started
+        cpu = meter.per_item(opts.backlog)
         after = rss_mb([w.pid for w in workers])
         pickup = _pickup_latency(opts, redis)
         failed = queue.failed_job_registry.get_job_count(cleanup=False)
@@ -118,6 +126,7 @@ def raw_rq(opts: Options, procs: Procs, redis: Redis, redis_url: str, env: dict)
         "elapsed_s": round(elapsed, 3),
         "jobs_per_s": round(opts.backlog / elapsed, 1),
         "pickup_ms": pickup,
+        "cpu_ms": cpu,  # per job
         "rss_idle_mb": idle,
         "rss_after_mb": after,
     }
@@ -146,11 +155,15 @@ def bare_flask(opts: Options, procs: Procs, env: dict) -> dict:
     try:
         run_load(opts, server.port, "/bare", kind="bare", concurrency=4, requests=200, tag="warm")
         idle = rss_mb(server.workers)
+        meter = CpuMeter({"api": lambda: [server.proc.pid, *server.workers]}).start()
         single = run_load(opts, server.port, "/bare", kind="bare", concurrency=opts.concurrency,
                           duration=opts.duration, tag="bare")
+        single["cpu_ms"] = meter.per_item(single["ok"])  # per request; "other" is mostly the load generator
+        meter.start()
         batch = run_load(opts, server.port, "/bare/batch", kind="batch", batch_size=opts.batch_size,
                          concurrency=opts.batch_concurrency, requests=math.ceil(opts.backlog / opts.batch_size),
                          total_items=opts.backlog, tag="barebatch")
+        batch["cpu_ms"] = meter.per_item(batch["items_accepted"])  # per item
         latency = run_load(opts, server.port, "/bare", kind="bare", mode="open", rate=opts.latency_rate,
                            duration=min(opts.duration, 10), tag="barelat")
         after = rss_mb(server.workers)

@@ -19,7 +19,7 @@ from rq import Queue
 
 from bench.baselines import load_argv, run_load
 from bench.load import summarize_ms
-from bench.procs import ROOT, Proc, Procs, children
+from bench.procs import ROOT, CpuMeter, Proc, Procs, children, named
 from bench.stack import Gunicorn, Options, Sink, create_key, rss_mb, wait_workers
 
 FINAL = ("sent", "failed", "expired", "cancelled", "digested", "suppressed")
@@ -43,6 +43,19 @@ class Product:
     scheduler: Proc | None = None
     batch_route: bool = False
     db: object = None
+    redis_pid: int = 0
+
+    def cpu_meter(self) -> CpuMeter:
+        """A meter of where the CPU goes, by part of the stack (PostgreSQL: every `postgres` process on
+        the machine, so nothing else should use it during a run)."""
+        return CpuMeter({
+            "api": lambda: [self.api.proc.pid, *children(self.api.proc.pid)],
+            "workers": lambda: [p for w in self.workers for p in (w.pid, *children(w.pid))],
+            "scheduler": lambda: [self.scheduler.pid],
+            "postgres": lambda: named("postgres"),
+            "redis": lambda: [self.redis_pid],
+            "sink": lambda: [self.sink.proc.pid],
+        })
 
     def start(self) -> None:
         self.key = create_key(self.env, "bench")
@@ -185,17 +198,21 @@ def batch_and_drain(product: Product, measure_batch: bool, batch: bool = True) -
     product.wait_settled()
     before = product.sink.count()
     product.pause_workers()
+    meter = product.cpu_meter().start()
     try:
         load, ids = _create_backlog(product, "default", "drain" if batch else "queued", batch=batch)
+        load["cpu_ms"] = meter.per_item(len(ids))  # per notification accepted
     finally:
+        meter.start()
         resumed = time.time()
         product.resume_workers()
     product.wait_sink(before + len(ids))
+    cpu = meter.per_item(len(ids))  # per email delivered
     dump = product.sink.dump()
     product.wait_settled()
     arrivals = sorted(dump["first"][i] for i, _ in ids if i in dump["first"])
     out = {"created_with": "batch" if product.batch_route and batch else "single sends", "create": load,
-           "notifications": len(ids), "received": len(arrivals)}
+           "notifications": len(ids), "received": len(arrivals), "cpu_ms": cpu}
     if arrivals:
         elapsed = arrivals[-1] - resumed
         out.update(elapsed_s=round(elapsed, 3), emails_per_s=round(len(arrivals) / elapsed, 1),

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -62,6 +63,79 @@ def children(pid: int) -> list[int]:
         if int(fields[1]) == pid:
             found.append(int(entry))
     return sorted(found)
+
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def cpu_times() -> list[int] | None:
+    """The machine's CPU time counters (/proc/stat: user nice system idle iowait irq softirq steal),
+    or None where there are none."""
+    try:
+        with open("/proc/stat") as fh:
+            return [int(v) for v in fh.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds a process has used, or None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            stat = fh.read()
+    except OSError:
+        return None
+    fields = stat[stat.rfind(")") + 2:].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def named(comm: str) -> list[int]:
+    """Every process whose command name is comm (PostgreSQL starts a backend per connection)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/comm") as fh:
+                    if fh.read().strip() == comm:
+                        found.append(int(entry))
+            except OSError:
+                continue
+    return found
+
+
+class CpuMeter:
+    """Where a phase's CPU time went: the CPU seconds each group of processes used between start()
+    and per_item(), per item. A group is a function returning its pids, asked at both ends; a process
+    that ended in between is not counted in its group. What the machine was busy with beyond the
+    groups (the load generator, this process, anything else running) is "other"; "all" is the whole
+    machine, from /proc/stat, steal excluded."""
+
+    def __init__(self, groups: dict[str, Callable[[], list[int]]]):
+        self.groups = groups
+        self._start: tuple[dict, list[int] | None] | None = None
+
+    def _snapshot(self) -> dict[str, dict[int, float]]:
+        return {name: {pid: used for pid in find() if (used := cpu_seconds(pid)) is not None}
+                for name, find in self.groups.items()}
+
+    def start(self) -> CpuMeter:
+        self._start = (self._snapshot(), cpu_times())
+        return self
+
+    def per_item(self, items: int) -> dict[str, float] | None:
+        """Milliseconds of CPU per item since start(), by group, then "other" and "all"."""
+        if self._start is None or items <= 0:
+            return None
+        before, machine_before = self._start
+        after, machine_after = self._snapshot(), cpu_times()
+        used = {name: sum(seconds - before[name].get(pid, 0.0) for pid, seconds in after[name].items())
+                for name in self.groups}
+        if machine_before and machine_after:
+            delta = [b - a for a, b in zip(machine_before, machine_after, strict=True)]
+            busy = (sum(delta) - delta[3] - delta[4] - delta[7]) / CLOCK_TICKS
+            used["other"] = max(0.0, busy - sum(used.values()))
+            used["all"] = busy
+        return {name: round(1000 * seconds / items, 3) for name, seconds in used.items()}
 
 
 @dataclass

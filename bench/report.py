@@ -129,6 +129,34 @@ def build_rows(results: dict, opts) -> list[Row]:
     return rows
 
 
+def _cpu_text(cpu: dict | None) -> str:
+    if not cpu:
+        return "-"
+    parts = sorted(((name, ms) for name, ms in cpu.items() if name not in ("other", "all") and ms >= 0.005),
+                   key=lambda part: -part[1])
+    parts += [(name, cpu[name]) for name in ("other", "all") if name in cpu]
+    return ", ".join(f"{name} {ms:.2f}" for name, ms in parts)
+
+
+def cpu_lines(results: dict) -> str:
+    """Where each phase's CPU went, per item, next to its baseline's: what limits a ratio."""
+    bare, rq, smtp = results.get("bare"), results.get("raw_rq"), results.get("raw_smtp")
+    queued, drain = results.get("queued"), results.get("drain")
+    batch_create = _get(drain, "create") if _get(drain, "created_with") == "batch" else None
+    lines = [("single send, workers paused (per request)", _get(queued, "create", "cpu_ms"),
+              "bare Flask", _get(bare, "single", "cpu_ms")),
+             ("drain, one job each (per email)", _get(queued, "cpu_ms"), "raw RQ no-op", _get(rq, "cpu_ms")),
+             ("batch (per notification)", _get(batch_create, "cpu_ms"), "bare Flask batch",
+              _get(bare, "batch", "cpu_ms")),
+             ("drain, batch (per email)", _get(drain, "cpu_ms"), "raw SMTP", _get(smtp, "cpu_ms"))]
+    out = ["CPU ms per item by process (all = the whole machine; other = the load generator, the smtplib "
+           "clients, bench itself):"]
+    for label, cpu, base_label, base in lines:
+        if cpu or base:
+            out.append(f"  {label}: {_cpu_text(cpu)}\n      {base_label}: {_cpu_text(base)}")
+    return "\n".join(out) if len(out) > 1 else ""
+
+
 def _errors(load: dict | None) -> bool:
     return bool(load and (load.get("errors") or load.get("ok") != load.get("requests")))
 
