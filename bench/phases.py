@@ -46,8 +46,8 @@ class Product:
     redis_pid: int = 0
 
     def cpu_meter(self) -> CpuMeter:
-        """A meter of where the CPU goes, by part of the stack (PostgreSQL: every `postgres` process on
-        the machine, so nothing else should use it during a run)."""
+        """A meter of where the CPU goes, by part of the stack."""
+        # PostgreSQL is every `postgres` process on the machine: nothing else should use it meanwhile.
         return CpuMeter({
             "api": lambda: [self.api.proc.pid, *children(self.api.proc.pid)],
             "workers": lambda: [p for w in self.workers for p in (w.pid, *children(w.pid))],

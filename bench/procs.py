@@ -106,8 +106,9 @@ def named(comm: str) -> list[int]:
 class CpuMeter:
     """Where a phase's CPU time went: the CPU seconds each group of processes used between start()
     and per_item(), per item. A group is a function returning its pids, asked at both ends; a process
-    that ended in between is not counted in its group. What the machine was busy with beyond the
-    groups (the load generator, this process, anything else running) is "other"; "all" is the whole
+    that ended in between is not counted in its group. Everything else the machine was busy with is
+    "other": the load generator, processes that exited meanwhile (autovacuum workers), the kernel's
+    interrupt work (loopback networking), this process, anything else running. "all" is the whole
     machine, from /proc/stat, steal excluded."""
 
     def __init__(self, groups: dict[str, Callable[[], list[int]]]):
@@ -119,6 +120,7 @@ class CpuMeter:
                 for name, find in self.groups.items()}
 
     def start(self) -> CpuMeter:
+        """Take the starting counts (again, to reuse the meter for a later phase)."""
         self._start = (self._snapshot(), cpu_times())
         return self
 
@@ -130,7 +132,7 @@ class CpuMeter:
         after, machine_after = self._snapshot(), cpu_times()
         used = {name: sum(seconds - before[name].get(pid, 0.0) for pid, seconds in after[name].items())
                 for name in self.groups}
-        if machine_before and machine_after:
+        if machine_before and machine_after and len(machine_before) >= 8 and len(machine_after) >= 8:
             delta = [b - a for a, b in zip(machine_before, machine_after, strict=True)]
             busy = (sum(delta) - delta[3] - delta[4] - delta[7]) / CLOCK_TICKS
             used["other"] = max(0.0, busy - sum(used.values()))

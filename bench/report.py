@@ -149,8 +149,8 @@ def cpu_lines(results: dict) -> str:
              ("batch (per notification)", _get(batch_create, "cpu_ms"), "bare Flask batch",
               _get(bare, "batch", "cpu_ms")),
              ("drain, batch (per email)", _get(drain, "cpu_ms"), "raw SMTP", _get(smtp, "cpu_ms"))]
-    out = ["CPU ms per item by process (all = the whole machine; other = the load generator, the smtplib "
-           "clients, bench itself):"]
+    out = ["CPU ms per item by process (all = the whole machine; other = the load generator or the smtplib "
+           "clients, processes that exited meanwhile, the kernel's interrupt work, bench itself):"]
     for label, cpu, base_label, base in lines:
         if cpu or base:
             out.append(f"  {label}: {_cpu_text(cpu)}\n      {base_label}: {_cpu_text(base)}")

@@ -71,6 +71,10 @@ def _domain(mail_from: str) -> str:
 SMTP_POLICY = SMTP.clone(max_line_length=998)
 
 
+# What str.splitlines() breaks an ASCII string at, as compat32's folding does.
+_ASCII_LINE_BREAK = re.compile(r"[\n\r\v\f\x1c-\x1e]")
+
+
 class _Wire(Compat32):
     """compat32, minus the folding of a header that needs none.
 
@@ -79,8 +83,8 @@ class _Wire(Compat32):
     so it is written as it is (tests/test_mail.py checks the two agree)."""
 
     def _fold(self, name, value, sanitize):
-        if (isinstance(value, str) and value.isascii() and "\r" not in value and "\n" not in value
-                and len(name) + 2 + len(value) <= self.max_line_length):
+        if (isinstance(value, str) and value.isascii() and not _ASCII_LINE_BREAK.search(value)
+                and self.max_line_length and len(name) + 2 + len(value) <= self.max_line_length):
             return f"{name}: {value}{self.linesep}"
         return super()._fold(name, value, sanitize)
 

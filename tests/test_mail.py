@@ -208,12 +208,21 @@ def test_no_line_of_a_message_is_longer_than_smtp_allows(subject):
 
 
 @pytest.mark.parametrize("value", [
-    "", "a", "Hello  world", " lead", "trail ", "tab\there", "a\tb  c   d", "  ", "x" * 980, "x" * 994,
-    "x" * 995, "a " * 480, "=?utf-8?q?x?=", "<id@example.com>", "Tue, 01 Dec 2026 00:00:00 GMT", 'a;b, c"d"',
-    "caf\u00e9", "line\r\nbreak",
+    "", "a", "Hello  world", " lead", "trail ", "tab\there", "a\tb  c   d", "  ", "a " * 480, "=?utf-8?q?x?=",
+    "<id@example.com>", "Tue, 01 Dec 2026 00:00:00 GMT", 'a;b, c"d"', "caf\u00e9", "line\r\nbreak", "end\n",
+    "a\x0bb", "a\x0cb", "a\x1cb", "a\x1eb",
 ])
 @pytest.mark.parametrize("name", ["Subject", "X-Notification-ID", "List-Unsubscribe"])
 def test_headers_are_written_exactly_as_compat32_writes_them(name, value):
     # The writer skips compat32's folding for a header that needs none; it must not change a byte.
+    reference = compat32.clone(linesep="\r\n", max_line_length=998)
+    assert _WIRE.fold(name, value) == reference.fold(name, value)
+    assert _WIRE.fold_binary(name, value) == reference.fold_binary(name, value)
+
+
+@pytest.mark.parametrize("past", [-1, 0, 1])
+@pytest.mark.parametrize("name", ["Subject", "X-Notification-ID", "List-Unsubscribe"])
+def test_a_header_around_the_longest_line_is_written_as_compat32_writes_it(name, past):
+    value = "x" * (998 - len(name) - len(": ") + past)
     reference = compat32.clone(linesep="\r\n", max_line_length=998)
     assert _WIRE.fold_binary(name, value) == reference.fold_binary(name, value)
