@@ -23,7 +23,7 @@ import traceback
 from redis import Redis
 
 from bench import baselines, phases
-from bench.procs import ROOT, Procs, cpu_times
+from bench.procs import ROOT, Procs, cpu_delta, cpu_times
 from bench.report import HOW, build_rows, cpu_lines, delivery_line, render
 from bench.stack import Options, Sink, product_env, recreate_database, start_redis
 
@@ -147,14 +147,11 @@ def loop_seconds(n: int = 5_000_000) -> float:
 def cpu_share(start: list[int] | None, end: list[int] | None) -> dict | None:
     """Busy and stolen shares of all CPU time between two cpu_times(): on a virtual machine, steal is
     time the hypervisor gave to someone else, so a run with much of it measured a slower machine."""
-    if not start or not end or len(start) < 8 or len(end) < 8:
+    ticks = cpu_delta(start, end)
+    if ticks is None or ticks[0] <= 0:
         return None
-    delta = [b - a for a, b in zip(start, end, strict=True)]
-    total = sum(delta)
-    if total <= 0:
-        return None
-    idle = delta[3] + delta[4]
-    return {"busy_pct": 100.0 * (total - idle - delta[7]) / total, "steal_pct": 100.0 * delta[7] / total}
+    total, busy, stolen = ticks
+    return {"busy_pct": 100.0 * busy / total, "steal_pct": 100.0 * stolen / total}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -78,6 +78,14 @@ def cpu_times() -> list[int] | None:
         return None
 
 
+def cpu_delta(start: list[int] | None, end: list[int] | None) -> tuple[int, int, int] | None:
+    """(all, busy, stolen) clock ticks between two cpu_times(); busy leaves out idle, iowait and steal."""
+    if not start or not end or len(start) < 8 or len(end) < 8:
+        return None
+    delta = [b - a for a, b in zip(start, end, strict=True)]
+    return sum(delta), sum(delta) - delta[3] - delta[4] - delta[7], delta[7]
+
+
 def cpu_seconds(pid: int) -> float | None:
     """User + system CPU seconds a process has used, or None when it is gone."""
     try:
@@ -132,9 +140,8 @@ class CpuMeter:
         after, machine_after = self._snapshot(), cpu_times()
         used = {name: sum(seconds - before[name].get(pid, 0.0) for pid, seconds in after[name].items())
                 for name in self.groups}
-        if machine_before and machine_after and len(machine_before) >= 8 and len(machine_after) >= 8:
-            delta = [b - a for a, b in zip(machine_before, machine_after, strict=True)]
-            busy = (sum(delta) - delta[3] - delta[4] - delta[7]) / CLOCK_TICKS
+        if machine := cpu_delta(machine_before, machine_after):
+            busy = machine[1] / CLOCK_TICKS
             used["other"] = max(0.0, busy - sum(used.values()))
             used["all"] = busy
         return {name: round(1000 * seconds / items, 3) for name, seconds in used.items()}
