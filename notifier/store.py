@@ -52,9 +52,9 @@ def create_notification(api_key: ApiKey, fields: dict, status: Status = Status.Q
 def create_notifications(api_key: ApiKey, items: list[tuple[dict, Status, str]]) -> list[Notification]:
     """Store notifications and their first history lines in one transaction; returned in order."""
     now = utcnow()
-    notifications = [Notification(api_key=api_key, status=status.value, created_at=now, updated_at=now, **fields)
-                     for fields, status, _ in items]
-    model_fields = Notification._meta.fields
+    rows = [{**Notification._meta.get_default_dict(), **fields, "api_key": api_key.id, "status": status.value,
+             "created_at": now, "updated_at": now} for fields, status, _ in items]
+    notifications = [_loaded(row, api_key) for row in rows]
     at = Event._meta.fields["at"].db_value(now)
     db = Notification._meta.database
     reasons = [reason for _, _, reason in items]
@@ -65,8 +65,7 @@ def create_notifications(api_key: ApiKey, items: list[tuple[dict, Status, str]])
         seqs = {}
         for start in range(0, len(notifications), _CHUNK):
             chunk = notifications[start:start + _CHUNK]
-            values = [model_fields[c].db_value(getattr(n, "api_key_id" if c == "api_key" else c))
-                      for n in chunk for c in _NOTIFICATION_COLUMNS]
+            values = [to_db(row.get(c)) for row in rows[start:start + _CHUNK] for c, to_db in _NOTIFICATION_TO_DB]
             sql = _insert_sql(Notification, _NOTIFICATION_COLUMNS, len(chunk), ("seq", "id"))
             if postgres:
                 sql, values = _with_history(sql, len(chunk)), [
@@ -82,6 +81,19 @@ def create_notifications(api_key: ApiKey, items: list[tuple[dict, Status, str]])
                 chunk = events[start:start + _CHUNK]
                 db.execute_sql(_insert_sql(Event, _EVENT_COLUMNS, len(chunk)), [v for row in chunk for v in row])
     return notifications
+
+
+_NOTIFICATION_TO_DB = tuple((c, Notification._meta.fields[c].db_value) for c in _NOTIFICATION_COLUMNS)
+
+
+def _loaded(data: dict, api_key: ApiKey) -> Notification:
+    """The model of a row about to be inserted, given every field's value by name: what
+    Notification(**data) makes, without its descriptor call per field (in a batch of a thousand,
+    building the models that way took a fifth of the request's CPU)."""
+    notification = Notification(__no_default__=1)
+    notification.__data__ = data
+    notification.__rel__["api_key"] = api_key  # as the api_key descriptor keeps the object it was given
+    return notification
 
 
 def _with_history(insert_sql: str, rows: int) -> str:

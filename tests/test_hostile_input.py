@@ -183,12 +183,28 @@ def test_invalid_utf8_is_400(client, headers, raw):
     ('{"to": "ada@example.com", "subject": "s", "text": "t", "user_id": "u\\u0000"}', "user_id"),
     ('{"to": "ada@example.com", "subject": "s", "text": "t", "metadata": {"k": ["\\u0000"]}}', "metadata"),
     ('{"to": "ada@example.com", "subject": "s", "text": "t", "metadata": {"\\udc00": 1}}', "metadata"),
+    ('{"to": "ada@example.com", "subject": "\\uDBFF", "text": "t"}', "subject"),  # escapes may be upper case
+    ('{"to": "ada@example.com", "subject": "s", "text": "\\ude00\\ud83d"}', "text"),  # a pair the wrong way round
 ])
 def test_unstorable_text_in_valid_json_is_422(client, headers, payload, field):
     response = client.post(SEND, data=payload, headers=headers, content_type="application/json")
 
     assert field in _refused(response, 422, "validation_error")["details"]
     assert notification_count() == 0
+
+
+def test_a_raw_nul_in_a_string_is_not_json(client, headers):
+    raw = b'{"to": "ada@example.com", "subject": "a\x00b", "text": "t"}'
+    _refused(client.post(SEND, data=raw, headers=headers, content_type="application/json"), 400, "malformed_json")
+    assert notification_count() == 0
+
+
+def test_escapes_that_are_text_are_accepted(client, headers):
+    """A surrogate pair is one character, and an escaped backslash before u0000 is no escape at all."""
+    payload = '{"to": "ada@example.com", "subject": "\\ud83d\\ude00 \\\\u0000", "text": "t"}'
+    response = client.post(SEND, data=payload, headers=headers, content_type="application/json")
+    assert response.status_code == 202, response.get_json()
+    assert client.get(response.headers["Location"], headers=headers).get_json()["subject"] == "\U0001F600 \\u0000"
 
 
 @pytest.mark.parametrize("path", [
