@@ -32,7 +32,7 @@ class Draft:
     fields: dict
     decision: Decision
     key: str | None
-    request_hash: str
+    request_hash: str | None
 
 
 class NotificationService:
@@ -60,7 +60,7 @@ class NotificationService:
         """Check a send request and decide its fate, storing nothing: (Draft, None), or (None, the
         earlier notification) when it replays an idempotency key."""
         key = _idempotency_key(payload, idempotency_key)
-        request_hash = _fingerprint(payload)
+        request_hash = _fingerprint(payload) if key is not None else None  # only a replay compares it
         if key is not None:
             earlier = earlier or store.find_idempotent(api_key, key)
             if earlier is not None:
