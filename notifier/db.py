@@ -121,12 +121,38 @@ def in_values(column: str, values: list) -> tuple[str, list]:
 def select_one(model, where: str, *params):
     """The first row of model matching where, a fixed SQL condition with a {} per parameter.
 
-    On the per-request paths (API key, suppression, preference) building the query with peewee's
-    builder costs more than running it, so the SQL is written once per database kind and reused."""
+    On the per-request and per-email paths (API key, suppression, preference, the notification a job
+    sends) building the query with peewee's builder, or reading its row through peewee's cursor
+    wrapper (which matches the columns to fields anew for every query), cost more than running it:
+    the SQL is written once per database kind, and the row read with the fields' own converters."""
     param = database.param
     key = (model, where, param)
     sql = _SQL.get(key)
     if sql is None:
         condition = where.format(*([param] * where.count("{}")))
-        sql = _SQL[key] = f'SELECT * FROM "{model._meta.table_name}" WHERE {condition} LIMIT 1'
-    return next(iter(model.raw(sql, *params)), None)
+        columns = ", ".join(f'"{f.column_name}"' for f in model._meta.sorted_fields)
+        sql = _SQL[key] = f'SELECT {columns} FROM "{model._meta.table_name}" WHERE {condition} LIMIT 1'
+    row = database.execute_sql(sql, params).fetchone()
+    if row is None:
+        return None
+    return model_from(model, {name: None if value is None else read(value)
+                              for (name, read), value in zip(_readers(model), row, strict=True)})
+
+
+def _readers(model) -> tuple:
+    readers = _READERS.get(model)
+    if readers is None:
+        readers = _READERS[model] = tuple((f.name, f.python_value) for f in model._meta.sorted_fields)
+    return readers
+
+
+_READERS: dict = {}
+
+
+def model_from(model, data: dict):
+    """The instance of model holding data (every field's value by name, as Python values): what
+    model(**data) makes, without a descriptor call per field. Foreign keys hold the related id; a
+    caller that has the related object may put it in __rel__ as peewee's descriptors would."""
+    instance = model(__no_default__=1)
+    instance.__data__ = data
+    return instance
