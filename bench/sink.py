@@ -82,6 +82,8 @@ class SinkProtocol(asyncio.Protocol):
         while buffer:
             if self.in_data:
                 # A message may be empty: then its end is the "." line alone.
+                if self.scanned == 0 and len(buffer) < 3 and b".\r\n".startswith(buffer):
+                    break  # perhaps that line, not all here yet
                 if buffer.startswith(b".\r\n") and self.scanned == 0:
                     content, buffer = b"", buffer[3:]
                 else:

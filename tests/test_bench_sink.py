@@ -71,8 +71,14 @@ def test_pipelined_commands_and_an_end_of_data_split_across_writes(sink):
             conn.sendall(piece)
             time.sleep(0.02)  # so the sink reads each piece on its own
         assert reader.readline()[:3] == b"250"
+        conn.sendall(b"MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.com>\r\nDATA\r\n")
+        assert [reader.readline()[:3] for _ in range(3)] == [b"250", b"250", b"354"]
+        for piece in (b".", b"\r", b"\n"):  # an empty message, its "." line in three reads
+            conn.sendall(piece)
+            time.sleep(0.02)
+        assert reader.readline()[:3] == b"250"
         conn.sendall(b"WHAT\r\nQUIT\r\n")
         assert reader.readline()[:3] == b"500"
         assert reader.readline()[:3] == b"221"
         assert reader.readline() == b""  # the sink closed the connection
-    assert counter.counts == {"split": 1}
+    assert counter.counts == {"split": 1, NO_ID: 1}

@@ -199,6 +199,21 @@ def test_a_raw_nul_in_a_string_is_not_json(client, headers):
     assert notification_count() == 0
 
 
+@pytest.mark.parametrize("encoding", ["utf-16-le", "utf-16-be", "utf-32-le", "utf-32-be"])
+@pytest.mark.parametrize("payload", [
+    '{"to": "ada@example.com", "subject": "a\\u0000b", "text": "t"}',
+    '{"to": "ada@example.com", "subject": "\\ud800", "text": "t"}',
+    '{"to": "ada@example.com", "subject": "s", "text": "t"}',
+])
+def test_json_in_utf16_or_utf32_is_400(client, headers, encoding, payload):
+    """JSON on the wire is UTF-8. These bodies also decode as UTF-8 (ASCII with NULs between), and a
+    parser given the bytes would read them as UTF-16/32, escapes and all."""
+    raw = payload.encode(encoding)
+    raw.decode("utf-8")
+    _refused(client.post(SEND, data=raw, headers=headers, content_type="application/json"), 400, "malformed_json")
+    assert notification_count() == 0
+
+
 def test_escapes_that_are_text_are_accepted(client, headers):
     """A surrogate pair is one character, and an escaped backslash before u0000 is no escape at all."""
     payload = '{"to": "ada@example.com", "subject": "\\ud83d\\ude00 \\\\u0000", "text": "t"}'

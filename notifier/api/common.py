@@ -7,7 +7,6 @@ from functools import lru_cache
 
 from flask import current_app, g, request
 from marshmallow import Schema, ValidationError
-from werkzeug.exceptions import BadRequest
 
 from notifier import keys
 from notifier.errors import ApiError, RateLimited, Unauthorized
@@ -64,8 +63,11 @@ def json_body(schema: Schema) -> dict:
     except UnicodeDecodeError as exc:
         raise ApiError("the request body is not valid UTF-8", code="malformed_json") from exc
     try:
-        body = request.get_json(force=True)
-    except BadRequest as exc:  # not JSON
+        # The text just decoded, not the bytes: given bytes, the parser would also take UTF-16 and
+        # UTF-32 (which decode as "UTF-8" too, ASCII with NULs between), and the escape check below
+        # must read what the parser reads.
+        body = current_app.json.loads(text)
+    except ValueError as exc:  # not JSON
         raise ApiError("the request body is not valid JSON", code="malformed_json") from exc
     except RecursionError as exc:  # nested deeper than Python's parser goes
         raise ApiError("the request body is nested too deeply", code="malformed_json") from exc
