@@ -25,6 +25,7 @@ from redis import Redis
 from bench import baselines, phases
 from bench.procs import ROOT, Procs, cpu_delta, cpu_times
 from bench.report import HOW, build_rows, cpu_lines, delivery_line, render
+from bench.spy import Spy
 from bench.stack import Options, Sink, product_env, recreate_database, start_redis
 
 PHASES = ("smtp", "rq", "bare", "latency", "priority", "queued", "batch", "drain", "single", "memory")
@@ -49,6 +50,10 @@ def parse_args(argv: list[str] | None = None) -> Options:
     parser.add_argument("--latency-rate", type=float, default=100.0, help="offered req/s of the latency phase")
     parser.add_argument("--priority-rate", type=float, default=20.0, help="high-priority sends/s while low drains")
     parser.add_argument("--phases", default=",".join(PHASES), help=f"comma list, from {','.join(PHASES)}")
+    parser.add_argument("--py-spy", action="store_true",
+                        help="profile the API workers while they accept and the RQ workers while they drain "
+                             "(py-spy record --gil); stacks in the run directory, heaviest frames in the output. "
+                             "py-spy's own CPU then shows as 'other' in the CPU account")
     parser.add_argument("--database", default=DEFAULT_DATABASE,
                         help="PostgreSQL URL of a database to DROP and recreate for the run")
     args = parser.parse_args(argv)
@@ -63,14 +68,14 @@ def parse_args(argv: list[str] | None = None) -> Options:
                    backlog=args.backlog, concurrency=args.concurrency, worker_class=args.worker_class,
                    threads=args.threads, batch_size=args.batch_size, batch_concurrency=args.batch_concurrency,
                    latency_rate=args.latency_rate, priority_rate=args.priority_rate, database=args.database,
-                   phases=chosen, run_dir=run_dir)
+                   phases=chosen, run_dir=run_dir, py_spy=args.py_spy)
 
 
 def say(message: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def run(opts: Options, procs: Procs, results: dict) -> None:
+def run(opts: Options, procs: Procs, results: dict, spy: Spy) -> None:
     """Every chosen phase, in an order that keeps each one's conditions clean."""
     wanted = set(opts.phases)
     say(f"private Redis, SMTP sink, database {opts.database.rsplit('/', 1)[-1]} (dropped and recreated)")
@@ -97,7 +102,7 @@ def run(opts: Options, procs: Procs, results: dict) -> None:
     redis.flushdb()  # the baselines' jobs and stamps; the product starts on an empty Redis
     say(f"product: gunicorn app ({opts.api_workers} x {opts.worker_class}), {opts.rq_workers} worker.py, "
         "scheduler.py")
-    product = phases.Product(opts, procs, env, redis, sink, opts.database, redis_pid=redis_proc.pid)
+    product = phases.Product(opts, procs, env, redis, sink, opts.database, redis_pid=redis_proc.pid, spy=spy)
     product.start()
     results["batch_route"] = product.batch_route
     results["warm_up"] = phases.warm_up(product)
@@ -164,11 +169,12 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {"options": vars(opts), "cpus": os.cpu_count(), "load_average_start": os.getloadavg(),
                      "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     procs = Procs(log_dir=opts.run_dir)
+    spy = Spy(opts.run_dir, opts.py_spy)
     results["loop_seconds"] = loop_seconds()
     cpu_start = cpu_times()
     failed = None
     try:
-        run(opts, procs, results)
+        run(opts, procs, results, spy)
     except KeyboardInterrupt:
         failed = "interrupted"
     except Exception as exc:  # noqa: BLE001 - report what was measured so far, then the error
@@ -180,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     results["load_average_end"] = os.getloadavg()
     results["cpu"] = cpu_share(cpu_start, cpu_times())
     results["error"] = failed
+    results["py_spy"] = spy.report()
     rows = build_rows(results, opts)
     results["table"] = [row.as_dict() for row in rows]
     for path in (os.path.join(opts.run_dir, "results.json"), os.path.join(ROOT, "var", "bench", "latest.json")):
@@ -197,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     print(delivery_line(results.get("delivery_check")))
     if where := cpu_lines(results):
         print(where)
+    if results["py_spy"]:
+        print(results["py_spy"])
     print(HOW)
     if failed:
         print(f"run did not finish: {failed} (logs in {os.path.relpath(opts.run_dir, ROOT)})")

@@ -20,6 +20,7 @@ from rq import Queue
 from bench.baselines import load_argv, run_load
 from bench.load import summarize_ms
 from bench.procs import ROOT, CpuMeter, Proc, Procs, children, cpu_seconds, named
+from bench.spy import Spy
 from bench.stack import Gunicorn, Options, Sink, create_key, rss_mb, wait_workers
 
 FINAL = ("sent", "failed", "expired", "cancelled", "digested", "suppressed")
@@ -44,6 +45,7 @@ class Product:
     batch_route: bool = False
     db: object = None
     redis_pid: int = 0
+    spy: Spy = field(default_factory=lambda: Spy("", enabled=False))
 
     def cpu_meter(self) -> CpuMeter:
         """A meter of where the CPU goes, by part of the stack."""
@@ -209,15 +211,18 @@ def batch_and_drain(product: Product, measure_batch: bool, batch: bool = True) -
     before = product.sink.count()
     product.pause_workers()
     meter = product.cpu_meter().start()
+    tag, shape = ("drain", "batch") if batch else ("queued", "single")
     try:
-        load, ids = _create_backlog(product, "default", "drain" if batch else "queued", batch=batch)
+        with product.spy.record(f"{shape}-accept-api", children(product.api.proc.pid)):
+            load, ids = _create_backlog(product, "default", tag, batch=batch)
         load["cpu_ms"] = meter.per_item(len(ids))  # per notification accepted
     finally:
         meter.start()
         resumed = time.time()
         product.resume_workers()
-    product.wait_sink(before + len(ids))
-    cpu = meter.per_item(len(ids))  # per email delivered
+    with product.spy.record(f"{shape}-drain-workers", [w.pid for w in product.workers]):
+        product.wait_sink(before + len(ids))
+        cpu = meter.per_item(len(ids))  # per email delivered
     dump = product.sink.dump()
     product.wait_settled()
     arrivals = sorted(dump["first"][i] for i, _ in ids if i in dump["first"])

@@ -37,6 +37,7 @@ class Options:
     database: str
     phases: list[str]
     run_dir: str
+    py_spy: bool = False
 
 
 class Sink:
