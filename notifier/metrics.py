@@ -44,6 +44,9 @@ COUNTERS = {
 }
 DELIVERY_SECONDS = "notifier_delivery_seconds"
 SMTP_REPLIES = "notifier_smtp_replies_total"
+RECONCILED = "notifier_reconciler_actions_total"
+# What a reconciler pass can do (notifier.reconciler.Report's fields), each shown even at zero.
+RECONCILER_ACTIONS = ("expired", "released", "recovered", "requeued", "callbacks", "keys_forgotten")
 
 
 def _key(metric: str, part: str = "") -> str:
@@ -149,6 +152,13 @@ def expired(redis: Redis | Deferred | None, notification: Notification) -> None:
     _write(redis, lambda p: p.hincrby(_key("notifier_notifications_expired_total"), _labels(notification), 1))
 
 
+def reconciled(redis: Redis | None, actions: dict[str, int]) -> None:
+    """Count what a reconciler pass did, by action; `recovered` is the one that may send twice."""
+    done = {action: count for action, count in actions.items() if count}
+    if done:
+        _write(redis, lambda pipe: [pipe.hincrby(_key(RECONCILED), _field(a), n) for a, n in done.items()])
+
+
 def dead_letter_count() -> int:
     """Failed notifications in the database: the dead-letter queue, as `dlq list` shows it."""
     return Notification.select().where(Notification.status == Status.FAILED.value).count()
@@ -171,6 +181,7 @@ class RedisCollector:
         pipe.hgetall(_key(DELIVERY_SECONDS, "buckets"))
         pipe.hgetall(_key(DELIVERY_SECONDS, "sum"))
         pipe.hgetall(_key(SMTP_REPLIES))
+        pipe.hgetall(_key(RECONCILED))
         for name in QUEUES_BY_PRIORITY:
             pipe.llen(Queue(name, connection=self.redis).key)
         results = iter(pipe.execute())
@@ -189,6 +200,14 @@ class RedisCollector:
                                      labels=("class",))
         for reply in REPLY_CLASSES:
             family.add_metric((reply,), replies.get(reply, 0))
+        yield family
+
+        actions = {labels[0]: value for labels, value in _decode(next(results)).items()}
+        family = CounterMetricFamily(RECONCILED, "What reconciler passes did, by action. recovered: notifications "
+                                     "whose worker was lost mid-send (retried, so possibly sent twice, or failed).",
+                                     labels=("action",))
+        for action in (*RECONCILER_ACTIONS, *sorted(set(actions) - set(RECONCILER_ACTIONS))):
+            family.add_metric((action,), actions.get(action, 0))
         yield family
 
         family = GaugeMetricFamily("notifier_queue_depth", "Jobs waiting in each RQ queue.", labels=("queue",))

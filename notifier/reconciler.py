@@ -23,7 +23,7 @@ from datetime import datetime, timedelta
 from redis import Redis
 from rq.utils import utcparse
 
-from notifier import queues, store
+from notifier import metrics, queues, store
 from notifier.config import Settings
 from notifier.models import WAITING_STATUSES, CallbackStatus, Notification, Status, utcnow
 
@@ -60,6 +60,7 @@ def reconcile(settings: Settings, redis: Redis, now: datetime | None = None) -> 
     report.keys_forgotten = _forget_keys(now - timedelta(days=settings.idempotency_ttl_days))
     if any(asdict(report).values()):
         logger.info("reconciled: %s", report.as_dict())
+        metrics.reconciled(redis, report.as_dict())
     return report
 
 

@@ -6,9 +6,11 @@ import base64
 import urllib.request
 from dataclasses import replace
 
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from app import create_app
+from notifier import metrics
 
 OPERATOR = ("ops", "correct horse battery staple")
 CHALLENGE = 'Basic realm="notifier operators"'
@@ -33,6 +35,13 @@ def parse(text: str) -> dict[tuple[str, tuple], float]:
         for family in text_string_to_metric_families(text)
         for sample in family.samples
     }
+
+
+def collect_metrics(redis) -> dict[tuple[str, tuple], float]:
+    """What a scrape would show, read straight through the collector, parsed."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(metrics.RedisCollector(redis))
+    return parse(generate_latest(registry).decode())
 
 
 def value(samples: dict, name: str, **labels) -> float | None:

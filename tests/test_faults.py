@@ -19,6 +19,7 @@ from redis import Redis
 from notifier.devmail import CaptureHandler, start
 from tests.conftest import PG_ADMIN_URL
 from tests.helpers import LITERAL
+from tests.operators import collect_metrics, value
 from tests.processes import Stack, free_port, wait_until
 
 pytestmark = pytest.mark.integration
@@ -43,7 +44,7 @@ def _recipients(handler: CaptureHandler) -> list[str]:
     return sorted(m.rcpt_tos[0] for m in handler.messages)
 
 
-def test_worker_sigkill_mid_send_is_recovered_and_sent_once(make_stack, smtp):
+def test_worker_sigkill_mid_send_is_recovered_and_sent_once(make_stack, smtp, redis_conn):
     stack = make_stack().start("api", "worker", "scheduler")
     smtp.delay = 3.0
     notification_id = stack.send(_to(1))
@@ -56,6 +57,8 @@ def test_worker_sigkill_mid_send_is_recovered_and_sent_once(make_stack, smtp):
     assert detail["attempts"] == 2
     assert any("worker was lost mid-send" in (e["reason"] or "") for e in detail["history"])
     assert _recipients(smtp) == ["user1@example.com"]
+    # The operator sees it too: the one reconciler action that may have sent a message twice.
+    assert value(collect_metrics(redis_conn), "notifier_reconciler_actions_total", action="recovered") == 1
 
 
 def test_worker_sigterm_finishes_the_send_and_loses_nothing(make_stack, smtp):

@@ -8,7 +8,6 @@ from datetime import timedelta
 from types import SimpleNamespace
 
 import pytest
-from prometheus_client import CollectorRegistry, generate_latest
 from rq import Queue
 
 from notifier import metrics, queues
@@ -29,8 +28,8 @@ from tests.helpers import (
 from tests.operators import (
     CHALLENGE,
     OPERATOR,
+    collect_metrics,
     operator_client,
-    parse,
     scrape,
     scrape_url,
     total,
@@ -53,13 +52,6 @@ def _accept(client, headers, path=SEND, payload=LITERAL) -> str:
     response = client.post(path, json=payload, headers=headers)
     assert response.status_code == 202, response.get_data(as_text=True)
     return response.get_json()["id"]
-
-
-def _collect(redis) -> dict:
-    """What a scrape would show, read straight through the collector."""
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(metrics.RedisCollector(redis))
-    return parse(generate_latest(registry).decode())
 
 
 def _work(settings, redis_conn) -> None:
@@ -193,7 +185,7 @@ def test_histogram_buckets_are_cumulative(fake_redis):
         sent_ago(seconds)
     sent_ago(0.3, "high")
 
-    samples = _collect(fake_redis)
+    samples = collect_metrics(fake_redis)
     bucket = {le: value(samples, "notifier_delivery_seconds_bucket", priority="default", le=le)
               for le in ("0.25", "0.5", "5.0", "10.0", "3600.0", "+Inf")}
     assert bucket == {"0.25": 0, "0.5": 2, "5.0": 2, "10.0": 3, "3600.0": 3, "+Inf": 4}

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import asdict, replace
 from datetime import timedelta
 
 import pytest
@@ -10,8 +10,9 @@ from rq import Queue
 
 from notifier import keys, queues
 from notifier.models import Notification, Status, utcnow
-from notifier.reconciler import RECOVERED_REASON, reconcile
+from notifier.reconciler import RECOVERED_REASON, Report, reconcile
 from tests.helpers import make_notification, reload
+from tests.operators import collect_metrics
 from worker import make_worker
 
 
@@ -90,6 +91,22 @@ def test_a_notification_stuck_in_sending_is_recovered_to_retrying(owner, setting
     assert row.status == Status.RETRYING
     assert [e.reason for e in row.events][-1] == RECOVERED_REASON
     assert _queued_ids(fake_redis) == [queues.job_id_for(stuck.id)]
+
+
+def test_each_pass_is_counted_for_metrics_by_action(owner, settings, fake_redis):
+    stuck = make_notification(owner, status=Status.SENDING)
+    _age(stuck, 120, attempts=1)
+    lost = make_notification(owner, to="lost@example.com")
+    _age(lost, 60)
+    reconcile(settings, fake_redis)
+    reconcile(settings, fake_redis)  # nothing left to do: counts nothing
+    samples = collect_metrics(fake_redis)
+    counted = {labels[0][1]: v for (name, labels), v in samples.items()
+               if name == "notifier_reconciler_actions_total"}
+    # The recovered row was re-queued in the same pass; the lost job is the one `requeued` counts.
+    assert counted == {"expired": 0, "released": 0, "recovered": 1, "requeued": 1, "callbacks": 0,
+                       "keys_forgotten": 0}
+    assert set(counted) == set(asdict(Report()))
 
 
 def test_stuck_on_the_final_attempt_fails_with_a_reason(owner, settings, fake_redis):
