@@ -8,6 +8,7 @@ import threading
 from flask import Flask, jsonify, request
 from marshmallow import ValidationError
 from werkzeug.exceptions import HTTPException
+from werkzeug.middleware.proxy_fix import ProxyFix
 
 from notifier.api import docs, guards, operators, tracing
 from notifier.api.common import rate_limit_headers
@@ -85,6 +86,9 @@ def create_app(settings: Settings | None = None, *, redis=None) -> Flask:
     app = Flask(__name__)
     app.config.update(MAX_CONTENT_LENGTH=settings.max_body_bytes, NOTIFIER_SETTINGS=settings, JSON_SORT_KEYS=False)
     app.json.sort_keys = False
+    if settings.proxy_hops:
+        # Behind reverse proxies: the client's address and scheme are what the proxies say they are.
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.proxy_hops, x_proto=settings.proxy_hops)
     tracing.init_app(app)  # first, so every other hook and error already has the request id
     guards.init_app(app)
 

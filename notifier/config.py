@@ -48,6 +48,11 @@ class Settings:
     # HTTP basic auth for /rq (the RQ dashboard) and /metrics; while either is empty nobody gets in.
     operator_username: str = ""
     operator_password: str = field(default="", repr=False)
+    # Failed operator logins allowed per client address; past it, that address gets 429 until the
+    # window moves on, right password or not. Empty: no limit.
+    operator_auth_limit: str = "10/minute"
+    # How many reverse proxies in front set X-Forwarded-For/-Proto; 0 trusts neither header.
+    proxy_hops: int = 0
     public_base_url: str = "http://127.0.0.1:5000"
     digest_time: str = "08:00"
     digest_weekday: int = 0  # Monday
@@ -111,6 +116,8 @@ class Settings:
             secret_key=env.get("SECRET_KEY", ""),
             operator_username=operator_username,
             operator_password=operator_password,
+            operator_auth_limit=_rate(env, "OPERATOR_AUTH_LIMIT", defaults.operator_auth_limit, allow_empty=True),
+            proxy_hops=_int(env, "PROXY_HOPS", defaults.proxy_hops, 0, 10),
             public_base_url=_base_url(env.get("PUBLIC_BASE_URL", defaults.public_base_url)),
             digest_time=_clock(env, "DIGEST_TIME", defaults.digest_time),
             digest_weekday=WEEKDAYS.index(_choice(env, "DIGEST_WEEKDAY", "monday", WEEKDAYS)),

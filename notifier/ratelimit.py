@@ -1,7 +1,8 @@
 """Rate limits over Redis with the `limits` library (moving window), shared by every API process.
 
-Two limits: each API key's request rate (its own, or RATE_LIMIT), and a cap per recipient on
-non-transactional mail (RECIPIENT_CAP) so a looping caller cannot flood one inbox. If Redis cannot be
+Three limits: each API key's request rate (its own, or RATE_LIMIT), a cap per recipient on
+non-transactional mail (RECIPIENT_CAP) so a looping caller cannot flood one inbox, and failed operator
+logins per client address (OPERATOR_AUTH_LIMIT) so the operator password cannot be guessed at speed. If Redis cannot be
 reached the limits are not enforced: refusing every request would turn a Redis outage into an
 outage of the API, which keeps accepting work while Redis is down."""
 
@@ -11,6 +12,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
+from functools import lru_cache
 
 from limits import RateLimitItem, parse
 from limits.storage import storage_from_string
@@ -20,8 +22,10 @@ from redis.exceptions import RedisError
 logger = logging.getLogger(__name__)
 
 
+@lru_cache(maxsize=256)
 def parse_rate(text: str) -> RateLimitItem:
-    """"100/second", "20/hour", "1000 per minute": raises ValueError for anything else."""
+    """"100/second", "20/hour", "1000 per minute": raises ValueError for anything else. Cached: the
+    same few rates are asked for on every request."""
     return parse(text)
 
 
@@ -51,8 +55,15 @@ class Limiter:
 
     def hit(self, rate: RateLimitItem, *identifiers: str) -> Verdict:
         """Count one request against rate; say whether it is allowed and what is left."""
+        return self._verdict(self._limiter.hit, rate, identifiers)
+
+    def check(self, rate: RateLimitItem, *identifiers: str) -> Verdict:
+        """Whether one more would be allowed, without counting it (for limits that count failures)."""
+        return self._verdict(self._limiter.test, rate, identifiers)
+
+    def _verdict(self, ask, rate: RateLimitItem, identifiers: tuple[str, ...]) -> Verdict:
         try:
-            allowed = self._limiter.hit(rate, "notifier", *identifiers)
+            allowed = ask(rate, "notifier", *identifiers)
             stats = self._limiter.get_window_stats(rate, "notifier", *identifiers)
         except (RedisError, ConnectionError, OSError) as exc:
             logger.warning("rate limit not enforced, Redis unreachable: %s", type(exc).__name__)

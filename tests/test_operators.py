@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 from rq import Queue
 
@@ -160,3 +162,74 @@ def test_half_an_operator_pair_or_a_colon_in_the_name_stops_start_up(env, named)
     with pytest.raises(ConfigError) as caught:
         Settings.from_env(env)
     assert caught.value.setting == named
+
+
+def _throttled_ops(pg_settings, redis_conn, **changes):
+    return operator_client(replace(pg_settings, **{"operator_auth_limit": "3/minute", **changes}), redis_conn)
+
+
+def _from(address: str) -> dict:
+    return {"REMOTE_ADDR": address}
+
+
+def test_repeated_wrong_operator_passwords_lock_out_that_address(pg_settings, pg_db, redis_conn, caplog):
+    ops = _throttled_ops(pg_settings, redis_conn)
+    guesser, colleague = _from("203.0.113.7"), _from("198.51.100.2")
+    for guess in ("hunter2", "letmein", "password"):
+        _assert_refused(ops.get("/metrics", auth=(OPERATOR[0], guess), environ_base=guesser))
+
+    # The fourth try is refused before the password is looked at, the right one included.
+    locked = ops.get("/metrics", auth=OPERATOR, environ_base=guesser)
+    assert locked.status_code == 429
+    assert locked.get_json()["error"]["code"] == "rate_limited"
+    assert 1 <= int(locked.headers["Retry-After"]) <= 60
+    assert ops.get("/rq/", auth=OPERATOR, environ_base=guesser).status_code == 429
+    # Another address is not locked out by someone else's guessing.
+    assert ops.get("/metrics", auth=OPERATOR, environ_base=colleague).status_code == 200
+    assert "from 203.0.113.7" in caplog.text and "hunter2" not in caplog.text
+
+
+def test_right_logins_and_credential_less_asks_are_never_counted(pg_settings, pg_db, redis_conn):
+    ops = _throttled_ops(pg_settings, redis_conn)
+    for _ in range(5):
+        _assert_refused(ops.get("/rq/", environ_base=_from("192.0.2.9")))  # a browser asks first
+        assert ops.get("/metrics", auth=OPERATOR, environ_base=_from("192.0.2.9")).status_code == 200
+    _assert_refused(ops.get("/metrics", auth=(OPERATOR[0], "wrong"), environ_base=_from("192.0.2.9")))
+    assert ops.get("/metrics", auth=OPERATOR, environ_base=_from("192.0.2.9")).status_code == 200
+
+
+def test_an_empty_operator_auth_limit_counts_nothing(pg_settings, pg_db, redis_conn):
+    ops = _throttled_ops(pg_settings, redis_conn, operator_auth_limit="")
+    for _ in range(12):
+        _assert_refused(ops.get("/metrics", auth=(OPERATOR[0], "wrong")))
+    assert ops.get("/metrics", auth=OPERATOR).status_code == 200
+
+
+def test_forwarded_for_names_the_client_only_behind_configured_proxies(pg_settings, pg_db, redis_conn):
+    proxy = _from("10.0.0.5")
+    direct = _throttled_ops(pg_settings, redis_conn)
+    for n in range(3):  # a guesser cannot dodge the count by making up X-Forwarded-For
+        _assert_refused(direct.get("/metrics", auth=(OPERATOR[0], "wrong"), environ_base=proxy,
+                                   headers={"X-Forwarded-For": f"203.0.113.{n}"}))
+    assert direct.get("/metrics", auth=OPERATOR, environ_base=proxy).status_code == 429
+
+    redis_conn.flushdb()
+    behind = _throttled_ops(pg_settings, redis_conn, proxy_hops=1)
+    for _ in range(3):
+        _assert_refused(behind.get("/metrics", auth=(OPERATOR[0], "wrong"), environ_base=proxy,
+                                   headers={"X-Forwarded-For": "203.0.113.7"}))
+    assert behind.get("/metrics", auth=OPERATOR, environ_base=proxy,
+                      headers={"X-Forwarded-For": "203.0.113.7"}).status_code == 429
+    # The proxy's other clients still get in.
+    assert behind.get("/metrics", auth=OPERATOR, environ_base=proxy,
+                      headers={"X-Forwarded-For": "198.51.100.2"}).status_code == 200
+
+
+def test_operator_auth_limit_and_proxy_hops_are_read_from_the_environment():
+    assert Settings.from_env({}).operator_auth_limit == "10/minute"
+    assert Settings.from_env({"OPERATOR_AUTH_LIMIT": " "}).operator_auth_limit == ""
+    assert Settings.from_env({"PROXY_HOPS": "2"}).proxy_hops == 2
+    for env, named in (({"OPERATOR_AUTH_LIMIT": "lots"}, "OPERATOR_AUTH_LIMIT"), ({"PROXY_HOPS": "-1"}, "PROXY_HOPS")):
+        with pytest.raises(ConfigError) as caught:
+            Settings.from_env(env)
+        assert caught.value.setting == named

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-from functools import lru_cache
 
 from flask import current_app, g, request
 from marshmallow import Schema, ValidationError
@@ -32,15 +31,10 @@ def require_api_key() -> None:
     if key is None:
         raise Unauthorized(f"a valid {API_KEY_HEADER} header is required")
     g.api_key = key
-    verdict = ext["limiter"].hit(_key_rate(key.rate_limit or ext["settings"].rate_limit), "key", str(key.id))
+    verdict = ext["limiter"].hit(parse_rate(key.rate_limit or ext["settings"].rate_limit), "key", str(key.id))
     g.rate_limit = verdict
     if not verdict.allowed:
         raise RateLimited(f"over this key's rate limit of {verdict.limit} requests; retry in {verdict.reset_seconds} s")
-
-
-@lru_cache(maxsize=256)
-def _key_rate(text: str):
-    return parse_rate(text)
 
 
 def rate_limit_headers(response):

@@ -2,7 +2,9 @@
 
 rq-dashboard has no authentication of its own, and a plain GET to its requeue route requeues every
 failed job, so every path under /rq is guarded, matched or not, before the dashboard's own hooks run.
-Without OPERATOR_USERNAME and OPERATOR_PASSWORD configured, nobody gets in.
+Without OPERATOR_USERNAME and OPERATOR_PASSWORD configured, nobody gets in. A client address that
+fails OPERATOR_AUTH_LIMIT times in its window is refused (429) until the window moves on, so the
+password cannot be guessed at the speed of the API.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import hmac
 import logging
 
 import rq_dashboard
-from flask import Blueprint, Flask, Response, current_app, request
+from flask import Blueprint, Flask, Response, current_app, g, request
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 from redis.exceptions import RedisError
@@ -21,7 +23,8 @@ from werkzeug.exceptions import Unauthorized
 
 from notifier import metrics
 from notifier.config import Settings
-from notifier.errors import ServiceUnavailable
+from notifier.errors import RateLimited, ServiceUnavailable
+from notifier.ratelimit import parse_rate
 
 logger = logging.getLogger(__name__)
 
@@ -51,19 +54,31 @@ def _guard() -> None:
 
 def require_operator() -> None:
     """Let the request through only with the configured operator's basic-auth credentials."""
-    settings: Settings = current_app.extensions["notifier"]["settings"]
+    ext = current_app.extensions["notifier"]
+    settings: Settings = ext["settings"]
     challenge = WWWAuthenticate("basic", {"realm": REALM})
     if not (settings.operator_username and settings.operator_password):
         raise Unauthorized("operator access is not configured (set OPERATOR_USERNAME and OPERATOR_PASSWORD)",
                            www_authenticate=challenge)
+    address = request.remote_addr or "unknown"
+    failures = parse_rate(settings.operator_auth_limit) if settings.operator_auth_limit else None
+    if failures is not None:
+        # Checked before the password, so a locked-out guesser learns nothing even when right.
+        verdict = ext["limiter"].check(failures, "operator-auth", address)
+        if not verdict.allowed:
+            g.rate_limit = verdict
+            raise RateLimited(f"too many failed operator logins from this address; retry in {verdict.reset_seconds} s")
     auth = request.authorization
     if auth is None or auth.type != "basic":
+        # Not a guess (a browser asks first without credentials): not counted.
         raise Unauthorized("operator credentials are required", www_authenticate=challenge)
     # Both compared in full, in constant time, so the answer's timing says nothing about either.
     name_ok = hmac.compare_digest((auth.username or "").encode(), settings.operator_username.encode())
     password_ok = hmac.compare_digest((auth.password or "").encode(), settings.operator_password.encode())
     if not (name_ok and password_ok):
-        logger.warning("operator authentication failed for %s %s", request.method, request.path)
+        logger.warning("operator authentication failed for %s %s from %s", request.method, request.path, address)
+        if failures is not None:
+            ext["limiter"].hit(failures, "operator-auth", address)
         raise Unauthorized("wrong operator credentials", www_authenticate=challenge)
 
 
