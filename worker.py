@@ -13,9 +13,9 @@ from rq import SimpleWorker
 from rq.exceptions import StopRequested
 from rq.worker import WorkerStatus
 
-from notifier import jobs, metrics
+from notifier import jobs, logs, metrics
 from notifier.errors import PermanentDeliveryError
-from notifier.queues import all_queues, connect_redis
+from notifier.queues import REQUEST_ID_META, all_queues, connect_redis
 from notifier.resilience import run_until_stopped
 from notifier.runtime import build_deliverer, configure_logging, load_settings
 
@@ -80,6 +80,11 @@ class NotifierWorker(SimpleWorker):
                 raise reply
         if any(isinstance(reply, Exception) for reply in replies[own:]):
             logger.warning("metrics not recorded: %s", next(r for r in replies[own:] if isinstance(r, Exception)))
+
+    def execute_job(self, job, queue):
+        # Every line logged while the job runs (RQ's own included) names the request it came from.
+        with logs.bound(request_id=(job.meta or {}).get(REQUEST_ID_META)):
+            return super().execute_job(job, queue)
 
     def request_stop(self, signum, frame):
         self.stopping = True

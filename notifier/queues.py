@@ -15,6 +15,7 @@ from rq.job import JobStatus
 from rq.results import Result
 from rq_scheduler import Scheduler
 
+from notifier import logs
 from notifier.config import Settings
 from notifier.models import Notification, Priority, Status, utcnow
 
@@ -38,6 +39,8 @@ CONTROL_QUEUE = QUEUE_NAMES[Priority.HIGH]
 # Failed delivery jobs stay in RQ's failed registry (the dead-letter queue) this long.
 FAILURE_TTL = 365 * 24 * 3600
 DELIVER_JOB = "notifier.jobs.deliver"
+# The job meta key of the request a job came from, so the worker's log lines carry its id too.
+REQUEST_ID_META = "request_id"
 DELIVER_MANY_JOB = "notifier.jobs.deliver_many"
 RELEASE_JOB = "notifier.jobs.release"
 CALLBACK_JOB = "notifier.jobs.send_callback"
@@ -91,6 +94,13 @@ def retry_policy(settings: Settings, attempts_made: int) -> Retry | None:
     return _retry(settings.retry_intervals, attempts_made)
 
 
+def traced() -> dict | None:
+    """Job meta naming the request (or the job) being served now, if any: a job's log lines then
+    carry the id of the request that caused it, however many jobs later."""
+    request_id = logs.request_id.get()
+    return {REQUEST_ID_META: request_id} if request_id else None
+
+
 def enqueue_delivery(
     connection: Redis,
     settings: Settings,
@@ -110,6 +120,7 @@ def enqueue_delivery(
         "result_ttl": 3600,
         "failure_ttl": FAILURE_TTL,
         "description": f"deliver notification {notification_id}",
+        "meta": traced(),
     }
     if at is not None:
         # Our times are naive UTC; RQ reads a naive time as the machine's local time.
@@ -152,7 +163,7 @@ def schedule_release(connection: Redis, notification_id: str, send_at: datetime)
     # rq-scheduler keeps whole seconds (it truncates): round up, or the email could go out early.
     at = send_at.replace(microsecond=0) + timedelta(seconds=1) if send_at.microsecond else send_at
     Scheduler(queue_name=CONTROL_QUEUE, connection=connection).enqueue_at(
-        at, RELEASE_JOB, notification_id, job_id=release_job_id_for(notification_id)
+        at, RELEASE_JOB, notification_id, job_id=release_job_id_for(notification_id), meta=traced()
     )
 
 
@@ -167,6 +178,7 @@ def enqueue_callback(connection: Redis, settings: Settings, notification_id: str
         result_ttl=3600,
         failure_ttl=30 * 24 * 3600,
         description=f"status callback for notification {notification_id}",
+        meta=traced(),
     )
 
 
@@ -217,7 +229,7 @@ def _shared_job(settings: Settings, job_id: str, notification_ids: list[str], at
     # No RQ retry: each notification that fails in it goes on in a job of its own (jobs.deliver_many).
     return Queue.prepare_data(DELIVER_MANY_JOB, (notification_ids,), job_id=job_id, at_front=at_front,
                               timeout=settings.job_timeout * len(notification_ids), result_ttl=3600,
-                              failure_ttl=FAILURE_TTL,
+                              failure_ttl=FAILURE_TTL, meta=traced(),
                               description=f"deliver {len(notification_ids)} notifications of a batch")
 
 
@@ -247,13 +259,14 @@ def dispatch_many(connection: Redis, settings: Settings, notifications: list[Not
     by_queue: dict[str, list] = {}
     shared: dict[str, list[Notification]] = {}
     scheduled = []
+    meta = traced()
     for n in notifications:
         if n.status == Status.QUEUED and n.job_id:
             shared.setdefault(n.job_id, []).append(n)
         elif n.status in (Status.QUEUED, Status.RETRYING):
             by_queue.setdefault(n.priority, []).append(Queue.prepare_data(
                 DELIVER_JOB, (n.id,), job_id=job_id_for(n.id), retry=retry_policy(settings, n.attempts),
-                timeout=settings.job_timeout, result_ttl=3600, failure_ttl=FAILURE_TTL,
+                timeout=settings.job_timeout, result_ttl=3600, failure_ttl=FAILURE_TTL, meta=meta,
                 description=f"deliver notification {n.id}"))
         elif n.status == Status.SCHEDULED:
             scheduled.append(n)

@@ -6,16 +6,19 @@ import json
 import logging
 import urllib.request
 from dataclasses import replace
+from datetime import timedelta
 
 import fakeredis
 import pytest
+from rq.job import Job
 
 from app import create_app
-from notifier import logs
+from notifier import keys, logs, queues
 from notifier.api.tracing import request_id_from
 from notifier.config import Settings
 from notifier.errors import ConfigError
-from tests.helpers import VERIFICATION
+from notifier.models import Notification, Status, utcnow
+from tests.helpers import VERIFICATION, make_notification, reload
 from tests.processes import Stack, wait_until
 
 
@@ -137,8 +140,11 @@ def test_real_processes_log_json_with_ids_and_never_the_address_or_key(pg_settin
     worker = [json.loads(line) for line in stack.log("worker").splitlines() if line.startswith("{")]
     access = [r for r in api if r["logger"] == "notifier.api.access" and r.get("request_id") == "trace-1"]
     assert access and access[0]["status"] == 202 and access[0]["path"] == "/api/notifications/send-verification"
-    assert any(r.get("notification_id") == notification_id and r["logger"] == "notifier.jobs" for r in worker)
-    assert any(r["logger"].startswith("rq.") for r in worker), "RQ's own lines are JSON too"
+    sent = [r for r in worker if r.get("notification_id") == notification_id and r["logger"] == "notifier.jobs"]
+    # The worker's line names the request that caused it, so one id follows the email end to end.
+    assert sent and all(r.get("request_id") == "trace-1" for r in sent)
+    assert any(r["logger"].startswith("rq.") and r.get("request_id") == "trace-1" for r in worker), (
+        "RQ's own lines are JSON too, with the request id while the job runs")
     for name in ("api", "worker"):
         text = stack.log(name)
         assert "ada.lovelace@example.com" not in text
@@ -146,3 +152,23 @@ def test_real_processes_log_json_with_ids_and_never_the_address_or_key(pg_settin
         assert "123456" not in text  # the verification code, part of the body
         # Every line on stderr is JSON (Flask's start-up banner goes to stdout, merged into this file).
         assert all(json.loads(line) for line in text.splitlines() if line and not line.startswith(" * "))
+
+
+def test_jobs_queued_while_serving_a_request_carry_its_id(sqlite_settings, sqlite_db):
+    owner = keys.create("trace-test")[0]
+    redis = fakeredis.FakeRedis()
+    now_one, shared = make_notification(owner), make_notification(owner, to="dan@example.com")
+    Notification.update(job_id="shared-1").where(Notification.seq == shared.seq).execute()
+    later = make_notification(owner, status=Status.SCHEDULED, send_at=utcnow() + timedelta(hours=1))
+    with logs.bound(request_id="req-7"):
+        queues.dispatch_many(redis, sqlite_settings, [now_one, reload(shared.id), later])
+    untraced = make_notification(owner, to="erin@example.com")
+    queues.dispatch_many(redis, sqlite_settings, [untraced])
+
+    def meta(job_id):
+        return Job.fetch(job_id, connection=redis).meta
+
+    assert meta(queues.job_id_for(now_one.id)) == {"request_id": "req-7"}
+    assert meta("shared-1") == {"request_id": "req-7"}
+    assert meta(queues.release_job_id_for(later.id)) == {"request_id": "req-7"}
+    assert meta(queues.job_id_for(untraced.id)) == {}
