@@ -24,6 +24,14 @@ logger = logging.getLogger(__name__)
 # How often a shared job looks whether higher-priority work is waiting: an urgent email waits at most
 # about this long, plus the send in progress, behind a chunk of less urgent ones.
 MAKE_WAY_CHECK_SECONDS = 0.01
+# How old what a shared job knows of its recipients' consent may be when it sends: an unsubscribe
+# made while a long job runs (a slow mail server) stops the job's later emails within about this.
+CONSENT_MAX_AGE_SECONDS = 1.0
+
+
+def _lookups_by_key(rows: list[Notification]) -> dict[int, consent.Lookup]:
+    """_lookup_for() for each API key among rows (a shared job has one key, but need not)."""
+    return {key: _lookup_for([r for r in rows if r.api_key_id == key]) for key in {r.api_key_id for r in rows}}
 
 
 def _lookup_for(rows: list[Notification]) -> consent.Lookup:
@@ -44,6 +52,8 @@ class CallbackGaveUp(PermanentDeliveryError):
 
 class Deliverer:
     """Everything the jobs of one worker process need, built once."""
+
+    consent_max_age = CONSENT_MAX_AGE_SECONDS
 
     def __init__(self, settings: Settings, mailer: Mailer, renderer: Renderer, redis: Redis | None = None,
                  counts: metrics.Deferred | None = None):
@@ -146,14 +156,14 @@ class Deliverer:
         fails goes on in a job of its own: its retry at the due time, or RQ's failed registry; one
         this job never reached (the worker died) is handed on by the reconciler.
 
-        The rows and what their recipients agreed to are read once for the job (the claim still
-        compares each row's status, so a row changed meanwhile is skipped), and each `sent` record
-        shares a commit with the next claim."""
+        The rows are read once for the job (the claim still compares each row's status, so a row
+        changed meanwhile is skipped), and what their recipients agreed to once, then again for the
+        rest whenever that is CONSENT_MAX_AGE_SECONDS old; each `sent` record shares a commit with the
+        next claim."""
         outcomes: Counter[str] = Counter()
         with database.connection_context():
             rows = store.get_many(notification_ids)
-            lookups = {key: _lookup_for([r for r in rows.values() if r.api_key_id == key])
-                       for key in {r.api_key_id for r in rows.values()}}
+            lookups, consent_read = _lookups_by_key(list(rows.values())), time.monotonic()
             # Counters go in one round trip at the end, unless the worker sends them already.
             own_counts = not isinstance(self._counts, metrics.Deferred)
             if own_counts:
@@ -168,6 +178,10 @@ class Deliverer:
                         if self._make_way(notification_ids[index:], priority):
                             outcomes["made way"] += len(notification_ids) - index
                             break
+                    if index and time.monotonic() - consent_read >= self.consent_max_age:
+                        # One read for the rest of the job: what was held of consent is getting old.
+                        lookups = _lookups_by_key([rows[i] for i in notification_ids[index:] if i in rows])
+                        consent_read = time.monotonic()
                     current = rows.get(notification_id)
                     lookup = lookups[current.api_key_id] if current is not None else consent.DATABASE
                     try:

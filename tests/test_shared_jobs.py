@@ -10,7 +10,7 @@ import pytest
 from rq import Queue
 from rq.job import Job
 
-from notifier import deadletters, jobs, queues
+from notifier import consent, deadletters, jobs, queues
 from notifier.db import database
 from notifier.models import Event, Notification
 from notifier.reconciler import reconcile
@@ -218,3 +218,27 @@ def test_an_address_that_bounces_is_not_tried_again_later_in_the_same_job(chunke
     statuses = {row.id: row.status for row in _rows()}
     assert [statuses[i] for i in ids] == ["failed", "sent", "suppressed"]
     assert _recipients(smtp) == ["user0@example.com"]
+
+
+def test_an_unsubscribe_while_a_shared_job_runs_stops_its_later_emails(chunked, headers, api_key, redis_conn, smtp,
+                                                                       monkeypatch):
+    _, client, deliverer = chunked
+    deliverer.consent_max_age = 0  # what a job past CONSENT_MAX_AGE_SECONDS does before each email
+    news = {**LITERAL, "category": "marketing", "user_id": "u-1", "to": "u1@example.com"}
+    ids = _post(client, headers, [news, news, _items(1, category="marketing")[0]])
+
+    # The recipient unsubscribes while the first email is with the mail server (the test server's
+    # DATA handler, wrapped: nothing of notifier's is replaced).
+    original = smtp.handle_DATA
+
+    async def unsubscribe_during_the_first(server, session, envelope):
+        if smtp.count() == 0:
+            with database.connection_context():
+                consent.set_mode(api_key[0], consent.user_key_for("u-1", "u1@example.com"), "marketing", "off")
+        return await original(server, session, envelope)
+
+    monkeypatch.setattr(smtp, "handle_DATA", unsubscribe_during_the_first)
+    run_worker_until_idle(redis_conn)
+    statuses = {row.id: row.status for row in _rows()}
+    assert [statuses[i] for i in ids] == ["sent", "suppressed", "sent"]
+    assert _recipients(smtp) == ["u1@example.com", "user0@example.com"]
