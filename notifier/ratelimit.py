@@ -1,10 +1,10 @@
 """Rate limits over Redis with the `limits` library (moving window), shared by every API process.
 
-Three limits: each API key's request rate (its own, or RATE_LIMIT), a cap per recipient on
-non-transactional mail (RECIPIENT_CAP) so a looping caller cannot flood one inbox, and failed operator
-logins per client address (OPERATOR_AUTH_LIMIT) so the operator password cannot be guessed at speed. If Redis cannot be
-reached the limits are not enforced: refusing every request would turn a Redis outage into an
-outage of the API, which keeps accepting work while Redis is down."""
+Three limits: each API key's request rate (its own, or RATE_LIMIT); a cap per recipient on
+non-transactional mail (RECIPIENT_CAP), so a looping caller cannot flood one inbox; and wrong
+operator passwords per client address (OPERATOR_AUTH_LIMIT), so that password cannot be guessed at
+speed. If Redis cannot be reached the limits are not enforced: refusing every request would turn a
+Redis outage into an outage of the API, which keeps accepting work while Redis is down."""
 
 from __future__ import annotations
 
