@@ -44,6 +44,9 @@ def parse_args(argv: list[str] | None = None) -> Options:
     parser.add_argument("--rq-workers", type=int, default=2, help="worker.py processes")
     parser.add_argument("--backlog", type=int, default=10000,
                         help="notifications in the drain and priority backlogs; raw RQ jobs; raw SMTP messages")
+    parser.add_argument("--batch-backlog", type=int, default=None,
+                        help="notifications sent through the batch route, then drained (default: 5 x --backlog, "
+                             "so the batch figure is seconds of load, not the start and end of a few requests)")
     parser.add_argument("--concurrency", type=int, default=16, help="connections of the closed-loop phases")
     parser.add_argument("--batch-size", type=int, default=1000, help="notifications per batch request")
     parser.add_argument("--batch-concurrency", type=int, default=4, help="connections sending batches")
@@ -61,14 +64,15 @@ def parse_args(argv: list[str] | None = None) -> Options:
     unknown = sorted(set(chosen) - set(PHASES))
     if unknown:
         parser.error(f"unknown phases: {', '.join(unknown)}; choose from {', '.join(PHASES)}")
-    if min(args.api_workers, args.rq_workers, args.backlog, args.concurrency, args.batch_size) < 1:
-        parser.error("workers, backlog, concurrency and batch size must be at least 1")
+    batch_backlog = 5 * args.backlog if args.batch_backlog is None else args.batch_backlog
+    if min(args.api_workers, args.rq_workers, args.backlog, batch_backlog, args.concurrency, args.batch_size) < 1:
+        parser.error("workers, backlogs, concurrency and batch size must be at least 1")
     run_dir = os.path.join(ROOT, "var", "bench", time.strftime("run-%Y%m%d-%H%M%S"))
     return Options(duration=args.duration, api_workers=args.api_workers, rq_workers=args.rq_workers,
                    backlog=args.backlog, concurrency=args.concurrency, worker_class=args.worker_class,
                    threads=args.threads, batch_size=args.batch_size, batch_concurrency=args.batch_concurrency,
                    latency_rate=args.latency_rate, priority_rate=args.priority_rate, database=args.database,
-                   phases=chosen, run_dir=run_dir, py_spy=args.py_spy)
+                   phases=chosen, run_dir=run_dir, py_spy=args.py_spy, batch_backlog=batch_backlog)
 
 
 def say(message: str) -> None:
@@ -119,7 +123,8 @@ def run(opts: Options, procs: Procs, results: dict, spy: Spy) -> None:
         results["queued"] = phases.batch_and_drain(product, False, batch=False)
     if wanted & {"batch", "drain"}:
         how = "batch route" if product.batch_route else "single sends (no batch route)"
-        say(f"batch+drain: workers paused, {opts.backlog} notifications via {how}, then timed drain")
+        count = opts.batch_backlog if product.batch_route else opts.backlog
+        say(f"batch+drain: workers paused, {count} notifications via {how}, then timed drain")
         results["drain"] = phases.batch_and_drain(product, "batch" in wanted)
     if "single" in wanted:
         say(f"single: closed loop, {opts.concurrency} connections, {opts.duration:g}s, workers running")

@@ -188,25 +188,27 @@ def latency(product: Product) -> dict:
             "created_to_sent_ms": summarize_ms(db_latencies(product, [i for i, _ in ids]))}
 
 
-def _create_backlog(product: Product, priority: str, tag: str,
+def _create_backlog(product: Product, priority: str, tag: str, count: int,
                     batch: bool = True) -> tuple[dict, list[tuple[str, float]]]:
-    """--backlog notifications at priority, through the batch route when there is one (and batch)."""
+    """count notifications at priority, through the batch route when there is one (and batch)."""
     opts = product.opts
     ids_path = os.path.join(opts.run_dir, f"{tag}-ids.jsonl")
     if product.batch_route and batch:
         load = product.load(BATCH, kind="batch", batch_size=opts.batch_size, priority=priority,
-                            requests=math.ceil(opts.backlog / opts.batch_size), total_items=opts.backlog,
+                            requests=math.ceil(count / opts.batch_size), total_items=count,
                             concurrency=opts.batch_concurrency, tag=tag, ids_out=ids_path)
     else:
-        load = product.load(priority=priority, requests=opts.backlog, concurrency=opts.concurrency, tag=tag,
+        load = product.load(priority=priority, requests=count, concurrency=opts.concurrency, tag=tag,
                             ids_out=ids_path)
     return load, read_ids(ids_path)
 
 
 def batch_and_drain(product: Product, measure_batch: bool, batch: bool = True) -> dict:
-    """Workers paused: --backlog notifications go in (the batch figure, when there is a batch route
-    and batch; otherwise single sends, one job each); then the workers resume and the drain is timed
-    until the sink has every one of them."""
+    """Workers paused: --batch-backlog notifications go in through the batch route (the batch
+    figure), or, without a batch route or with batch=False, --backlog single sends (one job each);
+    then the workers resume and the drain is timed until the sink has every one of them."""
+    opts = product.opts
+    count = opts.batch_backlog if product.batch_route and batch else opts.backlog
     product.wait_settled()
     before = product.sink.count()
     product.pause_workers()
@@ -214,7 +216,7 @@ def batch_and_drain(product: Product, measure_batch: bool, batch: bool = True) -
     tag, shape = ("drain", "batch") if batch else ("queued", "single")
     try:
         with product.spy.record(f"{shape}-accept-api", children(product.api.proc.pid)):
-            load, ids = _create_backlog(product, "default", tag, batch=batch)
+            load, ids = _create_backlog(product, "default", tag, count, batch=batch)
         load["cpu_ms"] = meter.per_item(len(ids))  # per notification accepted
     finally:
         meter.start()
@@ -244,7 +246,7 @@ def priority(product: Product) -> dict:
     product.wait_settled()
     product.pause_workers()
     try:
-        create, low_ids = _create_backlog(product, "low", "low")
+        create, low_ids = _create_backlog(product, "low", "low", opts.backlog)
     finally:
         product.resume_workers()
     ids_path = os.path.join(opts.run_dir, "high-ids.jsonl")

@@ -189,13 +189,13 @@ def delivery_line(check: dict | None) -> str:
             f"baseline messages not exactly once; e.g. {check['examples']}")
 
 
-HOW = """how: single = closed loop on POST /send with the workers running (they share the CPUs, as on one box);
-single, workers paused = --backlog sends on --concurrency connections with the workers stopped (SIGSTOP), then
-drain, one job each = those notifications from resume until the sink has every one; batch = POST /batch with the
-workers paused, then drain, batch = the same notifications (a batch's jobs carry BATCH_JOB_SIZE each) from resume
-until the sink has every one; request->SMTP = open loop, from writing the request to the sink taking the message; high
-priority = open loop of high sends while a low backlog drains; RSS = VmRSS per process, idle = after a warm-up
-(100 sends, then batches until every API worker has served one).
-baselines: bare Flask = same gunicorn settings, same load; raw RQ = no-op jobs, same worker class, count and
-queues; raw SMTP = one reused smtplib connection per RQ worker to the same sink; HTTP+RQ+SMTP = bare HTTP at the
-same rate + raw RQ enqueue-to-start + one raw SMTP send."""
+HOW = """how: single = closed loop on POST /send with the workers running (they share the CPUs, as on one box); single,
+workers paused = --backlog sends on --concurrency connections with the workers stopped (SIGSTOP), then drain, one
+job each = those notifications from resume until the sink has every one; batch = --batch-backlog via POST /batch
+with the workers paused, then drain, batch = the same notifications (a batch's jobs carry BATCH_JOB_SIZE each) from
+resume until the sink has every one; request->SMTP = open loop, from writing the request to the sink taking the
+message; high priority = open loop of high sends while a low backlog drains; RSS = VmRSS per process, idle = after a
+warm-up (100 sends, then batches until every API worker has served one).
+baselines: bare Flask = same gunicorn settings, same load; raw RQ = no-op jobs, same worker class, count and queues;
+raw SMTP = one reused smtplib connection per RQ worker to the same sink; HTTP+RQ+SMTP = bare HTTP at the same rate +
+raw RQ enqueue-to-start + one raw SMTP send."""

@@ -38,6 +38,7 @@ class Options:
     phases: list[str]
     run_dir: str
     py_spy: bool = False
+    batch_backlog: int = 0  # notifications sent through the batch route, then drained
 
 
 class Sink:
