@@ -25,7 +25,33 @@ database = DatabaseProxy()
 UNAVAILABLE_ERRORS = (OperationalError, InterfaceError)
 
 
-class PostgresDatabase(ReconnectMixin, PooledPostgresqlDatabase):
+class KeepsContexts:
+    """Closing or opening the connection inside connection_context() keeps the open contexts.
+
+    peewee forgets them on close() and connect(), so a reconnect inside one (ReconnectMixin's, after
+    a server restart, or a close() that gives up a broken connection) made leaving it fail with
+    IndexError, after the work inside it was done: a delivery job then failed with every email sent."""
+
+    def close(self):
+        contexts = self._state.ctx
+        try:
+            return super().close()
+        finally:
+            self._state.ctx = contexts
+
+    def connect(self, reuse_if_open=False):
+        contexts = self._state.ctx
+        try:
+            return super().connect(reuse_if_open)
+        finally:
+            self._state.ctx = contexts
+
+
+class SqliteDb(KeepsContexts, SqliteDatabase):
+    """SQLite, keeping open contexts across a close (see KeepsContexts)."""
+
+
+class PostgresDatabase(KeepsContexts, ReconnectMixin, PooledPostgresqlDatabase):
     """Pooled PostgreSQL that reconnects once when the server restarted under us."""
 
     reconnect_errors = (
@@ -67,7 +93,7 @@ def connect(url: str):
         # API, worker and scheduler write to one file. A transaction that reads and then writes after
         # another process committed fails at once (SQLITE_BUSY_SNAPSHOT), whatever busy_timeout says;
         # beginning IMMEDIATE takes the write lock up front, so writers queue up instead.
-        return SqliteDatabase(
+        return SqliteDb(
             path,
             pragmas={"journal_mode": "wal", "busy_timeout": 10000, "foreign_keys": 1, "synchronous": "full"},
             timeout=10,

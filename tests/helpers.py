@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import psycopg2
+
 from notifier import store
 from notifier.db import database
 from notifier.models import ApiKey, Notification, Status
+from tests.conftest import PG_ADMIN_URL
 
 VERIFICATION = {"to": "ada@example.com", "user_id": "u1", "code": "123456", "name": "Ada"}
 LITERAL = {"to": "bob@example.com", "subject": "Hello", "text": "Plain body", "html": "<p>HTML body</p>"}
@@ -90,3 +93,18 @@ def eventually(predicate, timeout: float = 2.0) -> bool:
             return True
         time.sleep(0.005)
     return predicate()
+
+
+def drop_connections(database: str) -> int:
+    """What clients see when PostgreSQL restarts: every connection to the database is cut."""
+    admin = psycopg2.connect(PG_ADMIN_URL)
+    admin.autocommit = True
+    with admin.cursor() as cur:
+        cur.execute(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = %s AND pid <> "
+            "pg_backend_pid()",
+            (database,),
+        )
+        (count,) = cur.fetchone()
+    admin.close()
+    return count

@@ -12,13 +12,12 @@ import subprocess
 import time
 from dataclasses import replace
 
-import psycopg2
 import pytest
 from redis import Redis
 
+from notifier.db import database
 from notifier.devmail import CaptureHandler, start
-from tests.conftest import PG_ADMIN_URL
-from tests.helpers import LITERAL
+from tests.helpers import LITERAL, drop_connections
 from tests.operators import collect_metrics, value
 from tests.processes import Stack, free_port, wait_until
 
@@ -161,27 +160,12 @@ def test_smtp_server_down_for_a_while_then_up(make_stack, pg_settings):
     assert _recipients(handler) == ["user1@example.com"]
 
 
-def _drop_connections(database: str) -> int:
-    """What clients see when PostgreSQL restarts: every connection to the database is cut."""
-    admin = psycopg2.connect(PG_ADMIN_URL)
-    admin.autocommit = True
-    with admin.cursor() as cur:
-        cur.execute(
-            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = %s AND pid <> "
-            "pg_backend_pid()",
-            (database,),
-        )
-        (count,) = cur.fetchone()
-    admin.close()
-    return count
-
-
 def test_api_and_worker_reconnect_after_postgresql_drops_them(make_stack, pg_settings, smtp):
     stack = make_stack().start("api", "worker")
     first = stack.send(_to(1))
     stack.wait_status(first, "sent")
 
-    assert _drop_connections(pg_settings.database_url.rsplit("/", 1)[1]) >= 2
+    assert drop_connections(pg_settings.database_url.rsplit("/", 1)[1]) >= 2
 
     def accepted():
         try:
@@ -207,3 +191,22 @@ def test_worker_and_scheduler_exit_on_sigterm_even_when_redis_dies_at_the_same_m
     scheduler.send_signal(signal.SIGTERM)
     assert worker.wait(timeout=20) is not None
     assert scheduler.wait(timeout=20) is not None
+
+
+def test_a_reconnect_inside_a_connection_context_leaves_it_cleanly(pg_settings, pg_db):
+    # peewee forgets its open contexts when the connection closes; leaving this one used to raise
+    # IndexError after the work inside it was done (a delivery job failed with its email sent).
+    with database.connection_context():
+        assert database.execute_sql("SELECT 1").fetchone() == (1,)
+        assert drop_connections(pg_settings.database_url.rsplit("/", 1)[1]) >= 1
+        assert database.execute_sql("SELECT 2").fetchone() == (2,)  # the pool reconnected
+        database.close()  # as a job does to give up a connection broken mid-transaction
+        assert database.execute_sql("SELECT 3").fetchone() == (3,)
+    assert database.is_closed()
+
+
+def test_a_connection_context_survives_a_close_inside_it_on_sqlite(sqlite_db):
+    with database.connection_context():
+        database.close()
+        assert database.execute_sql("SELECT 1").fetchone() == (1,)
+    assert database.is_closed()

@@ -14,7 +14,7 @@ from notifier import consent, deadletters, jobs, queues
 from notifier.db import database
 from notifier.models import Event, Notification
 from notifier.reconciler import reconcile
-from tests.helpers import LITERAL, installed_deliverer, run_worker_until_idle
+from tests.helpers import LITERAL, drop_connections, installed_deliverer, run_worker_until_idle
 from tests.processes import request
 
 pytestmark = pytest.mark.integration
@@ -242,3 +242,23 @@ def test_an_unsubscribe_while_a_shared_job_runs_stops_its_later_emails(chunked, 
     statuses = {row.id: row.status for row in _rows()}
     assert [statuses[i] for i in ids] == ["sent", "suppressed", "sent"]
     assert _recipients(smtp) == ["u1@example.com", "user0@example.com"]
+
+def test_postgresql_dropping_the_worker_mid_job_still_ends_the_job_well(chunked, headers, pg_settings, redis_conn,
+                                                                          smtp, monkeypatch):
+    _, client, _ = chunked
+    ids = _post(client, headers, _items(3))
+    original = smtp.handle_DATA
+
+    async def restart_postgresql_during_the_first(server, session, envelope):
+        if smtp.count() == 0:
+            assert drop_connections(pg_settings.database_url.rsplit("/", 1)[1]) >= 1
+        return await original(server, session, envelope)
+
+    monkeypatch.setattr(smtp, "handle_DATA", restart_postgresql_during_the_first)
+    run_worker_until_idle(redis_conn)
+    assert {row.id: row.status for row in _rows()} == dict.fromkeys(ids, "sent")
+    assert _recipients(smtp) == ["user0@example.com", "user1@example.com", "user2@example.com"]
+    # The job itself ended well: nothing in RQ's failed registry (it used to fail on leaving its
+    # database context, after every email was sent and recorded).
+    assert queues.queue_for("default", redis_conn).failed_job_registry.count == 0
+
