@@ -161,8 +161,8 @@ def bare_flask(opts: Options, procs: Procs, env: dict) -> dict:
         single["cpu_ms"] = meter.per_item(single["ok"])  # per request; "other" is mostly the load generator
         meter.start()
         batch = run_load(opts, server.port, "/bare/batch", kind="batch", batch_size=opts.batch_size,
-                         concurrency=opts.batch_concurrency, requests=math.ceil(opts.backlog / opts.batch_size),
-                         total_items=opts.backlog, tag="barebatch")
+                         concurrency=opts.batch_concurrency, requests=math.ceil(opts.batch_backlog / opts.batch_size),
+                         total_items=opts.batch_backlog, tag="barebatch")
         batch["cpu_ms"] = meter.per_item(batch["items_accepted"])  # per item
         latency = run_load(opts, server.port, "/bare", kind="bare", mode="open", rate=opts.latency_rate,
                            duration=min(opts.duration, 10), tag="barelat")

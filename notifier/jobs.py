@@ -180,8 +180,13 @@ class Deliverer:
                             break
                     if index and time.monotonic() - consent_read >= self.consent_max_age:
                         # One read for the rest of the job: what was held of consent is getting old.
-                        lookups = _lookups_by_key([rows[i] for i in notification_ids[index:] if i in rows])
-                        consent_read = time.monotonic()
+                        try:
+                            lookups = _lookups_by_key([rows[i] for i in notification_ids[index:] if i in rows])
+                            consent_read = time.monotonic()
+                        except UNAVAILABLE_ERRORS as exc:
+                            # A database blip: go on with what is held (as jobs did before they re-read)
+                            # and try again before the next email; the claim rides out the blip.
+                            logger.warning("consent not re-read: %s", type(exc).__name__)
                     current = rows.get(notification_id)
                     lookup = lookups[current.api_key_id] if current is not None else consent.DATABASE
                     try:

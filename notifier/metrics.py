@@ -226,7 +226,18 @@ class RedisCollector:
 
 
 def _decode(raw: dict) -> dict[tuple[str, ...], float]:
-    return {tuple(json.loads(field)): float(value) for field, value in raw.items()}
+    """The hash's fields as label tuples; a field no notifier version writes (hand-made, corrupt) is
+    left out, so one odd key cannot fail the whole scrape with a 500."""
+    decoded = {}
+    for field, value in raw.items():
+        try:
+            labels = json.loads(field)
+            if not (isinstance(labels, list) and labels and all(isinstance(x, str) for x in labels)):
+                raise ValueError(field)
+            decoded[tuple(labels)] = float(value)
+        except ValueError:
+            logger.warning("metrics: field %r not understood; left out", field)
+    return decoded
 
 
 def _histogram(buckets: dict[tuple[str, ...], float], sums: dict[tuple[str, ...], float]) -> HistogramMetricFamily:

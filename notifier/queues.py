@@ -94,11 +94,12 @@ def retry_policy(settings: Settings, attempts_made: int) -> Retry | None:
     return _retry(settings.retry_intervals, attempts_made)
 
 
-def traced() -> dict | None:
+def traced() -> dict:
     """Job meta naming the request (or the job) being served now, if any: a job's log lines then
-    carry the id of the request that caused it, however many jobs later."""
-    request_id = logs.request_id.get()
-    return {REQUEST_ID_META: request_id} if request_id else None
+    carry the id of the request that caused it, however many jobs later. Always a dict, None and
+    all: RQ writes no meta for an empty one, and a job enqueued again under the same id (reconciler,
+    `dlq requeue`) would keep the id of the request that made the old job."""
+    return {REQUEST_ID_META: logs.request_id.get()}
 
 
 def enqueue_delivery(

@@ -52,15 +52,18 @@ def reconcile(settings: Settings, redis: Redis, now: datetime | None = None) -> 
     now = now or utcnow()
     settled = now - timedelta(seconds=settings.reconcile_grace_seconds)
     report = Report()
-    report.expired = _expire(redis, settings, now)
-    report.released = _release(redis, settings, settled)
-    report.recovered = _recover(redis, settings, now - timedelta(seconds=settings.sending_timeout))
-    report.requeued = _requeue(redis, settings, settled, now - timedelta(seconds=settings.sending_timeout))
-    report.callbacks = _callbacks(redis, settings, settled)
-    report.keys_forgotten = _forget_keys(now - timedelta(days=settings.idempotency_ttl_days))
-    if any(asdict(report).values()):
-        logger.info("reconciled: %s", report.as_dict())
-        metrics.reconciled(redis, report.as_dict())
+    try:
+        report.expired = _expire(redis, settings, now)
+        report.released = _release(redis, settings, settled)
+        report.recovered = _recover(redis, settings, now - timedelta(seconds=settings.sending_timeout))
+        report.requeued = _requeue(redis, settings, settled, now - timedelta(seconds=settings.sending_timeout))
+        report.callbacks = _callbacks(redis, settings, settled)
+        report.keys_forgotten = _forget_keys(now - timedelta(days=settings.idempotency_ttl_days))
+    finally:
+        # Even a pass that stopped half-way counts what it did: `recovered` above all.
+        if any(asdict(report).values()):
+            logger.info("reconciled: %s", report.as_dict())
+            metrics.reconciled(redis, report.as_dict())
     return report
 
 

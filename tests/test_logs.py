@@ -171,4 +171,8 @@ def test_jobs_queued_while_serving_a_request_carry_its_id(sqlite_settings, sqlit
     assert meta(queues.job_id_for(now_one.id)) == {"request_id": "req-7"}
     assert meta("shared-1") == {"request_id": "req-7"}
     assert meta(queues.release_job_id_for(later.id)) == {"request_id": "req-7"}
-    assert meta(queues.job_id_for(untraced.id)) == {}
+    assert meta(queues.job_id_for(untraced.id)) == {"request_id": None}
+    # Queued again under the same job id with no request (the reconciler, `dlq requeue`): the old
+    # request's id does not stay on the new job.
+    queues.dispatch_many(redis, sqlite_settings, [now_one])
+    assert meta(queues.job_id_for(now_one.id)) == {"request_id": None}

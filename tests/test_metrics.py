@@ -200,6 +200,19 @@ def test_reply_classes():
         "2xx", "4xx", "5xx", "none", "none", "none"]
 
 
+def test_fields_no_version_writes_are_left_out_of_the_scrape(fake_redis, caplog):
+    metrics.sent(fake_redis, SimpleNamespace(priority="default", template=None, created_at=utcnow()), 250)
+    metrics.reconciled(fake_redis, {"recovered": 2})
+    for metric in ("notifier_notifications_sent_total", "notifier_reconciler_actions_total"):
+        fake_redis.hset(f"notifier:metrics:{metric}", mapping={"[]": 1, "not json": 1, '"recovered"': 1,
+                                                               "[1]": 1, '["high","welcome"]': "x"})
+    samples = collect_metrics(fake_redis)  # one odd field (a hand edit, corruption) must not fail it
+    assert value(samples, "notifier_notifications_sent_total", priority="default", template="-") == 1
+    assert value(samples, "notifier_reconciler_actions_total", action="recovered") == 2
+    assert total(samples, "notifier_reconciler_actions_total") == 2
+    assert "not understood" in caplog.text
+
+
 def test_writes_without_redis_do_nothing():
     metrics.accepted(None, [SimpleNamespace(priority="high", template="welcome")])
 

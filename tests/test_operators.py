@@ -229,7 +229,26 @@ def test_operator_auth_limit_and_proxy_hops_are_read_from_the_environment():
     assert Settings.from_env({}).operator_auth_limit == "10/minute"
     assert Settings.from_env({"OPERATOR_AUTH_LIMIT": " "}).operator_auth_limit == ""
     assert Settings.from_env({"PROXY_HOPS": "2"}).proxy_hops == 2
-    for env, named in (({"OPERATOR_AUTH_LIMIT": "lots"}, "OPERATOR_AUTH_LIMIT"), ({"PROXY_HOPS": "-1"}, "PROXY_HOPS")):
-        with pytest.raises(ConfigError) as caught:
-            Settings.from_env(env)
-        assert caught.value.setting == named
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env({"PROXY_HOPS": "-1"})
+    assert caught.value.setting == "PROXY_HOPS"
+
+
+def test_ipv6_guesses_count_per_64_and_mapped_ipv4_as_ipv4(pg_settings, pg_db, redis_conn):
+    ops = _throttled_ops(pg_settings, redis_conn)
+    for host in ("2001:db8::1", "2001:db8::2", "2001:db8::3"):  # one client takes a new address per guess
+        _assert_refused(ops.get("/metrics", auth=(OPERATOR[0], "wrong"), environ_base=_from(host)))
+    assert ops.get("/metrics", auth=OPERATOR, environ_base=_from("2001:db8::99")).status_code == 429
+    assert ops.get("/metrics", auth=OPERATOR, environ_base=_from("2001:db8:0:1::1")).status_code == 200
+
+    for _ in range(3):
+        _assert_refused(ops.get("/metrics", auth=(OPERATOR[0], "wrong"), environ_base=_from("::ffff:203.0.113.7")))
+    assert ops.get("/metrics", auth=OPERATOR, environ_base=_from("203.0.113.7")).status_code == 429
+
+
+@pytest.mark.parametrize("name", ["OPERATOR_AUTH_LIMIT", "RATE_LIMIT", "RECIPIENT_CAP"])
+@pytest.mark.parametrize("rate", ["0/minute", "10/minute;20/day", "lots"])
+def test_a_rate_must_be_one_rate_of_at_least_one(name, rate):
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env({name: rate})
+    assert caught.value.setting == name

@@ -6,13 +6,14 @@ from dataclasses import asdict, replace
 from datetime import timedelta
 
 import pytest
+from peewee import OperationalError
 from rq import Queue
 
-from notifier import keys, queues
+from notifier import keys, queues, reconciler
 from notifier.models import Notification, Status, utcnow
 from notifier.reconciler import RECOVERED_REASON, Report, reconcile
 from tests.helpers import make_notification, reload
-from tests.operators import collect_metrics
+from tests.operators import collect_metrics, value
 from worker import make_worker
 
 
@@ -150,3 +151,17 @@ def test_old_idempotency_keys_are_forgotten(owner, settings, fake_redis):
     assert reconcile(settings, fake_redis).keys_forgotten == 1
     assert reload(old.id).idempotency_key is None
     assert reload(fresh.id).idempotency_key == "k2"
+
+
+def test_a_pass_that_fails_half_way_still_counts_what_it_did(owner, settings, fake_redis, monkeypatch):
+    stuck = make_notification(owner, status=Status.SENDING)
+    _age(stuck, 120, attempts=1)
+
+    def fail(*args):  # an injected fault in the pass's last step
+        raise OperationalError("server closed the connection unexpectedly")
+
+    monkeypatch.setattr(reconciler, "_forget_keys", fail)
+    with pytest.raises(OperationalError):
+        reconcile(settings, fake_redis)
+    assert reload(stuck.id).status == Status.RETRYING
+    assert value(collect_metrics(fake_redis), "notifier_reconciler_actions_total", action="recovered") == 1

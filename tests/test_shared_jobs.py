@@ -7,6 +7,7 @@ import signal
 from dataclasses import replace
 
 import pytest
+from peewee import OperationalError
 from rq import Queue
 from rq.job import Job
 
@@ -162,8 +163,6 @@ def test_a_worker_killed_inside_a_shared_job_loses_nothing_and_sends_each_at_mos
 
 def test_a_failure_after_one_is_recorded_never_strands_the_next_claimed_one(chunked, headers, redis_conn, smtp,
                                                                           monkeypatch):
-    from peewee import OperationalError
-
     _, client, deliverer = chunked
     ids = _post(client, headers, _items(3, callback_url="http://127.0.0.1:9/hook"))
     real, calls = deliverer.after_final, []
@@ -243,6 +242,7 @@ def test_an_unsubscribe_while_a_shared_job_runs_stops_its_later_emails(chunked, 
     assert [statuses[i] for i in ids] == ["sent", "suppressed", "sent"]
     assert _recipients(smtp) == ["u1@example.com", "user0@example.com"]
 
+
 def test_postgresql_dropping_the_worker_mid_job_still_ends_the_job_well(chunked, headers, pg_settings, redis_conn,
                                                                           smtp, monkeypatch):
     _, client, _ = chunked
@@ -262,3 +262,22 @@ def test_postgresql_dropping_the_worker_mid_job_still_ends_the_job_well(chunked,
     # database context, after every email was sent and recorded).
     assert queues.queue_for("default", redis_conn).failed_job_registry.count == 0
 
+
+def test_a_consent_re_read_that_fails_goes_on_with_what_is_held(chunked, headers, redis_conn, smtp, monkeypatch):
+    _, client, deliverer = chunked
+    deliverer.consent_max_age = 0
+    ids = _post(client, headers, _items(3, category="marketing"))
+    calls = []
+    read = jobs._lookups_by_key
+
+    def blip_on_the_first_re_read(rows):  # an injected fault: the database fails once, mid-job
+        calls.append(len(rows))
+        if len(calls) == 2:
+            raise OperationalError("server closed the connection unexpectedly")
+        return read(rows)
+
+    monkeypatch.setattr(jobs, "_lookups_by_key", blip_on_the_first_re_read)
+    run_worker_until_idle(redis_conn)
+    assert calls == [3, 2, 1]  # at the start, the failed re-read, then again before the last email
+    assert {row.id: row.status for row in _rows()} == dict.fromkeys(ids, "sent")
+    assert queues.queue_for("default", redis_conn).failed_job_registry.count == 0

@@ -10,6 +10,7 @@ password cannot be guessed at the speed of the API.
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import logging
 
 import rq_dashboard
@@ -60,7 +61,7 @@ def require_operator() -> None:
     if not (settings.operator_username and settings.operator_password):
         raise Unauthorized("operator access is not configured (set OPERATOR_USERNAME and OPERATOR_PASSWORD)",
                            www_authenticate=challenge)
-    address = request.remote_addr or "unknown"
+    address = _client_block(request.remote_addr)
     failures = parse_rate(settings.operator_auth_limit) if settings.operator_auth_limit else None
     if failures is not None:
         # Checked before the password, so a locked-out guesser learns nothing even when right.
@@ -80,6 +81,20 @@ def require_operator() -> None:
         if failures is not None:
             ext["limiter"].hit(failures, "operator-auth", address)
         raise Unauthorized("wrong operator credentials", www_authenticate=challenge)
+
+
+def _client_block(address: str | None) -> str:
+    """What the failed-login limit counts by: the address, or its /64 for IPv6, where one client
+    holds at least a /64 and could otherwise take a fresh address for every guess."""
+    try:
+        ip = ipaddress.ip_address(address or "")
+    except ValueError:
+        return address or "unknown"
+    if ip.version == 4:
+        return str(ip)
+    if ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ipaddress.ip_network(f"{ip}/64", strict=False))
 
 
 @bp.get("/metrics")
