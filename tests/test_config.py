@@ -210,3 +210,12 @@ def test_batch_job_size_is_read_and_bounded():
     assert Settings.from_env({"BATCH_JOB_SIZE": "1"}).batch_job_size == 1
     for raw in ("0", "1001", "many"):
         assert "BATCH_JOB_SIZE" in str(config_error({"BATCH_JOB_SIZE": raw}))
+
+
+def test_the_compose_env_example_is_valid_settings():
+    # docker-compose.yml reads .env.example as an env_file: "NAME=value" lines, everything after "=" literal.
+    lines = (PROJECT_ROOT / ".env.example").read_text().splitlines()
+    env = dict(line.split("=", 1) for line in lines if line and not line.startswith("#"))
+    settings = Settings.from_env(env)
+    assert settings.operator_auth_limit == "10/minute" and settings.proxy_hops == 0
+    assert settings.smtp_host == "mailpit"
