@@ -28,12 +28,12 @@ def _open():
 def _check_rate(ctx, param, value):
     if value is None:
         return None
-    from notifier.ratelimit import parse_rate
+    from notifier.ratelimit import check_rate
 
     try:
-        parse_rate(value)
+        check_rate(value)
     except ValueError:
-        raise click.BadParameter("a rate like 100/second or 6000/minute") from None
+        raise click.BadParameter("one rate of at least 1, like 100/second or 6000/minute") from None
     return value
 
 

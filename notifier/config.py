@@ -257,14 +257,10 @@ def _rate(env: Mapping[str, str], name: str, default: str, allow_empty: bool) ->
     raw = raw.strip()
     if not raw and allow_empty:
         return ""  # no cap
-    from limits import parse_many
+    from notifier.ratelimit import check_rate
 
     try:
-        rates = parse_many(raw)
+        check_rate(raw)
     except ValueError:
-        raise ConfigError(name, f"must be a rate like 100/second or 20/hour, got {raw!r}") from None
-    # Only the first of several would apply; and 0 refuses everything (for OPERATOR_AUTH_LIMIT even
-    # the right password, checked after the limit).
-    if len(rates) != 1 or rates[0].amount < 1:
-        raise ConfigError(name, f"must be one rate of at least 1, like 100/second or 20/hour, got {raw!r}")
+        raise ConfigError(name, f"must be one rate of at least 1, like 100/second or 20/hour, got {raw!r}") from None
     return raw

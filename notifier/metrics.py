@@ -188,13 +188,13 @@ class RedisCollector:
 
         for name, documentation in COUNTERS.items():
             family = CounterMetricFamily(name, documentation, labels=NOTIFICATION_LABELS)
-            for labels, value in sorted(_decode(next(results)).items()):
+            for labels, value in sorted(_decode(next(results), len(NOTIFICATION_LABELS)).items()):
                 family.add_metric(labels, value)
             yield family
 
-        yield _histogram(_decode(next(results)), _decode(next(results)))
+        yield _histogram(_decode(next(results), 2), _decode(next(results), 1))
 
-        replies = {labels[0]: value for labels, value in _decode(next(results)).items()}
+        replies = {labels[0]: value for labels, value in _decode(next(results), 1).items()}
         family = CounterMetricFamily(SMTP_REPLIES, "SMTP replies to delivery attempts by class; none: no reply "
                                      "(connection refused, dropped or timed out, or a template error).",
                                      labels=("class",))
@@ -202,7 +202,7 @@ class RedisCollector:
             family.add_metric((reply,), replies.get(reply, 0))
         yield family
 
-        actions = {labels[0]: value for labels, value in _decode(next(results)).items()}
+        actions = {labels[0]: value for labels, value in _decode(next(results), 1).items()}
         family = CounterMetricFamily(RECONCILED, "What reconciler passes did, by action. recovered: notifications "
                                      "whose worker was lost mid-send (retried, so possibly sent twice, or failed).",
                                      labels=("action",))
@@ -225,14 +225,14 @@ class RedisCollector:
                                         "(the dead-letter queue; requeueing one removes it).", value=count)
 
 
-def _decode(raw: dict) -> dict[tuple[str, ...], float]:
-    """The hash's fields as label tuples; a field no notifier version writes (hand-made, corrupt) is
-    left out, so one odd key cannot fail the whole scrape with a 500."""
+def _decode(raw: dict, arity: int) -> dict[tuple[str, ...], float]:
+    """The hash's fields as tuples of arity labels; a field no notifier version writes (hand-made,
+    corrupt) is left out, so one odd key cannot fail the whole scrape with a 500."""
     decoded = {}
     for field, value in raw.items():
         try:
             labels = json.loads(field)
-            if not (isinstance(labels, list) and labels and all(isinstance(x, str) for x in labels)):
+            if not (isinstance(labels, list) and len(labels) == arity and all(isinstance(x, str) for x in labels)):
                 raise ValueError(field)
             decoded[tuple(labels)] = float(value)
         except ValueError:
@@ -246,9 +246,20 @@ def _histogram(buckets: dict[tuple[str, ...], float], sums: dict[tuple[str, ...]
     priorities = [p.value for p in Priority]
     priorities += sorted({labels[0] for labels in buckets} - set(priorities))
     for priority in priorities:
-        counts = {float(bound): value for (p, bound), value in buckets.items() if p == priority}
+        counts = {bound: value for (p, bound), value in _bounds(buckets).items() if p == priority}
         cumulative = [(floatToGoString(le), sum(v for bound, v in counts.items() if bound <= le))
                       for le in DELIVERY_BUCKETS]
         cumulative.append(("+Inf", sum(counts.values())))
         family.add_metric((priority,), cumulative, sums.get((priority,), 0.0))
     return family
+
+
+def _bounds(buckets: dict[tuple[str, ...], float]) -> dict[tuple[str, float], float]:
+    """The histogram's (priority, upper bound) counts, leaving out a bound that is not a number."""
+    out = {}
+    for (priority, bound), value in buckets.items():
+        try:
+            out[(priority, float(bound))] = value
+        except ValueError:
+            logger.warning("metrics: bucket bound %r not understood; left out", bound)
+    return out

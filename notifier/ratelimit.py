@@ -14,12 +14,22 @@ import time
 from dataclasses import dataclass
 from functools import lru_cache
 
-from limits import RateLimitItem, parse
+from limits import RateLimitItem, parse, parse_many
 from limits.storage import storage_from_string
 from limits.strategies import MovingWindowRateLimiter
 from redis.exceptions import RedisError
 
 logger = logging.getLogger(__name__)
+
+
+def check_rate(text: str) -> RateLimitItem:
+    """A rate as a setting or a key may have it: exactly one, of at least 1 ("100/second"); raises
+    ValueError otherwise. Of several (limits takes "10/minute;20/day") only the first would apply,
+    and 0 would refuse everything."""
+    rates = parse_many(text)
+    if len(rates) != 1 or rates[0].amount < 1:
+        raise ValueError(f"not one rate of at least 1: {text!r}")
+    return rates[0]
 
 
 @lru_cache(maxsize=256)

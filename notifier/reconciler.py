@@ -17,6 +17,7 @@ keeps a notification that ends up queued twice from being sent twice.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
 
@@ -53,14 +54,15 @@ def reconcile(settings: Settings, redis: Redis, now: datetime | None = None) -> 
     settled = now - timedelta(seconds=settings.reconcile_grace_seconds)
     report = Report()
     try:
-        report.expired = _expire(redis, settings, now)
-        report.released = _release(redis, settings, settled)
-        report.recovered = _recover(redis, settings, now - timedelta(seconds=settings.sending_timeout))
-        report.requeued = _requeue(redis, settings, settled, now - timedelta(seconds=settings.sending_timeout))
-        report.callbacks = _callbacks(redis, settings, settled)
+        # Each step counts into the report as it goes, so a pass that stops half-way (the database
+        # went away) still reports what it did: `recovered` above all.
+        _expire(redis, settings, now, report)
+        _release(redis, settings, settled, report)
+        _recover(redis, settings, now - timedelta(seconds=settings.sending_timeout), report)
+        _requeue(redis, settings, settled, now - timedelta(seconds=settings.sending_timeout), report)
+        _callbacks(redis, settings, settled, report)
         report.keys_forgotten = _forget_keys(now - timedelta(days=settings.idempotency_ttl_days))
     finally:
-        # Even a pass that stopped half-way counts what it did: `recovered` above all.
         if any(asdict(report).values()):
             logger.info("reconciled: %s", report.as_dict())
             metrics.reconciled(redis, report.as_dict())
@@ -74,31 +76,29 @@ def _rows(*conditions):
     return list(query.order_by(Notification.seq).limit(BATCH))
 
 
-def _expire(redis: Redis, settings: Settings, now: datetime) -> int:
+def _expire(redis: Redis, settings: Settings, now: datetime, report: Report) -> None:
     waiting = tuple(WAITING_STATUSES)
     rows = _rows(Notification.status.in_([s.value for s in waiting]), Notification.expires_at <= now)
-    return _move_each(rows, Status.EXPIRED, "deadline passed before it could be sent", waiting,
-                      lambda n: queues.dispatch_callback(redis, settings, n))
+    for row in _move_each(rows, Status.EXPIRED, "deadline passed before it could be sent", waiting):
+        report.expired += 1
+        queues.dispatch_callback(redis, settings, row)
 
 
-def _release(redis: Redis, settings: Settings, settled: datetime) -> int:
+def _release(redis: Redis, settings: Settings, settled: datetime, report: Report) -> None:
     rows = _rows(Notification.status == Status.SCHEDULED.value, Notification.send_at <= settled)
-    return _move_each(rows, Status.QUEUED, "send time reached (released by the reconciler)", (Status.SCHEDULED,),
-                      lambda n: queues.dispatch(redis, settings, n))
+    for row in _move_each(rows, Status.QUEUED, "send time reached (released by the reconciler)", (Status.SCHEDULED,)):
+        report.released += 1
+        queues.dispatch(redis, settings, row)
 
 
-def _move_each(rows, target: Status, reason: str, sources, then) -> int:
-    """Move each row to target (a compare-and-set each), hand the moved ones to `then`; count them."""
-    count = 0
+def _move_each(rows, target: Status, reason: str, sources) -> Iterator[Notification]:
+    """Move each row to target (a compare-and-set each) and yield the moved ones, read again."""
     for row in rows:
         if store.transition(row.id, target, reason=reason, sources=sources):
-            then(store.get(row.id))
-            count += 1
-    return count
+            yield store.get(row.id)
 
 
-def _recover(redis: Redis, settings: Settings, stuck_before: datetime) -> int:
-    count = 0
+def _recover(redis: Redis, settings: Settings, stuck_before: datetime, report: Report) -> None:
     for row in _rows(Notification.status == Status.SENDING.value, Notification.updated_at <= stuck_before):
         if row.attempts < settings.max_attempts:
             moved = store.transition(row.id, Status.RETRYING, reason=RECOVERED_REASON, sources=(Status.SENDING,),
@@ -113,8 +113,7 @@ def _recover(redis: Redis, settings: Settings, stuck_before: datetime) -> int:
                 queues.dispatch_callback(redis, settings, store.get(row.id))
         if moved:
             logger.warning("notification %s recovered from a lost worker (possible duplicate)", row.id)
-            count += 1
-    return count
+            report.recovered += 1
 
 
 def _missing_jobs(redis: Redis, job_ids: list[str], queue_names: list[str],
@@ -145,14 +144,13 @@ def _missing_jobs(redis: Redis, job_ids: list[str], queue_names: list[str],
     return missing
 
 
-def _requeue(redis: Redis, settings: Settings, settled: datetime, stuck_before: datetime) -> int:
+def _requeue(redis: Redis, settings: Settings, settled: datetime, stuck_before: datetime, report: Report) -> None:
     rows = _rows(Notification.status.in_([Status.QUEUED.value, Status.RETRYING.value]),
                  Notification.updated_at <= settled)
     if not rows:
-        return 0
+        return
     missing = _missing_jobs(redis, [queues.job_id_of(r) for r in rows],
                             [queues.QUEUE_NAMES[r.priority] for r in rows], started_before=stuck_before)
-    count = 0
     for row in rows:
         if queues.job_id_of(row) not in missing:
             continue
@@ -161,22 +159,19 @@ def _requeue(redis: Redis, settings: Settings, settled: datetime, stuck_before: 
             Notification.update(job_id=None).where(Notification.seq == row.seq).execute()
         queues.enqueue_delivery(redis, settings, row.id, row.priority, row.attempts, at=queues.retry_due(settings, row))
         store.record(row.id, kind="status", reason="re-enqueued by the reconciler: its job was missing from Redis")
-        count += 1
-    return count
+        report.requeued += 1
 
 
-def _callbacks(redis: Redis, settings: Settings, settled: datetime) -> int:
+def _callbacks(redis: Redis, settings: Settings, settled: datetime, report: Report) -> None:
     rows = _rows(Notification.callback_status == CallbackStatus.PENDING.value, Notification.updated_at <= settled)
     if not rows:
-        return 0
+        return
     missing = _missing_jobs(redis, [queues.callback_job_id_for(r.id) for r in rows],
                             [queues.CALLBACK_QUEUE] * len(rows))
-    count = 0
     for row in rows:
         if queues.callback_job_id_for(row.id) in missing:
             queues.enqueue_callback(redis, settings, row.id, row.callback_attempts)
-            count += 1
-    return count
+            report.callbacks += 1
 
 
 def _forget_keys(before: datetime) -> int:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from contextlib import contextmanager
 
 from peewee import PostgresqlDatabase
 from playhouse.migrate import PostgresqlMigrator, SqliteMigrator, migrate
@@ -18,33 +17,24 @@ _LOCK_ID = 0x6E6F7469  # an arbitrary constant: "noti"
 _KEY_TRIGGER = "notifier_api_keys_changed"
 
 
-@contextmanager
-def _migration_lock(db):
-    # Two processes starting together would race on CREATE TABLE IF NOT EXISTS in PostgreSQL.
-    if isinstance(db, PostgresqlDatabase):
-        db.execute_sql("SELECT pg_advisory_lock(%s)", (_LOCK_ID,))
-        try:
-            yield
-        finally:
-            db.execute_sql("SELECT pg_advisory_unlock(%s)", (_LOCK_ID,))
-    else:
-        yield
-
-
 def upgrade(db) -> int:
     """Bring the schema to SCHEMA_VERSION and return it."""
-    with db.connection_context(), _migration_lock(db):
-        with db.atomic():
-            db.create_tables(MODELS, safe=True)
-            _add_missing_columns(db)
-            if isinstance(db, PostgresqlDatabase):
-                _notify_key_changes(db)
-            row = SchemaVersion.select().first()
-            if row is None:
-                SchemaVersion.create(version=SCHEMA_VERSION)
-            elif row.version < SCHEMA_VERSION:
-                row.version = SCHEMA_VERSION
-                row.save()
+    with db.connection_context(), db.atomic():
+        if isinstance(db, PostgresqlDatabase):
+            # Two processes starting together would race on CREATE TABLE IF NOT EXISTS. The lock is
+            # the transaction's, not the session's: a reconnect (the pool's, after a dropped
+            # connection) cannot happen inside a transaction, so the work never runs without it.
+            db.execute_sql("SELECT pg_advisory_xact_lock(%s)", (_LOCK_ID,))
+        db.create_tables(MODELS, safe=True)
+        _add_missing_columns(db)
+        if isinstance(db, PostgresqlDatabase):
+            _notify_key_changes(db)
+        row = SchemaVersion.select().first()
+        if row is None:
+            SchemaVersion.create(version=SCHEMA_VERSION)
+        elif row.version < SCHEMA_VERSION:
+            row.version = SCHEMA_VERSION
+            row.save()
     logger.debug("schema at version %s", SCHEMA_VERSION)
     return SCHEMA_VERSION
 

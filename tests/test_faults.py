@@ -12,14 +12,18 @@ import subprocess
 import time
 from dataclasses import replace
 
+import psycopg2
 import pytest
 from redis import Redis
 
-from notifier.db import database
+from notifier.db import bind, database
 from notifier.devmail import CaptureHandler, start
+from notifier.models import SchemaVersion
+from notifier.schema import SCHEMA_VERSION, upgrade
+from tests.conftest import PG_ADMIN_URL
 from tests.helpers import LITERAL, drop_connections
 from tests.operators import collect_metrics, value
-from tests.processes import Stack, free_port, wait_until
+from tests.processes import Stack, env_for, free_port, spawn, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -203,6 +207,7 @@ def test_a_reconnect_inside_a_connection_context_leaves_it_cleanly(pg_settings, 
         database.close()  # as a job does to give up a connection broken mid-transaction
         assert database.execute_sql("SELECT 3").fetchone() == (3,)
     assert database.is_closed()
+    assert not database.obj._in_use  # the connection went back to the pool, none left checked out
 
 
 def test_a_connection_context_survives_a_close_inside_it_on_sqlite(sqlite_db):
@@ -210,3 +215,39 @@ def test_a_connection_context_survives_a_close_inside_it_on_sqlite(sqlite_db):
         database.close()
         assert database.execute_sql("SELECT 1").fetchone() == (1,)
     assert database.is_closed()
+
+
+@pytest.fixture
+def empty_database(pg_settings):
+    """A PostgreSQL database with no schema at all, dropped after the test."""
+    name = pg_settings.database_url.rsplit("/", 1)[1] + "_empty"
+    admin = psycopg2.connect(PG_ADMIN_URL)
+    admin.autocommit = True
+    with admin.cursor() as cur:
+        cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        cur.execute(f'CREATE DATABASE "{name}"')
+    yield replace(pg_settings, database_url=pg_settings.database_url.rsplit("/", 1)[0] + "/" + name)
+    with admin.cursor() as cur:
+        cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    admin.close()
+
+
+def test_processes_creating_the_schema_at_once_all_succeed(empty_database, tmp_path):
+    env = env_for(empty_database)
+    procs = [spawn(["-m", "notifier", "db", "upgrade"], env, str(tmp_path / f"upgrade{n}.log")) for n in range(4)]
+    codes = [proc.wait(timeout=60) for proc in procs]
+    assert codes == [0, 0, 0, 0], [(tmp_path / f"upgrade{n}.log").read_text() for n in range(4)]
+
+
+def test_the_schema_upgrade_survives_a_dropped_connection(empty_database):
+    db = bind(empty_database.database_url)
+    try:
+        db.connect()
+        db.execute_sql("SELECT 1")
+        db.close()  # back to the pool, where PostgreSQL then drops it
+        assert drop_connections(empty_database.database_url.rsplit("/", 1)[1]) >= 1
+        assert upgrade(db) == SCHEMA_VERSION
+        with db.connection_context():
+            assert SchemaVersion.get().version == SCHEMA_VERSION
+    finally:
+        db.close_all()

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 
 from notifier import keys
 from notifier.models import ApiKey
+from tests.processes import ROOT
 
 
 @pytest.fixture
@@ -107,3 +112,11 @@ def test_all_keys_lists_revoked_keys_too(sqlite_db):
     keys.revoke("one")
 
     assert [k.name for k in keys.all_keys()] == ["one", "two"]
+
+
+@pytest.mark.parametrize("rate", ["0/minute", "10/minute;20/day", "lots"])
+def test_keys_create_refuses_a_rate_that_is_not_one_of_at_least_one(tmp_path, rate):
+    env = {**os.environ, "DATABASE_URL": f"sqlite:///{tmp_path}/keys.db"}
+    done = subprocess.run([sys.executable, "-m", "notifier", "keys", "create", "k", "--rate", rate], env=env,
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "one rate of at least 1" in done.stderr

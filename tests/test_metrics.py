@@ -203,13 +203,18 @@ def test_reply_classes():
 def test_fields_no_version_writes_are_left_out_of_the_scrape(fake_redis, caplog):
     metrics.sent(fake_redis, SimpleNamespace(priority="default", template=None, created_at=utcnow()), 250)
     metrics.reconciled(fake_redis, {"recovered": 2})
-    for metric in ("notifier_notifications_sent_total", "notifier_reconciler_actions_total"):
-        fake_redis.hset(f"notifier:metrics:{metric}", mapping={"[]": 1, "not json": 1, '"recovered"': 1,
-                                                               "[1]": 1, '["high","welcome"]': "x"})
+    for metric in ("notifier_notifications_sent_total", "notifier_reconciler_actions_total",
+                   "notifier_delivery_seconds:buckets", "notifier_delivery_seconds:sum", "notifier_smtp_replies_total"):
+        fake_redis.hset(f"notifier:metrics:{metric}", mapping={"[]": 1, "not json": 1, '"recovered"': 1, "[1]": 1,
+                                                               '["high","welcome"]': "x", '["a","b","c"]': 1})
+    fake_redis.hset("notifier:metrics:notifier_delivery_seconds:buckets", mapping={'["default"]': 1,
+                                                                                   '["default","abc"]': 1})
     samples = collect_metrics(fake_redis)  # one odd field (a hand edit, corruption) must not fail it
     assert value(samples, "notifier_notifications_sent_total", priority="default", template="-") == 1
     assert value(samples, "notifier_reconciler_actions_total", action="recovered") == 2
     assert total(samples, "notifier_reconciler_actions_total") == 2
+    assert total(samples, "notifier_notifications_sent_total") == 1
+    assert value(samples, "notifier_delivery_seconds_count", priority="default") == 1
     assert "not understood" in caplog.text
 
 

@@ -244,6 +244,9 @@ def test_ipv6_guesses_count_per_64_and_mapped_ipv4_as_ipv4(pg_settings, pg_db, r
     for _ in range(3):
         _assert_refused(ops.get("/metrics", auth=(OPERATOR[0], "wrong"), environ_base=_from("::ffff:203.0.113.7")))
     assert ops.get("/metrics", auth=OPERATOR, environ_base=_from("203.0.113.7")).status_code == 429
+    # Through NAT64 each IPv4 client is its own: one guesser does not lock out the others.
+    assert ops.get("/metrics", auth=OPERATOR, environ_base=_from("64:ff9b::cb00:7107")).status_code == 429  # .7
+    assert ops.get("/metrics", auth=OPERATOR, environ_base=_from("64:ff9b::c633:6402")).status_code == 200
 
 
 @pytest.mark.parametrize("name", ["OPERATOR_AUTH_LIMIT", "RATE_LIMIT", "RECIPIENT_CAP"])

@@ -9,7 +9,7 @@ import pytest
 from peewee import OperationalError
 from rq import Queue
 
-from notifier import keys, queues, reconciler
+from notifier import keys, queues, store
 from notifier.models import Notification, Status, utcnow
 from notifier.reconciler import RECOVERED_REASON, Report, reconcile
 from tests.helpers import make_notification, reload
@@ -154,14 +154,20 @@ def test_old_idempotency_keys_are_forgotten(owner, settings, fake_redis):
 
 
 def test_a_pass_that_fails_half_way_still_counts_what_it_did(owner, settings, fake_redis, monkeypatch):
-    stuck = make_notification(owner, status=Status.SENDING)
-    _age(stuck, 120, attempts=1)
+    first, second = (make_notification(owner, status=Status.SENDING, to=f"u{n}@example.com") for n in (1, 2))
+    for row in (first, second):
+        _age(row, 120, attempts=1)
+    moves = []
+    transition = store.transition
 
-    def fail(*args):  # an injected fault in the pass's last step
-        raise OperationalError("server closed the connection unexpectedly")
+    def fail_on_the_second(*args, **kwargs):  # an injected fault: the database goes away mid-pass
+        moves.append(args[0])
+        if len(moves) == 2:
+            raise OperationalError("server closed the connection unexpectedly")
+        return transition(*args, **kwargs)
 
-    monkeypatch.setattr(reconciler, "_forget_keys", fail)
+    monkeypatch.setattr(store, "transition", fail_on_the_second)
     with pytest.raises(OperationalError):
         reconcile(settings, fake_redis)
-    assert reload(stuck.id).status == Status.RETRYING
+    assert [reload(r.id).status for r in (first, second)] == [Status.RETRYING, Status.SENDING]
     assert value(collect_metrics(fake_redis), "notifier_reconciler_actions_total", action="recovered") == 1

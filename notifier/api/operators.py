@@ -61,7 +61,7 @@ def require_operator() -> None:
     if not (settings.operator_username and settings.operator_password):
         raise Unauthorized("operator access is not configured (set OPERATOR_USERNAME and OPERATOR_PASSWORD)",
                            www_authenticate=challenge)
-    address = _client_block(request.remote_addr)
+    address = _client_block(request.remote_addr)  # what the limit counts by
     failures = parse_rate(settings.operator_auth_limit) if settings.operator_auth_limit else None
     if failures is not None:
         # Checked before the password, so a locked-out guesser learns nothing even when right.
@@ -77,7 +77,8 @@ def require_operator() -> None:
     name_ok = hmac.compare_digest((auth.username or "").encode(), settings.operator_username.encode())
     password_ok = hmac.compare_digest((auth.password or "").encode(), settings.operator_password.encode())
     if not (name_ok and password_ok):
-        logger.warning("operator authentication failed for %s %s from %s", request.method, request.path, address)
+        logger.warning("operator authentication failed for %s %s from %s", request.method, request.path,
+                       request.remote_addr)
         if failures is not None:
             ext["limiter"].hit(failures, "operator-auth", address)
         raise Unauthorized("wrong operator credentials", www_authenticate=challenge)
@@ -94,7 +95,12 @@ def _client_block(address: str | None) -> str:
         return str(ip)
     if ip.ipv4_mapped is not None:
         return str(ip.ipv4_mapped)
+    if ip in _NAT64:  # IPv4 clients reaching us through NAT64: each is its embedded IPv4 address
+        return str(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
     return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+
+
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
 
 
 @bp.get("/metrics")
