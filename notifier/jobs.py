@@ -327,7 +327,9 @@ class Deliverer:
             if notification.callback_url:
                 self.after_final(notification.id)
         metrics.sent(self._counts, notification, result.smtp_code)
-        logger.info("notification %s sent (attempt %s)", notification.id, notification.attempts)
+        # Bound here too: in a shared job this runs with the next email's claim, or after the last.
+        with logs.bound(notification_id=notification.id):
+            logger.info("notification %s sent (attempt %s)", notification.id, notification.attempts)
 
     def release(self, notification_id: str) -> str:
         """A delayed notification is due: queue it, unless it was cancelled or released already."""

@@ -3,6 +3,7 @@ each one that fails, or that its lost job never reached, goes on alone without b
 
 from __future__ import annotations
 
+import json
 import signal
 from dataclasses import replace
 
@@ -11,7 +12,7 @@ from peewee import OperationalError
 from rq import Queue
 from rq.job import Job
 
-from notifier import consent, deadletters, jobs, queues
+from notifier import consent, deadletters, jobs, logs, queues
 from notifier.db import database
 from notifier.models import Event, Notification
 from notifier.reconciler import reconcile
@@ -281,3 +282,17 @@ def test_a_consent_re_read_that_fails_goes_on_with_what_is_held(chunked, headers
     assert calls == [3, 2, 1]  # at the start, the failed re-read, then again before the last email
     assert {row.id: row.status for row in _rows()} == dict.fromkeys(ids, "sent")
     assert queues.queue_for("default", redis_conn).failed_job_registry.count == 0
+
+
+def test_each_sent_line_of_a_shared_job_names_its_notification(chunked, headers, redis_conn, smtp, capsys):
+    _, client, _ = chunked
+    ids = _post(client, headers, _items(3))
+    logs.configure("INFO", "json")
+    capsys.readouterr()
+    run_worker_until_idle(redis_conn)
+    lines = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line.startswith("{")]
+    sent = [line for line in lines if line["logger"] == "notifier.jobs" and " sent (attempt" in line["message"]]
+    # The `sent` record of each email but the last is written with the next one's claim: its line
+    # must still name its own notification, not the next one or none.
+    assert [line.get("notification_id") for line in sent] == ids
+    assert all(line["notification_id"] in line["message"] for line in sent)
