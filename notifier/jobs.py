@@ -144,11 +144,12 @@ class Deliverer:
             self._record_unrecorded()
             return store.claim(current.id, known=current)
         self._unrecorded = None
-        try:
-            self._after_sent(sent, result, recorded)
-        except Exception:  # noqa: BLE001 - the next email is claimed now: nothing may stop its send
-            # Its callback, if any, is recorded as owed, and the reconciler queues it.
-            logger.warning("after sending notification %s", sent.id, exc_info=True)
+        with logs.bound(notification_id=sent.id):  # its lines are the sent one's, not the next one's
+            try:
+                self._after_sent(sent, result, recorded)
+            except Exception:  # noqa: BLE001 - the next email is claimed now: nothing may stop its send
+                # Its callback, if any, is recorded as owed, and the reconciler queues it.
+                logger.warning("after sending notification %s", sent.id, exc_info=True)
         return claimed
 
     def deliver_many(self, notification_ids: list[str]) -> dict[str, int]:
@@ -231,10 +232,13 @@ class Deliverer:
         return True
 
     def _record_unrecorded(self) -> None:
+        # A held `sent` record is written with a later email's context bound (or none, after the
+        # last): its lines name its own notification.
         if self._unrecorded is not None:
             sent, result = self._unrecorded
             self._unrecorded = None
-            self._record_sent(sent, result)
+            with logs.bound(notification_id=sent.id):
+                self._record_sent(sent, result)
 
     def _carry_on(self, notification_id: str, exc: Exception) -> str:
         with database.connection_context():
@@ -327,9 +331,7 @@ class Deliverer:
             if notification.callback_url:
                 self.after_final(notification.id)
         metrics.sent(self._counts, notification, result.smtp_code)
-        # Bound here too: in a shared job this runs with the next email's claim, or after the last.
-        with logs.bound(notification_id=notification.id):
-            logger.info("notification %s sent (attempt %s)", notification.id, notification.attempts)
+        logger.info("notification %s sent (attempt %s)", notification.id, notification.attempts)
 
     def release(self, notification_id: str) -> str:
         """A delayed notification is due: queue it, unless it was cancelled or released already."""
