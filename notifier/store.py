@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from contextlib import nullcontext
 from datetime import datetime
 
-from peewee import Case, fn
+from peewee import SQL, Case, EnclosedNodeList, NodeList, fn
 
 from notifier.db import execute_once, is_postgres, model_from, select_one
 from notifier.models import (
@@ -143,6 +143,20 @@ def history(notification: Notification) -> list[Event]:
     return list(Event.select().where(Event.notification == notification.seq).order_by(Event.at, Event.id))
 
 
+# A status guard beside a unique key is written `(status ...) IS TRUE`, which means the same but which
+# no index can serve: the key must find the row and the guard only filter it. Indexes that lead with
+# status (the reconciler's) looked as cheap to the planner as the key whenever the statistics said
+# that status was rare (the last ANALYZE came before the backlog), and PostgreSQL then walked every
+# row of that status for each claim: 0.44-0.68 ms a statement instead of 0.27 over a backlog of
+# 4,000-10,000, growing with the backlog.
+_UNINDEXED_STATUS = '("status" = {param}) IS TRUE'
+
+
+def _status_in(values: list[str]):
+    """`status IN values` as a guard only (see _UNINDEXED_STATUS)."""
+    return NodeList((EnclosedNodeList([Notification.status.in_(values)]), SQL("IS TRUE")))
+
+
 def transition(
     public_id: str,
     target: Status,
@@ -189,7 +203,7 @@ def transition(
         else:
             row = (
                 Notification.select(Notification.seq, Notification.status)
-                .where((Notification.id == public_id) & (Notification.status.in_([s.value for s in allowed])))
+                .where((Notification.id == public_id) & _status_in([s.value for s in allowed]))
                 .first()
             )
             if row is None:
@@ -222,11 +236,11 @@ def transition_many(
     with Notification._meta.database.atomic():
         rows = list(
             Notification.select(Notification.seq, Notification.status)
-            .where(Notification.seq.in_(seqs) & Notification.status.in_(allowed))
+            .where(Notification.seq.in_(seqs) & _status_in(allowed))
         )
         moved = (
             Notification.update(status=target.value, updated_at=now, **changes)
-            .where(Notification.seq.in_([r.seq for r in rows]) & Notification.status.in_(allowed))
+            .where(Notification.seq.in_([r.seq for r in rows]) & _status_in(allowed))
             .execute()
         )
         Event.insert_many(
@@ -277,7 +291,7 @@ def _compare_and_set(db, seq: int, expected_status: str, assignments: dict, even
             else:
                 parts.append(f"{column} = {db.param}")
         sql = (f'UPDATE "notifications" SET {", ".join(parts)} '
-               f'WHERE "seq" = {db.param} AND "status" = {db.param}')
+               f'WHERE "seq" = {db.param} AND {_UNINDEXED_STATUS.format(param=db.param)}')
         if event is not None:
             columns = ", ".join(f'"{Event._meta.fields[c].column_name}"' for c in _FULL_EVENT_COLUMNS)
             values = ", ".join([db.param] * (len(_FULL_EVENT_COLUMNS) - 1))
