@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import pytest
 from rq import Queue
 
+from notifier.db import database
+from notifier.models import Notification, utcnow
 from notifier.queues import QUEUE_NAMES, enqueue_delivery
+from notifier.reconciler import BATCH, reconcile
 from tests.helpers import LITERAL, VERIFICATION, reload, run_worker_until_idle
 
 pytestmark = pytest.mark.integration
@@ -161,3 +166,22 @@ def test_smtp_server_down_is_transient(headers, pg_settings, pg_db, redis_conn, 
     assert "connection" in notification.last_error.lower()
     scheduled = Queue(QUEUE_NAMES["default"], connection=redis_conn).scheduled_job_registry
     assert scheduled.get_job_ids() == [f"notification-{notification_id}"]
+
+
+def test_a_backlog_redis_lost_is_queued_again_in_one_reconciler_pass(client, headers, deliverer, smtp, redis_conn):
+    # More than one of the reconciler's pages: it used to put back 500 a pass (one every 30 s).
+    count = BATCH + 100
+    ids = []
+    for start in range(0, count, 1000):
+        items = [{**LITERAL, "to": f"r{n}@example.com"} for n in range(start, min(count, start + 1000))]
+        response = client.post("/api/notifications/batch", json={"notifications": items}, headers=headers)
+        assert response.status_code == 202, response.get_data(as_text=True)
+        ids += [r["id"] for r in response.get_json()["results"]]
+    redis_conn.flushdb()  # Redis restarted empty: the batch's jobs are gone
+    with database.connection_context():
+        Notification.update(updated_at=utcnow() - timedelta(minutes=5)).execute()
+        assert reconcile(deliverer.settings, redis_conn).requeued == count
+    run_worker_until_idle(redis_conn)
+    received = smtp.wait_for(count, timeout=60)
+    assert sorted(r.rcpt_tos[0] for r in received) == sorted(f"r{n}@example.com" for n in range(count))
+    assert {reload(i).status for i in ids} == {"sent"}

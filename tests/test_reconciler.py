@@ -9,7 +9,7 @@ import pytest
 from peewee import OperationalError
 from rq import Queue
 
-from notifier import keys, queues, store
+from notifier import keys, queues, reconciler, store
 from notifier.models import Notification, Status, utcnow
 from notifier.reconciler import RECOVERED_REASON, Report, reconcile
 from tests.helpers import make_notification, reload
@@ -171,3 +171,59 @@ def test_a_pass_that_fails_half_way_still_counts_what_it_did(owner, settings, fa
         reconcile(settings, fake_redis)
     assert [reload(r.id).status for r in (first, second)] == [Status.RETRYING, Status.SENDING]
     assert value(collect_metrics(fake_redis), "notifier_reconciler_actions_total", action="recovered") == 1
+
+
+@pytest.fixture
+def small_pages(monkeypatch):
+    """Pages of 2 rows, at most 3 a step: the paging of a big backlog, on a few rows."""
+    monkeypatch.setattr(reconciler, "BATCH", 2)
+    monkeypatch.setattr(reconciler, "MAX_PAGES", 3)
+
+
+def test_work_redis_lost_comes_back_a_page_after_another_in_one_pass(owner, settings, fake_redis, small_pages):
+    lost = [make_notification(owner, to=f"u{n}@example.com") for n in range(7)]
+    for row in lost:
+        _age(row, 60)
+    # Three pages of two in this pass (a pass stays bounded); the seventh once those have gone out.
+    assert reconcile(settings, fake_redis).requeued == 6
+    assert sorted(_queued_ids(fake_redis)) == sorted(queues.job_id_for(n.id) for n in lost[:6])
+    assert reconcile(settings, fake_redis).requeued == 0
+    for row in lost[:6]:
+        store.transition(row.id, Status.CANCELLED, reason="test")
+    assert reconcile(settings, fake_redis).requeued == 1
+
+
+def test_a_page_whose_jobs_are_all_in_redis_ends_the_requeue_step(owner, settings, fake_redis, small_pages):
+    waiting = [make_notification(owner, to=f"u{n}@example.com") for n in range(4)]
+    for row in waiting:
+        _age(row, 60)
+    for row in waiting[:2]:
+        queues.enqueue_delivery(fake_redis, settings, row.id, "default")
+    # A backlog waiting its turn costs one page a pass; what lies behind it comes as the backlog drains.
+    assert reconcile(settings, fake_redis).requeued == 0
+    store.transition(waiting[0].id, Status.CANCELLED, reason="test")
+    store.transition(waiting[1].id, Status.CANCELLED, reason="test")
+    assert reconcile(settings, fake_redis).requeued == 2
+
+
+def test_moves_go_on_page_after_page(owner, settings, fake_redis, small_pages):
+    overdue = [make_notification(owner, status=Status.SCHEDULED, to=f"u{n}@example.com",
+                                 send_at=utcnow() - timedelta(seconds=60)) for n in range(5)]
+    late = [make_notification(owner, to=f"l{n}@example.com", expires_at=utcnow() - timedelta(seconds=1))
+            for n in range(5)]
+    stuck = [make_notification(owner, status=Status.SENDING, to=f"s{n}@example.com") for n in range(5)]
+    for row in stuck:
+        _age(row, 120, attempts=1)
+    report = reconcile(settings, fake_redis)
+    assert (report.released, report.expired, report.recovered) == (5, 5, 5)
+    assert {reload(n.id).status for n in overdue} == {Status.QUEUED}
+    assert {reload(n.id).status for n in late} == {Status.EXPIRED}
+    assert {reload(n.id).status for n in stuck} == {Status.RETRYING}
+
+
+def test_callbacks_redis_lost_come_back_page_after_page(owner, settings, fake_redis, small_pages):
+    owed = [make_notification(owner, status=Status.SENT, to=f"u{n}@example.com", callback_url="https://example.com/cb",
+                              callback_status="pending") for n in range(5)]
+    for row in owed:
+        _age(row, 60)
+    assert reconcile(settings, fake_redis).callbacks == 5
