@@ -74,8 +74,9 @@ def reconcile(settings: Settings, redis: Redis, now: datetime | None = None) -> 
 
 
 def _pages(*conditions) -> Iterator[list[Notification]]:
-    """The rows that match, BATCH at a time in seq order (each page after the last one's seq, so
-    rows left where they were are not read again), at most MAX_PAGES pages."""
+    """The rows that meet conditions, BATCH at a time in seq order, at most MAX_PAGES pages. Each
+    page starts after the last one's seq, so rows left where they were are not read again, and a
+    partial index of the rows each step looks for finds it (see models.Notification)."""
     after = 0
     for _ in range(MAX_PAGES):
         query = Notification.select().where(Notification.seq > after, *conditions)
@@ -89,7 +90,9 @@ def _pages(*conditions) -> Iterator[list[Notification]]:
 
 def _expire(redis: Redis, settings: Settings, now: datetime, report: Report) -> None:
     waiting = tuple(WAITING_STATUSES)
-    for rows in _pages(Notification.status.in_([s.value for s in waiting]), Notification.expires_at <= now):
+    # The statuses as the partial index on expires_at lists them, so that it serves the pages.
+    statuses = sorted(s.value for s in waiting)
+    for rows in _pages(Notification.status.in_(statuses), Notification.expires_at <= now):
         for row in _move_each(rows, Status.EXPIRED, "deadline passed before it could be sent", waiting):
             report.expired += 1
             queues.dispatch_callback(redis, settings, row)
@@ -158,24 +161,26 @@ def _missing_jobs(redis: Redis, job_ids: list[str], queue_names: list[str],
 
 
 def _requeue(redis: Redis, settings: Settings, settled: datetime, stuck_before: datetime, report: Report) -> None:
-    # A page whose jobs Redis all holds ends the step: the common case, a backlog waiting its turn,
-    # costs one page a pass; pages go on while Redis is missing work (it restarted empty).
-    for rows in _pages(Notification.status.in_([Status.QUEUED.value, Status.RETRYING.value]),
-                       Notification.updated_at <= settled):
-        missing = _missing_jobs(redis, [queues.job_id_of(r) for r in rows],
-                                [queues.QUEUE_NAMES[r.priority] for r in rows], started_before=stuck_before)
-        if not missing:
-            return
-        for row in rows:
-            if queues.job_id_of(row) not in missing:
-                continue
-            if row.job_id is not None:
-                # Its shared job is gone: from now on it travels alone, so look for its own job next time.
-                Notification.update(job_id=None).where(Notification.seq == row.seq).execute()
-            queues.enqueue_delivery(redis, settings, row.id, row.priority, row.attempts,
-                                    at=queues.retry_due(settings, row))
-            store.record(row.id, kind="status", reason="re-enqueued by the reconciler: its job was missing from Redis")
-            report.requeued += 1
+    for status in (Status.QUEUED, Status.RETRYING):
+        # A page whose jobs Redis all holds ends the status: the common case, a backlog waiting its
+        # turn, costs one page a pass; pages go on while Redis is missing work (it restarted empty).
+        for rows in _pages(Notification.status == status.value, Notification.updated_at <= settled):
+            missing = _missing_jobs(redis, [queues.job_id_of(r) for r in rows],
+                                    [queues.QUEUE_NAMES[r.priority] for r in rows], started_before=stuck_before)
+            if not missing:
+                break
+            for row in rows:
+                if queues.job_id_of(row) in missing:
+                    _requeue_one(redis, settings, row)
+                    report.requeued += 1
+
+
+def _requeue_one(redis: Redis, settings: Settings, row: Notification) -> None:
+    if row.job_id is not None:
+        # Its shared job is gone: from now on it travels alone, so look for its own job next time.
+        Notification.update(job_id=None).where(Notification.seq == row.seq).execute()
+    queues.enqueue_delivery(redis, settings, row.id, row.priority, row.attempts, at=queues.retry_due(settings, row))
+    store.record(row.id, kind="status", reason="re-enqueued by the reconciler: its job was missing from Redis")
 
 
 def _callbacks(redis: Redis, settings: Settings, settled: datetime, report: Report) -> None:

@@ -12,7 +12,10 @@ from notifier.models import MODELS, SchemaVersion
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
+# Indexes a later version replaced, dropped where an earlier one made them (5: the reconciler pages
+# owed callbacks by seq, not by updated_at).
+_REPLACED_INDEXES = ("notification_callback_status_updated_at",)
 _LOCK_ID = 0x6E6F7469  # an arbitrary constant: "noti"
 _KEY_TRIGGER = "notifier_api_keys_changed"
 
@@ -25,8 +28,10 @@ def upgrade(db) -> int:
             # the transaction's, not the session's: a reconnect (the pool's, after a dropped
             # connection) cannot happen inside a transaction, so the work never runs without it.
             db.execute_sql("SELECT pg_advisory_xact_lock(%s)", (_LOCK_ID,))
-        db.create_tables(MODELS, safe=True)
+        db.create_tables(MODELS, safe=True)  # and, on an existing table, the indexes it lacks
         _add_missing_columns(db)
+        for name in _REPLACED_INDEXES:
+            db.execute_sql(f'DROP INDEX IF EXISTS "{name}"')
         if isinstance(db, PostgresqlDatabase):
             _notify_key_changes(db)
         row = SchemaVersion.select().first()

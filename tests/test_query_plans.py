@@ -1,14 +1,18 @@
-"""The delivery path's statements find their row by its key, whatever PostgreSQL's statistics say.
+"""The statements that run all the time find their rows by an index, whatever PostgreSQL's statistics say.
 
-The status guard of a transition sits beside a unique key; with indexes that lead with status (the
-reconciler's) and statistics from before a backlog arrived, the planner used to walk every row of that
-status for each claim instead."""
+A transition's status guard sits beside a unique key, and the reconciler's pages look for rows in
+one status: with statistics from before (or during) a backlog, the planner used to walk every row
+of a status for each claim, or the whole table for a reconciler page."""
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 from notifier import store
 from notifier.db import database
-from notifier.models import Status
+from notifier.models import CallbackStatus, Notification, SchemaVersion, Status, utcnow
+from notifier.reconciler import reconcile
+from notifier.schema import SCHEMA_VERSION, upgrade
 
 FIELDS = {"to": "carol@example.com", "subject": "Hi", "text": "Hello", "priority": "default"}
 
@@ -51,3 +55,48 @@ def test_transitions_use_the_key_when_statistics_say_the_status_is_rare(pg_db, a
             assert "notifications_pkey" in plan and "notification_status" not in plan, plan
         plan = _plan(*lookups[0])
         assert "notification_id" in plan and "notification_status" not in plan, plan
+
+
+def test_reconciler_pages_never_walk_the_table_when_statistics_are_stale(pg_db, api_key, redis_conn, pg_settings,
+                                                                         monkeypatch):
+    key = api_key[0]
+    with database.connection_context():
+        # Statistics from a long backlog: half the table queued for a while, callbacks owed everywhere.
+        store.create_notifications(key, [(dict(FIELDS), Status.SENT, "earlier")] * 5000)
+        rows = store.create_notifications(key, [(dict(FIELDS), Status.QUEUED, "accepted")] * 5000)
+        old = utcnow() - timedelta(hours=1)
+        Notification.update(callback_status=CallbackStatus.PENDING.value, updated_at=old).execute()
+        database.execute_sql("ANALYZE notifications")
+        # Then it all went out: what each step looks for is rare now, and the table is mostly `sent`.
+        Notification.update(status=Status.SENT.value, callback_status=None).execute()
+        Notification.update(status=Status.QUEUED.value).where(Notification.seq == rows[-1].seq).execute()
+        seen = _recording(monkeypatch)
+        reconcile(pg_settings, redis_conn)
+        monkeypatch.undo()
+        pages = [s for s in seen if s[0].startswith("SELECT") and 'ORDER BY' in s[0] and 'LIMIT' in s[0]]
+        assert len(pages) == 6  # a page each step, two to requeue (queued, then retrying)
+        for sql, params in pages:
+            plan = _plan(sql, params)
+            assert "notifications_pkey" not in plan and "Seq Scan" not in plan, plan
+
+
+def _indexes() -> set[str]:
+    rows = database.execute_sql("SELECT indexname FROM pg_indexes WHERE tablename = 'notifications'").fetchall()
+    return {name for (name,) in rows}
+
+
+def test_an_upgrade_from_version_4_makes_the_reconciler_indexes(pg_db):
+    with database.connection_context():
+        made = {name for name in _indexes() if name.startswith("notifications_") and name != "notifications_pkey"}
+        assert len(made) == 6
+        for name in made:
+            database.execute_sql(f'DROP INDEX "{name}"')
+        # Version 4 had one index of every row's callback status instead.
+        database.execute_sql('CREATE INDEX "notification_callback_status_updated_at" '
+                             'ON "notifications" ("callback_status", "updated_at")')
+        SchemaVersion.update(version=4).execute()
+    assert upgrade(pg_db) == SCHEMA_VERSION == 5
+    with database.connection_context():
+        assert made <= _indexes()
+        assert "notification_callback_status_updated_at" not in _indexes()
+        assert SchemaVersion.get().version == 5
