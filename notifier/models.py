@@ -181,10 +181,12 @@ class Notification(BaseModel):
         )
 
 
-# What the reconciler's passes look for, and nothing else: small however large the table grows, and
-# each its own index, so a page of them (models by seq, after a seq) is read as a range. With one index
-# of every row's status the planner, misled by statistics from a past backlog, walked the primary key
-# through the whole table instead, expecting matches every few rows.
+# What the reconciler's passes look for, and nothing else: rows in one status, owed callbacks,
+# deadlines and send times of waiting rows, idempotency keys to forget. Each is small however large
+# the table grows, and in an index of its own, so a page of them (by seq, after the last page's seq)
+# is read as a range. With one index of every row's status, the planner misled by statistics from a
+# past backlog walked the primary key through the whole table instead, expecting matches every few
+# rows; forgetting keys read the whole unique index of them every pass.
 def _partial(name: str, field, where) -> None:
     Notification.add_index(Notification.index(field, where=where, name=f"notifications_{name}"))
 
@@ -195,6 +197,7 @@ _partial("callback_pending_seq", Notification.seq, Notification.callback_status 
 _partial("waiting_expires_at", Notification.expires_at, Notification.expires_at.is_null(False)
          & Notification.status.in_(sorted(s.value for s in WAITING_STATUSES)))
 _partial("scheduled_send_at", Notification.send_at, Notification.status == Status.SCHEDULED.value)
+_partial("keyed_created_at", Notification.created_at, Notification.idempotency_key.is_null(False))
 
 
 class Event(BaseModel):
