@@ -182,11 +182,11 @@ class Notification(BaseModel):
 
 
 # What the reconciler's passes look for, and nothing else: rows in one status, owed callbacks,
-# deadlines and send times of waiting rows, idempotency keys to forget. Each is small however large
-# the table grows, and in an index of its own, so a page of them (by seq, after the last page's seq)
-# is read as a range. With one index of every row's status, the planner misled by statistics from a
-# past backlog walked the primary key through the whole table instead, expecting matches every few
-# rows; forgetting keys read the whole unique index of them every pass.
+# waiting rows with a deadline, idempotency keys to forget. Each is small however large the table
+# grows, and in an index of its own by seq, the order of the pass's pages: the planner takes it
+# over the primary key (same order, fewer rows) whatever its statistics say. With one index of every
+# row's status, statistics from a past backlog had it walk the primary key through the whole table
+# instead, expecting a match every few rows; forgetting keys read the whole unique index of them.
 def _partial(name: str, field, where) -> None:
     Notification.add_index(Notification.index(field, where=where, name=f"notifications_{name}"))
 
@@ -194,9 +194,9 @@ def _partial(name: str, field, where) -> None:
 for _status in (Status.QUEUED, Status.RETRYING, Status.SENDING):
     _partial(f"{_status.value}_seq", Notification.seq, Notification.status == _status.value)
 _partial("callback_pending_seq", Notification.seq, Notification.callback_status == CallbackStatus.PENDING.value)
-_partial("waiting_expires_at", Notification.expires_at, Notification.expires_at.is_null(False)
+_partial("expiring_seq", Notification.seq, Notification.expires_at.is_null(False)
          & Notification.status.in_(sorted(s.value for s in WAITING_STATUSES)))
-_partial("scheduled_send_at", Notification.send_at, Notification.status == Status.SCHEDULED.value)
+_partial("scheduled_seq", Notification.seq, Notification.status == Status.SCHEDULED.value)
 _partial("keyed_created_at", Notification.created_at, Notification.idempotency_key.is_null(False))
 
 

@@ -17,6 +17,7 @@ keeps a notification that ends up queued twice from being sent twice.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
@@ -31,9 +32,10 @@ from notifier.models import WAITING_STATUSES, CallbackStatus, Notification, Stat
 logger = logging.getLogger(__name__)
 
 BATCH = 500
-# Pages of BATCH one step may take in a pass. One page a pass brought a backlog that Redis lost back
-# at 500 rows per RECONCILE_INTERVAL (17 a second at the default 30 s, against workers that send
-# hundreds); this is 10,000 a pass, and a pass still ends.
+# Pages of BATCH one step (each status of the requeue step) may take in a pass. One page a pass
+# brought a backlog that Redis lost back at 500 rows per RECONCILE_INTERVAL (17 a second at the
+# default 30 s, against workers that send hundreds). Past a step's first page, a pass also stops
+# at half the interval (see reconcile), so that it has ended before the next is due.
 MAX_PAGES = 20
 LIVE_JOB_STATES = {b"queued", b"started", b"scheduled", b"deferred"}
 RECOVERED_REASON = "recovered: the worker was lost mid-send, so this message may have been sent already"
@@ -56,15 +58,18 @@ def reconcile(settings: Settings, redis: Redis, now: datetime | None = None) -> 
     """One pass over the database; returns what it did."""
     now = now or utcnow()
     settled = now - timedelta(seconds=settings.reconcile_grace_seconds)
+    # rq-scheduler queues the next pass when the interval is up, running or not: a long one (a large
+    # backlog lost from Redis, a slow database) leaves the rest of its pages to the next.
+    stop_at = time.monotonic() + settings.reconcile_interval / 2
     report = Report()
     try:
         # Each step counts into the report as it goes, so a pass that stops half-way (the database
         # went away) still reports what it did: `recovered` above all.
-        _expire(redis, settings, now, report)
-        _release(redis, settings, settled, report)
-        _recover(redis, settings, now - timedelta(seconds=settings.sending_timeout), report)
-        _requeue(redis, settings, settled, now - timedelta(seconds=settings.sending_timeout), report)
-        _callbacks(redis, settings, settled, report)
+        _expire(redis, settings, now, report, stop_at)
+        _release(redis, settings, settled, report, stop_at)
+        _recover(redis, settings, now - timedelta(seconds=settings.sending_timeout), report, stop_at)
+        _requeue(redis, settings, settled, now - timedelta(seconds=settings.sending_timeout), report, stop_at)
+        _callbacks(redis, settings, settled, report, stop_at)
         report.keys_forgotten = _forget_keys(now - timedelta(days=settings.idempotency_ttl_days))
     finally:
         if any(asdict(report).values()):
@@ -73,12 +78,15 @@ def reconcile(settings: Settings, redis: Redis, now: datetime | None = None) -> 
     return report
 
 
-def _pages(*conditions) -> Iterator[list[Notification]]:
-    """The rows that meet conditions, BATCH at a time in seq order, at most MAX_PAGES pages. Each
-    page starts after the last one's seq, so rows left where they were are not read again, and a
-    partial index of the rows each step looks for finds it (see models.Notification)."""
+def _pages(*conditions, stop_at: float) -> Iterator[list[Notification]]:
+    """The rows that meet conditions, BATCH at a time in seq order: at most MAX_PAGES pages, and
+    none after the first once the pass is at stop_at (time.monotonic()). Each page starts
+    after the last one's seq, so rows left where they were are not read again, and on PostgreSQL a
+    partial index by seq of the rows each step looks for finds it (see models.Notification)."""
     after = 0
-    for _ in range(MAX_PAGES):
+    for page in range(MAX_PAGES):
+        if page and time.monotonic() >= stop_at:
+            return
         query = Notification.select().where(Notification.seq > after, *conditions)
         rows = list(query.order_by(Notification.seq).limit(BATCH))
         if rows:
@@ -88,19 +96,19 @@ def _pages(*conditions) -> Iterator[list[Notification]]:
         after = rows[-1].seq
 
 
-def _expire(redis: Redis, settings: Settings, now: datetime, report: Report) -> None:
+def _expire(redis: Redis, settings: Settings, now: datetime, report: Report, stop_at: float) -> None:
     waiting = tuple(WAITING_STATUSES)
-    # The statuses as the partial index on expires_at lists them, so that it serves the pages.
-    statuses = sorted(s.value for s in waiting)
-    for rows in _pages(Notification.status.in_(statuses), Notification.expires_at <= now):
+    for rows in _pages(Notification.status.in_([s.value for s in waiting]), Notification.expires_at <= now,
+                       stop_at=stop_at):
         for row in _move_each(rows, Status.EXPIRED, "deadline passed before it could be sent", waiting):
             report.expired += 1
             queues.dispatch_callback(redis, settings, row)
 
 
-def _release(redis: Redis, settings: Settings, settled: datetime, report: Report) -> None:
+def _release(redis: Redis, settings: Settings, settled: datetime, report: Report, stop_at: float) -> None:
     reason = "send time reached (released by the reconciler)"
-    for rows in _pages(Notification.status == Status.SCHEDULED.value, Notification.send_at <= settled):
+    for rows in _pages(Notification.status == Status.SCHEDULED.value, Notification.send_at <= settled,
+                       stop_at=stop_at):
         for row in _move_each(rows, Status.QUEUED, reason, (Status.SCHEDULED,)):
             report.released += 1
             queues.dispatch(redis, settings, row)
@@ -113,8 +121,10 @@ def _move_each(rows, target: Status, reason: str, sources) -> Iterator[Notificat
             yield store.get(row.id)
 
 
-def _recover(redis: Redis, settings: Settings, stuck_before: datetime, report: Report) -> None:
-    for rows in _pages(Notification.status == Status.SENDING.value, Notification.updated_at <= stuck_before):
+def _recover(redis: Redis, settings: Settings, stuck_before: datetime, report: Report,
+             stop_at: float) -> None:
+    sending = Notification.status == Status.SENDING.value
+    for rows in _pages(sending, Notification.updated_at <= stuck_before, stop_at=stop_at):
         for row in rows:
             if row.attempts < settings.max_attempts:
                 moved = store.transition(row.id, Status.RETRYING, reason=RECOVERED_REASON, sources=(Status.SENDING,),
@@ -160,11 +170,13 @@ def _missing_jobs(redis: Redis, job_ids: list[str], queue_names: list[str],
     return missing
 
 
-def _requeue(redis: Redis, settings: Settings, settled: datetime, stuck_before: datetime, report: Report) -> None:
+def _requeue(redis: Redis, settings: Settings, settled: datetime, stuck_before: datetime, report: Report,
+             stop_at: float) -> None:
     for status in (Status.QUEUED, Status.RETRYING):
         # A page whose jobs Redis all holds ends the status: the common case, a backlog waiting its
         # turn, costs one page a pass; pages go on while Redis is missing work (it restarted empty).
-        for rows in _pages(Notification.status == status.value, Notification.updated_at <= settled):
+        for rows in _pages(Notification.status == status.value, Notification.updated_at <= settled,
+                           stop_at=stop_at):
             missing = _missing_jobs(redis, [queues.job_id_of(r) for r in rows],
                                     [queues.QUEUE_NAMES[r.priority] for r in rows], started_before=stuck_before)
             if not missing:
@@ -183,10 +195,10 @@ def _requeue_one(redis: Redis, settings: Settings, row: Notification) -> None:
     store.record(row.id, kind="status", reason="re-enqueued by the reconciler: its job was missing from Redis")
 
 
-def _callbacks(redis: Redis, settings: Settings, settled: datetime, report: Report) -> None:
+def _callbacks(redis: Redis, settings: Settings, settled: datetime, report: Report, stop_at: float) -> None:
     # Pages as _requeue's: on while Redis is missing callback jobs.
     pending = Notification.callback_status == CallbackStatus.PENDING.value
-    for rows in _pages(pending, Notification.updated_at <= settled):
+    for rows in _pages(pending, Notification.updated_at <= settled, stop_at=stop_at):
         missing = _missing_jobs(redis, [queues.callback_job_id_for(r.id) for r in rows],
                                 [queues.CALLBACK_QUEUE] * len(rows))
         if not missing:

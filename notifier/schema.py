@@ -40,6 +40,11 @@ def upgrade(db) -> int:
         elif row.version < SCHEMA_VERSION:
             row.version = SCHEMA_VERSION
             row.save()
+        elif row.version > SCHEMA_VERSION:
+            # An older release started against a newer schema (a rolling upgrade, a rollback): it
+            # works, but it has just made again the indexes the newer one replaced.
+            logger.warning("database schema is at version %s, newer than this release's %s", row.version,
+                           SCHEMA_VERSION)
     logger.debug("schema at version %s", SCHEMA_VERSION)
     return SCHEMA_VERSION
 

@@ -193,6 +193,16 @@ def test_work_redis_lost_comes_back_a_page_after_another_in_one_pass(owner, sett
     assert reconcile(settings, fake_redis).requeued == 1
 
 
+def test_a_pass_past_half_its_interval_takes_no_more_pages(owner, settings, fake_redis, small_pages):
+    lost = [make_notification(owner, to=f"u{n}@example.com") for n in range(5)]
+    for row in lost:
+        _age(row, 60)
+    # rq-scheduler queues the next pass when the interval is up: this one may not run into it.
+    assert reconcile(replace(settings, reconcile_interval=0), fake_redis).requeued == 2
+    assert reconcile(settings, fake_redis).requeued == 0  # the first two are queued; the rest wait behind
+    assert {reload(n.id).status for n in lost} == {Status.QUEUED}
+
+
 def test_a_page_whose_jobs_are_all_in_redis_ends_the_requeue_step(owner, settings, fake_redis, small_pages):
     waiting = [make_notification(owner, to=f"u{n}@example.com") for n in range(4)]
     for row in waiting:
