@@ -17,9 +17,12 @@ from bench.load import summarize_ms
 from bench.noop import STAMPS_KEY
 from bench.procs import ROOT, CpuMeter, Procs, children
 from bench.stack import Gunicorn, Options, Sink, rss_mb, wait_workers
+from notifier.config import Settings
 
 # The same shape as notifier's queues: the no-op jobs go on the second, as literal sends do.
 RAW_QUEUES = ("bench.high", "bench.default", "bench.low", "bench.callbacks")
+# What the product's jobs get with the default settings (the bench runs the product on them).
+FINISHED_JOB_TTL = Settings().finished_job_ttl
 
 
 def run_load(opts: Options, port: int, path: str, *, timeout: float | None = None, **options) -> dict:
@@ -77,7 +80,7 @@ def raw_smtp(opts: Options, procs: Procs, sink: Sink) -> dict:
 def _noop_jobs(count: int, prefix: str) -> list:
     # The options notifier's dispatch gives a delivery job (RETRY_INTERVALS=1,1 here).
     return [Queue.prepare_data("bench.noop.noop", (f"{prefix}-{i}",), job_id=f"{prefix}-{i}",
-                               retry=Retry(max=2, interval=[1, 1]), timeout=120, result_ttl=3600,
+                               retry=Retry(max=2, interval=[1, 1]), timeout=120, result_ttl=FINISHED_JOB_TTL,
                                failure_ttl=365 * 24 * 3600, description=f"no-op {prefix}-{i}")
             for i in range(count)]
 
@@ -141,7 +144,8 @@ def _pickup_latency(opts: Options, redis: Redis) -> dict:
         delay = start + i / opts.latency_rate - time.perf_counter()
         if delay > 0:
             time.sleep(delay)
-        queue.enqueue("bench.noop.stamp", time.time(), job_id=f"stamp-{i}", result_ttl=3600, job_timeout=120)
+        queue.enqueue("bench.noop.stamp", time.time(), job_id=f"stamp-{i}", result_ttl=FINISHED_JOB_TTL,
+                      job_timeout=120)
     deadline = time.monotonic() + 60
     while redis.llen(STAMPS_KEY) < total and time.monotonic() < deadline:
         time.sleep(0.05)

@@ -118,7 +118,7 @@ def enqueue_delivery(
         "job_id": job_id_for(notification_id),
         "retry": retry_policy(settings, attempts_made),
         "job_timeout": settings.job_timeout,
-        "result_ttl": 3600,
+        "result_ttl": settings.finished_job_ttl,
         "failure_ttl": FAILURE_TTL,
         "description": f"deliver notification {notification_id}",
         "meta": traced(),
@@ -144,8 +144,8 @@ def file_failed(connection: Redis, settings: Settings, notification: Notificatio
     queue) as its own job, as if it had failed alone; the database already says `failed`."""
     queue = queue_for(notification.priority, connection)
     job = queue.create_job(DELIVER_JOB, args=(notification.id,), job_id=job_id_for(notification.id),
-                           timeout=settings.job_timeout, result_ttl=3600, failure_ttl=FAILURE_TTL,
-                           description=f"deliver notification {notification.id}")
+                           timeout=settings.job_timeout, result_ttl=settings.finished_job_ttl,
+                           failure_ttl=FAILURE_TTL, description=f"deliver notification {notification.id}")
     try:
         with connection.pipeline() as pipe:
             job.set_status(JobStatus.FAILED, pipeline=pipe)
@@ -176,7 +176,7 @@ def enqueue_callback(connection: Redis, settings: Settings, notification_id: str
         job_id=callback_job_id_for(notification_id),
         retry=_retry(settings.callback_retry_intervals, attempts_made),
         job_timeout=max(30, int(settings.callback_timeout * 2)),
-        result_ttl=3600,
+        result_ttl=settings.finished_job_ttl,
         failure_ttl=30 * 24 * 3600,
         description=f"status callback for notification {notification_id}",
         meta=traced(),
@@ -229,8 +229,8 @@ def dispatch_callback(connection: Redis, settings: Settings, notification: Notif
 def _shared_job(settings: Settings, job_id: str, notification_ids: list[str], at_front: bool = False):
     # No RQ retry: each notification that fails in it goes on in a job of its own (jobs.deliver_many).
     return Queue.prepare_data(DELIVER_MANY_JOB, (notification_ids,), job_id=job_id, at_front=at_front,
-                              timeout=settings.job_timeout * len(notification_ids), result_ttl=3600,
-                              failure_ttl=FAILURE_TTL, meta=traced(),
+                              timeout=settings.job_timeout * len(notification_ids),
+                              result_ttl=settings.finished_job_ttl, failure_ttl=FAILURE_TTL, meta=traced(),
                               description=f"deliver {len(notification_ids)} notifications of a batch")
 
 
@@ -267,7 +267,8 @@ def dispatch_many(connection: Redis, settings: Settings, notifications: list[Not
         elif n.status in (Status.QUEUED, Status.RETRYING):
             by_queue.setdefault(n.priority, []).append(Queue.prepare_data(
                 DELIVER_JOB, (n.id,), job_id=job_id_for(n.id), retry=retry_policy(settings, n.attempts),
-                timeout=settings.job_timeout, result_ttl=3600, failure_ttl=FAILURE_TTL, meta=meta,
+                timeout=settings.job_timeout, result_ttl=settings.finished_job_ttl, failure_ttl=FAILURE_TTL,
+                meta=meta,
                 description=f"deliver notification {n.id}"))
         elif n.status == Status.SCHEDULED:
             scheduled.append(n)

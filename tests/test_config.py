@@ -212,6 +212,13 @@ def test_batch_job_size_is_read_and_bounded():
         assert "BATCH_JOB_SIZE" in str(config_error({"BATCH_JOB_SIZE": raw}))
 
 
+def test_finished_job_ttl_is_read_and_bounded():
+    assert Settings.from_env({}).finished_job_ttl == 60
+    assert Settings.from_env({"FINISHED_JOB_TTL": "0"}).finished_job_ttl == 0
+    for raw in ("-1", "604801", "an hour"):
+        assert "FINISHED_JOB_TTL" in str(config_error({"FINISHED_JOB_TTL": raw}))
+
+
 def test_the_compose_env_example_is_valid_settings():
     # docker-compose.yml reads .env.example as an env_file: "NAME=value" lines, everything after "=" literal.
     lines = (PROJECT_ROOT / ".env.example").read_text().splitlines()

@@ -9,7 +9,7 @@ from rq import Queue
 
 from notifier.db import database
 from notifier.models import Notification, utcnow
-from notifier.queues import QUEUE_NAMES, enqueue_delivery
+from notifier.queues import QUEUE_NAMES, enqueue_delivery, job_id_for
 from notifier.reconciler import BATCH, reconcile
 from tests.helpers import LITERAL, VERIFICATION, reload, run_worker_until_idle
 
@@ -185,3 +185,15 @@ def test_a_backlog_redis_lost_is_queued_again_in_one_reconciler_pass(client, hea
     received = smtp.wait_for(count, timeout=60)
     assert sorted(r.rcpt_tos[0] for r in received) == sorted(f"r{n}@example.com" for n in range(count))
     assert {reload(i).status for i in ids} == {"sent"}
+
+
+def test_a_finished_job_leaves_redis_after_finished_job_ttl(pg_settings, app, headers, deliverer, smtp, redis_conn):
+    # Each finished job holds about 6 KB of Redis while RQ keeps it: an hour of them at a few
+    # hundred emails a second was gigabytes. PostgreSQL keeps the outcome.
+    notification_id = _send(app.test_client(), headers, **LITERAL)
+    run_worker_until_idle(redis_conn)
+    smtp.wait_for(1)
+    assert reload(notification_id).status == "sent"
+    kept = list(redis_conn.scan_iter(f"*{job_id_for(notification_id)}*"))
+    assert kept, "RQ keeps the finished job a while, for rq-dashboard"
+    assert all(0 < redis_conn.ttl(key) <= pg_settings.finished_job_ttl == 60 for key in kept)
