@@ -18,11 +18,13 @@ from bench.noop import STAMPS_KEY
 from bench.procs import ROOT, CpuMeter, Procs, children
 from bench.stack import Gunicorn, Options, Sink, rss_mb, wait_workers
 from notifier.config import Settings
+from notifier.queues import failure_ttl
 
 # The same shape as notifier's queues: the no-op jobs go on the second, as literal sends do.
 RAW_QUEUES = ("bench.high", "bench.default", "bench.low", "bench.callbacks")
 # What the product's jobs get with the default settings (the bench runs the product on them).
 FINISHED_JOB_TTL = Settings().finished_job_ttl
+FAILURE_TTL = failure_ttl(Settings())
 
 
 def run_load(opts: Options, port: int, path: str, *, timeout: float | None = None, **options) -> dict:
@@ -81,7 +83,7 @@ def _noop_jobs(count: int, prefix: str) -> list:
     # The options notifier's dispatch gives a delivery job (RETRY_INTERVALS=1,1 here).
     return [Queue.prepare_data("bench.noop.noop", (f"{prefix}-{i}",), job_id=f"{prefix}-{i}",
                                retry=Retry(max=2, interval=[1, 1]), timeout=120, result_ttl=FINISHED_JOB_TTL,
-                               failure_ttl=365 * 24 * 3600, description=f"no-op {prefix}-{i}")
+                               failure_ttl=FAILURE_TTL, description=f"no-op {prefix}-{i}")
             for i in range(count)]
 
 

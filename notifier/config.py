@@ -40,6 +40,9 @@ class Settings:
     # for rq-dashboard's Finished list. PostgreSQL holds every notification's outcome; at an hour, a
     # sustained 300 emails/s kept over a million of them, 6 GB. Failed jobs keep their own TTL.
     finished_job_ttl: int = 60
+    # How long RQ's failed registries (the dead-letter queue) keep a failed job: about 6 KB of Redis
+    # each, and a bounce is a failure. The failed notification stays in PostgreSQL, requeueable.
+    dead_letter_ttl_days: int = 30
     idempotency_ttl_days: int = 7
     verification_ttl_seconds: int = 3600
     schedule_horizon_days: int = 90
@@ -118,6 +121,7 @@ class Settings:
             page_size_max=_int(env, "PAGE_SIZE_MAX", defaults.page_size_max, 1, 1000),
             job_timeout=_int(env, "JOB_TIMEOUT", defaults.job_timeout, 1, 3600),
             finished_job_ttl=_int(env, "FINISHED_JOB_TTL", defaults.finished_job_ttl, 0, 7 * 86400),
+            dead_letter_ttl_days=_int(env, "DEAD_LETTER_TTL_DAYS", defaults.dead_letter_ttl_days, 1, 3650),
             secret_key=env.get("SECRET_KEY", ""),
             operator_username=operator_username,
             operator_password=operator_password,

@@ -36,8 +36,6 @@ QUEUES_BY_PRIORITY: tuple[str, ...] = (
 # Small, quick jobs (releasing a delayed send, the reconciler) go where they are picked up first.
 CONTROL_QUEUE = QUEUE_NAMES[Priority.HIGH]
 
-# Failed delivery jobs stay in RQ's failed registry (the dead-letter queue) this long.
-FAILURE_TTL = 365 * 24 * 3600
 DELIVER_JOB = "notifier.jobs.deliver"
 # The job meta key of the request a job came from, so the worker's log lines carry its id too.
 REQUEST_ID_META = "request_id"
@@ -59,6 +57,11 @@ def queue_for(priority: str, connection: Redis) -> Queue:
 def all_queues(connection: Redis) -> list[Queue]:
     """Every queue a notifier worker consumes, highest priority first."""
     return [Queue(name, connection=connection) for name in QUEUES_BY_PRIORITY]
+
+
+def failure_ttl(settings: Settings) -> int:
+    """Seconds a failed job stays in RQ's failed registry (the dead-letter queue)."""
+    return settings.dead_letter_ttl_days * 86400
 
 
 def job_id_for(notification_id: str) -> str:
@@ -119,7 +122,7 @@ def enqueue_delivery(
         "retry": retry_policy(settings, attempts_made),
         "job_timeout": settings.job_timeout,
         "result_ttl": settings.finished_job_ttl,
-        "failure_ttl": FAILURE_TTL,
+        "failure_ttl": failure_ttl(settings),
         "description": f"deliver notification {notification_id}",
         "meta": traced(),
     }
@@ -145,12 +148,12 @@ def file_failed(connection: Redis, settings: Settings, notification: Notificatio
     queue = queue_for(notification.priority, connection)
     job = queue.create_job(DELIVER_JOB, args=(notification.id,), job_id=job_id_for(notification.id),
                            timeout=settings.job_timeout, result_ttl=settings.finished_job_ttl,
-                           failure_ttl=FAILURE_TTL, description=f"deliver notification {notification.id}")
+                           failure_ttl=failure_ttl(settings), description=f"deliver notification {notification.id}")
     try:
         with connection.pipeline() as pipe:
             job.set_status(JobStatus.FAILED, pipeline=pipe)
-            queue.failed_job_registry.add(job, ttl=FAILURE_TTL, exc_string=reason, pipeline=pipe)
-            Result.create_failure(job, FAILURE_TTL, exc_string=reason, pipeline=pipe)
+            queue.failed_job_registry.add(job, ttl=failure_ttl(settings), exc_string=reason, pipeline=pipe)
+            Result.create_failure(job, failure_ttl(settings), exc_string=reason, pipeline=pipe)
             pipe.execute()
     except RedisError as exc:
         logger.warning("notification %s failed; not filed in RQ's registry: %s", notification.id, type(exc).__name__)
@@ -177,7 +180,7 @@ def enqueue_callback(connection: Redis, settings: Settings, notification_id: str
         retry=_retry(settings.callback_retry_intervals, attempts_made),
         job_timeout=max(30, int(settings.callback_timeout * 2)),
         result_ttl=settings.finished_job_ttl,
-        failure_ttl=30 * 24 * 3600,
+        failure_ttl=failure_ttl(settings),
         description=f"status callback for notification {notification_id}",
         meta=traced(),
     )
@@ -230,7 +233,7 @@ def _shared_job(settings: Settings, job_id: str, notification_ids: list[str], at
     # No RQ retry: each notification that fails in it goes on in a job of its own (jobs.deliver_many).
     return Queue.prepare_data(DELIVER_MANY_JOB, (notification_ids,), job_id=job_id, at_front=at_front,
                               timeout=settings.job_timeout * len(notification_ids),
-                              result_ttl=settings.finished_job_ttl, failure_ttl=FAILURE_TTL, meta=traced(),
+                              result_ttl=settings.finished_job_ttl, failure_ttl=failure_ttl(settings), meta=traced(),
                               description=f"deliver {len(notification_ids)} notifications of a batch")
 
 
@@ -267,7 +270,7 @@ def dispatch_many(connection: Redis, settings: Settings, notifications: list[Not
         elif n.status in (Status.QUEUED, Status.RETRYING):
             by_queue.setdefault(n.priority, []).append(Queue.prepare_data(
                 DELIVER_JOB, (n.id,), job_id=job_id_for(n.id), retry=retry_policy(settings, n.attempts),
-                timeout=settings.job_timeout, result_ttl=settings.finished_job_ttl, failure_ttl=FAILURE_TTL,
+                timeout=settings.job_timeout, result_ttl=settings.finished_job_ttl, failure_ttl=failure_ttl(settings),
                 meta=meta,
                 description=f"deliver notification {n.id}"))
         elif n.status == Status.SCHEDULED:

@@ -219,6 +219,13 @@ def test_finished_job_ttl_is_read_and_bounded():
         assert "FINISHED_JOB_TTL" in str(config_error({"FINISHED_JOB_TTL": raw}))
 
 
+def test_dead_letter_ttl_days_is_read_and_bounded():
+    assert Settings.from_env({}).dead_letter_ttl_days == 30
+    assert Settings.from_env({"DEAD_LETTER_TTL_DAYS": "365"}).dead_letter_ttl_days == 365
+    for raw in ("0", "3651", "a year"):
+        assert "DEAD_LETTER_TTL_DAYS" in str(config_error({"DEAD_LETTER_TTL_DAYS": raw}))
+
+
 def test_the_compose_env_example_is_valid_settings():
     # docker-compose.yml reads .env.example as an env_file: "NAME=value" lines, everything after "=" literal.
     lines = (PROJECT_ROOT / ".env.example").read_text().splitlines()

@@ -10,6 +10,8 @@ import pytest
 from rq import Queue
 from rq.job import Job
 
+from notifier import deadletters
+from notifier.db import database
 from notifier.queues import QUEUE_NAMES, all_queues, job_id_for
 from tests.helpers import LITERAL, reload, run_worker_until_idle
 from tests.processes import ROOT, cli, env_for
@@ -267,3 +269,27 @@ def test_dead_letters_are_listed_while_redis_is_down(pg_settings, pg_db, api_key
     client = create_app(pg_settings, redis=Redis(port=1, socket_connect_timeout=0.2)).test_client()
     body = client.get("/api/dead-letters", headers={"X-API-Key": api_key[1]}).get_json()
     assert [(e["id"], e["in_failed_registry"]) for e in body["data"]] == [(failed.id, False)]
+
+
+def test_listing_and_requeueing_never_read_a_whole_failed_registry(client, headers, deliverer, smtp, redis_conn,
+                                                                    monkeypatch):
+    dead = _dead_letter(client, headers, smtp, redis_conn)
+    # A month of other services' bounces in the same registry.
+    registry = Queue(QUEUE_NAMES["default"], connection=redis_conn).failed_job_registry
+    redis_conn.zadd(registry.key, {f"notification-{uuid.uuid4()}": 4e9 for _ in range(2000)})
+    asked = []
+    real = type(redis_conn).execute_command
+
+    def execute_command(self, *args, **options):
+        asked.append(str(args[0]).upper())
+        return real(self, *args, **options)
+
+    monkeypatch.setattr(type(redis_conn), "execute_command", execute_command)
+    (entry,) = client.get(DEAD, headers=headers).get_json()["data"]
+    assert entry["in_failed_registry"] is True
+    with database.connection_context():
+        assert deadletters.show(redis_conn, dead)[0].in_failed_registry is True  # `dlq show`
+    assert client.post(f"{DEAD}/{dead}/requeue", headers=headers).status_code == 202
+    monkeypatch.undo()
+    assert not {"ZRANGE", "ZRANGEBYSCORE", "ZREVRANGE"} & set(asked), asked
+    assert job_id_for(dead) not in registry.get_job_ids() and registry.count == 2000

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from datetime import timedelta
 
 import pytest
@@ -121,6 +122,10 @@ def test_exhausted_retries_end_failed_in_the_failed_registry(client, headers, de
     job = failed.get_job_ids() and Queue(QUEUE_NAMES["default"], connection=redis_conn).fetch_job(
         f"notification-{notification_id}")
     assert "RetriesExhausted" in job.latest_result().exc_string
+    # The dead letter stays DEAD_LETTER_TTL_DAYS (about 6 KB of Redis each, for every bounce).
+    ttl = failed.connection.zscore(failed.key, job.id) - time.time()
+    assert 29 * 86400 < ttl <= deliverer.settings.dead_letter_ttl_days * 86400 == 30 * 86400
+    assert 29 * 86400 < redis_conn.ttl(job.key) <= 30 * 86400
 
 
 def test_high_priority_is_sent_before_a_low_backlog(client, headers, deliverer, smtp, redis_conn):
