@@ -7,6 +7,7 @@ failed (RQ can move a job that succeeded into the failed registry as abandoned).
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -37,25 +38,26 @@ class DeadLetter:
     in_failed_registry: bool
 
 
-def _failed_registry_ids(redis: Redis, notification_ids: list[str]) -> set[str]:
-    """The job ids of these notifications that RQ's failed registries hold, asked one by one (in one
-    round trip): a registry holds DEAD_LETTER_TTL_DAYS of failures, and reading all of it for each
-    page of dead letters grew with every bounce."""
-    job_ids = [queues.job_id_for(n) for n in notification_ids]
+def _failed_registry_ids(redis: Redis, rows: list[Notification]) -> set[str]:
+    """The job ids of these notifications that RQ's failed registries still hold, asked one by one in
+    one round trip (a registry holds DEAD_LETTER_TTL_DAYS of failures: reading all of it for each
+    page of dead letters grew with every bounce). A notification's job is filed in its priority's
+    registry; an entry past its expiry, which RQ drops at its next cleanup, is gone already."""
+    job_ids = [queues.job_id_for(row.id) for row in rows]
     try:
-        keys = [queue.failed_job_registry.key for queue in queues.all_queues(redis)]
+        keys = {p: queues.queue_for(p, redis).failed_job_registry.key for p in {row.priority for row in rows}}
         with redis.pipeline(transaction=False) as pipe:
-            for job_id in job_ids:
-                for key in keys:
-                    pipe.zscore(key, job_id)
-            scores = pipe.execute()
+            for row, job_id in zip(rows, job_ids, strict=True):
+                pipe.zscore(keys[row.priority], job_id)
+            expiries = pipe.execute()
     except RedisError as exc:
         # The database is the record; without Redis the list is still right, only this flag is not.
         logger.warning("RQ's failed registries are unreadable: %s", type(exc).__name__)
         return set()
-    per_job = len(keys)
-    return {job_id for n, job_id in enumerate(job_ids)
-            if any(score is not None for score in scores[n * per_job:(n + 1) * per_job])}
+    now = time.time()
+    # RQ scores an entry with its expiry time, or with a negative TTL for one that never expires.
+    return {job_id for job_id, expiry in zip(job_ids, expiries, strict=True)
+            if expiry is not None and (expiry < 0 or expiry > now)}
 
 
 def _entry(row: Notification, registry: set[str]) -> DeadLetter:
@@ -79,13 +81,17 @@ def _entry(row: Notification, registry: set[str]) -> DeadLetter:
     )
 
 
-def list_dead(redis: Redis, api_key: ApiKey | None = None, limit: int = 100) -> list[DeadLetter]:
-    """Failed notifications, newest first (only api_key's when given)."""
+def _dead(api_key: ApiKey | None, limit: int) -> list[Notification]:
     query = Notification.select().where(Notification.status == Status.FAILED.value)
     if api_key is not None:
         query = query.where(Notification.api_key == api_key.id)
-    rows = list(query.order_by(Notification.updated_at.desc()).limit(limit))
-    registry = _failed_registry_ids(redis, [row.id for row in rows])
+    return list(query.order_by(Notification.updated_at.desc()).limit(limit))
+
+
+def list_dead(redis: Redis, api_key: ApiKey | None = None, limit: int = 100) -> list[DeadLetter]:
+    """Failed notifications, newest first (only api_key's when given)."""
+    rows = _dead(api_key, limit)
+    registry = _failed_registry_ids(redis, rows)
     return [_entry(row, registry) for row in rows]
 
 
@@ -96,7 +102,7 @@ def show(redis: Redis, notification_id: str, api_key: ApiKey | None = None) -> t
         raise NotFound(f"notification {notification_id} is {row.status}, not a dead letter")
     job = Job.fetch(queues.job_id_for(row.id), connection=redis) if redis.exists(
         f"rq:job:{queues.job_id_for(row.id)}") else None
-    return _entry(row, _failed_registry_ids(redis, [row.id])), job
+    return _entry(row, _failed_registry_ids(redis, [row])), job
 
 
 def _owned(notification_id: str, api_key: ApiKey | None) -> Notification:
@@ -127,7 +133,7 @@ def requeue(redis: Redis, settings: Settings, notification_id: str, api_key: Api
 
 def requeue_all(redis: Redis, settings: Settings, api_key: ApiKey | None = None) -> int:
     """Requeue every dead letter; returns how many."""
-    return sum(1 for entry in list_dead(redis, api_key, limit=100_000) if _try_requeue(redis, settings, entry.id))
+    return sum(1 for row in _dead(api_key, limit=100_000) if _try_requeue(redis, settings, row.id))
 
 
 def _try_requeue(redis: Redis, settings: Settings, notification_id: str) -> bool:
@@ -140,11 +146,16 @@ def _try_requeue(redis: Redis, settings: Settings, notification_id: str) -> bool
 
 def _drop_from_registries(redis: Redis, notification_ids: list[str]) -> None:
     # Removed by id (ZREM, nothing when absent), never by reading the whole registry.
-    with redis.pipeline(transaction=False) as pipe:
-        for queue in queues.all_queues(redis):
-            for notification_id in notification_ids:
-                queue.failed_job_registry.remove(queues.job_id_for(notification_id), pipeline=pipe)
-        pipe.execute()
+    try:
+        with redis.pipeline(transaction=False) as pipe:
+            for queue in queues.all_queues(redis):
+                for notification_id in notification_ids:
+                    queue.failed_job_registry.remove(queues.job_id_for(notification_id), pipeline=pipe)
+            pipe.execute()
+    except RedisError as exc:
+        # The database has it queued already, and the reconciler queues it once Redis answers; its old
+        # entry then only lingers in rq-dashboard's Failed list until it expires.
+        logger.warning("requeued notifications left in RQ's failed registries: %s", type(exc).__name__)
 
 
 def purge(redis: Redis) -> int:

@@ -4,17 +4,22 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 import uuid
 
 import pytest
+from redis import Redis
+from redis.client import Pipeline
 from rq import Queue
 from rq.job import Job
 
+from app import create_app
 from notifier import deadletters
 from notifier.db import database
+from notifier.models import Status
 from notifier.queues import QUEUE_NAMES, all_queues, job_id_for
-from tests.helpers import LITERAL, reload, run_worker_until_idle
-from tests.processes import ROOT, cli, env_for
+from tests.helpers import LITERAL, make_notification, reload, run_worker_until_idle
+from tests.processes import ROOT, cli, env_for, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -271,6 +276,14 @@ def test_dead_letters_are_listed_while_redis_is_down(pg_settings, pg_db, api_key
     assert [(e["id"], e["in_failed_registry"]) for e in body["data"]] == [(failed.id, False)]
 
 
+def _recording(real, asked: list[str]):
+    def execute_command(self, *args, **options):
+        asked.append(str(args[0]).upper())
+        return real(self, *args, **options)
+
+    return execute_command
+
+
 def test_listing_and_requeueing_never_read_a_whole_failed_registry(client, headers, deliverer, smtp, redis_conn,
                                                                     monkeypatch):
     dead = _dead_letter(client, headers, smtp, redis_conn)
@@ -278,18 +291,30 @@ def test_listing_and_requeueing_never_read_a_whole_failed_registry(client, heade
     registry = Queue(QUEUE_NAMES["default"], connection=redis_conn).failed_job_registry
     redis_conn.zadd(registry.key, {f"notification-{uuid.uuid4()}": 4e9 for _ in range(2000)})
     asked = []
-    real = type(redis_conn).execute_command
-
-    def execute_command(self, *args, **options):
-        asked.append(str(args[0]).upper())
-        return real(self, *args, **options)
-
-    monkeypatch.setattr(type(redis_conn), "execute_command", execute_command)
+    for cls in (type(redis_conn), Pipeline):  # a pipeline queues its commands through its own method
+        monkeypatch.setattr(cls, "execute_command", _recording(cls.execute_command, asked))
     (entry,) = client.get(DEAD, headers=headers).get_json()["data"]
     assert entry["in_failed_registry"] is True
     with database.connection_context():
         assert deadletters.show(redis_conn, dead)[0].in_failed_registry is True  # `dlq show`
     assert client.post(f"{DEAD}/{dead}/requeue", headers=headers).status_code == 202
     monkeypatch.undo()
+    assert "ZSCORE" in asked and "ZREM" in asked
     assert not {"ZRANGE", "ZRANGEBYSCORE", "ZREVRANGE"} & set(asked), asked
     assert job_id_for(dead) not in registry.get_job_ids() and registry.count == 2000
+
+
+def test_a_registry_entry_past_its_expiry_is_not_reported(client, headers, deliverer, smtp, redis_conn):
+    dead = _dead_letter(client, headers, smtp, redis_conn)
+    registry = Queue(QUEUE_NAMES["default"], connection=redis_conn).failed_job_registry
+    redis_conn.zadd(registry.key, {job_id_for(dead): time.time() - 10})  # RQ drops it at its next cleanup
+    (entry,) = client.get(DEAD, headers=headers).get_json()["data"]
+    assert entry["in_failed_registry"] is False
+
+
+def test_requeue_with_redis_down_is_accepted_and_left_to_the_reconciler(pg_settings, client, headers, api_key):
+    failed = make_notification(api_key[0], Status.FAILED)
+    down = create_app(pg_settings, redis=Redis(port=free_port(), socket_connect_timeout=0.2)).test_client()
+    response = down.post(f"{DEAD}/{failed.id}/requeue", headers=headers)
+    assert response.status_code == 202, response.get_data(as_text=True)
+    assert reload(failed.id).status == "queued"
