@@ -15,6 +15,7 @@ from dataclasses import replace
 import psycopg2
 import pytest
 from redis import Redis
+from redis import exceptions as redis_exceptions
 
 from notifier.db import bind, database
 from notifier.devmail import CaptureHandler, start
@@ -179,6 +180,29 @@ def test_api_and_worker_reconnect_after_postgresql_drops_them(make_stack, pg_set
 
     second = wait_until(accepted, timeout=15, interval=0.2)
     stack.wait_status(second, "sent", timeout=30)
+    assert _recipients(smtp) == ["user1@example.com", "user2@example.com"]
+
+
+def test_redis_out_of_memory_at_request_time_then_room_again(make_stack, pg_settings, smtp, own_redis):
+    url, _, _ = own_redis
+    stack = make_stack(replace(pg_settings, redis_url=url)).start("api", "worker", "scheduler")
+    before = stack.send(_to(1))
+    stack.wait_status(before, "sent")
+
+    redis = Redis.from_url(url)
+    redis.config_set("maxmemory-policy", "noeviction")
+    redis.config_set("maxmemory", redis.info("memory")["used_memory"] + 512 * 1024)
+    with pytest.raises(redis_exceptions.OutOfMemoryError):
+        for n in range(10_000):
+            redis.set(f"filler:{n}", "x" * 4096)
+    during = stack.send(_to(2))  # accepted and stored: Redis refuses its job
+    assert stack.get(during)["status"] == "queued"
+    # Its job never reached a queue (RQ may have written the job's hash before Redis refused more).
+    assert redis.lpos("rq:queue:notifier.default", f"notification-{during}") is None
+
+    for key in redis.scan_iter("filler:*", count=1000):
+        redis.delete(key)
+    stack.wait_status(during, "sent", timeout=30)  # the reconciler queued it once Redis had room
     assert _recipients(smtp) == ["user1@example.com", "user2@example.com"]
 
 
