@@ -173,13 +173,15 @@ def _missing_jobs(redis: Redis, job_ids: list[str], queue_names: list[str],
 def _requeue(redis: Redis, settings: Settings, settled: datetime, stuck_before: datetime, report: Report,
              stop_at: float) -> None:
     for status in (Status.QUEUED, Status.RETRYING):
-        # A page whose jobs Redis all holds ends the status: the common case, a backlog waiting its
-        # turn, costs one page a pass; pages go on while Redis is missing work (it restarted empty).
         for rows in _pages(Notification.status == status.value, Notification.updated_at <= settled,
                            stop_at=stop_at):
             missing = _missing_jobs(redis, [queues.job_id_of(r) for r in rows],
                                     [queues.QUEUE_NAMES[r.priority] for r in rows], started_before=stuck_before)
-            if not missing:
+            if not missing and status == Status.QUEUED:
+                # A queued backlog waiting its turn costs one page a pass: each page deeper would look
+                # for its jobs further down a long queue (LPOS), and what was lost behind it is
+                # reached as it drains. Retries wait in RQ's scheduled registry instead, an hour for
+                # the last one, so their pages go on while the pass has time.
                 break
             for row in rows:
                 if queues.job_id_of(row) in missing:

@@ -216,6 +216,19 @@ def test_a_page_whose_jobs_are_all_in_redis_ends_the_requeue_step(owner, setting
     assert reconcile(settings, fake_redis).requeued == 2
 
 
+def test_lost_retries_behind_waiting_ones_are_requeued_in_the_same_pass(owner, settings, fake_redis, small_pages):
+    retrying = [make_notification(owner, status=Status.RETRYING, to=f"u{n}@example.com") for n in range(4)]
+    for row in retrying:
+        _age(row, 60, attempts=1)
+    later = utcnow() + timedelta(hours=1)
+    for row in retrying[:2]:  # the last retry interval: their jobs wait an hour in the scheduled registry
+        queues.enqueue_delivery(fake_redis, settings, row.id, "default", attempts_made=1, at=later)
+    assert reconcile(settings, fake_redis).requeued == 2
+    scheduled = Queue(queues.QUEUE_NAMES["default"], connection=fake_redis).scheduled_job_registry
+    assert sorted(scheduled.get_job_ids()) == sorted(queues.job_id_for(n.id) for n in retrying[:2])
+    assert sorted(_queued_ids(fake_redis)) == sorted(queues.job_id_for(n.id) for n in retrying[2:])  # due: now
+
+
 def test_moves_go_on_page_after_page(owner, settings, fake_redis, small_pages):
     overdue = [make_notification(owner, status=Status.SCHEDULED, to=f"u{n}@example.com",
                                  send_at=utcnow() - timedelta(seconds=60)) for n in range(5)]
