@@ -145,15 +145,15 @@ def retry_due(settings: Settings, notification: Notification) -> datetime | None
 def file_failed(connection: Redis, settings: Settings, notification: Notification, reason: str) -> None:
     """Put a notification that failed inside a shared job into RQ's failed registry (the dead-letter
     queue) as its own job, as if it had failed alone; the database already says `failed`."""
-    queue = queue_for(notification.priority, connection)
+    queue, ttl = queue_for(notification.priority, connection), failure_ttl(settings)
     job = queue.create_job(DELIVER_JOB, args=(notification.id,), job_id=job_id_for(notification.id),
                            timeout=settings.job_timeout, result_ttl=settings.finished_job_ttl,
-                           failure_ttl=failure_ttl(settings), description=f"deliver notification {notification.id}")
+                           failure_ttl=ttl, description=f"deliver notification {notification.id}")
     try:
         with connection.pipeline() as pipe:
             job.set_status(JobStatus.FAILED, pipeline=pipe)
-            queue.failed_job_registry.add(job, ttl=failure_ttl(settings), exc_string=reason, pipeline=pipe)
-            Result.create_failure(job, failure_ttl(settings), exc_string=reason, pipeline=pipe)
+            queue.failed_job_registry.add(job, ttl=ttl, exc_string=reason, pipeline=pipe)
+            Result.create_failure(job, ttl, exc_string=reason, pipeline=pipe)
             pipe.execute()
     except RedisError as exc:
         logger.warning("notification %s failed; not filed in RQ's registry: %s", notification.id, type(exc).__name__)

@@ -205,25 +205,20 @@ def test_entry_point_with_invalid_setting_exits_2_naming_it(script):
     assert "SMTP_PORT" in result.stderr
 
 
-def test_batch_job_size_is_read_and_bounded():
-    assert Settings.from_env({}).batch_job_size == 25
-    assert Settings.from_env({"BATCH_JOB_SIZE": "1"}).batch_job_size == 1
-    for raw in ("0", "1001", "many"):
-        assert "BATCH_JOB_SIZE" in str(config_error({"BATCH_JOB_SIZE": raw}))
-
-
-def test_finished_job_ttl_is_read_and_bounded():
-    assert Settings.from_env({}).finished_job_ttl == 60
-    assert Settings.from_env({"FINISHED_JOB_TTL": "0"}).finished_job_ttl == 0
-    for raw in ("-1", "604801", "an hour"):
-        assert "FINISHED_JOB_TTL" in str(config_error({"FINISHED_JOB_TTL": raw}))
-
-
-def test_dead_letter_ttl_days_is_read_and_bounded():
-    assert Settings.from_env({}).dead_letter_ttl_days == 30
-    assert Settings.from_env({"DEAD_LETTER_TTL_DAYS": "365"}).dead_letter_ttl_days == 365
-    for raw in ("0", "3651", "a year"):
-        assert "DEAD_LETTER_TTL_DAYS" in str(config_error({"DEAD_LETTER_TTL_DAYS": raw}))
+@pytest.mark.parametrize(
+    ("name", "default", "accepted", "refused"),
+    [
+        ("BATCH_JOB_SIZE", 25, 1, ("0", "1001", "many")),
+        ("FINISHED_JOB_TTL", 60, 0, ("-1", "604801", "an hour")),
+        ("DEAD_LETTER_TTL_DAYS", 30, 365, ("0", "3651", "a year")),
+    ],
+)
+def test_bounded_numbers_are_read_and_refused_outside_their_bounds(name, default, accepted, refused):
+    field = name.lower()
+    assert getattr(Settings.from_env({}), field) == default
+    assert getattr(Settings.from_env({name: str(accepted)}), field) == accepted
+    for raw in refused:
+        assert name in str(config_error({name: raw}))
 
 
 def test_the_compose_env_example_is_valid_settings():
