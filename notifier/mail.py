@@ -8,6 +8,7 @@ import smtplib
 import socket
 import ssl
 import time
+import uuid
 from dataclasses import dataclass, field
 from email import message_from_bytes
 from email.charset import QP, Charset
@@ -121,15 +122,28 @@ def _address(value: str) -> str:
 
 def _part(body: str, subtype: str) -> MIMEText:
     # 7bit where SMTP carries it as it is; quoted-printable for non-ASCII text or over-long lines.
-    seven_bit = body.isascii() and all(len(line) <= 998 for line in _LINE_BREAK.split(body))
+    seven_bit = body.isascii() and max(map(len, _LINE_BREAK.split(body))) <= 998
     return MIMEText(body, subtype, _SEVEN_BIT if seven_bit else _QUOTED_PRINTABLE, policy=_WIRE)
+
+
+def _boundary(*bodies: str) -> str:
+    """A multipart boundary that none of the bodies holds.
+
+    Left to itself the email package finds one by compiling a regular expression for every message,
+    a sixth of the time it takes to write one. A quoted-printable part never holds "=_" ("=" is
+    always followed by hex digits or a line break) and a 7bit part is the body itself, so looking
+    for the boundary in the bodies is enough."""
+    while True:
+        boundary = "=_" + uuid.uuid4().hex
+        if not any(boundary in body for body in bodies):
+            return boundary
 
 
 def message_bytes(email: OutgoingEmail, mail_from: str) -> bytes:
     """The MIME message as sent: multipart/alternative when there is both text and HTML."""
     text, html = email.content.text, email.content.html
     if text is not None and html is not None:
-        msg = MIMEMultipart("alternative", policy=_WIRE)
+        msg = MIMEMultipart("alternative", boundary=_boundary(text, html), policy=_WIRE)
         msg.attach(_part(text, "plain"))
         msg.attach(_part(html, "html"))
     elif text is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import smtplib
 import socket
 import ssl
+import uuid
 from email.policy import compat32
 
 import pytest
@@ -88,6 +89,21 @@ def test_message_with_text_and_html_is_multipart_alternative_text_first():
     assert [p.get_content_type() for p in parts] == ["text/plain", "text/html"]
     assert parts[0].get_content().strip() == "Plain body"
     assert parts[1].get_content().strip() == "<p>HTML body</p>"
+
+
+@pytest.mark.parametrize("text", ["Plain body", "Caf\u00e9 " * 400])  # a 7bit part and a quoted-printable one
+def test_a_boundary_that_a_body_holds_is_never_used(monkeypatch, text):
+    taken = uuid.UUID(int=1)
+    html = f"<p>--=_{taken.hex}</p>\n--=_{taken.hex}--"  # the first boundary drawn, as a line of its own
+    drawn = iter([taken, uuid.UUID(int=2)])
+    monkeypatch.setattr(uuid, "uuid4", lambda: next(drawn))
+
+    message = build_message(outgoing(text=text, html=html), MAIL_FROM)
+
+    assert message.get_boundary() == f"=_{uuid.UUID(int=2).hex}"
+    parts = list(message.iter_parts())
+    assert parts[0].get_content().replace("\r\n", "\n").rstrip() == text.rstrip()
+    assert parts[1].get_content().replace("\r\n", "\n").rstrip() == html
 
 
 def test_message_without_html_is_only_text_plain():
