@@ -209,7 +209,7 @@ def db_upgrade() -> None:
     from notifier.schema import upgrade
 
     settings = load_settings()
-    version = upgrade(bind(settings.database_url))
+    version = upgrade(bind(settings.database_url, settings.database_pool_size))
     click.echo(f"schema at version {version}")
 
 

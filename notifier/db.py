@@ -19,6 +19,8 @@ from playhouse.pool import PooledPostgresqlDatabase
 from playhouse.shortcuts import ReconnectMixin
 from psycopg2.extensions import TRANSACTION_STATUS_IDLE
 
+from notifier.config import Settings
+
 database = DatabaseProxy()
 
 # Errors that the database unreachable or restarting produces; the API answers 503 for these.
@@ -83,8 +85,9 @@ class PostgresDatabase(KeepsContexts, ReconnectMixin, PooledPostgresqlDatabase):
         return super()._is_closed(conn)
 
 
-def connect(url: str):
-    """Make (but do not open) a peewee database for a DATABASE_URL."""
+def connect(url: str, pool_size: int = Settings.database_pool_size):
+    """Make (but do not open) a peewee database for a DATABASE_URL; pool_size: PostgreSQL connections
+    per process at most."""
     scheme = urlparse(url).scheme
     if scheme == "sqlite":
         path = url.split("sqlite:///", 1)[1] if url.startswith("sqlite:///") else ":memory:"
@@ -102,7 +105,7 @@ def connect(url: str):
     params = parse(url)
     return PostgresDatabase(
         params.pop("database"),
-        max_connections=int(os.environ.get("DATABASE_POOL_SIZE", "16")),
+        max_connections=pool_size,
         stale_timeout=300,
         timeout=10,
         connect_timeout=5,
@@ -125,9 +128,9 @@ def is_postgres(db) -> bool:
     return isinstance(getattr(db, "obj", db), PostgresqlDatabase)
 
 
-def bind(url: str):
+def bind(url: str, pool_size: int = Settings.database_pool_size):
     """Point the shared proxy at the database named by url and return it."""
-    db = connect(url)
+    db = connect(url, pool_size)
     database.initialize(db)
     return db
 

@@ -31,7 +31,7 @@ def configure_logging(settings: Settings) -> None:
 
 def open_database(settings: Settings):
     """Bind the database proxy and bring the schema up to date."""
-    db = bind(settings.database_url)
+    db = bind(settings.database_url, settings.database_pool_size)
     schema.upgrade(db)
     return db
 
