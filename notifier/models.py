@@ -187,17 +187,19 @@ class Notification(BaseModel):
 # over the primary key (same order, fewer rows) whatever its statistics say. With one index of every
 # row's status, statistics from a past backlog had it walk the primary key through the whole table
 # instead, expecting a match every few rows; forgetting keys read the whole unique index of them.
-def _partial(name: str, field, where) -> None:
-    Notification.add_index(Notification.index(field, where=where, name=f"notifications_{name}"))
+def _partial(name: str, where, *fields) -> None:
+    Notification.add_index(Notification.index(*fields, where=where, name=f"notifications_{name}"))
 
 
-for _status in (Status.QUEUED, Status.RETRYING, Status.SENDING):
-    _partial(f"{_status.value}_seq", Notification.seq, Notification.status == _status.value)
-_partial("callback_pending_seq", Notification.seq, Notification.callback_status == CallbackStatus.PENDING.value)
-_partial("expiring_seq", Notification.seq, Notification.expires_at.is_null(False)
-         & Notification.status.in_(sorted(s.value for s in WAITING_STATUSES)))
-_partial("scheduled_seq", Notification.seq, Notification.status == Status.SCHEDULED.value)
-_partial("keyed_created_at", Notification.created_at, Notification.idempotency_key.is_null(False))
+# Queued rows by priority first: the reconciler pages them a priority at a time, most urgent first.
+_partial("queued_priority_seq", Notification.status == Status.QUEUED.value, Notification.priority, Notification.seq)
+for _status in (Status.RETRYING, Status.SENDING):
+    _partial(f"{_status.value}_seq", Notification.status == _status.value, Notification.seq)
+_partial("callback_pending_seq", Notification.callback_status == CallbackStatus.PENDING.value, Notification.seq)
+_partial("expiring_seq", Notification.expires_at.is_null(False)
+         & Notification.status.in_(sorted(s.value for s in WAITING_STATUSES)), Notification.seq)
+_partial("scheduled_seq", Notification.status == Status.SCHEDULED.value, Notification.seq)
+_partial("keyed_created_at", Notification.idempotency_key.is_null(False), Notification.created_at)
 
 
 class Event(BaseModel):

@@ -6,8 +6,9 @@ Each pass, in pages of BATCH rows (at most MAX_PAGES a step):
   2. releases delayed notifications whose send time passed but whose release job never ran;
   3. recovers notifications stuck in `sending` past SENDING_TIMEOUT (their worker died mid-send) -
      the one case where a message may go out twice, so each one is recorded and counted;
-  4. re-enqueues `queued` and `retrying` notifications whose job is gone from Redis (flushed,
-     restarted empty, lost between BLPOP and a crash, or failed by RQ as abandoned);
+  4. re-enqueues `queued` (a priority at a time, most urgent first) and `retrying` notifications
+     whose job is gone from Redis (flushed, restarted empty, lost between BLPOP and a crash, or
+     failed by RQ as abandoned);
   5. re-enqueues owed status callbacks whose job is gone;
   6. forgets idempotency keys older than IDEMPOTENCY_TTL_DAYS.
 Nothing here sends mail: it only hands work back to the queues, and the claim in the delivery job
@@ -27,15 +28,16 @@ from rq.utils import utcparse
 
 from notifier import metrics, queues, store
 from notifier.config import Settings
-from notifier.models import WAITING_STATUSES, CallbackStatus, Notification, Status, utcnow
+from notifier.models import WAITING_STATUSES, CallbackStatus, Notification, Priority, Status, utcnow
 
 logger = logging.getLogger(__name__)
 
 BATCH = 500
-# Pages of BATCH one step (each status of the requeue step) may take in a pass. One page a pass
-# brought a backlog that Redis lost back at 500 rows per RECONCILE_INTERVAL (17 a second at the
-# default 30 s, against workers that send hundreds). Past a step's first page, a pass also stops
-# at half the interval (see reconcile), so that it has ended before the next is due.
+# Pages of BATCH one step (each status of the requeue step, each priority of queued work) may take
+# in a pass. One page a pass brought a backlog that Redis lost back at 500 rows per
+# RECONCILE_INTERVAL (17 a second at the default 30 s, against workers that send hundreds). Past a
+# step's first page, a pass also stops at half the interval (see reconcile), so that it has ended
+# before the next is due.
 MAX_PAGES = 20
 LIVE_JOB_STATES = {b"queued", b"started", b"scheduled", b"deferred"}
 RECOVERED_REASON = "recovered: the worker was lost mid-send, so this message may have been sent already"
@@ -172,16 +174,20 @@ def _missing_jobs(redis: Redis, job_ids: list[str], queue_names: list[str],
 
 def _requeue(redis: Redis, settings: Settings, settled: datetime, stuck_before: datetime, report: Report,
              stop_at: float) -> None:
-    for status in (Status.QUEUED, Status.RETRYING):
-        for rows in _pages(Notification.status == status.value, Notification.updated_at <= settled,
+    # Queued work a priority at a time, the most urgent first: a password reset that Redis lost (a
+    # failover drops the newest writes) must not wait until a bulk backlog queued before it drains.
+    lots = [(Status.QUEUED, (Notification.priority == p.value,)) for p in Priority]  # highest first
+    for status, lot in (*lots, (Status.RETRYING, ())):
+        for rows in _pages(Notification.status == status.value, *lot, Notification.updated_at <= settled,
                            stop_at=stop_at):
             missing = _missing_jobs(redis, [queues.job_id_of(r) for r in rows],
                                     [queues.QUEUE_NAMES[r.priority] for r in rows], started_before=stuck_before)
             if not missing and status == Status.QUEUED:
-                # A queued backlog waiting its turn costs one page a pass: each page deeper would look
-                # for its jobs further down a long queue (LPOS), and what was lost behind it is
-                # reached as it drains. Retries wait in RQ's scheduled registry instead, an hour for
-                # the last one, so their pages go on while the pass has time.
+                # A queued backlog waiting its turn costs one page of its priority a pass: each page
+                # deeper would look for its jobs further down a long queue (LPOS), and what was lost
+                # behind it is reached as it drains, which it would have waited for anyway. Retries
+                # wait in RQ's scheduled registry instead, an hour for the last one, so their pages
+                # go on while the pass has time.
                 break
             for row in rows:
                 if queues.job_id_of(row) in missing:

@@ -78,7 +78,7 @@ def _expected_index(sql: str, params: list) -> str:
         if f'"{column}" <=' in sql or f'"{column}" =' in sql:
             return f"notifications_{index}"
     (status,) = [p for p in params if p in ("queued", "retrying", "sending")]
-    return f"notifications_{status}_seq"
+    return "notifications_queued_priority_seq" if status == "queued" else f"notifications_{status}_seq"
 
 
 def test_reconciler_pages_never_walk_the_table_when_statistics_are_stale(pg_db, api_key, redis_conn, pg_settings,
@@ -101,13 +101,15 @@ def test_reconciler_pages_never_walk_the_table_when_statistics_are_stale(pg_db, 
         monkeypatch.undo()
         pages = [s for s in seen if s[0].startswith("SELECT") and "ORDER BY" in s[0] and "LIMIT" in s[0]]
         pages += [s for s in seen if s[0].startswith("UPDATE") and "idempotency_key" in s[0]]  # keys to forget
-        assert len(pages) == 7  # a page each step, two to requeue (queued, then retrying); keys to forget
+        # A page each step; four to requeue (queued, a priority at a time, then retrying); keys to forget.
+        assert len(pages) == 9
         walks = []
         for sql, params in pages:
-            plan = _plan(sql, params)
-            if "notifications_pkey" in plan or "Seq Scan" in plan:
-                walks.append((_expected_index(sql, params), plan))
-        assert walks == []
+            plan, meant = _plan(sql, params), _expected_index(sql, params)
+            # Queued pages each look for one priority: by seq alone they would walk the other two.
+            if "notifications_pkey" in plan or "Seq Scan" in plan or ("queued" in params and meant not in plan):
+                walks.append((meant, plan))
+        assert walks == [], "\n\n".join(f"{meant}:\n{plan}" for meant, plan in walks)
 
 
 def _indexes() -> set[str]:
@@ -115,25 +117,27 @@ def _indexes() -> set[str]:
     return {name for (name,) in rows}
 
 
-def test_an_upgrade_from_version_4_makes_the_reconciler_indexes(pg_db):
+def test_an_upgrade_from_version_4_or_5_makes_the_reconciler_indexes(pg_db):
     with database.connection_context():
         made = {name for name in _indexes() if name.startswith("notifications_") and name != "notifications_pkey"}
         assert len(made) == 7
         for name in made:
             database.execute_sql(f'DROP INDEX "{name}"')
         # Version 4 had one index of every row's callback status instead; the first cut of version 5
-        # (on development and bench databases) had two partial indexes since replaced.
+        # (on development and bench databases) had two partial indexes since replaced; version 5 one
+        # of queued rows by seq alone.
         replaced = {"notification_callback_status_updated_at": '("callback_status", "updated_at")',
                     "notifications_waiting_expires_at": '("expires_at") WHERE "expires_at" IS NOT NULL',
-                    "notifications_scheduled_send_at": '("send_at") WHERE "status" = \'scheduled\''}
+                    "notifications_scheduled_send_at": '("send_at") WHERE "status" = \'scheduled\'',
+                    "notifications_queued_seq": '("seq") WHERE "status" = \'queued\''}
         for name, columns in replaced.items():
             database.execute_sql(f'CREATE INDEX "{name}" ON "notifications" {columns}')
         SchemaVersion.update(version=4).execute()
-    assert upgrade(pg_db) == SCHEMA_VERSION == 5
+    assert upgrade(pg_db) == SCHEMA_VERSION == 6
     with database.connection_context():
         assert made <= _indexes()
         assert not set(replaced) & _indexes()
-        assert SchemaVersion.get().version == 5
+        assert SchemaVersion.get().version == 6
 
 
 def test_an_older_release_on_a_newer_schema_says_so(sqlite_db, caplog):

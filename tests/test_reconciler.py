@@ -216,6 +216,20 @@ def test_a_page_whose_jobs_are_all_in_redis_ends_the_requeue_step(owner, setting
     assert reconcile(settings, fake_redis).requeued == 2
 
 
+def test_an_urgent_email_lost_behind_a_waiting_backlog_of_less_urgent_ones_comes_back_at_once(
+        owner, settings, fake_redis, small_pages):
+    # A Redis failover loses the newest writes: here a password reset accepted after a bulk send.
+    backlog = [make_notification(owner, to=f"u{n}@example.com", priority="low") for n in range(4)]
+    urgent = make_notification(owner, to="ada@example.com", priority="high")
+    for row in (*backlog, urgent):
+        _age(row, 60)
+    for row in backlog:
+        queues.enqueue_delivery(fake_redis, settings, row.id, "low")
+    # The backlog is where it should be (one page a pass), and the urgent one does not wait for it.
+    assert reconcile(settings, fake_redis).requeued == 1
+    assert _queued_ids(fake_redis, "high") == [queues.job_id_for(urgent.id)]
+
+
 def test_lost_retries_behind_waiting_ones_are_requeued_in_the_same_pass(owner, settings, fake_redis, small_pages):
     retrying = [make_notification(owner, status=Status.RETRYING, to=f"u{n}@example.com") for n in range(4)]
     for row in retrying:
