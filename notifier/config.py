@@ -23,7 +23,7 @@ class Settings:
     """Everything a process needs to know about its surroundings."""
 
     database_url: str = "sqlite:///var/notifier.db"
-    database_pool_size: int = 16
+    database_pool_size: int = 16  # 0: no limit, as peewee's pool takes it
     redis_url: str = "redis://127.0.0.1:6379/0"
     smtp_host: str = "127.0.0.1"
     smtp_port: int = 1025
@@ -99,7 +99,7 @@ class Settings:
         operator_username, operator_password = _operator_credentials(env)
         return cls(
             database_url=_database_url(env.get("DATABASE_URL", defaults.database_url)),
-            database_pool_size=_int(env, "DATABASE_POOL_SIZE", defaults.database_pool_size, 1, 1000),
+            database_pool_size=_int(env, "DATABASE_POOL_SIZE", defaults.database_pool_size, 0, 1000),
             redis_url=_redis_url(env.get("REDIS_URL", defaults.redis_url)),
             smtp_host=env.get("SMTP_HOST", defaults.smtp_host).strip() or defaults.smtp_host,
             smtp_port=_int(env, "SMTP_PORT", defaults.smtp_port, 1, 65535),

@@ -159,15 +159,18 @@ def file_failed(connection: Redis, settings: Settings, notification: Notificatio
         logger.warning("notification %s failed; not filed in RQ's registry: %s", notification.id, type(exc).__name__)
 
 
-def schedule_release(connection: Redis, notification_id: str, send_at: datetime) -> None:
+def schedule_release(connection: Redis, settings: Settings, notification_id: str, send_at: datetime) -> None:
     """Ask rq-scheduler to release a delayed notification at send_at (naive UTC).
 
     rq-scheduler passes unknown options on to the job function and knows nothing of RQ's retries, so
-    it only enqueues a small release job; that job puts the notification on its priority queue."""
+    it only enqueues a small release job; that job puts the notification on its priority queue. It
+    takes no failure TTL: a release that fails (the database away) keeps RQ's default, and the
+    reconciler releases the notification all the same."""
     # rq-scheduler keeps whole seconds (it truncates): round up, or the email could go out early.
     at = send_at.replace(microsecond=0) + timedelta(seconds=1) if send_at.microsecond else send_at
     Scheduler(queue_name=CONTROL_QUEUE, connection=connection).enqueue_at(
-        at, RELEASE_JOB, notification_id, job_id=release_job_id_for(notification_id), meta=traced()
+        at, RELEASE_JOB, notification_id, job_id=release_job_id_for(notification_id), meta=traced(),
+        job_result_ttl=settings.finished_job_ttl,
     )
 
 
@@ -286,7 +289,7 @@ def dispatch_many(connection: Redis, settings: Settings, notifications: list[Not
                 also(pipe)
             pipe.execute()
         for n in scheduled:
-            schedule_release(connection, n.id, n.send_at)
+            schedule_release(connection, settings, n.id, n.send_at)
     except RedisError as exc:
         one = len(notifications) == 1
         what = f"notification {notifications[0].id}" if one else f"{len(notifications)} notifications"
