@@ -124,7 +124,7 @@ class SendSchema(DeliveryOptions):
 class BatchSchema(StrictSchema):
     """The envelope of a batch; each item is checked on its own against SendSchema."""
 
-    notifications = fields.List(fields.Raw(), required=True, validate=validate.Length(min=1))
+    notifications = fields.List(fields.Raw(allow_none=True), required=True, validate=validate.Length(min=1))
 
 
 class BatchItemResultSchema(Schema):

@@ -95,10 +95,14 @@ class NotificationService:
         draft, earlier = self.draft(api_key, payload, idempotency_key)
         if earlier is not None:
             return earlier, True
+        return self._store_or_replay(api_key, draft)
+
+    def _store_or_replay(self, api_key: ApiKey, draft: Draft) -> tuple[Notification, bool]:
+        """Store a draft and queue it, or, when another request stored its idempotency key meanwhile,
+        answer as that request's replay (compared with this request's own fingerprint)."""
         try:
             notification = self._store(api_key, draft)
         except IntegrityError:
-            # Another request with the same key won the race; answer as its replay.
             earlier = store.find_idempotent(api_key, draft.key) if draft.key else None
             if earlier is None:
                 raise
@@ -157,10 +161,11 @@ class NotificationService:
             stored = store.create_notifications(api_key, [(f, d.decision.status, d.decision.reason)
                                                           for f, (_, d) in zip(fields, drafts, strict=True)])
         except IntegrityError:
-            # Another request took one of these keys meanwhile: fall back to one at a time for this batch.
+            # A key taken meanwhile by another request, or twice in this batch: one at a time, each
+            # item stored or answered as the replay of the one that holds its key.
             for index, draft in drafts:
                 try:
-                    results[index] = self.send(api_key, {**draft.fields, **_loaded(draft)})
+                    results[index] = self._store_or_replay(api_key, draft)
                 except ApiError as exc:
                     results[index] = exc
             return results
@@ -171,9 +176,22 @@ class NotificationService:
 
     def emit(self, api_key: ApiKey, event: dict, idempotency_key: str | None = None) -> list[tuple[Notification, bool]]:
         """A business event: every notification its rule causes, stored together or not at all."""
-        user = event["user"]
         key = _idempotency_key(event, idempotency_key)
-        results: list[tuple[Notification, bool]] = []
+        try:
+            results = self._emit_once(api_key, event, key)
+        except IntegrityError:
+            # The same event sent again at the same time stored its keys first (the unique index
+            # made this insert wait for that commit), or a first preference row for the same user
+            # went in meanwhile: once more, this one then finds them and is the replay.
+            results = self._emit_once(api_key, event, key)
+        for notification, replayed in results:
+            if not replayed:
+                self.hand_over(notification)
+        return results
+
+    def _emit_once(self, api_key: ApiKey, event: dict, key: str | None) -> list[tuple[Notification, bool]]:
+        user = event["user"]
+        results = []
         # One transaction for everything the event writes, the user's timezone included: a refused
         # event (422, 409) leaves no trace. The timezone goes first, so quiet hours use it.
         with Notification._meta.database.atomic():
@@ -183,9 +201,6 @@ class NotificationService:
                       for rule in rules.RULES[event["type"]]]
             for draft, earlier in drafts:
                 results.append((earlier, True) if earlier is not None else (self._store(api_key, draft), False))
-        for notification, replayed in results:
-            if not replayed:
-                self.hand_over(notification)
         return results
 
     def _rule_payload(self, event: dict, rule) -> dict:
@@ -287,19 +302,6 @@ def _replay(earlier: Notification, request_hash: str) -> Notification:
             code="idempotency_key_reused",
         )
     return earlier
-
-
-def _loaded(draft: Draft) -> dict:
-    # The request as the schema loaded it, rebuilt from a draft, for the one-at-a-time fallback.
-    fields = draft.fields
-    payload = {name: fields[name] for name in MESSAGE_FIELDS if fields.get(name) is not None}
-    payload.setdefault("data", {})
-    for name in ("send_at", "expires_at", "callback_url"):
-        if fields.get(name) is not None:
-            payload[name] = fields[name]
-    if draft.key:
-        payload["idempotency_key"] = draft.key
-    return payload
 
 
 def _recipient(payload: dict) -> tuple[str, str, str]:

@@ -84,6 +84,30 @@ def test_batch_and_item_idempotency_keys_replay_without_new_rows(client, headers
     assert changed.get_json()["error"]["details"]["results"][0]["error"]["code"] == "idempotency_key_reused"
 
 
+def test_a_key_given_twice_in_a_batch_is_one_notification_and_the_batch_replays(client, headers, redis_conn):
+    twice = [_item(0, idempotency_key="twice"), _item(0, idempotency_key="twice"), _item(1)]
+    first = client.post("/api/notifications/batch", json={"notifications": twice}, headers=headers)
+    assert first.status_code == 202
+    results = first.get_json()["results"]
+    assert results[1]["id"] == results[0]["id"] and [r["replayed"] for r in results] == [False, True, False]
+    assert _rows() == (2, 2)
+    # The same batch again, and the item alone, are replays of what the first stored.
+    again = client.post("/api/notifications/batch", json={"notifications": twice}, headers=headers)
+    assert again.status_code == 202
+    assert [r.get("replayed") for r in again.get_json()["results"]] == [True, True, False]
+    single = client.post("/api/notifications/send", json=_item(0, idempotency_key="twice"), headers=headers)
+    assert single.status_code == 202 and single.get_json()["id"] == results[0]["id"]
+    assert _rows() == (3, 3)  # the third item of the batch had no key: sent again, as asked
+
+
+def test_a_null_item_is_refused_alone(client, headers, redis_conn):
+    response = client.post("/api/notifications/batch", json={"notifications": [_item(0), None]}, headers=headers)
+    assert response.status_code == 202
+    results = response.get_json()["results"]
+    assert "id" in results[0] and results[1]["error"]["code"] == "validation_error"
+    assert _rows() == (1, 1)
+
+
 def test_consent_applies_to_every_item(client, headers, api_key, redis_conn, smtp, deliverer):
     with database.connection_context():
         suppress(api_key[0].id, "user1@example.com", "550 5.1.1 no such user")

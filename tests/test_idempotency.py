@@ -217,21 +217,26 @@ def test_concurrent_requests_in_process_create_one_notification(app, headers, de
     _assert_sent_once(ids.pop(), redis_conn, smtp)
 
 
-def test_requests_that_all_miss_the_lookup_still_create_one(app, headers, deliverer, smtp, redis_conn, monkeypatch):
-    # Force the worst interleaving: every request looks the key up before any of them inserts, so all
-    # but one must lose on the unique index and answer as replays.
-    lookups = threading.Barrier(8)
-    first_lookup = threading.local()
+def _hold_lookups(requests: int, monkeypatch) -> None:
+    """Each of requests threads waits, after its first idempotency lookup, until all have looked."""
+    lookups = threading.Barrier(requests)
+    waited = threading.local()
     real_lookup = store.find_idempotent
 
     def lookup_then_wait(api_key, key):
         found = real_lookup(api_key, key)
-        if not getattr(first_lookup, "done", False):
-            first_lookup.done = True
+        if not getattr(waited, "done", False):
+            waited.done = True
             lookups.wait(timeout=10)
         return found
 
     monkeypatch.setattr(store, "find_idempotent", lookup_then_wait)
+
+
+def test_requests_that_all_miss_the_lookup_still_create_one(app, headers, deliverer, smtp, redis_conn, monkeypatch):
+    # Force the worst interleaving: every request looks the key up before any of them inserts, so all
+    # but one must lose on the unique index and answer as replays.
+    _hold_lookups(8, monkeypatch)
 
     def post():
         response = app.test_client().post(SEND, json=LITERAL, headers={**headers, "Idempotency-Key": "race-3"})
@@ -247,6 +252,25 @@ def test_requests_that_all_miss_the_lookup_still_create_one(app, headers, delive
     assert notification_count() == 1
 
     _assert_sent_once(ids.pop(), redis_conn, smtp)
+
+
+def test_an_event_sent_again_at_once_stores_its_notifications_once(app, headers, deliverer, smtp, redis_conn,
+                                                                    monkeypatch):
+    # Every request looks its keys up before any of them stores: all but one lose on the unique index.
+    _hold_lookups(4, monkeypatch)
+    event = {"type": "password.reset_requested", "user": {"id": "u-race", "email": "race@example.com"},
+             "data": {"reset_url": "https://example.com/reset/1"}}
+
+    def post():
+        response = app.test_client().post("/api/events", json=event, headers={**headers, "Idempotency-Key": "ev-1"})
+        return response.status_code, [n["id"] for n in response.get_json().get("notifications", [])]
+
+    results = _concurrently(4, post)
+
+    assert all(isinstance(r, tuple) for r in results), results
+    assert [status for status, _ in results] == [202] * 4, results
+    assert len({tuple(ids) for _, ids in results}) == 1
+    assert notification_count() == len(results[0][1])
 
 
 def test_reconciler_forgets_keys_older_than_the_ttl(client, headers, deliverer, smtp, redis_conn, pg_settings):
