@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import threading
 import time
 from collections.abc import Callable
@@ -27,6 +28,7 @@ CHANNEL = "notifier_api_keys"
 # A backstop for a listening connection that died without the socket noticing (no FIN reached us).
 MAX_AGE_SECONDS = 60.0
 RECONNECT_SECONDS = 5.0
+_MAX_POLLS = 8
 
 
 class KeyCache:
@@ -73,7 +75,14 @@ class KeyCache:
         if self._conn is None:
             return False
         try:
+            # Until the socket holds nothing more: a server ending the session sends its reason first,
+            # which one poll() takes without a word, and only the next read meets the closed socket.
+            # (Bounded: a steady stream of notifications must not hold the request.)
             self._conn.poll()
+            for _ in range(_MAX_POLLS):
+                if not select.select([self._conn], [], [], 0)[0]:
+                    break
+                self._conn.poll()
         except psycopg2.Error as exc:
             logger.warning("API key cache off until PostgreSQL is back: %s", type(exc).__name__)
             self._drop()

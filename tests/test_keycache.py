@@ -91,6 +91,16 @@ def test_a_change_heard_while_loading_is_not_cached(cache, api_key, other_key):
         assert keys.authenticate(api_key[1], cache) is None  # at once: it was never cached
 
 
+def _end_listening_session(pg_settings) -> None:
+    """What a PostgreSQL restart does to the cache's listening connection."""
+    admin = psycopg2.connect(pg_settings.database_url)
+    admin.autocommit = True
+    with admin.cursor() as cur:
+        cur.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE application_name = 'notifier-api-keycache' AND datname = current_database()")
+    admin.close()
+
+
 def test_a_lost_listening_connection_turns_the_cache_off_until_it_is_back(cache, api_key, pg_settings, monkeypatch):
     monkeypatch.setattr(keycache, "RECONNECT_SECONDS", 0.2)
     load = CountingLoad()
@@ -101,12 +111,7 @@ def test_a_lost_listening_connection_turns_the_cache_off_until_it_is_back(cache,
         assert load.calls == 2  # the first started listening, the second is kept
         cache.lookup(prefix, load)
         assert load.calls == 2
-        admin = psycopg2.connect(pg_settings.database_url)
-        admin.autocommit = True
-        with admin.cursor() as cur:
-            cur.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                        "WHERE application_name = 'notifier-api-keycache' AND datname = current_database()")
-        admin.close()
+        _end_listening_session(pg_settings)
         # While it is down every lookup asks the database, so a change then cannot be missed.
         # The cache notices once the closed socket reaches it; from then on it asks the database.
         assert eventually(lambda: cache.lookup(prefix, load) is not None and load.calls >= 3)
@@ -119,6 +124,19 @@ def test_a_lost_listening_connection_turns_the_cache_off_until_it_is_back(cache,
         calls = load.calls
         cache.lookup(prefix, load)
         assert load.calls == calls
+
+
+def test_a_key_revoked_after_the_listening_connection_died_is_never_served_from_the_cache(
+        cache, api_key, pg_settings):
+    load = CountingLoad()
+    prefix = _prefix(api_key[1])
+    with database.connection_context():
+        cache.lookup(prefix, load)
+        cache.lookup(prefix, load)  # cached from here on
+        _end_listening_session(pg_settings)
+        time.sleep(0.3)  # the server's goodbye is on the cache's socket; the revocation's NOTIFY never will be
+        keys.revoke(api_key[0].name)
+        assert keys.authenticate(api_key[1], cache) is None
 
 
 def test_no_database_to_listen_on_means_no_cache_and_no_error(api_key, monkeypatch):
