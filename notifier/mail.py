@@ -170,6 +170,10 @@ def classify(exc: BaseException) -> DeliveryError:
     """Turn what smtplib or the network raised into an error that says whether to retry."""
     if isinstance(exc, DeliveryError):
         return exc
+    if isinstance(exc, UnicodeEncodeError):
+        # smtplib writes its commands in ASCII: a non-ASCII address (stored before the API refused
+        # them) can never be sent, so no retry would help.
+        return PermanentDeliveryError("the address is not ASCII, which SMTP without SMTPUTF8 cannot carry")
     if isinstance(exc, smtplib.SMTPRecipientsRefused):
         code, reply = next(iter(exc.recipients.values()), (550, b"recipient refused"))
         error = _by_code(code, reply, "recipient refused")

@@ -25,9 +25,16 @@ def _no_line_breaks(value: str) -> None:
         raise ValidationError("must not contain line breaks")
 
 
+def _ascii(value: str) -> None:
+    # smtplib speaks plain SMTP, without SMTPUTF8 (which not every relay offers either): a non-ASCII
+    # address could never be sent, only retried until the last attempt.
+    if not value.isascii():
+        raise ValidationError("must be an ASCII address (write an international domain in its xn-- form)")
+
+
 class Email(fields.Email):
     def __init__(self, **kwargs):
-        super().__init__(validate=[validate.Length(max=320), _no_line_breaks], **kwargs)
+        super().__init__(validate=[validate.Length(max=320), _no_line_breaks, _ascii], **kwargs)
 
 
 def _bounded_json(value: dict) -> None:

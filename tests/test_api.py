@@ -100,6 +100,14 @@ def test_invalid_payload_is_422_naming_each_bad_field(client, headers):
     assert _count_rows() == (0, 0)
 
 
+@pytest.mark.parametrize("to", ["\u00fc@example.com", "ada@ex\u00e4mple.com"])
+def test_a_non_ascii_address_is_422_not_a_send_that_can_never_go(client, headers, to):
+    response = client.post("/api/notifications/send", json={"to": to, "subject": "s", "text": "t"}, headers=headers)
+    error = _assert_envelope(response, 422, "validation_error")
+    assert "ASCII" in error["details"]["to"][0]
+    assert _count_rows() == (0, 0)
+
+
 def test_unknown_template_is_422_at_request_time(client, headers):
     error = _assert_envelope(
         client.post("/api/notifications/send", json={"to": "a@example.com", "template": "nope"}, headers=headers),

@@ -193,6 +193,13 @@ def test_unstorable_text_in_valid_json_is_422(client, headers, payload, field):
     assert notification_count() == 0
 
 
+@pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity"])
+def test_nan_and_infinity_are_not_json(client, headers, constant):
+    raw = b'{"to": "ada@example.com", "subject": "s", "text": "t", "metadata": {"x": %s}}' % constant.encode()
+    _refused(client.post(SEND, data=raw, headers=headers, content_type="application/json"), 400, "malformed_json")
+    assert notification_count() == 0
+
+
 def test_a_raw_nul_in_a_string_is_not_json(client, headers):
     raw = b'{"to": "ada@example.com", "subject": "a\x00b", "text": "t"}'
     _refused(client.post(SEND, data=raw, headers=headers, content_type="application/json"), 400, "malformed_json")
@@ -343,7 +350,24 @@ def test_hostile_requests_to_a_real_process_are_4xx_and_store_nothing(pg_setting
                                        + str(len(payload)).encode() + b"\r\nX-API-Key: " + stack.key.encode()
                                        + b"\r\nIdempotency-Key: k\x00", payload)
         assert status == 400 and json.loads(body)["error"]["code"] == "bad_request"
+
+        # Chunked bodies over MAX_BODY_BYTES are refused as such, not cut at the limit: a valid object
+        # padded past it would otherwise have been accepted, and a long one called malformed.
+        def chunked(body: bytes) -> tuple[int, dict]:
+            chunks = b"".join(b"%x\r\n%s\r\n" % (len(body[i:i + 8192]), body[i:i + 8192])
+                              for i in range(0, len(body), 8192))
+            status, answer = _raw_http(port, b"POST " + SEND.encode() + b" HTTP/1.1\r\nHost: x\r\n"
+                                             b"Connection: close\r\nContent-Type: application/json\r\n"
+                                             b"Transfer-Encoding: chunked\r\nX-API-Key: " + stack.key.encode(),
+                                       chunks + b"0\r\n\r\n")
+            return status, json.loads(answer)
+
+        padded = payload + b" " * pg_settings.max_body_bytes
+        assert chunked(padded)[0] == 413
+        assert chunked(big)[0] == 413
+        status, body = chunked(payload)  # and a chunked body within the limit is read whole
+        assert status == 202, body
         assert "Traceback" not in stack.log("api")
     finally:
         stack.close()
-    assert notification_count() == 0
+    assert notification_count() == 1

@@ -75,6 +75,12 @@ def test_classify_connection_problems_as_transient(exc):
     assert error.smtp_code is None
 
 
+def test_a_non_ascii_address_is_a_permanent_failure():
+    with pytest.raises(UnicodeEncodeError) as raised:
+        "RCPT TO:<\u00fc@example.com>".encode("ascii")  # what smtplib does with it
+    assert isinstance(classify(raised.value), PermanentDeliveryError)
+
+
 def test_classify_passes_delivery_errors_through():
     original = PermanentDeliveryError("already decided", 550)
 

@@ -6,6 +6,7 @@ import re
 
 from flask import current_app, g, request
 from marshmallow import Schema, ValidationError
+from werkzeug.exceptions import RequestEntityTooLarge
 
 from notifier import keys
 from notifier.errors import ApiError, RateLimited, Unauthorized
@@ -49,18 +50,34 @@ def current_key() -> ApiKey:
     return g.api_key
 
 
+def request_body() -> bytes:
+    """The whole request body, read once (later calls answer from the cache)."""
+    data = request.get_data(cache=True)
+    if request.content_length is None and len(data) >= current_app.config["MAX_CONTENT_LENGTH"]:
+        # A chunked body over the limit: werkzeug stops reading at the limit and refuses only a read
+        # past it, which get_data never makes, so the body would be cut short without a word.
+        raise RequestEntityTooLarge()
+    return data
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
 def json_body(schema: Schema) -> dict:
     """The request's JSON object, loaded through schema (ValidationError becomes a 422)."""
     try:
         # JSON on the wire is UTF-8 (RFC 8259); the parser alone would let encoded surrogates through.
-        text = request.get_data(cache=True).decode("utf-8")
+        text = request_body().decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ApiError("the request body is not valid UTF-8", code="malformed_json") from exc
     try:
         # The text just decoded, not the bytes: given bytes, the parser would also take UTF-16 and
         # UTF-32 (which decode as "UTF-8" too, ASCII with NULs between), and the escape check below
         # must read what the parser reads.
-        body = current_app.json.loads(text)
+        # NaN and Infinity, which Python's parser takes by default, are not JSON: stored and echoed
+        # back, they would make answers and status callbacks that strict parsers refuse.
+        body = current_app.json.loads(text, parse_constant=_no_constant)
     except ValueError as exc:  # not JSON
         raise ApiError("the request body is not valid JSON", code="malformed_json") from exc
     except RecursionError as exc:  # nested deeper than Python's parser goes

@@ -6,7 +6,7 @@ from flask import Blueprint, current_app, jsonify, request, url_for
 from marshmallow import ValidationError
 
 from notifier import store
-from notifier.api.common import current_key, json_body, require_api_key, service
+from notifier.api.common import current_key, json_body, request_body, require_api_key, service
 from notifier.errors import ApiError, NotFound, ServiceUnavailable, Unprocessable
 from notifier.schemas import (
     AcceptedSchema,
@@ -54,7 +54,7 @@ def send():
 @bp.post("/batch")
 def send_batch():
     """Accept up to BATCH_MAX notifications at once; each is accepted or refused on its own."""
-    request.get_data(cache=True)  # a slow upload must not hold the slot
+    request_body()  # a slow upload must not hold the slot
     slot = current_app.extensions["notifier"]["batch_slot"]
     # A batch stuck behind a database lock must not take every thread of this process with it.
     if not slot.acquire(timeout=BATCH_WAIT_SECONDS):
