@@ -14,7 +14,7 @@ from notifier.api import docs, guards, operators, tracing
 from notifier.api.common import rate_limit_headers
 from notifier.config import Settings
 from notifier.db import UNAVAILABLE_ERRORS, database, is_postgres
-from notifier.errors import ApiError
+from notifier.errors import HTTP_CODES, ApiError
 from notifier.keycache import KeyCache
 from notifier.queues import connect_redis
 from notifier.ratelimit import Limiter
@@ -22,18 +22,6 @@ from notifier.runtime import configure_logging, load_settings, make_renderer, op
 from notifier.service import NotificationService
 
 logger = logging.getLogger("notifier.api")
-
-# Error codes for the HTTP errors Flask and Werkzeug raise themselves.
-HTTP_CODES = {
-    400: "bad_request",
-    401: "unauthorized",
-    404: "not_found",
-    405: "method_not_allowed",
-    413: "payload_too_large",
-    415: "unsupported_media_type",
-    429: "rate_limited",
-}
-
 
 def error_response(status: int, code: str, message: str, details=None):
     """The one error envelope every failed request gets."""

@@ -8,7 +8,9 @@ logconfig_dict = gunicorn_logconfig(_settings.log_level, _settings.log_format)
 
 # Requests spend most of their time waiting on PostgreSQL and Redis: threads overlap that waiting.
 # Measured with `make bench` on 2 cores: gthread with 4 threads accepted 30-40% more than sync.
-worker_class = "gthread"
+# gthread, answering gunicorn's own refusals (an over-long header or request line) in the API's JSON
+# error envelope instead of HTML.
+worker_class = "notifier.httpworker.JsonErrorWorker"
 threads = 4
 # gunicorn 27 opens a control socket at one fixed path per user, so a second instance on the same
 # host (another replica, a benchmark) would collide with the first; nothing here uses it.

@@ -2,6 +2,24 @@
 
 from __future__ import annotations
 
+# Error codes of the HTTP errors the web stack answers itself (Flask and Werkzeug, or gunicorn for a
+# request it cannot parse), for the one error envelope.
+HTTP_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "payload_too_large",
+    414: "uri_too_long",
+    415: "unsupported_media_type",
+    417: "expectation_failed",
+    429: "rate_limited",
+    431: "header_fields_too_large",
+    500: "internal_error",
+    501: "not_implemented",
+}
+
 
 class NotifierError(Exception):
     """Base class for every error notifier raises on purpose."""

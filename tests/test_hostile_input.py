@@ -16,7 +16,7 @@ from notifier.models import Notification
 from notifier.rules import RULES
 from notifier.schemas import MAX_JSON_DEPTH, MAX_JSON_NODES
 from tests.helpers import LITERAL, VERIFICATION, notification_count, run_worker_until_idle
-from tests.processes import Stack
+from tests.processes import Stack, env_for, free_port, spawn, stop, wait_for_http
 
 pytestmark = pytest.mark.integration
 
@@ -371,3 +371,22 @@ def test_hostile_requests_to_a_real_process_are_4xx_and_store_nothing(pg_setting
     finally:
         stack.close()
     assert notification_count() == 1
+
+
+def test_what_gunicorn_refuses_itself_gets_the_json_envelope_too(pg_settings, pg_db, tmp_path):
+    # Production runs the API under gunicorn with gunicorn.conf.py; gunicorn answers a request it
+    # cannot parse before Flask sees it.
+    port = free_port()
+    api = spawn(["-m", "gunicorn", "--bind", f"127.0.0.1:{port}", "--workers", "1", "app:create_app()"],
+                env_for(pg_settings), str(tmp_path / "gunicorn.log"))
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/api/health")
+        status, body = _raw_http(port, b"GET /api/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\nX-Big: "
+                                 + b"a" * 9000)
+        assert (status, json.loads(body)["error"]["code"]) == (431, "header_fields_too_large")
+        status, body = _raw_http(port, b"GET /" + b"a" * 5000 + b" HTTP/1.1\r\nHost: x\r\nConnection: close")
+        assert (status, json.loads(body)["error"]["code"]) == (414, "uri_too_long")
+        status, body = _raw_http(port, b"GET /api/notifications HTTP/1.1\r\nHost: x\r\nConnection: close")
+        assert (status, json.loads(body)["error"]["code"]) == (401, "unauthorized")  # and Flask's own, as ever
+    finally:
+        stop(api)
