@@ -75,6 +75,17 @@ def test_classify_connection_problems_as_transient(exc):
     assert error.smtp_code is None
 
 
+@pytest.mark.parametrize(("reply", "bounce"), [
+    (b"5.1.1 no such user", True),  # the mailbox does not exist: the address goes on the suppression list
+    (b"no such user", True),  # a server without enhanced status codes says it so
+    (b"5.7.1 rejected by policy", False),  # refused, but about this message, not the address
+    (b"5.2.2 mailbox full", False),
+])
+def test_only_an_unknown_mailbox_is_a_bounce(reply, bounce):
+    error = classify(smtplib.SMTPRecipientsRefused({"ada@example.com": (550, reply)}))
+    assert isinstance(error, PermanentDeliveryError) and error.address_rejected is bounce
+
+
 def test_a_non_ascii_address_is_a_permanent_failure():
     with pytest.raises(UnicodeEncodeError) as raised:
         "RCPT TO:<\u00fc@example.com>".encode("ascii")  # what smtplib does with it
