@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import http.client
 import json
 import time
 import urllib.error
@@ -66,6 +67,16 @@ def verify(secret: str, body: bytes, header: str, tolerance: int = 300, now: flo
     return hmac.compare_digest(sign(secret, body, timestamp), header)
 
 
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    # Followed, a redirect turns the POST into a GET without the event (urllib's way, as browsers'),
+    # and the attempt would count as delivered: the 3xx is answered as the error it is instead.
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None
+
+
+_OPENER = urllib.request.build_opener(_NoRedirects)
+
+
 def post(url: str, body: bytes, secret: str, event_id: str, timeout: float) -> int:
     """POST the event; return the HTTP status, or raise CallbackRetry / CallbackRejected."""
     request = urllib.request.Request(url, data=body, method="POST")
@@ -74,11 +85,16 @@ def post(url: str, body: bytes, secret: str, event_id: str, timeout: float) -> i
     request.add_header(EVENT_ID_HEADER, event_id)
     request.add_header(SIGNATURE_HEADER, sign(secret, body, int(time.time())))
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
+        with _OPENER.open(request, timeout=timeout) as response:
             return response.status
     except urllib.error.HTTPError as exc:
         if exc.code == 429 or exc.code >= 500:
             raise CallbackRetry(f"HTTP {exc.code}") from exc
+        if 300 <= exc.code < 400:
+            raise CallbackRejected(f"HTTP {exc.code} to {exc.headers.get('Location')!r}: callbacks do not follow "
+                                   "redirects; give the final URL") from exc
         raise CallbackRejected(f"HTTP {exc.code}") from exc
-    except (urllib.error.URLError, TimeoutError, OSError) as exc:
+    except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
+        # Unreachable, slow, or not speaking HTTP (a bad status line, a dropped or truncated answer):
+        # retried, and given up after the last attempt like any other failure.
         raise CallbackRetry(f"{type(exc).__name__}: {getattr(exc, 'reason', exc)}") from exc

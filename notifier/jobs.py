@@ -358,6 +358,12 @@ class Deliverer:
             ):
                 return "skipped"
             attempt = notification.callback_attempts + 1
+            if attempt > self.settings.max_callback_attempts:
+                # Every attempt was made and this job still came (a retry of one that died mid-post, the
+                # reconciler's): never one more, whatever ended the last.
+                self._callback_outcome(notification, CallbackStatus.GAVE_UP,
+                                       f"callback not sent: {attempt - 1} attempts made; giving up")
+                return "gave up"
             Notification.update(callback_attempts=attempt).where(Notification.seq == notification.seq).execute()
             body = callbacks.event_body(notification)
             try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import threading
 from collections import deque
 from dataclasses import dataclass, replace
@@ -360,3 +361,50 @@ def test_requeued_dead_letter_never_posts_a_non_final_callback(pg_settings, pg_d
     notification = reload(notification_id)
     assert (notification.status, notification.callback_status) == ("sent", "delivered")
     assert smtp.count() == 1
+
+
+def _serve_once(answer: bytes) -> tuple[str, threading.Thread, list[bytes]]:
+    """A server that answers every request with the raw bytes given; what it read."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    seen: list[bytes] = []
+
+    def run():
+        with listener:
+            listener.settimeout(10)
+            try:
+                while True:
+                    conn, _ = listener.accept()
+                    with conn:
+                        seen.append(conn.recv(65536))
+                        conn.sendall(answer)
+            except OSError:
+                return
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return f"http://127.0.0.1:{listener.getsockname()[1]}/hooks", thread, seen
+
+
+def test_an_endpoint_that_does_not_speak_http_is_retried_not_an_error_of_ours():
+    url, _, _ = _serve_once(b"HELLO NOT HTTP\r\n\r\n")
+    with pytest.raises(callbacks.CallbackRetry, match="BadStatusLine"):
+        callbacks.post(url, b"{}", "secret", "n:sent", timeout=5)
+
+
+def test_a_redirect_is_not_followed_and_gives_up_saying_so():
+    url, _, seen = _serve_once(b"HTTP/1.1 302 Found\r\nLocation: /elsewhere\r\nContent-Length: 0\r\n"
+                               b"Connection: close\r\n\r\n")
+    with pytest.raises(callbacks.CallbackRejected, match="redirect"):
+        callbacks.post(url, b"{}", "secret", "n:sent", timeout=5)
+    assert [request.split(b" ", 2)[:2] for request in seen] == [[b"POST", b"/hooks"]]  # no GET of the target
+
+
+def test_a_callback_job_past_the_last_attempt_gives_up_without_posting(api_key, fast_settings, live_deliverer,
+                                                                      receiver, redis_conn):
+    notification = make_notification(api_key[0], Status.SENT, callback_url=receiver.url, callback_status="pending",
+                                     attempts=1, sent_at=utcnow(),
+                                     callback_attempts=fast_settings.max_callback_attempts)
+    assert live_deliverer.send_callback(notification.id) == "gave up"
+    assert receiver.count() == 0
+    assert reload(notification.id).callback_status == "gave_up"
+    assert "giving up" in _callback_events(notification.id)[-1]
