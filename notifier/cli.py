@@ -124,11 +124,12 @@ def dlq_list(limit: int) -> None:
 
     redis, _ = _redis()
     with _open():
-        entries = deadletters.list_dead(redis, limit=limit)
+        entries, more = deadletters.list_dead(redis, limit=limit)
     for e in entries:
         where = "in RQ failed registry" if e.in_failed_registry else "not in RQ"
         click.echo(f"{e.id}	{e.failed_at:%Y-%m-%d %H:%M:%S}	attempts={e.attempts}	{where}	{e.reason}")
-    click.echo(f"{len(entries)} dead letter(s)")
+    click.echo(f"the {len(entries)} most recent dead letters; there are more (--limit)" if more
+               else f"{len(entries)} dead letter(s)")
 
 
 @dlq_group.command("show")

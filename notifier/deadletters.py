@@ -6,11 +6,13 @@ failed (RQ can move a job that succeeded into the failed registry as abandoned).
 
 from __future__ import annotations
 
+import base64
 import logging
 import time
 from dataclasses import dataclass
 from datetime import datetime
 
+from peewee import Tuple
 from redis import Redis
 from redis.exceptions import RedisError
 from rq.exceptions import NoSuchJobError
@@ -81,18 +83,37 @@ def _entry(row: Notification, registry: set[str]) -> DeadLetter:
     )
 
 
-def _dead(api_key: ApiKey | None, limit: int) -> list[Notification]:
+def _dead(api_key: ApiKey | None, limit: int, after: tuple[datetime, int] | None = None) -> list[Notification]:
     query = Notification.select().where(Notification.status == Status.FAILED.value)
     if api_key is not None:
         query = query.where(Notification.api_key == api_key.id)
-    return list(query.order_by(Notification.updated_at.desc()).limit(limit))
+    if after is not None:
+        # The keyset of the order below: pages stay whole while new failures arrive.
+        query = query.where(Tuple(Notification.updated_at, Notification.seq) < Tuple(*after))
+    return list(query.order_by(Notification.updated_at.desc(), Notification.seq.desc()).limit(limit))
 
 
-def list_dead(redis: Redis, api_key: ApiKey | None = None, limit: int = 100) -> list[DeadLetter]:
-    """Failed notifications, newest first (only api_key's when given)."""
-    rows = _dead(api_key, limit)
+def list_dead(redis: Redis, api_key: ApiKey | None = None, limit: int = 100,
+              cursor: str | None = None) -> tuple[list[DeadLetter], str | None]:
+    """A page of failed notifications, most recently failed first (only api_key's when given), and
+    the cursor of the next page (None: this is the last). A cursor not from here is ValueError."""
+    rows = _dead(api_key, limit + 1, _decode(cursor) if cursor is not None else None)
+    next_cursor = _encode(rows[limit - 1]) if len(rows) > limit else None
+    rows = rows[:limit]
     registry = _failed_registry_ids(redis, rows)
-    return [_entry(row, registry) for row in rows]
+    return [_entry(row, registry) for row in rows], next_cursor
+
+
+def _encode(row: Notification) -> str:
+    return base64.urlsafe_b64encode(f"{row.updated_at.isoformat()}|{row.seq}".encode()).decode()
+
+
+def _decode(cursor: str) -> tuple[datetime, int]:
+    try:
+        at, seq = base64.urlsafe_b64decode(cursor.encode()).decode().split("|")
+        return datetime.fromisoformat(at), int(seq)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError("not a dead-letter cursor") from exc
 
 
 def show(redis: Redis, notification_id: str, api_key: ApiKey | None = None) -> tuple[DeadLetter, Job | None]:

@@ -195,7 +195,12 @@ class PreferencesSchema(StrictSchema):
                              values=fields.String(validate=validate.OneOf(MODES)))
 
 
-class ListQuerySchema(StrictSchema):
+class PageQuerySchema(StrictSchema):
+    limit = fields.Integer(load_default=50, validate=validate.Range(min=1))
+    cursor = fields.String(validate=validate.Length(min=1, max=64))
+
+
+class ListQuerySchema(PageQuerySchema):
     status = fields.String(validate=validate.OneOf(STATUSES))
     user_id = fields.String(validate=validate.Length(min=1, max=200))
     template = fields.String(validate=validate.Length(min=1, max=100))
@@ -203,8 +208,6 @@ class ListQuerySchema(StrictSchema):
     to = fields.String(validate=validate.Length(min=1, max=320))
     created_after = UtcDateTime()
     created_before = UtcDateTime()
-    limit = fields.Integer(load_default=50, validate=validate.Range(min=1))
-    cursor = fields.String(validate=validate.Length(min=1, max=64))
 
 
 class HistorySchema(Schema):

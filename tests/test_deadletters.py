@@ -71,7 +71,7 @@ def test_550_is_listed_as_a_dead_letter_for_its_key_only(client, headers, other_
 
     theirs = client.get(DEAD, headers={"X-API-Key": other_key[1]})
     assert theirs.status_code == 200
-    assert theirs.get_json() == {"data": []}
+    assert theirs.get_json() == {"data": [], "next": None}
     assert reload(notification_id).status == "failed"
     assert smtp.count() == 0
 
@@ -97,7 +97,7 @@ def test_requeue_sends_a_dead_letter_with_fresh_attempts(client, headers, delive
     assert [e["status"] for e in _history(client, headers, notification_id)] == [
         "queued", "sending", "failed", "queued", "sending", "sent"
     ]
-    assert client.get(DEAD, headers=headers).get_json() == {"data": []}
+    assert client.get(DEAD, headers=headers).get_json() == {"data": [], "next": None}
     assert len(smtp.wait_for(1)) == 1
     assert smtp.count() == 1
 
@@ -318,3 +318,22 @@ def test_requeue_with_redis_down_is_accepted_and_left_to_the_reconciler(pg_setti
     response = down.post(f"{DEAD}/{failed.id}/requeue", headers=headers)
     assert response.status_code == 202, response.get_data(as_text=True)
     assert reload(failed.id).status == "queued"
+
+
+def test_dead_letters_come_a_page_at_a_time_past_the_first_hundred(client, headers, api_key, redis_conn):
+    failed = [make_notification(api_key[0], status=Status.FAILED, to=f"u{n}@example.com") for n in range(5)]
+    seen, cursor, pages = [], None, 0
+    while True:
+        query = {"limit": 2, **({"cursor": cursor} if cursor else {})}
+        body = client.get(DEAD, headers=headers, query_string=query).get_json()
+        seen += [e["id"] for e in body["data"]]
+        pages += 1
+        if pages == 1:  # a failure arriving meanwhile comes first next time, never inside the walk
+            make_notification(api_key[0], status=Status.FAILED, to="late@example.com")
+        cursor = body["next"]
+        if cursor is None:
+            break
+    assert pages == 3 and sorted(seen) == sorted(n.id for n in failed)
+    assert seen == [n.id for n in reversed(failed)]  # most recently failed first
+    bad = client.get(DEAD, headers=headers, query_string={"cursor": "nonsense"})
+    assert bad.status_code == 422 and "cursor" in bad.get_json()["error"]["details"]

@@ -103,7 +103,7 @@ def test_one_that_fails_for_good_lands_in_the_dead_letter_queue_and_the_rest_go(
     assert failed.get_job_ids() == [queues.job_id_for(ids[0])]
     assert "550" in Job.fetch(queues.job_id_for(ids[0]), connection=redis_conn).latest_result().exc_string
     with database.connection_context():
-        [entry] = deadletters.list_dead(redis_conn)
+        [entry], _ = deadletters.list_dead(redis_conn)
         assert entry.id == ids[0] and entry.in_failed_registry and "rejected by policy" in entry.reason
         # Requeued from the dead-letter queue, it goes alone and is sent.
         deadletters.requeue(redis_conn, settings, ids[0])

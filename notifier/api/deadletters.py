@@ -4,15 +4,17 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
-from flask import Blueprint, current_app, jsonify
+from flask import Blueprint, current_app, jsonify, request
 
 from notifier import deadletters
 from notifier.api.common import current_key, require_api_key
-from notifier.schemas import AcceptedSchema, UtcDateTime
+from notifier.errors import Unprocessable
+from notifier.schemas import AcceptedSchema, PageQuerySchema, UtcDateTime
 
 bp = Blueprint("deadletters", __name__, url_prefix="/api/dead-letters")
 bp.before_request(require_api_key)
 _dt = UtcDateTime()
+_query = PageQuerySchema()
 
 
 def _deps():
@@ -22,14 +24,23 @@ def _deps():
 
 @bp.get("")
 def list_dead():
-    """The caller's failed notifications, newest first, with why they failed."""
-    redis, _ = _deps()
+    """The caller's failed notifications, most recently failed first, with why they failed; a page at a
+    time (pass the answer's `next` back as `cursor`)."""
+    redis, settings = _deps()
+    args = _query.load(request.args.to_dict())
+    if args["limit"] > settings.page_size_max:
+        raise Unprocessable(f"limit may be at most {settings.page_size_max}",
+                            {"limit": [f"must be at most {settings.page_size_max}"]})
+    try:
+        page, next_cursor = deadletters.list_dead(redis, current_key(), args["limit"], args.get("cursor"))
+    except ValueError:
+        raise Unprocessable("the cursor is not valid", {"cursor": ["not a cursor from this API"]}) from None
     entries = []
-    for entry in deadletters.list_dead(redis, current_key()):
+    for entry in page:
         item = asdict(entry)
         item["failed_at"] = _dt.serialize("failed_at", item)
         entries.append(item)
-    return jsonify(data=entries)
+    return jsonify(data=entries, next=next_cursor)
 
 
 @bp.post("/<notification_id>/requeue")

@@ -17,6 +17,7 @@ from notifier.schemas import (
     ListQuerySchema,
     NotificationDetailSchema,
     NotificationSchema,
+    PageQuerySchema,
     PreferencesSchema,
     SendSchema,
     UtcDateTime,
@@ -61,6 +62,8 @@ class DeadLetterSchema(Schema):
 
 class DeadLetterListSchema(Schema):
     data = fields.List(fields.Nested(DeadLetterSchema), required=True)
+    next = fields.String(required=True, allow_none=True,
+                         metadata={"description": "the cursor of the next page; null on the last"})
 
 
 class HealthSchema(Schema):
@@ -168,7 +171,9 @@ OPERATIONS: dict[tuple[str, str], Op] = {
     ("notifications.user_stats", "GET"): Op(
         "How many notifications a user has, in total and per status", "notifications", ok_schema=UserStatsSchema),
     ("deadletters.list_dead", "GET"): Op(
-        "Your failed notifications, newest first, with why", "dead letters", ok_schema=DeadLetterListSchema),
+        "Your failed notifications, most recently failed first, with why, a page at a time", "dead letters",
+        ok_schema=DeadLetterListSchema, query=PageQuerySchema,
+        description="`limit` (default 50) is at most PAGE_SIZE_MAX; pass the answer's `next` back as `cursor`."),
     ("deadletters.requeue", "POST"): Op(
         "Send a failed notification again", "dead letters", ok=202, ok_schema=AcceptedSchema,
         ok_description="Requeued with a fresh set of attempts",
