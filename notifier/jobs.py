@@ -9,6 +9,7 @@ from collections import Counter
 from redis import Redis
 from redis.exceptions import RedisError
 from rq import get_current_job
+from rq.timeouts import JobTimeoutException
 
 from notifier import callbacks, consent, digests, logs, metrics, queues, store, unsubscribe
 from notifier.config import Settings
@@ -367,13 +368,19 @@ class Deliverer:
             Notification.update(callback_attempts=attempt).where(Notification.seq == notification.seq).execute()
             body = callbacks.event_body(notification)
             try:
-                code = callbacks.post(
-                    notification.callback_url,
-                    body,
-                    notification.api_key.callback_secret,
-                    f"{notification.id}:{notification.status}",
-                    self.settings.callback_timeout,
-                )
+                try:
+                    code = callbacks.post(
+                        notification.callback_url,
+                        body,
+                        notification.api_key.callback_secret,
+                        f"{notification.id}:{notification.status}",
+                        self.settings.callback_timeout,
+                    )
+                except JobTimeoutException as exc:
+                    # RQ's limit on the job (queues.callback_job_timeout): an attempt like any other,
+                    # in the history and retried, not a job that vanished mid-attempt.
+                    limit = queues.callback_job_timeout(self.settings)
+                    raise callbacks.CallbackRetry(f"no whole answer within {limit} s") from exc
             except (callbacks.CallbackRetry, callbacks.CallbackRejected) as exc:
                 final = isinstance(exc, callbacks.CallbackRejected) or attempt >= self.settings.max_callback_attempts
                 self._callback_outcome(notification, CallbackStatus.GAVE_UP if final else None,

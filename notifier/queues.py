@@ -174,6 +174,12 @@ def schedule_release(connection: Redis, settings: Settings, notification_id: str
     )
 
 
+def callback_job_timeout(settings: Settings) -> int:
+    """RQ's limit on a callback job: CALLBACK_TIMEOUT bounds each read of the answer, not the whole of
+    it, and a receiver trickling its answer would hold a worker (and the emails waiting for it)."""
+    return int(settings.callback_timeout * 2) + 5
+
+
 def enqueue_callback(connection: Redis, settings: Settings, notification_id: str, attempts_made: int = 0):
     """Queue the status callback for a notification that reached a final state."""
     return Queue(CALLBACK_QUEUE, connection=connection).enqueue(
@@ -181,7 +187,7 @@ def enqueue_callback(connection: Redis, settings: Settings, notification_id: str
         notification_id,
         job_id=callback_job_id_for(notification_id),
         retry=_retry(settings.callback_retry_intervals, attempts_made),
-        job_timeout=max(30, int(settings.callback_timeout * 2)),
+        job_timeout=callback_job_timeout(settings),
         result_ttl=settings.finished_job_ttl,
         failure_ttl=failure_ttl(settings),
         description=f"status callback for notification {notification_id}",

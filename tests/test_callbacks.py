@@ -408,3 +408,34 @@ def test_a_callback_job_past_the_last_attempt_gives_up_without_posting(api_key, 
     assert receiver.count() == 0
     assert reload(notification.id).callback_status == "gave_up"
     assert "giving up" in _callback_events(notification.id)[-1]
+
+
+def test_a_receiver_that_trickles_its_answer_is_one_recorded_attempt_within_the_job_limit(
+        api_key, pg_settings, receiver, redis_conn):
+    # Each read gets a byte before CALLBACK_TIMEOUT, so only the job's own limit ends the attempt.
+    listener = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def trickle():
+        with listener:
+            conn, _ = listener.accept()
+            with conn:
+                conn.recv(65536)
+                conn.sendall(b"HTTP/1.1 200 OK\r\n")
+                while not stop.wait(0.3):
+                    conn.sendall(b"X")
+
+    threading.Thread(target=trickle, daemon=True).start()
+    settings = replace(pg_settings, callback_timeout=1.0, callback_retry_intervals=())
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}/hooks"
+    notification = make_notification(api_key[0], Status.SENT, callback_url=url, callback_status="pending",
+                                     attempts=1, sent_at=utcnow())
+    with installed_deliverer(settings, redis_conn):
+        enqueue_callback(redis_conn, settings, notification.id)
+        try:
+            run_worker_until_idle(redis_conn)
+        finally:
+            stop.set()
+    assert reload(notification.id).callback_status == "gave_up"
+    assert _callback_events(notification.id) == [
+        "callback attempt 1 failed: no whole answer within 7 s; giving up"]
