@@ -111,9 +111,12 @@ def _encode(row: Notification) -> str:
 def _decode(cursor: str) -> tuple[datetime, int]:
     try:
         at, seq = base64.urlsafe_b64decode(cursor.encode()).decode().split("|")
-        return datetime.fromisoformat(at), int(seq)
+        at, seq = datetime.fromisoformat(at), int(seq)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ValueError("not a dead-letter cursor") from exc
+    if not 0 < seq < 2**63:  # what a seq column holds; SQLite refuses a larger integer outright
+        raise ValueError("not a dead-letter cursor")
+    return at, seq
 
 
 def show(redis: Redis, notification_id: str, api_key: ApiKey | None = None) -> tuple[DeadLetter, Job | None]:

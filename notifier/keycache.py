@@ -79,8 +79,10 @@ class KeyCache:
             # which one poll() takes without a word, and only the next read meets the closed socket.
             # (Bounded: a steady stream of notifications must not hold the request.)
             self._conn.poll()
+            waiting = select.poll()  # not select.select, which refuses descriptors past 1023
+            waiting.register(self._conn.fileno(), select.POLLIN)
             for _ in range(_MAX_POLLS):
-                if not select.select([self._conn], [], [], 0)[0]:
+                if not waiting.poll(0):
                     break
                 self._conn.poll()
         except psycopg2.Error as exc:

@@ -177,7 +177,7 @@ def classify(exc: BaseException) -> DeliveryError:
     if isinstance(exc, smtplib.SMTPRecipientsRefused):
         code, reply = next(iter(exc.recipients.values()), (550, b"recipient refused"))
         error = _by_code(code, reply, "recipient refused")
-        if isinstance(error, PermanentDeliveryError) and not _ENHANCED_STATUS.search(_text(reply)):
+        if isinstance(error, PermanentDeliveryError) and not _ENHANCED_STATUS.match(_text(reply)):
             # A bare 550/551/553 to RCPT is how a server without enhanced status codes says the
             # mailbox is unknown; with one, only the mailbox codes do (5.7.1, a policy refusal, is
             # about this message, not the address).
@@ -206,7 +206,8 @@ _BAD_MAILBOX = ("5.1.1", "5.1.2", "5.1.3", "5.1.6", "5.1.10")
 
 
 _BAD_MAILBOX_CODES = (550, 551, 553)
-_ENHANCED_STATUS = re.compile(r"\b[245]\.\d{1,3}\.\d{1,3}\b")
+# An enhanced status code opens the reply's text (RFC 3463), as in "5.1.1 no such user".
+_ENHANCED_STATUS = re.compile(r"\s*[245]\.\d{1,3}\.\d{1,3}\b")
 
 
 def _by_code(code: int, reply, what: str) -> DeliveryError:
@@ -214,7 +215,8 @@ def _by_code(code: int, reply, what: str) -> DeliveryError:
     message = f"{what}: {code} {text}"
     if 400 <= code < 500:
         return TransientDeliveryError(message, code)
-    bad_mailbox = code in _BAD_MAILBOX_CODES and any(status in text for status in _BAD_MAILBOX)
+    enhanced = _ENHANCED_STATUS.match(text)
+    bad_mailbox = enhanced is not None and enhanced.group().strip() in _BAD_MAILBOX
     return PermanentDeliveryError(message, code, address_rejected=bad_mailbox)
 
 

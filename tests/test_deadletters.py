@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import subprocess
 import sys
 import time
@@ -335,5 +336,7 @@ def test_dead_letters_come_a_page_at_a_time_past_the_first_hundred(client, heade
             break
     assert pages == 3 and sorted(seen) == sorted(n.id for n in failed)
     assert seen == [n.id for n in reversed(failed)]  # most recently failed first
-    bad = client.get(DEAD, headers=headers, query_string={"cursor": "nonsense"})
-    assert bad.status_code == 422 and "cursor" in bad.get_json()["error"]["details"]
+    huge = base64.urlsafe_b64encode(b"2026-01-01T00:00:00|" + b"9" * 25).decode()  # past any seq column
+    for cursor in ("nonsense", huge):
+        bad = client.get(DEAD, headers=headers, query_string={"cursor": cursor})
+        assert bad.status_code == 422 and "cursor" in bad.get_json()["error"]["details"]

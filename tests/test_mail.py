@@ -80,9 +80,13 @@ def test_classify_connection_problems_as_transient(exc):
     (b"no such user", True),  # a server without enhanced status codes says it so
     (b"5.7.1 rejected by policy", False),  # refused, but about this message, not the address
     (b"5.2.2 mailbox full", False),
+    (b"No such user (checked by mx 5.9.10.11)", True),  # an address in the text is no status code
 ])
-def test_only_an_unknown_mailbox_is_a_bounce(reply, bounce):
-    error = classify(smtplib.SMTPRecipientsRefused({"ada@example.com": (550, reply)}))
+@pytest.mark.parametrize("code", [550, 554])
+def test_only_an_unknown_mailbox_is_a_bounce(reply, bounce, code):
+    if code == 554 and not reply[:1].isdigit():
+        bounce = False  # a bare 554 is "transaction failed", about the message
+    error = classify(smtplib.SMTPRecipientsRefused({"ada@example.com": (code, reply)}))
     assert isinstance(error, PermanentDeliveryError) and error.address_rejected is bounce
 
 

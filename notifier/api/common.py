@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 from flask import current_app, g, request
@@ -53,15 +54,24 @@ def current_key() -> ApiKey:
 def request_body() -> bytes:
     """The whole request body, read once (later calls answer from the cache)."""
     data = request.get_data(cache=True)
-    if request.content_length is None and len(data) >= current_app.config["MAX_CONTENT_LENGTH"]:
+    if (request.content_length is None and len(data) >= current_app.config["MAX_CONTENT_LENGTH"]
+            and request.environ["wsgi.input"].read(1)):
         # A chunked body over the limit: werkzeug stops reading at the limit and refuses only a read
-        # past it, which get_data never makes, so the body would be cut short without a word.
+        # past it, which get_data never makes, so the body would be cut short without a word. (The
+        # server's own input, past werkzeug's limit, says whether there was more.)
         raise RequestEntityTooLarge()
     return data
 
 
 def _no_constant(name: str):
     raise ValueError(f"{name} is not JSON")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e400: a number, but one no JSON can carry back
+        raise ValueError(f"{text} is out of range")
+    return value
 
 
 def json_body(schema: Schema) -> dict:
@@ -77,7 +87,7 @@ def json_body(schema: Schema) -> dict:
         # must read what the parser reads.
         # NaN and Infinity, which Python's parser takes by default, are not JSON: stored and echoed
         # back, they would make answers and status callbacks that strict parsers refuse.
-        body = current_app.json.loads(text, parse_constant=_no_constant)
+        body = current_app.json.loads(text, parse_constant=_no_constant, parse_float=_finite)
     except ValueError as exc:  # not JSON
         raise ApiError("the request body is not valid JSON", code="malformed_json") from exc
     except RecursionError as exc:  # nested deeper than Python's parser goes
