@@ -131,8 +131,11 @@ def quiet_until(profile: UserProfile | None, at: datetime) -> datetime | None:
     if not inside:
         return None
     end_day = local.date() + timedelta(days=1) if overnight and now_t >= start else local.date()
-    end_local = datetime.combine(end_day, time(*end), tzinfo=tz)
-    return end_local.astimezone(UTC).replace(tzinfo=None)
+    # The night the clocks go back, the end's wall time comes twice (fold 0, then 1): the end is the
+    # first of them still to come, never one already gone.
+    ends = [datetime.combine(end_day, time(*end, fold=fold), tzinfo=tz).astimezone(UTC).replace(tzinfo=None)
+            for fold in (0, 1)]
+    return min((e for e in ends if e > at), default=max(ends))
 
 
 class Lookup:

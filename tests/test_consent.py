@@ -32,6 +32,10 @@ def utc(*args) -> datetime:
         # The night DST starts (29 Mar 2026, 02:00 -> 03:00): 07:00 local is already UTC+2
         ("Europe/Berlin", "22:00", "07:00", utc(2026, 3, 28, 22, 30), utc(2026, 3, 29, 5, 0)),
         ("America/New_York", "21:00", "08:00", utc(2026, 11, 1, 3, 0), utc(2026, 11, 1, 13, 0)),
+        # Quiet hours that end inside the repeated hour, asked during its second pass (02:10 CET): the
+        # end is the 02:30 still to come (01:30 UTC), not the one already gone (00:30 UTC).
+        ("Europe/Berlin", "22:00", "02:30", utc(2026, 10, 25, 1, 10), utc(2026, 10, 25, 1, 30)),
+        ("Europe/Berlin", "22:00", "02:30", utc(2026, 10, 25, 0, 10), utc(2026, 10, 25, 0, 30)),  # the first
     ],
 )
 def test_quiet_hours_end_in_the_users_own_time(tz, start, end, at, expected_end):
