@@ -170,6 +170,11 @@ Ctrl-C stops everything.
 
 
 def _stop(procs, code: int) -> int:
+    # A second signal must not cut the stopping short (make, sent SIGTERM with its process group,
+    # sends its own to this child too): interrupted here, the Redis and SMTP servers, which have
+    # sessions of their own, were left running. Each wait below ends in a kill all the same.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     # The app processes first (a worker finishes its current send), then the Redis and SMTP server
     # they were using: stopping all at once left workers waiting for a Redis that had gone.
     services = {"redis", "smtp"}
