@@ -11,6 +11,8 @@ logconfig_dict = gunicorn_logconfig(_settings.log_level, _settings.log_format)
 # gthread, answering gunicorn's own refusals (an over-long header or request line) in the API's JSON
 # error envelope instead of HTML.
 worker_class = "notifier.httpworker.JsonErrorWorker"
+# The API writes its own access line (notifier.api.access); gunicorn's would log tokens and query strings.
+logger_class = "notifier.httpworker.ApiLogger"
 threads = 4
 # gunicorn 27 opens a control socket at one fixed path per user, so a second instance on the same
 # host (another replica, a benchmark) would collide with the first; nothing here uses it.

@@ -1,4 +1,5 @@
-"""The gunicorn worker the API runs under: gthread, answering gunicorn's own refusals in the API's envelope.
+"""What the API changes in gunicorn: its worker (gthread, answering gunicorn's own refusals in the
+API's envelope) and its logger (without gunicorn's access line). gunicorn.conf.py names both.
 
 gunicorn refuses a request it cannot parse (a header over limit_request_field_size, a request line
 over limit_request_line, a broken chunk) before Flask sees it, with an HTML page. A caller of this API
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 import json
 
-from gunicorn import util
+from gunicorn import glogging, util
 from gunicorn.workers.gthread import ThreadWorker
 
 from notifier.errors import HTTP_CODES
@@ -32,3 +33,15 @@ class JsonErrorWorker(ThreadWorker):
         # function. Set in the worker process only, where nothing else of gunicorn's uses it.
         util.write_error = write_json_error
         super().init_process()
+
+
+class ApiLogger(glogging.Logger):
+    """gunicorn's logger, less its access line.
+
+    The API logs one line per request itself (notifier.api.access): structured, with the request id,
+    the path without its query string, and an unsubscribe link's token replaced by the route's
+    pattern. gunicorn's line would repeat each request with the raw request line, token and query
+    string included, and it formats that line for every request even when its logger drops it."""
+
+    def access(self, resp, req, environ, request_time):
+        return None

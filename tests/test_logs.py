@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import urllib.error
 import urllib.request
 from dataclasses import replace
 from datetime import timedelta
@@ -19,7 +20,7 @@ from notifier.config import Settings
 from notifier.errors import ConfigError
 from notifier.models import Notification, Status, utcnow
 from tests.helpers import VERIFICATION, make_notification, reload
-from tests.processes import Stack, wait_until
+from tests.processes import Stack, env_for, free_port, spawn, stop, wait_for_http, wait_until
 
 
 @pytest.fixture
@@ -152,6 +153,35 @@ def test_real_processes_log_json_with_ids_and_never_the_address_or_key(pg_settin
         assert "123456" not in text  # the verification code, part of the body
         # Every line on stderr is JSON (Flask's start-up banner goes to stdout, merged into this file).
         assert all(json.loads(line) for line in text.splitlines() if line and not line.startswith(" * "))
+
+
+@pytest.mark.integration
+def test_under_gunicorn_each_request_is_logged_once_without_its_token_or_query(pg_settings, pg_db, tmp_path):
+    # Production runs the API under gunicorn with gunicorn.conf.py. gunicorn's own access line holds
+    # the raw request line: an unsubscribe link's token, and query strings that may hold addresses.
+    port = free_port()
+    log = tmp_path / "gunicorn.log"
+    api = spawn(["-m", "gunicorn", "--bind", f"127.0.0.1:{port}", "--workers", "1", "app:create_app()"],
+                env_for(pg_settings, LOG_LEVEL="INFO", LOG_FORMAT="json"), str(log))
+    token = "c2VjcmV0LXVuc3Vic2NyaWJlLXRva2Vu.c2lnbmF0dXJl"
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/api/health")
+        for path in (f"/unsubscribe/{token}", "/api/notifications?to=grace.hopper@example.com"):
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10)
+            except urllib.error.HTTPError as refused:
+                assert refused.code in (400, 401)
+    finally:
+        stop(api)
+    lines = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+    access = [line for line in lines if "access" in line["logger"]]
+    assert [(line["logger"], line.get("path")) for line in access] == [
+        ("notifier.api.access", "/api/health"),
+        ("notifier.api.access", "/unsubscribe/<token>"),
+        ("notifier.api.access", "/api/notifications"),
+    ]
+    text = log.read_text()
+    assert token not in text and "grace" not in text
 
 
 def test_jobs_queued_while_serving_a_request_carry_its_id(sqlite_settings, sqlite_db):
