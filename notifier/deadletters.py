@@ -137,8 +137,13 @@ def _owned(notification_id: str, api_key: ApiKey | None) -> Notification:
 
 
 def requeue(redis: Redis, settings: Settings, notification_id: str, api_key: ApiKey | None = None) -> Notification:
-    """Give a failed notification a fresh set of attempts; refuse anything that is not failed."""
+    """Give a failed notification a fresh set of attempts; refuse anything that is not failed, and an
+    item of a digest (its digest is what is requeued, taking its failed items back into it)."""
     row = _owned(notification_id, api_key)
+    if row.digest_id is not None:
+        # Sent alone as well as in its digest, it would go out twice.
+        raise Conflict(f"notification {row.id} went into digest {row.digest_id}; requeue the digest instead",
+                       {"status": row.status, "digest_id": row.digest_id}, code="not_requeueable")
     if not store.transition(row.id, Status.QUEUED, reason="requeued from the dead-letter queue",
                             sources=(Status.FAILED,), attempts=0, last_error=None, callback_status=None,
                             callback_attempts=0):

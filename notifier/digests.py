@@ -3,8 +3,10 @@
 A digest window ends at DIGEST_TIME in the user's timezone (every day, or on DIGEST_WEEKDAY), so
 windows follow daylight saving time. Correct by construction:
   - one digest per user, category and window: a unique index on (key, user, category, window end);
-  - an item is in exactly one digest: taking an item is a compare-and-set from `held` to `digested`,
+  - an item is in exactly one digest: taking an item is a compare-and-set from `held` to `in_digest`,
     in the same transaction that creates the digest, so a crash leaves either both or neither;
+  - an item says what became of it: it ends as its digest ends (`digested` once the digest was sent,
+    `failed` with the reason when it failed, ...), moved by store.transition with the digest itself;
   - an item that arrives while a digest is being made is still `held` afterwards (it was not in the
     transaction's snapshot, or its insert committed later) and goes into the next window's digest.
 """
@@ -19,7 +21,7 @@ from peewee import IntegrityError, fn
 from notifier import queues, store
 from notifier.config import Settings, parse_clock
 from notifier.consent import get_profile, mode_for, zone
-from notifier.models import ApiKey, DeliveryMode, Digest, Notification, Priority, Status, utcnow
+from notifier.models import DIGEST_TEMPLATE, ApiKey, DeliveryMode, Digest, Notification, Priority, Status, utcnow
 
 logger = logging.getLogger(__name__)
 
@@ -114,7 +116,7 @@ def _flush(settings, redis, renderer, api_key, user_key, category, mode, window_
             "to": items[-1].to,
             "user_id": items[-1].user_id,
             "user_key": user_key,
-            "template": "digest",
+            "template": DIGEST_TEMPLATE,
             "data": {"items": [_item(renderer, n) for n in items], "period": mode.value},
             "priority": Priority.LOW.value,
             "category": category,
@@ -129,10 +131,10 @@ def _flush(settings, redis, renderer, api_key, user_key, category, mode, window_
             tx.rollback()  # this window's digest exists already; its items were taken by it
             return False
         moved = store.transition_many(
-            [n.seq for n in items], Status.DIGESTED, reason=f"included in digest {notification.id}",
+            [n.seq for n in items], Status.IN_DIGEST, reason=f"included in digest {notification.id}",
             sources=(Status.HELD,), digest_id=notification.id,
         )
-        if moved != len(items):
+        if len(moved) != len(items):
             tx.rollback()  # someone changed an item meanwhile (cancelled it): try again next pass
             return False
     logger.info("digest %s made with %s items", notification.id, len(items))

@@ -16,7 +16,7 @@ from notifier.config import Settings
 from notifier.db import UNAVAILABLE_ERRORS, database
 from notifier.errors import DeliveryError, PermanentDeliveryError, TransientDeliveryError
 from notifier.mail import Mailer, OutgoingEmail, SendResult
-from notifier.models import FINAL_STATUSES, CallbackStatus, Category, Notification, Status, utcnow
+from notifier.models import DIGEST_TEMPLATE, FINAL_STATUSES, CallbackStatus, Category, Notification, Status, utcnow
 from notifier.rendering import RenderedEmail, Renderer, literal
 
 logger = logging.getLogger(__name__)
@@ -41,6 +41,12 @@ def _lookup_for(rows: list[Notification]) -> consent.Lookup:
     if not waiting:
         return consent.DATABASE
     return consent.prefetch(waiting[0].api_key_id, [(r.to, r.user_key, r.category) for r in waiting])
+
+
+def _owes_callbacks(notification: Notification) -> bool:
+    """Whether a notification that just became final may owe callbacks: its own, or (a digest) its
+    items'. Most owe none, and are not read again to find out."""
+    return bool(notification.callback_url) or notification.template == DIGEST_TEMPLATE
 
 
 class RetriesExhausted(PermanentDeliveryError):
@@ -277,11 +283,12 @@ class Deliverer:
     def _finish(self, notification: Notification, target: Status, **fields) -> None:
         if store.transition(notification.id, target, sources=(Status.SENDING,), known=notification, **fields):
             notification.status = target.value
-            if notification.callback_url:
+            if _owes_callbacks(notification):
                 self.after_final(notification.id)
 
     def after_final(self, notification_id: str) -> None:
-        """Queue the status callback a final notification owes its caller, if any."""
+        """Queue the status callbacks a final notification owes its caller, if any (a digest: those of
+        its items, which ended with it)."""
         if self.redis is not None:
             queues.dispatch_callback(self.redis, self.settings, store.get(notification_id))
 
@@ -329,7 +336,7 @@ class Deliverer:
     def _after_sent(self, notification: Notification, result: SendResult, recorded: bool) -> None:
         if recorded:
             notification.status = Status.SENT.value
-            if notification.callback_url:
+            if _owes_callbacks(notification):
                 self.after_final(notification.id)
         metrics.sent(self._counts, notification, result.smtp_code)
         logger.info("notification %s sent (attempt %s)", notification.id, notification.attempts)

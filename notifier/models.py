@@ -35,8 +35,10 @@ class Status(StrEnum):
     FAILED = "failed"
     CANCELLED = "cancelled"
     EXPIRED = "expired"
-    # Waiting for the user's daily or weekly digest; then `digested`, having gone out inside one.
+    # Waiting for the user's daily or weekly digest; then `in_digest`, taken into one that has not
+    # gone out yet; then as the digest ends: `digested` once it was sent, else what it became.
     HELD = "held"
+    IN_DIGEST = "in_digest"
     DIGESTED = "digested"
     # Not sent on purpose: the user turned the category off, or the address is on the suppression list.
     SUPPRESSED = "suppressed"
@@ -54,17 +56,38 @@ TRANSITIONS: dict[Status, frozenset[Status]] = {
     Status.SCHEDULED: frozenset({Status.QUEUED, Status.CANCELLED, Status.EXPIRED, Status.SUPPRESSED}),
     Status.QUEUED: frozenset({Status.SENDING, Status.CANCELLED, Status.FAILED, Status.EXPIRED, Status.SUPPRESSED}),
     Status.RETRYING: frozenset({Status.SENDING, Status.CANCELLED, Status.FAILED, Status.EXPIRED, Status.SUPPRESSED}),
-    Status.HELD: frozenset({Status.DIGESTED, Status.CANCELLED, Status.EXPIRED, Status.SUPPRESSED}),
+    Status.HELD: frozenset({Status.IN_DIGEST, Status.CANCELLED, Status.EXPIRED, Status.SUPPRESSED}),
+    # Only ever moved with its digest (store.transition): never cancelled or expired on its own, as the
+    # digest that holds it would still send it.
+    Status.IN_DIGEST: frozenset({Status.DIGESTED, Status.FAILED, Status.CANCELLED, Status.EXPIRED,
+                                 Status.SUPPRESSED}),
     # sending -> retrying is also how the reconciler recovers a notification whose worker died.
     Status.SENDING: frozenset({Status.SENT, Status.RETRYING, Status.FAILED, Status.EXPIRED}),
-    # failed -> queued: an operator requeues a dead letter.
-    Status.FAILED: frozenset({Status.QUEUED}),
+    # failed -> queued: an operator requeues a dead letter; failed -> in_digest: the item of a failed
+    # digest goes back into it when the digest is requeued.
+    Status.FAILED: frozenset({Status.QUEUED, Status.IN_DIGEST}),
     Status.SENT: frozenset(),
     Status.CANCELLED: frozenset(),
     Status.EXPIRED: frozenset(),
     Status.DIGESTED: frozenset(),
     Status.SUPPRESSED: frozenset(),
 }
+
+
+# The template of the digests notifier makes; their items name them in digest_id.
+DIGEST_TEMPLATE = "digest"
+
+
+def digest_item_move(source: Status, target: Status) -> tuple[Status, Status] | None:
+    """How a digest's items move when the digest moves from source to target: (from, to), or None.
+
+    Each item ends as its digest ends (`digested` once it was sent); requeueing a failed digest puts
+    its failed items back into it. store.transition moves them in the digest's own transaction."""
+    if target in FINAL_STATUSES:
+        return Status.IN_DIGEST, Status.DIGESTED if target is Status.SENT else target
+    if (source, target) == (Status.FAILED, Status.QUEUED):
+        return Status.FAILED, Status.IN_DIGEST
+    return None
 
 
 class Category(StrEnum):
@@ -200,6 +223,9 @@ _partial("expiring_seq", Notification.expires_at.is_null(False)
          & Notification.status.in_(sorted(s.value for s in WAITING_STATUSES)), Notification.seq)
 _partial("scheduled_seq", Notification.status == Status.SCHEDULED.value, Notification.seq)
 _partial("keyed_created_at", Notification.idempotency_key.is_null(False), Notification.created_at)
+# A digest's items, found when the digest ends (and when a failed one is requeued): only rows that
+# were ever in a digest.
+_partial("digest_id", Notification.digest_id.is_null(False), Notification.digest_id)
 
 
 class Event(BaseModel):

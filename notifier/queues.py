@@ -15,7 +15,7 @@ from rq.job import JobStatus
 from rq.results import Result
 from rq_scheduler import Scheduler
 
-from notifier import logs
+from notifier import logs, store
 from notifier.config import Settings
 from notifier.models import Notification, Priority, Status, utcnow
 
@@ -226,16 +226,17 @@ def dispatch(connection: Redis, settings: Settings, notification: Notification,
 
 
 def dispatch_callback(connection: Redis, settings: Settings, notification: Notification) -> bool:
-    """Queue the status callback a final notification owes, if any; Redis away means the reconciler
-    queues it later."""
-    if notification.callback_status != "pending":
-        return False
+    """Queue the status callback a final notification owes, if any, and those the items of a digest
+    owe once it ended with them; Redis away means the reconciler queues them later. True when any
+    was queued."""
+    owed = [n for n in (notification, *store.items_owed_callbacks(notification)) if n.callback_status == "pending"]
     try:
-        enqueue_callback(connection, settings, notification.id, notification.callback_attempts)
+        for n in owed:
+            enqueue_callback(connection, settings, n.id, n.callback_attempts)
     except RedisError as exc:
         logger.warning("callback for notification %s not queued: %s", notification.id, type(exc).__name__)
         return False
-    return True
+    return bool(owed)
 
 
 def _shared_job(settings: Settings, job_id: str, notification_ids: list[str], at_front: bool = False):

@@ -12,10 +12,11 @@ from notifier.models import MODELS, SchemaVersion
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 # Indexes a later version replaced, dropped where an earlier one made them (5: the reconciler pages
 # owed callbacks by seq, not by updated_at; two partial indexes of version 5's first cut, before it
-# paged deadlines and send times by seq too; 6: it pages queued rows a priority at a time).
+# paged deadlines and send times by seq too; 6: it pages queued rows a priority at a time). Version 7
+# only adds one: a digest's items by digest_id.
 _REPLACED_INDEXES = ("notification_callback_status_updated_at", "notifications_waiting_expires_at",
                      "notifications_scheduled_send_at", "notifications_queued_seq")
 _LOCK_ID = 0x6E6F7469  # an arbitrary constant: "noti"

@@ -11,6 +11,7 @@ from peewee import SQL, Case, EnclosedNodeList, NodeList, fn
 
 from notifier.db import execute_once, is_postgres, model_from, select_one
 from notifier.models import (
+    DIGEST_TEMPLATE,
     FINAL_STATUSES,
     ApiKey,
     CallbackStatus,
@@ -18,6 +19,7 @@ from notifier.models import (
     Notification,
     Status,
     allowed_sources,
+    digest_item_move,
     utcnow,
 )
 
@@ -133,6 +135,15 @@ def get_many(public_ids: list[str]) -> dict[str, Notification]:
     return {n.id: n for n in Notification.select().where(Notification.id.in_(public_ids))} if public_ids else {}
 
 
+def items_owed_callbacks(digest: Notification) -> list[Notification]:
+    """The items of a digest whose status callback is owed (only notifier's digests have items)."""
+    if digest.template != DIGEST_TEMPLATE:
+        return []
+    return list(Notification.select(Notification.id, Notification.callback_status, Notification.callback_attempts)
+                .where((Notification.digest_id == digest.id)
+                       & (Notification.callback_status == CallbackStatus.PENDING.value)))
+
+
 def get_for_key(api_key: ApiKey, public_id: str) -> Notification | None:
     """The notification with this id if it belongs to api_key."""
     return Notification.get_or_none((Notification.id == public_id) & (Notification.api_key == api_key.id))
@@ -173,7 +184,8 @@ def transition(
     This is the only way a status changes: a compare-and-set update, so two workers (or a job
     delivered twice) can never both win. Returns whether this call made the change. A caller that
     has just read the row passes it as `known`: the update is then guarded by the status it read
-    (still a compare-and-set) and the row need not be read again.
+    (still a compare-and-set) and the row need not be read again. A digest's items move with it, in
+    the same transaction (models.digest_item_move): whichever way a digest ends, its items say so.
     """
     if known is not None:
         sources = [s for s in (sources or allowed_sources(target)) if s == known.status]
@@ -182,17 +194,11 @@ def transition(
     if not allowed:
         return False
     now = utcnow()
-    if target in FINAL_STATUSES:
-        # Reaching a final state owes the caller a status callback, if they asked for one.
-        changes["callback_status"] = PENDING_IF_CALLBACK_URL
-        changes["callback_attempts"] = 0
-    elif target in (Status.QUEUED, Status.RETRYING):
-        # Whatever queues it again gives it a job of its own, never a batch's shared one.
-        changes.setdefault("job_id", None)
+    _implied_changes(target, changes, PENDING_IF_CALLBACK_URL)
     db = Notification._meta.database
     assignments = {"status": target.value, "updated_at": now, **changes}
     event = [Event._meta.fields["at"].db_value(now), "status", None, target.value, reason, smtp_code, smtp_reply]
-    if known is not None and is_postgres(db):
+    if known is not None and is_postgres(db) and known.template != DIGEST_TEMPLATE:
         # One statement, so one round trip and (outside a caller's transaction) one commit: the
         # update and its history line together or not at all, the update still guarded by status.
         event[2] = known.status
@@ -202,7 +208,7 @@ def transition(
             row = known
         else:
             row = (
-                Notification.select(Notification.seq, Notification.status)
+                Notification.select(Notification.seq, Notification.id, Notification.status, Notification.template)
                 .where((Notification.id == public_id) & _status_in([s.value for s in allowed]))
                 .first()
             )
@@ -212,41 +218,83 @@ def transition(
             return False
         event[2] = row.status
         db.execute_sql(_insert_sql(Event, _FULL_EVENT_COLUMNS), [row.seq, *event])
+        if row.template == DIGEST_TEMPLATE:
+            _move_items(row.id, Status(row.status), target, reason, smtp_code, smtp_reply, changes.get("sent_at"))
     return True
 
 
 _FULL_EVENT_COLUMNS = (*_EVENT_COLUMNS, "smtp_code", "smtp_reply")
 
 
-def transition_many(
-    seqs: list[int], target: Status, *, reason: str, sources: Iterable[Status], **changes
-) -> int:
-    """transition() for many rows at once (a digest taking its items); returns how many moved.
+def _implied_changes(target: Status, changes: dict, owed_callback) -> None:
+    """What a move to target changes besides the status; owed_callback: how the update says "pending
+    when the caller gave a callback_url"."""
+    if target in FINAL_STATUSES:
+        # Reaching a final state owes the caller a status callback, if they asked for one.
+        changes["callback_status"] = owed_callback
+        changes["callback_attempts"] = 0
+    elif target in (Status.QUEUED, Status.RETRYING):
+        # Whatever queues it again gives it a job of its own, never a batch's shared one.
+        changes.setdefault("job_id", None)
+
+
+def _move_items(digest_id: str, source: Status, target: Status, reason: str, smtp_code: int | None,
+                smtp_reply: str | None, sent_at: datetime | None) -> None:
+    """The items of a digest that just moved from source to target follow it (none when the notification
+    is a caller's own send of the digest template: only notifier's digests have items)."""
+    move = digest_item_move(source, target)
+    if move is None:
+        return
+    item_source, item_target = move
+    item_reason = f"digest {digest_id} {target}: {reason}"
+    changes: dict = {}
+    if item_target is Status.DIGESTED:
+        changes["sent_at"] = sent_at
+    elif item_target is Status.FAILED:
+        changes["last_error"] = item_reason
+    elif item_target is Status.IN_DIGEST:
+        # Back in a digest that goes out again: its failure is no longer the last word, and the
+        # callback it is owed is the digest's next outcome.
+        changes.update(last_error=None, callback_status=None, callback_attempts=0)
+    _transition_where(Notification.digest_id == digest_id, item_target, reason=item_reason, sources=(item_source,),
+                      smtp_code=smtp_code, smtp_reply=smtp_reply, **changes)
+
+
+def transition_many(seqs: list[int], target: Status, *, reason: str, sources: Iterable[Status],
+                    **changes) -> list[int]:
+    """transition() for many rows at once (a digest taking its items, what was held being suppressed);
+    returns the seqs of those that moved.
 
     The same compare-and-set, so a row that moved on meanwhile is left alone; callers that need all
     or nothing compare the count inside their own transaction."""
-    allowed = [s.value for s in frozenset(sources) & allowed_sources(target)]
-    if not seqs or not allowed:
-        return 0
+    if not seqs:
+        return []
+    return _transition_where(Notification.seq.in_(seqs), target, reason=reason, sources=sources, **changes)
+
+
+def _transition_where(where, target: Status, *, reason: str, sources: Iterable[Status], smtp_code: int | None = None,
+                      smtp_reply: str | None = None, **changes) -> list[int]:
+    allowed = sorted(frozenset(sources) & allowed_sources(target))
+    if not allowed:
+        return []
     now = utcnow()
-    if target in FINAL_STATUSES:
-        changes["callback_status"] = Case(
-            None, [(Notification.callback_url.is_null(False), CallbackStatus.PENDING.value)], None
-        )
+    _implied_changes(target, changes, Case(
+        None, [(Notification.callback_url.is_null(False), CallbackStatus.PENDING.value)], None))
+    moved: list[int] = []
     with Notification._meta.database.atomic():
-        rows = list(
-            Notification.select(Notification.seq, Notification.status)
-            .where(Notification.seq.in_(seqs) & _status_in(allowed))
-        )
-        moved = (
-            Notification.update(status=target.value, updated_at=now, **changes)
-            .where(Notification.seq.in_([r.seq for r in rows]) & _status_in(allowed))
-            .execute()
-        )
-        Event.insert_many(
-            [{"notification": r.seq, "at": now, "kind": "status", "from_status": r.status,
-              "to_status": target.value, "reason": reason} for r in rows]
-        ).execute()
+        for source in allowed:
+            # A source at a time, each update its own compare-and-set: the history lines are then
+            # written for exactly the rows it moved, each naming the status its row really left.
+            update = (Notification.update(status=target.value, updated_at=now, **changes)
+                      .where(where & _status_in([source.value])).returning(Notification.seq))
+            seqs = [row.seq for row in update.execute()]
+            if seqs:
+                Event.insert_many(
+                    [{"notification": seq, "at": now, "kind": "status", "from_status": source.value,
+                      "to_status": target.value, "reason": reason, "smtp_code": smtp_code,
+                      "smtp_reply": smtp_reply} for seq in seqs]
+                ).execute()
+            moved += seqs
     return moved
 
 

@@ -175,12 +175,46 @@ def deliverer(pg_settings, pg_db):
 
 
 @pytest.fixture
+def fast_settings(pg_settings) -> Settings:
+    """pg_settings with callbacks retried at once, so a burst worker runs every attempt."""
+    return replace(pg_settings, callback_retry_intervals=(0, 0, 0))
+
+
+@pytest.fixture
+def api(fast_settings, pg_db, redis_conn):
+    """A test client of the API on fast_settings."""
+    application = create_app(fast_settings, redis=redis_conn)
+    application.config["TESTING"] = True
+    return application.test_client()
+
+
+@pytest.fixture
+def live_deliverer(fast_settings, pg_db, redis_conn):
+    """A Deliverer on fast_settings with Redis, so reaching a final state queues the callbacks owed."""
+    from tests.helpers import installed_deliverer
+
+    with installed_deliverer(fast_settings, redis_conn) as deliverer:
+        yield deliverer
+
+
+@pytest.fixture
 def memory_deliverer(sqlite_settings, sqlite_db):
     """A Deliverer with the in-memory mailer, for unit tests."""
     instance = Deliverer(sqlite_settings, MemoryMailer("notifier@example.com"), make_renderer(sqlite_settings))
     jobs.install(instance)
     yield instance
     jobs.install(None)
+
+
+@pytest.fixture
+def receiver():
+    """A caller's callback endpoint (tests/receiver.Receiver), running for this test."""
+    from tests.receiver import Receiver
+
+    instance = Receiver()
+    instance.start()
+    yield instance
+    instance.close()
 
 
 @pytest.fixture

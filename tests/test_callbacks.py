@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import socket
 import threading
-from collections import deque
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from datetime import timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from rq import Queue
@@ -24,95 +21,6 @@ from tests.helpers import LITERAL, installed_deliverer, make_notification, reloa
 pytestmark = pytest.mark.integration
 
 SEND = "/api/notifications/send"
-
-
-@dataclass
-class Call:
-    headers: dict[str, str]
-    body: bytes
-
-    @property
-    def json(self) -> dict:
-        return json.loads(self.body)
-
-
-class Receiver:
-    """A caller's callback endpoint: records every POST and answers from a script (200 when it runs out)."""
-
-    def __init__(self):
-        self.calls: list[Call] = []
-        self.codes: deque[int] = deque()
-        self.always: int = 200
-        self.delay = 0.0
-        self.answered = threading.Event()
-        self.closing = threading.Event()
-        self._lock = threading.Lock()
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hooks/notifier"
-
-    def _handler(self):
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                with receiver._lock:
-                    receiver.calls.append(Call(dict(self.headers.items()), body))
-                    code = receiver.codes.popleft() if receiver.codes else receiver.always
-                if receiver.delay:
-                    receiver.closing.wait(receiver.delay)
-                try:
-                    self.send_response(code)
-                    self.send_header("Content-Length", "0")
-                    self.end_headers()
-                except OSError:
-                    pass  # the notifier stopped waiting for us
-                receiver.answered.set()
-
-            def log_message(self, format, *args):
-                pass
-
-        return Handler
-
-    def count(self) -> int:
-        with self._lock:
-            return len(self.calls)
-
-    def start(self) -> None:
-        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
-
-    def close(self) -> None:
-        self.closing.set()
-        self.server.shutdown()
-        self.server.server_close()
-
-
-@pytest.fixture
-def receiver():
-    instance = Receiver()
-    instance.start()
-    yield instance
-    instance.close()
-
-
-@pytest.fixture
-def fast_settings(pg_settings):
-    """Callbacks retried at once, so a burst worker runs every attempt."""
-    return replace(pg_settings, callback_retry_intervals=(0, 0, 0))
-
-
-@pytest.fixture
-def api(fast_settings, pg_db, redis_conn):
-    application = create_app(fast_settings, redis=redis_conn)
-    application.config["TESTING"] = True
-    return application.test_client()
-
-
-@pytest.fixture
-def live_deliverer(fast_settings, pg_db, redis_conn):
-    """A Deliverer with Redis, so reaching a final state queues the callback."""
-    with installed_deliverer(fast_settings, redis_conn) as deliverer:
-        yield deliverer
 
 
 def _send(api, headers, **payload) -> str:

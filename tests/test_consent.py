@@ -149,7 +149,7 @@ def test_a_digest_takes_each_item_once_and_only_from_closed_windows(owner, sqlit
     assert digests.flush_due(settings, fake_redis, renderer, now=utc(2026, 6, 2, 9, 5)) == 0  # no second one
     (digest,) = Digest.select()
     assert digest.items == 3 and digest.window_end == utc(2026, 6, 2, 8, 0)
-    assert {reload(n.id).status for n in early} == {Status.DIGESTED}
+    assert {reload(n.id).status for n in early} == {Status.IN_DIGEST}  # until the digest is sent
     assert {reload(n.id).digest_id for n in early} == {digest.notification_id}
     assert reload(late[0].id).status == Status.HELD
     made = store.get(digest.notification_id)
@@ -157,7 +157,7 @@ def test_a_digest_takes_each_item_once_and_only_from_closed_windows(owner, sqlit
     assert [item["subject"] for item in made.data["items"]] == ["Welcome to Acme"] * 3
 
     assert digests.flush_due(settings, fake_redis, renderer, now=utc(2026, 6, 3, 9, 0)) == 1
-    assert reload(late[0].id).status == Status.DIGESTED
+    assert reload(late[0].id).status == Status.IN_DIGEST
 
 
 def test_turning_a_category_off_suppresses_what_was_held(owner, sqlite_settings, fake_redis):

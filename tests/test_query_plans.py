@@ -56,6 +56,24 @@ def test_transitions_use_the_key_when_statistics_say_the_status_is_rare(pg_db, a
         assert _found_by(_plan(*lookups[0]), "id")
 
 
+def test_a_digest_finds_its_items_by_digest_id(pg_db, api_key, monkeypatch):
+    key = api_key[0]
+    with database.connection_context():
+        # Many digests sent long ago, each with its items: the table is mostly rows that were in one.
+        for n in range(20):
+            store.create_notifications(key, [(dict(FIELDS, digest_id=f"old-{n}"), Status.DIGESTED, "earlier")] * 200)
+        digest = store.create_notification(key, dict(FIELDS, template="digest"), status=Status.SENDING)
+        items = store.create_notifications(key, [(dict(FIELDS, digest_id=digest.id), Status.IN_DIGEST, "taken")] * 3)
+        database.execute_sql("ANALYZE notifications")
+        seen = _recording(monkeypatch)
+        assert store.transition(digest.id, Status.SENT, sources=(Status.SENDING,), known=digest, reason="sent")
+        monkeypatch.undo()
+        (update,) = [s for s in seen if s[0].startswith("UPDATE") and '"digest_id"' in s[0]]
+        assert _found_by(_plan(*update), "digest_id")
+        assert "notifications_digest_id" in _plan(*update)
+        assert {store.get(n.id).status for n in items} == {Status.DIGESTED}
+
+
 def _found_by(plan: str, key: str) -> bool:
     """Whether every index lookup in plan is by key alone (whichever index holds it), none by status."""
     conditions = re.findall(r"Index Cond: (.*)", plan)
@@ -117,10 +135,10 @@ def _indexes() -> set[str]:
     return {name for (name,) in rows}
 
 
-def test_an_upgrade_from_version_4_or_5_makes_the_reconciler_indexes(pg_db):
+def test_an_upgrade_from_version_4_5_or_6_makes_the_partial_indexes(pg_db):
     with database.connection_context():
         made = {name for name in _indexes() if name.startswith("notifications_") and name != "notifications_pkey"}
-        assert len(made) == 7
+        assert len(made) == 8  # the reconciler's seven and, since version 7, a digest's items
         for name in made:
             database.execute_sql(f'DROP INDEX "{name}"')
         # Version 4 had one index of every row's callback status instead; the first cut of version 5
@@ -133,11 +151,11 @@ def test_an_upgrade_from_version_4_or_5_makes_the_reconciler_indexes(pg_db):
         for name, columns in replaced.items():
             database.execute_sql(f'CREATE INDEX "{name}" ON "notifications" {columns}')
         SchemaVersion.update(version=4).execute()
-    assert upgrade(pg_db) == SCHEMA_VERSION == 6
+    assert upgrade(pg_db) == SCHEMA_VERSION == 7
     with database.connection_context():
         assert made <= _indexes()
         assert not set(replaced) & _indexes()
-        assert SchemaVersion.get().version == 6
+        assert SchemaVersion.get().version == 7
 
 
 def test_an_older_release_on_a_newer_schema_says_so(sqlite_db, caplog):

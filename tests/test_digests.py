@@ -1,0 +1,153 @@
+"""Digests on real parts, in process: PostgreSQL, Redis, an RQ worker, the test SMTP server and a callback
+endpoint. What becomes of a digest's items when the digest fails.
+
+Each test makes its digests with digests.flush_due at a chosen time (the periodic job's own function),
+runs every queued job with an in-process worker, then checks every notification's status, what the
+SMTP server received, and which callbacks the caller got.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+import pytest
+
+from notifier import callbacks, digests
+from notifier.db import database
+from notifier.models import utcnow
+from notifier.runtime import make_renderer
+from tests.helpers import run_worker_until_idle
+
+pytestmark = pytest.mark.integration
+
+USER = "u-digest"
+
+
+def _call(api, headers, method: str, path: str, body: dict | None = None, status: int = 200) -> dict:
+    response = api.open(path, method=method, json=body, headers=headers)
+    assert response.status_code == status, response.get_data(as_text=True)
+    return response.get_json()
+
+
+def _prefs(api, headers, changes: dict) -> None:
+    _call(api, headers, "PUT", f"/api/users/{USER}/preferences", changes)
+
+
+def _held(api, headers, names: list[str], callback_url: str | None = None) -> list[str]:
+    """Welcome emails for USER, each held for the digest; their ids."""
+    ids = []
+    for name in names:
+        payload = {"to": "dora@example.com", "user_id": USER, "template": "welcome", "data": {"name": name}}
+        if callback_url:
+            payload["callback_url"] = callback_url
+        accepted = _call(api, headers, "POST", "/api/notifications/send", payload, status=202)
+        assert accepted["status"] == "held"
+        ids.append(accepted["id"])
+    return ids
+
+
+def _detail(api, headers, notification_id: str) -> dict:
+    return _call(api, headers, "GET", f"/api/notifications/{notification_id}")
+
+
+def _status_lines(detail: dict) -> list[dict]:
+    return [e for e in detail["history"] if e["kind"] == "status"]
+
+
+def _digests(api, headers) -> list[dict]:
+    return _call(api, headers, "GET", "/api/notifications?template=digest")["data"]
+
+
+def _next_window_closed(settings) -> datetime:
+    """A moment just after the next digest time (UTC) and its grace: the window then is due."""
+    return digests.boundary_after(utcnow(), "UTC", settings.digest_time) + timedelta(
+        seconds=settings.digest_grace_seconds + 1)
+
+
+def _flush(settings, redis_conn, now: datetime) -> int:
+    with database.connection_context():
+        return digests.flush_due(settings, redis_conn, make_renderer(settings), now=now)
+
+
+def _daily_digest(api, headers, settings, redis_conn, receiver) -> tuple[dict, list[str]]:
+    """A daily digest of two items that each want a callback, made and queued: (digest, item ids)."""
+    _prefs(api, headers, {"categories": {"product": "daily"}})
+    items = _held(api, headers, ["Ann", "Ben"], callback_url=receiver.url)
+    assert _flush(settings, redis_conn, _next_window_closed(settings)) == 1
+    (digest,) = _digests(api, headers)
+    return digest, items
+
+
+def _events(receiver) -> dict[str, str]:
+    """The callbacks the caller received: notification id -> event."""
+    return {call.json["id"]: call.json["event"] for call in receiver.calls}
+
+
+# --- what a digest's items say ------------------------------------------------------------------------
+
+
+def test_items_of_a_digest_the_server_refused_end_failed_and_their_callbacks_say_so(
+        api, headers, live_deliverer, fast_settings, smtp, redis_conn, receiver):
+    digest, items = _daily_digest(api, headers, fast_settings, redis_conn, receiver)
+    for item in items:
+        # Taken into the digest, but nothing has gone out yet: not final, and no callback owed.
+        detail = _detail(api, headers, item)
+        assert (detail["status"], detail["digest_id"], detail["callback_status"]) == ("in_digest", digest["id"], None)
+
+    smtp.rcpt_replies.append("550 5.1.1 mailbox unavailable")
+    run_worker_until_idle(redis_conn)
+
+    assert smtp.count() == 0
+    assert _detail(api, headers, digest["id"])["status"] == "failed"
+    for item in items:
+        detail = _detail(api, headers, item)
+        assert (detail["status"], detail["digest_id"], detail["sent_at"]) == ("failed", digest["id"], None)
+        last = _status_lines(detail)[-1]
+        assert last["status"] == "failed" and last["smtp_code"] == 550
+        assert last["reason"].startswith(f"digest {digest['id']} failed: ") and "5.1.1" in last["reason"]
+        assert detail["last_error"] == last["reason"]
+        assert [e["status"] for e in _status_lines(detail)] == ["held", "in_digest", "failed"]
+        assert detail["callback_status"] == "delivered"
+    # The worker queued the items' callbacks when the digest failed: the reconciler never had to.
+    assert _events(receiver) == {item: "notification.failed" for item in items}
+    assert {call.headers[callbacks.EVENT_ID_HEADER] for call in receiver.calls} == {f"{i}:failed" for i in items}
+    assert all("5.1.1" in call.json["error"] for call in receiver.calls)
+
+
+def test_a_digest_in_the_dead_letter_queue_fails_its_items_until_it_is_requeued_and_sent(
+        api, headers, live_deliverer, fast_settings, smtp, redis_conn, receiver):
+    digest, items = _daily_digest(api, headers, fast_settings, redis_conn, receiver)
+    smtp.replies.extend(["451 4.4.1 still busy"] * fast_settings.max_attempts)
+    run_worker_until_idle(redis_conn)
+
+    assert smtp.count() == 0
+    assert _detail(api, headers, digest["id"])["status"] == "failed"
+    assert {_detail(api, headers, item)["status"] for item in items} == {"failed"}
+    assert "still busy" in _detail(api, headers, items[0])["last_error"]
+    assert _events(receiver) == {item: "notification.failed" for item in items}
+
+    # An item alone cannot be requeued: sent by itself and again in its digest, it would go out twice.
+    refused = _call(api, headers, "POST", f"/api/dead-letters/{items[0]}/requeue", status=409)
+    assert refused["error"]["code"] == "not_requeueable" and digest["id"] in refused["error"]["message"]
+
+    # Requeueing the digest takes its items back into it, and the digest's success is theirs.
+    _call(api, headers, "POST", f"/api/dead-letters/{digest['id']}/requeue", status=202)
+    assert {_detail(api, headers, item)["status"] for item in items} == {"in_digest"}
+    run_worker_until_idle(redis_conn)
+
+    (received,) = smtp.wait_for(1)
+    assert received.message["X-Notification-ID"] == digest["id"]
+    sent = _detail(api, headers, digest["id"])
+    assert sent["status"] == "sent"
+    for item in items:
+        detail = _detail(api, headers, item)
+        assert (detail["status"], detail["sent_at"], detail["last_error"]) == ("digested", sent["sent_at"], None)
+        lines = _status_lines(detail)
+        assert [e["status"] for e in lines] == ["held", "in_digest", "failed", "in_digest", "digested"]
+        assert lines[-1]["reason"] == f"digest {digest['id']} sent: accepted by SMTP server"
+        assert lines[-2]["reason"] == f"digest {digest['id']} queued: requeued from the dead-letter queue"
+    events = [call.json["event"] for call in receiver.calls]
+    assert events == ["notification.failed"] * 2 + ["notification.digested"] * 2
+    assert _events(receiver) == {item: "notification.digested" for item in items}
+    run_worker_until_idle(redis_conn)
+    assert smtp.count() == 1
