@@ -240,10 +240,16 @@ def decide(api_key: ApiKey, *, to: str, user_key: str, category: str, send_at: d
         return Decision(Status.SUPPRESSED, f"the user turned off {category} email")
     if mode in (DeliveryMode.DAILY, DeliveryMode.WEEKLY):
         return Decision(Status.HELD, f"collected for the user's {mode} {category} digest")
-    if category != Category.TRANSACTIONAL:
-        ends = quiet_until(lookup.profile(api_key.id, user_key), send_at or now)
-        if ends is not None:
-            return Decision(Status.SCHEDULED, "waiting for the user's quiet hours to end", ends)
+    profile = lookup.profile(api_key.id, user_key) if category != Category.TRANSACTIONAL else None
+    return timing(profile, send_at=send_at, now=now)
+
+
+def timing(profile: UserProfile | None, *, send_at: datetime | None, now: datetime) -> Decision:
+    """When mail that is to go out goes: at the end of the user's quiet hours when its time falls in
+    them, else at send_at, else now. Transactional mail has no quiet hours: pass no profile for it."""
+    ends = quiet_until(profile, send_at or now)
+    if ends is not None:
+        return Decision(Status.SCHEDULED, "waiting for the user's quiet hours to end", ends)
     if send_at is not None:
         return Decision(Status.SCHEDULED, "accepted for later", send_at)
     return Decision(Status.QUEUED, "accepted")

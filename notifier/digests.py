@@ -9,6 +9,8 @@ windows follow daylight saving time. Correct by construction:
     `failed` with the reason when it failed, ...), moved by store.transition with the digest itself;
   - an item that arrives while a digest is being made is still `held` afterwards (it was not in the
     transaction's snapshot, or its insert committed later) and goes into the next window's digest.
+A digest goes out like any other non-transactional mail: one made inside the user's quiet hours waits
+for their end.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from peewee import IntegrityError, fn
 
 from notifier import queues, store
 from notifier.config import Settings, parse_clock
-from notifier.consent import get_profile, mode_for, zone
+from notifier.consent import Decision, get_profile, mode_for, timing, zone
 from notifier.models import DIGEST_TEMPLATE, ApiKey, DeliveryMode, Digest, Notification, Priority, Status, utcnow
 
 logger = logging.getLogger(__name__)
@@ -87,7 +89,11 @@ def flush_due(settings: Settings, redis, renderer, now: datetime | None = None) 
             continue
         profile = get_profile(api_key, user_key)
         window_end = due_window(settings, mode, profile.timezone if profile else "UTC", now)
-        if window_end is not None and _flush(settings, redis, renderer, api_key, user_key, category, mode, window_end):
+        if window_end is None:
+            continue
+        # Made now, it goes out as any mail made now would: after the user's quiet hours.
+        if _flush(settings, redis, renderer, api_key, user_key, category, mode, window_end,
+                  timing(profile, send_at=None, now=now)):
             made += 1
     return made
 
@@ -105,7 +111,11 @@ def _suppress_held(api_key_id: int, user_key: str, category: str) -> None:
                           sources=(Status.HELD,))
 
 
-def _flush(settings, redis, renderer, api_key, user_key, category, mode, window_end) -> bool:
+def _timed(reason: str, when: Decision) -> str:
+    return reason if when.status is Status.QUEUED else f"{reason}; {when.reason}"
+
+
+def _flush(settings, redis, renderer, api_key, user_key, category, mode, window_end, when: Decision) -> bool:
     db = Notification._meta.database
     with db.atomic() as tx:
         items = list(_held(api_key.id, user_key, category).where(Notification.created_at < window_end)
@@ -117,6 +127,7 @@ def _flush(settings, redis, renderer, api_key, user_key, category, mode, window_
             "user_id": items[-1].user_id,
             "user_key": user_key,
             "template": DIGEST_TEMPLATE,
+            "send_at": when.send_at,
             "data": {"items": [_item(renderer, n) for n in items], "period": mode.value},
             "priority": Priority.LOW.value,
             "category": category,
@@ -124,7 +135,8 @@ def _flush(settings, redis, renderer, api_key, user_key, category, mode, window_
         try:
             with db.atomic():
                 notification = store.create_notification(
-                    api_key, digest_fields, reason=f"{mode} digest of {len(items)} {category} notifications")
+                    api_key, digest_fields, status=when.status,
+                    reason=_timed(f"{mode} digest of {len(items)} {category} notifications", when))
                 Digest.create(api_key=api_key, user_key=user_key, category=category, window_end=window_end,
                               notification_id=notification.id, items=len(items))
         except IntegrityError:

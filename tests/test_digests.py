@@ -1,5 +1,5 @@
 """Digests on real parts, in process: PostgreSQL, Redis, an RQ worker, the test SMTP server and a callback
-endpoint. What becomes of a digest's items when the digest fails.
+endpoint. What becomes of a digest's items when the digest fails or waits.
 
 Each test makes its digests with digests.flush_due at a chosen time (the periodic job's own function),
 runs every queued job with an in-process worker, then checks every notification's status, what the
@@ -11,10 +11,12 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 
 import pytest
+from rq_scheduler import Scheduler
 
 from notifier import callbacks, digests
 from notifier.db import database
 from notifier.models import utcnow
+from notifier.reconciler import reconcile
 from notifier.runtime import make_renderer
 from tests.helpers import run_worker_until_idle
 
@@ -151,3 +153,34 @@ def test_a_digest_in_the_dead_letter_queue_fails_its_items_until_it_is_requeued_
     assert _events(receiver) == {item: "notification.digested" for item in items}
     run_worker_until_idle(redis_conn)
     assert smtp.count() == 1
+
+
+# --- quiet hours --------------------------------------------------------------------------------------
+
+
+def test_a_digest_made_in_quiet_hours_waits_for_their_end(api, headers, live_deliverer, fast_settings, smtp,
+                                                          redis_conn):
+    # The window closes at 08:00 UTC, inside the user's quiet hours (07:00-09:00 UTC).
+    _prefs(api, headers, {"categories": {"product": "daily"}, "timezone": "UTC",
+                          "quiet_hours": {"start": "07:00", "end": "09:00"}})
+    items = _held(api, headers, ["Ann", "Ben"])
+    made_at = _next_window_closed(fast_settings)
+    assert _flush(fast_settings, redis_conn, made_at) == 1
+    (digest,) = _digests(api, headers)
+    quiet_end = made_at.replace(hour=9, minute=0, second=0)
+
+    detail = _detail(api, headers, digest["id"])
+    assert (detail["status"], detail["send_at"]) == ("scheduled", quiet_end.isoformat() + "Z")
+    assert "quiet hours" in detail["history"][0]["reason"]
+    assert [job.id for job in Scheduler(connection=redis_conn).get_jobs()] == [f"release-{digest['id']}"]
+    run_worker_until_idle(redis_conn)
+    assert smtp.count() == 0
+    assert {_detail(api, headers, item)["status"] for item in items} == {"in_digest"}
+
+    # Once they are over it goes out (the reconciler's pass at that time releases what is due).
+    with database.connection_context():
+        assert reconcile(fast_settings, redis_conn, now=quiet_end + timedelta(minutes=5)).released == 1
+    run_worker_until_idle(redis_conn)
+    (received,) = smtp.wait_for(1)
+    assert received.message["X-Notification-ID"] == digest["id"]
+    assert {_detail(api, headers, item)["status"] for item in items} == {"digested"}
