@@ -10,7 +10,8 @@ windows follow daylight saving time. Correct by construction:
   - an item that arrives while a digest is being made is still `held` afterwards (it was not in the
     transaction's snapshot, or its insert committed later) and goes into the next window's digest.
 A digest goes out like any other non-transactional mail: one made inside the user's quiet hours waits
-for their end.
+for their end. What was held for a category the user switched back to `immediate` goes out item by
+item, each as if it had just arrived; nothing is held for a category turned `off`.
 """
 
 from __future__ import annotations
@@ -23,7 +24,17 @@ from peewee import IntegrityError, fn
 from notifier import queues, store
 from notifier.config import Settings, parse_clock
 from notifier.consent import Decision, get_profile, mode_for, timing, zone
-from notifier.models import DIGEST_TEMPLATE, ApiKey, DeliveryMode, Digest, Notification, Priority, Status, utcnow
+from notifier.models import (
+    DIGEST_TEMPLATE,
+    ApiKey,
+    DeliveryMode,
+    Digest,
+    Notification,
+    Priority,
+    Status,
+    UserProfile,
+    utcnow,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -62,8 +73,6 @@ def boundary_after(instant: datetime, tz_name: str, clock: str, weekday: int | N
 
 def due_window(settings: Settings, mode: DeliveryMode, tz_name: str, now: datetime) -> datetime | None:
     """The end of the newest window that may be flushed now, or None for modes that are not digests."""
-    if mode is DeliveryMode.IMMEDIATE:
-        return now  # the user switched back: send what was held right away
     if mode not in (DeliveryMode.DAILY, DeliveryMode.WEEKLY):
         return None
     weekday = settings.digest_weekday if mode is DeliveryMode.WEEKLY else None
@@ -72,7 +81,9 @@ def due_window(settings: Settings, mode: DeliveryMode, tz_name: str, now: dateti
 
 
 def flush_due(settings: Settings, redis, renderer, now: datetime | None = None) -> int:
-    """Make every digest that is due; returns how many were made."""
+    """Make every digest that is due; returns how many were made. What was held for a category the
+    user has since turned off is suppressed, and what was held for one switched back to immediate is
+    released."""
     now = now or utcnow()
     groups = (
         Notification.select(Notification.api_key, Notification.user_key, Notification.category)
@@ -88,6 +99,9 @@ def flush_due(settings: Settings, redis, renderer, now: datetime | None = None) 
             _suppress_held(api_key_id, user_key, category)
             continue
         profile = get_profile(api_key, user_key)
+        if mode is DeliveryMode.IMMEDIATE:
+            _release_held(settings, redis, api_key_id, user_key, category, profile, now)
+            continue
         window_end = due_window(settings, mode, profile.timezone if profile else "UTC", now)
         if window_end is None:
             continue
@@ -109,6 +123,22 @@ def _suppress_held(api_key_id: int, user_key: str, category: str) -> None:
     seqs = [n.seq for n in _held(api_key_id, user_key, category)]
     store.transition_many(seqs, Status.SUPPRESSED, reason=f"the user turned off {category} email",
                           sources=(Status.HELD,))
+
+
+def _release_held(settings, redis, api_key_id: int, user_key: str, category: str, profile: UserProfile | None,
+                  now: datetime) -> None:
+    """Send what was held as if each item had just arrived: the user asked for it immediately, and
+    each goes out as itself (its own subject, body and status), after quiet hours and not before its
+    own send_at. Each is released by a compare-and-set from `held`, so once, whoever else looks."""
+    released = []
+    for item in _held(api_key_id, user_key, category).order_by(Notification.seq):
+        when = timing(profile, send_at=item.send_at if item.send_at and item.send_at > now else None, now=now)
+        if store.transition(item.id, when.status, sources=(Status.HELD,), known=item, send_at=when.send_at,
+                            reason=_timed(f"released: the user switched {category} email to immediate", when)):
+            released.append(item.id)
+    if released:
+        logger.info("%s held %s notifications released", len(released), category)
+        queues.dispatch_many(redis, settings, list(store.get_many(released).values()))
 
 
 def _timed(reason: str, when: Decision) -> str:

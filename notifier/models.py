@@ -56,7 +56,9 @@ TRANSITIONS: dict[Status, frozenset[Status]] = {
     Status.SCHEDULED: frozenset({Status.QUEUED, Status.CANCELLED, Status.EXPIRED, Status.SUPPRESSED}),
     Status.QUEUED: frozenset({Status.SENDING, Status.CANCELLED, Status.FAILED, Status.EXPIRED, Status.SUPPRESSED}),
     Status.RETRYING: frozenset({Status.SENDING, Status.CANCELLED, Status.FAILED, Status.EXPIRED, Status.SUPPRESSED}),
-    Status.HELD: frozenset({Status.IN_DIGEST, Status.CANCELLED, Status.EXPIRED, Status.SUPPRESSED}),
+    # held -> queued or scheduled: the user switched the category back to immediate.
+    Status.HELD: frozenset({Status.IN_DIGEST, Status.QUEUED, Status.SCHEDULED, Status.CANCELLED, Status.EXPIRED,
+                            Status.SUPPRESSED}),
     # Only ever moved with its digest (store.transition): never cancelled or expired on its own, as the
     # digest that holds it would still send it.
     Status.IN_DIGEST: frozenset({Status.DIGESTED, Status.FAILED, Status.CANCELLED, Status.EXPIRED,

@@ -1,5 +1,6 @@
 """Digests on real parts, in process: PostgreSQL, Redis, an RQ worker, the test SMTP server and a callback
-endpoint. What becomes of a digest's items when the digest fails or waits.
+endpoint. What becomes of a digest's items when the digest fails or waits, and what a user who switches
+back to `immediate` receives.
 
 Each test makes its digests with digests.flush_due at a chosen time (the periodic job's own function),
 runs every queued job with an in-process worker, then checks every notification's status, what the
@@ -184,3 +185,52 @@ def test_a_digest_made_in_quiet_hours_waits_for_their_end(api, headers, live_del
     (received,) = smtp.wait_for(1)
     assert received.message["X-Notification-ID"] == digest["id"]
     assert {_detail(api, headers, item)["status"] for item in items} == {"digested"}
+
+
+# --- back to immediate --------------------------------------------------------------------------------
+
+
+def test_switching_back_to_immediate_sends_each_held_item_as_itself_once(
+        api, headers, live_deliverer, fast_settings, smtp, redis_conn, receiver):
+    _prefs(api, headers, {"categories": {"product": "daily"}})
+    items = _held(api, headers, ["Ann", "Ben"], callback_url=receiver.url)
+    _prefs(api, headers, {"categories": {"product": "immediate"}})
+
+    assert _flush(fast_settings, redis_conn, utcnow()) == 0  # no digest made
+    assert _flush(fast_settings, redis_conn, utcnow()) == 0  # and a second pass releases nothing again
+    run_worker_until_idle(redis_conn)
+
+    assert _digests(api, headers) == []
+    received = smtp.wait_for(2)
+    assert len(received) == 2
+    assert sorted(m.message["X-Notification-ID"] for m in received) == sorted(items)
+    assert {m.message["Subject"] for m in received} == {"Welcome to Acme"}
+    texts = [m.message.get_body(("plain",)).get_content() for m in received]
+    assert sorted(name for name in ("Ann", "Ben") for text in texts if f"Hi {name}," in text) == ["Ann", "Ben"]
+    for item in items:
+        detail = _detail(api, headers, item)
+        assert (detail["status"], detail["digest_id"], detail["attempts"]) == ("sent", None, 1)
+        assert "switched product email to immediate" in _status_lines(detail)[1]["reason"]
+    assert _events(receiver) == {item: "notification.sent" for item in items}
+
+    assert _flush(fast_settings, redis_conn, utcnow() + timedelta(days=1)) == 0
+    run_worker_until_idle(redis_conn)
+    assert smtp.count() == 2
+
+
+def test_held_items_released_in_quiet_hours_wait_for_their_end(api, headers, live_deliverer, fast_settings, smtp,
+                                                               redis_conn):
+    now = utcnow().replace(second=0, microsecond=0)
+    quiet = {"start": (now - timedelta(hours=1)).strftime("%H:%M"), "end": (now + timedelta(hours=1)).strftime("%H:%M")}
+    _prefs(api, headers, {"categories": {"product": "weekly"}, "timezone": "UTC", "quiet_hours": quiet})
+    items = _held(api, headers, ["Ann"])
+    _prefs(api, headers, {"categories": {"product": "immediate"}})
+
+    assert _flush(fast_settings, redis_conn, utcnow()) == 0
+    run_worker_until_idle(redis_conn)
+
+    detail = _detail(api, headers, items[0])
+    assert (detail["status"], detail["send_at"]) == ("scheduled", (now + timedelta(hours=1)).isoformat() + "Z")
+    assert "quiet hours" in detail["history"][-1]["reason"]
+    assert [job.id for job in Scheduler(connection=redis_conn).get_jobs()] == [f"release-{items[0]}"]
+    assert smtp.count() == 0
