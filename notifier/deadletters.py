@@ -83,8 +83,19 @@ def _entry(row: Notification, registry: set[str]) -> DeadLetter:
     )
 
 
+def _is_dead_letter():
+    # A failed digest's items are failed too, but the digest is their dead letter: requeueing it
+    # takes them back into it, and each alone is refused (see requeue). Listed and counted once.
+    return (Notification.status == Status.FAILED.value) & Notification.digest_id.is_null()
+
+
+def count() -> int:
+    """Dead letters in the database, as `dlq list` shows them (the notifier_dead_letters metric)."""
+    return Notification.select().where(_is_dead_letter()).count()
+
+
 def _dead(api_key: ApiKey | None, limit: int, after: tuple[datetime, int] | None = None) -> list[Notification]:
-    query = Notification.select().where(Notification.status == Status.FAILED.value)
+    query = Notification.select().where(_is_dead_letter())
     if api_key is not None:
         query = query.where(Notification.api_key == api_key.id)
     if after is not None:

@@ -22,7 +22,7 @@ from redis import Redis
 from redis.exceptions import RedisError
 from rq import Queue
 
-from notifier.models import Notification, Priority, Status, utcnow
+from notifier.models import Notification, Priority, utcnow
 from notifier.queues import QUEUES_BY_PRIORITY
 
 logger = logging.getLogger(__name__)
@@ -157,11 +157,6 @@ def reconciled(redis: Redis | None, actions: dict[str, int]) -> None:
     done = {action: count for action, count in actions.items() if count}
     if done:
         _write(redis, lambda pipe: [pipe.hincrby(_key(RECONCILED), _field(a), n) for a, n in done.items()])
-
-
-def dead_letter_count() -> int:
-    """Failed notifications in the database: the dead-letter queue, as `dlq list` shows it."""
-    return Notification.select().where(Notification.status == Status.FAILED.value).count()
 
 
 class RedisCollector:

@@ -14,7 +14,7 @@ from datetime import datetime, timedelta
 import pytest
 from rq_scheduler import Scheduler
 
-from notifier import callbacks, digests
+from notifier import callbacks, deadletters, digests
 from notifier.db import database
 from notifier.models import utcnow
 from notifier.reconciler import reconcile
@@ -128,6 +128,9 @@ def test_a_digest_in_the_dead_letter_queue_fails_its_items_until_it_is_requeued_
     assert {_detail(api, headers, item)["status"] for item in items} == {"failed"}
     assert "still busy" in _detail(api, headers, items[0])["last_error"]
     assert _events(receiver) == {item: "notification.failed" for item in items}
+    # The digest is the dead letter, listed and counted once; its items are not dead letters of their own.
+    assert [e["id"] for e in _call(api, headers, "GET", "/api/dead-letters")["data"]] == [digest["id"]]
+    assert deadletters.count() == 1
 
     # An item alone cannot be requeued: sent by itself and again in its digest, it would go out twice.
     refused = _call(api, headers, "POST", f"/api/dead-letters/{items[0]}/requeue", status=409)

@@ -22,7 +22,7 @@ from rq_dashboard.web import setup_rq_connection
 from werkzeug.datastructures import WWWAuthenticate
 from werkzeug.exceptions import Unauthorized
 
-from notifier import metrics
+from notifier import deadletters, metrics
 from notifier.config import Settings
 from notifier.errors import RateLimited, ServiceUnavailable
 from notifier.ratelimit import parse_rate
@@ -108,7 +108,7 @@ def scrape():
     """Prometheus metrics of every API and worker process, read from Redis now."""
     ext = current_app.extensions["notifier"]
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(metrics.RedisCollector(ext["redis"], dead_letters=metrics.dead_letter_count))
+    registry.register(metrics.RedisCollector(ext["redis"], dead_letters=deadletters.count))
     encode, content_type = choose_encoder(request.headers.get("Accept", ""))
     try:
         body = encode(registry)
