@@ -106,7 +106,7 @@ class Settings:
             smtp_username=env.get("SMTP_USERNAME", ""),
             smtp_password=_password(env),
             smtp_security=_choice(env, "SMTP_SECURITY", defaults.smtp_security, SMTP_SECURITY_MODES),
-            smtp_timeout=_float(env, "SMTP_TIMEOUT", defaults.smtp_timeout),
+            smtp_timeout=_float(env, "SMTP_TIMEOUT", defaults.smtp_timeout, 3600),
             mail_from=_mail_from(env.get("MAIL_FROM", defaults.mail_from)),
             retry_intervals=_intervals(env, "RETRY_INTERVALS", DEFAULT_RETRY_INTERVALS),
             idempotency_ttl_days=_int(env, "IDEMPOTENCY_TTL_DAYS", defaults.idempotency_ttl_days, 1, 3650),
@@ -116,7 +116,7 @@ class Settings:
             reconcile_interval=_int(env, "RECONCILE_INTERVAL", defaults.reconcile_interval, 1, 3600),
             reconcile_grace_seconds=_int(env, "RECONCILE_GRACE_SECONDS", defaults.reconcile_grace_seconds, 0, 3600),
             sending_timeout=_int(env, "SENDING_TIMEOUT", defaults.sending_timeout, 1, 86400),
-            callback_timeout=_float(env, "CALLBACK_TIMEOUT", defaults.callback_timeout),
+            callback_timeout=_float(env, "CALLBACK_TIMEOUT", defaults.callback_timeout, 3600),
             callback_retry_intervals=_intervals(env, "CALLBACK_RETRY_INTERVALS", DEFAULT_CALLBACK_RETRY_INTERVALS),
             port=_int(env, "PORT", defaults.port, 1, 65535),
             max_body_bytes=_int(env, "MAX_BODY_BYTES", defaults.max_body_bytes, 1024, 64 * 1024 * 1024),
@@ -158,7 +158,7 @@ def _int(env: Mapping[str, str], name: str, default: int, low: int, high: int) -
     return value
 
 
-def _float(env: Mapping[str, str], name: str, default: float) -> float:
+def _float(env: Mapping[str, str], name: str, default: float, high: float) -> float:
     raw = env.get(name)
     if raw is None or raw.strip() == "":
         return default
@@ -166,8 +166,9 @@ def _float(env: Mapping[str, str], name: str, default: float) -> float:
         value = float(raw)
     except ValueError:
         raise ConfigError(name, f"must be a number, got {raw!r}") from None
-    if value <= 0:
-        raise ConfigError(name, f"must be positive, got {raw!r}")
+    # float() also takes "nan", "inf" and "1e400": as a socket timeout each fails every send.
+    if not 0 < value <= high:
+        raise ConfigError(name, f"must be a number of seconds above 0 and at most {high:g}, got {raw!r}")
     return value
 
 

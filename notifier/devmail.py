@@ -39,19 +39,28 @@ class CaptureHandler:
     """aiosmtpd handler: keeps every message (in memory, and as .eml files when given a folder).
 
     `replies` scripts the next answers to DATA ("451 try later", "550 no such user"); when it is
-    empty every message is accepted. `delay` holds each DATA reply back, to imitate a slow server.
+    empty every message is accepted. `mail_replies` and `rcpt_replies` do the same for MAIL FROM and
+    RCPT. `delay` holds each DATA reply back, to imitate a slow server.
     """
 
     def __init__(self, folder: str | None = None):
         self.folder = folder
         self.messages: list[Received] = []
         self.replies: deque[str] = deque()
+        self.mail_replies: deque[str] = deque()
         self.rcpt_replies: deque[str] = deque()
         self.delay = 0.0
         self._lock = threading.Lock()
         self._counter = itertools.count(1)
         if folder:
             os.makedirs(folder, exist_ok=True)
+
+    async def handle_MAIL(self, server, session, envelope, address, mail_options):
+        if self.mail_replies:
+            return self.mail_replies.popleft()
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 OK"
 
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
         if self.rcpt_replies:

@@ -183,6 +183,12 @@ def classify(exc: BaseException) -> DeliveryError:
             # about this message, not the address).
             error.address_rejected = code in _BAD_MAILBOX_CODES
         return error
+    if isinstance(exc, smtplib.SMTPSenderRefused):
+        # Refused at MAIL FROM, before the recipient was named: about our sender (MAIL_FROM, the
+        # relay's policy), never the recipient's mailbox, whatever its code says.
+        error = _by_code(exc.smtp_code, exc.smtp_error, "sender refused")
+        error.address_rejected = False
+        return error
     if isinstance(exc, smtplib.SMTPAuthenticationError):
         # A login problem is the operator's to fix; retrying gives them the time to.
         return TransientDeliveryError(f"SMTP login failed: {exc.smtp_code} {_text(exc.smtp_error)}", exc.smtp_code)
@@ -198,7 +204,10 @@ def classify(exc: BaseException) -> DeliveryError:
 
 
 def _text(reply) -> str:
-    return reply.decode("utf-8", "replace") if isinstance(reply, bytes) else str(reply)
+    text = reply.decode("utf-8", "replace") if isinstance(reply, bytes) else str(reply)
+    # A server's reply is stored as it came, but PostgreSQL holds no NUL in text: one in a `250`
+    # would make the `sent` record fail after the message went out, and the email be sent again.
+    return text.replace("\x00", "\ufffd")
 
 
 # Enhanced status codes (RFC 3463) that mean the mailbox does not exist or never will.
@@ -260,9 +269,18 @@ class SmtpMailer:
     def send(self, email: OutgoingEmail) -> SendResult:
         """Send one message; the reply to DATA is what we record."""
         body = message_bytes(email, self.settings.mail_from)
+        reused = self._client is not None
         try:
-            smtp = self._connection()
-            code, reply = _transmit(smtp, self._sender, email.to, body)
+            try:
+                code, reply = _transmit(self._connection(), self._sender, email.to, body)
+            except _DeadConnection:
+                if not reused:
+                    raise
+                # A kept connection the server had closed meanwhile (it restarted, or dropped us
+                # before IDLE_PROBE_SECONDS): nothing of this message reached it, so a new
+                # connection sends it now rather than a retry interval later.
+                self.close()
+                code, reply = _transmit(self._connection(), self._sender, email.to, body)
         except Exception as exc:
             self.close()
             raise classify(exc) from exc
@@ -280,11 +298,18 @@ class SmtpMailer:
                 logger.debug("closing SMTP connection failed", exc_info=True)
 
 
+class _DeadConnection(smtplib.SMTPServerDisconnected):
+    """The connection was gone before MAIL FROM was answered: nothing of the message reached the server."""
+
+
 def _transmit(smtp: smtplib.SMTP, sender: str, recipient: str, body: bytes) -> tuple[int, bytes]:
     # smtplib.sendmail hides the reply to DATA, which is the receipt we keep; this is its single-
     # recipient core, raising the same exceptions.
     smtp.ehlo_or_helo_if_needed()
-    code, reply = smtp.mail(sender)
+    try:
+        code, reply = smtp.mail(sender)
+    except (smtplib.SMTPServerDisconnected, ConnectionError) as exc:
+        raise _DeadConnection(f"{type(exc).__name__}: {exc}") from exc
     if code != 250:
         _reset(smtp)
         raise smtplib.SMTPSenderRefused(code, reply, sender)

@@ -60,6 +60,7 @@ def smtp(smtp_server) -> CaptureHandler:
     handler, _ = smtp_server
     handler.messages.clear()
     handler.replies.clear()
+    handler.mail_replies.clear()
     handler.rcpt_replies.clear()
     handler.delay = 0.0
     yield handler

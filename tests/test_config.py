@@ -135,6 +135,19 @@ def test_bad_port_names_port(raw):
     assert config_error({"PORT": raw}).setting == "PORT"
 
 
+@pytest.mark.parametrize("name", ["SMTP_TIMEOUT", "CALLBACK_TIMEOUT"])
+@pytest.mark.parametrize("raw", ["abc", "0", "-5", "nan", "inf", "-inf", "1e400", "3601"])
+def test_bad_timeouts_name_their_setting(name, raw):
+    # float() takes "nan", "inf" and "1e400": as socket timeouts they failed every send (or every
+    # callback) instead of stopping the process at start.
+    assert config_error({name: raw}).setting == name
+
+
+@pytest.mark.parametrize("name", ["SMTP_TIMEOUT", "CALLBACK_TIMEOUT"])
+def test_timeouts_take_fractions_of_a_second(name):
+    assert getattr(Settings.from_env({name: "2.5"}), name.lower()) == 2.5
+
+
 @pytest.mark.parametrize("raw", ["tls", "yes", "ssl3"])
 def test_unknown_smtp_security_mode_names_smtp_security(raw):
     error = config_error({"SMTP_SECURITY": raw})

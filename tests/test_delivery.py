@@ -3,18 +3,26 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from datetime import timedelta
 
 import pytest
 from rq import Queue
 
+from notifier import devmail
 from notifier.db import database
+from notifier.mail import OutgoingEmail, SmtpMailer
 from notifier.models import Notification, utcnow
 from notifier.queues import QUEUE_NAMES, enqueue_delivery, job_id_for
 from notifier.reconciler import BATCH, reconcile
+from notifier.rendering import literal
 from tests.helpers import LITERAL, VERIFICATION, reload, run_worker_until_idle
 
 pytestmark = pytest.mark.integration
+
+
+def _email(to: str) -> OutgoingEmail:
+    return OutgoingEmail(notification_id=f"n-{to}", to=to, content=literal("Hello", "Hello there.", None))
 
 
 def _send(client, headers, path="/api/notifications/send", **payload):
@@ -104,6 +112,59 @@ def test_refused_recipient_is_permanent(client, headers, deliverer, smtp, redis_
     notification = reload(notification_id)
     assert (notification.status, notification.attempts) == ("failed", 1)
     assert "recipient refused" in notification.last_error
+
+
+def test_a_sender_refused_at_mail_from_fails_the_email_but_never_suppresses_the_recipient(
+        client, headers, deliverer, smtp, redis_conn):
+    # A relay refusing our MAIL_FROM (a typo, an SPF policy) says nothing of the recipient, even in
+    # a mailbox code: suppressing would silence every address mailed while it lasts, for good.
+    smtp.mail_replies.append("553 5.1.3 sender address syntax invalid")
+    notification_id = _send(client, headers, **LITERAL)
+    run_worker_until_idle(redis_conn)
+    notification = reload(notification_id)
+    assert (notification.status, notification.attempts) == ("failed", 1)
+    assert client.get("/api/suppressions", headers=headers).get_json()["data"] == []
+    assert "sender refused: 553 5.1.3" in notification.last_error
+
+    again = _send(client, headers, **LITERAL)
+    run_worker_until_idle(redis_conn)
+    assert reload(again).status == "sent" and smtp.count() == 1
+
+
+def test_a_nul_in_the_servers_reply_is_recorded_and_the_email_sent_once(client, headers, deliverer, smtp,
+                                                                        redis_conn):
+    # PostgreSQL holds no NUL in text: the `sent` record failed after the server took the message,
+    # so the reconciler recovered it as lost and sent it again (three copies in all).
+    smtp.replies.append("250 2.0.0 queued as \x00X")
+    notification_id = _send(client, headers, **LITERAL)
+    run_worker_until_idle(redis_conn)
+    notification = reload(notification_id)
+    assert (notification.status, notification.attempts) == ("sent", 1)
+    assert notification.sent_at is not None
+    detail = client.get(f"/api/notifications/{notification_id}", headers=headers).get_json()
+    assert detail["history"][-1]["smtp_reply"] == "2.0.0 queued as \ufffdX"
+    reconcile(deliverer.settings, redis_conn, now=utcnow() + timedelta(hours=1))
+    run_worker_until_idle(redis_conn)
+    assert smtp.count() == 0  # the scripted reply took the only copy; another would be kept here
+
+
+def test_a_kept_connection_the_server_closed_is_replaced_without_a_retry(pg_settings):
+    # An SMTP server restarted (or a relay dropping clients idle for less than IDLE_PROBE_SECONDS)
+    # leaves the worker's kept connection dead: nothing of the next message reaches the server on
+    # it, so it goes out on a new connection at once, not a retry interval (60 s) later.
+    first, second = devmail.CaptureHandler(), devmail.CaptureHandler()
+    server = devmail.start(first)
+    mailer = SmtpMailer(replace(pg_settings, smtp_port=server.port))
+    try:
+        mailer.send(_email("ann@example.com"))
+        server.stop()
+        server = devmail.start(second, port=server.port)
+        result = mailer.send(_email("bob@example.com"))
+    finally:
+        mailer.close()
+        server.stop()
+    assert result.smtp_code == 250
+    assert [m.rcpt_tos for m in first.messages + second.messages] == [["ann@example.com"], ["bob@example.com"]]
 
 
 def test_exhausted_retries_end_failed_in_the_failed_registry(client, headers, deliverer, smtp, redis_conn):
