@@ -11,6 +11,7 @@ import socket
 from redis.exceptions import RedisError
 from rq import SimpleWorker
 from rq.exceptions import StopRequested
+from rq.timeouts import UnixSignalDeathPenalty
 from rq.worker import WorkerStatus
 
 from notifier import jobs, logs, metrics
@@ -49,6 +50,9 @@ class NotifierWorker(SimpleWorker):
 
     stopping = False
     counts: metrics.Deferred | None = None  # the jobs' counters, sent with each heartbeat
+    # RQ's default where SIGALRM exists, named because jobs.send_callback relies on it: the job's limit
+    # is the process's one alarm, which the job can replace and cancel once its callback is answered.
+    death_penalty_class = UnixSignalDeathPenalty
 
     def heartbeat(self, timeout=None, pipeline=None):
         # RQ sends a heartbeat (twice per job) as three commands, a round trip each unless it is

@@ -5,11 +5,12 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
+from contextlib import nullcontext
 
 from redis import Redis
 from redis.exceptions import RedisError
 from rq import get_current_job
-from rq.timeouts import JobTimeoutException
+from rq.timeouts import JobTimeoutException, UnixSignalDeathPenalty
 
 from notifier import callbacks, consent, digests, logs, metrics, queues, store, unsubscribe
 from notifier.config import Settings
@@ -376,13 +377,14 @@ class Deliverer:
             body = callbacks.event_body(notification)
             try:
                 try:
-                    code = callbacks.post(
-                        notification.callback_url,
-                        body,
-                        notification.api_key.callback_secret,
-                        f"{notification.id}:{notification.status}",
-                        self.settings.callback_timeout,
-                    )
+                    with _limit_until_answered(queues.callback_job_timeout(self.settings)):
+                        code = callbacks.post(
+                            notification.callback_url,
+                            body,
+                            notification.api_key.callback_secret,
+                            f"{notification.id}:{notification.status}",
+                            self.settings.callback_timeout,
+                        )
                 except JobTimeoutException as exc:
                     # RQ's limit on the job (queues.callback_job_timeout): an attempt like any other,
                     # in the history and retried, not a job that vanished mid-attempt.
@@ -402,6 +404,20 @@ class Deliverer:
         if state is not None:
             Notification.update(callback_status=state.value).where(Notification.seq == notification.seq).execute()
         store.record(notification.id, kind="callback", reason=reason)
+
+
+def _limit_until_answered(seconds: int):
+    """RQ's time limit on the running job, started anew here and gone for good when the block ends.
+
+    Once the receiver has answered, nothing may interrupt recording the answer: an alarm landing
+    there (a slow or reconnecting database) failed the job, RQ retried it, and a receiver that had
+    said 2xx got the event again. RQ's limit is one SIGALRM per process (UnixSignalDeathPenalty,
+    which NotifierWorker names), so the alarm set here replaces RQ's and leaving the block cancels
+    both. What follows the answer is two short statements with no limit: a database that holds them
+    up holds up every job of the worker alike, and waiting is better than posting the event twice."""
+    if get_current_job() is None:
+        return nullcontext()  # called outside a worker (a shell, a test): there is no limit to replace
+    return UnixSignalDeathPenalty(seconds, JobTimeoutException)
 
 
 _deliverer: Deliverer | None = None

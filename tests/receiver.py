@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import threading
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -27,6 +28,7 @@ class Receiver:
         self.codes: deque[int] = deque()
         self.always: int = 200
         self.delay = 0.0
+        self.before_answer: Callable[[], None] | None = None  # run once, before the first answer
         self.answered = threading.Event()
         self.closing = threading.Event()
         self._lock = threading.Lock()
@@ -42,6 +44,9 @@ class Receiver:
                 with receiver._lock:
                     receiver.calls.append(Call(dict(self.headers.items()), body))
                     code = receiver.codes.popleft() if receiver.codes else receiver.always
+                    hook, receiver.before_answer = receiver.before_answer, None
+                if hook is not None:
+                    hook()
                 if receiver.delay:
                     receiver.closing.wait(receiver.delay)
                 try:

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 from dataclasses import replace
 from datetime import timedelta
 
+import psycopg2
 import pytest
 from rq import Queue
 
 from app import create_app
-from notifier import callbacks, jobs, store
+from notifier import callbacks, jobs, queues, store
 from notifier.db import database
 from notifier.models import Notification, Status, utcnow
 from notifier.queues import CALLBACK_QUEUE, callback_job_id_for, enqueue_callback
@@ -347,3 +349,56 @@ def test_a_receiver_that_trickles_its_answer_is_one_recorded_attempt_within_the_
     assert reload(notification.id).callback_status == "gave_up"
     assert _callback_events(notification.id) == [
         "callback attempt 1 failed: no whole answer within 7 s; giving up"]
+
+
+def test_a_callback_answered_2xx_is_not_posted_again_when_the_job_limit_runs_out_while_recording(
+        api_key, pg_settings, pg_url, receiver, redis_conn):
+    # The receiver answers 200 at once; then another session holds the notification's row until the
+    # job's time limit has long run out, and the worker's database connection is dropped (a failover)
+    # while it waits: the answer is in, only recording it takes that long.
+    settings = replace(pg_settings, callback_timeout=0.5, callback_retry_intervals=(0, 0, 0))
+    limit = queues.callback_job_timeout(settings)
+    notification = make_notification(api_key[0], Status.SENT, callback_url=receiver.url, callback_status="pending",
+                                     attempts=1, sent_at=utcnow())
+    table = Notification._meta.table_name
+    locker = psycopg2.connect(pg_url)
+    admin = psycopg2.connect(pg_url)
+    admin.autocommit = True
+    dropped: list[int] = []
+
+    def lock_the_row():
+        with locker.cursor() as cur:
+            cur.execute(f'SELECT 1 FROM "{table}" WHERE "id" = %s FOR UPDATE', (notification.id,))
+        threading.Thread(target=hold_the_row_past_the_limit, daemon=True).start()
+
+    def hold_the_row_past_the_limit():
+        deadline = time.monotonic() + limit + 1.0
+        with admin.cursor() as cur:
+            while time.monotonic() < deadline and not dropped:
+                cur.execute("SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                            "AND query LIKE %s AND datname = current_database()", (f'UPDATE "{table}"%',))
+                dropped.extend(pid for (pid,) in cur.fetchall())
+                time.sleep(0.05)
+            time.sleep(max(0.0, deadline - time.monotonic()))
+            for pid in dropped:
+                cur.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        locker.rollback()
+
+    receiver.before_answer = lock_the_row
+    try:
+        with installed_deliverer(settings, redis_conn):
+            enqueue_callback(redis_conn, settings, notification.id)
+            started = time.monotonic()
+            run_worker_until_idle(redis_conn)
+    finally:
+        locker.close()
+        admin.close()
+
+    assert dropped, "the worker never waited on the row: the test did not test anything"
+    assert time.monotonic() - started > limit  # the recording outlasted the job's limit
+    assert receiver.count() == 1
+    delivered = reload(notification.id)
+    assert (delivered.callback_status, delivered.callback_attempts) == ("delivered", 1)
+    assert _callback_events(notification.id) == ["callback delivered: HTTP 200"]
+    callback_queue = Queue(CALLBACK_QUEUE, connection=redis_conn)
+    assert callback_queue.failed_job_registry.get_job_ids() == []
