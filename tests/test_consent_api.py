@@ -7,16 +7,20 @@ status of each notification and exactly how many messages the test SMTP server r
 
 from __future__ import annotations
 
+import re
 from datetime import timedelta
+from urllib.parse import urlparse
 
 import pytest
 from rq import Queue
 from rq_scheduler import Scheduler
 
+from notifier import consent, keys, unsubscribe
 from notifier.db import database
-from notifier.models import UserProfile, utcnow
+from notifier.models import ApiKey, DeliveryMode, Notification, Preference, UserProfile, utcnow
 from notifier.queues import CALLBACK_QUEUE, QUEUES_BY_PRIORITY, callback_job_id_for
-from tests.helpers import LITERAL, VERIFICATION, notification_count, run_worker_until_idle
+from notifier.reconciler import reconcile
+from tests.helpers import LITERAL, VERIFICATION, eventually, notification_count, reload, run_worker_until_idle
 
 pytestmark = pytest.mark.integration
 
@@ -321,4 +325,61 @@ def test_category_together_with_a_template_is_422(client, headers, deliverer, sm
     assert error["details"] == {"category": ["not allowed with template"]}
     run_worker_until_idle(redis_conn)
     assert notification_count() == 0
+    assert smtp.count() == 0
+
+
+# --- unsubscribe links in mail already sent ----------------------------------------------------------
+
+
+def _unsubscribe_path(message) -> str:
+    match = re.fullmatch(r"<https?://[^/>]+(/unsubscribe/[^>]+)>", message["List-Unsubscribe"])
+    assert match, message["List-Unsubscribe"]
+    return match.group(1)
+
+
+def test_an_unsubscribe_link_outlives_the_key_that_sent_it(client, headers, api_key, other_key, deliverer, smtp,
+                                                           redis_conn, pg_settings):
+    theirs = {"X-API-Key": other_key[1]}
+    _send(client, headers, _welcome("u-gone"))
+    later = _send(client, headers, _welcome("u-gone", delay_seconds=3600))["id"]
+    run_worker_until_idle(redis_conn)
+    (received,) = smtp.messages
+    path = _unsubscribe_path(received.message)
+    with database.connection_context():
+        assert keys.revoke(api_key[0].name)
+    assert eventually(lambda: client.get("/api/users/u-gone/preferences", headers=headers).status_code == 401)
+
+    page = client.get(path)
+    assert page.status_code == 200 and '<form method="post"' in page.get_data(as_text=True)
+    done = client.post(path, data="List-Unsubscribe=One-Click", content_type="application/x-www-form-urlencoded")
+    assert done.status_code == 200 and "unsubscribed" in done.get_data(as_text=True)
+
+    # Written to the list of the service that sent the mail, and to no one else's.
+    with database.connection_context():
+        assert consent.mode_for(api_key[0].id, "u-gone", "product") == DeliveryMode.OFF
+    assert _prefs(client, theirs, "u-gone")["categories"] == DEFAULTS
+    # Revoking a key stops its requests, not the mail it queued before: that mail is checked
+    # against the list the link wrote to.
+    with database.connection_context():
+        Notification.update(send_at=utcnow() - timedelta(hours=1)).where(Notification.id == later).execute()
+        assert reconcile(pg_settings, redis_conn).released == 1
+    run_worker_until_idle(redis_conn)
+    assert reload(later).status == "suppressed"
+    # Still unforgeable: one character off is refused, revoked key or not.
+    forged = path[:-1] + ("A" if not path.endswith("A") else "B")
+    _error(client.post(forged), 400, "invalid_token")
+    assert smtp.count() == 1
+
+
+def test_an_unsubscribe_link_of_a_deleted_key_writes_nothing_and_still_answers(client, pg_settings, smtp):
+    with database.connection_context():
+        gone, _ = keys.create("deleted-service")
+        path = urlparse(unsubscribe.link(pg_settings, gone.id, "u-del", "marketing")).path
+        ApiKey.delete().where(ApiKey.id == gone.id).execute()
+
+    assert client.get(path).status_code == 200
+    done = client.post(path, data="List-Unsubscribe=One-Click", content_type="application/x-www-form-urlencoded")
+    assert done.status_code == 200, done.get_data(as_text=True)
+    with database.connection_context():
+        assert Preference.select().count() == 0
     assert smtp.count() == 0

@@ -19,12 +19,18 @@ _PAGE = """<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{ti
 <h1 style="font-size:1.4rem">{title}</h1><p>{body}</p>{form}</body></html>"""
 
 
-def _read(token: str) -> tuple[ApiKey, str, str]:
+def _read(token: str) -> tuple[ApiKey | None, str, str]:
+    """The key whose list the link writes to, the user and the category; the key is None when it
+    was deleted, and with it that list and every way of sending in its name.
+
+    A revoked key still counts: the token is signed with SECRET_KEY, not with anything of the key's,
+    so revoking the key makes no link less genuine. Its list still matters too: revoking stops the
+    key's requests, not the mail it queued, scheduled or held for a digest, which workers still
+    send, checking this list just before."""
     found = read_token(current_app.extensions["notifier"]["settings"], token)
-    key = ApiKey.get_or_none(ApiKey.id == found[0]) if found else None
-    if found is None or key is None or key.revoked_at is not None:
+    if found is None:
         raise ApiError("this unsubscribe link is not valid", code="invalid_token")
-    return key, found[1], found[2]
+    return ApiKey.get_or_none(ApiKey.id == found[0]), found[1], found[2]
 
 
 @bp.get("/<token>")
@@ -42,6 +48,7 @@ def confirm(token: str):
 def one_click(token: str):
     """Turn the category off for this user: what the mail client's one-click button posts."""
     key, user_key, category = _read(token)
-    consent.set_mode(key, user_key, category, DeliveryMode.OFF.value)
+    if key is not None:
+        consent.set_mode(key, user_key, category, DeliveryMode.OFF.value)
     return _PAGE.format(title="You are unsubscribed", form="",
                         body=f"You will no longer receive {escape(category)} emails.")
