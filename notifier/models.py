@@ -187,7 +187,10 @@ class Notification(BaseModel):
     sent_at = DateTimeField(null=True)
     send_at = DateTimeField(null=True)
     expires_at = DateTimeField(null=True)
-    idempotency_key = CharField(max_length=255, null=True)
+    idempotency_key = CharField(max_length=255, null=True)  # as the caller gave it
+    # Which part of the request the key answers for (notifier.idempotency): "send", "event:<template>",
+    # "batch:<index>". NULL beside a key: stored before schema version 8, the scope inside the key.
+    idempotency_scope = CharField(max_length=120, null=True)
     request_hash = CharField(max_length=64, null=True)
     callback_url = TextField(null=True)
     callback_status = CharField(max_length=16, null=True)
@@ -200,7 +203,7 @@ class Notification(BaseModel):
         indexes = (
             (("api_key", "seq"), False),
             (("api_key", "user_id", "seq"), False),
-            (("api_key", "idempotency_key"), True),
+            (("api_key", "idempotency_key", "idempotency_scope"), True),
             (("status", "updated_at"), False),
             (("status", "api_key", "user_key", "category"), False),
         )

@@ -219,7 +219,7 @@ def _callbacks(redis: Redis, settings: Settings, settled: datetime, report: Repo
 
 def _forget_keys(before: datetime) -> int:
     return (
-        Notification.update(idempotency_key=None, request_hash=None)
+        Notification.update(idempotency_key=None, idempotency_scope=None, request_hash=None)
         .where(Notification.idempotency_key.is_null(False) & (Notification.created_at < before))
         .execute()
     )

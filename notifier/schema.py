@@ -12,13 +12,15 @@ from notifier.models import MODELS, SchemaVersion
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 # Indexes a later version replaced, dropped where an earlier one made them (5: the reconciler pages
 # owed callbacks by seq, not by updated_at; two partial indexes of version 5's first cut, before it
-# paged deadlines and send times by seq too; 6: it pages queued rows a priority at a time). Version 7
-# only adds one: a digest's items by digest_id.
+# paged deadlines and send times by seq too; 6: it pages queued rows a priority at a time; 8: an
+# idempotency key is unique with its scope, as one event stores several notifications under it).
+# Version 7 only adds one: a digest's items by digest_id.
 _REPLACED_INDEXES = ("notification_callback_status_updated_at", "notifications_waiting_expires_at",
-                     "notifications_scheduled_send_at", "notifications_queued_seq")
+                     "notifications_scheduled_send_at", "notifications_queued_seq",
+                     "notifications_api_key_id_idempotency_key")
 _LOCK_ID = 0x6E6F7469  # an arbitrary constant: "noti"
 _KEY_TRIGGER = "notifier_api_keys_changed"
 
@@ -31,8 +33,9 @@ def upgrade(db) -> int:
             # the transaction's, not the session's: a reconnect (the pool's, after a dropped
             # connection) cannot happen inside a transaction, so the work never runs without it.
             db.execute_sql("SELECT pg_advisory_xact_lock(%s)", (_LOCK_ID,))
-        db.create_tables(MODELS, safe=True)  # and, on an existing table, the indexes it lacks
+        # Columns first: an index a new version adds may be on a column it adds.
         _add_missing_columns(db)
+        db.create_tables(MODELS, safe=True)  # and, on an existing table, the indexes it lacks
         for name in _REPLACED_INDEXES:
             db.execute_sql(f'DROP INDEX IF EXISTS "{name}"')
         if isinstance(db, PostgresqlDatabase):
@@ -74,8 +77,11 @@ def _add_missing_columns(db) -> None:
     # Upgrades so far only add columns (each nullable or with a default): add whatever a table lacks.
     migrator = PostgresqlMigrator(db) if isinstance(db, PostgresqlDatabase) else SqliteMigrator(db)
     operations = []
+    tables = set(db.get_tables())
     for model in MODELS:
         table = model._meta.table_name
+        if table not in tables:
+            continue  # create_tables makes it whole
         present = {column.name for column in db.get_columns(table)}
         for field in model._meta.sorted_fields:
             if field.column_name not in present:

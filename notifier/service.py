@@ -11,7 +11,7 @@ from datetime import timedelta
 from peewee import IntegrityError
 from redis import Redis
 
-from notifier import consent, metrics, queues, rules, store
+from notifier import consent, idempotency, metrics, queues, rules, store
 from notifier.config import Settings
 from notifier.consent import Decision
 from notifier.errors import ApiError, Conflict, NotFound, Unprocessable
@@ -31,7 +31,7 @@ class Draft:
 
     fields: dict
     decision: Decision
-    key: str | None
+    key: idempotency.Key | None
     request_hash: str | None
 
 
@@ -55,14 +55,13 @@ class NotificationService:
         except TemplateRenderError as exc:
             raise Unprocessable("the template cannot be rendered with this data", {"data": [str(exc)]}) from exc
 
-    def draft(self, api_key: ApiKey, payload: dict, idempotency_key: str | None = None,
+    def draft(self, api_key: ApiKey, payload: dict, key: idempotency.Key | None = None,
               lookup: consent.Lookup | None = None, earlier: Notification | None = None):
-        """Check a send request and decide its fate, storing nothing: (Draft, None), or (None, the
-        earlier notification) when it replays an idempotency key."""
-        key = _idempotency_key(payload, idempotency_key)
+        """Check a send request (its idempotency key taken out of it already) and decide its fate,
+        storing nothing: (Draft, None), or (None, the earlier notification) when it replays key."""
         request_hash = _fingerprint(payload) if key is not None else None  # only a replay compares it
         if key is not None:
-            earlier = earlier or store.find_idempotent(api_key, key)
+            earlier = earlier or idempotency.find(api_key, key)
             if earlier is not None:
                 return None, _replay(earlier, request_hash)
         if payload.get("template"):
@@ -82,8 +81,8 @@ class NotificationService:
             send_at=decision.send_at,
             category=category.value,
             user_key=user_key,
-            idempotency_key=key,
-            request_hash=request_hash if key else None,
+            **(key.fields if key else {}),
+            request_hash=request_hash,
             callback_url=payload.get("callback_url"),
         )
         if decision.status in FINAL_STATUSES and fields["callback_url"]:
@@ -92,7 +91,8 @@ class NotificationService:
 
     def send(self, api_key: ApiKey, payload: dict, idempotency_key: str | None = None) -> tuple[Notification, bool]:
         """Store a validated send request and queue it; returns it and whether it was a replay."""
-        draft, earlier = self.draft(api_key, payload, idempotency_key)
+        key = _idempotency_key(payload, idempotency_key)
+        draft, earlier = self.draft(api_key, payload, idempotency.Key(key) if key is not None else None)
         if earlier is not None:
             return earlier, True
         return self._store_or_replay(api_key, draft)
@@ -103,7 +103,7 @@ class NotificationService:
         try:
             notification = self._store(api_key, draft)
         except IntegrityError:
-            earlier = store.find_idempotent(api_key, draft.key) if draft.key else None
+            earlier = idempotency.find(api_key, draft.key) if draft.key else None
             if earlier is None:
                 raise
             return _replay(earlier, draft.request_hash), True
@@ -133,14 +133,16 @@ class NotificationService:
         (new or replayed) or the ApiError that refused it; None items were refused by the caller's
         schema already. Valid items are stored in one bulk insert and queued through one pipeline."""
         results: list = [None] * len(payloads)
-        keys = {}
+        batch_key = _idempotency_key({}, batch_key)
+        keys: dict[int, idempotency.Key] = {}
         for index, payload in enumerate(payloads):
             if payload is not None:
-                item_key = payload.get("idempotency_key") or (f"{batch_key}:{index}" if batch_key else None)
-                if item_key is not None:
-                    payload["idempotency_key"] = item_key
-                    keys[index] = item_key
-        known = store.find_idempotent_many(api_key, list(keys.values()))
+                own = payload.pop("idempotency_key", None)
+                if own is not None:
+                    keys[index] = idempotency.Key(own)
+                elif batch_key is not None:
+                    keys[index] = idempotency.Key.for_item(batch_key, index)
+        known = idempotency.find_many(api_key, list(keys.values()))
         valid = [p for p in payloads if p is not None]
         lookup = consent.prefetch(api_key.id, (_recipient(p) for p in valid))
         drafts = []
@@ -148,7 +150,8 @@ class NotificationService:
             if payload is None:
                 continue
             try:
-                draft, earlier = self.draft(api_key, payload, lookup=lookup, earlier=known.get(keys.get(index)))
+                draft, earlier = self.draft(api_key, payload, keys.get(index), lookup=lookup,
+                                            earlier=known.get(keys.get(index)))
             except ApiError as exc:
                 results[index] = exc
                 continue
@@ -197,7 +200,8 @@ class NotificationService:
         with Notification._meta.database.atomic():
             if user.get("timezone"):
                 consent.update_preferences(api_key, user["id"], {"timezone": user["timezone"]})
-            drafts = [self.draft(api_key, self._rule_payload(event, rule), f"{key}:{rule.template}" if key else None)
+            drafts = [self.draft(api_key, self._rule_payload(event, rule),
+                                 idempotency.Key.for_rule(key, rule.template) if key is not None else None)
                       for rule in rules.RULES[event["type"]]]
             for draft, earlier in drafts:
                 results.append((earlier, True) if earlier is not None else (self._store(api_key, draft), False))

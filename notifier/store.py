@@ -117,14 +117,6 @@ def _with_history(insert_sql: str, rows: int) -> str:
     return sql
 
 
-def find_idempotent_many(api_key: ApiKey, keys: list[str]) -> dict[str, Notification]:
-    """The notifications earlier requests made with any of these keys, by key."""
-    if not keys:
-        return {}
-    query = Notification.select().where((Notification.api_key == api_key.id) & Notification.idempotency_key.in_(keys))
-    return {n.idempotency_key: n for n in query}
-
-
 def get(public_id: str) -> Notification | None:
     """The notification with this id, whoever owns it."""
     return select_one(Notification, '"id" = {}', public_id)
@@ -304,13 +296,6 @@ def record(public_id: str, *, kind: str, reason: str, status: str | None = None,
     if row is not None:
         Event.create(notification=row.seq, kind=kind, from_status=row.status, to_status=status or row.status,
                      reason=reason, **fields)
-
-
-def find_idempotent(api_key: ApiKey, idempotency_key: str) -> Notification | None:
-    """The notification an earlier request with this key made, if it is still remembered."""
-    return Notification.get_or_none(
-        (Notification.api_key == api_key.id) & (Notification.idempotency_key == idempotency_key)
-    )
 
 
 # Values for transition() changes that SQL computes rather than the caller.

@@ -10,10 +10,11 @@ from datetime import timedelta
 
 import pytest
 
-from notifier import store
+from notifier import idempotency
 from notifier.db import database
-from notifier.models import Notification
+from notifier.models import Notification, SchemaVersion
 from notifier.reconciler import reconcile
+from notifier.schema import SCHEMA_VERSION, upgrade
 from tests.helpers import LITERAL, VERIFICATION, notification_count, reload, run_worker_until_idle
 from tests.processes import cli, env_for, free_port, spawn, stop, wait_for_http
 
@@ -221,7 +222,7 @@ def _hold_lookups(requests: int, monkeypatch) -> None:
     """Each of requests threads waits, after its first idempotency lookup, until all have looked."""
     lookups = threading.Barrier(requests)
     waited = threading.local()
-    real_lookup = store.find_idempotent
+    real_lookup = idempotency.find
 
     def lookup_then_wait(api_key, key):
         found = real_lookup(api_key, key)
@@ -230,7 +231,7 @@ def _hold_lookups(requests: int, monkeypatch) -> None:
             lookups.wait(timeout=10)
         return found
 
-    monkeypatch.setattr(store, "find_idempotent", lookup_then_wait)
+    monkeypatch.setattr(idempotency, "find", lookup_then_wait)
 
 
 def test_requests_that_all_miss_the_lookup_still_create_one(app, headers, deliverer, smtp, redis_conn, monkeypatch):
@@ -308,3 +309,109 @@ def _assert_sent_once(notification_id, redis_conn, smtp):
     assert reload(notification_id).status == "sent"
     assert len(smtp.wait_for(1)) == 1
     assert smtp.count() == 1
+
+
+# --- one key, several routes: events and batches derive a key per notification -------------------------
+
+SIGNUP = {"type": "user.signup", "user": {"id": "u-ns", "email": "ns@example.com", "name": "Nia"},
+          "data": {"code": "424242"}}
+
+
+def _event(client, headers, key: str, event: dict = SIGNUP):
+    return client.post("/api/events", json=event, headers={**headers, "Idempotency-Key": key})
+
+
+def test_a_send_whose_key_looks_like_an_events_rule_key_is_its_own_notification(client, headers, deliverer, smtp,
+                                                                                redis_conn):
+    made = _event(client, headers, "abc")
+    assert made.status_code == 202, made.get_data(as_text=True)
+    event_ids = [n["id"] for n in made.get_json()["notifications"]]
+
+    # The keys the event's rules used to be stored under, given by a client to plain sends.
+    welcome = _post(client, headers, LITERAL, key="abc:welcome")
+    verification = _post(client, headers, {**LITERAL, "text": "Another body"}, key="abc:verification")
+    for response in (welcome, verification):
+        assert response.status_code == 202, response.get_data(as_text=True)
+        assert REPLAYED not in response.headers
+        assert response.get_json()["id"] not in event_ids
+    assert notification_count() == 4
+
+    # Each still replays within its own route.
+    again = _event(client, headers, "abc")
+    assert [n["id"] for n in again.get_json()["notifications"]] == event_ids
+    assert all(n["replayed"] for n in again.get_json()["notifications"])
+    replayed = _post(client, headers, LITERAL, key="abc:welcome")
+    assert replayed.headers[REPLAYED] == "true" and replayed.get_json()["id"] == welcome.get_json()["id"]
+    assert notification_count() == 4
+
+    run_worker_until_idle(redis_conn)
+    assert reload(welcome.get_json()["id"]).status == "sent"
+    assert reload(verification.get_json()["id"]).status == "sent"
+    assert smtp.count() == 3  # the event's verification and the two sends; its welcome waits
+
+
+def test_an_event_after_a_send_with_its_rule_key_is_not_a_conflict(client, headers, deliverer, smtp, redis_conn):
+    sent = _post(client, headers, LITERAL, key="def:welcome")
+    made = _event(client, headers, "def")
+    assert made.status_code == 202, made.get_data(as_text=True)
+    notifications = made.get_json()["notifications"]
+    assert [n["replayed"] for n in notifications] == [False, False]
+    assert sent.get_json()["id"] not in [n["id"] for n in notifications]
+    assert notification_count() == 3
+
+
+def test_a_send_whose_key_looks_like_a_batch_items_key_is_its_own_notification(client, headers, deliverer, smtp,
+                                                                              redis_conn):
+    batch = client.post("/api/notifications/batch", json={"notifications": [LITERAL]},
+                        headers={**headers, "Idempotency-Key": "b-1"})
+    assert batch.status_code == 202, batch.get_data(as_text=True)
+    item = batch.get_json()["results"][0]["id"]
+    single = _post(client, headers, {**LITERAL, "text": "Another body"}, key="b-1:0")
+    assert single.status_code == 202, single.get_data(as_text=True)
+    assert REPLAYED not in single.headers and single.get_json()["id"] != item
+    again = client.post("/api/notifications/batch", json={"notifications": [LITERAL]},
+                        headers={**headers, "Idempotency-Key": "b-1"})
+    assert again.get_json()["results"][0] == {"index": 0, "id": item, "status": "queued", "replayed": True}
+    assert notification_count() == 2
+
+
+def test_an_event_with_the_longest_key_is_stored(client, headers, deliverer, smtp, redis_conn):
+    key = "k" * 255
+    made = _event(client, headers, key)
+    assert made.status_code == 202, made.get_data(as_text=True)
+    again = _event(client, headers, key)
+    assert [n["id"] for n in again.get_json()["notifications"]] == [n["id"] for n in made.get_json()["notifications"]]
+    assert notification_count() == 2
+
+
+def test_keys_stored_before_scopes_existed_still_replay_after_the_upgrade(client, headers, deliverer, smtp,
+                                                                          redis_conn):
+    event = _event(client, headers, "old-event").get_json()["notifications"]
+    batch = client.post("/api/notifications/batch", json={"notifications": [LITERAL, LITERAL]},
+                        headers={**headers, "Idempotency-Key": "old-batch"}).get_json()["results"]
+    send = _post(client, headers, LITERAL, key="old-send").get_json()
+    with database.connection_context():
+        # Back to version 6: a key stored as the request's key and the part it answers for in one
+        # string, no scope column, and the key alone unique.
+        database.execute_sql("""UPDATE "notifications" SET "idempotency_key" = "idempotency_key" || ':' ||
+                                split_part("idempotency_scope", ':', 2) WHERE "idempotency_scope" <> 'send'""")
+        database.execute_sql('ALTER TABLE "notifications" DROP COLUMN "idempotency_scope"')
+        database.execute_sql('CREATE UNIQUE INDEX "notifications_api_key_id_idempotency_key" '
+                             'ON "notifications" ("api_key_id", "idempotency_key")')
+        SchemaVersion.update(version=6).execute()
+        assert {n.idempotency_key for n in Notification.select(Notification.idempotency_key)} == {
+            "old-event:verification", "old-event:welcome", "old-batch:0", "old-batch:1", "old-send"}
+
+    assert upgrade(database.obj) == SCHEMA_VERSION == 8  # the app's database, which the models use
+
+    again = _event(client, headers, "old-event").get_json()["notifications"]
+    assert [(n["id"], n["replayed"]) for n in again] == [(n["id"], True) for n in event]
+    batch_again = client.post("/api/notifications/batch", json={"notifications": [LITERAL, LITERAL]},
+                              headers={**headers, "Idempotency-Key": "old-batch"}).get_json()["results"]
+    assert [(r["id"], r["replayed"]) for r in batch_again] == [(r["id"], True) for r in batch]
+    send_again = _post(client, headers, LITERAL, key="old-send")
+    assert send_again.headers[REPLAYED] == "true" and send_again.get_json()["id"] == send["id"]
+    # New requests use the new scopes beside the old rows.
+    fresh = _event(client, headers, "new-event")
+    assert fresh.status_code == 202 and not any(n["replayed"] for n in fresh.get_json()["notifications"])
+    assert notification_count() == 7

@@ -1,0 +1,68 @@
+"""Idempotency keys: what a caller's key names, and finding the notification an earlier request stored.
+
+A caller's key covers a whole request, and some requests store several notifications: an event one
+per rule, a batch one per item. Each notification is stored under the caller's key as given and a
+scope saying which part of the request it answers for, so that no key a caller may choose for one
+route can name a notification of another ("abc:welcome" on a send is not event "abc"'s welcome).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from notifier.models import ApiKey, Notification
+
+# The request is the notification: a send, a verification, a batch item with a key of its own.
+SEND = "send"
+
+
+@dataclass(frozen=True)
+class Key:
+    """A caller's key (1 to 255 characters, as given) and the part of the request it answers for."""
+
+    key: str
+    scope: str = SEND
+
+    @classmethod
+    def for_rule(cls, key: str, template: str) -> Key:
+        """The key of the notification an event's rule for template makes."""
+        return cls(key, f"event:{template}")
+
+    @classmethod
+    def for_item(cls, key: str, index: int) -> Key:
+        """The key of item index of a batch sent with key and no key of the item's own."""
+        return cls(key, f"batch:{index}")
+
+    @property
+    def fields(self) -> dict[str, str]:
+        """The notification's columns that store this key."""
+        return {"idempotency_key": self.key, "idempotency_scope": self.scope}
+
+    @property
+    def legacy(self) -> str:
+        # Schema version 7 and older stored an event's and a batch's keys as "<key>:<template>" and
+        # "<key>:<index>", with no scope, in the namespace of the keys callers give. Those rows are
+        # still found, until the reconciler forgets their keys (IDEMPOTENCY_TTL_DAYS after the
+        # upgrade; then this fallback finds nothing and can go).
+        return self.key if self.scope == SEND else f"{self.key}:{self.scope.partition(':')[2]}"
+
+
+def find(api_key: ApiKey, key: Key) -> Notification | None:
+    """The notification an earlier request stored under key, if it is still remembered."""
+    return find_many(api_key, [key]).get(key)
+
+
+def find_many(api_key: ApiKey, keys: list[Key]) -> dict[Key, Notification]:
+    """find() for many keys in one query, by key; keys with no notification are left out."""
+    if not keys:
+        return {}
+    names = sorted({k.key for k in keys} | {k.legacy for k in keys})
+    rows = Notification.select().where((Notification.api_key == api_key.id)
+                                       & Notification.idempotency_key.in_(names))
+    stored = {(n.idempotency_key, n.idempotency_scope): n for n in rows}
+    found = {}
+    for key in keys:
+        notification = stored.get((key.key, key.scope)) or stored.get((key.legacy, None))
+        if notification is not None:
+            found[key] = notification
+    return found
