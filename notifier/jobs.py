@@ -12,7 +12,7 @@ from redis.exceptions import RedisError
 from rq import get_current_job
 from rq.timeouts import JobTimeoutException, UnixSignalDeathPenalty
 
-from notifier import callbacks, consent, digests, logs, metrics, queues, store, unsubscribe
+from notifier import callbacks, consent, digests, logs, metrics, queues, receipts, store, unsubscribe
 from notifier.config import Settings
 from notifier.db import UNAVAILABLE_ERRORS, database
 from notifier.errors import DeliveryError, PermanentDeliveryError, TransientDeliveryError
@@ -50,6 +50,10 @@ def _owes_callbacks(notification: Notification) -> bool:
     return bool(notification.callback_url) or notification.template == DIGEST_TEMPLATE
 
 
+class SentNotRecorded(RuntimeError):
+    """The SMTP server took an email and the database would not take its `sent` record."""
+
+
 class RetriesExhausted(PermanentDeliveryError):
     """The last allowed attempt failed; the job goes to the dead-letter queue."""
 
@@ -75,6 +79,9 @@ class Deliverer:
         # the next claim (one commit instead of two; see deliver_many).
         self._unrecorded: tuple[Notification, SendResult] | None = None
         self._hold_records = False
+        # Notifications this process sent while the database was away, with a receipt kept for each
+        # (see notifier.receipts): its next job records them once the database answers again.
+        self._kept: dict[str, Notification] = {}
         self._counts: Redis | metrics.Deferred | None = counts if counts is not None else redis
 
     def deliver(self, notification_id: str) -> str:
@@ -83,11 +90,16 @@ class Deliverer:
             # Read outside any transaction first: a pooled connection that died with a database
             # restart is replaced here, before the claim needs it.
             current = store.get(notification_id)
+            self._record_kept()
             return self._deliver(notification_id, current, _lookup_for([current] if current else []))
 
     def _deliver(self, notification_id: str, current: Notification | None, lookup: consent.Lookup) -> str:
         if current is None or current.status not in (Status.QUEUED, Status.RETRYING):
             self._record_unrecorded()
+            # Still `sending` when a job for it comes (the retry of one that could not record its
+            # `sent`): if its worker kept a receipt, the email went out, and this records it.
+            if current is not None and current.status == Status.SENDING and self._record_receipts([current]):
+                return "recorded late"
         elif current.expires_at is not None and utcnow() >= current.expires_at:
             # Past its deadline before any attempt: expire it without counting an attempt.
             self._record_unrecorded()
@@ -172,6 +184,7 @@ class Deliverer:
         outcomes: Counter[str] = Counter()
         with database.connection_context():
             rows = store.get_many(notification_ids)
+            self._record_kept()
             lookups, consent_read = _lookups_by_key(list(rows.values())), time.monotonic()
             # Counters go in one round trip at the end, unless the worker sends them already.
             own_counts = not isinstance(self._counts, metrics.Deferred)
@@ -201,7 +214,9 @@ class Deliverer:
                     try:
                         with logs.bound(notification_id=notification_id):
                             outcomes[self._deliver(notification_id, current, lookup)] += 1
-                    except UNAVAILABLE_ERRORS:
+                    except (*UNAVAILABLE_ERRORS, SentNotRecorded):
+                        # The database is away (a held `sent` record it would not take says so too):
+                        # the rest of the job waits for it, handed on by the reconciler.
                         raise
                     except Exception as exc:  # noqa: BLE001 - _deliver() recorded it; where it goes next is read back
                         outcomes[self._carry_on(notification_id, exc)] += 1
@@ -262,7 +277,8 @@ class Deliverer:
         if current is not None and current.status == Status.FAILED:
             queues.file_failed(self.redis, self.settings, current, f"{type(exc).__name__}: {exc}")
             return "failed"
-        # Still `sending` (sent, but the record could not be written): the reconciler recovers it.
+        # Still `sending`, which no failure _deliver() records leaves behind: the reconciler recovers it
+        # (or records it `sent`, if a receipt says it went out).
         logger.error("notification %s left %s after %s", notification_id, current and current.status,
                      type(exc).__name__)
         return "unresolved"
@@ -319,20 +335,61 @@ class Deliverer:
                 "sent_at": utcnow(), "message_id": result.message_id, "last_error": None}
 
     def _record_sent(self, notification: Notification, result: SendResult) -> None:
-        # The server has the message now; losing this record would send it again after recovery,
-        # so ride out a short database blip before giving up.
+        # The server has the message now; losing this record would send it again after recovery.
+        # So ride out a short database blip, and from its first failure keep a receipt in Redis:
+        # however long the database stays away, what finds the notification still `sending` then
+        # records it instead of sending it again.
+        fields = self._sent_fields(result)
+        kept = False
         for delay in (0, 0.5, 1, 2, 4):
             time.sleep(delay)
             try:
                 recorded = store.transition(notification.id, Status.SENT, sources=(Status.SENDING,),
-                                            known=notification, **self._sent_fields(result))
+                                            known=notification, **fields)
                 break
             except UNAVAILABLE_ERRORS:
                 logger.warning("notification %s sent but not yet recorded; retrying", notification.id)
                 database.close()
+                if not kept:
+                    kept = receipts.keep(self.redis, receipts.Receipt(
+                        notification.id, result.smtp_code, result.smtp_reply, result.message_id, fields["sent_at"]))
         else:
-            raise RuntimeError(f"notification {notification.id} was sent but could not be recorded")
+            if not kept:
+                logger.error("notification %s sent, but neither recorded nor receipted: recovery may send it again",
+                             notification.id)
+                raise SentNotRecorded(f"notification {notification.id} was sent but could not be recorded, "
+                                      "and no receipt could be kept")
+            self._kept[notification.id] = notification
+            raise SentNotRecorded(f"notification {notification.id} was sent but could not be recorded; "
+                                  "its sent receipt is kept in Redis")
+        if kept:
+            receipts.forget(self.redis, [notification.id])
         self._after_sent(notification, result, recorded)
+
+    def _record_kept(self) -> None:
+        """Record the receipts this process kept while the database was away (a job that runs finds
+        it back)."""
+        if self._kept:
+            self._record_receipts(list(self._kept.values()))
+
+    def _record_receipts(self, rows: list[Notification]) -> int:
+        """Record as `sent` those of rows (read as `sending`) whose receipt Redis holds; returns how
+        many this call recorded."""
+        if self.redis is None:
+            return 0
+        try:
+            found = receipts.find(self.redis, [row.id for row in rows])
+        except RedisError as exc:
+            logger.warning("sent receipts not read: %s", type(exc).__name__)
+            return 0
+        recorded = 0
+        for row in rows:
+            if row.id in found:
+                with logs.bound(notification_id=row.id):
+                    recorded += receipts.record(self.redis, self.settings, row, found[row.id], self._counts)
+            # Recorded now, or already (its receipt gone): nothing more of it is owed by this process.
+            self._kept.pop(row.id, None)
+        return recorded
 
     def _after_sent(self, notification: Notification, result: SendResult, recorded: bool) -> None:
         if recorded:

@@ -15,6 +15,7 @@ import logging
 from bisect import bisect_left
 from collections import Counter
 from collections.abc import Callable, Iterator
+from datetime import datetime
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.utils import floatToGoString
@@ -46,7 +47,7 @@ DELIVERY_SECONDS = "notifier_delivery_seconds"
 SMTP_REPLIES = "notifier_smtp_replies_total"
 RECONCILED = "notifier_reconciler_actions_total"
 # What a reconciler pass can do (notifier.reconciler.Report's fields), each shown even at zero.
-RECONCILER_ACTIONS = ("expired", "released", "recovered", "requeued", "callbacks", "keys_forgotten")
+RECONCILER_ACTIONS = ("expired", "released", "recovered", "recorded_late", "requeued", "callbacks", "keys_forgotten")
 
 
 def _key(metric: str, part: str = "") -> str:
@@ -118,9 +119,11 @@ def accepted(redis: Redis | Deferred | None, notifications: list[Notification]) 
     _write(redis, build)
 
 
-def sent(redis: Redis | Deferred | None, notification: Notification, smtp_code: int | None) -> None:
-    """Count a notification the SMTP server took, with its latency since acceptance and the reply."""
-    seconds = max(0.0, (utcnow() - notification.created_at).total_seconds())
+def sent(redis: Redis | Deferred | None, notification: Notification, smtp_code: int | None,
+         at: datetime | None = None) -> None:
+    """Count a notification the SMTP server took (at: when, if not now), with its latency since
+    acceptance and the reply."""
+    seconds = max(0.0, ((at or utcnow()) - notification.created_at).total_seconds())
     index = bisect_left(DELIVERY_BUCKETS, seconds)
     bound = floatToGoString(DELIVERY_BUCKETS[index]) if index < len(DELIVERY_BUCKETS) else "+Inf"
     priority = notification.priority or Priority.DEFAULT.value
@@ -199,7 +202,9 @@ class RedisCollector:
 
         actions = {labels[0]: value for labels, value in _decode(next(results), 1).items()}
         family = CounterMetricFamily(RECONCILED, "What reconciler passes did, by action. recovered: notifications "
-                                     "whose worker was lost mid-send (retried, so possibly sent twice, or failed).",
+                                     "whose worker was lost mid-send (retried, so possibly sent twice, or failed); "
+                                     "recorded_late: notifications recorded sent from the receipt their worker "
+                                     "kept in Redis while the database was away.",
                                      labels=("action",))
         for action in (*RECONCILER_ACTIONS, *sorted(set(actions) - set(RECONCILER_ACTIONS))):
             family.add_metric((action,), actions.get(action, 0))

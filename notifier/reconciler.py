@@ -4,8 +4,10 @@ scheduler.py runs it every RECONCILE_INTERVAL seconds (a periodic rq-scheduler j
 Each pass, in pages of BATCH rows (at most MAX_PAGES a step):
   1. expires notifications whose deadline passed before they were sent;
   2. releases delayed notifications whose send time passed but whose release job never ran;
-  3. recovers notifications stuck in `sending` past SENDING_TIMEOUT (their worker died mid-send) -
-     the one case where a message may go out twice, so each one is recorded and counted;
+  3. recovers notifications stuck in `sending` past SENDING_TIMEOUT. One whose worker kept a sent
+     receipt in Redis (the server took the email while the database was away) is recorded `sent`.
+     Any other lost its worker mid-send and goes out again: the one case where a message may go out
+     twice, so each one is recorded and counted;
   4. re-enqueues `queued` (a priority at a time, most urgent first) and `retrying` notifications
      whose job is gone from Redis (flushed, restarted empty, lost between BLPOP and a crash, or
      failed by RQ as abandoned);
@@ -26,7 +28,7 @@ from datetime import datetime, timedelta
 from redis import Redis
 from rq.utils import utcparse
 
-from notifier import metrics, queues, store
+from notifier import metrics, queues, receipts, store
 from notifier.config import Settings
 from notifier.models import WAITING_STATUSES, CallbackStatus, Notification, Priority, Status, utcnow
 
@@ -48,6 +50,7 @@ class Report:
     expired: int = 0
     released: int = 0
     recovered: int = 0
+    recorded_late: int = 0
     requeued: int = 0
     callbacks: int = 0
     keys_forgotten: int = 0
@@ -127,7 +130,14 @@ def _recover(redis: Redis, settings: Settings, stuck_before: datetime, report: R
              stop_at: float) -> None:
     sending = Notification.status == Status.SENDING.value
     for rows in _pages(sending, Notification.updated_at <= stuck_before, stop_at=stop_at):
+        # One round trip for the page. Without Redis this raises and the pass stops: recovering a row
+        # whose receipt could not be read would send again an email known to have gone out.
+        kept = receipts.find(redis, [row.id for row in rows])
         for row in rows:
+            if row.id in kept:
+                if receipts.record(redis, settings, row, kept[row.id], redis):
+                    report.recorded_late += 1
+                continue
             if row.attempts < settings.max_attempts:
                 moved = store.transition(row.id, Status.RETRYING, reason=RECOVERED_REASON, sources=(Status.SENDING,),
                                          last_error="worker lost mid-send")

@@ -16,6 +16,7 @@ import psycopg2
 import pytest
 from redis import Redis
 from redis import exceptions as redis_exceptions
+from rq import Queue
 
 from notifier.db import bind, database
 from notifier.devmail import CaptureHandler, start
@@ -24,7 +25,7 @@ from notifier.schema import SCHEMA_VERSION, upgrade
 from tests.conftest import PG_ADMIN_URL
 from tests.helpers import LITERAL, drop_connections
 from tests.operators import collect_metrics, value
-from tests.processes import Stack, env_for, free_port, spawn, wait_until
+from tests.processes import Stack, cli, env_for, free_port, request, spawn, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -275,3 +276,91 @@ def test_the_schema_upgrade_survives_a_dropped_connection(empty_database):
             assert SchemaVersion.get().version == SCHEMA_VERSION
     finally:
         db.close_all()
+
+
+def _detail(stack: Stack, notification_id: str) -> dict | None:
+    """The notification as the API shows it; None while the API still answers 503 (its pool
+    reconnecting after the outage)."""
+    status, body = request("GET", f"{stack.base}/api/notifications/{notification_id}", stack.key)
+    return body if status == 200 else None
+
+
+def _accepted(stack: Stack, payload: dict) -> str:
+    def send():
+        try:
+            return stack.send(payload)
+        except AssertionError:  # a 503 while the API's pool reconnects; callers retry, and so do we
+            return None
+
+    return wait_until(send, timeout=15, interval=0.2)
+
+
+def _reasons(detail: dict) -> list[str]:
+    return [e["reason"] or "" for e in detail["history"]]
+
+
+def test_an_email_the_server_took_while_postgresql_was_away_for_longer_than_the_worker_waits_is_sent_once(
+        make_stack, smtp, redis_conn, database_outage):
+    # The failover case: the database goes away mid-send and stays away past the worker's own retries
+    # of the `sent` record (0 + 0.5 + 1 + 2 + 4 s). Before sent receipts, recovery sent it again.
+    begin, end = database_outage
+    stack = make_stack(RETRY_INTERVALS="1").start("api", "worker")  # one retry of the job: both fail
+    smtp.delay = 3.0
+    notification_id = stack.send(_to(1))
+    stack.wait_status(notification_id, "sending", timeout=15)
+    time.sleep(0.5)
+    begin()
+    assert len(smtp.wait_for(1, timeout=10)) == 1  # the server took it while the database was away
+    # The worker has given up for good (its `sent` record, then the job's retry) before the database
+    # comes back, so the reconciler is what finds the notification stuck in `sending`.
+    job = f"rq:job:notification-{notification_id}"
+    wait_until(lambda: redis_conn.hget(job, "status") == b"failed", timeout=40, interval=0.2)
+    end()
+    smtp.delay = 0.0
+
+    assert "recorded_late=1" in cli(["reconcile"], stack.env)  # SENDING_TIMEOUT is 2 s here
+    detail = wait_until(lambda: (d := _detail(stack, notification_id)) and d["status"] != "sending" and d,
+                        timeout=30)
+    time.sleep(2)  # time for a second send, had the reconciler queued one
+    assert _recipients(smtp) == ["user1@example.com"]
+    detail = _detail(stack, notification_id)
+    assert (detail["status"], detail["attempts"]) == ("sent", 1)
+    assert any("recorded late" in r for r in _reasons(detail)), _reasons(detail)
+    assert not any(r.startswith("recovered:") for r in _reasons(detail))
+    samples = collect_metrics(redis_conn)
+    assert value(samples, "notifier_notifications_sent_total", priority="default", template="-") == 1
+    assert value(samples, "notifier_reconciler_actions_total", action="recovered") == 0
+
+
+def test_a_batch_email_the_server_took_while_postgresql_was_away_is_recorded_by_the_worker_once_it_answers(
+        make_stack, smtp, redis_conn, database_outage):
+    # A shared job holds each `sent` record to write with the next claim: the claim is what fails here.
+    begin, end = database_outage
+    stack = make_stack(RETRY_INTERVALS="1").start("api", "worker")
+    smtp.delay = 3.0
+    status, body = request("POST", f"{stack.base}/api/notifications/batch", stack.key,
+                           {"notifications": [_to(1), _to(2)]})
+    assert status == 202, body
+    first, second = (r["id"] for r in body["results"])
+    stack.wait_status(first, "sending", timeout=15)
+    time.sleep(0.5)
+    begin()
+    assert len(smtp.wait_for(1, timeout=10)) == 1
+    failed = Queue("notifier.default", connection=redis_conn).failed_job_registry
+    wait_until(lambda: failed.count == 1, timeout=40, interval=0.2)  # the shared job gave up
+    end()
+    smtp.delay = 0.0
+
+    # The worker's next job finds the database answering again: it records what it sent first.
+    later = _accepted(stack, _to(3))
+    stack.wait_status(later, "sent", timeout=30)
+    detail = _detail(stack, first)
+    assert (detail["status"], detail["attempts"]) == ("sent", 1)
+    assert any("recorded late" in r for r in _reasons(detail)), _reasons(detail)
+
+    cli(["reconcile"], stack.env)  # hands on the one the shared job never reached
+    stack.wait_status(second, "sent", timeout=30)
+    time.sleep(1)
+    assert _recipients(smtp) == ["user1@example.com", "user2@example.com", "user3@example.com"]
+    assert value(collect_metrics(redis_conn), "notifier_notifications_sent_total", priority="default",
+                 template="-") == 3

@@ -1,0 +1,116 @@
+"""Sent receipts: what a worker keeps in Redis when the SMTP server took an email but the database
+would not take its `sent` record.
+
+Without a receipt, such a notification stays `sending`, and once SENDING_TIMEOUT has passed the
+reconciler can only assume its worker died before the server answered, so it sends the email again.
+A receipt shows the email went out, for as long as the database is away and Redis keeps the
+receipt. Whoever finds it next records the `sent`: the worker when its next job finds the database
+answering, a job for the same notification, or the reconciler. A compare-and-set from `sending`
+makes sure exactly one of them does. Only when Redis is away too (or loses the receipt) is there
+nothing to find, and recovery may still send the email twice.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from datetime import datetime
+
+from redis import Redis
+from redis.exceptions import RedisError
+
+from notifier import metrics, queues, store
+from notifier.config import Settings
+from notifier.models import Notification, Status
+
+logger = logging.getLogger(__name__)
+
+KEY_PREFIX = "notifier:sent-receipt:"
+# Longer than any outage the database can have while Redis stays up. The reconciler records a
+# receipt SENDING_TIMEOUT after the database is back, so receipts do not pile up meanwhile.
+TTL_SECONDS = 7 * 86400
+LATE_REASON = ("accepted by SMTP server; recorded late, from the receipt its worker kept in Redis while the "
+               "database was unavailable")
+
+
+@dataclass(frozen=True)
+class Receipt:
+    """What the `sent` record of one notification holds."""
+
+    notification_id: str
+    smtp_code: int | None
+    smtp_reply: str | None
+    message_id: str | None
+    sent_at: datetime  # naive UTC, as every column stores it
+
+    def fields(self) -> dict:
+        """The changes store.transition() makes for this `sent` record."""
+        return {"smtp_code": self.smtp_code, "smtp_reply": self.smtp_reply, "message_id": self.message_id,
+                "sent_at": self.sent_at, "last_error": None}
+
+
+def _key(notification_id: str) -> str:
+    return f"{KEY_PREFIX}{notification_id}"
+
+
+def keep(redis: Redis | None, receipt: Receipt) -> bool:
+    """Store receipt in Redis for TTL_SECONDS; False (logged) when Redis cannot take it either."""
+    if redis is None:
+        return False
+    value = json.dumps({"smtp_code": receipt.smtp_code, "smtp_reply": receipt.smtp_reply,
+                        "message_id": receipt.message_id, "sent_at": receipt.sent_at.isoformat()})
+    try:
+        redis.set(_key(receipt.notification_id), value, ex=TTL_SECONDS)
+    except RedisError as exc:
+        logger.warning("notification %s: sent receipt not kept: %s", receipt.notification_id, type(exc).__name__)
+        return False
+    return True
+
+
+def find(redis: Redis, notification_ids: list[str]) -> dict[str, Receipt]:
+    """The receipts kept for any of these notifications, by id, read in one round trip. Raises
+    RedisError: a caller that cannot tell whether an email went out must not act as if it had not."""
+    if not notification_ids:
+        return {}
+    values = redis.mget([_key(i) for i in notification_ids])
+    found = {i: _parsed(i, v) for i, v in zip(notification_ids, values, strict=True) if v is not None}
+    return {i: r for i, r in found.items() if r is not None}
+
+
+def _parsed(notification_id: str, value: bytes) -> Receipt | None:
+    try:
+        data = json.loads(value)
+        return Receipt(notification_id, data["smtp_code"], data["smtp_reply"], data["message_id"],
+                       datetime.fromisoformat(data["sent_at"]))
+    except (ValueError, KeyError, TypeError):
+        # No notifier version writes such a receipt. Leave it for a person to read, and recover the
+        # notification as before.
+        logger.warning("notification %s: sent receipt not understood; left as it is", notification_id)
+        return None
+
+
+def forget(redis: Redis, notification_ids: list[str]) -> None:
+    """Delete these receipts. A receipt that stays behind does no harm, because it applies only to a
+    notification still `sending`, and it expires anyway."""
+    try:
+        redis.delete(*[_key(i) for i in notification_ids])
+    except RedisError as exc:
+        logger.debug("sent receipts not deleted: %s", type(exc).__name__)
+
+
+def record(redis: Redis, settings: Settings, notification: Notification, receipt: Receipt,
+           counts: Redis | metrics.Deferred | None) -> bool:
+    """Record a kept receipt as the `sent` of notification (as read, still `sending`). Counts it,
+    queues the callbacks it owes and deletes the receipt. Returns whether this call made the record:
+    a notification that moved on meanwhile (another process recorded the same receipt) is left alone."""
+    recorded = store.transition(notification.id, Status.SENT, reason=LATE_REASON, sources=(Status.SENDING,),
+                                known=notification, **receipt.fields())
+    if recorded:
+        # Counted here and not by the worker that gave up: the compare-and-set picks one recorder.
+        metrics.sent(counts, notification, receipt.smtp_code, at=receipt.sent_at)
+        logger.info("notification %s sent at %s; recorded late from its receipt", notification.id,
+                    receipt.sent_at.isoformat())
+        queues.dispatch_callback(redis, settings, store.get(notification.id))
+    forget(redis, [notification.id])
+    return recorded
