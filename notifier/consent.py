@@ -36,7 +36,14 @@ def zone(name: str | None) -> ZoneInfo:
         return ZoneInfo("UTC")
 
 
+# Names the zone database holds that are no place's time: the host's own clock (which differs from
+# one host to the next), and placeholders.
+_NOT_A_PLACE = frozenset({"localtime", "posixrules", "Factory"})
+
+
 def valid_timezone(name: str) -> bool:
+    if name in _NOT_A_PLACE:
+        return False
     try:
         ZoneInfo(name)
     except (ZoneInfoNotFoundError, ValueError):
@@ -131,10 +138,15 @@ def quiet_until(profile: UserProfile | None, at: datetime) -> datetime | None:
     if not inside:
         return None
     end_day = local.date() + timedelta(days=1) if overnight and now_t >= start else local.date()
-    # The night the clocks go back, the end's wall time comes twice (fold 0, then 1): the end is the
-    # first of them still to come, never one already gone.
     ends = [datetime.combine(end_day, time(*end, fold=fold), tzinfo=tz).astimezone(UTC).replace(tzinfo=None)
             for fold in (0, 1)]
+    if ends[1] < ends[0]:
+        # The night the clocks go forward over the end's wall time, it never comes. Fold 1 reads it
+        # with the new offset, an instant still inside quiet hours (an hour early); fold 0 with the old
+        # one, the end moved on by the hour skipped: quiet hours are never cut short.
+        return ends[0]
+    # The night the clocks go back, the end's wall time comes twice (fold 0, then 1): the end is the
+    # first of them still to come, never one already gone.
     return min((e for e in ends if e > at), default=max(ends))
 
 

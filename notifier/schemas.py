@@ -163,7 +163,7 @@ def _timezone(value: str) -> None:
 def _clock(value: str) -> None:
     from notifier.config import parse_clock
 
-    if len(value) != 5 or parse_clock(value) is None:
+    if len(value) != 5 or value[2] != ":" or parse_clock(value) is None:  # "7:00 " would pass parse_clock
         raise ValidationError("must be a time of day like 22:00")
 
 
@@ -186,6 +186,12 @@ class EventSchema(StrictSchema):
 class QuietHoursSchema(StrictSchema):
     start = fields.String(required=True, validate=_clock)
     end = fields.String(required=True, validate=_clock)
+
+    @validates_schema
+    def _not_empty(self, data, **kwargs):
+        # A window that ends when it starts holds no time: stored, it would silently mean none.
+        if data.get("start") is not None and data.get("start") == data.get("end"):
+            raise ValidationError("must end at another time than it starts; send null for no quiet hours", "end")
 
 
 class PreferencesSchema(StrictSchema):

@@ -3,6 +3,7 @@ one pipeline, idempotent per item and per batch."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 
 import pytest
@@ -105,6 +106,20 @@ def test_a_null_item_is_refused_alone(client, headers, redis_conn):
     assert response.status_code == 202
     results = response.get_json()["results"]
     assert "id" in results[0] and results[1]["error"]["code"] == "validation_error"
+    assert _rows() == (1, 1)
+
+
+def test_an_item_holding_a_nul_or_a_lone_surrogate_is_refused_alone(client, headers, redis_conn):
+    # Text no column can hold is invalid like any other field: it refused the whole batch, with no
+    # index saying which item was at fault.
+    items = [_item(0), {**_item(1), "text": "nul \x00 here"}, {**_item(2), "subject": "\ud800 lone"}]
+    body = json.dumps({"notifications": items})  # as escapes, the only way JSON carries either
+    response = client.post("/api/notifications/batch", data=body, headers=headers, content_type="application/json")
+    assert response.status_code == 202, response.get_data(as_text=True)
+    results = response.get_json()["results"]
+    assert "id" in results[0]
+    assert results[1]["error"]["details"] == {"text": ["must not contain NUL characters"]}
+    assert results[2]["error"]["details"] == {"subject": ["must be valid Unicode text (no unpaired surrogates)"]}
     assert _rows() == (1, 1)
 
 

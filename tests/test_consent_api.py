@@ -100,11 +100,17 @@ def test_partial_preference_changes_merge_with_what_was_set(client, headers, smt
     ("changes", "field"),
     [
         ({"timezone": "Mars/Olympus_Mons"}, "timezone"),
+        # In the zone database, but no place's time: each host's own clock, and placeholders.
+        ({"timezone": "localtime"}, "timezone"),
+        ({"timezone": "posixrules"}, "timezone"),
+        ({"timezone": "Factory"}, "timezone"),
         ({"categories": {"product": "hourly"}}, "categories"),
         ({"categories": {"transactional": "off"}}, "categories"),
         ({"categories": {"gossip": "off"}}, "categories"),
         ({"quiet_hours": {"start": "25:00", "end": "07:00"}}, "quiet_hours"),
         ({"quiet_hours": {"start": "22:00"}}, "quiet_hours"),
+        ({"quiet_hours": {"start": "7:00 ", "end": "22:00"}}, "quiet_hours"),  # stored and echoed as given
+        ({"quiet_hours": {"start": "07:00", "end": "07:00"}}, "quiet_hours"),  # meant no quiet hours at all
         ({"colour": "blue"}, "colour"),
     ],
 )

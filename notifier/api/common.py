@@ -76,6 +76,31 @@ def _finite(text: str) -> float:
 
 def json_body(schema: Schema) -> dict:
     """The request's JSON object, loaded through schema (ValidationError becomes a 422)."""
+    body, escaped = _parsed()
+    bad = _unstorable_text(body) if escaped else None
+    if bad:
+        raise ValidationError(bad)
+    return schema.load(body)
+
+
+def json_items(schema: Schema, field: str) -> tuple[dict, dict[int, dict]]:
+    """json_body() for a body whose `field` lists items the route validates one by one (a batch's
+    notifications): the body loaded through schema, and {index: problems} for the items holding
+    text no column may hold, so that such an item is refused alone, as any other invalid one."""
+    body, escaped = _parsed()
+    bad = _unstorable_text({name: value for name, value in body.items() if name != field}) if escaped else None
+    if bad:
+        raise ValidationError(bad)
+    loaded = schema.load(body)
+    items = body.get(field) if escaped else None
+    if not isinstance(items, list):
+        return loaded, {}
+    return loaded, {index: problems for index, item in enumerate(items)
+                    if isinstance(item, dict) and (problems := _unstorable_text(item))}
+
+
+def _parsed() -> tuple[dict, bool]:
+    """The request's JSON object, and whether its text may hold a NUL or an unpaired surrogate."""
     try:
         # JSON on the wire is UTF-8 (RFC 8259); the parser alone would let encoded surrogates through.
         text = request_body().decode("utf-8")
@@ -83,7 +108,7 @@ def json_body(schema: Schema) -> dict:
         raise ApiError("the request body is not valid UTF-8", code="malformed_json") from exc
     try:
         # The text just decoded, not the bytes: given bytes, the parser would also take UTF-16 and
-        # UTF-32 (which decode as "UTF-8" too, ASCII with NULs between), and the escape check below
+        # UTF-32 (which decode as "UTF-8" too, ASCII with NULs between), and the escape check
         # must read what the parser reads.
         # NaN and Infinity, which Python's parser takes by default, are not JSON: stored and echoed
         # back, they would make answers and status callbacks that strict parsers refuse.
@@ -94,10 +119,7 @@ def json_body(schema: Schema) -> dict:
         raise ApiError("the request body is nested too deeply", code="malformed_json") from exc
     if not isinstance(body, dict):
         raise ApiError("the request body must be a JSON object", code="malformed_json")
-    bad = _unstorable_text(body) if _UNSTORABLE_ESCAPE.search(text) else None
-    if bad:
-        raise ValidationError(bad)
-    return schema.load(body)
+    return body, _UNSTORABLE_ESCAPE.search(text) is not None
 
 
 def _unstorable_text(body: dict) -> dict:

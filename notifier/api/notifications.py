@@ -6,7 +6,7 @@ from flask import Blueprint, current_app, jsonify, request, url_for
 from marshmallow import ValidationError
 
 from notifier import store
-from notifier.api.common import current_key, json_body, request_body, require_api_key, service
+from notifier.api.common import current_key, json_body, json_items, request_body, require_api_key, service
 from notifier.errors import ApiError, NotFound, ServiceUnavailable, Unprocessable
 from notifier.schemas import (
     AcceptedSchema,
@@ -66,7 +66,7 @@ def send_batch():
 
 
 def _send_batch():
-    body = json_body(_batch)
+    body, unstorable = json_items(_batch, "notifications")
     limit = current_app.config["NOTIFIER_SETTINGS"].batch_max
     items = body["notifications"]
     if len(items) > limit:
@@ -75,6 +75,8 @@ def _send_batch():
     payloads, errors = [], {}
     for index, item in enumerate(items):
         try:
+            if index in unstorable:
+                raise ValidationError(unstorable[index])
             payloads.append(_send.load(item) if isinstance(item, dict) else _not_an_object())
         except ValidationError as exc:
             payloads.append(None)
