@@ -251,7 +251,9 @@ def decide(api_key: ApiKey, *, to: str, user_key: str, category: str, send_at: d
     if mode is DeliveryMode.OFF:
         return Decision(Status.SUPPRESSED, f"the user turned off {category} email")
     if mode in (DeliveryMode.DAILY, DeliveryMode.WEEKLY):
-        return Decision(Status.HELD, f"collected for the user's {mode} {category} digest")
+        # The requested time stays with the item: no digest takes it before then, and it still holds
+        # if the user switches back to immediate. Quiet hours are the digest's to honour, not the item's.
+        return Decision(Status.HELD, f"collected for the user's {mode} {category} digest", send_at)
     profile = lookup.profile(api_key.id, user_key) if category != Category.TRANSACTIONAL else None
     return timing(profile, send_at=send_at, now=now)
 

@@ -8,7 +8,9 @@ windows follow daylight saving time. Correct by construction:
   - an item says what became of it: it ends as its digest ends (`digested` once the digest was sent,
     `failed` with the reason when it failed, ...), moved by store.transition with the digest itself;
   - an item that arrives while a digest is being made is still `held` afterwards (it was not in the
-    transaction's snapshot, or its insert committed later) and goes into the next window's digest.
+    transaction's snapshot, or its insert committed later) and goes into the next window's digest;
+  - an item keeps the send_at it was asked for: a window takes it only once that time is at or before
+    the window's end, so it goes into the digest of the window it falls due in, never an earlier one.
 A digest goes out like any other non-transactional mail: one made inside the user's quiet hours waits
 for their end. What was held for a category the user switched back to `immediate` goes out item by
 item, each as if it had just arrived; nothing is held for a category turned `off`.
@@ -148,7 +150,9 @@ def _timed(reason: str, when: Decision) -> str:
 def _flush(settings, redis, renderer, api_key, user_key, category, mode, window_end, when: Decision) -> bool:
     db = Notification._meta.database
     with db.atomic() as tx:
-        items = list(_held(api_key.id, user_key, category).where(Notification.created_at < window_end)
+        # An item asked for later than the window's end waits for the window it falls due in.
+        due = Notification.send_at.is_null() | (Notification.send_at <= window_end)
+        items = list(_held(api_key.id, user_key, category).where((Notification.created_at < window_end) & due)
                      .order_by(Notification.seq))
         if not items:
             return False

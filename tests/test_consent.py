@@ -105,6 +105,13 @@ def test_decide_follows_preferences_except_for_transactional_mail(owner):
         assert _decide(owner, Category.TRANSACTIONAL).status is Status.QUEUED
 
 
+def test_a_held_notification_keeps_its_requested_send_time(owner):
+    consent.set_mode(owner, "u1", Category.PRODUCT.value, DeliveryMode.DAILY.value)
+    later = NOON + timedelta(days=5)
+    assert _decide(owner, send_at=later) == consent.Decision(Status.HELD, "collected for the user's daily product "
+                                                                          "digest", later)
+
+
 def test_quiet_hours_delay_only_non_transactional_mail(owner):
     consent.update_preferences(owner, "u1", {"timezone": "UTC", "quiet_hours": {"start": "22:00", "end": "07:00"}})
     night = utc(2026, 6, 1, 23, 0)
@@ -163,6 +170,23 @@ def test_a_digest_takes_each_item_once_and_only_from_closed_windows(owner, sqlit
 
     assert digests.flush_due(settings, fake_redis, renderer, now=utc(2026, 6, 3, 9, 0)) == 1
     assert reload(late[0].id).status == Status.IN_DIGEST
+
+
+def test_a_window_takes_a_held_item_only_once_its_send_at_is_at_or_before_the_window_end(
+        owner, sqlite_settings, fake_redis):
+    consent.set_mode(owner, "u1", "product", "daily")
+    settings = replace(sqlite_settings, digest_time="08:00", digest_grace_seconds=0)
+    renderer = make_renderer(settings)
+    on_time, just_after = _held(owner, 2, utc(2026, 6, 1, 9, 0))
+    Notification.update(send_at=utc(2026, 6, 2, 8, 0)).where(Notification.seq == on_time.seq).execute()
+    Notification.update(send_at=utc(2026, 6, 2, 8, 0, 0, 1)).where(Notification.seq == just_after.seq).execute()
+
+    assert digests.flush_due(settings, fake_redis, renderer, now=utc(2026, 6, 2, 9, 0)) == 1
+    assert (reload(on_time.id).status, reload(just_after.id).status) == (Status.IN_DIGEST, Status.HELD)
+    assert digests.flush_due(settings, fake_redis, renderer, now=utc(2026, 6, 3, 9, 0)) == 1
+    assert reload(just_after.id).status == Status.IN_DIGEST
+    assert [d.window_end for d in Digest.select().order_by(Digest.window_end)] == [utc(2026, 6, 2, 8, 0),
+                                                                                  utc(2026, 6, 3, 8, 0)]
 
 
 def test_turning_a_category_off_suppresses_what_was_held(owner, sqlite_settings, fake_redis):

@@ -237,3 +237,95 @@ def test_held_items_released_in_quiet_hours_wait_for_their_end(api, headers, liv
     assert "quiet hours" in detail["history"][-1]["reason"]
     assert [job.id for job in Scheduler(connection=redis_conn).get_jobs()] == [f"release-{items[0]}"]
     assert smtp.count() == 0
+
+
+# --- a requested send time ----------------------------------------------------------------------------
+
+
+def _at(value: str) -> datetime:
+    return datetime.fromisoformat(value.removesuffix("Z"))
+
+
+def _literal(api, headers, subject: str, **timing) -> dict:
+    """A literal `updates` send for USER, expected held; its detail."""
+    payload = {"to": "dora@example.com", "user_id": USER, "subject": subject, "text": f"{subject} text",
+               "category": "updates", **timing}
+    accepted = _call(api, headers, "POST", "/api/notifications/send", payload, status=202)
+    assert accepted["status"] == "held"
+    return _detail(api, headers, accepted["id"])
+
+
+def _window_closed(settings, end: datetime) -> datetime:
+    return end + timedelta(seconds=settings.digest_grace_seconds + 1)
+
+
+@pytest.mark.parametrize("later", [{"send_at": "5 days"}, {"delay_seconds": 86400}], ids=["send_at", "delay"])
+def test_a_held_item_asked_for_later_goes_into_the_digest_of_the_window_it_falls_due_in(
+        api, headers, live_deliverer, fast_settings, smtp, redis_conn, later):
+    _prefs(api, headers, {"categories": {"updates": "daily"}})
+    asked = utcnow().replace(microsecond=0) + timedelta(days=5, minutes=7)
+    if "send_at" in later:
+        later = {"send_at": asked.isoformat() + "Z"}
+    now_item = _literal(api, headers, "Now")
+    later_item = _literal(api, headers, "Later", **later)
+    send_at = _at(later_item["send_at"])  # kept as asked, not dropped for the digest
+    if "delay_seconds" in later:
+        assert abs(send_at - (_at(later_item["created_at"]) + timedelta(days=1))) < timedelta(seconds=2)
+    else:
+        assert send_at == asked
+    time_zone, clock = "UTC", fast_settings.digest_time
+
+    # Today's digest takes only what is due by its window's end.
+    assert _flush(fast_settings, redis_conn, _next_window_closed(fast_settings)) == 1
+    run_worker_until_idle(redis_conn)
+    (first,) = _digests(api, headers)
+    (received,) = smtp.wait_for(1)
+    assert received.message["X-Notification-ID"] == first["id"]
+    body = received.message.get_body(("plain",)).get_content()
+    assert "Now text" in body and "Later" not in body
+    assert _detail(api, headers, now_item["id"])["status"] == "digested"
+    detail = _detail(api, headers, later_item["id"])
+    assert (detail["status"], detail["digest_id"], _at(detail["send_at"])) == ("held", None, send_at)
+
+    # The last window that ends before its send time takes nothing; the one it falls due in takes it.
+    assert _flush(fast_settings, redis_conn,
+                  _window_closed(fast_settings, digests.boundary_at_or_before(send_at, time_zone, clock))) == 0
+    assert _detail(api, headers, later_item["id"])["status"] == "held"
+    due_end = digests.boundary_after(send_at, time_zone, clock)
+    assert _flush(fast_settings, redis_conn, _window_closed(fast_settings, due_end)) == 1
+    run_worker_until_idle(redis_conn)
+    second = next(d for d in _digests(api, headers) if d["id"] != first["id"])
+    assert smtp.wait_for(2)[1].message["X-Notification-ID"] == second["id"]
+    assert "Later text" in smtp.messages[1].message.get_body(("plain",)).get_content()
+    detail = _detail(api, headers, later_item["id"])
+    assert (detail["status"], detail["digest_id"]) == ("digested", second["id"])
+    assert len(_digests(api, headers)) == 2
+    assert smtp.count() == 2
+
+
+def test_a_held_item_released_to_immediate_still_waits_for_its_own_send_at(
+        api, headers, live_deliverer, fast_settings, smtp, redis_conn):
+    _prefs(api, headers, {"categories": {"updates": "weekly"}})
+    item = _literal(api, headers, "Later", delay_seconds=7200)
+    send_at = _at(item["send_at"])
+    assert send_at > utcnow() + timedelta(minutes=110)
+    _prefs(api, headers, {"categories": {"updates": "immediate"}})
+
+    assert _flush(fast_settings, redis_conn, utcnow()) == 0
+    run_worker_until_idle(redis_conn)
+
+    detail = _detail(api, headers, item["id"])
+    assert (detail["status"], _at(detail["send_at"])) == ("scheduled", send_at)
+    assert "switched updates email to immediate" in _status_lines(detail)[-1]["reason"]
+    ((job, at),) = Scheduler(connection=redis_conn).get_jobs(with_times=True)
+    assert job.id == f"release-{item['id']}" and send_at <= at <= send_at + timedelta(seconds=1)
+    assert smtp.count() == 0
+
+    # At its time, and not before, it goes out as itself.
+    with database.connection_context():
+        assert reconcile(fast_settings, redis_conn, now=send_at - timedelta(minutes=5)).released == 0
+        assert reconcile(fast_settings, redis_conn, now=send_at + timedelta(minutes=5)).released == 1
+    run_worker_until_idle(redis_conn)
+    (received,) = smtp.wait_for(1)
+    assert received.message["X-Notification-ID"] == item["id"] and received.message["Subject"] == "Later"
+    assert _detail(api, headers, item["id"])["status"] == "sent"
