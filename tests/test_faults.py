@@ -196,6 +196,9 @@ def test_redis_out_of_memory_at_request_time_then_room_again(make_stack, pg_sett
     with pytest.raises(redis_exceptions.OutOfMemoryError):
         for n in range(10_000):
             redis.set(f"filler:{n}", "x" * 4096)
+    # Full, and kept so: a few KB freed meanwhile (a finished job's result expiring) would otherwise
+    # let the next write through. The fillers hold about 512 KB, so deleting them makes room again.
+    redis.config_set("maxmemory", redis.info("memory")["used_memory"] - 256 * 1024)
     during = stack.send(_to(2))  # accepted and stored: Redis refuses its job
     assert stack.get(during)["status"] == "queued"
     # Its job never reached a queue (RQ may have written the job's hash before Redis refused more).
