@@ -49,8 +49,10 @@ def _dev_key(env: dict) -> str:
         "        print(old)\n"
         "    else:\n"
         "        keys.revoke('dev')\n"
-        "        from notifier.models import ApiKey\n"
-        "        ApiKey.delete().where(ApiKey.name == 'dev').execute()\n"
+        "        from notifier.models import ApiKey, utcnow\n"
+        # Renamed, not deleted: its notifications still name it (a foreign key), and their history
+        # stays readable under it.
+        "        ApiKey.update(name=f'dev-until-{utcnow():%Y%m%d%H%M%S%f}').where(ApiKey.name == 'dev').execute()\n"
         "        print(keys.create('dev')[1])\n"
     )
     args = [sys.executable, "-c", code] + ([DEV_KEY_FILE] if os.path.exists(DEV_KEY_FILE) else [])

@@ -8,7 +8,7 @@ from dataclasses import replace
 
 import pytest
 
-from tests.helpers import LITERAL, VERIFICATION
+from tests.helpers import LITERAL, VERIFICATION, reload
 from tests.processes import Stack, cli, request, spawn, stop, wait_until
 
 pytestmark = pytest.mark.integration
@@ -98,3 +98,25 @@ def test_embedded_sqlite_default_takes_writes_from_api_and_worker_at_once(pg_set
         assert len(smtp.wait_for(30)) == 30
     finally:
         stack.close()
+
+
+def test_make_run_replaces_a_lost_dev_key_whose_notifications_remain(sqlite_settings, sqlite_db, tmp_path,
+                                                                     monkeypatch):
+    # `make run` keeps its key in var/; when that file is gone (or holds a dead key), a new `dev` key
+    # is made. The old one was deleted, which its notifications' foreign key refuses: make run
+    # stopped with a traceback on any database that had sent mail.
+    from notifier import dev, keys
+    from notifier.models import ApiKey
+    from tests.helpers import make_notification
+    from tests.processes import env_for
+
+    old = keys.create("dev")[0]
+    kept = make_notification(old)
+    monkeypatch.setattr(dev, "DEV_KEY_FILE", str(tmp_path / "dev-api-key"))
+    plaintext = dev._dev_key(env_for(sqlite_settings))
+
+    assert keys.authenticate(plaintext).name == "dev"
+    renamed = ApiKey.get_by_id(old.id)
+    assert renamed.name.startswith("dev-until-") and renamed.revoked_at is not None
+    assert reload(kept.id).api_key_id == old.id
+    assert (tmp_path / "dev-api-key").read_text().strip() == plaintext
