@@ -20,7 +20,8 @@ SCHEMA_VERSION = 8
 # Version 7 only adds one: a digest's items by digest_id.
 _REPLACED_INDEXES = ("notification_callback_status_updated_at", "notifications_waiting_expires_at",
                      "notifications_scheduled_send_at", "notifications_queued_seq",
-                     "notifications_api_key_id_idempotency_key")
+                     # The name peewee gave the key-only unique index (after the model, not the table).
+                     "notification_api_key_id_idempotency_key")
 _LOCK_ID = 0x6E6F7469  # an arbitrary constant: "noti"
 _KEY_TRIGGER = "notifier_api_keys_changed"
 
@@ -41,6 +42,8 @@ def upgrade(db) -> int:
         if isinstance(db, PostgresqlDatabase):
             _notify_key_changes(db)
         row = SchemaVersion.select().first()
+        if row is not None and row.version < 7:
+            _items_follow_their_digests(db)
         if row is None:
             SchemaVersion.create(version=SCHEMA_VERSION)
         elif row.version < SCHEMA_VERSION:
@@ -53,6 +56,30 @@ def upgrade(db) -> int:
                            SCHEMA_VERSION)
     logger.debug("schema at version %s", SCHEMA_VERSION)
     return SCHEMA_VERSION
+
+
+def _items_follow_their_digests(db) -> None:
+    # Before version 7 an item became `digested` as its digest was made. From 7 on it is `in_digest`
+    # until the digest ends, then ends as the digest did (store.transition moves them together): the
+    # items of a digest still on its way would otherwise say `digested` whatever became of it.
+    mark = "%s" if isinstance(db, PostgresqlDatabase) else "?"
+
+    def items_of(digests_where: str) -> str:
+        return ('"status" = \'digested\' AND "digest_id" IN (SELECT "id" FROM "notifications" '
+                f'WHERE "template" = \'digest\' AND {digests_where})')
+
+    def marks(values: tuple) -> str:
+        return ", ".join([mark] * len(values))
+
+    final = ("sent", "failed", "expired", "cancelled", "suppressed", "digested")
+    ended_unsent = ("failed", "expired", "cancelled", "suppressed")
+    its = 'FROM "notifications" d WHERE d."id" = "notifications"."digest_id"'
+    db.execute_sql('UPDATE "notifications" SET "status" = \'in_digest\', "sent_at" = NULL '
+                   f'WHERE {items_of(f""""status" NOT IN ({marks(final)})""")}', final)
+    db.execute_sql(f'UPDATE "notifications" SET "status" = (SELECT d."status" {its}), "sent_at" = NULL '
+                   f'WHERE {items_of(f""""status" IN ({marks(ended_unsent)})""")}', ended_unsent)
+    db.execute_sql(f'UPDATE "notifications" SET "sent_at" = (SELECT d."sent_at" {its}) '
+                   f'WHERE "sent_at" IS NULL AND {items_of(f""""status" = {mark}""")}', ("sent",))
 
 
 def _notify_key_changes(db) -> None:

@@ -329,3 +329,29 @@ def test_a_held_item_released_to_immediate_still_waits_for_its_own_send_at(
     (received,) = smtp.wait_for(1)
     assert received.message["X-Notification-ID"] == item["id"] and received.message["Subject"] == "Later"
     assert _detail(api, headers, item["id"])["status"] == "sent"
+
+
+def test_the_version_7_upgrade_moves_items_of_digests_made_before_it(pg_db, api_key):
+    # Before version 7 an item was `digested` as soon as its digest was made, sent or not.
+    from notifier.models import Notification, SchemaVersion
+    from notifier.schema import upgrade
+    from tests.helpers import make_notification, reload
+
+    owner = api_key[0]
+    made = {}
+    for status in ("queued", "failed", "sent"):
+        digest = make_notification(owner, template="digest", data={"items": [], "period": "daily"})
+        items = [make_notification(owner, to=f"{status}{n}@example.com") for n in range(2)]
+        with database.connection_context():
+            Notification.update(status=status, sent_at=datetime(2026, 1, 2) if status == "sent" else None).where(
+                Notification.id == digest.id).execute()
+            Notification.update(status="digested", digest_id=digest.id).where(
+                Notification.id.in_([i.id for i in items])).execute()
+        made[status] = [i.id for i in items]
+    with database.connection_context():
+        SchemaVersion.update(version=6).execute()
+    upgrade(pg_db)
+
+    assert {reload(i).status for i in made["queued"]} == {"in_digest"}  # its digest may still fail
+    assert {reload(i).status for i in made["failed"]} == {"failed"}
+    assert {(reload(i).status, reload(i).sent_at) for i in made["sent"]} == {("digested", datetime(2026, 1, 2))}
