@@ -141,13 +141,24 @@ def quiet_until(profile: UserProfile | None, at: datetime) -> datetime | None:
     ends = [datetime.combine(end_day, time(*end, fold=fold), tzinfo=tz).astimezone(UTC).replace(tzinfo=None)
             for fold in (0, 1)]
     if ends[1] < ends[0]:
-        # The night the clocks go forward over the end's wall time, it never comes. Fold 1 reads it
-        # with the new offset, an instant still inside quiet hours (an hour early); fold 0 with the old
-        # one, the end moved on by the hour skipped: quiet hours are never cut short.
-        return ends[0]
+        # The night the clocks go forward over the end's wall time, it never comes: quiet hours end
+        # as the clocks jump past it (02:00 -> 03:00 for an end at 02:30), where the wall time first
+        # reads later than the end. Fold 1 would read it with the new offset, an hour early and
+        # still quiet; fold 0 with the old one, half an hour after mail arriving at 03:10 goes out.
+        return _jump_over(end_day, end, tz)
     # The night the clocks go back, the end's wall time comes twice (fold 0, then 1): the end is the
     # first of them still to come, never one already gone.
     return min((e for e in ends if e > at), default=max(ends))
+
+
+def _jump_over(day, clock: tuple[int, int], tz: ZoneInfo) -> datetime:
+    """The instant (naive UTC) the clocks jump over clock, a wall time that does not exist on day."""
+    moment = datetime.combine(day, time(*clock), tzinfo=tz)
+    for _ in range(24 * 60):
+        if moment.astimezone(UTC).astimezone(tz).replace(tzinfo=None) == moment.replace(tzinfo=None):
+            break  # a wall time that exists: the first past the jump
+        moment += timedelta(minutes=1)  # wall-clock arithmetic, as both share tz
+    return moment.astimezone(UTC).replace(tzinfo=None)
 
 
 class Lookup:

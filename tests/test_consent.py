@@ -37,10 +37,11 @@ def utc(*args) -> datetime:
         ("Europe/Berlin", "22:00", "02:30", utc(2026, 10, 25, 1, 10), utc(2026, 10, 25, 1, 30)),
         ("Europe/Berlin", "22:00", "02:30", utc(2026, 10, 25, 0, 10), utc(2026, 10, 25, 0, 30)),  # the first
         # Quiet hours that end inside the hour skipped in spring (28 Mar 2027, 02:00 CET -> 03:00
-        # CEST): 02:30 never comes; they end at 03:30 CEST (01:30 UTC), not at 00:30 UTC (01:30 CET,
-        # still quiet).
-        ("Europe/Berlin", "22:00", "02:30", utc(2027, 3, 28, 0, 20), utc(2027, 3, 28, 1, 30)),
-        ("America/New_York", "23:00", "02:15", utc(2027, 3, 14, 5, 0), utc(2027, 3, 14, 7, 15)),
+        # CEST): 02:30 never comes; they end as the clocks jump (01:00 UTC), not at 00:30 UTC (01:30
+        # CET, still quiet); and mail at 03:10 CEST, after the jump, is outside them.
+        ("Europe/Berlin", "22:00", "02:30", utc(2027, 3, 28, 0, 20), utc(2027, 3, 28, 1, 0)),
+        ("Europe/Berlin", "22:00", "02:30", utc(2027, 3, 28, 1, 10), None),
+        ("America/New_York", "23:00", "02:15", utc(2027, 3, 14, 5, 0), utc(2027, 3, 14, 7, 0)),
     ],
 )
 def test_quiet_hours_end_in_the_users_own_time(tz, start, end, at, expected_end):
