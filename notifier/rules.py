@@ -38,6 +38,8 @@ RULES: dict[str, tuple[Notify, ...]] = {
     "password.reset_requested": (Notify("password_reset", Priority.HIGH),),
     "order.placed": (Notify("order_confirmation", Priority.DEFAULT),),
 }
+# Every template some event's rule sends: where an event's idempotency key may have stored a notification.
+TEMPLATES: tuple[str, ...] = tuple(sorted({notify.template for notifies in RULES.values() for notify in notifies}))
 
 
 def category_of(template: str | None, requested: str | None = None) -> Category:

@@ -64,6 +64,11 @@ class NotificationService:
             earlier = earlier or idempotency.find(api_key, key)
             if earlier is not None:
                 return None, _replay(earlier, request_hash)
+        return self._prepare(api_key, payload, key, request_hash, lookup), None
+
+    def _prepare(self, api_key: ApiKey, payload: dict, key: idempotency.Key | None, request_hash: str | None,
+                 lookup: consent.Lookup | None = None) -> Draft:
+        """draft() once the key is known to be new: the row to store under key, with request_hash."""
         if payload.get("template"):
             self.check_template(payload["template"], payload["data"])
         fields = {name: payload.get(name) for name in MESSAGE_FIELDS}
@@ -87,7 +92,7 @@ class NotificationService:
         )
         if decision.status in FINAL_STATUSES and fields["callback_url"]:
             fields["callback_status"] = CallbackStatus.PENDING.value
-        return Draft(fields, decision, key, request_hash), None
+        return Draft(fields, decision, key, request_hash)
 
     def send(self, api_key: ApiKey, payload: dict, idempotency_key: str | None = None) -> tuple[Notification, bool]:
         """Store a validated send request and queue it; returns it and whether it was a replay."""
@@ -194,18 +199,37 @@ class NotificationService:
 
     def _emit_once(self, api_key: ApiKey, event: dict, key: str | None) -> list[tuple[Notification, bool]]:
         user = event["user"]
-        results = []
+        rule_list = rules.RULES[event["type"]]
+        # The key covers the whole event, the user's timezone included: every notification stores the
+        # fingerprint of the event, not only of its own part.
+        request_hash = _fingerprint(event) if key is not None else None
         # One transaction for everything the event writes, the user's timezone included: a refused
-        # event (422, 409) leaves no trace. The timezone goes first, so quiet hours use it.
+        # event (422, 409) leaves no trace, and neither does a replay.
         with Notification._meta.database.atomic():
-            if user.get("timezone"):
+            if key is not None:
+                earlier = self._earlier_event(api_key, event, key, request_hash)
+                if earlier:
+                    return [(notification, True) for notification in earlier]
+            if user.get("timezone"):  # first, so quiet hours use it
                 consent.update_preferences(api_key, user["id"], {"timezone": user["timezone"]})
-            drafts = [self.draft(api_key, self._rule_payload(event, rule),
-                                 idempotency.Key.for_rule(key, rule.template) if key is not None else None)
-                      for rule in rules.RULES[event["type"]]]
-            for draft, earlier in drafts:
-                results.append((earlier, True) if earlier is not None else (self._store(api_key, draft), False))
-        return results
+            drafts = [self._prepare(api_key, self._rule_payload(event, rule),
+                                    idempotency.Key.for_rule(key, rule.template) if key is not None else None,
+                                    request_hash)
+                      for rule in rule_list]
+            return [(self._store(api_key, draft), False) for draft in drafts]
+
+    def _earlier_event(self, api_key: ApiKey, event: dict, key: str, request_hash: str) -> list[Notification]:
+        """What an earlier event stored under key, in rule order (empty if none): 409 unless that event
+        was this one. Every rule's key is looked up, so an event of another type meets it too."""
+        own = {idempotency.Key.for_rule(key, rule.template): rule for rule in rules.RULES[event["type"]]}
+        others = [idempotency.Key.for_rule(key, template) for template in rules.TEMPLATES]
+        found = idempotency.find_many(api_key, [*own, *(k for k in others if k not in own)])
+        for k, notification in found.items():
+            # Events stored by earlier versions gave each notification the fingerprint of its own
+            # rule's part of the event, which leaves out the user's timezone: such rows still replay.
+            legacy = _fingerprint(self._rule_payload(event, own[k])) if k in own else None
+            _replay(notification, request_hash, legacy)
+        return [found[k] for k in own if k in found]
 
     def _rule_payload(self, event: dict, rule) -> dict:
         user = event["user"]
@@ -298,8 +322,9 @@ def _fingerprint(payload: dict) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def _replay(earlier: Notification, request_hash: str) -> Notification:
-    if earlier.request_hash != request_hash:
+def _replay(earlier: Notification, *request_hashes: str | None) -> Notification:
+    """earlier, if it was stored by a request with one of these fingerprints; else 409."""
+    if earlier.request_hash is None or earlier.request_hash not in request_hashes:
         raise Conflict(
             "this idempotency key was used for a different request",
             {"id": earlier.id},

@@ -10,7 +10,8 @@ from datetime import timedelta
 
 import pytest
 
-from notifier import idempotency
+from notifier import idempotency, rules
+from notifier import service as service_module
 from notifier.db import database
 from notifier.models import Notification, SchemaVersion
 from notifier.reconciler import reconcile
@@ -222,16 +223,16 @@ def _hold_lookups(requests: int, monkeypatch) -> None:
     """Each of requests threads waits, after its first idempotency lookup, until all have looked."""
     lookups = threading.Barrier(requests)
     waited = threading.local()
-    real_lookup = idempotency.find
+    real_lookup = idempotency.find_many
 
-    def lookup_then_wait(api_key, key):
-        found = real_lookup(api_key, key)
+    def lookup_then_wait(api_key, keys):
+        found = real_lookup(api_key, keys)
         if not getattr(waited, "done", False):
             waited.done = True
             lookups.wait(timeout=10)
         return found
 
-    monkeypatch.setattr(idempotency, "find", lookup_then_wait)
+    monkeypatch.setattr(idempotency, "find_many", lookup_then_wait)  # find() and events look up through it
 
 
 def test_requests_that_all_miss_the_lookup_still_create_one(app, headers, deliverer, smtp, redis_conn, monkeypatch):
@@ -421,3 +422,74 @@ def test_keys_stored_before_scopes_existed_still_replay_after_the_upgrade(client
     fresh = _event(client, headers, "new-event")
     assert fresh.status_code == 202 and not any(n["replayed"] for n in fresh.get_json()["notifications"])
     assert notification_count() == 7
+
+
+# --- an event's key covers the whole event ------------------------------------------------------------
+
+RESET = {"type": "password.reset_requested", "user": {"id": "u-whole", "email": "whole@example.com",
+                                                      "timezone": "Europe/Berlin"},
+         "data": {"reset_url": "https://example.com/reset/1"}}
+ORDER = {"type": "order.placed", "user": {"id": "u-whole", "email": "whole@example.com"},
+         "data": {"order_id": "A-1", "items": [{"name": "Tea", "quantity": 1, "price": "4.50"}], "total": "4.50"}}
+
+
+def _timezone(client, headers, user_id: str = "u-whole") -> str:
+    return client.get(f"/api/users/{user_id}/preferences", headers=headers).get_json()["timezone"]
+
+
+def _reused(response) -> dict:
+    assert response.status_code == 409, response.get_data(as_text=True)
+    error = response.get_json()["error"]
+    assert error["code"] == "idempotency_key_reused"
+    return error
+
+
+def test_an_event_key_given_to_an_event_of_another_type_is_a_conflict(client, headers, deliverer, smtp, redis_conn):
+    made = _event(client, headers, "whole-1", RESET)
+    assert made.status_code == 202, made.get_data(as_text=True)
+
+    error = _reused(_event(client, headers, "whole-1", ORDER))
+    assert error["details"] == {"id": made.get_json()["notifications"][0]["id"]}
+    assert notification_count() == 1
+    run_worker_until_idle(redis_conn)
+    assert smtp.count() == 1  # the password reset only
+
+
+def test_an_event_key_given_again_with_another_timezone_is_a_conflict_that_changes_nothing(client, headers, deliverer,
+                                                                                          smtp, redis_conn):
+    assert _event(client, headers, "whole-2", RESET).status_code == 202
+    moved = {**RESET, "user": {**RESET["user"], "timezone": "Asia/Tokyo"}}
+
+    _reused(_event(client, headers, "whole-2", moved))
+    assert _timezone(client, headers) == "Europe/Berlin"
+    assert notification_count() == 1
+
+
+def test_an_event_replayed_changes_nothing(client, headers, deliverer, smtp, redis_conn):
+    made = _event(client, headers, "whole-3", RESET).get_json()["notifications"]
+    changed = client.put("/api/users/u-whole/preferences", json={"timezone": "America/Lima"}, headers=headers)
+    assert changed.status_code == 200, changed.get_data(as_text=True)
+
+    again = _event(client, headers, "whole-3", RESET)
+    assert again.status_code == 202, again.get_data(as_text=True)
+    assert [(n["id"], n["replayed"]) for n in again.get_json()["notifications"]] == [(n["id"], True) for n in made]
+    assert _timezone(client, headers) == "America/Lima"  # what the user set since, not the event's again
+    assert notification_count() == 1
+
+
+def test_an_event_stored_with_the_fingerprints_of_its_parts_still_replays(app, client, headers, deliverer, smtp,
+                                                                          redis_conn):
+    # Earlier versions gave each of an event's notifications the fingerprint of its own rule's part.
+    made = _event(client, headers, "whole-4", SIGNUP).get_json()["notifications"]
+    service = app.extensions["notifier"]["service"]
+    parts = {rule.template: service._rule_payload(SIGNUP, rule) for rule in rules.RULES[SIGNUP["type"]]}
+    with database.connection_context():
+        for notification in Notification.select().where(Notification.idempotency_key == "whole-4"):
+            notification.request_hash = service_module._fingerprint(parts[notification.template])
+            notification.save()
+
+    again = _event(client, headers, "whole-4", SIGNUP)
+    assert again.status_code == 202, again.get_data(as_text=True)
+    assert [(n["id"], n["replayed"]) for n in again.get_json()["notifications"]] == [(n["id"], True) for n in made]
+    _reused(_event(client, headers, "whole-4", {**SIGNUP, "data": {"code": "000000"}}))
+    assert notification_count() == 2
