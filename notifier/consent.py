@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from datetime import UTC, datetime, time, timedelta
+from functools import reduce
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from peewee import IntegrityError
@@ -77,14 +79,13 @@ def update_preferences(api_key: ApiKey, user_key: str, changes: dict) -> dict:
     db = Preference._meta.database
     with db.atomic():
         if "timezone" in changes or "quiet_hours" in changes:
-            profile = get_profile(api_key, user_key) or UserProfile(api_key=api_key, user_key=user_key)
+            profile = {"updated_at": utcnow()}
             if "timezone" in changes:
-                profile.timezone = changes["timezone"]
+                profile["timezone"] = changes["timezone"]
             if "quiet_hours" in changes:
                 quiet = changes["quiet_hours"] or {}
-                profile.quiet_start, profile.quiet_end = quiet.get("start"), quiet.get("end")
-            profile.updated_at = utcnow()
-            profile.save()
+                profile["quiet_start"], profile["quiet_end"] = quiet.get("start"), quiet.get("end")
+            _upsert(UserProfile, {"api_key": api_key.id, "user_key": user_key}, profile)
         for category, mode in (changes.get("categories") or {}).items():
             set_mode(api_key, user_key, category, mode)
     return preferences(api_key, user_key)
@@ -92,18 +93,22 @@ def update_preferences(api_key: ApiKey, user_key: str, changes: dict) -> dict:
 
 def set_mode(api_key: ApiKey, user_key: str, category: str, mode: str) -> None:
     """Record how the user wants one category (an upsert that two requests may race on safely)."""
-    updated = (
-        Preference.update(mode=mode, updated_at=utcnow())
-        .where((Preference.api_key == api_key.id) & (Preference.user_key == user_key)
-               & (Preference.category == category))
-        .execute()
-    )
-    if not updated:
-        try:
-            with Preference._meta.database.atomic():
-                Preference.create(api_key=api_key, user_key=user_key, category=category, mode=mode)
-        except IntegrityError:
-            set_mode(api_key, user_key, category, mode)
+    _upsert(Preference, {"api_key": api_key.id, "user_key": user_key, "category": category},
+            {"mode": mode, "updated_at": utcnow()})
+
+
+def _upsert(model, key: dict, values: dict) -> None:
+    """Set values on the row of model that key names (its unique columns), making the row if there is
+    none: when another request makes it first, the unique index refuses ours and we update theirs."""
+    where = reduce(operator.and_, (getattr(model, name) == value for name, value in key.items()))
+    if model.update(**values).where(where).execute():
+        return
+    try:
+        with model._meta.database.atomic():  # a savepoint: a refused insert leaves the caller's transaction usable
+            model.create(**key, **values)
+    except IntegrityError:
+        if not model.update(**values).where(where).execute():
+            raise  # not a row made meanwhile: some other constraint refused it
 
 
 def mode_for(api_key_id: int, user_key: str, category: str) -> DeliveryMode:

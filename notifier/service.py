@@ -189,8 +189,8 @@ class NotificationService:
             results = self._emit_once(api_key, event, key)
         except IntegrityError:
             # The same event sent again at the same time stored its keys first (the unique index
-            # made this insert wait for that commit), or a first preference row for the same user
-            # went in meanwhile: once more, this one then finds them and is the replay.
+            # made this insert wait for that commit): once more, this one then finds them and is the
+            # replay (or the 409 of another event under the same key).
             results = self._emit_once(api_key, event, key)
         for notification, replayed in results:
             if not replayed:

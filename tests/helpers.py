@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import psycopg2
 
 from notifier import store
@@ -108,3 +110,23 @@ def drop_connections(database: str) -> int:
         (count,) = cur.fetchone()
     admin.close()
     return count
+
+
+def concurrently(n: int, call):
+    """Run call() in n threads released at the same instant; return their results in order."""
+    barrier = threading.Barrier(n)
+    results: list = [None] * n
+
+    def run(i):
+        barrier.wait()
+        try:
+            results[i] = call()
+        except Exception as exc:  # noqa: BLE001 - the assertion below shows it
+            results[i] = exc
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    return results

@@ -20,7 +20,15 @@ from notifier.db import database
 from notifier.models import ApiKey, DeliveryMode, Notification, Preference, UserProfile, utcnow
 from notifier.queues import CALLBACK_QUEUE, QUEUES_BY_PRIORITY, callback_job_id_for
 from notifier.reconciler import reconcile
-from tests.helpers import LITERAL, VERIFICATION, eventually, notification_count, reload, run_worker_until_idle
+from tests.helpers import (
+    LITERAL,
+    VERIFICATION,
+    concurrently,
+    eventually,
+    notification_count,
+    reload,
+    run_worker_until_idle,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -132,6 +140,25 @@ def test_each_api_key_has_its_own_preferences(client, headers, other_key, smtp):
     assert _prefs(client, headers)["categories"] == {**DEFAULTS, "product": "off"}
     assert notification_count() == 0
     assert smtp.count() == 0
+
+
+def test_first_preferences_of_a_new_user_sent_at_once_are_all_stored(app, headers, smtp):
+    for user_id in ("new-1", "new-2", "new-3"):  # a few rounds: each race is over in milliseconds
+        changes = {"timezone": "Europe/Paris", "quiet_hours": {"start": "23:00", "end": "06:00"},
+                   "categories": {"marketing": "off"}}
+
+        def put(user_id=user_id, changes=changes):
+            response = app.test_client().put(f"/api/users/{user_id}/preferences", json=changes, headers=headers)
+            return response.status_code, response.get_json()
+
+        results = concurrently(8, put)
+
+        assert all(isinstance(r, tuple) for r in results), results
+        assert [status for status, _ in results] == [200] * 8, results
+        assert {body["timezone"] for _, body in results} == {"Europe/Paris"}
+        with database.connection_context():
+            assert UserProfile.select().where(UserProfile.user_key == user_id).count() == 1
+            assert Preference.select().where(Preference.user_key == user_id).count() == 1
 
 
 # --- what a send becomes ------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from notifier.db import database
 from notifier.models import Notification, SchemaVersion
 from notifier.reconciler import reconcile
 from notifier.schema import SCHEMA_VERSION, upgrade
-from tests.helpers import LITERAL, VERIFICATION, notification_count, reload, run_worker_until_idle
+from tests.helpers import LITERAL, VERIFICATION, concurrently, notification_count, reload, run_worker_until_idle
 from tests.processes import cli, env_for, free_port, spawn, stop, wait_for_http
 
 pytestmark = pytest.mark.integration
@@ -137,26 +137,6 @@ def test_keys_are_scoped_to_the_api_key(client, api_key, other_key, deliverer, s
     assert smtp.count() == 2
 
 
-def _concurrently(n: int, call):
-    """Run call() in n threads released at the same instant; return their results in order."""
-    barrier = threading.Barrier(n)
-    results: list = [None] * n
-
-    def run(i):
-        barrier.wait()
-        try:
-            results[i] = call()
-        except Exception as exc:  # noqa: BLE001 - the assertion below shows it
-            results[i] = exc
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=30)
-    return results
-
-
 def _http_post(url: str, api_key: str, payload: dict, idempotency_key: str) -> tuple[int, dict, dict]:
     """POST JSON with an Idempotency-Key; return status, response headers and body."""
     req = urllib.request.Request(url, data=json.dumps(payload).encode(), method="POST")
@@ -186,7 +166,7 @@ def api_process(pg_settings, pg_db, redis_conn, tmp_path):
 
 def test_concurrent_requests_with_one_key_create_one_notification(api_process, deliverer, smtp, redis_conn):
     base, key = api_process
-    results = _concurrently(8, lambda: _http_post(f"{base}{SEND}", key, LITERAL, "race-1"))
+    results = concurrently(8, lambda: _http_post(f"{base}{SEND}", key, LITERAL, "race-1"))
 
     assert all(isinstance(r, tuple) for r in results), results
     assert [status for status, _, _ in results] == [202] * 8, results
@@ -208,7 +188,7 @@ def test_concurrent_requests_in_process_create_one_notification(app, headers, de
         response = app.test_client().post(SEND, json=LITERAL, headers={**headers, "Idempotency-Key": "race-2"})
         return response.status_code, response.get_json()["id"]
 
-    results = _concurrently(8, post)
+    results = concurrently(8, post)
 
     assert all(isinstance(r, tuple) for r in results), results
     assert {status for status, _ in results} == {202}
@@ -244,7 +224,7 @@ def test_requests_that_all_miss_the_lookup_still_create_one(app, headers, delive
         response = app.test_client().post(SEND, json=LITERAL, headers={**headers, "Idempotency-Key": "race-3"})
         return response.status_code, response.headers.get(REPLAYED), response.get_json().get("id")
 
-    results = _concurrently(8, post)
+    results = concurrently(8, post)
 
     assert all(isinstance(r, tuple) for r in results), results
     assert [status for status, _, _ in results] == [202] * 8, results
@@ -267,7 +247,7 @@ def test_an_event_sent_again_at_once_stores_its_notifications_once(app, headers,
         response = app.test_client().post("/api/events", json=event, headers={**headers, "Idempotency-Key": "ev-1"})
         return response.status_code, [n["id"] for n in response.get_json().get("notifications", [])]
 
-    results = _concurrently(4, post)
+    results = concurrently(4, post)
 
     assert all(isinstance(r, tuple) for r in results), results
     assert [status for status, _ in results] == [202] * 4, results
