@@ -17,6 +17,9 @@ STATUSES = [s.value for s in Status]
 MAX_BODY_CHARS = 1_000_000
 MAX_JSON_DEPTH = 20
 MAX_JSON_NODES = 1000
+# A caller's id for a user, wherever it is given (a body, a query, a path). The column that keeps it
+# (user_key) is longer, to hold "email:" and a whole address for mail sent with no user id.
+USER_ID = validate.Length(min=1, max=200)
 
 
 def _no_line_breaks(value: str) -> None:
@@ -112,7 +115,7 @@ class SendSchema(DeliveryOptions):
     text = fields.String(validate=validate.Length(min=1, max=MAX_BODY_CHARS))
     html = fields.String(validate=validate.Length(min=1, max=MAX_BODY_CHARS))
     priority = fields.String(load_default=Priority.DEFAULT.value, validate=validate.OneOf(PRIORITIES))
-    user_id = fields.String(validate=validate.Length(min=1, max=200))
+    user_id = fields.String(validate=USER_ID)
     category = fields.String(validate=validate.OneOf(CATEGORIES))
 
     @validates_schema
@@ -144,7 +147,7 @@ class BatchItemResultSchema(Schema):
 
 class VerificationSchema(DeliveryOptions):
     to = Email(required=True)
-    user_id = fields.String(required=True, validate=validate.Length(min=1, max=200))
+    user_id = fields.String(required=True, validate=USER_ID)
     code = fields.String(validate=validate.Length(min=1, max=64))
     verification_url = fields.Url(schemes={"http", "https"}, require_tld=False)
     name = fields.String(validate=[validate.Length(min=1, max=200), _no_line_breaks])
@@ -168,7 +171,7 @@ def _clock(value: str) -> None:
 
 
 class EventUserSchema(StrictSchema):
-    id = fields.String(required=True, validate=validate.Length(min=1, max=200))
+    id = fields.String(required=True, validate=USER_ID)
     email = Email(required=True)
     name = fields.String(validate=[validate.Length(min=1, max=200), _no_line_breaks])
     timezone = fields.String(validate=_timezone)
@@ -201,6 +204,12 @@ class PreferencesSchema(StrictSchema):
                              values=fields.String(validate=validate.OneOf(MODES)))
 
 
+class UserPathSchema(StrictSchema):
+    """The user id a route takes in its path, held to the same limits as one in a body."""
+
+    user_id = fields.String(required=True, validate=USER_ID)
+
+
 class PageQuerySchema(StrictSchema):
     limit = fields.Integer(load_default=50, validate=validate.Range(min=1))
     cursor = fields.String(validate=validate.Length(min=1, max=64))
@@ -208,7 +217,7 @@ class PageQuerySchema(StrictSchema):
 
 class ListQuerySchema(PageQuerySchema):
     status = fields.String(validate=validate.OneOf(STATUSES))
-    user_id = fields.String(validate=validate.Length(min=1, max=200))
+    user_id = fields.String(validate=USER_ID)
     template = fields.String(validate=validate.Length(min=1, max=100))
     priority = fields.String(validate=validate.OneOf(PRIORITIES))
     to = fields.String(validate=validate.Length(min=1, max=320))

@@ -12,7 +12,7 @@ from dataclasses import replace
 import pytest
 
 from notifier.db import database
-from notifier.models import Notification
+from notifier.models import Notification, UserProfile
 from notifier.rules import RULES
 from notifier.schemas import MAX_JSON_DEPTH, MAX_JSON_NODES
 from tests.helpers import LITERAL, VERIFICATION, notification_count, run_worker_until_idle
@@ -235,6 +235,24 @@ def test_escapes_that_are_text_are_accepted(client, headers):
 ])
 def test_a_nul_in_the_path_or_query_is_400(client, headers, path):
     _refused(client.get(path, headers=headers), 400, "bad_request")
+
+
+USER_ROUTES = [("GET", "/api/users/{}/preferences"), ("PUT", "/api/users/{}/preferences"),
+               ("GET", "/api/notifications/user/{}/stats")]
+
+
+@pytest.mark.parametrize(("method", "path"), USER_ROUTES)
+def test_a_user_id_in_the_path_is_held_to_the_limit_of_one_in_a_body(client, headers, method, path):
+    for length in (331, 201):  # past the column's limit (a 500 once), and past the body's
+        response = client.open(path.format("u" * length), method=method, json={"timezone": "Asia/Tokyo"},
+                               headers=headers)
+        assert _refused(response, 422, "validation_error")["details"] == {"user_id": ["Length must be between 1 "
+                                                                                      "and 200."]}
+    _refused(client.post(SEND, json=LITERAL | {"user_id": "u" * 201}, headers=headers), 422)  # the same limit
+    longest = client.open(path.format("u" * 200), method=method, json={"timezone": "Asia/Tokyo"}, headers=headers)
+    assert longest.status_code == 200, longest.get_data(as_text=True)
+    with database.connection_context():
+        assert UserProfile.select().where(UserProfile.user_key != "u" * 200).count() == 0
 
 
 @pytest.mark.parametrize("value", ["0001-01-01T00:00:00+01:00", "9999-12-31T23:59:59-01:00"])

@@ -13,6 +13,7 @@ from notifier import keys
 from notifier.errors import ApiError, RateLimited, Unauthorized
 from notifier.models import ApiKey
 from notifier.ratelimit import parse_rate
+from notifier.schemas import UserPathSchema
 from notifier.service import NotificationService
 
 API_KEY_HEADER = "X-API-Key"
@@ -20,6 +21,7 @@ _SURROGATE = re.compile("[\\ud800-\\udfff]")
 # How a NUL or a surrogate can reach a parsed body: strict JSON holds neither raw (a control character
 # inside a string is refused, and the body was decoded as UTF-8 first), only as \u escapes.
 _UNSTORABLE_ESCAPE = re.compile(r"\\u(?:0000|[dD][89a-fA-F])")
+_user_path = UserPathSchema()
 
 
 def service() -> NotificationService:
@@ -61,6 +63,11 @@ def request_body() -> bytes:
         # server's own input, past werkzeug's limit, says whether there was more.)
         raise RequestEntityTooLarge()
     return data
+
+
+def path_user_id(user_id: str) -> str:
+    """A user id from the path, held to the limits of one in a body (ValidationError becomes a 422)."""
+    return _user_path.load({"user_id": user_id})["user_id"]
 
 
 def _no_constant(name: str):

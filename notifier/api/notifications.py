@@ -6,7 +6,7 @@ from flask import Blueprint, current_app, jsonify, request, url_for
 from marshmallow import ValidationError
 
 from notifier import store
-from notifier.api.common import current_key, json_body, json_items, request_body, require_api_key, service
+from notifier.api.common import current_key, json_body, json_items, path_user_id, request_body, require_api_key, service
 from notifier.errors import ApiError, NotFound, ServiceUnavailable, Unprocessable
 from notifier.schemas import (
     AcceptedSchema,
@@ -155,4 +155,4 @@ def list_all():
 @bp.get("/user/<user_id>/stats")
 def user_stats(user_id: str):
     """How many notifications a user has, in total and per status."""
-    return jsonify(store.stats_for_user(current_key(), user_id))
+    return jsonify(store.stats_for_user(current_key(), path_user_id(user_id)))

@@ -126,6 +126,7 @@ ACCEPTED_HEADERS = {
                                            "idempotency key; nothing new was sent",
                             "schema": {"type": "string", "enum": ["true"]}},
 }
+USER_ID_422 = "`validation_error`: the user id in the path is longer than 200 characters"
 IDEMPOTENCY_409 = "`idempotency_key_reused`: this idempotency key was used for a different request"
 SEND_DESCRIPTION = (
     "Stored first, then queued; a rejected request stores nothing. `send_at`/`delay_seconds` send later, "
@@ -135,7 +136,7 @@ SEND_DESCRIPTION = (
 
 PATH_PARAMETERS = {
     "notification_id": "the notification's id, as returned when it was accepted",
-    "user_id": "your id for the user",
+    "user_id": "your id for the user (1 to 200 characters, as `user_id` in a request body)",
     "email": "the suppressed address",
 }
 
@@ -169,7 +170,8 @@ OPERATIONS: dict[tuple[str, str], Op] = {
         ok_description="Cancelled: it will never be sent",
         errors={409: "`not_cancellable`: it is sending or already final"}),
     ("notifications.user_stats", "GET"): Op(
-        "How many notifications a user has, in total and per status", "notifications", ok_schema=UserStatsSchema),
+        "How many notifications a user has, in total and per status", "notifications", ok_schema=UserStatsSchema,
+        errors={422: USER_ID_422}),
     ("deadletters.list_dead", "GET"): Op(
         "Your failed notifications, most recently failed first, with why, a page at a time", "dead letters",
         ok_schema=DeadLetterListSchema, query=PageQuerySchema,
@@ -183,7 +185,8 @@ OPERATIONS: dict[tuple[str, str], Op] = {
         ok_schema=EventAcceptedSchema, ok_description="Accepted: every notification the event caused",
         body=EventSchema, idempotency_header=True, errors={409: IDEMPOTENCY_409}),
     ("users.get_preferences", "GET"): Op(
-        "A user's preferences, with defaults for anything never set", "preferences", ok_schema=PreferencesOutSchema),
+        "A user's preferences, with defaults for anything never set", "preferences", ok_schema=PreferencesOutSchema,
+        errors={422: USER_ID_422}),
     ("users.put_preferences", "PUT"): Op(
         "Change a user's preferences", "preferences", ok_schema=PreferencesOutSchema, body=PreferencesSchema,
         ok_description="The user's preferences after the change",

@@ -5,7 +5,7 @@ from __future__ import annotations
 from flask import Blueprint, jsonify
 
 from notifier import consent
-from notifier.api.common import current_key, json_body, require_api_key
+from notifier.api.common import current_key, json_body, path_user_id, require_api_key
 from notifier.schemas import PreferencesSchema
 
 bp = Blueprint("users", __name__, url_prefix="/api/users")
@@ -16,10 +16,11 @@ _preferences = PreferencesSchema()
 @bp.get("/<user_id>/preferences")
 def get_preferences(user_id: str):
     """The user's preferences, with defaults for anything never set."""
-    return jsonify(consent.preferences(current_key(), user_id))
+    return jsonify(consent.preferences(current_key(), path_user_id(user_id)))
 
 
 @bp.put("/<user_id>/preferences")
 def put_preferences(user_id: str):
     """Change the parts given; transactional mail cannot be turned off."""
+    user_id = path_user_id(user_id)
     return jsonify(consent.update_preferences(current_key(), user_id, json_body(_preferences)))
