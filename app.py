@@ -11,7 +11,7 @@ from werkzeug.exceptions import HTTPException
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from notifier.api import docs, guards, operators, tracing
-from notifier.api.common import rate_limit_headers
+from notifier.api.common import UserIdConverter, rate_limit_headers
 from notifier.config import Settings
 from notifier.db import UNAVAILABLE_ERRORS, database, is_postgres
 from notifier.errors import HTTP_CODES, ApiError
@@ -107,6 +107,7 @@ def create_app(settings: Settings | None = None, *, redis=None) -> Flask:
 
     from notifier.api import deadletters, events, health, notifications, suppressions, unsubscribe, users
 
+    app.url_map.converters["user"] = UserIdConverter  # before the routes that use it
     app.register_blueprint(health.bp)
     app.register_blueprint(notifications.bp)
     app.register_blueprint(deadletters.bp)

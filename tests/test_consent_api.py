@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from datetime import timedelta
-from urllib.parse import urlparse
+from urllib.parse import quote, urlparse
 
 import pytest
 from rq import Queue
@@ -159,6 +159,24 @@ def test_first_preferences_of_a_new_user_sent_at_once_are_all_stored(app, header
         with database.connection_context():
             assert UserProfile.select().where(UserProfile.user_key == user_id).count() == 1
             assert Preference.select().where(Preference.user_key == user_id).count() == 1
+
+
+@pytest.mark.parametrize("user_id", ["org/7", "/lead", "trail/", "a//b", "x/preferences", "x/stats"])
+def test_a_user_id_with_slashes_has_its_own_preferences_and_stats(client, headers, deliverer, smtp, redis_conn,
+                                                                   user_id):
+    assert _send(client, headers, _welcome(user_id))["status"] == "queued"
+    for in_path in (quote(user_id, safe=""), user_id):  # a "/" written as %2F, and as it is
+        changed = _put(client, headers, {"categories": {"product": "off"}}, user_id=in_path)
+        assert changed.status_code == 200, changed.get_data(as_text=True)
+        assert changed.get_json()["user_id"] == user_id
+        assert _prefs(client, headers, in_path)["categories"]["product"] == "off"
+        stats = client.get(f"/api/notifications/user/{in_path}/stats", headers=headers)
+        assert stats.status_code == 200, stats.get_data(as_text=True)
+        assert (stats.get_json()["user_id"], stats.get_json()["total"]) == (user_id, 1)
+
+    assert _send(client, headers, _welcome(user_id))["status"] == "suppressed"  # the same user's preferences
+    with database.connection_context():
+        assert [p.user_key for p in Preference.select()] == [user_id]
 
 
 # --- what a send becomes ------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import re
 from flask import current_app, g, request
 from marshmallow import Schema, ValidationError
 from werkzeug.exceptions import RequestEntityTooLarge
+from werkzeug.routing import BaseConverter
 
 from notifier import keys
 from notifier.errors import ApiError, RateLimited, Unauthorized
@@ -63,6 +64,17 @@ def request_body() -> bytes:
         # server's own input, past werkzeug's limit, says whether there was more.)
         raise RequestEntityTooLarge()
     return data
+
+
+class UserIdConverter(BaseConverter):
+    """<user:user_id>: a user id in a path, "/" included (org/7, as org/7 or org%2F7), as a send takes it.
+
+    Not part-isolating, so the rest of the route (/preferences, /stats) is matched after it, and an id
+    like "/x", "x/" or "a//b" is matched as it is instead of being redirected to a merged-slash URL,
+    which would name another user."""
+
+    regex = ".+?"
+    part_isolating = False
 
 
 def path_user_id(user_id: str) -> str:

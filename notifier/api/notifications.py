@@ -152,7 +152,7 @@ def list_all():
     return jsonify(data=_many.dump(rows), next=next_cursor)
 
 
-@bp.get("/user/<user_id>/stats")
+@bp.get("/user/<user:user_id>/stats")
 def user_stats(user_id: str):
     """How many notifications a user has, in total and per status."""
     return jsonify(store.stats_for_user(current_key(), path_user_id(user_id)))

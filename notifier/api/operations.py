@@ -136,7 +136,8 @@ SEND_DESCRIPTION = (
 
 PATH_PARAMETERS = {
     "notification_id": "the notification's id, as returned when it was accepted",
-    "user_id": "your id for the user (1 to 200 characters, as `user_id` in a request body)",
+    "user_id": "your id for the user (1 to 200 characters, as `user_id` in a request body); a `/` in it may be "
+               "written as it is or as `%2F`",
     "email": "the suppressed address",
 }
 

@@ -13,13 +13,13 @@ bp.before_request(require_api_key)
 _preferences = PreferencesSchema()
 
 
-@bp.get("/<user_id>/preferences")
+@bp.get("/<user:user_id>/preferences")
 def get_preferences(user_id: str):
     """The user's preferences, with defaults for anything never set."""
     return jsonify(consent.preferences(current_key(), path_user_id(user_id)))
 
 
-@bp.put("/<user_id>/preferences")
+@bp.put("/<user:user_id>/preferences")
 def put_preferences(user_id: str):
     """Change the parts given; transactional mail cannot be turned off."""
     user_id = path_user_id(user_id)
