@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from notifier.db import database, is_postgres
 from notifier.models import ApiKey, Notification
 
 # The request is the notification: a send, a verification, a batch item with a key of its own.
@@ -45,6 +46,17 @@ class Key:
         # still found, until the reconciler forgets their keys (IDEMPOTENCY_TTL_DAYS after the
         # upgrade; then this fallback finds nothing and can go).
         return self.key if self.scope == SEND else f"{self.key}:{self.scope.partition(':')[2]}"
+
+
+def hold(api_key: ApiKey, key: str) -> None:
+    """Inside a transaction: make any other request under the same key wait until it ends.
+
+    For a request that stores several notifications under scopes that depend on what it says (an
+    event's templates): two different events under one key share no row the unique index could
+    refuse, so without this both would be stored. PostgreSQL only (SQLite has one writer at a time);
+    two keys that hash alike merely wait for each other."""
+    if is_postgres(database):
+        database.execute_sql("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (api_key.id, key))
 
 
 def find(api_key: ApiKey, key: Key) -> Notification | None:

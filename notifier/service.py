@@ -190,7 +190,7 @@ class NotificationService:
         except IntegrityError:
             # The same event sent again at the same time stored its keys first (the unique index
             # made this insert wait for that commit): once more, this one then finds them and is the
-            # replay (or the 409 of another event under the same key).
+            # replay. (On PostgreSQL idempotency.hold() makes them take turns, so this is SQLite's.)
             results = self._emit_once(api_key, event, key)
         for notification, replayed in results:
             if not replayed:
@@ -207,6 +207,7 @@ class NotificationService:
         # event (422, 409) leaves no trace, and neither does a replay.
         with Notification._meta.database.atomic():
             if key is not None:
+                idempotency.hold(api_key, key)  # an event of another type under this key waits for ours
                 earlier = self._earlier_event(api_key, event, key, request_hash)
                 if earlier:
                     return [(notification, True) for notification in earlier]
