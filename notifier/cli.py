@@ -37,8 +37,17 @@ def _check_rate(ctx, param, value):
     return value
 
 
+def _check_name(ctx, param, value):
+    from notifier.models import ApiKey
+
+    longest = ApiKey.name.max_length
+    if not 1 <= len(value) <= longest:  # PostgreSQL would refuse it with a traceback
+        raise click.BadParameter(f"1 to {longest} characters")
+    return value
+
+
 @keys_group.command("create")
-@click.argument("name")
+@click.argument("name", callback=_check_name)
 @click.option("--rate", callback=_check_rate, help="this key's request rate, e.g. 100/second (default RATE_LIMIT)")
 def keys_create(name: str, rate: str | None) -> None:
     """Create a key; its plaintext is the last line printed and is never shown again."""

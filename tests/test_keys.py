@@ -120,3 +120,11 @@ def test_keys_create_refuses_a_rate_that_is_not_one_of_at_least_one(tmp_path, ra
     done = subprocess.run([sys.executable, "-m", "notifier", "keys", "create", "k", "--rate", rate], env=env,
                           cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "one rate of at least 1" in done.stderr
+
+
+@pytest.mark.parametrize("name", ["", "k" * 101])
+def test_keys_create_refuses_a_name_the_column_cannot_hold(tmp_path, name):
+    env = {**os.environ, "DATABASE_URL": f"sqlite:///{tmp_path}/keys.db"}
+    done = subprocess.run([sys.executable, "-m", "notifier", "keys", "create", name], env=env,
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "1 to 100 characters" in done.stderr and "Traceback" not in done.stderr
