@@ -86,7 +86,9 @@ def update_preferences(api_key: ApiKey, user_key: str, changes: dict) -> dict:
                 quiet = changes["quiet_hours"] or {}
                 profile["quiet_start"], profile["quiet_end"] = quiet.get("start"), quiet.get("end")
             _upsert(UserProfile, {"api_key": api_key.id, "user_key": user_key}, profile)
-        for category, mode in (changes.get("categories") or {}).items():
+        # Rows locked in one order whatever the body's: two requests listing the same categories in
+        # other orders would each hold a row the other waits for, and PostgreSQL kills one.
+        for category, mode in sorted((changes.get("categories") or {}).items()):
             set_mode(api_key, user_key, category, mode)
     return preferences(api_key, user_key)
 

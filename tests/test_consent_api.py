@@ -161,6 +161,23 @@ def test_first_preferences_of_a_new_user_sent_at_once_are_all_stored(app, header
             assert Preference.select().where(Preference.user_key == user_id).count() == 1
 
 
+def test_preferences_listing_categories_in_other_orders_at_once_all_succeed(app, headers, smtp):
+    # Each request locks a row per category in turn: in the body's order, two requests in other
+    # orders deadlocked and one got a 503 "database unavailable".
+    forward = {"marketing": "off", "product": "daily", "updates": "weekly"}
+    backward = dict(reversed(list(forward.items())))
+    for round_ in range(6):
+        user_id = f"order-{round_}"
+        assert _put(app.test_client(), headers, {"categories": forward}, user_id=user_id).status_code == 200
+
+        def put(n, user_id=user_id):
+            body = {"categories": forward if n % 2 else backward}
+            return app.test_client().put(f"/api/users/{user_id}/preferences", json=body, headers=headers).status_code
+
+        calls = iter(range(8))
+        assert concurrently(8, lambda calls=calls: put(next(calls))) == [200] * 8
+
+
 @pytest.mark.parametrize("user_id", ["org/7", "/lead", "trail/", "a//b", "x/preferences", "x/stats"])
 def test_a_user_id_with_slashes_has_its_own_preferences_and_stats(client, headers, deliverer, smtp, redis_conn,
                                                                    user_id):
