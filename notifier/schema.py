@@ -8,16 +8,16 @@ from peewee import PostgresqlDatabase
 from playhouse.migrate import PostgresqlMigrator, SqliteMigrator, migrate
 
 from notifier.keycache import CHANNEL
-from notifier.models import MODELS, SchemaVersion
+from notifier.models import MODELS, Event, SchemaVersion, utcnow
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 8
+SCHEMA_VERSION = 9
 # Indexes a later version replaced, dropped where an earlier one made them (5: the reconciler pages
 # owed callbacks by seq, not by updated_at; two partial indexes of version 5's first cut, before it
 # paged deadlines and send times by seq too; 6: it pages queued rows a priority at a time; 8: an
 # idempotency key is unique with its scope, as one event stores several notifications under it).
-# Version 7 only adds one: a digest's items by digest_id.
+# Version 7 only adds one: a digest's items by digest_id; 9 moves the items of digests made before 7.
 _REPLACED_INDEXES = ("notification_callback_status_updated_at", "notifications_waiting_expires_at",
                      "notifications_scheduled_send_at", "notifications_queued_seq",
                      # The name peewee gave the key-only unique index (after the model, not the table).
@@ -42,7 +42,7 @@ def upgrade(db) -> int:
         if isinstance(db, PostgresqlDatabase):
             _notify_key_changes(db)
         row = SchemaVersion.select().first()
-        if row is not None and row.version < 7:
+        if row is not None and row.version < 9:
             _items_follow_their_digests(db)
         if row is None:
             SchemaVersion.create(version=SCHEMA_VERSION)
@@ -59,27 +59,38 @@ def upgrade(db) -> int:
 
 
 def _items_follow_their_digests(db) -> None:
-    # Before version 7 an item became `digested` as its digest was made. From 7 on it is `in_digest`
-    # until the digest ends, then ends as the digest did (store.transition moves them together): the
-    # items of a digest still on its way would otherwise say `digested` whatever became of it.
+    # Before version 7 an item became `digested` as its digest was made (and its callback said so).
+    # From 7 on it is `in_digest` until the digest ends, then ends as the digest did (store.transition
+    # moves them together): an item of a digest still on its way would otherwise say `digested`
+    # whatever became of it. Version 9 does this, as databases that reached 7 or 8 did not.
     mark = "%s" if isinstance(db, PostgresqlDatabase) else "?"
 
     def items_of(digests_where: str) -> str:
         return ('"status" = \'digested\' AND "digest_id" IN (SELECT "id" FROM "notifications" '
                 f'WHERE "template" = \'digest\' AND {digests_where})')
 
-    def marks(values: tuple) -> str:
-        return ", ".join([mark] * len(values))
+    def move(where: str, where_params: tuple, to: str, reason: str, assignments: str, params: tuple = ()) -> None:
+        # The history line first, while the rows still read `digested`; then the move itself.
+        at = Event._meta.fields["at"].db_value(utcnow())
+        db.execute_sql('INSERT INTO "notification_events" ("notification_id", "at", "kind", "from_status", '
+                       f'"to_status", "reason") SELECT "seq", {mark}, \'status\', \'digested\', {mark}, {mark} '
+                       f'FROM "notifications" WHERE {where}', (at, to, reason, *where_params))
+        db.execute_sql(f'UPDATE "notifications" SET "status" = {mark}, {assignments} WHERE {where}',
+                       (to, *params, *where_params))
 
     final = ("sent", "failed", "expired", "cancelled", "suppressed", "digested")
-    ended_unsent = ("failed", "expired", "cancelled", "suppressed")
-    its = 'FROM "notifications" d WHERE d."id" = "notifications"."digest_id"'
-    db.execute_sql('UPDATE "notifications" SET "status" = \'in_digest\', "sent_at" = NULL '
-                   f'WHERE {items_of(f""""status" NOT IN ({marks(final)})""")}', final)
-    db.execute_sql(f'UPDATE "notifications" SET "status" = (SELECT d."status" {its}), "sent_at" = NULL '
-                   f'WHERE {items_of(f""""status" IN ({marks(ended_unsent)})""")}', ended_unsent)
-    db.execute_sql(f'UPDATE "notifications" SET "sent_at" = (SELECT d."sent_at" {its}) '
-                   f'WHERE "sent_at" IS NULL AND {items_of(f""""status" = {mark}""")}', ("sent",))
+    # Its callback is owed when the digest ends, as for any item in one.
+    move(items_of(f'"status" NOT IN ({", ".join([mark] * len(final))})'), final, "in_digest",
+         "schema upgrade: its digest has not gone out yet",
+         '"sent_at" = NULL, "last_error" = NULL, "callback_status" = NULL, "callback_attempts" = 0')
+    for ended in ("failed", "expired", "cancelled", "suppressed"):
+        reason = f"schema upgrade: its digest was {ended}"
+        move(items_of(f'"status" = {mark}'), (ended,), ended, reason,
+             f'"sent_at" = NULL, "last_error" = {mark}, "callback_attempts" = 0, "callback_status" = '
+             'CASE WHEN "callback_url" IS NULL THEN NULL ELSE \'pending\' END', (reason,))
+    sent = items_of(f'"status" = {mark}')
+    db.execute_sql('UPDATE "notifications" SET "sent_at" = (SELECT d."sent_at" FROM "notifications" d WHERE '
+                   f'd."id" = "notifications"."digest_id") WHERE "sent_at" IS NULL AND {sent}', ("sent",))
 
 
 def _notify_key_changes(db) -> None:

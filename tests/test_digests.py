@@ -331,8 +331,10 @@ def test_a_held_item_released_to_immediate_still_waits_for_its_own_send_at(
     assert _detail(api, headers, item["id"])["status"] == "sent"
 
 
-def test_the_version_7_upgrade_moves_items_of_digests_made_before_it(pg_db, api_key):
-    # Before version 7 an item was `digested` as soon as its digest was made, sent or not.
+@pytest.mark.parametrize("version", [6, 8])  # 7 and 8 moved no items: 9 does, whichever came before
+def test_the_upgrade_moves_items_of_digests_made_before_version_7(pg_db, api_key, version):
+    # Before version 7 an item was `digested` as soon as its digest was made, sent or not, and its
+    # callback (if it asked for one) said so.
     from notifier.models import Notification, SchemaVersion
     from notifier.schema import upgrade
     from tests.helpers import make_notification, reload
@@ -341,17 +343,25 @@ def test_the_version_7_upgrade_moves_items_of_digests_made_before_it(pg_db, api_
     made = {}
     for status in ("queued", "failed", "sent"):
         digest = make_notification(owner, template="digest", data={"items": [], "period": "daily"})
-        items = [make_notification(owner, to=f"{status}{n}@example.com") for n in range(2)]
+        items = [make_notification(owner, to=f"{status}{n}@example.com", callback_url="https://example.com/hook")
+                 for n in range(2)]
         with database.connection_context():
             Notification.update(status=status, sent_at=datetime(2026, 1, 2) if status == "sent" else None).where(
                 Notification.id == digest.id).execute()
-            Notification.update(status="digested", digest_id=digest.id).where(
+            Notification.update(status="digested", digest_id=digest.id, callback_status="delivered").where(
                 Notification.id.in_([i.id for i in items])).execute()
         made[status] = [i.id for i in items]
     with database.connection_context():
-        SchemaVersion.update(version=6).execute()
+        SchemaVersion.update(version=version).execute()
     upgrade(pg_db)
 
-    assert {reload(i).status for i in made["queued"]} == {"in_digest"}  # its digest may still fail
-    assert {reload(i).status for i in made["failed"]} == {"failed"}
-    assert {(reload(i).status, reload(i).sent_at) for i in made["sent"]} == {("digested", datetime(2026, 1, 2))}
+    for item in map(reload, made["queued"]):  # its digest may still fail: its callback is owed when it ends
+        assert (item.status, item.callback_status) == ("in_digest", None)
+    for item in map(reload, made["failed"]):  # the caller hears of it
+        assert (item.status, item.callback_status, item.last_error) == (
+            "failed", "pending", "schema upgrade: its digest was failed")
+    for item in map(reload, made["sent"]):
+        assert (item.status, item.sent_at, item.callback_status) == ("digested", datetime(2026, 1, 2), "delivered")
+    with database.connection_context():
+        lines = [(e.from_status, e.to_status) for e in reload(made["failed"][0]).events if e.kind == "status"]
+    assert lines[-1] == ("digested", "failed")

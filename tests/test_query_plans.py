@@ -151,11 +151,11 @@ def test_an_upgrade_from_version_4_5_or_6_makes_the_partial_indexes(pg_db):
         for name, columns in replaced.items():
             database.execute_sql(f'CREATE INDEX "{name}" ON "notifications" {columns}')
         SchemaVersion.update(version=4).execute()
-    assert upgrade(pg_db) == SCHEMA_VERSION == 8
+    assert upgrade(pg_db) == SCHEMA_VERSION == 9
     with database.connection_context():
         assert made <= _indexes()
         assert not set(replaced) & _indexes()
-        assert SchemaVersion.get().version == 8
+        assert SchemaVersion.get().version == 9
 
 
 def test_an_older_release_on_a_newer_schema_says_so(sqlite_db, caplog):
