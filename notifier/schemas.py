@@ -84,6 +84,15 @@ class UtcDateTime(fields.DateTime):
             raise ValidationError("is out of range") from None
 
 
+class Seconds(fields.Integer):
+    """A whole number of seconds: 60 or 60.0. marshmallow's Integer cuts 1.5 to 1 without a word."""
+
+    def _validated(self, value):
+        if isinstance(value, float) and not value.is_integer():
+            raise self.make_error("invalid")
+        return super()._validated(value)
+
+
 class StrictSchema(Schema):
     class Meta:
         unknown = RAISE
@@ -94,9 +103,9 @@ class DeliveryOptions(StrictSchema):
 
     idempotency_key = fields.String(validate=[validate.Length(min=1, max=255), _no_line_breaks])
     send_at = UtcDateTime()
-    delay_seconds = fields.Integer(validate=validate.Range(min=0, max=3650 * 86400))
+    delay_seconds = Seconds(validate=validate.Range(min=0, max=3650 * 86400))
     expires_at = UtcDateTime()
-    ttl_seconds = fields.Integer(validate=validate.Range(min=1, max=30 * 86400))
+    ttl_seconds = Seconds(validate=validate.Range(min=1, max=30 * 86400))
     callback_url = fields.Url(schemes={"http", "https"}, require_tld=False, validate=validate.Length(max=2000))
     metadata = JsonObject(load_default=None)
 

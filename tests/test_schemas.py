@@ -157,3 +157,11 @@ def test_list_query_known_status_is_accepted():
 
 def test_list_query_default_limit_is_50():
     assert ListQuerySchema().load({})["limit"] == 50
+
+
+@pytest.mark.parametrize("field", ["delay_seconds", "ttl_seconds"])
+def test_seconds_are_whole_numbers_never_cut_short(field):
+    # marshmallow's Integer took 1.5 as 1 without a word (and refused "1.5").
+    assert field in errors(SendSchema(), literal_request(**{field: 1.5}))
+    assert SendSchema().load(literal_request(**{field: 60.0}))[field] == 60
+    assert SendSchema().load(literal_request(**{field: 60}))[field] == 60
