@@ -387,11 +387,13 @@ def list_for_key(
         Notification.user_id: user_id,
         Notification.template: template,
         Notification.priority: priority,
-        Notification.to: to,
     }
     for column, value in filters.items():
         if value is not None:
             query = query.where(column == value)
+    if to is not None:
+        # An address in any case, as suppressions take it: Ann@Example.com is ann@example.com.
+        query = query.where(fn.LOWER(Notification.to) == to.lower())
     if created_after is not None:
         query = query.where(Notification.created_at >= created_after)
     if created_before is not None:

@@ -177,6 +177,14 @@ def test_list_filters(client, headers, api_key):
                       headers=headers).get_json()["data"] == []
 
 
+def test_the_address_filter_takes_any_case(client, headers, api_key):
+    # As suppressions do: the address a caller searches for is the one it sent to, in whatever case.
+    sent = make_notification(api_key[0], to="Ann.Lee@Example.com")
+    for query in ("ann.lee@example.com", "ANN.LEE@EXAMPLE.COM", "Ann.Lee@Example.com"):
+        rows = client.get("/api/notifications", query_string={"to": query}, headers=headers).get_json()["data"]
+        assert [row["id"] for row in rows] == [sent.id]
+
+
 @pytest.mark.parametrize("query", ["limit=0", "limit=100000", "status=lost", "cursor=%%%", "created_after=yesterday",
                                    "colour=red"])
 def test_bad_list_queries_are_422(client, headers, query):
