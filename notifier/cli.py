@@ -219,7 +219,7 @@ def db_upgrade() -> None:
     from notifier.schema import upgrade
 
     settings = load_settings()
-    version = upgrade(bind(settings.database_url, settings.database_pool_size))
+    version = upgrade(bind(settings.database_url, settings.database_pool_size, settings.database_prepare))
     click.echo(f"schema at version {version}")
 
 

@@ -24,6 +24,9 @@ class Settings:
 
     database_url: str = "sqlite:///var/notifier.db"
     database_pool_size: int = 16  # 0: no limit, as peewee's pool takes it
+    # PostgreSQL connections prepare the statements run per request and per email (notifier.db).
+    # Off behind a pooler that shares server sessions between clients (PgBouncer in transaction mode).
+    database_prepare: bool = True
     redis_url: str = "redis://127.0.0.1:6379/0"
     smtp_host: str = "127.0.0.1"
     smtp_port: int = 1025
@@ -100,6 +103,7 @@ class Settings:
         return cls(
             database_url=_database_url(env.get("DATABASE_URL", defaults.database_url)),
             database_pool_size=_int(env, "DATABASE_POOL_SIZE", defaults.database_pool_size, 0, 1000),
+            database_prepare=_choice(env, "DATABASE_PREPARE", "on", ("on", "off")) == "on",
             redis_url=_redis_url(env.get("REDIS_URL", defaults.redis_url)),
             smtp_host=env.get("SMTP_HOST", defaults.smtp_host).strip() or defaults.smtp_host,
             smtp_port=_int(env, "SMTP_PORT", defaults.smtp_port, 1, 65535),

@@ -11,7 +11,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from peewee import IntegrityError
 
 from notifier.config import parse_clock
-from notifier.db import database, in_values, select_one
+from notifier.db import database, in_values, is_postgres, prepared, select_one
 from notifier.models import (
     ApiKey,
     Category,
@@ -249,7 +249,11 @@ def _consent_rows(api_key_id: int, emails: set[str], user_keys: set[str]) -> lis
         selects.append(f"SELECT '{kind}', {shown} FROM \"{model._meta.table_name}\" "
                        f'WHERE "api_key_id" = {database.param} AND {among}')
         args += [api_key_id, *among_args]
-    return list(database.execute_sql(" UNION ALL ".join(selects), args).fetchall()) if selects else []
+    if not selects:
+        return []
+    sql = " UNION ALL ".join(selects)
+    # On PostgreSQL one text for any count of values (= ANY), so worth preparing; IN (...) is not.
+    return list(database.execute_sql(prepared(sql) if is_postgres(database) else sql, args).fetchall())
 
 
 @dataclass(frozen=True)

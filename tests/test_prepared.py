@@ -1,0 +1,65 @@
+"""PostgreSQL connections prepare the statements of the send and delivery paths (notifier.db.prepared)."""
+
+from __future__ import annotations
+
+from notifier import consent, store
+from notifier.config import Settings
+from notifier.db import bind, database
+from notifier.models import Status
+from tests.helpers import drop_connections
+
+FIELDS = {"to": "carol@example.com", "subject": "Hi", "text": "Hello", "priority": "default"}
+
+
+def _prepared_here() -> list[str]:
+    """The statements this connection prepared, as PostgreSQL has them."""
+    return [row[0] for row in database.execute_sql(
+        "SELECT statement FROM pg_prepared_statements WHERE name LIKE 'notifier_%%'").fetchall()]
+
+
+def _one_delivery(key) -> None:
+    """What the API and a worker run for one email: the insert, the row, consent, claim and sent."""
+    made = store.create_notification(key, dict(FIELDS))
+    current = store.get(made.id)
+    consent.prefetch(key.id, [(current.to, None, current.category)])
+    assert store.claim(current.id, known=current)
+    current.status = Status.SENDING.value
+    assert store.transition(current.id, Status.SENT, sources=(Status.SENDING,), known=current, reason="sent")
+
+
+def test_the_send_and_delivery_statements_are_prepared_once_per_connection(pg_db, api_key):
+    key = api_key[0]
+    with database.connection_context():
+        _one_delivery(key)
+        first = _prepared_here()
+        _one_delivery(key)
+        again = _prepared_here()
+        assert store.get(store.create_notification(key, dict(FIELDS)).id).status == Status.QUEUED
+    kinds = " ".join(first)
+    assert 'INSERT INTO "notifications"' in kinds  # the single send's insert, with its history line
+    assert 'FROM "notifications" WHERE "id" = $1' in kinds
+    assert 'FROM "suppressions"' in kinds
+    assert kinds.count('UPDATE "notifications"') == 2  # the claim and the `sent` record
+    assert sorted(again) == sorted(first)  # run again, nothing new is prepared
+
+
+def test_a_new_connection_after_a_restart_prepares_them_again(pg_db, api_key):
+    key = api_key[0]
+    with database.connection_context():
+        _one_delivery(key)
+        before = store.create_notification(key, dict(FIELDS))
+    drop_connections(database.obj.database)
+    with database.connection_context():
+        # A read first, as a job does: the pool reconnects on it, a prepared statement of the new session.
+        assert store.get(before.id).status == Status.QUEUED
+        _one_delivery(key)
+        assert len(_prepared_here()) >= 4
+
+
+def test_database_prepare_off_prepares_nothing(pg_settings, api_key):
+    assert Settings.from_env({"DATABASE_PREPARE": "off"}).database_prepare is False
+    assert Settings.from_env({}).database_prepare is True
+    bind(pg_settings.database_url, prepare=False)
+    with database.connection_context():
+        _one_delivery(api_key[0])
+        assert _prepared_here() == []
