@@ -219,7 +219,9 @@ def db_upgrade() -> None:
     from notifier.schema import upgrade
 
     settings = load_settings()
-    version = upgrade(bind(settings.database_url, settings.database_pool_size, settings.database_prepare))
+    db = bind(settings.database_url, settings.database_pool_size, settings.database_prepare,
+              settings.database_statement_timeout)
+    version = upgrade(db)
     click.echo(f"schema at version {version}")
 
 

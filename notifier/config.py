@@ -27,6 +27,10 @@ class Settings:
     # PostgreSQL connections prepare the statements run per request and per email (notifier.db).
     # Off behind a pooler that shares server sessions between clients (PgBouncer in transaction mode).
     database_prepare: bool = True
+    # How long one PostgreSQL statement may run (lock waits included) before the server cancels it: a
+    # request then answers 503 and a job fails into its retry, instead of holding a thread or a worker
+    # for as long as a stuck lock lasts. Schema upgrades run without it.
+    database_statement_timeout: float = 30.0
     redis_url: str = "redis://127.0.0.1:6379/0"
     smtp_host: str = "127.0.0.1"
     smtp_port: int = 1025
@@ -104,6 +108,8 @@ class Settings:
             database_url=_database_url(env.get("DATABASE_URL", defaults.database_url)),
             database_pool_size=_int(env, "DATABASE_POOL_SIZE", defaults.database_pool_size, 0, 1000),
             database_prepare=_choice(env, "DATABASE_PREPARE", "on", ("on", "off")) == "on",
+            database_statement_timeout=_float(env, "DATABASE_STATEMENT_TIMEOUT", defaults.database_statement_timeout,
+                                              86400),
             redis_url=_redis_url(env.get("REDIS_URL", defaults.redis_url)),
             smtp_host=env.get("SMTP_HOST", defaults.smtp_host).strip() or defaults.smtp_host,
             smtp_port=_int(env, "SMTP_PORT", defaults.smtp_port, 1, 65535),

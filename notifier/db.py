@@ -135,11 +135,12 @@ class PreparingConnection(PsycopgConnection):
         self.cursor_factory = PreparingCursor
 
 
-def connect(url: str, pool_size: int = Settings.database_pool_size, prepare: bool = Settings.database_prepare):
+def connect(url: str, pool_size: int = Settings.database_pool_size, prepare: bool = Settings.database_prepare,
+            statement_timeout: float = Settings.database_statement_timeout):
     """Make (but do not open) a peewee database for a DATABASE_URL; pool_size: PostgreSQL connections
     per process at most; prepare: whether PostgreSQL connections prepare the statements marked
     prepared() (off behind a pooler that hands one session's statements to another, such as
-    PgBouncer in transaction mode)."""
+    PgBouncer in transaction mode); statement_timeout: seconds a PostgreSQL statement may run."""
     scheme = urlparse(url).scheme
     if scheme == "sqlite":
         path = url.split("sqlite:///", 1)[1] if url.startswith("sqlite:///") else ":memory:"
@@ -157,6 +158,10 @@ def connect(url: str, pool_size: int = Settings.database_pool_size, prepare: boo
     params = parse(url)
     if prepare:
         params["connection_factory"] = PreparingConnection
+    # Set when the session starts (libpq's options), so a reconnected session has it too; kept after
+    # any options the URL gives.
+    limit = f"-c statement_timeout={max(1, round(statement_timeout * 1000))}"
+    params["options"] = f"{params['options']} {limit}" if params.get("options") else limit
     return PostgresDatabase(
         params.pop("database"),
         max_connections=pool_size,
@@ -182,9 +187,10 @@ def is_postgres(db) -> bool:
     return isinstance(getattr(db, "obj", db), PostgresqlDatabase)
 
 
-def bind(url: str, pool_size: int = Settings.database_pool_size, prepare: bool = Settings.database_prepare):
+def bind(url: str, pool_size: int = Settings.database_pool_size, prepare: bool = Settings.database_prepare,
+         statement_timeout: float = Settings.database_statement_timeout):
     """Point the shared proxy at the database named by url and return it."""
-    db = connect(url, pool_size, prepare)
+    db = connect(url, pool_size, prepare, statement_timeout)
     database.initialize(db)
     return db
 

@@ -31,7 +31,8 @@ def configure_logging(settings: Settings) -> None:
 
 def open_database(settings: Settings):
     """Bind the database proxy and bring the schema up to date."""
-    db = bind(settings.database_url, settings.database_pool_size, settings.database_prepare)
+    db = bind(settings.database_url, settings.database_pool_size, settings.database_prepare,
+                settings.database_statement_timeout)
     schema.upgrade(db)
     return db
 

@@ -30,6 +30,9 @@ def upgrade(db) -> int:
     """Bring the schema to SCHEMA_VERSION and return it."""
     with db.connection_context(), db.atomic():
         if isinstance(db, PostgresqlDatabase):
+            # An upgrade waits for another process's and may rewrite a large table: neither is a
+            # stuck statement, so DATABASE_STATEMENT_TIMEOUT does not apply (for this transaction only).
+            db.execute_sql("SET LOCAL statement_timeout = 0")
             # Two processes starting together would race on CREATE TABLE IF NOT EXISTS. The lock is
             # the transaction's, not the session's: a reconnect (the pool's, after a dropped
             # connection) cannot happen inside a transaction, so the work never runs without it.
