@@ -507,7 +507,13 @@ def deliver_many(notification_ids: list[str]) -> dict[str, int]:
 
 def release(notification_id: str) -> str:
     """The job rq-scheduler runs when a delayed notification is due."""
-    return _current().release(notification_id)
+    current = _current()
+    job = get_current_job()
+    if job is not None:
+        # rq-scheduler cannot give a job a failure TTL, and RQ's default keeps a failed one for a year;
+        # RQ files the job by what it holds when the job fails.
+        job.failure_ttl = queues.failure_ttl(current.settings)
+    return current.release(notification_id)
 
 
 def send_callback(notification_id: str) -> str:

@@ -164,8 +164,8 @@ def schedule_release(connection: Redis, settings: Settings, notification_id: str
 
     rq-scheduler passes unknown options on to the job function and knows nothing of RQ's retries, so
     it only enqueues a small release job; that job puts the notification on its priority queue. It
-    takes no failure TTL: a release that fails (the database away) keeps RQ's default, and the
-    reconciler releases the notification all the same."""
+    takes no failure TTL either: the job sets its own when it runs (jobs.release). A release that
+    fails (the database away) is not retried; the reconciler releases the notification all the same."""
     # rq-scheduler keeps whole seconds (it truncates): round up, or the email could go out early.
     at = send_at.replace(microsecond=0) + timedelta(seconds=1) if send_at.microsecond else send_at
     Scheduler(queue_name=CONTROL_QUEUE, connection=connection).enqueue_at(

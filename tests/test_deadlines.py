@@ -12,7 +12,7 @@ from rq_scheduler import Scheduler
 from notifier import jobs, store
 from notifier.db import database
 from notifier.models import Status, utcnow
-from notifier.queues import dispatch, release_job_id_for
+from notifier.queues import dispatch, failure_ttl, queue_for, release_job_id_for
 from notifier.reconciler import reconcile
 from tests.helpers import (
     LITERAL,
@@ -208,6 +208,26 @@ def test_delayed_send_waits_for_its_release_then_is_sent(client, headers, live_d
     assert statuses == ["scheduled", "queued", "sending", "sent"]
     assert len(smtp.wait_for(1)) == 1
     assert smtp.count() == 1
+
+
+def test_a_release_that_fails_stays_in_the_failed_registry_for_the_dead_letter_ttl_not_a_year(
+        client, headers, live_deliverer, redis_conn, pg_settings, database_outage):
+    notification_id = _send(client, headers, **LITERAL, delay_seconds=60)["id"]
+    scheduler = Scheduler(connection=redis_conn)
+    (job,) = scheduler.get_jobs()
+    scheduler.enqueue_job(job)  # due now
+    begin, end = database_outage
+    begin()
+    try:
+        run_worker_until_idle(redis_conn)  # the release cannot read the database: the job fails
+    finally:
+        end()
+    registry = queue_for("high", redis_conn).failed_job_registry
+    expires = redis_conn.zscore(registry.key, release_job_id_for(notification_id))
+    assert expires is not None
+    # rq-scheduler cannot give a release job a failure TTL, and RQ's default is a year.
+    assert abs(expires - (time.time() + failure_ttl(pg_settings))) < 60
+    assert reload(notification_id).status == "scheduled"  # the reconciler releases it in time
 
 
 def test_cancelled_scheduled_notification_stays_cancelled_after_release(client, headers, live_deliverer, smtp,
