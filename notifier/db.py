@@ -18,7 +18,8 @@ from peewee import (
 from playhouse.db_url import parse
 from playhouse.pool import PooledPostgresqlDatabase
 from playhouse.shortcuts import ReconnectMixin
-from psycopg2.extensions import TRANSACTION_STATUS_IDLE
+from psycopg2.errors import DuplicatePreparedStatement, InvalidSqlStatementName
+from psycopg2.extensions import TRANSACTION_STATUS_IDLE, TRANSACTION_STATUS_INERROR
 from psycopg2.extensions import connection as PsycopgConnection
 from psycopg2.extensions import cursor as PsycopgCursor
 
@@ -118,12 +119,30 @@ class PreparingCursor(PsycopgCursor):
             # A prepared statement outlives the transaction it was made in, even one rolled back: it
             # is recorded as soon as PREPARE has answered.
             parts = query.split("%s")
-            super().execute(f"PREPARE {name} AS " + "".join(
-                f"{part}${n}" for n, part in enumerate(parts[:-1], start=1)) + parts[-1])
+            try:
+                super().execute(f"PREPARE {name} AS " + "".join(
+                    f"{part}${n}" for n, part in enumerate(parts[:-1], start=1)) + parts[-1])
+            except DuplicatePreparedStatement:
+                # The session has it although this connection did not record it (below): record it now.
+                known.add(name)
+                if self.connection.info.transaction_status == TRANSACTION_STATUS_INERROR:
+                    raise
+            except BaseException:
+                # An exception raised in Python as psycopg2 returned (RQ's job limit is a SIGALRM that
+                # raises JobTimeoutException wherever the worker is, a PREPARE waiting on a lock its
+                # likeliest place) comes after PostgreSQL made the statement. Unrecorded, every later
+                # run of it on this pooled connection failed: "prepared statement ... already exists".
+                if self.statusmessage == "PREPARE":
+                    known.add(name)
+                raise
             known.add(name)
-        if not vars:
-            return super().execute(f"EXECUTE {name}")
-        return super().execute(f"EXECUTE {name} ({', '.join(['%s'] * len(vars))})", vars)
+        try:
+            if not vars:
+                return super().execute(f"EXECUTE {name}")
+            return super().execute(f"EXECUTE {name} ({', '.join(['%s'] * len(vars))})", vars)
+        except InvalidSqlStatementName:
+            known.discard(name)  # the session lost it (DISCARD ALL, a pooler): prepare it again next time
+            raise
 
 
 class PreparingConnection(PsycopgConnection):

@@ -2,6 +2,14 @@
 
 from __future__ import annotations
 
+import threading
+import time
+
+import psycopg2
+import pytest
+from peewee import DatabaseError
+from rq.timeouts import JobTimeoutException, UnixSignalDeathPenalty
+
 from notifier import consent, store
 from notifier.config import Settings
 from notifier.db import bind, database
@@ -63,3 +71,42 @@ def test_database_prepare_off_prepares_nothing(pg_settings, api_key):
     with database.connection_context():
         _one_delivery(api_key[0])
         assert _prepared_here() == []
+
+
+def test_a_job_timeout_that_lands_on_a_prepare_leaves_the_connection_usable(pg_db, pg_url, api_key):
+    # RQ's limit on a job is SIGALRM raising JobTimeoutException wherever the worker is (SimpleWorker:
+    # the same process, the same pooled connections, for the next job). Here it falls due while the
+    # connection's first PREPARE waits on a lock (a schema upgrade's ALTER TABLE, say): PostgreSQL
+    # makes the statement once the lock goes, and the exception is raised as psycopg2 returns.
+    made = store.create_notification(api_key[0], dict(FIELDS))
+    drop_connections(database.obj.database)  # a fresh connection, that has prepared nothing yet
+    locker = psycopg2.connect(pg_url)
+    with locker.cursor() as cur:
+        cur.execute('LOCK TABLE "notifications" IN ACCESS EXCLUSIVE MODE')
+    threading.Timer(2.0, locker.rollback).start()
+    try:
+        with pytest.raises(JobTimeoutException), database.connection_context():
+            database.execute_sql("SELECT 1")
+            with UnixSignalDeathPenalty(1, JobTimeoutException):
+                store.get(made.id)
+    finally:
+        time.sleep(0.5)
+        locker.close()
+    # The next job, on the same pooled connection.
+    with database.connection_context():
+        assert store.get(made.id).status == Status.QUEUED
+
+
+def test_a_connection_whose_record_and_session_disagree_mends_itself(pg_db, api_key):
+    made = store.create_notification(api_key[0], dict(FIELDS))
+    with database.connection_context():
+        assert store.get(made.id).status == Status.QUEUED
+        connection = database.connection()
+        # The session forgot its statements (DISCARD ALL, a pooler): one failure, then prepared anew.
+        database.execute_sql("DEALLOCATE ALL")
+        with pytest.raises(DatabaseError, match="does not exist"):
+            store.get(made.id)
+        assert store.get(made.id).status == Status.QUEUED
+        # The connection forgot what the session has: it records it and runs the statement.
+        connection.prepared.clear()
+        assert store.get(made.id).status == Status.QUEUED
