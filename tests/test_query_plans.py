@@ -9,8 +9,8 @@ from __future__ import annotations
 import re
 from datetime import timedelta
 
-from notifier import store
-from notifier.db import database
+from notifier import consent, store
+from notifier.db import _PREPARED, database
 from notifier.models import CallbackStatus, Notification, SchemaVersion, Status, utcnow
 from notifier.reconciler import reconcile
 from notifier.schema import SCHEMA_VERSION, upgrade
@@ -164,3 +164,42 @@ def test_an_older_release_on_a_newer_schema_says_so(sqlite_db, caplog):
         assert upgrade(sqlite_db) == SCHEMA_VERSION
     assert f"newer than this release's {SCHEMA_VERSION}" in caplog.text
     assert SchemaVersion.get().version == SCHEMA_VERSION + 1  # never moved back
+
+
+def _generic_plan(sql: str, params: list) -> str:
+    """The plan PostgreSQL uses for a prepared statement once it has switched to a generic one (after
+    five runs, when that is not dearer than the custom plans), as the pooled connections run them."""
+    name = _PREPARED[sql]
+    database.execute_sql(sql, params)  # prepared on this connection, if it was not already
+    database.execute_sql("SET plan_cache_mode = force_generic_plan")
+    try:
+        rows = database.execute_sql(f"EXPLAIN EXECUTE {name} ({', '.join(['%s'] * len(params))})", params)
+        return "\n".join(row[0] for row in rows.fetchall())
+    finally:
+        database.execute_sql("RESET plan_cache_mode")
+
+
+def test_prepared_statements_keep_the_key_in_their_generic_plans(pg_db, api_key, monkeypatch):
+    key = api_key[0]
+    with database.connection_context():
+        store.create_notifications(key, [(dict(FIELDS), Status.SENT, "earlier")] * 500)
+        database.execute_sql("ANALYZE notifications")
+        backlog = store.create_notifications(key, [(dict(FIELDS), Status.QUEUED, "accepted")] * 500)
+        seen = _recording(monkeypatch)
+        for n in backlog[:6]:
+            current = store.get(n.id)
+            consent.prefetch(key.id, [(current.to, "carol", "marketing")])
+            assert store.claim(current.id, known=current)
+            current.status = Status.SENDING.value
+            assert store.transition(current.id, Status.SENT, sources=(Status.SENDING,), known=current, reason="sent")
+        monkeypatch.undo()
+        marked = {sql: params for sql, params in seen if sql in _PREPARED}
+        updates = [(sql, params) for sql, params in marked.items() if sql.startswith("WITH moved")]
+        (by_id,) = [(sql, params) for sql, params in marked.items() if 'FROM "notifications" WHERE "id"' in sql]
+        (consent_rows,) = [(sql, params) for sql, params in marked.items() if "UNION ALL" in sql]
+        assert len(updates) == 2  # the claim and the `sent` record
+        for sql, params in updates:
+            assert _found_by(_generic_plan(sql, params), "seq")
+        assert _found_by(_generic_plan(*by_id), "id")
+        plan = _generic_plan(*consent_rows)
+        assert "suppression_api_key_id_email" in plan and "Seq Scan" not in plan, plan
