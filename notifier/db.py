@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import time
 from urllib.parse import urlparse
 
@@ -98,8 +99,11 @@ _PREPARED: dict[str, str] = {}
 _NAMES = itertools.count(1)
 
 
+_PLACEHOLDER = re.compile("%[%s]")
+
+
 def prepared(sql: str) -> str:
-    """Mark sql (psycopg2's %s parameters, no %% in it) as one to prepare on PostgreSQL; return it.
+    """Mark sql (psycopg2's %s parameters, %% for a per cent sign) as one to prepare on PostgreSQL; return it.
     Only for statements whose parameters PostgreSQL can type from where they stand."""
     if sql not in _PREPARED:
         _PREPARED.setdefault(sql, f"notifier_{next(_NAMES)}")
@@ -118,10 +122,11 @@ class PreparingCursor(PsycopgCursor):
         if name not in known:
             # A prepared statement outlives the transaction it was made in, even one rolled back: it
             # is recorded as soon as PREPARE has answered.
-            parts = query.split("%s")
+            numbers = itertools.count(1)
             try:
-                super().execute(f"PREPARE {name} AS " + "".join(
-                    f"{part}${n}" for n, part in enumerate(parts[:-1], start=1)) + parts[-1])
+                # As psycopg2 reads the statement: %% is one per cent sign, %s the next parameter.
+                super().execute(f"PREPARE {name} AS " + _PLACEHOLDER.sub(
+                    lambda m: "%" if m.group() == "%%" else f"${next(numbers)}", query))
             except DuplicatePreparedStatement:
                 # The session has it although this connection did not record it (below): record it now.
                 known.add(name)

@@ -12,7 +12,7 @@ from rq.timeouts import JobTimeoutException, UnixSignalDeathPenalty
 
 from notifier import consent, store
 from notifier.config import Settings
-from notifier.db import bind, database
+from notifier.db import bind, database, prepared
 from notifier.models import Status
 from tests.helpers import drop_connections
 
@@ -110,3 +110,11 @@ def test_a_connection_whose_record_and_session_disagree_mends_itself(pg_db, api_
         # The connection forgot what the session has: it records it and runs the statement.
         connection.prepared.clear()
         assert store.get(made.id).status == Status.QUEUED
+
+
+def test_a_prepared_statement_reads_its_percent_signs_as_psycopg2_does(pg_db):
+    # psycopg2 reads %% as one % and %s as a parameter: `%%s` is a per cent sign and an s.
+    sql = prepared("SELECT %s::int %% 3, 'a%%s' || %s::text")
+    with database.connection_context():
+        assert database.execute_sql(sql, [7, "b"]).fetchone() == (1, "a%sb")
+        assert database.execute_sql(sql, [8, "c"]).fetchone() == (2, "a%sc")  # executed, not prepared again
