@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 import socket
+import time
 
 from redis.exceptions import RedisError
 from rq import SimpleWorker
@@ -21,6 +22,9 @@ from notifier.resilience import run_until_stopped
 from notifier.runtime import build_deliverer, configure_logging, load_settings
 
 logger = logging.getLogger("notifier.worker")
+
+# How often a worker whose RQ scheduler has died tries to start it again (see NotifierWorker).
+SCHEDULER_CHECK_SECONDS = 5.0
 
 
 def stop_retrying_permanent_failures(job, exc_type, exc_value, traceback):
@@ -50,6 +54,7 @@ class NotifierWorker(SimpleWorker):
 
     stopping = False
     counts: metrics.Deferred | None = None  # the jobs' counters, sent with each heartbeat
+    _scheduler_checked = 0.0
     # RQ's default where SIGALRM exists, named because jobs.send_callback relies on it: the job's limit
     # is the process's one alarm, which the job can replace and cancel once its callback is answered.
     death_penalty_class = UnixSignalDeathPenalty
@@ -66,6 +71,7 @@ class NotifierWorker(SimpleWorker):
             # outage, so a requested stop takes effect here at the latest. (A job dequeued but not
             # started stays in RQ's intermediate queue, which RQ's maintenance puts back.)
             raise StopRequested()
+        self.keep_scheduler()
         with self.connection.pipeline(transaction=False) as pipe:
             super().heartbeat(timeout, pipeline=pipe)
             own = len(pipe.command_stack)
@@ -84,6 +90,29 @@ class NotifierWorker(SimpleWorker):
                 raise reply
         if any(isinstance(reply, Exception) for reply in replies[own:]):
             logger.warning("metrics not recorded: %s", next(r for r in replies[own:] if isinstance(r, Exception)))
+
+    def keep_scheduler(self) -> None:
+        """Start RQ's scheduler again if it died, at most every SCHEDULER_CHECK_SECONDS.
+
+        The scheduler (which fires retries, and the reconciler's re-queued ones, from RQ's scheduled
+        registry) is a child process that dies as soon as Redis goes away; the worker itself waits
+        Redis out in its dequeue loop and looks for a dead scheduler only at RQ's maintenance, every
+        10 minutes. Until then no retry fired. The dequeue loop sends a heartbeat on every turn, and
+        after every job: a dead scheduler is started again (if its locks are free) within about this
+        once Redis is back. When another worker's scheduler holds the locks, nothing is started."""
+        scheduler = self.scheduler
+        if scheduler is None or self.stopping or self._stop_requested:
+            return
+        if time.monotonic() - self._scheduler_checked < SCHEDULER_CHECK_SECONDS:
+            return
+        self._scheduler_checked = time.monotonic()
+        if scheduler._process is not None and scheduler._process.is_alive():
+            return
+        try:
+            if scheduler.acquire_locks(auto_start=True):
+                logger.info("RQ scheduler started again for %s", ", ".join(sorted(scheduler.acquired_locks)))
+        except RedisError as exc:
+            logger.warning("RQ scheduler not started again: %s", type(exc).__name__)
 
     def execute_job(self, job, queue):
         # Every line logged while the job runs (RQ's own included) names the request it came from.

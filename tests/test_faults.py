@@ -148,6 +148,26 @@ def test_redis_down_at_request_time_then_back(make_stack, pg_settings, smtp, own
     assert "Traceback" not in stack.log("scheduler").split("Redis is back")[-1]
 
 
+def test_a_retry_due_after_redis_restarts_empty_under_an_idle_worker_fires_on_time(
+        make_stack, pg_settings, smtp, own_redis):
+    # RQ's scheduler (the one that fires retries) is a child of the worker, and it dies with the
+    # connection when Redis goes away; the worker itself waits Redis out in its dequeue loop and
+    # only looked for a dead scheduler at its maintenance, every 10 minutes. Meanwhile every retry
+    # the reconciler put back (and every new one) waited in RQ's scheduled registry.
+    url, up, down = own_redis
+    stack = make_stack(replace(pg_settings, redis_url=url, retry_intervals=(5, 5))).start("api", "worker", "scheduler")
+    smtp.replies.append("451 4.3.0 busy")
+    notification_id = stack.send(_to(1))
+    stack.wait_status(notification_id, "retrying")
+    time.sleep(0.5)
+    down()
+    time.sleep(2)  # the worker's scheduler notices within its 1 s interval
+    up()  # back, but empty: the reconciler puts the retry back, due 5 s after the failed attempt
+
+    stack.wait_status(notification_id, "sent", timeout=30)
+    assert _recipients(smtp) == ["user1@example.com"]
+
+
 def test_smtp_server_down_for_a_while_then_up(make_stack, pg_settings):
     handler = CaptureHandler()
     port = free_port()
