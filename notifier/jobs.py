@@ -417,50 +417,65 @@ class Deliverer:
         """POST the signed status event to the caller's callback_url; RQ retries what may pass."""
         with database.connection_context(), logs.bound(notification_id=notification_id):
             notification = store.get(notification_id)
-            if (
-                notification is None
-                or notification.callback_status != CallbackStatus.PENDING
-                or notification.status not in FINAL_STATUSES
-            ):
+            if not _owes_callback(notification):
                 return "skipped"
-            attempt = notification.callback_attempts + 1
-            if attempt > self.settings.max_callback_attempts:
-                # Every attempt was made and this job still came (a retry of one that died mid-post, the
-                # reconciler's): never one more, whatever ended the last.
-                self._callback_outcome(notification, CallbackStatus.GAVE_UP,
-                                       f"callback not sent: {attempt - 1} attempts made; giving up")
-                return "gave up"
-            Notification.update(callback_attempts=attempt).where(Notification.seq == notification.seq).execute()
-            body = callbacks.event_body(notification)
+            with store.callback_turn(notification) as mine:
+                if not mine:
+                    # Another job is posting this very event now (Redis lost its job while it ran,
+                    # and the reconciler queued it again): it records how that ends, and its
+                    # retries follow from there.
+                    logger.info("callback for notification %s is being posted by another job; skipping",
+                                notification_id)
+                    return "skipped"
+                notification = store.get(notification_id)  # as the last job to post it left it
+                if not _owes_callback(notification):
+                    return "skipped"
+                return self._post_callback(notification)
+
+    def _post_callback(self, notification: Notification) -> str:
+        attempt = notification.callback_attempts + 1
+        if attempt > self.settings.max_callback_attempts:
+            # Every attempt was made and this job still came (a retry of one that died mid-post, the
+            # reconciler's): never one more, whatever ended the last.
+            self._callback_outcome(notification, CallbackStatus.GAVE_UP,
+                                   f"callback not sent: {attempt - 1} attempts made; giving up")
+            return "gave up"
+        Notification.update(callback_attempts=attempt).where(Notification.seq == notification.seq).execute()
+        body = callbacks.event_body(notification)
+        try:
             try:
-                try:
-                    with _limit_until_answered(queues.callback_job_timeout(self.settings)):
-                        code = callbacks.post(
-                            notification.callback_url,
-                            body,
-                            notification.api_key.callback_secret,
-                            f"{notification.id}:{notification.status}",
-                            self.settings.callback_timeout,
-                        )
-                except JobTimeoutException as exc:
-                    # RQ's limit on the job (queues.callback_job_timeout): an attempt like any other,
-                    # in the history and retried, not a job that vanished mid-attempt.
-                    limit = queues.callback_job_timeout(self.settings)
-                    raise callbacks.CallbackRetry(f"no whole answer within {limit} s") from exc
-            except (callbacks.CallbackRetry, callbacks.CallbackRejected) as exc:
-                final = isinstance(exc, callbacks.CallbackRejected) or attempt >= self.settings.max_callback_attempts
-                self._callback_outcome(notification, CallbackStatus.GAVE_UP if final else None,
-                                       f"callback attempt {attempt} failed: {exc}" + ("; giving up" if final else ""))
-                if final:
-                    raise CallbackGaveUp(str(exc)) from exc
-                raise
-            self._callback_outcome(notification, CallbackStatus.DELIVERED, f"callback delivered: HTTP {code}")
-            return "delivered"
+                with _limit_until_answered(queues.callback_job_timeout(self.settings)):
+                    code = callbacks.post(
+                        notification.callback_url,
+                        body,
+                        notification.api_key.callback_secret,
+                        f"{notification.id}:{notification.status}",
+                        self.settings.callback_timeout,
+                    )
+            except JobTimeoutException as exc:
+                # RQ's limit on the job (queues.callback_job_timeout): an attempt like any other,
+                # in the history and retried, not a job that vanished mid-attempt.
+                limit = queues.callback_job_timeout(self.settings)
+                raise callbacks.CallbackRetry(f"no whole answer within {limit} s") from exc
+        except (callbacks.CallbackRetry, callbacks.CallbackRejected) as exc:
+            final = isinstance(exc, callbacks.CallbackRejected) or attempt >= self.settings.max_callback_attempts
+            self._callback_outcome(notification, CallbackStatus.GAVE_UP if final else None,
+                                   f"callback attempt {attempt} failed: {exc}" + ("; giving up" if final else ""))
+            if final:
+                raise CallbackGaveUp(str(exc)) from exc
+            raise
+        self._callback_outcome(notification, CallbackStatus.DELIVERED, f"callback delivered: HTTP {code}")
+        return "delivered"
 
     def _callback_outcome(self, notification: Notification, state: CallbackStatus | None, reason: str) -> None:
         if state is not None:
             Notification.update(callback_status=state.value).where(Notification.seq == notification.seq).execute()
         store.record(notification.id, kind="callback", reason=reason)
+
+
+def _owes_callback(notification: Notification | None) -> bool:
+    return (notification is not None and notification.callback_status == CallbackStatus.PENDING
+            and notification.status in FINAL_STATUSES)
 
 
 def _limit_until_answered(seconds: int):

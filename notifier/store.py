@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import base64
-from collections.abc import Iterable
-from contextlib import nullcontext
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager, nullcontext
 from datetime import datetime
 
 from peewee import SQL, Case, EnclosedNodeList, NodeList, fn
 
-from notifier.db import execute_once, is_postgres, model_from, prepared, select_one
+from notifier.db import UNAVAILABLE_ERRORS, execute_once, is_postgres, model_from, prepared, select_one
 from notifier.models import (
     DIGEST_TEMPLATE,
     FINAL_STATUSES,
@@ -418,3 +418,32 @@ def stats_for_user(api_key: ApiKey, user_id: str) -> dict:
     for row in query:
         counts[row.status] = row.n
     return {"user_id": user_id, "total": sum(counts.values()), "by_status": counts}
+
+
+# Status callbacks being posted hold PostgreSQL advisory locks (this class, the notification's seq in
+# 31 bits). Negative, so never an API key's id, which idempotency.hold() locks with.
+_CALLBACK_LOCK_CLASS = -0x63616C6C  # "call"
+
+
+@contextmanager
+def callback_turn(notification: Notification) -> Iterator[bool]:
+    """Whether this process may post the notification's status callback now: False while another
+    process is in the middle of posting it. Two jobs for one callback run at once when Redis lost the
+    first one's job while it ran (restarted empty, flushed) and the reconciler queued it again.
+
+    PostgreSQL: a session advisory lock on the connection, held until the block ends and gone with
+    the connection if the process dies. SQLite (one machine, `make run`): always True."""
+    db = Notification._meta.database
+    if not is_postgres(db):
+        yield True
+        return
+    key = (_CALLBACK_LOCK_CLASS, notification.seq & 0x7FFFFFFF)
+    held = db.execute_sql("SELECT pg_try_advisory_lock(%s, %s)", key).fetchone()[0]
+    try:
+        yield held
+    finally:
+        if held:
+            try:
+                db.execute_sql("SELECT pg_advisory_unlock(%s, %s)", key)
+            except UNAVAILABLE_ERRORS:
+                db.close()  # the session, and the lock with it, is gone (or goes now)

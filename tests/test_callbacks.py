@@ -229,6 +229,34 @@ def test_reconciler_requeues_a_callback_whose_job_vanished(api_key, fast_setting
     assert smtp.count() == 0
 
 
+def test_a_callback_requeued_while_its_job_is_posting_it_is_posted_once(api_key, fast_settings, live_deliverer,
+                                                                          receiver, redis_conn):
+    # Redis restarted empty (or was flushed) while a worker was in the middle of posting a retry: the
+    # reconciler found the callback's job gone and queued it again, and another worker posted the
+    # same event while the first was still waiting for the receiver's answer.
+    notification = make_notification(api_key[0], Status.SENT, callback_url=receiver.url, callback_status="pending",
+                                     attempts=1, sent_at=utcnow(), callback_attempts=1)
+    with database.connection_context():  # sent a while ago: its first attempt failed, this is the retry
+        Notification.update(updated_at=utcnow() - timedelta(minutes=5)).where(
+            Notification.id == notification.id).execute()
+    second = {}
+
+    def redis_lost_meanwhile():
+        redis_conn.flushdb()
+        with database.connection_context():
+            assert reconcile(fast_settings, redis_conn).callbacks == 1  # its job is gone: queued again
+        second["outcome"] = live_deliverer.send_callback(notification.id)  # another worker runs it
+
+    receiver.before_answer = redis_lost_meanwhile
+    assert live_deliverer.send_callback(notification.id) == "delivered"
+
+    assert second["outcome"] == "skipped"
+    assert receiver.count() == 1
+    delivered = reload(notification.id)
+    assert (delivered.callback_status, delivered.callback_attempts) == ("delivered", 2)
+    assert _callback_events(notification.id) == ["callback delivered: HTTP 200"]
+
+
 def test_requeued_dead_letter_posts_failed_then_sent(api, headers, live_deliverer, receiver, smtp, redis_conn):
     smtp.replies.append("550 5.7.1 message rejected by policy")
     notification_id = _send(api, headers, callback_url=receiver.url)
