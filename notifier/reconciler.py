@@ -75,7 +75,7 @@ def reconcile(settings: Settings, redis: Redis, now: datetime | None = None) -> 
         _recover(redis, settings, now - timedelta(seconds=settings.sending_timeout), report, stop_at)
         _requeue(redis, settings, settled, now - timedelta(seconds=settings.sending_timeout), report, stop_at)
         _callbacks(redis, settings, settled, report, stop_at)
-        report.keys_forgotten = _forget_keys(now - timedelta(days=settings.idempotency_ttl_days))
+        _forget_keys(now - timedelta(days=settings.idempotency_ttl_days), report, stop_at)
     finally:
         if any(asdict(report).values()):
             logger.info("reconciled: %s", report.as_dict())
@@ -227,9 +227,20 @@ def _callbacks(redis: Redis, settings: Settings, settled: datetime, report: Repo
                 report.callbacks += 1
 
 
-def _forget_keys(before: datetime) -> int:
-    return (
-        Notification.update(idempotency_key=None, idempotency_scope=None, request_hash=None)
-        .where(Notification.idempotency_key.is_null(False) & (Notification.created_at < before))
-        .execute()
-    )
+def _forget_keys(before: datetime, report: Report, stop_at: float) -> None:
+    # A page of keys at a time, as every other step: in one statement, a lot of keys due at once (the
+    # first pass after IDEMPOTENCY_TTL_DAYS was lowered, or after the scheduler was down for days)
+    # could outlast DATABASE_STATEMENT_TIMEOUT, be cancelled, and be cancelled again every pass.
+    # The page is read first and then updated by seq: as one statement (IN a subquery with LIMIT),
+    # PostgreSQL's planner, with statistics from a backlog, joined it against the whole table.
+    keyed = Notification.idempotency_key.is_null(False)
+    for page in range(MAX_PAGES):
+        seqs = [row.seq for row in Notification.select(Notification.seq)
+                .where(keyed & (Notification.created_at < before))
+                .order_by(Notification.created_at).limit(BATCH)]
+        if seqs:
+            report.keys_forgotten += (
+                Notification.update(idempotency_key=None, idempotency_scope=None, request_hash=None)
+                .where(Notification.seq.in_(seqs) & keyed).execute())
+        if len(seqs) < BATCH or (page and time.monotonic() >= stop_at):
+            return

@@ -116,6 +116,8 @@ def _notify_key_changes(db) -> None:
 
 def _add_missing_columns(db) -> None:
     # Upgrades so far only add columns (each nullable or with a default): add whatever a table lacks.
+    # One that changed a column's type would also have to make every running process reconnect: a
+    # statement its connections prepared (notifier.db) then fails, "cached plan must not change result type".
     migrator = PostgresqlMigrator(db) if isinstance(db, PostgresqlDatabase) else SqliteMigrator(db)
     operations = []
     tables = set(db.get_tables())

@@ -153,6 +153,18 @@ def test_old_idempotency_keys_are_forgotten(owner, settings, fake_redis):
     assert reload(fresh.id).idempotency_key == "k2"
 
 
+def test_old_idempotency_keys_are_forgotten_a_page_at_a_time(owner, settings, fake_redis, monkeypatch):
+    rows = [make_notification(owner, status=Status.SENT, idempotency_key=f"k{n}", request_hash="h") for n in range(7)]
+    for row in rows:
+        _age(row, 8 * 86400)
+    monkeypatch.setattr(reconciler, "BATCH", 2)
+    monkeypatch.setattr(reconciler, "MAX_PAGES", 3)
+    assert reconcile(settings, fake_redis).keys_forgotten == 6  # three pages of two: the rest waits
+    assert sum(reload(r.id).idempotency_key is None for r in rows) == 6
+    assert reconcile(settings, fake_redis).keys_forgotten == 1
+    assert all(reload(r.id).idempotency_key is None for r in rows)
+
+
 def test_a_pass_that_fails_half_way_still_counts_what_it_did(owner, settings, fake_redis, monkeypatch):
     first, second = (make_notification(owner, status=Status.SENDING, to=f"u{n}@example.com") for n in (1, 2))
     for row in (first, second):
