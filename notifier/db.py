@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import re
 import time
@@ -19,12 +20,14 @@ from peewee import (
 from playhouse.db_url import parse
 from playhouse.pool import PooledPostgresqlDatabase
 from playhouse.shortcuts import ReconnectMixin
-from psycopg2.errors import DuplicatePreparedStatement, InvalidSqlStatementName
+from psycopg2.errors import DuplicatePreparedStatement, InvalidSqlStatementName, QueryCanceled
 from psycopg2.extensions import TRANSACTION_STATUS_IDLE, TRANSACTION_STATUS_INERROR
 from psycopg2.extensions import connection as PsycopgConnection
 from psycopg2.extensions import cursor as PsycopgCursor
 
 from notifier.config import Settings
+
+logger = logging.getLogger(__name__)
 
 database = DatabaseProxy()
 
@@ -204,6 +207,20 @@ def execute_once(db, sql: str, params: list):
         cursor = db.cursor()
         cursor.execute(sql, params)
     return cursor
+
+
+def past_statement_timeout(run):
+    """run() again each time PostgreSQL cancels it (DATABASE_STATEMENT_TIMEOUT, or an operator's
+    pg_cancel_backend), and return what it returns: for a write that must be made however long a lock
+    holds it up. Only for what is safe to run again after a cancel (nothing of it was written)."""
+    while True:
+        try:
+            return run()
+        except OperationalError as exc:
+            cause = getattr(exc, "orig", None) or exc.__context__  # what psycopg2 raised
+            if not isinstance(cause, QueryCanceled):
+                raise
+            logger.warning("a statement was cancelled (%s); running it again", str(cause).splitlines()[0])
 
 
 def is_postgres(db) -> bool:

@@ -14,7 +14,7 @@ from rq.timeouts import JobTimeoutException, UnixSignalDeathPenalty
 
 from notifier import callbacks, consent, digests, logs, metrics, queues, receipts, store, unsubscribe
 from notifier.config import Settings
-from notifier.db import UNAVAILABLE_ERRORS, database
+from notifier.db import UNAVAILABLE_ERRORS, database, past_statement_timeout
 from notifier.errors import DeliveryError, PermanentDeliveryError, TransientDeliveryError
 from notifier.mail import Mailer, OutgoingEmail, SendResult
 from notifier.models import DIGEST_TEMPLATE, FINAL_STATUSES, CallbackStatus, Category, Notification, Status, utcnow
@@ -468,9 +468,16 @@ class Deliverer:
         return "delivered"
 
     def _callback_outcome(self, notification: Notification, state: CallbackStatus | None, reason: str) -> None:
+        # Mostly written after the receiver answered, where nothing may fail the job (see
+        # _limit_until_answered): DATABASE_STATEMENT_TIMEOUT cancelling a wait for the row (a long
+        # transaction holding it) failed it, RQ retried it, and a receiver that had said 2xx got the
+        # event again. So a statement cancelled at the limit is run again, for as long as it takes, as
+        # it waited before there was a limit. (Each alone, outside a transaction, as before: the pool
+        # still replaces a connection dropped meanwhile and runs the statement on the new one.)
         if state is not None:
-            Notification.update(callback_status=state.value).where(Notification.seq == notification.seq).execute()
-        store.record(notification.id, kind="callback", reason=reason)
+            past_statement_timeout(lambda: Notification.update(callback_status=state.value)
+                                   .where(Notification.seq == notification.seq).execute())
+        past_statement_timeout(lambda: store.record(notification.id, kind="callback", reason=reason))
 
 
 def _owes_callback(notification: Notification | None) -> bool:

@@ -9,11 +9,14 @@ from dataclasses import replace
 
 import psycopg2
 import pytest
+from peewee import OperationalError
 
 from app import create_app
 from notifier import schema
 from notifier.config import ConfigError, Settings
 from notifier.db import bind, database
+from notifier.models import Status, utcnow
+from tests.helpers import installed_deliverer, make_notification, reload
 
 LITERAL = {"to": "carol@example.com", "subject": "Hi", "text": "Hello"}
 
@@ -70,3 +73,42 @@ def test_the_setting():
     for bad in ("0", "-1", "nan", "inf", "soon"):
         with pytest.raises(ConfigError):
             Settings.from_env({"DATABASE_STATEMENT_TIMEOUT": bad})
+
+
+def test_a_callback_answered_2xx_is_recorded_though_a_lock_holds_its_row_past_the_timeout(
+        pg_settings, pg_db, pg_url, api_key, redis_conn, receiver):
+    # Once the receiver has answered 2xx nothing may fail the job (jobs._limit_until_answered): RQ would
+    # retry it and the receiver would get the event twice. A statement cancelled at the limit while it
+    # waits for the row (a long transaction holding it, as the limit is there for) is such a failure.
+    db = bind(pg_settings.database_url, statement_timeout=0.5)
+    notification = make_notification(api_key[0], Status.SENT, callback_url=receiver.url, callback_status="pending",
+                                     attempts=1, sent_at=utcnow())
+    locker = _session(pg_url)
+    released = threading.Event()
+
+    def release():
+        locker.rollback()
+        released.set()
+
+    def row_held_across_the_answer():  # for three times the limit
+        with locker.cursor() as cur:
+            cur.execute('SELECT 1 FROM "notifications" WHERE "id" = %s FOR UPDATE', (notification.id,))
+        threading.Timer(1.5, release).start()
+
+    receiver.before_answer = row_held_across_the_answer
+    try:
+        with installed_deliverer(pg_settings, redis_conn) as deliverer:
+            try:
+                outcome = deliverer.send_callback(notification.id)
+            except OperationalError as exc:
+                outcome = f"failed: {exc}"  # a job that fails is retried by RQ
+            assert released.wait(5)
+            retried = deliverer.send_callback(notification.id)  # that retry (or any duplicate job)
+    finally:
+        released.wait(5)
+        locker.close()
+        db.close_all()
+    assert (outcome, retried) == ("delivered", "skipped")
+    assert receiver.count() == 1
+    row = reload(notification.id)
+    assert (row.callback_status, row.callback_attempts) == ("delivered", 1)
