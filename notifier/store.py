@@ -438,12 +438,34 @@ def callback_turn(notification: Notification) -> Iterator[bool]:
         yield True
         return
     key = (_CALLBACK_LOCK_CLASS, notification.seq & 0x7FFFFFFF)
-    held = db.execute_sql("SELECT pg_try_advisory_lock(%s, %s)", key).fetchone()[0]
+    held = None  # not known: whatever interrupts the statement may come after the server took the lock
     try:
+        held = db.execute_sql("SELECT pg_try_advisory_lock(%s, %s)", key).fetchone()[0]
         yield held
     finally:
-        if held:
-            try:
+        released = held is False
+        try:
+            if held:
                 db.execute_sql("SELECT pg_advisory_unlock(%s, %s)", key)
-            except UNAVAILABLE_ERRORS:
-                db.close()  # the session, and the lock with it, is gone (or goes now)
+                released = True
+        except UNAVAILABLE_ERRORS:
+            pass  # the session ends below, and the lock with it
+        finally:
+            if not released:
+                # Taking or releasing the lock was cut short (RQ's job limit is a SIGALRM that raises
+                # wherever the job is; an error): the session may still hold it. Given back to the pool
+                # (close() only does that), it would make every other worker skip this callback for as
+                # long as the connection lives. End the session: the lock ends with it.
+                _discard_connection(db)
+
+
+def _discard_connection(db) -> None:
+    """Close the calling thread's database connection for good, not back into the pool."""
+    manual_close = getattr(getattr(db, "obj", db), "manual_close", None)
+    try:
+        if manual_close is not None:
+            manual_close()
+        else:
+            db.close()
+    except UNAVAILABLE_ERRORS:
+        pass  # closing a broken connection may fail; it is gone either way

@@ -10,7 +10,9 @@ from datetime import timedelta
 
 import psycopg2
 import pytest
+from peewee import OperationalError
 from rq import Queue
+from rq.timeouts import JobTimeoutException
 
 from app import create_app
 from notifier import callbacks, jobs, queues, store
@@ -255,6 +257,49 @@ def test_a_callback_requeued_while_its_job_is_posting_it_is_posted_once(api_key,
     delivered = reload(notification.id)
     assert (delivered.callback_status, delivered.callback_attempts) == ("delivered", 2)
     assert _callback_events(notification.id) == ["callback delivered: HTTP 200"]
+
+
+def _callback_lock_free(pg_url: str, notification: Notification) -> bool:
+    """Whether another session could take the lock a job posting this callback holds (store.callback_turn)."""
+    conn = psycopg2.connect(pg_url)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT pg_try_advisory_lock(%s, %s)",
+                        (store._CALLBACK_LOCK_CLASS, notification.seq & 0x7FFFFFFF))
+            return cur.fetchone()[0]
+    finally:
+        conn.close()  # and the lock taken here goes with the session
+
+
+@pytest.mark.parametrize("cut", ["job limit as the lock is taken", "release cancelled"])
+def test_a_callback_lock_cut_short_does_not_stay_on_a_pooled_connection(cut, api_key, pg_url, live_deliverer,
+                                                                         receiver, monkeypatch):
+    # RQ's job limit is a SIGALRM that raises wherever the job is: right after the server took the lock,
+    # before the job knew it had it. Or the release fails while the session lives on (cancelled).
+    # Either way the pooled connection went back to the pool still holding the lock, and every other
+    # worker skipped this callback as "being posted" for as long as that connection lived.
+    notification = make_notification(api_key[0], Status.SENT, callback_url=receiver.url, callback_status="pending",
+                                      attempts=1, sent_at=utcnow())
+    db = database.obj
+    real = db.execute_sql
+
+    def execute_sql(sql, params=None):
+        if cut == "release cancelled" and "pg_advisory_unlock" in sql:
+            raise OperationalError("canceling statement due to user request")
+        cursor = real(sql, params)
+        if cut == "job limit as the lock is taken" and "pg_try_advisory_lock" in sql:
+            raise JobTimeoutException("Task exceeded maximum timeout value (25 seconds)")
+        return cursor
+
+    monkeypatch.setattr(db, "execute_sql", execute_sql)
+    if cut == "release cancelled":
+        assert live_deliverer.send_callback(notification.id) == "delivered"
+    else:
+        with pytest.raises(JobTimeoutException):
+            live_deliverer.send_callback(notification.id)
+    monkeypatch.undo()
+
+    assert _callback_lock_free(pg_url, notification)
 
 
 def test_requeued_dead_letter_posts_failed_then_sent(api, headers, live_deliverer, receiver, smtp, redis_conn):
