@@ -29,7 +29,8 @@ class Settings:
     database_prepare: bool = True
     # How long one PostgreSQL statement may run (lock waits included) before the server cancels it: a
     # request then answers 503 and a job fails into its retry, instead of holding a thread or a worker
-    # for as long as a stuck lock lasts. Schema upgrades run without it.
+    # for as long as a stuck lock lasts. Schema upgrades run without it. 0: no limit is sent (PgBouncer
+    # refuses a connection that asks for one, unless told to ignore it; and does not apply it).
     database_statement_timeout: float = 30.0
     redis_url: str = "redis://127.0.0.1:6379/0"
     smtp_host: str = "127.0.0.1"
@@ -109,7 +110,7 @@ class Settings:
             database_pool_size=_int(env, "DATABASE_POOL_SIZE", defaults.database_pool_size, 0, 1000),
             database_prepare=_choice(env, "DATABASE_PREPARE", "on", ("on", "off")) == "on",
             database_statement_timeout=_float(env, "DATABASE_STATEMENT_TIMEOUT", defaults.database_statement_timeout,
-                                              86400),
+                                              86400, zero=True),
             redis_url=_redis_url(env.get("REDIS_URL", defaults.redis_url)),
             smtp_host=env.get("SMTP_HOST", defaults.smtp_host).strip() or defaults.smtp_host,
             smtp_port=_int(env, "SMTP_PORT", defaults.smtp_port, 1, 65535),
@@ -168,7 +169,8 @@ def _int(env: Mapping[str, str], name: str, default: int, low: int, high: int) -
     return value
 
 
-def _float(env: Mapping[str, str], name: str, default: float, high: float) -> float:
+def _float(env: Mapping[str, str], name: str, default: float, high: float, zero: bool = False) -> float:
+    """zero: 0 is allowed too (it turns the limit off)."""
     raw = env.get(name)
     if raw is None or raw.strip() == "":
         return default
@@ -176,9 +178,12 @@ def _float(env: Mapping[str, str], name: str, default: float, high: float) -> fl
         value = float(raw)
     except ValueError:
         raise ConfigError(name, f"must be a number, got {raw!r}") from None
+    if zero and value == 0:
+        return 0.0
     # float() also takes "nan", "inf" and "1e400": as a socket timeout each fails every send.
     if not 0 < value <= high:
-        raise ConfigError(name, f"must be a number of seconds above 0 and at most {high:g}, got {raw!r}")
+        lowest = "0 (off), or above 0" if zero else "above 0"
+        raise ConfigError(name, f"must be a number of seconds {lowest} and at most {high:g}, got {raw!r}")
     return value
 
 

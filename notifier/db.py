@@ -167,7 +167,8 @@ def connect(url: str, pool_size: int = Settings.database_pool_size, prepare: boo
     """Make (but do not open) a peewee database for a DATABASE_URL; pool_size: PostgreSQL connections
     per process at most; prepare: whether PostgreSQL connections prepare the statements marked
     prepared() (off behind a pooler that hands one session's statements to another, such as
-    PgBouncer in transaction mode); statement_timeout: seconds a PostgreSQL statement may run."""
+    PgBouncer in transaction mode); statement_timeout: seconds a PostgreSQL statement may run (0: no
+    limit is asked for)."""
     scheme = urlparse(url).scheme
     if scheme == "sqlite":
         path = url.split("sqlite:///", 1)[1] if url.startswith("sqlite:///") else ":memory:"
@@ -185,10 +186,13 @@ def connect(url: str, pool_size: int = Settings.database_pool_size, prepare: boo
     params = parse(url)
     if prepare:
         params["connection_factory"] = PreparingConnection
-    # Set when the session starts (libpq's options), so a reconnected session has it too; kept after
-    # any options the URL gives.
-    limit = f"-c statement_timeout={max(1, round(statement_timeout * 1000))}"
-    params["options"] = f"{params['options']} {limit}" if params.get("options") else limit
+    if statement_timeout > 0:
+        # Set when the session starts (libpq's options), so a reconnected session has it too; kept after
+        # any options the URL gives. Options given to libpq replace PGOPTIONS, which it otherwise reads
+        # (a search_path set there, say): those are kept too when the URL gives none.
+        limit = f"-c statement_timeout={max(1, round(statement_timeout * 1000))}"
+        given = params.get("options") or os.environ.get("PGOPTIONS", "").strip()
+        params["options"] = f"{given} {limit}" if given else limit
     return PostgresDatabase(
         params.pop("database"),
         max_connections=pool_size,

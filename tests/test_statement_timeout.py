@@ -14,7 +14,7 @@ from peewee import OperationalError
 from app import create_app
 from notifier import schema
 from notifier.config import ConfigError, Settings
-from notifier.db import bind, database
+from notifier.db import bind, connect, database
 from notifier.models import Status, utcnow
 from tests.helpers import installed_deliverer, make_notification, reload
 
@@ -70,9 +70,30 @@ def test_a_schema_upgrade_waits_for_another_one_past_the_timeout(pg_settings, pg
 def test_the_setting():
     assert Settings.from_env({}).database_statement_timeout == 30
     assert Settings.from_env({"DATABASE_STATEMENT_TIMEOUT": "2.5"}).database_statement_timeout == 2.5
-    for bad in ("0", "-1", "nan", "inf", "soon"):
+    assert Settings.from_env({"DATABASE_STATEMENT_TIMEOUT": "0"}).database_statement_timeout == 0  # no limit
+    for bad in ("-1", "nan", "inf", "86401", "soon"):
         with pytest.raises(ConfigError):
             Settings.from_env({"DATABASE_STATEMENT_TIMEOUT": bad})
+
+
+def test_no_limit_is_asked_for_at_0(pg_url):
+    # Behind PgBouncer, which refuses a connection whose startup options it does not know (and would
+    # not apply them to the server sessions it shares): the limit must be possible to turn off.
+    db = connect(pg_url, statement_timeout=0)
+    assert "options" not in db.connect_params
+    with db.connection_context():
+        assert db.execute_sql("SHOW statement_timeout").fetchone()[0] == "0"
+    db.close_all()
+
+
+def test_the_limit_keeps_what_pgoptions_asks_for(pg_url, monkeypatch):
+    # libpq reads PGOPTIONS only when it is given no options: the limit's must not replace it.
+    monkeypatch.setenv("PGOPTIONS", "-c search_path=review3_elsewhere,public")
+    db = connect(pg_url, statement_timeout=2)
+    with db.connection_context():
+        assert db.execute_sql("SHOW search_path").fetchone()[0] == "review3_elsewhere,public"
+        assert db.execute_sql("SHOW statement_timeout").fetchone()[0] == "2s"
+    db.close_all()
 
 
 def test_a_callback_answered_2xx_is_recorded_though_a_lock_holds_its_row_past_the_timeout(
