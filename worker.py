@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import math
 import os
 import signal
 import socket
@@ -90,6 +91,18 @@ class NotifierWorker(SimpleWorker):
                 raise reply
         if any(isinstance(reply, Exception) for reply in replies[own:]):
             logger.warning("metrics not recorded: %s", next(r for r in replies[own:] if isinstance(r, Exception)))
+
+    @property
+    def dequeue_timeout(self) -> int:
+        # An idle worker sends its heartbeat, and so looks at its scheduler (keep_scheduler), once per
+        # wait for a job, and RQ waits worker_ttl - 15 s (405 s). After a Redis outage of 3 to 6 s the
+        # worker's last look came less than SCHEDULER_CHECK_SECONDS before Redis answered again (the
+        # scheduler still alive then, or Redis still away), so the first good heartbeat skipped it and
+        # the worker went back to waiting: the scheduler, and every retry, stayed dead that long.
+        wait = super().dequeue_timeout
+        if getattr(self, "scheduler", None) is not None:  # RQ reads this before it sets scheduler
+            wait = min(wait, max(1, math.ceil(SCHEDULER_CHECK_SECONDS)))
+        return wait
 
     def keep_scheduler(self) -> None:
         """Start RQ's scheduler again if it died, at most every SCHEDULER_CHECK_SECONDS.

@@ -6,6 +6,7 @@ and then checks the final status of every notification and exactly what the SMTP
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import subprocess
@@ -163,6 +164,40 @@ def test_a_retry_due_after_redis_restarts_empty_under_an_idle_worker_fires_on_ti
     down()
     time.sleep(2)  # the worker's scheduler notices within its 1 s interval
     up()  # back, but empty: the reconciler puts the retry back, due 5 s after the failed attempt
+
+    stack.wait_status(notification_id, "sent", timeout=30)
+    assert _recipients(smtp) == ["user1@example.com"]
+
+
+def _children(pid: int) -> list[int]:
+    """The live child processes of pid (Linux /proc)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as stat:
+                state, parent = stat.read().rsplit(")", 1)[1].split()[:2]
+        except OSError:
+            continue
+        if int(parent) == pid and state != "Z":
+            found.append(int(entry))
+    return found
+
+
+def test_a_scheduler_that_died_under_an_idle_worker_is_started_again(make_stack, pg_settings, smtp):
+    # RQ's scheduler (it fires retries) dead while its worker waits for a job, as after a Redis outage
+    # of 3 to 6 s: the worker's look at it (keep_scheduler, at most every 5 s) came just before Redis
+    # answered again, and the worker then waited for a job. It looks only at its heartbeats, and an
+    # idle RQ worker sends one per wait for a job, every 405 s.
+    stack = make_stack(replace(pg_settings, retry_intervals=(8, 8))).start("api", "worker")
+    worker = stack.procs["worker"].pid
+    smtp.replies.append("451 4.3.0 busy")
+    notification_id = stack.send(_to(1))
+    stack.wait_status(notification_id, "retrying")  # its retry waits 8 s in RQ's scheduled registry
+    (scheduler,) = wait_until(lambda: _children(worker), timeout=10)
+    time.sleep(1)  # the worker is waiting for its next job
+    os.kill(scheduler, signal.SIGKILL)
 
     stack.wait_status(notification_id, "sent", timeout=30)
     assert _recipients(smtp) == ["user1@example.com"]
