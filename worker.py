@@ -56,6 +56,7 @@ class NotifierWorker(SimpleWorker):
     stopping = False
     counts: metrics.Deferred | None = None  # the jobs' counters, sent with each heartbeat
     _scheduler_checked = 0.0
+    _burst = False
     # RQ's default where SIGALRM exists, named because jobs.send_callback relies on it: the job's limit
     # is the process's one alarm, which the job can replace and cancel once its callback is answered.
     death_penalty_class = UnixSignalDeathPenalty
@@ -92,6 +93,12 @@ class NotifierWorker(SimpleWorker):
         if any(isinstance(reply, Exception) for reply in replies[own:]):
             logger.warning("metrics not recorded: %s", next(r for r in replies[own:] if isinstance(r, Exception)))
 
+    def work(self, burst: bool = False, *args, **kwargs):
+        # A burst run's scheduler moves what is due once, as the run starts, and has no process
+        # (RQ's _start_scheduler): keep_scheduler must not start one for it.
+        self._burst = burst
+        return super().work(burst, *args, **kwargs)
+
     @property
     def dequeue_timeout(self) -> int:
         # An idle worker sends its heartbeat, and so looks at its scheduler (keep_scheduler), once per
@@ -114,7 +121,7 @@ class NotifierWorker(SimpleWorker):
         after every job: a dead scheduler is started again (if its locks are free) within about this
         once Redis is back. When another worker's scheduler holds the locks, nothing is started."""
         scheduler = self.scheduler
-        if scheduler is None or self.stopping or self._stop_requested:
+        if scheduler is None or self._burst or self.stopping or self._stop_requested:
             return
         if time.monotonic() - self._scheduler_checked < SCHEDULER_CHECK_SECONDS:
             return

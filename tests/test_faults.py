@@ -203,6 +203,19 @@ def test_a_scheduler_that_died_under_an_idle_worker_is_started_again(make_stack,
     assert _recipients(smtp) == ["user1@example.com"]
 
 
+def test_a_burst_worker_with_the_scheduler_starts_no_scheduler_process(redis_conn, monkeypatch):
+    # `rq worker --burst --with-scheduler`: RQ moves what is due once and starts no scheduler process;
+    # the heartbeat's keep_scheduler took that for a dead one and started one for the run.
+    from rq.scheduler import RQScheduler
+
+    from worker import make_worker
+
+    started = []
+    monkeypatch.setattr(RQScheduler, "start", lambda scheduler: started.append(scheduler))
+    make_worker(redis_conn, name="burst").work(burst=True, with_scheduler=True)
+    assert started == []
+
+
 def test_smtp_server_down_for_a_while_then_up(make_stack, pg_settings):
     handler = CaptureHandler()
     port = free_port()
