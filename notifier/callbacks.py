@@ -1,4 +1,4 @@
-"""Status callbacks to the caller: the signed JSON event, and posting it.
+"""Status callbacks to the caller: the signed JSON event, posting it, and whose turn it is to post it.
 
 A callback carries two headers:
   Notifier-Event-Id:  the notification id and status, e.g. "4f…:sent" (the same on every retry)
@@ -16,7 +16,10 @@ import json
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 
+from notifier.db import UNAVAILABLE_ERRORS, discard_connection, is_postgres
 from notifier.models import Notification
 from notifier.schemas import UtcDateTime
 
@@ -98,3 +101,42 @@ def post(url: str, body: bytes, secret: str, event_id: str, timeout: float) -> i
         # Unreachable, slow, or not speaking HTTP (a bad status line, a dropped or truncated answer):
         # retried, and given up after the last attempt like any other failure.
         raise CallbackRetry(f"{type(exc).__name__}: {getattr(exc, 'reason', exc)}") from exc
+
+
+# Status callbacks being posted hold PostgreSQL advisory locks (this class, the notification's seq in
+# 31 bits). Negative, so never an API key's id, which idempotency.hold() locks with.
+_CALLBACK_LOCK_CLASS = -0x63616C6C  # "call"
+
+
+@contextmanager
+def turn(notification: Notification) -> Iterator[bool]:
+    """Whether this process may post the notification's status callback now: False while another
+    process is in the middle of posting it. Two jobs for one callback run at once when Redis lost the
+    first one's job while it ran (restarted empty, flushed) and the reconciler queued it again.
+
+    PostgreSQL: a session advisory lock on the connection, held until the block ends and gone with
+    the connection if the process dies. SQLite (one machine, `make run`): always True."""
+    db = Notification._meta.database
+    if not is_postgres(db):
+        yield True
+        return
+    key = (_CALLBACK_LOCK_CLASS, notification.seq & 0x7FFFFFFF)
+    held = None  # not known: whatever interrupts the statement may come after the server took the lock
+    try:
+        held = db.execute_sql("SELECT pg_try_advisory_lock(%s, %s)", key).fetchone()[0]
+        yield held
+    finally:
+        released = held is False
+        try:
+            if held:
+                db.execute_sql("SELECT pg_advisory_unlock(%s, %s)", key)
+                released = True
+        except UNAVAILABLE_ERRORS:
+            pass  # the session ends below, and the lock with it
+        finally:
+            if not released:
+                # Taking or releasing the lock was cut short (RQ's job limit is a SIGALRM that raises
+                # wherever the job is; an error): the session may still hold it. Given back to the pool
+                # (close() only does that), it would make every other worker skip this callback for as
+                # long as the connection lives. End the session: the lock ends with it.
+                discard_connection(db)

@@ -227,6 +227,18 @@ def past_statement_timeout(run):
             logger.warning("a statement was cancelled (%s); running it again", str(cause).splitlines()[0])
 
 
+def discard_connection(db) -> None:
+    """Close the calling thread's database connection for good, not back into the pool."""
+    manual_close = getattr(getattr(db, "obj", db), "manual_close", None)
+    try:
+        if manual_close is not None:
+            manual_close()
+        else:
+            db.close()
+    except UNAVAILABLE_ERRORS:
+        pass  # closing a broken connection may fail; it is gone either way
+
+
 def is_postgres(db) -> bool:
     """Whether db (or the database behind the proxy) is PostgreSQL, for the statements only it has."""
     return isinstance(getattr(db, "obj", db), PostgresqlDatabase)

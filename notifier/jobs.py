@@ -419,7 +419,7 @@ class Deliverer:
             notification = store.get(notification_id)
             if not _owes_callback(notification):
                 return "skipped"
-            with store.callback_turn(notification) as mine:
+            with callbacks.turn(notification) as mine:
                 if not mine:
                     # Another job is posting this very event now (Redis lost its job while it ran,
                     # and the reconciler queued it again): it records how that ends, and its

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import base64
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager, nullcontext
+from collections.abc import Iterable
+from contextlib import nullcontext
 from datetime import datetime
 
 from peewee import SQL, Case, EnclosedNodeList, NodeList, fn
 
-from notifier.db import UNAVAILABLE_ERRORS, execute_once, is_postgres, model_from, prepared, select_one
+from notifier.db import execute_once, is_postgres, model_from, prepared, select_one
 from notifier.models import (
     DIGEST_TEMPLATE,
     FINAL_STATUSES,
@@ -418,54 +418,3 @@ def stats_for_user(api_key: ApiKey, user_id: str) -> dict:
     for row in query:
         counts[row.status] = row.n
     return {"user_id": user_id, "total": sum(counts.values()), "by_status": counts}
-
-
-# Status callbacks being posted hold PostgreSQL advisory locks (this class, the notification's seq in
-# 31 bits). Negative, so never an API key's id, which idempotency.hold() locks with.
-_CALLBACK_LOCK_CLASS = -0x63616C6C  # "call"
-
-
-@contextmanager
-def callback_turn(notification: Notification) -> Iterator[bool]:
-    """Whether this process may post the notification's status callback now: False while another
-    process is in the middle of posting it. Two jobs for one callback run at once when Redis lost the
-    first one's job while it ran (restarted empty, flushed) and the reconciler queued it again.
-
-    PostgreSQL: a session advisory lock on the connection, held until the block ends and gone with
-    the connection if the process dies. SQLite (one machine, `make run`): always True."""
-    db = Notification._meta.database
-    if not is_postgres(db):
-        yield True
-        return
-    key = (_CALLBACK_LOCK_CLASS, notification.seq & 0x7FFFFFFF)
-    held = None  # not known: whatever interrupts the statement may come after the server took the lock
-    try:
-        held = db.execute_sql("SELECT pg_try_advisory_lock(%s, %s)", key).fetchone()[0]
-        yield held
-    finally:
-        released = held is False
-        try:
-            if held:
-                db.execute_sql("SELECT pg_advisory_unlock(%s, %s)", key)
-                released = True
-        except UNAVAILABLE_ERRORS:
-            pass  # the session ends below, and the lock with it
-        finally:
-            if not released:
-                # Taking or releasing the lock was cut short (RQ's job limit is a SIGALRM that raises
-                # wherever the job is; an error): the session may still hold it. Given back to the pool
-                # (close() only does that), it would make every other worker skip this callback for as
-                # long as the connection lives. End the session: the lock ends with it.
-                _discard_connection(db)
-
-
-def _discard_connection(db) -> None:
-    """Close the calling thread's database connection for good, not back into the pool."""
-    manual_close = getattr(getattr(db, "obj", db), "manual_close", None)
-    try:
-        if manual_close is not None:
-            manual_close()
-        else:
-            db.close()
-    except UNAVAILABLE_ERRORS:
-        pass  # closing a broken connection may fail; it is gone either way

@@ -260,12 +260,12 @@ def test_a_callback_requeued_while_its_job_is_posting_it_is_posted_once(api_key,
 
 
 def _callback_lock_free(pg_url: str, notification: Notification) -> bool:
-    """Whether another session could take the lock a job posting this callback holds (store.callback_turn)."""
+    """Whether another session could take the lock a job posting this callback holds (callbacks.turn)."""
     conn = psycopg2.connect(pg_url)
     try:
         with conn.cursor() as cur:
             cur.execute("SELECT pg_try_advisory_lock(%s, %s)",
-                        (store._CALLBACK_LOCK_CLASS, notification.seq & 0x7FFFFFFF))
+                        (callbacks._CALLBACK_LOCK_CLASS, notification.seq & 0x7FFFFFFF))
             return cur.fetchone()[0]
     finally:
         conn.close()  # and the lock taken here goes with the session
