@@ -17,7 +17,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 
 from notifier.db import UNAVAILABLE_ERRORS, discard_connection, is_postgres
 from notifier.models import Notification
@@ -128,11 +128,10 @@ def turn(notification: Notification) -> Iterator[bool]:
     finally:
         released = held is False
         try:
-            if held:
-                db.execute_sql("SELECT pg_advisory_unlock(%s, %s)", key)
-                released = True
-        except UNAVAILABLE_ERRORS:
-            pass  # the session ends below, and the lock with it
+            with suppress(*UNAVAILABLE_ERRORS):  # a broken session ends below, and the lock with it
+                if held:
+                    db.execute_sql("SELECT pg_advisory_unlock(%s, %s)", key)
+                    released = True
         finally:
             if not released:
                 # Taking or releasing the lock was cut short (RQ's job limit is a SIGALRM that raises

@@ -7,6 +7,7 @@ import logging
 import os
 import re
 import time
+from contextlib import suppress
 from urllib.parse import urlparse
 
 from peewee import (
@@ -230,13 +231,11 @@ def past_statement_timeout(run):
 def discard_connection(db) -> None:
     """Close the calling thread's database connection for good, not back into the pool."""
     manual_close = getattr(getattr(db, "obj", db), "manual_close", None)
-    try:
+    with suppress(*UNAVAILABLE_ERRORS):  # closing a broken connection may fail; it is gone either way
         if manual_close is not None:
             manual_close()
         else:
             db.close()
-    except UNAVAILABLE_ERRORS:
-        pass  # closing a broken connection may fail; it is gone either way
 
 
 def is_postgres(db) -> bool:
