@@ -47,8 +47,8 @@ def rss_kb(pid: int) -> int | None:
     return None
 
 
-def children(pid: int) -> list[int]:
-    """Direct children of pid, by scanning /proc."""
+def children(pid: int, live: bool = False) -> list[int]:
+    """Direct children of pid, by scanning /proc; live: not those that exited and wait to be reaped."""
     found = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -60,7 +60,7 @@ def children(pid: int) -> list[int]:
             continue
         # The command name may hold spaces and parentheses; the fields after the last ")" do not.
         fields = stat[stat.rfind(")") + 2:].split()
-        if int(fields[1]) == pid:
+        if int(fields[1]) == pid and not (live and fields[0] == "Z"):
             found.append(int(entry))
     return sorted(found)
 

@@ -19,6 +19,7 @@ from redis import Redis
 from redis import exceptions as redis_exceptions
 from rq import Queue
 
+from bench.procs import children
 from notifier.db import bind, database
 from notifier.devmail import CaptureHandler, start
 from notifier.models import SchemaVersion
@@ -169,22 +170,6 @@ def test_a_retry_due_after_redis_restarts_empty_under_an_idle_worker_fires_on_ti
     assert _recipients(smtp) == ["user1@example.com"]
 
 
-def _children(pid: int) -> list[int]:
-    """The live child processes of pid (Linux /proc)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as stat:
-                state, parent = stat.read().rsplit(")", 1)[1].split()[:2]
-        except OSError:
-            continue
-        if int(parent) == pid and state != "Z":
-            found.append(int(entry))
-    return found
-
-
 def test_a_scheduler_that_died_under_an_idle_worker_is_started_again(make_stack, pg_settings, smtp):
     # RQ's scheduler (it fires retries) dead while its worker waits for a job, as after a Redis outage
     # of 3 to 6 s: the worker's look at it (keep_scheduler, at most every 5 s) came just before Redis
@@ -195,7 +180,7 @@ def test_a_scheduler_that_died_under_an_idle_worker_is_started_again(make_stack,
     smtp.replies.append("451 4.3.0 busy")
     notification_id = stack.send(_to(1))
     stack.wait_status(notification_id, "retrying")  # its retry waits 8 s in RQ's scheduled registry
-    (scheduler,) = wait_until(lambda: _children(worker), timeout=10)
+    (scheduler,) = wait_until(lambda: children(worker, live=True), timeout=10)
     time.sleep(1)  # the worker is waiting for its next job
     os.kill(scheduler, signal.SIGKILL)
 
