@@ -5,17 +5,18 @@ from __future__ import annotations
 import operator
 from dataclasses import dataclass
 from datetime import UTC, datetime, time, timedelta
-from functools import reduce
+from functools import cache, reduce
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from peewee import IntegrityError
 
 from notifier.config import parse_clock
-from notifier.db import database, in_values, is_postgres, prepared, select_one
+from notifier.db import column_list, database, in_values, instance_of, is_postgres, prepared, select_one
 from notifier.models import (
     ApiKey,
     Category,
     DeliveryMode,
+    Notification,
     Preference,
     Status,
     Suppression,
@@ -188,12 +189,12 @@ class Prefetched(Lookup):
     """The same answers for a send or a whole batch, read in one round trip instead of up to three
     per item."""
 
-    def __init__(self, api_key_id: int, emails: set[str], user_keys: set[str]):
-        """user_keys: those whose preferences may matter (transactional email has none to look up)."""
+    def __init__(self, api_key_id: int, rows):
+        """rows: (kind, and four answers) each, as _consent_rows() reads them."""
         self._suppressed: dict[str, Suppression] = {}
         self._modes: dict[tuple[str, str], DeliveryMode] = {}
         self._profiles: dict[str, UserProfile] = {}
-        for kind, a, b, c, d in _consent_rows(api_key_id, {e.lower() for e in emails}, user_keys):
+        for kind, a, b, c, d in rows:
             if kind == "s":
                 self._suppressed[a] = Suppression(api_key=api_key_id, email=a, reason=b)
             elif kind == "p":
@@ -224,9 +225,50 @@ def prefetch(api_key_id: int, recipients) -> Prefetched:
     """A Prefetched for recipients, (to, user_key, category) each: only optional categories have
     preferences and quiet hours to look up."""
     recipients = list(recipients)
-    return Prefetched(api_key_id, {to for to, _, _ in recipients},
-                      {user_key for _, user_key, category in recipients
-                       if user_key and category != Category.TRANSACTIONAL})
+    emails = {to.lower() for to, _, _ in recipients}
+    # Only those whose preferences may matter: transactional email has none to look up.
+    user_keys = {user_key for _, user_key, category in recipients if user_key and category != Category.TRANSACTIONAL}
+    return Prefetched(api_key_id, _consent_rows(api_key_id, emails, user_keys))
+
+
+def sending(public_id: str) -> tuple[Notification | None, Lookup]:
+    """The notification a job is to send, with what its recipient agreed to: what
+    prefetch(row's key, [row's recipient]) answers. On PostgreSQL in one round trip and one
+    statement instead of two, the consent rows joined to the notification's own (LATERAL)."""
+    if not is_postgres(database):
+        current = select_one(Notification, '"id" = {}', public_id)
+        return current, for_waiting([current] if current else [])
+    rows = database.execute_sql(_sending_sql(), (public_id,)).fetchall()
+    if not rows:
+        return None, DATABASE
+    current = instance_of(Notification, rows[0])
+    width = len(Notification._meta.sorted_fields)
+    return current, Prefetched(current.api_key_id, [row[width:] for row in rows if row[width] is not None])
+
+
+def for_waiting(rows: list[Notification]) -> Lookup:
+    """Answers for those of rows (one key's) still to be sent, read in one round trip."""
+    waiting = [r for r in rows if r.status in (Status.QUEUED, Status.RETRYING)]
+    if not waiting:
+        return DATABASE
+    return prefetch(waiting[0].api_key_id, [(r.to, r.user_key, r.category) for r in waiting])
+
+
+@cache
+def _sending_sql() -> str:
+    """sending()'s statement: _consent_rows()'s parts, matched to the notification's own columns."""
+    parts = []
+    for kind, model, column, answers in _PARTS:
+        if column == "email":
+            # Addresses are kept lower-cased, as prefetch() asks for them (the API takes ASCII only).
+            match = 'x."email" = lower(n."to")'
+        else:
+            match = f'x."user_key" = n."user_key" AND n."category" <> \'{Category.TRANSACTIONAL.value}\''
+        shown = ", ".join(a if a == "NULL" else f'x."{a}"' for a in answers)
+        parts.append(f"SELECT '{kind}' AS kind, {shown} FROM \"{model._meta.table_name}\" x "
+                     f'WHERE x."api_key_id" = n."api_key_id" AND {match}')
+    return prepared(f'SELECT {column_list(Notification, "n")}, c.* FROM "{Notification._meta.table_name}" n '
+                    f'LEFT JOIN LATERAL ({" UNION ALL ".join(parts)}) c ON TRUE WHERE n."id" = {database.param}')
 
 
 # Each part: a table, the column matched against the given values, and the four columns it answers

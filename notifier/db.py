@@ -275,13 +275,23 @@ def select_one(model, where: str, *params):
     sql = _SQL.get(key)
     if sql is None:
         condition = where.format(*([param] * where.count("{}")))
-        columns = ", ".join(f'"{f.column_name}"' for f in model._meta.sorted_fields)
-        sql = _SQL[key] = prepared(f'SELECT {columns} FROM "{model._meta.table_name}" WHERE {condition} LIMIT 1')
+        table = model._meta.table_name
+        sql = _SQL[key] = prepared(f'SELECT {column_list(model)} FROM "{table}" WHERE {condition} LIMIT 1')
     row = database.execute_sql(sql, params).fetchone()
-    if row is None:
-        return None
+    return None if row is None else instance_of(model, row)
+
+
+def column_list(model, table: str | None = None) -> str:
+    """Every column of model, in the order instance_of() reads them (table: an alias to qualify them with)."""
+    prefix = f'{table}.' if table else ""
+    return ", ".join(f'{prefix}"{f.column_name}"' for f in model._meta.sorted_fields)
+
+
+def instance_of(model, row):
+    """The model instance from a row whose first columns are column_list(model)'s, read with the
+    fields' own converters (a longer row's other columns are left for the caller)."""
     return model_from(model, {name: None if value is None else read(value)
-                              for (name, read), value in zip(_readers(model), row, strict=True)})
+                              for (name, read), value in zip(_readers(model), row, strict=False)})
 
 
 def _readers(model) -> tuple:

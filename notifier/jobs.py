@@ -32,16 +32,9 @@ CONSENT_MAX_AGE_SECONDS = 1.0
 
 
 def _lookups_by_key(rows: list[Notification]) -> dict[int, consent.Lookup]:
-    """_lookup_for() for each API key among rows (a shared job has one key, but need not)."""
-    return {key: _lookup_for([r for r in rows if r.api_key_id == key]) for key in {r.api_key_id for r in rows}}
-
-
-def _lookup_for(rows: list[Notification]) -> consent.Lookup:
-    """Consent answers for the rows still to be sent (one key's), read in one round trip."""
-    waiting = [r for r in rows if r.status in (Status.QUEUED, Status.RETRYING)]
-    if not waiting:
-        return consent.DATABASE
-    return consent.prefetch(waiting[0].api_key_id, [(r.to, r.user_key, r.category) for r in waiting])
+    """consent.for_waiting() for each API key among rows (a shared job has one key, but need not)."""
+    return {key: consent.for_waiting([r for r in rows if r.api_key_id == key])
+            for key in {r.api_key_id for r in rows}}
 
 
 def _owes_callbacks(notification: Notification) -> bool:
@@ -89,9 +82,9 @@ class Deliverer:
         with database.connection_context(), logs.bound(notification_id=notification_id):
             # Read outside any transaction first: a pooled connection that died with a database
             # restart is replaced here, before the claim needs it.
-            current = store.get(notification_id)
+            current, lookup = consent.sending(notification_id)
             self._record_kept()
-            return self._deliver(notification_id, current, _lookup_for([current] if current else []))
+            return self._deliver(notification_id, current, lookup)
 
     def _deliver(self, notification_id: str, current: Notification | None, lookup: consent.Lookup) -> str:
         if current is None or current.status not in (Status.QUEUED, Status.RETRYING):

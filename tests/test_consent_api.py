@@ -217,6 +217,28 @@ def test_send_for_a_category_turned_off_is_suppressed_and_owes_its_callback(clie
     assert smtp.count() == 0
 
 
+def test_what_changed_after_acceptance_is_what_the_job_reads(client, headers, api_key, deliverer, smtp, redis_conn):
+    # The job reads the notification and its recipient's consent in one statement (on PostgreSQL):
+    # a suppression of the address in any case, or the user's category turned off, since it was
+    # accepted stops it; another user's or another address's does not, nor a transactional send's.
+    to_suppress = _send(client, headers, _welcome("u1", to="Ann.Other@Example.COM"))
+    to_turn_off = _send(client, headers, _welcome("u2", to="bea@example.com"))
+    untouched = _send(client, headers, _welcome("u3", to="cid@example.com"))
+    transactional = _send(client, headers, {"to": "dee@example.com", "subject": "Code", "text": "1234",
+                                            "user_id": "u2", "category": "transactional"})
+    assert {n["status"] for n in (to_suppress, to_turn_off, untouched, transactional)} == {"queued"}
+    with database.connection_context():
+        consent.suppress(api_key[0].id, "ann.other@example.com", "bounced")
+    assert _put(client, headers, {"categories": {"product": "off"}}, user_id="u2").status_code == 200
+
+    run_worker_until_idle(redis_conn)
+    assert reload(to_suppress["id"]).status == "suppressed"
+    assert "suppression list" in _detail(client, headers, to_suppress["id"])["history"][-1]["reason"]
+    assert reload(to_turn_off["id"]).status == "suppressed"
+    assert (reload(untouched["id"]).status, reload(transactional["id"]).status) == ("sent", "sent")
+    assert sorted(m.message["To"] for m in smtp.messages) == ["cid@example.com", "dee@example.com"]
+
+
 def test_send_for_a_daily_category_is_held_for_the_digest(client, headers, deliverer, smtp, redis_conn):
     assert _put(client, headers, {"categories": {"product": "daily"}}).status_code == 200
     accepted = _send(client, headers, _welcome())

@@ -11,7 +11,7 @@ from datetime import timedelta
 
 from notifier import consent, store
 from notifier.db import _PREPARED, database
-from notifier.models import CallbackStatus, Notification, SchemaVersion, Status, utcnow
+from notifier.models import CallbackStatus, Notification, SchemaVersion, Status, Suppression, utcnow
 from notifier.reconciler import reconcile
 from notifier.schema import SCHEMA_VERSION, upgrade
 
@@ -182,12 +182,17 @@ def test_prepared_statements_keep_the_key_in_their_generic_plans(pg_db, api_key,
     key = api_key[0]
     with database.connection_context():
         store.create_notifications(key, [(dict(FIELDS), Status.SENT, "earlier")] * 500)
+        # A key with a long suppression list: the address must be looked up, not the key's list read.
+        Suppression.insert_many([{"api_key": key.id, "email": f"gone-{i}@example.com", "reason": "bounced"}
+                                 for i in range(2000)]).execute()
         database.execute_sql("ANALYZE notifications")
+        database.execute_sql("ANALYZE suppressions")
         backlog = store.create_notifications(key, [(dict(FIELDS), Status.QUEUED, "accepted")] * 500)
         seen = _recording(monkeypatch)
         for n in backlog[:6]:
-            current = store.get(n.id)
-            consent.prefetch(key.id, [(current.to, "carol", "marketing")])
+            store.get(n.id)  # as the API reads one
+            current, _ = consent.sending(n.id)  # as a job reads it, with its recipient's consent
+            consent.prefetch(key.id, [(current.to, "carol", "marketing")])  # as the API's send asks
             assert store.claim(current.id, known=current)
             current.status = Status.SENDING.value
             assert store.transition(current.id, Status.SENT, sources=(Status.SENDING,), known=current, reason="sent")
@@ -195,10 +200,16 @@ def test_prepared_statements_keep_the_key_in_their_generic_plans(pg_db, api_key,
         marked = {sql: params for sql, params in seen if sql in _PREPARED}
         updates = [(sql, params) for sql, params in marked.items() if sql.startswith("WITH moved")]
         (by_id,) = [(sql, params) for sql, params in marked.items() if 'FROM "notifications" WHERE "id"' in sql]
-        (consent_rows,) = [(sql, params) for sql, params in marked.items() if "UNION ALL" in sql]
+        (sending,) = [(sql, params) for sql, params in marked.items() if "LATERAL" in sql]
+        (consent_rows,) = [(sql, params) for sql, params in marked.items() if "UNION ALL" in sql and sql != sending[0]]
         assert len(updates) == 2  # the claim and the `sent` record
         for sql, params in updates:
             assert _found_by(_generic_plan(sql, params), "seq")
         assert _found_by(_generic_plan(*by_id), "id")
         plan = _generic_plan(*consent_rows)
         assert "suppression_api_key_id_email" in plan and "Seq Scan" not in plan, plan
+        plan = _generic_plan(*sending)
+        assert re.search(r"Index Cond: \(+id\)?(::text)? = ", plan) and "Seq Scan" not in plan, plan
+        for index in ("suppression_api_key_id_email", "preference_api_key_id_user_key_category",
+                      "userprofile_api_key_id_user_key"):
+            assert index in plan, plan
