@@ -73,6 +73,9 @@ class Settings:
     digest_time: str = "08:00"
     digest_weekday: int = 0  # Monday
     digest_grace_seconds: int = 60
+    # A digest lists at most this many of its items, then says how many more it took: a week of held
+    # mail with no recipient cap would otherwise make one message too big for any mail server.
+    digest_max_items: int = 100
     welcome_delay_seconds: int = 600
     rate_limit: str = "100/second"
     batch_max: int = 1000
@@ -144,6 +147,7 @@ class Settings:
             digest_time=_clock(env, "DIGEST_TIME", defaults.digest_time),
             digest_weekday=WEEKDAYS.index(_choice(env, "DIGEST_WEEKDAY", "monday", WEEKDAYS)),
             digest_grace_seconds=_int(env, "DIGEST_GRACE_SECONDS", defaults.digest_grace_seconds, 0, 3600),
+            digest_max_items=_int(env, "DIGEST_MAX_ITEMS", defaults.digest_max_items, 1, 1000),
             welcome_delay_seconds=_int(env, "WELCOME_DELAY_SECONDS", defaults.welcome_delay_seconds, 0, 30 * 86400),
             rate_limit=_rate(env, "RATE_LIMIT", defaults.rate_limit, allow_empty=False),
             batch_max=_int(env, "BATCH_MAX", defaults.batch_max, 1, 10000),

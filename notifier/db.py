@@ -222,10 +222,16 @@ def past_statement_timeout(run):
         try:
             return run()
         except OperationalError as exc:
-            cause = getattr(exc, "orig", None) or exc.__context__  # what psycopg2 raised
-            if not isinstance(cause, QueryCanceled):
+            if not cancelled(exc):
                 raise
-            logger.warning("a statement was cancelled (%s); running it again", str(cause).splitlines()[0])
+            logger.warning("a statement was cancelled (%s); running it again", str(exc).splitlines()[0])
+
+
+def cancelled(exc: BaseException) -> bool:
+    """Whether exc is PostgreSQL cancelling a statement (DATABASE_STATEMENT_TIMEOUT, an operator's
+    pg_cancel_backend): an OperationalError like a lost connection, but the database is there."""
+    cause = getattr(exc, "orig", None) or exc.__context__  # what psycopg2 raised, under peewee's
+    return isinstance(exc, QueryCanceled) or isinstance(cause, QueryCanceled)
 
 
 def discard_connection(db) -> None:

@@ -22,10 +22,13 @@ import logging
 from datetime import UTC, datetime, time, timedelta
 
 from peewee import IntegrityError, fn
+from rq.exceptions import StopRequested
+from rq.timeouts import JobTimeoutException
 
 from notifier import queues, store
 from notifier.config import Settings, parse_clock
 from notifier.consent import Decision, get_profile, mode_for, timing, zone
+from notifier.db import UNAVAILABLE_ERRORS, cancelled
 from notifier.models import (
     DIGEST_TEMPLATE,
     ApiKey,
@@ -95,23 +98,38 @@ def flush_due(settings: Settings, redis, renderer, now: datetime | None = None) 
     )
     made = 0
     for api_key_id, user_key, category in list(groups):
-        api_key = ApiKey.get_by_id(api_key_id)
-        mode = mode_for(api_key_id, user_key, category)
-        if mode is DeliveryMode.OFF:
-            _suppress_held(api_key_id, user_key, category)
-            continue
-        profile = get_profile(api_key, user_key)
-        if mode is DeliveryMode.IMMEDIATE:
-            _release_held(settings, redis, api_key_id, user_key, category, profile, now)
-            continue
-        window_end = due_window(settings, mode, profile.timezone if profile else "UTC", now)
-        if window_end is None:
-            continue
-        # Made now, it goes out as any mail made now would: after the user's quiet hours.
-        if _flush(settings, redis, renderer, api_key, user_key, category, mode, window_end,
-                  timing(profile, send_at=None, now=now)):
-            made += 1
+        try:
+            made += _flush_group(settings, redis, renderer, api_key_id, user_key, category, now)
+        except (JobTimeoutException, StopRequested):
+            raise  # RQ stopping the job (its time limit, the worker's shutdown), not this group failing
+        except UNAVAILABLE_ERRORS as exc:
+            if not cancelled(exc):
+                raise  # the database is away: the next pass tries every group again
+            logger.warning("a %s digest for key %s was cancelled (%s); the other groups go on", category,
+                           api_key_id, type(exc).__name__)
+        except Exception:  # noqa: BLE001 - one group that keeps failing must not starve the groups after it
+            logger.warning("a %s digest for key %s failed; the other groups go on", category, api_key_id,
+                           exc_info=True)
     return made
+
+
+def _flush_group(settings, redis, renderer, api_key_id: int, user_key: str, category: str, now: datetime) -> int:
+    """flush_due() for one user and category: how many digests it made (0 or 1)."""
+    api_key = ApiKey.get_by_id(api_key_id)
+    mode = mode_for(api_key_id, user_key, category)
+    if mode is DeliveryMode.OFF:
+        _suppress_held(api_key_id, user_key, category)
+        return 0
+    profile = get_profile(api_key, user_key)
+    if mode is DeliveryMode.IMMEDIATE:
+        _release_held(settings, redis, api_key_id, user_key, category, profile, now)
+        return 0
+    window_end = due_window(settings, mode, profile.timezone if profile else "UTC", now)
+    if window_end is None:
+        return 0
+    # Made now, it goes out as any mail made now would: after the user's quiet hours.
+    return int(_flush(settings, redis, renderer, api_key, user_key, category, mode, window_end,
+                      timing(profile, send_at=None, now=now)))
 
 
 def _held(api_key_id: int, user_key: str, category: str):
@@ -152,17 +170,24 @@ def _flush(settings, redis, renderer, api_key, user_key, category, mode, window_
     with db.atomic() as tx:
         # An item asked for later than the window's end waits for the window it falls due in.
         due = Notification.send_at.is_null() | (Notification.send_at <= window_end)
-        items = list(_held(api_key.id, user_key, category).where((Notification.created_at < window_end) & due)
-                     .order_by(Notification.seq))
-        if not items:
+        taken = (_held(api_key.id, user_key, category).where((Notification.created_at < window_end) & due)
+                 .order_by(Notification.seq))
+        seqs = [row.seq for row in taken.select(Notification.seq)]
+        if not seqs:
             return False
+        # Only the rows the digest shows, and the newest (whose address it goes to), are read whole;
+        # from the seqs read before them, so that each row shown is one the digest takes.
+        read = {seqs[-1], *seqs[: settings.digest_max_items]}
+        rows = {n.seq: n for n in Notification.select().where(Notification.seq.in_(list(read)))}
+        newest = rows[seqs[-1]]
+        shown = [_item(renderer, rows[seq]) for seq in seqs[: settings.digest_max_items]]
         digest_fields = {
-            "to": items[-1].to,
-            "user_id": items[-1].user_id,
+            "to": newest.to,
+            "user_id": newest.user_id,
             "user_key": user_key,
             "template": DIGEST_TEMPLATE,
             "send_at": when.send_at,
-            "data": {"items": [_item(renderer, n) for n in items], "period": mode.value},
+            "data": {"items": shown, "more": len(seqs) - len(shown), "period": mode.value},
             "priority": Priority.LOW.value,
             "category": category,
         }
@@ -170,20 +195,20 @@ def _flush(settings, redis, renderer, api_key, user_key, category, mode, window_
             with db.atomic():
                 notification = store.create_notification(
                     api_key, digest_fields, status=when.status,
-                    reason=_timed(f"{mode} digest of {len(items)} {category} notifications", when))
+                    reason=_timed(f"{mode} digest of {len(seqs)} {category} notifications", when))
                 Digest.create(api_key=api_key, user_key=user_key, category=category, window_end=window_end,
-                              notification_id=notification.id, items=len(items))
+                              notification_id=notification.id, items=len(seqs))
         except IntegrityError:
             tx.rollback()  # this window's digest exists already; its items were taken by it
             return False
         moved = store.transition_many(
-            [n.seq for n in items], Status.IN_DIGEST, reason=f"included in digest {notification.id}",
+            seqs, Status.IN_DIGEST, reason=f"included in digest {notification.id}",
             sources=(Status.HELD,), digest_id=notification.id,
         )
-        if len(moved) != len(items):
+        if len(moved) != len(seqs):
             tx.rollback()  # someone changed an item meanwhile (cancelled it): try again next pass
             return False
-    logger.info("digest %s made with %s items", notification.id, len(items))
+    logger.info("digest %s made with %s items", notification.id, len(seqs))
     queues.dispatch(redis, settings, notification)
     return True
 

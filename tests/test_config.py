@@ -222,6 +222,7 @@ def test_entry_point_with_invalid_setting_exits_2_naming_it(script):
     ("name", "default", "accepted", "refused"),
     [
         ("BATCH_JOB_SIZE", 25, 1, ("0", "1001", "many")),
+        ("DIGEST_MAX_ITEMS", 100, 1, ("0", "1001", "all")),
         ("FINISHED_JOB_TTL", 60, 0, ("-1", "604801", "an hour")),
         ("DEAD_LETTER_TTL_DAYS", 30, 365, ("0", "3651", "a year")),
         ("DATABASE_POOL_SIZE", 16, 0, ("-1", "1001", "lots")),

@@ -9,13 +9,15 @@ SMTP server received, and which callbacks the caller got.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import datetime, timedelta
 
+import psycopg2
 import pytest
 from rq_scheduler import Scheduler
 
 from notifier import callbacks, deadletters, digests
-from notifier.db import database
+from notifier.db import bind, database
 from notifier.models import utcnow
 from notifier.reconciler import reconcile
 from notifier.runtime import make_renderer
@@ -365,3 +367,54 @@ def test_the_upgrade_moves_items_of_digests_made_before_version_7(pg_db, api_key
     with database.connection_context():
         lines = [(e.from_status, e.to_status) for e in reload(made["failed"][0]).events if e.kind == "status"]
     assert lines[-1] == ("digested", "failed")
+
+
+# --- many groups, big groups --------------------------------------------------------------------------
+
+
+def _held_for(api, headers, user: str, count: int) -> list[str]:
+    _call(api, headers, "PUT", f"/api/users/{user}/preferences", {"categories": {"product": "daily"}})
+    ids = []
+    for i in range(count):
+        payload = {"to": f"{user}@example.com", "user_id": user, "template": "welcome", "data": {"name": f"N{i}"}}
+        accepted = _call(api, headers, "POST", "/api/notifications/send", payload, status=202)
+        assert accepted["status"] == "held"
+        ids.append(accepted["id"])
+    return ids
+
+
+def test_a_group_whose_digest_keeps_failing_does_not_stop_the_others(api, headers, fast_settings, redis_conn,
+                                                                    pg_url, caplog):
+    stuck, fine = _held_for(api, headers, "u-stuck", 2), _held_for(api, headers, "u-fine", 2)
+    bind(fast_settings.database_url, statement_timeout=0.5)
+    locker = psycopg2.connect(pg_url)
+    try:
+        with locker.cursor() as cur:  # a transaction stuck on one of u-stuck's items, whichever comes first
+            cur.execute('SELECT 1 FROM "notifications" WHERE "id" = %s FOR UPDATE', (stuck[0],))
+        assert _flush(fast_settings, redis_conn, _next_window_closed(fast_settings)) == 1
+    finally:
+        locker.rollback()
+        locker.close()
+    assert {_detail(api, headers, i)["status"] for i in fine} == {"in_digest"}
+    assert {_detail(api, headers, i)["status"] for i in stuck} == {"held"}  # nothing half-made
+    assert [d["to"] for d in _digests(api, headers)] == ["u-fine@example.com"]
+    assert "product digest for key" in caplog.text and "was cancelled" in caplog.text
+    # Once the lock is gone, the next pass makes it.
+    assert _flush(fast_settings, redis_conn, _next_window_closed(fast_settings)) == 1
+    assert {_detail(api, headers, i)["status"] for i in stuck} == {"in_digest"}
+
+
+def test_a_digest_lists_at_most_digest_max_items_and_says_how_many_more_it_took(
+        api, headers, live_deliverer, fast_settings, smtp, redis_conn):
+    items = _held_for(api, headers, USER, 3)
+    settings = replace(fast_settings, digest_max_items=2)
+    assert _flush(settings, redis_conn, _next_window_closed(settings)) == 1
+    run_worker_until_idle(redis_conn)
+
+    assert {_detail(api, headers, i)["status"] for i in items} == {"digested"}  # each of the three
+    (digest,) = _digests(api, headers)
+    assert (digest["status"], digest["to"]) == ("sent", f"{USER}@example.com")
+    (sent,) = smtp.messages
+    text = sent.message.get_body(("plain",)).get_content()
+    assert "3 updates today" in text and "Hi N0," in text and "Hi N1," in text and "Hi N2," not in text
+    assert "And 1 more." in text and "And 1 more." in sent.message.get_body(("html",)).get_content()
