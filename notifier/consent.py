@@ -260,8 +260,11 @@ def _sending_sql() -> str:
     parts = []
     for kind, model, column, answers in _PARTS:
         if column == "email":
-            # Addresses are kept lower-cased, as prefetch() asks for them (the API takes ASCII only).
-            match = 'x."email" = lower(n."to")'
+            # Addresses are kept lower-cased by Python, as prefetch() asks for them (the API takes
+            # ASCII only). lower() as the "C" collation has it, A-Z only: the database's own may
+            # differ (a Turkish one makes "I" a dotless "ı"). Compared in the column's collation
+            # again, so that the index on the address still serves.
+            match = 'x."email" = lower(n."to" COLLATE "C") COLLATE "default"'
         else:
             match = f'x."user_key" = n."user_key" AND n."category" <> \'{Category.TRANSACTIONAL.value}\''
         shown = ", ".join(a if a == "NULL" else f'x."{a}"' for a in answers)

@@ -11,15 +11,21 @@ import re
 from datetime import timedelta
 from urllib.parse import quote, urlparse
 
+import psycopg2
 import pytest
 from rq import Queue
 from rq_scheduler import Scheduler
 
-from notifier import consent, keys, unsubscribe
-from notifier.db import database
+from notifier import consent, keys, store, unsubscribe
+from notifier.db import bind, database
+from notifier.jobs import Deliverer
+from notifier.mail import MemoryMailer
 from notifier.models import ApiKey, DeliveryMode, Notification, Preference, UserProfile, utcnow
 from notifier.queues import CALLBACK_QUEUE, QUEUES_BY_PRIORITY, callback_job_id_for
 from notifier.reconciler import reconcile
+from notifier.runtime import make_renderer
+from notifier.schema import upgrade
+from tests.conftest import PG_ADMIN_URL
 from tests.helpers import (
     LITERAL,
     VERIFICATION,
@@ -237,6 +243,42 @@ def test_what_changed_after_acceptance_is_what_the_job_reads(client, headers, ap
     assert reload(to_turn_off["id"]).status == "suppressed"
     assert (reload(untouched["id"]).status, reload(transactional["id"]).status) == ("sent", "sent")
     assert sorted(m.message["To"] for m in smtp.messages) == ["cid@example.com", "dee@example.com"]
+
+
+@pytest.fixture
+def turkish_db(pg_url):
+    """A database of its own whose collation is Turkish (ICU), where PostgreSQL's lower('I') is 'ı'."""
+    name = pg_url.rsplit("/", 1)[1] + "_tr"
+    admin = psycopg2.connect(PG_ADMIN_URL)
+    admin.autocommit = True
+    with admin.cursor() as cur:
+        cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        cur.execute(f"CREATE DATABASE \"{name}\" LOCALE_PROVIDER icu ICU_LOCALE 'tr-TR' LOCALE 'C.UTF-8' "
+                    "TEMPLATE template0")
+    db = bind(pg_url.rsplit("/", 1)[0] + "/" + name)
+    upgrade(db)
+    try:
+        yield db
+    finally:
+        db.close_all()
+        with admin.cursor() as cur:
+            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.close()
+
+
+def test_a_job_finds_a_suppression_whatever_the_databases_locale(turkish_db, pg_settings):
+    # Addresses are matched lower-cased as Python lower-cases them (the suppression list holds them
+    # so): a database whose locale lower-cases "I" to a dotless "ı" must not let a job send to
+    # ALICE@EXAMPLE.COM after alice@example.com was suppressed.
+    mailer = MemoryMailer("notifier@example.com")
+    deliverer = Deliverer(pg_settings, mailer, make_renderer(pg_settings))
+    with database.connection_context():
+        key, _ = keys.create("turkish-service")
+        made = [store.create_notification(key, {"to": to, "subject": "Hi", "text": "Hello", "category": "product",
+                                                 "user_key": "u1"}) for to in ("ALICE@EXAMPLE.COM", "Bob@Example.com")]
+        consent.suppress(key.id, "alice@example.com", "bounced")
+    assert [deliverer.deliver(n.id) for n in made] == ["suppressed", "sent"]
+    assert [m["To"] for m in mailer.sent] == ["Bob@Example.com"]
 
 
 def test_send_for_a_daily_category_is_held_for_the_digest(client, headers, deliverer, smtp, redis_conn):
