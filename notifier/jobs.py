@@ -525,8 +525,9 @@ def release(notification_id: str) -> str:
     current = _current()
     job = get_current_job()
     if job is not None:
-        # rq-scheduler cannot give a job a failure TTL, and RQ's default keeps a failed one for a year;
-        # RQ files the job by what it holds when the job fails.
+        # Release jobs scheduled before queues.schedule_release saved a failure TTL with them hold none
+        # (sends may be delayed for years), and RQ's default keeps a failed one for a year; RQ files
+        # the job by what it holds when the job fails.
         job.failure_ttl = queues.failure_ttl(current.settings)
     return current.release(notification_id)
 

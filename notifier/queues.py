@@ -163,15 +163,24 @@ def schedule_release(connection: Redis, settings: Settings, notification_id: str
     """Ask rq-scheduler to release a delayed notification at send_at (naive UTC).
 
     rq-scheduler passes unknown options on to the job function and knows nothing of RQ's retries, so
-    it only enqueues a small release job; that job puts the notification on its priority queue. It
-    takes no failure TTL either: the job sets its own when it runs (jobs.release). A release that
-    fails (the database away) is not retried; the reconciler releases the notification all the same."""
+    it only enqueues a small release job; that job puts the notification on its priority queue. A
+    release that fails (the database away) is not retried; the reconciler releases the notification
+    all the same."""
     # rq-scheduler keeps whole seconds (it truncates): round up, or the email could go out early.
     at = send_at.replace(microsecond=0) + timedelta(seconds=1) if send_at.microsecond else send_at
-    Scheduler(queue_name=CONTROL_QUEUE, connection=connection).enqueue_at(
-        at, RELEASE_JOB, notification_id, job_id=release_job_id_for(notification_id), meta=traced(),
-        job_result_ttl=settings.finished_job_ttl,
-    )
+    # rq-scheduler takes no failure TTL, but it keeps the job's hash as saved, and RQ files a failed
+    # job, an abandoned one (its worker killed) too, by the TTL in it: saved here, the job leaves the
+    # failed registry like every other. enqueue_at only writes, so on a MULTI pipeline the TTL goes
+    # in with the schedule entry: the scheduler never sees the job without it, and no save of ours
+    # can come after it has moved the job on (and put back a job that has finished and gone).
+    with connection.pipeline() as pipe:
+        job = Scheduler(queue_name=CONTROL_QUEUE, connection=pipe).enqueue_at(
+            at, RELEASE_JOB, notification_id, job_id=release_job_id_for(notification_id), meta=traced(),
+            job_result_ttl=settings.finished_job_ttl,
+        )
+        job.failure_ttl = failure_ttl(settings)
+        job.save(pipeline=pipe)
+        pipe.execute()
 
 
 def callback_job_timeout(settings: Settings) -> int:

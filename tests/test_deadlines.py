@@ -7,6 +7,7 @@ import uuid
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from rq.job import Job
 from rq_scheduler import Scheduler
 
 from notifier import jobs, store
@@ -210,11 +211,15 @@ def test_delayed_send_waits_for_its_release_then_is_sent(client, headers, live_d
     assert smtp.count() == 1
 
 
+@pytest.mark.parametrize("scheduled_before_the_ttl_was_saved", [False, True])
 def test_a_release_that_fails_stays_in_the_failed_registry_for_the_dead_letter_ttl_not_a_year(
-        client, headers, live_deliverer, redis_conn, pg_settings, database_outage):
+        client, headers, live_deliverer, redis_conn, pg_settings, database_outage, scheduled_before_the_ttl_was_saved):
     notification_id = _send(client, headers, **LITERAL, delay_seconds=60)["id"]
     scheduler = Scheduler(connection=redis_conn)
     (job,) = scheduler.get_jobs()
+    if scheduled_before_the_ttl_was_saved:  # as every release job in Redis before it was (jobs.release)
+        redis_conn.hdel(job.key, "failure_ttl")
+        job = Job.fetch(job.id, connection=redis_conn)
     scheduler.enqueue_job(job)  # due now
     begin, end = database_outage
     begin()
@@ -225,8 +230,7 @@ def test_a_release_that_fails_stays_in_the_failed_registry_for_the_dead_letter_t
     registry = queue_for("high", redis_conn).failed_job_registry
     expires = redis_conn.zscore(registry.key, release_job_id_for(notification_id))
     assert expires is not None
-    # rq-scheduler cannot give a release job a failure TTL, and RQ's default is a year.
-    assert abs(expires - (time.time() + failure_ttl(pg_settings))) < 60
+    assert abs(expires - (time.time() + failure_ttl(pg_settings))) < 60  # RQ's default: a year
     assert reload(notification_id).status == "scheduled"  # the reconciler releases it in time
 
 

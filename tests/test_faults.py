@@ -18,11 +18,14 @@ import pytest
 from redis import Redis
 from redis import exceptions as redis_exceptions
 from rq import Queue
+from rq.job import Job, JobStatus
+from rq_scheduler import Scheduler
 
 from bench.procs import children
 from notifier.db import bind, database
 from notifier.devmail import CaptureHandler, start
 from notifier.models import SchemaVersion
+from notifier.queues import CONTROL_QUEUE, release_job_id_for
 from notifier.schema import SCHEMA_VERSION, upgrade
 from tests.conftest import PG_ADMIN_URL
 from tests.helpers import LITERAL, drop_connections
@@ -81,6 +84,34 @@ def test_worker_sigterm_finishes_the_send_and_loses_nothing(make_stack, smtp):
     for notification_id in later:
         stack.wait_status(notification_id, "sent")
     assert _recipients(smtp) == ["user1@example.com", "user2@example.com", "user3@example.com"]
+
+
+def test_a_release_job_abandoned_by_a_killed_worker_leaves_the_failed_registry_after_the_dead_letter_ttl(
+        make_stack, pg_settings, redis_conn):
+    stack = make_stack(DEAD_LETTER_TTL_DAYS=3).start("api")
+    notification_id = stack.send({**_to(1), "delay_seconds": 1})
+    release_id = release_job_id_for(notification_id)
+    scheduler = Scheduler(connection=redis_conn)
+    (job,) = scheduler.get_jobs()
+    locker = psycopg2.connect(pg_settings.database_url)
+    try:
+        with locker.cursor() as cur:  # the release waits for the row, so the worker dies inside it
+            cur.execute('SELECT 1 FROM "notifications" WHERE "id" = %s FOR UPDATE', (notification_id,))
+        time.sleep(2)  # past its send time: a release woken early only schedules itself again
+        scheduler.enqueue_job(job)  # moved onto its queue as rq-scheduler moves it
+        stack.start("worker")
+        wait_until(lambda: Job.fetch(release_id, connection=redis_conn).get_status() == JobStatus.STARTED)
+        stack.stop("worker", signal.SIGKILL)
+    finally:
+        locker.close()
+    queue = Queue(CONTROL_QUEUE, connection=redis_conn)
+
+    # RQ's maintenance, as it runs once the dead worker's heartbeat has long run out.
+    queue.started_job_registry.cleanup(timestamp=time.time() + 86400)
+
+    expires = redis_conn.zscore(queue.failed_job_registry.key, release_id)
+    assert expires is not None, "the abandoned release job is not in the failed registry"
+    assert abs(expires - (time.time() + 3 * 86400)) < 60, f"kept {(expires - time.time()) / 86400:.0f} days"
 
 
 def test_redis_flushed_with_work_queued_retrying_and_scheduled(make_stack, smtp, redis_conn):

@@ -29,11 +29,12 @@ def test_every_job_keeps_finished_and_failed_for_the_settings(sqlite_settings, f
             queues.callback_job_id_for("n-alone")]
     assert [(_job(fake_redis, j).result_ttl, _job(fake_redis, j).failure_ttl) for j in made] == [(7, 3 * 86400)] * 5
 
-    # A delayed send's release job (rq-scheduler's): kept as long once run; it sets its failure TTL as it runs.
+    # A delayed send's release job (rq-scheduler's), from the moment it is scheduled.
     later = Notification(id="n-later", priority="default", status=Status.SCHEDULED.value, attempts=0,
                          send_at=utcnow() + timedelta(minutes=10))
     queues.dispatch_many(fake_redis, settings, [later])
-    assert _job(fake_redis, queues.release_job_id_for("n-later")).result_ttl == 7
+    release = _job(fake_redis, queues.release_job_id_for("n-later"))
+    assert (release.result_ttl, release.failure_ttl) == (7, 3 * 86400)
 
     # A notification that failed inside a shared job is filed as a dead letter of its own.
     queues.file_failed(fake_redis, settings, Notification(id="n-failed", priority="low", attempts=1), "550 no")
