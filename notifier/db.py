@@ -272,8 +272,8 @@ def in_values(column: str, values: list) -> tuple[str, list]:
 def select_one(model, where: str, *params):
     """The first row of model matching where, a fixed SQL condition with a {} per parameter.
 
-    On the per-request and per-email paths (API key, suppression, preference, the notification a job
-    sends) building the query with peewee's builder, or reading its row through peewee's cursor
+    On the per-request and per-email paths (API key, suppression, preference, a notification read
+    by id) building the query with peewee's builder, or reading its row through peewee's cursor
     wrapper (which matches the columns to fields anew for every query), cost more than running it:
     the SQL is written once per database kind, and the row read with the fields' own converters."""
     param = database.param

@@ -26,10 +26,12 @@ def _prepared_here() -> list[str]:
 
 
 def _one_delivery(key) -> None:
-    """What the API and a worker run for one email: the insert, the row, consent, claim and sent."""
+    """What the API and a worker run for one email: the API's consent, insert and read of the row;
+    the worker's read of the row with its consent, claim and sent."""
+    consent.prefetch(key.id, [(FIELDS["to"], None, "transactional")])
     made = store.create_notification(key, dict(FIELDS))
-    current = store.get(made.id)
-    consent.prefetch(key.id, [(current.to, None, current.category)])
+    store.get(made.id)
+    current, _ = consent.sending(made.id)
     assert store.claim(current.id, known=current)
     current.status = Status.SENDING.value
     assert store.transition(current.id, Status.SENT, sources=(Status.SENDING,), known=current, reason="sent")
@@ -47,6 +49,7 @@ def test_the_send_and_delivery_statements_are_prepared_once_per_connection(pg_db
     assert 'INSERT INTO "notifications"' in kinds  # the single send's insert, with its history line
     assert 'FROM "notifications" WHERE "id" = $1' in kinds
     assert 'FROM "suppressions"' in kinds
+    assert "LEFT JOIN LATERAL" in kinds  # the worker's read
     assert kinds.count('UPDATE "notifications"') == 2  # the claim and the `sent` record
     assert sorted(again) == sorted(first)  # run again, nothing new is prepared
 
