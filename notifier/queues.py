@@ -83,8 +83,12 @@ def callback_job_id_for(notification_id: str) -> str:
     return f"callback-{notification_id}"
 
 
-def release_job_id_for(notification_id: str) -> str:
-    return f"release-{notification_id}"
+def release_job_id_for(notification_id: str, again: bool = False) -> str:
+    """The id of the job that releases a delayed notification; again: a new one for a release that
+    woke early and puts itself back. Under its own id, RQ marks the job that woke finished once it
+    returns and expires it after FINISHED_JOB_TTL, and rq-scheduler drops, without a word, a schedule
+    entry whose job is gone: the send then waited for the reconciler."""
+    return f"release-{notification_id}-{uuid.uuid4().hex}" if again else f"release-{notification_id}"
 
 
 def _retry(intervals: tuple[int, ...], attempts_made: int) -> Retry | None:
@@ -159,8 +163,10 @@ def file_failed(connection: Redis, settings: Settings, notification: Notificatio
         logger.warning("notification %s failed; not filed in RQ's registry: %s", notification.id, type(exc).__name__)
 
 
-def schedule_release(connection: Redis, settings: Settings, notification_id: str, send_at: datetime) -> None:
-    """Ask rq-scheduler to release a delayed notification at send_at (naive UTC).
+def schedule_release(connection: Redis, settings: Settings, notification_id: str, send_at: datetime,
+                     job_id: str | None = None) -> None:
+    """Ask rq-scheduler to release a delayed notification at send_at (naive UTC), by a job of job_id
+    (release_job_id_for, unless given).
 
     rq-scheduler passes unknown options on to the job function and knows nothing of RQ's retries, so
     it only enqueues a small release job; that job puts the notification on its priority queue. A
@@ -175,7 +181,7 @@ def schedule_release(connection: Redis, settings: Settings, notification_id: str
     # can come after it has moved the job on (and put back a job that has finished and gone).
     with connection.pipeline() as pipe:
         job = Scheduler(queue_name=CONTROL_QUEUE, connection=pipe).enqueue_at(
-            at, RELEASE_JOB, notification_id, job_id=release_job_id_for(notification_id), meta=traced(),
+            at, RELEASE_JOB, notification_id, job_id=job_id or release_job_id_for(notification_id), meta=traced(),
             job_result_ttl=settings.finished_job_ttl,
         )
         job.failure_ttl = failure_ttl(settings)

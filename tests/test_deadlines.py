@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -208,6 +209,31 @@ def test_delayed_send_waits_for_its_release_then_is_sent(client, headers, live_d
     statuses = [e["status"] for e in _detail(client, headers, notification_id)["history"]]
     assert statuses == ["scheduled", "queued", "sending", "sent"]
     assert len(smtp.wait_for(1)) == 1
+    assert smtp.count() == 1
+
+
+@pytest.mark.parametrize("finished_job_ttl", [0, 1])  # 0: RQ deletes a finished job at once
+def test_a_release_woken_early_by_the_worker_still_releases_at_its_time(api_key, pg_settings, pg_db, smtp,
+                                                                       redis_conn, finished_job_ttl):
+    settings = replace(pg_settings, finished_job_ttl=finished_job_ttl)
+    row = make_notification(api_key[0], Status.SCHEDULED, send_at=utcnow() + timedelta(seconds=2))
+    scheduler = Scheduler(connection=redis_conn)
+    with installed_deliverer(settings, redis_conn):
+        dispatch(redis_conn, settings, row)
+        (job,) = scheduler.get_jobs()
+        scheduler.enqueue_job(job)  # moved on early, as by a scheduler whose clock runs ahead of the worker's
+        run_worker_until_idle(redis_conn)
+        assert reload(row.id).status == "scheduled"
+        assert smtp.count() == 0
+        assert scheduler.count() == 1  # put back for its time
+
+        # Past its time, and past FINISHED_JOB_TTL of the early job: rq-scheduler's own poll moves it on.
+        time.sleep(max(0.0, (row.send_at - utcnow()).total_seconds()) + 1.2)
+        scheduler.enqueue_jobs()
+        run_worker_until_idle(redis_conn)
+
+    sent = reload(row.id)
+    assert (sent.status, sent.attempts) == ("sent", 1)
     assert smtp.count() == 1
 
 
