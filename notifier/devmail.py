@@ -40,11 +40,14 @@ class CaptureHandler:
 
     `replies` scripts the next answers to DATA ("451 try later", "550 no such user"); when it is
     empty every message is accepted. `mail_replies` and `rcpt_replies` do the same for MAIL FROM and
-    RCPT. `delay` holds each DATA reply back, to imitate a slow server.
+    RCPT. `delay` holds each DATA reply back, to imitate a slow server. It offers PIPELINING, as
+    most mail servers do (aiosmtpd reads pipelined commands in order but does not say so); with
+    pipelining=False it does not, like a server that does not pipeline.
     """
 
-    def __init__(self, folder: str | None = None):
+    def __init__(self, folder: str | None = None, pipelining: bool = True):
         self.folder = folder
+        self.pipelining = pipelining
         self.messages: list[Received] = []
         self.replies: deque[str] = deque()
         self.mail_replies: deque[str] = deque()
@@ -54,6 +57,12 @@ class CaptureHandler:
         self._counter = itertools.count(1)
         if folder:
             os.makedirs(folder, exist_ok=True)
+
+    async def handle_EHLO(self, server, session, envelope, hostname, responses):
+        session.host_name = hostname  # aiosmtpd leaves this to a handler that answers EHLO
+        if self.pipelining:
+            responses.insert(-1, "250-PIPELINING")
+        return responses
 
     async def handle_MAIL(self, server, session, envelope, address, mail_options):
         if self.mail_replies:

@@ -306,6 +306,8 @@ def _transmit(smtp: smtplib.SMTP, sender: str, recipient: str, body: bytes) -> t
     # smtplib.sendmail hides the reply to DATA, which is the receipt we keep; this is its single-
     # recipient core, raising the same exceptions.
     smtp.ehlo_or_helo_if_needed()
+    if smtp.does_esmtp and smtp.has_extn("pipelining"):
+        return _transmit_pipelined(smtp, sender, recipient, body)
     try:
         code, reply = smtp.mail(sender)
     except (smtplib.SMTPServerDisconnected, ConnectionError) as exc:
@@ -318,6 +320,45 @@ def _transmit(smtp: smtplib.SMTP, sender: str, recipient: str, body: bytes) -> t
         _reset(smtp)
         raise smtplib.SMTPRecipientsRefused({recipient: (code, reply)})
     code, reply = smtp.data(body)
+    if code != 250:
+        _reset(smtp)
+        raise smtplib.SMTPDataError(code, reply)
+    return code, reply
+
+
+def _transmit_pipelined(smtp: smtplib.SMTP, sender: str, recipient: str, body: bytes) -> tuple[int, bytes]:
+    """_transmit() where the server offers PIPELINING (RFC 2920), as most do: MAIL, RCPT and DATA go
+    in one write and their replies are read in order, two round trips fewer per email (each one the
+    server's distance away), with the same outcomes and exceptions. smtplib does not pipeline."""
+    commands = f"mail FROM:{smtplib.quoteaddr(sender)}\r\nrcpt TO:{smtplib.quoteaddr(recipient)}\r\ndata\r\n"
+    if commands.count("\n") != 3 or commands.count("\r") != 3:
+        raise ValueError("an address holds a line break")  # as smtplib's putcmd refuses it
+    try:
+        smtp.send(commands)  # one write: small ones one after another would wait on each other (Nagle)
+        mail = smtp.getreply()
+    except (smtplib.SMTPServerDisconnected, ConnectionError) as exc:
+        raise _DeadConnection(f"{type(exc).__name__}: {exc}") from exc
+    rcpt, data = smtp.getreply(), smtp.getreply()
+    envelope_refused = mail[0] != 250 or rcpt[0] not in (250, 251)
+    if data[0] == 354 and envelope_refused:
+        # A server that took DATA all the same waits for a message: end it empty; without a
+        # recipient it delivers nothing.
+        smtp.send(b".\r\n")
+        smtp.getreply()
+    if mail[0] != 250:
+        _reset(smtp)
+        raise smtplib.SMTPSenderRefused(*mail, sender)
+    if rcpt[0] not in (250, 251):
+        _reset(smtp)
+        raise smtplib.SMTPRecipientsRefused({recipient: rcpt})
+    if data[0] != 354:
+        _reset(smtp)
+        raise smtplib.SMTPDataError(*data)
+    # What smtplib's data() sends after a 354: the message, its lines that start with "." doubled,
+    # then the line with "." alone.
+    message = smtplib._quote_periods(body)
+    smtp.send(message + (b"" if message.endswith(b"\r\n") else b"\r\n") + b".\r\n")
+    code, reply = smtp.getreply()
     if code != 250:
         _reset(smtp)
         raise smtplib.SMTPDataError(code, reply)

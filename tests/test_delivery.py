@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+import threading
 import time
 from dataclasses import replace
 from datetime import timedelta
@@ -11,6 +13,7 @@ from rq import Queue
 
 from notifier import devmail
 from notifier.db import database
+from notifier.errors import PermanentDeliveryError
 from notifier.mail import OutgoingEmail, SmtpMailer
 from notifier.models import Notification, utcnow
 from notifier.queues import QUEUE_NAMES, enqueue_delivery, job_id_for
@@ -165,6 +168,91 @@ def test_a_kept_connection_the_server_closed_is_replaced_without_a_retry(pg_sett
         server.stop()
     assert result.smtp_code == 250
     assert [m.rcpt_tos for m in first.messages + second.messages] == [["ann@example.com"], ["bob@example.com"]]
+
+
+class _Writes:
+    """The SMTP connection's socket, keeping what each write sent (to see which commands went together)."""
+
+    def __init__(self, sock):
+        self.sock, self.sent = sock, []
+
+    def sendall(self, data, *args):
+        self.sent.append(bytes(data))
+        return self.sock.sendall(data, *args)
+
+    def __getattr__(self, name):
+        return getattr(self.sock, name)
+
+
+def _writes_of_one_send(settings, to: str) -> tuple[list[bytes], object]:
+    mailer = SmtpMailer(settings)
+    try:
+        smtp = mailer._connection()
+        smtp.sock = writes = _Writes(smtp.sock)
+        result = mailer.send(_email(to))
+        sent = list(writes.sent)  # not the QUIT of close()
+    finally:
+        mailer.close()
+    # From the first command of the send (the connection's EHLO and its idle probe come before).
+    first = next(i for i, w in enumerate(sent) if w.startswith(b"mail "))
+    return sent[first:], result
+
+
+@pytest.mark.parametrize("pipelining", [True, False], ids=["pipelining", "one-at-a-time"])
+def test_mail_rcpt_and_data_go_in_one_write_where_the_server_offers_pipelining(pg_settings, pipelining):
+    handler = devmail.CaptureHandler(pipelining=pipelining)
+    server = devmail.start(handler)
+    try:
+        sent, result = _writes_of_one_send(replace(pg_settings, smtp_port=server.port), "ann@example.com")
+    finally:
+        server.stop()
+    assert result.smtp_code == 250 and [m.rcpt_tos for m in handler.messages] == [["ann@example.com"]]
+    envelope = [b"mail FROM:<", b"rcpt TO:<ann@example.com>\r\n", b"data\r\n"]
+    if pipelining:  # two round trips fewer: the replies to all three are read after one write
+        assert sent[0].startswith(envelope[0]) and sent[0].endswith(envelope[1] + envelope[2]), sent
+        assert len(sent) == 2  # then the message
+    else:
+        assert [w[: len(e)] for w, e in zip(sent, envelope, strict=False)] == envelope and len(sent) == 4, sent
+    assert sent[-1].endswith(b"\r\n.\r\n") and b"Hello there." in sent[-1]
+
+
+def test_a_server_that_takes_data_after_refusing_the_recipient_gets_an_empty_message(pg_settings):
+    # RFC 2920 lets a server answer the pipelined DATA with 354 though it refused every recipient:
+    # the client must then end the (empty) message, and the send fails as a refused recipient.
+    listener = socket.create_server(("127.0.0.1", 0))
+    seen: list[bytes] = []
+
+    def serve():
+        conn, _ = listener.accept()
+        with conn, conn.makefile("rb") as lines:
+            conn.sendall(b"220 odd ESMTP\r\n")
+            for line in lines:
+                seen.append(line)
+                verb = line[:4].upper()
+                if verb == b"EHLO":
+                    conn.sendall(b"250-odd\r\n250-PIPELINING\r\n250 HELP\r\n")
+                elif verb == b"DATA":
+                    conn.sendall(b"250 OK\r\n550 5.1.1 no such user\r\n354 go ahead\r\n")
+                elif line == b".\r\n":
+                    conn.sendall(b"554 5.5.1 no valid recipients\r\n")
+                elif verb in (b"RSET", b"QUIT"):
+                    conn.sendall(b"250 OK\r\n" if verb == b"RSET" else b"221 bye\r\n")
+                    if verb == b"QUIT":
+                        return
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    mailer = SmtpMailer(replace(pg_settings, smtp_port=listener.getsockname()[1]))
+    try:
+        with pytest.raises(PermanentDeliveryError) as refused:
+            mailer.send(_email("gone@example.com"))
+    finally:
+        mailer.close()
+        thread.join(5)
+        listener.close()
+    assert refused.value.smtp_code == 550 and refused.value.address_rejected
+    ended = seen.index(b".\r\n")  # the empty message, then the reset
+    assert seen[ended - 1].upper() == b"DATA\r\n" and seen[ended + 1].upper() == b"RSET\r\n", seen
 
 
 def test_exhausted_retries_end_failed_in_the_failed_registry(client, headers, deliverer, smtp, redis_conn):
