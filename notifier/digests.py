@@ -44,6 +44,9 @@ from notifier.models import (
 logger = logging.getLogger(__name__)
 
 ITEM_TEXT_CHARS = 500
+# RQ stopping the job (its time limit, the worker's shutdown), raised wherever the job is: never one
+# group or one item failing, so no except clause here may take it for one.
+_STOPPING = (JobTimeoutException, StopRequested)
 
 
 def boundary_at_or_before(instant: datetime, tz_name: str, clock: str, weekday: int | None = None) -> datetime:
@@ -100,8 +103,8 @@ def flush_due(settings: Settings, redis, renderer, now: datetime | None = None) 
     for api_key_id, user_key, category in list(groups):
         try:
             made += _flush_group(settings, redis, renderer, api_key_id, user_key, category, now)
-        except (JobTimeoutException, StopRequested):
-            raise  # RQ stopping the job (its time limit, the worker's shutdown), not this group failing
+        except _STOPPING:
+            raise
         except UNAVAILABLE_ERRORS as exc:
             if not cancelled(exc):
                 raise  # the database is away: the next pass tries every group again
@@ -217,6 +220,8 @@ def _item(renderer, notification: Notification) -> dict:
     if notification.template:
         try:
             content = renderer.render(notification.template, notification.data)
+        except _STOPPING:
+            raise
         except Exception:  # noqa: BLE001 - one broken item must not hold the whole digest back
             return {"subject": notification.template.replace("_", " ").capitalize(), "text": ""}
         subject, text = content.subject, content.text

@@ -222,3 +222,23 @@ def test_a_crash_mid_flush_neither_drops_nor_duplicates_items(owner, sqlite_sett
     (digest,) = Digest.select()
     assert digest.items == 3
     assert {reload(n.id).digest_id for n in items} == {digest.notification_id}
+
+
+class _TimedOutRenderer:
+    """A renderer in whose render RQ's time limit runs out (SIGALRM raises wherever the job is)."""
+
+    def render(self, name, data):
+        raise JobTimeoutException("the job's time limit ran out while an item rendered")
+
+
+def test_the_jobs_time_limit_while_an_item_renders_ends_the_pass(owner, sqlite_settings, fake_redis):
+    # An item whose template cannot be rendered is shown by its name; the job's time limit running out
+    # meanwhile is not such an item: the pass ends there, with nothing made, as anywhere else in it.
+    consent.set_mode(owner, "u1", "product", "daily")
+    settings = replace(sqlite_settings, digest_time="08:00", digest_grace_seconds=0)
+    items = _held(owner, 2, utc(2026, 6, 1, 9, 0))
+
+    with pytest.raises(JobTimeoutException):
+        digests.flush_due(settings, fake_redis, _TimedOutRenderer(), now=utc(2026, 6, 2, 9, 0))
+    assert Digest.select().count() == 0
+    assert {reload(n.id).status for n in items} == {Status.HELD}
