@@ -192,3 +192,12 @@ def test_html_to_text_drops_style_and_head():
     html = "<html><head><title>T</title><style>p{color:red}</style></head><body><p>Visible</p></body></html>"
 
     assert html_to_text(html) == "Visible\n"
+
+
+@pytest.mark.parametrize("items", [[], None])
+def test_a_digest_with_no_items_says_there_is_nothing_new(renderer, items):
+    # Caller data may hold null where the list would be: the digest says so rather than failing.
+    email = renderer.render("digest", {"period": "daily", "items": items})
+
+    assert "Nothing new today." in email.html
+    assert "There's nothing new today." in email.text
