@@ -386,22 +386,24 @@ def _held_for(api, headers, user: str, count: int) -> list[str]:
 def test_a_group_whose_digest_keeps_failing_does_not_stop_the_others(api, headers, fast_settings, redis_conn,
                                                                     pg_url, caplog):
     stuck, fine = _held_for(api, headers, "u-stuck", 2), _held_for(api, headers, "u-fine", 2)
-    bind(fast_settings.database_url, statement_timeout=0.5)
+    limited = bind(fast_settings.database_url, statement_timeout=0.5)
     locker = psycopg2.connect(pg_url)
     try:
         with locker.cursor() as cur:  # a transaction stuck on one of u-stuck's items, whichever comes first
             cur.execute('SELECT 1 FROM "notifications" WHERE "id" = %s FOR UPDATE', (stuck[0],))
         assert _flush(fast_settings, redis_conn, _next_window_closed(fast_settings)) == 1
+        locker.rollback()
+        assert {_detail(api, headers, i)["status"] for i in fine} == {"in_digest"}
+        assert {_detail(api, headers, i)["status"] for i in stuck} == {"held"}  # nothing half-made
+        assert [d["to"] for d in _digests(api, headers)] == ["u-fine@example.com"]
+        assert "product digest for key" in caplog.text and "was cancelled" in caplog.text
+        # Once the lock is gone, the next pass makes it.
+        assert _flush(fast_settings, redis_conn, _next_window_closed(fast_settings)) == 1
+        assert {_detail(api, headers, i)["status"] for i in stuck} == {"in_digest"}
     finally:
         locker.rollback()
         locker.close()
-    assert {_detail(api, headers, i)["status"] for i in fine} == {"in_digest"}
-    assert {_detail(api, headers, i)["status"] for i in stuck} == {"held"}  # nothing half-made
-    assert [d["to"] for d in _digests(api, headers)] == ["u-fine@example.com"]
-    assert "product digest for key" in caplog.text and "was cancelled" in caplog.text
-    # Once the lock is gone, the next pass makes it.
-    assert _flush(fast_settings, redis_conn, _next_window_closed(fast_settings)) == 1
-    assert {_detail(api, headers, i)["status"] for i in stuck} == {"in_digest"}
+        limited.close_all()
 
 
 def test_a_digest_lists_at_most_digest_max_items_and_says_how_many_more_it_took(
