@@ -57,7 +57,7 @@ class NotifierWorker(SimpleWorker):
     counts: metrics.Deferred | None = None  # the jobs' counters, sent with each heartbeat
     _scheduler_checked = 0.0
     _burst = False
-    # RQ's default where SIGALRM exists, named because jobs.send_callback relies on it: the job's limit
+    # RQ's default where SIGALRM exists, named because callback_job relies on it: the job's limit
     # is the process's one alarm, which the job can replace and cancel once its callback is answered.
     death_penalty_class = UnixSignalDeathPenalty
 

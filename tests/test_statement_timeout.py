@@ -98,7 +98,7 @@ def test_the_limit_keeps_what_pgoptions_asks_for(pg_url, monkeypatch):
 
 def test_a_callback_answered_2xx_is_recorded_though_a_lock_holds_its_row_past_the_timeout(
         pg_settings, pg_db, pg_url, api_key, redis_conn, receiver):
-    # Once the receiver has answered 2xx nothing may fail the job (jobs._limit_until_answered): RQ would
+    # Once the receiver has answered 2xx nothing may fail the job (callback_job._limit_until_answered): RQ would
     # retry it and the receiver would get the event twice. A statement cancelled at the limit while it
     # waits for the row (a long transaction holding it, as the limit is there for) is such a failure.
     db = bind(pg_settings.database_url, statement_timeout=0.5)

@@ -1,0 +1,110 @@
+"""The status-callback job: post the event a notification owes its caller, once per attempt, and
+record how each attempt ended (notifier.callbacks builds, signs and sends the request itself)."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import nullcontext
+
+from rq import get_current_job
+from rq.timeouts import JobTimeoutException, UnixSignalDeathPenalty
+
+from notifier import logs, queues, store
+from notifier.callbacks import CallbackRejected, CallbackRetry, event_body, post, turn
+from notifier.config import Settings
+from notifier.db import database, past_statement_timeout
+from notifier.errors import PermanentDeliveryError
+from notifier.models import FINAL_STATUSES, CallbackStatus, Notification
+
+logger = logging.getLogger(__name__)
+
+
+class CallbackGaveUp(PermanentDeliveryError):
+    """The caller's callback endpoint refused or kept failing; we stop trying."""
+
+
+def post_owed(settings: Settings, notification_id: str) -> str:
+    """POST the signed status event owed for a notification to the caller's callback_url, once per
+    attempt; RQ retries what may pass. Returns what happened."""
+    with database.connection_context(), logs.bound(notification_id=notification_id):
+        notification = store.get(notification_id)
+        if not _owes_callback(notification):
+            return "skipped"
+        with turn(notification) as mine:
+            if not mine:
+                # Another job is posting this very event now (Redis lost its job while it ran, and
+                # the reconciler queued it again): it records how that ends, and its retries follow
+                # from there.
+                logger.info("callback for notification %s is being posted by another job; skipping", notification_id)
+                return "skipped"
+            notification = store.get(notification_id)  # as the last job to post it left it
+            if not _owes_callback(notification):
+                return "skipped"
+            return _post(settings, notification)
+
+
+def _post(settings: Settings, notification: Notification) -> str:
+    attempt = notification.callback_attempts + 1
+    if attempt > settings.max_callback_attempts:
+        # Every attempt was made and this job still came (a retry of one that died mid-post, the
+        # reconciler's): never one more, whatever ended the last.
+        _outcome(notification, CallbackStatus.GAVE_UP, f"callback not sent: {attempt - 1} attempts made; giving up")
+        return "gave up"
+    Notification.update(callback_attempts=attempt).where(Notification.seq == notification.seq).execute()
+    body = event_body(notification)
+    try:
+        try:
+            with _limit_until_answered(queues.callback_job_timeout(settings)):
+                code = post(
+                    notification.callback_url,
+                    body,
+                    notification.api_key.callback_secret,
+                    f"{notification.id}:{notification.status}",
+                    settings.callback_timeout,
+                )
+        except JobTimeoutException as exc:
+            # RQ's limit on the job (queues.callback_job_timeout): an attempt like any other,
+            # in the history and retried, not a job that vanished mid-attempt.
+            limit = queues.callback_job_timeout(settings)
+            raise CallbackRetry(f"no whole answer within {limit} s") from exc
+    except (CallbackRetry, CallbackRejected) as exc:
+        final = isinstance(exc, CallbackRejected) or attempt >= settings.max_callback_attempts
+        _outcome(notification, CallbackStatus.GAVE_UP if final else None,
+                 f"callback attempt {attempt} failed: {exc}" + ("; giving up" if final else ""))
+        if final:
+            raise CallbackGaveUp(str(exc)) from exc
+        raise
+    _outcome(notification, CallbackStatus.DELIVERED, f"callback delivered: HTTP {code}")
+    return "delivered"
+
+
+def _outcome(notification: Notification, state: CallbackStatus | None, reason: str) -> None:
+    # Mostly written after the receiver answered, where nothing may fail the job (see
+    # _limit_until_answered): DATABASE_STATEMENT_TIMEOUT cancelling a wait for the row (a long
+    # transaction holding it) failed it, RQ retried it, and a receiver that had said 2xx got the
+    # event again. So a statement cancelled at the limit is run again, for as long as it takes, as
+    # it waited before there was a limit. (Each alone, outside a transaction, as before: the pool
+    # still replaces a connection dropped meanwhile and runs the statement on the new one.)
+    if state is not None:
+        past_statement_timeout(lambda: Notification.update(callback_status=state.value)
+                               .where(Notification.seq == notification.seq).execute())
+    past_statement_timeout(lambda: store.record(notification.id, kind="callback", reason=reason))
+
+
+def _owes_callback(notification: Notification | None) -> bool:
+    return (notification is not None and notification.callback_status == CallbackStatus.PENDING
+            and notification.status in FINAL_STATUSES)
+
+
+def _limit_until_answered(seconds: int):
+    """RQ's time limit on the running job, started anew here and gone for good when the block ends.
+
+    Once the receiver has answered, nothing may interrupt recording the answer: an alarm landing
+    there (a slow or reconnecting database) failed the job, RQ retried it, and a receiver that had
+    said 2xx got the event again. RQ's limit is one SIGALRM per process (UnixSignalDeathPenalty,
+    which NotifierWorker names), so the alarm set here replaces RQ's and leaving the block cancels
+    both. What follows the answer is two short statements with no limit: a database that holds them
+    up holds up every job of the worker alike, and waiting is better than posting the event twice."""
+    if get_current_job() is None:
+        return nullcontext()  # called outside a worker (a shell, a test): there is no limit to replace
+    return UnixSignalDeathPenalty(seconds, JobTimeoutException)
