@@ -338,19 +338,24 @@ def _transmit_pipelined(smtp: smtplib.SMTP, sender: str, recipient: str, body: b
         mail = smtp.getreply()
     except (smtplib.SMTPServerDisconnected, ConnectionError) as exc:
         raise _DeadConnection(f"{type(exc).__name__}: {exc}") from exc
-    rcpt, data = smtp.getreply(), smtp.getreply()
-    envelope_refused = mail[0] != 250 or rcpt[0] not in (250, 251)
-    if data[0] == 354 and envelope_refused:
-        # A server that took DATA all the same waits for a message: end it empty; without a
-        # recipient it delivers nothing.
-        smtp.send(b".\r\n")
-        smtp.getreply()
-    if mail[0] != 250:
+    rcpt = None
+    try:
+        rcpt = smtp.getreply()
+        data = smtp.getreply()
+        if data[0] == 354 and _refusal(sender, mail, recipient, rcpt) is not None:
+            # A server that took DATA all the same waits for a message: end it empty; without a
+            # recipient it delivers nothing.
+            smtp.send(b".\r\n")
+            smtp.getreply()
+    except smtplib.SMTPServerDisconnected as exc:
+        # A server may close right after refusing MAIL or RCPT (a 421 says it will), before the
+        # replies to the rest of the group: the refusal is the reason, as one command at a time.
+        if (refusal := _refusal(sender, mail, recipient, rcpt)) is not None:
+            raise refusal from exc
+        raise
+    if (refusal := _refusal(sender, mail, recipient, rcpt)) is not None:
         _reset(smtp)
-        raise smtplib.SMTPSenderRefused(*mail, sender)
-    if rcpt[0] not in (250, 251):
-        _reset(smtp)
-        raise smtplib.SMTPRecipientsRefused({recipient: rcpt})
+        raise refusal
     if data[0] != 354:
         _reset(smtp)
         raise smtplib.SMTPDataError(*data)
@@ -363,6 +368,16 @@ def _transmit_pipelined(smtp: smtplib.SMTP, sender: str, recipient: str, body: b
         _reset(smtp)
         raise smtplib.SMTPDataError(code, reply)
     return code, reply
+
+
+def _refusal(sender: str, mail: tuple[int, bytes], recipient: str,
+             rcpt: tuple[int, bytes] | None) -> smtplib.SMTPException | None:
+    """What one-command-at-a-time _transmit() raises for these replies to MAIL and RCPT, if anything."""
+    if mail[0] != 250:
+        return smtplib.SMTPSenderRefused(*mail, sender)
+    if rcpt is not None and rcpt[0] not in (250, 251):
+        return smtplib.SMTPRecipientsRefused({recipient: rcpt})
+    return None
 
 
 def _reset(smtp: smtplib.SMTP) -> None:

@@ -13,7 +13,7 @@ from rq import Queue
 
 from notifier import devmail
 from notifier.db import database
-from notifier.errors import PermanentDeliveryError
+from notifier.errors import DeliveryError, PermanentDeliveryError, TransientDeliveryError
 from notifier.mail import OutgoingEmail, SmtpMailer
 from notifier.models import Notification, utcnow
 from notifier.queues import QUEUE_NAMES, enqueue_delivery, job_id_for
@@ -253,6 +253,52 @@ def test_a_server_that_takes_data_after_refusing_the_recipient_gets_an_empty_mes
     assert refused.value.smtp_code == 550 and refused.value.address_rejected
     ended = seen.index(b".\r\n")  # the empty message, then the reset
     assert seen[ended - 1].upper() == b"DATA\r\n" and seen[ended + 1].upper() == b"RSET\r\n", seen
+
+
+def _server_that_hangs_up_after(verb: bytes, reply: bytes, pipelining: bool) -> tuple[socket.socket, threading.Thread]:
+    """A server that answers `verb` with `reply` and closes the connection, as 421 says it will."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    ehlo = b"250-odd\r\n250-PIPELINING\r\n250 HELP\r\n" if pipelining else b"250-odd\r\n250 HELP\r\n"
+
+    def serve():
+        conn, _ = listener.accept()
+        with conn, conn.makefile("rb") as lines:  # takes in all a write holds: the close sends no RST
+            conn.sendall(b"220 odd ESMTP\r\n")
+            for line in lines:
+                command = line[:4].upper()
+                if command == verb:
+                    conn.sendall(reply + b"\r\n")
+                    return
+                conn.sendall(ehlo if command == b"EHLO" else b"250 OK\r\n")
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return listener, thread
+
+
+@pytest.mark.parametrize("pipelining", [True, False], ids=["pipelining", "one-at-a-time"])
+@pytest.mark.parametrize(("verb", "reply", "error", "address_rejected"), [
+    (b"MAIL", b"421 4.7.0 Try again later, closing connection", TransientDeliveryError, False),
+    (b"MAIL", b"554 5.7.1 Client host blocked", PermanentDeliveryError, False),
+    (b"RCPT", b"421 4.7.0 Too many errors, closing connection", TransientDeliveryError, False),
+    (b"RCPT", b"550 5.1.1 no such user", PermanentDeliveryError, True),
+], ids=["421-to-MAIL", "554-to-MAIL", "421-to-RCPT", "550-to-RCPT"])
+def test_a_refusal_the_server_hangs_up_after_is_what_the_send_fails_with(
+        pg_settings, pipelining, verb, reply, error, address_rejected):
+    # A server that refuses MAIL or RCPT may close at once (421 says it will), leaving the replies
+    # to the rest of a pipelined group unread: the refusal, not the closed connection, is the reason.
+    listener, thread = _server_that_hangs_up_after(verb, reply, pipelining)
+    mailer = SmtpMailer(replace(pg_settings, smtp_port=listener.getsockname()[1]))
+    try:
+        with pytest.raises(DeliveryError) as failed:
+            mailer.send(_email("gone@example.com"))
+    finally:
+        mailer.close()
+        thread.join(5)
+        listener.close()
+    code = int(reply[:3])
+    assert type(failed.value) is error and failed.value.smtp_code == code, failed.value
+    assert reply.decode()[4:] in str(failed.value) and failed.value.address_rejected is address_rejected
 
 
 def test_exhausted_retries_end_failed_in_the_failed_registry(client, headers, deliverer, smtp, redis_conn):
