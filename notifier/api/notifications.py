@@ -5,7 +5,7 @@ from __future__ import annotations
 from flask import Blueprint, current_app, jsonify, request, url_for
 from marshmallow import ValidationError
 
-from notifier import store
+from notifier import listing, store
 from notifier.api.common import current_key, json_body, json_items, path_user_id, request_body, require_api_key, service
 from notifier.errors import ApiError, NotFound, ServiceUnavailable, Unprocessable
 from notifier.schemas import (
@@ -145,14 +145,14 @@ def list_all():
         raise Unprocessable(f"limit may be at most {max_page}", {"limit": [f"must be at most {max_page}"]})
     before_seq = None
     if "cursor" in args:
-        before_seq = store.decode_cursor(args.pop("cursor"))
+        before_seq = listing.decode_cursor(args.pop("cursor"))
         if before_seq is None:
             raise Unprocessable("the cursor is not valid", {"cursor": ["not a cursor from this API"]})
-    rows, next_cursor = store.list_for_key(current_key(), limit=limit, before_seq=before_seq, **args)
+    rows, next_cursor = listing.list_for_key(current_key(), limit=limit, before_seq=before_seq, **args)
     return jsonify(data=_many.dump(rows), next=next_cursor)
 
 
 @bp.get("/user/<user:user_id>/stats")
 def user_stats(user_id: str):
     """How many notifications a user has, in total and per status."""
-    return jsonify(store.stats_for_user(current_key(), path_user_id(user_id)))
+    return jsonify(listing.stats_for_user(current_key(), path_user_id(user_id)))

@@ -1,0 +1,75 @@
+"""Pages of an API key's notifications, newest first, with opaque cursors; a user's counts by status."""
+
+from __future__ import annotations
+
+import base64
+from datetime import datetime
+
+from peewee import fn
+
+from notifier.models import ApiKey, Notification, Status
+
+
+def encode_cursor(seq: int) -> str:
+    return base64.urlsafe_b64encode(str(seq).encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> int | None:
+    """The seq a cursor points at, or None when the cursor is not one of ours."""
+    try:
+        padded = cursor + "=" * (-len(cursor) % 4)
+        value = int(base64.urlsafe_b64decode(padded.encode()).decode())
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return value if value > 0 else None
+
+
+def list_for_key(
+    api_key: ApiKey,
+    *,
+    limit: int,
+    before_seq: int | None = None,
+    status: str | None = None,
+    user_id: str | None = None,
+    template: str | None = None,
+    priority: str | None = None,
+    to: str | None = None,
+    created_after: datetime | None = None,
+    created_before: datetime | None = None,
+) -> tuple[list[Notification], str | None]:
+    """A page of the key's notifications, newest first, and the cursor of the next page."""
+    query = Notification.select().where(Notification.api_key == api_key.id)
+    filters = {
+        Notification.status: status,
+        Notification.user_id: user_id,
+        Notification.template: template,
+        Notification.priority: priority,
+    }
+    for column, value in filters.items():
+        if value is not None:
+            query = query.where(column == value)
+    if to is not None:
+        # An address in any case, as suppressions take it: Ann@Example.com is ann@example.com.
+        query = query.where(fn.LOWER(Notification.to) == to.lower())
+    if created_after is not None:
+        query = query.where(Notification.created_at >= created_after)
+    if created_before is not None:
+        query = query.where(Notification.created_at < created_before)
+    if before_seq is not None:
+        query = query.where(Notification.seq < before_seq)
+    rows = list(query.order_by(Notification.seq.desc()).limit(limit + 1))
+    next_cursor = encode_cursor(rows[limit - 1].seq) if len(rows) > limit else None
+    return rows[:limit], next_cursor
+
+
+def stats_for_user(api_key: ApiKey, user_id: str) -> dict:
+    """How many of a user's notifications there are, in total and per status."""
+    counts = {status.value: 0 for status in Status}
+    query = (
+        Notification.select(Notification.status, fn.COUNT(Notification.seq).alias("n"))
+        .where((Notification.api_key == api_key.id) & (Notification.user_id == user_id))
+        .group_by(Notification.status)
+    )
+    for row in query:
+        counts[row.status] = row.n
+    return {"user_id": user_id, "total": sum(counts.values()), "by_status": counts}
