@@ -51,6 +51,8 @@ def valid_timezone(name: str) -> bool:
         ZoneInfo(name)
     except (ZoneInfoNotFoundError, ValueError):
         return False
+    except OSError:  # a folder of zones ("America"), or a name longer than a file name may be
+        return False
     return True
 
 

@@ -118,6 +118,10 @@ def test_partial_preference_changes_merge_with_what_was_set(client, headers, smt
         ({"timezone": "localtime"}, "timezone"),
         ({"timezone": "posixrules"}, "timezone"),
         ({"timezone": "Factory"}, "timezone"),
+        # Not zones, though the zone database has files by these names' paths: a folder of zones, and
+        # a name longer than a file name may be (both an OSError from zoneinfo, a 500 once).
+        ({"timezone": "America"}, "timezone"),
+        ({"timezone": "Europe/" + "x" * 300}, "timezone"),
         ({"categories": {"product": "hourly"}}, "categories"),
         ({"categories": {"transactional": "off"}}, "categories"),
         ({"categories": {"gossip": "off"}}, "categories"),
@@ -366,6 +370,16 @@ def test_rejected_event_does_not_change_the_users_timezone(client, headers, deli
         assert UserProfile.select().count() == 0
     assert notification_count() == 0
     assert smtp.count() == 0
+
+
+@pytest.mark.parametrize("timezone", ["Etc", "Europe/" + "x" * 300])
+def test_an_events_timezone_that_names_no_zone_file_is_422(client, headers, smtp, timezone):
+    user = {**SIGNUP["user"], "timezone": timezone}
+    error = _error(client.post("/api/events", json={**SIGNUP, "user": user}, headers=headers), 422)
+    assert "timezone" in error["details"]["user"]
+    with database.connection_context():
+        assert UserProfile.select().count() == 0
+    assert notification_count() == 0
 
 
 def test_event_idempotency_key_replays_both_notifications(client, headers, deliverer, smtp, redis_conn):
