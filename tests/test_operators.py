@@ -129,6 +129,27 @@ def test_dashboard_lists_a_failed_job_and_its_details(ops, dead_letter):
     assert ops.get(f"/rq/0/view/job/{job_id}", auth=OPERATOR).status_code == 200
 
 
+@pytest.mark.parametrize(("method", "path"), [
+    ("GET", "/rq/0/data/job/no-such-job.json"),
+    ("GET", "/rq/0/view/job/no-such-job"),
+    ("POST", "/rq/job/no-such-job/requeue"),
+    ("GET", "/rq/1/view/queues"),  # one Redis is configured: instance 0
+    ("GET", "/rq/1/data/queues.json"),
+    ("GET", f"/rq/0/data/jobs/{DEFAULT_QUEUE}/no-such-registry/8/asc/1.json"),
+    ("GET", f"/rq/0/data/jobs/{DEFAULT_QUEUE}/failed/eight/asc/1.json"),
+    ("GET", f"/rq/0/data/jobs/{DEFAULT_QUEUE}/failed/0/asc/1.json"),
+    ("GET", f"/rq/0/data/jobs/{DEFAULT_QUEUE}/failed/8/asc/one.json"),
+    ("POST", "/rq/queue/no-such-queue/compact"),
+])
+def test_dashboard_paths_naming_nothing_are_404_in_the_envelope(ops, method, path):
+    """rq-dashboard itself answers these with an exception (a 500): a missing job, an instance or a
+    registry that is not there, a page size that is not a number or is 0, a queue with no key."""
+    response = ops.open(path, method=method, auth=OPERATOR)
+    assert response.status_code == 404, response.get_data(as_text=True)
+    assert response.get_json()["error"]["code"] == "not_found"
+    assert set(response.get_json()["error"]) == {"code", "message", "details"}
+
+
 def test_dashboard_requeue_never_resends_a_failed_notification(ops, dead_letter, pg_settings, redis_conn, smtp):
     # The dashboard's requeue only re-runs the RQ job; the job finds the notification failed in the
     # database and sends nothing. (`python -m notifier dlq requeue` is the way to send it again.)

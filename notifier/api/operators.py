@@ -18,13 +18,15 @@ from flask import Blueprint, Flask, Response, current_app, g, request
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 from redis.exceptions import RedisError
+from rq import Queue
+from rq.job import Job
 from rq_dashboard.web import setup_rq_connection
 from werkzeug.datastructures import WWWAuthenticate
 from werkzeug.exceptions import Unauthorized
 
 from notifier import deadletters, metrics
 from notifier.config import Settings
-from notifier.errors import RateLimited, ServiceUnavailable
+from notifier.errors import NotFound, RateLimited, ServiceUnavailable
 from notifier.ratelimit import parse_rate
 
 logger = logging.getLogger(__name__)
@@ -51,6 +53,35 @@ def _guard() -> None:
     path = request.path
     if request.blueprint == bp.name or path == DASHBOARD_PREFIX or path.startswith(DASHBOARD_PREFIX + "/"):
         require_operator()
+        if request.blueprint == rq_dashboard.blueprint.name:
+            _require_dashboard_target()
+
+
+# What rq-dashboard's routes can name; it answers any other registry with an exception.
+_REGISTRIES = frozenset({"queued", "failed", "deferred", "started", "finished", "scheduled", "canceled"})
+
+
+def _require_dashboard_target() -> None:
+    """404 for a dashboard path naming what is not there: rq-dashboard answers a missing job, an
+    instance beyond the one Redis configured, an unknown registry, a page or page size that is not a
+    positive number and a queue with no key by raising, which would be a 500."""
+    args = request.view_args or {}
+    instance = args.get("instance_number")
+    if instance is not None and instance >= len(current_app.config["RQ_DASHBOARD_REDIS_URL"]):
+        raise NotFound(f"no dashboard instance {instance}")
+    if "registry_name" in args and args["registry_name"] not in _REGISTRIES:
+        raise NotFound(f"no registry named {args['registry_name']!r}; known: {', '.join(sorted(_REGISTRIES))}")
+    for name in ("per_page", "page"):
+        value = str(args.get(name, 1))
+        if not value.isdecimal() or int(value) < 1:
+            raise NotFound(f"{name} must be a whole number of at least 1")
+    connection = current_app.redis_conn
+    if "job_id" in args and request.endpoint != "rq_dashboard.delete_job_view":  # delete answers itself
+        if not Job.exists(args["job_id"], connection=connection):
+            raise NotFound(f"no job {args['job_id']!r}")
+    if request.endpoint == "rq_dashboard.compact_queue":
+        if not connection.exists(Queue(args["queue_name"], connection=connection).key):
+            raise NotFound(f"no queue {args['queue_name']!r} holds jobs")
 
 
 def require_operator() -> None:
