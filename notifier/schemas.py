@@ -158,7 +158,7 @@ class VerificationSchema(DeliveryOptions):
     to = Email(required=True)
     user_id = fields.String(required=True, validate=USER_ID)
     code = fields.String(validate=validate.Length(min=1, max=64))
-    verification_url = fields.Url(schemes={"http", "https"}, require_tld=False)
+    verification_url = fields.Url(schemes={"http", "https"}, require_tld=False, validate=validate.Length(max=2000))
     name = fields.String(validate=[validate.Length(min=1, max=200), _no_line_breaks])
 
     @validates_schema

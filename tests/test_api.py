@@ -141,6 +141,19 @@ def test_unknown_route_is_404_and_wrong_method_is_405(client, headers):
     response = client.delete("/api/notifications/send", headers=headers)
     _assert_envelope(response, 405, "method_not_allowed")
     assert "POST" in response.headers["Allow"]
+    # A GET of a POST-only route is not a request for a notification of that id.
+    for path in ("send", "batch", "send-verification"):
+        response = client.get(f"/api/notifications/{path}", headers=headers)
+        _assert_envelope(response, 405, "method_not_allowed")
+        assert response.headers["Allow"] == "POST"
+
+
+def test_a_verification_url_over_2000_characters_is_422(client, headers):
+    payload = {"to": "ann@example.com", "user_id": "u1",
+               "verification_url": "https://app.example.com/verify?t=" + "a" * 2000}
+    _assert_envelope(client.post("/api/notifications/send-verification", json=payload, headers=headers), 422,
+                     "validation_error")
+    assert _count_rows() == (0, 0)
 
 
 def test_other_keys_notification_is_404(client, headers, other_key):

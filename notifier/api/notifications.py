@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from flask import Blueprint, current_app, jsonify, request, url_for
 from marshmallow import ValidationError
+from werkzeug.exceptions import MethodNotAllowed
 
 from notifier import listing, store
 from notifier.api.common import current_key, json_body, json_items, path_user_id, request_body, require_api_key, service
@@ -121,9 +122,15 @@ def cancel(notification_id: str):
     return _detail(service().cancel(current_key(), notification_id))
 
 
+# Routes of their own that take only POST: a GET of one is the wrong method, not a notification id.
+_POST_ONLY = frozenset({"send", "batch", "send-verification"})
+
+
 @bp.get("/<notification_id>")
 def get_one(notification_id: str):
     """One notification with its history."""
+    if notification_id in _POST_ONLY:
+        raise MethodNotAllowed(valid_methods=["POST"])
     notification = store.get_for_key(current_key(), notification_id)
     if notification is None:
         raise NotFound("no such notification")
