@@ -216,64 +216,55 @@ def test_mail_rcpt_and_data_go_in_one_write_where_the_server_offers_pipelining(p
     assert sent[-1].endswith(b"\r\n.\r\n") and b"Hello there." in sent[-1]
 
 
-def test_a_server_that_takes_data_after_refusing_the_recipient_gets_an_empty_message(pg_settings):
-    # RFC 2920 lets a server answer the pipelined DATA with 354 though it refused every recipient:
-    # the client must then end the (empty) message, and the send fails as a refused recipient.
+def _send_to_raw_server(settings, converse) -> DeliveryError:
+    """Send one email to a raw-socket SMTP server, converse(conn, lines) answering after its
+    greeting, and return the error the send ends in."""
     listener = socket.create_server(("127.0.0.1", 0))
-    seen: list[bytes] = []
-
-    def serve():
-        conn, _ = listener.accept()
-        with conn, conn.makefile("rb") as lines:
-            conn.sendall(b"220 odd ESMTP\r\n")
-            for line in lines:
-                seen.append(line)
-                verb = line[:4].upper()
-                if verb == b"EHLO":
-                    conn.sendall(b"250-odd\r\n250-PIPELINING\r\n250 HELP\r\n")
-                elif verb == b"DATA":
-                    conn.sendall(b"250 OK\r\n550 5.1.1 no such user\r\n354 go ahead\r\n")
-                elif line == b".\r\n":
-                    conn.sendall(b"554 5.5.1 no valid recipients\r\n")
-                elif verb in (b"RSET", b"QUIT"):
-                    conn.sendall(b"250 OK\r\n" if verb == b"RSET" else b"221 bye\r\n")
-                    if verb == b"QUIT":
-                        return
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    mailer = SmtpMailer(replace(pg_settings, smtp_port=listener.getsockname()[1]))
-    try:
-        with pytest.raises(PermanentDeliveryError) as refused:
-            mailer.send(_email("gone@example.com"))
-    finally:
-        mailer.close()
-        thread.join(5)
-        listener.close()
-    assert refused.value.smtp_code == 550 and refused.value.address_rejected
-    ended = seen.index(b".\r\n")  # the empty message, then the reset
-    assert seen[ended - 1].upper() == b"DATA\r\n" and seen[ended + 1].upper() == b"RSET\r\n", seen
-
-
-def _server_that_hangs_up_after(verb: bytes, reply: bytes, pipelining: bool) -> tuple[socket.socket, threading.Thread]:
-    """A server that answers `verb` with `reply` and closes the connection, as 421 says it will."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    ehlo = b"250-odd\r\n250-PIPELINING\r\n250 HELP\r\n" if pipelining else b"250-odd\r\n250 HELP\r\n"
 
     def serve():
         conn, _ = listener.accept()
         with conn, conn.makefile("rb") as lines:  # takes in all a write holds: the close sends no RST
             conn.sendall(b"220 odd ESMTP\r\n")
-            for line in lines:
-                command = line[:4].upper()
-                if command == verb:
-                    conn.sendall(reply + b"\r\n")
-                    return
-                conn.sendall(ehlo if command == b"EHLO" else b"250 OK\r\n")
+            converse(conn, lines)
 
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
-    return listener, thread
+    mailer = SmtpMailer(replace(settings, smtp_port=listener.getsockname()[1]))
+    try:
+        with pytest.raises(DeliveryError) as failed:
+            mailer.send(_email("gone@example.com"))
+    finally:
+        mailer.close()
+        thread.join(5)
+        listener.close()
+    return failed.value
+
+
+def test_a_server_that_takes_data_after_refusing_the_recipient_gets_an_empty_message(pg_settings):
+    # RFC 2920 lets a server answer the pipelined DATA with 354 though it refused every recipient:
+    # the client must then end the (empty) message, and the send fails as a refused recipient.
+    seen: list[bytes] = []
+
+    def converse(conn, lines):
+        for line in lines:
+            seen.append(line)
+            verb = line[:4].upper()
+            if verb == b"EHLO":
+                conn.sendall(b"250-odd\r\n250-PIPELINING\r\n250 HELP\r\n")
+            elif verb == b"DATA":
+                conn.sendall(b"250 OK\r\n550 5.1.1 no such user\r\n354 go ahead\r\n")
+            elif line == b".\r\n":
+                conn.sendall(b"554 5.5.1 no valid recipients\r\n")
+            elif verb in (b"RSET", b"QUIT"):
+                conn.sendall(b"250 OK\r\n" if verb == b"RSET" else b"221 bye\r\n")
+                if verb == b"QUIT":
+                    return
+
+    refused = _send_to_raw_server(pg_settings, converse)
+    assert isinstance(refused, PermanentDeliveryError)
+    assert refused.smtp_code == 550 and refused.address_rejected
+    ended = seen.index(b".\r\n")  # the empty message, then the reset
+    assert seen[ended - 1].upper() == b"DATA\r\n" and seen[ended + 1].upper() == b"RSET\r\n", seen
 
 
 @pytest.mark.parametrize("pipelining", [True, False], ids=["pipelining", "one-at-a-time"])
@@ -287,18 +278,20 @@ def test_a_refusal_the_server_hangs_up_after_is_what_the_send_fails_with(
         pg_settings, pipelining, verb, reply, error, address_rejected):
     # A server that refuses MAIL or RCPT may close at once (421 says it will), leaving the replies
     # to the rest of a pipelined group unread: the refusal, not the closed connection, is the reason.
-    listener, thread = _server_that_hangs_up_after(verb, reply, pipelining)
-    mailer = SmtpMailer(replace(pg_settings, smtp_port=listener.getsockname()[1]))
-    try:
-        with pytest.raises(DeliveryError) as failed:
-            mailer.send(_email("gone@example.com"))
-    finally:
-        mailer.close()
-        thread.join(5)
-        listener.close()
+    ehlo = b"250-odd\r\n250-PIPELINING\r\n250 HELP\r\n" if pipelining else b"250-odd\r\n250 HELP\r\n"
+
+    def converse(conn, lines):
+        for line in lines:
+            command = line[:4].upper()
+            if command == verb:
+                conn.sendall(reply + b"\r\n")
+                return
+            conn.sendall(ehlo if command == b"EHLO" else b"250 OK\r\n")
+
+    failed = _send_to_raw_server(pg_settings, converse)
     code = int(reply[:3])
-    assert type(failed.value) is error and failed.value.smtp_code == code, failed.value
-    assert reply.decode()[4:] in str(failed.value) and failed.value.address_rejected is address_rejected
+    assert type(failed) is error and failed.smtp_code == code, failed
+    assert reply.decode()[4:] in str(failed) and failed.address_rejected is address_rejected
 
 
 def test_exhausted_retries_end_failed_in_the_failed_registry(client, headers, deliverer, smtp, redis_conn):
