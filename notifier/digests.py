@@ -14,6 +14,19 @@ windows follow daylight saving time. Correct by construction:
 A digest goes out like any other non-transactional mail: one made inside the user's quiet hours waits
 for their end. What was held for a category the user switched back to `immediate` goes out item by
 item, each as if it had just arrived; nothing is held for a category turned `off`.
+
+An item's deadline (expires_at) holds inside a digest as it does alone: past it, the item is never
+mailed and ends `expired`, owing its callback then.
+  - held: each digest pass first expires what a user and category hold past its deadline (window due
+    or not, whatever the user's preference now), and a window never takes an item past it, so a
+    window whose every item expired makes no digest;
+  - in_digest: a digest can wait long after it was made (quiet hours, retries, the dead-letter queue
+    and a requeue), so what it shows is not final until it goes out. Before each attempt, the items
+    whose deadline has passed are expired and the digest's data is made again from the others, in one
+    transaction, so that it says what went out; a digest none of whose items is left is not sent but
+    expired, and its items with it. Only the worker holding the claimed digest does this: anyone else
+    expiring an item meanwhile could not stop a send already under way. Each item is still in one
+    digest only, and sent once at most: an expired item is final, and nothing moves it back.
 """
 
 from __future__ import annotations
@@ -25,7 +38,7 @@ from peewee import IntegrityError, fn
 from rq.exceptions import StopRequested
 from rq.timeouts import JobTimeoutException
 
-from notifier import queues, store
+from notifier import metrics, queues, store
 from notifier.config import Settings, parse_clock
 from notifier.consent import Decision, get_profile, mode_for, timing, zone
 from notifier.db import UNAVAILABLE_ERRORS, cancelled
@@ -118,6 +131,7 @@ def flush_due(settings: Settings, redis, renderer, now: datetime | None = None) 
 
 def _flush_group(settings, redis, renderer, api_key_id: int, user_key: str, category: str, now: datetime) -> int:
     """flush_due() for one user and category: how many digests it made (0 or 1)."""
+    _expire_held(settings, redis, api_key_id, user_key, category, now)
     api_key = ApiKey.get_by_id(api_key_id)
     mode = mode_for(api_key_id, user_key, category)
     if mode is DeliveryMode.OFF:
@@ -132,7 +146,7 @@ def _flush_group(settings, redis, renderer, api_key_id: int, user_key: str, cate
         return 0
     # Made now, it goes out as any mail made now would: after the user's quiet hours.
     return int(_flush(settings, redis, renderer, api_key, user_key, category, mode, window_end,
-                      timing(profile, send_at=None, now=now)))
+                      timing(profile, send_at=None, now=now), now))
 
 
 def _held(api_key_id: int, user_key: str, category: str):
@@ -140,6 +154,19 @@ def _held(api_key_id: int, user_key: str, category: str):
         (Notification.status == Status.HELD.value) & (Notification.api_key == api_key_id)
         & (Notification.user_key == user_key) & (Notification.category == category)
     )
+
+
+def _expire_held(settings, redis, api_key_id: int, user_key: str, category: str, now: datetime) -> None:
+    """Expire what a user and category hold past its deadline. The reconciler would too, but only at
+    its next pass: a digest made meanwhile would have taken it."""
+    seqs = [n.seq for n in _held(api_key_id, user_key, category).where(Notification.expires_at <= now)
+            .select(Notification.seq)]
+    moved = store.transition_many(seqs, Status.EXPIRED, reason="deadline passed while it was held for a digest",
+                                  sources=(Status.HELD,))
+    if moved:
+        for item in Notification.select().where(Notification.seq.in_(moved)):
+            metrics.expired(redis, item)
+            queues.dispatch_callback(redis, settings, item)
 
 
 def _suppress_held(api_key_id: int, user_key: str, category: str) -> None:
@@ -168,29 +195,27 @@ def _timed(reason: str, when: Decision) -> str:
     return reason if when.status is Status.QUEUED else f"{reason}; {when.reason}"
 
 
-def _flush(settings, redis, renderer, api_key, user_key, category, mode, window_end, when: Decision) -> bool:
+def _flush(settings, redis, renderer, api_key, user_key, category, mode, window_end, when: Decision,
+           now: datetime) -> bool:
     db = Notification._meta.database
     with db.atomic() as tx:
-        # An item asked for later than the window's end waits for the window it falls due in.
+        # An item asked for later than the window's end waits for the window it falls due in; one past
+        # its deadline is never taken, even one that arrived after _expire_held looked.
         due = Notification.send_at.is_null() | (Notification.send_at <= window_end)
-        taken = (_held(api_key.id, user_key, category).where((Notification.created_at < window_end) & due)
+        alive = Notification.expires_at.is_null() | (Notification.expires_at > now)
+        taken = (_held(api_key.id, user_key, category).where((Notification.created_at < window_end) & due & alive)
                  .order_by(Notification.seq))
         seqs = [row.seq for row in taken.select(Notification.seq)]
         if not seqs:
             return False
-        # Only the rows the digest shows, and the newest (whose address it goes to), are read whole;
-        # from the seqs read before them, so that each row shown is one the digest takes.
-        read = {seqs[-1], *seqs[: settings.digest_max_items]}
-        rows = {n.seq: n for n in Notification.select().where(Notification.seq.in_(list(read)))}
-        newest = rows[seqs[-1]]
-        shown = [_item(renderer, rows[seq]) for seq in seqs[: settings.digest_max_items]]
+        data, newest = _contents(settings, renderer, seqs, mode.value)
         digest_fields = {
             "to": newest.to,
             "user_id": newest.user_id,
             "user_key": user_key,
             "template": DIGEST_TEMPLATE,
             "send_at": when.send_at,
-            "data": {"items": shown, "more": len(seqs) - len(shown), "period": mode.value},
+            "data": data,
             "priority": Priority.LOW.value,
             "category": category,
         }
@@ -214,6 +239,41 @@ def _flush(settings, redis, renderer, api_key, user_key, category, mode, window_
     logger.info("digest %s made with %s items", notification.id, len(seqs))
     queues.dispatch(redis, settings, notification)
     return True
+
+
+def _contents(settings, renderer, seqs: list[int], period: str) -> tuple[dict, Notification]:
+    """The data of a digest of the items with these seqs (oldest first), and the newest item."""
+    # Only the rows the digest shows, and the newest (whose address it goes to), are read whole;
+    # from the seqs read before them, so that each row shown is one the digest takes.
+    read = {seqs[-1], *seqs[: settings.digest_max_items]}
+    rows = {n.seq: n for n in Notification.select().where(Notification.seq.in_(list(read)))}
+    shown = [_item(renderer, rows[seq]) for seq in seqs[: settings.digest_max_items]]
+    return {"items": shown, "more": len(seqs) - len(shown), "period": period}, rows[seqs[-1]]
+
+
+def leave_out_expired(settings, renderer, digest: Notification, now: datetime) -> tuple[list[Notification], bool]:
+    """Before a claimed digest goes out: its items past their deadline, and whether any other is left.
+
+    With others left, the expired ones are expired here and the digest's data is made again from the
+    others, in one transaction, and digest.data is the new one. With none left nothing changes: the
+    caller expires the digest, and its items end with it. A digest of no items (a caller's own send
+    of the digest template) has nothing to leave out."""
+    # By digest_id alone, the status filtered here: a guard on status could lead the planner to an
+    # index by status (see store._UNINDEXED_STATUS), and the digest's rows are few.
+    items = (Notification.select(Notification.seq, Notification.status, Notification.expires_at)
+             .where(Notification.digest_id == digest.id).order_by(Notification.seq).tuples())
+    kept, expired = [], []
+    for seq, status, deadline in items:
+        if status == Status.IN_DIGEST:
+            (kept if deadline is None or deadline > now else expired).append(seq)
+    if expired and kept:
+        with Notification._meta.database.atomic():
+            store.transition_many(expired, Status.EXPIRED, reason=f"deadline passed before digest {digest.id} was sent",
+                                  sources=(Status.IN_DIGEST,))
+            data, _ = _contents(settings, renderer, kept, (digest.data or {}).get("period"))
+            Notification.update(data=data).where(Notification.seq == digest.seq).execute()
+        digest.data = data
+    return list(Notification.select().where(Notification.seq.in_(expired))) if expired else [], bool(kept)
 
 
 def _item(renderer, notification: Notification) -> dict:

@@ -112,6 +112,8 @@ class Deliverer:
             self._finish(notification, Status.EXPIRED, reason="deadline passed before it could be sent")
             metrics.expired(self._counts, notification)
             return "expired"
+        if notification.template == DIGEST_TEMPLATE and self._leave_out_expired(notification):
+            return "expired"
         try:
             result = self.mailer.send(self._outgoing(notification))
         except PermanentDeliveryError as exc:
@@ -132,6 +134,19 @@ class Deliverer:
         else:
             self._record_sent(notification, result)
         return "sent"
+
+    def _leave_out_expired(self, digest: Notification) -> bool:
+        """Leave the items past their deadline out of a claimed digest (notifier.digests); True when
+        that was every item, and the digest expired with them instead of going out."""
+        expired, kept = digests.leave_out_expired(self.settings, self.renderer, digest, utcnow())
+        for item in expired:
+            metrics.expired(self._counts, item)
+            if kept:
+                self.after_final(item.id)  # final now, whether or not the digest goes out
+        if expired and not kept:
+            self._finish(digest, Status.EXPIRED, reason="every item's deadline passed before it could be sent")
+            return True
+        return False
 
     def _claim(self, current: Notification) -> bool:
         """The claim; with the last email's `sent` record in the same transaction when one is held.

@@ -60,7 +60,8 @@ TRANSITIONS: dict[Status, frozenset[Status]] = {
     Status.HELD: frozenset({Status.IN_DIGEST, Status.QUEUED, Status.SCHEDULED, Status.CANCELLED, Status.EXPIRED,
                             Status.SUPPRESSED}),
     # Only ever moved with its digest (store.transition): never cancelled or expired on its own, as the
-    # digest that holds it would still send it.
+    # digest that holds it would still send it. The one exception is the worker that has claimed the
+    # digest: it expires an item past its deadline and leaves it out before sending (notifier.digests).
     Status.IN_DIGEST: frozenset({Status.DIGESTED, Status.FAILED, Status.CANCELLED, Status.EXPIRED,
                                  Status.SUPPRESSED}),
     # sending -> retrying is also how the reconciler recovers a notification whose worker died.

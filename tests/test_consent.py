@@ -9,7 +9,7 @@ import pytest
 from rq.timeouts import JobTimeoutException
 
 from notifier import consent, digests, keys, store
-from notifier.models import Category, DeliveryMode, Digest, Notification, Status, UserProfile
+from notifier.models import Category, DeliveryMode, Digest, Notification, Status, UserProfile, utcnow
 from notifier.runtime import make_renderer
 from tests.helpers import make_notification, reload
 
@@ -242,3 +242,94 @@ def test_the_jobs_time_limit_while_an_item_renders_ends_the_pass(owner, sqlite_s
         digests.flush_due(settings, fake_redis, _TimedOutRenderer(), now=utc(2026, 6, 2, 9, 0))
     assert Digest.select().count() == 0
     assert {reload(n.id).status for n in items} == {Status.HELD}
+
+
+# --- deadlines of held items --------------------------------------------------------------------------
+
+
+def _deadline(item, at: datetime) -> None:
+    Notification.update(expires_at=at).where(Notification.seq == item.seq).execute()
+
+
+def _shown(digest_id: str) -> list[str]:
+    """The text of each item a digest shows."""
+    return [item["text"] for item in store.get(digest_id).data["items"]]
+
+
+def test_a_digest_expires_held_items_past_their_deadline_instead_of_taking_them(owner, sqlite_settings, fake_redis):
+    consent.set_mode(owner, "u1", "product", "daily")
+    settings = replace(sqlite_settings, digest_time="08:00", digest_grace_seconds=0)
+    overdue, on_time, alive = _held(owner, 3, utc(2026, 6, 1, 9, 0))
+    _deadline(overdue, utc(2026, 6, 2, 8, 30))  # after the window's end, before the digest is made
+    _deadline(on_time, utc(2026, 6, 2, 9, 0))  # the very moment it is made: too late as well
+    _deadline(alive, utc(2026, 6, 2, 9, 30))
+
+    assert digests.flush_due(settings, fake_redis, make_renderer(settings), now=utc(2026, 6, 2, 9, 0)) == 1
+    (digest,) = Digest.select()
+    assert digest.items == 1
+    assert (reload(alive.id).status, reload(alive.id).digest_id) == (Status.IN_DIGEST, digest.notification_id)
+    assert len(_shown(digest.notification_id)) == 1 and "N2" in _shown(digest.notification_id)[0]
+    for item in (overdue, on_time):
+        expired = reload(item.id)
+        assert (expired.status, expired.digest_id) == (Status.EXPIRED, None)
+        last = store.history(expired)[-1]
+        assert (last.from_status, last.to_status) == ("held", "expired")
+        assert last.reason == "deadline passed while it was held for a digest"
+
+
+def test_no_digest_is_made_of_items_that_all_expired(owner, sqlite_settings, fake_redis):
+    consent.set_mode(owner, "u1", "product", "daily")
+    settings = replace(sqlite_settings, digest_time="08:00", digest_grace_seconds=0)
+    items = _held(owner, 2, utc(2026, 6, 1, 9, 0))
+    for item in items:
+        _deadline(item, utc(2026, 6, 2, 8, 30))
+
+    assert digests.flush_due(settings, fake_redis, make_renderer(settings), now=utc(2026, 6, 2, 9, 0)) == 0
+    assert Digest.select().count() == 0
+    assert Notification.select().where(Notification.template == "digest").count() == 0
+    assert {reload(n.id).status for n in items} == {Status.EXPIRED}
+
+
+def _made_digest(owner, settings, fake_redis, count: int) -> tuple[str, list[Notification]]:
+    """A daily digest of count held items, made (queued) and not yet sent: (its id, its items)."""
+    consent.set_mode(owner, "u1", "product", "daily")
+    settings = replace(settings, digest_time="08:00", digest_grace_seconds=0)
+    items = _held(owner, count, utc(2026, 6, 1, 9, 0))
+    assert digests.flush_due(settings, fake_redis, make_renderer(settings), now=utc(2026, 6, 2, 9, 0)) == 1
+    (digest,) = Digest.select()
+    return digest.notification_id, items
+
+
+def test_an_item_whose_deadline_passes_before_its_digest_is_sent_is_left_out_of_it(
+        owner, memory_deliverer, fake_redis):
+    digest_id, (first, late, last) = _made_digest(owner, memory_deliverer.settings, fake_redis, 3)
+    # Its deadline passes while the digest waits for its worker (the worker's clock is the real one).
+    _deadline(late, utcnow() - timedelta(seconds=1))
+
+    assert memory_deliverer.deliver(digest_id) == "sent"
+
+    (sent,) = memory_deliverer.mailer.sent
+    text = sent.get_body(("plain",)).get_content()
+    assert "2 updates today" in text and "Hi N0," in text and "Hi N2," in text and "Hi N1," not in text
+    assert len(_shown(digest_id)) == 2  # what the digest holds is what went out
+    assert {reload(n.id).status for n in (first, last)} == {Status.DIGESTED}
+    expired = reload(late.id)
+    assert (expired.status, expired.sent_at, expired.digest_id) == (Status.EXPIRED, None, digest_id)
+    line = store.history(expired)[-1]
+    assert (line.from_status, line.to_status) == ("in_digest", "expired")
+    assert line.reason == f"deadline passed before digest {digest_id} was sent"
+
+
+def test_a_digest_whose_every_item_expired_before_it_was_sent_is_not_sent(owner, memory_deliverer, fake_redis):
+    digest_id, items = _made_digest(owner, memory_deliverer.settings, fake_redis, 2)
+    for item in items:
+        _deadline(item, utcnow() - timedelta(seconds=1))
+
+    assert memory_deliverer.deliver(digest_id) == "expired"
+
+    assert memory_deliverer.mailer.sent == []
+    assert reload(digest_id).status == Status.EXPIRED
+    for item in items:
+        expired = reload(item.id)
+        assert (expired.status, expired.sent_at) == (Status.EXPIRED, None)
+        assert store.history(expired)[-1].reason.startswith(f"digest {digest_id} expired: ")

@@ -18,10 +18,10 @@ from rq_scheduler import Scheduler
 
 from notifier import callbacks, deadletters, digests
 from notifier.db import bind, database
-from notifier.models import utcnow
+from notifier.models import Notification, utcnow
 from notifier.reconciler import reconcile
 from notifier.runtime import make_renderer
-from tests.helpers import run_worker_until_idle
+from tests.helpers import reload, run_worker_until_idle
 
 pytestmark = pytest.mark.integration
 
@@ -38,11 +38,11 @@ def _prefs(api, headers, changes: dict) -> None:
     _call(api, headers, "PUT", f"/api/users/{USER}/preferences", changes)
 
 
-def _held(api, headers, names: list[str], callback_url: str | None = None) -> list[str]:
+def _held(api, headers, names: list[str], callback_url: str | None = None, **extra) -> list[str]:
     """Welcome emails for USER, each held for the digest; their ids."""
     ids = []
     for name in names:
-        payload = {"to": "dora@example.com", "user_id": USER, "template": "welcome", "data": {"name": name}}
+        payload = {"to": "dora@example.com", "user_id": USER, "template": "welcome", "data": {"name": name}, **extra}
         if callback_url:
             payload["callback_url"] = callback_url
         accepted = _call(api, headers, "POST", "/api/notifications/send", payload, status=202)
@@ -159,6 +159,99 @@ def test_a_digest_in_the_dead_letter_queue_fails_its_items_until_it_is_requeued_
     assert _events(receiver) == {item: "notification.digested" for item in items}
     run_worker_until_idle(redis_conn)
     assert smtp.count() == 1
+
+
+# --- deadlines ----------------------------------------------------------------------------------------
+
+
+def _deadline_passed(item_id: str) -> None:
+    """The item's deadline passes now. The worker reads the real clock, so the deadline moves instead."""
+    with database.connection_context():
+        Notification.update(expires_at=utcnow() - timedelta(seconds=1)).where(Notification.id == item_id).execute()
+
+
+def _texts(received) -> str:
+    return "".join(received.message.get_body((part,)).get_content() for part in ("plain", "html"))
+
+
+def test_a_held_item_past_its_deadline_when_the_digest_is_made_is_expired_not_taken(
+        api, headers, live_deliverer, fast_settings, smtp, redis_conn, receiver):
+    _prefs(api, headers, {"categories": {"product": "daily"}})
+    made_at = _next_window_closed(fast_settings)
+    deadline = (made_at - timedelta(seconds=30)).isoformat() + "Z"  # still ahead now: the API takes it
+    (late,) = _held(api, headers, ["Ann"], callback_url=receiver.url, expires_at=deadline)
+    (kept,) = _held(api, headers, ["Ben"], callback_url=receiver.url)
+    assert _flush(fast_settings, redis_conn, made_at) == 1
+    run_worker_until_idle(redis_conn)
+
+    (digest,) = _digests(api, headers)
+    (received,) = smtp.wait_for(1)
+    assert received.message["X-Notification-ID"] == digest["id"]
+    assert "1 update today" in _texts(received) and "Ben" in _texts(received) and "Ann" not in _texts(received)
+    detail = _detail(api, headers, late)
+    assert (detail["status"], detail["digest_id"], detail["sent_at"]) == ("expired", None, None)
+    assert [e["status"] for e in _status_lines(detail)] == ["held", "expired"]
+    assert _status_lines(detail)[-1]["reason"] == "deadline passed while it was held for a digest"
+    assert _detail(api, headers, kept)["status"] == "digested"
+    assert _events(receiver) == {late: "notification.expired", kept: "notification.digested"}
+
+
+def test_an_item_whose_deadline_passes_before_its_digest_goes_out_is_left_out_of_it(
+        api, headers, live_deliverer, fast_settings, smtp, redis_conn, receiver):
+    digest, (late, kept) = _daily_digest(api, headers, fast_settings, redis_conn, receiver)
+    _deadline_passed(late)
+    run_worker_until_idle(redis_conn)
+
+    (received,) = smtp.wait_for(1)
+    assert received.message["X-Notification-ID"] == digest["id"]
+    assert "1 update today" in _texts(received) and "Ben" in _texts(received) and "Ann" not in _texts(received)
+    assert _detail(api, headers, digest["id"])["status"] == "sent"
+    assert len(reload(digest["id"]).data["items"]) == 1  # it holds what went out
+    detail = _detail(api, headers, late)
+    assert (detail["status"], detail["digest_id"], detail["sent_at"]) == ("expired", digest["id"], None)
+    assert [e["status"] for e in _status_lines(detail)] == ["held", "in_digest", "expired"]
+    assert _status_lines(detail)[-1]["reason"] == f"deadline passed before digest {digest['id']} was sent"
+    assert _detail(api, headers, kept)["status"] == "digested"
+    assert _events(receiver) == {late: "notification.expired", kept: "notification.digested"}
+
+
+def test_a_digest_whose_every_item_expired_before_it_went_out_is_not_sent(
+        api, headers, live_deliverer, fast_settings, smtp, redis_conn, receiver):
+    digest, items = _daily_digest(api, headers, fast_settings, redis_conn, receiver)
+    for item in items:
+        _deadline_passed(item)
+    run_worker_until_idle(redis_conn)
+
+    assert smtp.count() == 0
+    expired = _detail(api, headers, digest["id"])
+    assert expired["status"] == "expired" and expired["sent_at"] is None
+    assert "deadline" in _status_lines(expired)[-1]["reason"]
+    for item in items:
+        detail = _detail(api, headers, item)
+        assert [e["status"] for e in _status_lines(detail)] == ["held", "in_digest", "expired"]
+        assert _status_lines(detail)[-1]["reason"].startswith(f"digest {digest['id']} expired: ")
+    assert _events(receiver) == {item: "notification.expired" for item in items}
+    assert _call(api, headers, "GET", "/api/dead-letters")["data"] == []  # not a failure: nothing to requeue
+
+
+def test_a_requeued_digest_goes_out_without_the_items_whose_deadline_passed_meanwhile(
+        api, headers, live_deliverer, fast_settings, smtp, redis_conn, receiver):
+    digest, (late, kept) = _daily_digest(api, headers, fast_settings, redis_conn, receiver)
+    smtp.replies.extend(["451 4.4.1 still busy"] * fast_settings.max_attempts)
+    run_worker_until_idle(redis_conn)
+    assert {_detail(api, headers, item)["status"] for item in (late, kept)} == {"failed"}
+
+    _deadline_passed(late)  # while the digest waited in the dead-letter queue
+    _call(api, headers, "POST", f"/api/dead-letters/{digest['id']}/requeue", status=202)
+    run_worker_until_idle(redis_conn)
+
+    (received,) = smtp.wait_for(1)
+    assert "Ben" in _texts(received) and "Ann" not in _texts(received)
+    assert [e["status"] for e in _status_lines(_detail(api, headers, late))] == [
+        "held", "in_digest", "failed", "in_digest", "expired"]
+    assert _detail(api, headers, kept)["status"] == "digested"
+    assert [call.json["event"] for call in receiver.calls] == ["notification.failed"] * 2 + [
+        "notification.expired", "notification.digested"]
 
 
 # --- quiet hours --------------------------------------------------------------------------------------
@@ -339,7 +432,7 @@ def test_the_upgrade_moves_items_of_digests_made_before_version_7(pg_db, api_key
     # callback (if it asked for one) said so.
     from notifier.models import Notification, SchemaVersion
     from notifier.schema import upgrade
-    from tests.helpers import make_notification, reload
+    from tests.helpers import make_notification
 
     owner = api_key[0]
     made = {}

@@ -9,7 +9,8 @@ from __future__ import annotations
 import re
 from datetime import timedelta
 
-from notifier import consent, store
+from notifier import consent, digests, store
+from notifier.config import Settings
 from notifier.db import _PREPARED, database
 from notifier.models import CallbackStatus, Notification, SchemaVersion, Status, Suppression, utcnow
 from notifier.reconciler import reconcile
@@ -66,11 +67,14 @@ def test_a_digest_finds_its_items_by_digest_id(pg_db, api_key, monkeypatch):
         items = store.create_notifications(key, [(dict(FIELDS, digest_id=digest.id), Status.IN_DIGEST, "taken")] * 3)
         database.execute_sql("ANALYZE notifications")
         seen = _recording(monkeypatch)
+        assert digests.leave_out_expired(Settings(), None, digest, utcnow()) == ([], True)  # before it goes out
         assert store.transition(digest.id, Status.SENT, sources=(Status.SENDING,), known=digest, reason="sent")
         monkeypatch.undo()
+        (select,) = [s for s in seen if s[0].startswith("SELECT") and '"digest_id"' in s[0]]
         (update,) = [s for s in seen if s[0].startswith("UPDATE") and '"digest_id"' in s[0]]
-        assert _found_by(_plan(*update), "digest_id")
-        assert "notifications_digest_id" in _plan(*update)
+        for statement in (select, update):
+            assert _found_by(_plan(*statement), "digest_id")
+            assert "notifications_digest_id" in _plan(*statement)
         assert {store.get(n.id).status for n in items} == {Status.DIGESTED}
 
 
