@@ -185,13 +185,8 @@ def _try_requeue(redis: Redis, settings: Settings, notification_id: str) -> bool
 
 
 def _drop_from_registries(redis: Redis, notification_ids: list[str]) -> None:
-    # Removed by id (ZREM, nothing when absent), never by reading the whole registry.
     try:
-        with redis.pipeline(transaction=False) as pipe:
-            for queue in queues.all_queues(redis):
-                for notification_id in notification_ids:
-                    queue.failed_job_registry.remove(queues.job_id_for(notification_id), pipeline=pipe)
-            pipe.execute()
+        queues.unfile_failed(redis, [queues.job_id_for(i) for i in notification_ids])
     except RedisError as exc:
         # The database has it queued already, and the reconciler queues it once Redis answers; its old
         # entry then only lingers in rq-dashboard's Failed list until it expires.

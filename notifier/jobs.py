@@ -353,8 +353,10 @@ class Deliverer:
                 logger.warning("notification %s sent but not yet recorded; retrying", notification.id)
                 database.close()
                 if not kept:
+                    job = get_current_job()  # RQ files it as failed if this gives up: the receipt says which
                     kept = receipts.keep(self.redis, receipts.Receipt(
-                        notification.id, result.smtp_code, result.smtp_reply, result.message_id, fields["sent_at"]))
+                        notification.id, result.smtp_code, result.smtp_reply, result.message_id, fields["sent_at"],
+                        job.id if job is not None else None))
         else:
             if not kept:
                 logger.error("notification %s sent, but neither recorded nor receipted: recovery may send it again",

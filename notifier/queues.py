@@ -163,6 +163,17 @@ def file_failed(connection: Redis, settings: Settings, notification: Notificatio
         logger.warning("notification %s failed; not filed in RQ's registry: %s", notification.id, type(exc).__name__)
 
 
+def unfile_failed(connection: Redis, job_ids: list[str]) -> None:
+    """Take these jobs out of every notifier queue's failed registry. By id (ZREM, nothing when absent),
+    never by reading a whole registry; the jobs themselves are left (one may be running again).
+    Raises RedisError."""
+    with connection.pipeline(transaction=False) as pipe:
+        for queue in all_queues(connection):
+            for job_id in job_ids:
+                queue.failed_job_registry.remove(job_id, pipeline=pipe)
+        pipe.execute()
+
+
 def schedule_release(connection: Redis, settings: Settings, notification_id: str, send_at: datetime,
                      job_id: str | None = None) -> None:
     """Ask rq-scheduler to release a delayed notification at send_at (naive UTC), by a job of job_id

@@ -8,6 +8,12 @@ receipt. Whoever finds it next records the `sent`: the worker when its next job 
 answering, a job for the same notification, or the reconciler. A compare-and-set from `sending`
 makes sure exactly one of them does. Only when Redis is away too (or loses the receipt) is there
 nothing to find, and recovery may still send the email twice.
+
+The job that kept a receipt fails (SentNotRecorded, or the database error of a retry that came too
+soon), and once out of retries RQ files it in its failed registry. Whoever records the receipt takes
+that job out again. The dead-letter API and `dlq list` read the database, where the notification
+was never `failed`, so they never listed it; the registry is what rq-dashboard's Failed list shows,
+and there it stayed a failure for DEAD_LETTER_TTL_DAYS, an email that went out.
 """
 
 from __future__ import annotations
@@ -43,6 +49,8 @@ class Receipt:
     smtp_reply: str | None
     message_id: str | None
     sent_at: datetime  # naive UTC, as every column stores it
+    # The RQ job that sent it (None outside a job, and in receipts kept before this was stored).
+    job_id: str | None = None
 
     def fields(self) -> dict:
         """The changes store.transition() makes for this `sent` record."""
@@ -59,7 +67,8 @@ def keep(redis: Redis | None, receipt: Receipt) -> bool:
     if redis is None:
         return False
     value = json.dumps({"smtp_code": receipt.smtp_code, "smtp_reply": receipt.smtp_reply,
-                        "message_id": receipt.message_id, "sent_at": receipt.sent_at.isoformat()})
+                        "message_id": receipt.message_id, "sent_at": receipt.sent_at.isoformat(),
+                        "job_id": receipt.job_id})
     try:
         redis.set(_key(receipt.notification_id), value, ex=TTL_SECONDS)
     except RedisError as exc:
@@ -82,7 +91,7 @@ def _parsed(notification_id: str, value: bytes) -> Receipt | None:
     try:
         data = json.loads(value)
         return Receipt(notification_id, data["smtp_code"], data["smtp_reply"], data["message_id"],
-                       datetime.fromisoformat(data["sent_at"]))
+                       datetime.fromisoformat(data["sent_at"]), data.get("job_id"))
     except (ValueError, KeyError, TypeError):
         # No notifier version writes such a receipt. Leave it for a person to read, and recover the
         # notification as before.
@@ -102,8 +111,9 @@ def forget(redis: Redis, notification_ids: list[str]) -> None:
 def record(redis: Redis, settings: Settings, notification: Notification, receipt: Receipt,
            counts: Redis | metrics.Deferred | None) -> bool:
     """Record a kept receipt as the `sent` of notification (as read, still `sending`). Counts it,
-    queues the callbacks it owes and deletes the receipt. Returns whether this call made the record:
-    a notification that moved on meanwhile (another process recorded the same receipt) is left alone."""
+    queues the callbacks it owes, takes the job that sent it out of RQ's failed registry and deletes
+    the receipt. Returns whether this call made the record: a notification that moved on meanwhile
+    (another process recorded the same receipt) is left alone."""
     recorded = store.transition(notification.id, Status.SENT, reason=LATE_REASON, sources=(Status.SENDING,),
                                 known=notification, **receipt.fields())
     if recorded:
@@ -112,5 +122,19 @@ def record(redis: Redis, settings: Settings, notification: Notification, receipt
         logger.info("notification %s sent at %s; recorded late from its receipt", notification.id,
                     receipt.sent_at.isoformat())
         queues.dispatch_callback(redis, settings, store.get(notification.id))
+        if receipt.job_id is not None:
+            _unfile(redis, notification.id, receipt.job_id)
     forget(redis, [notification.id])
     return recorded
+
+
+def _unfile(redis: Redis, notification_id: str, job_id: str) -> None:
+    # Only the job the receipt names, the one that sent the email and gave up: any other failed job,
+    # of this notification or of its batch, failed for a reason of its own. The job itself stays: it
+    # may be the very job recording this receipt, run again by RQ.
+    try:
+        queues.unfile_failed(redis, [job_id])
+    except RedisError as exc:
+        # The record is made; the entry only lingers in rq-dashboard's Failed list until it expires.
+        logger.warning("notification %s: its job left in RQ's failed registry: %s", notification_id,
+                       type(exc).__name__)

@@ -404,8 +404,15 @@ def test_an_email_the_server_took_while_postgresql_was_away_for_longer_than_the_
     wait_until(lambda: redis_conn.hget(job, "status") == b"failed", timeout=40, interval=0.2)
     end()
     smtp.delay = 0.0
+    failed = Queue("notifier.default", connection=redis_conn).failed_job_registry
+    assert failed.get_job_ids() == [f"notification-{notification_id}"]  # rq-dashboard's Failed list
+    # The dead letters are the notifications the database says failed: this one never was.
+    listed = wait_until(lambda: (r := request("GET", f"{stack.base}/api/dead-letters", stack.key))[0] == 200 and r,
+                        timeout=15)  # 503 while the API's pool reconnects
+    assert listed == (200, {"data": [], "next": None})
 
     assert "recorded_late=1" in cli(["reconcile"], stack.env)  # SENDING_TIMEOUT is 2 s here
+    assert failed.get_job_ids() == []  # no failure left on show for an email that went out
     detail = wait_until(lambda: (d := _detail(stack, notification_id)) and d["status"] != "sending" and d,
                         timeout=30)
     time.sleep(2)  # time for a second send, had the reconciler queued one
@@ -444,6 +451,7 @@ def test_a_batch_email_the_server_took_while_postgresql_was_away_is_recorded_by_
     detail = _detail(stack, first)
     assert (detail["status"], detail["attempts"]) == ("sent", 1)
     assert any("recorded late" in r for r in _reasons(detail)), _reasons(detail)
+    assert failed.count == 0  # the shared job that kept the receipt left the failed registry with it
 
     cli(["reconcile"], stack.env)  # hands on the one the shared job never reached
     stack.wait_status(second, "sent", timeout=30)

@@ -5,6 +5,7 @@ The whole story with real processes and a real outage is in tests/test_faults.py
 
 from __future__ import annotations
 
+import json
 import threading
 from dataclasses import replace
 from datetime import timedelta
@@ -12,6 +13,7 @@ from datetime import timedelta
 import pytest
 from redis.exceptions import RedisError
 from rq import Queue
+from rq.job import Job
 
 from notifier import jobs, queues, receipts, store
 from notifier.db import database
@@ -80,6 +82,48 @@ def test_the_reconciler_records_a_kept_receipt_as_sent_instead_of_sending_again(
     assert (again.recorded_late, again.recovered) == (0, 0)
     assert value(collect_metrics(redis_conn), "notifier_notifications_sent_total", priority="default",
                  template="-") == 1
+
+
+def _file_failed(redis_conn, job_id: str) -> None:
+    """A job of that id in the default queue's failed registry, as RQ files one that gave up."""
+    queue = Queue(queues.QUEUE_NAMES["default"], connection=redis_conn)
+    job = queue.create_job(queues.DELIVER_JOB, args=("-",), job_id=job_id)
+    job.save()
+    queue.failed_job_registry.add(job, ttl=3600, exc_string="SentNotRecorded")
+
+
+def test_recording_a_receipt_takes_the_job_it_names_and_no_other_out_of_the_failed_registry(settings, api_key,
+                                                                                          redis_conn):
+    # Its own job sent the email and gave up on the record; a failed job of its batch that the receipt
+    # does not name failed for a reason of its own.
+    stuck = _left_sending(api_key, job_id="notifications-batch")
+    own = queues.job_id_for(stuck.id)
+    for job_id in (own, "notifications-batch"):
+        _file_failed(redis_conn, job_id)
+    assert receipts.keep(redis_conn, replace(_receipt(stuck), job_id=own))
+
+    assert reconcile(settings, redis_conn).recorded_late == 1
+
+    assert reload(stuck.id).status == Status.SENT
+    failed = Queue(queues.QUEUE_NAMES["default"], connection=redis_conn).failed_job_registry
+    assert failed.get_job_ids() == ["notifications-batch"]
+    assert Job.exists(own, connection=redis_conn)  # out of the list, not deleted: RQ may be running it again
+
+
+def test_a_receipt_kept_before_receipts_named_their_job_is_recorded_and_leaves_the_registry_alone(
+        settings, api_key, redis_conn):
+    stuck = _left_sending(api_key)
+    _file_failed(redis_conn, queues.job_id_for(stuck.id))
+    receipt = _receipt(stuck)
+    redis_conn.set(f"{receipts.KEY_PREFIX}{stuck.id}", json.dumps(
+        {"smtp_code": 250, "smtp_reply": receipt.smtp_reply, "message_id": receipt.message_id,
+         "sent_at": receipt.sent_at.isoformat()}))
+
+    assert reconcile(settings, redis_conn).recorded_late == 1
+
+    assert reload(stuck.id).status == Status.SENT
+    failed = Queue(queues.QUEUE_NAMES["default"], connection=redis_conn).failed_job_registry
+    assert failed.get_job_ids() == [queues.job_id_for(stuck.id)]
 
 
 def test_a_stuck_send_without_a_receipt_is_still_recovered(settings, api_key, redis_conn):
