@@ -6,7 +6,6 @@ failed (RQ can move a job that succeeded into the failed registry as abandoned).
 
 from __future__ import annotations
 
-import base64
 import logging
 import time
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ from redis.exceptions import RedisError
 from rq.exceptions import NoSuchJobError
 from rq.job import Job
 
-from notifier import queues, store
+from notifier import cursors, queues, store
 from notifier.config import Settings
 from notifier.errors import Conflict, NotFound
 from notifier.models import ApiKey, Event, Notification, Status
@@ -116,18 +115,14 @@ def list_dead(redis: Redis, api_key: ApiKey | None = None, limit: int = 100,
 
 
 def _encode(row: Notification) -> str:
-    return base64.urlsafe_b64encode(f"{row.updated_at.isoformat()}|{row.seq}".encode()).decode()
+    return cursors.encode(row.updated_at, row.seq, padded=True)
 
 
 def _decode(cursor: str) -> tuple[datetime, int]:
-    try:
-        at, seq = base64.urlsafe_b64decode(cursor.encode()).decode().split("|")
-        at, seq = datetime.fromisoformat(at), int(seq)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ValueError("not a dead-letter cursor") from exc
-    if not 0 < seq < 2**63:  # what a seq column holds; SQLite refuses a larger integer outright
+    key = cursors.decode(cursor, datetime, int, padded=True)
+    if key is None:
         raise ValueError("not a dead-letter cursor")
-    return at, seq
+    return key
 
 
 def show(redis: Redis, notification_id: str, api_key: ApiKey | None = None) -> tuple[DeadLetter, Job | None]:

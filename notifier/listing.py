@@ -2,26 +2,18 @@
 
 from __future__ import annotations
 
-import base64
 from datetime import datetime
 
 from peewee import fn
 
+from notifier import cursors
 from notifier.models import ApiKey, Notification, Status
-
-
-def encode_cursor(seq: int) -> str:
-    return base64.urlsafe_b64encode(str(seq).encode()).decode().rstrip("=")
 
 
 def decode_cursor(cursor: str) -> int | None:
     """The seq a cursor points at, or None when the cursor is not one of ours."""
-    try:
-        padded = cursor + "=" * (-len(cursor) % 4)
-        value = int(base64.urlsafe_b64decode(padded.encode()).decode())
-    except (ValueError, UnicodeDecodeError):
-        return None
-    return value if value > 0 else None
+    key = cursors.decode(cursor, int)
+    return key[0] if key is not None else None
 
 
 def list_for_key(
@@ -58,7 +50,7 @@ def list_for_key(
     if before_seq is not None:
         query = query.where(Notification.seq < before_seq)
     rows = list(query.order_by(Notification.seq.desc()).limit(limit + 1))
-    next_cursor = encode_cursor(rows[limit - 1].seq) if len(rows) > limit else None
+    next_cursor = cursors.encode(rows[limit - 1].seq) if len(rows) > limit else None
     return rows[:limit], next_cursor
 
 

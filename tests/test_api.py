@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 
 import pytest
@@ -202,6 +203,22 @@ def test_the_address_filter_takes_any_case(client, headers, api_key):
                                    "colour=red"])
 def test_bad_list_queries_are_422(client, headers, query):
     _assert_envelope(client.get(f"/api/notifications?{query}", headers=headers), 422, "validation_error")
+
+
+def test_a_list_cursor_we_did_not_write_is_422_even_when_it_reads_as_ours(client, headers, api_key):
+    for _ in range(3):
+        make_notification(api_key[0])
+    ours = client.get("/api/notifications?limit=1", headers=headers).get_json()["next"]
+    assert client.get("/api/notifications", query_string={"cursor": ours}, headers=headers).status_code == 200
+    seq = base64.urlsafe_b64decode(ours + "=" * (-len(ours) % 4)).decode()
+    arabic = "".join(chr(ord("\u0660") + int(d)) for d in seq)  # what int() reads as the same number
+    others = [f"0{seq}", f"+{seq}", f" {seq}", f"{seq}\n", f"0_{seq}", arabic]
+    spellings = [base64.urlsafe_b64encode(text.encode()).decode().rstrip("=") for text in others]
+    spellings += [f"{ours}==", f"{ours[:1]}!{ours[1:]}"]  # base64 skips padding past the end, and a "!"
+    for cursor in spellings:
+        error = _assert_envelope(client.get("/api/notifications", query_string={"cursor": cursor}, headers=headers),
+                                 422, "validation_error")
+        assert error["details"] == {"cursor": ["not a cursor from this API"]}, cursor
 
 
 def test_user_stats_count_per_status(client, headers, api_key):

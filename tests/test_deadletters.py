@@ -340,3 +340,29 @@ def test_dead_letters_come_a_page_at_a_time_past_the_first_hundred(client, heade
     for cursor in ("nonsense", huge):
         bad = client.get(DEAD, headers=headers, query_string={"cursor": cursor})
         assert bad.status_code == 422 and "cursor" in bad.get_json()["error"]["details"]
+
+
+def _other_spellings(cursor: str) -> list[str]:
+    """Cursors that read as the same place as a dead-letter cursor of ours, written by someone else."""
+    at, seq = base64.urlsafe_b64decode(cursor).decode().split("|")
+
+    def written(text: str) -> str:
+        return base64.urlsafe_b64encode(text.encode()).decode()
+
+    spellings = [written(f"{at}+02:00|{seq}"), written(f"{at}Z|{seq}"), written(f"{at.replace('T', ' ')}|{seq}"),
+                 written(f"{at[:10]}|{seq}"), written(f"{at}|0{seq}"), written(f"{at}|+{seq}"),
+                 written(f"{at}| {seq}"), cursor.rstrip("="), f"{cursor[:4]}!{cursor[4:]}"]
+    # Unpadded is another spelling only when base64 padded it: a key of a multiple of 3 bytes has none.
+    return [s for s in spellings if s != cursor]
+
+
+def test_a_dead_letter_cursor_we_did_not_write_is_422_even_when_it_reads_as_ours(client, headers, api_key):
+    for n in range(3):
+        make_notification(api_key[0], status=Status.FAILED, to=f"u{n}@example.com")
+    ours = client.get(DEAD, headers=headers, query_string={"limit": 1}).get_json()["next"]
+    assert client.get(DEAD, headers=headers, query_string={"cursor": ours}).status_code == 200
+    for cursor in _other_spellings(ours):
+        response = client.get(DEAD, headers=headers, query_string={"cursor": cursor})
+        assert response.status_code == 422, (cursor, response.get_data(as_text=True))
+        error = response.get_json()["error"]
+        assert (error["code"], error["details"]) == ("validation_error", {"cursor": ["not a cursor from this API"]})
