@@ -42,6 +42,8 @@ REQUEST_ID_META = "request_id"
 DELIVER_MANY_JOB = "notifier.jobs.deliver_many"
 RELEASE_JOB = "notifier.jobs.release"
 CALLBACK_JOB = "notifier.jobs.send_callback"
+# The states of a job (its hash's `status`) that will still run, or are running.
+LIVE_JOB_STATES = frozenset({b"queued", b"started", b"scheduled", b"deferred"})
 
 
 def connect_redis(url: str) -> Redis:
@@ -255,14 +257,31 @@ def dispatch_callback(connection: Redis, settings: Settings, notification: Notif
     """Queue the status callback a final notification owes, if any, and those the items of a digest
     owe once it ended with them; Redis away means the reconciler queues them later. True when any
     was queued."""
-    owed = [n for n in (notification, *store.items_owed_callbacks(notification)) if n.callback_status == "pending"]
+    owed = [notification] if notification.callback_status == "pending" else []
+    items = [n for n in store.items_owed_callbacks(notification) if n.callback_status == "pending"]
     try:
+        owed += _without_live_callback(connection, items)
         for n in owed:
             enqueue_callback(connection, settings, n.id, n.callback_attempts)
     except RedisError as exc:
         logger.warning("callback for notification %s not queued: %s", notification.id, type(exc).__name__)
         return False
     return bool(owed)
+
+
+def _without_live_callback(connection: Redis, notifications: list[Notification]) -> list[Notification]:
+    """Those of notifications whose callback job Redis does not hold as live work. An item left out of
+    its digest (past its deadline, notifier.digests) had its callback queued then: a second job for
+    it would post again at once, whatever the retry interval, if the first attempt failed. One whose
+    live job is lost after all is queued by the reconciler, which looks for exactly that. Raises
+    RedisError."""
+    if not notifications:
+        return []
+    with connection.pipeline(transaction=False) as pipe:
+        for n in notifications:
+            pipe.hget(f"rq:job:{callback_job_id_for(n.id)}", "status")
+        states = pipe.execute()
+    return [n for n, state in zip(notifications, states, strict=True) if state not in LIVE_JOB_STATES]
 
 
 def _shared_job(settings: Settings, job_id: str, notification_ids: list[str], at_front: bool = False):

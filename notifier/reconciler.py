@@ -41,7 +41,6 @@ BATCH = 500
 # step's first page, a pass also stops at half the interval (see reconcile), so that it has ended
 # before the next is due.
 MAX_PAGES = 20
-LIVE_JOB_STATES = {b"queued", b"started", b"scheduled", b"deferred"}
 RECOVERED_REASON = "recovered: the worker was lost mid-send, so this message may have been sent already"
 
 
@@ -165,7 +164,7 @@ def _missing_jobs(redis: Redis, job_ids: list[str], queue_names: list[str],
             pipe.hmget(f"rq:job:{job_id}", "status", "started_at")
         found = pipe.execute()
     states = [state for state, _ in found]
-    missing = {job_id for job_id, state in zip(job_ids, states, strict=True) if state not in LIVE_JOB_STATES}
+    missing = {job_id for job_id, state in zip(job_ids, states, strict=True) if state not in queues.LIVE_JOB_STATES}
     if started_before is not None:
         missing |= {job_id for job_id, (state, started) in zip(job_ids, found, strict=True)
                     if state == b"started" and started

@@ -16,7 +16,7 @@ import psycopg2
 import pytest
 from rq_scheduler import Scheduler
 
-from notifier import callbacks, deadletters, digests
+from notifier import callbacks, deadletters, digests, queues
 from notifier.db import bind, database
 from notifier.models import Notification, utcnow
 from notifier.reconciler import reconcile
@@ -213,6 +213,24 @@ def test_an_item_whose_deadline_passes_before_its_digest_goes_out_is_left_out_of
     assert _status_lines(detail)[-1]["reason"] == f"deadline passed before digest {digest['id']} was sent"
     assert _detail(api, headers, kept)["status"] == "digested"
     assert _events(receiver) == {late: "notification.expired", kept: "notification.digested"}
+
+
+def test_an_item_left_out_of_its_digest_has_its_callback_queued_once(
+        api, headers, live_deliverer, fast_settings, smtp, redis_conn, receiver):
+    digest, (late, kept) = _daily_digest(api, headers, fast_settings, redis_conn, receiver)
+    _deadline_passed(late)
+
+    # The digest's job alone, as a worker runs it: the callback queued for the item it left out has
+    # not run yet when the digest goes out and queues what its items are owed. A second job would
+    # post again at once, whatever the callback's retry interval said, if the first one failed.
+    with database.connection_context():
+        assert live_deliverer.deliver(digest["id"]) == "sent"
+
+    waiting = redis_conn.lrange(f"rq:queue:{queues.CALLBACK_QUEUE}", 0, -1)
+    assert sorted(waiting) == sorted(queues.callback_job_id_for(i).encode() for i in (late, kept))
+    run_worker_until_idle(redis_conn)
+    assert [(call.json["id"], call.json["event"]) for call in receiver.calls] == [
+        (late, "notification.expired"), (kept, "notification.digested")]
 
 
 def test_a_digest_whose_every_item_expired_before_it_went_out_is_not_sent(
