@@ -37,6 +37,15 @@ def upgrade(db) -> int:
             # the transaction's, not the session's: a reconnect (the pool's, after a dropped
             # connection) cannot happen inside a transaction, so the work never runs without it.
             db.execute_sql("SELECT pg_advisory_xact_lock(%s)", (_LOCK_ID,))
+        if _up_to_date(db):
+            # Every process runs this at start, while others send: a schema already at this version
+            # gets no DDL. CREATE INDEX IF NOT EXISTS locks its table (SHARE) even when the index
+            # exists, until this transaction ends, and it locks notifications before
+            # notification_events, where a claim or a `sent` record in flight locks them the other
+            # way round: the two deadlocked, every write waited for PostgreSQL's deadlock_timeout,
+            # one of them was cancelled (a starting process died of it), and a worker killed
+            # meanwhile sent its email again.
+            return SCHEMA_VERSION
         # Columns first: an index a new version adds may be on a column it adds.
         _add_missing_columns(db)
         db.create_tables(MODELS, safe=True)  # and, on an existing table, the indexes it lacks
@@ -59,6 +68,14 @@ def upgrade(db) -> int:
                            SCHEMA_VERSION)
     logger.debug("schema at version %s", SCHEMA_VERSION)
     return SCHEMA_VERSION
+
+
+def _up_to_date(db) -> bool:
+    """Whether the schema is at SCHEMA_VERSION already (read without locking any table but its own)."""
+    if not db.table_exists(SchemaVersion._meta.table_name):
+        return False
+    row = SchemaVersion.select().first()
+    return row is not None and row.version == SCHEMA_VERSION
 
 
 def _items_follow_their_digests(db) -> None:
