@@ -15,7 +15,7 @@ from notifier.config import Settings
 from notifier.db import UNAVAILABLE_ERRORS, database
 from notifier.errors import DeliveryError, PermanentDeliveryError, TransientDeliveryError
 from notifier.mail import Mailer, OutgoingEmail, SendResult
-from notifier.models import DIGEST_TEMPLATE, Category, Notification, Status, utcnow
+from notifier.models import DIGEST_TEMPLATE, Category, Notification, Priority, Status, utcnow
 from notifier.rendering import RenderedEmail, Renderer, literal
 
 logger = logging.getLogger(__name__)
@@ -235,8 +235,12 @@ class Deliverer:
     def _make_way(self, rest: list[str], priority: str | None) -> bool:
         """If higher-priority work is waiting, put the rest of this shared job back at the front of its
         queue as a job of its own, so a worker takes the urgent job first; True when it did."""
-        if self.redis is None or priority is None:
+        if self.redis is None or priority is None or priority == Priority.HIGH:  # nothing above it
             return False
+        # The last email's `sent` record is held for the next claim's commit. Write it now: Redis may
+        # take up to its socket timeout to answer (frozen, failing over), and a worker that dies while
+        # it waits would leave an email the server took `sending`, to be recovered and sent again.
+        self._record_unrecorded()
         try:
             if not queues.waiting_above(self.redis, priority):
                 return False

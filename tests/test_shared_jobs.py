@@ -264,6 +264,26 @@ def test_postgresql_dropping_the_worker_mid_job_still_ends_the_job_well(chunked,
     assert queues.queue_for("default", redis_conn).failed_job_registry.count == 0
 
 
+def test_a_shared_job_records_each_sent_email_before_it_asks_redis_for_more_urgent_work(chunked, headers, redis_conn,
+                                                                                      smtp, monkeypatch):
+    # Redis may take up to its socket timeout to answer (frozen, failing over): a worker killed while
+    # it waits, with the last email's `sent` record still held for the next claim, sent it again.
+    _, client, _ = chunked
+    ids = _post(client, headers, _items(3, priority="low"))
+    queues.queue_for("low", redis_conn).empty()  # this test runs the shared job itself
+    smtp.delay = 0.02  # each send outlasts the 10 ms between looks at the higher queues
+    seen, ask = [], queues.waiting_above
+
+    def looking(connection, priority):
+        with database.connection_context():
+            seen.append(sorted(row.status for row in Notification.select().where(Notification.id.in_(ids))))
+        return ask(connection, priority)
+
+    monkeypatch.setattr(queues, "waiting_above", looking)
+    assert jobs.deliver_many(ids) == {"sent": 3}
+    assert seen == [["queued", "queued", "sent"], ["queued", "sent", "sent"]]
+
+
 def test_a_consent_re_read_that_fails_goes_on_with_what_is_held(chunked, headers, redis_conn, smtp, monkeypatch):
     _, client, deliverer = chunked
     deliverer.consent_max_age = 0
