@@ -72,6 +72,9 @@ def create_app(settings: Settings | None = None, *, redis=None) -> Flask:
     settings = settings or load_settings()
     configure_logging(settings)
     app = Flask(__name__)
+    # werkzeug answers a path with `//` in it by a 308 to the merged path, with an HTML body: outside
+    # the error envelope, and a second request for a path no client meant. It is a 404 like any other.
+    app.url_map.merge_slashes = False
     app.config.update(MAX_CONTENT_LENGTH=settings.max_body_bytes, NOTIFIER_SETTINGS=settings, JSON_SORT_KEYS=False)
     app.json.sort_keys = False
     if settings.proxy_hops:

@@ -149,6 +149,14 @@ def test_unknown_route_is_404_and_wrong_method_is_405(client, headers):
         assert response.headers["Allow"] == "POST"
 
 
+def test_a_path_with_a_double_slash_is_404_in_the_envelope_not_a_redirect(client, headers):
+    # werkzeug would answer 308 to the merged path, with an HTML body, and a POST would be made twice.
+    for path in ("/api//notifications", "/api/notifications//send", "//api/notifications/send"):
+        _assert_envelope(client.get(path, headers=headers), 404, "not_found")
+        _assert_envelope(client.post(path, json=LITERAL, headers=headers), 404, "not_found")
+    assert _count_rows() == (0, 0)
+
+
 def test_a_verification_url_over_2000_characters_is_422(client, headers):
     payload = {"to": "ann@example.com", "user_id": "u1",
                "verification_url": "https://app.example.com/verify?t=" + "a" * 2000}
