@@ -167,11 +167,7 @@ class Deliverer:
             return store.claim(current.id, known=current)
         self._unrecorded = None
         with logs.bound(notification_id=sent.id):  # its lines are the sent one's, not the next one's
-            try:
-                self._after_sent(sent, result, recorded)
-            except Exception:  # noqa: BLE001 - the next email is claimed now: nothing may stop its send
-                # Its callback, if any, is recorded as owed, and the reconciler queues it.
-                logger.warning("after sending notification %s", sent.id, exc_info=True)
+            self._after_held_sent(sent, result, recorded)
         return claimed
 
     def deliver_many(self, notification_ids: list[str]) -> dict[str, int]:
@@ -267,7 +263,15 @@ class Deliverer:
             sent, result = self._unrecorded
             self._unrecorded = None
             with logs.bound(notification_id=sent.id):
-                self._record_sent(sent, result)
+                self._after_held_sent(sent, result, self._write_sent(sent, result))
+
+    def _after_held_sent(self, sent: Notification, result: SendResult, recorded: bool) -> None:
+        """_after_sent() for a held `sent` record, once it is written: inside a shared job, whose other
+        emails it must not stop (the next one may be claimed already)."""
+        try:
+            self._after_sent(sent, result, recorded)
+        except Exception:  # noqa: BLE001 - its callback, if any, is recorded as owed: the reconciler queues it
+            logger.warning("after sending notification %s", sent.id, exc_info=True)
 
     def _carry_on(self, notification_id: str, exc: Exception) -> str:
         with database.connection_context():
@@ -341,6 +345,10 @@ class Deliverer:
                 "sent_at": utcnow(), "message_id": result.message_id, "last_error": None}
 
     def _record_sent(self, notification: Notification, result: SendResult) -> None:
+        self._after_sent(notification, result, self._write_sent(notification, result))
+
+    def _write_sent(self, notification: Notification, result: SendResult) -> bool:
+        """Write the `sent` record; whether this wrote it (False: the row had moved on meanwhile)."""
         # The server has the message now; losing this record would send it again after recovery.
         # So ride out a short database blip, and from its first failure keep a receipt in Redis:
         # however long the database stays away, what finds the notification still `sending` then
@@ -372,7 +380,7 @@ class Deliverer:
                                   "its sent receipt is kept in Redis")
         if kept:
             receipts.forget(self.redis, [notification.id])
-        self._after_sent(notification, result, recorded)
+        return recorded
 
     def _record_kept(self) -> None:
         """Record the receipts this process kept while the database was away (a job that runs finds

@@ -162,8 +162,13 @@ def test_a_worker_killed_inside_a_shared_job_loses_nothing_and_sends_each_at_mos
     assert received == sorted(f"user{n}@example.com" for n in range(10))
 
 
+@pytest.mark.parametrize("make_way_check", [3600.0, 0.0],
+                         ids=["written-with-the-next-claim", "written-before-make-way"])
 def test_a_failure_after_one_is_recorded_never_strands_the_next_claimed_one(chunked, headers, redis_conn, smtp,
-                                                                          monkeypatch):
+                                                                          monkeypatch, make_way_check):
+    # The held `sent` record is written with the next claim, or alone before the job asks Redis
+    # whether to make way (every MAKE_WAY_CHECK_SECONDS): either way what follows it must go on.
+    monkeypatch.setattr(jobs, "MAKE_WAY_CHECK_SECONDS", make_way_check)
     _, client, deliverer = chunked
     ids = _post(client, headers, _items(3, callback_url="http://127.0.0.1:9/hook"))
     real, calls = deliverer.after_final, []
