@@ -59,6 +59,10 @@ class RedactingFilter(logging.Filter):
     """Formats each record's message once, redacted; RQ's terminal colours go too."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == "peewee" and isinstance(record.msg, tuple) and record.msg:
+            # peewee logs each statement at DEBUG as (sql, params): the params are what was written,
+            # bodies and template data among them. The statement alone says what ran.
+            record.msg, record.args = str(record.msg[0]), None
         try:
             message = record.getMessage()
         except Exception:  # noqa: BLE001 - a bad format string must not break the caller; log what we have

@@ -206,3 +206,20 @@ def test_jobs_queued_while_serving_a_request_carry_its_id(sqlite_settings, sqlit
     # request's id does not stay on the new job.
     queues.dispatch_many(redis, sqlite_settings, [now_one])
     assert meta(queues.job_id_for(now_one.id)) == {"request_id": None}
+
+
+def test_sql_at_debug_shows_the_statement_never_its_values(sqlite_settings, sqlite_db, capsys):
+    # peewee logs every statement with its parameters at DEBUG: a digest's data (its items' subjects
+    # and texts), a history line's SMTP reply, anything a statement writes.
+    owner = keys.create("sql-debug")[0]
+    notification = make_notification(owner)
+    logs.configure("DEBUG", "json")
+    try:
+        Notification.update(data={"items": [{"text": "ZQ-BODY-TEXT"}]}).where(
+            Notification.seq == notification.seq).execute()
+    finally:
+        logs.configure("INFO", "json")
+    lines = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line.startswith("{")]
+    sql = [line for line in lines if line["logger"] == "peewee"]
+    assert sql and 'UPDATE "notifications"' in sql[0]["message"]
+    assert not any("ZQ-BODY-TEXT" in json.dumps(line) for line in lines)
