@@ -39,6 +39,8 @@ def bound(**ids: str | None) -> Iterator[None]:
 _ADDRESS = re.compile(r"[A-Za-z0-9.!#$&'*+?^_`{|}~-]+(?:@|%40)[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*")
 _API_KEY = re.compile(r"\b(nfy_[0-9a-f]+_)[A-Za-z0-9_-]+")
 _SECRET = re.compile(r"\b(whsec_)[A-Za-z0-9_-]+")
+# An unsubscribe link's token is the credential that unsubscribes (notifier.unsubscribe).
+_UNSUBSCRIBE_TOKEN = re.compile(r"(/unsubscribe/)[A-Za-z0-9._~%+=-]+")
 _URL_PASSWORD = re.compile(r"(\b[a-z][a-z0-9+.-]*://[^:/@\s]*:)[^@\s/]+@", re.IGNORECASE)
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
@@ -48,8 +50,9 @@ def _mask(match: re.Match) -> str:
 
 
 def redact(text: str) -> str:
-    """text with passwords in URLs, API keys, callback secrets and email addresses masked."""
+    """text with passwords in URLs, unsubscribe tokens, API keys, callback secrets and email addresses masked."""
     text = _URL_PASSWORD.sub(r"\1***@", text)
+    text = _UNSUBSCRIBE_TOKEN.sub(r"\1<token>", text)
     text = _API_KEY.sub(r"\1[redacted]", text)
     text = _SECRET.sub(r"\1[redacted]", text)
     return _ADDRESS.sub(_mask, text)

@@ -223,3 +223,22 @@ def test_sql_at_debug_shows_the_statement_never_its_values(sqlite_settings, sqli
     sql = [line for line in lines if line["logger"] == "peewee"]
     assert sql and 'UPDATE "notifications"' in sql[0]["message"]
     assert not any("ZQ-BODY-TEXT" in json.dumps(line) for line in lines)
+
+
+def test_an_unsubscribe_token_is_never_logged_whatever_the_route_made_of_it(sqlite_settings, sqlite_db, capsys):
+    # The access line names a matched route by its pattern; a method the route does not take (405)
+    # matches none, and gunicorn's own lines (its DEBUG request line, a malformed request line) know
+    # no routes at all.
+    token = "eyJrIjoxLCJ1IjoiWlEtVVNFUiJ9.ZQ-SIGNATURE"
+    app = create_app(sqlite_settings, redis=fakeredis.FakeRedis())
+    client = app.test_client()
+    assert client.delete(f"/unsubscribe/{token}").status_code == 405
+    assert client.get(f"/unsubscribe/{token}/more").status_code == 404
+    logging.getLogger("gunicorn.error").warning(
+        "Invalid request from ip=127.0.0.1: Invalid HTTP request line: 'GET /unsubscribe/%s\\x01 HTTP/1.1'", token)
+    logging.getLogger("gunicorn.error").info("GET https://notify.example/unsubscribe/%s?x=1", token)
+    err = capsys.readouterr().err
+    assert "ZQ-SIGNATURE" not in err and "eyJrIjoxLCJ1" not in err
+    paths = [json.loads(line).get("path") for line in err.splitlines() if '"notifier.api.access"' in line]
+    assert paths == ["/unsubscribe/<token>", "/unsubscribe/<token>/more"]
+    assert "/unsubscribe/<token>\\\\x01 HTTP/1.1" in err and "/unsubscribe/<token>?x=1" in err
