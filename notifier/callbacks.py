@@ -18,6 +18,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
+from urllib.parse import urlsplit, urlunsplit
 
 from notifier.db import UNAVAILABLE_ERRORS, discard_connection, is_postgres
 from notifier.models import Notification
@@ -94,13 +95,23 @@ def post(url: str, body: bytes, secret: str, event_id: str, timeout: float) -> i
         if exc.code == 429 or exc.code >= 500:
             raise CallbackRetry(f"HTTP {exc.code}") from exc
         if 300 <= exc.code < 400:
-            raise CallbackRejected(f"HTTP {exc.code} to {exc.headers.get('Location')!r}: callbacks do not follow "
-                                   "redirects; give the final URL") from exc
+            where = _where(exc.headers.get("Location"))
+            raise CallbackRejected(f"HTTP {exc.code} to {where!r}: callbacks do not follow redirects; "
+                                   "give the final URL") from exc
         raise CallbackRejected(f"HTTP {exc.code}") from exc
     except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
         # Unreachable, slow, or not speaking HTTP (a bad status line, a dropped or truncated answer):
         # retried, and given up after the last attempt like any other failure.
         raise CallbackRetry(f"{type(exc).__name__}: {getattr(exc, 'reason', exc)}") from exc
+
+
+def _where(location: str | None) -> str | None:
+    """A redirect's target as an error names it (in the history, and in the worker's log): without the
+    credentials, query or fragment it may carry, such as the callback URL's own token again."""
+    if location is None:
+        return None
+    parts = urlsplit(location)
+    return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
 
 
 # Status callbacks being posted hold PostgreSQL advisory locks (this class, the notification's seq in

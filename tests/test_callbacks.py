@@ -382,6 +382,17 @@ def test_a_redirect_is_not_followed_and_gives_up_saying_so():
     assert [request.split(b" ", 2)[:2] for request in seen] == [[b"POST", b"/hooks"]]  # no GET of the target
 
 
+def test_a_redirect_is_named_without_the_credentials_or_query_it_carries():
+    # The reason goes to the history, and to the worker's log through RQ's line for the failed job:
+    # an http-to-https redirect repeats the callback URL's token, and a Location may hold a password.
+    url, _, _ = _serve_once(b"HTTP/1.1 301 Moved\r\nLocation: https://hookuser:ZQ-PASS@hooks.example/cb?token=ZQ-TOKEN"
+                            b"#ZQ-FRAGMENT\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+    with pytest.raises(callbacks.CallbackRejected) as refused:
+        callbacks.post(url, b"{}", "secret", "n:sent", timeout=5)
+    assert "'https://hooks.example/cb'" in str(refused.value)
+    assert "ZQ" not in str(refused.value) and "hookuser" not in str(refused.value)
+
+
 def test_a_callback_job_past_the_last_attempt_gives_up_without_posting(api_key, fast_settings, live_deliverer,
                                                                       receiver, redis_conn):
     notification = make_notification(api_key[0], Status.SENT, callback_url=receiver.url, callback_status="pending",
