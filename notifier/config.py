@@ -220,12 +220,23 @@ def _database_url(raw: str) -> str:
     scheme = urlparse(raw).scheme
     if scheme not in ("sqlite", "postgres", "postgresql"):
         raise ConfigError("DATABASE_URL", f"must start with sqlite:// or postgresql://, got scheme {scheme!r}")
-    return raw
+    return _readable_port("DATABASE_URL", raw)
 
 
 def _redis_url(raw: str) -> str:
     if urlparse(raw).scheme not in ("redis", "rediss", "unix"):
         raise ConfigError("REDIS_URL", "must start with redis://, rediss:// or unix://")
+    return _readable_port("REDIS_URL", raw)
+
+
+def _readable_port(name: str, raw: str) -> str:
+    # An unescaped "/", "#" or "?" in the password ends the host part early, and what came before it
+    # is read as the port: the client's ValueError then quoted the password at start. Never quote it.
+    try:
+        _ = urlparse(raw).port
+    except ValueError:
+        raise ConfigError(name, "has a port that is not a number; percent-encode any / # ? @ or : in its "
+                                "user name and password") from None
     return raw
 
 

@@ -175,6 +175,17 @@ def test_bad_redis_url_scheme_names_redis_url(raw):
     assert config_error({"REDIS_URL": raw}).setting == "REDIS_URL"
 
 
+@pytest.mark.parametrize("name", ["DATABASE_URL", "REDIS_URL"])
+@pytest.mark.parametrize("password", ["ZQ/pass", "ZQ#pass", "ZQ?pass"])
+def test_a_url_whose_password_breaks_its_port_is_refused_without_quoting_it(name, password):
+    # Unescaped, "/", "#" or "?" end the host part early and the password's start is read as the
+    # port: the database or Redis client then raised a ValueError quoting it, at start, in the log.
+    scheme = "postgresql" if name == "DATABASE_URL" else "redis"
+    error = config_error({name: f"{scheme}://notifier:{password}@db:5432/0"})
+    assert error.setting == name
+    assert "ZQ" not in str(error) and "percent-encode" in str(error)
+
+
 @pytest.mark.parametrize(
     "raw",
     [
