@@ -135,8 +135,9 @@ class NotifierWorker(SimpleWorker):
             logger.warning("RQ scheduler not started again: %s", type(exc).__name__)
 
     def execute_job(self, job, queue):
-        # Every line logged while the job runs (RQ's own included) names the request it came from.
-        with logs.bound(request_id=(job.meta or {}).get(REQUEST_ID_META)):
+        # Every line logged while the job runs (RQ's own included) names the request it came from, and
+        # masks the recipients the job reads (notifier.jobs), in whatever form a mail server echoed them.
+        with logs.bound(request_id=(job.meta or {}).get(REQUEST_ID_META)), logs.concealing():
             return super().execute_job(job, queue)
 
     def request_stop(self, signum, frame):

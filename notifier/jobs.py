@@ -81,6 +81,8 @@ class Deliverer:
             return self._deliver(notification_id, current, lookup)
 
     def _deliver(self, notification_id: str, current: Notification | None, lookup: consent.Lookup) -> str:
+        if current is not None:
+            logs.conceal_recipient(current.to)  # a refusal may echo it in a form the log filter cannot tell
         if current is None or current.status not in (Status.QUEUED, Status.RETRYING):
             self._record_unrecorded()
             # Still `sending` when a job for it comes (the retry of one that could not record its

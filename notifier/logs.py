@@ -35,6 +35,61 @@ def bound(**ids: str | None) -> Iterator[None]:
 
 # --- redaction -------------------------------------------------------------------------------------
 
+# A local part this short is masked only within its whole address: alone it matches ordinary words.
+_SHORTEST_CONCEALED_LOCAL_PART = 3
+
+
+class _Concealed:
+    """The recipients of the job running now, each masked in every form a mail server may echo it:
+    the address with characters the address pattern stops at ("=", "/"), or the mailbox alone, in any
+    case."""
+
+    def __init__(self):
+        self.masks: dict[str, str] = {}
+        self._pattern: re.Pattern | None = None
+
+    def add(self, address: str) -> None:
+        local = address.rpartition("@")[0]
+        forms = {address: mask_address(address)}
+        if len(local) >= _SHORTEST_CONCEALED_LOCAL_PART:
+            forms[local] = f"{local[:1]}***"
+        for form, mask in forms.items():
+            if form.lower() not in self.masks:
+                self.masks[form.lower()] = mask
+                self._pattern = None
+
+    def sub(self, text: str) -> str:
+        lowered = text.lower()
+        if not any(form in lowered for form in self.masks):  # most lines: a shared job's 25 addresses stay cheap
+            return text
+        if self._pattern is None:
+            forms = "|".join(re.escape(form) for form in sorted(self.masks, key=len, reverse=True))
+            self._pattern = re.compile(rf"(?<![A-Za-z0-9])(?:{forms})(?![A-Za-z0-9])", re.IGNORECASE)
+        return self._pattern.sub(lambda match: self.masks[match.group().lower()], text)
+
+
+_concealed: contextvars.ContextVar[_Concealed | None] = contextvars.ContextVar("concealed", default=None)
+
+
+@contextmanager
+def concealing() -> Iterator[None]:
+    """Within the block, every address given to conceal_recipient() is masked in every line, in any form.
+
+    The worker opens one around each job, RQ's own line about the job's failure included."""
+    token = _concealed.set(_Concealed())
+    try:
+        yield
+    finally:
+        _concealed.reset(token)
+
+
+def conceal_recipient(address: str | None) -> None:
+    """Mask address, and its mailbox alone, in every line until the concealing() block ends (none: no-op)."""
+    concealed = _concealed.get()
+    if concealed is not None and address and "@" in address:
+        concealed.add(address)
+
+
 # Local parts may hold more than this, but "/" and "=" would swallow a path or a "to=" in front.
 _ADDRESS = re.compile(r"[A-Za-z0-9.!#$&'*+?^_`{|}~-]+(?:@|%40)[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*")
 _API_KEY = re.compile(r"\b(nfy_[0-9a-f]+_)[A-Za-z0-9_-]+")
@@ -51,6 +106,9 @@ def _mask(match: re.Match) -> str:
 
 def redact(text: str) -> str:
     """text with passwords in URLs, unsubscribe tokens, API keys, callback secrets and email addresses masked."""
+    concealed = _concealed.get()
+    if concealed is not None:
+        text = concealed.sub(text)
     text = _URL_PASSWORD.sub(r"\1***@", text)
     text = _UNSUBSCRIBE_TOKEN.sub(r"\1<token>", text)
     text = _API_KEY.sub(r"\1[redacted]", text)

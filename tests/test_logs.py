@@ -242,3 +242,29 @@ def test_an_unsubscribe_token_is_never_logged_whatever_the_route_made_of_it(sqli
     paths = [json.loads(line).get("path") for line in err.splitlines() if '"notifier.api.access"' in line]
     assert paths == ["/unsubscribe/<token>", "/unsubscribe/<token>/more"]
     assert "/unsubscribe/<token>\\\\x01 HTTP/1.1" in err and "/unsubscribe/<token>?x=1" in err
+
+
+@pytest.mark.integration
+def test_a_recipient_echoed_by_the_mail_server_is_masked_in_every_form(client, headers, pg_settings, redis_conn,
+                                                                         smtp, capsys):
+    # A refusal may quote the address with characters the address pattern stops at ("=", "/"), or
+    # the mailbox alone, in any case. The worker's line and RQ's line for the failed job both hold it.
+    from tests.helpers import installed_deliverer, run_worker_until_idle
+
+    smtp.rcpt_replies.extend(["550 5.1.1 <grace=hopper/navy@example.com>: no such user grace=hopper/navy",
+                              "550 5.1.1 mailbox ADA.LOVELACE does not exist"])
+    for to in ("grace=hopper/navy@example.com", "ada.lovelace@example.com"):
+        response = client.post("/api/notifications/send", headers=headers,
+                               json={"to": to, "subject": "Hello", "text": "Hi"})
+        assert response.status_code == 202
+    capsys.readouterr()
+    with installed_deliverer(pg_settings, redis_conn):
+        run_worker_until_idle(redis_conn)
+    # aiosmtpd, the test's mail server, logs in this process too ("mail.log"): notifier's lines only.
+    lines = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line.startswith("{")]
+    lines = [line for line in lines if line["logger"] != "mail.log"]
+    failed = [line["message"] for line in lines if line["logger"] == "notifier.jobs" and "failed" in line["message"]]
+    assert len(failed) == 2 and "g***@example.com" in failed[0] and "mailbox a*** does not exist" in failed[1]
+    assert any(line["logger"] == "rq.worker" and "SMTPRecipientsRefused" in line["message"] for line in lines)
+    text = json.dumps(lines).lower()
+    assert "hopper" not in text and "lovelace" not in text
