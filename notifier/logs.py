@@ -90,8 +90,9 @@ def conceal_recipient(address: str | None) -> None:
         concealed.add(address)
 
 
-# Local parts may hold more than this, but "/" and "=" would swallow a path or a "to=" in front.
-_ADDRESS = re.compile(r"[A-Za-z0-9.!#$&'*+?^_`{|}~-]+(?:@|%40)[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*")
+# Local parts may hold more than this, but "/" would swallow the path in front. "=" is in: forwarding
+# and bounce addresses (SRS, VERP) hold another address before it; a "to=" in front goes with the rest.
+_ADDRESS = re.compile(r"[A-Za-z0-9.!#$&'*+=?^_`{|}~-]+(?:@|%40)[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*")
 _API_KEY = re.compile(r"\b(nfy_[0-9a-f]+_)[A-Za-z0-9_-]+")
 _SECRET = re.compile(r"\b(whsec_)[A-Za-z0-9_-]+")
 # An unsubscribe link's token is the credential that unsubscribes (notifier.unsubscribe).

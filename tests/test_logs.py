@@ -268,3 +268,18 @@ def test_a_recipient_echoed_by_the_mail_server_is_masked_in_every_form(client, h
     assert any(line["logger"] == "rq.worker" and "SMTPRecipientsRefused" in line["message"] for line in lines)
     text = json.dumps(lines).lower()
     assert "hopper" not in text and "lovelace" not in text
+
+
+def test_an_address_with_an_equals_sign_is_masked_whole(sqlite_settings, sqlite_db, capsys):
+    # "=" is common in the local part of forwarding and bounce addresses (SRS, VERP), which hold
+    # another address: masked from the "=" on, the line kept the part before it.
+    app = create_app(sqlite_settings, redis=fakeredis.FakeRedis())
+    key = keys.create("equals")[1]
+    response = app.test_client().delete("/api/suppressions/list-bounces+grace=navy.mil@example.com",
+                                        headers={"X-API-Key": key})
+    assert response.status_code in (204, 404)
+    logging.getLogger("notifier.jobs").warning("refused: %s", "ada=lovelace@example.com")
+    err = capsys.readouterr().err
+    assert "grace" not in err and "lovelace" not in err
+    access = [json.loads(line) for line in err.splitlines() if '"notifier.api.access"' in line]
+    assert access[0]["path"] == "/api/suppressions/l***@example.com"
