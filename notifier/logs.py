@@ -98,6 +98,9 @@ _SECRET = re.compile(r"\b(whsec_)[A-Za-z0-9_-]+")
 # An unsubscribe link's token is the credential that unsubscribes (notifier.unsubscribe).
 _UNSUBSCRIBE_TOKEN = re.compile(r"(/unsubscribe/)[A-Za-z0-9._~%+=-]+")
 _URL_PASSWORD = re.compile(r"(\b[a-z][a-z0-9+.-]*://[^:/@\s]*:)[^@\s/]+@", re.IGNORECASE)
+# PostgreSQL's DETAIL line quotes values: a NOT NULL violation the whole row (body and template data
+# included), a unique or foreign key violation the key. The error's first line names the constraint.
+_PG_DETAIL_VALUES = re.compile(r"^(DETAIL:\s+(?:Failing row contains |Key \(.*?\)=)).*$", re.MULTILINE)
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
@@ -110,6 +113,7 @@ def redact(text: str) -> str:
     concealed = _concealed.get()
     if concealed is not None:
         text = concealed.sub(text)
+    text = _PG_DETAIL_VALUES.sub("\\1(…)", text)
     text = _URL_PASSWORD.sub(r"\1***@", text)
     text = _UNSUBSCRIBE_TOKEN.sub(r"\1<token>", text)
     text = _API_KEY.sub(r"\1[redacted]", text)

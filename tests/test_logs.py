@@ -11,6 +11,7 @@ from datetime import timedelta
 
 import fakeredis
 import pytest
+from peewee import IntegrityError
 from rq.job import Job
 
 from app import create_app
@@ -283,3 +284,29 @@ def test_an_address_with_an_equals_sign_is_masked_whole(sqlite_settings, sqlite_
     assert "grace" not in err and "lovelace" not in err
     access = [json.loads(line) for line in err.splitlines() if '"notifier.api.access"' in line]
     assert access[0]["path"] == "/api/suppressions/l***@example.com"
+
+
+@pytest.mark.integration
+def test_a_database_error_shows_which_constraint_not_the_row(pg_db, captured):
+    # PostgreSQL's DETAIL quotes the values: a NOT NULL violation the whole row, body and template
+    # data included (an older release writing to a newer schema), a unique violation the key.
+    owner = keys.create("detail")[0]
+    with pytest.raises(IntegrityError) as refused, pg_db.atomic():
+        pg_db.execute_sql('INSERT INTO notifications (id, api_key_id, "to", subject, text, data, priority, '
+                          "attempts, callback_attempts, created_at, updated_at) VALUES "
+                          "('n-1', %s, 'ada.lovelace@example.com', 'ZQ-SUBJECT', 'ZQ-BODY', '{\"code\": \"ZQ-CODE\"}', "
+                          "'default', 0, 0, now(), now())", [owner.id])
+    with pytest.raises(IntegrityError) as duplicate, pg_db.atomic():
+        pg_db.execute_sql("INSERT INTO api_keys (name, prefix, key_hash, callback_secret, created_at) "
+                          "VALUES (%s, 'ZQ-PREFIX', 'h', 's', now())", [owner.name])
+    for error in (refused.value, duplicate.value):
+        try:
+            raise RuntimeError("unhandled") from error
+        except RuntimeError:
+            logging.getLogger("notifier.api").exception("unhandled error")
+
+    first, second = (json.loads(line) for line in captured())
+    assert "violates not-null constraint" in first["exc_info"] and "Failing row contains (…)" in first["exc_info"]
+    assert 'violates unique constraint "apikey_name"' in second["exc_info"]
+    assert "Key (name)=(…)" in second["exc_info"]
+    assert "ZQ" not in first["exc_info"] + second["exc_info"] and "detail)" not in second["exc_info"]
