@@ -9,6 +9,7 @@ A receiver recomputes v1 over the raw body and rejects the call when it differs 
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import http.client
@@ -18,7 +19,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from notifier.db import UNAVAILABLE_ERRORS, discard_connection, is_postgres
 from notifier.models import Notification
@@ -83,7 +84,10 @@ _OPENER = urllib.request.build_opener(_NoRedirects)
 
 def post(url: str, body: bytes, secret: str, event_id: str, timeout: float) -> int:
     """POST the event; return the HTTP status, or raise CallbackRetry / CallbackRejected."""
+    url, authorization = _credentials_apart(url)
     request = urllib.request.Request(url, data=body, method="POST")
+    if authorization is not None:
+        request.add_header("Authorization", authorization)
     request.add_header("Content-Type", "application/json")
     request.add_header("User-Agent", "notifier-callbacks/1")
     request.add_header(EVENT_ID_HEADER, event_id)
@@ -103,6 +107,19 @@ def post(url: str, body: bytes, secret: str, event_id: str, timeout: float) -> i
         # Unreachable, slow, or not speaking HTTP (a bad status line, a dropped or truncated answer):
         # retried, and given up after the last attempt like any other failure.
         raise CallbackRetry(f"{type(exc).__name__}: {getattr(exc, 'reason', exc)}") from exc
+
+
+def _credentials_apart(url: str) -> tuple[str, str | None]:
+    """url without its user:password@, and the basic-auth header they stand for. urllib does not send
+    them: it takes them for part of the host (the password for the port) and quoted them in its error,
+    in the history and the worker's log."""
+    parts = urlsplit(url)
+    userinfo, at, host = parts.netloc.rpartition("@")
+    if not at:
+        return url, None
+    user, _, password = userinfo.partition(":")
+    token = base64.b64encode(f"{unquote(user)}:{unquote(password)}".encode()).decode()
+    return urlunsplit(parts._replace(netloc=host)), f"Basic {token}"
 
 
 def _where(location: str | None) -> str | None:

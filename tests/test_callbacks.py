@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import socket
 import threading
 import time
@@ -391,6 +392,19 @@ def test_a_redirect_is_named_without_the_credentials_or_query_it_carries():
         callbacks.post(url, b"{}", "secret", "n:sent", timeout=5)
     assert "'https://hooks.example/cb'" in str(refused.value)
     assert "ZQ" not in str(refused.value) and "hookuser" not in str(refused.value)
+
+
+def test_credentials_in_a_callback_url_are_sent_as_basic_auth_and_never_quoted(receiver):
+    # urllib takes user:password@ for part of the host and what follows the ":" for the port: every
+    # attempt failed with an InvalidURL error quoting the password, in the history and the worker's log.
+    url = receiver.url.replace("http://", "http://hook%40svc:ZQ(pass),word@")
+    receiver.codes.append(500)
+    with pytest.raises(callbacks.CallbackRetry) as retried:
+        callbacks.post(url, b"{}", "secret", "n:sent", timeout=5)
+    assert str(retried.value) == "HTTP 500"
+    assert callbacks.post(url, b"{}", "secret", "n:sent", timeout=5) == 200
+    expected = "Basic " + base64.b64encode(b"hook@svc:ZQ(pass),word").decode()
+    assert [call.headers.get("Authorization") for call in receiver.calls] == [expected, expected]
 
 
 def test_a_callback_job_past_the_last_attempt_gives_up_without_posting(api_key, fast_settings, live_deliverer,
