@@ -66,6 +66,8 @@ class Deliverer:
         # the next claim (one commit instead of two; see deliver_many).
         self._unrecorded: tuple[Notification, SendResult] | None = None
         self._hold_records = False
+        # Inside a shared job: its id, which each claim records (store.claim).
+        self._shared_job_id: str | None = None
         # Notifications this process sent while the database was away, with a receipt kept for each
         # (see notifier.receipts): its next job records them once the database answers again.
         self._kept: dict[str, Notification] = {}
@@ -155,18 +157,18 @@ class Deliverer:
         Each write is exactly what it would be alone, so this changes no guarantee: the email went out
         before either, and the next one goes out after both are committed."""
         if self._unrecorded is None:
-            return store.claim(current.id, known=current)
+            return store.claim(current.id, known=current, job_id=self._shared_job_id)
         sent, result = self._unrecorded
         try:
             with database.atomic():
                 recorded = store.transition(sent.id, Status.SENT, sources=(Status.SENDING,),
                                             known=sent, **self._sent_fields(result))
-                claimed = store.claim(current.id, known=current)
+                claimed = store.claim(current.id, known=current, job_id=self._shared_job_id)
         except UNAVAILABLE_ERRORS:
             # Neither was written: the held record takes the careful way (it waits out a short outage).
             database.close()
             self._record_unrecorded()
-            return store.claim(current.id, known=current)
+            return store.claim(current.id, known=current, job_id=self._shared_job_id)
         self._unrecorded = None
         with logs.bound(notification_id=sent.id):  # its lines are the sent one's, not the next one's
             self._after_held_sent(sent, result, recorded)
@@ -191,6 +193,8 @@ class Deliverer:
             if own_counts:
                 self._counts = metrics.Deferred(self.redis)
             self._hold_records = True
+            job = get_current_job()
+            self._shared_job_id = job.id if job is not None else None
             priority = next((r.priority for r in rows.values()), None)
             checked = time.monotonic()
             try:
@@ -221,7 +225,7 @@ class Deliverer:
                     except Exception as exc:  # noqa: BLE001 - _deliver() recorded it; where it goes next is read back
                         outcomes[self._carry_on(notification_id, exc)] += 1
             finally:
-                self._hold_records = False
+                self._hold_records, self._shared_job_id = False, None
                 try:
                     self._record_unrecorded()
                 finally:

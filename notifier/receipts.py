@@ -82,7 +82,16 @@ def find(redis: Redis, notification_ids: list[str]) -> dict[str, Receipt]:
     RedisError: a caller that cannot tell whether an email went out must not act as if it had not."""
     if not notification_ids:
         return {}
-    values = redis.mget([_key(i) for i in notification_ids])
+    return parsed(notification_ids, redis.mget(keys(notification_ids)))
+
+
+def keys(notification_ids: list[str]) -> list[str]:
+    """The Redis keys of these notifications' receipts, for a caller that reads them in its own pipeline."""
+    return [_key(i) for i in notification_ids]
+
+
+def parsed(notification_ids: list[str], values: list[bytes | None]) -> dict[str, Receipt]:
+    """The receipts among values, as MGET of keys(notification_ids) answered, by notification id."""
     found = {i: _parsed(i, v) for i, v in zip(notification_ids, values, strict=True) if v is not None}
     return {i: r for i, r in found.items() if r is not None}
 

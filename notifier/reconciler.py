@@ -6,8 +6,9 @@ Each pass, in pages of BATCH rows (at most MAX_PAGES a step):
   2. releases delayed notifications whose send time passed but whose release job never ran;
   3. recovers notifications stuck in `sending` past SENDING_TIMEOUT. One whose worker kept a sent
      receipt in Redis (the server took the email while the database was away) is recorded `sent`.
-     Any other lost its worker mid-send and goes out again: the one case where a message may go out
-     twice, so each one is recorded and counted;
+     One whose job a live worker is still running is left to it: the send is only slow (RQ's job
+     timeout bounds it). Any other lost its worker mid-send and goes out again: the one case where a
+     message may go out twice, so each one is recorded and counted;
   4. re-enqueues `queued` (a priority at a time, most urgent first) and `retrying` notifications
      whose job is gone from Redis (flushed, restarted empty, lost between BLPOP and a crash, or
      failed by RQ as abandoned);
@@ -26,7 +27,10 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
 
 from redis import Redis
-from rq.utils import utcparse
+from rq import Worker
+from rq.executions import WORKER_EXECUTIONS_KEY_TEMPLATE
+from rq.job import Job, JobStatus
+from rq.utils import parse_composite_key, utcparse
 
 from notifier import metrics, queues, receipts, store
 from notifier.config import Settings
@@ -129,13 +133,19 @@ def _recover(redis: Redis, settings: Settings, stuck_before: datetime, report: R
              stop_at: float) -> None:
     sending = Notification.status == Status.SENDING.value
     for rows in _pages(sending, Notification.updated_at <= stuck_before, stop_at=stop_at):
-        # One round trip for the page. Without Redis this raises and the pass stops: recovering a row
-        # whose receipt could not be read would send again an email known to have gone out.
-        kept = receipts.find(redis, [row.id for row in rows])
+        # Without Redis this raises and the pass stops: recovering a row whose receipt could not be
+        # read would send again an email known to have gone out, and one whose job could not be read
+        # may still be going out.
+        kept, running = _receipts_and_running_jobs(redis, rows)
         for row in rows:
             if row.id in kept:
                 if receipts.record(redis, settings, row, kept[row.id], redis):
                     report.recorded_late += 1
+                continue
+            if queues.job_id_of(row) in running:
+                # Its worker is alive and still in the job that claimed it: the server is slow to answer,
+                # or the `sent` record waits for the database. Taking it back would send it twice.
+                logger.info("notification %s sending past SENDING_TIMEOUT; its worker is still at it", row.id)
                 continue
             if row.attempts < settings.max_attempts:
                 moved = store.transition(row.id, Status.RETRYING, reason=RECOVERED_REASON, sources=(Status.SENDING,),
@@ -151,6 +161,50 @@ def _recover(redis: Redis, settings: Settings, stuck_before: datetime, report: R
             if moved:
                 logger.warning("notification %s recovered from a lost worker (possible duplicate)", row.id)
                 report.recovered += 1
+
+
+def _receipts_and_running_jobs(redis: Redis, rows: list[Notification]) -> tuple[dict[str, receipts.Receipt],
+                                                                                 set[str]]:
+    """The sent receipts kept for rows, and the ids of their jobs (queues.job_id_of) that a live
+    worker is running now. One round trip for the page, and one more when any of its jobs has
+    started, for the workers that started them. Raises RedisError."""
+    ids = [row.id for row in rows]
+    job_ids = list(dict.fromkeys(queues.job_id_of(row) for row in rows))  # a shared job once
+    with redis.pipeline(transaction=False) as pipe:
+        pipe.mget(receipts.keys(ids))
+        for job_id in job_ids:
+            pipe.hmget(Job.key_for(job_id), "status", "worker_name")
+        values, *jobs = pipe.execute()
+    started = {job_id: worker.decode() for job_id, (status, worker) in zip(job_ids, jobs, strict=True)
+               if status == JobStatus.STARTED.encode() and worker}
+    return receipts.parsed(ids, values), _running(redis, started)
+
+
+def _running(redis: Redis, started: dict[str, str]) -> set[str]:
+    """Of the started jobs (job id: the worker that started it), those whose worker is alive and
+    still running them, read in one round trip.
+
+    Alive as RQ tells it (Worker.register_birth): the worker's key is there and holds no `death`. A
+    worker's heartbeat keeps the key, as long as the job it starts may run (JOB_TIMEOUT, per email
+    for a shared job) and 60 s more, and a worker that stops registers its death. One killed
+    outright says nothing: its key stays until that TTL runs out, and the notification it was
+    sending is recovered then, no sooner than a live worker could still be sending it. (RQ's own
+    maintenance calls the job abandoned at about that time, its started-registry entry having the
+    same TTL, and fails or retries it: either way no longer `started`.) Running: the job is among
+    the worker's executions, which RQ adds as the job starts and takes out as it ends."""
+    if not started:
+        return set()
+    workers = sorted(set(started.values()))
+    with redis.pipeline(transaction=False) as pipe:
+        for name in workers:
+            pipe.hmget(f"{Worker.redis_worker_namespace_prefix}{name}", "last_heartbeat", "death")
+            pipe.smembers(WORKER_EXECUTIONS_KEY_TEMPLATE.format(name))
+        replies = pipe.execute()
+    running: set[tuple[str, str]] = set()
+    for name, (heartbeat, death), executions in zip(workers, replies[::2], replies[1::2], strict=True):
+        if heartbeat is not None and death is None:
+            running |= {(parse_composite_key(member.decode())[0], name) for member in executions}
+    return {job_id for job_id, name in started.items() if (job_id, name) in running}
 
 
 def _missing_jobs(redis: Redis, job_ids: list[str], queue_names: list[str],

@@ -342,8 +342,10 @@ def _compare_and_set(db, seq: int, expected_status: str, assignments: dict, even
     return db.execute_sql(sql, [*params, seq, str(expected_status), *(event or ())]).rowcount == 1
 
 
-def claim(public_id: str, known: Notification | None = None) -> bool:
-    """Take a queued or retrying notification for sending and count the attempt."""
+def claim(public_id: str, known: Notification | None = None, job_id: str | None = None) -> bool:
+    """Take a queued or retrying notification for sending and count the attempt. job_id: the batch's
+    shared job that claims it (None: its own job), kept with the claim so that the reconciler asks
+    Redis about the job that is sending it (queues.job_id_of), not one it was handed to meanwhile."""
     return transition(
         public_id,
         Status.SENDING,
@@ -351,4 +353,5 @@ def claim(public_id: str, known: Notification | None = None) -> bool:
         sources=(Status.QUEUED, Status.RETRYING),
         attempts=INCREMENT,
         known=known,
+        job_id=job_id,
     )

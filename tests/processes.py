@@ -139,6 +139,17 @@ class Stack:
                           interval=0.05)
 
 
+def expire_killed_worker(redis, pid: int) -> None:
+    """What the TTL on the RQ key of a worker killed outright does later, once the job it was running
+    could have ended (the job's timeout plus 60 s: minutes here): the worker no longer counts as alive,
+    so the reconciler may recover the notification it was sending."""
+    from rq import Worker
+
+    keys = [worker.key for worker in Worker.all(connection=redis) if worker.pid == pid]
+    assert keys, f"no RQ worker of pid {pid}"
+    redis.delete(*keys)
+
+
 def http(method: str, url: str, body: bytes | None = None, headers: dict | None = None) -> tuple[int, dict, str]:
     """A plain HTTP request as a browser or a mail client sends it: (status, headers, body text)."""
     req = urllib.request.Request(url, data=body, method=method, headers=headers or {})

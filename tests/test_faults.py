@@ -30,7 +30,7 @@ from notifier.schema import SCHEMA_VERSION, upgrade
 from tests.conftest import PG_ADMIN_URL
 from tests.helpers import LITERAL, drop_connections
 from tests.operators import collect_metrics, value
-from tests.processes import Stack, cli, env_for, free_port, request, spawn, wait_until
+from tests.processes import Stack, cli, env_for, expire_killed_worker, free_port, request, spawn, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -59,7 +59,12 @@ def test_worker_sigkill_mid_send_is_recovered_and_sent_once(make_stack, smtp, re
     smtp.delay = 3.0
     notification_id = stack.send(_to(1))
     stack.wait_status(notification_id, "sending", timeout=15)
+    worker = stack.procs["worker"].pid
     stack.stop("worker", signal.SIGKILL)  # mid-DATA: the server never answered, so it keeps nothing
+    time.sleep(2.5)  # past SENDING_TIMEOUT
+    cli(["reconcile"], stack.env)
+    assert stack.get(notification_id)["status"] == "sending"  # its worker's RQ key says it may be at it
+    expire_killed_worker(redis_conn, worker)
     smtp.delay = 0.0
     stack.start("worker2")
 
@@ -69,6 +74,23 @@ def test_worker_sigkill_mid_send_is_recovered_and_sent_once(make_stack, smtp, re
     assert _recipients(smtp) == ["user1@example.com"]
     # The operator sees it too: the one reconciler action that may have sent a message twice.
     assert value(collect_metrics(redis_conn), "notifier_reconciler_actions_total", action="recovered") == 1
+
+
+def test_a_send_slower_than_sending_timeout_is_left_to_its_live_worker_and_sent_once(make_stack, smtp, redis_conn):
+    # SENDING_TIMEOUT (2 s) below the time the server takes to answer DATA (4 s), as when an operator
+    # sets it below JOB_TIMEOUT: the reconciler (every second) finds the row `sending` past it while
+    # its worker, alive, is still waiting for the answer. Taking it back then sent the email twice.
+    # Two workers: the reconciler's job runs on a worker too, the one not sending.
+    stack = make_stack().start("api", "worker", "worker2", "scheduler")
+    smtp.delay = 4.0
+    notification_id = stack.send(_to(1))
+    stack.wait_status(notification_id, "sent", "failed", timeout=60)
+    time.sleep(3)  # passes enough to recover it and send it again, had one taken it back
+    detail = stack.get(notification_id)
+    assert _recipients(smtp) == ["user1@example.com"]
+    assert (detail["status"], detail["attempts"]) == ("sent", 1)
+    assert not any(r.startswith("recovered:") for r in _reasons(detail)), _reasons(detail)
+    assert value(collect_metrics(redis_conn), "notifier_reconciler_actions_total", action="recovered") == 0
 
 
 def test_worker_sigterm_finishes_the_send_and_loses_nothing(make_stack, smtp):

@@ -276,3 +276,58 @@ def test_callbacks_redis_lost_come_back_page_after_page(owner, settings, fake_re
     for row in owed:
         _age(row, 60)
     assert reconcile(settings, fake_redis).callbacks == 5
+
+
+def _started(redis, job, name: str = "notifier-host-1"):
+    """A live worker of that name that has started job: what RQ writes as it starts one."""
+    worker = make_worker(redis, name=name)
+    worker.register_birth()
+    worker.prepare_execution(job)
+    worker.prepare_job_execution(job)
+    return worker
+
+
+def _started_own_job(redis, settings, notification):
+    return _started(redis, queues.enqueue_delivery(redis, settings, notification.id, "default"))
+
+
+def test_a_send_its_live_worker_is_still_running_is_left_to_it(owner, settings, fake_redis):
+    slow = make_notification(owner, status=Status.SENDING)
+    _age(slow, 120, attempts=1)  # past SENDING_TIMEOUT, as when the mail server takes its time
+    _started_own_job(fake_redis, settings, slow)
+    assert reconcile(settings, fake_redis).recovered == 0
+    assert reload(slow.id).status == Status.SENDING
+
+
+def _registered_death(redis, worker) -> None:
+    worker.register_death()
+
+
+def _key_expired(redis, worker) -> None:
+    redis.delete(worker.key)  # killed outright: its last heartbeat's TTL ran out
+
+
+def _on_another_job(redis, worker) -> None:
+    redis.delete(worker.executions_key)
+    redis.sadd(worker.executions_key, "notification-other:1")
+
+
+@pytest.mark.parametrize("gone", [_registered_death, _key_expired, _on_another_job])
+def test_a_send_whose_worker_is_gone_or_elsewhere_is_recovered(owner, settings, fake_redis, gone):
+    stuck = make_notification(owner, status=Status.SENDING)
+    _age(stuck, 120, attempts=1)
+    gone(fake_redis, _started_own_job(fake_redis, settings, stuck))
+    assert reconcile(settings, fake_redis).recovered == 1
+    assert reload(stuck.id).status == Status.RETRYING
+
+
+def test_a_member_of_a_shared_job_is_left_while_its_live_worker_runs_the_job(owner, settings, fake_redis):
+    job = Queue(queues.QUEUE_NAMES["default"], connection=fake_redis).enqueue(
+        queues.DELIVER_MANY_JOB, ["a", "b"], job_id="notifications-shared")
+    sending = make_notification(owner, status=Status.SENDING, job_id=job.id)
+    alone = make_notification(owner, status=Status.SENDING, to="dave@example.com")  # its own job, not running
+    for row in (sending, alone):
+        _age(row, 120, attempts=1)
+    _started(fake_redis, job)
+    assert reconcile(settings, fake_redis).recovered == 1
+    assert (reload(sending.id).status, reload(alone.id).status) == (Status.SENDING, Status.RETRYING)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import signal
+import time
 from dataclasses import replace
 
 import pytest
@@ -17,7 +18,7 @@ from notifier.db import database
 from notifier.models import Event, Notification
 from notifier.reconciler import reconcile
 from tests.helpers import LITERAL, drop_connections, installed_deliverer, run_worker_until_idle
-from tests.processes import request
+from tests.processes import expire_killed_worker, request
 
 pytestmark = pytest.mark.integration
 
@@ -143,7 +144,7 @@ def test_a_shared_job_that_already_ran_sends_nothing_twice(chunked, headers, red
 
 
 def test_a_worker_killed_inside_a_shared_job_loses_nothing_and_sends_each_at_most_once_more(stacks, pg_settings,
-                                                                                            smtp):
+                                                                                            smtp, redis_conn):
     settings = replace(pg_settings, retry_intervals=(1, 1, 1))
     stack = stacks(settings, BATCH_JOB_SIZE=10, RECONCILE_INTERVAL=1, RECONCILE_GRACE_SECONDS=1,
                    SENDING_TIMEOUT=2).start("api", "worker", "scheduler")
@@ -152,7 +153,9 @@ def test_a_worker_killed_inside_a_shared_job_loses_nothing_and_sends_each_at_mos
     assert status == 202, body
     ids = [r["id"] for r in body["results"]]
     stack.wait_status(ids[0], "sent", timeout=20)
+    worker = stack.procs["worker"].pid
     stack.stop("worker", signal.SIGKILL)  # some sent, one mid-DATA, the rest not reached
+    expire_killed_worker(redis_conn, worker)
     smtp.delay = 0.0
     stack.start("worker2")
     for notification_id in ids:
@@ -160,6 +163,37 @@ def test_a_worker_killed_inside_a_shared_job_loses_nothing_and_sends_each_at_mos
     received = _recipients(smtp)
     # Every one arrived, and none twice: the one cut off mid-DATA was never taken by the server.
     assert received == sorted(f"user{n}@example.com" for n in range(10))
+
+
+def test_a_shared_job_slower_than_sending_timeout_sends_each_of_its_emails_once(stacks, pg_settings, smtp):
+    # Each answer to DATA takes longer than SENDING_TIMEOUT, and the shared job as a whole much longer:
+    # the reconciler hands the members it has not reached on alone, and must not take back the one
+    # its live worker is sending, whichever job it was handed to.
+    settings = replace(pg_settings, retry_intervals=(1, 1, 1))
+    stack = stacks(settings, RECONCILE_INTERVAL=1, RECONCILE_GRACE_SECONDS=1,
+                   SENDING_TIMEOUT=2).start("api", "worker", "worker2", "scheduler")  # one free for the reconciler
+    smtp.delay = 3.0
+    status, body = request("POST", f"{stack.base}{BATCH}", stack.key, {"notifications": _items(3)})
+    assert status == 202, body
+    ids = [r["id"] for r in body["results"]]
+    details = [stack.wait_status(notification_id, "sent", "failed", timeout=90) for notification_id in ids]
+    time.sleep(3)  # passes enough to recover one and send it again, had one been taken back
+    details = [stack.get(notification_id) for notification_id in ids]
+    assert _recipients(smtp) == [f"user{n}@example.com" for n in range(3)]
+    assert [(d["status"], d["attempts"]) for d in details] == [("sent", 1)] * 3
+    assert not any((e["reason"] or "").startswith("recovered:") for d in details for e in d["history"])
+
+
+def test_a_claim_names_the_shared_job_that_made_it_even_for_one_handed_on_alone(chunked, headers, redis_conn, smtp):
+    _, client, _ = chunked
+    ids = _post(client, headers, _items(2))
+    [shared_job] = queues.queue_for("default", redis_conn).get_job_ids()
+    with database.connection_context():  # handed on alone by the reconciler while the job ran slowly
+        Notification.update(job_id=None).where(Notification.id == ids[1]).execute()
+    run_worker_until_idle(redis_conn)  # the shared job reaches it first all the same
+    smtp.wait_for(2)
+    # The reconciler asks Redis about the job that is sending a notification, not the one it was handed to.
+    assert [(row.status, row.job_id) for row in _rows()] == [("sent", shared_job)] * 2
 
 
 @pytest.mark.parametrize("make_way_check", [3600.0, 0.0],
