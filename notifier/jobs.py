@@ -27,6 +27,9 @@ MAKE_WAY_CHECK_SECONDS = 0.01
 # How old what a shared job knows of its recipients' consent may be when it sends: an unsubscribe
 # made while a long job runs (a slow mail server) stops the job's later emails within about this.
 CONSENT_MAX_AGE_SECONDS = 1.0
+# How often a shared job tells Redis its worker is alive (queues.keep_worker_alive), which the
+# reconciler asks before it takes back a send that is only slow.
+KEEP_ALIVE_SECONDS = 5.0
 
 
 def _lookups_by_key(rows: list[Notification]) -> dict[int, consent.Lookup]:
@@ -196,9 +199,12 @@ class Deliverer:
             job = get_current_job()
             self._shared_job_id = job.id if job is not None else None
             priority = next((r.priority for r in rows.values()), None)
-            checked = time.monotonic()
+            checked = alive = time.monotonic()
             try:
                 for index, notification_id in enumerate(notification_ids):
+                    if index and time.monotonic() - alive >= KEEP_ALIVE_SECONDS:
+                        alive = time.monotonic()
+                        self._keep_alive(job)
                     if index and time.monotonic() - checked >= MAKE_WAY_CHECK_SECONDS:
                         checked = time.monotonic()
                         if self._make_way(notification_ids[index:], priority):
@@ -233,6 +239,19 @@ class Deliverer:
                         counts, self._counts = self._counts, self.redis
                         counts.flush()
         return dict(outcomes)
+
+    def _keep_alive(self, job) -> None:
+        # RQ keeps a SimpleWorker's key for its job's whole timeout (JOB_TIMEOUT per email here), so a
+        # worker killed outright inside a long shared job would look alive for most of an hour, and the
+        # email it was sending would wait that long to be recovered. While the job gets on, its worker
+        # is kept alive for one email's timeout at a time instead.
+        if self.redis is None or job is None or not job.worker_name:
+            return
+        try:
+            queues.keep_worker_alive(self.redis, job.worker_name, self.settings.job_timeout + 60)
+        except RedisError as exc:
+            # The worker's key keeps the TTL it had: recovery after a crash may only wait longer.
+            logger.warning("worker not kept alive: %s", type(exc).__name__)
 
     def _make_way(self, rest: list[str], priority: str | None) -> bool:
         """If higher-priority work is waiting, put the rest of this shared job back at the front of its

@@ -10,7 +10,8 @@ from datetime import UTC, datetime, timedelta
 from redis import Redis
 from redis.client import Pipeline
 from redis.exceptions import RedisError
-from rq import Queue, Retry
+from rq import Queue, Retry, Worker
+from rq.executions import WORKER_EXECUTIONS_KEY_TEMPLATE
 from rq.job import JobStatus
 from rq.results import Result
 from rq_scheduler import Scheduler
@@ -173,6 +174,20 @@ def unfile_failed(connection: Redis, job_ids: list[str]) -> None:
         for queue in all_queues(connection):
             for job_id in job_ids:
                 queue.failed_job_registry.remove(job_id, pipeline=pipe)
+        pipe.execute()
+
+
+def worker_keys(worker_name: str) -> tuple[str, str]:
+    """The Redis keys of an RQ worker: its own (a hash) and the set of the jobs it is executing."""
+    return f"{Worker.redis_worker_namespace_prefix}{worker_name}", WORKER_EXECUTIONS_KEY_TEMPLATE.format(worker_name)
+
+
+def keep_worker_alive(connection: Redis, worker_name: str, ttl: int) -> None:
+    """Set the TTL of a worker's keys, as RQ's heartbeat does: the reconciler takes a worker whose key
+    is gone for dead (reconciler._running). Raises RedisError."""
+    with connection.pipeline(transaction=False) as pipe:
+        for key in worker_keys(worker_name):
+            pipe.expire(key, ttl)
         pipe.execute()
 
 

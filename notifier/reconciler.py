@@ -27,8 +27,6 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
 
 from redis import Redis
-from rq import Worker
-from rq.executions import WORKER_EXECUTIONS_KEY_TEMPLATE
 from rq.job import Job, JobStatus
 from rq.utils import parse_composite_key, utcparse
 
@@ -185,20 +183,22 @@ def _running(redis: Redis, started: dict[str, str]) -> set[str]:
     still running them, read in one round trip.
 
     Alive as RQ tells it (Worker.register_birth): the worker's key is there and holds no `death`. A
-    worker's heartbeat keeps the key, as long as the job it starts may run (JOB_TIMEOUT, per email
-    for a shared job) and 60 s more, and a worker that stops registers its death. One killed
-    outright says nothing: its key stays until that TTL runs out, and the notification it was
+    worker's heartbeat keeps the key as long as the job it starts may run (JOB_TIMEOUT) and 60 s
+    more; a shared job, whose timeout is JOB_TIMEOUT per email, keeps it that long from one email to
+    the next (jobs.KEEP_ALIVE_SECONDS) instead; and a worker that stops registers its death. One
+    killed outright says nothing: its key stays until that TTL runs out, and the notification it was
     sending is recovered then, no sooner than a live worker could still be sending it. (RQ's own
-    maintenance calls the job abandoned at about that time, its started-registry entry having the
-    same TTL, and fails or retries it: either way no longer `started`.) Running: the job is among
+    maintenance calls a single job abandoned at about that time, its started-registry entry having
+    the same TTL, and fails or retries it: either way no longer `started`.) Running: the job is among
     the worker's executions, which RQ adds as the job starts and takes out as it ends."""
     if not started:
         return set()
     workers = sorted(set(started.values()))
     with redis.pipeline(transaction=False) as pipe:
         for name in workers:
-            pipe.hmget(f"{Worker.redis_worker_namespace_prefix}{name}", "last_heartbeat", "death")
-            pipe.smembers(WORKER_EXECUTIONS_KEY_TEMPLATE.format(name))
+            key, executions = queues.worker_keys(name)
+            pipe.hmget(key, "last_heartbeat", "death")
+            pipe.smembers(executions)
         replies = pipe.execute()
     running: set[tuple[str, str]] = set()
     for name, (heartbeat, death), executions in zip(workers, replies[::2], replies[1::2], strict=True):

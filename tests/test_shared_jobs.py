@@ -10,7 +10,7 @@ from dataclasses import replace
 
 import pytest
 from peewee import OperationalError
-from rq import Queue
+from rq import Queue, get_current_job
 from rq.job import Job
 
 from notifier import consent, deadletters, jobs, logs, queues
@@ -355,3 +355,25 @@ def test_each_sent_line_of_a_shared_job_names_its_notification(chunked, headers,
     # must still name its own notification, not the next one or none.
     assert [line.get("notification_id") for line in sent] == ids
     assert all(line["notification_id"] in line["message"] for line in sent)
+
+
+def test_a_shared_job_keeps_its_worker_alive_one_email_timeout_at_a_time(chunked, headers, redis_conn, smtp,
+                                                                         monkeypatch):
+    # RQ keeps a SimpleWorker's key for the whole job's timeout (JOB_TIMEOUT per email in a shared job):
+    # a worker killed outright would look alive that long, and the reconciler (which leaves a live
+    # worker's send alone) would wait that long to recover the email it was sending.
+    settings, client, deliverer = chunked
+    monkeypatch.setattr(jobs, "KEEP_ALIVE_SECONDS", 0)
+    _post(client, headers, _items(3))
+    ttls, send = [], deliverer.mailer.send
+
+    def sending(email):  # what Redis says of the worker as each email goes out
+        ttls.append(redis_conn.ttl(queues.worker_keys(get_current_job().worker_name)[0]))
+        return send(email)
+
+    monkeypatch.setattr(deliverer.mailer, "send", sending)
+    run_worker_until_idle(redis_conn)
+    assert len(smtp.messages) == 3
+    one_email = settings.job_timeout + 60
+    assert ttls[0] > one_email  # RQ's own, for the whole job
+    assert len(ttls) == 3 and all(0 < ttl <= one_email for ttl in ttls[1:])
