@@ -176,10 +176,10 @@ def test_under_gunicorn_each_request_is_logged_once_without_its_token_or_query(p
         stop(api)
     lines = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
     access = [line for line in lines if "access" in line["logger"]]
-    assert [(line["logger"], line.get("path")) for line in access] == [
-        ("notifier.api.access", "/api/health"),
-        ("notifier.api.access", "/unsubscribe/<token>"),
-        ("notifier.api.access", "/api/notifications"),
+    # wait_for_http may ask for /api/health more than once (a loaded machine answers it late).
+    assert {line["logger"] for line in access} == {"notifier.api.access"}
+    assert [line.get("path") for line in access if line.get("path") != "/api/health"] == [
+        "/unsubscribe/<token>", "/api/notifications",
     ]
     text = log.read_text()
     assert token not in text and "grace" not in text
