@@ -86,8 +86,12 @@ def _outcome(notification: Notification, state: CallbackStatus | None, reason: s
     # it waited before there was a limit. (Each alone, outside a transaction, as before: the pool
     # still replaces a connection dropped meanwhile and runs the statement on the new one.)
     if state is not None:
+        # Only while the notification is still in the status whose event was posted: requeued from the
+        # dead-letter queue and final again meanwhile (its digest too), it owes the event of its new
+        # status, which this answer says nothing of.
         past_statement_timeout(lambda: Notification.update(callback_status=state.value)
-                               .where(Notification.seq == notification.seq).execute())
+                               .where((Notification.seq == notification.seq)
+                                      & (Notification.status == notification.status)).execute())
     past_statement_timeout(lambda: store.record(notification.id, kind="callback", reason=reason))
 
 

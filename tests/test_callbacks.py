@@ -322,6 +322,26 @@ def test_requeued_dead_letter_posts_failed_then_sent(api, headers, live_delivere
     assert smtp.count() == 1
 
 
+def test_an_answer_to_an_earlier_event_leaves_the_one_owed_since_owed(api, headers, live_deliverer, receiver, smtp,
+                                                                      redis_conn):
+    # The `failed` event is being posted when an operator requeues the notification and it is sent
+    # at once: the receiver's 2xx to `failed` says nothing of the `sent` event owed since.
+    smtp.replies.append("550 5.7.1 message rejected by policy")
+    notification_id = _send(api, headers, callback_url=receiver.url)
+
+    def requeued_and_sent_meanwhile():
+        assert api.post(f"/api/dead-letters/{notification_id}/requeue", headers=headers).status_code == 202
+        assert jobs.deliver(notification_id) == "sent"
+
+    receiver.before_answer = requeued_and_sent_meanwhile
+    run_worker_until_idle(redis_conn)
+    run_worker_until_idle(redis_conn)  # whatever the first run queued last
+
+    assert [c.json["status"] for c in receiver.calls] == ["failed", "sent"]
+    assert (reload(notification_id).status, reload(notification_id).callback_status) == ("sent", "delivered")
+    assert smtp.count() == 1
+
+
 def test_requeued_dead_letter_never_posts_a_non_final_callback(pg_settings, pg_db, headers, receiver, smtp,
                                                                redis_conn):
     # The "failed" callback is still waiting for its retry (an hour away) when an operator requeues.
