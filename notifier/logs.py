@@ -64,7 +64,9 @@ class _Concealed:
             return text
         if self._pattern is None:
             forms = "|".join(re.escape(form) for form in sorted(self.masks, key=len, reverse=True))
-            self._pattern = re.compile(rf"(?<![A-Za-z0-9])(?:{forms})(?![A-Za-z0-9])", re.IGNORECASE)
+            # ASCII case only, as the forms and the masks' keys: beyond it "ſ" matches "s" but does not
+            # lower to it, and its mask was not found (KeyError out of the caller's log call).
+            self._pattern = re.compile(rf"(?<![A-Za-z0-9])(?:{forms})(?![A-Za-z0-9])", re.IGNORECASE | re.ASCII)
         return self._pattern.sub(lambda match: self.masks[match.group().lower()], text)
 
 

@@ -287,6 +287,17 @@ def test_an_address_with_an_equals_sign_is_masked_whole(sqlite_settings, sqlite_
     assert access[0]["path"] == "/api/suppressions/l***@example.com"
 
 
+def test_a_reply_holding_what_folds_to_a_recipient_only_beyond_ascii_is_still_logged(captured):
+    # The mail server's words are not ours: ignoring case beyond ASCII, "ſ" is an "s", but its lower
+    # case is not, so the job's mask for it was not found and the worker's log call raised KeyError.
+    with logs.concealing():
+        logs.conceal_recipient("support@example.com")
+        logging.getLogger("notifier.jobs").warning("550 %s", "<support@example.com> ſupport, SUPPORT")
+
+    (line,) = captured()
+    assert json.loads(line)["message"] == "550 <s***@example.com> ſupport, s***"
+
+
 @pytest.mark.parametrize("run", ["a=", "a", "k=v&", "a.", "nfy_"])
 def test_a_long_line_is_redacted_in_time_linear_in_its_length(run):
     # Each logging thread redacts its own lines, the formatter's part under the handler's lock: a run
