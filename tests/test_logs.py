@@ -298,6 +298,19 @@ def test_a_reply_holding_what_folds_to_a_recipient_only_beyond_ascii_is_still_lo
     assert json.loads(line)["message"] == "550 <s***@example.com> ſupport, s***"
 
 
+def test_a_shared_job_of_many_recipients_each_echoed_keeps_its_lines_cheap():
+    # BATCH_JOB_SIZE may be 1,000. The pattern of every recipient so far was made again after each
+    # new one, as soon as a line (a refusal) held one: quadratic, 25 ms an email at 1,000.
+    addresses = [f"user{n:04d}.name@example.com" for n in range(400)]
+    started = time.perf_counter()
+    with logs.concealing():
+        for address in addresses:
+            logs.conceal_recipient(address)
+            assert logs.redact(f"550 5.1.1 <{address}>: mailbox {address.split('@')[0]} unknown") == (
+                "550 5.1.1 <u***@example.com>: mailbox u*** unknown")
+    assert time.perf_counter() - started < 2.0  # 5 s before, under 0.2 s now
+
+
 @pytest.mark.parametrize("run", ["a=", "a", "k=v&", "a.", "nfy_"])
 def test_a_long_line_is_redacted_in_time_linear_in_its_length(run):
     # Each logging thread redacts its own lines, the formatter's part under the handler's lock: a run
