@@ -315,7 +315,7 @@ def test_a_shared_job_of_many_recipients_each_echoed_keeps_its_lines_cheap():
             logs.conceal_recipient(address)
             assert logs.redact(f"550 5.1.1 <{address}>: mailbox {address.split('@')[0]} unknown") == (
                 "550 5.1.1 <u***@example.com>: mailbox u*** unknown")
-    assert time.perf_counter() - started < 2.0  # 5 s before, under 0.2 s now
+    assert time.perf_counter() - started < 2.0  # 5 s before, about 0.1 s now: a bound on the kind, not a speed goal
 
 
 @pytest.mark.parametrize("run", ["a=", "a", "k=v&", "a.", "nfy_"])
@@ -326,7 +326,7 @@ def test_a_long_line_is_redacted_in_time_linear_in_its_length(run):
     line = run * (20_000 // len(run)) + "@ x://" + run * (20_000 // len(run))
     started = time.perf_counter()
     assert logs.redact(line) == line
-    assert time.perf_counter() - started < 0.25
+    assert time.perf_counter() - started < 1.0  # seconds before; about 1 ms now: a bound on the kind, not a speed goal
 
 
 @pytest.mark.integration
