@@ -107,13 +107,18 @@ class NotificationService:
         answer as that request's replay (compared with this request's own fingerprint)."""
         try:
             notification = self._store(api_key, draft)
-        except IntegrityError:
-            earlier = idempotency.find(api_key, draft.key) if draft.key else None
-            if earlier is None:
-                raise
-            return _replay(earlier, draft.request_hash), True
+        except IntegrityError as exc:
+            return self._holder(api_key, draft, exc), True
         self.hand_over(notification)
         return notification, False
+
+    def _holder(self, api_key: ApiKey, draft: Draft, refused: IntegrityError) -> Notification:
+        """The notification holding the idempotency key for which the unique index refused draft,
+        if draft replays it (409 if not); refused again when draft has no key."""
+        earlier = idempotency.find(api_key, draft.key) if draft.key else None
+        if earlier is None:
+            raise refused
+        return _replay(earlier, draft.request_hash)
 
     def _store(self, api_key: ApiKey, draft: Draft) -> Notification:
         return store.create_notification(api_key, draft.fields, status=draft.decision.status,
@@ -170,15 +175,24 @@ class NotificationService:
                                                           for f, (_, d) in zip(fields, drafts, strict=True)])
         except IntegrityError:
             # A key taken meanwhile by another request, or twice in this batch: one at a time, each
-            # item stored or answered as the replay of the one that holds its key.
-            for index, draft in drafts:
-                try:
-                    results[index] = self._store_or_replay(api_key, draft)
-                except ApiError as exc:
-                    results[index] = exc
-            return results
-        for (index, _), notification in zip(drafts, stored, strict=True):
-            results[index] = (notification, False)
+            # item stored or answered as the replay of the one that holds its key. All in one
+            # transaction, queued once it commits: a failure part way (a 503) stores none of the batch,
+            # as the bulk insert would not, so the caller's retry sends nothing twice.
+            db, stored = Notification._meta.database, []
+            with db.atomic():
+                for index, draft in drafts:
+                    try:
+                        with db.atomic():  # a savepoint: a refused key leaves the transaction usable
+                            stored.append(self._store(api_key, draft))
+                        results[index] = (stored[-1], False)
+                    except IntegrityError as exc:
+                        try:
+                            results[index] = (self._holder(api_key, draft, exc), True)
+                        except ApiError as conflict:
+                            results[index] = conflict
+        else:
+            for (index, _), notification in zip(drafts, stored, strict=True):
+                results[index] = (notification, False)
         self.hand_over_many(stored)
         return results
 

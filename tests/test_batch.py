@@ -101,6 +101,36 @@ def test_a_key_given_twice_in_a_batch_is_one_notification_and_the_batch_replays(
     assert _rows() == (3, 3)  # the third item of the batch had no key: sent again, as asked
 
 
+@pytest.fixture
+def refused_recipient(pg_db):
+    """An address whose notification PostgreSQL refuses to store, cancelling the insert as a statement
+    timeout would: a request that meets the database failing part way."""
+    with database.connection_context():
+        database.execute_sql(
+            "CREATE FUNCTION test_refuse() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+            "IF NEW.\"to\" = 'refused@example.com' THEN RAISE EXCEPTION 'refused' USING ERRCODE = 'query_canceled'; "
+            "END IF; RETURN NEW; END $$")
+        database.execute_sql("CREATE TRIGGER test_refuse BEFORE INSERT ON notifications FOR EACH ROW "
+                             "EXECUTE FUNCTION test_refuse()")
+    yield "refused@example.com"
+    with database.connection_context():
+        database.execute_sql("DROP TRIGGER IF EXISTS test_refuse ON notifications")
+        database.execute_sql("DROP FUNCTION IF EXISTS test_refuse()")
+
+
+def test_a_database_failure_after_a_key_given_twice_stores_none_of_the_batch(client, headers, redis_conn,
+                                                                              refused_recipient):
+    # A key given twice sends the batch down the one-at-a-time path. A failure there answered 503 with
+    # the items before it stored and queued, so the caller's retry sent an item without a key twice.
+    items = [_item(0, idempotency_key="twice"), _item(0, idempotency_key="twice"), _item(1),
+             _item(2, to=refused_recipient), _item(3)]
+    response = client.post("/api/notifications/batch", json={"notifications": items}, headers=headers)
+    assert response.status_code == 503
+    assert response.get_json()["error"]["code"] == "service_unavailable"
+    assert _rows() == (0, 0)
+    assert [Queue(name, connection=redis_conn).count for name in QUEUE_NAMES.values()] == [0, 0, 0]
+
+
 def test_a_null_item_is_refused_alone(client, headers, redis_conn):
     response = client.post("/api/notifications/batch", json={"notifications": [_item(0), None]}, headers=headers)
     assert response.status_code == 202
