@@ -272,7 +272,8 @@ def _operator_credentials(env: Mapping[str, str]) -> tuple[str, str]:
 def parse_clock(raw: str) -> tuple[int, int] | None:
     """(hour, minute) of an "HH:MM" string, or None when it is not one."""
     parts = raw.strip().split(":")
-    if len(parts) != 2 or not all(p.isdigit() for p in parts):
+    # ASCII digits only: isdigit() also takes superscripts (which int() refuses) and other scripts' digits.
+    if len(parts) != 2 or not all(p.isascii() and p.isdigit() for p in parts):
         return None
     hour, minute = int(parts[0]), int(parts[1])
     return (hour, minute) if 0 <= hour < 24 and 0 <= minute < 60 else None

@@ -78,7 +78,8 @@ def preferences(api_key: ApiKey, user_key: str) -> dict:
 
 
 def update_preferences(api_key: ApiKey, user_key: str, changes: dict) -> dict:
-    """Apply the given parts (timezone, quiet_hours, categories); leave the rest as it was."""
+    """Apply the given parts (timezone, quiet_hours, categories); leave the rest as it was. Returns the
+    preferences as they are then, read in the same transaction: a failure reading them undoes the change."""
     db = Preference._meta.database
     with db.atomic():
         if "timezone" in changes or "quiet_hours" in changes:
@@ -93,7 +94,7 @@ def update_preferences(api_key: ApiKey, user_key: str, changes: dict) -> dict:
         # other orders would each hold a row the other waits for, and PostgreSQL kills one.
         for category, mode in sorted((changes.get("categories") or {}).items()):
             set_mode(api_key, user_key, category, mode)
-    return preferences(api_key, user_key)
+        return preferences(api_key, user_key)
 
 
 def set_mode(api_key: ApiKey, user_key: str, category: str, mode: str) -> None:

@@ -5,8 +5,12 @@ from __future__ import annotations
 from itsdangerous import BadSignature, URLSafeSerializer
 
 from notifier.config import Settings
+from notifier.models import Category, Preference
 
 SALT = "notifier.unsubscribe"
+# What a link may turn off: the categories a user can refuse, for a user key as long as the column holds.
+_CATEGORIES = frozenset(c.value for c in Category if c is not Category.TRANSACTIONAL)
+_USER_KEY_MAX = Preference.user_key.max_length
 
 
 def _serializer(settings: Settings) -> URLSafeSerializer:
@@ -25,7 +29,13 @@ def read_token(settings: Settings, token: str) -> tuple[int, str, str] | None:
         return None
     if not isinstance(data, dict) or not {"k", "u", "c"} <= data.keys():
         return None
-    return data["k"], data["u"], data["c"]
+    key_id, user_key, category = data["k"], data["u"], data["c"]
+    # Held to what make_token() writes, as the columns they go to take it: the development secret
+    # signs whatever anyone asks while SECRET_KEY is unset, and a claim PostgreSQL refuses was a 500.
+    if (type(key_id) is not int or not isinstance(user_key, str) or not 0 < len(user_key) <= _USER_KEY_MAX
+            or "\x00" in user_key or category not in _CATEGORIES):
+        return None
+    return key_id, user_key, category
 
 
 def link(settings: Settings, api_key_id: int, user_key: str, category: str) -> str:

@@ -254,3 +254,10 @@ def test_the_compose_env_example_is_valid_settings():
     settings = Settings.from_env(env)
     assert settings.operator_auth_limit == "10/minute" and settings.proxy_hops == 0
     assert settings.smtp_host == "mailpit"
+
+
+@pytest.mark.parametrize("raw", ["25:00", "8", "²²:00", "①②:00", "\u0660\u0668:00"])
+def test_a_digest_time_that_is_not_a_time_of_day_names_digest_time(raw):
+    # Digits of other scripts too: a superscript one crashed the process with a ValueError, and Arabic-Indic
+    # ones were taken.
+    assert "DIGEST_TIME" in str(config_error({"DIGEST_TIME": raw}))

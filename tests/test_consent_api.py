@@ -13,6 +13,8 @@ from urllib.parse import quote, urlparse
 
 import psycopg2
 import pytest
+from itsdangerous import URLSafeSerializer
+from peewee import OperationalError
 from rq import Queue
 from rq_scheduler import Scheduler
 
@@ -129,6 +131,12 @@ def test_partial_preference_changes_merge_with_what_was_set(client, headers, smt
         ({"quiet_hours": {"start": "22:00"}}, "quiet_hours"),
         ({"quiet_hours": {"start": "7:00 ", "end": "22:00"}}, "quiet_hours"),  # stored and echoed as given
         ({"quiet_hours": {"start": "07:00", "end": "07:00"}}, "quiet_hours"),  # meant no quiet hours at all
+        # Digits of other scripts: superscripts and circled ones (which int() refuses) were a 500, and
+        # others were stored as given ("٠٧:٠٠" beside "07:00" was an empty window, the check passed).
+        ({"quiet_hours": {"start": "²²:00", "end": "07:00"}}, "quiet_hours"),
+        ({"quiet_hours": {"start": "①②:00", "end": "07:00"}}, "quiet_hours"),
+        ({"quiet_hours": {"start": "\u0660\u0667:\u0660\u0660", "end": "07:00"}}, "quiet_hours"),
+        ({"quiet_hours": {"start": "22:00", "end": "\uff10\uff17:\uff10\uff10"}}, "quiet_hours"),
         ({"colour": "blue"}, "colour"),
     ],
 )
@@ -150,6 +158,23 @@ def test_each_api_key_has_its_own_preferences(client, headers, other_key, smtp):
     assert _prefs(client, headers)["categories"] == {**DEFAULTS, "product": "off"}
     assert notification_count() == 0
     assert smtp.count() == 0
+
+
+def test_a_change_whose_answer_cannot_be_read_is_503_and_changes_nothing(client, headers, monkeypatch):
+    # The answer was read after the change had committed: a database lost in between answered 503
+    # with the change made.
+    assert _put(client, headers, {"categories": {"marketing": "daily"}}).status_code == 200
+    before = _prefs(client, headers)
+
+    def lost(*args):
+        raise OperationalError("server closed the connection unexpectedly")
+
+    monkeypatch.setattr(consent, "preferences", lost)
+    changes = {"timezone": "Asia/Tokyo", "quiet_hours": {"start": "22:00", "end": "07:00"},
+               "categories": {"marketing": "off", "product": "weekly"}}
+    _error(_put(client, headers, changes), 503, "service_unavailable")
+    monkeypatch.undo()
+    assert _prefs(client, headers) == before
 
 
 def test_first_preferences_of_a_new_user_sent_at_once_are_all_stored(app, headers, smtp):
@@ -529,3 +554,33 @@ def test_an_unsubscribe_link_of_a_deleted_key_writes_nothing_and_still_answers(c
     with database.connection_context():
         assert Preference.select().count() == 0
     assert smtp.count() == 0
+
+
+OWN_KEY = object()  # the test's API key id
+
+
+@pytest.mark.parametrize("claims", [
+    {"k": "7", "u": "u1", "c": "marketing"},  # PostgreSQL refused the id: a 500
+    {"k": True, "u": "u1", "c": "marketing"},
+    {"k": None, "u": "u1", "c": "marketing"},
+    {"u": "u1", "c": "marketing"},
+    {"k": OWN_KEY, "u": ["u1"], "c": "marketing"},
+    {"k": OWN_KEY, "u": "", "c": "marketing"},
+    {"k": OWN_KEY, "u": "u" * 331, "c": "marketing"},  # longer than the column: a 500
+    {"k": OWN_KEY, "u": "nul\x00", "c": "marketing"},  # a 500
+    {"k": OWN_KEY, "u": "u1", "c": "m" * 33},  # a 500
+    {"k": OWN_KEY, "u": "u1", "c": "transactional"},  # written, and shown as transactional "off"
+    {"k": OWN_KEY, "u": "u1", "c": "gossip"},
+    ["k", 1],
+])
+def test_a_signed_token_that_notifier_never_makes_is_refused_and_writes_nothing(client, pg_settings, api_key, claims):
+    # Only a holder of SECRET_KEY can sign one, but while it is unset the development secret signs them:
+    # the claims are held to what make_token() writes, as a request body would be.
+    if isinstance(claims, dict) and claims.get("k") is OWN_KEY:
+        claims = {**claims, "k": api_key[0].id}
+    serializer = URLSafeSerializer(pg_settings.signing_key, salt=unsubscribe.SALT)
+    path = f"/unsubscribe/{serializer.dumps(claims)}"
+    _error(client.get(path), 400, "invalid_token")
+    _error(client.post(path), 400, "invalid_token")
+    with database.connection_context():
+        assert Preference.select().count() == 0
