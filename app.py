@@ -7,6 +7,7 @@ import threading
 
 from flask import Flask, jsonify, request
 from marshmallow import ValidationError
+from redis.exceptions import RedisError
 from werkzeug.exceptions import HTTPException
 from werkzeug.middleware.proxy_fix import ProxyFix
 
@@ -56,6 +57,13 @@ def register_error_handlers(app: Flask) -> None:
 
     for error_class in UNAVAILABLE_ERRORS:
         app.register_error_handler(error_class, _database_unavailable)
+
+    @app.errorhandler(RedisError)
+    def _redis_unavailable(exc: RedisError):
+        # The send routes store and answer 202 without Redis; what needs it to answer at all (the RQ
+        # dashboard reads nothing else) is unavailable, not broken.
+        logger.warning("Redis unavailable: %s", type(exc).__name__)
+        return error_response(503, "service_unavailable", "Redis is unavailable; try again shortly")
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception):

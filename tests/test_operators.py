@@ -10,7 +10,7 @@ from rq import Queue
 from notifier.config import Settings
 from notifier.errors import ConfigError
 from notifier.models import Priority
-from notifier.queues import QUEUE_NAMES, all_queues, job_id_for
+from notifier.queues import QUEUE_NAMES, all_queues, connect_redis, job_id_for
 from tests.helpers import LITERAL, installed_deliverer, reload, run_worker_until_idle
 from tests.operators import CHALLENGE, OPERATOR, operator_client
 
@@ -147,6 +147,23 @@ def test_dashboard_paths_naming_nothing_are_404_in_the_envelope(ops, method, pat
     response = ops.open(path, method=method, auth=OPERATOR)
     assert response.status_code == 404, response.get_data(as_text=True)
     assert response.get_json()["error"]["code"] == "not_found"
+    assert set(response.get_json()["error"]) == {"code", "message", "details"}
+
+
+@pytest.mark.parametrize("path", [
+    "/rq/0/data/queues.json",
+    "/rq/0/data/workers.json",
+    f"/rq/0/data/jobs/{DEFAULT_QUEUE}/failed/8/asc/1.json",
+    "/rq/0/view/job/notification-x",
+    "/metrics",
+])
+def test_operator_pages_answer_503_in_the_envelope_while_redis_is_away(pg_settings, pg_db, path):
+    """rq-dashboard's JSON routes (and the check of a job it names) raised Redis's ConnectionError: a 500."""
+    away = replace(pg_settings, redis_url="redis://127.0.0.1:1/0")
+    ops = operator_client(away, connect_redis(away.redis_url))
+    response = ops.get(path, auth=OPERATOR)
+    assert response.status_code == 503, response.get_data(as_text=True)
+    assert response.get_json()["error"]["code"] == "service_unavailable"
     assert set(response.get_json()["error"]) == {"code", "message", "details"}
 
 
