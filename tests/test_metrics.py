@@ -72,6 +72,15 @@ def test_metrics_are_closed_when_no_operator_is_configured(client):
     assert client.get("/metrics", auth=OPERATOR).status_code == 401
 
 
+@pytest.mark.parametrize("accept", ["application/openmetrics-text; version=abc", "text/plain; version=1.x"])
+def test_an_accept_header_naming_a_version_nobody_can_read_gets_the_plain_text_format(ops, accept):
+    # prometheus_client compared the unreadable version with a number: a TypeError, a 500.
+    response = ops.get("/metrics", auth=OPERATOR, headers={"Accept": accept})
+    assert response.status_code == 200, response.get_data(as_text=True)
+    assert response.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+    assert "notifier_notifications_accepted_total" in response.get_data(as_text=True)
+
+
 def test_a_known_run_is_counted_exactly(ops, headers, pg_settings, redis_conn, smtp):
     # The high-priority verification is sent first and gets the scripted 550; the two literal sends pass.
     smtp.replies.append("550 5.7.1 message rejected by policy")

@@ -140,7 +140,10 @@ def scrape():
     ext = current_app.extensions["notifier"]
     registry = CollectorRegistry(auto_describe=False)
     registry.register(metrics.RedisCollector(ext["redis"], dead_letters=deadletters.count))
-    encode, content_type = choose_encoder(request.headers.get("Accept", ""))
+    try:
+        encode, content_type = choose_encoder(request.headers.get("Accept", ""))
+    except (TypeError, ValueError):  # it compares a version it could not read ("version=abc") with a number
+        encode, content_type = choose_encoder("")
     try:
         body = encode(registry)
     except RedisError as exc:
