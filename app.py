@@ -7,7 +7,9 @@ import threading
 
 from flask import Flask, jsonify, request
 from marshmallow import ValidationError
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from werkzeug.exceptions import HTTPException
 from werkzeug.middleware.proxy_fix import ProxyFix
 
@@ -23,6 +25,8 @@ from notifier.runtime import configure_logging, load_settings, make_renderer, op
 from notifier.service import NotificationService
 
 logger = logging.getLogger("notifier.api")
+# Redis down, unreachable or too slow (not a command it refused: that is a bug, a 500).
+REDIS_UNAVAILABLE_ERRORS = (RedisConnectionError, RedisTimeoutError)
 
 def error_response(status: int, code: str, message: str, details=None):
     """The one error envelope every failed request gets."""
@@ -58,12 +62,14 @@ def register_error_handlers(app: Flask) -> None:
     for error_class in UNAVAILABLE_ERRORS:
         app.register_error_handler(error_class, _database_unavailable)
 
-    @app.errorhandler(RedisError)
     def _redis_unavailable(exc: RedisError):
         # The send routes store and answer 202 without Redis; what needs it to answer at all (the RQ
         # dashboard reads nothing else) is unavailable, not broken.
         logger.warning("Redis unavailable: %s", type(exc).__name__)
         return error_response(503, "service_unavailable", "Redis is unavailable; try again shortly")
+
+    for error_class in REDIS_UNAVAILABLE_ERRORS:
+        app.register_error_handler(error_class, _redis_unavailable)
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception):

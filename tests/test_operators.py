@@ -139,6 +139,10 @@ def test_dashboard_lists_a_failed_job_and_its_details(ops, dead_letter):
     ("GET", f"/rq/0/data/jobs/{DEFAULT_QUEUE}/failed/eight/asc/1.json"),
     ("GET", f"/rq/0/data/jobs/{DEFAULT_QUEUE}/failed/0/asc/1.json"),
     ("GET", f"/rq/0/data/jobs/{DEFAULT_QUEUE}/failed/8/asc/one.json"),
+    # Past Redis's 64-bit indexes, which it refused with an error (a 500, then a 503 "Redis is unavailable").
+    ("GET", f"/rq/0/data/jobs/{DEFAULT_QUEUE}/failed/99999999999999999999/asc/1.json"),
+    ("GET", f"/rq/0/data/jobs/{DEFAULT_QUEUE}/failed/8/asc/99999999999999999999.json"),
+    ("GET", f"/rq/0/view/jobs/{DEFAULT_QUEUE}/failed/8/asc/99999999999999999999"),
     ("POST", "/rq/queue/no-such-queue/compact"),
 ])
 def test_dashboard_paths_naming_nothing_are_404_in_the_envelope(ops, method, path):

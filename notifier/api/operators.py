@@ -58,6 +58,7 @@ def _guard() -> None:
 
 
 # What rq-dashboard's routes can name; it answers any other registry with an exception.
+_MAX_PAGE = 2**31 - 1  # a page number and a page size: their product stays inside Redis's 64-bit indexes
 _REGISTRIES = frozenset({"queued", "failed", "deferred", "started", "finished", "scheduled", "canceled"})
 
 
@@ -73,8 +74,10 @@ def _require_dashboard_target() -> None:
         raise NotFound(f"no registry named {args['registry_name']!r}; known: {', '.join(sorted(_REGISTRIES))}")
     for name in ("per_page", "page"):
         value = str(args.get(name, 1))
-        if not value.isdecimal() or int(value) < 1:
-            raise NotFound(f"{name} must be a whole number of at least 1")
+        # At most _MAX_PAGE: beyond, the range rq-dashboard asks Redis for is past a 64-bit index,
+        # which Redis refuses with an error.
+        if not value.isdecimal() or not 1 <= int(value) <= _MAX_PAGE:
+            raise NotFound(f"{name} must be a whole number from 1 to {_MAX_PAGE}")
     connection = current_app.redis_conn
     if "job_id" in args and request.endpoint != "rq_dashboard.delete_job_view":  # delete answers itself
         if not Job.exists(args["job_id"], connection=connection):
