@@ -273,13 +273,15 @@ class NotificationService:
         """Cancel a notification that is not being sent and not yet final; it will never be sent."""
         if store.get_for_key(api_key, notification_id) is None:
             raise NotFound("no such notification")
-        cancelled = store.transition(
-            notification_id,
-            Status.CANCELLED,
-            reason="cancelled by the caller",
-            sources=(Status.SCHEDULED, Status.QUEUED, Status.RETRYING, Status.HELD),
-        )
-        notification = store.get(notification_id)
+        # The answer is read in the cancel's own transaction: a failure reading it (a 503) cancels nothing.
+        with Notification._meta.database.atomic():
+            cancelled = store.transition(
+                notification_id,
+                Status.CANCELLED,
+                reason="cancelled by the caller",
+                sources=(Status.SCHEDULED, Status.QUEUED, Status.RETRYING, Status.HELD),
+            )
+            notification = store.get(notification_id)
         if not cancelled:
             raise Conflict(f"a {notification.status} notification cannot be cancelled", {"status": notification.status},
                            code="not_cancellable")

@@ -8,6 +8,7 @@ from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from peewee import OperationalError
 from rq.job import Job
 from rq_scheduler import Scheduler
 
@@ -285,6 +286,27 @@ def test_cancelled_queued_notification_is_not_sent(client, headers, live_deliver
     run_worker_until_idle(redis_conn)
     cancelled = reload(notification_id)
     assert (cancelled.status, cancelled.attempts) == ("cancelled", 0)
+    assert smtp.count() == 0
+
+
+def test_a_cancel_whose_answer_cannot_be_read_is_503_and_cancels_nothing(client, headers, live_deliverer, smtp,
+                                                                        redis_conn, monkeypatch):
+    # The answer was read after the cancel had committed: a database lost in between answered 503 with
+    # the notification cancelled, and the retry a 409 "a cancelled notification cannot be cancelled".
+    notification_id = _send(client, headers, **LITERAL)["id"]
+
+    def lost(*args):
+        raise OperationalError("server closed the connection unexpectedly")
+
+    monkeypatch.setattr(store, "get", lost)
+    response = client.post(f"/api/notifications/{notification_id}/cancel", headers=headers)
+    monkeypatch.undo()
+
+    assert response.status_code == 503 and response.get_json()["error"]["code"] == "service_unavailable"
+    assert reload(notification_id).status == "queued"
+    again = client.post(f"/api/notifications/{notification_id}/cancel", headers=headers)
+    assert again.status_code == 200 and again.get_json()["status"] == "cancelled"
+    run_worker_until_idle(redis_conn)
     assert smtp.count() == 0
 
 
