@@ -231,6 +231,19 @@ def test_a_user_id_with_slashes_has_its_own_preferences_and_stats(client, header
         assert [p.user_key for p in Preference.select()] == [user_id]
 
 
+@pytest.mark.parametrize("user_id", ["a\nb", "trailing\n", "\r\n"])
+def test_a_user_id_with_a_line_break_is_found_by_its_path_as_a_body_gives_it(client, headers, user_id):
+    # A body takes such an id, and the path's pattern matched no line break: 404, an unknown route.
+    assert _send(client, headers, _welcome(user_id))["status"] == "queued"
+    in_path = quote(user_id, safe="")
+    changed = _put(client, headers, {"categories": {"product": "off"}}, user_id=in_path)
+    assert changed.status_code == 200, changed.get_data(as_text=True)
+    assert _prefs(client, headers, in_path) == changed.get_json() and changed.get_json()["user_id"] == user_id
+    stats = client.get(f"/api/notifications/user/{in_path}/stats", headers=headers)
+    assert stats.status_code == 200 and stats.get_json()["total"] == 1
+    assert _send(client, headers, _welcome(user_id))["status"] == "suppressed"
+
+
 # --- what a send becomes ------------------------------------------------------------------------------
 
 

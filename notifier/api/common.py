@@ -73,7 +73,7 @@ class UserIdConverter(BaseConverter):
     like "/x", "x/" or "a//b" is matched as it is instead of being redirected to a merged-slash URL,
     which would name another user."""
 
-    regex = ".+?"
+    regex = "(?s:.+?)"  # line breaks too: a body's user_id may hold them
     part_isolating = False
 
 
