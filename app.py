@@ -19,7 +19,7 @@ from notifier.config import Settings
 from notifier.db import UNAVAILABLE_ERRORS, database, is_postgres
 from notifier.errors import HTTP_CODES, ApiError
 from notifier.keycache import KeyCache
-from notifier.queues import connect_redis
+from notifier.queues import API_TIMEOUT_SECONDS, connect_redis
 from notifier.ratelimit import Limiter
 from notifier.runtime import configure_logging, load_settings, make_renderer, open_database, release_free_memory
 from notifier.service import NotificationService
@@ -98,7 +98,7 @@ def create_app(settings: Settings | None = None, *, redis=None) -> Flask:
     guards.init_app(app)
 
     open_database(settings)
-    redis = redis or connect_redis(settings.redis_url)
+    redis = redis or connect_redis(settings.redis_url, timeout=API_TIMEOUT_SECONDS)
     limiter = Limiter(settings.redis_url)
     app.extensions["notifier"] = {
         "settings": settings,

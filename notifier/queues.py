@@ -47,9 +47,18 @@ CALLBACK_JOB = "notifier.jobs.send_callback"
 LIVE_JOB_STATES = frozenset({b"queued", b"started", b"scheduled", b"deferred"})
 
 
-def connect_redis(url: str) -> Redis:
-    """A Redis client for url; short timeouts so a dead Redis fails a request instead of hanging it."""
-    return Redis.from_url(url, socket_connect_timeout=2, socket_timeout=10, health_check_interval=30)
+# The API's Redis calls wait at most this long for an answer: a hung Redis (a failover, a stopped
+# process) made each send wait out a 10 s read, after the work was stored, and soon every thread of
+# every API process waited. What the API asks of Redis (a rate limit, a job to queue, a page of the
+# dashboard) takes milliseconds, and what it stored without Redis the reconciler queues later.
+API_TIMEOUT_SECONDS = 2.0
+
+
+def connect_redis(url: str, timeout: float = 10.0) -> Redis:
+    """A Redis client for url; short timeouts so a dead Redis fails a request instead of hanging it.
+    timeout: for each answer (a worker's blocking dequeue waits less than the default 10 s)."""
+    return Redis.from_url(url, socket_connect_timeout=min(2.0, timeout), socket_timeout=timeout,
+                          health_check_interval=30)
 
 
 def queue_for(priority: str, connection: Redis) -> Queue:

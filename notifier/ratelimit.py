@@ -21,6 +21,9 @@ from redis.exceptions import RedisError
 
 logger = logging.getLogger(__name__)
 
+# How long a rate limit waits for Redis before it lets the request through (see Limiter).
+LIMIT_TIMEOUT_SECONDS = 0.5
+
 
 def check_rate(text: str) -> RateLimitItem:
     """A rate as a setting or a key may have it: exactly one, of at least 1 ("100/second"); raises
@@ -61,7 +64,10 @@ class Limiter:
     """A moving-window limiter on one Redis."""
 
     def __init__(self, redis_url: str):
-        self._limiter = MovingWindowRateLimiter(storage_from_string(redis_url, socket_connect_timeout=2))
+        # limits' own read timeout is 5 s: a hung Redis held every request that long before the limit
+        # gave way (it is not enforced without Redis). Its two scripts take well under a millisecond.
+        self._limiter = MovingWindowRateLimiter(storage_from_string(redis_url, socket_connect_timeout=1,
+                                                                    socket_timeout=LIMIT_TIMEOUT_SECONDS))
 
     def hit(self, rate: RateLimitItem, *identifiers: str) -> Verdict:
         """Count one request against rate; say whether it is allowed and what is left."""

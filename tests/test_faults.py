@@ -172,10 +172,23 @@ def own_redis(tmp_path):
         state["proc"].kill()
         state["proc"].wait()
 
+    def hang(hung: bool):  # a stopped process: connections stay open, nothing answers
+        state["proc"].send_signal(signal.SIGSTOP if hung else signal.SIGCONT)
+
     up()
-    yield f"redis://127.0.0.1:{port}/0", up, down
+    own = _OwnRedis(f"redis://127.0.0.1:{port}/0", up, down)
+    own.hang = hang
+    yield own
     if state["proc"].poll() is None:
+        hang(False)
         down()
+
+
+class _OwnRedis(tuple):
+    """(url, up, down), and hang(True/False) beside them."""
+
+    def __new__(cls, *parts):
+        return super().__new__(cls, parts)
 
 
 def _pings(port: int) -> bool:
@@ -287,6 +300,23 @@ def test_api_and_worker_reconnect_after_postgresql_drops_them(make_stack, pg_set
 
     second = wait_until(accepted, timeout=15, interval=0.2)
     stack.wait_status(second, "sent", timeout=30)
+    assert _recipients(smtp) == ["user1@example.com", "user2@example.com"]
+
+
+def test_a_send_while_redis_hangs_is_answered_in_seconds_and_delivered_once_it_answers(make_stack, pg_settings, smtp,
+                                                                                       own_redis):
+    # A hung Redis (a failover, a stopped process) answers nothing and closes nothing: the rate limit
+    # waited 5 s for it and the job's enqueue 10 s more, for each send, holding an API thread each time.
+    url, _, _ = own_redis
+    stack = make_stack(replace(pg_settings, redis_url=url)).start("api", "worker", "scheduler")
+    stack.wait_status(stack.send(_to(1)), "sent")
+    own_redis.hang(True)
+    started = time.monotonic()
+    during = stack.send(_to(2))  # stored, and accepted: queued now or by the reconciler later
+    waited = time.monotonic() - started
+    own_redis.hang(False)
+    assert waited < 8, waited  # 15 s before; 2.5 s now (0.5 for the limit, 2 for the enqueue)
+    stack.wait_status(during, "sent", timeout=60)
     assert _recipients(smtp) == ["user1@example.com", "user2@example.com"]
 
 
