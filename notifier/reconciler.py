@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
 
 from redis import Redis
-from rq.job import Job, JobStatus
+from rq import Worker
 from rq.utils import parse_composite_key, utcparse
 
 from notifier import metrics, queues, receipts, store
@@ -163,24 +163,25 @@ def _recover(redis: Redis, settings: Settings, stuck_before: datetime, report: R
 
 def _receipts_and_running_jobs(redis: Redis, rows: list[Notification]) -> tuple[dict[str, receipts.Receipt],
                                                                                  set[str]]:
-    """The sent receipts kept for rows, and the ids of their jobs (queues.job_id_of) that a live
-    worker is running now. One round trip for the page, and one more when any of its jobs has
-    started, for the workers that started them. Raises RedisError."""
+    """The sent receipts kept for rows, and the ids of the jobs a live worker is running now (the
+    rows' jobs are queues.job_id_of them). Two round trips for the page: the receipts with RQ's
+    registry of workers, then each worker's state and executions. Raises RedisError."""
     ids = [row.id for row in rows]
-    job_ids = list(dict.fromkeys(queues.job_id_of(row) for row in rows))  # a shared job once
     with redis.pipeline(transaction=False) as pipe:
         pipe.mget(receipts.keys(ids))
-        for job_id in job_ids:
-            pipe.hmget(Job.key_for(job_id), "status", "worker_name")
-        values, *jobs = pipe.execute()
-    started = {job_id: worker.decode() for job_id, (status, worker) in zip(job_ids, jobs, strict=True)
-               if status == JobStatus.STARTED.encode() and worker}
-    return receipts.parsed(ids, values), _running(redis, started)
+        pipe.smembers(Worker.redis_workers_keys)
+        values, registered = pipe.execute()
+    names = sorted(key.decode().removeprefix(Worker.redis_worker_namespace_prefix) for key in registered)
+    return receipts.parsed(ids, values), _running(redis, names)
 
 
-def _running(redis: Redis, started: dict[str, str]) -> set[str]:
-    """Of the started jobs (job id: the worker that started it), those whose worker is alive and
-    still running them, read in one round trip.
+def _running(redis: Redis, workers: list[str]) -> set[str]:
+    """The ids of the jobs these workers (names) are running, of those alive, read in one round trip.
+
+    Not from the job's own hash (its status and worker_name): one job id can be queued twice (the
+    reconciler hands on a job taken from its queue but not started yet, an enqueue whose answer
+    timed out), and the second run, which finds the notification claimed and skips it, writes
+    `finished` over the first run's `started` while the first is still sending.
 
     Alive as RQ tells it (Worker.register_birth): the worker's key is there and holds no `death`. A
     worker's heartbeat keeps the key as long as the job it starts may run (JOB_TIMEOUT) and 60 s
@@ -189,22 +190,21 @@ def _running(redis: Redis, started: dict[str, str]) -> set[str]:
     killed outright says nothing: its key stays until that TTL runs out, and the notification it was
     sending is recovered then, no sooner than a live worker could still be sending it. (RQ's own
     maintenance calls a single job abandoned at about that time, its started-registry entry having
-    the same TTL, and fails or retries it: either way no longer `started`.) Running: the job is among
-    the worker's executions, which RQ adds as the job starts and takes out as it ends."""
-    if not started:
+    the same TTL.) Running: the job is among the worker's executions, which RQ adds as the job
+    starts and takes out as it ends."""
+    if not workers:
         return set()
-    workers = sorted(set(started.values()))
     with redis.pipeline(transaction=False) as pipe:
         for name in workers:
             key, executions = queues.worker_keys(name)
             pipe.hmget(key, "last_heartbeat", "death")
             pipe.smembers(executions)
         replies = pipe.execute()
-    running: set[tuple[str, str]] = set()
-    for name, (heartbeat, death), executions in zip(workers, replies[::2], replies[1::2], strict=True):
+    running: set[str] = set()
+    for (heartbeat, death), executions in zip(replies[::2], replies[1::2], strict=True):
         if heartbeat is not None and death is None:
-            running |= {(parse_composite_key(member.decode())[0], name) for member in executions}
-    return {job_id for job_id, name in started.items() if (job_id, name) in running}
+            running |= {parse_composite_key(member.decode())[0] for member in executions}
+    return running
 
 
 def _missing_jobs(redis: Redis, job_ids: list[str], queue_names: list[str],

@@ -8,6 +8,7 @@ from datetime import timedelta
 import pytest
 from peewee import OperationalError
 from rq import Queue
+from rq.job import Job
 
 from notifier import keys, queues, reconciler, store
 from notifier.models import Notification, Status, utcnow
@@ -295,6 +296,22 @@ def test_a_send_its_live_worker_is_still_running_is_left_to_it(owner, settings, 
     slow = make_notification(owner, status=Status.SENDING)
     _age(slow, 120, attempts=1)  # past SENDING_TIMEOUT, as when the mail server takes its time
     _started_own_job(fake_redis, settings, slow)
+    assert reconcile(settings, fake_redis).recovered == 0
+    assert reload(slow.id).status == Status.SENDING
+
+
+def test_a_send_is_left_to_its_live_worker_though_a_second_run_of_its_job_finished_meanwhile(owner, settings,
+                                                                                            fake_redis):
+    # One job id queued twice (the reconciler handed on a job a worker had taken from its queue but
+    # not yet started): the second run, on another worker, found the notification claimed, skipped
+    # it and wrote `finished` over the job's `started`, while the first was still sending.
+    slow = make_notification(owner, status=Status.SENDING)
+    _age(slow, 120, attempts=1)
+    job = queues.enqueue_delivery(fake_redis, settings, slow.id, "default")
+    _started(fake_redis, job)
+    other = _started(fake_redis, Job.fetch(job.id, connection=fake_redis), name="notifier-host-2")
+    fake_redis.hset(job.key, mapping={"status": "finished", "worker_name": other.name})
+    fake_redis.delete(other.executions_key)
     assert reconcile(settings, fake_redis).recovered == 0
     assert reload(slow.id).status == Status.SENDING
 
