@@ -10,11 +10,14 @@ with an offset against columns of naive UTC; now each is the API's 422 for a bad
 from __future__ import annotations
 
 import base64
+from collections.abc import Callable
 from datetime import datetime
+from typing import TypeVar
 
 SEQ_MAX = 2**63  # past what a seq column holds; SQLite refuses a larger integer outright
 
 Part = datetime | int
+Row = TypeVar("Row")
 
 
 def encode(*key: Part, padded: bool = False) -> str:
@@ -49,3 +52,11 @@ def _parsed(text: str, kind: type[Part]) -> Part:
     if not 0 < seq < SEQ_MAX:
         raise ValueError("not a seq")
     return seq
+
+
+def page(rows: list[Row], limit: int, key: Callable[[Row], tuple[Part, ...]],
+         padded: bool = False) -> tuple[list[Row], str | None]:
+    """The first limit of rows, read as limit + 1 to learn whether more follow, and the cursor of the
+    next page: the key of this page's last row (None: this is the last page)."""
+    next_cursor = encode(*key(rows[limit - 1]), padded=padded) if len(rows) > limit else None
+    return rows[:limit], next_cursor

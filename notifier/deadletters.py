@@ -104,25 +104,18 @@ def _dead(api_key: ApiKey | None, limit: int, after: tuple[datetime, int] | None
 
 
 def list_dead(redis: Redis, api_key: ApiKey | None = None, limit: int = 100,
-              cursor: str | None = None) -> tuple[list[DeadLetter], str | None]:
+              after: tuple[datetime, int] | None = None) -> tuple[list[DeadLetter], str | None]:
     """A page of failed notifications, most recently failed first (only api_key's when given), and
-    the cursor of the next page (None: this is the last). A cursor not from here is ValueError."""
-    rows = _dead(api_key, limit + 1, _decode(cursor) if cursor is not None else None)
-    next_cursor = _encode(rows[limit - 1]) if len(rows) > limit else None
-    rows = rows[:limit]
+    the cursor of the next page (None: this is the last); after: what decode_cursor read of one."""
+    rows, next_cursor = cursors.page(_dead(api_key, limit + 1, after), limit,
+                                     lambda row: (row.updated_at, row.seq), padded=True)
     registry = _failed_registry_ids(redis, rows)
     return [_entry(row, registry) for row in rows], next_cursor
 
 
-def _encode(row: Notification) -> str:
-    return cursors.encode(row.updated_at, row.seq, padded=True)
-
-
-def _decode(cursor: str) -> tuple[datetime, int]:
-    key = cursors.decode(cursor, datetime, int, padded=True)
-    if key is None:
-        raise ValueError("not a dead-letter cursor")
-    return key
+def decode_cursor(cursor: str) -> tuple[datetime, int] | None:
+    """The (failed at, seq) a dead-letter cursor points at, or None when the cursor is not one of ours."""
+    return cursors.decode(cursor, datetime, int, padded=True)
 
 
 def show(redis: Redis, notification_id: str, api_key: ApiKey | None = None) -> tuple[DeadLetter, Job | None]:

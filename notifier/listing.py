@@ -1,4 +1,5 @@
-"""Pages of an API key's notifications, newest first, with opaque cursors; a user's counts by status."""
+"""Pages of an API key's notifications and suppressions, newest first, with opaque cursors; a user's
+counts by status."""
 
 from __future__ import annotations
 
@@ -7,11 +8,11 @@ from datetime import datetime
 from peewee import fn
 
 from notifier import cursors
-from notifier.models import ApiKey, Notification, Status
+from notifier.models import ApiKey, Notification, Status, Suppression
 
 
 def decode_cursor(cursor: str) -> int | None:
-    """The seq a cursor points at, or None when the cursor is not one of ours."""
+    """The seq (or suppression id) a cursor points at, or None when the cursor is not one of ours."""
     key = cursors.decode(cursor, int)
     return key[0] if key is not None else None
 
@@ -50,8 +51,20 @@ def list_for_key(
     if before_seq is not None:
         query = query.where(Notification.seq < before_seq)
     rows = list(query.order_by(Notification.seq.desc()).limit(limit + 1))
-    next_cursor = cursors.encode(rows[limit - 1].seq) if len(rows) > limit else None
-    return rows[:limit], next_cursor
+    return cursors.page(rows, limit, lambda row: (row.seq,))
+
+
+def suppressions_for_key(api_key: ApiKey, *, limit: int,
+                         before_id: int | None = None) -> tuple[list[Suppression], str | None]:
+    """A page of the key's suppressed addresses, newest first, and the cursor of the next page.
+
+    By id, which only grows (an address suppressed again keeps its row): an address added or removed
+    between pages never shifts the next one, as created_at alone could (two in one microsecond)."""
+    query = Suppression.select().where(Suppression.api_key == api_key.id)
+    if before_id is not None:
+        query = query.where(Suppression.id < before_id)
+    rows = list(query.order_by(Suppression.id.desc()).limit(limit + 1))
+    return cursors.page(rows, limit, lambda row: (row.id,))
 
 
 def stats_for_user(api_key: ApiKey, user_id: str) -> dict:

@@ -298,14 +298,16 @@ class Digest(BaseModel):
 class Suppression(BaseModel):
     """An address that must not be mailed: the server said it does not exist."""
 
-    api_key = ForeignKeyField(ApiKey, on_delete="CASCADE")
+    # No index of the key alone: both below begin with it (for ON DELETE CASCADE, say).
+    api_key = ForeignKeyField(ApiKey, on_delete="CASCADE", index=False)
     email = CharField(max_length=320)
     reason = TextField()
     created_at = DateTimeField(default=utcnow)
 
     class Meta:
         table_name = "suppressions"
-        indexes = ((("api_key", "email"), True),)
+        # By email for a send's lookup; by id for the API's pages of a key's list, newest first.
+        indexes = ((("api_key", "email"), True), (("api_key", "id"), False))
 
 
 class SchemaVersion(BaseModel):

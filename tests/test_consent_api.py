@@ -479,7 +479,7 @@ def test_order_placed_creates_an_order_confirmation(client, headers, deliverer, 
 
 def test_suppression_list_is_empty_and_deleting_an_unknown_address_is_404(client, headers, smtp):
     response = client.get("/api/suppressions", headers=headers)
-    assert (response.status_code, response.get_json()) == (200, {"data": []})
+    assert (response.status_code, response.get_json()) == (200, {"data": [], "next": None})
     _error(client.delete("/api/suppressions/nobody@example.com", headers=headers), 404, "not_found")
     assert notification_count() == 0
     assert smtp.count() == 0

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from datetime import timedelta
 
-from notifier import consent, digests, store
+from notifier import consent, digests, listing, store
 from notifier.config import Settings
 from notifier.db import _PREPARED, database
 from notifier.models import CallbackStatus, Notification, SchemaVersion, Status, Suppression, utcnow
@@ -32,8 +32,9 @@ def _recording(monkeypatch) -> list[tuple[str, list]]:
     return seen
 
 
-def _plan(sql: str, params: list) -> str:
-    return "\n".join(row[0] for row in database.execute_sql("EXPLAIN " + sql, params).fetchall())
+def _plan(sql: str, params: list, analyze: bool = False) -> str:
+    explain = "EXPLAIN ANALYZE " if analyze else "EXPLAIN "
+    return "\n".join(row[0] for row in database.execute_sql(explain + sql, params).fetchall())
 
 
 def test_transitions_use_the_key_when_statistics_say_the_status_is_rare(pg_db, api_key, monkeypatch):
@@ -133,6 +134,40 @@ def test_reconciler_pages_never_walk_the_table_when_statistics_are_stale(pg_db, 
         assert walks == [], "\n\n".join(f"{meant}:\n{plan}" for meant, plan in walks)
 
 
+def test_a_page_of_suppressions_reads_only_its_own_rows(pg_db, api_key, other_key, monkeypatch):
+    # A key whose list is old, then another's long and newer: by the primary key, the old one's first
+    # page walked every row of the other's (by the key alone, it would sort all of its own).
+    old, new = api_key[0], other_key[0]
+    with database.connection_context():
+        for key, count in ((old, 3000), (new, 30000)):
+            Suppression.insert_many([{"api_key": key.id, "email": f"gone-{i}@example.com", "reason": "bounced"}
+                                     for i in range(count)]).execute()
+        database.execute_sql("ANALYZE suppressions")
+        seen = _recording(monkeypatch)
+        for key in (old, new):
+            _, cursor = listing.suppressions_for_key(key, limit=10)
+            listing.suppressions_for_key(key, limit=10, before_id=listing.decode_cursor(cursor))
+        monkeypatch.undo()
+        pages = [s for s in seen if 'FROM "suppressions"' in s[0]]
+        assert len(pages) == 4
+        for sql, params in pages:
+            plan = _plan(sql, params, analyze=True)
+            assert "Rows Removed by Filter" not in plan and "Sort" not in plan and "Seq Scan" not in plan, plan
+        assert "suppression_api_key_id_id" in _plan(*pages[0])
+
+
+def test_an_upgrade_to_version_10_replaces_the_index_of_suppressions_by_key(pg_db):
+    with database.connection_context():
+        database.execute_sql('DROP INDEX "suppression_api_key_id_id"')
+        database.execute_sql('CREATE INDEX "suppression_api_key_id" ON "suppressions" ("api_key_id")')
+        SchemaVersion.update(version=9).execute()
+    assert upgrade(pg_db) == SCHEMA_VERSION
+    with database.connection_context():
+        rows = database.execute_sql("SELECT indexname FROM pg_indexes WHERE tablename = 'suppressions'").fetchall()
+    assert {name for (name,) in rows} == {"suppressions_pkey", "suppression_api_key_id_email",
+                                          "suppression_api_key_id_id"}
+
+
 def _indexes() -> set[str]:
     rows = database.execute_sql("SELECT indexname FROM pg_indexes WHERE tablename = 'notifications'").fetchall()
     return {name for (name,) in rows}
@@ -154,11 +189,11 @@ def test_an_upgrade_from_version_4_5_or_6_makes_the_partial_indexes(pg_db):
         for name, columns in replaced.items():
             database.execute_sql(f'CREATE INDEX "{name}" ON "notifications" {columns}')
         SchemaVersion.update(version=4).execute()
-    assert upgrade(pg_db) == SCHEMA_VERSION == 9
+    assert upgrade(pg_db) == SCHEMA_VERSION == 10
     with database.connection_context():
         assert made <= _indexes()
         assert not set(replaced) & _indexes()
-        assert SchemaVersion.get().version == 9
+        assert SchemaVersion.get().version == 10
 
 
 def test_an_older_release_on_a_newer_schema_says_so(sqlite_db, caplog):

@@ -282,7 +282,7 @@ def test_a_suppressed_address_never_reaches_the_smtp_server_until_removed(make_s
     assert "5.1.1 mailbox unavailable" in listed["data"][0]["reason"]
 
     # Another key neither sees this key's list nor can change it.
-    assert _api(stack, "GET", "/api/suppressions", key=other) == (200, {"data": []})
+    assert _api(stack, "GET", "/api/suppressions", key=other) == (200, {"data": [], "next": None})
     status, body = _api(stack, "DELETE", f"/api/suppressions/{address}", key=other)
     assert (status, body["error"]["code"]) == (404, "not_found")
 
@@ -294,7 +294,7 @@ def test_a_suppressed_address_never_reaches_the_smtp_server_until_removed(make_s
 
     status, body = _api(stack, "DELETE", f"/api/suppressions/{address}")
     assert (status, body) == (200, {"email": address, "suppressed": False})
-    assert _api(stack, "GET", "/api/suppressions") == (200, {"data": []})
+    assert _api(stack, "GET", "/api/suppressions") == (200, {"data": [], "next": None})
     delivered = _accepted(stack, {**LITERAL, "to": address})
     stack.wait_status(delivered["id"], "sent")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 
 from flask import current_app, g, request
 from marshmallow import Schema, ValidationError
@@ -11,10 +12,10 @@ from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.routing import BaseConverter
 
 from notifier import keys
-from notifier.errors import ApiError, RateLimited, Unauthorized
+from notifier.errors import ApiError, RateLimited, Unauthorized, Unprocessable
 from notifier.models import ApiKey
 from notifier.ratelimit import parse_rate
-from notifier.schemas import UserPathSchema
+from notifier.schemas import PageQuerySchema, UserPathSchema
 from notifier.service import NotificationService
 
 API_KEY_HEADER = "X-API-Key"
@@ -52,6 +53,21 @@ def rate_limit_headers(response):
 
 def current_key() -> ApiKey:
     return g.api_key
+
+
+def page_query(schema: PageQuerySchema, decode_cursor: Callable[[str], object | None]) -> dict:
+    """A list request's query string, as every list reads it: loaded by schema (an unknown parameter
+    is 422, as in a body), `limit` at most PAGE_SIZE_MAX, and `cursor`, when given, replaced by what
+    decode_cursor reads of it (None: a cursor this list did not write, 422)."""
+    args = schema.load(request.args.to_dict())
+    max_page = current_app.extensions["notifier"]["settings"].page_size_max
+    if args["limit"] > max_page:
+        raise Unprocessable(f"limit may be at most {max_page}", {"limit": [f"must be at most {max_page}"]})
+    if "cursor" in args:
+        args["cursor"] = decode_cursor(args["cursor"])
+        if args["cursor"] is None:
+            raise Unprocessable("the cursor is not valid", {"cursor": ["not a cursor from this API"]})
+    return args
 
 
 def request_body() -> bytes:

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
-from flask import Blueprint, current_app, jsonify, request
+from flask import Blueprint, current_app, jsonify
 
 from notifier import deadletters
-from notifier.api.common import current_key, require_api_key
-from notifier.errors import Unprocessable
+from notifier.api.common import current_key, page_query, require_api_key
 from notifier.schemas import AcceptedSchema, PageQuerySchema, UtcDateTime
 
 bp = Blueprint("deadletters", __name__, url_prefix="/api/dead-letters")
@@ -26,15 +25,9 @@ def _deps():
 def list_dead():
     """The caller's failed notifications, most recently failed first, with why they failed; a page at a
     time (pass the answer's `next` back as `cursor`)."""
-    redis, settings = _deps()
-    args = _query.load(request.args.to_dict())
-    if args["limit"] > settings.page_size_max:
-        raise Unprocessable(f"limit may be at most {settings.page_size_max}",
-                            {"limit": [f"must be at most {settings.page_size_max}"]})
-    try:
-        page, next_cursor = deadletters.list_dead(redis, current_key(), args["limit"], args.get("cursor"))
-    except ValueError:
-        raise Unprocessable("the cursor is not valid", {"cursor": ["not a cursor from this API"]}) from None
+    redis, _ = _deps()
+    args = page_query(_query, deadletters.decode_cursor)
+    page, next_cursor = deadletters.list_dead(redis, current_key(), args["limit"], args.get("cursor"))
     entries = []
     for entry in page:
         item = asdict(entry)

@@ -7,7 +7,16 @@ from marshmallow import ValidationError
 from werkzeug.exceptions import MethodNotAllowed
 
 from notifier import listing, store
-from notifier.api.common import current_key, json_body, json_items, path_user_id, request_body, require_api_key, service
+from notifier.api.common import (
+    current_key,
+    json_body,
+    json_items,
+    page_query,
+    path_user_id,
+    request_body,
+    require_api_key,
+    service,
+)
 from notifier.errors import ApiError, NotFound, ServiceUnavailable, Unprocessable
 from notifier.schemas import (
     AcceptedSchema,
@@ -145,17 +154,8 @@ def _detail(notification):
 @bp.get("")
 def list_all():
     """The caller's notifications, newest first, a page at a time."""
-    args = _query.load(request.args.to_dict())
-    limit = args.pop("limit")
-    max_page = current_app.config["NOTIFIER_SETTINGS"].page_size_max
-    if limit > max_page:
-        raise Unprocessable(f"limit may be at most {max_page}", {"limit": [f"must be at most {max_page}"]})
-    before_seq = None
-    if "cursor" in args:
-        before_seq = listing.decode_cursor(args.pop("cursor"))
-        if before_seq is None:
-            raise Unprocessable("the cursor is not valid", {"cursor": ["not a cursor from this API"]})
-    rows, next_cursor = listing.list_for_key(current_key(), limit=limit, before_seq=before_seq, **args)
+    args = page_query(_query, listing.decode_cursor)
+    rows, next_cursor = listing.list_for_key(current_key(), before_seq=args.pop("cursor", None), **args)
     return jsonify(data=_many.dump(rows), next=next_cursor)
 
 

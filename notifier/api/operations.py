@@ -27,10 +27,15 @@ from notifier.schemas import (
 # --- response shapes the handlers build themselves ---------------------------------------------------
 
 
-class NotificationPageSchema(Schema):
-    data = fields.List(fields.Nested(NotificationSchema), required=True)
+class PageSchema(Schema):
+    """What every list answers besides its `data`."""
+
     next = fields.String(required=True, allow_none=True,
                          metadata={"description": "pass back as `cursor` for the next page; null on the last"})
+
+
+class NotificationPageSchema(PageSchema):
+    data = fields.List(fields.Nested(NotificationSchema), required=True)
 
 
 class BatchAcceptedSchema(Schema):
@@ -60,10 +65,8 @@ class DeadLetterSchema(Schema):
                                         metadata={"description": "whether RQ's failed registry still holds the job"})
 
 
-class DeadLetterListSchema(Schema):
+class DeadLetterListSchema(PageSchema):
     data = fields.List(fields.Nested(DeadLetterSchema), required=True)
-    next = fields.String(required=True, allow_none=True,
-                         metadata={"description": "the cursor of the next page; null on the last"})
 
 
 class HealthSchema(Schema):
@@ -109,7 +112,7 @@ class SuppressionSchema(Schema):
     created_at = UtcDateTime(required=True)
 
 
-class SuppressionListSchema(Schema):
+class SuppressionListSchema(PageSchema):
     data = fields.List(fields.Nested(SuppressionSchema), required=True)
 
 
@@ -193,7 +196,9 @@ OPERATIONS: dict[tuple[str, str], Op] = {
         ok_description="The user's preferences after the change",
         description="Only the parts given change; transactional mail cannot be turned off."),
     ("suppressions.list_suppressions", "GET"): Op(
-        "Addresses you will not mail again, newest first", "suppressions", ok_schema=SuppressionListSchema),
+        "Addresses you will not mail again, newest first, a page at a time", "suppressions",
+        ok_schema=SuppressionListSchema, query=PageQuerySchema,
+        description="`limit` (default 50) is at most PAGE_SIZE_MAX; pass the answer's `next` back as `cursor`."),
     ("suppressions.delete_suppression", "DELETE"): Op(
         "Mail an address again", "suppressions", ok_schema=SuppressionRemovedSchema,
         errors={404: "`not_found`: the address is not suppressed"}),

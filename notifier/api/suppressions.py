@@ -4,23 +4,27 @@ from __future__ import annotations
 
 from flask import Blueprint, jsonify
 
-from notifier.api.common import current_key, require_api_key
+from notifier import listing
+from notifier.api.common import current_key, page_query, require_api_key
 from notifier.errors import NotFound
 from notifier.models import Suppression
-from notifier.schemas import UtcDateTime
+from notifier.schemas import PageQuerySchema, UtcDateTime
 
 bp = Blueprint("suppressions", __name__, url_prefix="/api/suppressions")
 bp.before_request(require_api_key)
 _dt = UtcDateTime()
+_query = PageQuerySchema()
 
 
 @bp.get("")
 def list_suppressions():
-    """Every suppressed address of this key, newest first, with why."""
-    rows = (Suppression.select().where(Suppression.api_key == current_key().id)
-            .order_by(Suppression.created_at.desc()).limit(1000))
+    """The suppressed addresses of this key, newest first, with why; a page at a time (pass the
+    answer's `next` back as `cursor`)."""
+    args = page_query(_query, listing.decode_cursor)
+    rows, next_cursor = listing.suppressions_for_key(current_key(), limit=args["limit"],
+                                                     before_id=args.get("cursor"))
     return jsonify(data=[{"email": s.email, "reason": s.reason, "created_at": _dt.serialize("created_at", s)}
-                         for s in rows])
+                         for s in rows], next=next_cursor)
 
 
 @bp.delete("/<path:email>")
