@@ -1,8 +1,9 @@
 """What the API changes in gunicorn: its worker (gthread, answering gunicorn's own refusals in the
-API's envelope) and its logger (without gunicorn's access line). gunicorn.conf.py names both.
+API's envelope, and closing a connection when the API asks) and its logger (without gunicorn's access
+line). gunicorn.conf.py names both.
 
 gunicorn refuses a request it cannot parse (a header over limit_request_field_size, a request line
-over limit_request_line, a broken chunk) before Flask sees it, with an HTML page. A caller of this API
+over limit_request_line) before Flask sees it, with an HTML page. A caller of this API
 gets {"error": {"code", "message", "details"}} for every other refusal, so these get it too.
 gunicorn.conf.py names this class."""
 
@@ -15,6 +16,12 @@ from gunicorn.workers.gthread import ThreadWorker
 
 from notifier.errors import HTTP_CODES
 
+# Set in a request's WSGI environ by the application when the connection must not carry another
+# request (a body it refused unread): the answer then says `Connection: close` and the connection
+# closes. A WSGI application may not send hop-by-hop headers itself (PEP 3333), and gunicorn drops a
+# `Connection` header it is given. Flask's development server closes every connection anyway.
+CLOSE_CONNECTION = "notifier.close_connection"
+
 
 def write_json_error(sock, status_int: int, reason: str, mesg: str) -> None:
     """gunicorn.util.write_error's answer, with the API's error envelope as its body."""
@@ -25,14 +32,38 @@ def write_json_error(sock, status_int: int, reason: str, mesg: str) -> None:
     util.write_nonblock(sock, head.encode("latin-1") + body)
 
 
+def closing_when_asked(app):
+    """app, with gunicorn closing the connection after an answer to a request that set CLOSE_CONNECTION.
+
+    Without it gunicorn answers `Connection: keep-alive`, then drains at most 64 KiB of the body the
+    application left unread and, past that, drops the connection: the client's next request on it
+    fails (RemoteDisconnected, a broken pipe)."""
+
+    def serve(environ, start_response):
+        def start(status, headers, exc_info=None):
+            if environ.get(CLOSE_CONNECTION):
+                # gunicorn hands the application its Response's own start_response.
+                start_response.__self__.force_close()
+            return start_response(status, headers, exc_info)
+
+        return app(environ, start)
+
+    return serve
+
+
 class JsonErrorWorker(ThreadWorker):
-    """gunicorn's gthread worker; its refusals are written by write_json_error."""
+    """gunicorn's gthread worker; its refusals are written by write_json_error, and it closes the
+    connection when the application asks (closing_when_asked)."""
 
     def init_process(self):
         # gunicorn offers no hook for its error pages: every worker writes them through this module
         # function. Set in the worker process only, where nothing else of gunicorn's uses it.
         util.write_error = write_json_error
         super().init_process()
+
+    def load_wsgi(self):
+        super().load_wsgi()
+        self.wsgi = closing_when_asked(self.wsgi)
 
 
 class ApiLogger(glogging.Logger):

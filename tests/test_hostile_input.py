@@ -3,6 +3,8 @@ the field is free text, is stored verbatim and does no harm."""
 
 from __future__ import annotations
 
+import contextlib
+import http.client
 import json
 import socket
 import urllib.error
@@ -11,8 +13,10 @@ from dataclasses import replace
 
 import pytest
 
+from notifier import consent, unsubscribe
+from notifier.config import Settings
 from notifier.db import database
-from notifier.models import Notification, UserProfile
+from notifier.models import DeliveryMode, Notification, UserProfile
 from notifier.rules import RULES
 from notifier.schemas import MAX_JSON_DEPTH, MAX_JSON_NODES
 from tests.helpers import LITERAL, VERIFICATION, notification_count, run_worker_until_idle
@@ -410,3 +414,119 @@ def test_what_gunicorn_refuses_itself_gets_the_json_envelope_too(pg_settings, pg
         assert (status, json.loads(body)["error"]["code"]) == (401, "unauthorized")  # and Flask's own, as ever
     finally:
         stop(api)
+
+
+# --- request bodies on keep-alive connections, under gunicorn -----------------------------------------
+
+SECRET = "hostile-input-secret"
+ONE_CLICK = b"List-Unsubscribe=One-Click"  # what a mail provider's one-click button posts (RFC 8058)
+
+
+@contextlib.contextmanager
+def _gunicorn(settings, tmp_path):
+    """The API under gunicorn with gunicorn.conf.py, as in production: (port, log path)."""
+    port, log = free_port(), tmp_path / "gunicorn.log"
+    api = spawn(["-m", "gunicorn", "--bind", f"127.0.0.1:{port}", "--workers", "1", "app:create_app()"],
+                env_for(settings, SECRET_KEY=SECRET), str(log))
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/api/health")
+        yield port, log
+    finally:
+        stop(api)
+
+
+def _chunks(body: bytes):
+    for i in range(0, len(body), 8192):
+        yield body[i:i + 8192]
+
+
+def _ask(conn: http.client.HTTPConnection, method: str, path: str, body: bytes = b"", chunked: bool = False):
+    """One request on conn, its form body sent with Content-Length or chunked: (status, Connection, body)."""
+    headers = {"Content-Type": "application/x-www-form-urlencoded"}
+    if chunked:
+        conn.request(method, path, body=_chunks(body), headers=headers, encode_chunked=True)
+    else:
+        conn.request(method, path, body=body, headers=headers)
+    response = conn.getresponse()
+    return response.status, response.getheader("Connection"), response.read()
+
+
+def _one_click_path(key_id: int, user: str) -> str:
+    return f"/unsubscribe/{unsubscribe.make_token(Settings(secret_key=SECRET), key_id, user, 'marketing')}"
+
+
+# Routes that read no body of their own: the one-click unsubscribe, its page, health, a 405, a 404,
+# and 401s given before any body would be read.
+UNREAD_BODY_ROUTES = [("POST", "one-click"), ("GET", "one-click"), ("GET", "/api/health"), ("POST", "/api/health"),
+                      ("POST", "/no/such/route"), ("GET", "/metrics"), ("POST", SEND)]
+
+
+def _ask_each_route(conn: http.client.HTTPConnection, key_id: int, user: str, body: bytes, chunked: bool):
+    """Each of UNREAD_BODY_ROUTES asked on conn with body: yields ((method, route), its _ask answer)."""
+    for method, route in UNREAD_BODY_ROUTES:
+        path = _one_click_path(key_id, user) if route == "one-click" else route
+        yield (method, route), _ask(conn, method, path, body, chunked)
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+def test_a_body_a_route_does_not_read_leaves_the_keep_alive_connection_usable(pg_settings, api_key, tmp_path,
+                                                                              chunked):
+    # gunicorn drains at most 64 KiB of a body the application left unread; past that it dropped the
+    # connection after an answer that said keep-alive, and the client's next request on it failed.
+    body = ONE_CLICK + b"&pad=" + b"x" * 100_000
+    with _gunicorn(pg_settings, tmp_path) as (port, log):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=20)
+        try:
+            for asked, (status, connection, _) in _ask_each_route(conn, api_key[0].id, "u-kept", body, chunked):
+                assert connection == "keep-alive", (asked, status)
+                sock = conn.sock
+                assert _ask(conn, "GET", "/api/health")[0] == 200, asked
+                assert conn.sock is sock, asked  # the same connection answered
+        finally:
+            conn.close()
+        assert "Traceback" not in log.read_text()
+    with database.connection_context():
+        assert consent.mode_for(api_key[0].id, "u-kept", "marketing") == DeliveryMode.OFF  # one-click still works
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+def test_a_body_over_max_body_bytes_is_413_on_every_route_and_closes_the_connection(pg_settings, api_key, tmp_path,
+                                                                                   chunked):
+    over = ONE_CLICK + b"&pad=" + b"x" * pg_settings.max_body_bytes
+    with _gunicorn(pg_settings, tmp_path) as (port, log):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=20)
+        try:
+            for asked, (status, connection, answer) in _ask_each_route(conn, api_key[0].id, "u-big", over, chunked):
+                assert (status, json.loads(answer)["error"]["code"]) == (413, "payload_too_large"), asked
+                assert set(json.loads(answer)["error"]) == {"code", "message", "details"}
+                assert connection == "close", asked
+                # http.client opens a new connection after a `Connection: close`; the request on it is answered.
+                assert _ask(conn, "GET", "/api/health")[0] == 200, asked
+            with database.connection_context():
+                assert consent.mode_for(api_key[0].id, "u-big", "marketing") == DeliveryMode.IMMEDIATE
+            status, connection, _ = _ask(conn, "POST", _one_click_path(api_key[0].id, "u-big"), ONE_CLICK, chunked)
+            assert (status, connection) == (200, "keep-alive")
+        finally:
+            conn.close()
+        assert "Traceback" not in log.read_text()
+    with database.connection_context():
+        assert consent.mode_for(api_key[0].id, "u-big", "marketing") == DeliveryMode.OFF
+
+
+@pytest.mark.parametrize("path", [SEND, "/api/health"])
+def test_a_broken_chunked_body_is_400_in_the_envelope_and_closes_the_connection(pg_settings, api_key, tmp_path, path):
+    # It was a 500 on a route reading JSON, and on one reading nothing gunicorn's drain wrote a second
+    # answer (400) after the route's, which a client would take as the answer to its next request.
+    with _gunicorn(pg_settings, tmp_path) as (port, log):
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(b"POST " + path.encode() + b" HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Transfer-Encoding: chunked\r\nX-API-Key: " + api_key[1].encode()
+                         + b"\r\n\r\nzz\r\n{}\r\n0\r\n\r\n")
+            data = b""
+            while chunk := sock.recv(65536):
+                data += chunk
+        assert data.count(b"HTTP/1.1 ") == 1, data
+        head, _, body = data.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 400 ") and b"Connection: close" in head
+        assert json.loads(body)["error"]["code"] == "bad_request"
+        assert "Traceback" not in log.read_text()

@@ -8,7 +8,6 @@ from collections.abc import Callable
 
 from flask import current_app, g, request
 from marshmallow import Schema, ValidationError
-from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.routing import BaseConverter
 
 from notifier import keys
@@ -71,15 +70,9 @@ def page_query(schema: PageQuerySchema, decode_cursor: Callable[[str], object | 
 
 
 def request_body() -> bytes:
-    """The whole request body, read once (later calls answer from the cache)."""
-    data = request.get_data(cache=True)
-    if (request.content_length is None and len(data) >= current_app.config["MAX_CONTENT_LENGTH"]
-            and request.environ["wsgi.input"].read(1)):
-        # A chunked body over the limit: werkzeug stops reading at the limit and refuses only a read
-        # past it, which get_data never makes, so the body would be cut short without a word. (The
-        # server's own input, past werkzeug's limit, says whether there was more.)
-        raise RequestEntityTooLarge()
-    return data
+    """The whole request body: guards.read_body read it (and refused one over MAX_BODY_BYTES) before
+    any route ran."""
+    return request.get_data(cache=True)
 
 
 class UserIdConverter(BaseConverter):

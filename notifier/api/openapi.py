@@ -23,7 +23,7 @@ JSON = "application/json"
 
 # What each error status means; an operation may say more about its own (its 409s, say).
 ERROR_DESCRIPTIONS = {
-    400: "`bad_request`: a NUL character in the path, query string or a header",
+    400: "`bad_request`: a NUL character in the path, query string or a header, or a body that cannot be read",
     401: "`unauthorized`: missing, wrong or revoked API key",
     404: "`not_found`: no such route, or nothing of yours by that id",
     409: "`conflict`",
@@ -210,9 +210,11 @@ def _error_headers(status: int) -> dict:
 
 def _implied_errors(rule: Rule, op: Op) -> dict[int, str]:
     """{status: description, or "" for the usual one} of the errors the route's shape implies."""
-    statuses = [400]  # a NUL character anywhere in the request line or headers
+    # A NUL character anywhere in the request line or headers; a body over MAX_BODY_BYTES, which every
+    # route refuses (guards.read_body), one that takes none too.
+    statuses = [400, 413]
     if op.body is not None:
-        statuses += [413, 422]
+        statuses.append(422)
     if op.query is not None:
         statuses.append(422)
     if not op.public:
