@@ -6,9 +6,10 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
+import numbers
 import re
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from datetime import UTC, datetime
 
@@ -37,31 +38,39 @@ def bound(**ids: str | None) -> Iterator[None]:
 
 # A local part this short is masked only within its whole address: alone it matches ordinary words.
 _SHORTEST_CONCEALED_LOCAL_PART = 3
+# The line a formatted traceback's frames follow: the indented lines after it are code (file, source,
+# ^ markers), the first line that is not indented the exception's own text.
+_TRACEBACK = "Traceback (most recent call last):"
 
 
 class _Concealed:
-    """The recipients of the job running now, each masked in every form a mail server may echo it:
-    the address with characters the address pattern stops at ("=", "/"), or the mailbox alone, in any
-    case."""
+    """The recipients of the job running now, each masked in every form a mail server may echo it: the
+    address with characters the address pattern stops at ("=", "/"), in any case, everywhere; and the
+    mailbox alone, which may be an ordinary word ("notification", "sent", "default"), only in text a
+    mail server may have written (echo())."""
 
     def __init__(self):
         self.masks: dict[str, str] = {}
+        self.mailboxes: set[str] = set()  # those of the masks' forms that are a mailbox alone
         self._patterns: dict[tuple[str, ...], re.Pattern] = {}
 
     def add(self, address: str) -> None:
         local = address.rpartition("@")[0]
-        forms = {address: mask_address(address)}
-        if len(local) >= _SHORTEST_CONCEALED_LOCAL_PART:
-            forms[local] = f"{local[:1]}***"
-        for form, mask in forms.items():
-            self.masks.setdefault(form.lower(), mask)
+        self.masks.setdefault(address.lower(), mask_address(address))
+        if len(local) >= _SHORTEST_CONCEALED_LOCAL_PART and local.lower() not in self.masks:
+            self.masks[local.lower()] = f"{local[:1]}***"
+            self.mailboxes.add(local.lower())
 
-    def sub(self, text: str) -> str:
+    def present(self, text: str) -> list[str]:
+        """The forms text holds, in any case: most lines hold none, and stop at this."""
         lowered = text.lower()
-        present = [form for form in self.masks if form in lowered]
-        if not present:  # most lines
+        return [form for form in self.masks if form in lowered]
+
+    def sub(self, text: str, forms: list[str]) -> str:
+        """text with these forms masked (those present() found in it, or some of them)."""
+        if not forms:
             return text
-        present = tuple(sorted(present, key=len, reverse=True))
+        present = tuple(sorted(forms, key=len, reverse=True))
         # A pattern of the forms in the line, longest first: one of all of them, made again after each
         # new recipient, cost a shared job of 1,000 whose replies echo each address 25 ms an email.
         pattern = self._patterns.get(present)
@@ -73,13 +82,91 @@ class _Concealed:
                                                            re.IGNORECASE | re.ASCII)
         return pattern.sub(lambda match: self.masks[match.group().lower()], text)
 
+    def addresses(self, forms: list[str]) -> list[str]:
+        """Those of forms masked everywhere: not a mailbox alone."""
+        return [form for form in forms if form not in self.mailboxes]
+
+    def echo(self, text: str) -> str:
+        """text a mail server may have written, with every form masked; in a traceback, its code only
+        with the addresses masked, as the code is ours or a library's, not the server's."""
+        forms = self.present(text)
+        if not forms or _TRACEBACK not in text:
+            return self.sub(text, forms)
+        addresses, code = self.addresses(forms), False
+        lines = text.split("\n")
+        for i, line in enumerate(lines):
+            code = line == _TRACEBACK or (code and line.startswith(" "))
+            lines[i] = self.sub(line, addresses if code else forms)
+        return "\n".join(lines)
+
+
+class _Echoed:
+    """An argument of a log call that may hold a mail server's words: formatted (%s, %r) with the job's
+    recipients masked in every form."""
+
+    __slots__ = ("value", "concealed")
+
+    def __init__(self, value, concealed: _Concealed):
+        self.value, self.concealed = value, concealed
+
+    def __str__(self) -> str:
+        return self.concealed.echo(_ANSI.sub("", str(self.value)))
+
+    def __repr__(self) -> str:
+        return self.concealed.echo(repr(self.value))
+
+
+def _from_rq(record: logging.LogRecord) -> bool:
+    return record.name.partition(".")[0] == "rq"
+
+
+def _echoes(value, mailboxes: list[str], rq: bool) -> bool:
+    """Whether an argument of a log call holds one of these mailboxes and may be a mail server's words."""
+    # An exception's text is the mail server's words wherever it goes (RQ's failure line has it as a
+    # traceback); RQ's other arguments are its own and the job's names (worker, queue, function, "Job
+    # OK"), ours whatever the caller had (a refusal's text among them), but never a number.
+    if isinstance(value, str):
+        if rq and _TRACEBACK not in value:
+            return False
+    elif not isinstance(value, BaseException) and (rq or value is None or isinstance(value, numbers.Number)):
+        return False
+    lowered = str(value).lower()
+    for form in mailboxes:
+        if form in lowered:
+            return True
+    return False
+
+
+def _conceal_message(concealed: _Concealed, record: logging.LogRecord, message: str) -> str:
+    """message, the record's formatted, with the job's recipients masked: the address wherever it
+    stands, the mailbox alone only in the call's arguments that may hold a mail server's words, not in
+    the call's own (record.msg: "notification %s sent" for sent@)."""
+    forms = concealed.present(message)
+    if not forms:  # most lines
+        return message
+    mailboxes = [form for form in forms if form in concealed.mailboxes]
+    if mailboxes and not isinstance(record.msg, str):  # an exception logged as the message: its text
+        return concealed.echo(message)
+    if mailboxes and record.args:
+        rq, named = _from_rq(record), isinstance(record.args, Mapping)  # named: logger.info("%(x)s", {...})
+        args = dict(record.args) if named else dict(enumerate(record.args))
+        echoed = {k: _Echoed(v, concealed) for k, v in args.items() if _echoes(v, mailboxes, rq)}
+        if echoed:
+            args.update(echoed)
+            try:
+                message = _ANSI.sub("", record.msg % (args if named else tuple(args.values())))
+            except Exception:  # noqa: BLE001 - as getMessage() did: the whole line, then, as the server's
+                return concealed.echo(message)
+    return concealed.sub(message, concealed.addresses(forms))
+
 
 _concealed: contextvars.ContextVar[_Concealed | None] = contextvars.ContextVar("concealed", default=None)
 
 
 @contextmanager
 def concealing() -> Iterator[None]:
-    """Within the block, every address given to conceal_recipient() is masked in every line, in any form.
+    """Within the block, every address given to conceal_recipient() is masked in every line, in any form
+    (its mailbox alone where a mail server's words may be: see conceal_recipient()).
 
     The worker opens one around each job, RQ's own line about the job's failure included."""
     token = _concealed.set(_Concealed())
@@ -90,7 +177,9 @@ def concealing() -> Iterator[None]:
 
 
 def conceal_recipient(address: str | None) -> None:
-    """Mask address, and its mailbox alone, in every line until the concealing() block ends (none: no-op)."""
+    """Mask address in every line until the concealing() block ends (none: no-op), and its mailbox alone
+    where a mail server's words may be: in a log call's arguments and an exception's text, not in the
+    call's own words, RQ's names (worker, queue, function) or a traceback's code."""
     concealed = _concealed.get()
     if concealed is not None and address and "@" in address:
         concealed.add(address)
@@ -124,16 +213,29 @@ def _mask(match: re.Match) -> str:
 
 
 def redact(text: str) -> str:
-    """text with passwords in URLs, unsubscribe tokens, API keys, callback secrets and email addresses masked."""
+    """text with passwords in URLs, unsubscribe tokens, API keys, callback secrets and email addresses
+    masked; within a job, its recipients in every form, as in a mail server's words."""
     concealed = _concealed.get()
     if concealed is not None:
-        text = concealed.sub(text)
+        text = concealed.echo(text)
+    return _redact_patterns(text)
+
+
+def _redact_patterns(text: str) -> str:
     text = _PG_DETAIL_VALUES.sub("\\1(…)", text)
     text = _URL_PASSWORD.sub(r"\1***@", text)
     text = _UNSUBSCRIBE_TOKEN.sub(r"\1<token>", text)
     text = _API_KEY.sub(r"\1[redacted]", text)
     text = _SECRET.sub(r"\1[redacted]", text)
     return _ADDRESS.sub(_mask, text) if "@" in text or "%40" in text else text
+
+
+def _redact_own(text: str) -> str:
+    """redact() for words that are not a mail server's: a recipient's mailbox alone stays."""
+    concealed = _concealed.get()
+    if concealed is not None:
+        text = concealed.sub(text, concealed.addresses(concealed.present(text)))
+    return _redact_patterns(text)
 
 
 class RedactingFilter(logging.Filter):
@@ -148,7 +250,11 @@ class RedactingFilter(logging.Filter):
             message = record.getMessage()
         except Exception:  # noqa: BLE001 - a bad format string must not break the caller; log what we have
             message = f"{record.msg} {record.args!r}"
-        record.msg = redact(_ANSI.sub("", message))
+        message = _ANSI.sub("", message)
+        concealed = _concealed.get()
+        if concealed is not None:
+            message = _conceal_message(concealed, record, message)
+        record.msg = _redact_patterns(message)
         record.args = None
         return True
 
@@ -166,23 +272,25 @@ class AccessLogFilter(logging.Filter):
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "taskName"}
 
 
-def _safe(value):
+def _safe(value, clean=redact):
     if isinstance(value, str):
-        return redact(value)
+        return clean(value)
     if value is None or isinstance(value, bool | int | float):
         return value
     if isinstance(value, list | tuple):
-        return [_safe(item) for item in value]
+        return [_safe(item, clean) for item in value]
     if isinstance(value, dict):
-        return {str(k): _safe(v) for k, v in value.items()}
-    return redact(str(value))
+        return {str(k): _safe(v, clean) for k, v in value.items()}
+    return clean(str(value))
 
 
 def _fields(record: logging.LogRecord) -> dict:
     found = {name: var.get() for name, var in _CONTEXT.items() if var.get() is not None}
+    # RQ's fields name the job (queue, function, arguments: ids), never hold a mail server's words.
+    clean = _redact_own if _from_rq(record) else redact
     for name, value in vars(record).items():
         if name not in _STANDARD and not name.startswith("_"):
-            found[name] = _safe(value)
+            found[name] = _safe(value, clean)
     return found
 
 

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 import urllib.error
 import urllib.request
 from dataclasses import replace
 from datetime import timedelta
+from traceback import format_exception
 
 import fakeredis
 import pytest
@@ -270,6 +272,64 @@ def test_a_recipient_echoed_by_the_mail_server_is_masked_in_every_form(client, h
     assert any(line["logger"] == "rq.worker" and "SMTPRecipientsRefused" in line["message"] for line in lines)
     text = json.dumps(lines).lower()
     assert "hopper" not in text and "lovelace" not in text
+
+
+def test_a_recipient_whose_mailbox_is_a_common_word_leaves_the_job_lines_readable(client, headers, pg_settings,
+                                                                                  redis_conn, smtp, capsys):
+    # A job masks its recipient's mailbox alone only where a mail server's words can be (a log call's
+    # arguments, an exception's text): "notification@" and "sent@" hid those words in every line of it.
+    from tests.helpers import installed_deliverer, run_worker_until_idle
+
+    smtp.rcpt_replies.append("550 5.1.1 no such user SENT")
+    ids = []
+    for to in ("sent@example.com", "notification@example.com"):
+        response = client.post("/api/notifications/send", headers=headers,
+                               json={"to": to, "subject": "Hello", "text": "Hi"})
+        assert response.status_code == 202
+        ids.append(response.get_json()["id"])
+    capsys.readouterr()
+    with installed_deliverer(pg_settings, redis_conn):
+        run_worker_until_idle(redis_conn)
+    lines = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line.startswith("{")]
+    messages = [line["message"] for line in lines if line["logger"] != "mail.log"]
+    assert f"notification {ids[1]} sent (attempt 1)" in messages
+    refused = [m for m in messages if "no such user" in m]
+    # Ours ("... failed (final): ...") and RQ's, whose traceback's last lines hold the refusal.
+    assert any(m.startswith(f"notification {ids[0]} attempt 1 failed") for m in refused)
+    assert any("SMTPRecipientsRefused" in m for m in refused)
+    assert all("no such user s***" in m and "no such user sent" not in m.lower() for m in refused)
+
+
+def test_the_mailbox_alone_is_masked_in_what_a_server_wrote_not_in_the_words_of_the_log_call(captured):
+    # A shared job's recipients whose mailboxes are words of our lines, RQ's, and a traceback's code.
+    try:
+        sent = "no such user"
+        raise RuntimeError(f"550 5.1.1 {sent} SENT")  # the traceback shows this line: code, not the server's
+    except RuntimeError:
+        traceback = "".join(format_exception(*sys.exc_info()))
+        with logs.concealing():
+            for address in ("notification@example.com", "sent@example.com", "default@example.com", "job@example.com"):
+                logs.conceal_recipient(address)
+            jobs, rq = logging.getLogger("notifier.jobs"), logging.getLogger("rq.worker")
+            jobs.info("notification %s sent (attempt %s)", "n-1", 1)
+            rq.info("Worker %s: %s: %s (%s)", "w-1", "notifier.default", "Job OK", "j-1")
+            jobs.warning("notification %s attempt %s failed (%s): %s", "n-2", 1, "final", "550 no such user Sent")
+            jobs.warning("after sending notification %s", "n-3", exc_info=True)
+            rq.error("Worker %s: job %s: exception raised while executing (%s)\n%s", "w-1", "j-2",
+                     "notifier.jobs.deliver", traceback, extra={"queue": "notifier.default"})
+            jobs.warning("%(reply)s to sent@example.com", {"reply": "550 sent"})
+
+    ours, rq_ok, refused, with_exc, rq_failed, named = (json.loads(line) for line in captured())
+    assert ours["message"] == "notification n-1 sent (attempt 1)"
+    assert rq_ok["message"] == "Worker w-1: notifier.default: Job OK (j-1)"
+    assert refused["message"] == "notification n-2 attempt 1 failed (final): 550 no such user s***"
+    for text in (with_exc["exc_info"], rq_failed["message"]):
+        assert 'raise RuntimeError(f"550 5.1.1 {sent} SENT")' in text
+        assert "RuntimeError: 550 5.1.1 no such user s***" in text and "user SENT" not in text
+    assert rq_failed["message"].startswith("Worker w-1: job j-2: exception raised while executing "
+                                           "(notifier.jobs.deliver)\nTraceback")
+    assert rq_failed["queue"] == "notifier.default"
+    assert named["message"] == "550 s*** to s***@example.com"
 
 
 @pytest.mark.parametrize("in_path, logged, hidden", [
