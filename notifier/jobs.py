@@ -247,6 +247,7 @@ class Deliverer:
         # is kept alive for one email's timeout at a time instead.
         if self.redis is None or job is None or not job.worker_name:
             return
+        self._record_unrecorded()  # not held while Redis may take its socket timeout (see _make_way)
         try:
             queues.keep_worker_alive(self.redis, job.worker_name, self.settings.job_timeout + 60)
         except RedisError as exc:
