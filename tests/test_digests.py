@@ -174,6 +174,20 @@ def _texts(received) -> str:
     return "".join(received.message.get_body((part,)).get_content() for part in ("plain", "html"))
 
 
+def _sent_without(api, headers, smtp, receiver, digest_id: str, late: str, kept: str, reason: str) -> dict:
+    """The one digest mail went out with Ben's item (kept) and without Ann's (late), which ended
+    `expired` for reason, as its last status line says, each with its own callback; late's detail."""
+    (received,) = smtp.wait_for(1)
+    assert received.message["X-Notification-ID"] == digest_id
+    assert "1 update today" in _texts(received) and "Ben" in _texts(received) and "Ann" not in _texts(received)
+    detail = _detail(api, headers, late)
+    assert (detail["status"], detail["sent_at"]) == ("expired", None)
+    assert _status_lines(detail)[-1]["reason"] == reason
+    assert _detail(api, headers, kept)["status"] == "digested"
+    assert _events(receiver) == {late: "notification.expired", kept: "notification.digested"}
+    return detail
+
+
 def test_a_held_item_past_its_deadline_when_the_digest_is_made_is_expired_not_taken(
         api, headers, live_deliverer, fast_settings, smtp, redis_conn, receiver):
     _prefs(api, headers, {"categories": {"product": "daily"}})
@@ -185,15 +199,10 @@ def test_a_held_item_past_its_deadline_when_the_digest_is_made_is_expired_not_ta
     run_worker_until_idle(redis_conn)
 
     (digest,) = _digests(api, headers)
-    (received,) = smtp.wait_for(1)
-    assert received.message["X-Notification-ID"] == digest["id"]
-    assert "1 update today" in _texts(received) and "Ben" in _texts(received) and "Ann" not in _texts(received)
-    detail = _detail(api, headers, late)
-    assert (detail["status"], detail["digest_id"], detail["sent_at"]) == ("expired", None, None)
+    detail = _sent_without(api, headers, smtp, receiver, digest["id"], late, kept,
+                           "deadline passed while it was held for a digest")
+    assert detail["digest_id"] is None
     assert [e["status"] for e in _status_lines(detail)] == ["held", "expired"]
-    assert _status_lines(detail)[-1]["reason"] == "deadline passed while it was held for a digest"
-    assert _detail(api, headers, kept)["status"] == "digested"
-    assert _events(receiver) == {late: "notification.expired", kept: "notification.digested"}
 
 
 def test_an_item_whose_deadline_passes_before_its_digest_goes_out_is_left_out_of_it(
@@ -202,17 +211,12 @@ def test_an_item_whose_deadline_passes_before_its_digest_goes_out_is_left_out_of
     _deadline_passed(late)
     run_worker_until_idle(redis_conn)
 
-    (received,) = smtp.wait_for(1)
-    assert received.message["X-Notification-ID"] == digest["id"]
-    assert "1 update today" in _texts(received) and "Ben" in _texts(received) and "Ann" not in _texts(received)
+    detail = _sent_without(api, headers, smtp, receiver, digest["id"], late, kept,
+                           f"deadline passed before digest {digest['id']} was sent")
     assert _detail(api, headers, digest["id"])["status"] == "sent"
     assert len(reload(digest["id"]).data["items"]) == 1  # it holds what went out
-    detail = _detail(api, headers, late)
-    assert (detail["status"], detail["digest_id"], detail["sent_at"]) == ("expired", digest["id"], None)
+    assert detail["digest_id"] == digest["id"]
     assert [e["status"] for e in _status_lines(detail)] == ["held", "in_digest", "expired"]
-    assert _status_lines(detail)[-1]["reason"] == f"deadline passed before digest {digest['id']} was sent"
-    assert _detail(api, headers, kept)["status"] == "digested"
-    assert _events(receiver) == {late: "notification.expired", kept: "notification.digested"}
 
 
 def test_an_item_left_out_of_its_digest_has_its_callback_queued_once(
