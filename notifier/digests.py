@@ -35,13 +35,12 @@ import logging
 from datetime import UTC, datetime, time, timedelta
 
 from peewee import IntegrityError, fn
-from rq.exceptions import StopRequested
-from rq.timeouts import JobTimeoutException
 
 from notifier import metrics, queues, store
 from notifier.config import Settings, parse_clock
 from notifier.consent import Decision, get_profile, mode_for, timing, zone
 from notifier.db import UNAVAILABLE_ERRORS, cancelled
+from notifier.errors import STOPPING
 from notifier.models import (
     DIGEST_TEMPLATE,
     ApiKey,
@@ -57,9 +56,6 @@ from notifier.models import (
 logger = logging.getLogger(__name__)
 
 ITEM_TEXT_CHARS = 500
-# RQ stopping the job (its time limit, the worker's shutdown), raised wherever the job is: never one
-# group or one item failing, so no except clause here may take it for one.
-_STOPPING = (JobTimeoutException, StopRequested)
 
 
 def boundary_at_or_before(instant: datetime, tz_name: str, clock: str, weekday: int | None = None) -> datetime:
@@ -116,7 +112,7 @@ def flush_due(settings: Settings, redis, renderer, now: datetime | None = None) 
     for api_key_id, user_key, category in list(groups):
         try:
             made += _flush_group(settings, redis, renderer, api_key_id, user_key, category, now)
-        except _STOPPING:
+        except STOPPING:
             raise
         except UNAVAILABLE_ERRORS as exc:
             if not cancelled(exc):
@@ -280,7 +276,7 @@ def _item(renderer, notification: Notification) -> dict:
     if notification.template:
         try:
             content = renderer.render(notification.template, notification.data)
-        except _STOPPING:
+        except STOPPING:
             raise
         except Exception:  # noqa: BLE001 - one broken item must not hold the whole digest back
             return {"subject": notification.template.replace("_", " ").capitalize(), "text": ""}

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from rq.exceptions import StopRequested
+from rq.timeouts import JobTimeoutException
+
 # Error codes of the HTTP errors the web stack answers itself (Flask and Werkzeug, or gunicorn for a
 # request it cannot parse), for the one error envelope.
 HTTP_CODES = {
@@ -19,6 +22,10 @@ HTTP_CODES = {
     500: "internal_error",
     501: "not_implemented",
 }
+
+# RQ stopping a job (its time limit, the worker's shutdown), raised wherever the job is: never one
+# email, group or item failing, so no `except Exception` in a job may take it for one.
+STOPPING = (JobTimeoutException, StopRequested)
 
 
 class NotifierError(Exception):

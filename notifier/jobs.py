@@ -13,7 +13,7 @@ from rq import get_current_job
 from notifier import callback_job, consent, digests, logs, metrics, queues, receipts, store, unsubscribe
 from notifier.config import Settings
 from notifier.db import UNAVAILABLE_ERRORS, database
-from notifier.errors import DeliveryError, PermanentDeliveryError, TransientDeliveryError
+from notifier.errors import STOPPING, DeliveryError, PermanentDeliveryError, TransientDeliveryError
 from notifier.mail import Mailer, OutgoingEmail, SendResult
 from notifier.models import DIGEST_TEMPLATE, Category, Notification, Priority, Status, utcnow
 from notifier.rendering import RenderedEmail, Renderer, literal
@@ -133,6 +133,8 @@ class Deliverer:
                     f"gave up after {notification.attempts} attempts: {error}", error.smtp_code
                 )
                 self._record_failure(notification, exhausted, final=True, lookup=lookup)
+                if isinstance(exc, STOPPING):
+                    raise  # recorded; RQ stops the job (a shared one must not go on to the next email)
                 raise exhausted from exc
             self._record_failure(notification, error, final=False, lookup=lookup)
             raise
@@ -224,9 +226,9 @@ class Deliverer:
                     try:
                         with logs.bound(notification_id=notification_id):
                             outcomes[self._deliver(notification_id, current, lookup)] += 1
-                    except (*UNAVAILABLE_ERRORS, SentNotRecorded):
-                        # The database is away (a held `sent` record it would not take says so too):
-                        # the rest of the job waits for it, handed on by the reconciler.
+                    except (*UNAVAILABLE_ERRORS, SentNotRecorded, *STOPPING):
+                        # The database is away (a held `sent` record it would not take says so too),
+                        # or RQ stops the job: the rest of it is handed on by the reconciler.
                         raise
                     except Exception as exc:  # noqa: BLE001 - _deliver() recorded it; where it goes next is read back
                         outcomes[self._carry_on(notification_id, exc)] += 1
@@ -296,6 +298,8 @@ class Deliverer:
         emails it must not stop (the next one may be claimed already)."""
         try:
             self._after_sent(sent, result, recorded)
+        except STOPPING:
+            raise
         except Exception:  # noqa: BLE001 - its callback, if any, is recorded as owed: the reconciler queues it
             logger.warning("after sending notification %s", sent.id, exc_info=True)
 

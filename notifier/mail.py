@@ -9,6 +9,7 @@ import socket
 import ssl
 import time
 import uuid
+from contextlib import suppress
 from dataclasses import dataclass, field
 from email import message_from_bytes
 from email.charset import QP, Charset
@@ -24,7 +25,7 @@ from typing import Protocol
 import yagmail
 
 from notifier.config import Settings
-from notifier.errors import DeliveryError, PermanentDeliveryError, TransientDeliveryError
+from notifier.errors import STOPPING, DeliveryError, PermanentDeliveryError, TransientDeliveryError
 from notifier.rendering import RenderedEmail
 
 logger = logging.getLogger(__name__)
@@ -259,9 +260,9 @@ class SmtpMailer:
         if self._client is not None and time.monotonic() - self._last_used > IDLE_PROBE_SECONDS:
             try:
                 if self._client.smtp.noop()[0] != 250:
-                    self.close()
+                    self._drop()
             except (smtplib.SMTPException, OSError):
-                self.close()
+                self._drop()
         if self._client is None:
             self._client = self._open()
         return self._client.smtp
@@ -279,23 +280,37 @@ class SmtpMailer:
                 # A kept connection the server had closed meanwhile (it restarted, or dropped us
                 # before IDLE_PROBE_SECONDS): nothing of this message reached it, so a new
                 # connection sends it now rather than a retry interval later.
-                self.close()
+                self._drop()
                 code, reply = _transmit(self._connection(), self._sender, email.to, body)
         except Exception as exc:
-            self.close()
+            self._drop()
+            if isinstance(exc, STOPPING):
+                raise  # RQ stops the job: not a failure of this email's delivery
             raise classify(exc) from exc
         self._last_used = time.monotonic()
         return SendResult(message_id=message_id_for(email.notification_id, self.settings.mail_from),
                           smtp_code=code, smtp_reply=_text(reply))
 
     def close(self) -> None:
-        """Drop the connection; the next send opens a new one."""
+        """Say QUIT and close the connection (the worker is stopping); the next send opens a new one."""
         client, self._client = self._client, None
         if client is not None:
             try:
                 client.close()
             except Exception:  # noqa: BLE001 - closing a broken connection may fail in any way
                 logger.debug("closing SMTP connection failed", exc_info=True)
+
+    def _drop(self) -> None:
+        # A connection that failed, or whose send was cut off, is closed without QUIT. The server may
+        # still be taking a message (a slow answer to DATA, RQ's time limit cutting in): a QUIT waits
+        # for that answer, up to SMTP_TIMEOUT, and a server still connected delivers the email we are
+        # about to record as not sent, which its retry then sends again. Hanging up first gives a
+        # careful server the chance to drop it.
+        client, self._client = self._client, None
+        if client is not None:
+            client.is_closed = True
+            with suppress(OSError):
+                client.smtp.close()  # the socket only: nothing more is said to the server
 
 
 class _DeadConnection(smtplib.SMTPServerDisconnected):

@@ -10,6 +10,7 @@ from datetime import timedelta
 
 import pytest
 from rq import Queue
+from rq.timeouts import JobTimeoutException, UnixSignalDeathPenalty
 
 from notifier import devmail
 from notifier.db import database
@@ -168,6 +169,27 @@ def test_a_kept_connection_the_server_closed_is_replaced_without_a_retry(pg_sett
         server.stop()
     assert result.smtp_code == 250
     assert [m.rcpt_tos for m in first.messages + second.messages] == [["ann@example.com"], ["bob@example.com"]]
+
+
+def test_a_send_cut_off_by_the_job_limit_hangs_up_without_quit(pg_settings):
+    # RQ's time limit cut a send off while the server was still answering DATA. Closing the
+    # connection said QUIT, which waited for that answer (up to SMTP_TIMEOUT), and the server, never
+    # left, delivered the email about to be recorded as not sent: its retry sent it a second time.
+    handler = devmail.CaptureHandler()
+    handler.delay = 2.0
+    server = devmail.start(handler)
+    mailer = SmtpMailer(replace(pg_settings, smtp_port=server.port, smtp_timeout=5))
+    try:
+        started = time.monotonic()
+        with pytest.raises(JobTimeoutException), UnixSignalDeathPenalty(1, JobTimeoutException):
+            mailer.send(_email("ann@example.com"))  # RQ's own exception: the job stops, no email failed
+        waited = time.monotonic() - started
+        time.sleep(1.5)  # past the server's answer
+    finally:
+        mailer.close()
+        server.stop()
+    assert waited < 1.8, waited  # the limit, and no wait for an answer
+    assert handler.messages == []  # the server saw us hang up before it answered, and kept nothing
 
 
 class _Writes:

@@ -385,3 +385,26 @@ def test_a_shared_job_keeps_its_worker_alive_one_email_timeout_at_a_time(chunked
     assert ttls[0] > one_email  # RQ's own, for the whole job
     assert len(ttls) == 3 and all(0 < ttl <= one_email for ttl in ttls[1:])
     assert statuses == [["queued", "queued", "sent"], ["queued", "sent", "sent"]]
+
+
+
+def test_a_shared_job_stops_at_its_time_limit_and_the_reconciler_hands_on_the_rest(stacks, pg_settings, smtp):
+    # A shared job's limit is JOB_TIMEOUT per email. RQ raises it in the middle of whatever the job is
+    # doing, a send most likely: taken for one email failing, it let the job go on with no limit.
+    # (Real processes: in pytest's, the SMTP server's thread may take the alarm's signal.)
+    stack = stacks(pg_settings, JOB_TIMEOUT=1, RETRY_INTERVALS="1,1,1", RECONCILE_INTERVAL=1,
+                   RECONCILE_GRACE_SECONDS=1).start("api", "worker")
+    smtp.delay = 2.5  # the first email takes 2.5 s; the job's 3 s limit comes in the middle of the second
+    status, body = request("POST", f"{stack.base}{BATCH}", stack.key, {"notifications": _items(3)})
+    assert status == 202, body
+    ids = [r["id"] for r in body["results"]]
+    stack.wait_status(ids[1], "retrying", timeout=20)
+    time.sleep(4)  # the third would have gone out by now, had the job gone on
+    assert [stack.get(i)["status"] for i in ids] == ["sent", "retrying", "queued"]
+    assert _recipients(smtp) == ["user0@example.com"]  # the second was cut off before the server took it
+
+    smtp.delay = 0.0
+    stack.start("scheduler")  # its reconciler hands on the two the stopped job left
+    for notification_id in ids:
+        stack.wait_status(notification_id, "sent", timeout=40)
+    assert _recipients(smtp) == [f"user{n}@example.com" for n in range(3)]
