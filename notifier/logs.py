@@ -13,6 +13,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from datetime import UTC, datetime
 
+from notifier.errors import STOPPING
 from notifier.redact import mask_address
 
 FORMATS = ("json", "text")
@@ -155,6 +156,8 @@ def _conceal_message(concealed: _Concealed, record: logging.LogRecord, message: 
             args.update(echoed)
             try:
                 message = _ANSI.sub("", record.msg % (args if named else tuple(args.values())))
+            except STOPPING:
+                raise  # RQ stopping the job as the line was made: the job's, not the line's
             except Exception:  # noqa: BLE001 - as getMessage() did: the whole line, then, as the server's
                 return concealed.echo(message)
     return concealed.sub(message, concealed.addresses(forms))
@@ -248,6 +251,8 @@ class RedactingFilter(logging.Filter):
             record.msg, record.args = str(record.msg[0]), None
         try:
             message = record.getMessage()
+        except STOPPING:
+            raise  # RQ stopping the job as the line was made: the job's, not the line's
         except Exception:  # noqa: BLE001 - a bad format string must not break the caller; log what we have
             message = f"{record.msg} {record.args!r}"
         message = _ANSI.sub("", message)
@@ -348,6 +353,14 @@ class StderrHandler(logging.StreamHandler):
     @stream.setter
     def stream(self, value):
         pass
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        # RQ stops a job by raising wherever it is (its time limit's SIGALRM), a line being formatted
+        # or written among those places: logging took that for the line failing, printed "Logging
+        # error" and let the job go on with no limit left. It goes on up to RQ instead.
+        if isinstance(sys.exc_info()[1], STOPPING):
+            raise  # emit() calls this inside its except clause
+        super().handleError(record)
 
 
 def make_handler(fmt: str = "json") -> logging.Handler:

@@ -413,3 +413,27 @@ def test_a_database_error_shows_which_constraint_not_the_row(pg_db, captured):
     assert 'violates unique constraint "apikey_name"' in second["exc_info"]
     assert "Key (name)=(…)" in second["exc_info"]
     assert "ZQ" not in first["exc_info"] + second["exc_info"] and "detail)" not in second["exc_info"]
+
+
+
+@pytest.mark.parametrize("where", ["filter", "format"])
+def test_rq_stopping_a_job_while_it_logs_a_line_stops_the_job(capsys, monkeypatch, where):
+    # RQ's time limit is SIGALRM raising JobTimeoutException wherever the job is, a log line among
+    # those places (its message read by the filter, its formatting, its write to stderr). Taken for
+    # the line's own failure (the filter's fallback, logging's handleError), it was swallowed and the
+    # job went on, with no limit left at all.
+    from rq.timeouts import JobTimeoutException
+
+    def interrupted(*args, **kwargs):
+        raise JobTimeoutException("Task exceeded maximum timeout value (1 seconds)")
+
+    # Our handler alone: pytest's own capture handler would fail the line itself.
+    monkeypatch.setattr(logging.getLogger(), "handlers", [logs.make_handler("json")])
+    if where == "filter":
+        monkeypatch.setattr(logging.LogRecord, "getMessage", interrupted)
+    else:
+        monkeypatch.setattr(logs.JsonFormatter, "format", interrupted)
+    with pytest.raises(JobTimeoutException):
+        logging.getLogger("notifier.jobs").info("notification %s sent (attempt %s)", "n-1", 1)
+    monkeypatch.undo()
+    assert "Logging error" not in capsys.readouterr().err
