@@ -245,3 +245,25 @@ def test_share_jobs_fills_jobs_per_priority_and_skips_what_is_not_queued():
     assert jobs_of[2] not in (jobs_of[0], jobs_of[4])  # another priority, another job
     assert all(j.startswith("notifications-") for j in (jobs_of[0], jobs_of[2], jobs_of[4]))
     assert queues.share_jobs(Settings(batch_job_size=1), items) == [fields for _, fields in items]
+
+
+@pytest.mark.parametrize("last", [False, True])
+def test_a_send_cut_off_by_the_job_limit_is_retried_or_on_the_last_attempt_failed(memory_deliverer, owner, last):
+    # RQ's own exception goes on up (the job stops), after the attempt is recorded like any other
+    # that may pass: `retrying`, or `failed` with what it gave up after.
+    from rq.timeouts import JobTimeoutException
+
+    def cut_off(email):
+        raise JobTimeoutException("Task exceeded maximum timeout value (120 seconds)")
+
+    max_attempts = memory_deliverer.settings.max_attempts
+    notification = make_notification(owner, Status.RETRYING, attempts=max_attempts - 1 if last else 0)
+    memory_deliverer.mailer.send = cut_off
+
+    with pytest.raises(JobTimeoutException):
+        memory_deliverer.deliver(notification.id)
+
+    row = reload(notification.id)
+    assert row.status == (Status.FAILED if last else Status.RETRYING)
+    assert "JobTimeoutException" in row.last_error
+    assert (f"gave up after {max_attempts} attempts" in row.last_error) is last
