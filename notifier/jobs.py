@@ -9,6 +9,7 @@ from collections import Counter
 from redis import Redis
 from redis.exceptions import RedisError
 from rq import get_current_job
+from rq.timeouts import JobTimeoutException
 
 from notifier import callback_job, consent, digests, logs, metrics, queues, receipts, store, unsubscribe
 from notifier.config import Settings
@@ -42,6 +43,13 @@ def _owes_callbacks(notification: Notification) -> bool:
     """Whether a notification that just became final may owe callbacks: its own, or (a digest) its
     items'. Most owe none, and are not read again to find out."""
     return bool(notification.callback_url) or notification.template == DIGEST_TEMPLATE
+
+
+def _cut_off(exc: BaseException) -> str:
+    """What an attempt that ended in something other than a delivery error records as its reason."""
+    if isinstance(exc, JobTimeoutException):
+        return f"{type(exc).__name__}: JOB_TIMEOUT ran out while sending"
+    return type(exc).__name__
 
 
 class SentNotRecorded(RuntimeError):
@@ -127,7 +135,7 @@ class Deliverer:
             self._record_failure(notification, exc, final=True, lookup=lookup)
             raise
         except Exception as exc:  # noqa: BLE001 - anything else may pass: try again
-            error = exc if isinstance(exc, DeliveryError) else TransientDeliveryError(f"{type(exc).__name__}")
+            error = exc if isinstance(exc, DeliveryError) else TransientDeliveryError(_cut_off(exc))
             if notification.attempts >= self.settings.max_attempts:
                 exhausted = RetriesExhausted(
                     f"gave up after {notification.attempts} attempts: {error}", error.smtp_code

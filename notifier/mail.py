@@ -253,7 +253,16 @@ class SmtpMailer:
             soft_email_validation=False,
             timeout=s.smtp_timeout,
         )
-        client.login()
+        try:
+            client.login()
+        except BaseException:
+            # Half open (a refused login, RQ's limit cutting in): yagmail would say QUIT when the
+            # object is collected, and wait up to SMTP_TIMEOUT for the answer wherever that happens.
+            client.is_closed = True
+            if getattr(client, "smtp", None) is not None:
+                with suppress(OSError):
+                    client.smtp.close()
+            raise
         return client
 
     def _connection(self) -> smtplib.SMTP:
@@ -282,10 +291,10 @@ class SmtpMailer:
                 # connection sends it now rather than a retry interval later.
                 self._drop()
                 code, reply = _transmit(self._connection(), self._sender, email.to, body)
-        except Exception as exc:
-            self._drop()
-            if isinstance(exc, STOPPING):
-                raise  # RQ stops the job: not a failure of this email's delivery
+        except BaseException as exc:
+            self._drop()  # also when the process is made to exit mid-send (a second SIGTERM)
+            if isinstance(exc, STOPPING) or not isinstance(exc, Exception):
+                raise  # RQ stops the job, or the process exits: not a failure of this email's delivery
             raise classify(exc) from exc
         self._last_used = time.monotonic()
         return SendResult(message_id=message_id_for(email.notification_id, self.settings.mail_from),

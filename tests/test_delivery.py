@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import socket
 import threading
 import time
@@ -171,25 +172,62 @@ def test_a_kept_connection_the_server_closed_is_replaced_without_a_retry(pg_sett
     assert [m.rcpt_tos for m in first.messages + second.messages] == [["ann@example.com"], ["bob@example.com"]]
 
 
-def test_a_send_cut_off_by_the_job_limit_hangs_up_without_quit(pg_settings):
+@pytest.mark.parametrize("stop", [JobTimeoutException, SystemExit], ids=["job-limit", "process-exit"])
+def test_a_send_cut_off_by_the_job_limit_hangs_up_without_quit(pg_settings, stop):
     # RQ's time limit cut a send off while the server was still answering DATA. Closing the
     # connection said QUIT, which waited for that answer (up to SMTP_TIMEOUT), and the server, never
     # left, delivered the email about to be recorded as not sent: its retry sent it a second time.
+    # A worker made to exit mid-send (a second SIGTERM) left the QUIT to yagmail as the process ended.
     handler = devmail.CaptureHandler()
     handler.delay = 2.0
     server = devmail.start(handler)
     mailer = SmtpMailer(replace(pg_settings, smtp_port=server.port, smtp_timeout=5))
     try:
         started = time.monotonic()
-        with pytest.raises(JobTimeoutException), UnixSignalDeathPenalty(1, JobTimeoutException):
-            mailer.send(_email("ann@example.com"))  # RQ's own exception: the job stops, no email failed
+        with pytest.raises(stop), UnixSignalDeathPenalty(1, stop):
+            mailer.send(_email("ann@example.com"))  # the same exception: the job stops, no email failed
         waited = time.monotonic() - started
+        gc.collect()  # what is left of the connection says nothing either
         time.sleep(1.5)  # past the server's answer
     finally:
         mailer.close()
         server.stop()
     assert waited < 1.8, waited  # the limit, and no wait for an answer
     assert handler.messages == []  # the server saw us hang up before it answered, and kept nothing
+
+
+def test_a_refused_login_leaves_no_half_open_connection_to_say_quit_later(pg_settings):
+    # yagmail says QUIT when a client object is collected: one whose login failed, never kept by the
+    # mailer, did so wherever the collection happened, waiting up to SMTP_TIMEOUT for an answer.
+    listener = socket.create_server(("127.0.0.1", 0))
+    said: list[bytes] = []
+
+    def serve():
+        conn, _ = listener.accept()
+        with conn, conn.makefile("rb") as lines:
+            conn.sendall(b"220 odd ESMTP\r\n")
+            for line in lines:
+                said.append(line.split()[0].upper())
+                if said[-1] == b"EHLO":
+                    conn.sendall(b"250-odd\r\n250 AUTH PLAIN\r\n")
+                elif said[-1] == b"AUTH":
+                    conn.sendall(b"535 5.7.8 authentication failed\r\n")
+                else:
+                    conn.sendall(b"221 bye\r\n")
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    settings = replace(pg_settings, smtp_port=listener.getsockname()[1], smtp_username="notifier",
+                       smtp_password="wrong")
+    try:
+        SmtpMailer(settings).send(_email("ann@example.com"))
+    except TransientDeliveryError as exc:
+        code = exc.smtp_code
+    gc.collect()  # the exception and its frames are gone: so is the client they held
+    thread.join(5)
+    listener.close()
+    assert code == 535
+    assert said == [b"EHLO", b"AUTH"], said  # and no QUIT: the socket was closed
 
 
 class _Writes:

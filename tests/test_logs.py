@@ -434,6 +434,6 @@ def test_rq_stopping_a_job_while_it_logs_a_line_stops_the_job(capsys, monkeypatc
     else:
         monkeypatch.setattr(logs.JsonFormatter, "format", interrupted)
     with pytest.raises(JobTimeoutException):
-        logging.getLogger("notifier.jobs").info("notification %s sent (attempt %s)", "n-1", 1)
+        logging.getLogger("notifier.jobs").warning("notification %s attempt %s failed", "n-1", 1)
     monkeypatch.undo()
     assert "Logging error" not in capsys.readouterr().err

@@ -391,7 +391,6 @@ def test_a_shared_job_keeps_its_worker_alive_one_email_timeout_at_a_time(chunked
 def test_a_shared_job_stops_at_its_time_limit_and_the_reconciler_hands_on_the_rest(stacks, pg_settings, smtp):
     # A shared job's limit is JOB_TIMEOUT per email. RQ raises it in the middle of whatever the job is
     # doing, a send most likely: taken for one email failing, it let the job go on with no limit.
-    # (Real processes: in pytest's, the SMTP server's thread may take the alarm's signal.)
     stack = stacks(pg_settings, JOB_TIMEOUT=1, RETRY_INTERVALS="1,1,1", RECONCILE_INTERVAL=1,
                    RECONCILE_GRACE_SECONDS=1).start("api", "worker")
     smtp.delay = 2.5  # the first email takes 2.5 s; the job's 3 s limit comes in the middle of the second
