@@ -19,9 +19,11 @@ install: $(STAMP)
 run: install
 	$(PY) -m notifier dev
 
-# The whole suite against the real PostgreSQL, Redis and an in-process SMTP server.
+# The whole suite against the real PostgreSQL, Redis and an in-process SMTP server, TEST_WORKERS
+# pytest processes at once (pytest-xdist): most of its time is spent waiting on real processes.
+TEST_WORKERS ?= 4
 test: install lint
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist worksteal
 
 unit: install
 	$(PY) -m pytest -m "not integration"

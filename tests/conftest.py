@@ -23,12 +23,26 @@ from notifier.runtime import make_renderer
 from notifier.schema import upgrade
 
 PG_ADMIN_URL = os.environ.get("TEST_PG_ADMIN_DSN", "host=127.0.0.1 port=5432 user=postgres dbname=postgres")
-REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+# pytest-xdist's worker (gw0, gw1, ...), or "" in a run without it.
+XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
+
+
+def _redis_url() -> str:
+    # One Redis database per pytest-xdist worker, counting down from TEST_REDIS_URL's (15 by default):
+    # each test flushes its own database, and RQ's registries of workers and jobs live in it.
+    base, number = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15").rsplit("/", 1)
+    db = int(number) - (int(XDIST_WORKER[2:]) if XDIST_WORKER else 0)
+    if db < 0:
+        raise pytest.UsageError(f"too many pytest-xdist workers for TEST_REDIS_URL's database {number}")
+    return f"{base}/{db}"
+
+
+REDIS_URL = _redis_url()
 
 
 def _pg_database_name() -> str:
-    # One database per pytest-xdist worker (or per TEST_DB_SUFFIX), so parallel runs never collide.
-    suffix = os.environ.get("TEST_DB_SUFFIX") or os.environ.get("PYTEST_XDIST_WORKER", "main")
+    # One database per run (TEST_DB_SUFFIX) and per pytest-xdist worker, so parallel runs never collide.
+    suffix = (os.environ.get("TEST_DB_SUFFIX") or "main") + XDIST_WORKER
     return f"notifier_test_{re.sub(r'[^a-z0-9]', '', suffix.lower())}"
 
 
