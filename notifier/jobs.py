@@ -39,6 +39,17 @@ def _lookups_by_key(rows: list[Notification]) -> dict[int, consent.Lookup]:
             for key in {r.api_key_id for r in rows}}
 
 
+def _strings(value) -> list[str]:
+    """The strings in a notification's template data, however deep."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [s for v in value.values() for s in _strings(v)]
+    if isinstance(value, list | tuple):
+        return [s for v in value for s in _strings(v)]
+    return []
+
+
 def _owes_callbacks(notification: Notification) -> bool:
     """Whether a notification that just became final may owe callbacks: its own, or (a digest) its
     items'. Most owe none, and are not read again to find out."""
@@ -130,7 +141,10 @@ class Deliverer:
         if notification.template == DIGEST_TEMPLATE and self._leave_out_expired(notification):
             return "expired"
         try:
-            result = self.mailer.send(self._outgoing(notification))
+            email = self._outgoing(notification)
+            # A refusal may quote the subject, a link or a code: never in the log.
+            logs.conceal_content([*email.texts(), *_strings(notification.data)])
+            result = self.mailer.send(email)
         except PermanentDeliveryError as exc:
             self._record_failure(notification, exc, final=True, lookup=lookup)
             raise

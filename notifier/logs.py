@@ -9,7 +9,7 @@ import logging
 import numbers
 import re
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import UTC, datetime
 
@@ -39,6 +39,9 @@ def bound(**ids: str | None) -> Iterator[None]:
 
 # A local part this short is masked only within its whole address: alone it matches ordinary words.
 _SHORTEST_CONCEALED_LOCAL_PART = 3
+# Shorter texts of an email ("Hi", "Al") are not looked for in what a mail server wrote.
+_SHORTEST_CONCEALED_CONTENT = 4
+CONTENT_MASK = "[content]"
 # The line a formatted traceback's frames follow: the indented lines after it are code (file, source,
 # ^ markers), the first line that is not indented the exception's own text.
 _TRACEBACK = "Traceback (most recent call last):"
@@ -52,15 +55,32 @@ class _Concealed:
 
     def __init__(self):
         self.masks: dict[str, str] = {}
-        self.mailboxes: set[str] = set()  # those of the masks' forms that are a mailbox alone
+        # Those of the masks' forms masked only where a mail server's words may be: a mailbox alone,
+        # and the email's own content (set_content()).
+        self.mailboxes: set[str] = set()
+        self._content: set[str] = set()
         self._patterns: dict[tuple[str, ...], re.Pattern] = {}
 
     def add(self, address: str) -> None:
         local = address.rpartition("@")[0]
         self.masks.setdefault(address.lower(), mask_address(address))
-        if len(local) >= _SHORTEST_CONCEALED_LOCAL_PART and local.lower() not in self.masks:
+        if len(local) >= _SHORTEST_CONCEALED_LOCAL_PART and (local.lower() not in self.masks
+                                                             or local.lower() in self._content):
+            self._content.discard(local.lower())  # a recipient's now, kept when the email's content goes
             self.masks[local.lower()] = f"{local[:1]}***"
             self.mailboxes.add(local.lower())
+
+    def set_content(self, texts: Iterable[str]) -> None:
+        """The email being sent now: these texts of it replace the last email's (a mail server answers
+        about the message in hand, and a shared job's thousand would slow every line)."""
+        for form in self._content:
+            del self.masks[form]
+        self.mailboxes -= self._content
+        # Not an address: the address pattern masks those in every line already.
+        self._content = {t.lower() for t in texts
+                         if len(t) >= _SHORTEST_CONCEALED_CONTENT and "@" not in t} - self.masks.keys()
+        self.masks.update(dict.fromkeys(self._content, CONTENT_MASK))
+        self.mailboxes |= self._content
 
     def present(self, text: str) -> list[str]:
         """The forms text holds, in any case: most lines hold none, and stop at this."""
@@ -186,6 +206,16 @@ def conceal_recipient(address: str | None) -> None:
     concealed = _concealed.get()
     if concealed is not None and address and "@" in address:
         concealed.add(address)
+
+
+def conceal_content(texts: Iterable[str]) -> None:
+    """Mask these texts of the email being sent now (its subject, its template data) where a mail
+    server's words may be, as a recipient's mailbox alone, until the next email's replace them: a
+    refusal may quote the subject, a link or a code ("550 5.7.1 URL ... blocked"). Texts shorter
+    than 4 characters are left; a server quoting some other part of a body is not caught."""
+    concealed = _concealed.get()
+    if concealed is not None:
+        concealed.set_content(texts)
 
 
 # Local parts may hold more than this, but "/" would swallow the path in front. "=" is in: forwarding

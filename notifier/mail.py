@@ -35,12 +35,22 @@ logger = logging.getLogger(__name__)
 IDLE_PROBE_SECONDS = 10.0
 
 
+# The lines of a text body looked for in what a mail server writes back (logs.conceal_content).
+_QUOTABLE_LINES = 100
+
+
 @dataclass(frozen=True)
 class OutgoingEmail:
     notification_id: str
     to: str
     content: RenderedEmail
     headers: dict[str, str] = field(default_factory=dict)
+
+    def texts(self) -> list[str]:
+        """What a mail server's refusal may quote of this email: its subject, its headers' values
+        (the unsubscribe link) and its text's lines, each stripped."""
+        lines = (self.content.text or "").splitlines()[:_QUOTABLE_LINES]
+        return [t.strip() for t in (self.content.subject, *self.headers.values(), *lines) if t.strip()]
 
 
 @dataclass(frozen=True)

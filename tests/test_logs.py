@@ -252,24 +252,29 @@ def test_an_unsubscribe_token_is_never_logged_whatever_the_route_made_of_it(sqli
 
 
 @pytest.mark.integration
+def _worker_lines(settings, redis_conn, capsys) -> list[dict]:
+    """The lines an in-process worker logs as it runs every job queued; not those of aiosmtpd, the
+    test's mail server, which logs in this process too ("mail.log")."""
+    from tests.helpers import installed_deliverer, run_worker_until_idle
+
+    capsys.readouterr()
+    with installed_deliverer(settings, redis_conn):
+        run_worker_until_idle(redis_conn)
+    lines = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line.startswith("{")]
+    return [line for line in lines if line["logger"] != "mail.log"]
+
+
 def test_a_recipient_echoed_by_the_mail_server_is_masked_in_every_form(client, headers, pg_settings, redis_conn,
                                                                          smtp, capsys):
     # A refusal may quote the address with characters the address pattern stops at ("=", "/"), or
     # the mailbox alone, in any case. The worker's line and RQ's line for the failed job both hold it.
-    from tests.helpers import installed_deliverer, run_worker_until_idle
-
     smtp.rcpt_replies.extend(["550 5.1.1 <grace=hopper/navy@example.com>: no such user grace=hopper/navy",
                               "550 5.1.1 mailbox ADA.LOVELACE does not exist"])
     for to in ("grace=hopper/navy@example.com", "ada.lovelace@example.com"):
         response = client.post("/api/notifications/send", headers=headers,
                                json={"to": to, "subject": "Hello", "text": "Hi"})
         assert response.status_code == 202
-    capsys.readouterr()
-    with installed_deliverer(pg_settings, redis_conn):
-        run_worker_until_idle(redis_conn)
-    # aiosmtpd, the test's mail server, logs in this process too ("mail.log"): notifier's lines only.
-    lines = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line.startswith("{")]
-    lines = [line for line in lines if line["logger"] != "mail.log"]
+    lines = _worker_lines(pg_settings, redis_conn, capsys)
     failed = [line["message"] for line in lines if line["logger"] == "notifier.jobs" and "failed" in line["message"]]
     assert len(failed) == 2 and "g***@example.com" in failed[0] and "mailbox a*** does not exist" in failed[1]
     assert any(line["logger"] == "rq.worker" and "SMTPRecipientsRefused" in line["message"] for line in lines)
@@ -281,8 +286,6 @@ def test_a_recipient_whose_mailbox_is_a_common_word_leaves_the_job_lines_readabl
                                                                                   redis_conn, smtp, capsys):
     # A job masks its recipient's mailbox alone only where a mail server's words can be (a log call's
     # arguments, an exception's text): "notification@" and "sent@" hid those words in every line of it.
-    from tests.helpers import installed_deliverer, run_worker_until_idle
-
     smtp.rcpt_replies.append("550 5.1.1 no such user SENT")
     ids = []
     for to in ("sent@example.com", "notification@example.com"):
@@ -290,11 +293,7 @@ def test_a_recipient_whose_mailbox_is_a_common_word_leaves_the_job_lines_readabl
                                json={"to": to, "subject": "Hello", "text": "Hi"})
         assert response.status_code == 202
         ids.append(response.get_json()["id"])
-    capsys.readouterr()
-    with installed_deliverer(pg_settings, redis_conn):
-        run_worker_until_idle(redis_conn)
-    lines = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line.startswith("{")]
-    messages = [line["message"] for line in lines if line["logger"] != "mail.log"]
+    messages = [line["message"] for line in _worker_lines(pg_settings, redis_conn, capsys)]
     assert f"notification {ids[1]} sent (attempt 1)" in messages
     refused = [m for m in messages if "no such user" in m]
     # Ours ("... failed (final): ...") and RQ's, whose traceback's last lines hold the refusal.
@@ -333,6 +332,57 @@ def test_the_mailbox_alone_is_masked_in_what_a_server_wrote_not_in_the_words_of_
                                            "(notifier.jobs.deliver)\nTraceback")
     assert rq_failed["queue"] == "notifier.default"
     assert named["message"] == "550 s*** to s***@example.com"
+
+
+def test_a_refusal_quoting_the_subject_the_link_and_the_code_logs_none_of_them(client, headers, pg_settings,
+                                                                             redis_conn, smtp, capsys):
+    # A content filter's refusal of a verification email, quoting its subject, its link (with the
+    # token) and its code: the worker's line and RQ's line for the failed job both held them whole.
+
+    link = "https://app.example/verify?token=zq-s3cr3t-t0ken"
+    smtp.replies.append(f"554 5.7.1 'Verify your email address' refused: URL {link} listed, code 714253")
+    response = client.post("/api/notifications/send-verification", headers=headers,
+                           json={"to": "ann@example.com", "user_id": "u1", "code": "714253",
+                                 "verification_url": link})
+    assert response.status_code == 202
+    lines = _worker_lines(pg_settings, redis_conn, capsys)
+    refused = [line["message"] for line in lines if "refused" in line["message"]]
+    assert len(refused) == 2  # ours, and RQ's traceback of the failed job
+    assert all("554 5.7.1 '[content]' refused: URL [content] listed, code [content]" in m for m in refused)
+    text = json.dumps(lines)
+    assert "s3cr3t" not in text and "714253" not in text and "Verify your email address" not in text
+    detail = client.get(f"/api/notifications/{response.get_json()['id']}", headers=headers).get_json()
+    assert link in detail["history"][-1]["smtp_reply"]  # the record keeps the server's words whole
+
+
+def test_what_a_server_quotes_of_the_email_being_sent_is_masked_in_its_words_only(captured):
+    # A refusal may quote the subject, a link with its token, or a code: the email's content, which
+    # never goes in a log. It is masked where the server's words can be, as a mailbox alone is; the
+    # log call's own words and a traceback's code keep theirs, and the next email's content replaces it.
+    subject, link = "Reset your password", "https://app.example/reset?token=zq-s3cr3t-t0ken"
+    try:
+        raise RuntimeError(f"554 5.7.1 URL {link} blocked")
+    except RuntimeError:
+        traceback = "".join(format_exception(*sys.exc_info()))
+    with logs.concealing():
+        logs.conceal_recipient("ann@example.com")
+        logs.conceal_content([subject, link, "987654", "Hi", "Reset"])
+        jobs, rq = logging.getLogger("notifier.jobs"), logging.getLogger("rq.worker")
+        jobs.warning("notification %s attempt %s failed (%s): %s", "n-1", 1, "final",
+                     f"550 5.7.1 message '{subject.upper()}' with code 987654 refused. Hi")
+        rq.error("Worker %s: job %s: exception raised while executing (%s)\n%s", "w-1", "j-1",
+                 "notifier.jobs.deliver", traceback)
+        jobs.info("Reset counters for %s", "n-1")  # the call's own words, though "Reset" is content
+        logs.conceal_content(["Your order has shipped"])
+        jobs.warning("notification %s attempt %s failed (%s): %s", "n-2", 1, "final",
+                     "550 'your order has shipped' and 'reset your password' refused")
+
+    refused, rq_failed, own, next_one = (json.loads(line) for line in captured())
+    assert refused["message"] == ("notification n-1 attempt 1 failed (final): "
+                                  "550 5.7.1 message '[content]' with code [content] refused. Hi")
+    assert link not in rq_failed["message"] and "RuntimeError: 554 5.7.1 URL [content] blocked" in rq_failed["message"]
+    assert own["message"] == "Reset counters for n-1"
+    assert next_one["message"].endswith("550 '[content]' and 'reset your password' refused")
 
 
 @pytest.mark.parametrize("in_path, logged, hidden", [
