@@ -208,7 +208,7 @@ def test_the_address_filter_takes_any_case(client, headers, api_key):
 
 
 @pytest.mark.parametrize("query", ["limit=0", "limit=100000", "status=lost", "cursor=%%%", "created_after=yesterday",
-                                   "colour=red"])
+                                   "colour=red", "status=queued&status=failed", "limit=5&limit=5"])
 def test_bad_list_queries_are_422(client, headers, query):
     _assert_envelope(client.get(f"/api/notifications?{query}", headers=headers), 422, "validation_error")
 

@@ -55,9 +55,14 @@ def current_key() -> ApiKey:
 
 
 def page_query(schema: PageQuerySchema, decode_cursor: Callable[[str], object | None]) -> dict:
-    """A list request's query string, as every list reads it: loaded by schema (an unknown parameter
-    is 422, as in a body), `limit` at most PAGE_SIZE_MAX, and `cursor`, when given, replaced by what
+    """A list request's query string, as every list reads it: loaded by schema (an unknown parameter,
+    or one given twice, is 422, as in a body), `limit` at most PAGE_SIZE_MAX, and `cursor`, when given, replaced by what
     decode_cursor reads of it (None: a cursor this list did not write, 422)."""
+    repeated = sorted({name for name in request.args if len(request.args.getlist(name)) > 1})
+    if repeated:
+        # status=queued&status=failed read as the first alone: the caller got a page of one status
+        # and no sign the other was dropped.
+        raise Unprocessable(f"{repeated[0]} is given more than once", {n: ["given more than once"] for n in repeated})
     args = schema.load(request.args.to_dict())
     max_page = current_app.extensions["notifier"]["settings"].page_size_max
     if args["limit"] > max_page:
