@@ -77,8 +77,8 @@ class _Concealed:
             del self.masks[form]
         self.mailboxes -= self._content
         # Not an address: the address pattern masks those in every line already.
-        self._content = {t.lower() for t in texts
-                         if len(t) >= _SHORTEST_CONCEALED_CONTENT and "@" not in t} - self.masks.keys()
+        self._content = {form for t in texts if len(t) >= _SHORTEST_CONCEALED_CONTENT and "@" not in t
+                         for form in _content_forms(t)} - self.masks.keys()
         self.masks.update(dict.fromkeys(self._content, CONTENT_MASK))
         self.mailboxes |= self._content
 
@@ -96,12 +96,14 @@ class _Concealed:
         # new recipient, cost a shared job of 1,000 whose replies echo each address 25 ms an email.
         pattern = self._patterns.get(present)
         if pattern is None:
-            alternatives = "|".join(re.escape(form) for form in present)
+            alternatives = "|".join(_caseless(form) for form in present)
             # ASCII case only, as the forms and the masks' keys: beyond it "ſ" matches "s" but does not
             # lower to it, and its mask was not found (KeyError out of the caller's log call).
             pattern = self._patterns[present] = re.compile(rf"(?<![A-Za-z0-9])(?:{alternatives})(?![A-Za-z0-9])",
                                                            re.IGNORECASE | re.ASCII)
-        return pattern.sub(lambda match: self.masks[match.group().lower()], text)
+        # A content form's other cases beyond ASCII (_caseless) may lower to something else ("Σ" at a
+        # word's end): its mask is [content] whatever its case.
+        return pattern.sub(lambda match: self.masks.get(match.group().lower(), CONTENT_MASK), text)
 
     def addresses(self, forms: list[str]) -> list[str]:
         """Those of forms masked everywhere: not a mailbox alone."""
@@ -119,6 +121,51 @@ class _Concealed:
             code = line == _TRACEBACK or (code and line.startswith(" "))
             lines[i] = self.sub(line, addresses if code else forms)
         return "\n".join(lines)
+
+
+def _caseless(form: str) -> str:
+    """A pattern of form (lower case) in any case: ASCII letters by the pattern's flag, which keeps "ſ"
+    from matching "s"; a letter beyond it by its own upper and title case (an email's content, which
+    a mail server may quote as written: "Élection", "Überweisung", "Подтвердите" lower to a form the
+    ASCII flag alone never matched), "i̇" also as the "İ" it came from."""
+    parts, i = [], 0
+    while i < len(form):
+        if form.startswith("i\u0307", i):
+            parts.append("(?:i\u0307|\u0130)")
+            i += 2
+            continue
+        ch = form[i]
+        cases = {ch} if ch.isascii() else {ch, *(c for c in (ch.upper(), ch.title()) if len(c) == 1)}
+        parts.append(re.escape(ch) if len(cases) == 1 else "[" + "".join(re.escape(c) for c in sorted(cases)) + "]")
+        i += 1
+    return "".join(parts)
+
+
+def _escaped(text: str) -> str:
+    """text as it stands in a repr() of its UTF-8 bytes: smtplib's exceptions hold a reply as bytes,
+    and a traceback (RQ's line for a failed job) shows "\\xc3\\xa9" for "é"."""
+    out = []
+    for byte in text.encode("utf-8"):
+        char = chr(byte)
+        if char == "\\":
+            out.append("\\\\")
+        elif char in "\t\n\r":
+            out.append(repr(char)[1:-1])
+        elif 0x20 <= byte < 0x7F:
+            out.append(char)
+        else:
+            out.append(f"\\x{byte:02x}")
+    return "".join(out)
+
+
+def _content_forms(text: str) -> set[str]:
+    """The forms of an email's text a mail server may quote: the text in any case and, where it differs
+    (beyond ASCII, a backslash), as a bytes repr() shows it, as written or lower case (the "\\xNN" of
+    "É" is not that of "é")."""
+    forms = {text.lower()}
+    if _escaped(text) != text:
+        forms |= {_escaped(text).lower(), _escaped(text.lower()).lower()}
+    return forms
 
 
 class _Echoed:

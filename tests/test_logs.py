@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import smtplib
 import sys
 import time
 import urllib.error
@@ -383,6 +384,33 @@ def test_what_a_server_quotes_of_the_email_being_sent_is_masked_in_its_words_onl
     assert link not in rq_failed["message"] and "RuntimeError: 554 5.7.1 URL [content] blocked" in rq_failed["message"]
     assert own["message"] == "Reset counters for n-1"
     assert next_one["message"].endswith("550 '[content]' and 'reset your password' refused")
+
+
+def test_what_a_server_quotes_of_an_email_beyond_ascii_is_masked_as_written_and_as_bytes(captured):
+    # A form is the text lower-cased, matched ignoring case in ASCII only: a subject opening with a
+    # capital beyond it ("Élection", "Überweisung", "Подтвердите", "İstanbul") quoted as written was
+    # logged whole. smtplib holds a reply as bytes, and its exception in RQ's traceback shows "é" as
+    # "\\xc3\\xa9": that was logged whole even in lower case.
+    subjects = ["Élection du bureau: résultats", "Überweisung bestätigt", "Подтвердите адрес", "İstanbul teslimatı"]
+    try:
+        raise smtplib.SMTPDataError(554, f"5.7.1 '{subjects[0]}' / '{subjects[1].lower()}' refused".encode())
+    except smtplib.SMTPDataError:
+        traceback = "".join(format_exception(*sys.exc_info()))
+    with logs.concealing():
+        logs.conceal_recipient("ann@example.com")
+        logs.conceal_content(subjects)
+        logging.getLogger("notifier.jobs").warning("notification %s failed: %s", "n-1",
+                                                   "554 " + " / ".join(f"'{s}'" for s in subjects) + " refused")
+        logging.getLogger("rq.worker").error("Worker %s: job %s: exception raised while executing (%s)\n%s", "w-1",
+                                             "j-1", "notifier.jobs.deliver", traceback)
+        logs.conceal_content(["Οδός κλειστή"])  # lower-cased with a final "ς", which "Σ" is too
+        logging.getLogger("notifier.jobs").warning("550 %s", "'ΟΔΌΣ ΚΛΕΙΣΤΉ', 'οδός κλειστή' and ſupport")
+
+    ours, rq, other = (json.loads(line)["message"] for line in captured())
+    assert ours == "notification n-1 failed: 554 '[content]' / '[content]' / '[content]' / '[content]' refused"
+    assert "(554, b\"5.7.1 '[content]' / '[content]' refused\")" in rq
+    assert "\\x" not in rq and "lection" not in rq and "berweisung" not in rq
+    assert other == "550 '[content]', '[content]' and ſupport"
 
 
 @pytest.mark.parametrize("in_path, logged, hidden", [
