@@ -252,7 +252,6 @@ def test_an_unsubscribe_token_is_never_logged_whatever_the_route_made_of_it(sqli
     assert "/unsubscribe/<token>\\\\x01 HTTP/1.1" in err and "/unsubscribe/<token>?x=1" in err
 
 
-@pytest.mark.integration
 def _worker_lines(settings, redis_conn, capsys) -> list[dict]:
     """The lines an in-process worker logs as it runs every job queued; not those of aiosmtpd, the
     test's mail server, which logs in this process too ("mail.log")."""
@@ -265,6 +264,7 @@ def _worker_lines(settings, redis_conn, capsys) -> list[dict]:
     return [line for line in lines if line["logger"] != "mail.log"]
 
 
+@pytest.mark.integration
 def test_a_recipient_echoed_by_the_mail_server_is_masked_in_every_form(client, headers, pg_settings, redis_conn,
                                                                          smtp, capsys):
     # A refusal may quote the address with characters the address pattern stops at ("=", "/"), or
@@ -283,6 +283,7 @@ def test_a_recipient_echoed_by_the_mail_server_is_masked_in_every_form(client, h
     assert "hopper" not in text and "lovelace" not in text
 
 
+@pytest.mark.integration
 def test_a_recipient_whose_mailbox_is_a_common_word_leaves_the_job_lines_readable(client, headers, pg_settings,
                                                                                   redis_conn, smtp, capsys):
     # A job masks its recipient's mailbox alone only where a mail server's words can be (a log call's
@@ -335,6 +336,7 @@ def test_the_mailbox_alone_is_masked_in_what_a_server_wrote_not_in_the_words_of_
     assert named["message"] == "550 s*** to s***@example.com"
 
 
+@pytest.mark.integration
 def test_a_refusal_quoting_the_subject_the_link_and_the_code_logs_none_of_them(client, headers, pg_settings,
                                                                              redis_conn, smtp, capsys):
     # A content filter's refusal of a verification email, quoting its subject, its link (with the
