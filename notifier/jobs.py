@@ -383,13 +383,11 @@ class Deliverer:
         else:
             store.transition(notification.id, Status.RETRYING, sources=(Status.SENDING,), known=notification, **fields)
         metrics.attempt_failed(self._counts, notification, exc.smtp_code, final=final)
-        logger.warning(
-            "notification %s attempt %s failed (%s): %s",
-            notification.id,
-            notification.attempts,
-            "final" if final else "will retry",
-            message,
-        )
+        # The outcome in the line's own words: an argument may be masked as a mail server's (a
+        # recipient's mailbox, the email's content: data holding "final" would hide it).
+        logger.warning("notification %s attempt %s failed (final): %s" if final
+                       else "notification %s attempt %s failed (will retry): %s",
+                       notification.id, notification.attempts, message)
 
     @staticmethod
     def _sent_fields(result: SendResult) -> dict:

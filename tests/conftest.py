@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import replace
+from urllib.parse import urlsplit, urlunsplit
 
 import fakeredis
 import psycopg2
@@ -30,11 +31,12 @@ XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
 def _redis_url() -> str:
     # One Redis database per pytest-xdist worker, counting down from TEST_REDIS_URL's (15 by default):
     # each test flushes its own database, and RQ's registries of workers and jobs live in it.
-    base, number = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15").rsplit("/", 1)
-    db = int(number) - (int(XDIST_WORKER[2:]) if XDIST_WORKER else 0)
+    url = urlsplit(os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15"))
+    number = int(url.path.strip("/") or 0)  # as redis-py reads it: no database is database 0
+    db = number - (int(XDIST_WORKER[2:]) if XDIST_WORKER else 0)
     if db < 0:
         raise pytest.UsageError(f"too many pytest-xdist workers for TEST_REDIS_URL's database {number}")
-    return f"{base}/{db}"
+    return urlunsplit(url._replace(path=f"/{db}"))
 
 
 REDIS_URL = _redis_url()
