@@ -144,18 +144,9 @@ def _caseless(form: str) -> str:
 def _escaped(text: str) -> str:
     """text as it stands in a repr() of its UTF-8 bytes: smtplib's exceptions hold a reply as bytes,
     and a traceback (RQ's line for a failed job) shows "\\xc3\\xa9" for "é"."""
-    out = []
-    for byte in text.encode("utf-8"):
-        char = chr(byte)
-        if char == "\\":
-            out.append("\\\\")
-        elif char in "\t\n\r":
-            out.append(repr(char)[1:-1])
-        elif 0x20 <= byte < 0x7F:
-            out.append(char)
-        else:
-            out.append(f"\\x{byte:02x}")
-    return "".join(out)
+    if text.isascii() and text.isprintable() and "\\" not in text:
+        return text  # most texts: as they are
+    return repr(text.encode("utf-8"))[2:-1]
 
 
 def _content_forms(text: str) -> set[str]:

@@ -37,6 +37,9 @@ IDLE_PROBE_SECONDS = 10.0
 
 # The lines of a text body looked for in what a mail server writes back (logs.conceal_content).
 _QUOTABLE_LINES = 100
+# What a refusal quotes from inside a line: a link (a URL blocklist names it, token and all), a code.
+_LINK = re.compile(r"https?://[^\s\"'<>]+")
+_CODE = re.compile(r"[0-9]{4,}")
 
 
 @dataclass(frozen=True)
@@ -48,9 +51,15 @@ class OutgoingEmail:
 
     def texts(self) -> list[str]:
         """What a mail server's refusal may quote of this email: its subject, its headers' values
-        (the unsubscribe link) and its text's lines, each stripped."""
-        lines = (self.content.text or "").splitlines()[:_QUOTABLE_LINES]
-        return [t.strip() for t in (self.content.subject, *self.headers.values(), *lines) if t.strip()]
+        (the unsubscribe link), its text's lines, each stripped, and the links and numbers of 4 digits
+        or more in its body."""
+        text, html = self.content.text or "", self.content.html or ""
+        lines = text.splitlines()[:_QUOTABLE_LINES]
+        # Codes from the text, which says what the HTML does without its colours and widths: from the
+        # HTML only when there is no text.
+        parts = dict.fromkeys(_LINK.findall(text) + _LINK.findall(html) + _CODE.findall(text or html))
+        parts = list(parts)[:_QUOTABLE_LINES]  # a long HTML body's colours and widths: enough of them
+        return [t.strip() for t in (self.content.subject, *self.headers.values(), *lines, *parts) if t.strip()]
 
 
 @dataclass(frozen=True)

@@ -361,6 +361,22 @@ def test_a_refusal_quoting_the_subject_the_link_and_the_code_logs_none_of_them(c
     assert link in detail["history"][-1]["smtp_reply"]  # the record keeps the server's words whole
 
 
+@pytest.mark.integration
+def test_a_refusal_quoting_a_link_or_a_code_from_inside_a_line_of_the_body_logs_neither(client, headers, pg_settings,
+                                                                                       redis_conn, smtp, capsys):
+    # A URL blocklist names the link alone, token and all, out of a line of a literal email's body.
+    link = "https://app.example/r?t=zq-lit-t0ken"
+    smtp.replies.append(f"554 5.7.1 URL {link} is listed; see also code 90210")
+    response = client.post("/api/notifications/send", headers=headers, json={
+        "to": "ann@example.com", "subject": "Hi", "text": f"Reset here: {link} (or type 90210).",
+        "html": f'<p>Reset <a href="{link}">here</a>.</p>'})
+    assert response.status_code == 202
+    lines = _worker_lines(pg_settings, redis_conn, capsys)
+    refused = [line["message"] for line in lines if "is listed" in line["message"]]
+    assert len(refused) == 2 and all("URL [content] is listed; see also code [content]" in m for m in refused)
+    assert "zq-lit-t0ken" not in json.dumps(lines) and "90210" not in json.dumps(lines)
+
+
 def test_what_a_server_quotes_of_the_email_being_sent_is_masked_in_its_words_only(captured):
     # A refusal may quote the subject, a link with its token, or a code: the email's content, which
     # never goes in a log. It is masked where the server's words can be, as a mailbox alone is; the
