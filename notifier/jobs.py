@@ -399,6 +399,17 @@ class Deliverer:
 
     def _write_sent(self, notification: Notification, result: SendResult) -> bool:
         """Write the `sent` record; whether this wrote it (False: the row had moved on meanwhile)."""
+        try:
+            return self._write_sent_now(notification, result)
+        except STOPPING:
+            # RQ's time limit is one SIGALRM, raised as soon as Python runs again: after a statement
+            # that waited on a lock (a PREPARE waiting on a migration's), before the UPDATE. The server
+            # has the email; left `sending`, the reconciler would recover it and send it again. The
+            # alarm does not come twice: write the record, then let the job stop.
+            self._write_sent_now(notification, result)
+            raise
+
+    def _write_sent_now(self, notification: Notification, result: SendResult) -> bool:
         # The server has the message now; losing this record would send it again after recovery.
         # So ride out a short database blip, and from its first failure keep a receipt in Redis:
         # however long the database stays away, what finds the notification still `sending` then

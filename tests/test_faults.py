@@ -6,10 +6,12 @@ and then checks the final status of every notification and exactly what the SMTP
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import signal
 import subprocess
+import threading
 import time
 from dataclasses import replace
 
@@ -91,6 +93,39 @@ def test_a_send_slower_than_sending_timeout_is_left_to_its_live_worker_and_sent_
     assert (detail["status"], detail["attempts"]) == ("sent", 1)
     assert not any(r.startswith("recovered:") for r in _reasons(detail)), _reasons(detail)
     assert value(collect_metrics(redis_conn), "notifier_reconciler_actions_total", action="recovered") == 0
+
+
+def test_the_job_limit_landing_while_the_sent_record_waits_on_a_table_lock_sends_once(make_stack, pg_settings, smtp,
+                                                                                        monkeypatch):
+    # A migration (or VACUUM FULL) holds the table as the server answers 250: the worker's first `sent`
+    # record on its connection waits in its PREPARE, and RQ's limit (one SIGALRM) raises as that
+    # returns, before the UPDATE. The email stayed `sending`, was recovered and went out again.
+    stack = make_stack(JOB_TIMEOUT=2).start("api", "worker")
+    locked = threading.Event()
+
+    def migrate():
+        with psycopg2.connect(pg_settings.database_url) as conn, conn.cursor() as cur:
+            cur.execute("LOCK TABLE notifications IN ACCESS EXCLUSIVE MODE")
+            locked.set()
+            time.sleep(3.5)  # past the job's 2 s limit
+
+    original = smtp.handle_DATA
+
+    async def answer_as_the_lock_is_taken(server, session, envelope):
+        reply = await original(server, session, envelope)
+        threading.Thread(target=migrate, daemon=True).start()
+        await asyncio.get_running_loop().run_in_executor(None, locked.wait)
+        return reply
+
+    monkeypatch.setattr(smtp, "handle_DATA", answer_as_the_lock_is_taken)
+    notification_id = stack.send(_to(1))
+    detail = stack.wait_status(notification_id, "sent", timeout=20)
+    monkeypatch.setattr(smtp, "handle_DATA", original)
+    stack.start("scheduler")
+    time.sleep(4)  # SENDING_TIMEOUT and a few reconciler passes: what it would recover, it has
+    detail = stack.get(notification_id)
+    assert (detail["status"], detail["attempts"]) == ("sent", 1), _reasons(detail)
+    assert _recipients(smtp) == ["user1@example.com"]
 
 
 def test_worker_sigterm_finishes_the_send_and_loses_nothing(make_stack, smtp):

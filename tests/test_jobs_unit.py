@@ -267,3 +267,26 @@ def test_a_send_cut_off_by_the_job_limit_is_retried_or_on_the_last_attempt_faile
     assert row.status == (Status.FAILED if last else Status.RETRYING)
     assert "JobTimeoutException" in row.last_error
     assert (f"gave up after {max_attempts} attempts" in row.last_error) is last
+
+
+def test_the_job_limit_landing_as_the_sent_record_is_written_still_records_it(memory_deliverer, owner, monkeypatch):
+    # RQ's limit is one SIGALRM, raised as soon as Python runs again: after a PREPARE that waited on a
+    # lock (a migration's), before the UPDATE it prepared. The server has the email: left `sending`, it
+    # was recovered by the reconciler and sent again.
+    from rq.timeouts import JobTimeoutException
+
+    notification = make_notification(owner, Status.QUEUED)
+    transition, calls = store.transition, []
+
+    def cut_off_once(notification_id, target, **kwargs):
+        calls.append(target)
+        if target == Status.SENT and calls.count(Status.SENT) == 1:
+            raise JobTimeoutException("Task exceeded maximum timeout value (120 seconds)")
+        return transition(notification_id, target, **kwargs)
+
+    monkeypatch.setattr(store, "transition", cut_off_once)
+    with pytest.raises(JobTimeoutException):
+        memory_deliverer.deliver(notification.id)
+
+    assert reload(notification.id).status == Status.SENT  # the job still stops, with its email recorded
+    assert len(memory_deliverer.mailer.sent) == 1
