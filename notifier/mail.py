@@ -320,7 +320,8 @@ class SmtpMailer:
                           smtp_code=code, smtp_reply=_text(reply))
 
     def close(self) -> None:
-        """Say QUIT and close the connection (the worker is stopping); the next send opens a new one."""
+        """Say QUIT and close the connection; the next send opens a new one. (A failed or cut-off
+        connection is dropped without a word instead: _drop.)"""
         client, self._client = self._client, None
         if client is not None:
             try:

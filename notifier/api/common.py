@@ -56,8 +56,8 @@ def current_key() -> ApiKey:
 
 def page_query(schema: PageQuerySchema, decode_cursor: Callable[[str], object | None]) -> dict:
     """A list request's query string, as every list reads it: loaded by schema (an unknown parameter,
-    or one given twice, is 422, as in a body), `limit` at most PAGE_SIZE_MAX, and `cursor`, when given, replaced by what
-    decode_cursor reads of it (None: a cursor this list did not write, 422)."""
+    or one given twice, is 422, as in a body), `limit` at most PAGE_SIZE_MAX, and `cursor`, when
+    given, replaced by what decode_cursor reads of it (None: a cursor this list did not write, 422)."""
     repeated = sorted({name for name in request.args if len(request.args.getlist(name)) > 1})
     if repeated:
         # status=queued&status=failed read as the first alone: the caller got a page of one status
