@@ -272,3 +272,14 @@ def database_outage(pg_settings):
 
     yield begin, lambda: allow(True)
     allow(True)
+
+
+# The fixtures that reach a real service: a test that uses one, however indirectly, is an integration
+# test whether or not its module says so, and `make unit` (-m "not integration") leaves it out.
+_REAL_SERVICES = frozenset({"pg_url", "redis_conn", "smtp_server", "database_outage"})
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if _REAL_SERVICES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.integration)
