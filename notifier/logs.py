@@ -76,8 +76,9 @@ class _Concealed:
         for form in self._content:
             del self.masks[form]
         self.mailboxes -= self._content
-        # Not an address: the address pattern masks those in every line already.
-        self._content = {form for t in texts if len(t) >= _SHORTEST_CONCEALED_CONTENT and "@" not in t
+        # Not a bare address: the address pattern masks those in every line already, and one may be a
+        # recipient's, whose masks must outlive this email's. A subject or line naming one is content.
+        self._content = {form for t in texts if len(t) >= _SHORTEST_CONCEALED_CONTENT and not _bare_address(t)
                          for form in _content_forms(t)} - self.masks.keys()
         self.masks.update(dict.fromkeys(self._content, CONTENT_MASK))
         self.mailboxes |= self._content
@@ -139,6 +140,11 @@ def _caseless(form: str) -> str:
         parts.append(re.escape(ch) if len(cases) == 1 else "[" + "".join(re.escape(c) for c in sorted(cases)) + "]")
         i += 1
     return "".join(parts)
+
+
+def _bare_address(text: str) -> bool:
+    """Whether an email's text is an address alone (no space in it: an address holds none)."""
+    return "@" in text and not any(ch.isspace() for ch in text)
 
 
 def _escaped(text: str) -> str:

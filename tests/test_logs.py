@@ -539,3 +539,27 @@ def test_rq_stopping_a_job_while_it_logs_a_line_stops_the_job(capsys, monkeypatc
         logging.getLogger("notifier.jobs").warning("notification %s attempt %s failed", "n-1", 1)
     monkeypatch.undo()
     assert "Logging error" not in capsys.readouterr().err
+
+
+def test_what_a_server_quotes_of_a_subject_or_line_naming_an_address_is_masked_too(captured):
+    # "Not an address" was read as "holding no @": a subject or a line of the body that names an
+    # address ("Invoice 2291 for ann@example.com is overdue") was never looked for, and a refusal
+    # quoting it logged all of it but the address. A bare address is still left to the address
+    # pattern (and to the recipient's own masks).
+    with logs.concealing():
+        logs.conceal_recipient("ann@example.com")
+        logs.conceal_content(["Invoice 2291 for ann@example.com is overdue", "Questions? Write to help@acme.example",
+                              "bob@example.com"])
+        logs.conceal_recipient("bob@example.com")  # a later recipient of the same shared job
+        logging.getLogger("notifier.jobs").warning(
+            "notification %s failed: %s", "n-1",
+            "554 5.7.1 'INVOICE 2291 FOR ANN@EXAMPLE.COM IS OVERDUE' refused; "
+            "'Questions? Write to help@acme.example'; <bob=example.com@relay.example>")
+        logs.conceal_content(["Your statement"])
+        logging.getLogger("notifier.jobs").warning("550 %s", "<bob=example.com@relay.example>")
+
+    first, second = (json.loads(line)["message"] for line in captured())
+    assert first == ("notification n-1 failed: 554 5.7.1 '[content]' refused; '[content]'; "
+                     "<b***@relay.example>")
+    assert "nvoice" not in first and "Questions" not in first
+    assert second == "550 <b***@relay.example>"  # the recipient's masks outlive the content's
