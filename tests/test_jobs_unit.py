@@ -269,7 +269,8 @@ def test_a_send_cut_off_by_the_job_limit_is_retried_or_on_the_last_attempt_faile
     assert (f"gave up after {max_attempts} attempts" in row.last_error) is last
 
 
-def test_the_job_limit_landing_as_the_sent_record_is_written_still_records_it(memory_deliverer, owner, monkeypatch):
+def test_the_job_limit_landing_as_the_sent_record_is_written_still_records_it(memory_deliverer, owner, monkeypatch,
+                                                                            caplog):
     # RQ's limit is one SIGALRM, raised as soon as Python runs again: after a PREPARE that waited on a
     # lock (a migration's), before the UPDATE it prepared. The server has the email: left `sending`, it
     # was recovered by the reconciler and sent again.
@@ -285,8 +286,11 @@ def test_the_job_limit_landing_as_the_sent_record_is_written_still_records_it(me
         return transition(notification_id, target, **kwargs)
 
     monkeypatch.setattr(store, "transition", cut_off_once)
+    caplog.set_level("INFO", logger="notifier.jobs")
     with pytest.raises(JobTimeoutException):
         memory_deliverer.deliver(notification.id)
 
     assert reload(notification.id).status == Status.SENT  # the job still stops, with its email recorded
     assert len(memory_deliverer.mailer.sent) == 1
+    # and with what follows the record done: its callback queued, its count, its line
+    assert f"notification {notification.id} sent (attempt 1)" in caplog.messages
