@@ -130,8 +130,10 @@ def cancel(notification_id: str):
     return _detail(service().cancel(current_key(), notification_id))
 
 
-# Routes of their own that take only POST: a GET of one is the wrong method, not a notification id.
+# Routes of their own that take only POST: a GET of one is the wrong method, not a notification id,
+# and a 405 for any other method allows POST alone (werkzeug names /<notification_id>'s GET too).
 _POST_ONLY = frozenset({"send", "batch", "send-verification"})
+POST_ONLY_PATHS = frozenset(f"{bp.url_prefix}/{name}" for name in _POST_ONLY)
 
 
 @bp.get("/<notification_id>")
