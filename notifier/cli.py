@@ -118,11 +118,26 @@ def dlq_group() -> None:
     """The dead-letter queue: notifications that failed for good."""
 
 
-def _redis():
+def _redis(required: bool = False):
+    """The configured Redis, asked once that it answers: a command pointed at another one (make run's is
+    on port 6390, the default REDIS_URL on 6379) looked as if it had worked. A command that only
+    works on Redis (required) stops there; the others say so and go on, as the API does."""
+    from redis.exceptions import RedisError
+
     from notifier.queues import connect_redis
 
     settings = load_settings()
-    return connect_redis(settings.redis_url), settings
+    redis = connect_redis(settings.redis_url)
+    try:
+        redis.ping()
+    except RedisError as exc:
+        where = redis.connection_pool.connection_kwargs
+        message = (f"Redis at {where.get('host')}:{where.get('port')}/{where.get('db')} does not answer "
+                   f"({type(exc).__name__}); is REDIS_URL the one the workers use?")
+        if required:
+            raise click.ClickException(message) from None
+        click.echo(f"warning: {message}", err=True)
+    return redis, settings
 
 
 @dlq_group.command("list")
@@ -192,7 +207,7 @@ def dlq_purge() -> None:
     """Empty RQ's failed registries; the notifications keep their failed status and history."""
     from notifier import deadletters
 
-    redis, _ = _redis()
+    redis, _ = _redis(required=True)
     click.echo(f"purged {deadletters.purge(redis)} job(s)")
 
 
@@ -201,7 +216,7 @@ def reconcile_now() -> None:
     """Run one reconciler pass now (scheduler.py runs it every RECONCILE_INTERVAL seconds)."""
     from notifier.reconciler import reconcile
 
-    redis, settings = _redis()
+    redis, settings = _redis(required=True)
     with _open():
         report = reconcile(settings, redis)
     click.echo(" ".join(f"{k}={v}" for k, v in report.as_dict().items()))

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 import uuid
+from dataclasses import replace
 
 import pytest
 from redis import Redis
@@ -161,6 +162,24 @@ def test_dlq_cli_lists_and_shows_a_dead_letter(client, headers, deliverer, smtp,
     assert f"rq job: {job_id_for(notification_id)} (failed)" in shown
     assert reload(notification_id).status == "failed"
     assert smtp.count() == 0
+
+
+def test_the_cli_says_when_its_redis_does_not_answer(client, headers, deliverer, smtp, redis_conn, pg_settings):
+    # make run's Redis is on port 6390 and the CLI's default REDIS_URL on 6379: pointed at the wrong one,
+    # `reconcile` printed a pass of zeros and `dlq list` called every dead letter "not in RQ", all exit 0.
+    notification_id = _dead_letter(client, headers, smtp, redis_conn)
+    env = env_for(replace(pg_settings, redis_url="redis://127.0.0.1:1/0"))
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "notifier", *args], env=env, cwd=ROOT, capture_output=True,
+                              text=True, timeout=60)
+
+    reconciled = run("reconcile")
+    assert reconciled.returncode == 1 and "Redis at 127.0.0.1:1/0 does not answer" in reconciled.stderr
+    assert "requeued=" not in reconciled.stdout
+    listed = run("dlq", "list")  # the dead letters are in the database: listed, with the warning
+    assert listed.returncode == 0 and "warning: Redis at 127.0.0.1:1/0 does not answer" in listed.stderr
+    assert notification_id in listed.stdout
 
 
 def test_dlq_cli_show_refuses_a_notification_that_is_not_failed(client, headers, deliverer, smtp, redis_conn,
