@@ -401,12 +401,13 @@ class Deliverer:
         """Write the `sent` record; whether this wrote it (False: the row had moved on meanwhile)."""
         try:
             return self._write_sent_now(notification, result)
-        except STOPPING:
+        except (*STOPPING, SystemExit, KeyboardInterrupt):
             # RQ's time limit is one SIGALRM, raised as soon as Python runs again: after a statement
             # that waited on a lock (a PREPARE waiting on a migration's), before the UPDATE. The server
             # has the email; left `sending`, the reconciler would recover it and send it again. The
             # alarm does not come twice: write the record and do what follows it (the callback, the
             # count, the line; an error there logged, as in a shared job), then let the job stop.
+            # A worker told to stop at once (a second SIGTERM: SystemExit) records it first too.
             recorded = self._write_sent_now(notification, result)
             self._after_held_sent(notification, result, recorded)
             raise
