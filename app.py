@@ -141,4 +141,6 @@ def create_app(settings: Settings | None = None, *, redis=None) -> Flask:
 
 if __name__ == "__main__":
     _settings = load_settings()
+    configure_logging(_settings)
+    open_database(_settings, wait=True)  # create_app's own then finds it answering
     create_app(_settings).run(host="127.0.0.1", port=_settings.port, threaded=True)

@@ -1,7 +1,7 @@
 """gunicorn reads ./gunicorn.conf.py when it starts: worker model, and its own log lines in notifier's format."""
 
 from notifier.logs import gunicorn_logconfig
-from notifier.runtime import load_settings
+from notifier.runtime import load_settings, wait_for_database
 
 _settings = load_settings()
 logconfig_dict = gunicorn_logconfig(_settings.log_level, _settings.log_format)
@@ -17,3 +17,10 @@ threads = 4
 # gunicorn 27 opens a control socket at one fixed path per user, so a second instance on the same
 # host (another replica, a benchmark) would collide with the first; nothing here uses it.
 control_socket_disable = True
+
+
+def on_starting(server):
+    # Each worker brings the schema up to date as it boots; a database that does not answer yet
+    # (started with the API, or restarting) made it exit, and gunicorn with it, with a traceback.
+    # The master waits for it first, saying why, and makes the schema current before any worker forks.
+    wait_for_database(_settings)

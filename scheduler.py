@@ -74,7 +74,7 @@ class NotifierScheduler(Scheduler):
 def main() -> None:
     settings = load_settings()
     configure_logging(settings)
-    open_database(settings)
+    open_database(settings, wait=True)
     connection = connect_redis(settings.redis_url)
     logger.info("scheduler starting, polling every %ss", POLL_SECONDS)
 

@@ -164,7 +164,7 @@ def main() -> None:
     os.register_at_fork(after_in_child=lambda: _die_with_parent(parent))
     connection = connect_redis(settings.redis_url)
     counts = metrics.Deferred(connection)
-    jobs.install(build_deliverer(settings, redis=connection, counts=counts))
+    jobs.install(build_deliverer(settings, redis=connection, counts=counts, wait=True))
     name = f"notifier-{socket.gethostname()}-{os.getpid()}"
     logger.info("worker %s starting", name)
 

@@ -23,6 +23,7 @@ from redis import Redis
 from redis.exceptions import RedisError
 from rq import Queue
 
+from notifier.errors import STOPPING
 from notifier.models import Notification, Priority, utcnow
 from notifier.queues import QUEUES_BY_PRIORITY
 
@@ -104,6 +105,8 @@ def _write(redis: Redis | Deferred | None, build: Callable) -> None:
         pipe.execute()
     except RedisError as exc:
         logger.debug("metrics not recorded: %s", type(exc).__name__)
+    except STOPPING:
+        raise  # RQ's time limit or stop, landing here: swallowed, the job would run on without one
     except Exception:  # noqa: BLE001 - a bug in counting must not fail a delivery either
         logger.warning("metrics not recorded", exc_info=True)
 

@@ -1,4 +1,5 @@
-"""Keep a long-running loop (the worker, the scheduler) alive across a Redis outage."""
+"""Keep a long-running process (the API, the worker, the scheduler) alive across an outage: of Redis
+while it runs, of the database or Redis when it starts."""
 
 from __future__ import annotations
 
@@ -12,18 +13,35 @@ from redis.exceptions import RedisError
 
 logger = logging.getLogger(__name__)
 
+# How often a process waiting for a service at its start says it still waits.
+WAIT_LOG_SECONDS = 60.0
+
 
 def wait_for_redis(connection: Redis, max_delay: float = 10.0) -> bool:
     """Block until Redis answers again; False if SIGTERM or SIGINT asked us to stop meanwhile."""
+    return wait_until(connection.ping, RedisError, max_delay=max_delay)
+
+
+def wait_until(attempt: Callable[[], object], errors, what: str | None = None, max_delay: float = 10.0) -> bool:
+    """Call attempt() until it raises none of errors, waiting longer each time (up to max_delay);
+    False if SIGTERM or SIGINT asked us to stop meanwhile. what: named in a warning, at the first
+    failure and every WAIT_LOG_SECONDS after it (None: the caller says it)."""
     stop = []
     previous = {sig: signal.signal(sig, lambda *_: stop.append(True)) for sig in (signal.SIGTERM, signal.SIGINT)}
-    delay = 0.5
+    delay, told = 0.5, None
     try:
         while not stop:
             try:
-                connection.ping()
+                attempt()
+                if told is not None:
+                    logger.info("%s answers again", what)
                 return True
-            except RedisError:
+            except errors as exc:
+                if what is not None and (told is None or time.monotonic() - told >= WAIT_LOG_SECONDS):
+                    # libpq's and redis-py's messages name the host and port, never a password.
+                    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                    logger.warning("%s does not answer (%s: %s); waiting for it", what, type(exc).__name__, reason)
+                    told = time.monotonic()
                 time.sleep(delay)
                 delay = min(delay * 2, max_delay)
         return False

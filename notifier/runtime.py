@@ -6,9 +6,9 @@ import ctypes
 import os
 import sys
 
-from notifier import logs, schema
+from notifier import logs, resilience, schema
 from notifier.config import Settings
-from notifier.db import bind
+from notifier.db import UNAVAILABLE_ERRORS, bind, is_postgres
 from notifier.errors import ConfigError
 
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -29,12 +29,25 @@ def configure_logging(settings: Settings) -> None:
     logs.configure(settings.log_level, settings.log_format)
 
 
-def open_database(settings: Settings):
-    """Bind the database proxy and bring the schema up to date."""
+def open_database(settings: Settings, wait: bool = False):
+    """Bind the database proxy and bring the schema up to date. wait: for a long-running process,
+    which waits for a PostgreSQL server that does not answer yet (a deploy starting it with the
+    database, a database restarting) instead of exiting with a traceback; a command fails at once
+    instead. A SQLite file that cannot be opened is a mistake to say at once, not an outage."""
     db = bind(settings.database_url, settings.database_pool_size, settings.database_prepare,
                 settings.database_statement_timeout)
-    schema.upgrade(db)
+    if not wait or not is_postgres(db):
+        schema.upgrade(db)
+    elif not resilience.wait_until(lambda: schema.upgrade(db), UNAVAILABLE_ERRORS, "the database"):
+        raise SystemExit(0)  # asked to stop while it waited
     return db
+
+
+def wait_for_database(settings: Settings) -> None:
+    """open_database(settings, wait=True) in a process that forks those that use it (gunicorn's
+    master): no connection of its own stays open for them to inherit."""
+    db = open_database(settings, wait=True)
+    getattr(db, "close_all", db.close)()  # a pool's connections, or SQLite's one
 
 
 def templates_dir(settings: Settings) -> str:
@@ -67,14 +80,14 @@ def release_free_memory() -> None:
         _MALLOC_TRIM(0)
 
 
-def build_deliverer(settings: Settings, mailer=None, redis=None, counts=None):
+def build_deliverer(settings: Settings, mailer=None, redis=None, counts=None, wait: bool = False):
     """A Deliverer wired to the configured database, Redis, SMTP server and templates (counts: see
-    Deliverer)."""
+    Deliverer; wait: see open_database)."""
     from notifier.jobs import Deliverer
     from notifier.mail import make_mailer
     from notifier.queues import connect_redis
 
-    open_database(settings)
+    open_database(settings, wait=wait)
     return Deliverer(
         settings, mailer or make_mailer(settings), make_renderer(settings), redis or connect_redis(settings.redis_url),
         counts,

@@ -12,6 +12,8 @@ import time
 import urllib.error
 import urllib.request
 
+from redis import Redis
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -114,7 +116,19 @@ class Stack:
                                      str(self.log_dir / f"{name}.log"))
             if name.startswith("api"):
                 wait_for_http(f"{self.base}/api/health")
+            elif name.startswith("worker"):
+                self.wait_worker(self.procs[name])
         return self
+
+    def wait_worker(self, proc: subprocess.Popen, timeout: float = 30.0) -> None:
+        """Until the worker has registered with RQ, so a test that sends next does not time its start
+        (seconds on a loaded machine) as the send's."""
+        redis = Redis.from_url(self.env["REDIS_URL"])
+        try:
+            wait_until(lambda: proc.poll() is not None
+                       or redis.exists(f"rq:worker:notifier-{socket.gethostname()}-{proc.pid}"), timeout=timeout)
+        finally:
+            redis.close()
 
     def stop(self, name: str, sig=signal.SIGTERM) -> int:
         return stop(self.procs.pop(name), sig)

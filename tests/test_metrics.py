@@ -9,6 +9,8 @@ from types import SimpleNamespace
 
 import pytest
 from rq import Queue
+from rq.exceptions import StopRequested
+from rq.timeouts import JobTimeoutException
 
 from notifier import metrics, queues
 from notifier.jobs import Deliverer
@@ -225,6 +227,17 @@ def test_fields_no_version_writes_are_left_out_of_the_scrape(fake_redis, caplog)
     assert total(samples, "notifier_notifications_sent_total") == 1
     assert value(samples, "notifier_delivery_seconds_count", priority="default") == 1
     assert "not understood" in caplog.text
+
+
+@pytest.mark.parametrize("stop", [JobTimeoutException, StopRequested])
+def test_rq_stopping_a_job_passes_through_a_metrics_write(fake_redis, stop):
+    # A write's failure is dropped so that counting never fails a delivery; RQ's time limit or stop
+    # landing in one is not a failure of counting, and swallowed the job would run on without a limit.
+    def build(pipe):
+        raise stop("JOB_TIMEOUT ran out")
+
+    with pytest.raises(stop):
+        metrics._write(fake_redis, build)
 
 
 def test_writes_without_redis_do_nothing():

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import signal
+import subprocess
+import sys
 import time
 from dataclasses import replace
 
+import psycopg2
 import pytest
 
+from tests.conftest import PG_ADMIN_URL, _pg_database_name
 from tests.helpers import LITERAL, VERIFICATION, reload
-from tests.processes import Stack, cli, request, spawn, stop, wait_until
+from tests.processes import ROOT, Stack, cli, env_for, free_port, request, spawn, stop, wait_for_http, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -120,3 +124,61 @@ def test_make_run_replaces_a_lost_dev_key_whose_notifications_remain(sqlite_sett
     assert renamed.name.startswith("dev-until-") and renamed.revoked_at is not None
     assert reload(kept.id).api_key_id == old.id
     assert (tmp_path / "dev-api-key").read_text().strip() == plaintext
+
+
+@pytest.fixture
+def late_database(pg_settings):
+    """Settings naming a PostgreSQL database that does not exist yet, and a function that makes it."""
+    name = f"{_pg_database_name()}_late"
+    admin = psycopg2.connect(PG_ADMIN_URL)
+    admin.autocommit = True
+
+    def create():
+        with admin.cursor() as cur:
+            cur.execute(f'CREATE DATABASE "{name}"')
+
+    def drop():
+        with admin.cursor() as cur:
+            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+    drop()
+    yield replace(pg_settings, database_url=f"postgresql://postgres@127.0.0.1:5432/{name}"), create
+    drop()
+    admin.close()
+
+
+def test_api_worker_and_scheduler_started_before_their_database_wait_for_it(late_database, redis_conn, smtp,
+                                                                            tmp_path):
+    # A deploy starting everything at once, or a database restarting: the processes wait for it,
+    # saying why, instead of exiting with a traceback; the one-off command fails at once.
+    settings, create_database = late_database
+    port = free_port()
+    env = env_for(settings, PORT=port)
+    args = {"api": ["-m", "gunicorn", "-c", "gunicorn.conf.py", "app:create_app()", "-b", f"127.0.0.1:{port}",
+                    "--workers", "1"],
+            "worker": ["worker.py"], "scheduler": ["scheduler.py"], "waiting": ["worker.py"]}
+    procs = {name: spawn(argv, env, str(tmp_path / f"{name}.log")) for name, argv in args.items()}
+    try:
+        waiting = "the database does not answer (OperationalError: "
+        wait_until(lambda: all(waiting in (tmp_path / f"{name}.log").read_text() for name in procs), timeout=30)
+        failed = subprocess.run([sys.executable, "-m", "notifier", "keys", "create", "late"], env=env, cwd=ROOT,
+                                capture_output=True, text=True, timeout=60)
+        assert failed.returncode != 0
+        assert stop(procs.pop("waiting"), signal.SIGTERM) == 0  # asked to stop while it waits: it stops
+
+        create_database()
+        wait_for_http(f"http://127.0.0.1:{port}/api/health", timeout=30)
+        key = cli(["keys", "create", "late"], env).strip().splitlines()[-1]
+        status, accepted = request("POST", f"http://127.0.0.1:{port}/api/notifications/send", key, LITERAL)
+        assert status == 202
+        assert len(smtp.wait_for(1)) == 1
+        assert smtp.messages[0].message["X-Notification-ID"] == accepted["id"]
+        for name in list(procs):
+            assert stop(procs.pop(name), signal.SIGTERM) == 0, name
+    finally:
+        for proc in procs.values():
+            stop(proc, signal.SIGKILL)
+    for name in args:
+        log = (tmp_path / f"{name}.log").read_text()
+        assert "Traceback" not in log, log
+    assert "the database answers again" in (tmp_path / "worker.log").read_text()
