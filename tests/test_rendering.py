@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from notifier.errors import PermanentDeliveryError
@@ -201,3 +203,20 @@ def test_a_digest_with_no_items_says_there_is_nothing_new(renderer, items):
 
     assert "Nothing new today." in email.html
     assert "There's nothing new today." in email.text
+
+
+@pytest.mark.parametrize("html", ["<a " * 12_000, "<!--" * 30_000, '<a x="' * 8_000, "<p>Hi</p>" + "<a " * 12_000])
+def test_an_html_body_left_open_at_the_end_converts_in_linear_time(html):
+    # HTMLParser.close() tries an unfinished tag again from every "<" after it: each of these took
+    # 5-20 s, and a body at MAX_BODY_BYTES 12 minutes of a worker's CPU (cut off by JOB_TIMEOUT, retried).
+    started = time.perf_counter()
+    text = html_to_text(html)
+
+    assert time.perf_counter() - started < 2
+    assert text == ("Hi\n" if html.startswith("<p>") else "\n")
+
+
+def test_an_html_body_left_open_at_the_end_keeps_the_text_before_it():
+    assert html_to_text("<p>Hello <b>there</b></p><p>and <a href='x") == "Hello there\n\nand\n"
+    assert html_to_text("<p>Kept</p><!-- never closed <p>hidden</p>") == "Kept\n"
+    assert html_to_text("Tom &amp; Jerry &copy") == "Tom & Jerry ©\n"
