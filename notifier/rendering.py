@@ -6,13 +6,30 @@ import os
 import re
 from dataclasses import dataclass
 from html.parser import HTMLParser
+from urllib.parse import urlsplit
 
-from jinja2 import FileSystemLoader, StrictUndefined, TemplateError, select_autoescape
+from jinja2 import FileSystemLoader, StrictUndefined, TemplateError, TemplateRuntimeError, select_autoescape
 from jinja2.sandbox import SandboxedEnvironment
 
 from notifier.errors import PermanentDeliveryError
 
 TEMPLATE_NAME = re.compile(r"^[a-z0-9][a-z0-9_]{0,99}$")
+# Schemes whose link runs something when clicked instead of opening a page.
+_ACTIVE_SCHEMES = frozenset({"javascript", "vbscript", "data"})
+
+
+def link(value) -> str:
+    """The `link` filter: a caller's value as the target of a link, refused (a TemplateError, so a 422
+    at request time) when it would run script rather than open a page. Its scheme is read as a browser
+    reads it: urlsplit drops the blanks, tabs and line breaks that "java\tscript:" hides behind."""
+    url = str(value)
+    try:
+        scheme = urlsplit(url).scheme.lower()
+    except ValueError as exc:  # an unbalanced "[" in the host: no browser opens it either
+        raise TemplateRuntimeError("a link in the data is not a URL") from exc
+    if scheme in _ACTIVE_SCHEMES:
+        raise TemplateRuntimeError(f"a link in the data is a {scheme}: URL; a link must open a page (http or https)")
+    return url
 
 
 class TemplateRenderError(PermanentDeliveryError):
@@ -41,6 +58,7 @@ class Renderer:
             keep_trailing_newline=False,
         )
         self.env.globals["brand_name"] = brand_name
+        self.env.filters["link"] = link
 
     def _path(self, name: str, part: str) -> str:
         return os.path.join(self.root, "email", f"{name}.{part}")

@@ -128,6 +128,37 @@ def test_template_syntax_in_a_literal_subject_and_body_is_sent_as_given(client, 
     assert "{{ config }}" in html.get_content()
 
 
+@pytest.mark.parametrize("path, payload", [
+    (SEND, {"to": "ada@example.com", "template": "verification", "data": {"verification_url": "javascript:alert(1)"}}),
+    (SEND, {"to": "ada@example.com", "template": "welcome", "data": {"action_url": " java\tscript:alert(1)"}}),
+    (SEND, {"to": "ada@example.com", "template": "order_confirmation",
+            "data": {"order_id": "A-1", "items": [], "total": "0", "order_url": "data:text/html,<script>1</script>"}}),
+    (SEND, {"to": "ada@example.com", "template": "password_reset", "data": {"reset_url": "VBScript:msgbox(1)"}}),
+    ("/api/events", {"type": "password.reset_requested", "user": {"id": "u1", "email": "ada@example.com"},
+                     "data": {"reset_url": "javascript:fetch('//attacker.example')"}}),
+    ("/api/events", {"type": "user.signup", "user": {"id": "u1", "email": "ada@example.com"},
+                     "data": {"verification_url": "javascript:alert(1)"}}),
+])
+def test_a_link_from_data_that_would_run_script_is_refused(client, headers, path, payload):
+    # send-verification refused a javascript: verification_url; the same template through send or an
+    # event put it in the button's href.
+    error = _refused(client.post(path, json=payload, headers=headers), 422, "validation_error")
+
+    assert "a link must open a page" in error["details"]["data"][0]
+    assert notification_count() == 0
+
+
+def test_links_that_open_a_page_or_an_app_still_go_out(client, headers, deliverer, smtp, redis_conn):
+    for url in ("https://example.com/verify?t=1", "http://localhost:3000/v", "myapp://verify/1"):
+        _accepted(client, headers, {"to": "ada@example.com", "template": "verification",
+                                    "data": {"verification_url": url}})
+    run_worker_until_idle(redis_conn)
+
+    hrefs = sorted(m.message.get_payload()[1].get_content().split('href="')[1].split('"')[0]
+                   for m in smtp.wait_for(3))
+    assert hrefs == ["http://localhost:3000/v", "https://example.com/verify?t=1", "myapp://verify/1"]
+
+
 # --- size, depth and encoding ------------------------------------------------------------------------
 
 
