@@ -35,9 +35,18 @@ def _ascii(value: str) -> None:
         raise ValidationError("must be an ASCII address (write an international domain in its xn-- form)")
 
 
+def _no_control_characters(value: str) -> None:
+    # marshmallow takes RFC 5322's obsolete quoted local parts, which may hold control characters
+    # ("a\x0cb"@example.com): SMTP's envelope may not (RFC 5321), and the To header wrote the vertical
+    # tab, form feed and the like as a space, so the header named another address than the envelope.
+    if any(ord(char) < 0x20 or ord(char) == 0x7F for char in value if char not in "\r\n"):
+        raise ValidationError("must not contain control characters")
+
+
 class Email(fields.Email):
     def __init__(self, **kwargs):
-        super().__init__(validate=[validate.Length(max=320), _no_line_breaks, _ascii], **kwargs)
+        super().__init__(validate=[validate.Length(max=320), _no_line_breaks, _no_control_characters, _ascii],
+                         **kwargs)
 
 
 def _bounded_json(value: dict) -> None:

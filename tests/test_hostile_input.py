@@ -86,6 +86,35 @@ def test_line_breaks_in_an_events_user_are_refused(client, headers, user, field)
     assert notification_count() == 0
 
 
+@pytest.mark.parametrize("char", ["\x0b", "\x0c", "\x1c", "\x1e", "\x01", "\x1b", "\x7f"])
+@pytest.mark.parametrize("path, payload", [
+    (SEND, LITERAL), (VERIFY, VERIFICATION),
+    ("/api/events", {"type": EVENT, "user": {"id": "u1", "email": "ada@example.com"}}),
+])
+def test_a_control_character_in_a_quoted_address_is_refused(client, headers, char, path, payload):
+    # Valid to marshmallow inside quotes, but not in SMTP's envelope; the To header wrote a vertical tab
+    # or form feed as a space, naming another mailbox than the one RCPT TO gave the server.
+    address = f'"ada{char}bcc"@example.com'
+    if path == "/api/events":
+        payload = payload | {"user": payload["user"] | {"email": address}}
+    else:
+        payload = payload | {"to": address}
+    response = client.post(path, json=payload, headers=headers)
+
+    error = _refused(response, 422, "validation_error")
+    assert "must not contain control characters" in json.dumps(error["details"])
+    assert notification_count() == 0
+
+
+def test_a_quoted_address_without_control_characters_is_still_sent(client, headers, deliverer, smtp, redis_conn):
+    _accepted(client, headers, LITERAL | {"to": '"ada@home"@example.com'})
+    run_worker_until_idle(redis_conn)
+
+    (received,) = smtp.wait_for(1)
+    assert received.rcpt_tos == ['"ada@home"@example.com']
+    assert received.message["To"] == '"ada@home"@example.com'
+
+
 def test_a_line_break_in_data_shown_in_a_subject_adds_no_header(client, headers, deliverer, smtp, redis_conn):
     data = {"order_id": "A-1" + INJECTED, "items": [{"name": "Widget", "quantity": 1, "price": "9.50"}],
             "total": "9.50"}
