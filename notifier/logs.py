@@ -268,7 +268,9 @@ def conceal_content(texts: Iterable[str]) -> None:
 # them as it is), so a line is scanned once: with the "@" required, a run not followed by one was tried
 # again from each of its characters (a 20 KB line of "a=a=..." took seconds, 100 KB over a minute).
 # The domain a name, or an address literal in brackets ([192.0.2.1], [IPv6:...]), which a send takes too.
-_ADDRESS = re.compile(r"[A-Za-z0-9.!#$&'*+=?^_`{|}~-]+"
+# A quoted local part ("ada.lovelace"@example.com, which a send takes) counts its quotes in, as written
+# or, in a raw request line, percent-encoded (%22).
+_ADDRESS = re.compile(r"(?:[A-Za-z0-9.!#$&'*+=?^_`{|}~\"-]|%22)+"
                       r"(?P<domain>(?:@|%40)(?:[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*|\[[A-Za-z0-9:.]+\]))?")
 _API_KEY = re.compile(r"\b(nfy_[0-9a-f]+_)[A-Za-z0-9_-]+")
 _SECRET = re.compile(r"\b(whsec_)[A-Za-z0-9_-]+")

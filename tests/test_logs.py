@@ -441,6 +441,10 @@ def test_what_a_server_quotes_of_an_email_beyond_ascii_is_masked_as_written_and_
     # A send takes user@[192.0.2.1] (marshmallow's Email does): the pattern wanted a domain name
     # after the "@", and the mailbox showed whole.
     ("grace.hopper@[192.0.2.1]", "g***@[192.0.2.1]", "hopper"),
+    # A quoted local part, which a send takes too: the quote ended the run, which had to be followed
+    # by the "@", so neither it nor the mailbox was masked.
+    ('"grace.hopper"@example.com', '"***@example.com', "hopper"),
+    ('%22grace.hopper%22@example.com', '"***@example.com', "hopper"),
 ])
 def test_an_address_is_masked_whole_whatever_its_form(sqlite_settings, sqlite_db, capsys, in_path, logged, hidden):
     app = create_app(sqlite_settings, redis=fakeredis.FakeRedis())
@@ -449,11 +453,13 @@ def test_an_address_is_masked_whole_whatever_its_form(sqlite_settings, sqlite_db
     assert response.status_code in (204, 404)
     logging.getLogger("notifier.jobs").warning("refused: %s, %s", "ada=lovelace@example.com",
                                                "<ada.lovelace@[IPv6:2001:db8::1]>")
+    logging.getLogger("gunicorn.error").warning("DELETE /api/suppressions/%s", "%22ada.lovelace%22@example.com")
     err = capsys.readouterr().err
     assert hidden not in err and "lovelace" not in err
     access = [json.loads(line) for line in err.splitlines() if '"notifier.api.access"' in line]
     assert access[0]["path"] == f"/api/suppressions/{logged}"
     assert "refused: a***@example.com, <a***@[IPv6:2001:db8::1]>" in err
+    assert "DELETE /api/suppressions/%***@example.com" in err
 
 
 def test_a_reply_holding_what_folds_to_a_recipient_only_beyond_ascii_is_still_logged(captured):
