@@ -88,6 +88,11 @@ def create_app(settings: Settings | None = None, *, redis=None) -> Flask:
     """Build the API for settings (read from the environment when not given)."""
     settings = settings or load_settings()
     configure_logging(settings)
+    if not settings.secret_key:
+        # The development secret is in this repository: whoever reads it can sign a link that turns any
+        # category off for any user of any key, and the API takes it as genuine.
+        logger.warning("SECRET_KEY is not set: unsubscribe links are signed with the public development "
+                       "secret, so anyone can forge one; set SECRET_KEY outside development")
     app = Flask(__name__)
     # werkzeug answers a path with `//` in it by a 308 to the merged path, with an HTML body: outside
     # the error envelope, and a second request for a path no client meant. It is a 404 like any other.

@@ -128,6 +128,17 @@ def test_every_response_carries_the_request_id_even_errors(sqlite_settings, sqli
     assert len(generated) == 32
 
 
+def test_an_api_without_secret_key_warns_that_unsubscribe_links_can_be_forged(sqlite_settings, sqlite_db, capsys):
+    # The development secret is public: with it, anyone signs a link that unsubscribes any user of
+    # any key. Nothing said so while a deployment ran on it.
+    create_app(sqlite_settings, redis=fakeredis.FakeRedis())
+    (line,) = [json.loads(line) for line in capsys.readouterr().err.splitlines() if "SECRET_KEY" in line]
+    assert line["level"] == "WARNING" and "forge" in line["message"]
+
+    create_app(replace(sqlite_settings, secret_key="s3cret-of-this-deployment"), redis=fakeredis.FakeRedis())
+    assert "SECRET_KEY" not in capsys.readouterr().err
+
+
 @pytest.mark.integration
 def test_real_processes_log_json_with_ids_and_never_the_address_or_key(pg_settings, pg_db, redis_conn, smtp,
                                                                       tmp_path):
