@@ -69,7 +69,9 @@ def verify(secret: str, body: bytes, header: str, tolerance: int = 300, now: flo
         return False
     if abs((now or time.time()) - timestamp) > tolerance:
         return False
-    return hmac.compare_digest(sign(secret, body, timestamp), header)
+    # As bytes: compare_digest raises TypeError for a str holding anything beyond ASCII, which a
+    # forged header may, instead of answering False.
+    return hmac.compare_digest(sign(secret, body, timestamp).encode(), header.encode("utf-8", "replace"))
 
 
 class _NoRedirects(urllib.request.HTTPRedirectHandler):

@@ -523,3 +523,12 @@ def test_a_callback_answered_2xx_is_not_posted_again_when_the_job_limit_runs_out
     assert _callback_events(notification.id) == ["callback delivered: HTTP 200"]
     callback_queue = Queue(CALLBACK_QUEUE, connection=redis_conn)
     assert callback_queue.failed_job_registry.get_job_ids() == []
+
+
+@pytest.mark.parametrize("forged", ["t={t},v1=\u00e9", "t={t},v1=\udc80", "t={t},v1=\u0663\u0663", "t=\u0661{t},v1=00"])
+def test_verify_answers_false_for_a_forged_header_beyond_ascii(forged):
+    # A receiver calls verify() with whatever header arrived: one beyond ASCII made compare_digest raise
+    # TypeError, a 500 at the receiver instead of a refused event.
+    header = forged.format(t=int(time.time()))
+
+    assert callbacks.verify("whsec_secret", b"{}", header) is False
