@@ -28,7 +28,7 @@ def link(value) -> str:
     except ValueError as exc:  # an unbalanced "[" in the host: no browser opens it either
         raise TemplateRuntimeError("a link in the data is not a URL") from exc
     if scheme in _ACTIVE_SCHEMES:
-        raise TemplateRuntimeError(f"a link in the data is a {scheme}: URL; a link must open a page (http or https)")
+        raise TemplateRuntimeError(f"a link in the data is a {scheme}: URL; a link must open a page, not run script")
     return url
 
 
