@@ -21,6 +21,7 @@ DEV_REDIS_PORT = 6390
 DEV_SMTP_PORT = 1025
 DEV_KEY_FILE = os.path.join(VAR, "dev-api-key")
 DEV_OPERATOR_PASSWORD_FILE = os.path.join(VAR, "operator-password")
+DEV_SECRET_KEY_FILE = os.path.join(VAR, "secret-key")
 
 
 def _wait_for_port(port: int, timeout: float = 15.0) -> bool:
@@ -67,16 +68,22 @@ def _dev_operator(env: dict) -> str:
     generated once into var/operator-password. Returns what the banner shows."""
     if env.get("OPERATOR_USERNAME") or env.get("OPERATOR_PASSWORD"):
         return f"{env.get('OPERATOR_USERNAME', '')} (password from OPERATOR_PASSWORD)"
-    password = ""
-    if os.path.exists(DEV_OPERATOR_PASSWORD_FILE):
-        with open(DEV_OPERATOR_PASSWORD_FILE) as fh:
-            password = fh.read().strip()
-    if not password:
-        password = secrets.token_urlsafe(16)
-        with open(os.open(DEV_OPERATOR_PASSWORD_FILE, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as fh:
-            fh.write(password + "\n")
+    password = _kept_secret(DEV_OPERATOR_PASSWORD_FILE, 16)
     env.update(OPERATOR_USERNAME="operator", OPERATOR_PASSWORD=password)
     return f"operator / {password}"
+
+
+def _kept_secret(path: str, size: int) -> str:
+    """A random secret generated once into path (readable by its owner alone), the same every run."""
+    secret = ""
+    if os.path.exists(path):
+        with open(path) as fh:
+            secret = fh.read().strip()
+    if not secret:
+        secret = secrets.token_urlsafe(size)
+        with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as fh:
+            fh.write(secret + "\n")
+    return secret
 
 
 def main() -> int:
@@ -129,6 +136,9 @@ def main() -> int:
         _wait_for_port(DEV_SMTP_PORT)
 
     operator = _dev_operator(env)
+    # Unsubscribe links are signed with SECRET_KEY: one of this checkout's own, not the public
+    # development secret (which the API warns about), and the same every run so earlier links work.
+    env.setdefault("SECRET_KEY", _kept_secret(DEV_SECRET_KEY_FILE, 32))
     key = _dev_key(env)
     port = env.get("PORT", "5000")
     spawn("api", [sys.executable, "app.py"])

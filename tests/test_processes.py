@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -124,6 +125,17 @@ def test_make_run_replaces_a_lost_dev_key_whose_notifications_remain(sqlite_sett
     assert renamed.name.startswith("dev-until-") and renamed.revoked_at is not None
     assert reload(kept.id).api_key_id == old.id
     assert (tmp_path / "dev-api-key").read_text().strip() == plaintext
+
+
+def test_make_run_signs_links_with_a_secret_of_its_own_kept_across_runs(tmp_path):
+    # Without SECRET_KEY the API signs unsubscribe links with the development secret in this
+    # repository (and warns): make run gives its stack a random one, generated once into var/.
+    from notifier import dev
+
+    path = str(tmp_path / "secret-key")
+    first = dev._kept_secret(path, 32)
+    assert len(first) >= 40 and dev._kept_secret(path, 32) == first
+    assert os.stat(path).st_mode & 0o777 == 0o600
 
 
 @pytest.fixture
