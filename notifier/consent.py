@@ -27,9 +27,14 @@ from notifier.models import (
 OPTIONAL_CATEGORIES = tuple(c for c in Category if c is not Category.TRANSACTIONAL)
 
 
+# Whose preferences apply to mail sent with no user id: this and the address (no user id given to a
+# send may start with it: schemas.SENT_USER_ID).
+ADDRESS_KEY_PREFIX = "email:"
+
+
 def user_key_for(user_id: str | None, to: str) -> str:
     """Whose preferences apply: the caller's user id, or the address when there is none."""
-    return user_id if user_id else f"email:{to.lower()}"
+    return user_id if user_id else f"{ADDRESS_KEY_PREFIX}{to.lower()}"
 
 
 def zone(name: str | None) -> ZoneInfo:

@@ -6,7 +6,7 @@ from datetime import UTC
 
 from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates_schema
 
-from notifier.consent import OPTIONAL_CATEGORIES, valid_timezone
+from notifier.consent import ADDRESS_KEY_PREFIX, OPTIONAL_CATEGORIES, valid_timezone
 from notifier.models import Category, DeliveryMode, Priority, Status
 from notifier.rules import RULES
 
@@ -20,6 +20,21 @@ MAX_JSON_NODES = 1000
 # A caller's id for a user, wherever it is given (a body, a query, a path). The column that keeps it
 # (user_key) is longer, to hold "email:" and a whole address for mail sent with no user id.
 USER_ID = validate.Length(min=1, max=200)
+
+
+def _not_an_address_key(value: str) -> None:
+    # Mail sent with no user id follows the preferences of "email:<address>" (consent.user_key_for),
+    # and is grouped into digests by it. A user given that id by a caller (one that lets people pick
+    # their ids) would share them: its unsubscribe would stop that address's mail, and a digest of
+    # both would go to whichever of their addresses came last. The path may name it: that is how a
+    # caller reads and sets an address's own preferences.
+    if value.startswith(ADDRESS_KEY_PREFIX):
+        raise ValidationError(f"must not start with {ADDRESS_KEY_PREFIX!r}, which names the preferences of mail "
+                              "sent without a user_id")
+
+
+# A user id as a send or an event gives it.
+SENT_USER_ID = [USER_ID, _not_an_address_key]
 
 
 def _no_line_breaks(value: str) -> None:
@@ -133,7 +148,7 @@ class SendSchema(DeliveryOptions):
     text = fields.String(validate=validate.Length(min=1, max=MAX_BODY_CHARS))
     html = fields.String(validate=validate.Length(min=1, max=MAX_BODY_CHARS))
     priority = fields.String(load_default=Priority.DEFAULT.value, validate=validate.OneOf(PRIORITIES))
-    user_id = fields.String(validate=USER_ID)
+    user_id = fields.String(validate=SENT_USER_ID)
     category = fields.String(validate=validate.OneOf(CATEGORIES))
 
     @validates_schema
@@ -165,7 +180,7 @@ class BatchItemResultSchema(Schema):
 
 class VerificationSchema(DeliveryOptions):
     to = Email(required=True)
-    user_id = fields.String(required=True, validate=USER_ID)
+    user_id = fields.String(required=True, validate=SENT_USER_ID)
     code = fields.String(validate=validate.Length(min=1, max=64))
     verification_url = fields.Url(schemes={"http", "https"}, require_tld=False, validate=validate.Length(max=2000))
     name = fields.String(validate=[validate.Length(min=1, max=200), _no_line_breaks])
@@ -189,7 +204,7 @@ def _clock(value: str) -> None:
 
 
 class EventUserSchema(StrictSchema):
-    id = fields.String(required=True, validate=USER_ID)
+    id = fields.String(required=True, validate=SENT_USER_ID)
     email = Email(required=True)
     name = fields.String(validate=[validate.Length(min=1, max=200), _no_line_breaks])
     timezone = fields.String(validate=_timezone)

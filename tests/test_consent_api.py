@@ -597,3 +597,24 @@ def test_a_signed_token_that_notifier_never_makes_is_refused_and_writes_nothing(
     _error(client.post(path), 400, "invalid_token")
     with database.connection_context():
         assert Preference.select().count() == 0
+
+
+@pytest.mark.parametrize("path, payload", [
+    ("/api/notifications/send", {**LITERAL, "user_id": "email:ann@example.com", "category": "marketing"}),
+    ("/api/notifications/send-verification", {**VERIFICATION, "user_id": "email:ann@example.com"}),
+    ("/api/events", {**SIGNUP, "user": {**SIGNUP["user"], "id": "email:ann@example.com"}}),
+])
+def test_a_user_id_that_names_an_addresss_preferences_is_422(client, headers, smtp, path, payload):
+    # Mail sent with no user id follows the preferences of "email:<address>": a user given that id (by a
+    # caller that lets people choose theirs) would turn that address's mail off with its unsubscribe, and
+    # share its digests, which go to whichever address came last.
+    error = _error(client.post(path, json=payload, headers=headers), 422)
+    assert "email:" in str(error["details"])
+    assert notification_count() == 0
+
+
+def test_an_addresss_own_preferences_are_read_and_set_by_its_path(client, headers, deliverer, smtp, redis_conn):
+    assert _put(client, headers, {"categories": {"marketing": "off"}}, "email:ann@example.com").status_code == 200
+    assert _prefs(client, headers, "email:ann@example.com")["categories"]["marketing"] == "off"
+    sent = _send(client, headers, {**LITERAL, "to": "Ann@Example.com", "category": "marketing"})
+    assert sent["status"] == "suppressed"
