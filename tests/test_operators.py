@@ -297,3 +297,33 @@ def test_a_rate_must_be_one_rate_of_at_least_one(name, rate):
     with pytest.raises(ConfigError) as caught:
         Settings.from_env({name: rate})
     assert caught.value.setting == name
+
+
+@pytest.mark.parametrize("site", ["cross-site", "same-site"])
+def test_dashboard_actions_a_browser_sends_for_another_site_are_403_and_change_nothing(ops, dead_letter, redis_conn,
+                                                                                      site):
+    # A browser sends an operator's cached basic-auth login along with a request another site's page
+    # makes: that page could empty queues or delete jobs. It says where the request comes from.
+    job_id = job_id_for(dead_letter)
+    actions = [
+        ("GET", f"/rq/requeue/{DEFAULT_QUEUE}"),
+        ("POST", f"/rq/requeue/{DEFAULT_QUEUE}"),
+        ("POST", f"/rq/job/{job_id}/requeue"),
+        ("POST", f"/rq/job/{job_id}/delete"),
+        ("POST", f"/rq/queue/{DEFAULT_QUEUE}/failed/empty"),
+        ("POST", f"/rq/queue/{DEFAULT_QUEUE}/compact"),
+    ]
+    for method, path in actions:
+        response = ops.open(path, method=method, auth=OPERATOR, headers={"Sec-Fetch-Site": site})
+        assert response.status_code == 403, (method, path)
+        assert response.get_json()["error"]["code"] == "forbidden"
+    assert _failed_jobs(redis_conn) == {job_id}
+    assert redis_conn.exists(f"rq:job:{job_id}")
+
+    # A link from elsewhere still opens a view; the dashboard's own pages and the operator's own
+    # clients (no Sec-Fetch-Site: curl, a script) still act.
+    assert ops.get(f"/rq/0/view/job/{job_id}", auth=OPERATOR, headers={"Sec-Fetch-Site": site}).status_code == 200
+    own = ops.post(f"/rq/job/{job_id}/requeue", auth=OPERATOR, headers={"Sec-Fetch-Site": "same-origin"})
+    assert own.status_code == 200
+    assert _failed_jobs(redis_conn) == set()
+    assert ops.get(f"/rq/requeue/{DEFAULT_QUEUE}", auth=OPERATOR).status_code == 200

@@ -26,7 +26,7 @@ from werkzeug.exceptions import Unauthorized
 
 from notifier import deadletters, metrics
 from notifier.config import Settings
-from notifier.errors import NotFound, RateLimited, ServiceUnavailable
+from notifier.errors import Forbidden, NotFound, RateLimited, ServiceUnavailable
 from notifier.ratelimit import parse_rate
 
 logger = logging.getLogger(__name__)
@@ -54,7 +54,30 @@ def _guard() -> None:
     if request.blueprint == bp.name or path == DASHBOARD_PREFIX or path.startswith(DASHBOARD_PREFIX + "/"):
         require_operator()
         if request.blueprint == rq_dashboard.blueprint.name:
+            _require_own_page()
             _require_dashboard_target()
+
+
+# rq-dashboard's routes that change something: every one but GET and HEAD, and its requeue of a
+# queue's failed jobs, which a GET does too.
+_REQUEUE_ALL = f"{rq_dashboard.blueprint.name}.requeue_all"
+# Sec-Fetch-Site, as a browser sets it: a request made by one of the dashboard's own pages, or by the
+# operator (a typed address, a bookmark).
+_OWN = frozenset({"same-origin", "none"})
+
+
+def _require_own_page() -> None:
+    """403 for a dashboard action a browser sends on behalf of another site. A browser sends an
+    operator's cached basic-auth login with any request to the dashboard, so a page elsewhere could
+    otherwise empty a queue, delete jobs or requeue them in the operator's name. Browsers say where a
+    request comes from (Sec-Fetch-Site, which a page cannot set); a client that does not (curl, a
+    script) is the operator's own. Only actions are refused: a link from elsewhere to a view opens."""
+    if request.method in ("GET", "HEAD") and request.endpoint != _REQUEUE_ALL:
+        return
+    site = request.headers.get("Sec-Fetch-Site")
+    if site is not None and site not in _OWN:
+        raise Forbidden("the dashboard takes actions from its own pages only; open it and act there",
+                        {"Sec-Fetch-Site": site})
 
 
 # What rq-dashboard's routes can name; it answers any other registry with an exception.
