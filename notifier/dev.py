@@ -10,6 +10,7 @@ import os
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -24,17 +25,35 @@ DEV_OPERATOR_PASSWORD_FILE = os.path.join(VAR, "operator-password")
 DEV_SECRET_KEY_FILE = os.path.join(VAR, "secret-key")
 
 
-def _wait_for_port(port: int, timeout: float = 15.0) -> bool:
-    import socket
+def _answers(port: int) -> bool:
+    """Whether something on this machine accepts connections on port."""
+    with socket.socket() as sock:
+        sock.settimeout(0.2)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
 
+
+def _wait_for_port(port: int, timeout: float = 15.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        with socket.socket() as sock:
-            sock.settimeout(0.2)
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                return True
+        if _answers(port):
+            return True
         time.sleep(0.1)
     return False
+
+
+def _ports_taken(env: dict) -> list[str]:
+    """A line for each port this run would listen on that something already holds.
+
+    Each start waits for its port to answer, so a Redis, SMTP capture or API left running (by a run
+    whose supervisor was killed, or by another checkout) answered in place of the one just started:
+    the banner described that old stack, and then "redis exited with 1" stopped everything."""
+    wanted = [("the API", int(env.get("PORT", "5000")), "PORT")]
+    if "REDIS_URL" not in env:
+        wanted.append(("the development Redis", DEV_REDIS_PORT, "REDIS_URL"))
+    if "SMTP_HOST" not in env:
+        wanted.append(("the SMTP capture", DEV_SMTP_PORT, "SMTP_HOST"))
+    return [f"port {port} (for {what}) is already in use: stop what holds it, or set {setting}"
+            for what, port, setting in wanted if _answers(port)]
 
 
 def _dev_key(env: dict) -> str:
@@ -87,8 +106,12 @@ def _kept_secret(path: str, size: int) -> str:
 
 
 def main() -> int:
-    os.makedirs(VAR, exist_ok=True)
     env = dict(os.environ)
+    taken = _ports_taken(env)
+    if taken:
+        print("\n".join(["make run cannot start:", *taken]), file=sys.stderr)
+        return 1
+    os.makedirs(VAR, exist_ok=True)
     env.setdefault("PYTHONUNBUFFERED", "1")
     env.setdefault("LOG_FORMAT", "text")  # a person is reading this terminal
     procs: list[tuple[str, subprocess.Popen]] = []
