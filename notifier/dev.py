@@ -56,6 +56,10 @@ def _ports_taken(env: dict) -> list[str]:
             for what, port, setting in wanted if _answers(port)]
 
 
+def _ignore_hangup() -> None:
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+
 def _dev_key(env: dict) -> str:
     """The development API key: reused from var/ while it still works, otherwise made anew."""
     code = (
@@ -120,7 +124,12 @@ def main() -> int:
         # Ctrl-C reaches every process of the terminal's group at once; Redis and the SMTP capture
         # get a session of their own, so they outlive the workers that are finishing with them.
         own_session = name in ("redis", "smtp")
-        procs.append((name, subprocess.Popen(args, env=env, cwd=PROJECT_ROOT, start_new_session=own_session)))
+        # Closing the terminal sends SIGHUP to its group: the API, worker and scheduler died mid-job
+        # at once, and so did this process, before it could stop Redis and the SMTP capture, which
+        # went on holding their ports. They ignore it (an ignored signal stays ignored across exec);
+        # this process stops them all as for Ctrl-C.
+        procs.append((name, subprocess.Popen(args, env=env, cwd=PROJECT_ROOT, start_new_session=own_session,
+                                             preexec_fn=None if own_session else _ignore_hangup)))
 
     if "REDIS_URL" not in env:
         server = shutil.which("redis-server")
@@ -191,7 +200,8 @@ Ctrl-C stops everything.
 """,
         flush=True,
     )
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
         while True:
             for name, proc in procs:
@@ -208,8 +218,8 @@ def _stop(procs, code: int) -> int:
     # A second signal must not cut the stopping short (make, sent SIGTERM with its process group,
     # sends its own to this child too): interrupted here, the Redis and SMTP servers, which have
     # sessions of their own, were left running. Each wait below ends in a kill all the same.
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_IGN)
     # The app processes first (a worker finishes its current send), then the Redis and SMTP server
     # they were using: stopping all at once left workers waiting for a Redis that had gone.
     services = {"redis", "smtp"}
