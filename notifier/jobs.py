@@ -224,6 +224,11 @@ class Deliverer:
             self._shared_job_id = job.id if job is not None else None
             priority = next((r.priority for r in rows.values()), None)
             checked = alive = time.monotonic()
+            if len(notification_ids) > 1:
+                # RQ's heartbeat as the job started kept the worker's key for the whole job's timeout
+                # (JOB_TIMEOUT per email): killed before the first renewal below, the worker would look
+                # alive that long and the email it was sending would wait that long to be recovered.
+                self._keep_alive(job)
             try:
                 for index, notification_id in enumerate(notification_ids):
                     if index and time.monotonic() - alive >= KEEP_ALIVE_SECONDS:
