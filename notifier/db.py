@@ -163,6 +163,10 @@ class PreparingConnection(PsycopgConnection):
         self.cursor_factory = PreparingCursor
 
 
+_TCP_LIVENESS = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3,
+                 "tcp_user_timeout": 10_000}
+
+
 def connect(url: str, pool_size: int = Settings.database_pool_size, prepare: bool = Settings.database_prepare,
             statement_timeout: float = Settings.database_statement_timeout):
     """Make (but do not open) a peewee database for a DATABASE_URL; pool_size: PostgreSQL connections
@@ -194,6 +198,14 @@ def connect(url: str, pool_size: int = Settings.database_pool_size, prepare: boo
         limit = f"-c statement_timeout={max(1, round(statement_timeout * 1000))}"
         given = params.get("options") or os.environ.get("PGOPTIONS", "").strip()
         params["options"] = f"{given} {limit}" if given else limit
+    # A server that vanished without a word (its host powered off, a network partition: no reset
+    # comes back) held a request or a job for as long as the kernel kept retrying, a quarter of an
+    # hour, and an idle pooled connection two hours: the kernel's defaults. These make the kernel give
+    # up on a connection whose data is not acknowledged within 10 s, or whose silence keepalive
+    # probes find dead within 25 s; the request then answers 503 and the job is retried. A URL's own
+    # values win.
+    for name, value in _TCP_LIVENESS.items():
+        params.setdefault(name, value)
     return PostgresDatabase(
         params.pop("database"),
         max_connections=pool_size,

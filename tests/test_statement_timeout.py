@@ -3,6 +3,8 @@ holding a request thread or a worker for as long as the lock lasts; schema upgra
 
 from __future__ import annotations
 
+import os
+import socket
 import threading
 import time
 from dataclasses import replace
@@ -93,6 +95,31 @@ def test_the_limit_keeps_what_pgoptions_asks_for(pg_url, monkeypatch):
     with db.connection_context():
         assert db.execute_sql("SHOW search_path").fetchone()[0] == "review3_elsewhere,public"
         assert db.execute_sql("SHOW statement_timeout").fetchone()[0] == "2s"
+    db.close_all()
+
+
+def _tcp_options(db) -> tuple[int, int, int, int, int]:
+    sock = socket.socket(fileno=os.dup(db.connection().fileno()))
+    try:
+        return (sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
+                *(sock.getsockopt(socket.IPPROTO_TCP, option) for option in (
+                    socket.TCP_KEEPIDLE, socket.TCP_KEEPINTVL, socket.TCP_KEEPCNT, socket.TCP_USER_TIMEOUT)))
+    finally:
+        sock.close()
+
+
+def test_a_connection_to_a_server_gone_silent_gives_up_in_seconds_not_hours(pg_url):
+    # A server whose host vanished (powered off, a partition) sends no reset: with the kernel's
+    # defaults a request waited a quarter of an hour for unacknowledged data, an idle pooled
+    # connection two hours for its first keepalive probe. What the kernel is told, on the live socket:
+    db = connect(pg_url)
+    with db.connection_context():
+        assert _tcp_options(db) == (1, 10, 5, 3, 10_000)
+    db.close_all()
+    # The URL's own values win.
+    db = connect(f"{pg_url}?keepalives_idle=60&tcp_user_timeout=30000")
+    with db.connection_context():
+        assert _tcp_options(db) == (1, 60, 5, 3, 30_000)
     db.close_all()
 
 
