@@ -6,6 +6,7 @@ Starts a private Redis (unless REDIS_URL is set), an SMTP capture server keeping
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -58,6 +59,22 @@ def _ports_taken(env: dict) -> list[str]:
 
 def _ignore_hangup() -> None:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+
+def _interrupt(*_) -> None:
+    """Ctrl-C, SIGTERM or SIGHUP: stop everything. The next one is ignored from here: a closed
+    terminal sends two (the shell passes its hangup on, and the kernel sends another when the shell
+    exits), and a second, raised as the stopping began, cut it short."""
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
+def _say(*args, **kwargs) -> None:
+    """print, for a terminal that may be gone: closed, it answers every write with EIO, which
+    raised before anything was stopped and left the whole stack running."""
+    with contextlib.suppress(OSError):
+        print(*args, **kwargs)
 
 
 def _dev_key(env: dict) -> str:
@@ -131,6 +148,23 @@ def main() -> int:
         procs.append((name, subprocess.Popen(args, env=env, cwd=PROJECT_ROOT, start_new_session=own_session,
                                              preexec_fn=None if own_session else _ignore_hangup)))
 
+    # From the first process started, a signal or a failure (the API key's database not answering)
+    # stops all it started: Redis and the SMTP capture, with sessions of their own, outlived a
+    # supervisor stopped during the start, and held their ports, so the next make run refused to start.
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, _interrupt)
+    try:
+        return _supervise(env, procs, spawn)
+    except KeyboardInterrupt:
+        _say("\nstopping...", flush=True)
+        return _stop(procs, 0)
+    except BaseException:
+        _stop(procs, 1)
+        raise
+
+
+def _supervise(env: dict, procs: list, spawn) -> int:
+    """Start the stack, say how to use it, and watch it until one of its processes exits."""
     if "REDIS_URL" not in env:
         server = shutil.which("redis-server")
         if server is None:
@@ -158,7 +192,7 @@ def main() -> int:
         )
         env["REDIS_URL"] = f"redis://127.0.0.1:{DEV_REDIS_PORT}/0"
         if not _wait_for_port(DEV_REDIS_PORT):
-            print("the development Redis did not start", file=sys.stderr)
+            _say("the development Redis did not start", file=sys.stderr)
             return _stop(procs, 1)
     mail_dir = None
     if "SMTP_HOST" not in env:
@@ -177,7 +211,7 @@ def main() -> int:
     spawn("worker", [sys.executable, "worker.py"])
     spawn("scheduler", [sys.executable, "scheduler.py"])
     if not _wait_for_port(int(port)):
-        print("the API did not start", file=sys.stderr)
+        _say("the API did not start", file=sys.stderr)
         return _stop(procs, 1)
 
     base = f"http://127.0.0.1:{port}"
@@ -200,18 +234,12 @@ Ctrl-C stops everything.
 """,
         flush=True,
     )
-    for signum in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
-    try:
-        while True:
-            for name, proc in procs:
-                if proc.poll() is not None:
-                    print(f"{name} exited with {proc.returncode}; stopping", file=sys.stderr)
-                    return _stop(procs, 1)
-            time.sleep(0.5)
-    except KeyboardInterrupt:
-        print("\nstopping...", flush=True)
-        return _stop(procs, 0)
+    while True:
+        for name, proc in procs:
+            if proc.poll() is not None:
+                _say(f"{name} exited with {proc.returncode}; stopping", file=sys.stderr)
+                return _stop(procs, 1)
+        time.sleep(0.5)
 
 
 def _stop(procs, code: int) -> int:

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import fcntl
 import glob
 import os
+import pty
+import select
 import signal
 import socket
 import subprocess
 import sys
+import termios
 from contextlib import suppress
 
 import pytest
@@ -71,24 +75,37 @@ def test_make_run_refuses_when_a_redis_left_running_holds_its_port(held_port, no
     assert "REDIS_URL" in err
 
 
+def _supervisor(tmp_path, redis_port: int, smtp_port: int) -> list[str]:
+    """The command of a make run whose files (var/) are all under tmp_path, on the ports given."""
+    var = tmp_path / "var"
+    code = (
+        "import sys\nfrom notifier import dev\n"
+        f"dev.VAR = {str(var)!r}\ndev.DEV_KEY_FILE = {str(var / 'dev-api-key')!r}\n"
+        f"dev.DEV_SECRET_KEY_FILE = {str(var / 'secret-key')!r}\n"
+        f"dev.DEV_OPERATOR_PASSWORD_FILE = {str(var / 'operator-password')!r}\n"
+        f"dev.DEV_REDIS_PORT = {redis_port}\ndev.DEV_SMTP_PORT = {smtp_port}\n"
+        "sys.exit(dev.main())\n"
+    )
+    return [sys.executable, "-c", code]
+
+
+def _supervisor_env(tmp_path, api_port: int, **settings) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "SMTP_HOST", "SECRET_KEY")}
+    env.update(PORT=str(api_port), DATABASE_URL=f"sqlite:///{tmp_path}/notifier.db", OPERATOR_USERNAME="operator",
+               OPERATOR_PASSWORD="operator-password", PYTHONUNBUFFERED="1")
+    env.update(settings)
+    return env
+
+
 @pytest.mark.integration
 def test_closing_the_terminal_stops_the_whole_stack(tmp_path):
     # SIGHUP to make run's process group, as a closed terminal sends: the API, worker and scheduler
     # died mid-job, and so did the supervisor, leaving its Redis and SMTP capture (sessions of their
     # own) running on their ports, where the next make run could not start.
     redis_port, smtp_port, api_port = _free_port(), _free_port(), _free_port()
-    var = tmp_path / "var"
-    code = (
-        "import sys\nfrom notifier import dev\n"
-        f"dev.VAR = {str(var)!r}\ndev.DEV_KEY_FILE = {str(var / 'dev-api-key')!r}\n"
-        f"dev.DEV_REDIS_PORT = {redis_port}\ndev.DEV_SMTP_PORT = {smtp_port}\n"
-        "sys.exit(dev.main())\n"
-    )
-    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "SMTP_HOST")}
-    env.update(PORT=str(api_port), DATABASE_URL=f"sqlite:///{tmp_path}/notifier.db", OPERATOR_USERNAME="operator",
-               OPERATOR_PASSWORD="operator-password", PYTHONUNBUFFERED="1")
     with open(tmp_path / "dev.log", "wb") as log:
-        supervisor = subprocess.Popen([sys.executable, "-c", code], env=env, cwd=PROJECT_ROOT, stdout=log,
+        supervisor = subprocess.Popen(_supervisor(tmp_path, redis_port, smtp_port),
+                                      env=_supervisor_env(tmp_path, api_port), cwd=PROJECT_ROOT, stdout=log,
                                       stderr=subprocess.STDOUT, start_new_session=True)
     try:
         wait_until(lambda: b"notifier is running" in (tmp_path / "dev.log").read_bytes(), timeout=60)
@@ -100,6 +117,61 @@ def test_closing_the_terminal_stops_the_whole_stack(tmp_path):
         if supervisor.poll() is None:
             os.killpg(supervisor.pid, signal.SIGTERM)
             supervisor.wait(timeout=60)
+        _stop_leftovers(redis_port, tmp_path)
+
+
+def _controlling_terminal() -> None:
+    os.setsid()
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+
+@pytest.mark.integration
+def test_closing_a_real_terminal_stops_the_whole_stack(tmp_path):
+    # A closed terminal answers every write with EIO: the supervisor's "stopping..." raised OSError
+    # before it stopped anything, and Redis, the SMTP capture and the app processes (which ignore
+    # SIGHUP) all went on running. The terminal here is a pseudo-terminal whose master side closes.
+    redis_port, smtp_port, api_port = _free_port(), _free_port(), _free_port()
+    master, slave = pty.openpty()
+    with open(tmp_path / "dev.err", "wb") as err:
+        supervisor = subprocess.Popen(_supervisor(tmp_path, redis_port, smtp_port),
+                                      env=_supervisor_env(tmp_path, api_port), cwd=PROJECT_ROOT,
+                                      stdin=slave, stdout=slave, stderr=err, preexec_fn=_controlling_terminal)
+    os.close(slave)
+    try:
+        shown = bytearray()
+        while b"notifier is running" not in shown:
+            assert select.select([master], [], [], 60)[0], "no banner in 60 s"
+            shown += os.read(master, 65536)
+        os.close(master)  # the kernel sends SIGHUP to the session leader, the supervisor here
+        master = None
+        os.killpg(supervisor.pid, signal.SIGHUP)  # as a shell passes it on to its job
+        assert supervisor.wait(timeout=60) == 0, (tmp_path / "dev.err").read_text()
+        for port in (redis_port, smtp_port, api_port):
+            assert wait_until(lambda port=port: not dev._answers(port), timeout=10), f"port {port} still answers"
+    finally:
+        if master is not None:
+            os.close(master)
+        if supervisor.poll() is None:
+            os.killpg(supervisor.pid, signal.SIGTERM)
+            supervisor.wait(timeout=60)
+        _stop_leftovers(redis_port, tmp_path)
+
+
+@pytest.mark.integration
+def test_a_failed_start_stops_the_redis_and_smtp_capture_it_started(tmp_path):
+    # The API key is made once Redis and the SMTP capture run; a database that did not answer then
+    # ended make run with a traceback and left both running on their ports, so the next make run
+    # refused to start ("port 6390 ... is already in use").
+    redis_port, smtp_port, api_port = _free_port(), _free_port(), _free_port()
+    env = _supervisor_env(tmp_path, api_port, DATABASE_URL=f"postgresql://127.0.0.1:{_free_port()}/notifier")
+    try:
+        with open(tmp_path / "dev.log", "wb") as log:  # not a pipe: what is left running holds it open
+            done = subprocess.run(_supervisor(tmp_path, redis_port, smtp_port), env=env, cwd=PROJECT_ROOT,
+                                  stdout=log, stderr=subprocess.STDOUT, timeout=120)
+        assert done.returncode != 0, (tmp_path / "dev.log").read_text()
+        for port in (redis_port, smtp_port):
+            assert wait_until(lambda port=port: not dev._answers(port), timeout=10), f"port {port} still answers"
+    finally:
         _stop_leftovers(redis_port, tmp_path)
 
 
