@@ -270,8 +270,15 @@ def conceal_content(texts: Iterable[str]) -> None:
 # The domain a name, or an address literal in brackets ([192.0.2.1], [IPv6:...]), which a send takes too.
 # A quoted local part ("ada.lovelace"@example.com, which a send takes) counts its quotes in, as written
 # or, in a raw request line, percent-encoded (%22).
-_ADDRESS = re.compile(r"(?:[A-Za-z0-9.!#$&'*+=?^_`{|}~\"-]|%22)+"
-                      r"(?P<domain>(?:@|%40)(?:[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*|\[[A-Za-z0-9:.]+\]))?")
+_DOMAIN = r"(?:[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*|\[[A-Za-z0-9:.]+\])"
+# A quoted local part may hold what those runs stop at (a space, a comma, parentheses, an "@"):
+# '"ada lovelace"@example.com' was logged as '"ada l***@example.com'. Tried first at a quote, whole,
+# to its closing quote (as written, or %22 in a raw request line), and only with "@" and a domain
+# after it. Linear: the part between the quotes cannot run past a quote (nor past an escaped one, as
+# none starts after a backslash), so each quote starts one short scan.
+_QUOTED_LOCAL = r'(?:(?<!\\)"(?:[^"\\\r\n]|\\[^\r\n])*+"|%22(?:[^%\s]|%(?!22))*+%22)'
+_ADDRESS = re.compile(r"(?P<quoted>" + _QUOTED_LOCAL + r"(?:@|%40)" + _DOMAIN + r")"
+                      r"|(?:[A-Za-z0-9.!#$&'*+=?^_`{|}~\"-]|%22)+(?P<domain>(?:@|%40)" + _DOMAIN + ")?")
 _API_KEY = re.compile(r"\b(nfy_[0-9a-f]+_)[A-Za-z0-9_-]+")
 _SECRET = re.compile(r"\b(whsec_)[A-Za-z0-9_-]+")
 # An unsubscribe link's token is the credential that unsubscribes (notifier.unsubscribe).
@@ -286,7 +293,7 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 def _mask(match: re.Match) -> str:
-    if match.group("domain") is None:
+    if match.group("quoted") is None and match.group("domain") is None:
         return match.group(0)
     return mask_address(match.group(0).replace("%40", "@"))
 
