@@ -135,6 +135,16 @@ class _TextExtractor(HTMLParser):
         if not self._skipping:
             self.parts.append(data)
 
+    def parse_marked_section(self, i, report=1):
+        # "<![" before anything but the few keywords this Python's parser knows ("<![ ", "<![x]>")
+        # raised AssertionError out of feed(): an HTML-only send holding one was accepted, then failed
+        # every attempt. HTML5 reads it as a bogus comment, to the next ">", and so do we.
+        try:
+            return super().parse_marked_section(i, report)
+        except AssertionError:
+            end = self.rawdata.find(">", i + 3)
+            return -1 if end < 0 else end + 1
+
 
 def html_to_text(html: str) -> str:
     """A readable plain-text version of an HTML body, for the text/plain part."""
