@@ -34,13 +34,13 @@ def wait_until(attempt: Callable[[], object], errors, what: str | None = None, m
             try:
                 attempt()
                 if told is not None:
-                    logger.info("%s answers again", what)
+                    logger.info("%s is available again", what)
                 return True
             except errors as exc:
                 if what is not None and (told is None or time.monotonic() - told >= WAIT_LOG_SECONDS):
                     # libpq's and redis-py's messages name the host and port, never a password.
                     reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-                    logger.warning("%s does not answer (%s: %s); waiting for it", what, type(exc).__name__, reason)
+                    logger.warning("%s is not available (%s: %s); waiting for it", what, type(exc).__name__, reason)
                     told = time.monotonic()
                 time.sleep(delay)
                 delay = min(delay * 2, max_delay)

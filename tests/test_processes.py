@@ -171,7 +171,7 @@ def test_api_worker_and_scheduler_started_before_their_database_wait_for_it(late
             "worker": ["worker.py"], "scheduler": ["scheduler.py"], "waiting": ["worker.py"]}
     procs = {name: spawn(argv, env, str(tmp_path / f"{name}.log")) for name, argv in args.items()}
     try:
-        waiting = "the database does not answer (OperationalError: "
+        waiting = "the database is not available (OperationalError: "
         wait_until(lambda: all(waiting in (tmp_path / f"{name}.log").read_text() for name in procs), timeout=30)
         failed = subprocess.run([sys.executable, "-m", "notifier", "keys", "create", "late"], env=env, cwd=ROOT,
                                 capture_output=True, text=True, timeout=60)
@@ -193,4 +193,4 @@ def test_api_worker_and_scheduler_started_before_their_database_wait_for_it(late
     for name in args:
         log = (tmp_path / f"{name}.log").read_text()
         assert "Traceback" not in log, log
-    assert "the database answers again" in (tmp_path / "worker.log").read_text()
+    assert "the database is available again" in (tmp_path / "worker.log").read_text()
