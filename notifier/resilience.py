@@ -42,12 +42,21 @@ def wait_until(attempt: Callable[[], object], errors, what: str | None = None, m
                     reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
                     logger.warning("%s is not available (%s: %s); waiting for it", what, type(exc).__name__, reason)
                     told = time.monotonic()
-                time.sleep(delay)
+                _sleep_unless_stopped(stop, delay)
                 delay = min(delay * 2, max_delay)
         return False
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _sleep_unless_stopped(stop: list, seconds: float) -> None:
+    # time.sleep() resumes after a signal's handler returns (PEP 475): SIGTERM or Ctrl-C was heard
+    # only when the sleep ended, up to max_delay (10 s) later, as long as docker stop waits before
+    # it kills. Short sleeps let it be heard within a tenth of a second.
+    end = time.monotonic() + seconds
+    while not stop and (left := end - time.monotonic()) > 0:
+        time.sleep(min(left, 0.1))
 
 
 def run_until_stopped(connection: Redis, run_once: Callable[[int], bool], what: str) -> None:
