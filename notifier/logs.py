@@ -273,12 +273,16 @@ def conceal_content(texts: Iterable[str]) -> None:
 _DOMAIN = r"(?:[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*|\[[A-Za-z0-9:.]+\])"
 # A quoted local part may hold what those runs stop at (a space, a comma, parentheses, an "@"):
 # '"ada lovelace"@example.com' was logged as '"ada l***@example.com'. Tried first at a quote, whole,
-# to its closing quote (as written, or %22 in a raw request line), and only with "@" and a domain
-# after it. Linear: the part between the quotes cannot run past a quote (nor past an escaped one, as
-# none starts after a backslash), so each quote starts one short scan.
+# to its closing quote (as written, or %22 in a raw request line). Linear: the part between the
+# quotes cannot run past a quote (nor past an escaped one, as none starts after a backslash), so each
+# quote starts one short scan.
 _QUOTED_LOCAL = r'(?:(?<!\\)"(?:[^"\\\r\n]|\\[^\r\n])*+"|%22(?:[^%\s]|%(?!22))*+%22)'
-_ADDRESS = re.compile(r"(?P<quoted>" + _QUOTED_LOCAL + r"(?:@|%40)" + _DOMAIN + r")"
-                      r"|(?:[A-Za-z0-9.!#$&'*+=?^_`{|}~\"-]|%22)+(?P<domain>(?:@|%40)" + _DOMAIN + ")?")
+# It is one more element of the run, not an alternative to the run: a run started before the quote
+# ('"ada lovelace"@example.com' as a repr, to="ada lovelace"@example.com) took the quote as one of its
+# characters and stopped at the space, leaving '"ada l***@example.com'. Only with "@" after it: a
+# quoted address ("ada@example.com") is a run of its own, masked as such.
+_ADDRESS = re.compile(r"(?:" + _QUOTED_LOCAL + r"(?=@|%40)|[A-Za-z0-9.!#$&'*+=?^_`{|}~\"-]|%22)+"
+                      r"(?P<domain>(?:@|%40)" + _DOMAIN + ")?")
 _API_KEY = re.compile(r"\b(nfy_[0-9a-f]+_)[A-Za-z0-9_-]+")
 _SECRET = re.compile(r"\b(whsec_)[A-Za-z0-9_-]+")
 # An unsubscribe link's token is the credential that unsubscribes (notifier.unsubscribe).
@@ -293,7 +297,7 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 def _mask(match: re.Match) -> str:
-    if match.group("quoted") is None and match.group("domain") is None:
+    if match.group("domain") is None:
         return match.group(0)
     return mask_address(match.group(0).replace("%40", "@"))
 

@@ -505,6 +505,28 @@ def test_a_shared_job_of_many_recipients_each_echoed_keeps_its_lines_cheap():
     assert time.perf_counter() - started < 2.0  # 5 s before, about 0.1 s now: a bound on the kind, not a speed goal
 
 
+@pytest.mark.parametrize("line, logged", [
+    # A quoted local part right after a character an address may hold (a repr's quote, a "key="): the
+    # run began before the quote, took it as one of its characters and stopped at the space.
+    ("""refused: '"ada lovelace"@example.com'""", "refused: '***@example.com'"),
+    ("""to="ada lovelace"@example.com queued""", "t***@example.com queued"),
+    ("""GET /s?address=%22ada%20lovelace%22%40example.com HTTP/1.1""", "GET /s***@example.com HTTP/1.1"),
+    # A quoted address is still an address in quotes, not a quoted local part.
+    ("""to "ada.lovelace@example.com" and 'ada.lovelace@example.org'""",
+     """to "***@example.com" and '***@example.org'"""),
+])
+def test_a_quoted_local_part_is_masked_whole_whatever_stands_before_it(line, logged):
+    assert logs.redact(line) == logged
+
+
+@pytest.mark.parametrize("line", ['x"a"' * 25_000, '"a b"' * 20_000, 'a"' + "b" * 100_000, 'a"\\"' * 30_000,
+                                  "a%22" * 30_000])
+def test_a_long_line_of_quotes_is_redacted_in_time_linear_in_its_length(line):
+    started = time.perf_counter()
+    logs.redact(line + "@")
+    assert time.perf_counter() - started < 1.0  # about 20 ms: a bound on the kind, not a speed goal
+
+
 @pytest.mark.parametrize("run", ["a=", "a", "k=v&", "a.", "nfy_"])
 def test_a_long_line_is_redacted_in_time_linear_in_its_length(run):
     # Each logging thread redacts its own lines, the formatter's part under the handler's lock: a run
