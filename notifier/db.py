@@ -206,12 +206,14 @@ def connect(url: str, pool_size: int = Settings.database_pool_size, prepare: boo
     # values win.
     for name, value in _TCP_LIVENESS.items():
         params.setdefault(name, value)
+    # Through params, so a URL's own (?connect_timeout=10, libpq's) wins like the rest, instead of
+    # being passed twice (TypeError: every process failed to start).
+    params.setdefault("connect_timeout", 5)
     return PostgresDatabase(
         params.pop("database"),
         max_connections=pool_size,
         stale_timeout=300,
         timeout=10,
-        connect_timeout=5,
         **params,
     )
 

@@ -123,6 +123,14 @@ def test_a_connection_to_a_server_gone_silent_gives_up_in_seconds_not_hours(pg_u
     db.close_all()
 
 
+def test_a_url_may_set_libpqs_connect_timeout_too(pg_url):
+    # It was passed to peewee twice, the URL's and our own: TypeError, and no process started.
+    db = connect(f"{pg_url}?connect_timeout=12")
+    with db.connection_context():
+        assert db.connection().get_dsn_parameters()["connect_timeout"] == "12"
+    db.close_all()
+
+
 def test_a_callback_answered_2xx_is_recorded_though_a_lock_holds_its_row_past_the_timeout(
         pg_settings, pg_db, pg_url, api_key, redis_conn, receiver):
     # Once the receiver has answered 2xx nothing may fail the job (callback_job._limit_until_answered): RQ would
