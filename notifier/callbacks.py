@@ -77,8 +77,13 @@ def verify(secret: str, body: bytes, header: str, tolerance: int = 300, now: flo
 class _NoRedirects(urllib.request.HTTPRedirectHandler):
     # Followed, a redirect turns the POST into a GET without the event (urllib's way, as browsers'),
     # and the attempt would count as delivered: the 3xx is answered as the error it is instead.
-    def redirect_request(self, req, fp, code, msg, headers, newurl):
-        return None
+    # Refused before urllib looks at the Location at all: it first refuses one of any scheme but
+    # http(s) or ftp with an error quoting the whole of it (a password, a token), which went on to the
+    # worker's log as the cause of ours.
+    def http_error_302(self, req, fp, code, msg, headers):
+        return None  # left to HTTPDefaultErrorHandler: an HTTPError naming the code alone
+
+    http_error_301 = http_error_303 = http_error_307 = http_error_308 = http_error_302
 
 
 _OPENER = urllib.request.build_opener(_NoRedirects)
@@ -105,6 +110,13 @@ def post(url: str, body: bytes, secret: str, event_id: str, timeout: float) -> i
             raise CallbackRejected(f"HTTP {exc.code} to {where!r}: callbacks do not follow redirects; "
                                    "give the final URL") from exc
         raise CallbackRejected(f"HTTP {exc.code}") from exc
+    except (http.client.BadStatusLine, http.client.UnknownProtocol) as exc:
+        if isinstance(exc, http.client.RemoteDisconnected):
+            raise CallbackRetry(f"{type(exc).__name__}: {exc}") from exc
+        # Their message is the receiver's first line itself: up to 64 KB of whatever it sent (its body,
+        # with no status line before it), and a NUL in it cannot be stored in the history at all. Named,
+        # not quoted, and not chained either: the cause is written to the worker's log with the job.
+        raise CallbackRetry(f"{type(exc).__name__}: the answer is not HTTP") from None
     except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
         # Unreachable, slow, or not speaking HTTP (a bad status line, a dropped or truncated answer):
         # retried, and given up after the last attempt like any other failure.

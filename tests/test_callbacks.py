@@ -6,6 +6,7 @@ import base64
 import socket
 import threading
 import time
+import traceback
 from dataclasses import replace
 from datetime import timedelta
 
@@ -367,6 +368,19 @@ def test_requeued_dead_letter_never_posts_a_non_final_callback(pg_settings, pg_d
     assert smtp.count() == 1
 
 
+def _read_request(conn: socket.socket) -> bytes:
+    # The whole of it: urllib sends the body after the head, and a socket closed with it unread answers
+    # with a reset, which the client may see before the answer.
+    request = b""
+    while b"\r\n\r\n" not in request and (chunk := conn.recv(65536)):
+        request += chunk
+    head = request.partition(b"\r\n\r\n")[0].lower()
+    length = int(head.partition(b"content-length:")[2].split(b"\r\n")[0] or 0)
+    while len(request.partition(b"\r\n\r\n")[2]) < length and (chunk := conn.recv(65536)):
+        request += chunk
+    return request
+
+
 def _serve_once(answer: bytes) -> tuple[str, threading.Thread, list[bytes]]:
     """A server that answers every request with the raw bytes given; what it read."""
     listener = socket.create_server(("127.0.0.1", 0))
@@ -379,7 +393,7 @@ def _serve_once(answer: bytes) -> tuple[str, threading.Thread, list[bytes]]:
                 while True:
                     conn, _ = listener.accept()
                     with conn:
-                        seen.append(conn.recv(65536))
+                        seen.append(_read_request(conn))
                         conn.sendall(answer)
             except OSError:
                 return
@@ -393,6 +407,48 @@ def test_an_endpoint_that_does_not_speak_http_is_retried_not_an_error_of_ours():
     url, _, _ = _serve_once(b"HELLO NOT HTTP\r\n\r\n")
     with pytest.raises(callbacks.CallbackRetry, match="BadStatusLine"):
         callbacks.post(url, b"{}", "secret", "n:sent", timeout=5)
+
+
+def _logged(exc: BaseException) -> str:
+    """The exception as RQ writes a failed job to the worker's log: the whole chain, causes included."""
+    return "".join(traceback.format_exception(exc))
+
+
+@pytest.mark.parametrize("answer", [b"\x00\xffZQ-BODY not http\r\n\r\n", b"ZQ-BODY without a status line",
+                                    b"HTTP/7.0\x00ZQ 200 OK\r\n\r\n"])
+def test_an_answer_that_is_not_http_is_named_never_quoted(answer):
+    # http.client's error is the receiver's first line itself: up to 64 KB of whatever it sent (its body,
+    # when it answered with no status line) went into the history and the worker's log, and a NUL in it
+    # could not be stored at all.
+    url, _, _ = _serve_once(answer)
+    with pytest.raises(callbacks.CallbackRetry) as retried:
+        callbacks.post(url, b"{}", "secret", "n:sent", timeout=5)
+    assert str(retried.value) in ("BadStatusLine: the answer is not HTTP", "UnknownProtocol: the answer is not HTTP")
+    assert "ZQ" not in _logged(retried.value) and "\x00" not in _logged(retried.value)
+
+
+def test_an_answer_with_a_nul_byte_is_recorded_as_a_failed_attempt(api, headers, live_deliverer, smtp, redis_conn,
+                                                                   fast_settings):
+    url, _, _ = _serve_once(b"\x00 not http\r\n\r\n")
+    notification_id = _send(api, headers, callback_url=url)
+
+    run_worker_until_idle(redis_conn)
+
+    reasons = _callback_events(notification_id)
+    assert len(reasons) == fast_settings.max_callback_attempts
+    assert reasons[-1].endswith("BadStatusLine: the answer is not HTTP; giving up")
+    assert reload(notification_id).callback_status == "gave_up"
+
+
+def test_a_redirect_to_a_scheme_urllib_refuses_is_named_without_its_credentials_even_in_the_log():
+    # urllib refuses a Location whose scheme is not http(s) or ftp with an error of its own quoting the
+    # whole of it, before any redirect handler of ours is asked: it reached the worker's log as the cause.
+    url, _, _ = _serve_once(b"HTTP/1.1 302 Found\r\nLocation: hooks://hookuser:ZQ-PASS@hooks.example/cb?token=ZQ-TOKEN"
+                            b"\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+    with pytest.raises(callbacks.CallbackRejected) as refused:
+        callbacks.post(url, b"{}", "secret", "n:sent", timeout=5)
+    assert "'hooks://hooks.example/cb'" in str(refused.value)
+    assert "ZQ" not in _logged(refused.value) and "hookuser" not in _logged(refused.value)
 
 
 def test_a_redirect_is_not_followed_and_gives_up_saying_so():
