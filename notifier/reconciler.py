@@ -270,14 +270,33 @@ def _callbacks(redis: Redis, settings: Settings, settled: datetime, report: Repo
     # Pages as _requeue's: on while Redis is missing callback jobs.
     pending = Notification.callback_status == CallbackStatus.PENDING.value
     for rows in _pages(pending, Notification.updated_at <= settled, stop_at=stop_at):
-        missing = _missing_jobs(redis, [queues.callback_job_id_for(r.id) for r in rows],
-                                [queues.CALLBACK_QUEUE] * len(rows))
+        job_ids = [queues.callback_job_id_for(r.id) for r in rows]
+        missing = _missing_jobs(redis, job_ids, [queues.CALLBACK_QUEUE] * len(rows)) | _abandoned(redis, job_ids)
         if not missing:
             return
         for row in rows:
             if queues.callback_job_id_for(row.id) in missing:
                 queues.enqueue_callback(redis, settings, row.id, row.callback_attempts)
                 report.callbacks += 1
+
+
+def _abandoned(redis: Redis, job_ids: list[str]) -> set[str]:
+    """Those of job_ids that are `started` while no live worker runs them: their worker was killed
+    (SIGKILL, OOM) mid-job. RQ's maintenance, which would call them abandoned and retry them, runs
+    every 10 minutes per worker, so a callback whose worker was killed waited that long; it is queued
+    again instead once the dead worker's key has expired (the callback job's limit and 60 s after it
+    started, see _running). A live worker only slow to record an answer keeps the advisory lock on
+    the callback (callbacks.turn): the job queued again finds it held and skips. Raises RedisError."""
+    with redis.pipeline(transaction=False) as pipe:
+        for job_id in job_ids:
+            pipe.hget(f"rq:job:{job_id}", "status")
+        pipe.smembers(Worker.redis_workers_keys)
+        *states, registered = pipe.execute()
+    started = {job_id for job_id, state in zip(job_ids, states, strict=True) if state == b"started"}
+    if not started:
+        return set()
+    names = sorted(key.decode().removeprefix(Worker.redis_worker_namespace_prefix) for key in registered)
+    return started - _running(redis, names)
 
 
 def _forget_keys(before: datetime, report: Report, stop_at: float) -> None:

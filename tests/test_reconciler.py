@@ -338,6 +338,30 @@ def test_a_send_whose_worker_is_gone_or_elsewhere_is_recovered(owner, settings, 
     assert reload(stuck.id).status == Status.RETRYING
 
 
+def _callback_started(redis, settings, notification):
+    return _started(redis, queues.enqueue_callback(redis, settings, notification.id, 1))
+
+
+@pytest.mark.parametrize("gone", [_registered_death, _key_expired, _on_another_job])
+def test_a_callback_whose_worker_is_gone_is_queued_again(owner, settings, fake_redis, gone):
+    # A worker killed mid-callback left its job `started`; RQ's maintenance, every 10 minutes per
+    # worker, was all that would ever retry it.
+    owed = make_notification(owner, status=Status.SENT, callback_url="http://127.0.0.1:9/hook",
+                             callback_status="pending", callback_attempts=1)
+    _age(owed, 120)
+    gone(fake_redis, _callback_started(fake_redis, settings, owed))
+    assert reconcile(settings, fake_redis).callbacks == 1
+    assert queues.callback_job_id_for(owed.id) in Queue(queues.CALLBACK_QUEUE, connection=fake_redis).job_ids
+
+
+def test_a_callback_its_live_worker_is_posting_is_left_to_it(owner, settings, fake_redis):
+    owed = make_notification(owner, status=Status.SENT, callback_url="http://127.0.0.1:9/hook",
+                             callback_status="pending", callback_attempts=1)
+    _age(owed, 120)
+    _callback_started(fake_redis, settings, owed)
+    assert reconcile(settings, fake_redis).callbacks == 0
+
+
 def test_a_member_of_a_shared_job_is_left_while_its_live_worker_runs_the_job(owner, settings, fake_redis):
     job = Queue(queues.QUEUE_NAMES["default"], connection=fake_redis).enqueue(
         queues.DELIVER_MANY_JOB, ["a", "b"], job_id="notifications-shared")
