@@ -14,12 +14,13 @@ import hashlib
 import hmac
 import http.client
 import json
+import re
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 from notifier.db import UNAVAILABLE_ERRORS, discard_connection, is_postgres
 from notifier.models import Notification
@@ -92,7 +93,7 @@ _OPENER = urllib.request.build_opener(_NoRedirects)
 def post(url: str, body: bytes, secret: str, event_id: str, timeout: float) -> int:
     """POST the event; return the HTTP status, or raise CallbackRetry / CallbackRejected."""
     url, authorization = _credentials_apart(url)
-    request = urllib.request.Request(url, data=body, method="POST")
+    request = urllib.request.Request(_ascii_target(url), data=body, method="POST")
     if authorization is not None:
         request.add_header("Authorization", authorization)
     request.add_header("Content-Type", "application/json")
@@ -134,6 +135,23 @@ def _credentials_apart(url: str) -> tuple[str, str | None]:
     user, _, password = userinfo.partition(":")
     token = base64.b64encode(f"{unquote(user)}:{unquote(password)}".encode()).decode()
     return urlunsplit(parts._replace(netloc=host)), f"Basic {token}"
+
+
+def _ascii_target(url: str) -> str:
+    """url with each character of its path and query beyond ASCII percent-encoded as UTF-8, as a
+    browser sends such a URL (an IRI, which the API takes): http.client refuses to write one in the
+    request line, and every attempt failed with a UnicodeEncodeError that no retry could mend. A host
+    beyond ASCII is left as it is: the socket and the Host header encode it as IDNA."""
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path=_BEYOND_ASCII.sub(_quoted, parts.path),
+                                     query=_BEYOND_ASCII.sub(_quoted, parts.query)))
+
+
+_BEYOND_ASCII = re.compile(r"[^\x00-\x7f]+")
+
+
+def _quoted(match: re.Match) -> str:
+    return quote(match.group(), safe="")
 
 
 def _where(location: str | None) -> str | None:

@@ -451,6 +451,14 @@ def test_a_redirect_to_a_scheme_urllib_refuses_is_named_without_its_credentials_
     assert "ZQ" not in _logged(refused.value) and "hookuser" not in _logged(refused.value)
 
 
+def test_a_callback_url_with_a_path_beyond_ascii_is_sent_percent_encoded():
+    # The API takes such a URL (an IRI, as a browser does), but http.client refuses to write it in the
+    # request line: every attempt failed with UnicodeEncodeError, and no retry could have mended it.
+    url, _, seen = _serve_once(b"HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n")
+    assert callbacks.post(url + "/caf\u00e9?who=\u00fc&token=t%C3%A9", b"{}", "secret", "n:sent", timeout=5) == 204
+    assert seen[0].split(b"\r\n")[0] == b"POST /hooks/caf%C3%A9?who=%C3%BC&token=t%C3%A9 HTTP/1.1"
+
+
 def test_a_redirect_is_not_followed_and_gives_up_saying_so():
     url, _, seen = _serve_once(b"HTTP/1.1 302 Found\r\nLocation: /elsewhere\r\nContent-Length: 0\r\n"
                                b"Connection: close\r\n\r\n")
