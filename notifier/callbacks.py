@@ -104,13 +104,16 @@ def post(url: str, body: bytes, secret: str, event_id: str, timeout: float) -> i
         with _OPENER.open(request, timeout=timeout) as response:
             return response.status
     except urllib.error.HTTPError as exc:
+        # Not chained: urllib's error adds nothing to the code but the answer's reason phrase, which is
+        # the receiver's to write (up to 64 KB, control characters and all) and reached the worker's log
+        # as the cause.
         if exc.code == 429 or exc.code >= 500:
-            raise CallbackRetry(f"HTTP {exc.code}") from exc
+            raise CallbackRetry(f"HTTP {exc.code}") from None
         if 300 <= exc.code < 400:
             where = _where(exc.headers.get("Location"))
             raise CallbackRejected(f"HTTP {exc.code} to {where!r}: callbacks do not follow redirects; "
-                                   "give the final URL") from exc
-        raise CallbackRejected(f"HTTP {exc.code}") from exc
+                                   "give the final URL") from None
+        raise CallbackRejected(f"HTTP {exc.code}") from None
     except (http.client.BadStatusLine, http.client.UnknownProtocol) as exc:
         if isinstance(exc, http.client.RemoteDisconnected):
             raise CallbackRetry(f"{type(exc).__name__}: {exc}") from exc

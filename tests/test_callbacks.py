@@ -427,6 +427,17 @@ def test_an_answer_that_is_not_http_is_named_never_quoted(answer):
     assert "ZQ" not in _logged(retried.value) and "\x00" not in _logged(retried.value)
 
 
+@pytest.mark.parametrize("status", [b"500", b"404", b"302"])
+def test_the_reason_phrase_of_an_answer_never_reaches_the_log(status):
+    # The receiver writes it: urllib's HTTPError quotes it, and RQ logged it as the cause of ours.
+    url, _, _ = _serve_once(b"HTTP/1.1 " + status + b" ZQ\x1b[2J\x00" + b"Q" * 60000
+                            + b"\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+    with pytest.raises((callbacks.CallbackRetry, callbacks.CallbackRejected)) as failed:
+        callbacks.post(url, b"{}", "secret", "n:sent", timeout=5)
+    assert str(failed.value).startswith(f"HTTP {status.decode()}")
+    assert "ZQ" not in _logged(failed.value) and "\x1b" not in _logged(failed.value)
+
+
 def test_an_answer_with_a_nul_byte_is_recorded_as_a_failed_attempt(api, headers, live_deliverer, smtp, redis_conn,
                                                                    fast_settings):
     url, _, _ = _serve_once(b"\x00 not http\r\n\r\n")
