@@ -143,7 +143,7 @@ def test_template_syntax_in_data_is_delivered_literally(client, headers, deliver
     assert "https://example.com/{{ 7*7 }}" in text.get_content()
     for part in (text.get_content(), html.get_content()):
         assert "{{ config }}" in part and "{% for i in range(3) %}X{% endfor %}" in part
-        # The signed unsubscribe link is random: "49" or "XXX" may be in it (1 run in 40 or so).
+        # The signed unsubscribe link is random, and held a "49" in 1 run in 40 or so: left out here.
         part = re.sub(r"https?://\S*/unsubscribe/[^\s\"<>]+", "", part)
         assert "49" not in part and "XXX" not in part and "<Config" not in part
 
