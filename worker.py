@@ -24,6 +24,8 @@ from notifier.runtime import build_deliverer, configure_logging, load_settings
 
 logger = logging.getLogger("notifier.worker")
 
+# The signals that stop a worker: only its main thread may take them (see NotifierWorker.subscribe).
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 # How often a worker whose RQ scheduler has died tries to start it again (see NotifierWorker).
 SCHEDULER_CHECK_SECONDS = 5.0
 
@@ -92,6 +94,18 @@ class NotifierWorker(SimpleWorker):
                 raise reply
         if any(isinstance(reply, Exception) for reply in replies[own:]):
             logger.warning("metrics not recorded: %s", next(r for r in replies[own:] if isinstance(r, Exception)))
+
+    def subscribe(self):
+        # RQ listens for its commands in a thread of its own. The kernel hands SIGTERM or Ctrl-C to any
+        # thread that does not block it, and Python runs the handler only in the main thread: given to
+        # the listener, it waited until the main thread's wait for a job (BLPOP) returned on its own,
+        # seconds later (make run took 5 s to stop, one time in two). A new thread starts with the mask
+        # of the thread that starts it, so the stop signals are blocked while RQ starts this one.
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        try:
+            super().subscribe()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
     def work(self, burst: bool = False, *args, **kwargs):
         # A burst run's scheduler moves what is due once, as the run starts, and has no process
