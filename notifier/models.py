@@ -164,7 +164,8 @@ class Notification(BaseModel):
     # seq orders pages: it only grows, so a cursor on it is stable while rows are being inserted.
     seq = BigAutoField()
     id = CharField(max_length=36, unique=True, default=new_public_id)
-    api_key = ForeignKeyField(ApiKey, backref="notifications", on_delete="RESTRICT")
+    # No index of the key alone: (api_key, seq) begins with it (for ON DELETE RESTRICT, say).
+    api_key = ForeignKeyField(ApiKey, backref="notifications", on_delete="RESTRICT", index=False)
     to = CharField(max_length=320)
     user_id = CharField(max_length=200, null=True)
     template = CharField(max_length=100, null=True)
@@ -205,8 +206,6 @@ class Notification(BaseModel):
             (("api_key", "seq"), False),
             (("api_key", "user_id", "seq"), False),
             (("api_key", "idempotency_key", "idempotency_scope"), True),
-            (("status", "updated_at"), False),
-            (("status", "api_key", "user_key", "category"), False),
         )
 
 
@@ -229,6 +228,14 @@ _partial("expiring_seq", Notification.expires_at.is_null(False)
          & Notification.status.in_(sorted(s.value for s in WAITING_STATUSES)), Notification.seq)
 _partial("scheduled_seq", Notification.status == Status.SCHEDULED.value, Notification.seq)
 _partial("keyed_created_at", Notification.idempotency_key.is_null(False), Notification.created_at)
+# What waits for a digest, by user and category (notifier.digests), and the dead letters, newest first
+# (notifier.deadletters). Both were indexes of every row, led by status: each claim and each `sent`
+# record, changing the status, wrote a line into both (and into the key's own index, which the
+# three above begin with) for rows that are neither.
+_partial("held_user_category", Notification.status == Status.HELD.value, Notification.api_key,
+         Notification.user_key, Notification.category)
+_partial("dead_updated_at", (Notification.status == Status.FAILED.value) & Notification.digest_id.is_null(),
+         Notification.updated_at, Notification.seq)
 # A digest's items, found when the digest ends (and when a failed one is requeued): only rows that
 # were ever in a digest.
 _partial("digest_id", Notification.digest_id.is_null(False), Notification.digest_id)

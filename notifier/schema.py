@@ -12,20 +12,22 @@ from notifier.models import MODELS, Event, SchemaVersion, utcnow
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 10
+SCHEMA_VERSION = 11
 # Indexes a later version replaced, dropped where an earlier one made them (5: the reconciler pages
 # owed callbacks by seq, not by updated_at; two partial indexes of version 5's first cut, before it
 # paged deadlines and send times by seq too; 6: it pages queued rows a priority at a time; 8: an
 # idempotency key is unique with its scope, as one event stores several notifications under it).
 # Version 7 only adds one: a digest's items by digest_id; 9 moves the items of digests made before 7;
 # 10 replaces the index of suppressions by key alone with one by key and id, the order of the API's
-# pages of them.
+# pages of them; 11 replaces three indexes of every notification by two partial ones (models.py).
 _REPLACED_INDEXES = ("notification_callback_status_updated_at", "notifications_waiting_expires_at",
                      "notifications_scheduled_send_at", "notifications_queued_seq",
                      # The name peewee gave the key-only unique index (after the model, not the table).
                      "notification_api_key_id_idempotency_key",
                      # 10: the foreign key's own index (the model's name again), now the start of two others.
-                     "suppression_api_key_id")
+                     "suppression_api_key_id",
+                     "notification_api_key_id", "notification_status_updated_at",
+                     "notification_status_api_key_id_user_key_category")
 _LOCK_ID = 0x6E6F7469  # an arbitrary constant: "noti"
 _KEY_TRIGGER = "notifier_api_keys_changed"
 

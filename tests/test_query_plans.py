@@ -9,7 +9,9 @@ from __future__ import annotations
 import re
 from datetime import timedelta
 
-from notifier import consent, digests, listing, store
+import pytest
+
+from notifier import consent, deadletters, digests, listing, store
 from notifier.config import Settings
 from notifier.db import _PREPARED, database
 from notifier.models import CallbackStatus, Notification, SchemaVersion, Status, Suppression, utcnow
@@ -168,32 +170,65 @@ def test_an_upgrade_to_version_10_replaces_the_index_of_suppressions_by_key(pg_d
                                           "suppression_api_key_id_id"}
 
 
+def test_held_notifications_and_dead_letters_are_read_by_their_own_indexes(pg_db, api_key, redis_conn, monkeypatch):
+    key = api_key[0]
+    with database.connection_context():
+        # A long history of sent mail, a few failed and a few held for a digest.
+        store.create_notifications(key, [(dict(FIELDS), Status.SENT, "earlier")] * 4000)
+        store.create_notifications(key, [(dict(FIELDS), Status.FAILED, "gave up")] * 5)
+        store.create_notifications(key, [(dict(FIELDS, user_key="u1", category="marketing"), Status.HELD, "held")] * 5)
+        database.execute_sql("ANALYZE notifications")
+        seen = _recording(monkeypatch)
+        assert len(deadletters.list_dead(redis_conn, key, limit=3)[0]) == 3
+        assert len(list(digests._held(key.id, "u1", "marketing"))) == 5
+        assert digests.pending_counts() == {"marketing": 5}
+        monkeypatch.undo()
+        dead = [s for s in seen if '"status" = ' in s[0] and "failed" in (s[1] or [])]
+        held = [s for s in seen if "held" in (s[1] or [])]
+        assert dead and len(held) == 2
+        for statement in dead:
+            assert "notifications_dead_updated_at" in _plan(*statement), _plan(*statement)
+        for statement in held:
+            assert "notifications_held_user_category" in _plan(*statement), _plan(*statement)
+
+
 def _indexes() -> set[str]:
     rows = database.execute_sql("SELECT indexname FROM pg_indexes WHERE tablename = 'notifications'").fetchall()
     return {name for (name,) in rows}
 
 
-def test_an_upgrade_from_version_4_5_or_6_makes_the_partial_indexes(pg_db):
+# Version 4 had one index of every row's callback status instead of the reconciler's partial ones;
+# the first cut of version 5 (on development and bench databases) had two partial indexes since
+# replaced; version 5 one of queued rows by seq alone. Up to version 10, three indexes of every row.
+_BEFORE_5 = {"notification_callback_status_updated_at": '("callback_status", "updated_at")',
+             "notifications_waiting_expires_at": '("expires_at") WHERE "expires_at" IS NOT NULL',
+             "notifications_scheduled_send_at": '("send_at") WHERE "status" = \'scheduled\'',
+             "notifications_queued_seq": '("seq") WHERE "status" = \'queued\''}
+_BEFORE_11 = {"notification_api_key_id": '("api_key_id")',
+              "notification_status_updated_at": '("status", "updated_at")',
+              "notification_status_api_key_id_user_key_category": '("status", "api_key_id", "user_key", "category")'}
+
+
+@pytest.mark.parametrize("version, replaced, made", [
+    (4, _BEFORE_5, None),
+    (10, _BEFORE_11, {"notifications_held_user_category", "notifications_dead_updated_at"}),
+])
+def test_an_upgrade_makes_the_partial_indexes_and_drops_those_they_replace(pg_db, version, replaced, made):
     with database.connection_context():
-        made = {name for name in _indexes() if name.startswith("notifications_") and name != "notifications_pkey"}
-        assert len(made) == 8  # the reconciler's seven and, since version 7, a digest's items
+        if made is None:
+            made = {name for name in _indexes() if name.startswith("notifications_") and name != "notifications_pkey"}
+            # The reconciler's seven, since version 7 a digest's items, since 11 the held ones and the dead letters.
+            assert len(made) == 10
         for name in made:
             database.execute_sql(f'DROP INDEX "{name}"')
-        # Version 4 had one index of every row's callback status instead; the first cut of version 5
-        # (on development and bench databases) had two partial indexes since replaced; version 5 one
-        # of queued rows by seq alone.
-        replaced = {"notification_callback_status_updated_at": '("callback_status", "updated_at")',
-                    "notifications_waiting_expires_at": '("expires_at") WHERE "expires_at" IS NOT NULL',
-                    "notifications_scheduled_send_at": '("send_at") WHERE "status" = \'scheduled\'',
-                    "notifications_queued_seq": '("seq") WHERE "status" = \'queued\''}
         for name, columns in replaced.items():
             database.execute_sql(f'CREATE INDEX "{name}" ON "notifications" {columns}')
-        SchemaVersion.update(version=4).execute()
-    assert upgrade(pg_db) == SCHEMA_VERSION == 10
+        SchemaVersion.update(version=version).execute()
+    assert upgrade(pg_db) == SCHEMA_VERSION == 11
     with database.connection_context():
         assert made <= _indexes()
         assert not set(replaced) & _indexes()
-        assert SchemaVersion.get().version == 10
+        assert SchemaVersion.get().version == 11
 
 
 def test_an_older_release_on_a_newer_schema_says_so(sqlite_db, caplog):
