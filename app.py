@@ -22,7 +22,14 @@ from notifier.errors import HTTP_CODES, ApiError
 from notifier.keycache import KeyCache
 from notifier.queues import API_TIMEOUT_SECONDS, connect_redis
 from notifier.ratelimit import Limiter
-from notifier.runtime import configure_logging, load_settings, make_renderer, open_database, release_free_memory
+from notifier.runtime import (
+    configure_logging,
+    load_settings,
+    make_renderer,
+    open_database,
+    release_free_memory,
+    warn_if_links_can_be_forged,
+)
 from notifier.service import NotificationService
 
 logger = logging.getLogger("notifier.api")
@@ -88,11 +95,7 @@ def create_app(settings: Settings | None = None, *, redis=None) -> Flask:
     """Build the API for settings (read from the environment when not given)."""
     settings = settings or load_settings()
     configure_logging(settings)
-    if not settings.secret_key:
-        # The development secret is in this repository: whoever reads it can sign a link that turns any
-        # category off for any user of any key, and the API takes it as genuine.
-        logger.warning("SECRET_KEY is not set: unsubscribe links are signed with the public development "
-                       "secret, so anyone can forge one; set SECRET_KEY outside development")
+    warn_if_links_can_be_forged(settings)
     app = Flask(__name__)
     # werkzeug answers a path with `//` in it by a 308 to the merged path, with an HTML body: outside
     # the error envelope, and a second request for a path no client meant. It is a 404 like any other.

@@ -20,7 +20,7 @@ from notifier import jobs, logs, metrics
 from notifier.errors import PermanentDeliveryError
 from notifier.queues import REQUEST_ID_META, all_queues, connect_redis
 from notifier.resilience import run_until_stopped
-from notifier.runtime import build_deliverer, configure_logging, load_settings
+from notifier.runtime import build_deliverer, configure_logging, load_settings, warn_if_links_can_be_forged
 
 logger = logging.getLogger("notifier.worker")
 
@@ -174,6 +174,7 @@ def make_worker(connection, name: str | None = None, counts: metrics.Deferred | 
 def main() -> None:
     settings = load_settings()
     configure_logging(settings)
+    warn_if_links_can_be_forged(settings)
     parent = os.getpid()
     os.register_at_fork(after_in_child=lambda: _die_with_parent(parent))
     connection = connect_redis(settings.redis_url)

@@ -150,7 +150,11 @@ def html_to_text(html: str) -> str:
     """A readable plain-text version of an HTML body, for the text/plain part."""
     parser = _TextExtractor()
     parser.feed(html)
-    if parser.rawdata.startswith("<"):
+    if parser.rawdata in ("<", "</"):
+        # Nothing after them: HTML5 shows these as text ("less than 5 <"), as the parser would on close().
+        parser.handle_data(parser.rawdata)
+        parser.rawdata = ""
+    elif parser.rawdata.startswith("<"):
         # A tag, comment or declaration left open at the end: what follows it is inside it, so a
         # browser shows none of it (HTML5 drops a tag and closes a comment at the end of input),
         # and neither do we. Left to close(), this Python's HTMLParser tries it again as a tag from

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 import sys
 
@@ -27,6 +28,16 @@ def load_settings() -> Settings:
 def configure_logging(settings: Settings) -> None:
     """One line per event on stderr, at the configured level: JSON, or text (LOG_FORMAT=text)."""
     logs.configure(settings.log_level, settings.log_format)
+
+
+def warn_if_links_can_be_forged(settings: Settings) -> None:
+    """Say so at start when SECRET_KEY is unset: the API checks and the worker signs unsubscribe links
+    with it, and the development secret is in this repository, so whoever reads it can sign a link
+    that turns any category off for any user of any key, and the API takes it as genuine."""
+    if not settings.secret_key:
+        logging.getLogger("notifier").warning(
+            "SECRET_KEY is not set: unsubscribe links are signed with the public development secret, so "
+            "anyone can forge one; set SECRET_KEY outside development")
 
 
 def open_database(settings: Settings, wait: bool = False):

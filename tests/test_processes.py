@@ -194,6 +194,9 @@ def test_api_worker_and_scheduler_started_before_their_database_wait_for_it(late
         log = (tmp_path / f"{name}.log").read_text()
         assert "Traceback" not in log, log
     assert "the database is available again" in (tmp_path / "worker.log").read_text()
+    # No SECRET_KEY here: the API, which checks unsubscribe links, and the worker, which signs them, say so.
+    for name in ("api", "worker"):
+        assert "SECRET_KEY is not set" in (tmp_path / f"{name}.log").read_text(), name
 
 
 def _blocked_in(thread_id: int) -> set[int]:

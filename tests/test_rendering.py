@@ -222,6 +222,12 @@ def test_an_html_body_left_open_at_the_end_keeps_the_text_before_it():
     assert html_to_text("Tom &amp; Jerry &copy") == "Tom & Jerry ©\n"
 
 
+@pytest.mark.parametrize("html, text", [("<p>Sizes: 3 <", "Sizes: 3 <\n"), ("1 </", "1 </\n"), ("a <", "a <\n")])
+def test_a_lone_less_than_sign_at_the_end_is_text(html, text):
+    # Nothing follows it, so it opens nothing: a browser shows it, and the text part said "3" alone.
+    assert html_to_text(html) == text
+
+
 @pytest.mark.parametrize("html, text", [
     ("<p>Before</p><![x]><p>After</p>", "Before\n\nAfter\n"),
     ("<p>Price</p><![ 5 ]> <p>Total</p>", "Price\n\nTotal\n"),
