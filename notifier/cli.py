@@ -141,7 +141,8 @@ def _redis(required: bool = False):
 
 
 @dlq_group.command("list")
-@click.option("--limit", default=100, show_default=True)
+# At least 1: 0 listed nothing and said "there are more", and a negative one crashed paging the rows.
+@click.option("--limit", default=100, show_default=True, type=click.IntRange(min=1))
 def dlq_list(limit: int) -> None:
     """Failed notifications, newest first."""
     from notifier import deadletters

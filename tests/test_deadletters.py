@@ -145,6 +145,18 @@ def test_sent_job_filed_as_failed_by_rq_is_not_requeued_by_the_cli(
     assert smtp.count() == 1
 
 
+@pytest.mark.parametrize("limit", ["0", "-1"])
+def test_dlq_list_refuses_a_limit_below_1(client, headers, deliverer, smtp, redis_conn, pg_settings, limit):
+    # 0 listed nothing and said there were more; -1 crashed with an IndexError while paging.
+    _dead_letter(client, headers, smtp, redis_conn)
+
+    done = _failing_cli(["dlq", "list", "--limit", limit], env_for(pg_settings))
+
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "--limit" in done.stderr and "Traceback" not in done.stderr
+    assert done.stdout == ""
+
+
 def test_dlq_cli_lists_and_shows_a_dead_letter(client, headers, deliverer, smtp, redis_conn, pg_settings):
     notification_id = _dead_letter(client, headers, smtp, redis_conn)
     env = env_for(pg_settings)
