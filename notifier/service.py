@@ -15,7 +15,16 @@ from notifier import consent, idempotency, metrics, queues, rules, store
 from notifier.config import Settings
 from notifier.consent import Decision
 from notifier.errors import ApiError, Conflict, NotFound, Unprocessable
-from notifier.models import FINAL_STATUSES, ApiKey, CallbackStatus, Notification, Priority, Status, utcnow
+from notifier.models import (
+    DIGEST_TEMPLATE,
+    FINAL_STATUSES,
+    ApiKey,
+    CallbackStatus,
+    Notification,
+    Priority,
+    Status,
+    utcnow,
+)
 from notifier.ratelimit import Limiter, parse_rate
 from notifier.rendering import Renderer, TemplateRenderError
 
@@ -46,9 +55,14 @@ class NotificationService:
         self.recipient_cap = parse_rate(settings.recipient_cap) if settings.recipient_cap else None
 
     def check_template(self, name: str, data: dict) -> None:
-        """Refuse, before anything is stored, a template that does not exist or cannot render."""
+        """Refuse, before anything is stored, a template that does not exist, cannot render, or is the digest."""
+        # The digest is made by notifier from held notifications. Sent by a caller, it went out as a digest
+        # of nothing, which the digest paths (callbacks owed for its items, its requeue) then handled.
+        if name == DIGEST_TEMPLATE:
+            raise Unprocessable("the digest template is not sent by callers", {"template": [
+                f"{DIGEST_TEMPLATE!r} is made by notifier from held notifications (see the user's preferences)"]})
         if not self.renderer.exists(name):
-            known = ", ".join(self.renderer.names())
+            known = ", ".join(n for n in self.renderer.names() if n != DIGEST_TEMPLATE)
             raise Unprocessable("unknown template", {"template": [f"no template named {name!r}; known: {known}"]})
         try:
             self.renderer.render(name, data)

@@ -261,6 +261,23 @@ def test_send_is_accepted_while_redis_is_down_and_stays_queued(pg_settings, pg_d
 
 
 def test_template_data_of_the_wrong_shape_is_422(client, headers):
-    payload = {"to": "a@example.com", "template": "digest", "data": {"items": 5}}
-    _assert_envelope(client.post("/api/notifications/send", json=payload, headers=headers), 422, "validation_error")
+    payload = {"to": "a@example.com", "template": "order_confirmation", "data": {"order_id": "A-1", "items": 5,
+                                                                                 "total": "1"}}
+    error = _assert_envelope(client.post("/api/notifications/send", json=payload, headers=headers), 422,
+                             "validation_error")
+    assert "data" in error["details"]
+    assert _count_rows() == (0, 0)
+
+
+def test_the_digest_template_is_not_sent_by_callers(client, headers):
+    # The README: the digest is "made by notifier from held notifications, not sent by callers". With data
+    # that rendered, a caller's send of it was stored and went out as a digest of nothing.
+    data = {"items": [{"subject": "Buy now"}], "period": "daily"}
+    for route, body in (("send", {"to": "a@example.com", "template": "digest", "data": data}),
+                        ("batch", {"notifications": [{"to": "a@example.com", "template": "digest", "data": data}]})):
+        error = _assert_envelope(client.post(f"/api/notifications/{route}", json=body, headers=headers), 422,
+                                 "validation_error")
+        assert "digest" in json.dumps(error["details"])
+    unknown = client.post("/api/notifications/send", json={"to": "a@example.com", "template": "nope"}, headers=headers)
+    assert "digest" not in unknown.get_json()["error"]["details"]["template"][0]
     assert _count_rows() == (0, 0)
