@@ -6,7 +6,7 @@ import click
 from peewee import IntegrityError
 
 from notifier import keys
-from notifier.db import database
+from notifier.db import UNAVAILABLE_ERRORS, database
 from notifier.runtime import load_settings, open_database
 
 
@@ -20,8 +20,19 @@ def keys_group() -> None:
     """Manage the API keys of calling services."""
 
 
+def _unavailable(exc: Exception) -> click.ClickException:
+    """A database that does not answer, in one line (exit 1). A one-off command does not wait for it as
+    the processes do, and said so with two chained tracebacks; libpq's first line names the host, port
+    and database, never the password."""
+    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return click.ClickException(f"the database is not available ({type(exc).__name__}: {reason})")
+
+
 def _open():
-    open_database(load_settings())
+    try:
+        open_database(load_settings())
+    except UNAVAILABLE_ERRORS as exc:
+        raise _unavailable(exc) from exc
     return database.connection_context()
 
 
@@ -237,7 +248,10 @@ def db_upgrade() -> None:
     settings = load_settings()
     db = bind(settings.database_url, settings.database_pool_size, settings.database_prepare,
               settings.database_statement_timeout)
-    version = upgrade(db)
+    try:
+        version = upgrade(db)
+    except UNAVAILABLE_ERRORS as exc:
+        raise _unavailable(exc) from exc
     click.echo(f"schema at version {version}")
 
 

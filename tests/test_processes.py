@@ -199,6 +199,17 @@ def test_api_worker_and_scheduler_started_before_their_database_wait_for_it(late
         assert "SECRET_KEY is not set" in (tmp_path / f"{name}.log").read_text(), name
 
 
+def test_a_command_without_its_database_says_so_in_one_line(pg_settings):
+    # The README: a one-off command fails at once. It did, with two chained tracebacks of ~90 lines.
+    absent = replace(pg_settings, database_url=pg_settings.database_url.rsplit("/", 1)[0] + "/notifier_absent_h1")
+    for args in (["keys", "list"], ["dlq", "list"], ["db", "upgrade"]):
+        done = subprocess.run([sys.executable, "-m", "notifier", *args], env=env_for(absent), cwd=ROOT,
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 1, args
+        assert "the database is not available (OperationalError: " in done.stderr, done.stderr
+        assert "notifier_absent_h1" in done.stderr and "Traceback" not in done.stderr
+
+
 def _blocked_in(thread_id: int) -> set[int]:
     status = open(f"/proc/self/task/{thread_id}/status").read()
     mask = int(status.split("SigBlk:", 1)[1].split()[0], 16)
