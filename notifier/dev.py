@@ -98,7 +98,10 @@ def _dev_key(env: dict) -> str:
     )
     args = [sys.executable, "-c", code] + ([DEV_KEY_FILE] if os.path.exists(DEV_KEY_FILE) else [])
     key = subprocess.run(args, env=env, check=True, capture_output=True, text=True, cwd=PROJECT_ROOT).stdout.strip()
-    with open(DEV_KEY_FILE, "w") as fh:
+    # Readable by its owner alone, like var/operator-password and var/secret-key: it is a live API key.
+    # (O_CREAT's mode only applies to a new file: one an earlier run left readable is narrowed too.)
+    with open(os.open(DEV_KEY_FILE, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as fh:
+        os.fchmod(fh.fileno(), 0o600)
         fh.write(key + "\n")
     return key
 

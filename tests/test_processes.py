@@ -118,6 +118,8 @@ def test_make_run_replaces_a_lost_dev_key_whose_notifications_remain(sqlite_sett
     old = keys.create("dev")[0]
     kept = make_notification(old)
     monkeypatch.setattr(dev, "DEV_KEY_FILE", str(tmp_path / "dev-api-key"))
+    (tmp_path / "dev-api-key").write_text("nfy_dead_key\n")  # left by an earlier run, world-readable
+    os.chmod(tmp_path / "dev-api-key", 0o644)
     plaintext = dev._dev_key(env_for(sqlite_settings))
 
     assert keys.authenticate(plaintext).name == "dev"
@@ -125,6 +127,8 @@ def test_make_run_replaces_a_lost_dev_key_whose_notifications_remain(sqlite_sett
     assert renamed.name.startswith("dev-until-") and renamed.revoked_at is not None
     assert reload(kept.id).api_key_id == old.id
     assert (tmp_path / "dev-api-key").read_text().strip() == plaintext
+    # A live key, like the operator password and the secret key beside it: its owner's alone.
+    assert os.stat(tmp_path / "dev-api-key").st_mode & 0o777 == 0o600
 
 
 def test_make_run_signs_links_with_a_secret_of_its_own_kept_across_runs(tmp_path):
