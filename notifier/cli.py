@@ -54,6 +54,10 @@ def _check_name(ctx, param, value):
     longest = ApiKey.name.max_length
     if not 1 <= len(value) <= longest:  # PostgreSQL would refuse it with a traceback
         raise click.BadParameter(f"1 to {longest} characters")
+    # `keys list` writes one tab-separated line per key: a tab or line break in a name made it another
+    # column or another key, and a blank name could only be named again by quoting its spaces exactly.
+    if not value.strip() or any(not c.isprintable() for c in value):
+        raise click.BadParameter("printable characters, not only spaces (no tab, line break or other control)")
     return value
 
 

@@ -128,3 +128,12 @@ def test_keys_create_refuses_a_name_the_column_cannot_hold(tmp_path, name):
     done = subprocess.run([sys.executable, "-m", "notifier", "keys", "create", name], env=env,
                           cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "1 to 100 characters" in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("name", ["billing\tlive", "billing\nrevoked", "   ", "bill\x1bing"])
+def test_keys_create_refuses_a_name_keys_list_cannot_show_on_one_line(tmp_path, name):
+    # keys list is one tab-separated line per key: a tab or a line break in a name broke it.
+    env = {**os.environ, "DATABASE_URL": f"sqlite:///{tmp_path}/keys.db"}
+    done = subprocess.run([sys.executable, "-m", "notifier", "keys", "create", name], env=env,
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "printable characters" in done.stderr and "Traceback" not in done.stderr
