@@ -379,7 +379,9 @@ class Deliverer:
     def _record_failure(self, notification: Notification, exc: DeliveryError, *, final: bool,
                         lookup: consent.Lookup = consent.DATABASE) -> None:
         message = str(exc)
-        fields = {"reason": message, "smtp_code": exc.smtp_code, "smtp_reply": message, "last_error": message}
+        # A server's reply only when there was one: a refused connection or a broken template has none.
+        reply = message if exc.smtp_code is not None else None
+        fields = {"reason": message, "smtp_code": exc.smtp_code, "smtp_reply": reply, "last_error": message}
         if final:
             if exc.address_rejected:
                 consent.suppress(notification.api_key_id, notification.to, reason=message)

@@ -108,6 +108,8 @@ def _expire(redis: Redis, settings: Settings, now: datetime, report: Report, sto
                        stop_at=stop_at):
         for row in _move_each(rows, Status.EXPIRED, "deadline passed before it could be sent", waiting):
             report.expired += 1
+            # Counted as a worker counts one it finds late: an alert on this metric sees every expiry.
+            metrics.expired(redis, row)
             queues.dispatch_callback(redis, settings, row)
 
 

@@ -417,6 +417,9 @@ def test_smtp_server_down_is_transient(headers, pg_settings, pg_db, redis_conn, 
     notification = reload(notification_id)
     assert notification.status == "retrying"
     assert "connection" in notification.last_error.lower()
+    # No server answered: the history names no reply of one (the dead-letter list showed the reason twice).
+    retry = client.get(f"/api/notifications/{notification_id}", headers=headers).get_json()["history"][-1]
+    assert retry["status"] == "retrying" and retry["smtp_code"] is None and retry["smtp_reply"] is None
     scheduled = Queue(QUEUE_NAMES["default"], connection=redis_conn).scheduled_job_registry
     assert scheduled.get_job_ids() == [f"notification-{notification_id}"]
 

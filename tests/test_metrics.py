@@ -17,6 +17,7 @@ from notifier.jobs import Deliverer
 from notifier.mail import SmtpMailer
 from notifier.models import Status, utcnow
 from notifier.queues import QUEUES_BY_PRIORITY, connect_redis
+from notifier.reconciler import reconcile
 from notifier.runtime import make_renderer
 from tests.helpers import (
     LITERAL,
@@ -147,8 +148,13 @@ def test_a_notification_past_its_deadline_counts_as_expired(ops, api_key, pg_set
     _work(pg_settings, redis_conn)
     assert reload(late.id).status == Status.EXPIRED
 
+    # One the reconciler's pass finds past its deadline before any worker does counts the same way.
+    waiting = make_notification(api_key[0], expires_at=utcnow() - timedelta(seconds=1), priority="low")
+    assert reconcile(pg_settings, redis_conn).expired == 1
+    assert reload(waiting.id).status == Status.EXPIRED
+
     samples = scrape(ops)
-    assert value(samples, "notifier_notifications_expired_total", priority="low", template="-") == 1
+    assert value(samples, "notifier_notifications_expired_total", priority="low", template="-") == 2
     assert total(samples, "notifier_notifications_sent_total") == 0
     assert smtp.count() == 0
 
