@@ -344,6 +344,15 @@ def timing(profile: UserProfile | None, *, send_at: datetime | None, now: dateti
     return Decision(Status.QUEUED, "accepted")
 
 
+def quiet_now(notification: Notification, now: datetime, lookup: Lookup = DATABASE) -> datetime | None:
+    """At delivery time: when the recipient's quiet hours end, if they hold now, else None. Quiet hours
+    were looked at when the mail was accepted, but it may have waited since (a backlog, a retry, the
+    dead-letter queue), and the user may have set them meanwhile. Transactional mail has none."""
+    if notification.category == Category.TRANSACTIONAL or not notification.user_key:
+        return None
+    return quiet_until(lookup.profile(notification.api_key_id, notification.user_key), now)
+
+
 def unwanted(api_key_id: int, *, to: str, user_key: str | None, category: str,
              lookup: Lookup = DATABASE) -> str | None:
     """At delivery time: a reason not to send after all (unsubscribed or suppressed since), or None."""

@@ -128,6 +128,10 @@ class Deliverer:
                                 sources=(Status.QUEUED, Status.RETRYING)):
                 self.after_final(notification_id)
                 return "suppressed"
+        elif (ends := consent.quiet_now(current, utcnow(), lookup)) is not None:
+            self._record_unrecorded()
+            if self._defer(current, ends):
+                return "deferred"
         if current is None or not self._claim(current):
             # Someone else holds it, it was cancelled, or it is already final: nothing to do.
             logger.info("notification %s not claimable; skipping", notification_id)
@@ -165,6 +169,25 @@ class Deliverer:
         else:
             self._record_sent(notification, result)
         return "sent"
+
+    def _defer(self, current: Notification, ends) -> bool:
+        """Put off a queued or retrying notification until the recipient's quiet hours end (its attempts
+        kept); whether this moved it. Its release is scheduled, or the reconciler's pass releases it."""
+        if not store.transition(current.id, Status.SCHEDULED, reason="waiting for the user's quiet hours to end",
+                                sources=(Status.QUEUED, Status.RETRYING), known=current, send_at=ends):
+            return False
+        logger.info("notification %s waits for the recipient's quiet hours to end", current.id)
+        current.status, current.send_at = Status.SCHEDULED.value, ends
+        if self.redis is not None:
+            try:
+                # A fresh job id: one the notification was released by before may still be finished
+                # in Redis, its expiry running, and rq-scheduler drops an entry whose job has gone.
+                queues.schedule_release(self.redis, self.settings, current.id, ends,
+                                        job_id=queues.release_job_id_for(current.id, again=True))
+            except RedisError as exc:
+                logger.warning("notification %s release not scheduled (%s); the reconciler releases it",
+                               current.id, type(exc).__name__)
+        return True
 
     def _leave_out_expired(self, digest: Notification) -> bool:
         """Leave the items past their deadline out of a claimed digest (notifier.digests); True when

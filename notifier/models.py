@@ -54,8 +54,12 @@ WAITING_STATUSES = frozenset({Status.QUEUED, Status.RETRYING, Status.SCHEDULED, 
 # job delivered twice sends once: the second claim finds the row no longer queued.
 TRANSITIONS: dict[Status, frozenset[Status]] = {
     Status.SCHEDULED: frozenset({Status.QUEUED, Status.CANCELLED, Status.EXPIRED, Status.SUPPRESSED}),
-    Status.QUEUED: frozenset({Status.SENDING, Status.CANCELLED, Status.FAILED, Status.EXPIRED, Status.SUPPRESSED}),
-    Status.RETRYING: frozenset({Status.SENDING, Status.CANCELLED, Status.FAILED, Status.EXPIRED, Status.SUPPRESSED}),
+    # queued/retrying -> scheduled: a worker finds the recipient's quiet hours holding as it is about to
+    # send (the mail waited in the queue, for a retry, or in the dead-letter queue), and it waits for their end.
+    Status.QUEUED: frozenset({Status.SENDING, Status.CANCELLED, Status.FAILED, Status.EXPIRED, Status.SUPPRESSED,
+                              Status.SCHEDULED}),
+    Status.RETRYING: frozenset({Status.SENDING, Status.CANCELLED, Status.FAILED, Status.EXPIRED, Status.SUPPRESSED,
+                                Status.SCHEDULED}),
     # held -> queued or scheduled: the user switched the category back to immediate.
     Status.HELD: frozenset({Status.IN_DIGEST, Status.QUEUED, Status.SCHEDULED, Status.CANCELLED, Status.EXPIRED,
                             Status.SUPPRESSED}),

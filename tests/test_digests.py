@@ -281,14 +281,19 @@ def test_a_requeued_digest_goes_out_without_the_items_whose_deadline_passed_mean
 
 def test_a_digest_made_in_quiet_hours_waits_for_their_end(api, headers, live_deliverer, fast_settings, smtp,
                                                           redis_conn):
-    # The window closes at 08:00 UTC, inside the user's quiet hours (07:00-09:00 UTC).
-    _prefs(api, headers, {"categories": {"product": "daily"}, "timezone": "UTC",
-                          "quiet_hours": {"start": "07:00", "end": "09:00"}})
+    # The window closes at DIGEST_TIME UTC, inside the user's quiet hours (from an hour before to an
+    # hour after it). DIGEST_TIME is half a day from now: the worker, which sends at the real time,
+    # looks at quiet hours again, and they must not hold then.
+    window = (utcnow() + timedelta(hours=12)).replace(second=0, microsecond=0)
+    settings = replace(fast_settings, digest_time=window.strftime("%H:%M"))
+    quiet = {"start": (window - timedelta(hours=1)).strftime("%H:%M"),
+             "end": (window + timedelta(hours=1)).strftime("%H:%M")}
+    _prefs(api, headers, {"categories": {"product": "daily"}, "timezone": "UTC", "quiet_hours": quiet})
     items = _held(api, headers, ["Ann", "Ben"])
-    made_at = _next_window_closed(fast_settings)
-    assert _flush(fast_settings, redis_conn, made_at) == 1
+    made_at = _next_window_closed(settings)
+    assert _flush(settings, redis_conn, made_at) == 1
     (digest,) = _digests(api, headers)
-    quiet_end = made_at.replace(hour=9, minute=0, second=0)
+    quiet_end = digests.boundary_at_or_before(made_at, "UTC", settings.digest_time) + timedelta(hours=1)
 
     detail = _detail(api, headers, digest["id"])
     assert (detail["status"], detail["send_at"]) == ("scheduled", quiet_end.isoformat() + "Z")
@@ -301,6 +306,74 @@ def test_a_digest_made_in_quiet_hours_waits_for_their_end(api, headers, live_del
     # Once they are over it goes out (the reconciler's pass at that time releases what is due).
     with database.connection_context():
         assert reconcile(fast_settings, redis_conn, now=quiet_end + timedelta(minutes=5)).released == 1
+    run_worker_until_idle(redis_conn)
+    (received,) = smtp.wait_for(1)
+    assert received.message["X-Notification-ID"] == digest["id"]
+    assert {_detail(api, headers, item)["status"] for item in items} == {"digested"}
+
+
+def _quiet_around_now() -> dict:
+    now = utcnow()
+    return {"start": (now - timedelta(hours=1)).strftime("%H:%M"), "end": (now + timedelta(hours=1)).strftime("%H:%M")}
+
+
+def _quiet_end(quiet: dict) -> datetime:
+    end = datetime.combine(utcnow().date(), datetime.strptime(quiet["end"], "%H:%M").time())
+    return end if end > utcnow() else end + timedelta(days=1)
+
+
+def test_mail_that_waited_into_the_users_quiet_hours_waits_for_their_end_once_a_worker_takes_it(
+        api, headers, live_deliverer, fast_settings, smtp, redis_conn):
+    # Accepted outside quiet hours, but the worker comes to it inside them (a backlog, a retry, quiet
+    # hours set meanwhile): it waits for their end, its attempts kept, and then goes out once.
+    accepted = _call(api, headers, "POST", "/api/notifications/send",
+                     {"to": "dora@example.com", "user_id": USER, "template": "welcome", "data": {"name": "Ann"}},
+                     status=202)
+    assert accepted["status"] == "queued"
+    quiet = _quiet_around_now()
+    _prefs(api, headers, {"timezone": "UTC", "quiet_hours": quiet})
+    run_worker_until_idle(redis_conn)
+
+    assert smtp.count() == 0
+    detail = _detail(api, headers, accepted["id"])
+    assert (detail["status"], detail["send_at"], detail["attempts"]) == (
+        "scheduled", _quiet_end(quiet).isoformat() + "Z", 0)
+    assert _status_lines(detail)[-1]["reason"] == "waiting for the user's quiet hours to end"
+    (release,) = Scheduler(connection=redis_conn).get_jobs()
+    assert list(release.args) == [accepted["id"]]
+
+    # Once they are over (quiet hours turned off here, as the worker sends at the real time), it goes out.
+    _prefs(api, headers, {"quiet_hours": None})
+    with database.connection_context():
+        assert reconcile(fast_settings, redis_conn, now=_quiet_end(quiet) + timedelta(minutes=5)).released == 1
+    run_worker_until_idle(redis_conn)
+    (received,) = smtp.wait_for(1)
+    assert received.message["X-Notification-ID"] == accepted["id"]
+    assert _detail(api, headers, accepted["id"])["status"] == "sent"
+    run_worker_until_idle(redis_conn)
+    assert smtp.count() == 1
+
+
+def test_a_digest_requeued_from_the_dead_letter_queue_in_quiet_hours_waits_for_their_end(
+        api, headers, live_deliverer, fast_settings, smtp, redis_conn, receiver):
+    digest, items = _daily_digest(api, headers, fast_settings, redis_conn, receiver)
+    smtp.replies.append("554 5.7.1 not now")
+    run_worker_until_idle(redis_conn)
+    assert _detail(api, headers, digest["id"])["status"] == "failed"
+
+    quiet = _quiet_around_now()
+    _prefs(api, headers, {"timezone": "UTC", "quiet_hours": quiet})
+    _call(api, headers, "POST", f"/api/dead-letters/{digest['id']}/requeue", status=202)
+    run_worker_until_idle(redis_conn)
+
+    assert smtp.count() == 0
+    detail = _detail(api, headers, digest["id"])
+    assert (detail["status"], detail["send_at"]) == ("scheduled", _quiet_end(quiet).isoformat() + "Z")
+    assert {_detail(api, headers, item)["status"] for item in items} == {"in_digest"}
+
+    _prefs(api, headers, {"quiet_hours": None})
+    with database.connection_context():
+        assert reconcile(fast_settings, redis_conn, now=_quiet_end(quiet) + timedelta(minutes=5)).released == 1
     run_worker_until_idle(redis_conn)
     (received,) = smtp.wait_for(1)
     assert received.message["X-Notification-ID"] == digest["id"]
