@@ -131,7 +131,7 @@ def _flush_group(settings, redis, renderer, api_key_id: int, user_key: str, cate
     api_key = ApiKey.get_by_id(api_key_id)
     mode = mode_for(api_key_id, user_key, category)
     if mode is DeliveryMode.OFF:
-        _suppress_held(api_key_id, user_key, category)
+        _suppress_held(settings, redis, api_key_id, user_key, category)
         return 0
     profile = get_profile(api_key, user_key)
     if mode is DeliveryMode.IMMEDIATE:
@@ -165,10 +165,15 @@ def _expire_held(settings, redis, api_key_id: int, user_key: str, category: str,
             queues.dispatch_callback(redis, settings, item)
 
 
-def _suppress_held(api_key_id: int, user_key: str, category: str) -> None:
+def _suppress_held(settings, redis, api_key_id: int, user_key: str, category: str) -> None:
+    """Suppress what a user holds for a category they turned off; each item owes its callback now, as
+    one suppressed at its send does (not at the reconciler's next look for owed callbacks)."""
     seqs = [n.seq for n in _held(api_key_id, user_key, category)]
-    store.transition_many(seqs, Status.SUPPRESSED, reason=f"the user turned off {category} email",
-                          sources=(Status.HELD,))
+    moved = store.transition_many(seqs, Status.SUPPRESSED, reason=f"the user turned off {category} email",
+                                  sources=(Status.HELD,))
+    if moved:
+        for item in Notification.select().where(Notification.seq.in_(moved)):
+            queues.dispatch_callback(redis, settings, item)
 
 
 def _release_held(settings, redis, api_key_id: int, user_key: str, category: str, profile: UserProfile | None,

@@ -380,6 +380,20 @@ def test_a_digest_requeued_from_the_dead_letter_queue_in_quiet_hours_waits_for_t
     assert {_detail(api, headers, item)["status"] for item in items} == {"digested"}
 
 
+def test_held_items_of_a_category_turned_off_owe_their_callbacks_at_once(
+        api, headers, live_deliverer, fast_settings, smtp, redis_conn, receiver):
+    _prefs(api, headers, {"categories": {"product": "daily"}})
+    items = _held(api, headers, ["Ann", "Ben"], callback_url=receiver.url)
+    _prefs(api, headers, {"categories": {"product": "off"}})
+
+    assert _flush(fast_settings, redis_conn, utcnow()) == 0
+    run_worker_until_idle(redis_conn)  # no reconciler pass: the digest pass queued the callbacks
+
+    assert {_detail(api, headers, item)["status"] for item in items} == {"suppressed"}
+    assert _events(receiver) == {item: "notification.suppressed" for item in items}
+    assert smtp.count() == 0
+
+
 # --- back to immediate --------------------------------------------------------------------------------
 
 
