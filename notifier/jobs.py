@@ -142,9 +142,12 @@ class Deliverer:
             self._finish(notification, Status.EXPIRED, reason="deadline passed before it could be sent")
             metrics.expired(self._counts, notification)
             return "expired"
-        if notification.template == DIGEST_TEMPLATE and self._leave_out_expired(notification):
-            return "expired"
         try:
+            # Inside the try: a statement cancelled there (a lock held on an item past
+            # DATABASE_STATEMENT_TIMEOUT) is a failed attempt, retried, not a digest left `sending`
+            # for the reconciler to take for a worker lost mid-send.
+            if notification.template == DIGEST_TEMPLATE and self._leave_out_expired(notification):
+                return "expired"
             email = self._outgoing(notification)
             # A refusal may quote the subject, a link or a code: never in the log.
             logs.conceal_content([*email.texts(), *_strings(notification.data)])

@@ -14,6 +14,7 @@ from datetime import datetime, timedelta
 
 import psycopg2
 import pytest
+from peewee import OperationalError
 from rq_scheduler import Scheduler
 
 from notifier import callbacks, deadletters, digests, queues
@@ -235,6 +236,36 @@ def test_an_item_left_out_of_its_digest_has_its_callback_queued_once(
     run_worker_until_idle(redis_conn)
     assert [(call.json["id"], call.json["event"]) for call in receiver.calls] == [
         (late, "notification.expired"), (kept, "notification.digested")]
+
+
+def test_a_digest_whose_late_items_cannot_be_left_out_yet_is_retried_not_left_sending(
+        api, headers, live_deliverer, fast_settings, smtp, redis_conn, receiver, pg_url):
+    digest, (late, kept) = _daily_digest(api, headers, fast_settings, redis_conn, receiver)
+    _deadline_passed(late)
+    bind(fast_settings.database_url, statement_timeout=0.5)
+    locker = psycopg2.connect(pg_url)
+    try:
+        with locker.cursor() as cur:  # a long transaction holds the late item's row
+            cur.execute('SELECT 1 FROM "notifications" WHERE "id" = %s FOR UPDATE', (late,))
+        with database.connection_context(), pytest.raises(OperationalError):  # RQ retries it
+            live_deliverer.deliver(digest["id"])
+    finally:
+        locker.rollback()
+        locker.close()
+
+    # A failed attempt like any other: retrying, not `sending` until SENDING_TIMEOUT and then taken
+    # for a worker lost mid-send ("may have been sent already": nothing was).
+    detail = _detail(api, headers, digest["id"])
+    assert (detail["status"], detail["attempts"]) == ("retrying", 1)
+    assert "OperationalError" in detail["last_error"]
+    assert {_detail(api, headers, item)["status"] for item in (late, kept)} == {"in_digest"}
+    assert smtp.count() == 0
+
+    with database.connection_context():
+        assert live_deliverer.deliver(digest["id"]) == "sent"
+    run_worker_until_idle(redis_conn)  # the callbacks (the digest's own job finds it sent)
+    _sent_without(api, headers, smtp, receiver, digest["id"], late, kept,
+                  f"deadline passed before digest {digest['id']} was sent")
 
 
 def test_a_digest_whose_every_item_expired_before_it_went_out_is_not_sent(
