@@ -199,7 +199,9 @@ def _timezone(value: str) -> None:
 def _clock(value: str) -> None:
     from notifier.config import parse_clock
 
-    if len(value) != 5 or value[2] != ":" or parse_clock(value) is None:  # "7:00 " would pass parse_clock
+    # Exactly HH:MM: parse_clock strips blanks, so "7:00 " and " 7:00" would pass it, stored and echoed
+    # as given, and " 7:00" beside "07:00" was an empty window that the check for one let through.
+    if len(value) != 5 or value[2] != ":" or not (value[:2] + value[3:]).isdigit() or parse_clock(value) is None:
         raise ValidationError("must be a time of day like 22:00")
 
 

@@ -130,6 +130,9 @@ def test_partial_preference_changes_merge_with_what_was_set(client, headers, smt
         ({"quiet_hours": {"start": "25:00", "end": "07:00"}}, "quiet_hours"),
         ({"quiet_hours": {"start": "22:00"}}, "quiet_hours"),
         ({"quiet_hours": {"start": "7:00 ", "end": "22:00"}}, "quiet_hours"),  # stored and echoed as given
+        ({"quiet_hours": {"start": " 7:00", "end": "22:00"}}, "quiet_hours"),
+        ({"quiet_hours": {"start": " 7:00", "end": "07:00"}}, "quiet_hours"),  # an empty window, stored as one
+        ({"quiet_hours": {"start": "22:00", "end": "\t7:00"}}, "quiet_hours"),
         ({"quiet_hours": {"start": "07:00", "end": "07:00"}}, "quiet_hours"),  # meant no quiet hours at all
         # Digits of other scripts: superscripts and circled ones (which int() refuses) were a 500, and
         # others were stored as given ("٠٧:٠٠" beside "07:00" was an empty window, the check passed).
