@@ -37,6 +37,14 @@ def user_key_for(user_id: str | None, to: str) -> str:
     return user_id if user_id else f"{ADDRESS_KEY_PREFIX}{to.lower()}"
 
 
+def preferences_key(user_id: str) -> str:
+    """Whose preferences a path names: the user id as it is, or for "email:<address>" the key that mail
+    sent to that address with no user id has (user_key_for lower-cases it)."""
+    if user_id.startswith(ADDRESS_KEY_PREFIX):
+        return ADDRESS_KEY_PREFIX + user_id.removeprefix(ADDRESS_KEY_PREFIX).lower()
+    return user_id
+
+
 def zone(name: str | None) -> ZoneInfo:
     try:
         return ZoneInfo(name or "UTC")

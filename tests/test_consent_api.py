@@ -616,6 +616,20 @@ def test_a_user_id_that_names_an_addresss_preferences_is_422(client, headers, sm
     assert notification_count() == 0
 
 
+def test_an_addresss_preferences_are_the_same_whatever_the_case_its_path_writes_it_in(
+        client, headers, deliverer, smtp, redis_conn):
+    # Mail sent with no user id follows the preferences of its address lower-cased: a path naming the
+    # address in another case names those, not preferences no mail ever reads.
+    assert _put(client, headers, {"categories": {"marketing": "off"}}, "email:Ann@Example.COM").status_code == 200
+    assert _prefs(client, headers, "email:ann@example.com")["categories"]["marketing"] == "off"
+    assert _prefs(client, headers, "email:ANN@example.com")["user_id"] == "email:ann@example.com"
+    sent = _send(client, headers, {**LITERAL, "to": "Ann@Example.com", "category": "marketing"})
+    assert sent["status"] == "suppressed"
+    # A user id is the caller's own and kept as it is.
+    assert _put(client, headers, {"categories": {"marketing": "off"}}, "Ann").status_code == 200
+    assert _prefs(client, headers, "ann")["categories"]["marketing"] == "immediate"
+
+
 def test_an_addresss_own_preferences_are_read_and_set_by_its_path(client, headers, deliverer, smtp, redis_conn):
     assert _put(client, headers, {"categories": {"marketing": "off"}}, "email:ann@example.com").status_code == 200
     assert _prefs(client, headers, "email:ann@example.com")["categories"]["marketing"] == "off"

@@ -16,11 +16,11 @@ _preferences = PreferencesSchema()
 @bp.get("/<user:user_id>/preferences")
 def get_preferences(user_id: str):
     """The user's preferences, with defaults for anything never set."""
-    return jsonify(consent.preferences(current_key(), path_user_id(user_id)))
+    return jsonify(consent.preferences(current_key(), consent.preferences_key(path_user_id(user_id))))
 
 
 @bp.put("/<user:user_id>/preferences")
 def put_preferences(user_id: str):
     """Change the parts given; transactional mail cannot be turned off."""
-    user_id = path_user_id(user_id)
+    user_id = consent.preferences_key(path_user_id(user_id))
     return jsonify(consent.update_preferences(current_key(), user_id, json_body(_preferences)))
