@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
+from datetime import datetime
 
 from redis import Redis
 from redis.exceptions import RedisError
@@ -173,7 +174,7 @@ class Deliverer:
             self._record_sent(notification, result)
         return "sent"
 
-    def _defer(self, current: Notification, ends) -> bool:
+    def _defer(self, current: Notification, ends: datetime) -> bool:
         """Put off a queued or retrying notification until the recipient's quiet hours end (its attempts
         kept); whether this moved it. Its release is scheduled, or the reconciler's pass releases it."""
         if not store.transition(current.id, Status.SCHEDULED, reason="waiting for the user's quiet hours to end",
