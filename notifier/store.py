@@ -199,16 +199,25 @@ def transition(
     with db.atomic():
         if known is not None:
             row = known
-        else:
-            row = (
-                Notification.select(Notification.seq, Notification.id, Notification.status, Notification.template)
-                .where((Notification.id == public_id) & _status_in([s.value for s in allowed]))
-                .first()
-            )
-            if row is None:
+            if not _compare_and_set(db, row.seq, row.status, assignments):
                 return False
-        if not _compare_and_set(db, row.seq, row.status, assignments):
-            return False
+        else:
+            # Read, then update guarded by the status read. Another move may commit in between (a
+            # release making a delayed send `queued` as the caller cancels it): the update then
+            # changes nothing though the row may still be in an allowed status, so read it again.
+            # Each round is lost only to a move that committed, and a row makes few moves.
+            for _ in range(_MOVES_AT_MOST):
+                row = (
+                    Notification.select(Notification.seq, Notification.id, Notification.status, Notification.template)
+                    .where((Notification.id == public_id) & _status_in([s.value for s in allowed]))
+                    .first()
+                )
+                if row is None:
+                    return False
+                if _compare_and_set(db, row.seq, row.status, assignments):
+                    break
+            else:
+                return False
         event[2] = row.status
         db.execute_sql(_insert_sql(Event, _FULL_EVENT_COLUMNS), [row.seq, *event])
         if row.template == DIGEST_TEMPLATE:
@@ -217,6 +226,9 @@ def transition(
 
 
 _FULL_EVENT_COLUMNS = (*_EVENT_COLUMNS, "smtp_code", "smtp_reply")
+# How often transition() reads a row again after another move won the race for it: more than the
+# moves between waiting statuses that can come in a row (scheduled -> queued -> sending).
+_MOVES_AT_MOST = 5
 
 
 def _implied_changes(target: Status, changes: dict, owed_callback) -> None:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
+import psycopg2
 import pytest
 from peewee import OperationalError
 from rq.job import Job
@@ -14,7 +16,7 @@ from rq_scheduler import Scheduler
 
 from notifier import jobs, store
 from notifier.db import database
-from notifier.models import Status, utcnow
+from notifier.models import Notification, Status, utcnow
 from notifier.queues import dispatch, failure_ttl, queue_for, release_job_id_for
 from notifier.reconciler import reconcile
 from tests.helpers import (
@@ -272,6 +274,46 @@ def test_cancelled_scheduled_notification_stays_cancelled_after_release(client, 
     assert body["status"] == "cancelled"
     assert body["history"][-1]["reason"] == "cancelled by the caller"
     assert jobs.release(notification_id) == "skipped"
+    run_worker_until_idle(redis_conn)
+    assert reload(notification_id).status == "cancelled"
+    assert smtp.count() == 0
+
+
+def test_a_cancel_racing_the_release_cancels_the_released_notification(client, headers, live_deliverer, smtp,
+                                                                      redis_conn, pg_url):
+    # Found with 300 delayed sends cancelled around their due moment on the real stack: the cancel read
+    # the row `scheduled`, the release committed `queued` while the cancel's update waited for the row,
+    # and the update, guarded by `scheduled`, changed nothing: 409 "a queued notification cannot be
+    # cancelled", for a notification that was queued, and it was sent.
+    notification_id = _send(client, headers, **LITERAL, delay_seconds=60)["id"]
+    table = Notification._meta.table_name
+    releaser = psycopg2.connect(pg_url)
+    admin = psycopg2.connect(pg_url)
+    admin.autocommit = True
+    answers = []
+    try:
+        with releaser.cursor() as cur:  # the release's own update, not yet committed
+            cur.execute(f'UPDATE "{table}" SET "status" = %s WHERE "id" = %s', ("queued", notification_id))
+        canceller = threading.Thread(target=lambda: answers.append(
+            client.post(f"/api/notifications/{notification_id}/cancel", headers=headers)))
+        canceller.start()
+        deadline = time.monotonic() + 10
+        waiting = 0
+        with admin.cursor() as cur:
+            while not waiting and time.monotonic() < deadline:
+                cur.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                            "AND datname = current_database()")
+                (waiting,) = cur.fetchone()
+                time.sleep(0.01)
+        releaser.commit()
+        canceller.join(timeout=10)
+    finally:
+        releaser.close()
+        admin.close()
+
+    assert waiting, "the cancel never waited on the release: the test did not test anything"
+    assert answers[0].status_code == 200, answers[0].get_data(as_text=True)
+    assert answers[0].get_json()["status"] == "cancelled"
     run_worker_until_idle(redis_conn)
     assert reload(notification_id).status == "cancelled"
     assert smtp.count() == 0
