@@ -48,7 +48,8 @@ DELIVERY_SECONDS = "notifier_delivery_seconds"
 SMTP_REPLIES = "notifier_smtp_replies_total"
 RECONCILED = "notifier_reconciler_actions_total"
 # What a reconciler pass can do (notifier.reconciler.Report's fields), each shown even at zero.
-RECONCILER_ACTIONS = ("expired", "released", "recovered", "recorded_late", "requeued", "callbacks", "keys_forgotten")
+RECONCILER_ACTIONS = ("expired", "released", "rescheduled", "recovered", "recorded_late", "requeued", "callbacks",
+                      "keys_forgotten")
 
 
 def _key(metric: str, part: str = "") -> str:

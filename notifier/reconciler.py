@@ -3,7 +3,9 @@
 scheduler.py runs it every RECONCILE_INTERVAL seconds (a periodic rq-scheduler job with a stable id).
 Each pass, in pages of BATCH rows (at most MAX_PAGES a step):
   1. expires notifications whose deadline passed before they were sent;
-  2. releases delayed notifications whose send time passed but whose release job never ran;
+  2. releases delayed notifications whose send time passed but whose release job never ran, and
+     schedules again the release of those due before the next pass whose release job Redis lost
+     (flushed, restarted empty), so that they still go out on time;
   3. recovers notifications stuck in `sending` past SENDING_TIMEOUT. One whose worker kept a sent
      receipt in Redis (the server took the email while the database was away) is recorded `sent`.
      One whose job a live worker is still running is left to it: the send is only slow (RQ's job
@@ -29,6 +31,7 @@ from datetime import datetime, timedelta
 from redis import Redis
 from rq import Worker
 from rq.utils import parse_composite_key, utcparse
+from rq_scheduler import Scheduler
 
 from notifier import metrics, queues, receipts, store
 from notifier.config import Settings
@@ -50,6 +53,7 @@ RECOVERED_REASON = "recovered: the worker was lost mid-send, so this message may
 class Report:
     expired: int = 0
     released: int = 0
+    rescheduled: int = 0
     recovered: int = 0
     recorded_late: int = 0
     requeued: int = 0
@@ -73,6 +77,7 @@ def reconcile(settings: Settings, redis: Redis, now: datetime | None = None) -> 
         # went away) still reports what it did: `recovered` above all.
         _expire(redis, settings, now, report, stop_at)
         _release(redis, settings, settled, report, stop_at)
+        _reschedule(redis, settings, settled, now, report, stop_at)
         _recover(redis, settings, now - timedelta(seconds=settings.sending_timeout), report, stop_at)
         _requeue(redis, settings, settled, now - timedelta(seconds=settings.sending_timeout), report, stop_at)
         _callbacks(redis, settings, settled, report, stop_at)
@@ -120,6 +125,35 @@ def _release(redis: Redis, settings: Settings, settled: datetime, report: Report
         for row in _move_each(rows, Status.QUEUED, reason, (Status.SCHEDULED,)):
             report.released += 1
             queues.dispatch(redis, settings, row)
+
+
+def _reschedule(redis: Redis, settings: Settings, settled: datetime, now: datetime, report: Report,
+                stop_at: float) -> None:
+    # Without this, a delayed send whose release job Redis lost waited until _release found it
+    # overdue: up to RECONCILE_GRACE_SECONDS and a RECONCILE_INTERVAL late (a minute at the
+    # defaults). Those due before the pass after next are looked at, so a pass that starts late
+    # still finds each before its time. A release scheduled twice (the API's racing this, or one
+    # that woke early and put itself back under another id) releases once: the second finds the
+    # notification no longer `scheduled` (jobs.Deliverer.release).
+    soon = now + timedelta(seconds=2 * settings.reconcile_interval)
+    for rows in _pages(Notification.status == Status.SCHEDULED.value, Notification.send_at > settled,
+                       Notification.send_at <= soon, stop_at=stop_at):
+        for row in _without_release(redis, rows):
+            queues.schedule_release(redis, settings, row.id, row.send_at)
+            report.rescheduled += 1
+
+
+def _without_release(redis: Redis, rows: list[Notification]) -> list[Notification]:
+    """Those of rows (scheduled) whose release job is neither in rq-scheduler's schedule nor queued
+    or running. Raises RedisError."""
+    job_ids = [queues.release_job_id_for(row.id) for row in rows]
+    with redis.pipeline(transaction=False) as pipe:
+        for job_id in job_ids:
+            pipe.zscore(Scheduler.scheduled_jobs_key, job_id)
+            pipe.hget(f"rq:job:{job_id}", "status")
+        replies = pipe.execute()
+    return [row for row, score, state in zip(rows, replies[::2], replies[1::2], strict=True)
+            if score is None and state not in (b"queued", b"started")]
 
 
 def _move_each(rows, target: Status, reason: str, sources) -> Iterator[Notification]:

@@ -263,6 +263,36 @@ def test_a_release_that_fails_stays_in_the_failed_registry_for_the_dead_letter_t
     assert reload(notification_id).status == "scheduled"  # the reconciler releases it in time
 
 
+def test_a_delayed_send_whose_release_redis_lost_is_released_at_its_time_not_a_pass_late(
+        api_key, pg_settings, pg_db, smtp, redis_conn):
+    # Found by flushing the Redis of a running stack while 20 delayed sends waited: each went out only
+    # once a reconciler pass found it overdue, RECONCILE_GRACE_SECONDS and up to a RECONCILE_INTERVAL
+    # late (4-9 s at 5 s and 3 s; a minute at the defaults).
+    settings = replace(pg_settings, reconcile_interval=30, reconcile_grace_seconds=30)
+    scheduler = Scheduler(connection=redis_conn)
+    soon, later = (make_notification(api_key[0], Status.SCHEDULED, send_at=utcnow() + timedelta(seconds=seconds))
+                   for seconds in (1.5, 3600))
+    for row in (soon, later):
+        dispatch(redis_conn, settings, row)
+    redis_conn.flushdb()
+
+    with database.connection_context():
+        assert reconcile(settings, redis_conn).rescheduled == 1
+        assert reconcile(settings, redis_conn).rescheduled == 0  # scheduled once, not once a pass
+    assert [job.id for job in scheduler.get_jobs()] == [release_job_id_for(soon.id)]
+    with installed_deliverer(settings, redis_conn):
+        scheduler.enqueue_jobs()
+        run_worker_until_idle(redis_conn)
+        assert (reload(soon.id).status, smtp.count()) == ("scheduled", 0)  # never early
+        time.sleep(max(0.0, (soon.send_at - utcnow()).total_seconds()) + 1.1)
+        scheduler.enqueue_jobs()
+        run_worker_until_idle(redis_conn)
+
+    assert reload(soon.id).status == "sent"
+    assert reload(later.id).status == "scheduled"  # a later pass schedules it, once it is due soon
+    assert smtp.count() == 1
+
+
 def test_cancelled_scheduled_notification_stays_cancelled_after_release(client, headers, live_deliverer, smtp,
                                                                         redis_conn):
     notification_id = _send(client, headers, **LITERAL, delay_seconds=60)["id"]

@@ -106,7 +106,7 @@ def test_each_pass_is_counted_for_metrics_by_action(owner, settings, fake_redis)
     counted = {labels[0][1]: v for (name, labels), v in samples.items()
                if name == "notifier_reconciler_actions_total"}
     # The recovered row was re-queued in the same pass; the lost job is the one `requeued` counts.
-    assert counted == {"expired": 0, "released": 0, "recovered": 1, "recorded_late": 0, "requeued": 1,
+    assert counted == {"expired": 0, "released": 0, "rescheduled": 0, "recovered": 1, "recorded_late": 0, "requeued": 1,
                        "callbacks": 0, "keys_forgotten": 0}
     assert set(counted) == set(asdict(Report()))
 
