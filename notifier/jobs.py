@@ -521,7 +521,7 @@ class Deliverer:
             if current is not None and current.status == Status.SCHEDULED and current.send_at > utcnow():
                 # Woken early (a clock step, a hand-run job): never send before the time asked for.
                 queues.schedule_release(self.redis, self.settings, notification_id, current.send_at,
-                                        job_id=queues.release_job_id_for(notification_id, again=True))
+                                        current.priority, job_id=queues.release_job_id_for(notification_id, again=True))
                 return "early"
             if not store.transition(notification_id, Status.QUEUED, reason="send time reached",
                                     sources=(Status.SCHEDULED,)):

@@ -34,7 +34,8 @@ QUEUES_BY_PRIORITY: tuple[str, ...] = (
     *(QUEUE_NAMES[p] for p in (Priority.HIGH, Priority.DEFAULT, Priority.LOW)),
     CALLBACK_QUEUE,
 )
-# Small, quick jobs (releasing a delayed send, the reconciler) go where they are picked up first.
+# The periodic jobs (the reconciler, digests) go where they are picked up first. A delayed send's
+# release job goes on its own priority's queue instead (queues.schedule_release).
 CONTROL_QUEUE = QUEUE_NAMES[Priority.HIGH]
 
 DELIVER_JOB = "notifier.jobs.deliver"
@@ -201,9 +202,9 @@ def keep_worker_alive(connection: Redis, worker_name: str, ttl: int) -> None:
 
 
 def schedule_release(connection: Redis, settings: Settings, notification_id: str, send_at: datetime,
-                     job_id: str | None = None) -> None:
+                     priority: str, job_id: str | None = None) -> None:
     """Ask rq-scheduler to release a delayed notification at send_at (naive UTC), by a job of job_id
-    (release_job_id_for, unless given).
+    (release_job_id_for, unless given) on the queue of the notification's priority.
 
     rq-scheduler passes unknown options on to the job function and knows nothing of RQ's retries, so
     it only enqueues a small release job; that job puts the notification on its priority queue. A
@@ -216,8 +217,10 @@ def schedule_release(connection: Redis, settings: Settings, notification_id: str
     # failed registry like every other. enqueue_at only writes, so on a MULTI pipeline the TTL goes
     # in with the schedule entry: the scheduler never sees the job without it, and no save of ours
     # can come after it has moved the job on (and put back a job that has finished and gone).
+    # On its own priority's queue: on the high queue, the releases of a low-priority campaign due at
+    # one moment (thousands) held up every high-priority email behind them, for seconds.
     with connection.pipeline() as pipe:
-        job = Scheduler(queue_name=CONTROL_QUEUE, connection=pipe).enqueue_at(
+        job = Scheduler(queue_name=QUEUE_NAMES[Priority(priority)], connection=pipe).enqueue_at(
             at, RELEASE_JOB, notification_id, job_id=job_id or release_job_id_for(notification_id), meta=traced(),
             job_result_ttl=settings.finished_job_ttl,
         )
@@ -365,7 +368,7 @@ def dispatch_many(connection: Redis, settings: Settings, notifications: list[Not
                 also(pipe)
             pipe.execute()
         for n in scheduled:
-            schedule_release(connection, settings, n.id, n.send_at)
+            schedule_release(connection, settings, n.id, n.send_at, n.priority)
     except RedisError as exc:
         one = len(notifications) == 1
         what = f"notification {notifications[0].id}" if one else f"{len(notifications)} notifications"

@@ -139,7 +139,7 @@ def _reschedule(redis: Redis, settings: Settings, settled: datetime, now: dateti
     for rows in _pages(Notification.status == Status.SCHEDULED.value, Notification.send_at > settled,
                        Notification.send_at <= soon, stop_at=stop_at):
         for row in _without_release(redis, rows):
-            queues.schedule_release(redis, settings, row.id, row.send_at)
+            queues.schedule_release(redis, settings, row.id, row.send_at, row.priority)
             report.rescheduled += 1
 
 

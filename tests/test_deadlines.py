@@ -17,7 +17,7 @@ from rq_scheduler import Scheduler
 from notifier import jobs, store
 from notifier.db import database
 from notifier.models import Notification, Status, utcnow
-from notifier.queues import dispatch, failure_ttl, queue_for, release_job_id_for
+from notifier.queues import dispatch, failure_ttl, job_id_for, queue_for, release_job_id_for
 from notifier.reconciler import reconcile
 from tests.helpers import (
     LITERAL,
@@ -256,7 +256,7 @@ def test_a_release_that_fails_stays_in_the_failed_registry_for_the_dead_letter_t
         run_worker_until_idle(redis_conn)  # the release cannot read the database: the job fails
     finally:
         end()
-    registry = queue_for("high", redis_conn).failed_job_registry
+    registry = queue_for("default", redis_conn).failed_job_registry  # the release's queue is its send's
     expires = redis_conn.zscore(registry.key, release_job_id_for(notification_id))
     assert expires is not None
     assert abs(expires - (time.time() + failure_ttl(pg_settings))) < 60  # RQ's default: a year
@@ -293,6 +293,30 @@ def test_a_delayed_send_whose_release_redis_lost_is_released_at_its_time_not_a_p
     assert reload(soon.id).status == "sent"
     assert reload(later.id).status == "scheduled"  # a later pass schedules it, once it is due soon
     assert smtp.count() == 1
+
+
+def test_the_releases_of_low_priority_sends_never_hold_up_a_high_priority_email(api_key, pg_settings, pg_db, smtp,
+                                                                              redis_conn):
+    # Found on the real stack: 2,000 low-priority sends due at one moment, then an urgent send each
+    # 0.3 s; the urgent ones took up to 5.9 s, queued on the high queue behind 2,000 release jobs
+    # that every release went to, whatever its send's priority.
+    scheduler = Scheduler(connection=redis_conn)
+    campaign = [make_notification(api_key[0], Status.SCHEDULED, priority="low", to=f"c{n}@example.com",
+                                  send_at=utcnow() + timedelta(seconds=1)) for n in range(3)]
+    for row in campaign:
+        dispatch(redis_conn, pg_settings, row)
+    time.sleep(max(0.0, (campaign[0].send_at - utcnow()).total_seconds()) + 1.1)
+    scheduler.enqueue_jobs()  # due: rq-scheduler moves each release job onto its queue
+    urgent = make_notification(api_key[0], priority="high", to="urgent@example.com")
+    dispatch(redis_conn, pg_settings, urgent)
+
+    assert queue_for("high", redis_conn).job_ids == [job_id_for(urgent.id)]
+    assert sorted(queue_for("low", redis_conn).job_ids) == sorted(release_job_id_for(row.id) for row in campaign)
+    with installed_deliverer(pg_settings, redis_conn):
+        run_worker_until_idle(redis_conn)
+    received = [m.message["To"] for m in smtp.messages]
+    assert received[0] == "urgent@example.com"
+    assert sorted(received[1:]) == sorted(row.to for row in campaign)
 
 
 def test_cancelled_scheduled_notification_stays_cancelled_after_release(client, headers, live_deliverer, smtp,

@@ -27,7 +27,7 @@ from bench.procs import children
 from notifier.db import bind, database
 from notifier.devmail import CaptureHandler, start
 from notifier.models import SchemaVersion
-from notifier.queues import CONTROL_QUEUE, release_job_id_for
+from notifier.queues import QUEUE_NAMES, release_job_id_for
 from notifier.schema import SCHEMA_VERSION, upgrade
 from tests.conftest import PG_ADMIN_URL
 from tests.helpers import LITERAL, drop_connections
@@ -161,7 +161,7 @@ def test_a_release_job_abandoned_by_a_killed_worker_leaves_the_failed_registry_a
         stack.stop("worker", signal.SIGKILL)
     finally:
         locker.close()
-    queue = Queue(CONTROL_QUEUE, connection=redis_conn)
+    queue = Queue(QUEUE_NAMES["default"], connection=redis_conn)  # the release's queue is its send's
 
     # RQ's maintenance, as it runs once the dead worker's heartbeat has long run out.
     queue.started_job_registry.cleanup(timestamp=time.time() + 86400)
