@@ -186,7 +186,7 @@ class Deliverer:
             try:
                 # A fresh job id: one the notification was released by before may still be finished
                 # in Redis, its expiry running, and rq-scheduler drops an entry whose job has gone.
-                queues.schedule_release(self.redis, self.settings, current.id, ends,
+                queues.schedule_release(self.redis, self.settings, current.id, ends, current.priority,
                                         job_id=queues.release_job_id_for(current.id, again=True))
             except RedisError as exc:
                 logger.warning("notification %s release not scheduled (%s); the reconciler releases it",
