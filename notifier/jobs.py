@@ -177,17 +177,21 @@ class Deliverer:
     def _defer(self, current: Notification, ends: datetime) -> bool:
         """Put off a queued or retrying notification until the recipient's quiet hours end (its attempts
         kept); whether this moved it. Its release is scheduled, or the reconciler's pass releases it."""
+        # A fresh job id: one the notification was released by before may still be finished in Redis,
+        # its expiry running, and rq-scheduler drops an entry whose job has gone. Recorded with the
+        # move (same statement), so that the reconciler looks for this job, not the canonical one:
+        # it took each deferral due soon for a release Redis had lost, and scheduled a second one.
+        release_id = queues.release_job_id_for(current.id, again=True)
         if not store.transition(current.id, Status.SCHEDULED, reason="waiting for the user's quiet hours to end",
-                                sources=(Status.QUEUED, Status.RETRYING), known=current, send_at=ends):
+                                sources=(Status.QUEUED, Status.RETRYING), known=current, send_at=ends,
+                                job_id=release_id):
             return False
         logger.info("notification %s waits for the recipient's quiet hours to end", current.id)
-        current.status, current.send_at = Status.SCHEDULED.value, ends
+        current.status, current.send_at, current.job_id = Status.SCHEDULED.value, ends, release_id
         if self.redis is not None:
             try:
-                # A fresh job id: one the notification was released by before may still be finished
-                # in Redis, its expiry running, and rq-scheduler drops an entry whose job has gone.
                 queues.schedule_release(self.redis, self.settings, current.id, ends, current.priority,
-                                        job_id=queues.release_job_id_for(current.id, again=True))
+                                        job_id=release_id)
             except RedisError as exc:
                 logger.warning("notification %s release not scheduled (%s); the reconciler releases it",
                                current.id, type(exc).__name__)
@@ -520,8 +524,14 @@ class Deliverer:
             current = store.get(notification_id)
             if current is not None and current.status == Status.SCHEDULED and current.send_at > utcnow():
                 # Woken early (a clock step, a hand-run job): never send before the time asked for.
+                # Put back under a new id, recorded with the row first (see _defer) so that the
+                # reconciler does not take this job, finished once it returns, for a lost release.
+                again = queues.release_job_id_for(notification_id, again=True)
+                (Notification.update(job_id=again)
+                 .where((Notification.seq == current.seq) & (Notification.status == Status.SCHEDULED.value))
+                 .execute())
                 queues.schedule_release(self.redis, self.settings, notification_id, current.send_at,
-                                        current.priority, job_id=queues.release_job_id_for(notification_id, again=True))
+                                        current.priority, job_id=again)
                 return "early"
             if not store.transition(notification_id, Status.QUEUED, reason="send time reached",
                                     sources=(Status.SCHEDULED,)):

@@ -201,7 +201,8 @@ class Notification(BaseModel):
     callback_url = TextField(null=True)
     callback_status = CharField(max_length=16, null=True)
     callback_attempts = IntegerField(default=0)
-    # The RQ job that carries it when it shares one with others of its batch; None: its own job.
+    # The RQ job that carries it when it shares one with others of its batch; None: its own job. While
+    # `scheduled`, a release job of a new id that a worker put it off with (queues.release_job_id_of).
     job_id = CharField(max_length=64, null=True)
 
     class Meta:

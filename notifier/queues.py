@@ -96,12 +96,28 @@ def callback_job_id_for(notification_id: str) -> str:
     return f"callback-{notification_id}"
 
 
+RELEASE_JOB_PREFIX = "release-"
+
+
 def release_job_id_for(notification_id: str, again: bool = False) -> str:
     """The id of the job that releases a delayed notification; again: a new one for a release that
-    woke early and puts itself back. Under its own id, RQ marks the job that woke finished once it
-    returns and expires it after FINISHED_JOB_TTL, and rq-scheduler drops, without a word, a schedule
-    entry whose job is gone: the send then waited for the reconciler."""
-    return f"release-{notification_id}-{uuid.uuid4().hex}" if again else f"release-{notification_id}"
+    woke early and puts itself back, or one a worker puts off for quiet hours. Under its own id, RQ
+    marks the job that woke finished once it returns and expires it after FINISHED_JOB_TTL, and
+    rq-scheduler drops, without a word, a schedule entry whose job is gone: the send then waited for
+    the reconciler. A new one is recorded in the row's job_id (release_job_id_of), which holds 64
+    characters: 16 hex digits of randomness are plenty for one notification's releases."""
+    if again:
+        return f"{RELEASE_JOB_PREFIX}{notification_id}-{uuid.uuid4().hex[:16]}"
+    return f"{RELEASE_JOB_PREFIX}{notification_id}"
+
+
+def release_job_id_of(notification: Notification) -> str:
+    """The id of the job that releases this scheduled notification: the one recorded with it when it
+    was put off under a new id (jobs.Deliverer), else release_job_id_for it."""
+    job_id = notification.job_id
+    if job_id and job_id.startswith(RELEASE_JOB_PREFIX):
+        return job_id
+    return release_job_id_for(notification.id)
 
 
 def _retry(intervals: tuple[int, ...], attempts_made: int) -> Retry | None:
@@ -368,7 +384,7 @@ def dispatch_many(connection: Redis, settings: Settings, notifications: list[Not
                 also(pipe)
             pipe.execute()
         for n in scheduled:
-            schedule_release(connection, settings, n.id, n.send_at, n.priority)
+            schedule_release(connection, settings, n.id, n.send_at, n.priority, job_id=release_job_id_of(n))
     except RedisError as exc:
         one = len(notifications) == 1
         what = f"notification {notifications[0].id}" if one else f"{len(notifications)} notifications"

@@ -139,14 +139,16 @@ def _reschedule(redis: Redis, settings: Settings, settled: datetime, now: dateti
     for rows in _pages(Notification.status == Status.SCHEDULED.value, Notification.send_at > settled,
                        Notification.send_at <= soon, stop_at=stop_at):
         for row in _without_release(redis, rows):
-            queues.schedule_release(redis, settings, row.id, row.send_at, row.priority)
+            queues.schedule_release(redis, settings, row.id, row.send_at, row.priority,
+                                    job_id=queues.release_job_id_of(row))
             report.rescheduled += 1
 
 
 def _without_release(redis: Redis, rows: list[Notification]) -> list[Notification]:
-    """Those of rows (scheduled) whose release job is neither in rq-scheduler's schedule nor queued
-    or running. Raises RedisError."""
-    job_ids = [queues.release_job_id_for(row.id) for row in rows]
+    """Those of rows (scheduled) whose release job (the one recorded with the row when a worker put
+    it off, or a release woke early: queues.release_job_id_of) is neither in rq-scheduler's schedule
+    nor queued or running. Raises RedisError."""
+    job_ids = [queues.release_job_id_of(row) for row in rows]
     with redis.pipeline(transaction=False) as pipe:
         for job_id in job_ids:
             pipe.zscore(Scheduler.scheduled_jobs_key, job_id)

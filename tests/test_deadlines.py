@@ -240,6 +240,26 @@ def test_a_release_woken_early_by_the_worker_still_releases_at_its_time(api_key,
     assert smtp.count() == 1
 
 
+def test_a_release_woken_early_is_not_taken_for_one_redis_lost(api_key, pg_settings, pg_db, smtp, redis_conn):
+    # The early release puts itself back under a new id; the reconciler looked for the first one only,
+    # finished by then, and scheduled a second release, counted as one Redis had lost.
+    settings = replace(pg_settings, reconcile_interval=30, reconcile_grace_seconds=30)
+    row = make_notification(api_key[0], Status.SCHEDULED, send_at=utcnow() + timedelta(seconds=20))
+    scheduler = Scheduler(connection=redis_conn)
+    with installed_deliverer(settings, redis_conn):
+        dispatch(redis_conn, settings, row)
+        (job,) = scheduler.get_jobs()
+        scheduler.enqueue_job(job)  # moved on early
+        run_worker_until_idle(redis_conn)
+    (again,) = scheduler.get_jobs()
+    assert again.id != job.id
+
+    with database.connection_context():
+        assert reconcile(settings, redis_conn).rescheduled == 0
+    assert [j.id for j in scheduler.get_jobs()] == [again.id]
+    assert (reload(row.id).status, smtp.count()) == ("scheduled", 0)
+
+
 @pytest.mark.parametrize("scheduled_before_the_ttl_was_saved", [False, True])
 def test_a_release_that_fails_stays_in_the_failed_registry_for_the_dead_letter_ttl_not_a_year(
         client, headers, live_deliverer, redis_conn, pg_settings, database_outage, scheduled_before_the_ttl_was_saved):

@@ -385,6 +385,36 @@ def test_mail_that_waited_into_the_users_quiet_hours_waits_for_their_end_once_a_
     assert smtp.count() == 1
 
 
+def test_mail_put_off_for_quiet_hours_is_not_taken_for_a_release_redis_lost(
+        api, headers, live_deliverer, fast_settings, smtp, redis_conn):
+    # The worker schedules the release under a new id; the reconciler's pass just before the end looked
+    # for the notification's first release job, found none, counted a release Redis had lost
+    # (`rescheduled`) and scheduled a second release of every mail put off for quiet hours.
+    accepted = _call(api, headers, "POST", "/api/notifications/send",
+                     {"to": "dora@example.com", "user_id": USER, "template": "welcome", "data": {"name": "Ann"}},
+                     status=202)
+    quiet = _quiet_around_now()
+    _prefs(api, headers, {"timezone": "UTC", "quiet_hours": quiet})
+    run_worker_until_idle(redis_conn)
+    scheduler = Scheduler(connection=redis_conn)
+    (release,) = scheduler.get_jobs()
+    assert list(release.args) == [accepted["id"]] and reload(accepted["id"]).job_id == release.id
+    assert release.origin == queues.QUEUE_NAMES["default"]  # its own priority's queue (84f0767, cb1f524)
+
+    with database.connection_context():
+        report = reconcile(fast_settings, redis_conn, now=_quiet_end(quiet) - timedelta(seconds=5))
+    assert report.rescheduled == 0
+    assert [job.id for job in scheduler.get_jobs()] == [release.id]
+
+    # Once Redis has lost it, the pass schedules it again, under the id the row records.
+    redis_conn.flushdb()
+    with database.connection_context():
+        assert reconcile(fast_settings, redis_conn, now=_quiet_end(quiet) - timedelta(seconds=5)).rescheduled == 1
+        assert reconcile(fast_settings, redis_conn, now=_quiet_end(quiet) - timedelta(seconds=4)).rescheduled == 0
+    assert [job.id for job in scheduler.get_jobs()] == [release.id]
+    assert smtp.count() == 0
+
+
 def test_a_digest_requeued_from_the_dead_letter_queue_in_quiet_hours_waits_for_their_end(
         api, headers, live_deliverer, fast_settings, smtp, redis_conn, receiver):
     digest, items = _daily_digest(api, headers, fast_settings, redis_conn, receiver)
