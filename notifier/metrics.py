@@ -42,7 +42,8 @@ COUNTERS = {
     "notifier_notifications_sent_total": "Notifications the SMTP server accepted.",
     "notifier_notifications_failed_total": "Notifications that failed for good (permanent error or last retry).",
     "notifier_notifications_retried_total": "Delivery attempts that failed transiently and will be retried.",
-    "notifier_notifications_expired_total": "Notifications a worker found past their deadline (never sent late).",
+    "notifier_notifications_expired_total": ("Notifications that reached their deadline unsent, found by a worker or "
+                                             "the reconciler (never sent late)."),
 }
 DELIVERY_SECONDS = "notifier_delivery_seconds"
 SMTP_REPLIES = "notifier_smtp_replies_total"

@@ -157,6 +157,11 @@ def test_a_notification_past_its_deadline_counts_as_expired(ops, api_key, pg_set
     assert value(samples, "notifier_notifications_expired_total", priority="low", template="-") == 2
     assert total(samples, "notifier_notifications_sent_total") == 0
     assert smtp.count() == 0
+    # And its help says so: "a worker found" was left behind when the reconciler's expiries joined it.
+    text = ops.get("/metrics", auth=OPERATOR).get_data(as_text=True)
+    (help_line,) = [line for line in text.splitlines()
+                    if line.startswith("# HELP notifier_notifications_expired_total")]
+    assert "reconciler" in help_line
 
 
 def test_replays_are_not_counted_as_accepted(ops, headers):
