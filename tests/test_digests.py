@@ -19,6 +19,7 @@ from rq_scheduler import Scheduler
 
 from notifier import callbacks, deadletters, digests, queues
 from notifier.db import bind, database
+from notifier.errors import TransientDeliveryError
 from notifier.models import Notification, utcnow
 from notifier.reconciler import reconcile
 from notifier.runtime import make_renderer
@@ -413,6 +414,58 @@ def test_mail_put_off_for_quiet_hours_is_not_taken_for_a_release_redis_lost(
         assert reconcile(fast_settings, redis_conn, now=_quiet_end(quiet) - timedelta(seconds=4)).rescheduled == 0
     assert [job.id for job in scheduler.get_jobs()] == [release.id]
     assert smtp.count() == 0
+
+
+def test_a_batchs_shared_job_puts_off_each_email_in_quiet_hours_and_sends_the_others(
+        api, headers, live_deliverer, fast_settings, smtp, redis_conn):
+    # The deferral inside a shared job (deliver_many): each optional email waits, a transactional one
+    # beside them goes out, and each goes out once after the end.
+    item = {"to": "dora@example.com", "user_id": USER, "subject": "Hi", "text": "Hello"}
+    batch = [{**item, "category": "product"} for _ in range(3)] + [item]
+    ids = [r["id"] for r in _call(api, headers, "POST", "/api/notifications/batch", {"notifications": batch},
+                                  status=202)["results"]]
+    (shared,) = {reload(i).job_id for i in ids}
+    assert shared.startswith("notifications-")  # one job for the four
+    quiet = _quiet_around_now()
+    _prefs(api, headers, {"timezone": "UTC", "quiet_hours": quiet})
+    run_worker_until_idle(redis_conn)
+
+    assert [reload(i).status for i in ids] == ["scheduled"] * 3 + ["sent"]
+    releases = {job.args[0]: job for job in Scheduler(connection=redis_conn).get_jobs()}
+    assert set(releases) == set(ids[:3])
+    assert all(reload(i).job_id == releases[i].id and reload(i).attempts == 0 for i in ids[:3])
+
+    _prefs(api, headers, {"quiet_hours": None})
+    with database.connection_context():
+        assert reconcile(fast_settings, redis_conn, now=_quiet_end(quiet) + timedelta(minutes=5)).released == 3
+    run_worker_until_idle(redis_conn)
+    assert {reload(i).status for i in ids} == {"sent"}
+    assert smtp.count() == 4
+
+
+def test_a_retry_that_comes_in_quiet_hours_waits_for_their_end_its_attempts_kept(
+        api, headers, live_deliverer, fast_settings, smtp, redis_conn):
+    accepted = _call(api, headers, "POST", "/api/notifications/send",
+                     {"to": "dora@example.com", "user_id": USER, "category": "product", "subject": "Hi",
+                      "text": "Hello"}, status=202)
+    smtp.replies.append("451 4.3.0 try again later")
+    with database.connection_context(), pytest.raises(TransientDeliveryError):
+        live_deliverer.deliver(accepted["id"])
+    assert (reload(accepted["id"]).status, reload(accepted["id"]).attempts) == ("retrying", 1)
+
+    quiet = _quiet_around_now()
+    _prefs(api, headers, {"timezone": "UTC", "quiet_hours": quiet})
+    with database.connection_context():
+        assert live_deliverer.deliver(accepted["id"]) == "deferred"  # the retry, inside them
+    assert (reload(accepted["id"]).status, reload(accepted["id"]).attempts) == ("scheduled", 1)
+
+    _prefs(api, headers, {"quiet_hours": None})
+    with database.connection_context():
+        assert reconcile(fast_settings, redis_conn, now=_quiet_end(quiet) + timedelta(minutes=5)).released == 1
+    run_worker_until_idle(redis_conn)
+    sent = reload(accepted["id"])
+    assert (sent.status, sent.attempts) == ("sent", 2)
+    assert smtp.count() == 1
 
 
 def test_a_digest_requeued_from_the_dead_letter_queue_in_quiet_hours_waits_for_their_end(
