@@ -19,7 +19,8 @@ SCHEMA_VERSION = 11
 # idempotency key is unique with its scope, as one event stores several notifications under it).
 # Version 7 only adds one: a digest's items by digest_id; 9 moves the items of digests made before 7;
 # 10 replaces the index of suppressions by key alone with one by key and id, the order of the API's
-# pages of them; 11 replaces three indexes of every notification by two partial ones (models.py).
+# pages of them; 11 replaces three indexes of every notification by two partial ones (models.py) and
+# moves the preferences an `email:` path stored in its own letter case to the key mail reads.
 _REPLACED_INDEXES = ("notification_callback_status_updated_at", "notifications_waiting_expires_at",
                      "notifications_scheduled_send_at", "notifications_queued_seq",
                      # The name peewee gave the key-only unique index (after the model, not the table).
@@ -62,6 +63,8 @@ def upgrade(db) -> int:
         row = SchemaVersion.select().first()
         if row is not None and row.version < 9:
             _items_follow_their_digests(db)
+        if row is not None and row.version < 11:
+            _address_keys_lower_cased(db)
         if row is None:
             SchemaVersion.create(version=SCHEMA_VERSION)
         elif row.version < SCHEMA_VERSION:
@@ -117,6 +120,32 @@ def _items_follow_their_digests(db) -> None:
     sent = items_of(f'"status" = {mark}')
     db.execute_sql('UPDATE "notifications" SET "sent_at" = (SELECT d."sent_at" FROM "notifications" d WHERE '
                    f'd."id" = "notifications"."digest_id") WHERE "sent_at" IS NULL AND {sent}', ("sent",))
+
+
+def _address_keys_lower_cased(db) -> None:
+    # Before version 11, PUT /api/users/email:Ann@Example.com/preferences stored them under the address
+    # as the path wrote it, while mail sent to it with no user id follows "email:" and the address
+    # lower-cased (consent.user_key_for): turning a category off that way did nothing. The API
+    # lower-cases such a path now; this moves what it stored before to the key mail reads.
+    collate = ' COLLATE "C"' if isinstance(db, PostgresqlDatabase) else ""
+
+    def lowered(alias: str) -> str:
+        # ASCII only, as Python lower-cases an address the API takes ("C": whatever the database's collation).
+        return f'\'email:\' || lower(substr({alias}."user_key", 7){collate})'
+
+    def address(alias: str) -> str:
+        return f'substr({alias}."user_key", 1, 6) = \'email:\''  # LIKE ignores case on SQLite
+
+    for table, same in (("preferences", ' AND {a}."category" = t."category"'), ("user_profiles", "")):
+        def one(alias: str, same=same) -> str:
+            return f'{alias}."api_key_id" = t."api_key_id" AND {address(alias)}{same.format(a=alias)}'
+        # Where the lower-cased key has answers already, mail has followed those: they stay. Of
+        # several spellings of one address, the newest row moves.
+        db.execute_sql(
+            f'UPDATE "{table}" SET "user_key" = {lowered("t")} FROM (SELECT * FROM "{table}") t '
+            f'WHERE "{table}"."id" = t."id" AND {address("t")} AND t."user_key" <> {lowered("t")} '
+            f'AND NOT EXISTS (SELECT 1 FROM "{table}" o WHERE {one("o")} AND o."user_key" = {lowered("t")}) '
+            f'AND t."id" = (SELECT max(m."id") FROM "{table}" m WHERE {one("m")} AND {lowered("m")} = {lowered("t")})')
 
 
 def _notify_key_changes(db) -> None:

@@ -6,9 +6,11 @@ import threading
 import time
 
 import psycopg2
+import pytest
 
-from notifier import schema
-from notifier.models import Status
+from notifier import consent, keys, schema
+from notifier.db import database
+from notifier.models import DeliveryMode, Preference, SchemaVersion, Status, UserProfile, utcnow
 from tests.helpers import make_notification
 
 
@@ -41,3 +43,29 @@ def test_a_process_starting_on_an_up_to_date_schema_never_holds_up_a_send_in_fli
         assert outcome == [schema.SCHEMA_VERSION]
     finally:
         sender.close()
+
+
+@pytest.mark.parametrize("db_fixture", ["pg_db", "sqlite_db"])
+def test_an_upgrade_to_version_11_moves_preferences_an_address_path_stored_in_its_own_case(request, db_fixture):
+    # Before 11, PUT /api/users/email:Ann@Example.com/preferences stored them under that spelling, which
+    # no send reads (mail without a user id follows the address lower-cased): "off" did nothing.
+    db = request.getfixturevalue(db_fixture)
+    with database.connection_context():
+        key, _ = keys.create("before-11")
+        for user_key, mode in (("email:Ann@Example.com", "off"),  # moves
+                               ("email:BOB@example.com", "off"), ("email:bob@example.com", "daily"),  # mail read this
+                               ("email:Cy@x.io", "weekly"), ("email:CY@x.io", "off"),  # the newest moves
+                               ("EMAIL:Dee", "off"), ("User-7", "off")):  # user ids stay as they are
+            Preference.create(api_key=key, user_key=user_key, category="marketing", mode=mode, updated_at=utcnow())
+        UserProfile.create(api_key=key, user_key="email:Ann@Example.com", timezone="Europe/Paris",
+                           quiet_start="22:00", quiet_end="07:00", updated_at=utcnow())
+        SchemaVersion.update(version=10).execute()
+    assert schema.upgrade(db) == schema.SCHEMA_VERSION
+    with database.connection_context():
+        assert consent.mode_for(key.id, "email:ann@example.com", "marketing") == DeliveryMode.OFF
+        assert consent.mode_for(key.id, "email:bob@example.com", "marketing") == DeliveryMode.DAILY
+        assert consent.mode_for(key.id, "email:cy@x.io", "marketing") == DeliveryMode.OFF
+        assert {p.user_key for p in Preference.select()} == {
+            "email:ann@example.com", "email:BOB@example.com", "email:bob@example.com", "email:Cy@x.io",
+            "email:cy@x.io", "EMAIL:Dee", "User-7"}
+        assert consent.get_profile(key, "email:ann@example.com").timezone == "Europe/Paris"
