@@ -246,6 +246,11 @@ def _mail_from(raw: str) -> str:
     local, _, domain = address.rpartition("@")
     if not local or not domain or any(c in raw for c in "\r\n") or any(c.isspace() for c in address):
         raise ConfigError("MAIL_FROM", f"must be an email address, got {raw!r}")
+    if not address.isascii():
+        # The address goes into MAIL FROM, the From header and every Message-ID, none of which carries
+        # it without SMTPUTF8: every email would fail. The display name may be anything.
+        raise ConfigError("MAIL_FROM", f"must be an ASCII address (write an international domain in its xn-- "
+                                       f"form), got {raw!r}")
     return raw
 
 

@@ -195,10 +195,17 @@ def test_a_url_whose_password_breaks_its_port_is_refused_without_quoting_it(name
         "notifier@example.com\nX-Evil: 1",
         "notifier@",
         "@example.com",
+        "no-reply@bücher.example",  # every email would fail: SMTP without SMTPUTF8 cannot carry it
+        "Bücher <jösé@example.com>",
     ],
 )
 def test_bad_mail_from_names_mail_from(raw):
     assert config_error({"MAIL_FROM": raw}).setting == "MAIL_FROM"
+
+
+def test_mail_from_may_have_a_display_name_beyond_ascii_and_an_international_domain_as_xn():
+    raw = '"Bücher, Ltd" <no-reply@xn--bcher-kva.example>'
+    assert Settings.from_env({"MAIL_FROM": raw}).mail_from == raw
 
 
 def test_config_error_message_starts_with_the_setting_name():
