@@ -11,6 +11,7 @@ import time
 import uuid
 from contextlib import suppress
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from email import message_from_bytes
 from email.charset import QP, Charset
 from email.header import Header
@@ -18,7 +19,7 @@ from email.message import EmailMessage
 from email.mime.multipart import MIMEMultipart
 from email.mime.text import MIMEText
 from email.policy import SMTP, Compat32
-from email.utils import formataddr, formatdate, parseaddr
+from email.utils import format_datetime, formataddr, parseaddr
 from functools import lru_cache
 from typing import Protocol
 
@@ -173,7 +174,8 @@ def message_bytes(email: OutgoingEmail, mail_from: str) -> bytes:
     msg["From"] = _address(mail_from)
     msg["To"] = _address(email.to)
     msg["Subject"] = _header(email.content.subject)
-    msg["Date"] = formatdate(localtime=False, usegmt=True)
+    # "+0000", not "GMT": RFC 5322 (4.3) has "GMT" as obsolete syntax that must not be generated.
+    msg["Date"] = format_datetime(datetime.now(UTC))
     msg["Message-ID"] = message_id_for(email.notification_id, mail_from)
     msg["X-Notification-ID"] = _header(email.notification_id)
     for name, value in email.headers.items():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import re
 import socket
 import threading
 import time
@@ -62,6 +63,16 @@ def test_sent_email_has_headers_and_both_parts(client, headers, deliverer, smtp,
     detail = client.get(f"/api/notifications/{notification_id}", headers=headers).get_json()
     assert [e["status"] for e in detail["history"]] == ["queued", "sending", "sent"]
     assert detail["history"][-1]["smtp_code"] == 250
+
+
+def test_date_gives_its_zone_as_an_offset_not_the_obsolete_gmt(client, headers, deliverer, smtp, redis_conn):
+    _send(client, headers, **LITERAL)
+    run_worker_until_idle(redis_conn)
+
+    (received,) = smtp.wait_for(1)
+    (date,) = [line for line in received.data.split(b"\r\n") if line.startswith(b"Date:")]
+    assert re.fullmatch(rb"Date: \w{3}, \d{2} \w{3} \d{4} \d{2}:\d{2}:\d{2} \+0000", date), date
+    assert received.message["Date"].datetime.utcoffset() == timedelta(0)
 
 
 def test_caller_data_is_escaped_in_html(client, headers, deliverer, smtp, redis_conn):
