@@ -128,7 +128,10 @@ _LINE_BREAK = re.compile(r"\r\n|\r|\n")
 def _header(value: str) -> str:
     # Line breaks were refused at the API; never let one through to the wire all the same.
     value = " ".join(value.splitlines())
-    if value.isascii() and all(len(word) <= _LONGEST_WORD for word in value.split()):
+    # Text that reads as an RFC 2047 encoded word ("=?utf-8?q?...?=") would be decoded by the reader's
+    # client into something else: encoded itself, it arrives as written.
+    if (value.isascii() and "=?" not in value
+            and all(len(word) <= _LONGEST_WORD for word in value.split())):
         return value  # folded at spaces, if at all, when written
     return Header(value, "utf-8").encode()  # encoded words, which fold anywhere
 

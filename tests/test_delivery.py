@@ -75,6 +75,17 @@ def test_date_gives_its_zone_as_an_offset_not_the_obsolete_gmt(client, headers, 
     assert received.message["Date"].datetime.utcoffset() == timedelta(0)
 
 
+@pytest.mark.parametrize("subject", ["=?utf-8?q?You_won?= (not really)", "Re: =?x?= and =?utf-8?b?SGk=?="])
+def test_a_subject_that_reads_as_an_encoded_word_arrives_as_written(client, headers, deliverer, smtp,
+                                                                     redis_conn, subject):
+    _send(client, headers, **{**LITERAL, "subject": subject})
+    run_worker_until_idle(redis_conn)
+
+    (received,) = smtp.wait_for(1)
+    assert received.message["Subject"] == subject
+    assert not received.message.defects
+
+
 def test_caller_data_is_escaped_in_html(client, headers, deliverer, smtp, redis_conn):
     _send(client, headers, "/api/notifications/send-verification", **{**VERIFICATION, "name": "<script>x</script>"})
     run_worker_until_idle(redis_conn)
