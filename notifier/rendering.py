@@ -114,22 +114,36 @@ class _TextExtractor(HTMLParser):
     _SKIP = {"style", "script", "head", "title"}
     _BREAK = {"br", "p", "div", "tr", "li", "h1", "h2", "h3", "h4", "table"}
 
+    _CELL = {"td", "th"}
+
     def __init__(self):
         super().__init__(convert_charrefs=True)
         self.parts: list[str] = []
         self._skipping = 0
+        self._links: list[tuple[str, int]] = []  # the open <a>s: target, and where their text starts
 
     def handle_starttag(self, tag, attrs):
         if tag in self._SKIP:
             self._skipping += 1
         elif tag in self._BREAK:
             self.parts.append("\n")
+        elif tag == "a":
+            self._links.append((_target(dict(attrs).get("href")), len(self.parts)))
 
     def handle_endtag(self, tag):
         if tag in self._SKIP and self._skipping:
             self._skipping -= 1
         elif tag in self._BREAK:
             self.parts.append("\n")
+        elif tag in self._CELL:
+            self.parts.append(" ")  # cells side by side, not run together ("Mug2")
+        elif tag == "a" and self._links:
+            # A link's target is what a reader of the text part needs to act on ("Verify", "Reset
+            # password"): it follows the link's words, unless they are the target already.
+            url, start = self._links.pop()
+            words = " ".join("".join(self.parts[start:]).split())
+            if url and not self._skipping and words not in (url, url.removeprefix("mailto:")):
+                self.parts.append(f" <{url}>" if words else url)
 
     def handle_data(self, data):
         if not self._skipping:
@@ -144,6 +158,16 @@ class _TextExtractor(HTMLParser):
         except AssertionError:
             end = self.rawdata.find(">", i + 3)
             return -1 if end < 0 else end + 1
+
+
+def _target(href: str | None) -> str:
+    """A link's target as the text part shows it: none for an anchor on the page or one that runs script."""
+    url = " ".join((href or "").split())
+    try:
+        scheme = urlsplit(url).scheme.lower()
+    except ValueError:
+        return ""
+    return "" if not url or url.startswith("#") or scheme in _ACTIVE_SCHEMES else url
 
 
 def html_to_text(html: str) -> str:

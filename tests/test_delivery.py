@@ -86,6 +86,17 @@ def test_a_subject_that_reads_as_an_encoded_word_arrives_as_written(client, head
     assert not received.message.defects
 
 
+def test_the_text_part_made_from_html_only_keeps_where_its_links_go(client, headers, deliverer, smtp, redis_conn):
+    html = ("<p>Confirm your address: <a href='https://example.com/confirm?t=abc&amp;u=1'>Confirm</a></p>"
+            "<table><tr><td>Mug</td><td>2</td></tr></table><p><a href='#top'>Back to top</a></p>")
+    _send(client, headers, to="bob@example.com", subject="Confirm", html=html)
+    run_worker_until_idle(redis_conn)
+
+    text, _ = smtp.wait_for(1)[0].message.get_payload()
+    assert text.get_content().splitlines() == [
+        "Confirm your address: Confirm <https://example.com/confirm?t=abc&u=1>", "", "Mug 2", "", "Back to top"]
+
+
 def test_caller_data_is_escaped_in_html(client, headers, deliverer, smtp, redis_conn):
     _send(client, headers, "/api/notifications/send-verification", **{**VERIFICATION, "name": "<script>x</script>"})
     run_worker_until_idle(redis_conn)

@@ -239,3 +239,14 @@ def test_a_marked_section_this_parser_does_not_know_is_skipped_not_raised(html, 
     # HTMLParser.feed: an HTML-only send holding one was accepted, then failed on every attempt.
     assert html_to_text(html) == text
     assert literal("Hello", None, html).text == text
+
+
+@pytest.mark.parametrize(("html", "text"), [
+    ("<a href='https://x.example/r?a=1&amp;b=2'>Reset password</a>", "Reset password <https://x.example/r?a=1&b=2>\n"),
+    ("<a href='https://x.example/'>https://x.example/</a>", "https://x.example/\n"),  # said once
+    ("<a href='mailto:help@x.example'>help@x.example</a>", "help@x.example\n"),
+    ("<a href='https://x.example/'><img src='logo.png'></a>", "https://x.example/\n"),  # a link with no words
+    ("<a href='#top'>Top</a> <a href='javascript:alert(1)'>Run</a>", "Top Run\n"),  # nothing to open
+])
+def test_html_to_text_keeps_where_a_link_goes(html, text):
+    assert html_to_text(html) == text
