@@ -136,6 +136,22 @@ def _header(value: str) -> str:
     return Header(value, "utf-8").encode()  # encoded words, which fold anywhere
 
 
+# Headers whose value is a list of <URL>s (RFC 2369): never RFC 2047 encoded, which is not allowed
+# there (RFC 2047 section 5) and which a mail client does not decode, so one-click unsubscribe breaks.
+_URL_LIST_HEADERS = frozenset({"List-Unsubscribe"})
+
+
+def _url_list(name: str, value: str) -> str:
+    # One line where it fits; a link too long for one (a long user id makes a long token) is folded
+    # inside its brackets, where RFC 2369 (section 2) has the reader ignore whitespace.
+    value = " ".join(value.splitlines())
+    room = _WIRE.max_line_length - len(name) - 2
+    if len(value) <= room:
+        return value
+    chunks = [value[:room]] + [value[i:i + _LONGEST_WORD] for i in range(room, len(value), _LONGEST_WORD)]
+    return (_WIRE.linesep + " ").join(chunks)
+
+
 def _address(value: str) -> str:
     value = " ".join(value.splitlines())
     if value.isascii():
@@ -182,7 +198,7 @@ def message_bytes(email: OutgoingEmail, mail_from: str) -> bytes:
     msg["Message-ID"] = message_id_for(email.notification_id, mail_from)
     msg["X-Notification-ID"] = _header(email.notification_id)
     for name, value in email.headers.items():
-        msg[name] = _header(value)
+        msg[name] = _url_list(name, value) if name in _URL_LIST_HEADERS else _header(value)
     return msg.as_bytes()
 
 

@@ -14,7 +14,7 @@ import pytest
 from rq import Queue
 from rq.timeouts import JobTimeoutException, UnixSignalDeathPenalty
 
-from notifier import devmail
+from notifier import devmail, unsubscribe
 from notifier.db import database
 from notifier.errors import DeliveryError, PermanentDeliveryError, TransientDeliveryError
 from notifier.mail import OutgoingEmail, SmtpMailer
@@ -95,6 +95,28 @@ def test_the_text_part_made_from_html_only_keeps_where_its_links_go(client, head
     text, _ = smtp.wait_for(1)[0].message.get_payload()
     assert text.get_content().splitlines() == [
         "Confirm your address: Confirm <https://example.com/confirm?t=abc&u=1>", "", "Mug 2", "", "Back to top"]
+
+
+@pytest.mark.parametrize("length", [100, 980, 2000])
+def test_list_unsubscribe_is_never_encoded_and_a_long_link_is_folded_inside_its_brackets(pg_settings, smtp, length):
+    # A token this long comes from a user_id of 200 characters beyond the Basic Multilingual Plane.
+    url = "https://example.com/unsubscribe/" + "A" * length
+    email = OutgoingEmail(notification_id="n-unsubscribe", to="ann@example.com",
+                          content=literal("Hello", "Hello there.", None), headers=unsubscribe.headers(url))
+    mailer = SmtpMailer(pg_settings)
+    try:
+        mailer.send(email)
+    finally:
+        mailer.close()
+
+    (received,) = smtp.wait_for(1)
+    assert max(map(len, received.data.split(b"\r\n"))) <= 998
+    head = received.data.split(b"\r\n\r\n", 1)[0]
+    assert b"=?" not in head
+    field = str(received.message["List-Unsubscribe"])
+    assert "".join(field.split()) == f"<{url}>"  # RFC 2369: whitespace inside the brackets is ignored
+    assert (" " in field) == (length > 900)  # folded only where one line cannot hold it
+    assert received.message["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
 
 
 def test_caller_data_is_escaped_in_html(client, headers, deliverer, smtp, redis_conn):
