@@ -295,6 +295,10 @@ def _base_url(raw: str) -> str:
     parsed = urlparse(raw)
     if parsed.scheme not in ("http", "https") or not parsed.netloc:
         raise ConfigError("PUBLIC_BASE_URL", f"must be an http(s) URL, got {raw!r}")
+    if not raw.isascii() or any(c.isspace() or not c.isprintable() or c in '<>"' for c in raw):
+        # It goes into every List-Unsubscribe header, which carries a URL as it is or not at all.
+        raise ConfigError("PUBLIC_BASE_URL", f"must be written in ASCII, without spaces (an international domain "
+                                             f"in its xn-- form, the rest percent-encoded), got {raw!r}")
     return raw.rstrip("/")
 
 

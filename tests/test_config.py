@@ -208,6 +208,18 @@ def test_mail_from_may_have_a_display_name_beyond_ascii_and_an_international_dom
     assert Settings.from_env({"MAIL_FROM": raw}).mail_from == raw
 
 
+@pytest.mark.parametrize("raw", ["https://bücher.example", "https://example.com/ab melden", "https://example.com/<x>",
+                                 "https://example.com/\tx"])
+def test_public_base_url_beyond_ascii_or_with_spaces_is_refused(raw):
+    # Unsubscribe links start with it, and List-Unsubscribe carries a URL as it is (RFC 2369).
+    assert config_error({"PUBLIC_BASE_URL": raw}).setting == "PUBLIC_BASE_URL"
+
+
+def test_public_base_url_with_an_international_domain_in_xn_form_is_taken():
+    assert Settings.from_env({"PUBLIC_BASE_URL": "https://xn--bcher-kva.example/ab%20melden/"}).public_base_url == (
+        "https://xn--bcher-kva.example/ab%20melden")
+
+
 def test_config_error_message_starts_with_the_setting_name():
     error = config_error({"SMTP_PORT": "abc"})
 
