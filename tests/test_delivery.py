@@ -119,6 +119,40 @@ def test_list_unsubscribe_is_never_encoded_and_a_long_link_is_folded_inside_its_
     assert received.message["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
 
 
+class _SevenBitOnly(devmail.CaptureHandler):
+    """A server that offers neither 8BITMIME nor SMTPUTF8 (aiosmtpd offers 8BITMIME unasked)."""
+
+    async def handle_EHLO(self, server, session, envelope, hostname, responses):
+        responses = await super().handle_EHLO(server, session, envelope, hostname, responses)
+        return [line for line in responses if "8BITMIME" not in line and "SMTPUTF8" not in line]
+
+
+def test_mail_beyond_ascii_goes_out_in_seven_bits_to_a_server_without_8bitmime(pg_settings):
+    handler = _SevenBitOnly()
+    server = devmail.start(handler)
+    html = "<p dir='auto'>שלום, Ωmega 👩‍👩‍👧‍👦 <a href='https://example.com/ü'>weiter</a></p>"
+    email = OutgoingEmail(notification_id="n-seven-bit", to="ann@example.com",
+                          content=literal("Grüße 🎉 " + "é" * 300, "Zoë " + "ø" * 2000 + "\n", html))
+    mailer = SmtpMailer(replace(pg_settings, mail_from='"Café Ünïcode, Ltd" <no-reply@example.com>',
+                                smtp_port=server.port))
+    try:
+        mailer.send(email)
+    finally:
+        mailer.close()
+        server.stop()
+
+    (received,) = handler.messages
+    assert received.data.isascii()
+    assert max(map(len, received.data.split(b"\r\n"))) <= 998
+    message = received.message
+    assert message["Subject"] == "Grüße 🎉 " + "é" * 300
+    assert message["From"].addresses[0].display_name == "Café Ünïcode, Ltd"
+    text, html_part = message.get_payload()
+    assert text.get_content().replace("\r\n", "\n") == "Zoë " + "ø" * 2000 + "\n"
+    assert html_part.get_content().strip() == html
+    assert not any(part.defects for part in message.walk())
+
+
 def test_caller_data_is_escaped_in_html(client, headers, deliverer, smtp, redis_conn):
     _send(client, headers, "/api/notifications/send-verification", **{**VERIFICATION, "name": "<script>x</script>"})
     run_worker_until_idle(redis_conn)
