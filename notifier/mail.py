@@ -202,6 +202,15 @@ def message_bytes(email: OutgoingEmail, mail_from: str) -> bytes:
     return msg.as_bytes()
 
 
+def _written(email: OutgoingEmail, mail_from: str) -> bytes:
+    # A recipient beyond ASCII (stored before the API refused them) fails here, as its To header is
+    # written, before smtplib would: a permanent failure all the same, not one retried for hours.
+    try:
+        return message_bytes(email, mail_from)
+    except UnicodeEncodeError as exc:
+        raise classify(exc) from exc
+
+
 def build_message(email: OutgoingEmail, mail_from: str) -> EmailMessage:
     """The message as sent, parsed back (the test double keeps these; tests read them)."""
     return message_from_bytes(message_bytes(email, mail_from), policy=SMTP_POLICY)
@@ -318,7 +327,7 @@ class SmtpMailer:
 
     def send(self, email: OutgoingEmail) -> SendResult:
         """Send one message; the reply to DATA is what we record."""
-        body = message_bytes(email, self.settings.mail_from)
+        body = _written(email, self.settings.mail_from)
         reused = self._client is not None
         try:
             try:
@@ -463,7 +472,7 @@ class MemoryMailer:
     def send(self, email: OutgoingEmail) -> SendResult:
         if self.failures:
             raise classify(self.failures.pop(0))
-        message = build_message(email, self.mail_from)
+        message = message_from_bytes(_written(email, self.mail_from), policy=SMTP_POLICY)
         self.sent.append(message)
         return SendResult(message_id=message["Message-ID"], smtp_code=250, smtp_reply="OK (memory)")
 

@@ -22,7 +22,7 @@ from notifier.models import Notification, utcnow
 from notifier.queues import QUEUE_NAMES, enqueue_delivery, job_id_for
 from notifier.reconciler import BATCH, reconcile
 from notifier.rendering import literal
-from tests.helpers import LITERAL, VERIFICATION, reload, run_worker_until_idle
+from tests.helpers import LITERAL, VERIFICATION, make_notification, reload, run_worker_until_idle
 
 pytestmark = pytest.mark.integration
 
@@ -151,6 +151,21 @@ def test_mail_beyond_ascii_goes_out_in_seven_bits_to_a_server_without_8bitmime(p
     assert text.get_content().replace("\r\n", "\n") == "Zoë " + "ø" * 2000 + "\n"
     assert html_part.get_content().strip() == html
     assert not any(part.defects for part in message.walk())
+
+
+@pytest.mark.parametrize("to", ["jösé@example.com", "ada@bücher.example"])
+def test_an_address_beyond_ascii_stored_before_the_api_refused_them_fails_at_once(api_key, deliverer, smtp,
+                                                                                   redis_conn, to):
+    # No retry can send it: SMTP without SMTPUTF8 carries no such address, and the message's To header
+    # could not even be written. It used to count as transient and use up every retry first.
+    notification = make_notification(api_key[0], to=to)
+    enqueue_delivery(redis_conn, deliverer.settings, notification.id, notification.priority, 0)
+    run_worker_until_idle(redis_conn)
+
+    failed = reload(notification.id)
+    assert (failed.status, failed.attempts) == ("failed", 1)
+    assert "not ASCII" in failed.last_error
+    assert smtp.count() == 0
 
 
 def test_caller_data_is_escaped_in_html(client, headers, deliverer, smtp, redis_conn):
