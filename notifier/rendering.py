@@ -120,7 +120,7 @@ class _TextExtractor(HTMLParser):
         super().__init__(convert_charrefs=True)
         self.parts: list[str] = []
         self._skipping = 0
-        self._links: list[tuple[str, int]] = []  # the open <a>s: target, and where their text starts
+        self._link: tuple[str, int] | None = None  # the open <a>: its target, and where its text starts
 
     def handle_starttag(self, tag, attrs):
         if tag in self._SKIP:
@@ -128,7 +128,10 @@ class _TextExtractor(HTMLParser):
         elif tag in self._BREAK:
             self.parts.append("\n")
         elif tag == "a":
-            self._links.append((_target(dict(attrs).get("href")), len(self.parts)))
+            # Links do not nest: as in HTML5, an <a> inside another closes it first. (Every part of
+            # the text then belongs to one link at most, so reading their words stays linear.)
+            self._end_link()
+            self._link = (_target(dict(attrs).get("href")), len(self.parts))
 
     def handle_endtag(self, tag):
         if tag in self._SKIP and self._skipping:
@@ -137,13 +140,22 @@ class _TextExtractor(HTMLParser):
             self.parts.append("\n")
         elif tag in self._CELL:
             self.parts.append(" ")  # cells side by side, not run together ("Mug2")
-        elif tag == "a" and self._links:
-            # A link's target is what a reader of the text part needs to act on ("Verify", "Reset
-            # password"): it follows the link's words, unless they are the target already.
-            url, start = self._links.pop()
-            words = " ".join("".join(self.parts[start:]).split())
-            if url and not self._skipping and words not in (url, url.removeprefix("mailto:")):
-                self.parts.append(f" <{url}>" if words else url)
+        elif tag == "a":
+            self._end_link()
+
+    def _end_link(self):
+        # A link's target is what a reader of the text part needs to act on ("Verify", "Reset
+        # password"): it follows the link's words, unless they are the target already.
+        if self._link is None:
+            return
+        (url, start), self._link = self._link, None
+        text = "".join(self.parts[start:])
+        words = " ".join(text.split())
+        if url and not self._skipping and words not in (url, url.removeprefix("mailto:")):
+            if not words:
+                self.parts.append(url)
+            else:  # after the words, before any space that ends them: "Read more <url> and"
+                self.parts.append(f"<{url}> " if text[-1].isspace() else f" <{url}>")
 
     def handle_data(self, data):
         if not self._skipping:
