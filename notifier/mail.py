@@ -152,6 +152,14 @@ def _url_list(name: str, value: str) -> str:
     return (_WIRE.linesep + " ").join(chunks)
 
 
+@lru_cache(maxsize=16)
+def _sender_header(mail_from: str) -> str:
+    # Written again from its parts, whatever MAIL_FROM's spelling: "Acme Inc. <...>" as it stands is
+    # RFC 5322's obsolete phrase syntax (a "." outside quotes), which a generator must not produce.
+    name, address = parseaddr(" ".join(mail_from.splitlines()))
+    return formataddr((name, address), "utf-8")
+
+
 def _address(value: str) -> str:
     value = " ".join(value.splitlines())
     if value.isascii():
@@ -190,7 +198,7 @@ def message_bytes(email: OutgoingEmail, mail_from: str) -> bytes:
         msg = _part(text, "plain")
     else:
         msg = _part(html or "", "html")
-    msg["From"] = _address(mail_from)
+    msg["From"] = _sender_header(mail_from)
     msg["To"] = _address(email.to)
     msg["Subject"] = _header(email.content.subject)
     # "+0000", not "GMT": RFC 5322 (4.3) has "GMT" as obsolete syntax that must not be generated.

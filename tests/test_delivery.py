@@ -168,6 +168,28 @@ def test_an_address_beyond_ascii_stored_before_the_api_refused_them_fails_at_onc
     assert smtp.count() == 0
 
 
+@pytest.mark.parametrize(("mail_from", "written", "name"), [
+    ("Acme Inc. <no-reply@example.com>", b'"Acme Inc." <no-reply@example.com>', "Acme Inc."),
+    ("no-reply@example.com (Acme)", b"Acme <no-reply@example.com>", "Acme"),
+    ("no-reply@example.com", b"no-reply@example.com", ""),
+    ('"O\'Brien, \\"Ops\\"" <no-reply@example.com>', b'"O\'Brien, \\"Ops\\"" <no-reply@example.com>',
+     'O\'Brien, "Ops"'),
+])
+def test_from_is_written_in_current_syntax_whatever_mail_froms_spelling(pg_settings, smtp, mail_from, written, name):
+    mailer = SmtpMailer(replace(pg_settings, mail_from=mail_from))
+    try:
+        mailer.send(_email("ann@example.com"))
+    finally:
+        mailer.close()
+
+    (received,) = smtp.wait_for(1)
+    assert f"From: {written.decode()}\r\n".encode() in received.data
+    (sender,) = received.message["From"].addresses
+    assert (sender.display_name, sender.addr_spec) == (name, "no-reply@example.com")
+    assert not received.message["From"].defects
+    assert received.mail_from == "no-reply@example.com"
+
+
 def test_caller_data_is_escaped_in_html(client, headers, deliverer, smtp, redis_conn):
     _send(client, headers, "/api/notifications/send-verification", **{**VERIFICATION, "name": "<script>x</script>"})
     run_worker_until_idle(redis_conn)
