@@ -125,7 +125,7 @@ _LONGEST_WORD = 900
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
 
 
-def _header(value: str) -> str:
+def _header(value: str, name: str) -> str:
     # Line breaks were refused at the API; never let one through to the wire all the same.
     value = " ".join(value.splitlines())
     # Text that reads as an RFC 2047 encoded word ("=?utf-8?q?...?=") would be decoded by the reader's
@@ -133,7 +133,10 @@ def _header(value: str) -> str:
     if (value.isascii() and "=?" not in value
             and all(len(word) <= _LONGEST_WORD for word in value.split())):
         return value  # folded at spaces, if at all, when written
-    return Header(value, "utf-8").encode()  # encoded words, which fold anywhere
+    # Encoded words, which fold anywhere. Told the header's name, Header counts it on the first line:
+    # RFC 2047 allows an encoded word 75 characters and a line holding one 76, and without it the
+    # words came out 76 long and the first line 85.
+    return Header(value, "utf-8", header_name=name).encode(maxlinelen=76)
 
 
 # Headers whose value is a list of <URL>s (RFC 2369): never RFC 2047 encoded, which is not allowed
@@ -200,13 +203,13 @@ def message_bytes(email: OutgoingEmail, mail_from: str) -> bytes:
         msg = _part(html or "", "html")
     msg["From"] = _sender_header(mail_from)
     msg["To"] = _address(email.to)
-    msg["Subject"] = _header(email.content.subject)
+    msg["Subject"] = _header(email.content.subject, "Subject")
     # "+0000", not "GMT": RFC 5322 (4.3) has "GMT" as obsolete syntax that must not be generated.
     msg["Date"] = format_datetime(datetime.now(UTC))
     msg["Message-ID"] = message_id_for(email.notification_id, mail_from)
-    msg["X-Notification-ID"] = _header(email.notification_id)
+    msg["X-Notification-ID"] = _header(email.notification_id, "X-Notification-ID")
     for name, value in email.headers.items():
-        msg[name] = _url_list(name, value) if name in _URL_LIST_HEADERS else _header(value)
+        msg[name] = _url_list(name, value) if name in _URL_LIST_HEADERS else _header(value, name)
     return msg.as_bytes()
 
 

@@ -190,6 +190,22 @@ def test_from_is_written_in_current_syntax_whatever_mail_froms_spelling(pg_setti
     assert received.mail_from == "no-reply@example.com"
 
 
+@pytest.mark.parametrize("subject", ["Grüße " * 30, "é" * 500, "👩‍👩‍👧‍👦" * 40, "a" * 990 + " é", "Ωmega " + "x" * 950])
+def test_encoded_words_of_a_subject_keep_to_rfc_2047s_lengths(client, headers, deliverer, smtp, redis_conn, subject):
+    _send(client, headers, **{**LITERAL, "subject": subject})
+    run_worker_until_idle(redis_conn)
+
+    (received,) = smtp.wait_for(1)
+    head = received.data.split(b"\r\n\r\n", 1)[0].decode("ascii")
+    lines = head.split("\r\n")
+    start = next(i for i, line in enumerate(lines) if line.startswith("Subject:"))
+    end = next(i for i in range(start + 1, len(lines)) if not lines[i].startswith(" "))
+    words = re.findall(r"=\?[^?]+\?[bqBQ]\?[^?]*\?=", "\r\n".join(lines[start:end]))
+    assert words and max(map(len, words)) <= 75  # RFC 2047 section 2
+    assert max(len(line) for line in lines[start:end]) <= 76  # "each line ... is limited to 76 characters"
+    assert received.message["Subject"] == " ".join(subject.split())
+
+
 def test_caller_data_is_escaped_in_html(client, headers, deliverer, smtp, redis_conn):
     _send(client, headers, "/api/notifications/send-verification", **{**VERIFICATION, "name": "<script>x</script>"})
     run_worker_until_idle(redis_conn)
