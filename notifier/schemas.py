@@ -58,9 +58,19 @@ def _no_control_characters(value: str) -> None:
         raise ValidationError("must not contain control characters")
 
 
+def _within_smtp_limits(value: str) -> None:
+    # RFC 5321 (4.5.3.1): a local part of at most 64 octets, and a path of at most 256 with its
+    # brackets. marshmallow takes longer ones, which a strict server refuses at RCPT, after every retry.
+    local = value.rpartition("@")[0]
+    if len(local) > 64:
+        raise ValidationError("the part before the @ must be at most 64 characters (RFC 5321)")
+    if len(value) > 254:
+        raise ValidationError("must be at most 254 characters (RFC 5321)")
+
+
 class Email(fields.Email):
     def __init__(self, **kwargs):
-        super().__init__(validate=[validate.Length(max=320), _no_line_breaks, _no_control_characters, _ascii],
+        super().__init__(validate=[_no_line_breaks, _no_control_characters, _ascii, _within_smtp_limits],
                          **kwargs)
 
 

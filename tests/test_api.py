@@ -109,6 +109,21 @@ def test_a_non_ascii_address_is_422_not_a_send_that_can_never_go(client, headers
     assert _count_rows() == (0, 0)
 
 
+@pytest.mark.parametrize("to, accepted", [
+    ("a" * 64 + "@example.com", True), ("a" * 65 + "@example.com", False),
+    ("a@" + ("b" * 63 + ".") * 4 + "io", False), ("a@" + ("b" * 60 + ".") * 3 + "b" * 58 + ".io", True),
+])
+def test_an_address_beyond_smtps_lengths_is_422_not_a_send_every_strict_server_refuses(client, headers, to,
+                                                                                     accepted):
+    response = client.post("/api/notifications/send", json={"to": to, "subject": "s", "text": "t"}, headers=headers)
+    if accepted:
+        assert response.status_code == 202, response.get_json()
+        return
+    error = _assert_envelope(response, 422, "validation_error")
+    assert "RFC 5321" in error["details"]["to"][0]
+    assert _count_rows() == (0, 0)
+
+
 def test_unknown_template_is_422_at_request_time(client, headers):
     error = _assert_envelope(
         client.post("/api/notifications/send", json={"to": "a@example.com", "template": "nope"}, headers=headers),
