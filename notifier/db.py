@@ -22,7 +22,7 @@ from playhouse.db_url import parse
 from playhouse.pool import PooledPostgresqlDatabase
 from playhouse.shortcuts import ReconnectMixin
 from psycopg2.errors import DuplicatePreparedStatement, InvalidSqlStatementName, QueryCanceled
-from psycopg2.extensions import TRANSACTION_STATUS_IDLE, TRANSACTION_STATUS_INERROR
+from psycopg2.extensions import TRANSACTION_STATUS_IDLE, TRANSACTION_STATUS_INERROR, TransactionRollbackError
 from psycopg2.extensions import connection as PsycopgConnection
 from psycopg2.extensions import cursor as PsycopgCursor
 
@@ -246,6 +246,13 @@ def cancelled(exc: BaseException) -> bool:
     pg_cancel_backend): an OperationalError like a lost connection, but the database is there."""
     cause = getattr(exc, "orig", None) or exc.__context__  # what psycopg2 raised, under peewee's
     return isinstance(exc, QueryCanceled) or isinstance(cause, QueryCanceled)
+
+
+def deadlocked(exc: BaseException) -> bool:
+    """Whether exc is PostgreSQL rolling a transaction back to break a deadlock (or a serialization
+    failure): nothing of it was written, and running it again is safe."""
+    cause = getattr(exc, "orig", None) or exc.__context__  # what psycopg2 raised, under peewee's
+    return isinstance(exc, TransactionRollbackError) or isinstance(cause, TransactionRollbackError)
 
 
 def discard_connection(db) -> None:

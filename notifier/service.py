@@ -8,12 +8,13 @@ import logging
 from dataclasses import dataclass
 from datetime import timedelta
 
-from peewee import IntegrityError
+from peewee import IntegrityError, OperationalError
 from redis import Redis
 
 from notifier import consent, idempotency, metrics, queues, rules, store
 from notifier.config import Settings
 from notifier.consent import Decision
+from notifier.db import deadlocked
 from notifier.errors import ApiError, Conflict, NotFound, Unprocessable
 from notifier.models import (
     DIGEST_TEMPLATE,
@@ -31,6 +32,8 @@ from notifier.rendering import Renderer, TemplateRenderError
 logger = logging.getLogger(__name__)
 
 VERIFICATION_TEMPLATE = "verification"
+# How often a batch is stored again after PostgreSQL broke a deadlock by rolling it back.
+DEADLOCK_ATTEMPTS = 3
 MESSAGE_FIELDS = ("to", "template", "data", "subject", "text", "html", "priority", "user_id", "metadata")
 
 
@@ -188,25 +191,52 @@ class NotificationService:
             stored = store.create_notifications(api_key, [(f, d.decision.status, d.decision.reason)
                                                           for f, (_, d) in zip(fields, drafts, strict=True)])
         except IntegrityError:
-            # A key taken meanwhile by another request, or twice in this batch: one at a time, each
-            # item stored or answered as the replay of the one that holds its key. All in one
-            # transaction, queued once it commits: a failure part way (a 503) stores none of the batch,
-            # as the bulk insert would not, so the caller's retry sends nothing twice.
-            db, stored = Notification._meta.database, []
-            with db.atomic():
-                for index, draft in drafts:
-                    try:
-                        with db.atomic():  # a savepoint: a refused key leaves the transaction usable
-                            stored.append(self._store(api_key, draft))
-                        results[index] = (stored[-1], False)
-                    except IntegrityError as exc:
-                        try:
-                            results[index] = (self._holder(api_key, draft, exc), True)
-                        except ApiError as conflict:
-                            results[index] = conflict
+            # A key taken meanwhile by another request, or twice in this batch.
+            stored = self._store_each(api_key, drafts, results)
+        except OperationalError as exc:
+            # Another batch holds keys of this one and waits for keys this one holds (their items in
+            # another order): PostgreSQL cancelled this insert to end the deadlock, and rolled it
+            # back. It answered 503 "the database is unavailable" to a valid batch.
+            if not deadlocked(exc):
+                raise
+            stored = self._store_each(api_key, drafts, results)
         else:
             for (index, _), notification in zip(drafts, stored, strict=True):
                 results[index] = (notification, False)
+        self.hand_over_many(stored)
+        return results
+
+    def _store_each(self, api_key: ApiKey, drafts: list[tuple[int, Draft]], results: list) -> list[Notification]:
+        """Store a batch's drafts one at a time, each stored or answered (into results) as the replay
+        of the one that holds its key; returns those stored.
+
+        All in one transaction, queued once it commits: a failure part way (a 503) stores none of the
+        batch, as the bulk insert would not, so the caller's retry sends nothing twice. A deadlock with
+        another batch rolls it all back; it is tried again, by then waiting for the other to commit."""
+        for attempt in range(1, DEADLOCK_ATTEMPTS + 1):
+            try:
+                return self._store_each_once(api_key, drafts, results)
+            except OperationalError as exc:
+                if not deadlocked(exc) or attempt == DEADLOCK_ATTEMPTS:
+                    raise
+                logger.warning("a batch's insert deadlocked with another request's (attempt %s); trying it again",
+                               attempt)
+        return []  # DEADLOCK_ATTEMPTS is at least 1: every attempt returned or raised
+
+    def _store_each_once(self, api_key: ApiKey, drafts: list[tuple[int, Draft]], results: list) -> list[Notification]:
+        db, stored = Notification._meta.database, []
+        with db.atomic():
+            for index, draft in drafts:
+                try:
+                    with db.atomic():  # a savepoint: a refused key leaves the transaction usable
+                        stored.append(self._store(api_key, draft))
+                    results[index] = (stored[-1], False)
+                except IntegrityError as exc:
+                    try:
+                        results[index] = (self._holder(api_key, draft, exc), True)
+                    except ApiError as conflict:
+                        results[index] = conflict
+        return stored
         self.hand_over_many(stored)
         return results
 

@@ -4,8 +4,11 @@ one pipeline, idempotent per item and per batch."""
 from __future__ import annotations
 
 import json
+import threading
+import time
 from dataclasses import replace
 
+import psycopg2
 import pytest
 from rq import Queue
 
@@ -14,6 +17,7 @@ from notifier.consent import suppress
 from notifier.db import database
 from notifier.models import Event, Notification
 from notifier.queues import QUEUE_NAMES
+from tests.conftest import PG_ADMIN_URL
 from tests.helpers import LITERAL, run_worker_until_idle
 
 pytestmark = pytest.mark.integration
@@ -179,3 +183,53 @@ def test_a_batch_waits_for_the_one_before_it_then_gets_503_not_a_stuck_thread(ap
         assert Notification.select().count() == 0
     again = client.post("/api/notifications/batch", json={"notifications": [LITERAL]}, headers=headers)
     assert again.status_code == 202
+
+
+def _insert_keyed_row(cursor, api_key_id: int, key: str) -> str:
+    """What another request's insert under key does, in cursor's open transaction; the row's id."""
+    cursor.execute(
+        'INSERT INTO notifications (id, api_key_id, "to", priority, category, status, attempts, callback_attempts, '
+        "created_at, updated_at, idempotency_key, idempotency_scope, request_hash) VALUES (gen_random_uuid()::text, "
+        "%s, 'other@example.com', 'default', 'transactional', 'queued', 0, 0, now(), now(), %s, 'send', 'other') "
+        "RETURNING id", (api_key_id, key))
+    return cursor.fetchone()[0]
+
+
+def test_a_batch_deadlocked_by_another_holding_its_keys_in_the_other_order_is_answered(
+        app, api_key, headers, pg_settings, redis_conn):
+    # Found by holding keys of a batch in another transaction while it inserted: two batches that
+    # share item keys in opposite orders each wait for the other, PostgreSQL cancels one to end the
+    # deadlock, and that one was answered 503 "the database is unavailable".
+    other = psycopg2.connect(pg_settings.database_url)  # another batch, its items in the other order
+    watcher = psycopg2.connect(PG_ADMIN_URL)
+    watcher.autocommit = True
+    try:
+        with other.cursor() as cur:
+            second = _insert_keyed_row(cur, api_key[0].id, "dl-2")
+        items = [_item(0, idempotency_key="dl-1"), _item(1, idempotency_key="dl-2"), _item(2)]
+        answer = {}
+        batch = threading.Thread(target=lambda: answer.update(response=app.test_client().post(
+            "/api/notifications/batch", json={"notifications": items}, headers=headers)))
+        batch.start()
+        name = pg_settings.database_url.rsplit("/", 1)[1]
+        for _ in range(200):  # until the batch, holding dl-1, waits for dl-2
+            with watcher.cursor() as cur:
+                cur.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND wait_event_type = 'Lock'",
+                            (name,))
+                if cur.fetchone()[0]:
+                    break
+            time.sleep(0.02)
+        with other.cursor() as cur:
+            first = _insert_keyed_row(cur, api_key[0].id, "dl-1")  # the deadlock: PostgreSQL cancels the batch's
+        other.commit()
+        batch.join(timeout=30)
+    finally:
+        other.close()
+        watcher.close()
+
+    response = answer["response"]
+    assert response.status_code == 202, response.get_json()
+    results = response.get_json()["results"]
+    assert [r.get("error", {}).get("code") for r in results] == ["idempotency_key_reused"] * 2 + [None]
+    assert [r["error"]["details"]["id"] for r in results[:2]] == [first, second]
+    assert _rows()[0] == 3  # the other's two and the batch's keyless item, once
