@@ -53,7 +53,9 @@ def hold(api_key: ApiKey, key: str) -> None:
 
     For a request that stores several notifications under scopes that depend on what it says (an
     event's templates): two different events under one key share no row the unique index could
-    refuse, so without this both would be stored. PostgreSQL only (SQLite has one writer at a time);
+    refuse, so without this both would be stored. For a send: the unique index would keep one row,
+    but every request that missed the lookup would decide the send first (the recipient cap counts
+    it), and the row kept would be whichever's insert came first. PostgreSQL only (SQLite has one writer at a time);
     two keys that hash alike merely wait for each other."""
     if is_postgres(database):
         database.execute_sql("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (api_key.id, key))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -114,18 +115,25 @@ class NotificationService:
     def send(self, api_key: ApiKey, payload: dict, idempotency_key: str | None = None) -> tuple[Notification, bool]:
         """Store a validated send request and queue it; returns it and whether it was a replay."""
         key = _idempotency_key(payload, idempotency_key)
-        draft, earlier = self.draft(api_key, payload, idempotency.Key(key) if key is not None else None)
+        db = Notification._meta.database
+        with db.atomic() if key is not None else nullcontext():
+            if key is not None:
+                # Requests under one key take turns: the first decides and stores, the others find it
+                # and replay it. Looked up at once, each decided its own fate before any was stored, the
+                # recipient cap counting every one, and whichever stored first won: a retry the cap
+                # refused stored its `suppressed` in place of the email the cap had let through.
+                idempotency.hold(api_key, key)
+            draft, earlier = self.draft(api_key, payload, idempotency.Key(key) if key is not None else None)
+            if earlier is None:
+                try:
+                    with db.atomic() if key is not None else nullcontext():  # a savepoint in the held transaction
+                        notification = self._store(api_key, draft)
+                except IntegrityError as exc:
+                    # The key was taken meanwhile where the lock does not serialize (SQLite, a key stored
+                    # by a version without it): answer as that request's replay.
+                    earlier = self._holder(api_key, draft, exc)
         if earlier is not None:
             return earlier, True
-        return self._store_or_replay(api_key, draft)
-
-    def _store_or_replay(self, api_key: ApiKey, draft: Draft) -> tuple[Notification, bool]:
-        """Store a draft and queue it, or, when another request stored its idempotency key meanwhile,
-        answer as that request's replay (compared with this request's own fingerprint)."""
-        try:
-            notification = self._store(api_key, draft)
-        except IntegrityError as exc:
-            return self._holder(api_key, draft, exc), True
         self.hand_over(notification)
         return notification, False
 
