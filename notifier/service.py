@@ -234,7 +234,10 @@ class NotificationService:
     def _store_each_once(self, api_key: ApiKey, drafts: list[tuple[int, Draft]], results: list) -> list[Notification]:
         db, stored = Notification._meta.database, []
         with db.atomic():
-            for index, draft in drafts:
+            # In the order of their keys, as every batch here takes them: two batches that share keys
+            # then never each hold one the other waits for. In their own order (a batch's items in
+            # another order than the other's), the deadlock came back on every try.
+            for index, draft in sorted(drafts, key=_key_order):
                 try:
                     with db.atomic():  # a savepoint: a refused key leaves the transaction usable
                         stored.append(self._store(api_key, draft))
@@ -382,6 +385,12 @@ def _idempotency_key(payload: dict, header: str | None) -> str | None:
     if key is not None and not (0 < len(key) <= 255):
         raise Unprocessable("bad idempotency key", {"idempotency_key": ["must be 1 to 255 characters"]})
     return key
+
+
+def _key_order(item: tuple[int, Draft]) -> tuple:
+    """Where a batch's draft comes when its keys are taken in order: keyed ones by key, then the others."""
+    key = item[1].key
+    return (0, key.key, key.scope, item[0]) if key is not None else (1, "", "", item[0])
 
 
 def _fingerprint(payload: dict) -> str:
