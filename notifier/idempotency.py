@@ -61,6 +61,15 @@ def hold(api_key: ApiKey, key: str) -> None:
         database.execute_sql("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (api_key.id, key))
 
 
+def hold_many(api_key: ApiKey, keys: list[str]) -> None:
+    """hold() for every one of keys (a batch's), taken in one order whoever takes them, so that two
+    requests holding some of the same keys never each wait for the other."""
+    if is_postgres(database) and keys:
+        database.execute_sql(
+            "SELECT pg_advisory_xact_lock(%s, h) FROM (SELECT DISTINCT hashtext(k) AS h FROM unnest(%s::text[]) AS k "
+            "ORDER BY h) AS held", (api_key.id, sorted(set(keys))))
+
+
 def find(api_key: ApiKey, key: Key) -> Notification | None:
     """The notification an earlier request stored under key, if it is still remembered."""
     return find_many(api_key, [key]).get(key)

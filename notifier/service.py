@@ -177,6 +177,20 @@ class NotificationService:
                     keys[index] = idempotency.Key(own)
                 elif batch_key is not None:
                     keys[index] = idempotency.Key.for_item(batch_key, index)
+        db = Notification._meta.database
+        with db.atomic() if keys else nullcontext():
+            if keys:
+                # As for a send: batches sharing keys take turns, so each key is decided (the recipient
+                # cap counting it) by the one that stores it, never by a retry racing it.
+                idempotency.hold_many(api_key, [k.key for k in keys.values()])
+            stored = self._store_batch(api_key, payloads, keys, results, savepoint=bool(keys))
+        self.hand_over_many(stored)
+        return results
+
+    def _store_batch(self, api_key: ApiKey, payloads: list[dict | None], keys: dict[int, idempotency.Key],
+                     results: list, savepoint: bool) -> list[Notification]:
+        """send_batch() once its keys are held: each item decided, the new ones stored (returned)."""
+        db = Notification._meta.database
         known = idempotency.find_many(api_key, list(keys.values()))
         valid = [p for p in payloads if p is not None]
         lookup = consent.prefetch(api_key.id, (_recipient(p) for p in valid))
@@ -196,8 +210,9 @@ class NotificationService:
                 drafts.append((index, draft))
         try:
             fields = queues.share_jobs(self.settings, [(d.decision.status, d.fields) for _, d in drafts])
-            stored = store.create_notifications(api_key, [(f, d.decision.status, d.decision.reason)
-                                                          for f, (_, d) in zip(fields, drafts, strict=True)])
+            with db.atomic() if savepoint else nullcontext():  # a refused insert leaves the transaction usable
+                stored = store.create_notifications(api_key, [(f, d.decision.status, d.decision.reason)
+                                                              for f, (_, d) in zip(fields, drafts, strict=True)])
         except IntegrityError:
             # A key taken meanwhile by another request, or twice in this batch.
             stored = self._store_each(api_key, drafts, results)
@@ -211,8 +226,7 @@ class NotificationService:
         else:
             for (index, _), notification in zip(drafts, stored, strict=True):
                 results[index] = (notification, False)
-        self.hand_over_many(stored)
-        return results
+        return stored
 
     def _store_each(self, api_key: ApiKey, drafts: list[tuple[int, Draft]], results: list) -> list[Notification]:
         """Store a batch's drafts one at a time, each stored or answered (into results) as the replay

@@ -3,6 +3,7 @@ one pipeline, idempotent per item and per batch."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import threading
 import time
@@ -18,7 +19,7 @@ from notifier.db import database
 from notifier.models import Event, Notification
 from notifier.queues import QUEUE_NAMES
 from tests.conftest import PG_ADMIN_URL
-from tests.helpers import LITERAL, run_worker_until_idle
+from tests.helpers import LITERAL, concurrently, run_worker_until_idle
 
 pytestmark = pytest.mark.integration
 
@@ -233,3 +234,28 @@ def test_a_batch_deadlocked_by_another_holding_its_keys_in_the_other_order_is_an
     assert [r.get("error", {}).get("code") for r in results] == ["idempotency_key_reused"] * 2 + [None]
     assert [r["error"]["details"]["id"] for r in results[:2]] == [first, second]
     assert _rows()[0] == 3  # the other's two and the batch's keyless item, once
+
+
+def test_a_batch_repeated_at_once_under_one_key_is_decided_once_by_the_recipient_cap(pg_settings, pg_db, redis_conn,
+                                                                                     headers):
+    # Found by sending one batch of a marketing email four times at once under one key, to four API
+    # processes (one takes a batch at a time) with RECIPIENT_CAP=1/hour: each was put to the cap before
+    # any stored it, and the row kept, whichever inserted first, was `suppressed` in some rounds.
+    apps = [create_app(replace(pg_settings, recipient_cap="1/hour"), redis=redis_conn) for _ in range(4)]
+    kept = []
+    for round_ in range(8):
+        item = {**LITERAL, "to": f"capped{round_}@example.com", "category": "marketing"}
+        picks = itertools.count()
+
+        def post(item=item, key=f"capped-batch-{round_}", picks=picks):
+            client = apps[next(picks) % len(apps)].test_client()
+            response = client.post("/api/notifications/batch", json={"notifications": [item]},
+                                   headers={**headers, "Idempotency-Key": key})
+            return response.status_code, response.get_json()["results"][0]["id"]
+
+        results = concurrently(4, post)
+        assert all(isinstance(r, tuple) and r[0] == 202 for r in results), results
+        (notification_id,) = {notification_id for _, notification_id in results}
+        with database.connection_context():
+            kept.append(Notification.get(Notification.id == notification_id).status)
+    assert kept == ["queued"] * 8
