@@ -8,6 +8,7 @@ route can name a notification of another ("abc:welcome" on a send is not event "
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 from notifier.db import database, is_postgres
@@ -61,13 +62,16 @@ def hold(api_key: ApiKey, key: str) -> None:
         database.execute_sql("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (api_key.id, key))
 
 
-def hold_many(api_key: ApiKey, keys: list[str]) -> None:
-    """hold() for every one of keys (a batch's), taken in one order whoever takes them, so that two
-    requests holding some of the same keys never each wait for the other."""
+def hold_batch(api_key: ApiKey, keys: list[Key]) -> None:
+    """hold() for a batch: one lock, named by the batch's set of keys (whatever their order), so that
+    copies of one batch sent at once take turns. One lock rather than one per key: a thousand per
+    batch, in every API process at once, would fill PostgreSQL's shared lock table
+    (max_locks_per_transaction), which every other lock needs too. Batches that merely share some
+    keys do not wait for each other; the unique index keeps each key to one notification."""
     if is_postgres(database) and keys:
-        database.execute_sql(
-            "SELECT pg_advisory_xact_lock(%s, h) FROM (SELECT DISTINCT hashtext(k) AS h FROM unnest(%s::text[]) AS k "
-            "ORDER BY h) AS held", (api_key.id, sorted(set(keys))))
+        names = "\n".join(sorted({f"{k.scope}\n{k.key}" for k in keys}))  # no key holds a line break
+        digest = int.from_bytes(hashlib.sha256(names.encode()).digest()[:4], "big", signed=True)
+        database.execute_sql("SELECT pg_advisory_xact_lock(%s, %s)", (api_key.id, digest))
 
 
 def find(api_key: ApiKey, key: Key) -> Notification | None:

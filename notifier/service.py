@@ -180,9 +180,9 @@ class NotificationService:
         db = Notification._meta.database
         with db.atomic() if keys else nullcontext():
             if keys:
-                # As for a send: batches sharing keys take turns, so each key is decided (the recipient
-                # cap counting it) by the one that stores it, never by a retry racing it.
-                idempotency.hold_many(api_key, [k.key for k in keys.values()])
+                # As for a send: copies of one batch take turns, so each item is decided (the recipient
+                # cap counting it) by the copy that stores it, never by a retry racing it.
+                idempotency.hold_batch(api_key, list(keys.values()))
             stored = self._store_batch(api_key, payloads, keys, results, savepoint=bool(keys))
         self.hand_over_many(stored)
         return results
