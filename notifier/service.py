@@ -262,8 +262,6 @@ class NotificationService:
                     except ApiError as conflict:
                         results[index] = conflict
         return stored
-        self.hand_over_many(stored)
-        return results
 
     def emit(self, api_key: ApiKey, event: dict, idempotency_key: str | None = None) -> list[tuple[Notification, bool]]:
         """A business event: every notification its rule causes, stored together or not at all."""
