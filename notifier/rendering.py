@@ -161,6 +161,12 @@ class _TextExtractor(HTMLParser):
         if not self._skipping:
             self.parts.append(data)
 
+    def close(self):
+        # A link still open at the end of the body is closed by it, as HTML5 closes it: the HTML part
+        # shows it as a link, so the text part says where it goes too.
+        super().close()
+        self._end_link()
+
     def parse_marked_section(self, i, report=1):
         # "<![" before anything but the few keywords this Python's parser knows ("<![ ", "<![x]>")
         # raised AssertionError out of feed(): an HTML-only send holding one was accepted, then failed

@@ -248,6 +248,7 @@ def test_a_marked_section_this_parser_does_not_know_is_skipped_not_raised(html, 
     ("<a href='https://x.example/'><img src='logo.png'></a>", "https://x.example/\n"),  # a link with no words
     ("<a href='#top'>Top</a> <a href='javascript:alert(1)'>Run</a>", "Top Run\n"),  # nothing to open
     ("<a href='https://a.example/'>A <a href='https://b.example/'>B</a>", "A <https://a.example/> B <https://b.example/>\n"),
+    ("<p>Verify: <a href='https://x.example/v'>verify your email", "Verify: verify your email <https://x.example/v>\n"),
 ])
 def test_html_to_text_keeps_where_a_link_goes(html, text):
     assert html_to_text(html) == text
