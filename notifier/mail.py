@@ -224,7 +224,7 @@ def _written(email: OutgoingEmail, mail_from: str) -> bytes:
 
 def build_message(email: OutgoingEmail, mail_from: str) -> EmailMessage:
     """The message as sent, parsed back (the test double keeps these; tests read them)."""
-    return message_from_bytes(message_bytes(email, mail_from), policy=SMTP_POLICY)
+    return message_from_bytes(_written(email, mail_from), policy=SMTP_POLICY)
 
 
 def classify(exc: BaseException) -> DeliveryError:
@@ -483,7 +483,7 @@ class MemoryMailer:
     def send(self, email: OutgoingEmail) -> SendResult:
         if self.failures:
             raise classify(self.failures.pop(0))
-        message = message_from_bytes(_written(email, self.mail_from), policy=SMTP_POLICY)
+        message = build_message(email, self.mail_from)
         self.sent.append(message)
         return SendResult(message_id=message["Message-ID"], smtp_code=250, smtp_reply="OK (memory)")
 
