@@ -40,6 +40,7 @@ class Settings:
     smtp_security: str = "none"
     smtp_timeout: float = 30.0
     mail_from: str = "notifier@localhost"
+    reply_to: str = ""  # where replies go, when not to MAIL_FROM (often a no-reply address)
     retry_intervals: tuple[int, ...] = DEFAULT_RETRY_INTERVALS
     port: int = 5000
     max_body_bytes: int = 256 * 1024
@@ -122,6 +123,7 @@ class Settings:
             smtp_security=_choice(env, "SMTP_SECURITY", defaults.smtp_security, SMTP_SECURITY_MODES),
             smtp_timeout=_float(env, "SMTP_TIMEOUT", defaults.smtp_timeout, 3600),
             mail_from=_mail_from(env.get("MAIL_FROM", defaults.mail_from)),
+            reply_to=_mail_from(env["REPLY_TO"], "REPLY_TO") if env.get("REPLY_TO", "").strip() else "",
             retry_intervals=_intervals(env, "RETRY_INTERVALS", DEFAULT_RETRY_INTERVALS),
             idempotency_ttl_days=_int(env, "IDEMPOTENCY_TTL_DAYS", defaults.idempotency_ttl_days, 1, 3650),
             verification_ttl_seconds=_int(env, "VERIFICATION_TTL_SECONDS", defaults.verification_ttl_seconds, 1,
@@ -240,17 +242,18 @@ def _readable_port(name: str, raw: str) -> str:
     return raw
 
 
-def _mail_from(raw: str) -> str:
+def _mail_from(raw: str, name: str = "MAIL_FROM") -> str:
     # "Acme <no-reply@acme.test>" and a bare address are both fine; the address part must be whole.
     address = parseaddr(raw)[1]
     local, _, domain = address.rpartition("@")
     if not local or not domain or any(c in raw for c in "\r\n") or any(c.isspace() for c in address):
-        raise ConfigError("MAIL_FROM", f"must be an email address, got {raw!r}")
+        raise ConfigError(name, f"must be an email address, got {raw!r}")
     if not address.isascii():
-        # The address goes into MAIL FROM, the From header and every Message-ID, none of which carries
-        # it without SMTPUTF8: every email would fail. The display name may be anything.
-        raise ConfigError("MAIL_FROM", f"must be an ASCII address (write an international domain in its xn-- "
-                                       f"form), got {raw!r}")
+        # MAIL_FROM's address goes into MAIL FROM, the From header and every Message-ID, none of which
+        # carries it without SMTPUTF8: every email would fail (a Reply-To header neither). The display
+        # name may be anything.
+        raise ConfigError(name, f"must be an ASCII address (write an international domain in its xn-- "
+                                f"form), got {raw!r}")
     return raw
 
 

@@ -386,6 +386,8 @@ class Deliverer:
         if notification.category != Category.TRANSACTIONAL and notification.user_key:
             url = unsubscribe.link(self.settings, notification.api_key_id, notification.user_key, notification.category)
             headers, extra = unsubscribe.headers(url), {"unsubscribe_url": url}
+        if self.settings.reply_to:
+            headers["Reply-To"] = self.settings.reply_to
         content = self.render(notification, extra)
         return OutgoingEmail(notification_id=notification.id, to=notification.to, content=content, headers=headers)
 

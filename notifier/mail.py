@@ -142,6 +142,8 @@ def _header(value: str, name: str) -> str:
 # Headers whose value is a list of <URL>s (RFC 2369): never RFC 2047 encoded, which is not allowed
 # there (RFC 2047 section 5) and which a mail client does not decode, so one-click unsubscribe breaks.
 _URL_LIST_HEADERS = frozenset({"List-Unsubscribe"})
+# Headers that hold an address with an optional display name, written as From is.
+_ADDRESS_HEADERS = frozenset({"Reply-To"})
 
 
 def _url_list(name: str, value: str) -> str:
@@ -156,7 +158,7 @@ def _url_list(name: str, value: str) -> str:
 
 
 @lru_cache(maxsize=16)
-def _sender_header(mail_from: str) -> str:
+def _mailbox_header(mail_from: str) -> str:
     # Written again from its parts, whatever MAIL_FROM's spelling: "Acme Inc. <...>" as it stands is
     # RFC 5322's obsolete phrase syntax (a "." outside quotes), which a generator must not produce.
     name, address = parseaddr(" ".join(mail_from.splitlines()))
@@ -201,15 +203,23 @@ def message_bytes(email: OutgoingEmail, mail_from: str) -> bytes:
         msg = _part(text, "plain")
     else:
         msg = _part(html or "", "html")
-    msg["From"] = _sender_header(mail_from)
+    msg["From"] = _mailbox_header(mail_from)
     msg["To"] = _address(email.to)
     msg["Subject"] = _header(email.content.subject, "Subject")
     # "+0000", not "GMT": RFC 5322 (4.3) has "GMT" as obsolete syntax that must not be generated.
     msg["Date"] = format_datetime(datetime.now(UTC))
     msg["Message-ID"] = message_id_for(email.notification_id, mail_from)
     msg["X-Notification-ID"] = _header(email.notification_id, "X-Notification-ID")
+    # RFC 3834 (5): mail a program sends on its own account says so, and vacation responders and
+    # other auto-replies then leave it alone instead of answering to MAIL_FROM.
+    msg["Auto-Submitted"] = "auto-generated"
     for name, value in email.headers.items():
-        msg[name] = _url_list(name, value) if name in _URL_LIST_HEADERS else _header(value, name)
+        if name in _URL_LIST_HEADERS:
+            msg[name] = _url_list(name, value)
+        elif name in _ADDRESS_HEADERS:
+            msg[name] = _mailbox_header(value)
+        else:
+            msg[name] = _header(value, name)
     return msg.as_bytes()
 
 

@@ -203,6 +203,17 @@ def test_bad_mail_from_names_mail_from(raw):
     assert config_error({"MAIL_FROM": raw}).setting == "MAIL_FROM"
 
 
+@pytest.mark.parametrize("raw", ["not-an-email", "help@example.com\r\nBcc: victim@example.com",
+                                 "Hilfe <hilfe@bücher.example>"])
+def test_bad_reply_to_names_reply_to(raw):
+    assert config_error({"REPLY_TO": raw}).setting == "REPLY_TO"
+
+
+def test_reply_to_is_unset_unless_given():
+    assert Settings.from_env({}).reply_to == Settings.from_env({"REPLY_TO": "  "}).reply_to == ""
+    assert Settings.from_env({"REPLY_TO": "Hilfe <help@example.com>"}).reply_to == "Hilfe <help@example.com>"
+
+
 def test_mail_from_may_have_a_display_name_beyond_ascii_and_an_international_domain_as_xn():
     raw = '"Bücher, Ltd" <no-reply@xn--bcher-kva.example>'
     assert Settings.from_env({"MAIL_FROM": raw}).mail_from == raw

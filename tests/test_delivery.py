@@ -14,14 +14,16 @@ import pytest
 from rq import Queue
 from rq.timeouts import JobTimeoutException, UnixSignalDeathPenalty
 
-from notifier import devmail, unsubscribe
+from notifier import devmail, jobs, unsubscribe
 from notifier.db import database
 from notifier.errors import DeliveryError, PermanentDeliveryError, TransientDeliveryError
+from notifier.jobs import Deliverer
 from notifier.mail import OutgoingEmail, SmtpMailer
 from notifier.models import Notification, utcnow
 from notifier.queues import QUEUE_NAMES, enqueue_delivery, job_id_for
 from notifier.reconciler import BATCH, reconcile
 from notifier.rendering import literal
+from notifier.runtime import make_renderer
 from tests.helpers import LITERAL, VERIFICATION, make_notification, reload, run_worker_until_idle
 
 pytestmark = pytest.mark.integration
@@ -188,6 +190,37 @@ def test_from_is_written_in_current_syntax_whatever_mail_froms_spelling(pg_setti
     assert (sender.display_name, sender.addr_spec) == (name, "no-reply@example.com")
     assert not received.message["From"].defects
     assert received.mail_from == "no-reply@example.com"
+
+
+def test_every_email_says_it_is_auto_generated_and_carries_reply_to_when_set(api_key, pg_settings, pg_db, smtp,
+                                                                              redis_conn):
+    # Auto-Submitted (RFC 3834) keeps vacation responders from answering MAIL_FROM; REPLY_TO is where a
+    # reader's answer goes, its display name written as From's is, beyond ASCII too.
+    settings = replace(pg_settings, reply_to="Équipe d'aide <help@example.com>")
+    mailer = SmtpMailer(settings)
+    jobs.install(Deliverer(settings, mailer, make_renderer(settings)))
+    try:
+        notification = make_notification(api_key[0])
+        enqueue_delivery(redis_conn, settings, notification.id, notification.priority, 0)
+        run_worker_until_idle(redis_conn)
+    finally:
+        jobs.install(None)
+        mailer.close()
+
+    (received,) = smtp.wait_for(1)
+    assert received.message["Auto-Submitted"] == "auto-generated"
+    (reply_to,) = received.message["Reply-To"].addresses
+    assert (reply_to.display_name, reply_to.addr_spec) == ("Équipe d'aide", "help@example.com")
+    assert received.data.split(b"\r\n\r\n", 1)[0].isascii()
+
+
+def test_no_reply_to_header_unless_reply_to_is_set(api_key, deliverer, smtp, redis_conn):
+    notification = make_notification(api_key[0])
+    enqueue_delivery(redis_conn, deliverer.settings, notification.id, notification.priority, 0)
+    run_worker_until_idle(redis_conn)
+
+    (received,) = smtp.wait_for(1)
+    assert received.message["Reply-To"] is None and received.message["Auto-Submitted"] == "auto-generated"
 
 
 @pytest.mark.parametrize("subject", ["Grüße " * 30, "é" * 500, "👩‍👩‍👧‍👦" * 40, "a" * 990 + " é", "Ωmega " + "x" * 950])
