@@ -21,6 +21,9 @@ RECONCILE_JOB_ID = "notifier-reconcile"
 DIGESTS_JOB_ID = "notifier-digests"
 # Digests are due at a minute of the day; checking every half minute is on time and cheap.
 DIGEST_POLL_SECONDS = 30
+PURGE_JOB_ID = "notifier-purge"
+# Retention counts in days: an hourly pass keeps what it deletes within an hour of its cutoff.
+PURGE_SECONDS = 3600
 
 
 def periodic_jobs(settings: Settings) -> list[tuple[str, str, int]]:
@@ -28,6 +31,9 @@ def periodic_jobs(settings: Settings) -> list[tuple[str, str, int]]:
     return [
         (RECONCILE_JOB_ID, "notifier.jobs.reconcile", settings.reconcile_interval),
         (DIGESTS_JOB_ID, "notifier.jobs.flush_digests", DIGEST_POLL_SECONDS),
+        # Registered whatever RETENTION_DAYS says: the worker that runs it reads its own, and with 0 it
+        # deletes nothing.
+        (PURGE_JOB_ID, "notifier.jobs.purge", PURGE_SECONDS),
     ]
 
 

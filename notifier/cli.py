@@ -238,6 +238,20 @@ def reconcile_now() -> None:
     click.echo(" ".join(f"{k}={v}" for k, v in report.as_dict().items()))
 
 
+@main.command("purge")
+def purge_now() -> None:
+    """Delete, now and to the end, the notifications RETENTION_DAYS no longer keeps (scheduler.py has a
+    worker do it every hour, a minute at a time)."""
+    from notifier.retention import purge
+
+    settings = load_settings()
+    if settings.retention_days <= 0:
+        raise click.ClickException("RETENTION_DAYS is 0: every notification is kept, nothing to delete")
+    with _open():
+        deleted = purge(settings, seconds=None)
+    click.echo(f"deleted {deleted} notification(s) that ended over {settings.retention_days} days ago")
+
+
 @main.group(name="db")
 def db_group() -> None:
     """The database schema."""

@@ -54,6 +54,8 @@ class Settings:
     # each, and a bounce is a failure. The failed notification stays in PostgreSQL, requeueable.
     dead_letter_ttl_days: int = 30
     idempotency_ttl_days: int = 7
+    # Days a notification is kept after it ended (notifier.retention); 0 keeps every one forever.
+    retention_days: int = 0
     verification_ttl_seconds: int = 3600
     schedule_horizon_days: int = 90
     reconcile_interval: int = 30
@@ -126,6 +128,7 @@ class Settings:
             reply_to=_mail_from(env["REPLY_TO"], "REPLY_TO") if env.get("REPLY_TO", "").strip() else "",
             retry_intervals=_intervals(env, "RETRY_INTERVALS", DEFAULT_RETRY_INTERVALS),
             idempotency_ttl_days=_int(env, "IDEMPOTENCY_TTL_DAYS", defaults.idempotency_ttl_days, 1, 3650),
+            retention_days=_int(env, "RETENTION_DAYS", defaults.retention_days, 0, 36500),
             verification_ttl_seconds=_int(env, "VERIFICATION_TTL_SECONDS", defaults.verification_ttl_seconds, 1,
                                           30 * 86400),
             schedule_horizon_days=_int(env, "SCHEDULE_HORIZON_DAYS", defaults.schedule_horizon_days, 1, 3650),

@@ -600,6 +600,15 @@ def reconcile() -> dict:
         return run(current.settings, current.redis).as_dict()
 
 
+def purge() -> int:
+    """The periodic job: delete what RETENTION_DAYS no longer keeps (see notifier.retention)."""
+    from notifier.retention import purge as run
+
+    current = _current()
+    with database.connection_context():
+        return run(current.settings)
+
+
 def flush_digests() -> int:
     """The periodic job: make every daily or weekly digest that is due."""
     current = _current()

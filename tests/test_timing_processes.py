@@ -191,6 +191,7 @@ def test_two_schedulers_and_a_restart_release_each_delayed_send_once(make_stack,
     ids = _periodic_job_ids(redis_conn)
     assert ids.count("notifier-reconcile") == 1
     assert ids.count("notifier-digests") == 1
+    assert ids.count("notifier-purge") == 1
 
 
 # --- one-click unsubscribe ----------------------------------------------------------------------------
