@@ -112,7 +112,11 @@ def literal(subject: str, text: str | None, html: str | None) -> RenderedEmail:
 
 class _TextExtractor(HTMLParser):
     _SKIP = {"style", "script", "head", "title"}
-    _BREAK = {"br", "p", "div", "tr", "li", "h1", "h2", "h3", "h4", "table"}
+    # HTML's block elements: each begins on a line of its own in a browser, so their words never run
+    # together ("<section>Order 42</section><section>Total 9.99</section>").
+    _BREAK = {"br", "p", "div", "tr", "li", "h1", "h2", "h3", "h4", "h5", "h6", "table", "caption", "ul", "ol",
+              "dl", "dt", "dd", "blockquote", "pre", "hr", "address", "article", "aside", "details", "summary",
+              "fieldset", "figure", "figcaption", "footer", "form", "header", "main", "nav", "section", "center"}
 
     _CELL = {"td", "th"}
 
@@ -127,6 +131,12 @@ class _TextExtractor(HTMLParser):
             self._skipping += 1
         elif tag in self._BREAK:
             self.parts.append("\n")
+        elif tag == "img":
+            # What a reader sees where the image does not load, and the only words of a button that
+            # is a picture ("<a href=...><img alt='Verify your email'></a>").
+            alt = " ".join((dict(attrs).get("alt") or "").split())
+            if alt and not self._skipping:
+                self.parts.append(f" {alt} ")
         elif tag == "a":
             # Links do not nest: as in HTML5, an <a> inside another closes it first. (Every part of
             # the text then belongs to one link at most, so reading their words stays linear.)

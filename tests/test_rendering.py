@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import time
+import timeit
 
 import pytest
 
@@ -205,14 +205,18 @@ def test_a_digest_with_no_items_says_there_is_nothing_new(renderer, items):
     assert "There's nothing new today." in email.text
 
 
+def _fastest_of_three(convert) -> float:
+    # The bounds catch work that grows with the square of the input (seconds to minutes); the fastest
+    # of three runs keeps a busy machine (a parallel suite, other processes) from failing them.
+    return min(timeit.repeat(convert, number=1, repeat=3))
+
+
 @pytest.mark.parametrize("html", ["<a " * 12_000, "<!--" * 30_000, '<a x="' * 8_000, "<p>Hi</p>" + "<a " * 12_000])
 def test_an_html_body_left_open_at_the_end_converts_in_linear_time(html):
     # HTMLParser.close() tries an unfinished tag again from every "<" after it: each of these took
     # 5-20 s, and a body at MAX_BODY_BYTES 12 minutes of a worker's CPU (cut off by JOB_TIMEOUT, retried).
-    started = time.perf_counter()
+    assert _fastest_of_three(lambda: html_to_text(html)) < 2
     text = html_to_text(html)
-
-    assert time.perf_counter() - started < 2
     assert text == ("Hi\n" if html.startswith("<p>") else "\n")
 
 
@@ -246,6 +250,8 @@ def test_a_marked_section_this_parser_does_not_know_is_skipped_not_raised(html, 
     ("<a href='https://x.example/'>https://x.example/</a>", "https://x.example/\n"),  # said once
     ("<a href='mailto:help@x.example'>help@x.example</a>", "help@x.example\n"),
     ("<a href='https://x.example/'><img src='logo.png'></a>", "https://x.example/\n"),  # a link with no words
+    ("<a href='https://x.example/v'><img src='b.png' alt='Verify your email'></a>",
+     "Verify your email <https://x.example/v>\n"),  # a button that is a picture: its words are its alt
     ("<a href='#top'>Top</a> <a href='javascript:alert(1)'>Run</a>", "Top Run\n"),  # nothing to open
     ("<a href='https://a.example/'>A <a href='https://b.example/'>B</a>", "A <https://a.example/> B <https://b.example/>\n"),
     ("<p>Verify: <a href='https://x.example/v'>verify your email", "Verify: verify your email <https://x.example/v>\n"),
@@ -254,11 +260,24 @@ def test_html_to_text_keeps_where_a_link_goes(html, text):
     assert html_to_text(html) == text
 
 
+@pytest.mark.parametrize(("html", "text"), [
+    ("<section>Order 42</section><section>Total 9.99</section>", "Order 42\n\nTotal 9.99\n"),
+    ("<h5>Shipping</h5><blockquote>Leave at door</blockquote><footer>Acme</footer>",
+     "Shipping\n\nLeave at door\n\nAcme\n"),
+    ("<dl><dt>Code</dt><dd>424242</dd></dl>", "Code\n\n424242\n"),
+    ("<p>Hi<img src='x.png' alt='Acme logo'>there</p><img src='spacer.gif' alt=''>", "Hi Acme logo there\n"),
+    ("<head><title><img alt='no'></title></head>ok", "ok\n"),
+])
+def test_block_elements_begin_lines_and_images_say_their_alt(html, text):
+    # In a browser each block begins on its own line and an image that does not load shows its alt:
+    # the text part ran the blocks' words together ("Order 42Total 9.99") and dropped the alts.
+    assert html_to_text(html) == text
+
+
 def test_links_opened_inside_links_convert_in_linear_time():
     # Links do not nest (HTML5 closes one as the next opens); reading each one's words from where it
     # began took seconds for a body of 18,000 of them, one inside the other.
     html = "<a href=https://x.example/>" * 18_000 + "w" + "</a>" * 18_000
-    started = time.monotonic()
+    assert _fastest_of_three(lambda: html_to_text(html)) < 1.5
     text = html_to_text(html)
-    assert time.monotonic() - started < 1.5
     assert text.count("https://x.example/") == 18_000
