@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from itsdangerous import BadSignature, URLSafeSerializer
+from itsdangerous import BadData, URLSafeSerializer
 
 from notifier.config import Settings
 from notifier.models import Category, Preference
@@ -25,7 +25,7 @@ def read_token(settings: Settings, token: str) -> tuple[int, str, str] | None:
     """(api key id, user key, category) of a genuine token; None for a tampered or foreign one."""
     try:
         data = _serializer(settings).loads(token)
-    except BadSignature:
+    except BadData:  # a bad signature, or a signed payload that is not JSON the parser takes (BadPayload)
         return None
     if not isinstance(data, dict) or not {"k", "u", "c"} <= data.keys():
         return None
@@ -33,9 +33,19 @@ def read_token(settings: Settings, token: str) -> tuple[int, str, str] | None:
     # Held to what make_token() writes, as the columns they go to take it: the development secret
     # signs whatever anyone asks while SECRET_KEY is unset, and a claim PostgreSQL refuses was a 500.
     if (type(key_id) is not int or not isinstance(user_key, str) or not 0 < len(user_key) <= _USER_KEY_MAX
-            or "\x00" in user_key or category not in _CATEGORIES):
+            or not _storable(user_key) or category not in _CATEGORIES):
         return None
     return key_id, user_key, category
+
+
+def _storable(text: str) -> bool:
+    # PostgreSQL holds neither a NUL nor an unpaired surrogate (a JSON escape like \ud800, which is not
+    # Unicode text and which the driver cannot encode): either, written, was a 500.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return "\x00" not in text
 
 
 def link(settings: Settings, api_key_id: int, user_key: str, category: str) -> str:

@@ -7,6 +7,7 @@ status of each notification and exactly how many messages the test SMTP server r
 
 from __future__ import annotations
 
+import json
 import re
 from datetime import timedelta
 from urllib.parse import quote, urlparse
@@ -576,6 +577,14 @@ def test_an_unsubscribe_link_of_a_deleted_key_writes_nothing_and_still_answers(c
 OWN_KEY = object()  # the test's API key id
 
 
+class _AsWritten:
+    """An itsdangerous serializer that signs a JSON text as it is, for claims json.dumps never writes."""
+
+    # itsdangerous asks it to dump {} to learn whether it writes text (then its tokens are str too).
+    dumps = staticmethod(lambda claims, **kwargs: claims if isinstance(claims, str) else json.dumps(claims))
+    loads = staticmethod(json.loads)
+
+
 @pytest.mark.parametrize("claims", [
     {"k": "7", "u": "u1", "c": "marketing"},  # PostgreSQL refused the id: a 500
     {"k": True, "u": "u1", "c": "marketing"},
@@ -589,6 +598,11 @@ OWN_KEY = object()  # the test's API key id
     {"k": OWN_KEY, "u": "u1", "c": "transactional"},  # written, and shown as transactional "off"
     {"k": OWN_KEY, "u": "u1", "c": "gossip"},
     ["k", 1],
+    # Signed as written (JSON no dict serializes to): an unpaired surrogate, which PostgreSQL refused
+    # as the POST wrote it (a 500), and a number past what Python's parser reads (itsdangerous's
+    # BadPayload, not a BadSignature: a 500 on GET and POST).
+    '{"k": OWN_KEY, "u": "\\ud800", "c": "marketing"}',
+    '{"k": 1' + "0" * 5000 + ', "u": "u1", "c": "marketing"}',
 ])
 def test_a_signed_token_that_notifier_never_makes_is_refused_and_writes_nothing(client, pg_settings, api_key, claims):
     # Only a holder of SECRET_KEY can sign one, but while it is unset the development secret signs them:
@@ -596,6 +610,9 @@ def test_a_signed_token_that_notifier_never_makes_is_refused_and_writes_nothing(
     if isinstance(claims, dict) and claims.get("k") is OWN_KEY:
         claims = {**claims, "k": api_key[0].id}
     serializer = URLSafeSerializer(pg_settings.signing_key, salt=unsubscribe.SALT)
+    if isinstance(claims, str):
+        serializer = URLSafeSerializer(pg_settings.signing_key, salt=unsubscribe.SALT, serializer=_AsWritten)
+        claims = claims.replace("OWN_KEY", str(api_key[0].id))
     path = f"/unsubscribe/{serializer.dumps(claims)}"
     _error(client.get(path), 400, "invalid_token")
     _error(client.post(path), 400, "invalid_token")
