@@ -285,6 +285,15 @@ _ADDRESS = re.compile(r"(?:" + _QUOTED_LOCAL + r"(?=@|%40)|[A-Za-z0-9.!#$&'*+=?^
                       r"(?P<domain>(?:@|%40)" + _DOMAIN + ")?")
 _API_KEY = re.compile(r"\b(nfy_[0-9a-f]+_)[A-Za-z0-9_-]+")
 _SECRET = re.compile(r"\b(whsec_)[A-Za-z0-9_-]+")
+# The credentials of an Authorization header (the operators' basic auth: base64 is not a mask) where a
+# line quotes the header: gunicorn's refusal of a malformed one ("Invalid HTTP Header: 'Authorization
+# Basic b3Bz...'", the colon forgotten) quotes the whole line. A scheme, or a ":" or "=" after the name,
+# must follow, so "authorization failed" stays as it is.
+# Possessive, each run of blanks read once: with plain \s* around the optional quote, a line of
+# "authorization:" and thousands of blanks took seconds, being tried every way of splitting them.
+_SCHEME = r"(?:basic|bearer|digest|token|negotiate)\s++"
+_AUTHORIZATION = re.compile(r"(\bauthorization\b['\"]?\s*+(?:[:=]\s*+['\"]?\s*+(?:" + _SCHEME + ")?|" + _SCHEME
+                            + r"))[^\s'\",;]+", re.IGNORECASE)
 # An unsubscribe link's token is the credential that unsubscribes (notifier.unsubscribe).
 _UNSUBSCRIBE_TOKEN = re.compile(r"(/unsubscribe/)[A-Za-z0-9._~%+=-]+")
 # From "://" on, whatever the scheme before it: matched from the scheme, a line of "a.a.a..." was tried
@@ -303,8 +312,9 @@ def _mask(match: re.Match) -> str:
 
 
 def redact(text: str) -> str:
-    """text with passwords in URLs, unsubscribe tokens, API keys, callback secrets and email addresses
-    masked; within a job, its recipients in every form, as in a mail server's words."""
+    """text with passwords in URLs, Authorization headers' credentials, unsubscribe tokens, API keys,
+    callback secrets and email addresses masked; within a job, its recipients in every form, as in a
+    mail server's words."""
     concealed = _concealed.get()
     if concealed is not None:
         text = concealed.echo(text)
@@ -314,6 +324,7 @@ def redact(text: str) -> str:
 def _redact_patterns(text: str) -> str:
     text = _PG_DETAIL_VALUES.sub("\\1(…)", text)
     text = _URL_PASSWORD.sub(r"\1***@", text)
+    text = _AUTHORIZATION.sub(r"\1[redacted]", text)
     text = _UNSUBSCRIBE_TOKEN.sub(r"\1<token>", text)
     text = _API_KEY.sub(r"\1[redacted]", text)
     text = _SECRET.sub(r"\1[redacted]", text)

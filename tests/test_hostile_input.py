@@ -3,6 +3,7 @@ the field is free text, is stored verbatim and does no harm."""
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import http.client
 import json
@@ -478,8 +479,17 @@ def test_what_gunicorn_refuses_itself_gets_the_json_envelope_too(pg_settings, pg
         assert (status, json.loads(body)["error"]["code"]) == (414, "uri_too_long")
         status, body = _raw_http(port, b"GET /api/notifications HTTP/1.1\r\nHost: x\r\nConnection: close")
         assert (status, json.loads(body)["error"]["code"]) == (401, "unauthorized")  # and Flask's own, as ever
+        # A header line without its colon: gunicorn's warning quotes it whole, an operator's basic-auth
+        # credentials (base64, not a mask) among them.
+        credentials = base64.b64encode(b"ops:operator-password-1").decode()
+        status, body = _raw_http(port, b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                                       b"Authorization Basic " + credentials.encode())
+        assert (status, json.loads(body)["error"]["code"]) == (400, "bad_request")
     finally:
         stop(api)
+    log = (tmp_path / "gunicorn.log").read_text()
+    assert "Invalid HTTP Header: 'Authorization Basic [redacted]'" in log
+    assert credentials not in log
 
 
 # --- request bodies on keep-alive connections, under gunicorn -----------------------------------------
