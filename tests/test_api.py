@@ -163,6 +163,16 @@ def test_unknown_route_is_404_and_wrong_method_is_405(client, headers):
             assert response.headers["Allow"] == "POST", (method, path)
 
 
+def test_options_of_a_post_only_route_allows_post_alone(client, headers):
+    # Flask's own answer also named GET and HEAD, which /<notification_id> takes and which are 405 here.
+    for path in ("send", "batch", "send-verification"):
+        response = client.options(f"/api/notifications/{path}", headers=headers)
+        assert response.status_code == 200
+        assert response.headers["Allow"] == "OPTIONS, POST", path
+    assert set(client.options("/api/notifications/abc", headers=headers).headers["Allow"].split(", ")) == {
+        "GET", "HEAD", "OPTIONS"}
+
+
 def test_a_path_with_a_double_slash_is_404_in_the_envelope_not_a_redirect(client, headers):
     # werkzeug would answer 308 to the merged path, with an HTML body, and a POST would be made twice.
     for path in ("/api//notifications", "/api/notifications//send"):

@@ -136,6 +136,15 @@ _POST_ONLY = frozenset({"send", "batch", "send-verification"})
 POST_ONLY_PATHS = frozenset(f"{bp.url_prefix}/{name}" for name in _POST_ONLY)
 
 
+@bp.after_request
+def _post_only_options(response):
+    # Flask answers OPTIONS with every method of every rule the path matches: GET and HEAD too, for
+    # /<notification_id>, which a GET of these paths never reaches (it is 405).
+    if request.method == "OPTIONS" and request.path in POST_ONLY_PATHS:
+        response.headers["Allow"] = "OPTIONS, POST"
+    return response
+
+
 @bp.get("/<notification_id>")
 def get_one(notification_id: str):
     """One notification with its history."""
