@@ -62,6 +62,14 @@ def test_dashboard_with_wrong_credentials_is_401(ops, auth):
     _assert_refused(ops.get("/rq/", auth=auth))
 
 
+@pytest.mark.parametrize("header", ["Basic \u00e9", "Basic \u00e9\u00e9\u00e9\u00e9", "Basic %%%", "Basic"])
+@pytest.mark.parametrize("path", ["/rq/", "/metrics"])
+def test_credentials_that_cannot_be_read_are_401_not_a_500(ops, path, header):
+    # HTTP carries a header beyond ASCII as Latin-1 (gunicorn hands it on so): werkzeug let base64's
+    # ValueError out of request.authorization for it, a 500 with a traceback in the log.
+    _assert_refused(ops.get(path, headers={"Authorization": header}))
+
+
 @pytest.mark.parametrize("auth", [None, ("", ""), ("operator", ""), ("admin", "admin"), OPERATOR])
 def test_dashboard_is_closed_to_everyone_when_no_operator_is_configured(client, auth):
     # The stock app fixture configures no operator: no guess, not even an empty one, gets in.

@@ -21,7 +21,7 @@ from redis.exceptions import RedisError
 from rq import Queue
 from rq.job import Job
 from rq_dashboard.web import setup_rq_connection
-from werkzeug.datastructures import WWWAuthenticate
+from werkzeug.datastructures import Authorization, WWWAuthenticate
 from werkzeug.exceptions import Unauthorized
 
 from notifier import deadletters, metrics
@@ -126,7 +126,7 @@ def require_operator() -> None:
         if not verdict.allowed:
             g.rate_limit = verdict
             raise RateLimited(f"too many failed operator logins from this address; retry in {verdict.reset_seconds} s")
-    auth = request.authorization
+    auth = _authorization()
     if auth is None or auth.type != "basic":
         # Not a guess (a browser asks first without credentials): not counted.
         raise Unauthorized("operator credentials are required", www_authenticate=challenge)
@@ -139,6 +139,17 @@ def require_operator() -> None:
         if failures is not None:
             ext["limiter"].hit(failures, "operator-auth", address)
         raise Unauthorized("wrong operator credentials", www_authenticate=challenge)
+
+
+def _authorization() -> Authorization | None:
+    """The request's Authorization header as werkzeug reads it; None when it cannot be read.
+
+    werkzeug answers None for credentials that are not base64, but lets base64's ValueError out for a
+    header holding a character beyond ASCII ("Basic é", which HTTP carries as Latin-1): a 500."""
+    try:
+        return request.authorization
+    except ValueError:
+        return None
 
 
 def _client_block(address: str | None) -> str:
