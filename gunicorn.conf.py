@@ -17,6 +17,13 @@ threads = 4
 # gunicorn 27 opens a control socket at one fixed path per user, so a second instance on the same
 # host (another replica, a benchmark) would collide with the first; nothing here uses it.
 control_socket_disable = True
+# Whom to believe about the client is PROXY_HOPS's to say (werkzeug's ProxyFix, in app.py). gunicorn
+# itself believes a peer on 127.0.0.1 (or any peer on a unix socket) about the scheme
+# (X-Forwarded-Proto and kin) and the SCRIPT_NAME path prefix: a client there, or one whose headers a
+# proxy on this host passes on, moved every route under a prefix of its choosing, and one the path did
+# not start with was a 500. The API is never mounted under a prefix.
+secure_scheme_headers = {}
+forwarder_headers = ""
 
 
 def on_starting(server):

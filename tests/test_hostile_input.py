@@ -467,11 +467,7 @@ def test_hostile_requests_to_a_real_process_are_4xx_and_store_nothing(pg_setting
 def test_what_gunicorn_refuses_itself_gets_the_json_envelope_too(pg_settings, pg_db, tmp_path):
     # Production runs the API under gunicorn with gunicorn.conf.py; gunicorn answers a request it
     # cannot parse before Flask sees it.
-    port = free_port()
-    api = spawn(["-m", "gunicorn", "--bind", f"127.0.0.1:{port}", "--workers", "1", "app:create_app()"],
-                env_for(pg_settings), str(tmp_path / "gunicorn.log"))
-    try:
-        wait_for_http(f"http://127.0.0.1:{port}/api/health")
+    with _gunicorn(pg_settings, tmp_path) as (port, log):
         status, body = _raw_http(port, b"GET /api/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\nX-Big: "
                                  + b"a" * 9000)
         assert (status, json.loads(body)["error"]["code"]) == (431, "header_fields_too_large")
@@ -485,11 +481,20 @@ def test_what_gunicorn_refuses_itself_gets_the_json_envelope_too(pg_settings, pg
         status, body = _raw_http(port, b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
                                        b"Authorization Basic " + credentials.encode())
         assert (status, json.loads(body)["error"]["code"]) == (400, "bad_request")
-    finally:
-        stop(api)
-    log = (tmp_path / "gunicorn.log").read_text()
-    assert "Invalid HTTP Header: 'Authorization Basic [redacted]'" in log
-    assert credentials not in log
+    text = log.read_text()
+    assert "Invalid HTTP Header: 'Authorization Basic [redacted]'" in text
+    assert credentials not in text
+
+
+def test_gunicorn_believes_no_forwarding_header_itself(pg_settings, pg_db, tmp_path):
+    # gunicorn takes these from a peer on 127.0.0.1 (the test's, or a proxy's on the same host): a
+    # SCRIPT_NAME the path does not start with was a 500, one it does moved every route (404), and
+    # scheme headers that disagree were a 400. PROXY_HOPS alone decides whom the API believes.
+    with _gunicorn(pg_settings, tmp_path) as (port, _):
+        for header in (b"SCRIPT_NAME: /elsewhere", b"SCRIPT_NAME: /api",
+                       b"X-Forwarded-Proto: https\r\nX-Forwarded-Ssl: off"):
+            status, body = _raw_http(port, b"GET /api/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n" + header)
+            assert (status, json.loads(body)) == (200, {"status": "ok"}), header
 
 
 # --- request bodies on keep-alive connections, under gunicorn -----------------------------------------
