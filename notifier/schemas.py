@@ -20,6 +20,8 @@ MAX_JSON_NODES = 1000
 # A caller's id for a user, wherever it is given (a body, a query, a path). The column that keeps it
 # (user_key) is longer, to hold "email:" and a whole address for mail sent with no user id.
 USER_ID = validate.Length(min=1, max=200)
+# The longest address SMTP carries (RFC 5321, 4.5.3.1: a path of 256 octets with its brackets).
+ADDRESS_MAX = 254
 
 
 def _not_an_address_key(value: str) -> None:
@@ -64,8 +66,8 @@ def _within_smtp_limits(value: str) -> None:
     local = value.rpartition("@")[0]
     if len(local) > 64:
         raise ValidationError("the part before the @ must be at most 64 characters (RFC 5321)")
-    if len(value) > 254:
-        raise ValidationError("must be at most 254 characters (RFC 5321)")
+    if len(value) > ADDRESS_MAX:
+        raise ValidationError(f"must be at most {ADDRESS_MAX} characters (RFC 5321)")
 
 
 class Email(fields.Email):
@@ -249,10 +251,20 @@ class PreferencesSchema(StrictSchema):
                              values=fields.String(validate=validate.OneOf(MODES)))
 
 
-class UserPathSchema(StrictSchema):
-    """The user id a route takes in its path, held to the same limits as one in a body."""
+def _path_user_id(value: str) -> None:
+    # "email:<address>" names the preferences of mail sent to that address with no user id: as long as
+    # an address may be. Held to 200 characters, those of an address over 194 could not be read or set.
+    if value.startswith(ADDRESS_KEY_PREFIX):
+        validate.Length(min=len(ADDRESS_KEY_PREFIX) + 1, max=len(ADDRESS_KEY_PREFIX) + ADDRESS_MAX)(value)
+    else:
+        USER_ID(value)
 
-    user_id = fields.String(required=True, validate=USER_ID)
+
+class UserPathSchema(StrictSchema):
+    """The user id a route takes in its path, held to the same limits as one in a body (an address's
+    own, "email:<address>", to those of an address)."""
+
+    user_id = fields.String(required=True, validate=_path_user_id)
 
 
 class PageQuerySchema(StrictSchema):

@@ -648,6 +648,18 @@ def test_an_addresss_preferences_are_the_same_whatever_the_case_its_path_writes_
     assert _prefs(client, headers, "ann")["categories"]["marketing"] == "immediate"
 
 
+def test_the_preferences_of_an_address_as_long_as_smtp_allows_are_read_and_set_by_its_path(client, headers, smtp):
+    # The path's limit of 200 characters (a user id's) refused "email:" and any address over 194: mail to
+    # it followed preferences no request could read or set.
+    address = "a" * 64 + "@" + ("b" * 62 + ".") * 2 + "c" * 59 + ".com"
+    assert len(address) == 254
+    assert _put(client, headers, {"categories": {"marketing": "off"}}, f"email:{address}").status_code == 200
+    assert _prefs(client, headers, f"email:{address}")["categories"]["marketing"] == "off"
+    assert _send(client, headers, {**LITERAL, "to": address, "category": "marketing"})["status"] == "suppressed"
+    _error(client.get(f"/api/users/email:{address}x/preferences", headers=headers), 422)
+    _error(client.get("/api/users/email:/preferences", headers=headers), 422)
+
+
 def test_an_addresss_own_preferences_are_read_and_set_by_its_path(client, headers, deliverer, smtp, redis_conn):
     assert _put(client, headers, {"categories": {"marketing": "off"}}, "email:ann@example.com").status_code == 200
     assert _prefs(client, headers, "email:ann@example.com")["categories"]["marketing"] == "off"
