@@ -102,6 +102,9 @@ def test_log_format_is_json_unless_told_text():
 @pytest.mark.parametrize("header, kept", [
     ("abc-123_DEF.9", True), ("x" * 128, True), ("x" * 129, False), ("", False), ("has space", False),
     ("semi;colon", False), ("ünïcode", False),
+    # Well-formed, but a secret a caller put in the wrong header: logged whole, on every line.
+    ("nfy_0123456789ab_Zx-_9secretsecretsecretsecretsecretsecre", False), ("whsec_abcDEF-123_x", False),
+    ("nfy_is-a-prefix", True),
 ])
 def test_a_callers_request_id_is_kept_only_when_well_formed(header, kept):
     found = request_id_from(header)
@@ -126,6 +129,15 @@ def test_every_response_carries_the_request_id_even_errors(sqlite_settings, sqli
         assert response.headers["X-Request-ID"] == "req-42"
     generated = client.get("/api/health").headers["X-Request-ID"]
     assert len(generated) == 32
+
+
+def test_an_api_key_given_as_the_request_id_is_neither_logged_nor_echoed(sqlite_settings, sqlite_db, capsys):
+    key = "nfy_0123456789ab_Zx-_9secretsecretsecretsecretsecretsecre"
+    client = create_app(sqlite_settings, redis=fakeredis.FakeRedis()).test_client()
+    response = client.get("/api/notifications", headers={"X-Request-ID": key})
+    assert response.status_code == 401
+    assert len(response.headers["X-Request-ID"]) == 32
+    assert "Zx-_9secret" not in capsys.readouterr().err
 
 
 def test_an_api_without_secret_key_warns_that_unsubscribe_links_can_be_forged(sqlite_settings, sqlite_db, capsys):

@@ -24,7 +24,10 @@ access_log = logging.getLogger("notifier.api.access")
 
 def request_id_from(header: str | None) -> str:
     """The caller's X-Request-ID when it is well-formed, otherwise a new one."""
-    if header and _VALID_REQUEST_ID.fullmatch(header):
+    # Nor one that reads as a secret (an API key, a callback secret): the id goes into every log line
+    # about the request, as it is, and into the meta of the RQ jobs it queues, and a caller that put its
+    # key there by mistake had it logged whole.
+    if header and _VALID_REQUEST_ID.fullmatch(header) and logs.redact(header) == header:
         return header
     return uuid.uuid4().hex
 
