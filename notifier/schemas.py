@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC
+from urllib.parse import urlsplit
 
 from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates_schema
 
@@ -100,6 +101,25 @@ class JsonObject(fields.Dict):
         super().__init__(keys=fields.String(), validate=_bounded_json, **kwargs)
 
 
+def _connectable_port(url: str) -> None:
+    # marshmallow takes any digits for a port: urllib refuses one past 65535 only as the callback is
+    # posted, and nothing listens on port 0, so each was accepted and then failed every attempt.
+    try:
+        port = urlsplit(url).port
+    except ValueError:
+        port = 0
+    if port is not None and not 0 < port <= 65535:
+        raise ValidationError("the port must be from 1 to 65535")
+
+
+class CallbackUrl(fields.Url):
+    """Where a status callback is posted: http or https, up to 2,000 characters, a port one can reach."""
+
+    def __init__(self, **kwargs):
+        super().__init__(schemes={"http", "https"}, require_tld=False,
+                         validate=[validate.Length(max=2000), _connectable_port], **kwargs)
+
+
 class UtcDateTime(fields.DateTime):
     """Naive datetimes are UTC in our tables; say so on the way out, and insist on it on the way in."""
 
@@ -142,7 +162,7 @@ class DeliveryOptions(StrictSchema):
     delay_seconds = Seconds(validate=validate.Range(min=0, max=3650 * 86400))
     expires_at = UtcDateTime()
     ttl_seconds = Seconds(validate=validate.Range(min=1, max=30 * 86400))
-    callback_url = fields.Url(schemes={"http", "https"}, require_tld=False, validate=validate.Length(max=2000))
+    callback_url = CallbackUrl()
     metadata = JsonObject(load_default=None)
 
     @validates_schema
@@ -230,7 +250,7 @@ class EventSchema(StrictSchema):
     data = JsonObject(load_default=dict)
     metadata = JsonObject(load_default=None)
     idempotency_key = fields.String(validate=[validate.Length(min=1, max=255), _no_line_breaks])
-    callback_url = fields.Url(schemes={"http", "https"}, require_tld=False, validate=validate.Length(max=2000))
+    callback_url = CallbackUrl()
 
 
 class QuietHoursSchema(StrictSchema):
