@@ -10,6 +10,7 @@ gunicorn.conf.py names this class."""
 from __future__ import annotations
 
 import json
+from http import HTTPStatus
 
 from gunicorn import glogging, util
 from gunicorn.workers.gthread import ThreadWorker
@@ -21,10 +22,15 @@ from notifier.errors import HTTP_CODES
 # closes. A WSGI application may not send hop-by-hop headers itself (PEP 3333), and gunicorn drops a
 # `Connection` header it is given. Flask's development server closes every connection anyway.
 CLOSE_CONNECTION = "notifier.close_connection"
+_PHRASES = {status.value: status.phrase for status in HTTPStatus}
 
 
 def write_json_error(sock, status_int: int, reason: str, mesg: str) -> None:
     """gunicorn.util.write_error's answer, with the API's error envelope as its body."""
+    # gunicorn hands its 501 (a transfer coding it does not know) the reason of its 400s: the status
+    # line read "501 Bad Request".
+    if status_int in _PHRASES:
+        reason = _PHRASES[status_int]
     body = json.dumps({"error": {"code": HTTP_CODES.get(status_int, "http_error"), "message": mesg or reason,
                                  "details": None}}).encode()
     head = (f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\nContent-Type: application/json\r\n"

@@ -481,6 +481,12 @@ def test_what_gunicorn_refuses_itself_gets_the_json_envelope_too(pg_settings, pg
         status, body = _raw_http(port, b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
                                        b"Authorization Basic " + credentials.encode())
         assert (status, json.loads(body)["error"]["code"]) == (400, "bad_request")
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(b"POST /api/health HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: xchunked\r\n\r\n")
+            answer = sock.recv(65536)
+        # RFC 9112's answer to a transfer coding the server does not know; gunicorn named it "Bad Request".
+        assert answer.startswith(b"HTTP/1.1 501 Not Implemented\r\n"), answer
+        assert json.loads(answer.partition(b"\r\n\r\n")[2])["error"]["code"] == "not_implemented"
     text = log.read_text()
     assert "Invalid HTTP Header: 'Authorization Basic [redacted]'" in text
     assert credentials not in text
