@@ -24,7 +24,7 @@ from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 from notifier.db import UNAVAILABLE_ERRORS, discard_connection, is_postgres
 from notifier.models import Notification
-from notifier.schemas import UtcDateTime
+from notifier.schemas import UtcDateTime, port_out_of_range
 
 SIGNATURE_HEADER = "Notifier-Signature"
 EVENT_ID_HEADER = "Notifier-Event-Id"
@@ -92,6 +92,9 @@ _OPENER = urllib.request.build_opener(_NoRedirects)
 
 def post(url: str, body: bytes, secret: str, event_id: str, timeout: float) -> int:
     """POST the event; return the HTTP status, or raise CallbackRetry / CallbackRejected."""
+    if port_out_of_range(url):
+        # Stored before the API refused such a URL: connecting would reach the port it wraps around to.
+        raise CallbackRejected("the callback URL's port is not from 1 to 65535")
     url, authorization = _credentials_apart(url)
     request = urllib.request.Request(_ascii_target(url), data=body, method="POST")
     if authorization is not None:

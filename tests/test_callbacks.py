@@ -604,3 +604,23 @@ def test_verify_answers_false_for_a_forged_header_beyond_ascii(forged):
     header = forged.format(t=int(time.time()))
 
     assert callbacks.verify("whsec_secret", b"{}", header) is False
+
+
+def test_a_callback_url_with_a_port_beyond_65535_is_refused(api, headers, live_deliverer, receiver, smtp, redis_conn):
+    # glibc's getaddrinfo takes a numeric port modulo 65536: `:<port + 65536>` was accepted, and the
+    # signed event went to <port>, another service than the one the caller named.
+    port = int(receiver.url.split(":")[2].split("/")[0])
+    for url in (receiver.url.replace(f":{port}/", f":{port + 65536}/"), receiver.url.replace(f":{port}/", ":0/")):
+        response = api.post(SEND, json={**LITERAL, "callback_url": url}, headers=headers)
+        assert response.status_code == 422, response.get_data(as_text=True)
+        assert response.get_json()["error"]["details"] == {"callback_url": ["the port must be from 1 to 65535"]}
+    run_worker_until_idle(redis_conn)
+    assert receiver.count() == 0
+
+
+def test_a_stored_callback_url_with_a_port_beyond_65535_is_never_posted_elsewhere(receiver):
+    # One stored before the API refused it: given up at once, never sent to the port it wraps around to.
+    port = int(receiver.url.split(":")[2].split("/")[0])
+    with pytest.raises(callbacks.CallbackRejected, match="port"):
+        callbacks.post(receiver.url.replace(f":{port}/", f":{port + 65536}/"), b"{}", "secret", "n:sent", timeout=5)
+    assert receiver.count() == 0
