@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates_schema
 
@@ -94,6 +94,20 @@ class CallbackUrl(fields.Url):
     def __init__(self, **kwargs):
         super().__init__(schemes={"http", "https"}, require_tld=False,
                          validate=[validate.Length(max=2000), _a_port_that_exists], **kwargs)
+
+
+class ShownCallbackUrl(fields.String):
+    """A stored callback_url as the API answers with it: a password in it as `***`. It is the caller's
+    to keep, like an API key; their logs of our answers (and anyone shown them) need not hold it."""
+
+    def _serialize(self, value, attr, obj, **kwargs):
+        if value is None:
+            return None
+        parts = urlsplit(value)
+        userinfo, at, host = parts.netloc.rpartition("@")
+        if not at or ":" not in userinfo:
+            return value
+        return urlunsplit(parts._replace(netloc=f"{userinfo.partition(':')[0]}:***@{host}"))
 
 
 class Email(fields.Email):
@@ -335,7 +349,7 @@ class NotificationSchema(Schema):
     sent_at = UtcDateTime(allow_none=True)
     send_at = UtcDateTime(allow_none=True)
     expires_at = UtcDateTime(allow_none=True)
-    callback_url = fields.String(allow_none=True)
+    callback_url = ShownCallbackUrl(allow_none=True)
     callback_status = fields.String(allow_none=True)
     category = fields.String()
     digest_id = fields.String(allow_none=True)

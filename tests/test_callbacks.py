@@ -624,3 +624,18 @@ def test_a_stored_callback_url_with_a_port_beyond_65535_is_never_posted_elsewher
     with pytest.raises(callbacks.CallbackRejected, match="port"):
         callbacks.post(receiver.url.replace(f":{port}/", f":{port + 65536}/"), b"{}", "secret", "n:sent", timeout=5)
     assert receiver.count() == 0
+
+
+def test_the_password_of_a_callback_url_is_never_shown_back(api, headers, live_deliverer, receiver, smtp, redis_conn):
+    # The API answers GET and lists to anyone holding the key, and callers log those answers: the
+    # password was echoed in full, though it is kept out of every log and the history.
+    url = receiver.url.replace("http://", "http://hook%40svc:ZQ-PASS@") + "?x=1"
+    notification_id = _send(api, headers, callback_url=url)
+    run_worker_until_idle(redis_conn)
+
+    shown = api.get(f"/api/notifications/{notification_id}", headers=headers).get_json()
+    listed = api.get("/api/notifications", headers=headers).get_json()["data"]
+    assert shown["callback_url"] == receiver.url.replace("http://", "http://hook%40svc:***@") + "?x=1"
+    assert [n["callback_url"] for n in listed] == [shown["callback_url"]]
+    assert shown["callback_status"] == "delivered"  # the password itself was still sent
+    assert receiver.calls[0].headers["Authorization"] == "Basic " + base64.b64encode(b"hook@svc:ZQ-PASS").decode()
