@@ -305,17 +305,29 @@ def _requeue_one(redis: Redis, settings: Settings, row: Notification) -> None:
 
 
 def _callbacks(redis: Redis, settings: Settings, settled: datetime, report: Report, stop_at: float) -> None:
-    # Pages as _requeue's: on while Redis is missing callback jobs.
+    # Pages as _requeue's: a page of callbacks waiting in their queue ends the step, as queued work
+    # does (each page deeper would look for its jobs further down a long queue); one waiting for a
+    # retry in RQ's scheduled registry (half an hour for the last) does not, as retrying work does
+    # not: a callback Redis lost behind such a page (a failover loses the newest writes) waited until
+    # every one of them had given up.
     pending = Notification.callback_status == CallbackStatus.PENDING.value
     for rows in _pages(pending, Notification.updated_at <= settled, stop_at=stop_at):
         job_ids = [queues.callback_job_id_for(r.id) for r in rows]
         missing = _missing_jobs(redis, job_ids, [queues.CALLBACK_QUEUE] * len(rows)) | _abandoned(redis, job_ids)
-        if not missing:
+        if not missing and _any_queued(redis, job_ids):
             return
         for row in rows:
             if queues.callback_job_id_for(row.id) in missing:
                 queues.enqueue_callback(redis, settings, row.id, row.callback_attempts)
                 report.callbacks += 1
+
+
+def _any_queued(redis: Redis, job_ids: list[str]) -> bool:
+    """Whether any of job_ids waits in its queue. Raises RedisError."""
+    with redis.pipeline(transaction=False) as pipe:
+        for job_id in job_ids:
+            pipe.hget(f"rq:job:{job_id}", "status")
+        return b"queued" in pipe.execute()
 
 
 def _abandoned(redis: Redis, job_ids: list[str]) -> set[str]:

@@ -279,6 +279,36 @@ def test_callbacks_redis_lost_come_back_page_after_page(owner, settings, fake_re
     assert reconcile(settings, fake_redis).callbacks == 5
 
 
+
+def test_lost_callbacks_behind_ones_waiting_for_their_retry_are_queued_in_the_same_pass(owner, settings, fake_redis,
+                                                                                       small_pages):
+    # A Redis failover loses the newest writes. The oldest owed callbacks wait in RQ's scheduled
+    # registry for their retry (half an hour for the last, while a receiver is down): a first page of
+    # them ended the step, and a callback Redis lost behind them waited until they had all given up.
+    owed = [make_notification(owner, status=Status.SENT, to=f"u{n}@example.com", callback_url="https://example.com/cb",
+                              callback_status="pending", callback_attempts=3) for n in range(4)]
+    for row in owed:
+        _age(row, 60)
+    later = utcnow() + timedelta(minutes=30)
+    for row in owed[:2]:
+        Queue(queues.CALLBACK_QUEUE, connection=fake_redis).enqueue_at(
+            later, queues.CALLBACK_JOB, row.id, job_id=queues.callback_job_id_for(row.id))
+    assert reconcile(settings, fake_redis).callbacks == 2
+    assert sorted(Queue(queues.CALLBACK_QUEUE, connection=fake_redis).job_ids) == sorted(
+        queues.callback_job_id_for(n.id) for n in owed[2:])
+
+
+def test_a_page_of_callbacks_waiting_in_their_queue_ends_the_callback_step(owner, settings, fake_redis, small_pages):
+    owed = [make_notification(owner, status=Status.SENT, to=f"u{n}@example.com", callback_url="https://example.com/cb",
+                              callback_status="pending") for n in range(4)]
+    for row in owed:
+        _age(row, 60)
+    for row in owed[:2]:
+        queues.enqueue_callback(fake_redis, settings, row.id)
+    # A backlog waiting its turn costs one page a pass (each page deeper would look further down a long
+    # queue); what lies behind it comes as the backlog drains.
+    assert reconcile(settings, fake_redis).callbacks == 0
+
 def _started(redis, job, name: str = "notifier-host-1"):
     """A live worker of that name that has started job: what RQ writes as it starts one."""
     worker = make_worker(redis, name=name)
