@@ -117,6 +117,10 @@ def post(url: str, body: bytes, secret: str, event_id: str, timeout: float) -> i
             raise CallbackRejected(f"HTTP {exc.code} to {where!r}: callbacks do not follow redirects; "
                                    "give the final URL") from None
         raise CallbackRejected(f"HTTP {exc.code}") from None
+    except http.client.InvalidURL:
+        # Stored before the API refused what http.client cannot write in a request (a control
+        # character): no attempt can pass, and its message quotes the path and query, a token too.
+        raise CallbackRejected("InvalidURL: the callback URL cannot be written in a request") from None
     except (http.client.BadStatusLine, http.client.UnknownProtocol) as exc:
         if isinstance(exc, http.client.RemoteDisconnected):
             raise CallbackRetry(f"{type(exc).__name__}: {exc}") from exc

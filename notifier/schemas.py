@@ -89,11 +89,14 @@ def _a_port_that_exists(value: str) -> None:
 
 
 class CallbackUrl(fields.Url):
-    """Where a notification's status callbacks go: http(s), at most 2000 characters, a real port."""
+    """Where a notification's status callbacks go: http(s), at most 2000 characters, a real port. No control
+    characters: marshmallow's Url takes those that are not whitespace, and http.client refuses them in the
+    request line, so every attempt failed, quoting the path and query (a token) in the history and log."""
 
     def __init__(self, **kwargs):
         super().__init__(schemes={"http", "https"}, require_tld=False,
-                         validate=[validate.Length(max=2000), _a_port_that_exists], **kwargs)
+                         validate=[validate.Length(max=2000), _no_control_characters, _a_port_that_exists],
+                         **kwargs)
 
 
 class ShownCallbackUrl(fields.String):

@@ -639,3 +639,23 @@ def test_the_password_of_a_callback_url_is_never_shown_back(api, headers, live_d
     assert [n["callback_url"] for n in listed] == [shown["callback_url"]]
     assert shown["callback_status"] == "delivered"  # the password itself was still sent
     assert receiver.calls[0].headers["Authorization"] == "Basic " + base64.b64encode(b"hook@svc:ZQ-PASS").decode()
+
+
+@pytest.mark.parametrize("control", ["\x01", "\x1b", "\x7f"])
+def test_a_callback_url_with_a_control_character_is_refused(api, headers, live_deliverer, receiver, smtp, redis_conn,
+                                                            control):
+    # marshmallow's Url field takes them (they are not whitespace); http.client refuses them in the
+    # request line, quoting the whole path and query (a token) into the history and the worker's log.
+    response = api.post(SEND, json={**LITERAL, "callback_url": f"{receiver.url}{control}?token=ZQ"}, headers=headers)
+    assert response.status_code == 422, response.get_data(as_text=True)
+    assert response.get_json()["error"]["details"] == {"callback_url": ["must not contain control characters"]}
+
+
+def test_a_stored_callback_url_that_cannot_be_sent_gives_up_without_quoting_it(receiver):
+    # One stored before the API refused it: no attempt can ever pass, and its token must not be quoted.
+    url = f"{receiver.url}\x01?token=ZQ-TOKEN"
+    with pytest.raises(callbacks.CallbackRejected) as refused:
+        callbacks.post(url, b"{}", "secret", "n:sent", timeout=5)
+    assert str(refused.value) == "InvalidURL: the callback URL cannot be written in a request"
+    assert "ZQ" not in _logged(refused.value)
+    assert receiver.count() == 0
