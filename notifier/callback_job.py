@@ -69,30 +69,48 @@ def _post(settings: Settings, notification: Notification) -> str:
             raise CallbackRetry(f"no whole answer within {limit} s") from exc
     except (CallbackRetry, CallbackRejected) as exc:
         final = isinstance(exc, CallbackRejected) or attempt >= settings.max_callback_attempts
-        _outcome(notification, CallbackStatus.GAVE_UP if final else None,
-                 f"callback attempt {attempt} failed: {exc}" + ("; giving up" if final else ""))
+        if not _outcome(notification, CallbackStatus.GAVE_UP if final else None,
+                        f"callback attempt {attempt} failed: {exc}" + ("; giving up" if final else "")):
+            raise _moved_on(notification) from exc
         if final:
             raise CallbackGaveUp(str(exc)) from exc
         raise
-    _outcome(notification, CallbackStatus.DELIVERED, f"callback delivered: HTTP {code}")
+    if not _outcome(notification, CallbackStatus.DELIVERED, f"callback delivered: HTTP {code}"):
+        raise _moved_on(notification)
     return "delivered"
 
 
-def _outcome(notification: Notification, state: CallbackStatus | None, reason: str) -> None:
+def _moved_on(notification: Notification) -> CallbackRetry:
+    # The job of the event owed now, run by another worker while this one held the callback
+    # (callbacks.turn), skipped it: this job, retried, posts it at the next interval, rather than the
+    # reconciler a pass or two later. (Out of retries, the job fails and the reconciler queues it.)
+    return CallbackRetry(f"the {notification.status} event was posted, and the notification has moved on; "
+                         "the event owed now goes next")
+
+
+def _outcome(notification: Notification, state: CallbackStatus | None, reason: str) -> bool:
+    """Record how an attempt ended; False when the notification moved on to another final state (a
+    dead letter requeued and ended again, its digest too) while its event was posted."""
     # Mostly written after the receiver answered, where nothing may fail the job (see
     # _limit_until_answered): DATABASE_STATEMENT_TIMEOUT cancelling a wait for the row (a long
     # transaction holding it) failed it, RQ retried it, and a receiver that had said 2xx got the
     # event again. So a statement cancelled at the limit is run again, for as long as it takes, as
     # it waited before there was a limit. (Each alone, outside a transaction, as before: the pool
     # still replaces a connection dropped meanwhile and runs the statement on the new one.)
+    current = True
     if state is not None:
         # Only while the notification is still in the status whose event was posted: requeued from the
         # dead-letter queue and final again meanwhile (its digest too), it owes the event of its new
         # status, which this answer says nothing of.
-        past_statement_timeout(lambda: Notification.update(callback_status=state.value)
-                               .where((Notification.seq == notification.seq)
-                                      & (Notification.status == notification.status)).execute())
+        current = bool(past_statement_timeout(lambda: Notification.update(callback_status=state.value)
+                                              .where((Notification.seq == notification.seq)
+                                                     & (Notification.status == notification.status)).execute()))
+        if not current:
+            # Recorded under the new status otherwise, it read as that event's outcome.
+            moved = past_statement_timeout(lambda: store.get(notification.id))
+            reason += f", to the {notification.status} event: the notification is {moved.status} now"
     past_statement_timeout(lambda: store.record(notification.id, kind="callback", reason=reason))
+    return current
 
 
 def _owes_callback(notification: Notification | None) -> bool:

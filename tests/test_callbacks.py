@@ -345,6 +345,31 @@ def test_an_answer_to_an_earlier_event_leaves_the_one_owed_since_owed(api, heade
     assert smtp.count() == 1
 
 
+
+def test_an_event_owed_while_another_worker_posts_the_one_before_goes_out_without_the_reconciler(
+        api, headers, live_deliverer, receiver, smtp, redis_conn):
+    # Two workers: the `sent` event's job, taken by the second while the first still posts `failed`,
+    # finds the callback held and skips. The first then recorded the receiver's 2xx as "callback
+    # delivered" under the `sent` status, and the `sent` event waited for the reconciler's next pass.
+    smtp.replies.append("550 5.7.1 message rejected by policy")
+    notification_id = _send(api, headers, callback_url=receiver.url)
+
+    def requeued_and_sent_and_its_callback_skipped_meanwhile():
+        assert api.post(f"/api/dead-letters/{notification_id}/requeue", headers=headers).status_code == 202
+        assert jobs.deliver(notification_id) == "sent"
+        Queue(CALLBACK_QUEUE, connection=redis_conn).remove(callback_job_id_for(notification_id))
+        assert jobs.send_callback(notification_id) == "skipped"  # the other worker: a session of its own
+
+    receiver.before_answer = requeued_and_sent_and_its_callback_skipped_meanwhile
+    run_worker_until_idle(redis_conn)
+
+    assert [c.json["status"] for c in receiver.calls] == ["failed", "sent"]
+    assert (reload(notification_id).status, reload(notification_id).callback_status) == ("sent", "delivered")
+    assert _callback_events(notification_id) == [
+        "callback delivered: HTTP 200, to the failed event: the notification is sent now",
+        "callback delivered: HTTP 200",
+    ]
+
 def test_requeued_dead_letter_never_posts_a_non_final_callback(pg_settings, pg_db, headers, receiver, smtp,
                                                                redis_conn):
     # The "failed" callback is still waiting for its retry (an hour away) when an operator requeues.
