@@ -72,20 +72,22 @@ def _within_smtp_limits(value: str) -> None:
 
 
 def port_out_of_range(url: str) -> bool:
-    """Whether url names a port no socket has (0, or beyond 65535). glibc's getaddrinfo takes a numeric
-    port modulo 65536: a callback URL of `:81638` posted the signed event to port 16102, another service
-    than the one named."""
+    """Whether url names a port no socket has: 0, beyond 65535 (glibc's getaddrinfo takes a numeric port
+    modulo 65536, so a callback URL of `:81638` posted the signed event to port 16102, another service
+    than the one named), or not in ASCII digits (marshmallow's Url takes any Unicode digit there)."""
     try:
         host = urlsplit(url).netloc.rpartition("@")[2]
     except ValueError:
         return False  # not a URL at all, which the Url field says
     port = host.rpartition("]")[2].partition(":")[2]
-    return port.isdigit() and not 1 <= int(port) <= 65535
+    if not port:
+        return False  # the scheme's own
+    return not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535)
 
 
 def _a_port_that_exists(value: str) -> None:
     if port_out_of_range(value):
-        raise ValidationError("the port must be from 1 to 65535")
+        raise ValidationError("the port must be a number from 1 to 65535")
 
 
 class CallbackUrl(fields.Url):

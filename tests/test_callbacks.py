@@ -638,9 +638,18 @@ def test_a_callback_url_with_a_port_beyond_65535_is_refused(api, headers, live_d
     for url in (receiver.url.replace(f":{port}/", f":{port + 65536}/"), receiver.url.replace(f":{port}/", ":0/")):
         response = api.post(SEND, json={**LITERAL, "callback_url": url}, headers=headers)
         assert response.status_code == 422, response.get_data(as_text=True)
-        assert response.get_json()["error"]["details"] == {"callback_url": ["the port must be from 1 to 65535"]}
+        refused = response.get_json()["error"]["details"]
+        assert refused == {"callback_url": ["the port must be a number from 1 to 65535"]}
     run_worker_until_idle(redis_conn)
     assert receiver.count() == 0
+
+
+@pytest.mark.parametrize("port", ["\u00b2", "\u0663", "1\u00b9"])
+def test_a_callback_url_whose_port_is_not_ascii_digits_is_a_422_not_a_500(api, headers, port):
+    # str.isdigit() is true of a superscript two, which int() refuses.
+    response = api.post(SEND, json={**LITERAL, "callback_url": f"http://hooks.example:{port}/cb"}, headers=headers)
+    assert response.status_code == 422, response.get_data(as_text=True)
+    assert "callback_url" in response.get_json()["error"]["details"]
 
 
 def test_a_stored_callback_url_with_a_port_beyond_65535_is_never_posted_elsewhere(receiver):
