@@ -170,7 +170,12 @@ def _where(location: str | None) -> str | None:
     if location is None:
         return None
     parts = urlsplit(location)
-    return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
+    where = urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
+    # The receiver writes it (up to 64 KB): enough of it to tell where, not all of it.
+    return where if len(where) <= _WHERE_CHARS else where[:_WHERE_CHARS] + "…"
+
+
+_WHERE_CHARS = 200
 
 
 # Status callbacks being posted hold PostgreSQL advisory locks (this class, the notification's seq in

@@ -693,3 +693,12 @@ def test_a_stored_callback_url_that_cannot_be_sent_gives_up_without_quoting_it(r
     assert str(refused.value) == "InvalidURL: the callback URL cannot be written in a request"
     assert "ZQ" not in _logged(refused.value)
     assert receiver.count() == 0
+
+
+def test_a_redirect_to_a_huge_target_is_named_cut_short():
+    # The receiver writes the Location: up to 64 KB of it went into the history and the worker's log.
+    url, _, _ = _serve_once(b"HTTP/1.1 302 Found\r\nLocation: http://hooks.example/" + b"A" * 60000
+                            + b"\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+    with pytest.raises(callbacks.CallbackRejected) as refused:
+        callbacks.post(url, b"{}", "secret", "n:sent", timeout=5)
+    assert "'http://hooks.example/AAA" in str(refused.value) and len(str(refused.value)) < 400
