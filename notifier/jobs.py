@@ -13,6 +13,7 @@ from rq import get_current_job
 from rq.timeouts import JobTimeoutException
 
 from notifier import callback_job, consent, digests, logs, metrics, queues, receipts, store, unsubscribe
+from notifier.callbacks import CallbackRetry
 from notifier.config import Settings
 from notifier.db import UNAVAILABLE_ERRORS, database
 from notifier.errors import STOPPING, DeliveryError, PermanentDeliveryError, TransientDeliveryError
@@ -543,7 +544,17 @@ class Deliverer:
 
     def send_callback(self, notification_id: str) -> str:
         """POST the signed status event to the caller's callback_url (notifier.callback_job)."""
-        return callback_job.post_owed(self.settings, notification_id)
+        try:
+            outcome = callback_job.post_owed(self.settings, notification_id)
+        except callback_job.CallbackGaveUp:
+            metrics.callback(self._counts, "gave_up")
+            raise
+        except CallbackRetry:
+            metrics.callback(self._counts, "retried")
+            raise
+        if outcome in ("delivered", "gave up"):
+            metrics.callback(self._counts, outcome.replace(" ", "_"))
+        return outcome
 
 
 _deliverer: Deliverer | None = None
@@ -606,7 +617,9 @@ def purge() -> int:
 
     current = _current()
     with database.connection_context():
-        return run(current.settings)
+        deleted = run(current.settings)
+    metrics.purged(current.redis, deleted)
+    return deleted
 
 
 def flush_digests() -> int:

@@ -51,6 +51,10 @@ RECONCILED = "notifier_reconciler_actions_total"
 # What a reconciler pass can do (notifier.reconciler.Report's fields), each shown even at zero.
 RECONCILER_ACTIONS = ("expired", "released", "rescheduled", "recovered", "recorded_late", "requeued", "callbacks",
                       "keys_forgotten")
+CALLBACKS = "notifier_callbacks_total"
+# How a status callback's attempt ended (notifier.callback_job), each shown even at zero.
+CALLBACK_OUTCOMES = ("delivered", "retried", "gave_up")
+PURGED = "notifier_notifications_purged_total"
 
 
 def _key(metric: str, part: str = "") -> str:
@@ -167,6 +171,17 @@ def reconciled(redis: Redis | None, actions: dict[str, int]) -> None:
         _write(redis, lambda pipe: [pipe.hincrby(_key(RECONCILED), _field(a), n) for a, n in done.items()])
 
 
+def callback(redis: Redis | Deferred | None, outcome: str) -> None:
+    """Count how a status callback's attempt ended: one of CALLBACK_OUTCOMES."""
+    _write(redis, lambda p: p.hincrby(_key(CALLBACKS), _field(outcome), 1))
+
+
+def purged(redis: Redis | Deferred | None, count: int) -> None:
+    """Count notifications retention deleted (notifier.retention)."""
+    if count:
+        _write(redis, lambda p: p.hincrby(_key(PURGED), _field(), count))
+
+
 class RedisCollector:
     """A prometheus_client collector reading every process's counts from Redis at scrape time.
 
@@ -185,6 +200,8 @@ class RedisCollector:
         pipe.hgetall(_key(DELIVERY_SECONDS, "sum"))
         pipe.hgetall(_key(SMTP_REPLIES))
         pipe.hgetall(_key(RECONCILED))
+        pipe.hgetall(_key(CALLBACKS))
+        pipe.hgetall(_key(PURGED))
         for name in QUEUES_BY_PRIORITY:
             pipe.llen(Queue(name, connection=self.redis).key)
         results = iter(pipe.execute())
@@ -197,23 +214,17 @@ class RedisCollector:
 
         yield _histogram(_decode(next(results), 2), _decode(next(results), 1))
 
-        replies = {labels[0]: value for labels, value in _decode(next(results), 1).items()}
-        family = CounterMetricFamily(SMTP_REPLIES, "SMTP replies to delivery attempts by class; none: no reply "
-                                     "(connection refused, dropped or timed out, or a template error).",
-                                     labels=("class",))
-        for reply in REPLY_CLASSES:
-            family.add_metric((reply,), replies.get(reply, 0))
-        yield family
-
-        actions = {labels[0]: value for labels, value in _decode(next(results), 1).items()}
-        family = CounterMetricFamily(RECONCILED, "What reconciler passes did, by action. recovered: notifications "
-                                     "whose worker was lost mid-send (retried, so possibly sent twice, or failed); "
-                                     "recorded_late: notifications recorded sent from the receipt their worker "
-                                     "kept in Redis while the database was away.",
-                                     labels=("action",))
-        for action in (*RECONCILER_ACTIONS, *sorted(set(actions) - set(RECONCILER_ACTIONS))):
-            family.add_metric((action,), actions.get(action, 0))
-        yield family
+        yield _one_label(SMTP_REPLIES, "SMTP replies to delivery attempts by class; none: no reply (connection "
+                         "refused, dropped or timed out, or a template error).", "class", next(results), REPLY_CLASSES)
+        yield _one_label(RECONCILED, "What reconciler passes did, by action. recovered: notifications whose worker "
+                         "was lost mid-send (retried, so possibly sent twice, or failed); recorded_late: notifications "
+                         "recorded sent from the receipt their worker kept in Redis while the database was away.",
+                         "action", next(results), RECONCILER_ACTIONS)
+        yield _one_label(CALLBACKS, "Status callback attempts by how they ended. retried: failed, to be tried again; "
+                         "gave_up: refused (4xx, a redirect) or out of retries.", "outcome", next(results),
+                         CALLBACK_OUTCOMES)
+        yield CounterMetricFamily(PURGED, "Notifications deleted with their history once RETENTION_DAYS had passed "
+                                  "since they ended.", value=sum(_decode(next(results), 0).values()))
 
         family = GaugeMetricFamily("notifier_queue_depth", "Jobs waiting in each RQ queue.", labels=("queue",))
         for name in QUEUES_BY_PRIORITY:
@@ -228,6 +239,15 @@ class RedisCollector:
             else:
                 yield GaugeMetricFamily("notifier_dead_letters", "Notifications with status failed in the database "
                                         "(the dead-letter queue; requeueing one removes it).", value=count)
+
+
+def _one_label(name: str, documentation: str, label: str, raw: dict, known: tuple[str, ...]) -> CounterMetricFamily:
+    """A counter by one label: each known value, even at zero, then any other a notifier version wrote."""
+    counts = {labels[0]: value for labels, value in _decode(raw, 1).items()}
+    family = CounterMetricFamily(name, documentation, labels=(label,))
+    for key in (*known, *sorted(set(counts) - set(known))):
+        family.add_metric((key,), counts.get(key, 0))
+    return family
 
 
 def _decode(raw: dict, arity: int) -> dict[tuple[str, ...], float]:

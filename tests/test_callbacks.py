@@ -702,3 +702,18 @@ def test_a_redirect_to_a_huge_target_is_named_cut_short():
     with pytest.raises(callbacks.CallbackRejected) as refused:
         callbacks.post(url, b"{}", "secret", "n:sent", timeout=5)
     assert "'http://hooks.example/AAA" in str(refused.value) and len(str(refused.value)) < 400
+
+
+def test_each_callback_attempt_is_counted_by_how_it_ended(api, headers, live_deliverer, receiver, smtp, redis_conn):
+    from tests.operators import collect_metrics, value
+
+    receiver.codes.extend([503, 429, 200, 410])
+    _send(api, headers, callback_url=receiver.url)
+    run_worker_until_idle(redis_conn)  # 503 and 429 retried, then 200
+    _send(api, headers, callback_url=receiver.url)
+    run_worker_until_idle(redis_conn)  # 410: given up at once
+
+    samples = collect_metrics(redis_conn)
+    assert value(samples, "notifier_callbacks_total", outcome="retried") == 2
+    assert value(samples, "notifier_callbacks_total", outcome="delivered") == 1
+    assert value(samples, "notifier_callbacks_total", outcome="gave_up") == 1

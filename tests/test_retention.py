@@ -15,6 +15,7 @@ from notifier.db import database
 from notifier.models import CallbackStatus, Digest, Event, Notification, Status, utcnow
 from notifier.queues import CONTROL_QUEUE
 from tests.helpers import make_notification, run_worker_until_idle
+from tests.operators import collect_metrics, value
 from tests.processes import ROOT, cli, env_for
 
 NOW = utcnow()
@@ -133,6 +134,7 @@ def test_a_worker_runs_the_periodic_purge_with_its_own_retention(api_key, pg_set
     job.refresh()
     assert job.is_finished and job.return_value() == 1
     assert _kept() == {new} and old not in _kept()
+    assert value(collect_metrics(redis_conn), "notifier_notifications_purged_total") == 1
 
 
 def test_the_purge_command_deletes_what_retention_no_longer_keeps(api_key, pg_settings):
