@@ -12,10 +12,10 @@ from datetime import timedelta
 from peewee import IntegrityError, OperationalError
 from redis import Redis
 
-from notifier import consent, idempotency, metrics, queues, rules, store
+from notifier import commits, consent, idempotency, metrics, queues, rules, store
 from notifier.config import Settings
 from notifier.consent import Decision
-from notifier.db import deadlocked
+from notifier.db import UNAVAILABLE_ERRORS, deadlocked
 from notifier.errors import ApiError, Conflict, NotFound, Unprocessable
 from notifier.models import (
     DIGEST_TEMPLATE,
@@ -25,6 +25,7 @@ from notifier.models import (
     Notification,
     Priority,
     Status,
+    new_public_id,
     utcnow,
 )
 from notifier.ratelimit import Limiter, parse_rate
@@ -101,6 +102,8 @@ class NotificationService:
         decision = self._cap(api_key, payload["to"], category, decision)
         fields.update(
             timing,
+            # Chosen here, not by the insert, so a commit whose answer is lost can be looked up (commits.py).
+            id=new_public_id(),
             send_at=decision.send_at,
             category=category.value,
             user_key=user_key,
@@ -116,26 +119,42 @@ class NotificationService:
         """Store a validated send request and queue it; returns it and whether it was a replay."""
         key = _idempotency_key(payload, idempotency_key)
         db = Notification._meta.database
-        with db.atomic() if key is not None else nullcontext():
-            if key is not None:
-                # Requests under one key take turns: the first decides and stores, the others find it
-                # and replay it. Looked up at once, each decided its own fate before any was stored, the
-                # recipient cap counting every one, and whichever stored first won: a retry the cap
-                # refused stored its `suppressed` in place of the email the cap had let through.
-                idempotency.hold(api_key, key)
-            draft, earlier = self.draft(api_key, payload, idempotency.Key(key) if key is not None else None)
-            if earlier is None:
-                try:
-                    with db.atomic() if key is not None else nullcontext():  # a savepoint in the held transaction
-                        notification = self._store(api_key, draft)
-                except IntegrityError as exc:
-                    # The key was taken meanwhile where the lock does not serialize (SQLite, a key stored
-                    # by a version without it): answer as that request's replay.
-                    earlier = self._holder(api_key, draft, exc)
+        written: list[Draft] = []
+        try:
+            with db.atomic() if key is not None else nullcontext():
+                if key is not None:
+                    # Requests under one key take turns: the first decides and stores, the others find it
+                    # and replay it. Looked up at once, each decided its own fate before any was stored, the
+                    # recipient cap counting every one, and whichever stored first won: a retry the cap
+                    # refused stored its `suppressed` in place of the email the cap had let through.
+                    idempotency.hold(api_key, key)
+                draft, earlier = self.draft(api_key, payload, idempotency.Key(key) if key is not None else None)
+                if earlier is None:
+                    try:
+                        with db.atomic() if key is not None else nullcontext():  # a savepoint in the held transaction
+                            written.append(draft)
+                            notification = self._store(api_key, draft)
+                    except IntegrityError as exc:
+                        # The key was taken meanwhile where the lock does not serialize (SQLite, a key stored
+                        # by a version without it): answer as that request's replay.
+                        earlier = self._holder(api_key, draft, exc)
+        except UNAVAILABLE_ERRORS as exc:
+            notification, earlier = self._stored_anyway(written, exc)[written[0].fields["id"]], None
         if earlier is not None:
             return earlier, True
         self.hand_over(notification)
         return notification, False
+
+    def _stored_anyway(self, written: list[Draft], exc: Exception) -> dict[str, Notification]:
+        """After exc broke the transaction that wrote these drafts: the notifications its commit made
+        after all (the answer lost with the connection, not the commit), by id. Raises exc again when
+        it made none, nothing was written, or the database cannot be asked: then the 503 is true."""
+        if not written or not commits.in_doubt(exc):
+            raise exc
+        found = commits.stored(Notification._meta.database, [draft.fields["id"] for draft in written])
+        if not found:
+            raise exc
+        return found
 
     def _holder(self, api_key: ApiKey, draft: Draft, refused: IntegrityError) -> Notification:
         """The notification holding the idempotency key for which the unique index refused draft,
@@ -178,18 +197,28 @@ class NotificationService:
                 elif batch_key is not None:
                     keys[index] = idempotency.Key.for_item(batch_key, index)
         db = Notification._meta.database
-        with db.atomic() if keys else nullcontext():
-            if keys:
-                # As for a send: copies of one batch take turns, so each item is decided (the recipient
-                # cap counting it) by the copy that stores it, never by a retry racing it.
-                idempotency.hold_batch(api_key, list(keys.values()))
-            stored = self._store_batch(api_key, payloads, keys, results, savepoint=bool(keys))
+        written: list[tuple[int, Draft]] = []
+        try:
+            with db.atomic() if keys else nullcontext():
+                if keys:
+                    # As for a send: copies of one batch take turns, so each item is decided (the recipient
+                    # cap counting it) by the copy that stores it, never by a retry racing it.
+                    idempotency.hold_batch(api_key, list(keys.values()))
+                stored = self._store_batch(api_key, payloads, keys, results, savepoint=bool(keys), written=written)
+        except UNAVAILABLE_ERRORS as exc:
+            found = self._stored_anyway([draft for _, draft in written], exc)
+            # One transaction: those written and not found were answered as replays or refusals in it.
+            stored = [found[draft.fields["id"]] for _, draft in written if draft.fields["id"] in found]
+            for index, draft in written:
+                if draft.fields["id"] in found:
+                    results[index] = (found[draft.fields["id"]], False)
         self.hand_over_many(stored)
         return results
 
     def _store_batch(self, api_key: ApiKey, payloads: list[dict | None], keys: dict[int, idempotency.Key],
-                     results: list, savepoint: bool) -> list[Notification]:
-        """send_batch() once its keys are held: each item decided, the new ones stored (returned)."""
+                     results: list, savepoint: bool, written: list) -> list[Notification]:
+        """send_batch() once its keys are held: each item decided, the new ones stored (returned);
+        written gets the (index, draft) of each before its insert is sent."""
         db = Notification._meta.database
         known = idempotency.find_many(api_key, list(keys.values()))
         valid = [p for p in payloads if p is not None]
@@ -208,6 +237,7 @@ class NotificationService:
                 results[index] = (earlier, True)
             else:
                 drafts.append((index, draft))
+        written.extend(drafts)
         try:
             fields = queues.share_jobs(self.settings, [(d.decision.status, d.fields) for _, d in drafts])
             with db.atomic() if savepoint else nullcontext():  # a refused insert leaves the transaction usable
@@ -266,19 +296,28 @@ class NotificationService:
     def emit(self, api_key: ApiKey, event: dict, idempotency_key: str | None = None) -> list[tuple[Notification, bool]]:
         """A business event: every notification its rule causes, stored together or not at all."""
         key = _idempotency_key(event, idempotency_key)
+        written: list[Draft] = []
         try:
-            results = self._emit_once(api_key, event, key)
-        except IntegrityError:
-            # The same event sent again at the same time stored its keys first (the unique index
-            # made this insert wait for that commit): once more, this one then finds them and is the
-            # replay. (On PostgreSQL idempotency.hold() makes them take turns, so this is SQLite's.)
-            results = self._emit_once(api_key, event, key)
+            try:
+                results = self._emit_once(api_key, event, key, written)
+            except IntegrityError:
+                # The same event sent again at the same time stored its keys first (the unique index
+                # made this insert wait for that commit): once more, this one then finds them and is the
+                # replay. (On PostgreSQL idempotency.hold() makes them take turns, so this is SQLite's.)
+                written.clear()
+                results = self._emit_once(api_key, event, key, written)
+        except UNAVAILABLE_ERRORS as exc:
+            found = self._stored_anyway(written, exc)
+            if len(found) < len(written):  # one transaction: never part of it
+                raise
+            results = [(found[draft.fields["id"]], False) for draft in written]
         for notification, replayed in results:
             if not replayed:
                 self.hand_over(notification)
         return results
 
-    def _emit_once(self, api_key: ApiKey, event: dict, key: str | None) -> list[tuple[Notification, bool]]:
+    def _emit_once(self, api_key: ApiKey, event: dict, key: str | None,
+                   written: list[Draft]) -> list[tuple[Notification, bool]]:
         user = event["user"]
         rule_list = rules.RULES[event["type"]]
         # The key covers the whole event, the user's timezone included: every notification stores the
@@ -298,6 +337,7 @@ class NotificationService:
                                     idempotency.Key.for_rule(key, rule.template) if key is not None else None,
                                     request_hash)
                       for rule in rule_list]
+            written.extend(drafts)
             return [(self._store(api_key, draft), False) for draft in drafts]
 
     def _earlier_event(self, api_key: ApiKey, event: dict, key: str, request_hash: str) -> list[Notification]:

@@ -1,0 +1,105 @@
+"""A TCP proxy in front of PostgreSQL that loses the answer to one statement: the commit's answer lost.
+
+A connection that drops after the server committed but before its answer reached the client is
+what a failover, a restart or a network fault can do to any client; nothing in the client can tell
+it from a connection lost before the commit. The proxy forwards everything until armed; armed with
+a marker, it forwards the client's message holding it, then cuts that connection (both sides, with
+a reset) instead of passing the server's answer on.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+import threading
+
+
+class CutProxy:
+    """Listens on 127.0.0.1 (port: .port) and forwards to upstream; cut_answer_to() arms it once."""
+
+    def __init__(self, upstream_port: int):
+        self.upstream_port = upstream_port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.marker: bytes | None = None
+        self.before_reply = False  # cut the request instead: the server never sees the statement
+        self.cuts = 0
+        self._lock = threading.Lock()
+        self._closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def url(self, database: str) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
+
+    def cut_answer_to(self, marker: bytes, *, before_reply: bool = False) -> None:
+        """Cut the next connection that sends marker: after the server answers it (the statement ran,
+        and committed if it was a commit), or before the server sees it when before_reply."""
+        with self._lock:
+            self.marker, self.before_reply = marker, before_reply
+
+    def close(self) -> None:
+        self._closed = True
+        self.listener.close()
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+            state = {"cut_next_answer": False}
+            threading.Thread(target=self._requests, args=(client, upstream, state), daemon=True).start()
+            threading.Thread(target=self._answers, args=(upstream, client, state), daemon=True).start()
+
+    def _armed(self, data: bytes) -> bool:
+        with self._lock:
+            if self.marker is not None and self.marker in data:
+                self.marker = None
+                return True
+        return False
+
+    def _requests(self, client, upstream, state) -> None:
+        while (data := _recv(client)):
+            if self._armed(data):
+                if self.before_reply:
+                    self._cut(client, upstream)
+                    return
+                state["cut_next_answer"] = True
+            upstream.sendall(data)
+        _shut(upstream)
+
+    def _answers(self, upstream, client, state) -> None:
+        while (data := _recv(upstream)):
+            if state["cut_next_answer"]:
+                self._cut(client, upstream)
+                return
+            try:
+                client.sendall(data)
+            except OSError:
+                break
+        _shut(client)
+
+    def _cut(self, *socks) -> None:
+        self.cuts += 1
+        for sock in socks:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # a reset
+            try:
+                sock.shutdown(socket.SHUT_RDWR)  # wakes the other direction's thread, blocked reading it
+            except OSError:
+                pass
+            sock.close()
+
+
+def _recv(sock) -> bytes:
+    try:
+        return sock.recv(65536)
+    except OSError:
+        return b""
+
+
+def _shut(sock) -> None:
+    try:
+        sock.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass
