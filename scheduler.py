@@ -6,11 +6,15 @@ import logging
 import signal
 
 from redis.exceptions import RedisError
+from rq.exceptions import NoSuchJobError
 from rq_scheduler import Scheduler
+from rq_scheduler.utils import to_unix
 
+from notifier import releases
 from notifier.config import Settings
+from notifier.db import UNAVAILABLE_ERRORS, database
 from notifier.models import utcnow
-from notifier.queues import CONTROL_QUEUE, connect_redis
+from notifier.queues import CONTROL_QUEUE, connect_redis, notification_of_release
 from notifier.resilience import run_until_stopped
 from notifier.runtime import configure_logging, load_settings, open_database
 
@@ -48,6 +52,8 @@ class NotifierScheduler(Scheduler):
     def __init__(self, settings: Settings, **kwargs):
         super().__init__(**kwargs)
         self.settings = settings
+        # The due release entries releases.release_due left for rq-scheduler to move as jobs.
+        self._release_jobs: set[str] = set()
 
     def _install_signal_handlers(self):
         # rq-scheduler's own handler records its death in Redis before exiting; with Redis gone at the
@@ -74,7 +80,36 @@ class NotifierScheduler(Scheduler):
 
     def enqueue_jobs(self):
         self.register_periodic_jobs(only_missing=True)
+        # Delayed sends first, all that are due at once (notifier.releases); then rq-scheduler's own
+        # move, one job at a time, of the periodic jobs and of what the release left to it.
+        self._release_jobs = set()
+        try:
+            with database.connection_context():
+                self._release_jobs = releases.release_due(self.connection, self.settings, utcnow())
+        except UNAVAILABLE_ERRORS as exc:
+            # What was not released stays scheduled and due: the next poll releases it, a second
+            # after the database answers again.
+            database.close()
+            logger.warning("delayed notifications not released: the database is not available (%s)",
+                           type(exc).__name__)
         return super().enqueue_jobs()
+
+    def get_jobs_to_queue(self, with_times=False):
+        """rq-scheduler's, without the release entries releases.release_due keeps to itself: those it
+        did not hand back are released by its next poll (the database was away), never as jobs."""
+        if with_times:
+            return super().get_jobs_to_queue(with_times)
+        return self._due_jobs()
+
+    def _due_jobs(self):
+        for raw in self.connection.zrangebyscore(self.scheduled_jobs_key, 0, to_unix(utcnow())):
+            job_id = raw.decode()
+            if notification_of_release(job_id) is not None and job_id not in self._release_jobs:
+                continue
+            try:
+                yield self.job_class.fetch(job_id, connection=self.connection)
+            except NoSuchJobError:
+                self.cancel(job_id)  # as rq-scheduler does
 
 
 def main() -> None:

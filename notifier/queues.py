@@ -97,6 +97,7 @@ def callback_job_id_for(notification_id: str) -> str:
 
 
 RELEASE_JOB_PREFIX = "release-"
+NOTIFICATION_ID_LENGTH = 36  # models.new_public_id: a UUID's text
 
 
 def release_job_id_for(notification_id: str, again: bool = False) -> str:
@@ -109,6 +110,15 @@ def release_job_id_for(notification_id: str, again: bool = False) -> str:
     if again:
         return f"{RELEASE_JOB_PREFIX}{notification_id}-{uuid.uuid4().hex[:16]}"
     return f"{RELEASE_JOB_PREFIX}{notification_id}"
+
+
+def notification_of_release(job_id: str) -> str | None:
+    """The id of the notification a release job (release_job_id_for) releases; None for another job."""
+    if not job_id.startswith(RELEASE_JOB_PREFIX):
+        return None
+    notification_id = job_id[len(RELEASE_JOB_PREFIX):len(RELEASE_JOB_PREFIX) + NOTIFICATION_ID_LENGTH]
+    rest = job_id[len(RELEASE_JOB_PREFIX) + NOTIFICATION_ID_LENGTH:]
+    return notification_id if len(notification_id) == NOTIFICATION_ID_LENGTH and rest[:1] in ("", "-") else None
 
 
 def release_job_id_of(notification: Notification) -> str:
@@ -272,20 +282,29 @@ def share_jobs(settings: Settings, items: list[tuple[str, dict]]) -> list[dict]:
 
     One RQ job per notification costs the worker more than the send itself; one per chunk keeps a
     chunk small enough that a high-priority email never waits long behind it."""
+    groups = [(fields.get("priority") or Priority.DEFAULT.value) if status == Status.QUEUED else None
+              for status, fields in items]
+    return [{**fields, "job_id": job_id} if job_id else fields
+            for (_, fields), job_id in zip(items, shared_job_ids(settings, groups), strict=True)]
+
+
+def shared_job_ids(settings: Settings, groups: list) -> list[str | None]:
+    """A shared job id for each of a run of notifications, given by the group each belongs to (its
+    priority, with whatever else must be the same in one job; None: one that shares no job): up to
+    BATCH_JOB_SIZE of a group, in order, get the same id. All None when BATCH_JOB_SIZE is 1."""
     size = settings.batch_job_size
-    out = [fields for _, fields in items]
+    out: list[str | None] = [None] * len(groups)
     if size <= 1:
         return out
-    current: dict[str, tuple[str, int]] = {}  # priority -> (job id, members so far)
-    for index, (status, fields) in enumerate(items):
-        if status != Status.QUEUED:
+    current: dict = {}  # group -> (job id, members so far)
+    for index, group in enumerate(groups):
+        if group is None:
             continue
-        priority = fields.get("priority") or Priority.DEFAULT.value
-        job_id, members = current.get(priority, ("", size))
+        job_id, members = current.get(group, ("", size))
         if members >= size:
             job_id, members = new_shared_job_id(), 0
-        current[priority] = (job_id, members + 1)
-        out[index] = {**fields, "job_id": job_id}
+        current[group] = (job_id, members + 1)
+        out[index] = job_id
     return out
 
 
@@ -327,11 +346,13 @@ def _without_live_callback(connection: Redis, notifications: list[Notification])
     return [n for n, state in zip(notifications, states, strict=True) if state not in LIVE_JOB_STATES]
 
 
-def _shared_job(settings: Settings, job_id: str, notification_ids: list[str], at_front: bool = False):
+def _shared_job(settings: Settings, job_id: str, notification_ids: list[str], at_front: bool = False,
+                meta: dict | None = None):
     # No RQ retry: each notification that fails in it goes on in a job of its own (jobs.deliver_many).
     return Queue.prepare_data(DELIVER_MANY_JOB, (notification_ids,), job_id=job_id, at_front=at_front,
                               timeout=settings.job_timeout * len(notification_ids),
-                              result_ttl=settings.finished_job_ttl, failure_ttl=failure_ttl(settings), meta=traced(),
+                              result_ttl=settings.finished_job_ttl, failure_ttl=failure_ttl(settings),
+                              meta=traced() if meta is None else meta,
                               description=f"deliver {len(notification_ids)} notifications of a batch")
 
 
@@ -354,14 +375,21 @@ def waiting_above(connection: Redis, priority: str) -> bool:
 
 
 def dispatch_many(connection: Redis, settings: Settings, notifications: list[Notification],
-                  also: Callable[[Pipeline], None] | None = None) -> bool:
+                  also: Callable[[Pipeline], None] | None = None,
+                  request_ids: dict[str, str | None] | None = None) -> bool:
     """dispatch() for many: every delivery job goes to Redis in one pipeline, with whatever `also`
     adds to it (the acceptance counts). Notifications that share a job_id (see share_jobs) go in one
-    job; the others get one each. False when Redis is away (the reconciler hands them over later)."""
+    job; the others get one each. request_ids: the request each notification came from, by id, when
+    not the one being served (a shared job's members share one). False when Redis is away (the
+    reconciler hands them over later)."""
     by_queue: dict[str, list] = {}
     shared: dict[str, list[Notification]] = {}
     scheduled = []
-    meta = traced()
+    served = traced()
+
+    def meta(n: Notification) -> dict:
+        return served if request_ids is None else {REQUEST_ID_META: request_ids.get(n.id)}
+
     for n in notifications:
         if n.status == Status.QUEUED and n.job_id:
             shared.setdefault(n.job_id, []).append(n)
@@ -369,12 +397,13 @@ def dispatch_many(connection: Redis, settings: Settings, notifications: list[Not
             by_queue.setdefault(n.priority, []).append(Queue.prepare_data(
                 DELIVER_JOB, (n.id,), job_id=job_id_for(n.id), retry=retry_policy(settings, n.attempts),
                 timeout=settings.job_timeout, result_ttl=settings.finished_job_ttl, failure_ttl=failure_ttl(settings),
-                meta=meta,
+                meta=meta(n),
                 description=f"deliver notification {n.id}"))
         elif n.status == Status.SCHEDULED:
             scheduled.append(n)
     for job_id, members in shared.items():
-        by_queue.setdefault(members[0].priority, []).append(_shared_job(settings, job_id, [n.id for n in members]))
+        by_queue.setdefault(members[0].priority, []).append(
+            _shared_job(settings, job_id, [n.id for n in members], meta=meta(members[0])))
     try:
         # One round trip for the lot; MULTI/EXEC would add nothing, each job being whole on its own.
         with connection.pipeline(transaction=False) as pipe:
