@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import time
 
 from redis.exceptions import RedisError
 from rq.exceptions import NoSuchJobError
@@ -28,6 +29,10 @@ DIGEST_POLL_SECONDS = 30
 PURGE_JOB_ID = "notifier-purge"
 # Retention counts in days: an hourly pass keeps what it deletes within an hour of its cutoff.
 PURGE_SECONDS = 3600
+# How long rq-scheduler's lock outlives the poll that took it, if the scheduler dies holding it: its
+# own is the poll interval and 10 s, so a scheduler SIGKILLed mid-poll held up every release (its
+# own, restarted, too) for 11 s. A poll renews it as it goes (each page of releases).
+LOCK_SECONDS = 3
 
 
 def periodic_jobs(settings: Settings) -> list[tuple[str, str, int]]:
@@ -78,6 +83,15 @@ class NotifierScheduler(Scheduler):
                           result_ttl=600, timeout=300)
             logger.info("periodic job %s registered (every %ss)", job_id, interval)
 
+    def acquire_lock(self):
+        self._lock_acquired = bool(self.connection.set(self.scheduler_lock_key, time.time(), ex=LOCK_SECONDS,
+                                                       nx=True))
+        return self._lock_acquired
+
+    def _renew_lock(self) -> None:
+        if self._lock_acquired:
+            self.connection.expire(self.scheduler_lock_key, LOCK_SECONDS)
+
     def enqueue_jobs(self):
         self.register_periodic_jobs(only_missing=True)
         # Delayed sends first, all that are due at once (notifier.releases); then rq-scheduler's own
@@ -85,7 +99,8 @@ class NotifierScheduler(Scheduler):
         self._release_jobs = set()
         try:
             with database.connection_context():
-                self._release_jobs = releases.release_due(self.connection, self.settings, utcnow())
+                self._release_jobs = releases.release_due(self.connection, self.settings, utcnow(),
+                                                          renew=self._renew_lock)
         except UNAVAILABLE_ERRORS as exc:
             # What was not released stays scheduled and due: the next poll releases it, a second
             # after the database answers again.

@@ -17,6 +17,7 @@ notification whose send_at is still ahead (a clock step) is put back for its tim
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from datetime import datetime
 
 from redis import Redis
@@ -45,12 +46,12 @@ _COLUMNS = (Notification.seq, Notification.id, Notification.status, Notification
 _NAMES = tuple(column.name for column in _COLUMNS)
 
 
-def release_due(redis: Redis, settings: Settings, now: datetime) -> set[str]:
+def release_due(redis: Redis, settings: Settings, now: datetime, renew: Callable[[], None] | None = None) -> set[str]:
     """Release every notification whose release entry is due at now (naive UTC), and take those
     entries out of rq-scheduler's schedule, with the entries of notifications no longer `scheduled`
     (cancelled, released by the reconciler). Returns the entries left for rq-scheduler to move one at
-    a time. Raises RedisError, and the database's errors: what was not released stays scheduled, and
-    the next poll tries again."""
+    a time. renew: called after each page (the scheduler keeps its lock with it). Raises RedisError,
+    and the database's errors: what was not released stays scheduled, and the next poll tries again."""
     due = [job_id.decode() for job_id in redis.zrangebyscore(Scheduler.scheduled_jobs_key, 0, to_unix(now),
                                                              start=0, num=MOST_PER_POLL)]
     entries: dict[str, list[str]] = {}
@@ -79,6 +80,8 @@ def release_due(redis: Redis, settings: Settings, now: datetime) -> set[str]:
         done = [job_id for row in page for job_id in entries[row.id]]
         queues.dispatch_many(redis, settings, moved, also=lambda pipe, done=done: _drop(pipe, done),
                              request_ids={row.id: request_ids[entries[row.id][0]] for row in page})
+        if renew is not None:
+            renew()
     if due_rows:
         logger.info("released %s delayed notifications", len(due_rows))
     return {job_id for notification_id in early for job_id in entries[notification_id]}

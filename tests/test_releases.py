@@ -9,6 +9,7 @@ import pytest
 from rq.job import Job
 from rq_scheduler import Scheduler
 
+import scheduler
 from notifier import keys, logs, releases, store
 from notifier.db import database
 from notifier.models import Status, utcnow
@@ -183,3 +184,25 @@ def test_each_release_entry_names_its_notification():
     assert notification_of_release(release_job_id_for(notification_id, again=True)) == notification_id
     assert notification_of_release("notifier-reconcile") is None
     assert notification_of_release("release-short") is None
+
+
+def test_a_scheduler_killed_holding_its_lock_holds_up_releases_for_seconds_not_eleven(pg_settings, pg_db, api_key,
+                                                                                     redis_conn):
+    # rq-scheduler's lock lives the poll interval and 10 s: a scheduler SIGKILLed mid-poll held up
+    # every release, its restarted self's too, for 11 s.
+    NotifierScheduler(pg_settings, connection=redis_conn, interval=1).acquire_lock()  # then killed
+    assert 0 < redis_conn.ttl(Scheduler.scheduler_lock_key) <= scheduler.LOCK_SECONDS
+    restarted = NotifierScheduler(pg_settings, connection=redis_conn, interval=1)
+    assert not restarted.acquire_lock()
+    time.sleep(scheduler.LOCK_SECONDS + 0.1)
+    assert restarted.acquire_lock()
+
+
+def test_a_poll_keeps_its_lock_while_it_releases(pg_settings, pg_db, api_key, redis_conn, monkeypatch):
+    monkeypatch.setattr(releases, "PAGE", 1)
+    _scheduled(pg_settings, redis_conn, api_key[0], 2)
+    polling = NotifierScheduler(pg_settings, connection=redis_conn, interval=1)
+    assert polling.acquire_lock()
+    time.sleep(scheduler.LOCK_SECONDS - 1)
+    polling.enqueue_jobs()
+    assert redis_conn.pttl(Scheduler.scheduler_lock_key) > (scheduler.LOCK_SECONDS - 0.5) * 1000  # renewed
