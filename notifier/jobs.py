@@ -92,6 +92,9 @@ class Deliverer:
         self._hold_records = False
         # Inside a shared job: its id, which each claim records (store.claim).
         self._shared_job_id: str | None = None
+        # Inside a shared job of delayed sends released together: the request each came from, by id
+        # (queues.MEMBER_REQUEST_IDS_META), so each one's log lines and later jobs carry its own.
+        self._member_requests: dict[str, str] = {}
         # Notifications this process sent while the database was away, with a receipt kept for each
         # (see notifier.receipts): its next job records them once the database answers again.
         self._kept: dict[str, Notification] = {}
@@ -229,7 +232,7 @@ class Deliverer:
             self._record_unrecorded()
             return store.claim(current.id, known=current, job_id=self._shared_job_id)
         self._unrecorded = None
-        with logs.bound(notification_id=sent.id):  # its lines are the sent one's, not the next one's
+        with self._bound(sent.id):  # its lines are the sent one's, not the next one's
             self._after_held_sent(sent, result, recorded)
         return claimed
 
@@ -254,6 +257,7 @@ class Deliverer:
             self._hold_records = True
             job = get_current_job()
             self._shared_job_id = job.id if job is not None else None
+            self._member_requests = (job.meta or {}).get(queues.MEMBER_REQUEST_IDS_META) or {} if job else {}
             priority = next((r.priority for r in rows.values()), None)
             checked = alive = time.monotonic()
             if len(notification_ids) > 1:
@@ -282,15 +286,15 @@ class Deliverer:
                             logger.warning("consent not re-read: %s", type(exc).__name__)
                     current = rows.get(notification_id)
                     lookup = lookups[current.api_key_id] if current is not None else consent.DATABASE
-                    try:
-                        with logs.bound(notification_id=notification_id):
+                    with self._bound(notification_id):
+                        try:
                             outcomes[self._deliver(notification_id, current, lookup)] += 1
-                    except (*UNAVAILABLE_ERRORS, SentNotRecorded, *STOPPING):
-                        # The database is away (a held `sent` record it would not take says so too),
-                        # or RQ stops the job: the rest of it is handed on by the reconciler.
-                        raise
-                    except Exception as exc:  # noqa: BLE001 - _deliver() recorded it; where it goes next is read back
-                        outcomes[self._carry_on(notification_id, exc)] += 1
+                        except (*UNAVAILABLE_ERRORS, SentNotRecorded, *STOPPING):
+                            # The database is away (a held `sent` record it would not take says so too),
+                            # or RQ stops the job: the rest of it is handed on by the reconciler.
+                            raise
+                        except Exception as exc:  # noqa: BLE001 - _deliver() recorded it; where it goes next is read back
+                            outcomes[self._carry_on(notification_id, exc)] += 1
             finally:
                 self._hold_records, self._shared_job_id = False, None
                 try:
@@ -299,7 +303,16 @@ class Deliverer:
                     if own_counts:
                         counts, self._counts = self._counts, self.redis
                         counts.flush()
+                    self._member_requests = {}
         return dict(outcomes)
+
+    def _bound(self, notification_id: str):
+        """logs.bound() for one notification of the job being run: its request's id too, when the job
+        carries one for it (MEMBER_REQUEST_IDS_META)."""
+        request_id = self._member_requests.get(notification_id)
+        if request_id is None:
+            return logs.bound(notification_id=notification_id)
+        return logs.bound(notification_id=notification_id, request_id=request_id)
 
     def _keep_alive(self, job) -> None:
         # RQ keeps a SimpleWorker's key for its job's whole timeout (JOB_TIMEOUT per email here), so a
@@ -338,7 +351,8 @@ class Deliverer:
             mine &= Notification.job_id == current.id  # not those already handed on alone
         Notification.update(job_id=job_id).where(mine).execute()
         try:
-            queues.enqueue_shared(self.redis, self.settings, job_id, rest, priority)
+            queues.enqueue_shared(self.redis, self.settings, job_id, rest, priority,
+                                  {i: self._member_requests[i] for i in rest if i in self._member_requests})
         except RedisError as exc:
             logger.warning("the rest of a shared job not queued (%s); the reconciler hands it on", type(exc).__name__)
         return True
@@ -349,7 +363,7 @@ class Deliverer:
         if self._unrecorded is not None:
             sent, result = self._unrecorded
             self._unrecorded = None
-            with logs.bound(notification_id=sent.id):
+            with self._bound(sent.id):
                 self._after_held_sent(sent, result, self._write_sent(sent, result))
 
     def _after_held_sent(self, sent: Notification, result: SendResult, recorded: bool) -> None:

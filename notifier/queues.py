@@ -41,6 +41,9 @@ CONTROL_QUEUE = QUEUE_NAMES[Priority.HIGH]
 DELIVER_JOB = "notifier.jobs.deliver"
 # The job meta key of the request a job came from, so the worker's log lines carry its id too.
 REQUEST_ID_META = "request_id"
+# The job meta key of the requests the notifications of a shared job came from, by notification id,
+# when they came from several (delayed sends released together, notifier.releases).
+MEMBER_REQUEST_IDS_META = "request_ids"
 DELIVER_MANY_JOB = "notifier.jobs.deliver_many"
 RELEASE_JOB = "notifier.jobs.release"
 CALLBACK_JOB = "notifier.jobs.send_callback"
@@ -146,6 +149,16 @@ def traced() -> dict:
     all: RQ writes no meta for an empty one, and a job enqueued again under the same id (reconciler,
     `dlq requeue`) would keep the id of the request that made the old job."""
     return {REQUEST_ID_META: logs.request_id.get()}
+
+
+def traced_members(request_ids: dict[str, str | None]) -> dict:
+    """Job meta naming the requests the notifications of a shared job came from (notification id ->
+    request id): the one request's id when they share it, else each one's."""
+    distinct = set(request_ids.values())
+    if len(distinct) <= 1:
+        return {REQUEST_ID_META: next(iter(distinct), None)}
+    return {REQUEST_ID_META: None,
+            MEMBER_REQUEST_IDS_META: {key: value for key, value in request_ids.items() if value is not None}}
 
 
 def enqueue_delivery(
@@ -357,9 +370,12 @@ def _shared_job(settings: Settings, job_id: str, notification_ids: list[str], at
 
 
 def enqueue_shared(connection: Redis, settings: Settings, job_id: str, notification_ids: list[str],
-                   priority: str) -> None:
-    """Put a shared job back at the front of its queue (the rest of one that made way)."""
-    queue_for(priority, connection).enqueue_many([_shared_job(settings, job_id, notification_ids, at_front=True)])
+                   priority: str, request_ids: dict[str, str] | None = None) -> None:
+    """Put a shared job back at the front of its queue (the rest of one that made way). request_ids:
+    those of its members that came from requests of their own (MEMBER_REQUEST_IDS_META)."""
+    meta = {**traced(), MEMBER_REQUEST_IDS_META: request_ids} if request_ids else None
+    queue_for(priority, connection).enqueue_many([_shared_job(settings, job_id, notification_ids, at_front=True,
+                                                              meta=meta)])
 
 
 def waiting_above(connection: Redis, priority: str) -> bool:
@@ -380,15 +396,15 @@ def dispatch_many(connection: Redis, settings: Settings, notifications: list[Not
     """dispatch() for many: every delivery job goes to Redis in one pipeline, with whatever `also`
     adds to it (the acceptance counts). Notifications that share a job_id (see share_jobs) go in one
     job; the others get one each. request_ids: the request each notification came from, by id, when
-    not the one being served (a shared job's members share one). False when Redis is away (the
-    reconciler hands them over later)."""
+    not the one being served (traced_members). False when Redis is away (the reconciler hands them
+    over later)."""
     by_queue: dict[str, list] = {}
     shared: dict[str, list[Notification]] = {}
     scheduled = []
     served = traced()
 
-    def meta(n: Notification) -> dict:
-        return served if request_ids is None else {REQUEST_ID_META: request_ids.get(n.id)}
+    def meta(members: list[Notification]) -> dict:
+        return served if request_ids is None else traced_members({n.id: request_ids.get(n.id) for n in members})
 
     for n in notifications:
         if n.status == Status.QUEUED and n.job_id:
@@ -397,13 +413,13 @@ def dispatch_many(connection: Redis, settings: Settings, notifications: list[Not
             by_queue.setdefault(n.priority, []).append(Queue.prepare_data(
                 DELIVER_JOB, (n.id,), job_id=job_id_for(n.id), retry=retry_policy(settings, n.attempts),
                 timeout=settings.job_timeout, result_ttl=settings.finished_job_ttl, failure_ttl=failure_ttl(settings),
-                meta=meta(n),
+                meta=meta([n]),
                 description=f"deliver notification {n.id}"))
         elif n.status == Status.SCHEDULED:
             scheduled.append(n)
     for job_id, members in shared.items():
         by_queue.setdefault(members[0].priority, []).append(
-            _shared_job(settings, job_id, [n.id for n in members], meta=meta(members[0])))
+            _shared_job(settings, job_id, [n.id for n in members], meta=meta(members)))
     try:
         # One round trip for the lot; MULTI/EXEC would add nothing, each job being whole on its own.
         with connection.pipeline(transaction=False) as pipe:

@@ -76,7 +76,7 @@ def release_due(redis: Redis, settings: Settings, now: datetime, renew: Callable
     for start in range(0, len(due_rows), PAGE):
         page = due_rows[start:start + PAGE]
         request_ids = _request_ids(redis, [entries[row.id][0] for row in page])
-        moved = _queue(settings, page, [request_ids[entries[row.id][0]] for row in page])
+        moved = _queue(settings, page)
         done = [job_id for row in page for job_id in entries[row.id]]
         queues.dispatch_many(redis, settings, moved, also=lambda pipe, done=done: _drop(pipe, done),
                              request_ids={row.id: request_ids[entries[row.id][0]] for row in page})
@@ -87,11 +87,10 @@ def release_due(redis: Redis, settings: Settings, now: datetime, renew: Callable
     return {job_id for notification_id in early for job_id in entries[notification_id]}
 
 
-def _queue(settings: Settings, rows: list[Notification], request_ids: list[str | None]) -> list[Notification]:
-    """Move rows (scheduled, due) to `queued`, each with the shared job it goes in (members of one
-    priority and one request, so a job's log lines carry its request's id); the moved ones, as moved."""
-    job_ids = queues.shared_job_ids(settings, [(row.priority, request_id)
-                                               for row, request_id in zip(rows, request_ids, strict=True)])
+def _queue(settings: Settings, rows: list[Notification]) -> list[Notification]:
+    """Move rows (scheduled, due) to `queued`, each with the shared job it goes in (of one priority;
+    their jobs name the request each came from: queues.traced_members); the moved ones, as moved."""
+    job_ids = queues.shared_job_ids(settings, [row.priority for row in rows])
     by_seq = {row.seq: job_id for row, job_id in zip(rows, job_ids, strict=True)}
     moved = set(store.release(by_seq, reason=REASON))
     out = []

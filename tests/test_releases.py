@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from datetime import timedelta
 
@@ -10,7 +11,7 @@ from rq.job import Job
 from rq_scheduler import Scheduler
 
 import scheduler
-from notifier import keys, logs, releases, store
+from notifier import jobs, keys, logs, releases, store
 from notifier.db import database
 from notifier.models import Status, utcnow
 from notifier.queues import dispatch_many, notification_of_release, queue_for, release_job_id_for
@@ -155,15 +156,44 @@ def test_sends_due_while_the_database_is_away_wait_in_the_schedule_and_go_at_the
     assert {reload(r.id).status for r in rows} == {"sent"}
 
 
-def test_released_sends_keep_the_id_of_the_request_they_came_from(pg_settings, pg_db, api_key, redis_conn):
+class _Lines(logging.Handler):
+    """The lines logged, each with the request and notification ids bound as it was written."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.lines: list[tuple[str, str | None, str | None]] = []
+
+    def emit(self, record):
+        self.lines.append((record.getMessage(), logs.request_id.get(), logs.notification_id.get()))
+
+
+def test_sends_released_together_share_jobs_and_each_keeps_the_id_of_its_request(pg_settings, pg_db, api_key,
+                                                                                  redis_conn, smtp, caplog):
     first = _scheduled(pg_settings, redis_conn, api_key[0], 2, request_id="req-1")
     second = _scheduled(pg_settings, redis_conn, api_key[0], 1, request_id="req-2")
+    untraced = _scheduled(pg_settings, redis_conn, api_key[0], 1)
 
     _poll(pg_settings, redis_conn)
 
-    shared = {tuple(sorted(job.args[0])): job.meta for job in _delivery_jobs(redis_conn, "default")}
-    assert shared == {tuple(sorted(r.id for r in first)): {"request_id": "req-1"},
-                      (second[0].id,): {"request_id": "req-2"}}
+    (job,) = _delivery_jobs(redis_conn, "default")  # one job: sends made one request each still share
+    assert job.meta == {"request_id": None, "request_ids": {**{r.id: "req-1" for r in first}, second[0].id: "req-2"}}
+    lines = _Lines()
+    caplog.set_level(logging.INFO, logger="notifier.jobs")
+    logging.getLogger("notifier.jobs").addHandler(lines)
+    try:
+        with installed_deliverer(pg_settings, redis_conn):
+            run_worker_until_idle(redis_conn)
+    finally:
+        logging.getLogger("notifier.jobs").removeHandler(lines)
+    sent = {nid: rid for message, rid, nid in lines.lines if message.endswith("sent (attempt 1)")}
+    assert sent == {**{r.id: "req-1" for r in first}, second[0].id: "req-2", untraced[0].id: None}
+
+
+def test_sends_of_one_request_released_together_name_it_as_a_batch_does(pg_settings, pg_db, api_key, redis_conn):
+    rows = _scheduled(pg_settings, redis_conn, api_key[0], 2, request_id="req-1")
+    _poll(pg_settings, redis_conn)
+    (job,) = _delivery_jobs(redis_conn, "default")
+    assert (sorted(job.args[0]), job.meta) == (sorted(r.id for r in rows), {"request_id": "req-1"})
 
 
 def test_released_sends_on_sqlite(sqlite_settings, sqlite_db, redis_conn):
@@ -206,3 +236,27 @@ def test_a_poll_keeps_its_lock_while_it_releases(pg_settings, pg_db, api_key, re
     time.sleep(scheduler.LOCK_SECONDS - 1)
     polling.enqueue_jobs()
     assert redis_conn.pttl(Scheduler.scheduler_lock_key) > (scheduler.LOCK_SECONDS - 0.5) * 1000  # renewed
+
+
+def test_the_rest_of_a_released_job_that_makes_way_keeps_each_ones_request_id(pg_settings, pg_db, api_key,
+                                                                              redis_conn, smtp, caplog, monkeypatch):
+    monkeypatch.setattr(jobs, "MAKE_WAY_CHECK_SECONDS", 0)  # look before every email after the first
+    first = _scheduled(pg_settings, redis_conn, api_key[0], 2, request_id="req-1", priority="low")
+    second = _scheduled(pg_settings, redis_conn, api_key[0], 2, request_id="req-2", priority="low")
+    _poll(pg_settings, redis_conn)
+    urgent = make_notification(api_key[0], priority="high", to="urgent@example.com")
+    dispatch_many(redis_conn, pg_settings, [urgent])
+    # The worker takes the urgent job first: run the campaign's job alone until it makes way.
+    (job,) = _delivery_jobs(redis_conn, "low")
+    lines = _Lines()
+    caplog.set_level(logging.INFO, logger="notifier.jobs")
+    logging.getLogger("notifier.jobs").addHandler(lines)
+    try:
+        with installed_deliverer(pg_settings, redis_conn):
+            queue_for("low", redis_conn).remove(job.id)
+            assert job.perform()["made way"] == 3
+            run_worker_until_idle(redis_conn)
+    finally:
+        logging.getLogger("notifier.jobs").removeHandler(lines)
+    sent = {nid: rid for message, rid, nid in lines.lines if message.endswith("sent (attempt 1)")}
+    assert sent == {**{r.id: "req-1" for r in first}, **{r.id: "req-2" for r in second}, urgent.id: None}
