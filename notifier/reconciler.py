@@ -33,7 +33,7 @@ from rq import Worker
 from rq.utils import parse_composite_key, utcparse
 from rq_scheduler import Scheduler
 
-from notifier import metrics, queues, receipts, store
+from notifier import metrics, queues, receipts, releases, store
 from notifier.config import Settings
 from notifier.models import WAITING_STATUSES, CallbackStatus, Notification, Priority, Status, utcnow
 
@@ -122,9 +122,9 @@ def _release(redis: Redis, settings: Settings, settled: datetime, report: Report
     reason = "send time reached (released by the reconciler)"
     for rows in _pages(Notification.status == Status.SCHEDULED.value, Notification.send_at <= settled,
                        stop_at=stop_at):
-        for row in _move_each(rows, Status.QUEUED, reason, (Status.SCHEDULED,)):
-            report.released += 1
-            queues.dispatch(redis, settings, row)
+        # A page at a time, as scheduler.py releases what is due (a whole schedule Redis lost, once
+        # overdue, comes back in shared jobs, not a job each).
+        report.released += len(releases.release(redis, settings, rows, reason))
 
 
 def _reschedule(redis: Redis, settings: Settings, settled: datetime, now: datetime, report: Report,

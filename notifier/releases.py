@@ -6,9 +6,10 @@ trip), and each delayed send took two jobs: that release job, run by a worker, t
 it queued. 1,000 sends due at one second went out over 28-45 s on a loaded 2-core machine, 5,000 over
 four minutes, and a high-priority send due with 5,000 low ones waited up to 35 s. Here the due entries
 are read in one call; their notifications move `scheduled` -> `queued` a page at a time, highest
-priority first (one compare-and-set UPDATE and one INSERT of history lines a page: store.transition_many),
-and each page goes to its queues in shared jobs (queues.shared_job_ids, as a batch's) in one pipeline
-that also takes its entries out of the schedule. The release job itself never runs.
+priority first (the compare-and-set and the history lines in one statement a page on PostgreSQL:
+store.release), and each page goes to its queues in shared jobs (queues.shared_job_ids, as a
+batch's) in one pipeline that also takes its entries out of the schedule. The release job itself
+never runs. The reconciler releases what is overdue (a schedule Redis lost) with the same release().
 
 What it does not settle is left to rq-scheduler, which moves that release job as it always did: a
 notification whose send_at is still ahead (a clock step) is put back for its time by the job.
@@ -76,10 +77,9 @@ def release_due(redis: Redis, settings: Settings, now: datetime, renew: Callable
     for start in range(0, len(due_rows), PAGE):
         page = due_rows[start:start + PAGE]
         request_ids = _request_ids(redis, [entries[row.id][0] for row in page])
-        moved = _queue(settings, page)
         done = [job_id for row in page for job_id in entries[row.id]]
-        queues.dispatch_many(redis, settings, moved, also=lambda pipe, done=done: _drop(pipe, done),
-                             request_ids={row.id: request_ids[entries[row.id][0]] for row in page})
+        release(redis, settings, page, REASON, request_ids={row.id: request_ids[entries[row.id][0]] for row in page},
+                also=lambda pipe, done=done: _drop(pipe, done))
         if renew is not None:
             renew()
     if due_rows:
@@ -87,17 +87,24 @@ def release_due(redis: Redis, settings: Settings, now: datetime, renew: Callable
     return {job_id for notification_id in early for job_id in entries[notification_id]}
 
 
-def _queue(settings: Settings, rows: list[Notification]) -> list[Notification]:
-    """Move rows (scheduled, due) to `queued`, each with the shared job it goes in (of one priority;
-    their jobs name the request each came from: queues.traced_members); the moved ones, as moved."""
+def release(redis: Redis, settings: Settings, rows: list[Notification], reason: str,
+            request_ids: dict[str, str | None] | None = None,
+            also: Callable[[Pipeline], None] | None = None) -> list[Notification]:
+    """Move rows (scheduled and due, a page of them) to `queued`, highest priority first, each in the
+    shared job it goes in (BATCH_JOB_SIZE of one priority: queues.shared_job_ids), and hand those
+    that moved to their queues in one pipeline with whatever `also` adds to it. request_ids: the
+    request each came from, by id (their jobs name them: queues.traced_members), when not the one
+    being served. Returns the moved ones, as moved. Redis away: the reconciler queues them later."""
+    rows = sorted(rows, key=lambda row: (_RANK[row.priority], row.seq))
     job_ids = queues.shared_job_ids(settings, [row.priority for row in rows])
     by_seq = {row.seq: job_id for row, job_id in zip(rows, job_ids, strict=True)}
-    moved = set(store.release(by_seq, reason=REASON))
+    moved = set(store.release(by_seq, reason=reason))
     out = []
     for row in rows:
         if row.seq in moved:
             row.status, row.job_id = Status.QUEUED.value, by_seq[row.seq]
             out.append(row)
+    queues.dispatch_many(redis, settings, out, also=also, request_ids=request_ids)
     return out
 
 

@@ -142,7 +142,21 @@ def test_overdue_scheduled_notifications_are_released(owner, settings, fake_redi
     assert reconcile(settings, fake_redis).released == 1
     assert reload(due.id).status == Status.QUEUED
     assert reload(later.id).status == Status.SCHEDULED
-    assert _queued_ids(fake_redis) == [queues.job_id_for(due.id)]
+    (job,) = Queue(queues.QUEUE_NAMES["default"], connection=fake_redis).jobs  # as scheduler.py releases
+    assert (job.args[0], job.id) == ([due.id], reload(due.id).job_id)
+
+
+def test_overdue_scheduled_notifications_come_back_in_shared_jobs_most_urgent_first(owner, settings, fake_redis):
+    # A schedule Redis lost, once overdue: a job each took the workers longer than the sends.
+    overdue = utcnow() - timedelta(seconds=60)
+    low = [make_notification(owner, status=Status.SCHEDULED, priority="low", to=f"l{n}@example.com",
+                             send_at=overdue) for n in range(30)]
+    high = make_notification(owner, status=Status.SCHEDULED, priority="high", send_at=overdue)
+    assert reconcile(settings, fake_redis).released == 31
+    low_jobs = Queue(queues.QUEUE_NAMES["low"], connection=fake_redis).jobs
+    assert sorted(len(job.args[0]) for job in low_jobs) == [5, 25]
+    assert sorted(i for job in low_jobs for i in job.args[0]) == sorted(n.id for n in low)
+    assert [job.args[0] for job in Queue(queues.QUEUE_NAMES["high"], connection=fake_redis).jobs] == [[high.id]]
 
 
 def test_old_idempotency_keys_are_forgotten(owner, settings, fake_redis):
