@@ -19,6 +19,7 @@ from notifier.models import (
     Status,
     allowed_sources,
     digest_item_move,
+    new_public_id,
     utcnow,
 )
 
@@ -53,8 +54,10 @@ def create_notification(api_key: ApiKey, fields: dict, status: Status = Status.Q
 def create_notifications(api_key: ApiKey, items: list[tuple[dict, Status, str]]) -> list[Notification]:
     """Store notifications and their first history lines in one transaction; returned in order."""
     now = utcnow()
-    rows = [{**Notification._meta.get_default_dict(), **fields, "api_key": api_key.id, "status": status.value,
-             "created_at": now, "updated_at": now} for fields, status, _ in items]
+    # The defaults once, not per row: what varies by row (the id, the times) is given or set here.
+    defaults = Notification._meta.get_default_dict()
+    rows = [{**defaults, **fields, "id": fields.get("id") or new_public_id(), "api_key": api_key.id,
+             "status": status.value, "created_at": now, "updated_at": now} for fields, status, _ in items]
     notifications = [_loaded(row, api_key) for row in rows]
     at = Event._meta.fields["at"].db_value(now)
     db = Notification._meta.database
