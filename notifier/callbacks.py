@@ -24,7 +24,7 @@ from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 from notifier.db import UNAVAILABLE_ERRORS, discard_connection, is_postgres
 from notifier.models import Notification
-from notifier.schemas import UtcDateTime, port_out_of_range
+from notifier.schemas import UtcDateTime, port_out_of_range, unsplittable
 
 SIGNATURE_HEADER = "Notifier-Signature"
 EVENT_ID_HEADER = "Notifier-Event-Id"
@@ -92,6 +92,10 @@ _OPENER = urllib.request.build_opener(_NoRedirects)
 
 def post(url: str, body: bytes, secret: str, event_id: str, timeout: float) -> int:
     """POST the event; return the HTTP status, or raise CallbackRetry / CallbackRejected."""
+    if unsplittable(url):
+        # Stored before the API refused such a URL: no attempt can pass, and urllib's ValueError, raised
+        # before any request, failed every attempt, quoting the netloc (a password too) into the log.
+        raise CallbackRejected("the callback URL cannot be taken apart into host and path")
     if port_out_of_range(url):
         # Stored before the API refused such a URL: connecting would reach the port it wraps around to.
         raise CallbackRejected("the callback URL's port is not from 1 to 65535")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates_schema
 
@@ -71,6 +71,18 @@ def _within_smtp_limits(value: str) -> None:
         raise ValidationError(f"must be at most {ADDRESS_MAX} characters (RFC 5321)")
 
 
+def unsplittable(url: str) -> bool:
+    """Whether urllib cannot take url apart (it raises ValueError): marshmallow's Url takes a host of any
+    Unicode letters, those NFKC turns into "/", "?", "#", "@" or ":" too ("hooks\uff0fexample.com"), and
+    brackets holding no IPv6 address ("[1:2:3]"). No request can be sent to one, and urllib's error
+    quotes the whole netloc, a password too."""
+    try:
+        urlsplit(url)
+    except ValueError:
+        return True
+    return False
+
+
 def port_out_of_range(url: str) -> bool:
     """Whether url names a port no socket has: 0, beyond 65535 (glibc's getaddrinfo takes a numeric port
     modulo 65536, so a callback URL of `:81638` posted the signed event to port 16102, another service
@@ -78,11 +90,16 @@ def port_out_of_range(url: str) -> bool:
     try:
         host = urlsplit(url).netloc.rpartition("@")[2]
     except ValueError:
-        return False  # not a URL at all, which the Url field says
+        return False  # not one urllib can take apart, which unsplittable() says
     port = host.rpartition("]")[2].partition(":")[2]
     if not port:
         return False  # the scheme's own
     return not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535)
+
+
+def _splittable(value: str) -> None:
+    if unsplittable(value):
+        raise ValidationError("is not a URL a request can be sent to")
 
 
 def _a_port_that_exists(value: str) -> None:
@@ -91,13 +108,15 @@ def _a_port_that_exists(value: str) -> None:
 
 
 class CallbackUrl(fields.Url):
-    """Where a notification's status callbacks go: http(s), at most 2000 characters, a real port. No control
-    characters: marshmallow's Url takes those that are not whitespace, and http.client refuses them in the
-    request line, so every attempt failed, quoting the path and query (a token) in the history and log."""
+    """Where a notification's status callbacks go: http(s), at most 2000 characters, a real port, one urllib
+    can take apart (unsplittable). No control characters: marshmallow's Url takes those that are not
+    whitespace, and http.client refuses them in the request line, so every attempt failed, quoting the
+    path and query (a token) in the history and log."""
 
     def __init__(self, **kwargs):
         super().__init__(schemes={"http", "https"}, require_tld=False,
-                         validate=[validate.Length(max=2000), _no_control_characters, _a_port_that_exists],
+                         validate=[validate.Length(max=2000), _no_control_characters, _splittable,
+                                   _a_port_that_exists],
                          **kwargs)
 
 
@@ -108,11 +127,15 @@ class ShownCallbackUrl(fields.String):
     def _serialize(self, value, attr, obj, **kwargs):
         if value is None:
             return None
-        parts = urlsplit(value)
-        userinfo, at, host = parts.netloc.rpartition("@")
-        if not at or ":" not in userinfo:
+        # Taken apart as urlsplit does (the netloc runs from "://" to the first "/", "?" or "#"), but by
+        # hand: urlsplit refuses some URLs stored before the API did (unsplittable), and their GET, and
+        # every list that held one, was a 500.
+        scheme, sep, rest = value.partition("://")
+        end = min((i for i in map(rest.find, "/?#") if i >= 0), default=len(rest))
+        userinfo, at, host = rest[:end].rpartition("@")
+        if not sep or not at or ":" not in userinfo:
             return value
-        return urlunsplit(parts._replace(netloc=f"{userinfo.partition(':')[0]}:***@{host}"))
+        return f"{scheme}://{userinfo.partition(':')[0]}:***@{host}{rest[end:]}"
 
 
 class Email(fields.Email):

@@ -717,3 +717,37 @@ def test_each_callback_attempt_is_counted_by_how_it_ended(api, headers, live_del
     assert value(samples, "notifier_callbacks_total", outcome="retried") == 2
     assert value(samples, "notifier_callbacks_total", outcome="delivered") == 1
     assert value(samples, "notifier_callbacks_total", outcome="gave_up") == 1
+
+
+# marshmallow's Url takes a host of any Unicode letters, those NFKC turns into "/", "?", "#", "@" or ":"
+# too, and brackets holding no IPv6 address; urllib refuses to take such a URL apart (ValueError).
+UNSPLITTABLE_HOSTS = ["hooks\uff0fexample.com", "hooks.exa\u2100mple.com", "[1:2:3]"]
+
+
+@pytest.mark.parametrize("host", UNSPLITTABLE_HOSTS)
+def test_a_callback_url_urllib_cannot_take_apart_is_a_422(api, headers, redis_conn, host):
+    # Accepted, its notification's GET (and the list holding it) was a 500, and every attempt failed
+    # with urllib's ValueError, which quotes the URL's password, into the worker's log.
+    response = api.post(SEND, json={**LITERAL, "callback_url": f"http://hook:ZQ-PASS@{host}/cb"}, headers=headers)
+    assert response.status_code == 422, response.get_data(as_text=True)
+    assert response.get_json()["error"]["details"] == {"callback_url": ["is not a URL a request can be sent to"]}
+    with database.connection_context():
+        assert Notification.select().count() == 0
+
+
+@pytest.mark.parametrize("host", UNSPLITTABLE_HOSTS)
+def test_a_stored_callback_url_urllib_cannot_take_apart_is_shown_masked_and_given_up(api, headers, api_key, host):
+    # One stored before the API refused it: shown without its password, given up without quoting it.
+    url = f"http://hook:ZQ-PASS@{host}/cb"
+    notification = make_notification(api_key[0], Status.SENT, callback_url=url, callback_status="pending")
+
+    shown = api.get(f"/api/notifications/{notification.id}", headers=headers)
+    listed = api.get("/api/notifications", headers=headers)
+    assert (shown.status_code, listed.status_code) == (200, 200), shown.get_data(as_text=True)
+    assert shown.get_json()["callback_url"] == f"http://hook:***@{host}/cb"
+    assert [n["callback_url"] for n in listed.get_json()["data"]] == [shown.get_json()["callback_url"]]
+
+    with pytest.raises(callbacks.CallbackRejected) as refused:
+        callbacks.post(url, b"{}", "secret", "n:sent", timeout=5)
+    assert str(refused.value) == "the callback URL cannot be taken apart into host and path"
+    assert "ZQ" not in _logged(refused.value)
