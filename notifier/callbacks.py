@@ -173,7 +173,13 @@ def _where(location: str | None) -> str | None:
     credentials, query or fragment it may carry, such as the callback URL's own token again."""
     if location is None:
         return None
-    parts = urlsplit(location)
+    try:
+        parts = urlsplit(location)
+    except ValueError:
+        # One urllib cannot take apart ("http://[x"): not named, as none is. Raised here, inside the
+        # handler of the 3xx, it failed the attempt as an error of ours (retried, unrecorded, logged
+        # with the receiver's HTTPError as its context) instead of refusing the redirect.
+        return None
     where = urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
     # The receiver writes it (up to 64 KB): enough of it to tell where, not all of it.
     return where if len(where) <= _WHERE_CHARS else where[:_WHERE_CHARS] + "…"

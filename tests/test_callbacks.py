@@ -751,3 +751,15 @@ def test_a_stored_callback_url_urllib_cannot_take_apart_is_shown_masked_and_give
         callbacks.post(url, b"{}", "secret", "n:sent", timeout=5)
     assert str(refused.value) == "the callback URL cannot be taken apart into host and path"
     assert "ZQ" not in _logged(refused.value)
+
+
+@pytest.mark.parametrize("location", ["http://[hooks.example/cb", "http://[1:2:3]/cb?token=ZQ-TOKEN"])
+def test_a_redirect_to_a_location_urllib_cannot_take_apart_gives_up_as_any_redirect(location):
+    # Naming the target raised urllib's ValueError inside the handler of the 3xx: not a refusal but an
+    # error of ours, retried to the last attempt with none of them recorded, and logged with the
+    # receiver's HTTPError (its reason phrase, up to 64 KB) as the context.
+    url, _, _ = _serve_once(f"HTTP/1.1 302 ZQ-REASON\r\nLocation: {location}\r\nContent-Length: 0\r\n"
+                            "Connection: close\r\n\r\n".encode())
+    with pytest.raises(callbacks.CallbackRejected, match="do not follow redirects") as refused:
+        callbacks.post(url, b"{}", "secret", "n:sent", timeout=5)
+    assert "ZQ" not in _logged(refused.value)
