@@ -287,13 +287,16 @@ _API_KEY = re.compile(r"\b(nfy_[0-9a-f]+_)[A-Za-z0-9_-]+")
 _SECRET = re.compile(r"\b(whsec_)[A-Za-z0-9_-]+")
 # The credentials of an Authorization header (the operators' basic auth: base64 is not a mask) where a
 # line quotes the header: gunicorn's refusal of a malformed one ("Invalid HTTP Header: 'Authorization
-# Basic b3Bz...'", the colon forgotten) quotes the whole line. A scheme, or a ":" or "=" after the name,
-# must follow, so "authorization failed" stays as it is.
+# Basic b3Bz...'", the colon forgotten) quotes the whole line. A known scheme, or a ":" or "=" after the
+# name, must follow, so "authorization failed" stays as it is; after a ":" or "=", any scheme's name is
+# passed over (one of the caller's own, "ApiKey", had only its name masked and the credentials logged).
+# The name may follow an underscore: WSGI calls the header HTTP_AUTHORIZATION.
 # Possessive, each run of blanks read once: with plain \s* around the optional quote, a line of
 # "authorization:" and thousands of blanks took seconds, being tried every way of splitting them.
 _SCHEME = r"(?:basic|bearer|digest|token|negotiate)\s++"
-_AUTHORIZATION = re.compile(r"(\bauthorization\b['\"]?\s*+(?:[:=]\s*+['\"]?\s*+(?:" + _SCHEME + ")?|" + _SCHEME
-                            + r"))[^\s'\",;]+", re.IGNORECASE)
+_ANY_SCHEME = r"(?:[a-z0-9!#$%&*+.^_`|~-]++\s++)?"  # RFC 9110's token, then the blank that ends it
+_AUTHORIZATION = re.compile(r"((?<![a-z0-9])authorization\b['\"]?\s*+(?:[:=]\s*+['\"]?\s*+" + _ANY_SCHEME + "|"
+                            + _SCHEME + r"))[^\s'\",;]+", re.IGNORECASE)
 # An unsubscribe link's token is the credential that unsubscribes (notifier.unsubscribe).
 _UNSUBSCRIBE_TOKEN = re.compile(r"(/unsubscribe/)[A-Za-z0-9._~%+=-]+")
 # From "://" on, whatever the scheme before it: matched from the scheme, a line of "a.a.a..." was tried

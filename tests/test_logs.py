@@ -630,3 +630,17 @@ def test_what_a_server_quotes_of_a_subject_or_line_naming_an_address_is_masked_t
                      "<b***@relay.example>")
     assert "nvoice" not in first and "Questions" not in first
     assert second == "550 <b***@relay.example>"  # the recipient's masks outlive the content's
+
+
+@pytest.mark.parametrize("line, redacted", [
+    ("Authorization: Basic b3BzOnB3ZA==", "Authorization: Basic [redacted]"),
+    ("Authorization: b3BzOnB3ZA==", "Authorization: [redacted]"),
+    # A scheme of the caller's own: only the scheme's name was masked, the credentials left whole.
+    ("Authorization: ApiKey ZQ-s3cr3t", "Authorization: ApiKey [redacted]"),
+    ("'authorization': 'Token-v2 ZQ-s3cr3t'", "'authorization': 'Token-v2 [redacted]'"),
+    # The header as WSGI names it ("\bauthorization" never matched after HTTP_).
+    ("{'HTTP_AUTHORIZATION': 'Basic b3BzOnB3ZA=='}", "{'HTTP_AUTHORIZATION': 'Basic [redacted]'}"),
+    ("authorization failed for user 7", "authorization failed for user 7"),
+])
+def test_an_authorization_headers_credentials_are_masked_whatever_its_scheme(line, redacted):
+    assert logs.redact(line) == redacted
