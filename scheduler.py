@@ -14,8 +14,8 @@ from rq_scheduler.utils import to_unix
 from notifier import releases
 from notifier.config import Settings
 from notifier.db import UNAVAILABLE_ERRORS, database
-from notifier.models import utcnow
-from notifier.queues import CONTROL_QUEUE, connect_redis, notification_of_release
+from notifier.models import Priority, utcnow
+from notifier.queues import CONTROL_QUEUE, QUEUE_NAMES, connect_redis, notification_of_release
 from notifier.resilience import run_until_stopped
 from notifier.runtime import configure_logging, load_settings, open_database
 
@@ -27,22 +27,24 @@ DIGESTS_JOB_ID = "notifier-digests"
 # Digests are due at a minute of the day; checking every half minute is on time and cheap.
 DIGEST_POLL_SECONDS = 30
 PURGE_JOB_ID = "notifier-purge"
-# Retention counts in days: an hourly pass keeps what it deletes within an hour of its cutoff.
-PURGE_SECONDS = 3600
+# Retention counts in days, so a pass every ten minutes is on time; each is short (retention.PASS_SECONDS)
+# and on the low queue, so it holds no worker from urgent mail for long, and runs when none waits.
+PURGE_SECONDS = 600
+PURGE_QUEUE = QUEUE_NAMES[Priority.LOW]
 # How long rq-scheduler's lock outlives the poll that took it, if the scheduler dies holding it: its
 # own is the poll interval and 10 s, so a scheduler SIGKILLed mid-poll held up every release (its
 # own, restarted, too) for 11 s. A poll renews it as it goes (each page of releases).
 LOCK_SECONDS = 3
 
 
-def periodic_jobs(settings: Settings) -> list[tuple[str, str, int]]:
-    """(stable id, job function, interval in seconds) of every periodic job."""
+def periodic_jobs(settings: Settings) -> list[tuple[str, str, int, str]]:
+    """(stable id, job function, interval in seconds, queue) of every periodic job."""
     return [
-        (RECONCILE_JOB_ID, "notifier.jobs.reconcile", settings.reconcile_interval),
-        (DIGESTS_JOB_ID, "notifier.jobs.flush_digests", DIGEST_POLL_SECONDS),
+        (RECONCILE_JOB_ID, "notifier.jobs.reconcile", settings.reconcile_interval, CONTROL_QUEUE),
+        (DIGESTS_JOB_ID, "notifier.jobs.flush_digests", DIGEST_POLL_SECONDS, CONTROL_QUEUE),
         # Registered whatever RETENTION_DAYS says: the worker that runs it reads its own, and with 0 it
         # deletes nothing.
-        (PURGE_JOB_ID, "notifier.jobs.purge", PURGE_SECONDS),
+        (PURGE_JOB_ID, "notifier.jobs.purge", PURGE_SECONDS, PURGE_QUEUE),
     ]
 
 
@@ -76,10 +78,10 @@ class NotifierScheduler(Scheduler):
         signal.signal(signal.SIGTERM, stop)
 
     def register_periodic_jobs(self, only_missing: bool = False) -> None:
-        for job_id, func, interval in periodic_jobs(self.settings):
+        for job_id, func, interval, queue in periodic_jobs(self.settings):
             if only_missing and job_id in self:
                 continue
-            self.schedule(utcnow(), func, interval=interval, repeat=None, id=job_id, queue_name=CONTROL_QUEUE,
+            self.schedule(utcnow(), func, interval=interval, repeat=None, id=job_id, queue_name=queue,
                           result_ttl=600, timeout=300)
             logger.info("periodic job %s registered (every %ss)", job_id, interval)
 

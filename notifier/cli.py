@@ -241,7 +241,7 @@ def reconcile_now() -> None:
 @main.command("purge")
 def purge_now() -> None:
     """Delete, now and to the end, the notifications RETENTION_DAYS no longer keeps (scheduler.py has a
-    worker do it every hour, a minute at a time)."""
+    worker do it every ten minutes, 10 s at a time)."""
     from notifier.retention import purge
 
     settings = load_settings()

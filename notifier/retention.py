@@ -24,9 +24,10 @@ from notifier.models import FINAL_STATUSES, CallbackStatus, Digest, Notification
 logger = logging.getLogger(__name__)
 
 PAGE = 500
-# A periodic pass stops starting pages after this long; the next pass (an hour later) goes on. A first
-# pass over years of mail would otherwise hold a worker for as long as it takes.
-PASS_SECONDS = 60.0
+# A periodic pass stops starting pages after this long; the next pass (scheduler.PURGE_SECONDS later)
+# goes on. A first pass over years of mail would otherwise hold a worker, and the urgent mail it would
+# take next, for as long as it takes.
+PASS_SECONDS = 10.0
 
 
 @dataclass(frozen=True)

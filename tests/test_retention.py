@@ -13,7 +13,7 @@ from rq import Queue
 from notifier import retention, store
 from notifier.db import database
 from notifier.models import CallbackStatus, Digest, Event, Notification, Status, utcnow
-from notifier.queues import CONTROL_QUEUE
+from scheduler import PURGE_JOB_ID, periodic_jobs
 from tests.helpers import make_notification, run_worker_until_idle
 from tests.operators import collect_metrics, value
 from tests.processes import ROOT, cli, env_for
@@ -126,7 +126,9 @@ def test_a_worker_runs_the_periodic_purge_with_its_own_retention(api_key, pg_set
     old, new = _ended(api_key[0], Status.SENT, 8), _ended(api_key[0], Status.SENT, 6)
     jobs.install(Deliverer(settings, MemoryMailer(), make_renderer(settings), redis=redis_conn))
     try:
-        job = Queue(CONTROL_QUEUE, connection=redis_conn).enqueue("notifier.jobs.purge")
+        (queue,) = {q for job_id, _, _, q in periodic_jobs(settings) if job_id == PURGE_JOB_ID}
+        assert queue == "notifier.low"  # never ahead of waiting mail
+        job = Queue(queue, connection=redis_conn).enqueue("notifier.jobs.purge")
         run_worker_until_idle(redis_conn)
     finally:
         jobs.install(None)
