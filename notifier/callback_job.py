@@ -23,6 +23,11 @@ class CallbackGaveUp(PermanentDeliveryError):
     """The caller's callback endpoint refused or kept failing; we stop trying."""
 
 
+class AnsweredThenMovedOn(CallbackRetry):
+    """The receiver took the event it was posted (2xx), and the notification has moved on to another
+    final state meanwhile: the job is retried for the event owed now. Counted as delivered."""
+
+
 def post_owed(settings: Settings, notification_id: str) -> str:
     """POST the signed status event owed for a notification to the caller's callback_url, once per
     attempt; RQ retries what may pass. Returns what happened."""
@@ -76,16 +81,17 @@ def _post(settings: Settings, notification: Notification) -> str:
             raise CallbackGaveUp(str(exc)) from exc
         raise
     if not _outcome(notification, CallbackStatus.DELIVERED, f"callback delivered: HTTP {code}"):
-        raise _moved_on(notification)
+        raise _moved_on(notification, answered=True)
     return "delivered"
 
 
-def _moved_on(notification: Notification) -> CallbackRetry:
+def _moved_on(notification: Notification, answered: bool = False) -> CallbackRetry:
     # The job of the event owed now, run by another worker while this one held the callback
     # (callbacks.turn), skipped it: this job, retried, posts it at the next interval, rather than the
     # reconciler a pass or two later. (Out of retries, the job fails and the reconciler queues it.)
-    return CallbackRetry(f"the {notification.status} event was posted, and the notification has moved on; "
-                         "the event owed now goes next")
+    return (AnsweredThenMovedOn if answered else CallbackRetry)(
+        f"the {notification.status} event was posted, and the notification has moved on; the event owed now goes "
+        "next")
 
 
 def _outcome(notification: Notification, state: CallbackStatus | None, reason: str) -> bool:

@@ -563,6 +563,9 @@ class Deliverer:
         except callback_job.CallbackGaveUp:
             metrics.callback(self._counts, "gave_up")
             raise
+        except callback_job.AnsweredThenMovedOn:
+            metrics.callback(self._counts, "delivered")  # its receiver took it; the next event is another's
+            raise
         except CallbackRetry:
             metrics.callback(self._counts, "retried")
             raise

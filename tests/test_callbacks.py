@@ -23,6 +23,7 @@ from notifier.models import Notification, Status, utcnow
 from notifier.queues import CALLBACK_QUEUE, callback_job_id_for, enqueue_callback
 from notifier.reconciler import reconcile
 from tests.helpers import LITERAL, installed_deliverer, make_notification, reload, run_worker_until_idle
+from tests.operators import collect_metrics, value
 
 pytestmark = pytest.mark.integration
 
@@ -369,6 +370,9 @@ def test_an_event_owed_while_another_worker_posts_the_one_before_goes_out_withou
         "callback delivered: HTTP 200, to the failed event: the notification is sent now",
         "callback delivered: HTTP 200",
     ]
+    samples = collect_metrics(redis_conn)  # two events, each taken by the receiver: nothing retried
+    assert value(samples, "notifier_callbacks_total", outcome="delivered") == 2
+    assert value(samples, "notifier_callbacks_total", outcome="retried") == 0
 
 def test_requeued_dead_letter_never_posts_a_non_final_callback(pg_settings, pg_db, headers, receiver, smtp,
                                                                redis_conn):
@@ -705,8 +709,6 @@ def test_a_redirect_to_a_huge_target_is_named_cut_short():
 
 
 def test_each_callback_attempt_is_counted_by_how_it_ended(api, headers, live_deliverer, receiver, smtp, redis_conn):
-    from tests.operators import collect_metrics, value
-
     receiver.codes.extend([503, 429, 200, 410])
     _send(api, headers, callback_url=receiver.url)
     run_worker_until_idle(redis_conn)  # 503 and 429 retried, then 200
