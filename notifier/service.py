@@ -139,19 +139,19 @@ class NotificationService:
                         # by a version without it): answer as that request's replay.
                         earlier = self._holder(api_key, draft, exc)
         except UNAVAILABLE_ERRORS as exc:
-            notification, earlier = self._stored_anyway(written, exc)[written[0].fields["id"]], None
+            notification, earlier = self._stored_anyway(api_key, written, exc)[written[0].fields["id"]], None
         if earlier is not None:
             return earlier, True
         self.hand_over(notification)
         return notification, False
 
-    def _stored_anyway(self, written: list[Draft], exc: Exception) -> dict[str, Notification]:
+    def _stored_anyway(self, api_key: ApiKey, written: list[Draft], exc: Exception) -> dict[str, Notification]:
         """After exc broke the transaction that wrote these drafts: the notifications its commit made
         after all (the answer lost with the connection, not the commit), by id. Raises exc again when
         it made none, nothing was written, or the database cannot be asked: then the 503 is true."""
         if not written or not commits.in_doubt(exc):
             raise exc
-        found = commits.stored(Notification._meta.database, [draft.fields["id"] for draft in written])
+        found = commits.stored(Notification._meta.database, api_key.id, [draft.fields["id"] for draft in written])
         if not found:
             raise exc
         return found
@@ -206,7 +206,7 @@ class NotificationService:
                     idempotency.hold_batch(api_key, list(keys.values()))
                 stored = self._store_batch(api_key, payloads, keys, results, savepoint=bool(keys), written=written)
         except UNAVAILABLE_ERRORS as exc:
-            found = self._stored_anyway([draft for _, draft in written], exc)
+            found = self._stored_anyway(api_key, [draft for _, draft in written], exc)
             # One transaction: those written and not found were answered as replays or refusals in it.
             stored = [found[draft.fields["id"]] for _, draft in written if draft.fields["id"] in found]
             for index, draft in written:
@@ -307,7 +307,7 @@ class NotificationService:
                 written.clear()
                 results = self._emit_once(api_key, event, key, written)
         except UNAVAILABLE_ERRORS as exc:
-            found = self._stored_anyway(written, exc)
+            found = self._stored_anyway(api_key, written, exc)
             if len(found) < len(written):  # one transaction: never part of it
                 raise
             results = [(found[draft.fields["id"]], False) for draft in written]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import socket
 import struct
 import threading
+import time
 
 
 class CutProxy:
@@ -23,6 +24,7 @@ class CutProxy:
         self.port = self.listener.getsockname()[1]
         self.marker: bytes | None = None
         self.before_reply = False  # cut the request instead: the server never sees the statement
+        self.late: float | None = None  # cut the client at once; the server gets the statement this much later
         self.cuts = 0
         self._lock = threading.Lock()
         self._closed = False
@@ -31,11 +33,13 @@ class CutProxy:
     def url(self, database: str) -> str:
         return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
 
-    def cut_answer_to(self, marker: bytes, *, before_reply: bool = False) -> None:
+    def cut_answer_to(self, marker: bytes, *, before_reply: bool = False, late: float | None = None) -> None:
         """Cut the next connection that sends marker: after the server answers it (the statement ran,
-        and committed if it was a commit), or before the server sees it when before_reply."""
+        and committed if it was a commit), or before the server sees it when before_reply. late: the
+        client is cut at once and the server gets the statement that many seconds later (a COMMIT
+        still on its way when the client gave up), its answer going nowhere."""
         with self._lock:
-            self.marker, self.before_reply = marker, before_reply
+            self.marker, self.before_reply, self.late = marker, before_reply, late
 
     def close(self) -> None:
         self._closed = True
@@ -65,6 +69,13 @@ class CutProxy:
                 if self.before_reply:
                     self._cut(client, upstream)
                     return
+                if self.late is not None:
+                    self._cut(client)
+                    time.sleep(self.late)
+                    upstream.sendall(data)
+                    time.sleep(0.5)  # its answer, read and dropped by _answers
+                    self._cut(upstream, counted=False)
+                    return
                 state["cut_next_answer"] = True
             upstream.sendall(data)
         _shut(upstream)
@@ -80,8 +91,8 @@ class CutProxy:
                 break
         _shut(client)
 
-    def _cut(self, *socks) -> None:
-        self.cuts += 1
+    def _cut(self, *socks, counted: bool = True) -> None:
+        self.cuts += counted
         for sock in socks:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # a reset
             try:

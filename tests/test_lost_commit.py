@@ -100,3 +100,22 @@ def test_a_connection_lost_before_the_commit_reached_the_server_is_503_and_store
     assert response.status_code == 503
     assert _stored() == []
     assert _queued(redis_conn) == 0
+
+
+@pytest.mark.parametrize(("path", "extra"), [("/api/notifications/send", {"Idempotency-Key": "k3"}),
+                                            ("/api/notifications/batch", {})])
+def test_a_commit_that_reaches_the_server_after_the_client_gave_up_is_waited_for(
+        cut_client, headers, proxy, redis_conn, path, extra):
+    # The COMMIT is still on its way when the connection is lost: read at once, the rows were not there
+    # yet, the answer was 503 "nothing stored", and the commit landed half a second later, for the
+    # reconciler to send (an unkeyed batch retried: every email twice).
+    body = LITERAL if path.endswith("send") else {"notifications": [{**LITERAL, "to": f"u{i}@example.com"}
+                                                                    for i in range(201)]}  # two chunks: a COMMIT
+    proxy.cut_answer_to(b"COMMIT", late=0.3)
+    response = cut_client.post(path, json=body, headers=headers | extra)
+    assert proxy.cuts == 1
+    assert response.status_code == 202, response.get_json()
+    answer = response.get_json()
+    answered = [answer["id"]] if path.endswith("send") else [r["id"] for r in answer["results"]]
+    assert sorted(_stored()) == sorted(answered)
+    assert _queued(redis_conn) >= 1
