@@ -189,10 +189,22 @@ class UtcDateTime(fields.DateTime):
 
 
 class Seconds(fields.Integer):
-    """A whole number of seconds: 60 or 60.0. marshmallow's Integer cuts 1.5 to 1 without a word."""
+    """A whole number of seconds: 60 or 60.0, a JSON number. marshmallow's Integer cuts 1.5 to 1 without
+    a word, and takes any string int() reads ("60", " 60 "): the document says integer, and a caller
+    sending text there has a bug a stricter server would refuse."""
 
     def _validated(self, value):
-        if isinstance(value, float) and not value.is_integer():
+        if not isinstance(value, int | float) or (isinstance(value, float) and not value.is_integer()):
+            raise self.make_error("invalid")
+        return super()._validated(value)
+
+
+class QueryInteger(fields.Integer):
+    """A whole number in a query string: ASCII digits only. int() also reads " 5", "1_0" and "\u0665"
+    (an Arabic-Indic five), none of them the integer the document names."""
+
+    def _validated(self, value):
+        if not (isinstance(value, str) and value.isascii() and value.isdigit()):
             raise self.make_error("invalid")
         return super()._validated(value)
 
@@ -336,7 +348,7 @@ class UserPathSchema(StrictSchema):
 
 
 class PageQuerySchema(StrictSchema):
-    limit = fields.Integer(load_default=50, validate=validate.Range(min=1))
+    limit = QueryInteger(load_default=50, validate=validate.Range(min=1))
     cursor = fields.String(validate=validate.Length(min=1, max=64))
 
 

@@ -242,7 +242,9 @@ def test_the_address_filter_takes_any_case(client, headers, api_key):
 
 
 @pytest.mark.parametrize("query", ["limit=0", "limit=100000", "status=lost", "cursor=%%%", "created_after=yesterday",
-                                   "colour=red", "status=queued&status=failed", "limit=5&limit=5"])
+                                   "colour=red", "status=queued&status=failed", "limit=5&limit=5",
+                                   # int() reads these as 10, 5 and 5: not the integer the document names.
+                                   "limit=1_0", "limit=%205", "limit=%D9%A5", "limit=5.0"])
 def test_bad_list_queries_are_422(client, headers, query):
     _assert_envelope(client.get(f"/api/notifications?{query}", headers=headers), 422, "validation_error")
 
@@ -316,3 +318,37 @@ def test_the_digest_template_is_not_sent_by_callers(client, headers):
     unknown = client.post("/api/notifications/send", json={"to": "a@example.com", "template": "nope"}, headers=headers)
     assert "digest" not in unknown.get_json()["error"]["details"]["template"][0]
     assert _count_rows() == (0, 0)
+
+
+@pytest.mark.parametrize("path, payload", [
+    ("/api/notifications/send", {**LITERAL, "delay_seconds": "60"}),
+    ("/api/notifications/send", {**LITERAL, "ttl_seconds": "3600"}),
+    ("/api/notifications/send", {**LITERAL, "delay_seconds": "6e1"}),
+    ("/api/notifications/send-verification", {**VERIFICATION, "ttl_seconds": "60"}),
+    ("/api/notifications/batch", {"notifications": [{**LITERAL, "delay_seconds": "60"}]}),
+])
+def test_a_number_given_as_a_string_is_422(client, headers, path, payload):
+    # The document says integer; marshmallow's Integer took any string int() takes ("60", " 60"), so a
+    # caller's bug (a number formatted as text) was accepted here and refused by any stricter server.
+    error = _assert_envelope(client.post(path, json=payload, headers=headers), 422, "validation_error")
+    assert "seconds" in json.dumps(error["details"])
+    assert _count_rows() == (0, 0)
+
+
+def test_a_whole_number_of_seconds_written_as_a_float_is_still_taken(client, headers):
+    response = client.post("/api/notifications/send", json={**LITERAL, "delay_seconds": 60.0}, headers=headers)
+    assert response.status_code == 202, response.get_data(as_text=True)
+
+
+@pytest.mark.parametrize("path", [
+    "/api/notifications/send", "/api/notifications/abc", "/api/notifications", "/api/events",
+    "/api/users/u1/preferences", "/api/suppressions", "/api/dead-letters", "/api/health", "/api/openapi.json",
+    "/unsubscribe/some-token",
+])
+def test_options_answers_204_with_allow_and_no_body(client, headers, path):
+    # Flask's own answer was 200 with an empty text/html body: neither the JSON envelope nor nothing.
+    response = client.options(path, headers=headers)
+    assert response.status_code == 204, response.get_data(as_text=True)
+    assert response.get_data() == b""
+    assert "Content-Type" not in response.headers
+    assert "OPTIONS" in response.headers["Allow"].split(", ")
