@@ -87,6 +87,17 @@ def register_error_handlers(app: Flask) -> None:
         return error_response(500, "internal_error", "an unexpected error occurred")
 
 
+class Api(Flask):
+    """Flask, answering OPTIONS with 204 and its Allow header alone: Flask's own answer was 200 with an
+    empty text/html body, neither the JSON envelope every other answer has nor nothing."""
+
+    def make_default_options_response(self):
+        response = super().make_default_options_response()
+        response.status_code = 204
+        del response.headers["Content-Type"]
+        return response
+
+
 # After a request this large (a big batch), freed memory is handed back to the system.
 LARGE_REQUEST_BYTES = 64 * 1024
 
@@ -96,7 +107,7 @@ def create_app(settings: Settings | None = None, *, redis=None) -> Flask:
     settings = settings or load_settings()
     configure_logging(settings)
     warn_if_links_can_be_forged(settings)
-    app = Flask(__name__)
+    app = Api(__name__)
     # werkzeug answers a path with `//` in it by a 308 to the merged path, with an HTML body: outside
     # the error envelope, and a second request for a path no client meant. It is a 404 like any other.
     app.url_map.merge_slashes = False

@@ -335,3 +335,12 @@ def test_dashboard_actions_a_browser_sends_for_another_site_are_403_and_change_n
     assert own.status_code == 200
     assert _failed_jobs(redis_conn) == set()
     assert ops.get(f"/rq/requeue/{DEFAULT_QUEUE}", auth=OPERATOR).status_code == 200
+
+
+@pytest.mark.parametrize("path", ["/metrics", "/rq/"])
+def test_options_of_an_operator_page_answers_204_with_allow_and_no_body(ops, path):
+    _assert_refused(ops.options(path))
+    response = ops.options(path, auth=OPERATOR)
+    assert response.status_code == 204, response.get_data(as_text=True)
+    assert response.get_data() == b"" and "Content-Type" not in response.headers
+    assert "GET" in response.headers["Allow"].split(", ")
