@@ -332,17 +332,21 @@ class PreferencesSchema(StrictSchema):
 
 
 def _path_user_id(value: str) -> None:
-    # "email:<address>" names the preferences of mail sent to that address with no user id: as long as
-    # an address may be. Held to 200 characters, those of an address over 194 could not be read or set.
+    # "email:<address>" names the preferences of mail sent to that address with no user id: any address
+    # a send takes as `to` (held to 200 characters, those of one over 194 could not be read or set), and
+    # only those: the preferences of "email:x" were stored, and no mail ever read them.
     if value.startswith(ADDRESS_KEY_PREFIX):
-        validate.Length(min=len(ADDRESS_KEY_PREFIX) + 1, max=len(ADDRESS_KEY_PREFIX) + ADDRESS_MAX)(value)
+        _ADDRESS.deserialize(value.removeprefix(ADDRESS_KEY_PREFIX))
     else:
         USER_ID(value)
 
 
+_ADDRESS = Email()
+
+
 class UserPathSchema(StrictSchema):
     """The user id a route takes in its path, held to the same limits as one in a body (an address's
-    own, "email:<address>", to those of an address)."""
+    own, "email:<address>", to those of `to`)."""
 
     user_id = fields.String(required=True, validate=_path_user_id)
 

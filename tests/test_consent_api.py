@@ -665,3 +665,15 @@ def test_an_addresss_own_preferences_are_read_and_set_by_its_path(client, header
     assert _prefs(client, headers, "email:ann@example.com")["categories"]["marketing"] == "off"
     sent = _send(client, headers, {**LITERAL, "to": "Ann@Example.com", "category": "marketing"})
     assert sent["status"] == "suppressed"
+
+
+@pytest.mark.parametrize("user_id", ["email:x", "email:ann@", "email:@example.com", "email:ann example@x.com",
+                                     "email:änn@example.com", "email:" + "a" * 65 + "@example.com"])
+def test_a_path_naming_an_address_that_is_not_one_is_422(client, headers, user_id):
+    # Stored under "email:x", preferences no mail ever reads (mail goes only to addresses a send takes).
+    error = _error(_put(client, headers, {"categories": {"marketing": "off"}}, user_id), 422)
+    assert "user_id" in error["details"]
+    _error(client.get(f"/api/users/{user_id}/preferences", headers=headers), 422)
+    _error(client.get(f"/api/notifications/user/{user_id}/stats", headers=headers), 422)
+    with database.connection_context():
+        assert Preference.select().count() == 0

@@ -129,8 +129,8 @@ ACCEPTED_HEADERS = {
                                            "idempotency key; nothing new was sent",
                             "schema": {"type": "string", "enum": ["true"]}},
 }
-USER_ID_422 = ("`validation_error`: the user id in the path is longer than 200 characters (after `email:`, an "
-               "address longer than 254)")
+USER_ID_422 = ("`validation_error`: the user id in the path is longer than 200 characters, or after `email:` is "
+               "not an address `to` would take")
 IDEMPOTENCY_409 = "`idempotency_key_reused`: this idempotency key was used for a different request"
 SEND_DESCRIPTION = (
     "Stored first, then queued; a rejected request stores nothing. `send_at`/`delay_seconds` send later, "
@@ -141,8 +141,8 @@ SEND_DESCRIPTION = (
 PATH_PARAMETERS = {
     "notification_id": "the notification's id, as returned when it was accepted",
     "user_id": "your id for the user (1 to 200 characters, as `user_id` in a request body), or `email:<address>` "
-               "for the preferences of mail sent to that address without one; a `/` in it may be "
-               "written as it is or as `%2F`",
+               "(an address `to` would take) for the preferences of mail sent to that address without one; a `/` in "
+               "it may be written as it is or as `%2F`",
     "email": "the suppressed address",
 }
 
