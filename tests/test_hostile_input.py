@@ -492,6 +492,36 @@ def test_what_gunicorn_refuses_itself_gets_the_json_envelope_too(pg_settings, pg
     assert credentials not in text
 
 
+def test_an_idempotency_key_header_beyond_ascii_or_given_twice_is_422(pg_settings, pg_db, api_key, tmp_path):
+    # The server hands a header's bytes on as Latin-1 (WSGI): "ключ" sent as UTF-8 was stored as
+    # "ÐºÐ»Ñ\x8eÑ\x87", another key than "ключ" in the body. And it joins a header given twice with a
+    # comma: "a" and "b" became the one key "a,b", which no single request gave.
+    def post(path: bytes, payload: dict, *headers: bytes) -> tuple[int, dict]:
+        body = json.dumps(payload).encode()
+        status, answer = _raw_http(port, b"POST " + path + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                                         b"Content-Type: application/json\r\nX-API-Key: " + api_key[1].encode()
+                                   + b"".join(b"\r\nIdempotency-Key: " + h for h in headers)
+                                   + b"\r\nContent-Length: " + str(len(body)).encode(), body)
+        return status, json.loads(answer)
+
+    event = {"type": EVENT, "user": {"id": "u-1", "email": "eve@example.com"}, "data": {"code": "123456"}}
+    with _gunicorn(pg_settings, tmp_path) as (port, _):
+        for path, payload in ((SEND.encode(), LITERAL), (b"/api/events", event)):
+            status, answer = post(path, payload, "ключ".encode())
+            assert (status, answer["error"]["code"]) == (422, "validation_error"), answer
+            assert "Idempotency-Key" in answer["error"]["details"]
+        for twice in ((b"a", b"b"), (b"k", b"k")):
+            status, answer = post(SEND.encode(), LITERAL, *twice)
+            assert (status, answer["error"]["code"]) == (422, "validation_error"), answer
+            assert "Idempotency-Key" in answer["error"]["details"]
+        assert notification_count() == 0
+        # In the body, JSON is UTF-8: the key is read as written, and replays.
+        first = post(SEND.encode(), LITERAL | {"idempotency_key": "ключ"})
+        assert first[0] == 202, first
+        assert post(SEND.encode(), LITERAL | {"idempotency_key": "ключ"}) == first
+    assert notification_count() == 1
+
+
 def test_gunicorn_believes_no_forwarding_header_itself(pg_settings, pg_db, tmp_path):
     # gunicorn takes these from a peer on 127.0.0.1 (the test's, or a proxy's on the same host): a
     # SCRIPT_NAME the path does not start with was a 500, one it does moved every route (404), and

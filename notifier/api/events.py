@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, jsonify, request, url_for
+from flask import Blueprint, jsonify, url_for
 
-from notifier.api.common import current_key, json_body, require_api_key, service
-from notifier.api.notifications import IDEMPOTENCY_HEADER
+from notifier.api.common import current_key, idempotency_header, json_body, require_api_key, service
 from notifier.schemas import EventSchema, UtcDateTime
 
 bp = Blueprint("events", __name__, url_prefix="/api/events")
@@ -18,7 +17,7 @@ _dt = UtcDateTime()
 def emit():
     """Accept an event (user.signup, password.reset_requested, order.placed, ...); 202 with what it caused."""
     event = json_body(_event)
-    results = service().emit(current_key(), event, request.headers.get(IDEMPOTENCY_HEADER))
+    results = service().emit(current_key(), event, idempotency_header())
     created = [
         {
             "id": n.id,

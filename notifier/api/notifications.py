@@ -9,6 +9,7 @@ from werkzeug.exceptions import MethodNotAllowed
 from notifier import listing, store
 from notifier.api.common import (
     current_key,
+    idempotency_header,
     json_body,
     json_items,
     page_query,
@@ -39,7 +40,6 @@ _one = NotificationDetailSchema()
 _many = NotificationSchema(many=True)
 
 
-IDEMPOTENCY_HEADER = "Idempotency-Key"
 BATCH_WAIT_SECONDS = 10.0
 
 
@@ -57,7 +57,7 @@ def _accepted_response(result):
 def send():
     """Accept an email for delivery."""
     body = json_body(_send)
-    return _accepted_response(service().send(current_key(), body, request.headers.get(IDEMPOTENCY_HEADER)))
+    return _accepted_response(service().send(current_key(), body, idempotency_header()))
 
 
 @bp.post("/batch")
@@ -91,7 +91,7 @@ def _send_batch():
             payloads.append(None)
             errors[index] = {"code": "validation_error", "message": "the item has invalid fields",
                              "details": exc.normalized_messages()}
-    outcomes = service().send_batch(current_key(), payloads, request.headers.get(IDEMPOTENCY_HEADER))
+    outcomes = service().send_batch(current_key(), payloads, idempotency_header())
     results = []
     for index, outcome in enumerate(outcomes):
         if index in errors:
@@ -120,7 +120,7 @@ def send_verification():
     """Accept a verification email, sent at high priority."""
     body = json_body(_verification)
     return _accepted_response(
-        service().send_verification(current_key(), body, request.headers.get(IDEMPOTENCY_HEADER))
+        service().send_verification(current_key(), body, idempotency_header())
     )
 
 

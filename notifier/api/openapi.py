@@ -137,7 +137,8 @@ def build(app: Flask, registry: dict[tuple[str, str], Op], path_parameters: dict
     spec.components.parameter("Idempotency-Key", "header", {
         "description": "The same key and payload return the original notification and send nothing "
                        "(header Idempotent-Replayed: true); the same key with another payload is 409. "
-                       "Same as the idempotency_key field; if both are given they must match",
+                       "Same as the idempotency_key field; if both are given they must match. ASCII only, given "
+                       "once and without a comma (else 422): a key beyond ASCII or with a comma goes in the field",
         "required": False,
         "schema": {"type": "string", "minLength": 1, "maxLength": 255},
     })
