@@ -283,8 +283,10 @@ _QUOTED_LOCAL = r'(?:(?<!\\)"(?:[^"\\\r\n]|\\[^\r\n])*+"|%22(?:[^%\s]|%(?!22))*+
 # quoted address ("ada@example.com") is a run of its own, masked as such.
 _ADDRESS = re.compile(r"(?:" + _QUOTED_LOCAL + r"(?=@|%40)|[A-Za-z0-9.!#$&'*+=?^_`{|}~\"-]|%22)+"
                       r"(?P<domain>(?:@|%40)" + _DOMAIN + ")?")
-_API_KEY = re.compile(r"\b(nfy_[0-9a-f]+_)[A-Za-z0-9_-]+")
-_SECRET = re.compile(r"\b(whsec_)[A-Za-z0-9_-]+")
+# Wherever they start: with a word boundary wanted before them, a key run on from a word of the
+# caller's own (an X-Request-ID "req_nfy_..."; "_" is a word character) was logged whole.
+_API_KEY = re.compile(r"(nfy_[0-9a-f]+_)[A-Za-z0-9_-]+")
+_SECRET = re.compile(r"(whsec_)[A-Za-z0-9_-]+")
 # The credentials of an Authorization header (the operators' basic auth: base64 is not a mask) where a
 # line quotes the header: gunicorn's refusal of a malformed one ("Invalid HTTP Header: 'Authorization
 # Basic b3Bz...'", the colon forgotten) quotes the whole line. A known scheme, or a ":" or "=" after the
@@ -293,10 +295,14 @@ _SECRET = re.compile(r"\b(whsec_)[A-Za-z0-9_-]+")
 # The name may follow an underscore: WSGI calls the header HTTP_AUTHORIZATION.
 # Possessive, each run of blanks read once: with plain \s* around the optional quote, a line of
 # "authorization:" and thousands of blanks took seconds, being tried every way of splitting them.
+# Without the ":", in a quoted header line as gunicorn's refusal has it ('Authorization ApiKey s3cr3t',
+# 'Authorization s3cr3t', Proxy-Authorization's alike), any scheme is passed over too: the quote before
+# the name says it is the header.
 _SCHEME = r"(?:basic|bearer|digest|token|negotiate)\s++"
 _ANY_SCHEME = r"(?:[a-z0-9!#$%&*+.^_`|~-]++\s++)?"  # RFC 9110's token, then the blank that ends it
 _AUTHORIZATION = re.compile(r"((?<![a-z0-9])authorization\b['\"]?\s*+(?:[:=]\s*+['\"]?\s*+" + _ANY_SCHEME + "|"
-                            + _SCHEME + r"))[^\s'\",;]+", re.IGNORECASE)
+                            + _SCHEME + r")|(?<=['\"])(?:proxy-)?authorization\s++" + _ANY_SCHEME + r")[^\s'\",;]+",
+                            re.IGNORECASE)
 # An unsubscribe link's token is the credential that unsubscribes (notifier.unsubscribe).
 _UNSUBSCRIBE_TOKEN = re.compile(r"(/unsubscribe/)[A-Za-z0-9._~%+=-]+")
 # From "://" on, whatever the scheme before it: matched from the scheme, a line of "a.a.a..." was tried

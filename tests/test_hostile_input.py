@@ -481,6 +481,10 @@ def test_what_gunicorn_refuses_itself_gets_the_json_envelope_too(pg_settings, pg
         status, body = _raw_http(port, b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
                                        b"Authorization Basic " + credentials.encode())
         assert (status, json.loads(body)["error"]["code"]) == (400, "bad_request")
+        # A scheme of the caller's own, or none, on the same line: its credentials were logged whole.
+        for line in (b"Authorization ApiKey ZQ-own-scheme-s3cr3t", b"Authorization ZQ-no-scheme-s3cr3t"):
+            status, body = _raw_http(port, b"GET /api/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n" + line)
+            assert (status, json.loads(body)["error"]["code"]) == (400, "bad_request")
         with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
             sock.sendall(b"POST /api/health HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: xchunked\r\n\r\n")
             answer = sock.recv(65536)
@@ -489,7 +493,9 @@ def test_what_gunicorn_refuses_itself_gets_the_json_envelope_too(pg_settings, pg
         assert json.loads(answer.partition(b"\r\n\r\n")[2])["error"]["code"] == "not_implemented"
     text = log.read_text()
     assert "Invalid HTTP Header: 'Authorization Basic [redacted]'" in text
-    assert credentials not in text
+    assert "Invalid HTTP Header: 'Authorization ApiKey [redacted]'" in text
+    assert "Invalid HTTP Header: 'Authorization [redacted]'" in text
+    assert credentials not in text and "s3cr3t" not in text
 
 
 def test_an_idempotency_key_header_beyond_ascii_or_given_twice_is_422(pg_settings, pg_db, api_key, tmp_path):

@@ -105,6 +105,10 @@ def test_log_format_is_json_unless_told_text():
     # Well-formed, but a secret a caller put in the wrong header: logged whole, on every line.
     ("nfy_0123456789ab_Zx-_9secretsecretsecretsecretsecretsecre", False), ("whsec_abcDEF-123_x", False),
     ("nfy_is-a-prefix", True),
+    # A key or secret run on from a word (a prefix of the caller's own): the patterns wanted a word
+    # boundary before "nfy_" and "whsec_", so these were kept, and logged whole on every line.
+    ("req_nfy_0123456789ab_Zx-_9secretsecretsecretsecretsecretsecre", False),
+    ("req1nfy_0123456789ab_Zx-_9secretsecretsecretsecretsecretsecre", False), ("trace_whsec_abcDEF-123_x", False),
 ])
 def test_a_callers_request_id_is_kept_only_when_well_formed(header, kept):
     found = request_id_from(header)
@@ -131,12 +135,17 @@ def test_every_response_carries_the_request_id_even_errors(sqlite_settings, sqli
     assert len(generated) == 32
 
 
-def test_an_api_key_given_as_the_request_id_is_neither_logged_nor_echoed(sqlite_settings, sqlite_db, capsys):
-    key = "nfy_0123456789ab_Zx-_9secretsecretsecretsecretsecretsecre"
+@pytest.mark.parametrize("wrap", ["{}", "req_{}", "req-{}.2", "X{}"])
+def test_an_api_key_given_as_the_request_id_is_neither_logged_nor_echoed(sqlite_settings, sqlite_db, capsys, wrap):
+    key = f"{keys.KEY_PREFIX}_0123456789ab_Zx-_9secretsecretsecretsecretsecretsecre"
     client = create_app(sqlite_settings, redis=fakeredis.FakeRedis()).test_client()
-    response = client.get("/api/notifications", headers={"X-Request-ID": key})
+    response = client.get("/api/notifications", headers={"X-Request-ID": wrap.format(key)})
     assert response.status_code == 401
     assert len(response.headers["X-Request-ID"]) == 32
+    err = capsys.readouterr().err
+    assert "Zx-_9secret" not in err and response.headers["X-Request-ID"] in err
+    # Whoever logs it: a key run on from a word is masked in any line, not only refused as an id.
+    logging.getLogger("notifier.api").warning("id %s", wrap.format(key))
     assert "Zx-_9secret" not in capsys.readouterr().err
 
 
@@ -540,7 +549,8 @@ def test_a_long_line_of_quotes_is_redacted_in_time_linear_in_its_length(line):
 
 
 @pytest.mark.parametrize("line", ["authorization:" + " " * 20_000, "Authorization: '" + "\t" * 20_000,
-                                  "authorization " * 5_000, "Authorization Basic " + " " * 20_000])
+                                  "authorization " * 5_000, "Authorization Basic " + " " * 20_000,
+                                  "'Authorization" + " " * 20_000, "'authorization '" * 5_000])
 def test_a_long_line_naming_authorization_is_redacted_in_time_linear_in_its_length(line):
     started = time.perf_counter()
     assert logs.redact(line) == line
@@ -641,6 +651,16 @@ def test_what_a_server_quotes_of_a_subject_or_line_naming_an_address_is_masked_t
     # The header as WSGI names it ("\bauthorization" never matched after HTTP_).
     ("{'HTTP_AUTHORIZATION': 'Basic b3BzOnB3ZA=='}", "{'HTTP_AUTHORIZATION': 'Basic [redacted]'}"),
     ("authorization failed for user 7", "authorization failed for user 7"),
+    # gunicorn's refusal of a header line without its colon quotes the line: only Basic, Bearer,
+    # Digest, Token and Negotiate were known there, so another scheme's credentials, or credentials
+    # with no scheme, were logged whole.
+    ("Invalid HTTP Header: 'Authorization ApiKey ZQ-s3cr3t'", "Invalid HTTP Header: 'Authorization ApiKey [redacted]'"),
+    ("Invalid HTTP Header: 'Authorization ZQ-s3cr3t'", "Invalid HTTP Header: 'Authorization [redacted]'"),
+    ("Invalid HTTP header name: 'authorization  ApiKey ZQ-s3cr3t'",
+     "Invalid HTTP header name: 'authorization  ApiKey [redacted]'"),
+    ("Invalid HTTP Header: 'Proxy-Authorization ApiKey ZQ-s3cr3t'",
+     "Invalid HTTP Header: 'Proxy-Authorization ApiKey [redacted]'"),
+    ("the 'Authorization' header is missing", "the 'Authorization' header is missing"),
 ])
 def test_an_authorization_headers_credentials_are_masked_whatever_its_scheme(line, redacted):
     assert logs.redact(line) == redacted
