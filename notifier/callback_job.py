@@ -10,7 +10,7 @@ from rq import get_current_job
 from rq.timeouts import JobTimeoutException, UnixSignalDeathPenalty
 
 from notifier import logs, queues, store
-from notifier.callbacks import CallbackRejected, CallbackRetry, event_body, post, turn
+from notifier.callbacks import CallbackRejected, CallbackRetry, event_body, event_id, post, turn
 from notifier.config import Settings
 from notifier.db import database, past_statement_timeout
 from notifier.errors import PermanentDeliveryError
@@ -64,7 +64,7 @@ def _post(settings: Settings, notification: Notification) -> str:
                     notification.callback_url,
                     body,
                     notification.api_key.callback_secret,
-                    f"{notification.id}:{notification.status}",
+                    event_id(notification),
                     settings.callback_timeout,
                 )
         except JobTimeoutException as exc:
@@ -105,16 +105,19 @@ def _outcome(notification: Notification, state: CallbackStatus | None, reason: s
     # still replaces a connection dropped meanwhile and runs the statement on the new one.)
     current = True
     if state is not None:
-        # Only while the notification is still in the status whose event was posted: requeued from the
-        # dead-letter queue and final again meanwhile (its digest too), it owes the event of its new
-        # status, which this answer says nothing of.
+        # Only while the notification is still in the very final state whose event was posted: requeued
+        # from the dead-letter queue and final again meanwhile (its digest too), it owes the event of
+        # its new outcome, which this answer says nothing of, even when that is the same status again.
         current = bool(past_statement_timeout(lambda: Notification.update(callback_status=state.value)
                                               .where((Notification.seq == notification.seq)
-                                                     & (Notification.status == notification.status)).execute()))
+                                                     & (Notification.status == notification.status)
+                                                     & (Notification.final_moves == notification.final_moves))
+                                              .execute()))
         if not current:
             # Recorded under the new status otherwise, it read as that event's outcome.
             moved = past_statement_timeout(lambda: store.get(notification.id))
-            reason += f", to the {notification.status} event: the notification is {moved.status} now"
+            now = f"{moved.status} again" if moved.status == notification.status else f"{moved.status} now"
+            reason += f", to the {notification.status} event: the notification is {now}"
     past_statement_timeout(lambda: store.record(notification.id, kind="callback", reason=reason))
     return current
 

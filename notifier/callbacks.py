@@ -1,7 +1,10 @@
 """Status callbacks to the caller: the signed JSON event, posting it, and whose turn it is to post it.
 
 A callback carries two headers:
-  Notifier-Event-Id:  the notification id and status, e.g. "4f…:sent" (the same on every retry)
+  Notifier-Event-Id:  the notification id and status, e.g. "4f…:sent", the same on every retry of the
+                      event; a notification that ends again (a dead letter requeued, its digest too)
+                      adds which time it ended, e.g. "4f…:failed:2", so that a receiver dropping
+                      duplicates by it takes the new event
   Notifier-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256 of "<t>.<raw body>" keyed with the API key's
                       callback secret>
 A receiver recomputes v1 over the raw body and rejects the call when it differs or t is old.
@@ -53,6 +56,13 @@ def event_body(notification: Notification) -> bytes:
         "metadata": notification.metadata,
     }
     return json.dumps(event, separators=(",", ":")).encode()
+
+
+def event_id(notification: Notification) -> str:
+    """The Notifier-Event-Id of the event a notification owes now: "<id>:<status>", and ":<n>" after
+    it for the n-th time the notification became final, from the second on."""
+    base = f"{notification.id}:{notification.status}"
+    return base if notification.final_moves <= 1 else f"{base}:{notification.final_moves}"
 
 
 def sign(secret: str, body: bytes, timestamp: int) -> str:

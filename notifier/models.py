@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 
 from peewee import (
+    SQL,
     BigAutoField,
     CharField,
     DateTimeField,
@@ -201,6 +202,10 @@ class Notification(BaseModel):
     callback_url = TextField(null=True)
     callback_status = CharField(max_length=16, null=True)
     callback_attempts = IntegerField(default=0)
+    # How many status changes have made it final: more than one when a dead letter (or its digest) was
+    # requeued and ended again. It tells one occurrence of an event from another of the same status
+    # (callbacks.event_id) and guards recording a callback's answer against a new occurrence.
+    final_moves = IntegerField(default=0, constraints=[SQL("DEFAULT 0")])  # in the DDL: schema._add_missing_columns
     # The RQ job that carries it when it shares one with others of its batch; None: its own job. While
     # `scheduled`, a release job of a new id that a worker put it off with (queues.release_job_id_of).
     job_id = CharField(max_length=64, null=True)

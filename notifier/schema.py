@@ -8,11 +8,11 @@ from peewee import PostgresqlDatabase
 from playhouse.migrate import PostgresqlMigrator, SqliteMigrator, migrate
 
 from notifier.keycache import CHANNEL
-from notifier.models import MODELS, Event, SchemaVersion, utcnow
+from notifier.models import FINAL_STATUSES, MODELS, Event, SchemaVersion, Status, utcnow
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 11
+SCHEMA_VERSION = 12
 # Indexes a later version replaced, dropped where an earlier one made them (5: the reconciler pages
 # owed callbacks by seq, not by updated_at; two partial indexes of version 5's first cut, before it
 # paged deadlines and send times by seq too; 6: it pages queued rows a priority at a time; 8: an
@@ -20,7 +20,8 @@ SCHEMA_VERSION = 11
 # Version 7 only adds one: a digest's items by digest_id; 9 moves the items of digests made before 7;
 # 10 replaces the index of suppressions by key alone with one by key and id, the order of the API's
 # pages of them; 11 replaces three indexes of every notification by two partial ones (models.py) and
-# moves the preferences an `email:` path stored in its own letter case to the key mail reads.
+# moves the preferences an `email:` path stored in its own letter case to the key mail reads; 12 counts
+# the moves that made each notification final (models.Notification.final_moves).
 _REPLACED_INDEXES = ("notification_callback_status_updated_at", "notifications_waiting_expires_at",
                      "notifications_scheduled_send_at", "notifications_queued_seq",
                      # The name peewee gave the key-only unique index (after the model, not the table).
@@ -65,6 +66,8 @@ def upgrade(db) -> int:
             _items_follow_their_digests(db)
         if row is not None and row.version < 11:
             _address_keys_lower_cased(db)
+        if row is not None and row.version < 12:
+            _final_moves_counted(db)
         if row is None:
             SchemaVersion.create(version=SCHEMA_VERSION)
         elif row.version < SCHEMA_VERSION:
@@ -148,6 +151,22 @@ def _address_keys_lower_cased(db) -> None:
             f'AND t."id" = (SELECT max(m."id") FROM "{table}" m WHERE {one("m")} AND {lowered("m")} = {lowered("t")})')
 
 
+def _final_moves_counted(db) -> None:
+    # Version 12 counts the moves that made a notification final (Notifier-Event-Id names which one
+    # from the second on). Counted from the history only where another can still come, a dead letter
+    # or a notification requeued from one: every other row is final for good, and its event keeps the
+    # id it had, whatever it was posted as before the upgrade.
+    mark = "%s" if isinstance(db, PostgresqlDatabase) else "?"
+    final = [status.value for status in FINAL_STATUSES]
+    marks = ", ".join([mark] * len(final))
+    db.execute_sql(
+        'UPDATE "notifications" SET "final_moves" = (SELECT count(*) FROM "notification_events" e '
+        f'WHERE e."notification_id" = "notifications"."seq" AND e."kind" = \'status\' '
+        f'AND e."from_status" IS NOT NULL AND e."to_status" IN ({marks})) '
+        f'WHERE "status" IN ({mark}) OR "status" NOT IN ({marks})',
+        (*final, Status.FAILED.value, *final))
+
+
 def _notify_key_changes(db) -> None:
     # The API caches keys and empties its cache on this notification (notifier.keycache), so that a
     # change made any way at all - the CLI, or SQL by hand - reaches every API process. Created
@@ -170,6 +189,10 @@ def _add_missing_columns(db) -> None:
     # Upgrades so far only add columns (each nullable or with a default): add whatever a table lacks.
     # One that changed a column's type would also have to make every running process reconnect: a
     # statement its connections prepared (notifier.db) then fails, "cached plan must not change result type".
+    # A NOT NULL column carries its default in its DDL (constraints=[SQL("DEFAULT ...")]) and is added
+    # as it is: peewee otherwise adds it nullable, fills every row, then sets NOT NULL, which rewrites
+    # the whole table on PostgreSQL and, on SQLite, copies the table and drops the original, whose
+    # ON DELETE CASCADE emptied the history of every notification.
     migrator = PostgresqlMigrator(db) if isinstance(db, PostgresqlDatabase) else SqliteMigrator(db)
     operations = []
     tables = set(db.get_tables())
@@ -181,6 +204,11 @@ def _add_missing_columns(db) -> None:
         for field in model._meta.sorted_fields:
             if field.column_name not in present:
                 logger.info("adding column %s.%s", table, field.column_name)
-                operations.append(migrator.add_column(table, field.column_name, field))
+                operations.append(migrator.add_column(table, field.column_name, field,
+                                                      allow_not_null=_default_in_ddl(field)))
     if operations:
         migrate(*operations)
+
+
+def _default_in_ddl(field) -> bool:
+    return any("DEFAULT" in getattr(c, "sql", "").upper() for c in field.constraints or ())

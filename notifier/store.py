@@ -201,7 +201,7 @@ def transition(
     if not allowed:
         return False
     now = utcnow()
-    _implied_changes(target, changes, PENDING_IF_CALLBACK_URL)
+    _implied_changes(target, changes, PENDING_IF_CALLBACK_URL, INCREMENT)
     db = Notification._meta.database
     assignments = {"status": target.value, "updated_at": now, **changes}
     event = [Event._meta.fields["at"].db_value(now), "status", None, target.value, reason, smtp_code, smtp_reply]
@@ -245,13 +245,14 @@ _FULL_EVENT_COLUMNS = (*_EVENT_COLUMNS, "smtp_code", "smtp_reply")
 _MOVES_AT_MOST = 5
 
 
-def _implied_changes(target: Status, changes: dict, owed_callback) -> None:
+def _implied_changes(target: Status, changes: dict, owed_callback, one_more) -> None:
     """What a move to target changes besides the status; owed_callback: how the update says "pending
-    when the caller gave a callback_url"."""
+    when the caller gave a callback_url"; one_more: how it says "final_moves plus one"."""
     if target in FINAL_STATUSES:
         # Reaching a final state owes the caller a status callback, if they asked for one.
         changes["callback_status"] = owed_callback
         changes["callback_attempts"] = 0
+        changes["final_moves"] = one_more
     elif target in (Status.QUEUED, Status.RETRYING):
         # Whatever queues it again gives it a job of its own, never a batch's shared one.
         changes.setdefault("job_id", None)
@@ -325,7 +326,8 @@ def _transition_where(where, target: Status, *, reason: str, sources: Iterable[S
         return []
     now = utcnow()
     _implied_changes(target, changes, Case(
-        None, [(Notification.callback_url.is_null(False), CallbackStatus.PENDING.value)], None))
+        None, [(Notification.callback_url.is_null(False), CallbackStatus.PENDING.value)], None),
+        Notification.final_moves + 1)
     moved: list[int] = []
     with Notification._meta.database.atomic():
         for source in allowed:

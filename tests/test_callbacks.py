@@ -19,6 +19,7 @@ from rq.timeouts import JobTimeoutException
 from app import create_app
 from notifier import callbacks, jobs, queues, store
 from notifier.db import database
+from notifier.errors import PermanentDeliveryError
 from notifier.models import Notification, Status, utcnow
 from notifier.queues import CALLBACK_QUEUE, callback_job_id_for, enqueue_callback
 from notifier.reconciler import reconcile
@@ -318,12 +319,58 @@ def test_requeued_dead_letter_posts_failed_then_sent(api, headers, live_delivere
 
     assert [c.json["status"] for c in receiver.calls] == ["failed", "sent"]
     assert [c.headers[callbacks.EVENT_ID_HEADER] for c in receiver.calls] == [
-        f"{notification_id}:failed", f"{notification_id}:sent"
+        f"{notification_id}:failed", f"{notification_id}:sent:2"
     ]
     notification = reload(notification_id)
     assert (notification.status, notification.callback_status, notification.callback_attempts) == (
         "sent", "delivered", 1)
     assert smtp.count() == 1
+
+
+def test_a_notification_that_fails_again_posts_a_new_event_id(api, headers, live_deliverer, receiver, smtp,
+                                                           redis_conn):
+    # A receiver drops duplicates by Notifier-Event-Id, as the README tells it to: the second `failed`
+    # (requeued, failed again) carried the first one's id and was dropped as a retry of it.
+    smtp.replies.append("550 5.7.1 message rejected by policy")
+    notification_id = _send(api, headers, callback_url=receiver.url)
+    run_worker_until_idle(redis_conn)
+    smtp.replies.append("550 5.7.1 rejected again")
+    receiver.codes.append(503)  # the second event's retry keeps its id
+    assert api.post(f"/api/dead-letters/{notification_id}/requeue", headers=headers).status_code == 202
+    run_worker_until_idle(redis_conn)
+
+    assert [c.json["status"] for c in receiver.calls] == ["failed", "failed", "failed"]
+    assert "rejected again" in receiver.calls[-1].json["error"]
+    assert [c.headers[callbacks.EVENT_ID_HEADER] for c in receiver.calls] == [
+        f"{notification_id}:failed", f"{notification_id}:failed:2", f"{notification_id}:failed:2"]
+    assert reload(notification_id).callback_status == "delivered"
+
+
+def test_an_answer_to_an_event_before_the_same_status_again_leaves_the_new_one_owed(
+        api, headers, live_deliverer, receiver, smtp, redis_conn):
+    # The first `failed` event is being posted when the notification is requeued and fails again: the
+    # receiver's 2xx to the first says nothing of the second, though both are `failed`.
+    smtp.replies.append("550 5.7.1 message rejected by policy")
+    notification_id = _send(api, headers, callback_url=receiver.url)
+
+    def requeued_and_failed_again_meanwhile():
+        smtp.replies.append("550 5.7.1 rejected again")
+        assert api.post(f"/api/dead-letters/{notification_id}/requeue", headers=headers).status_code == 202
+        with pytest.raises(PermanentDeliveryError):
+            jobs.deliver(notification_id)
+
+    receiver.before_answer = requeued_and_failed_again_meanwhile
+    run_worker_until_idle(redis_conn)
+    run_worker_until_idle(redis_conn)  # whatever the first run queued last
+
+    assert [c.headers[callbacks.EVENT_ID_HEADER] for c in receiver.calls] == [
+        f"{notification_id}:failed", f"{notification_id}:failed:2"]
+    assert "rejected again" in receiver.calls[-1].json["error"]
+    assert reload(notification_id).callback_status == "delivered"
+    assert _callback_events(notification_id) == [
+        "callback delivered: HTTP 200, to the failed event: the notification is failed again",
+        "callback delivered: HTTP 200",
+    ]
 
 
 def test_an_answer_to_an_earlier_event_leaves_the_one_owed_since_owed(api, headers, live_deliverer, receiver, smtp,

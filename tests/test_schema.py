@@ -10,7 +10,7 @@ import pytest
 
 from notifier import consent, keys, schema
 from notifier.db import database
-from notifier.models import DeliveryMode, Preference, SchemaVersion, Status, UserProfile, utcnow
+from notifier.models import DeliveryMode, Event, Notification, Preference, SchemaVersion, Status, UserProfile, utcnow
 from tests.helpers import make_notification
 
 
@@ -69,3 +69,27 @@ def test_an_upgrade_to_version_11_moves_preferences_an_address_path_stored_in_it
             "email:ann@example.com", "email:BOB@example.com", "email:bob@example.com", "email:Cy@x.io",
             "email:cy@x.io", "EMAIL:Dee", "User-7"}
         assert consent.get_profile(key, "email:ann@example.com").timezone == "Europe/Paris"
+
+
+@pytest.mark.parametrize("db_fixture", ["pg_db", "sqlite_db"])
+def test_an_upgrade_to_version_12_counts_the_final_moves_of_what_can_end_again(request, db_fixture):
+    # A dead letter failed once before 12 had its `failed` event posted as "<id>:failed": failing again
+    # after the upgrade must not be posted under that id again, and a receiver dropping duplicates by it
+    # would drop it.
+    db = request.getfixturevalue(db_fixture)
+    with database.connection_context():
+        key, _ = keys.create("before-12")
+        dead = make_notification(key, status=Status.FAILED)
+        requeued = make_notification(key, status=Status.QUEUED)
+        sent = make_notification(key, status=Status.SENT)
+        lines = [(dead, "sending", "failed"), (requeued, "sending", "failed"), (requeued, "failed", "queued"),
+                 (requeued, "sending", "failed"), (requeued, "failed", "queued"), (sent, "sending", "sent")]
+        for notification, source, target in lines:
+            Event.create(notification=notification.seq, kind="status", from_status=source, to_status=target)
+        Event.create(notification=dead.seq, kind="callback", from_status="failed", to_status="failed")
+        db.execute_sql('ALTER TABLE "notifications" DROP COLUMN "final_moves"')
+        SchemaVersion.update(version=11).execute()
+    assert schema.upgrade(db) == schema.SCHEMA_VERSION
+    with database.connection_context():
+        moves = {n.id: n.final_moves for n in Notification.select()}
+    assert moves == {dead.id: 1, requeued.id: 2, sent.id: 0}
