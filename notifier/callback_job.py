@@ -60,12 +60,14 @@ def _post(settings: Settings, notification: Notification) -> str:
     try:
         try:
             with _limit_until_answered(queues.callback_job_timeout(settings)):
+                key = notification.api_key  # read from the database now: a rotation applies to the next attempt
                 code = post(
                     notification.callback_url,
                     body,
-                    notification.api_key.callback_secret,
+                    key.callback_secret,
                     event_id(notification),
                     settings.callback_timeout,
+                    old_secret=key.old_callback_secret,
                 )
         except JobTimeoutException as exc:
             # RQ's limit on the job (queues.callback_job_timeout): an attempt like any other,

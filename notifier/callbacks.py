@@ -6,8 +6,9 @@ A callback carries two headers:
                       adds which time it ended, e.g. "4f…:failed:2", so that a receiver dropping
                       duplicates by it takes the new event
   Notifier-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256 of "<t>.<raw body>" keyed with the API key's
-                      callback secret>
-A receiver recomputes v1 over the raw body and rejects the call when it differs or t is old.
+                      callback secret>, and while that secret is being rotated (notifier.keys) a
+                      second v1 keyed with the one it replaces
+A receiver recomputes v1 over the raw body and rejects the call when no v1 matches or t is old.
 """
 
 from __future__ import annotations
@@ -65,24 +66,34 @@ def event_id(notification: Notification) -> str:
     return base if notification.final_moves <= 1 else f"{base}:{notification.final_moves}"
 
 
-def sign(secret: str, body: bytes, timestamp: int) -> str:
-    """The Notifier-Signature header value for body sent at timestamp."""
-    digest = hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256).hexdigest()
-    return f"t={timestamp},v1={digest}"
+def _digest(secret: str, body: bytes, timestamp: int) -> str:
+    return hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256).hexdigest()
+
+
+def sign(secret: str, body: bytes, timestamp: int, old_secret: str | None = None) -> str:
+    """The Notifier-Signature header value for body sent at timestamp: a v1 for the secret, then one for
+    the secret it replaces while a rotation lasts (as Stripe and Standard Webhooks sign)."""
+    signed = [secret] if old_secret is None else [secret, old_secret]
+    return f"t={timestamp}," + ",".join(f"v1={_digest(s, body, timestamp)}" for s in signed)
 
 
 def verify(secret: str, body: bytes, header: str, tolerance: int = 300, now: float | None = None) -> bool:
-    """What a receiver does: check the signature and that it is recent."""
+    """What a receiver does: check that one v1 of the signature is body's under secret, and that it is
+    recent. Any v1 may be the one: during a rotation of the secret there are two, the new one's first."""
     try:
-        parts = dict(item.split("=", 1) for item in header.split(","))
-        timestamp = int(parts["t"])
-    except (ValueError, KeyError):
+        parts = [item.split("=", 1) for item in header.split(",")]
+        (t,) = [value for name, value in parts if name == "t"]
+    except ValueError:
         return False
-    if abs((now or time.time()) - timestamp) > tolerance:
+    if not (t.isascii() and t.isdigit()):  # int() takes other scripts' digits and signs, which sign() never writes
         return False
+    if abs((now or time.time()) - int(t)) > tolerance:
+        return False
+    expected = _digest(secret, body, int(t)).encode()
     # As bytes: compare_digest raises TypeError for a str holding anything beyond ASCII, which a
     # forged header may, instead of answering False.
-    return hmac.compare_digest(sign(secret, body, timestamp).encode(), header.encode("utf-8", "replace"))
+    return any(hmac.compare_digest(expected, value.encode("utf-8", "replace"))
+               for name, value in parts if name == "v1")
 
 
 class _NoRedirects(urllib.request.HTTPRedirectHandler):
@@ -100,8 +111,9 @@ class _NoRedirects(urllib.request.HTTPRedirectHandler):
 _OPENER = urllib.request.build_opener(_NoRedirects)
 
 
-def post(url: str, body: bytes, secret: str, event_id: str, timeout: float) -> int:
-    """POST the event; return the HTTP status, or raise CallbackRetry / CallbackRejected."""
+def post(url: str, body: bytes, secret: str, event_id: str, timeout: float, old_secret: str | None = None) -> int:
+    """POST the event signed with secret (and old_secret, during its rotation); return the HTTP status,
+    or raise CallbackRetry / CallbackRejected."""
     if unsplittable(url):
         # Stored before the API refused such a URL: no attempt can pass, and urllib's ValueError, raised
         # before any request, failed every attempt, quoting the netloc (a password too) into the log.
@@ -116,7 +128,7 @@ def post(url: str, body: bytes, secret: str, event_id: str, timeout: float) -> i
     request.add_header("Content-Type", "application/json")
     request.add_header("User-Agent", "notifier-callbacks/1")
     request.add_header(EVENT_ID_HEADER, event_id)
-    request.add_header(SIGNATURE_HEADER, sign(secret, body, int(time.time())))
+    request.add_header(SIGNATURE_HEADER, sign(secret, body, int(time.time()), old_secret))
     try:
         with _OPENER.open(request, timeout=timeout) as response:
             return response.status

@@ -87,6 +87,8 @@ def keys_list() -> None:
         state = f"revoked {key.revoked_at:%Y-%m-%d %H:%M}" if key.revoked_at else "active"
         if key.old_prefix and not key.revoked_at:
             state += f" (rotating: previous secret {key.old_prefix} still works)"
+        if key.old_callback_secret and not key.revoked_at:
+            state += " (callback secret rotating: the previous one signs too)"
         rate = key.rate_limit or "default rate"
         click.echo(f"{key.name}\t{key.prefix}\tcreated {key.created_at:%Y-%m-%d %H:%M}\t{rate}\t{state}")
 
@@ -117,14 +119,35 @@ def keys_revoke(name: str, old_only: bool) -> None:
 
 @keys_group.command("secret")
 @click.argument("name")
-def keys_secret(name: str) -> None:
-    """Show the callback signing secret of a key."""
+@click.option("--rotate", is_flag=True, help="a new callback secret; both sign each callback until --end-rotation")
+@click.option("--end-rotation", is_flag=True, help="stop signing with the callback secret a rotation replaced")
+def keys_secret(name: str, rotate: bool, end_rotation: bool) -> None:
+    """Show the callback signing secret of a key, or rotate it."""
     from notifier.models import ApiKey
 
+    if rotate and end_rotation:
+        raise click.UsageError("--rotate or --end-rotation, not both")
     with _open():
+        if rotate:
+            secret = keys.rotate_callback_secret(name)
+            if secret is None:
+                raise click.ClickException(f"no active key named {name!r}")
+            click.echo(f"rotated the callback secret of {name!r}: callbacks are signed with the new one and the "
+                       f"previous one (two v1) until `keys secret {name} --end-rotation`.")
+            click.echo(secret)
+            return
+        if end_rotation:
+            if not keys.end_callback_rotation(name):
+                raise click.ClickException(f"no active key named {name!r} whose callback secret is being rotated")
+            click.echo(f"callbacks of {name!r} are signed with its current callback secret only")
+            return
         key = ApiKey.get_or_none(ApiKey.name == name)
     if key is None:
         raise click.ClickException(f"no key named {name!r}")
+    if key.old_callback_secret and not key.revoked_at:
+        # On stderr: stdout stays the one secret to verify with, for a script that reads it.
+        click.echo(f"rotating: the previous secret also signs until `keys secret {name} --end-rotation`:", err=True)
+        click.echo(f"  {key.old_callback_secret}", err=True)
     click.echo(key.callback_secret)
 
 

@@ -2,7 +2,11 @@
 
 A key can be rotated: the new secret works at once and the previous one keeps working until it is
 revoked (`keys revoke NAME --old`), so a caller can switch over without a moment of 401s. The API
-caches keys (notifier.keycache); a change here reaches it as soon as PostgreSQL tells it."""
+caches keys (notifier.keycache); a change here reaches it as soon as PostgreSQL tells it.
+
+Its callback secret (which signs status callbacks) is rotated the same way: the new one signs at once,
+and the one it replaced signs each callback too until the rotation ends (`keys secret NAME
+--end-rotation`), so a receiver can switch over without refusing one event."""
 
 from __future__ import annotations
 
@@ -33,10 +37,31 @@ def create(name: str, rate_limit: str | None = None) -> tuple[ApiKey, str]:
         name=name,
         prefix=prefix,
         key_hash=_hash(plaintext),
-        callback_secret=f"whsec_{secrets.token_urlsafe(32)}",
+        callback_secret=_new_callback_secret(),
         rate_limit=rate_limit,
     )
     return key, plaintext
+
+
+def _new_callback_secret() -> str:
+    return f"whsec_{secrets.token_urlsafe(32)}"
+
+
+def rotate_callback_secret(name: str) -> str | None:
+    """Give the live key named name a new callback secret, and return it; callbacks are signed with
+    both it and the current one until end_callback_rotation(). Rotating again drops the oldest."""
+    new = _new_callback_secret()
+    rotated = (ApiKey.update(old_callback_secret=ApiKey.callback_secret, callback_secret=new)
+               .where((ApiKey.name == name) & ApiKey.revoked_at.is_null()).execute())
+    return new if rotated else None
+
+
+def end_callback_rotation(name: str) -> bool:
+    """Stop signing the live key's callbacks with the callback secret its rotation replaced; False when
+    no such key is being rotated."""
+    return bool(ApiKey.update(old_callback_secret=None)
+                .where((ApiKey.name == name) & ApiKey.revoked_at.is_null()
+                       & ApiKey.old_callback_secret.is_null(False)).execute())
 
 
 def rotate(name: str) -> str | None:

@@ -150,6 +150,9 @@ class ApiKey(BaseModel):
     key_hash = CharField(max_length=64)
     # Signs status callbacks; the caller needs it back to verify them, so it is kept, not hashed.
     callback_secret = CharField(max_length=80)
+    # While the callback secret is being rotated, the one it replaced, which signs each callback too
+    # (a second v1), until the rotation ends.
+    old_callback_secret = CharField(max_length=80, null=True)
     # During a rotation the previous secret keeps working until it is revoked.
     old_prefix = CharField(max_length=16, null=True, unique=True)
     old_key_hash = CharField(max_length=64, null=True)

@@ -17,7 +17,7 @@ from rq import Queue
 from rq.timeouts import JobTimeoutException
 
 from app import create_app
-from notifier import callbacks, jobs, queues, store
+from notifier import callbacks, jobs, keys, queues, store
 from notifier.db import database
 from notifier.errors import PermanentDeliveryError
 from notifier.models import Notification, Status, utcnow
@@ -79,6 +79,40 @@ def test_sent_notification_posts_one_signed_callback(api, headers, api_key, live
     history = api.get(f"/api/notifications/{notification_id}", headers=headers).get_json()["history"]
     assert [e["kind"] for e in history] == ["status", "status", "status", "callback"]
     assert smtp.count() == 1
+
+
+def test_a_rotated_callback_secret_signs_with_both_until_the_rotation_ends(api, headers, api_key, live_deliverer,
+                                                                        receiver, smtp, redis_conn):
+    old = api_key[0].callback_secret
+    with database.connection_context():
+        new = keys.rotate_callback_secret(api_key[0].name)
+    during = _send(api, headers, callback_url=receiver.url)
+    run_worker_until_idle(redis_conn)
+    with database.connection_context():
+        assert keys.end_callback_rotation(api_key[0].name)
+    after = _send(api, headers, callback_url=receiver.url)
+    run_worker_until_idle(redis_conn)
+
+    signed_during, signed_after = receiver.calls
+    assert signed_during.json["id"] == during and signed_after.json["id"] == after
+    header = signed_during.headers[callbacks.SIGNATURE_HEADER]
+    assert header.count("v1=") == 2
+    # A receiver still on the old secret and one already on the new both take it: none is dropped.
+    assert callbacks.verify(old, signed_during.body, header) and callbacks.verify(new, signed_during.body, header)
+    header = signed_after.headers[callbacks.SIGNATURE_HEADER]
+    assert header.count("v1=") == 1
+    assert callbacks.verify(new, signed_after.body, header) and not callbacks.verify(old, signed_after.body, header)
+
+
+def test_verify_takes_any_v1_and_nothing_else():
+    now = int(time.time())
+    body = b'{"id":"n"}'
+    rotating = callbacks.sign("whsec_new", body, now, "whsec_old")
+    assert callbacks.verify("whsec_old", body, rotating) and callbacks.verify("whsec_new", body, rotating)
+    assert not callbacks.verify("whsec_other", body, rotating)
+    assert not callbacks.verify("whsec_new", body, rotating.replace("v1=", "v0=", 1).replace("v1=", "v2=", 1))
+    assert not callbacks.verify("whsec_new", body, f"t={now},{rotating}")  # two timestamps: which one?
+    assert not callbacks.verify("whsec_new", body, rotating.replace(f"t={now}", f"t={now - 3600}"))
 
 
 def test_callback_is_retried_on_503_and_429_until_delivered(api, headers, live_deliverer, receiver, smtp,

@@ -137,3 +137,41 @@ def test_keys_create_refuses_a_name_keys_list_cannot_show_on_one_line(tmp_path, 
     done = subprocess.run([sys.executable, "-m", "notifier", "keys", "create", name], env=env,
                           cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "printable characters" in done.stderr and "Traceback" not in done.stderr
+
+
+def _cli(env: dict, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "notifier", "keys", *args], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_a_callback_secret_is_rotated_from_the_command_line_and_the_overlap_ended(tmp_path):
+    env = {**os.environ, "DATABASE_URL": f"sqlite:///{tmp_path}/keys.db"}
+    assert _cli(env, "create", "billing").returncode == 0
+    first = _cli(env, "secret", "billing").stdout.strip()
+
+    rotated = _cli(env, "secret", "billing", "--rotate")
+    assert rotated.returncode == 0, rotated.stderr
+    second = rotated.stdout.strip().splitlines()[-1]
+    assert second.startswith("whsec_") and second != first
+    shown = _cli(env, "secret", "billing")
+    assert shown.stdout.splitlines() == [second] and f"  {first}" in shown.stderr.splitlines()
+    assert "callback secret rotating" in _cli(env, "list").stdout
+
+    assert _cli(env, "secret", "billing", "--end-rotation").returncode == 0
+    shown = _cli(env, "secret", "billing")
+    assert shown.stdout.splitlines() == [second] and shown.stderr == ""
+    again = _cli(env, "secret", "billing", "--end-rotation")
+    assert again.returncode == 1 and "being rotated" in again.stderr
+    assert _cli(env, "secret", "nobody", "--rotate").returncode == 1
+
+
+def test_rotating_the_callback_secret_keeps_the_api_key(created):
+    key, plaintext = created
+    new = keys.rotate_callback_secret("billing")
+
+    stored = ApiKey.get_by_id(key.id)
+    assert (stored.callback_secret, stored.old_callback_secret) == (new, key.callback_secret)
+    assert keys.authenticate(plaintext).id == key.id
+    assert keys.end_callback_rotation("billing")
+    assert ApiKey.get_by_id(key.id).old_callback_secret is None
+    assert keys.rotate_callback_secret("nobody") is None

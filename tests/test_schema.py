@@ -93,3 +93,16 @@ def test_an_upgrade_to_version_12_counts_the_final_moves_of_what_can_end_again(r
     with database.connection_context():
         moves = {n.id: n.final_moves for n in Notification.select()}
     assert moves == {dead.id: 1, requeued.id: 2, sent.id: 0}
+
+
+@pytest.mark.parametrize("db_fixture", ["pg_db", "sqlite_db"])
+def test_an_upgrade_to_version_13_lets_a_callback_secret_be_rotated(request, db_fixture):
+    db = request.getfixturevalue(db_fixture)
+    with database.connection_context():
+        key, plaintext = keys.create("before-13")
+        db.execute_sql('ALTER TABLE "api_keys" DROP COLUMN "old_callback_secret"')
+        SchemaVersion.update(version=12).execute()
+    assert schema.upgrade(db) == schema.SCHEMA_VERSION
+    with database.connection_context():
+        assert keys.rotate_callback_secret("before-13") is not None
+        assert keys.authenticate(plaintext).old_callback_secret == key.callback_secret
