@@ -68,6 +68,7 @@ def _post(settings: Settings, notification: Notification) -> str:
                     event_id(notification),
                     settings.callback_timeout,
                     old_secret=key.old_callback_secret,
+                    deny_networks=settings.callback_deny_networks,
                 )
         except JobTimeoutException as exc:
             # RQ's limit on the job (queues.callback_job_timeout): an attempt like any other,

@@ -26,6 +26,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
+from notifier.callback_targets import DeniedTarget, Networks, SlowResolution, handlers
 from notifier.db import UNAVAILABLE_ERRORS, discard_connection, is_postgres
 from notifier.models import Notification
 from notifier.schemas import UtcDateTime, port_out_of_range, unsplittable
@@ -108,12 +109,11 @@ class _NoRedirects(urllib.request.HTTPRedirectHandler):
     http_error_301 = http_error_303 = http_error_307 = http_error_308 = http_error_302
 
 
-_OPENER = urllib.request.build_opener(_NoRedirects)
-
-
-def post(url: str, body: bytes, secret: str, event_id: str, timeout: float, old_secret: str | None = None) -> int:
-    """POST the event signed with secret (and old_secret, during its rotation); return the HTTP status,
-    or raise CallbackRetry / CallbackRejected."""
+def post(url: str, body: bytes, secret: str, event_id: str, timeout: float, old_secret: str | None = None,
+         deny_networks: Networks = ()) -> int:
+    """POST the event signed with secret (and old_secret, during its rotation), to no address in
+    deny_networks; return the HTTP status, or raise CallbackRetry / CallbackRejected. timeout bounds
+    resolving the host, connecting, and each read of the answer."""
     if unsplittable(url):
         # Stored before the API refused such a URL: no attempt can pass, and urllib's ValueError, raised
         # before any request, failed every attempt, quoting the netloc (a password too) into the log.
@@ -129,9 +129,14 @@ def post(url: str, body: bytes, secret: str, event_id: str, timeout: float, old_
     request.add_header("User-Agent", "notifier-callbacks/1")
     request.add_header(EVENT_ID_HEADER, event_id)
     request.add_header(SIGNATURE_HEADER, sign(secret, body, int(time.time()), old_secret))
+    opener = urllib.request.build_opener(_NoRedirects, *handlers(deny_networks, timeout))
     try:
-        with _OPENER.open(request, timeout=timeout) as response:
+        with opener.open(request, timeout=timeout) as response:
             return response.status
+    except DeniedTarget as exc:
+        raise CallbackRejected(str(exc)) from None
+    except SlowResolution as exc:
+        raise CallbackRetry(str(exc)) from None
     except urllib.error.HTTPError as exc:
         # Not chained: urllib's error adds nothing to the code but the answer's reason phrase, which is
         # the receiver's to write (up to 64 KB, control characters and all) and reached the worker's log

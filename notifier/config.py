@@ -6,6 +6,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from email.utils import parseaddr
+from ipaddress import IPv4Network, IPv6Network, ip_network
 from urllib.parse import urlparse
 
 from notifier.errors import ConfigError
@@ -13,6 +14,10 @@ from notifier.errors import ConfigError
 SMTP_SECURITY_MODES = ("none", "starttls", "ssl")
 DEFAULT_RETRY_INTERVALS = (60, 300, 900, 1800, 3600)
 DEFAULT_CALLBACK_RETRY_INTERVALS = (10, 60, 300, 1800)
+# Where status callbacks never connect: link-local (cloud metadata at 169.254.169.254, and AWS's IPv6 one),
+# and the unspecified addresses (a connection to 0.0.0.0 reaches this machine). Private ranges and
+# loopback stay allowed: notifier runs beside its callers' own backends.
+DEFAULT_CALLBACK_DENY_NETWORKS = "169.254.0.0/16,fe80::/10,0.0.0.0/8,::/128,fd00:ec2::254/128"
 WEEKDAYS = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
 # Signs unsubscribe links when SECRET_KEY is unset; fine on a laptop, forgeable anywhere else.
 INSECURE_DEVELOPMENT_SECRET = "notifier-development-secret-do-not-use-in-production"
@@ -63,6 +68,8 @@ class Settings:
     sending_timeout: int = 300
     callback_timeout: float = 5.0
     callback_retry_intervals: tuple[int, ...] = DEFAULT_CALLBACK_RETRY_INTERVALS
+    callback_deny_networks: tuple[IPv4Network | IPv6Network, ...] = field(
+        default_factory=lambda: _networks({}, "CALLBACK_DENY_NETWORKS", DEFAULT_CALLBACK_DENY_NETWORKS))
     secret_key: str = field(default="", repr=False)
     # HTTP basic auth for /rq (the RQ dashboard) and /metrics; while either is empty nobody gets in.
     operator_username: str = ""
@@ -137,6 +144,7 @@ class Settings:
             sending_timeout=_int(env, "SENDING_TIMEOUT", defaults.sending_timeout, 1, 86400),
             callback_timeout=_float(env, "CALLBACK_TIMEOUT", defaults.callback_timeout, 3600),
             callback_retry_intervals=_intervals(env, "CALLBACK_RETRY_INTERVALS", DEFAULT_CALLBACK_RETRY_INTERVALS),
+            callback_deny_networks=_networks(env, "CALLBACK_DENY_NETWORKS", DEFAULT_CALLBACK_DENY_NETWORKS),
             port=_int(env, "PORT", defaults.port, 1, 65535),
             max_body_bytes=_int(env, "MAX_BODY_BYTES", defaults.max_body_bytes, 1024, 64 * 1024 * 1024),
             page_size_max=_int(env, "PAGE_SIZE_MAX", defaults.page_size_max, 1, 1000),
@@ -163,6 +171,21 @@ class Settings:
             log_level=_choice(env, "LOG_LEVEL", defaults.log_level, ("DEBUG", "INFO", "WARNING", "ERROR")),
             log_format=_choice(env, "LOG_FORMAT", defaults.log_format, ("json", "text")),
         )
+
+
+def _networks(env: Mapping[str, str], name: str, default: str) -> tuple[IPv4Network | IPv6Network, ...]:
+    """A comma-separated list of networks (CIDR, or one address); empty: none."""
+    raw = env.get(name, default)
+    networks = []
+    for item in (part.strip() for part in raw.split(",")):
+        if not item:
+            continue
+        try:
+            networks.append(ip_network(item, strict=False))
+        except ValueError:
+            raise ConfigError(name, f"must be comma-separated networks like 169.254.0.0/16 or fe80::/10, "
+                                    f"got {item!r}") from None
+    return tuple(networks)
 
 
 def _int(env: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:

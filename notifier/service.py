@@ -13,6 +13,7 @@ from peewee import IntegrityError, OperationalError
 from redis import Redis
 
 from notifier import commits, consent, idempotency, metrics, queues, rules, store
+from notifier.callback_targets import literal_denied
 from notifier.config import Settings
 from notifier.consent import Decision
 from notifier.db import UNAVAILABLE_ERRORS, deadlocked
@@ -74,6 +75,13 @@ class NotificationService:
         except TemplateRenderError as exc:
             raise Unprocessable("the template cannot be rendered with this data", {"data": [str(exc)]}) from exc
 
+    def check_callback_url(self, url: str) -> None:
+        """Refuse a callback_url whose host is a literal address in CALLBACK_DENY_NETWORKS (a name is
+        checked where it leads, at each attempt: notifier.callback_targets)."""
+        refused = literal_denied(url, self.settings.callback_deny_networks)
+        if refused is not None:
+            raise Unprocessable("the callback_url may not be posted to", {"callback_url": [refused]})
+
     def draft(self, api_key: ApiKey, payload: dict, key: idempotency.Key | None = None,
               lookup: consent.Lookup | None = None, earlier: Notification | None = None):
         """Check a send request (its idempotency key taken out of it already) and decide its fate,
@@ -90,6 +98,8 @@ class NotificationService:
         """draft() once the key is known to be new: the row to store under key, with request_hash."""
         if payload.get("template"):
             self.check_template(payload["template"], payload["data"])
+        if payload.get("callback_url"):
+            self.check_callback_url(payload["callback_url"])
         fields = {name: payload.get(name) for name in MESSAGE_FIELDS}
         if not payload.get("template"):
             fields["data"] = None

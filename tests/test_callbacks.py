@@ -9,6 +9,7 @@ import time
 import traceback
 from dataclasses import replace
 from datetime import timedelta
+from ipaddress import ip_network
 
 import psycopg2
 import pytest
@@ -18,6 +19,7 @@ from rq.timeouts import JobTimeoutException
 
 from app import create_app
 from notifier import callbacks, jobs, keys, queues, store
+from notifier.config import Settings
 from notifier.db import database
 from notifier.errors import PermanentDeliveryError
 from notifier.models import Notification, Status, utcnow
@@ -846,3 +848,75 @@ def test_a_redirect_to_a_location_urllib_cannot_take_apart_gives_up_as_any_redir
     with pytest.raises(callbacks.CallbackRejected, match="do not follow redirects") as refused:
         callbacks.post(url, b"{}", "secret", "n:sent", timeout=5)
     assert "ZQ" not in _logged(refused.value)
+
+
+@pytest.mark.parametrize("url", ["http://169.254.169.254/latest/meta-data/", "http://[fe80::1]:8080/hook",
+                                 "http://0.0.0.0:8080/hook", "http://[::ffff:a9fe:a9fe]/",
+                                 "https://user:pw@[::]/hook"])
+def test_a_callback_url_at_a_denied_address_is_a_422(api, headers, url):
+    response = api.post(SEND, json={**LITERAL, "callback_url": url}, headers=headers)
+
+    assert response.status_code == 422, response.get_data(as_text=True)
+    assert "CALLBACK_DENY_NETWORKS" in response.get_json()["error"]["details"]["callback_url"][0]
+    assert "pw" not in response.get_data(as_text=True)
+
+
+@pytest.mark.parametrize("url", ["http://10.1.2.3/hook", "http://192.168.0.7:8080/hook", "http://127.0.0.1/hook",
+                                 "http://[::1]/hook", "http://[fd12::1]/hook", "http://hooks.internal/hook"])
+def test_private_and_loopback_callback_urls_are_taken_by_default(api, headers, url):
+    assert api.post(SEND, json={**LITERAL, "callback_url": url}, headers=headers).status_code == 202
+
+
+def test_a_host_that_resolves_into_a_denied_network_gives_up_without_connecting(pg_settings, pg_db, headers, receiver,
+                                                                               smtp, redis_conn):
+    # "localhost" is resolved by the system (/etc/hosts) to the receiver's 127.0.0.1: with loopback
+    # denied, the name must be refused as the address would be, on the address connected to.
+    denied = replace(pg_settings, callback_deny_networks=(ip_network("127.0.0.0/8"), ip_network("::1/128")))
+    api = create_app(denied, redis=redis_conn).test_client()
+    url = receiver.url.replace("127.0.0.1", "localhost")
+    with installed_deliverer(denied, redis_conn):
+        notification_id = _send(api, headers, callback_url=url)  # a name: the API cannot know where it leads
+        run_worker_until_idle(redis_conn)
+
+    assert receiver.count() == 0
+    notification = reload(notification_id)
+    assert (notification.status, notification.callback_status, notification.callback_attempts) == (
+        "sent", "gave_up", 1)
+    (reason,) = _callback_events(notification_id)
+    assert reason.startswith("callback attempt 1 failed: 'localhost' is at 127.0.0.1, in 127.0.0.0/8, "
+                             "which callbacks may not reach (CALLBACK_DENY_NETWORKS)"), reason
+    assert reason.endswith("; giving up")
+
+
+def test_a_host_that_resolves_to_an_allowed_address_is_posted(receiver):
+    url = receiver.url.replace("127.0.0.1", "localhost")
+
+    assert callbacks.post(url, b"{}", "secret", "n:sent", timeout=5,
+                          deny_networks=Settings().callback_deny_networks) == 200
+    assert receiver.count() == 1
+
+
+def test_a_stored_callback_url_at_the_metadata_address_is_refused_before_connecting():
+    # Stored before the API refused it (or the setting changed since): no connection is tried at all.
+    started = time.monotonic()
+    with pytest.raises(callbacks.CallbackRejected, match="169.254.169.254 is in 169.254.0.0/16"):
+        callbacks.post("http://169.254.169.254/latest/meta-data/", b"{}", "secret", "n:sent", timeout=5,
+                       deny_networks=Settings().callback_deny_networks)
+    assert time.monotonic() - started < 1
+
+
+def test_a_slow_dns_lookup_ends_at_the_callback_timeout(monkeypatch, receiver):
+    # The system resolver, held up: getaddrinfo has no timeout of its own, and CALLBACK_TIMEOUT bounded
+    # only the connection and the reads after it.
+    resolve = socket.getaddrinfo
+
+    def slow_resolver(host, *args, **kwargs):
+        if host == "slow.example":
+            time.sleep(3)
+        return resolve(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", slow_resolver)
+    started = time.monotonic()
+    with pytest.raises(callbacks.CallbackRetry, match="resolving 'slow.example' took over 0.5 s"):
+        callbacks.post("http://slow.example/hook", b"{}", "secret", "n:sent", timeout=0.5)
+    assert time.monotonic() - started < 1.5

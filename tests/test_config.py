@@ -291,3 +291,16 @@ def test_a_digest_time_that_is_not_a_time_of_day_names_digest_time(raw):
     # Digits of other scripts too: a superscript one crashed the process with a ValueError, and Arabic-Indic
     # ones were taken.
     assert "DIGEST_TIME" in str(config_error({"DIGEST_TIME": raw}))
+
+
+def test_callback_deny_networks_default_to_link_local_and_unspecified_and_can_be_replaced():
+    from ipaddress import ip_network
+
+    assert {str(n) for n in Settings.from_env({}).callback_deny_networks} == {
+        "169.254.0.0/16", "fe80::/10", "0.0.0.0/8", "::/128", "fd00:ec2::254/128"}
+    extended = Settings.from_env({"CALLBACK_DENY_NETWORKS": "169.254.0.0/16, 10.0.0.0/8,192.0.2.1"})
+    assert extended.callback_deny_networks == (ip_network("169.254.0.0/16"), ip_network("10.0.0.0/8"),
+                                               ip_network("192.0.2.1/32"))
+    assert Settings.from_env({"CALLBACK_DENY_NETWORKS": ""}).callback_deny_networks == ()
+    error = config_error({"CALLBACK_DENY_NETWORKS": "169.254.0.0/16,metadata"})
+    assert error.setting == "CALLBACK_DENY_NETWORKS" and "'metadata'" in str(error)

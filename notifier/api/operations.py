@@ -135,7 +135,8 @@ IDEMPOTENCY_409 = "`idempotency_key_reused`: this idempotency key was used for a
 SEND_DESCRIPTION = (
     "Stored first, then queued; a rejected request stores nothing. `send_at`/`delay_seconds` send later, "
     "`expires_at`/`ttl_seconds` set a deadline after which it is never sent, `callback_url` gets a signed "
-    "POST when it reaches a final state."
+    "POST when it reaches a final state (a `callback_url` whose host is an address in `CALLBACK_DENY_NETWORKS`, "
+    "link-local or unspecified by default, is a 422)."
 )
 
 PATH_PARAMETERS = {

@@ -1,0 +1,117 @@
+"""Where a status callback may connect: its host resolved within CALLBACK_TIMEOUT, and never to an
+address in CALLBACK_DENY_NETWORKS (cloud metadata, link-local, unspecified by default).
+
+The check is made on the addresses the connection itself is made to, after resolving: a name that
+resolves into a denied network is refused as the address would be, and there is no second lookup
+between the check and the connection for a DNS answer to change."""
+
+from __future__ import annotations
+
+import socket
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import suppress
+from functools import partial
+from ipaddress import IPv4Network, IPv6Network, ip_address
+from urllib.parse import urlsplit
+from urllib.request import HTTPHandler, HTTPSHandler
+
+Networks = tuple[IPv4Network | IPv6Network, ...]
+
+
+class DeniedTarget(Exception):
+    """The host is, or resolves only to, addresses in a denied network: no attempt can pass."""
+
+
+class SlowResolution(Exception):
+    """Resolving the host took longer than the callback's timeout."""
+
+
+def denied_network(address: str, deny: Networks) -> IPv4Network | IPv6Network | None:
+    """The network of deny that address (an IP, an IPv6 one with its %zone too) is in, or None; an
+    IPv4-mapped IPv6 address counts as the IPv4 one it carries."""
+    ip = ip_address(address.partition("%")[0])
+    candidates = [ip] if ip.version == 4 or ip.ipv4_mapped is None else [ip, ip.ipv4_mapped]
+    return next((network for network in deny for one in candidates if one in network), None)
+
+
+def literal_denied(url: str, deny: Networks) -> str | None:
+    """Why url's host, when it is a literal IP address in a denied network, may not be posted to; None
+    otherwise (a name is only known when it is resolved, at each attempt)."""
+    host = urlsplit(url).hostname or ""
+    try:
+        network = denied_network(host, deny)
+    except ValueError:
+        return None  # a name
+    return None if network is None else _refusal(host, host, network)
+
+
+def handlers(deny: Networks, resolve_timeout: float) -> tuple[HTTPHandler, HTTPSHandler]:
+    """urllib's HTTP and HTTPS handlers whose connections resolve within resolve_timeout and refuse
+    addresses in deny."""
+    return _HTTPHandler(deny, resolve_timeout), _HTTPSHandler(deny, resolve_timeout)
+
+
+def _refusal(host: str, address: str, network) -> str:
+    return (f"{host!r} is at {address}, in {network}, which callbacks may not reach (CALLBACK_DENY_NETWORKS)"
+            if host != address else
+            f"{address} is in {network}, which callbacks may not reach (CALLBACK_DENY_NETWORKS)")
+
+
+def _resolve(host: str, port: int, timeout: float) -> list:
+    # getaddrinfo has no timeout of its own, and a signal cannot interrupt it (glibc's resolver
+    # retries its poll): a resolver that does not answer held the worker past CALLBACK_TIMEOUT and RQ's
+    # limit alike. Asked in a thread and waited for at most timeout; a thread that is still asking
+    # ends when the system resolver gives up (its own timeout and attempts, resolv.conf).
+    pool = ThreadPoolExecutor(1, thread_name_prefix="callback-dns")
+    try:
+        return pool.submit(socket.getaddrinfo, host, port, 0, socket.SOCK_STREAM).result(timeout=timeout)
+    except TimeoutError:  # the future's: getaddrinfo itself raises gaierror
+        raise SlowResolution(f"resolving {host!r} took over {timeout:g} s") from None
+    finally:
+        pool.shutdown(wait=False)
+
+
+def _connect(address: tuple[str, int], timeout: float, source_address=None, *, deny: Networks,
+             resolve_timeout: float) -> socket.socket:
+    """socket.create_connection, with the host resolved here (within resolve_timeout) and connected to
+    only at addresses outside deny."""
+    host, port = address
+    allowed, refused = [], None
+    for *_, sockaddr in _resolve(host, port, resolve_timeout):
+        network = denied_network(sockaddr[0], deny)
+        if network is None:
+            allowed.append(sockaddr[0])
+        elif refused is None:
+            refused = _refusal(host, sockaddr[0], network)
+    if not allowed:
+        raise DeniedTarget(refused)
+    # Each an address, not a name: create_connection resolves nothing more. The last one's error is raised.
+    for ip in allowed[:-1]:
+        with suppress(OSError):
+            return socket.create_connection((ip, port), timeout, source_address)
+    return socket.create_connection((allowed[-1], port), timeout, source_address)
+
+
+class _Checked:
+    """A urllib handler whose connections are made by _connect (http.client's own hook for it,
+    _create_connection, set on each connection, whatever class and arguments urllib chose)."""
+
+    def __init__(self, deny: Networks, resolve_timeout: float, **kwargs):
+        super().__init__(**kwargs)
+        self._connect = partial(_connect, deny=deny, resolve_timeout=resolve_timeout)
+
+    def do_open(self, http_class, req, **http_conn_args):
+        def checked(host, **kwargs):
+            connection = http_class(host, **kwargs)
+            connection._create_connection = self._connect
+            return connection
+
+        return super().do_open(checked, req, **http_conn_args)
+
+
+class _HTTPHandler(_Checked, HTTPHandler):
+    pass
+
+
+class _HTTPSHandler(_Checked, HTTPSHandler):
+    pass
