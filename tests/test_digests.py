@@ -121,6 +121,24 @@ def test_items_of_a_digest_the_server_refused_end_failed_and_their_callbacks_say
     assert all("5.1.1" in call.json["error"] for call in receiver.calls)
 
 
+def test_items_of_a_digest_requeued_and_failed_again_post_new_event_ids(
+        api, headers, live_deliverer, fast_settings, smtp, redis_conn, receiver):
+    # Their second `failed` event carried the first one's id: a receiver dropping duplicates by
+    # Notifier-Event-Id, as the README says to, dropped it.
+    digest, items = _daily_digest(api, headers, fast_settings, redis_conn, receiver)
+    smtp.replies.extend(["451 4.4.1 busy"] * fast_settings.max_attempts)
+    run_worker_until_idle(redis_conn)
+    _call(api, headers, "POST", f"/api/dead-letters/{digest['id']}/requeue", status=202)
+    smtp.replies.extend(["451 4.4.1 still busy"] * fast_settings.max_attempts)
+    run_worker_until_idle(redis_conn)
+
+    assert [call.json["event"] for call in receiver.calls] == ["notification.failed"] * 4
+    first, second = receiver.calls[:2], receiver.calls[2:]
+    assert {call.headers[callbacks.EVENT_ID_HEADER] for call in first} == {f"{i}:failed" for i in items}
+    assert {call.headers[callbacks.EVENT_ID_HEADER] for call in second} == {f"{i}:failed:2" for i in items}
+    assert all("still busy" in call.json["error"] for call in second)
+
+
 def test_a_digest_in_the_dead_letter_queue_fails_its_items_until_it_is_requeued_and_sent(
         api, headers, live_deliverer, fast_settings, smtp, redis_conn, receiver):
     digest, items = _daily_digest(api, headers, fast_settings, redis_conn, receiver)
