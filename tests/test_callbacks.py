@@ -718,6 +718,12 @@ def test_verify_answers_false_for_a_forged_header_beyond_ascii(forged):
     assert callbacks.verify("whsec_secret", b"{}", header) is False
 
 
+def test_verify_answers_false_for_a_timestamp_too_long_to_be_a_number():
+    # ASCII digits all, but more than Python converts (4,300 digits): int() raised ValueError out of
+    # verify(), a 500 at the receiver instead of a refused event.
+    assert callbacks.verify("whsec_secret", b"{}", "t=" + "1" * 5000 + ",v1=00") is False
+
+
 def test_a_callback_url_with_a_port_beyond_65535_is_refused(api, headers, live_deliverer, receiver, smtp, redis_conn):
     # glibc's getaddrinfo takes a numeric port modulo 65536: `:<port + 65536>` was accepted, and the
     # signed event went to <port>, another service than the one the caller named.
