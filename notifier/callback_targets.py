@@ -7,6 +7,7 @@ between the check and the connection for a DNS answer to change."""
 
 from __future__ import annotations
 
+import re
 import socket
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
@@ -38,11 +39,27 @@ def literal_denied(url: str, deny: Networks) -> str | None:
     """Why url's host, when it is a literal IP address in a denied network, may not be posted to; None
     otherwise (a name is only known when it is resolved, at each attempt)."""
     host = urlsplit(url).hostname or ""
+    address = _ipv4_form(host) or host
     try:
-        network = denied_network(host, deny)
+        network = denied_network(address, deny)
     except ValueError:
         return None  # a name
-    return None if network is None else _refusal(host, host, network)
+    return None if network is None else _refusal(host, address, network)
+
+
+def _ipv4_form(host: str) -> str | None:
+    """The dotted address of a host the resolver reads as IPv4 though ipaddress does not: inet_aton's
+    decimal (2852039166), octal (0251.0376.0251.0376), hex and short (169.254.43518) forms. The
+    characters are checked first: inet_aton itself also takes "1.2.3.4 anything", which no resolver does."""
+    if not _IPV4_CHARACTERS.fullmatch(host):
+        return None
+    try:
+        return socket.inet_ntoa(socket.inet_aton(host))
+    except OSError:
+        return None
+
+
+_IPV4_CHARACTERS = re.compile(r"[0-9a-fx.]+", re.IGNORECASE)
 
 
 def handlers(deny: Networks, resolve_timeout: float) -> tuple[HTTPHandler, HTTPSHandler]:

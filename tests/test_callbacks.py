@@ -858,7 +858,12 @@ def test_a_redirect_to_a_location_urllib_cannot_take_apart_gives_up_as_any_redir
 
 @pytest.mark.parametrize("url", ["http://169.254.169.254/latest/meta-data/", "http://[fe80::1]:8080/hook",
                                  "http://0.0.0.0:8080/hook", "http://[::ffff:a9fe:a9fe]/",
-                                 "https://user:pw@[::]/hook"])
+                                 "https://user:pw@[::]/hook",
+                                 # What the resolver reads as an IPv4 address (inet_aton: decimal, octal,
+                                 # hex, fewer than four parts) is a literal address too: they were taken,
+                                 # and every attempt then gave up at the worker.
+                                 "http://2852039166/", "http://0251.0376.0251.0376/", "http://0xa9fea9fe/",
+                                 "http://169.254.43518/", "http://0:8080/hook"])
 def test_a_callback_url_at_a_denied_address_is_a_422(api, headers, url):
     response = api.post(SEND, json={**LITERAL, "callback_url": url}, headers=headers)
 
