@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import base64
+import http.server
+import shutil
 import socket
+import ssl
+import subprocess
 import threading
 import time
 import traceback
@@ -905,6 +909,59 @@ def test_a_host_that_resolves_to_an_allowed_address_is_posted(receiver):
     assert callbacks.post(url, b"{}", "secret", "n:sent", timeout=5,
                           deny_networks=Settings().callback_deny_networks) == 200
     assert receiver.count() == 1
+
+
+@pytest.fixture
+def tls_receiver(tmp_path, monkeypatch):
+    """A real HTTPS server on 127.0.0.1 answering 200, with a self-signed certificate whose only name is
+    given (DNS:localhost or IP:127.0.0.1), trusted by the process (SSL_CERT_FILE) while the test runs."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is needed to make a certificate")
+    made = {}
+
+    def start(subject_alt_name: str) -> int:
+        cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert,
+                        "-days", "1", "-subj", "/CN=notifier-test", "-addext", f"subjectAltName={subject_alt_name}"],
+                       check=True, capture_output=True)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(cert, key)
+
+        class Answer(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                self.rfile.read(int(self.headers["Content-Length"]))
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        server = http.server.HTTPServer(("127.0.0.1", 0), Answer)
+        server.socket = context.wrap_socket(server.socket, server_side=True)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        made["server"] = server
+        monkeypatch.setenv("SSL_CERT_FILE", str(cert))  # read by OpenSSL as each connection's context is made
+        return server.server_address[1]
+
+    yield start
+    if "server" in made:
+        made["server"].shutdown()
+
+
+@pytest.mark.parametrize(("subject_alt_name", "host", "verified"), [
+    ("DNS:localhost", "localhost", True), ("DNS:localhost", "127.0.0.1", False),
+    # The connection is made to the address the check resolved, but the certificate must still name
+    # the host of the URL: one naming only the address it resolved to is another server's.
+    ("IP:127.0.0.1", "localhost", False), ("IP:127.0.0.1", "127.0.0.1", True)])
+def test_https_callbacks_verify_the_certificate_against_the_urls_host(tls_receiver, subject_alt_name, host,
+                                                                      verified):
+    url = f"https://{host}:{tls_receiver(subject_alt_name)}/hook"
+    deny = Settings().callback_deny_networks
+    if verified:
+        assert callbacks.post(url, b"{}", "secret", "n:sent", timeout=5, deny_networks=deny) == 200
+    else:
+        with pytest.raises(callbacks.CallbackRetry, match="CERTIFICATE_VERIFY_FAILED"):
+            callbacks.post(url, b"{}", "secret", "n:sent", timeout=5, deny_networks=deny)
 
 
 def test_a_stored_callback_url_at_the_metadata_address_is_refused_before_connecting():
