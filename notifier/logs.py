@@ -298,11 +298,14 @@ _SECRET = re.compile(r"(whsec_)[A-Za-z0-9_-]+")
 # Without the ":", in a quoted header line as gunicorn's refusal has it ('Authorization ApiKey s3cr3t',
 # 'Authorization s3cr3t', Proxy-Authorization's alike), any scheme is passed over too: the quote before
 # the name says it is the header.
-_SCHEME = r"(?:basic|bearer|digest|token|negotiate)\s++"
-_ANY_SCHEME = r"(?:[a-z0-9!#$%&*+.^_`|~-]++\s++)?"  # RFC 9110's token, then the blank that ends it
-_AUTHORIZATION = re.compile(r"((?<![a-z0-9])authorization\b['\"]?\s*+(?:[:=]\s*+['\"]?\s*+" + _ANY_SCHEME + "|"
-                            + _SCHEME + r")|(?<=['\"])(?:proxy-)?authorization\s++" + _ANY_SCHEME + r")[^\s'\",;]+",
-                            re.IGNORECASE)
+# A blank is also a tab as repr() writes it, a backslash then "t": gunicorn quotes the refused line
+# with %r, so a line of "Authorization", a tab and "Basic b3Bz..." was logged whole.
+_BLANK = r"(?:\s|\\t)"
+_SCHEME = r"(?:basic|bearer|digest|token|negotiate)" + _BLANK + "++"
+_ANY_SCHEME = r"(?:[a-z0-9!#$%&*+.^_`|~-]++" + _BLANK + "++)?"  # RFC 9110's token, then the blank that ends it
+_AUTHORIZATION = re.compile(r"((?<![a-z0-9])authorization\b['\"]?" + _BLANK + r"*+(?:[:=]\s*+['\"]?\s*+" + _ANY_SCHEME
+                            + "|" + _SCHEME + r")|(?<=['\"])(?:proxy-)?authorization" + _BLANK + "++" + _ANY_SCHEME
+                            + r")[^\s'\",;]+", re.IGNORECASE)
 # An unsubscribe link's token is the credential that unsubscribes (notifier.unsubscribe).
 _UNSUBSCRIBE_TOKEN = re.compile(r"(/unsubscribe/)[A-Za-z0-9._~%+=-]+")
 # From "://" on, whatever the scheme before it: matched from the scheme, a line of "a.a.a..." was tried

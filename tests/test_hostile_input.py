@@ -482,7 +482,9 @@ def test_what_gunicorn_refuses_itself_gets_the_json_envelope_too(pg_settings, pg
                                        b"Authorization Basic " + credentials.encode())
         assert (status, json.loads(body)["error"]["code"]) == (400, "bad_request")
         # A scheme of the caller's own, or none, on the same line: its credentials were logged whole.
-        for line in (b"Authorization ApiKey ZQ-own-scheme-s3cr3t", b"Authorization ZQ-no-scheme-s3cr3t"):
+        # With a tab instead of the blank: gunicorn's repr() writes it as a backslash and a "t".
+        for line in (b"Authorization ApiKey ZQ-own-scheme-s3cr3t", b"Authorization ZQ-no-scheme-s3cr3t",
+                     b"Authorization\tBasic ZQ-tab-s3cr3t", b"Authorization\tZQ-tab-no-scheme-s3cr3t"):
             status, body = _raw_http(port, b"GET /api/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n" + line)
             assert (status, json.loads(body)["error"]["code"]) == (400, "bad_request")
         with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
@@ -495,6 +497,7 @@ def test_what_gunicorn_refuses_itself_gets_the_json_envelope_too(pg_settings, pg
     assert "Invalid HTTP Header: 'Authorization Basic [redacted]'" in text
     assert "Invalid HTTP Header: 'Authorization ApiKey [redacted]'" in text
     assert "Invalid HTTP Header: 'Authorization [redacted]'" in text
+    assert "Invalid HTTP Header: 'Authorization\\\\tBasic [redacted]'" in text
     assert credentials not in text and "s3cr3t" not in text
 
 

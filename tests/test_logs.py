@@ -550,7 +550,8 @@ def test_a_long_line_of_quotes_is_redacted_in_time_linear_in_its_length(line):
 
 @pytest.mark.parametrize("line", ["authorization:" + " " * 20_000, "Authorization: '" + "\t" * 20_000,
                                   "authorization " * 5_000, "Authorization Basic " + " " * 20_000,
-                                  "'Authorization" + " " * 20_000, "'authorization '" * 5_000])
+                                  "'Authorization" + " " * 20_000, "'authorization '" * 5_000,
+                                  "'Authorization" + "\\t" * 10_000, "Authorization Basic" + "\\t" * 10_000])
 def test_a_long_line_naming_authorization_is_redacted_in_time_linear_in_its_length(line):
     started = time.perf_counter()
     assert logs.redact(line) == line
@@ -661,6 +662,10 @@ def test_what_a_server_quotes_of_a_subject_or_line_naming_an_address_is_masked_t
     ("Invalid HTTP Header: 'Proxy-Authorization ApiKey ZQ-s3cr3t'",
      "Invalid HTTP Header: 'Proxy-Authorization ApiKey [redacted]'"),
     ("the 'Authorization' header is missing", "the 'Authorization' header is missing"),
+    # A tab between them, as gunicorn's repr() of the refused line writes it (a backslash, then "t").
+    ("Invalid HTTP Header: 'Authorization\\tBasic b3BzOnB3ZA=='",
+     "Invalid HTTP Header: 'Authorization\\tBasic [redacted]'"),
+    ("Invalid HTTP Header: 'Authorization\\tZQ-s3cr3t'", "Invalid HTTP Header: 'Authorization\\t[redacted]'"),
 ])
 def test_an_authorization_headers_credentials_are_masked_whatever_its_scheme(line, redacted):
     assert logs.redact(line) == redacted
