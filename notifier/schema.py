@@ -186,7 +186,7 @@ def _notify_key_changes(db) -> None:
     )
 
 
-def _add_missing_columns(db) -> None:
+def _add_missing_columns(db, models=MODELS) -> None:
     # Upgrades so far only add columns (each nullable or with a default): add whatever a table lacks.
     # One that changed a column's type would also have to make every running process reconnect: a
     # statement its connections prepared (notifier.db) then fails, "cached plan must not change result type".
@@ -197,16 +197,19 @@ def _add_missing_columns(db) -> None:
     migrator = PostgresqlMigrator(db) if isinstance(db, PostgresqlDatabase) else SqliteMigrator(db)
     operations = []
     tables = set(db.get_tables())
-    for model in MODELS:
+    for model in models:
         table = model._meta.table_name
         if table not in tables:
             continue  # create_tables makes it whole
         present = {column.name for column in db.get_columns(table)}
         for field in model._meta.sorted_fields:
             if field.column_name not in present:
+                if not field.null and not _default_in_ddl(field):
+                    # Refused before any DDL runs: the rebuild would pass every test on an empty table.
+                    raise RuntimeError(f"{table}.{field.column_name} is NOT NULL without a DEFAULT in its DDL "
+                                       '(constraints=[SQL("DEFAULT ...")]): it cannot be added in place')
                 logger.info("adding column %s.%s", table, field.column_name)
-                operations.append(migrator.add_column(table, field.column_name, field,
-                                                      allow_not_null=_default_in_ddl(field)))
+                operations.append(migrator.add_column(table, field.column_name, field, allow_not_null=True))
     if operations:
         migrate(*operations)
 

@@ -106,3 +106,45 @@ def test_an_upgrade_to_version_13_lets_a_callback_secret_be_rotated(request, db_
     with database.connection_context():
         assert keys.rotate_callback_secret("before-13") is not None
         assert keys.authenticate(plaintext).old_callback_secret == key.callback_secret
+
+
+def test_a_not_null_column_without_its_default_in_the_ddl_is_refused_before_any_ddl_runs(tmp_path):
+    # peewee adds such a column nullable, fills it, then sets NOT NULL: on SQLite by copying the table
+    # and dropping the original, whose ON DELETE CASCADE empties the child table. The upgrade must stop
+    # at once, naming the column, rather than pass on an empty test table and empty a user's history.
+    from peewee import SQL, ForeignKeyField, IntegerField, Model, SqliteDatabase
+
+    db = SqliteDatabase(str(tmp_path / "t.db"), pragmas={"foreign_keys": 1})
+
+    class Parent(Model):
+        class Meta:
+            database = db
+            table_name = "parents"
+
+    class Child(Model):
+        parent = ForeignKeyField(Parent, on_delete="CASCADE")
+
+        class Meta:
+            database = db
+            table_name = "children"
+
+    db.create_tables([Parent, Child])
+    Child.create(parent=Parent.create())
+
+    class WithoutDefault(Parent):
+        added = IntegerField(default=0)
+
+        class Meta:
+            table_name = "parents"
+
+    class WithDefault(Parent):
+        added = IntegerField(default=0, constraints=[SQL("DEFAULT 0")])
+
+        class Meta:
+            table_name = "parents"
+
+    with pytest.raises(RuntimeError, match="parents.added is NOT NULL without a DEFAULT"):
+        schema._add_missing_columns(db, [WithoutDefault])
+    schema._add_missing_columns(db, [WithDefault])
+    assert Child.select().count() == 1
+    assert [row.added for row in WithDefault.select()] == [0]
