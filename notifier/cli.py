@@ -129,9 +129,13 @@ def keys_secret(name: str, rotate: bool, end_rotation: bool) -> None:
         raise click.UsageError("--rotate or --end-rotation, not both")
     with _open():
         if rotate:
+            before = ApiKey.get_or_none((ApiKey.name == name) & ApiKey.revoked_at.is_null())
             secret = keys.rotate_callback_secret(name)
             if secret is None:
                 raise click.ClickException(f"no active key named {name!r}")
+            if before.old_callback_secret:
+                click.echo(f"a rotation was under way: the secret it replaced ({_hint(before.old_callback_secret)}) "
+                           "no longer signs", err=True)
             click.echo(f"rotated the callback secret of {name!r}: callbacks are signed with the new one and the "
                        f"previous one (two v1) until `keys secret {name} --end-rotation`.")
             click.echo(secret)
@@ -145,10 +149,15 @@ def keys_secret(name: str, rotate: bool, end_rotation: bool) -> None:
     if key is None:
         raise click.ClickException(f"no key named {name!r}")
     if key.old_callback_secret and not key.revoked_at:
-        # On stderr: stdout stays the one secret to verify with, for a script that reads it.
-        click.echo(f"rotating: the previous secret also signs until `keys secret {name} --end-rotation`:", err=True)
-        click.echo(f"  {key.old_callback_secret}", err=True)
+        # On stderr: stdout stays the one secret to verify with, for a script that reads it. The previous
+        # secret only by its end: the receiver already holds it, and output is often captured.
+        click.echo(f"rotating: the previous secret ({_hint(key.old_callback_secret)}) also signs until "
+                   f"`keys secret {name} --end-rotation`", err=True)
     click.echo(key.callback_secret)
+
+
+def _hint(secret: str) -> str:
+    return f"whsec_...{secret[-4:]}"
 
 
 @main.group(name="dlq")

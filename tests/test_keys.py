@@ -154,8 +154,12 @@ def test_a_callback_secret_is_rotated_from_the_command_line_and_the_overlap_ende
     second = rotated.stdout.strip().splitlines()[-1]
     assert second.startswith("whsec_") and second != first
     shown = _cli(env, "secret", "billing")
-    assert shown.stdout.splitlines() == [second] and f"  {first}" in shown.stderr.splitlines()
+    assert shown.stdout.splitlines() == [second] and f"whsec_...{first[-4:]}" in shown.stderr
+    assert first not in shown.stderr + shown.stdout  # the receiver holds it: never printed again
     assert "callback secret rotating" in _cli(env, "list").stdout
+    third = _cli(env, "secret", "billing", "--rotate")
+    assert f"({'whsec_...' + first[-4:]}) no longer signs" in third.stderr and first not in third.stderr
+    second = third.stdout.strip().splitlines()[-1]
 
     assert _cli(env, "secret", "billing", "--end-rotation").returncode == 0
     shown = _cli(env, "secret", "billing")
