@@ -15,9 +15,11 @@ SMTP_SECURITY_MODES = ("none", "starttls", "ssl")
 DEFAULT_RETRY_INTERVALS = (60, 300, 900, 1800, 3600)
 DEFAULT_CALLBACK_RETRY_INTERVALS = (10, 60, 300, 1800)
 # Where status callbacks never connect: link-local (cloud metadata at 169.254.169.254, and AWS's IPv6 one),
+# Alibaba's metadata address, link-local reached through a NAT64 gateway (64:ff9b::169.254.0.0),
 # and the unspecified addresses (a connection to 0.0.0.0 reaches this machine). Private ranges and
 # loopback stay allowed: notifier runs beside its callers' own backends.
-DEFAULT_CALLBACK_DENY_NETWORKS = "169.254.0.0/16,fe80::/10,0.0.0.0/8,::/128,fd00:ec2::254/128"
+DEFAULT_CALLBACK_DENY_NETWORKS = ("169.254.0.0/16,fe80::/10,0.0.0.0/8,::/128,fd00:ec2::254/128,100.100.100.200/32,"
+                                  "64:ff9b::a9fe:0/112")
 WEEKDAYS = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
 # Signs unsubscribe links when SECRET_KEY is unset; fine on a laptop, forgeable anywhere else.
 INSECURE_DEVELOPMENT_SECRET = "notifier-development-secret-do-not-use-in-production"

@@ -867,7 +867,8 @@ def test_a_redirect_to_a_location_urllib_cannot_take_apart_gives_up_as_any_redir
                                  # hex, fewer than four parts) is a literal address too: they were taken,
                                  # and every attempt then gave up at the worker.
                                  "http://2852039166/", "http://0251.0376.0251.0376/", "http://0xa9fea9fe/",
-                                 "http://169.254.43518/", "http://0:8080/hook"])
+                                 "http://169.254.43518/", "http://0:8080/hook",
+                                 "http://100.100.100.200/latest/meta-data/", "http://[64:ff9b::a9fe:a9fe]/"])
 def test_a_callback_url_at_a_denied_address_is_a_422(api, headers, url):
     response = api.post(SEND, json={**LITERAL, "callback_url": url}, headers=headers)
 

@@ -297,7 +297,8 @@ def test_callback_deny_networks_default_to_link_local_and_unspecified_and_can_be
     from ipaddress import ip_network
 
     assert {str(n) for n in Settings.from_env({}).callback_deny_networks} == {
-        "169.254.0.0/16", "fe80::/10", "0.0.0.0/8", "::/128", "fd00:ec2::254/128"}
+        "169.254.0.0/16", "fe80::/10", "0.0.0.0/8", "::/128", "fd00:ec2::254/128", "100.100.100.200/32",
+        "64:ff9b::a9fe:0/112"}
     extended = Settings.from_env({"CALLBACK_DENY_NETWORKS": "169.254.0.0/16, 10.0.0.0/8,192.0.2.1"})
     assert extended.callback_deny_networks == (ip_network("169.254.0.0/16"), ip_network("10.0.0.0/8"),
                                                ip_network("192.0.2.1/32"))
