@@ -55,7 +55,11 @@ def _post(settings: Settings, notification: Notification) -> str:
         # reconciler's): never one more, whatever ended the last.
         _outcome(notification, CallbackStatus.GAVE_UP, f"callback not sent: {attempt - 1} attempts made; giving up")
         return "gave up"
-    Notification.update(callback_attempts=attempt).where(Notification.seq == notification.seq).execute()
+    if not Notification.update(callback_attempts=attempt).where(_still_owed_as_read(notification)).execute():
+        # Final again since it was read (requeued and ended anew): the attempt would count against the
+        # new event, which could then give up an attempt early, and this one is no longer owed.
+        raise CallbackRetry(f"the notification moved on before its {notification.status} event was posted; the "
+                            "event owed now goes next")
     body = event_body(notification)
     try:
         try:
@@ -112,10 +116,7 @@ def _outcome(notification: Notification, state: CallbackStatus | None, reason: s
         # from the dead-letter queue and final again meanwhile (its digest too), it owes the event of
         # its new outcome, which this answer says nothing of, even when that is the same status again.
         current = bool(past_statement_timeout(lambda: Notification.update(callback_status=state.value)
-                                              .where((Notification.seq == notification.seq)
-                                                     & (Notification.status == notification.status)
-                                                     & (Notification.final_moves == notification.final_moves))
-                                              .execute()))
+                                              .where(_still_owed_as_read(notification)).execute()))
         if not current:
             # Recorded under the new status otherwise, it read as that event's outcome.
             moved = past_statement_timeout(lambda: store.get(notification.id))
@@ -123,6 +124,13 @@ def _outcome(notification: Notification, state: CallbackStatus | None, reason: s
             reason += f", to the {notification.status} event: the notification is {now}"
     past_statement_timeout(lambda: store.record(notification.id, kind="callback", reason=reason))
     return current
+
+
+def _still_owed_as_read(notification: Notification):
+    """SQL: the row is still in the very final state whose event this job posts (the same status and
+    the same move into it: requeued and final again, even in that status, it owes a new event)."""
+    return ((Notification.seq == notification.seq) & (Notification.status == notification.status)
+            & (Notification.final_moves == notification.final_moves))
 
 
 def _owes_callback(notification: Notification | None) -> bool:

@@ -413,6 +413,31 @@ def test_an_answer_to_an_event_before_the_same_status_again_leaves_the_new_one_o
     ]
 
 
+def test_an_event_read_before_the_notification_ended_again_is_not_posted_nor_counted(
+        fast_settings, api, headers, live_deliverer, receiver, smtp, redis_conn):
+    # The job read the `failed` notification, then it was requeued and failed again before the job
+    # counted its attempt: that count belongs to the new event (which could give up an attempt early),
+    # and the old event is owed no more. The job is retried and posts the new one.
+    from notifier import callback_job
+
+    smtp.replies.append("550 5.7.1 message rejected by policy")
+    notification_id = _send(api, headers, callback_url=receiver.url)
+    with pytest.raises(PermanentDeliveryError):
+        jobs.deliver(notification_id)
+    read_before = reload(notification_id)
+    smtp.replies.append("550 5.7.1 rejected again")
+    assert api.post(f"/api/dead-letters/{notification_id}/requeue", headers=headers).status_code == 202
+    with pytest.raises(PermanentDeliveryError):
+        jobs.deliver(notification_id)
+
+    with pytest.raises(callbacks.CallbackRetry, match="moved on before its failed event was posted"):
+        callback_job._post(fast_settings, read_before)
+
+    assert receiver.calls == [] and reload(notification_id).callback_attempts == 0
+    run_worker_until_idle(redis_conn)
+    assert [c.headers[callbacks.EVENT_ID_HEADER] for c in receiver.calls] == [f"{notification_id}:failed:2"]
+
+
 def test_an_answer_to_an_earlier_event_leaves_the_one_owed_since_owed(api, headers, live_deliverer, receiver, smtp,
                                                                       redis_conn):
     # The `failed` event is being posted when an operator requeues the notification and it is sent
