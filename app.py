@@ -127,7 +127,8 @@ def create_app(settings: Settings | None = None, *, redis=None) -> Flask:
         "redis": redis,
         "limiter": limiter,
         # PostgreSQL tells the cache of every key change; SQLite cannot, so there it reads each time.
-        "key_cache": KeyCache(settings.database_url) if is_postgres(database) else None,
+        "key_cache": (KeyCache(settings.database_url, settings.database_connect_timeout)
+                      if is_postgres(database) else None),
         "service": NotificationService(settings, make_renderer(settings), redis, limiter),
         # A batch is mostly CPU work under one interpreter lock: taking them one at a time per
         # process cost no throughput in `make bench`, and keeps a process's memory to one batch's

@@ -297,7 +297,7 @@ def db_upgrade() -> None:
 
     settings = load_settings()
     db = bind(settings.database_url, settings.database_pool_size, settings.database_prepare,
-              settings.database_statement_timeout)
+              settings.database_statement_timeout, settings.database_connect_timeout)
     try:
         version = upgrade(db)
     except UNAVAILABLE_ERRORS as exc:

@@ -39,6 +39,10 @@ class Settings:
     # for as long as a stuck lock lasts. Schema upgrades run without it. 0: no limit is sent (PgBouncer
     # refuses a connection that asks for one, unless told to ignore it; and does not apply it).
     database_statement_timeout: float = 30.0
+    # How long a process waits to make a PostgreSQL connection, and for a server that went silent
+    # mid-statement to take a new one (notifier.db.Patience): past it the database is unavailable (a
+    # request answers 503, a job is retried), as a stalled server sends no error of its own.
+    database_connect_timeout: float = 2.0
     redis_url: str = "redis://127.0.0.1:6379/0"
     smtp_host: str = "127.0.0.1"
     smtp_port: int = 1025
@@ -126,6 +130,7 @@ class Settings:
             database_prepare=_choice(env, "DATABASE_PREPARE", "on", ("on", "off")) == "on",
             database_statement_timeout=_float(env, "DATABASE_STATEMENT_TIMEOUT", defaults.database_statement_timeout,
                                               86400, zero=True),
+            database_connect_timeout=_float(env, "DATABASE_CONNECT_TIMEOUT", defaults.database_connect_timeout, 600),
             redis_url=_redis_url(env.get("REDIS_URL", defaults.redis_url)),
             smtp_host=env.get("SMTP_HOST", defaults.smtp_host).strip() or defaults.smtp_host,
             smtp_port=_int(env, "SMTP_PORT", defaults.smtp_port, 1, 65535),

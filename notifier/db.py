@@ -8,6 +8,7 @@ import os
 import re
 import time
 from contextlib import suppress
+from functools import partial
 from urllib.parse import urlparse
 
 from peewee import (
@@ -22,11 +23,17 @@ from playhouse.db_url import parse
 from playhouse.pool import PooledPostgresqlDatabase
 from playhouse.shortcuts import ReconnectMixin
 from psycopg2.errors import DuplicatePreparedStatement, InvalidSqlStatementName, QueryCanceled
-from psycopg2.extensions import TRANSACTION_STATUS_IDLE, TRANSACTION_STATUS_INERROR, TransactionRollbackError
+from psycopg2.extensions import (
+    TRANSACTION_STATUS_IDLE,
+    TRANSACTION_STATUS_INERROR,
+    TransactionRollbackError,
+    set_wait_callback,
+)
 from psycopg2.extensions import connection as PsycopgConnection
 from psycopg2.extensions import cursor as PsycopgCursor
 
 from notifier.config import Settings
+from notifier.patience import Patience, wait_for_answer
 
 logger = logging.getLogger(__name__)
 
@@ -154,13 +161,18 @@ class PreparingCursor(PsycopgCursor):
             raise
 
 
-class PreparingConnection(PsycopgConnection):
-    """A psycopg2 connection that remembers what it prepared (the server forgets it with the connection)."""
+class NotifierConnection(PsycopgConnection):
+    """A psycopg2 connection that waits for the server within patience's limits (see wait_for_answer),
+    and, when prepare, prepares the statements marked prepared(), remembering which (the server
+    forgets them with the connection)."""
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, *args, patience: Patience, prepare: bool = False, **kwargs):
+        # Before connecting: the connection is made inside super().__init__, through wait_for_answer.
+        self.patience = patience
         self.prepared: set[str] = set()
-        self.cursor_factory = PreparingCursor
+        super().__init__(*args, **kwargs)
+        if prepare:
+            self.cursor_factory = PreparingCursor
 
 
 _TCP_LIVENESS = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3,
@@ -168,12 +180,14 @@ _TCP_LIVENESS = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 
 
 
 def connect(url: str, pool_size: int = Settings.database_pool_size, prepare: bool = Settings.database_prepare,
-            statement_timeout: float = Settings.database_statement_timeout):
+            statement_timeout: float = Settings.database_statement_timeout,
+            connect_timeout: float = Settings.database_connect_timeout):
     """Make (but do not open) a peewee database for a DATABASE_URL; pool_size: PostgreSQL connections
     per process at most; prepare: whether PostgreSQL connections prepare the statements marked
     prepared() (off behind a pooler that hands one session's statements to another, such as
     PgBouncer in transaction mode); statement_timeout: seconds a PostgreSQL statement may run (0: no
-    limit is asked for)."""
+    limit is asked for); connect_timeout: seconds to make a connection, and for a silent server to
+    show it still answers (see Patience)."""
     scheme = urlparse(url).scheme
     if scheme == "sqlite":
         path = url.split("sqlite:///", 1)[1] if url.startswith("sqlite:///") else ":memory:"
@@ -189,8 +203,6 @@ def connect(url: str, pool_size: int = Settings.database_pool_size, prepare: boo
             lock_type="IMMEDIATE",
         )
     params = parse(url)
-    if prepare:
-        params["connection_factory"] = PreparingConnection
     if statement_timeout > 0:
         # Set when the session starts (libpq's options), so a reconnected session has it too; kept after
         # any options the URL gives. Options given to libpq replace PGOPTIONS, which it otherwise reads
@@ -202,15 +214,20 @@ def connect(url: str, pool_size: int = Settings.database_pool_size, prepare: boo
     # comes back) held a request or a job for as long as the kernel kept retrying, a quarter of an
     # hour, and an idle pooled connection two hours: the kernel's defaults. These make the kernel give
     # up on a connection whose data is not acknowledged within 10 s, or whose silence keepalive
-    # probes find dead within 25 s; the request then answers 503 and the job is retried. A URL's own
-    # values win.
+    # probes find dead within 25 s. (One whose kernel still acknowledges, and that answers nothing,
+    # is Patience's.) A URL's own values win.
     for name, value in _TCP_LIVENESS.items():
         params.setdefault(name, value)
-    # Through params, so a URL's own (?connect_timeout=10, libpq's) wins like the rest, instead of
-    # being passed twice (TypeError: every process failed to start).
-    params.setdefault("connect_timeout", 5)
+    # libpq's connect_timeout is not applied to a connection made in steps (wait_for_answer's), so it
+    # is Patience's limit: a URL's own (?connect_timeout=10) wins there like the rest.
+    patience = Patience(float(params.get("connect_timeout") or connect_timeout))
+    params["connection_factory"] = partial(NotifierConnection, patience=patience, prepare=prepare)
+    name = params.pop("database")
+    patience.params = {**params, "database": name, "connection_factory": partial(NotifierConnection,
+                                                                                   patience=patience)}
+    set_wait_callback(wait_for_answer)
     return PostgresDatabase(
-        params.pop("database"),
+        name,
         max_connections=pool_size,
         stale_timeout=300,
         timeout=10,
@@ -271,9 +288,10 @@ def is_postgres(db) -> bool:
 
 
 def bind(url: str, pool_size: int = Settings.database_pool_size, prepare: bool = Settings.database_prepare,
-         statement_timeout: float = Settings.database_statement_timeout):
+         statement_timeout: float = Settings.database_statement_timeout,
+         connect_timeout: float = Settings.database_connect_timeout):
     """Point the shared proxy at the database named by url and return it."""
-    db = connect(url, pool_size, prepare, statement_timeout)
+    db = connect(url, pool_size, prepare, statement_timeout, connect_timeout)
     database.initialize(db)
     return db
 

@@ -12,6 +12,7 @@ transaction mode, such as PgBouncer's, LISTEN hears nothing: point DATABASE_URL 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import select
 import threading
@@ -34,8 +35,9 @@ _MAX_POLLS = 8
 class KeyCache:
     """Keys by public prefix, for one process; thread-safe."""
 
-    def __init__(self, database_url: str):
+    def __init__(self, database_url: str, connect_timeout: float = 5.0):
         self._url = database_url
+        self._connect_timeout = connect_timeout
         self._lock = threading.Lock()
         self._connecting = threading.Lock()
         self._conn = None
@@ -99,7 +101,9 @@ class KeyCache:
         if time.monotonic() < self._retry_at or not self._connecting.acquire(blocking=False):
             return
         try:
-            conn = psycopg2.connect(self._url, connect_timeout=5, application_name="notifier-api-keycache",
+            # libpq's connect_timeout is whole seconds.
+            conn = psycopg2.connect(self._url, connect_timeout=max(1, math.ceil(self._connect_timeout)),
+                                    application_name="notifier-api-keycache",
                                     keepalives=1, keepalives_idle=30, keepalives_interval=10, keepalives_count=3)
             conn.autocommit = True
             with conn.cursor() as cur:

@@ -46,7 +46,7 @@ def open_database(settings: Settings, wait: bool = False):
     database, a database restarting) instead of exiting with a traceback; a command fails at once
     instead. A SQLite file that cannot be opened is a mistake to say at once, not an outage."""
     db = bind(settings.database_url, settings.database_pool_size, settings.database_prepare,
-                settings.database_statement_timeout)
+                settings.database_statement_timeout, settings.database_connect_timeout)
     if not wait or not is_postgres(db):
         schema.upgrade(db)
     elif not resilience.wait_until(lambda: schema.upgrade(db), UNAVAILABLE_ERRORS, "the database"):

@@ -85,6 +85,16 @@ def smtp(smtp_server) -> CaptureHandler:
 
 
 @pytest.fixture
+def proxy():
+    """A CutProxy in front of the real PostgreSQL (tests/cutproxy.py): it cuts or stalls on demand."""
+    from tests.cutproxy import CutProxy
+
+    p = CutProxy(5432)
+    yield p
+    p.close()
+
+
+@pytest.fixture
 def redis_conn():
     """The real Redis, on a database of its own, flushed around each test."""
     conn = Redis.from_url(REDIS_URL)

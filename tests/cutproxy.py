@@ -5,6 +5,10 @@ what a failover, a restart or a network fault can do to any client; nothing in t
 it from a connection lost before the commit. The proxy forwards everything until armed; armed with
 a marker, it forwards the client's message holding it, then cuts that connection (both sides, with
 a reset) instead of passing the server's answer on.
+
+Stalled (stall()), it forwards nothing on any connection, old or new, while still accepting them and
+taking in what each side sends: a server that hangs, or a network path that drops everything, without
+a reset or an error to tell the client. resume() passes on what it held, in order.
 """
 
 from __future__ import annotations
@@ -25,7 +29,10 @@ class CutProxy:
         self.marker: bytes | None = None
         self.before_reply = False  # cut the request instead: the server never sees the statement
         self.late: float | None = None  # cut the client at once; the server gets the statement this much later
+        self.stall_armed = False  # stall instead, from the marked message on
         self.cuts = 0
+        self._flowing = threading.Event()
+        self._flowing.set()
         self._lock = threading.Lock()
         self._closed = False
         threading.Thread(target=self._accept, daemon=True).start()
@@ -39,11 +46,25 @@ class CutProxy:
         client is cut at once and the server gets the statement that many seconds later (a COMMIT
         still on its way when the client gave up), its answer going nowhere."""
         with self._lock:
-            self.marker, self.before_reply, self.late = marker, before_reply, late
+            self.marker, self.before_reply, self.late, self.stall_armed = marker, before_reply, late, False
+
+    def stall(self, at: bytes | None = None) -> None:
+        """Forward nothing from now on, on any connection, until resume(); at: from the next client
+        message holding it on (that message held too)."""
+        if at is None:
+            self._flowing.clear()
+            return
+        with self._lock:
+            self.marker, self.stall_armed = at, True
+
+    def resume(self) -> None:
+        """Forward again, what was held first."""
+        self._flowing.set()
 
     def close(self) -> None:
         self._closed = True
         self.listener.close()
+        self._flowing.set()
 
     def _accept(self) -> None:
         while not self._closed:
@@ -66,18 +87,25 @@ class CutProxy:
     def _requests(self, client, upstream, state) -> None:
         while (data := _recv(client)):
             if self._armed(data):
-                if self.before_reply:
+                if self.stall_armed:
+                    self._flowing.clear()
+                elif self.before_reply:
                     self._cut(client, upstream)
                     return
-                if self.late is not None:
+                elif self.late is not None:
                     self._cut(client)
                     time.sleep(self.late)
                     upstream.sendall(data)
                     time.sleep(0.5)  # its answer, read and dropped by _answers
                     self._cut(upstream, counted=False)
                     return
-                state["cut_next_answer"] = True
-            upstream.sendall(data)
+                else:
+                    state["cut_next_answer"] = True
+            self._flowing.wait()
+            try:
+                upstream.sendall(data)
+            except OSError:
+                break
         _shut(upstream)
 
     def _answers(self, upstream, client, state) -> None:
@@ -85,6 +113,7 @@ class CutProxy:
             if state["cut_next_answer"]:
                 self._cut(client, upstream)
                 return
+            self._flowing.wait()
             try:
                 client.sendall(data)
             except OSError:

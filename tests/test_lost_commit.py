@@ -17,19 +17,11 @@ from app import create_app
 from notifier.db import database
 from notifier.models import Notification
 from notifier.queues import QUEUE_NAMES
-from tests.cutproxy import CutProxy
 from tests.helpers import LITERAL, VERIFICATION
 
 pytestmark = pytest.mark.integration
 
 INSERT = b'INSERT INTO "notifications"'
-
-
-@pytest.fixture
-def proxy():
-    p = CutProxy(5432)
-    yield p
-    p.close()
 
 
 @pytest.fixture

@@ -5,6 +5,7 @@ from __future__ import annotations
 from flask import Blueprint, current_app, jsonify
 
 from notifier.db import database
+from notifier.patience import answer_within
 
 bp = Blueprint("health", __name__, url_prefix="/api")
 
@@ -20,7 +21,10 @@ def ready():
     """Whether the database and Redis answer; 503 naming each one that does not."""
     checks = {}
     try:
-        database.execute_sql("SELECT 1")
+        # A probe that waits longer than the orchestrator's own timeout tells it nothing: a database that
+        # stalls (answers nothing, resets nothing) is not ready once DATABASE_CONNECT_TIMEOUT has passed.
+        with answer_within(current_app.extensions["notifier"]["settings"].database_connect_timeout):
+            database.execute_sql("SELECT 1")
         checks["database"] = "ok"
     except Exception as exc:  # noqa: BLE001 - any failure means not ready
         checks["database"] = f"unavailable: {type(exc).__name__}"

@@ -1,0 +1,193 @@
+"""PostgreSQL that stalls: it takes connections and what is sent on them, and answers nothing, as a
+hung server or a network path dropping everything does. No error or reset comes back, so only the
+client's own limits end the wait: a send that hung until the server came back, and behind it (the
+pool's lock) every other request of the process, now gets its 503 within seconds, and /api/ready
+its not_ready within DATABASE_CONNECT_TIMEOUT."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import replace
+
+import psycopg2
+import pytest
+
+from app import create_app
+from notifier import receipts
+from notifier.config import ConfigError, Settings
+from notifier.db import bind, database
+from notifier.models import Notification, Status
+from notifier.queues import dispatch
+from tests.helpers import LITERAL, installed_deliverer, make_notification, reload, run_worker_until_idle
+
+pytestmark = pytest.mark.integration
+
+# What a send may take against a stalled database at the default DATABASE_CONNECT_TIMEOUT (2 s): the
+# statement's answer a second late, then a new connection tried for 2 s; measured 3.0 s.
+SEND_BOUND = 4.5
+
+
+@pytest.fixture
+def stall_app(pg_settings, pg_db, redis_conn, proxy):
+    """The API on PostgreSQL behind the proxy, its pool holding a connection that answered."""
+    name = pg_settings.database_url.rsplit("/", 1)[1]
+    application = create_app(replace(pg_settings, database_url=proxy.url(name)), redis=redis_conn)
+    application.config["TESTING"] = True
+    yield application
+    proxy.resume()
+    database.close_all()
+
+
+def _timed(app, method: str, path: str, **kwargs) -> tuple[float, int | None, dict | None]:
+    """(seconds, status, body) of one request, in a thread of its own: a hang fails the test, not the run."""
+    answer = {}
+
+    def run():
+        started = time.monotonic()
+        response = app.test_client().open(path, method=method, **kwargs)
+        answer["it"] = (time.monotonic() - started, response.status_code, response.get_json())
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(60)
+    return answer.get("it", (60.0, None, None))
+
+
+def _send(app, headers):
+    return _timed(app, "POST", "/api/notifications/send", json=LITERAL, headers=headers)
+
+
+def _stored() -> int:
+    with database.connection_context():
+        return Notification.select().count()
+
+
+@pytest.mark.parametrize("idle", [0.0, 1.5])  # handed out as it is; or checked by the pool first (SELECT 1)
+def test_a_send_to_a_stalled_database_is_answered_503_within_seconds(stall_app, headers, proxy, idle):
+    assert _send(stall_app, headers)[1] == 202
+    time.sleep(idle)
+    proxy.stall()
+    waited, status, body = _send(stall_app, headers)
+    assert status == 503, body
+    assert body["error"]["code"] == "service_unavailable"
+    assert waited < SEND_BOUND
+    # Told within the moment: the next one is not made to wait its own turn.
+    waited, status, _ = _send(stall_app, headers)
+    assert status == 503 and waited < 0.5
+
+
+def test_sends_at_once_to_a_stalled_database_each_get_their_503_within_seconds(stall_app, headers, proxy):
+    # The pool makes connections one at a time, under its lock: each thread waited its turn, then its
+    # own connect timeout.
+    assert _send(stall_app, headers)[1] == 202
+    time.sleep(1.5)
+    proxy.stall()
+    answers: list[tuple] = []
+    threads = [threading.Thread(target=lambda: answers.append(_send(stall_app, headers))) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert [status for _, status, _ in answers] == [503] * 4
+    assert max(waited for waited, _, _ in answers) < SEND_BOUND
+
+
+def test_a_send_the_stall_kept_from_the_server_stores_nothing(stall_app, headers, proxy):
+    assert _send(stall_app, headers)[1] == 202
+    time.sleep(1.5)  # the pool checks the connection first, and that check is what stalls
+    proxy.stall()
+    assert _send(stall_app, headers)[1] == 503
+    proxy.resume()
+    time.sleep(Settings.database_connect_timeout)  # what the process remembers of the silence
+    assert _stored() == 1
+
+
+def test_a_send_whose_insert_went_out_as_the_database_stalled_is_answered_503_within_seconds(
+        pg_settings, pg_db, redis_conn, headers, proxy):
+    # The insert may yet be made (the server has it, and may come back to it): the lost commit's
+    # look-up is asked, and fails at once while the server is silent; the outcome is unknown.
+    name = pg_settings.database_url.rsplit("/", 1)[1]
+    settings = replace(pg_settings, database_url=proxy.url(name), database_prepare=False)  # statements as text
+    application = create_app(settings, redis=redis_conn)
+    proxy.stall(at=b'INSERT INTO "notifications"')
+    waited, status, body = _send(application, headers)
+    assert status == 503, body
+    assert waited < SEND_BOUND + 2  # the look-up's pauses, 1.75 s
+    proxy.resume()
+    database.close_all()
+
+
+def test_ready_answers_not_ready_within_the_connect_timeout(stall_app, proxy):
+    assert _timed(stall_app, "GET", "/api/ready")[1] == 200
+    proxy.stall()
+    waited, status, body = _timed(stall_app, "GET", "/api/ready")
+    assert status == 503
+    assert body["error"]["code"] == "not_ready"
+    assert body["error"]["details"]["database"].startswith("unavailable")
+    assert body["error"]["details"]["redis"] == "ok"
+    assert waited < 2.5
+
+
+def test_the_api_answers_again_once_the_database_does(stall_app, headers, proxy):
+    proxy.stall()
+    assert _send(stall_app, headers)[1] == 503
+    proxy.resume()
+    time.sleep(Settings.database_connect_timeout)  # what the process remembers of the silence
+    assert _timed(stall_app, "GET", "/api/ready")[1] == 200
+    assert _send(stall_app, headers)[1] == 202
+
+
+def test_a_statement_waiting_for_a_lock_is_not_taken_for_a_stalled_server(app, headers, pg_url):
+    # Silent for longer than the probe's delay and its timeout together, but its server answers the
+    # probe: the request waits for the lock, as long as DATABASE_STATEMENT_TIMEOUT lets it.
+    client = app.test_client()
+    created = client.post("/api/notifications/send", json=LITERAL, headers=headers).get_json()
+    locker = psycopg2.connect(pg_url)
+    with locker.cursor() as cur:
+        cur.execute('SELECT 1 FROM "notifications" WHERE "id" = %s FOR UPDATE', (created["id"],))
+    threading.Timer(4.0, locker.rollback).start()
+    started = time.monotonic()
+    try:
+        response = client.post(f"/api/notifications/{created['id']}/cancel", headers=headers)
+    finally:
+        locker.rollback()
+        locker.close()
+    assert response.status_code == 200, response.get_json()
+    assert time.monotonic() - started > 3.5
+
+
+def test_a_job_whose_database_stalls_once_the_email_is_out_ends_in_a_retry_with_a_receipt(
+        pg_settings, pg_db, api_key, redis_conn, smtp, proxy):
+    # The `sent` record met a stalled database: libpq waited for its answer for good, deaf to RQ's
+    # time limit (a SIGALRM; libpq resumes its wait after one) and to SIGTERM: the worker hung, its
+    # job `started`, for as long as the stall lasted (over 11 minutes with JOB_TIMEOUT at 5 s, until
+    # killed). Now the record gives up like any other unavailable database: the receipt is kept, the
+    # job ends in its retry, and the worker goes on.
+    name = pg_settings.database_url.rsplit("/", 1)[1]
+    settings = replace(pg_settings, database_url=proxy.url(name), job_timeout=3, retry_intervals=(60,))
+    notification = make_notification(api_key[0])
+    dispatch(redis_conn, settings, notification)
+    bind(settings.database_url)
+    smtp.delay = 1.0  # the database stalls while the mail server takes the email
+    threading.Timer(0.5, proxy.stall).start()
+    started = time.monotonic()
+    with installed_deliverer(settings, redis_conn):
+        run_worker_until_idle(redis_conn)  # in this thread: RQ's time limit is a signal
+    waited = time.monotonic() - started
+    assert len(smtp.messages) == 1
+    assert redis_conn.exists(f"{receipts.KEY_PREFIX}{notification.id}")
+    assert waited < settings.job_timeout + 20  # the record's tries (7.5 s of pauses), each a few seconds
+    (job_id,) = [j.decode() for j in redis_conn.zrange("rq:scheduled:notifier.default", 0, -1)]  # its retry
+    assert job_id.endswith(notification.id)
+    proxy.resume()
+    bind(pg_settings.database_url)
+    assert reload(notification.id).status == Status.SENDING  # for the receipt to record, never to send again
+
+
+def test_the_setting():
+    assert Settings.from_env({}).database_connect_timeout == 2
+    assert Settings.from_env({"DATABASE_CONNECT_TIMEOUT": "0.5"}).database_connect_timeout == 0.5
+    for bad in ("0", "-1", "nan", "601", "soon"):
+        with pytest.raises(ConfigError):
+            Settings.from_env({"DATABASE_CONNECT_TIMEOUT": bad})
