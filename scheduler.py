@@ -16,7 +16,7 @@ from notifier.config import Settings
 from notifier.db import UNAVAILABLE_ERRORS, database
 from notifier.models import Priority, utcnow
 from notifier.queues import CONTROL_QUEUE, QUEUE_NAMES, connect_redis, notification_of_release
-from notifier.resilience import run_until_stopped
+from notifier.resilience import reason_of, run_until_stopped
 from notifier.runtime import configure_logging, load_settings, open_database
 
 logger = logging.getLogger("notifier.scheduler")
@@ -61,6 +61,9 @@ class NotifierScheduler(Scheduler):
         self.settings = settings
         # The due release entries releases.release_due left for rq-scheduler to move as jobs.
         self._release_jobs: set[str] = set()
+        # Said once as the database goes and once as it comes back: a warning a poll (a second) while
+        # it was away buried everything else in the log.
+        self._database_away = False
 
     def _install_signal_handlers(self):
         # rq-scheduler's own handler records its death in Redis before exiting; with Redis gone at the
@@ -107,8 +110,14 @@ class NotifierScheduler(Scheduler):
             # What was not released stays scheduled and due: the next poll releases it, a second
             # after the database answers again.
             database.close()
-            logger.warning("delayed notifications not released: the database is not available (%s)",
-                           type(exc).__name__)
+            if not self._database_away:
+                self._database_away = True
+                logger.warning("delayed notifications not released: the database is not available (%s: %s); "
+                               "trying again every poll", type(exc).__name__, reason_of(exc))
+        else:
+            if self._database_away:
+                self._database_away = False
+                logger.info("the database is available again; delayed notifications are released")
         return super().enqueue_jobs()
 
     def get_jobs_to_queue(self, with_times=False):

@@ -38,9 +38,8 @@ def wait_until(attempt: Callable[[], object], errors, what: str | None = None, m
                 return True
             except errors as exc:
                 if what is not None and (told is None or time.monotonic() - told >= WAIT_LOG_SECONDS):
-                    # libpq's and redis-py's messages name the host and port, never a password.
-                    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-                    logger.warning("%s is not available (%s: %s); waiting for it", what, type(exc).__name__, reason)
+                    logger.warning("%s is not available (%s: %s); waiting for it", what, type(exc).__name__,
+                                   reason_of(exc))
                     told = time.monotonic()
                 _sleep_unless_stopped(stop, delay)
                 delay = min(delay * 2, max_delay)
@@ -48,6 +47,13 @@ def wait_until(attempt: Callable[[], object], errors, what: str | None = None, m
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def reason_of(exc: BaseException) -> str:
+    """The first line of exc's message, to log: libpq's and redis-py's name the host and port, never a
+    password."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else ""
 
 
 def _sleep_unless_stopped(stop: list, seconds: float) -> None:

@@ -260,3 +260,26 @@ def test_the_rest_of_a_released_job_that_makes_way_keeps_each_ones_request_id(pg
         logging.getLogger("notifier.jobs").removeHandler(lines)
     sent = {nid: rid for message, rid, nid in lines.lines if message.endswith("sent (attempt 1)")}
     assert sent == {**{r.id: "req-1" for r in first}, **{r.id: "req-2" for r in second}, urgent.id: None}
+
+
+def test_the_scheduler_says_once_that_the_database_went_and_once_that_it_came_back(
+        pg_settings, pg_db, api_key, redis_conn, caplog):
+    # It logged a warning every poll, a second apart, for as long as the database was away.
+    from notifier.db import bind
+    from tests.processes import free_port
+
+    rows = _scheduled(pg_settings, redis_conn, api_key[0], 1)
+    polling = NotifierScheduler(pg_settings, connection=redis_conn, interval=1)
+    caplog.set_level(logging.INFO, logger="notifier.scheduler")
+    bind(f"postgresql://postgres@127.0.0.1:{free_port()}/nowhere")
+    for _ in range(3):
+        polling.enqueue_jobs()
+    bind(pg_settings.database_url)
+    for _ in range(2):
+        polling.enqueue_jobs()
+    said = [r.getMessage() for r in caplog.records
+            if r.name == "notifier.scheduler" and "periodic" not in r.getMessage()]
+    assert len(said) == 2, said
+    assert said[0].startswith("delayed notifications not released: the database is not available (OperationalError")
+    assert said[1] == "the database is available again; delayed notifications are released"
+    assert reload(rows[0].id).status == Status.QUEUED
