@@ -80,19 +80,22 @@ def test_a_job_timeout_that_lands_on_a_prepare_leaves_the_connection_usable(pg_d
     # RQ's limit on a job is SIGALRM raising JobTimeoutException wherever the worker is (SimpleWorker:
     # the same process, the same pooled connections, for the next job). Here it falls due while the
     # connection's first PREPARE waits on a lock (a schema upgrade's ALTER TABLE, say): PostgreSQL
-    # makes the statement once the lock goes, and the exception is raised as psycopg2 returns.
+    # makes the statement once the lock goes, whether the exception is raised as psycopg2 returns or
+    # (notifier.patience waits in Python) during the wait, the connection then closed under it.
     made = store.create_notification(api_key[0], dict(FIELDS))
     drop_connections(database.obj.database)  # a fresh connection, that has prepared nothing yet
     locker = psycopg2.connect(pg_url)
     with locker.cursor() as cur:
         cur.execute('LOCK TABLE "notifications" IN ACCESS EXCLUSIVE MODE')
-    threading.Timer(2.0, locker.rollback).start()
+    release = threading.Timer(2.0, locker.rollback)
+    release.start()
     try:
         with pytest.raises(JobTimeoutException), database.connection_context():
             database.execute_sql("SELECT 1")
             with UnixSignalDeathPenalty(1, JobTimeoutException):
                 store.get(made.id)
     finally:
+        release.join()
         time.sleep(0.5)
         locker.close()
     # The next job, on the same pooled connection.

@@ -146,12 +146,13 @@ def test_a_statement_waiting_for_a_lock_is_not_taken_for_a_stalled_server(app, h
     locker = psycopg2.connect(pg_url)
     with locker.cursor() as cur:
         cur.execute('SELECT 1 FROM "notifications" WHERE "id" = %s FOR UPDATE', (created["id"],))
-    threading.Timer(4.0, locker.rollback).start()
+    release = threading.Timer(4.0, locker.rollback)
+    release.start()
     started = time.monotonic()
     try:
         response = client.post(f"/api/notifications/{created['id']}/cancel", headers=headers)
     finally:
-        locker.rollback()
+        release.join()
         locker.close()
     assert response.status_code == 200, response.get_json()
     assert time.monotonic() - started > 3.5
