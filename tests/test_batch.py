@@ -6,7 +6,6 @@ from __future__ import annotations
 import itertools
 import json
 import threading
-import time
 from dataclasses import replace
 
 import psycopg2
@@ -20,6 +19,7 @@ from notifier.models import Event, Notification
 from notifier.queues import QUEUE_NAMES
 from tests.conftest import PG_ADMIN_URL
 from tests.helpers import LITERAL, concurrently, run_worker_until_idle
+from tests.processes import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -196,43 +196,88 @@ def _insert_keyed_row(cursor, api_key_id: int, key: str) -> str:
     return cursor.fetchone()[0]
 
 
+# This test's own trigger: the batch's insert of an item under key K waits while the test holds K's gate
+# (an advisory lock), and holds nothing once past it.
+_GATES = """
+CREATE FUNCTION wait_at_key_gate() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF NEW.request_hash <> 'other' AND NEW.idempotency_key IS NOT NULL THEN
+        PERFORM pg_advisory_lock_shared(hashtext(NEW.idempotency_key));
+        PERFORM pg_advisory_unlock_shared(hashtext(NEW.idempotency_key));
+    END IF;
+    RETURN NEW;
+END $$;
+CREATE TRIGGER wait_at_key_gate BEFORE INSERT ON notifications FOR EACH ROW EXECUTE FUNCTION wait_at_key_gate();
+"""
+
+
 def test_a_batch_deadlocked_by_another_holding_its_keys_in_the_other_order_is_answered(
         app, api_key, headers, pg_settings, redis_conn):
     # Found by holding keys of a batch in another transaction while it inserted: two batches that
     # share item keys in opposite orders each wait for the other, PostgreSQL cancels one to end the
     # deadlock, and that one was answered 503 "the database is unavailable".
+    # PostgreSQL cancels the session that finds the deadlock, one whose wait began deadlock_timeout
+    # ago, and the batch tries again at once. So that it is the batch, however slow this test is, the
+    # other waits first and never looks, and the batch, held at dl-2 until then, closes the circle;
+    # and the batch's second try at dl-1 waits at its gate until the other has it.
+    name = pg_settings.database_url.rsplit("/", 1)[1]
+    gates = psycopg2.connect(pg_settings.database_url)
+    gates.autocommit = True
     other = psycopg2.connect(pg_settings.database_url)  # another batch, its items in the other order
     watcher = psycopg2.connect(PG_ADMIN_URL)
     watcher.autocommit = True
-    try:
+
+    def gate(action: str, key: str) -> None:
+        with gates.cursor() as cur:
+            cur.execute(f"SELECT pg_advisory_{action}(hashtext(%s))", (key,))
+
+    def waits(condition: str, *params) -> bool:
+        with watcher.cursor() as cur:
+            cur.execute(f"SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND {condition}", (name, *params))
+            return cur.fetchone()[0] > 0
+
+    answer, taken = {}, {}
+
+    def other_takes_dl1():
         with other.cursor() as cur:
+            taken["first"] = _insert_keyed_row(cur, api_key[0].id, "dl-1")
+        other.commit()
+
+    try:
+        with gates.cursor() as cur:
+            cur.execute(_GATES)
+        gate("lock", "dl-2")
+        with other.cursor() as cur:
+            cur.execute("SET deadlock_timeout = '1h'")
+            cur.execute("SET statement_timeout = '60s'")  # were the batch never to find the deadlock either
             second = _insert_keyed_row(cur, api_key[0].id, "dl-2")
         items = [_item(0, idempotency_key="dl-1"), _item(1, idempotency_key="dl-2"), _item(2)]
-        answer = {}
         batch = threading.Thread(target=lambda: answer.update(response=app.test_client().post(
             "/api/notifications/batch", json={"notifications": items}, headers=headers)))
         batch.start()
-        name = pg_settings.database_url.rsplit("/", 1)[1]
-        for _ in range(200):  # until the batch, holding dl-1, waits for dl-2
-            with watcher.cursor() as cur:
-                cur.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND wait_event_type = 'Lock'",
-                            (name,))
-                if cur.fetchone()[0]:
-                    break
-            time.sleep(0.02)
-        with other.cursor() as cur:
-            first = _insert_keyed_row(cur, api_key[0].id, "dl-1")  # the deadlock: PostgreSQL cancels the batch's
-        other.commit()
+        wait_until(lambda: waits("wait_event = 'advisory'"), interval=0.01)  # holding dl-1, at dl-2's gate
+        gate("lock", "dl-1")
+        inserting = threading.Thread(target=other_takes_dl1)
+        inserting.start()
+        wait_until(lambda: waits("pid = %s AND wait_event_type = 'Lock'", other.get_backend_pid()), interval=0.01)
+        gate("unlock", "dl-2")  # the batch waits for the other's dl-2: the deadlock
+        inserting.join(timeout=30)  # the batch was cancelled, and the other has dl-1
+        gate("unlock", "dl-1")
         batch.join(timeout=30)
     finally:
         other.close()
         watcher.close()
+        with gates.cursor() as cur:
+            cur.execute("SELECT pg_advisory_unlock_all()")
+            cur.execute("DROP TRIGGER IF EXISTS wait_at_key_gate ON notifications")
+            cur.execute("DROP FUNCTION IF EXISTS wait_at_key_gate()")
+        gates.close()
 
     response = answer["response"]
     assert response.status_code == 202, response.get_json()
     results = response.get_json()["results"]
     assert [r.get("error", {}).get("code") for r in results] == ["idempotency_key_reused"] * 2 + [None]
-    assert [r["error"]["details"]["id"] for r in results[:2]] == [first, second]
+    assert [r["error"]["details"]["id"] for r in results[:2]] == [taken["first"], second]
     assert _rows()[0] == 3  # the other's two and the batch's keyless item, once
 
 
