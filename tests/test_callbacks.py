@@ -29,7 +29,7 @@ from notifier.errors import PermanentDeliveryError
 from notifier.models import Notification, Status, utcnow
 from notifier.queues import CALLBACK_QUEUE, callback_job_id_for, enqueue_callback
 from notifier.reconciler import reconcile
-from tests.helpers import LITERAL, installed_deliverer, make_notification, reload, run_worker_until_idle
+from tests.helpers import LITERAL, eventually, installed_deliverer, make_notification, reload, run_worker_until_idle
 from tests.operators import collect_metrics, value
 
 pytestmark = pytest.mark.integration
@@ -317,6 +317,17 @@ def _callback_lock_free(pg_url: str, notification: Notification) -> bool:
         conn.close()  # and the lock taken here goes with the session
 
 
+def _session_ended(pg_url: str, pid: int) -> bool:
+    """Whether the PostgreSQL session served by server process pid has ended (and its locks with it)."""
+    conn = psycopg2.connect(pg_url)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s", (pid,))
+            return cur.fetchone()[0] == 0
+    finally:
+        conn.close()
+
+
 @pytest.mark.parametrize("cut", ["job limit as the lock is taken", "release cancelled"])
 def test_a_callback_lock_cut_short_does_not_stay_on_a_pooled_connection(cut, api_key, pg_url, live_deliverer,
                                                                          receiver, monkeypatch):
@@ -328,13 +339,16 @@ def test_a_callback_lock_cut_short_does_not_stay_on_a_pooled_connection(cut, api
                                       attempts=1, sent_at=utcnow())
     db = database.obj
     real = db.execute_sql
+    holder = []  # the server process of the session that took the lock
 
     def execute_sql(sql, params=None):
         if cut == "release cancelled" and "pg_advisory_unlock" in sql:
             raise OperationalError("canceling statement due to user request")
         cursor = real(sql, params)
-        if cut == "job limit as the lock is taken" and "pg_try_advisory_lock" in sql:
-            raise JobTimeoutException("Task exceeded maximum timeout value (25 seconds)")
+        if "pg_try_advisory_lock" in sql:
+            holder.append(cursor.connection.get_backend_pid())
+            if cut == "job limit as the lock is taken":
+                raise JobTimeoutException("Task exceeded maximum timeout value (25 seconds)")
         return cursor
 
     monkeypatch.setattr(db, "execute_sql", execute_sql)
@@ -345,6 +359,8 @@ def test_a_callback_lock_cut_short_does_not_stay_on_a_pooled_connection(cut, api
             live_deliverer.send_callback(notification.id)
     monkeypatch.undo()
 
+    # A closed connection's server process ends, and lets go of the lock, a moment after the close.
+    assert eventually(lambda: _session_ended(pg_url, holder[0]), timeout=10), "the session lives on, in the pool"
     assert _callback_lock_free(pg_url, notification)
 
 
