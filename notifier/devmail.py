@@ -15,6 +15,7 @@ import os
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from aiosmtpd.controller import Controller
@@ -40,7 +41,9 @@ class CaptureHandler:
 
     `replies` scripts the next answers to DATA ("451 try later", "550 no such user"); when it is
     empty every message is accepted. `mail_replies` and `rcpt_replies` do the same for MAIL FROM and
-    RCPT. `delay` holds each DATA reply back, to imitate a slow server. It offers PIPELINING, as
+    RCPT. `delay` holds each DATA reply back, to imitate a slow server; `before_reply`, when set, is
+    called (in a thread, so it may block) before each DATA reply, to hold one back until a test has
+    done something meanwhile, such as killing the client mid-DATA. It offers PIPELINING, as
     most mail servers do (aiosmtpd reads pipelined commands in order but does not say so); with
     pipelining=False it does not, like a server that does not pipeline.
     """
@@ -53,6 +56,7 @@ class CaptureHandler:
         self.mail_replies: deque[str] = deque()
         self.rcpt_replies: deque[str] = deque()
         self.delay = 0.0
+        self.before_reply: Callable[[], None] | None = None
         self._lock = threading.Lock()
         self._counter = itertools.count(1)
         if folder:
@@ -80,9 +84,11 @@ class CaptureHandler:
     async def handle_DATA(self, server, session, envelope):
         if self.delay:
             await asyncio.sleep(self.delay)
-            if server.transport is None or server.transport.is_closing():
-                # The client hung up before our reply: like a careful MTA, keep nothing.
-                return "421 client went away"
+        if self.before_reply is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.before_reply)
+        if server.transport is None or server.transport.is_closing():
+            # The client hung up before our reply: like a careful MTA, keep nothing.
+            return "421 client went away"
         if self.replies:
             return self.replies.popleft()
         received = Received(envelope.mail_from, list(envelope.rcpt_tos), bytes(envelope.content))

@@ -79,9 +79,11 @@ def smtp(smtp_server) -> CaptureHandler:
     handler.mail_replies.clear()
     handler.rcpt_replies.clear()
     handler.delay = 0.0
+    handler.before_reply = None
     yield handler
     handler.replies.clear()
     handler.delay = 0.0
+    handler.before_reply = None
 
 
 @pytest.fixture

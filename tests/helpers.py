@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import threading
 
 import psycopg2
@@ -130,3 +131,20 @@ def concurrently(n: int, call):
     for thread in threads:
         thread.join(timeout=30)
     return results
+
+
+def held_reply(smtp, n: int = 1) -> tuple[threading.Event, threading.Event]:
+    """Hold the test SMTP server's answer to the nth DATA until the test lets it go: (arrived, release).
+
+    Between the two the client is waiting for that answer, so what the test does then (kill the
+    worker, take the database away) happens mid-DATA however slow the machine, where a slow server
+    (`smtp.delay`) only made it likely."""
+    arrived, release, replies = threading.Event(), threading.Event(), itertools.count(1)
+
+    def hold() -> None:
+        if next(replies) == n:
+            arrived.set()
+            release.wait(30)
+
+    smtp.before_reply = hold
+    return arrived, release

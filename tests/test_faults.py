@@ -30,7 +30,7 @@ from notifier.models import SchemaVersion
 from notifier.queues import QUEUE_NAMES, release_job_id_for
 from notifier.schema import SCHEMA_VERSION, upgrade
 from tests.conftest import PG_ADMIN_URL
-from tests.helpers import LITERAL, drop_connections
+from tests.helpers import LITERAL, drop_connections, held_reply
 from tests.operators import collect_metrics, value
 from tests.processes import Stack, cli, env_for, expire_killed_worker, free_port, request, spawn, wait_until
 
@@ -58,16 +58,16 @@ def _recipients(handler: CaptureHandler) -> list[str]:
 
 def test_worker_sigkill_mid_send_is_recovered_and_sent_once(make_stack, smtp, redis_conn):
     stack = make_stack().start("api", "worker", "scheduler")
-    smtp.delay = 3.0
+    mid_data, killed = held_reply(smtp)
     notification_id = stack.send(_to(1))
-    stack.wait_status(notification_id, "sending", timeout=15)
+    assert mid_data.wait(15)
     worker = stack.procs["worker"].pid
     stack.stop("worker", signal.SIGKILL)  # mid-DATA: the server never answered, so it keeps nothing
+    killed.set()
     time.sleep(2.5)  # past SENDING_TIMEOUT
     cli(["reconcile"], stack.env)
     assert stack.get(notification_id)["status"] == "sending"  # its worker's RQ key says it may be at it
     expire_killed_worker(redis_conn, worker)
-    smtp.delay = 0.0
     stack.start("worker2")
 
     detail = stack.wait_status(notification_id, "sent", timeout=40)
@@ -479,18 +479,17 @@ def test_an_email_the_server_took_while_postgresql_was_away_for_longer_than_the_
     # of the `sent` record (0 + 0.5 + 1 + 2 + 4 s). Before sent receipts, recovery sent it again.
     begin, end = database_outage
     stack = make_stack(RETRY_INTERVALS="1").start("api", "worker")  # one retry of the job: both fail
-    smtp.delay = 3.0
+    mid_data, away = held_reply(smtp)
     notification_id = stack.send(_to(1))
-    stack.wait_status(notification_id, "sending", timeout=15)
-    time.sleep(0.5)
+    assert mid_data.wait(15)
     begin()
+    away.set()
     assert len(smtp.wait_for(1, timeout=10)) == 1  # the server took it while the database was away
     # The worker has given up for good (its `sent` record, then the job's retry) before the database
     # comes back, so the reconciler is what finds the notification stuck in `sending`.
     job = f"rq:job:notification-{notification_id}"
     wait_until(lambda: redis_conn.hget(job, "status") == b"failed", timeout=40, interval=0.2)
     end()
-    smtp.delay = 0.0
     failed = Queue("notifier.default", connection=redis_conn).failed_job_registry
     assert failed.get_job_ids() == [f"notification-{notification_id}"]  # rq-dashboard's Failed list
     # The dead letters are the notifications the database says failed: this one never was.
@@ -518,19 +517,18 @@ def test_a_batch_email_the_server_took_while_postgresql_was_away_is_recorded_by_
     # A shared job holds each `sent` record to write with the next claim: the claim is what fails here.
     begin, end = database_outage
     stack = make_stack(RETRY_INTERVALS="1").start("api", "worker")
-    smtp.delay = 3.0
+    mid_data, away = held_reply(smtp)
     status, body = request("POST", f"{stack.base}/api/notifications/batch", stack.key,
                            {"notifications": [_to(1), _to(2)]})
     assert status == 202, body
     first, second = (r["id"] for r in body["results"])
-    stack.wait_status(first, "sending", timeout=15)
-    time.sleep(0.5)
+    assert mid_data.wait(15)
     begin()
+    away.set()
     assert len(smtp.wait_for(1, timeout=10)) == 1
     failed = Queue("notifier.default", connection=redis_conn).failed_job_registry
     wait_until(lambda: failed.count == 1, timeout=40, interval=0.2)  # the shared job gave up
     end()
-    smtp.delay = 0.0
 
     # The worker's next job finds the database answering again: it records what it sent first.
     later = _accepted(stack, _to(3))

@@ -22,7 +22,7 @@ from notifier.models import Notification, Status, utcnow
 from notifier.queues import connect_redis
 from notifier.receipts import LATE_REASON, Receipt
 from notifier.reconciler import RECOVERED_REASON, reconcile
-from tests.helpers import installed_deliverer, make_notification, reload
+from tests.helpers import held_reply, installed_deliverer, make_notification, reload
 from tests.operators import collect_metrics, value
 from tests.processes import free_port, wait_until
 
@@ -180,10 +180,11 @@ def test_a_database_blip_shorter_than_the_worker_waits_is_recorded_in_time_and_l
         live_deliverer, api_key, redis_conn, smtp, database_outage):
     begin, end = database_outage
     notification = make_notification(api_key[0])
-    smtp.delay = 1.0
+    mid_data, away = held_reply(smtp)
     thread, outcome = _deliver_in_background(notification.id)
-    wait_until(lambda: reload(notification.id).status == Status.SENDING, timeout=5, interval=0.02)
+    assert mid_data.wait(5)
     begin()
+    away.set()
     # The server has it and the record failed once: the receipt is kept at once, not after all retries.
     wait_until(lambda: redis_conn.exists(f"{receipts.KEY_PREFIX}{notification.id}"), timeout=10, interval=0.05)
     end()
@@ -201,10 +202,11 @@ def test_with_redis_away_too_the_worker_says_nothing_was_kept(fast_settings, api
     notification = make_notification(api_key[0])
     away = connect_redis(f"redis://127.0.0.1:{free_port()}/0")
     with installed_deliverer(fast_settings, away):
-        smtp.delay = 1.0
+        mid_data, database_away = held_reply(smtp)
         thread, outcome = _deliver_in_background(notification.id)
-        wait_until(lambda: reload(notification.id).status == Status.SENDING, timeout=5, interval=0.02)
+        assert mid_data.wait(5)
         begin()
+        database_away.set()
         thread.join(timeout=30)
     end()
     assert isinstance(outcome["error"], SentNotRecorded)

@@ -17,7 +17,7 @@ from notifier import consent, deadletters, jobs, logs, queues
 from notifier.db import database
 from notifier.models import Event, Notification
 from notifier.reconciler import reconcile
-from tests.helpers import LITERAL, drop_connections, installed_deliverer, run_worker_until_idle
+from tests.helpers import LITERAL, drop_connections, held_reply, installed_deliverer, run_worker_until_idle
 from tests.processes import expire_killed_worker, request
 
 pytestmark = pytest.mark.integration
@@ -148,15 +148,16 @@ def test_a_worker_killed_inside_a_shared_job_loses_nothing_and_sends_each_at_mos
     settings = replace(pg_settings, retry_intervals=(1, 1, 1))
     stack = stacks(settings, BATCH_JOB_SIZE=10, RECONCILE_INTERVAL=1, RECONCILE_GRACE_SECONDS=1,
                    SENDING_TIMEOUT=2).start("api", "worker", "scheduler")
-    smtp.delay = 0.3
+    mid_data, killed = held_reply(smtp, 2)
     status, body = request("POST", f"{stack.base}{BATCH}", stack.key, {"notifications": _items(10)})
     assert status == 202, body
     ids = [r["id"] for r in body["results"]]
+    assert mid_data.wait(30)
     stack.wait_status(ids[0], "sent", timeout=20)
     worker = stack.procs["worker"].pid
-    stack.stop("worker", signal.SIGKILL)  # some sent, one mid-DATA, the rest not reached
+    stack.stop("worker", signal.SIGKILL)  # one sent, one mid-DATA, the rest not reached
+    killed.set()
     expire_killed_worker(redis_conn, worker)
-    smtp.delay = 0.0
     stack.start("worker2")
     for notification_id in ids:
         stack.wait_status(notification_id, "sent", timeout=40)
@@ -415,16 +416,17 @@ def test_a_shared_job_stops_at_its_time_limit_and_the_reconciler_hands_on_the_re
     # doing, a send most likely: taken for one email failing, it let the job go on with no limit.
     stack = stacks(pg_settings, JOB_TIMEOUT=1, RETRY_INTERVALS="1,1,1", RECONCILE_INTERVAL=1,
                    RECONCILE_GRACE_SECONDS=1).start("api", "worker")
-    smtp.delay = 2.5  # the first email takes 2.5 s; the job's 3 s limit comes in the middle of the second
+    mid_data, cut = held_reply(smtp, 2)  # the job's 3 s limit comes while the server holds the second's answer
     status, body = request("POST", f"{stack.base}{BATCH}", stack.key, {"notifications": _items(3)})
     assert status == 202, body
     ids = [r["id"] for r in body["results"]]
     stack.wait_status(ids[1], "retrying", timeout=20)
+    assert mid_data.is_set()  # the limit cut the second off mid-DATA
+    cut.set()
     time.sleep(4)  # the third would have gone out by now, had the job gone on
     assert [stack.get(i)["status"] for i in ids] == ["sent", "retrying", "queued"]
     assert _recipients(smtp) == ["user0@example.com"]  # the second was cut off before the server took it
 
-    smtp.delay = 0.0
     stack.start("scheduler")  # its reconciler hands on the two the stopped job left
     for notification_id in ids:
         stack.wait_status(notification_id, "sent", timeout=40)
