@@ -92,12 +92,14 @@ def test_a_change_heard_while_loading_is_not_cached(cache, api_key, other_key):
 
 
 def _end_listening_session(pg_settings) -> None:
-    """What a PostgreSQL restart does to the cache's listening connection."""
+    """What a PostgreSQL restart does to the cache's listening connection: its session ends, and the
+    server's goodbye is on the cache's socket when this returns (the server process has exited)."""
     admin = psycopg2.connect(pg_settings.database_url)
     admin.autocommit = True
     with admin.cursor() as cur:
-        cur.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+        cur.execute("SELECT pg_terminate_backend(pid, 10000) FROM pg_stat_activity "
                     "WHERE application_name = 'notifier-api-keycache' AND datname = current_database()")
+        assert all(ended for (ended,) in cur.fetchall()), "the listening session outlived 10 s"
     admin.close()
 
 
@@ -133,8 +135,7 @@ def test_a_key_revoked_after_the_listening_connection_died_is_never_served_from_
     with database.connection_context():
         cache.lookup(prefix, load)
         cache.lookup(prefix, load)  # cached from here on
-        _end_listening_session(pg_settings)
-        time.sleep(0.3)  # the server's goodbye is on the cache's socket; the revocation's NOTIFY never will be
+        _end_listening_session(pg_settings)  # the revocation's NOTIFY will never be on the cache's socket
         keys.revoke(api_key[0].name)
         assert keys.authenticate(api_key[1], cache) is None
 
