@@ -19,7 +19,7 @@ import psycopg2
 import pytest
 from redis import Redis
 from redis import exceptions as redis_exceptions
-from rq import Queue
+from rq import Queue, Worker
 from rq.job import Job, JobStatus
 from rq_scheduler import Scheduler
 
@@ -271,6 +271,15 @@ def test_a_retry_due_after_redis_restarts_empty_under_an_idle_worker_fires_on_ti
     assert _recipients(smtp) == ["user1@example.com"]
 
 
+def _waiting_for_a_job(stack: Stack, pid: int) -> bool:
+    """Whether the RQ worker of pid is back in its loop that waits for a job (its state in RQ: idle)."""
+    redis = Redis.from_url(stack.env["REDIS_URL"])
+    try:
+        return any(worker.pid == pid and worker.get_state() == "idle" for worker in Worker.all(connection=redis))
+    finally:
+        redis.close()
+
+
 def test_a_scheduler_that_died_under_an_idle_worker_is_started_again(make_stack, pg_settings, smtp):
     # RQ's scheduler (it fires retries) dead while its worker waits for a job, as after a Redis outage
     # of 3 to 6 s: the worker's look at it (keep_scheduler, at most every 5 s) came just before Redis
@@ -282,7 +291,7 @@ def test_a_scheduler_that_died_under_an_idle_worker_is_started_again(make_stack,
     notification_id = stack.send(_to(1))
     stack.wait_status(notification_id, "retrying")  # its retry waits 8 s in RQ's scheduled registry
     (scheduler,) = wait_until(lambda: children(worker, live=True), timeout=10)
-    time.sleep(1)  # the worker is waiting for its next job
+    wait_until(lambda: _waiting_for_a_job(stack, worker), interval=0.02)
     os.kill(scheduler, signal.SIGKILL)
 
     stack.wait_status(notification_id, "sent", timeout=30)
