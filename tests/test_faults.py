@@ -130,13 +130,15 @@ def test_the_job_limit_landing_while_the_sent_record_waits_on_a_table_lock_sends
 
 def test_worker_sigterm_finishes_the_send_and_loses_nothing(make_stack, smtp):
     stack = make_stack().start("api", "worker")
-    smtp.delay = 1.5
+    mid_data, stopping = held_reply(smtp)
     first = stack.send(_to(1))
-    stack.wait_status(first, "sending", timeout=15)
+    assert mid_data.wait(15)
     later = [stack.send(_to(n)) for n in (2, 3)]
-    assert stack.stop("worker", signal.SIGTERM) == 0
+    worker = stack.procs.pop("worker")
+    worker.send_signal(signal.SIGTERM)  # once: a second one is a cold shutdown
+    stopping.set()
+    assert worker.wait(timeout=30) == 0
     assert stack.get(first)["status"] == "sent"
-    smtp.delay = 0.0
     stack.start("worker2")
     for notification_id in later:
         stack.wait_status(notification_id, "sent")

@@ -13,7 +13,7 @@ import psycopg2
 import pytest
 
 from tests.conftest import PG_ADMIN_URL, _pg_database_name
-from tests.helpers import LITERAL, VERIFICATION, reload
+from tests.helpers import LITERAL, VERIFICATION, held_reply, reload
 from tests.processes import ROOT, Stack, cli, env_for, free_port, request, spawn, stop, wait_for_http, wait_until
 
 pytestmark = pytest.mark.integration
@@ -48,12 +48,13 @@ def test_api_and_worker_processes_deliver_and_retry_a_451(stack, smtp):
 
 
 def test_worker_finishes_its_current_send_on_sigterm(stack, smtp):
-    smtp.delay = 2.0
+    mid_data, stopping = held_reply(smtp)
     status, accepted = request("POST", f"{stack.base}/api/notifications/send", stack.key, LITERAL)
     assert status == 202
-    wait_until(lambda: _status(stack, accepted["id"])["status"] == "sending", timeout=10, interval=0.02)
+    assert mid_data.wait(10)
     worker = stack.procs["worker"]
     worker.send_signal(signal.SIGTERM)
+    stopping.set()
     assert worker.wait(timeout=30) == 0
     assert _status(stack, accepted["id"])["status"] == "sent"
     assert smtp.count() == 1
