@@ -264,9 +264,10 @@ def test_a_retry_due_after_redis_restarts_empty_under_an_idle_worker_fires_on_ti
     smtp.replies.append("451 4.3.0 busy")
     notification_id = stack.send(_to(1))
     stack.wait_status(notification_id, "retrying")
-    time.sleep(0.5)
+    worker = stack.procs["worker"].pid
+    wait_until(lambda: _waiting_for_a_job(stack, worker) and children(worker, live=True), interval=0.02)
     down()
-    time.sleep(2)  # the worker's scheduler notices within its 1 s interval
+    wait_until(lambda: not children(worker, live=True), interval=0.05)  # its scheduler died with the connection
     up()  # back, but empty: the reconciler puts the retry back, due 5 s after the failed attempt
 
     stack.wait_status(notification_id, "sent", timeout=30)
@@ -398,7 +399,11 @@ def test_worker_and_scheduler_exit_on_sigterm_even_when_redis_dies_at_the_same_m
     # came up on the same port they took its jobs.
     url, _, down = own_redis
     stack = make_stack(replace(pg_settings, redis_url=url)).start("worker", "scheduler")
-    time.sleep(2)
+    redis = Redis.from_url(url)
+    try:  # the worker is registered; the scheduler holds its lock once it is polling
+        wait_until(lambda: redis.exists(Scheduler.scheduler_lock_key), interval=0.02)
+    finally:
+        redis.close()
     worker, scheduler = stack.procs["worker"], stack.procs["scheduler"]
     down()
     worker.send_signal(signal.SIGTERM)
