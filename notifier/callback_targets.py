@@ -12,6 +12,7 @@ import socket
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
 from functools import partial
+from http.client import HTTPResponse
 from ipaddress import IPv4Network, IPv6Network, ip_address
 from urllib.parse import urlsplit
 from urllib.request import HTTPHandler, HTTPSHandler
@@ -62,10 +63,12 @@ def _ipv4_form(host: str) -> str | None:
 _IPV4_CHARACTERS = re.compile(r"[0-9a-fx.]+", re.IGNORECASE)
 
 
-def handlers(deny: Networks, resolve_timeout: float) -> tuple[HTTPHandler, HTTPSHandler]:
-    """urllib's HTTP and HTTPS handlers whose connections resolve within resolve_timeout and refuse
-    addresses in deny."""
-    return _HTTPHandler(deny, resolve_timeout), _HTTPSHandler(deny, resolve_timeout)
+def handlers(deny: Networks, resolve_timeout: float,
+             response_class: type[HTTPResponse] = HTTPResponse) -> tuple[HTTPHandler, HTTPSHandler]:
+    """urllib's HTTP and HTTPS handlers whose connections resolve within resolve_timeout, refuse
+    addresses in deny, and read their answers with response_class."""
+    return (_HTTPHandler(deny, resolve_timeout, response_class),
+            _HTTPSHandler(deny, resolve_timeout, response_class))
 
 
 def _refusal(host: str, address: str, network) -> str:
@@ -111,16 +114,19 @@ def _connect(address: tuple[str, int], timeout: float, source_address=None, *, d
 
 class _Checked:
     """A urllib handler whose connections are made by _connect (http.client's own hook for it,
-    _create_connection, set on each connection, whatever class and arguments urllib chose)."""
+    _create_connection, set on each connection, whatever class and arguments urllib chose), and read
+    their answers with response_class (its hook for that, as getresponse() documents)."""
 
-    def __init__(self, deny: Networks, resolve_timeout: float, **kwargs):
+    def __init__(self, deny: Networks, resolve_timeout: float, response_class: type[HTTPResponse], **kwargs):
         super().__init__(**kwargs)
         self._connect = partial(_connect, deny=deny, resolve_timeout=resolve_timeout)
+        self._response_class = response_class
 
     def do_open(self, http_class, req, **http_conn_args):
         def checked(host, **kwargs):
             connection = http_class(host, **kwargs)
             connection._create_connection = self._connect
+            connection.response_class = self._response_class
             return connection
 
         return super().do_open(checked, req, **http_conn_args)

@@ -110,6 +110,21 @@ class _NoRedirects(urllib.request.HTTPRedirectHandler):
     http_error_301 = http_error_303 = http_error_307 = http_error_308 = http_error_302
 
 
+class _FinalAnswer(http.client.HTTPResponse):
+    # http.client reads past a 100 Continue only: any other informational answer (a 103 Early Hints
+    # from the receiver or a proxy before it, a 102) was taken for the answer itself, and the event,
+    # delivered, was given up as "HTTP 103". A 1xx is never the answer to a request (RFC 9110 15.2):
+    # its head is read past here, where http.client reads each status line (begin(), and a proxy's
+    # CONNECT), as it has no public hook between the two. An endless run of them ends at the job's
+    # limit, as an answer trickled byte by byte does.
+    def _read_status(self):
+        version, status, reason = super()._read_status()
+        while 100 <= status < 200:
+            http.client.parse_headers(self.fp)
+            version, status, reason = super()._read_status()
+        return version, status, reason
+
+
 def post(url: str, body: bytes, secret: str, event_id: str, timeout: float, old_secret: str | None = None,
          deny_networks: Networks = ()) -> int:
     """POST the event signed with secret (and old_secret, during its rotation), to no address in
@@ -130,7 +145,7 @@ def post(url: str, body: bytes, secret: str, event_id: str, timeout: float, old_
     request.add_header("User-Agent", "notifier-callbacks/1")
     request.add_header(EVENT_ID_HEADER, event_id)
     request.add_header(SIGNATURE_HEADER, sign(secret, body, int(time.time()), old_secret))
-    opener = urllib.request.build_opener(_NoRedirects, *handlers(deny_networks, timeout))
+    opener = urllib.request.build_opener(_NoRedirects, *handlers(deny_networks, timeout, _FinalAnswer))
     try:
         with opener.open(request, timeout=timeout) as response:
             return response.status

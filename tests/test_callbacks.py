@@ -568,6 +568,41 @@ def test_an_endpoint_that_does_not_speak_http_is_retried_not_an_error_of_ours():
         callbacks.post(url, b"{}", "secret", "n:sent", timeout=5)
 
 
+@pytest.mark.parametrize("informational", [
+    b"HTTP/1.1 103 Early Hints\r\nLink: </a>; rel=preload\r\n\r\n",
+    b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 102 Processing\r\n\r\nHTTP/1.1 103 Early Hints\r\n\r\n",
+])
+def test_an_informational_answer_before_the_final_one_is_read_past(informational):
+    # http.client skips only a 100 Continue: a 103 Early Hints (from the receiver or a proxy before it)
+    # was taken for the answer, and the delivered event given up as "HTTP 103".
+    url, _, seen = _serve_once(informational + b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    assert callbacks.post(url, b"{}", "secret", "n:sent", timeout=5) == 200
+    assert len(seen) == 1
+
+
+def test_an_informational_answer_with_no_final_one_in_time_is_retried_not_refused():
+    listener = socket.create_server(("127.0.0.1", 0))
+    done = threading.Event()
+
+    def hint_then_hold():
+        with listener:
+            conn, _ = listener.accept()
+            with conn:
+                _read_request(conn)
+                conn.sendall(b"HTTP/1.1 103 Early Hints\r\nLink: </a>; rel=preload\r\n\r\n")
+                done.wait(10)  # no final answer: the client's read times out first
+
+    thread = threading.Thread(target=hint_then_hold, daemon=True)
+    thread.start()
+    try:
+        with pytest.raises(callbacks.CallbackRetry, match="timed out"):
+            callbacks.post(f"http://127.0.0.1:{listener.getsockname()[1]}/hooks", b"{}", "secret", "n:sent",
+                           timeout=0.5)
+    finally:
+        done.set()
+        thread.join()
+
+
 def _logged(exc: BaseException) -> str:
     """The exception as RQ writes a failed job to the worker's log: the whole chain, causes included."""
     return "".join(traceback.format_exception(exc))
