@@ -46,6 +46,44 @@ def _no_line_breaks(value: str) -> None:
         raise ValidationError("must not contain line breaks")
 
 
+# The longest idempotency key, as the column that keeps it is, and the header that may give it.
+IDEMPOTENCY_KEY_MAX = 255
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+# What an Idempotency-Key header may hold (the document says it with this): printable ASCII, spaces and
+# tabs, no comma. The API refuses a key beyond ASCII or with a comma there; the rest a client cannot
+# write in a header at all.
+IDEMPOTENCY_HEADER_PATTERN = r"^[\t\u0020-\u002b\u002d-\u007e]+$"
+
+
+class IdempotencyKey(fields.String):
+    """A caller's idempotency key, wherever it is given: 1 to IDEMPOTENCY_KEY_MAX characters, no line break."""
+
+    def __init__(self, *validators, **kwargs):
+        super().__init__(validate=[validate.Length(min=1, max=IDEMPOTENCY_KEY_MAX), _no_line_breaks, *validators],
+                         **kwargs)
+
+
+def _header_ascii(value: str) -> None:
+    # The server hands a header's bytes on as Latin-1 (WSGI), whatever the client meant: a key beyond
+    # ASCII sent as UTF-8 was another key than the same one in the body, which JSON makes UTF-8.
+    if not value.isascii():
+        raise ValidationError("must be ASCII (a key beyond it goes in the idempotency_key field)")
+
+
+def _header_once(value: str) -> None:
+    # The server joins a header given twice with a comma, so "a" and "b" arrive as the key "a,b", which
+    # no single header gave; past the join, one key holding a comma cannot be told from two.
+    if "," in value:
+        raise ValidationError("must be given once, without a comma (a key with one goes in the idempotency_key "
+                              "field)")
+
+
+class IdempotencyHeaderSchema(Schema):
+    """The Idempotency-Key header: a key as the body's field takes it, that a header carries whole."""
+
+    key = IdempotencyKey(_header_ascii, _header_once, required=True, data_key=IDEMPOTENCY_HEADER)
+
+
 def _ascii(value: str) -> None:
     # smtplib speaks plain SMTP, without SMTPUTF8 (which not every relay offers either): a non-ASCII
     # address could never be sent, only retried until the last attempt.
@@ -217,7 +255,7 @@ class StrictSchema(Schema):
 class DeliveryOptions(StrictSchema):
     """What every send route accepts besides the message itself."""
 
-    idempotency_key = fields.String(validate=[validate.Length(min=1, max=255), _no_line_breaks])
+    idempotency_key = IdempotencyKey()
     send_at = UtcDateTime()
     delay_seconds = Seconds(validate=validate.Range(min=0, max=3650 * 86400))
     expires_at = UtcDateTime()
@@ -309,7 +347,7 @@ class EventSchema(StrictSchema):
     user = fields.Nested(EventUserSchema, required=True)
     data = JsonObject(load_default=dict)
     metadata = JsonObject(load_default=None)
-    idempotency_key = fields.String(validate=[validate.Length(min=1, max=255), _no_line_breaks])
+    idempotency_key = IdempotencyKey()
     callback_url = CallbackUrl()
 
 

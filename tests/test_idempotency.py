@@ -106,6 +106,28 @@ def test_header_and_field_that_differ_are_refused(client, headers, deliverer, sm
     assert smtp.count() == 0
 
 
+@pytest.mark.parametrize("path", [SEND, "/api/notifications/send-verification", "/api/notifications/batch",
+                                  "/api/events"])
+@pytest.mark.parametrize("key", ["", "k" * 256])
+def test_a_key_of_the_wrong_length_is_refused_naming_where_it_came_from(client, headers, redis_conn, path, key):
+    # One rule for the key whichever way it comes; the error names the header as the header, and the
+    # field as the field (the header's length was checked by the service under the field's name).
+    payload = {"send": LITERAL, "send-verification": VERIFICATION, "batch": {"notifications": [LITERAL]},
+               "events": SIGNUP}[path.rpartition("/")[2]]
+    by_header = client.post(path, json=payload, headers={**headers, "Idempotency-Key": key})
+    assert by_header.status_code == 422, by_header.get_json()
+    assert list(by_header.get_json()["error"]["details"]) == ["Idempotency-Key"]
+    if path.endswith("/batch"):
+        payload = {"notifications": [{**LITERAL, "idempotency_key": key}, LITERAL]}
+        item = client.post(path, json=payload, headers=headers).get_json()["results"][0]
+        assert list(item["error"]["details"]) == ["idempotency_key"]
+    else:
+        by_field = client.post(path, json={**payload, "idempotency_key": key}, headers=headers)
+        assert by_field.status_code == 422
+        assert list(by_field.get_json()["error"]["details"]) == ["idempotency_key"]
+    assert notification_count() == (1 if path.endswith("/batch") else 0)  # the batch's other item
+
+
 def test_same_key_with_a_different_payload_is_a_conflict(client, headers, deliverer, smtp, redis_conn):
     original = _post(client, headers, LITERAL, key="order-6").get_json()
     reused = _post(client, headers, {**LITERAL, "text": "Another body"}, key="order-6")

@@ -66,6 +66,15 @@ def test_document_describes_each_route_method_and_the_error_envelope(local_app):
     assert spec["paths"]["/api/health"]["get"]["security"] == []
 
 
+def test_document_gives_the_idempotency_key_headers_constraints(local_app):
+    header = local_app.test_client().get("/api/openapi.json").get_json()["components"]["parameters"]["Idempotency-Key"]
+    assert header["schema"]["maxLength"] == 255
+    pattern = re.compile(header["schema"]["pattern"])
+    assert pattern.search("order-1 a/b:c") and pattern.search("k" * 255)
+    for refused in ("a,b", "ключ", "caf\u00e9", "k\x00", ""):
+        assert not pattern.search(refused), refused
+
+
 def test_docs_page_lists_every_operation_and_loads_nothing_from_elsewhere(local_app):
     client = local_app.test_client()
     response = client.get("/api/docs")

@@ -14,16 +14,16 @@ from notifier import keys
 from notifier.errors import ApiError, RateLimited, Unauthorized, Unprocessable
 from notifier.models import ApiKey
 from notifier.ratelimit import parse_rate
-from notifier.schemas import PageQuerySchema, UserPathSchema
+from notifier.schemas import IDEMPOTENCY_HEADER, IdempotencyHeaderSchema, PageQuerySchema, UserPathSchema
 from notifier.service import NotificationService
 
 API_KEY_HEADER = "X-API-Key"
-IDEMPOTENCY_HEADER = "Idempotency-Key"
 _SURROGATE = re.compile("[\\ud800-\\udfff]")
 # How a NUL or a surrogate can reach a parsed body: strict JSON holds neither raw (a control character
 # inside a string is refused, and the body was decoded as UTF-8 first), only as \u escapes.
 _UNSTORABLE_ESCAPE = re.compile(r"\\u(?:0000|[dD][89a-fA-F])")
 _user_path = UserPathSchema()
+_idempotency_header = IdempotencyHeaderSchema()
 
 
 def service() -> NotificationService:
@@ -56,22 +56,10 @@ def current_key() -> ApiKey:
 
 
 def idempotency_header() -> str | None:
-    """The request's Idempotency-Key header, if any: ASCII, and given once (else 422)."""
+    """The request's Idempotency-Key header, if any, held to what the idempotency_key field takes and
+    to what a header carries whole (ValidationError, naming the header, becomes a 422)."""
     value = request.headers.get(IDEMPOTENCY_HEADER)
-    if value is None:
-        return None
-    # The server hands a header's bytes on as Latin-1 (WSGI), whatever the client meant: a key beyond
-    # ASCII sent as UTF-8 was another key than the same one in the body, which JSON makes UTF-8.
-    if not value.isascii():
-        raise Unprocessable(f"the {IDEMPOTENCY_HEADER} header must be ASCII; give a key beyond it as idempotency_key",
-                            {IDEMPOTENCY_HEADER: ["must be ASCII (a key beyond it goes in the idempotency_key field)"]})
-    # The server joins a header given twice with a comma, so "a" and "b" arrive as the key "a,b", which
-    # no single header gave; past the join, one key holding a comma cannot be told from two.
-    if "," in value:
-        raise Unprocessable(f"the {IDEMPOTENCY_HEADER} header is given twice, or holds a comma",
-                            {IDEMPOTENCY_HEADER: ["must be given once, without a comma (a key with one goes in "
-                                                  "the idempotency_key field)"]})
-    return value
+    return None if value is None else _idempotency_header.load({IDEMPOTENCY_HEADER: value})["key"]
 
 
 def page_query(schema: PageQuerySchema, decode_cursor: Callable[[str], object | None]) -> dict:

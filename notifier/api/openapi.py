@@ -15,6 +15,8 @@ from flask import Flask
 from marshmallow import Schema, fields
 from werkzeug.routing import Rule
 
+from notifier.schemas import IDEMPOTENCY_HEADER_PATTERN, IDEMPOTENCY_KEY_MAX
+
 API_PREFIX = "/api"
 TITLE = "notifier"
 VERSION = "0.1.0"
@@ -140,7 +142,8 @@ def build(app: Flask, registry: dict[tuple[str, str], Op], path_parameters: dict
                        "Same as the idempotency_key field; if both are given they must match. ASCII only, given "
                        "once and without a comma (else 422): a key beyond ASCII or with a comma goes in the field",
         "required": False,
-        "schema": {"type": "string", "minLength": 1, "maxLength": 255},
+        "schema": {"type": "string", "minLength": 1, "maxLength": IDEMPOTENCY_KEY_MAX,
+                   "pattern": IDEMPOTENCY_HEADER_PATTERN},
     })
 
     paths: dict[str, dict] = {}
