@@ -11,6 +11,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from datetime import UTC, datetime
 
 from redis import Redis
 
@@ -85,6 +86,31 @@ def wait_until(predicate, timeout: float = 20.0, interval: float = 0.1):
             return value
         time.sleep(interval)
     raise TimeoutError("condition not met in time")
+
+
+def wait_reconciler_passes(redis, n: int = 1, timeout: float = 30.0) -> None:
+    """Until n passes of the periodic reconciler (scheduler.py's job, run by a worker) have begun and
+    ended after this call: what a pass would do to the state as it is now, one has done."""
+    from rq.exceptions import NoSuchJobError
+    from rq.job import Job
+
+    from scheduler import RECONCILE_JOB_ID
+
+    since = datetime.now(UTC)  # RQ's timestamps: UTC, from this machine's clock
+    ended: set[datetime] = set()
+
+    def passes() -> bool:
+        try:
+            job = Job.fetch(RECONCILE_JOB_ID, connection=redis)
+        except NoSuchJobError:
+            return False
+        # One job id for every pass: its started_at is the latest pass's, and ended_at is that pass's
+        # end once it is at or after it.
+        if job.started_at and job.ended_at and since < job.started_at <= job.ended_at:
+            ended.add(job.started_at)
+        return len(ended) >= n
+
+    wait_until(passes, timeout=timeout, interval=0.02)
 
 
 def stop(proc: subprocess.Popen, sig=signal.SIGTERM, timeout: float = 30.0) -> int:

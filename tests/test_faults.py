@@ -32,7 +32,17 @@ from notifier.schema import SCHEMA_VERSION, upgrade
 from tests.conftest import PG_ADMIN_URL
 from tests.helpers import LITERAL, drop_connections, held_reply
 from tests.operators import collect_metrics, value
-from tests.processes import Stack, cli, env_for, expire_killed_worker, free_port, request, spawn, wait_until
+from tests.processes import (
+    Stack,
+    cli,
+    env_for,
+    expire_killed_worker,
+    free_port,
+    request,
+    spawn,
+    wait_reconciler_passes,
+    wait_until,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -87,7 +97,8 @@ def test_a_send_slower_than_sending_timeout_is_left_to_its_live_worker_and_sent_
     smtp.delay = 4.0
     notification_id = stack.send(_to(1))
     stack.wait_status(notification_id, "sent", "failed", timeout=60)
-    time.sleep(3)  # passes enough to recover it and send it again, had one taken it back
+    # Two whole passes since: one that took it back mid-send has counted it, and left its history line.
+    wait_reconciler_passes(redis_conn, 2)
     detail = stack.get(notification_id)
     assert _recipients(smtp) == ["user1@example.com"]
     assert (detail["status"], detail["attempts"]) == ("sent", 1)
@@ -96,7 +107,7 @@ def test_a_send_slower_than_sending_timeout_is_left_to_its_live_worker_and_sent_
 
 
 def test_the_job_limit_landing_while_the_sent_record_waits_on_a_table_lock_sends_once(make_stack, pg_settings, smtp,
-                                                                                        monkeypatch):
+                                                                                        monkeypatch, redis_conn):
     # A migration (or VACUUM FULL) holds the table as the server answers 250: the worker's first `sent`
     # record on its connection waits in its PREPARE, and RQ's limit (one SIGALRM) raises as that
     # returns, before the UPDATE. The email stayed `sending`, was recovered and went out again.
@@ -122,7 +133,9 @@ def test_the_job_limit_landing_while_the_sent_record_waits_on_a_table_lock_sends
     detail = stack.wait_status(notification_id, "sent", timeout=20)
     monkeypatch.setattr(smtp, "handle_DATA", original)
     stack.start("scheduler")
-    time.sleep(4)  # SENDING_TIMEOUT and a few reconciler passes: what it would recover, it has
+    # Its claim is older than SENDING_TIMEOUT (2 s) already: the table was held 3.5 s after it. So a
+    # pass from now on recovers it if any would; two, for one that overlapped the scheduler's start.
+    wait_reconciler_passes(redis_conn, 2)
     detail = stack.get(notification_id)
     assert (detail["status"], detail["attempts"]) == ("sent", 1), _reasons(detail)
     assert _recipients(smtp) == ["user1@example.com"]

@@ -6,12 +6,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from dataclasses import replace
 
 import psycopg2
 import pytest
+from rq_scheduler import Scheduler
 
+from scheduler import periodic_jobs
 from tests.conftest import PG_ADMIN_URL, _pg_database_name
 from tests.helpers import LITERAL, VERIFICATION, held_reply, reload
 from tests.processes import ROOT, Stack, cli, env_for, free_port, request, spawn, stop, wait_for_http, wait_until
@@ -75,9 +76,18 @@ def test_db_upgrade_is_idempotent(stack):
         assert "schema at version" in cli(["db", "upgrade"], stack.env)
 
 
-def test_scheduler_starts_and_runs_cleanly(stack, tmp_path):
+def test_scheduler_starts_and_runs_cleanly(stack, pg_settings, redis_conn, tmp_path):
     scheduler = spawn(["scheduler.py"], stack.env, str(tmp_path / "scheduler.log"))
-    time.sleep(3)
+    periodic = [f"rq:job:{job_id}" for job_id, *_ in periodic_jobs(pg_settings)]
+
+    def polled() -> bool:
+        # Its periodic jobs are registered due at once: its first whole poll hands each to its queue
+        # (RQ's enqueued_at), then gives up rq-scheduler's lock.
+        return scheduler.poll() is not None or (
+            all(redis_conn.hget(key, "enqueued_at") for key in periodic)
+            and not redis_conn.exists(Scheduler.scheduler_lock_key))
+
+    wait_until(polled, timeout=30, interval=0.02)
     assert scheduler.poll() is None, (tmp_path / "scheduler.log").read_text()
     assert stop(scheduler, signal.SIGTERM) in (0, -signal.SIGTERM)
     assert "Traceback" not in (tmp_path / "scheduler.log").read_text()
