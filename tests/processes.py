@@ -113,6 +113,24 @@ def wait_reconciler_passes(redis, n: int = 1, timeout: float = 30.0) -> None:
     wait_until(passes, timeout=timeout, interval=0.02)
 
 
+def wait_jobs_settled(redis, timeout: float = 30.0) -> None:
+    """Until no RQ job is queued, scheduled or running, but rq-scheduler's periodic ones (which come
+    back every interval): whatever the queues held has been done, a send by then at the SMTP server.
+    Asked of each job's own status, which reads queued until a worker starts it: a worker on several
+    queues takes a job with BLPOP, after which no queue or registry holds it until it starts."""
+    from rq_scheduler import Scheduler
+
+    from notifier.queues import LIVE_JOB_STATES
+
+    def settled() -> bool:
+        periodic = {f"rq:job:{job.id}".encode() for job in Scheduler(connection=redis).get_jobs()
+                    if "interval" in job.meta}
+        return not any(redis.hget(key, "status") in LIVE_JOB_STATES for key in redis.scan_iter("rq:job:*")
+                       if key not in periodic and redis.type(key) == b"hash")
+
+    wait_until(settled, timeout=timeout, interval=0.05)
+
+
 def stop(proc: subprocess.Popen, sig=signal.SIGTERM, timeout: float = 30.0) -> int:
     if proc.poll() is None:
         proc.send_signal(sig)

@@ -40,6 +40,7 @@ from tests.processes import (
     free_port,
     request,
     spawn,
+    wait_jobs_settled,
     wait_reconciler_passes,
     wait_until,
 )
@@ -530,7 +531,7 @@ def test_an_email_the_server_took_while_postgresql_was_away_for_longer_than_the_
     assert failed.get_job_ids() == []  # no failure left on show for an email that went out
     detail = wait_until(lambda: (d := _detail(stack, notification_id)) and d["status"] != "sending" and d,
                         timeout=30)
-    time.sleep(2)  # time for a second send, had the reconciler queued one
+    wait_jobs_settled(redis_conn)  # a second send, had the reconciler queued one, is at the server now
     assert _recipients(smtp) == ["user1@example.com"]
     detail = _detail(stack, notification_id)
     assert (detail["status"], detail["attempts"]) == ("sent", 1)
@@ -569,7 +570,7 @@ def test_a_batch_email_the_server_took_while_postgresql_was_away_is_recorded_by_
 
     cli(["reconcile"], stack.env)  # hands on the one the shared job never reached
     stack.wait_status(second, "sent", timeout=30)
-    time.sleep(1)
+    wait_jobs_settled(redis_conn)  # a second send of any of them, had one been queued, is at the server now
     assert _recipients(smtp) == ["user1@example.com", "user2@example.com", "user3@example.com"]
     assert value(collect_metrics(redis_conn), "notifier_notifications_sent_total", priority="default",
                  template="-") == 3

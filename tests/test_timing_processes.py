@@ -21,7 +21,7 @@ from notifier.models import Digest, utcnow
 from notifier.runtime import make_renderer
 from notifier.unsubscribe import make_token, read_token
 from tests.helpers import LITERAL, VERIFICATION, wait_for_arrivals
-from tests.processes import Stack, cli, http, request, wait_until
+from tests.processes import Stack, cli, http, request, wait_jobs_settled, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -203,7 +203,8 @@ def _preferences(stack: Stack, user_id: str) -> dict:
     return body["categories"]
 
 
-def test_one_click_unsubscribe_stops_later_product_mail_but_not_transactional(make_stack, smtp, pg_settings):
+def test_one_click_unsubscribe_stops_later_product_mail_but_not_transactional(make_stack, smtp, pg_settings,
+                                                                               redis_conn):
     stack = make_stack().start("api", "worker", "scheduler")
     first = _accepted(stack, _welcome("u-unsub", "Ann"))
     stack.wait_status(first["id"], "sent")
@@ -244,7 +245,7 @@ def test_one_click_unsubscribe_stops_later_product_mail_but_not_transactional(ma
     held_back = stack.wait_status(waiting["id"], "suppressed", timeout=20)
     assert "product" in held_back["history"][-1]["reason"]
 
-    time.sleep(1)
+    wait_jobs_settled(redis_conn)  # anything still on its way to the server is there now
     assert stack.get(first["id"])["status"] == "sent"
     assert stack.get(second["id"])["status"] == "suppressed"
     assert smtp.count() == 2
@@ -268,7 +269,7 @@ def test_one_click_unsubscribe_stops_later_product_mail_but_not_transactional(ma
 # --- the suppression list -----------------------------------------------------------------------------
 
 
-def test_a_suppressed_address_never_reaches_the_smtp_server_until_removed(make_stack, smtp):
+def test_a_suppressed_address_never_reaches_the_smtp_server_until_removed(make_stack, smtp, redis_conn):
     stack = make_stack().start("api", "worker", "scheduler")
     other = cli(["keys", "create", f"other-{stack.port}"], stack.env).strip().splitlines()[-1]
     address = "gone@example.com"
@@ -290,7 +291,7 @@ def test_a_suppressed_address_never_reaches_the_smtp_server_until_removed(make_s
     stopped = _accepted(stack, {**VERIFICATION, "to": address}, "/api/notifications/send-verification")
     assert stopped["status"] == "suppressed"
     assert "suppression list" in stack.get(stopped["id"])["history"][-1]["reason"]
-    time.sleep(1)
+    wait_jobs_settled(redis_conn)  # anything still on its way to the server is there now
     assert smtp.count() == 0
 
     status, body = _api(stack, "DELETE", f"/api/suppressions/{address}")
@@ -299,7 +300,7 @@ def test_a_suppressed_address_never_reaches_the_smtp_server_until_removed(make_s
     delivered = _accepted(stack, {**LITERAL, "to": address})
     stack.wait_status(delivered["id"], "sent")
 
-    time.sleep(0.5)
+    wait_jobs_settled(redis_conn)
     assert stack.get(bounced["id"])["status"] == "failed"
     assert stack.get(stopped["id"])["status"] == "suppressed"
     assert smtp.count() == 1
@@ -354,7 +355,7 @@ def test_daily_digest_collects_held_items_into_one_message_per_window(make_stack
     second = next(d for d in _digest_notifications(stack) if d["id"] != digest["id"])
     stack.wait_status(second["id"], "sent")
     wait_until(lambda: smtp.count() >= 2, timeout=10)
-    time.sleep(0.5)
+    wait_jobs_settled(redis_conn)  # a third message, had a digest been sent twice, is at the server now
     assert smtp.count() == 2
     later_text = smtp.messages[1].message.get_body(("plain",)).get_content()
     assert "Hi Dan," in later_text and "1 update " in later_text
