@@ -454,8 +454,9 @@ class Deliverer:
 
     def _write_sent(self, notification: Notification, result: SendResult) -> bool:
         """Write the `sent` record; whether this wrote it (False: the row had moved on meanwhile)."""
+        fields = self._sent_fields(result)
         try:
-            return self._write_sent_now(notification, result)
+            return self._write_sent_now(notification, result, fields)
         except (*STOPPING, SystemExit, KeyboardInterrupt):
             # RQ's time limit is one SIGALRM, raised as soon as Python runs again: after a statement
             # that waited on a lock (a PREPARE waiting on a migration's), before the UPDATE. The server
@@ -463,16 +464,27 @@ class Deliverer:
             # alarm does not come twice: write the record and do what follows it (the callback, the
             # count, the line; an error there logged, as in a shared job), then let the job stop.
             # A worker told to stop at once (a second SIGTERM: SystemExit) records it first too.
-            recorded = self._write_sent_now(notification, result)
+            # The alarm may also cut off the UPDATE itself, waiting for a row lock (patience's wait
+            # lets it), or land just after it: psycopg2 closes the connection, and PostgreSQL still
+            # carries the UPDATE out once the lock is free, before this second one, which then finds
+            # the row moved on. Told apart by its sent_at (the same value in both), that write is this
+            # job's, and so are the callback and the rest: nothing else would queue the callback but
+            # the reconciler, RECONCILE_GRACE_SECONDS and a pass later.
+            recorded = (self._write_sent_now(notification, result, fields)
+                        or self._wrote_already(notification, fields))
             self._after_held_sent(notification, result, recorded)
             raise
 
-    def _write_sent_now(self, notification: Notification, result: SendResult) -> bool:
+    @staticmethod
+    def _wrote_already(notification: Notification, fields: dict) -> bool:
+        row = store.get(notification.id)
+        return row is not None and row.status == Status.SENT and row.sent_at == fields["sent_at"]
+
+    def _write_sent_now(self, notification: Notification, result: SendResult, fields: dict) -> bool:
         # The server has the message now; losing this record would send it again after recovery.
         # So ride out a short database blip, and from its first failure keep a receipt in Redis:
         # however long the database stays away, what finds the notification still `sending` then
         # records it instead of sending it again.
-        fields = self._sent_fields(result)
         kept = False
         for delay in (0, 0.5, 1, 2, 4):
             if delay:  # time.sleep(0) still gives up the CPU: one needless switch per email

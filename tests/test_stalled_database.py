@@ -14,12 +14,20 @@ import psycopg2
 import pytest
 
 from app import create_app
-from notifier import receipts
+from notifier import jobs, receipts, store
 from notifier.config import ConfigError, Settings
 from notifier.db import bind, database
 from notifier.models import Notification, Status
 from notifier.queues import dispatch
-from tests.helpers import LITERAL, eventually, installed_deliverer, make_notification, reload, run_worker_until_idle
+from tests.helpers import (
+    LITERAL,
+    eventually,
+    held_reply,
+    installed_deliverer,
+    make_notification,
+    reload,
+    run_worker_until_idle,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -196,3 +204,65 @@ def test_the_setting():
     for bad in ("0", "-1", "nan", "601", "soon"):
         with pytest.raises(ConfigError):
             Settings.from_env({"DATABASE_CONNECT_TIMEOUT": bad})
+
+
+
+def _lock_waiters(admin) -> int:
+    """How many sessions wait for a lock to update a notification (prepared or not)."""
+    with admin.cursor() as cur:
+        cur.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                    "AND datname = current_database() AND query ~ 'UPDATE \"notifications\"|EXECUTE notifier_'")
+        return cur.fetchone()[0]
+
+
+def test_a_sent_record_the_job_limit_cuts_off_behind_a_lock_lands_once_and_the_job_queues_its_callback(
+        fast_settings, pg_db, pg_url, api_key, redis_conn, smtp, receiver):
+    # The record waits for a row another session holds; RQ's limit (a SIGALRM) now cuts that wait off
+    # (patience waits in Python), psycopg2 closes the connection, and PostgreSQL still carries the
+    # UPDATE out once the row is free. The job writes the record again (the alarm comes once), queued
+    # behind it: that write finds the row `sent` already. It is the job's own, so it queues the
+    # callback: before, it took the row for someone else's and left the callback to the reconciler.
+    settings = replace(fast_settings, job_timeout=2, retry_intervals=(60,))
+    notification = make_notification(api_key[0], callback_url=receiver.url)
+    dispatch(redis_conn, settings, notification)
+    arrived, let_go = held_reply(smtp)
+    locker, admin = psycopg2.connect(pg_url), psycopg2.connect(pg_url)
+    admin.autocommit = True
+    waiting: list[int] = []
+
+    def hold_the_row_until_both_writes_wait():
+        arrived.wait(10)
+        with locker.cursor() as cur:
+            cur.execute('SELECT 1 FROM "notifications" WHERE "id" = %s FOR UPDATE', (notification.id,))
+        let_go.set()
+        deadline = time.monotonic() + settings.job_timeout + 10
+        while time.monotonic() < deadline and not (waiting and waiting[-1] == 2):
+            waiting.append(_lock_waiters(admin))
+            time.sleep(0.05)
+        locker.rollback()
+
+    holder = threading.Thread(target=hold_the_row_until_both_writes_wait)
+    holder.start()
+    try:
+        with installed_deliverer(settings, redis_conn):
+            run_worker_until_idle(redis_conn)  # in this thread: RQ's time limit is a signal
+    finally:
+        holder.join()
+        locker.close()
+        admin.close()
+
+    assert waiting[-1] == 2, "the cut-off write and the second one never waited together: nothing was tested"
+    # The same burst run posted the callback: no reconciler pass was needed.
+    assert receiver.count() == 1
+    row = reload(notification.id)
+    assert (row.status, row.callback_status) == (Status.SENT, "delivered")
+    assert [e.to_status for e in _history(notification.id) if e.kind == "status"] == ["queued", "sending", "sent"]
+    with installed_deliverer(settings, redis_conn):
+        assert jobs.deliver(notification.id) == "skipped"  # the job's retry, due in a minute
+    assert len(smtp.messages) == 1
+    assert receiver.count() == 1
+
+
+def _history(notification_id: str):
+    with database.connection_context():
+        return store.history(store.get(notification_id))
