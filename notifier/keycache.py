@@ -22,6 +22,7 @@ from collections.abc import Callable
 import psycopg2
 
 from notifier.models import ApiKey
+from notifier.patience import answer_within
 
 logger = logging.getLogger(__name__)
 
@@ -106,7 +107,10 @@ class KeyCache:
                                     application_name="notifier-api-keycache",
                                     keepalives=1, keepalives_idle=30, keepalives_interval=10, keepalives_count=3)
             conn.autocommit = True
-            with conn.cursor() as cur:
+            # The connect is bounded by its timeout, its one statement is not (a connection made here
+            # has no Patience to probe the server with): a server that stalled right after taking the
+            # connection held the request that came to listen for as long as the stall lasted.
+            with answer_within(self._connect_timeout), conn.cursor() as cur:
                 cur.execute(f"LISTEN {CHANNEL}")
         except psycopg2.Error as exc:
             logger.warning("API key cache off, cannot listen: %s", type(exc).__name__)

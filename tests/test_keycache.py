@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 import psycopg2
@@ -147,6 +148,32 @@ def test_no_database_to_listen_on_means_no_cache_and_no_error(api_key, monkeypat
         assert cache.lookup(_prefix(api_key[1]), load).id == api_key[0].id
         assert cache.lookup(_prefix(api_key[1]), load).id == api_key[0].id
     assert load.calls == 2
+
+
+def test_a_server_that_stalls_before_answering_listen_holds_the_request_no_longer_than_the_connect_timeout(
+        api_key, pg_settings, proxy):
+    # The connection is made; the LISTEN gets no answer. The request that came to listen hung for as
+    # long as the stall lasted.
+    cache = KeyCache(proxy.url(pg_settings.database_url.rsplit("/", 1)[1]), 1.0)
+    proxy.stall(at=b"LISTEN")
+    load = CountingLoad()
+    found = []
+
+    def request():
+        with database.connection_context():  # the test's own database, not behind the proxy
+            found.append(cache.lookup(_prefix(api_key[1]), load))
+
+    started = time.monotonic()
+    thread = threading.Thread(target=request, daemon=True)  # a hang fails the test, not the run
+    thread.start()
+    thread.join(10)
+    waited = time.monotonic() - started
+    proxy.resume()
+    thread.join(10)
+    cache.close()
+    assert waited < 2.0
+    assert [key.id for key in found] == [api_key[0].id]
+    assert load.calls == 1
 
 
 def test_the_api_answers_401_once_a_key_is_revoked_elsewhere(client, headers, api_key, pg_settings):
