@@ -6,7 +6,7 @@ import math
 import select
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 
 import psycopg2
 from psycopg2.extensions import POLL_OK, POLL_READ, STATUS_SETUP, parse_dsn
@@ -52,6 +52,20 @@ class Patience:
             else:
                 self.silent()
             return answered
+
+    def cancel(self, backend_pid: int) -> None:
+        """Ask the server, on a new connection, to cancel the statement its session backend_pid is
+        running. Best effort: a statement that ends meanwhile is not undone, and a failure is let go.
+        The session must be of this database and role: behind a pooler backend_pid is the pooler's
+        own number, which must not cancel someone else's statement."""
+        if self.params is None:
+            return
+        try:
+            with closing(psycopg2.connect(**self.params)) as conn, conn.cursor() as cur:
+                cur.execute("SELECT pg_cancel_backend(pid) FROM pg_stat_activity WHERE pid = %s "
+                            "AND datname = current_database() AND usename = current_user", (backend_pid,))
+        except psycopg2.Error:
+            pass
 
     def silent(self) -> None:
         """Note that the server took no new connection within connect_timeout just now."""
@@ -99,23 +113,34 @@ def wait_for_answer(conn) -> None:
     if connecting and patience and patience.silent_lately():
         raise psycopg2.OperationalError(f"PostgreSQL took no new connection within {connect_timeout:g} s "
                                         "a moment ago")
-    while (state := conn.poll()) != POLL_OK:
-        waiting = select.poll()  # not select.select, which refuses descriptors past 1023
-        waiting.register(conn.fileno(), select.POLLIN if state == POLL_READ else select.POLLOUT)
-        while True:
-            now = time.monotonic()
-            if limit is not None and now >= limit:
-                what = "a connection" if connecting else "an answer"
-                if patience and connect_by is not None and now >= connect_by:
-                    patience.silent()
-                raise psycopg2.OperationalError(f"PostgreSQL did not give {what} within {now - started:.1f} s")
-            if probe_at is not None and now >= probe_at:
-                if not patience.server_answers():
-                    raise psycopg2.OperationalError(
-                        f"PostgreSQL did not answer for {now - started:.1f} s, nor take a new connection within "
-                        f"{patience.connect_timeout:g} s")
-                probe_at = time.monotonic() + max(PROBE_AFTER, patience.connect_timeout)
-            pending = [t for t in (limit, probe_at) if t is not None]
-            timeout = max(0, math.ceil((min(pending) - now) * 1000)) if pending else None
-            if waiting.poll(timeout):
-                break
+    try:
+        while (state := conn.poll()) != POLL_OK:
+            waiting = select.poll()  # not select.select, which refuses descriptors past 1023
+            waiting.register(conn.fileno(), select.POLLIN if state == POLL_READ else select.POLLOUT)
+            while True:
+                now = time.monotonic()
+                if limit is not None and now >= limit:
+                    what = "a connection" if connecting else "an answer"
+                    if patience and connect_by is not None and now >= connect_by:
+                        patience.silent()
+                    raise psycopg2.OperationalError(f"PostgreSQL did not give {what} within {now - started:.1f} s")
+                if probe_at is not None and now >= probe_at:
+                    if not patience.server_answers():
+                        raise psycopg2.OperationalError(
+                            f"PostgreSQL did not answer for {now - started:.1f} s, nor take a new connection within "
+                            f"{patience.connect_timeout:g} s")
+                    probe_at = time.monotonic() + max(PROBE_AFTER, patience.connect_timeout)
+                pending = [t for t in (limit, probe_at) if t is not None]
+                timeout = max(0, math.ceil((min(pending) - now) * 1000)) if pending else None
+                if waiting.poll(timeout):
+                    break
+    except psycopg2.Error:
+        raise
+    except BaseException:
+        # A signal's handler raised mid-statement (RQ's job limit, a stop). psycopg2 closes the
+        # connection, but PostgreSQL goes on with the statement, and one waiting for a lock commits
+        # once it has it: a claim then left the notification `sending` with nobody sending it, for the
+        # reconciler to take for a lost send (failed, "delivery is unknown", on the last attempt).
+        if patience is not None and not connecting:
+            patience.cancel(conn.info.backend_pid)
+        raise

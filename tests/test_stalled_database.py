@@ -19,6 +19,7 @@ from notifier.config import ConfigError, Settings
 from notifier.db import bind, database
 from notifier.models import Notification, Status
 from notifier.queues import dispatch
+from notifier.reconciler import reconcile
 from tests.helpers import (
     LITERAL,
     eventually,
@@ -215,43 +216,62 @@ def _lock_waiters(admin) -> int:
         return cur.fetchone()[0]
 
 
+def _hold_the_row(pg_url, notification_id: str, until):
+    """A session of the test's own holding the notification's row (SELECT ... FOR UPDATE) until
+    until() is true, then letting it go; returned as (its thread, the session)."""
+    locker = psycopg2.connect(pg_url)
+
+    def hold():
+        try:
+            while not until():
+                time.sleep(0.05)
+        finally:
+            locker.rollback()
+
+    with locker.cursor() as cur:
+        cur.execute('SELECT 1 FROM "notifications" WHERE "id" = %s FOR UPDATE', (notification_id,))
+    thread = threading.Thread(target=hold)
+    thread.start()
+    return thread, locker
+
+
 def test_a_sent_record_the_job_limit_cuts_off_behind_a_lock_lands_once_and_the_job_queues_its_callback(
         fast_settings, pg_db, pg_url, api_key, redis_conn, smtp, receiver):
     # The record waits for a row another session holds; RQ's limit (a SIGALRM) now cuts that wait off
-    # (patience waits in Python), psycopg2 closes the connection, and PostgreSQL still carries the
-    # UPDATE out once the row is free. The job writes the record again (the alarm comes once), queued
-    # behind it: that write finds the row `sent` already. It is the job's own, so it queues the
-    # callback: before, it took the row for someone else's and left the callback to the reconciler.
+    # (patience waits in Python) and psycopg2 closes the connection. PostgreSQL would still carry the
+    # UPDATE out once the row is free; the job writes the record again (the alarm comes once). Before,
+    # that second write found the row `sent` by the first, took it for someone else's, and left the
+    # callback to the reconciler. Now the first is cancelled on the server (patience.Patience.cancel),
+    # and one that lands all the same is told by its sent_at (jobs.Deliverer._wrote_already).
     settings = replace(fast_settings, job_timeout=2, retry_intervals=(60,))
     notification = make_notification(api_key[0], callback_url=receiver.url)
     dispatch(redis_conn, settings, notification)
     arrived, let_go = held_reply(smtp)
-    locker, admin = psycopg2.connect(pg_url), psycopg2.connect(pg_url)
+    admin = psycopg2.connect(pg_url)
     admin.autocommit = True
-    waiting: list[int] = []
+    held: dict = {}
 
-    def hold_the_row_until_both_writes_wait():
+    def hold_the_row_past_the_limit():
         arrived.wait(10)
-        with locker.cursor() as cur:
-            cur.execute('SELECT 1 FROM "notifications" WHERE "id" = %s FOR UPDATE', (notification.id,))
+        until = time.monotonic() + settings.job_timeout + 1.5
+        held["it"] = _hold_the_row(pg_url, notification.id, lambda: time.monotonic() >= until)
         let_go.set()
-        deadline = time.monotonic() + settings.job_timeout + 10
-        while time.monotonic() < deadline and not (waiting and waiting[-1] == 2):
-            waiting.append(_lock_waiters(admin))
+        while time.monotonic() < until:
+            held["waiting"] = max(held.get("waiting", 0), _lock_waiters(admin))
             time.sleep(0.05)
-        locker.rollback()
 
-    holder = threading.Thread(target=hold_the_row_until_both_writes_wait)
+    holder = threading.Thread(target=hold_the_row_past_the_limit)
     holder.start()
     try:
         with installed_deliverer(settings, redis_conn):
             run_worker_until_idle(redis_conn)  # in this thread: RQ's time limit is a signal
     finally:
         holder.join()
-        locker.close()
+        held["it"][0].join()
+        held["it"][1].close()
         admin.close()
 
-    assert waiting[-1] == 2, "the cut-off write and the second one never waited together: nothing was tested"
+    assert held["waiting"] >= 1, "the record never waited for the row: nothing was tested"
     # The same burst run posted the callback: no reconciler pass was needed.
     assert receiver.count() == 1
     row = reload(notification.id)
@@ -261,6 +281,44 @@ def test_a_sent_record_the_job_limit_cuts_off_behind_a_lock_lands_once_and_the_j
         assert jobs.deliver(notification.id) == "skipped"  # the job's retry, due in a minute
     assert len(smtp.messages) == 1
     assert receiver.count() == 1
+
+
+def test_a_claim_the_job_limit_cuts_off_behind_a_lock_is_not_made_after_the_job_has_gone(
+        fast_settings, pg_db, pg_url, api_key, redis_conn, smtp, receiver):
+    # The only attempt's claim waits for a row another session holds, past JOB_TIMEOUT. Before, the
+    # server made the claim once the row was free, after the job had failed: the notification was
+    # `sending` with nobody sending it, and the reconciler took it for a send its worker was lost in,
+    # on this last attempt `failed` ("delivery is unknown"), its callback saying so; never sent.
+    # (With attempts left: recovered as a possible duplicate, SENDING_TIMEOUT later.)
+    settings = replace(fast_settings, job_timeout=2, retry_intervals=(), reconcile_grace_seconds=0, sending_timeout=1)
+    notification = make_notification(api_key[0], callback_url=receiver.url)
+    dispatch(redis_conn, settings, notification)
+    admin = psycopg2.connect(pg_url)
+    admin.autocommit = True
+    finished = threading.Event()
+    holder, locker = _hold_the_row(pg_url, notification.id, finished.is_set)
+    try:
+        with installed_deliverer(settings, redis_conn):
+            run_worker_until_idle(redis_conn)  # the job fails with its time limit, no retry left
+        left_waiting = _lock_waiters(admin)
+    finally:
+        finished.set()
+        holder.join()
+        locker.close()
+        admin.close()
+    assert left_waiting == 0  # the cut-off claim was not left waiting on the server
+    time.sleep(0.5)
+    assert (reload(notification.id).status, reload(notification.id).attempts) == (Status.QUEUED, 0)
+
+    time.sleep(1.1)  # past the grace and SENDING_TIMEOUT: what the reconciler would do to a lost send
+    report = reconcile(settings, redis_conn)
+    assert (report.requeued, report.recovered) == (1, 0)  # its job is gone; queued again, no worker lost
+    with installed_deliverer(settings, redis_conn):
+        run_worker_until_idle(redis_conn)
+    row = reload(notification.id)
+    assert (row.status, row.attempts, row.callback_status) == (Status.SENT, 1, "delivered")
+    assert len(smtp.messages) == 1
+    assert receiver.count() == 1 and receiver.calls[0].json["status"] == "sent"
 
 
 def _history(notification_id: str):
