@@ -88,6 +88,16 @@ class PostgresDatabase(KeepsContexts, ReconnectMixin, PooledPostgresqlDatabase):
         super().__init__(*args, **kwargs)
         self._returned_at: dict[int, float] = {}
 
+    def rollback(self):
+        conn = self._state.conn
+        if conn is not None and conn.closed:
+            # psycopg2 closed it: a signal's handler raised while it waited (patience's wait callback:
+            # RQ's time limit, a stop), and the server ends the transaction with the session. The
+            # ROLLBACK raised InterfaceError in place of that exception as atomic() ended: a job's limit
+            # was taken for the database gone, and a shared job went on past it.
+            return None
+        return super().rollback()
+
     def _close(self, conn, close_conn=False):
         if not close_conn:
             self._returned_at[id(conn)] = time.monotonic()

@@ -6,6 +6,7 @@ its not_ready within DATABASE_CONNECT_TIMEOUT."""
 
 from __future__ import annotations
 
+import signal
 import threading
 import time
 from dataclasses import replace
@@ -324,3 +325,34 @@ def test_a_claim_the_job_limit_cuts_off_behind_a_lock_is_not_made_after_the_job_
 def _history(notification_id: str):
     with database.connection_context():
         return store.history(store.get(notification_id))
+
+
+class _Limit(Exception):
+    """What a signal's handler raises in the test below, as RQ's raises JobTimeoutException."""
+
+
+def test_a_signal_cutting_off_a_statement_in_a_transaction_ends_in_its_own_exception(pg_db, pg_url, api_key):
+    # psycopg2 closes a connection whose wait a signal's handler cut off; leaving atomic(), peewee's
+    # ROLLBACK on it raised InterfaceError in place of the handler's exception. RQ's time limit was
+    # then taken for the database gone: a shared job (its held `sent` record and next claim share a
+    # transaction) wrote the record, claimed again, and went on past its limit.
+    notification = make_notification(api_key[0])
+    released = threading.Event()
+    holder, locker = _hold_the_row(pg_url, notification.id, released.is_set)
+
+    def limit(signum, frame):
+        raise _Limit()
+
+    previous = signal.signal(signal.SIGALRM, limit)
+    signal.setitimer(signal.ITIMER_REAL, 0.5)
+    try:
+        with pytest.raises(_Limit), database.connection_context(), database.atomic():
+            Notification.update(subject="changed").where(Notification.id == notification.id).execute()
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        released.set()
+        holder.join()
+        locker.close()
+    time.sleep(0.3)  # for a statement still made once the row is free
+    assert reload(notification.id).subject == "Hi"  # never committed: the transaction ended with its session
