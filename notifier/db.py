@@ -18,6 +18,7 @@ from peewee import (
     PostgresqlDatabase,
     SqliteDatabase,
     __exception_wrapper__,
+    _savepoint,
 )
 from playhouse.db_url import parse
 from playhouse.pool import PooledPostgresqlDatabase
@@ -36,8 +37,6 @@ from notifier.config import Settings
 from notifier.patience import Patience, wait_for_answer
 
 logger = logging.getLogger(__name__)
-
-database = DatabaseProxy()
 
 # Errors that the database unreachable or restarting produces; the API answers 503 for these.
 UNAVAILABLE_ERRORS = (OperationalError, InterfaceError)
@@ -69,6 +68,27 @@ class SqliteDb(KeepsContexts, SqliteDatabase):
     """SQLite, keeping open contexts across a close (see KeepsContexts)."""
 
 
+class _Savepoint(_savepoint):
+    """A nested atomic()'s savepoint, whose ROLLBACK TO SAVEPOINT is skipped on a connection psycopg2
+    closed under us, as PostgresDatabase.rollback's ROLLBACK is."""
+
+    def rollback(self, begin=True):
+        closed_under_us = getattr(self.db, "closed_under_us", None)  # PostgreSQL's only
+        if closed_under_us is not None and closed_under_us():
+            return None
+        return super().rollback(begin)
+
+
+class _Proxy(DatabaseProxy):
+    def savepoint(self):
+        # The proxy makes the savepoints of `database.atomic()` itself, not the database behind it.
+        return _Savepoint(self)
+
+
+# The models' database, bound at start (bind) to the one DATABASE_URL names.
+database = _Proxy()
+
+
 class PostgresDatabase(KeepsContexts, ReconnectMixin, PooledPostgresqlDatabase):
     """Pooled PostgreSQL that reconnects once when the server restarted under us."""
 
@@ -89,14 +109,20 @@ class PostgresDatabase(KeepsContexts, ReconnectMixin, PooledPostgresqlDatabase):
         self._returned_at: dict[int, float] = {}
 
     def rollback(self):
-        conn = self._state.conn
-        if conn is not None and conn.closed:
+        if self.closed_under_us():
             # psycopg2 closed it: a signal's handler raised while it waited (patience's wait callback:
             # RQ's time limit, a stop), and the server ends the transaction with the session. The
             # ROLLBACK raised InterfaceError in place of that exception as atomic() ended: a job's limit
             # was taken for the database gone, and a shared job went on past it.
             return None
         return super().rollback()
+
+    def savepoint(self):
+        return _Savepoint(self)  # a nested atomic()'s: the same, for its ROLLBACK TO SAVEPOINT
+
+    def closed_under_us(self) -> bool:
+        conn = self._state.conn
+        return conn is not None and bool(conn.closed)
 
     def _close(self, conn, close_conn=False):
         if not close_conn:

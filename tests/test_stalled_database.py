@@ -331,7 +331,9 @@ class _Limit(Exception):
     """What a signal's handler raises in the test below, as RQ's raises JobTimeoutException."""
 
 
-def test_a_signal_cutting_off_a_statement_in_a_transaction_ends_in_its_own_exception(pg_db, pg_url, api_key):
+@pytest.mark.parametrize("nested", [False, True])  # a savepoint too: a digest's transition nests one
+def test_a_signal_cutting_off_a_statement_in_a_transaction_ends_in_its_own_exception(pg_db, pg_url, api_key,
+                                                                                     nested):
     # psycopg2 closes a connection whose wait a signal's handler cut off; leaving atomic(), peewee's
     # ROLLBACK on it raised InterfaceError in place of the handler's exception. RQ's time limit was
     # then taken for the database gone: a shared job (its held `sent` record and next claim share a
@@ -347,7 +349,11 @@ def test_a_signal_cutting_off_a_statement_in_a_transaction_ends_in_its_own_excep
     signal.setitimer(signal.ITIMER_REAL, 0.5)
     try:
         with pytest.raises(_Limit), database.connection_context(), database.atomic():
-            Notification.update(subject="changed").where(Notification.id == notification.id).execute()
+            if nested:
+                with database.atomic():
+                    Notification.update(subject="changed").where(Notification.id == notification.id).execute()
+            else:
+                Notification.update(subject="changed").where(Notification.id == notification.id).execute()
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
