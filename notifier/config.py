@@ -40,7 +40,7 @@ class Settings:
     # refuses a connection that asks for one, unless told to ignore it; and does not apply it).
     database_statement_timeout: float = 30.0
     # How long a process waits to make a PostgreSQL connection, and for a server that went silent
-    # mid-statement to take a new one (notifier.db.Patience): past it the database is unavailable (a
+    # mid-statement to take a new one (notifier.patience.Patience): past it the database is unavailable (a
     # request answers 503, a job is retried), as a stalled server sends no error of its own.
     database_connect_timeout: float = 2.0
     redis_url: str = "redis://127.0.0.1:6379/0"
