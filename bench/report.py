@@ -150,11 +150,26 @@ def cpu_lines(results: dict) -> str:
               _get(bare, "batch", "cpu_ms")),
              ("drain, batch (per email)", _get(drain, "cpu_ms"), "raw SMTP", _get(smtp, "cpu_ms"))]
     out = ["CPU ms per item by process (all = the whole machine; other = the load generator or the smtplib "
-           "clients, processes that exited meanwhile, the kernel's interrupt work, bench itself):"]
+           "clients, processes that exited meanwhile, the kernel's interrupt work, bench itself; ceiling = "
+           "the most the machine's CPUs allow at that cost, and the most the ratio can be where both are "
+           "CPU-bound):"]
     for label, cpu, base_label, base in lines:
         if cpu or base:
-            out.append(f"  {label}: {_cpu_text(cpu)}\n      {base_label}: {_cpu_text(base)}")
+            out.append(f"  {label}: {_cpu_text(cpu)}{_ceiling(cpu, base, results.get('cpus'))}\n"
+                       f"      {base_label}: {_cpu_text(base)}")
     return "\n".join(out) if len(out) > 1 else ""
+
+
+def _ceiling(cpu: dict | None, base: dict | None, cpus: int | None) -> str:
+    """How fast the whole machine's CPU time per item lets a phase go at most: a floor above this
+    cannot be reached by waiting less, only by spending less."""
+    spent = (cpu or {}).get("all")
+    if not spent or not cpus:
+        return ""
+    text = f"; ceiling {cpus * 1000 / spent:,.0f} /s"
+    if (base_spent := (base or {}).get("all")):
+        text += f", {base_spent / spent:.2f}x"
+    return text
 
 
 def _errors(load: dict | None) -> bool:
