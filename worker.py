@@ -11,7 +11,7 @@ import socket
 import time
 
 from redis.exceptions import RedisError
-from rq import SimpleWorker
+from rq import SimpleWorker, worker_registration
 from rq.exceptions import StopRequested
 from rq.timeouts import UnixSignalDeathPenalty
 from rq.worker import WorkerStatus
@@ -78,6 +78,7 @@ class NotifierWorker(SimpleWorker):
         self.keep_scheduler()
         with self.connection.pipeline(transaction=False) as pipe:
             super().heartbeat(timeout, pipeline=pipe)
+            pipe.sismember(self.redis_workers_keys, self.key)
             own = len(pipe.command_stack)
             if self.counts is not None:
                 try:
@@ -92,8 +93,32 @@ class NotifierWorker(SimpleWorker):
         for reply in replies[:own]:
             if isinstance(reply, Exception):
                 raise reply
+        if not replies[own - 1]:
+            self._register_again(timeout)
         if any(isinstance(reply, Exception) for reply in replies[own:]):
             logger.warning("metrics not recorded: %s", next(r for r in replies[own:] if isinstance(r, Exception)))
+
+    def _register_again(self, timeout=None) -> None:
+        """Put this worker back in RQ's registry of workers, which Redis lost while the worker lived on
+        (a restart without persistence, a flush, a failover to a replica that had not seen it).
+
+        RQ registers a worker once, as it starts; its heartbeat only renews the key's TTL and
+        `last_heartbeat`. A worker that waited out a Redis restart in its dequeue loop went on taking
+        jobs, invisible to the reconciler, which reads the live workers from that registry
+        (reconciler._running): a send of such a worker still going after SENDING_TIMEOUT (a slow mail
+        server) was taken for one whose worker was lost, recovered, and sent a second time while the
+        first was still in flight. The heartbeat, sent at every turn of the dequeue loop and after
+        every job, asks whether the worker is registered, and registers it again when it is not."""
+        if self.birth_date is None or self.stopping or self._stop_requested:
+            return  # not started (a test's bare worker), or on its way out: never born again
+        state = self.get_state()
+        with self.connection.pipeline(transaction=False) as pipe:
+            pipe.hset(self.key, mapping={**self.serialize(), "state": getattr(state, "value", state)})
+            worker_registration.register(self, pipe)
+            pipe.expire(self.key, timeout or self.worker_ttl + 60)
+            pipe.execute()
+        logger.warning("worker %s was missing from Redis's registry of workers (Redis lost it); registered "
+                       "again", self.name)
 
     def subscribe(self):
         # RQ listens for its commands in a thread of its own. The kernel hands SIGTERM or Ctrl-C to any

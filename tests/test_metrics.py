@@ -349,3 +349,46 @@ def test_a_stop_that_was_swallowed_takes_effect_at_the_next_heartbeat(redis_conn
     worker.stopping = True  # asked, but the StopRequested RQ raised was caught somewhere
     with pytest.raises(StopRequested):
         worker.heartbeat()
+
+
+def test_a_worker_that_outlives_a_redis_restart_registers_again(redis_conn):
+    # Redis restarted empty (no persistence) while the worker waited in its dequeue loop: RQ's
+    # registry of workers was gone, and the reconciler, which reads live workers there, took every
+    # job the worker then ran for a lost one; a send slower than SENDING_TIMEOUT was recovered and
+    # sent a second time while the first was still in flight. The next heartbeat puts it back.
+    from rq import Worker
+
+    from notifier.reconciler import _running
+    from worker import make_worker
+
+    worker = make_worker(redis_conn, name="survivor")
+    worker.register_birth()
+    redis_conn.flushdb()  # what a restart without persistence leaves
+
+    worker.heartbeat()
+
+    assert redis_conn.sismember(Worker.redis_workers_keys, worker.key)
+    assert redis_conn.hget(worker.key, "birth") and redis_conn.hget(worker.key, "pid")
+    assert redis_conn.ttl(worker.key) > 0
+    # A job it now starts is seen running by the reconciler, so its send is left to it.
+    _, executions = queues.worker_keys(worker.name)
+    redis_conn.sadd(executions, "notification-x:execution-1")
+    names = [key.decode().removeprefix(Worker.redis_worker_namespace_prefix)
+             for key in redis_conn.smembers(Worker.redis_workers_keys)]
+    assert "notification-x" in _running(redis_conn, names)
+
+
+def test_a_worker_never_born_or_stopping_is_not_registered_by_its_heartbeat(redis_conn):
+    from rq import Worker
+
+    from worker import make_worker
+
+    bare = make_worker(redis_conn, name="bare")
+    bare.heartbeat()
+    stopping = make_worker(redis_conn, name="stopping")
+    stopping.register_birth()
+    redis_conn.flushdb()
+    stopping._stop_requested = True
+    stopping.heartbeat()
+
+    assert not redis_conn.smembers(Worker.redis_workers_keys)
