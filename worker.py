@@ -18,7 +18,7 @@ from rq.worker import WorkerStatus
 
 from notifier import jobs, logs, metrics
 from notifier.errors import PermanentDeliveryError
-from notifier.queues import REQUEST_ID_META, all_queues, connect_redis
+from notifier.queues import REQUEST_ID_META, all_queues, connect_redis, mark_memory
 from notifier.resilience import run_until_stopped
 from notifier.runtime import build_deliverer, configure_logging, load_settings, warn_if_links_can_be_forged
 
@@ -78,6 +78,7 @@ class NotifierWorker(SimpleWorker):
         self.keep_scheduler()
         with self.connection.pipeline(transaction=False) as pipe:
             super().heartbeat(timeout, pipeline=pipe)
+            mark_memory(pipe)
             pipe.sismember(self.redis_workers_keys, self.key)
             own = len(pipe.command_stack)
             if self.counts is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -229,6 +230,28 @@ def unfile_failed(connection: Redis, job_ids: list[str]) -> None:
 def worker_keys(worker_name: str) -> tuple[str, str]:
     """The Redis keys of an RQ worker: its own (a hash) and the set of the jobs it is executing."""
     return f"{Worker.redis_worker_namespace_prefix}{worker_name}", WORKER_EXECUTIONS_KEY_TEMPLATE.format(worker_name)
+
+
+# What tells the reconciler a send is still going (RQ's registry of workers, each worker's executions)
+# lives only in Redis's memory: a restart without persistence, a flush or a failover to a replica that
+# had not seen it forgets it while a worker may still be sending. This key, set where it is missing by
+# what writes to Redis all the time (each worker's heartbeat, each pass of the reconciler), says since
+# when Redis remembers: a send claimed before then may be going on where nothing shows it
+# (reconciler._recover).
+REMEMBERS_SINCE_KEY = "notifier:redis-remembers-since"
+
+
+def mark_memory(pipe: Pipeline) -> None:
+    """Add to pipe: note now as the moment Redis's memory starts, unless a moment is noted already."""
+    pipe.set(REMEMBERS_SINCE_KEY, f"{time.time():.3f}", nx=True)
+
+
+def remembers_since(value: bytes | None) -> datetime | None:
+    """The moment (naive UTC) REMEMBERS_SINCE_KEY's value notes; None for none, or one unreadable."""
+    try:
+        return datetime.fromtimestamp(float(value), UTC).replace(tzinfo=None) if value is not None else None
+    except ValueError:
+        return None
 
 
 def keep_worker_alive(connection: Redis, worker_name: str, ttl: int) -> None:

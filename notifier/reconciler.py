@@ -78,7 +78,7 @@ def reconcile(settings: Settings, redis: Redis, now: datetime | None = None) -> 
         _expire(redis, settings, now, report, stop_at)
         _release(redis, settings, settled, report, stop_at)
         _reschedule(redis, settings, settled, now, report, stop_at)
-        _recover(redis, settings, now - timedelta(seconds=settings.sending_timeout), report, stop_at)
+        _recover(redis, settings, now, report, stop_at)
         _requeue(redis, settings, settled, now - timedelta(seconds=settings.sending_timeout), report, stop_at)
         _callbacks(redis, settings, settled, report, stop_at)
         _forget_keys(now - timedelta(days=settings.idempotency_ttl_days), report, stop_at)
@@ -165,14 +165,17 @@ def _move_each(rows, target: Status, reason: str, sources) -> Iterator[Notificat
             yield store.get(row.id)
 
 
-def _recover(redis: Redis, settings: Settings, stuck_before: datetime, report: Report,
-             stop_at: float) -> None:
+def _recover(redis: Redis, settings: Settings, now: datetime, report: Report, stop_at: float) -> None:
     sending = Notification.status == Status.SENDING.value
+    stuck_before = now - timedelta(seconds=settings.sending_timeout)
+    # A worker killed outright is taken for dead once its key's TTL is out (_running): JOB_TIMEOUT and
+    # 60 s after its last heartbeat, which came before the claim. No live worker is still sending then.
+    limit_passed = now - timedelta(seconds=settings.job_timeout + 60)
     for rows in _pages(sending, Notification.updated_at <= stuck_before, stop_at=stop_at):
         # Without Redis this raises and the pass stops: recovering a row whose receipt could not be
         # read would send again an email known to have gone out, and one whose job could not be read
         # may still be going out.
-        kept, running = _receipts_and_running_jobs(redis, rows)
+        kept, running, since = _receipts_and_running_jobs(redis, rows)
         for row in rows:
             if row.id in kept:
                 if receipts.record(redis, settings, row, kept[row.id], redis):
@@ -182,6 +185,13 @@ def _recover(redis: Redis, settings: Settings, stuck_before: datetime, report: R
                 # Its worker is alive and still in the job that claimed it: the server is slow to answer,
                 # or the `sent` record waits for the database. Taking it back would send it twice.
                 logger.info("notification %s sending past SENDING_TIMEOUT; its worker is still at it", row.id)
+                continue
+            if since is not None and limit_passed < row.updated_at < since:
+                # Claimed before Redis lost what it knew of the running jobs (queues.REMEMBERS_SINCE_KEY):
+                # its worker may still be at it, unseen. A soak found one sent twice, its history saying
+                # the worker was lost, when Redis restarted during a slow server's answer.
+                logger.info("notification %s sending past SENDING_TIMEOUT, claimed before Redis lost its record "
+                            "of running jobs; left until its job's time limit has passed", row.id)
                 continue
             if row.attempts < settings.max_attempts:
                 moved = store.transition(row.id, Status.RETRYING, reason=RECOVERED_REASON, sources=(Status.SENDING,),
@@ -200,17 +210,20 @@ def _recover(redis: Redis, settings: Settings, stuck_before: datetime, report: R
 
 
 def _receipts_and_running_jobs(redis: Redis, rows: list[Notification]) -> tuple[dict[str, receipts.Receipt],
-                                                                                 set[str]]:
-    """The sent receipts kept for rows, and the ids of the jobs a live worker is running now (the
-    rows' jobs are queues.job_id_of them). Two round trips for the page: the receipts with RQ's
-    registry of workers, then each worker's state and executions. Raises RedisError."""
+                                                                                 set[str], datetime | None]:
+    """The sent receipts kept for rows, the ids of the jobs a live worker is running now (the rows'
+    jobs are queues.job_id_of them), and since when Redis remembers which those are
+    (queues.REMEMBERS_SINCE_KEY, noted now if it was not). Two round trips for the page: the receipts
+    with RQ's registry of workers, then each worker's state and executions. Raises RedisError."""
     ids = [row.id for row in rows]
     with redis.pipeline(transaction=False) as pipe:
         pipe.mget(receipts.keys(ids))
         pipe.smembers(Worker.redis_workers_keys)
-        values, registered = pipe.execute()
+        queues.mark_memory(pipe)
+        pipe.get(queues.REMEMBERS_SINCE_KEY)
+        values, registered, _, since = pipe.execute()
     names = sorted(key.decode().removeprefix(Worker.redis_worker_namespace_prefix) for key in registered)
-    return receipts.parsed(ids, values), _running(redis, names)
+    return receipts.parsed(ids, values), _running(redis, names), queues.remembers_since(since)
 
 
 def _running(redis: Redis, workers: list[str]) -> set[str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from dataclasses import replace
 from urllib.parse import urlsplit, urlunsplit
 
@@ -13,7 +14,7 @@ import pytest
 from redis import Redis
 
 from app import create_app
-from notifier import jobs, keys
+from notifier import jobs, keys, queues
 from notifier.config import Settings
 from notifier.db import bind, database
 from notifier.devmail import CaptureHandler, start
@@ -101,6 +102,7 @@ def redis_conn():
     """The real Redis, on a database of its own, flushed around each test."""
     conn = Redis.from_url(REDIS_URL)
     conn.flushdb()
+    _up_for_a_day(conn)
     yield conn
     conn.flushdb()
     conn.close()
@@ -108,7 +110,14 @@ def redis_conn():
 
 @pytest.fixture
 def fake_redis():
-    return fakeredis.FakeRedis()
+    return _up_for_a_day(fakeredis.FakeRedis())
+
+
+def _up_for_a_day(conn):
+    """conn as a Redis that has remembered the running jobs for a day (queues.REMEMBERS_SINCE_KEY), as
+    one that has not restarted lately: the reconciler may take back what a test claimed minutes ago."""
+    conn.set(queues.REMEMBERS_SINCE_KEY, f"{time.time() - 86400:.3f}")
+    return conn
 
 
 def _settings(**overrides) -> Settings:

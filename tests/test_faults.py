@@ -14,6 +14,7 @@ import subprocess
 import threading
 import time
 from dataclasses import replace
+from datetime import timedelta
 
 import psycopg2
 import pytest
@@ -24,9 +25,10 @@ from rq.job import Job, JobStatus
 from rq_scheduler import Scheduler
 
 from bench.procs import children
+from notifier import reconciler
 from notifier.db import bind, database
 from notifier.devmail import CaptureHandler, start
-from notifier.models import SchemaVersion
+from notifier.models import Notification, SchemaVersion, Status, utcnow
 from notifier.queues import QUEUE_NAMES, release_job_id_for
 from notifier.schema import SCHEMA_VERSION, upgrade
 from tests.conftest import PG_ADMIN_URL
@@ -105,6 +107,38 @@ def test_a_send_slower_than_sending_timeout_is_left_to_its_live_worker_and_sent_
     assert (detail["status"], detail["attempts"]) == ("sent", 1)
     assert not any(r.startswith("recovered:") for r in _reasons(detail)), _reasons(detail)
     assert value(collect_metrics(redis_conn), "notifier_reconciler_actions_total", action="recovered") == 0
+
+
+def test_a_slow_send_whose_redis_restarts_mid_send_is_left_to_its_live_worker_and_sent_once(make_stack, pg_settings,
+                                                                                              smtp, redis_conn):
+    # Found by a chaos soak: Redis restarted empty (no persistence) while a worker waited for a slow
+    # server's answer. RQ's record that the worker lives and runs the job went with it, so the
+    # reconciler took the row, `sending` past SENDING_TIMEOUT, for one whose worker was lost: it went
+    # out a second time, its history saying the worker was lost. The row was claimed before Redis's
+    # memory began (queues.REMEMBERS_SINCE_KEY): it is left until its job's time limit has passed.
+    stack = make_stack().start("api", "worker")
+    arrived, release = held_reply(smtp)
+    notification_id = stack.send(_to(1))
+    assert arrived.wait(20)
+    redis_conn.flushdb()  # what a restart without persistence leaves
+    time.sleep(2.5)  # past SENDING_TIMEOUT (2 s) since the claim
+    settings = replace(pg_settings, sending_timeout=2)
+    try:
+        report = reconciler.reconcile(settings, redis_conn)
+    finally:
+        release.set()
+    assert report.recovered == 0
+    detail = stack.wait_status(notification_id, "sent", "failed", timeout=30)
+    assert (detail["status"], detail["attempts"]) == ("sent", 1)
+    assert _recipients(smtp) == ["user1@example.com"]
+    # Once the job's limit (JOB_TIMEOUT) and the minute a killed worker's key outlives it have passed,
+    # a row still `sending` is taken back as before: no live worker can be at it any more.
+    stuck = stack.send(_to(2))
+    stack.wait_status(stuck, "sent", timeout=30)
+    Notification.update(status=Status.SENDING.value).where(Notification.id == stuck).execute()
+    later = utcnow() + timedelta(seconds=pg_settings.job_timeout + 61)
+    redis_conn.flushdb()
+    assert reconciler.reconcile(settings, redis_conn, now=later).recovered == 1
 
 
 def test_the_job_limit_landing_while_the_sent_record_waits_on_a_table_lock_sends_once(make_stack, pg_settings, smtp,

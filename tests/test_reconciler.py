@@ -95,6 +95,30 @@ def test_a_notification_stuck_in_sending_is_recovered_to_retrying(owner, setting
     assert _queued_ids(fake_redis) == [queues.job_id_for(stuck.id)]
 
 
+def test_a_send_claimed_before_redis_lost_its_memory_waits_for_its_job_limit(owner, settings, fake_redis):
+    # Redis restarted empty, flushed, or failed over: whether the claiming worker lives and still runs
+    # the job is not known, so the row is taken back only when no live worker can still be at it.
+    stuck = make_notification(owner, status=Status.SENDING)
+    _age(stuck, 120, attempts=1)  # past SENDING_TIMEOUT (60 s), within JOB_TIMEOUT + 60 s (180 s)
+    fake_redis.flushdb()
+    assert reconcile(settings, fake_redis).recovered == 0
+    assert reload(stuck.id).status == Status.SENDING
+    assert fake_redis.exists(queues.REMEMBERS_SINCE_KEY)  # the pass noted when Redis's memory began
+    later = utcnow() + timedelta(seconds=61)
+    assert reconcile(settings, fake_redis, now=later).recovered == 1
+
+
+def test_a_workers_heartbeat_notes_when_redis_began_to_remember(fake_redis):
+    fake_redis.flushdb()
+    worker = make_worker(fake_redis, name="marker")
+    worker.register_birth()
+    worker.heartbeat()
+    noted = queues.remembers_since(fake_redis.get(queues.REMEMBERS_SINCE_KEY))
+    assert abs((noted - utcnow()).total_seconds()) < 60
+    worker.heartbeat()  # noted once: a later heartbeat does not move it
+    assert queues.remembers_since(fake_redis.get(queues.REMEMBERS_SINCE_KEY)) == noted
+
+
 def test_each_pass_is_counted_for_metrics_by_action(owner, settings, fake_redis):
     stuck = make_notification(owner, status=Status.SENDING)
     _age(stuck, 120, attempts=1)
