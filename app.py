@@ -15,7 +15,7 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 
 from notifier.api import docs, guards, operators, tracing
 from notifier.api.common import UserIdConverter, rate_limit_headers
-from notifier.api.notifications import POST_ONLY_PATHS
+from notifier.api.notifications import POST_ONLY_ALLOW, POST_ONLY_PATHS
 from notifier.config import Settings
 from notifier.db import UNAVAILABLE_ERRORS, database, is_postgres
 from notifier.errors import HTTP_CODES, ApiError
@@ -62,7 +62,7 @@ def register_error_handlers(app: Flask) -> None:
             if name in original:
                 response.headers[name] = original[name]
         if status == 405 and request.path in POST_ONLY_PATHS:
-            response.headers["Allow"] = "POST"
+            response.headers["Allow"] = POST_ONLY_ALLOW
         return response
 
     def _database_unavailable(exc):

@@ -6,8 +6,9 @@ under the same gunicorn settings); then gunicorn serving the API, --rq-workers `
 and `scheduler.py`, driven by a separate load process on 127.0.0.1. Results also go to
 var/bench/latest.json. Every process it started is stopped however it ends, Ctrl-C included.
 
-Phases (--phases picks some): smtp, rq, bare (baselines); latency, priority, batch, drain, single,
-memory (the product). Try `--duration 3 --backlog 500` for a quick run.
+Phases (--phases picks some): smtp, rq, bare (baselines); latency, priority, queued (single sends
+with the workers paused, then their drain), batch, drain, single, memory (the product). Try
+`--duration 3 --backlog 500` for a quick run.
 """
 
 from __future__ import annotations

@@ -425,14 +425,17 @@ class NotificationService:
             send_at = now + min(delay, horizon + timedelta(seconds=1))
         if send_at is not None and send_at <= now:
             send_at = None  # a time already past means now
+        # An error names the field the request sent, not the one it was turned into.
         if send_at is not None and send_at > now + horizon:
+            field = "delay_seconds" if "delay_seconds" in payload else "send_at"
             horizon = f"at most {self.settings.schedule_horizon_days} days ahead"
-            raise Unprocessable("send_at is too far ahead", {"send_at": [horizon]})
+            raise Unprocessable(f"{field} is too far ahead", {field: [horizon]})
         expires_at = payload.get("expires_at")
         if "ttl_seconds" in payload:
             expires_at = now + timedelta(seconds=payload["ttl_seconds"])
         if expires_at is not None and expires_at <= (send_at or now):
-            raise Unprocessable("the deadline is before the send time", {"expires_at": ["must be after the send time"]})
+            field = "ttl_seconds" if "ttl_seconds" in payload else "expires_at"
+            raise Unprocessable("the deadline is before the send time", {field: ["must be after the send time"]})
         return {"send_at": send_at, "expires_at": expires_at}
 
 

@@ -160,7 +160,7 @@ def test_unknown_route_is_404_and_wrong_method_is_405(client, headers):
         for method in ("GET", "DELETE", "PUT", "PATCH"):
             response = client.open(f"/api/notifications/{path}", method=method, headers=headers)
             _assert_envelope(response, 405, "method_not_allowed")
-            assert response.headers["Allow"] == "POST", (method, path)
+            assert response.headers["Allow"] == "OPTIONS, POST", (method, path)
 
 
 def test_options_of_a_post_only_route_allows_post_alone(client, headers):

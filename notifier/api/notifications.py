@@ -134,6 +134,7 @@ def cancel(notification_id: str):
 # and a 405 for any other method allows POST alone (werkzeug names /<notification_id>'s GET too).
 _POST_ONLY = frozenset({"send", "batch", "send-verification"})
 POST_ONLY_PATHS = frozenset(f"{bp.url_prefix}/{name}" for name in _POST_ONLY)
+POST_ONLY_ALLOW = "OPTIONS, POST"  # the same in a 405 and in an OPTIONS answer
 
 
 @bp.after_request
@@ -141,7 +142,7 @@ def _post_only_options(response):
     # Flask answers OPTIONS with every method of every rule the path matches: GET and HEAD too, for
     # /<notification_id>, which a GET of these paths never reaches (it is 405).
     if request.method == "OPTIONS" and request.path in POST_ONLY_PATHS:
-        response.headers["Allow"] = "OPTIONS, POST"
+        response.headers["Allow"] = POST_ONLY_ALLOW
     return response
 
 
