@@ -125,7 +125,13 @@ class PostgresDatabase(KeepsContexts, ReconnectMixin, PooledPostgresqlDatabase):
         return conn is not None and bool(conn.closed)
 
     def _close(self, conn, close_conn=False):
-        if not close_conn:
+        if conn.closed:
+            # It died under us (a restart, pg_terminate_backend), and whatever ended it most likely
+            # ended the idle ones beside it too: each came back moments ago, so it would be handed out
+            # unpinged. The reconnect's one retry then drew another dead one from the pool, and the
+            # request answered 503 (one per two idle connections the pool held). Ping each first.
+            self._returned_at.clear()
+        elif not close_conn:
             self._returned_at[id(conn)] = time.monotonic()
         super()._close(conn, close_conn)
 

@@ -473,6 +473,48 @@ def test_a_reconnect_inside_a_connection_context_leaves_it_cleanly(pg_settings, 
     assert not database.obj._in_use  # the connection went back to the pool, none left checked out
 
 
+def _pool_holding(n: int) -> None:
+    """Leave n idle connections in the pool, as n requests served at once leave them."""
+    all_in = threading.Barrier(n)
+
+    def request() -> None:
+        with database.connection_context():
+            database.execute_sql("SELECT 1")
+            all_in.wait(10)  # each holds its own connection until all have one
+
+    threads = [threading.Thread(target=request) for _ in range(n)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+
+
+@pytest.mark.parametrize("first", ["send", "get"])
+def test_keyed_requests_right_after_postgresql_ends_the_idle_connections_are_answered(client, headers, pg_settings,
+                                                                                       first):
+    # Found by a chaos soak: pg_terminate_backend on the API's idle connections, then a 503. The
+    # pool hands out a connection that came back under a second ago unpinged; the first statement's
+    # reconnect drew the next one, as dead, and the request failed. Each took two dead connections.
+    sent = client.post("/api/notifications/send", json=_to(1), headers=headers)  # the key cache listens
+    assert sent.status_code == 202
+    location = sent.headers["Location"]
+    _pool_holding(4)
+    assert drop_connections(pg_settings.database_url.rsplit("/", 1)[1]) >= 5  # the pool's and the cache's
+
+    def send(n: int, **extra):
+        return client.post("/api/notifications/send", json=_to(n), headers={**headers, **extra}).status_code
+
+    def get():
+        return client.get(location, headers=headers).status_code
+
+    if first == "send":
+        answers = [send(2), get(), send(3, **{"Idempotency-Key": "after-the-drop"}), get()]
+        assert answers == [202, 200, 202, 200]
+    else:
+        answers = [get(), send(2), get(), send(3, **{"Idempotency-Key": "after-the-drop"})]
+        assert answers == [200, 202, 200, 202]
+
+
 def test_a_connection_context_survives_a_close_inside_it_on_sqlite(sqlite_db):
     with database.connection_context():
         database.close()
