@@ -274,13 +274,16 @@ def reconcile_now() -> None:
 def purge_now() -> None:
     """Delete, now and to the end, the notifications RETENTION_DAYS no longer keeps (scheduler.py has a
     worker do it every ten minutes, 10 s at a time)."""
+    from notifier import metrics
     from notifier.retention import purge
 
     settings = load_settings()
     if settings.retention_days <= 0:
         raise click.ClickException("RETENTION_DAYS is 0: every notification is kept, nothing to delete")
+    redis, _ = _redis()  # only to count what it deleted, as the periodic purge does
     with _open():
         deleted = purge(settings, seconds=None)
+    metrics.purged(redis, deleted)
     click.echo(f"deleted {deleted} notification(s) that ended over {settings.retention_days} days ago")
 
 
