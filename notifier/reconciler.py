@@ -175,7 +175,7 @@ def _recover(redis: Redis, settings: Settings, now: datetime, report: Report, st
         # Without Redis this raises and the pass stops: recovering a row whose receipt could not be
         # read would send again an email known to have gone out, and one whose job could not be read
         # may still be going out.
-        kept, running, since = _receipts_and_running_jobs(redis, rows)
+        kept, running, since, forgotten = _receipts_and_running_jobs(redis, rows)
         for row in rows:
             if row.id in kept:
                 if receipts.record(redis, settings, row, kept[row.id], redis):
@@ -186,12 +186,17 @@ def _recover(redis: Redis, settings: Settings, now: datetime, report: Report, st
                 # or the `sent` record waits for the database. Taking it back would send it twice.
                 logger.info("notification %s sending past SENDING_TIMEOUT; its worker is still at it", row.id)
                 continue
-            if since is not None and limit_passed < row.updated_at < since:
-                # Claimed before Redis lost what it knew of the running jobs (queues.REMEMBERS_SINCE_KEY):
-                # its worker may still be at it, unseen. A soak found one sent twice, its history saying
-                # the worker was lost, when Redis restarted during a slow server's answer.
-                logger.info("notification %s sending past SENDING_TIMEOUT, claimed before Redis lost its record "
-                            "of running jobs; left until its job's time limit has passed", row.id)
+            if limit_passed < row.updated_at and (since is not None and row.updated_at < since
+                                                   or row.job_id in forgotten):
+                # Claimed before Redis lost what it knew of the running jobs (queues.REMEMBERS_SINCE_KEY),
+                # or by a batch's shared job that started before (Redis no longer holds the job): its
+                # worker may still be at it, unseen. A soak found one sent twice, its history saying
+                # the worker was lost, when Redis restarted during a slow server's answer. A shared job
+                # claims its emails one at a time, long after it started: its claims after Redis's
+                # memory began are not shown running either (SimpleWorker sends no heartbeat inside a
+                # job, and the job's keep-alive only renews keys), so their claim time says nothing.
+                logger.info("notification %s sending past SENDING_TIMEOUT, claimed by a job started before Redis "
+                            "lost its record of running jobs; left until its job's time limit has passed", row.id)
                 continue
             if row.attempts < settings.max_attempts:
                 moved = store.transition(row.id, Status.RETRYING, reason=RECOVERED_REASON, sources=(Status.SENDING,),
@@ -210,20 +215,26 @@ def _recover(redis: Redis, settings: Settings, now: datetime, report: Report, st
 
 
 def _receipts_and_running_jobs(redis: Redis, rows: list[Notification]) -> tuple[dict[str, receipts.Receipt],
-                                                                                 set[str], datetime | None]:
+                                                                                 set[str], datetime | None, set[str]]:
     """The sent receipts kept for rows, the ids of the jobs a live worker is running now (the rows'
-    jobs are queues.job_id_of them), and since when Redis remembers which those are
-    (queues.REMEMBERS_SINCE_KEY, noted now if it was not). Two round trips for the page: the receipts
-    with RQ's registry of workers, then each worker's state and executions. Raises RedisError."""
+    jobs are queues.job_id_of them), since when Redis remembers which those are
+    (queues.REMEMBERS_SINCE_KEY, noted now if it was not), and the ids of the rows' shared jobs Redis
+    no longer holds (it lost them with its memory, or they ended long ago). Two round trips for the
+    page: the receipts, shared jobs and RQ's registry of workers, then each worker's state and
+    executions. Raises RedisError."""
     ids = [row.id for row in rows]
+    shared = sorted({row.job_id for row in rows if row.job_id is not None})
     with redis.pipeline(transaction=False) as pipe:
         pipe.mget(receipts.keys(ids))
         pipe.smembers(Worker.redis_workers_keys)
         queues.mark_memory(pipe)
         pipe.get(queues.REMEMBERS_SINCE_KEY)
-        values, registered, _, since = pipe.execute()
+        for job_id in shared:
+            pipe.exists(f"rq:job:{job_id}")
+        values, registered, _, since, *held = pipe.execute()
     names = sorted(key.decode().removeprefix(Worker.redis_worker_namespace_prefix) for key in registered)
-    return receipts.parsed(ids, values), _running(redis, names), queues.remembers_since(since)
+    forgotten = {job_id for job_id, exists in zip(shared, held, strict=True) if not exists}
+    return receipts.parsed(ids, values), _running(redis, names), queues.remembers_since(since), forgotten
 
 
 def _running(redis: Redis, workers: list[str]) -> set[str]:

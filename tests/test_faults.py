@@ -141,6 +141,40 @@ def test_a_slow_send_whose_redis_restarts_mid_send_is_left_to_its_live_worker_an
     assert reconciler.reconcile(settings, redis_conn, now=later).recovered == 1
 
 
+def test_a_slow_send_of_a_shared_job_that_outlived_a_redis_restart_is_left_to_its_live_worker_and_sent_once(
+        make_stack, pg_settings, smtp, redis_conn):
+    # A batch's shared job claims its emails one at a time, long after it started. Redis restarted
+    # empty while it ran: what showed the job running went with it (a job inside SimpleWorker sends no
+    # heartbeat; its keep-alive only renews keys), and an email it claimed after Redis's memory began
+    # looked claimed by a lost worker once past SENDING_TIMEOUT: taken back mid-send, sent twice.
+    stack = make_stack().start("api", "worker")
+    first, let_first_go = held_reply(smtp)
+    status, body = request("POST", f"{stack.base}/api/notifications/batch", stack.key,
+                           {"notifications": [_to(1), _to(2)]})
+    assert status == 202, body
+    ids = [r["id"] for r in body["results"]]
+    assert first.wait(20)
+    redis_conn.flushdb()  # what a restart without persistence leaves, while the job is at its first email
+    settings = replace(pg_settings, sending_timeout=2)
+    time.sleep(2.5)
+    second, let_second_go = held_reply(smtp)  # in place before the first's answer lets the job go on
+    try:
+        # The first, claimed before Redis's memory began, is left; the pass notes when that began.
+        assert reconciler.reconcile(settings, redis_conn).recovered == 0
+        let_first_go.set()
+        assert second.wait(20)  # the second, claimed after, is mid-DATA
+        time.sleep(2.5)  # past SENDING_TIMEOUT since its claim
+        report = reconciler.reconcile(settings, redis_conn)
+    finally:
+        let_first_go.set()
+        let_second_go.set()
+    assert report.recovered == 0
+    for notification_id in ids:
+        detail = stack.wait_status(notification_id, "sent", "failed", timeout=30)
+        assert (detail["status"], detail["attempts"]) == ("sent", 1)
+    assert _recipients(smtp) == ["user1@example.com", "user2@example.com"]
+
+
 def test_the_job_limit_landing_while_the_sent_record_waits_on_a_table_lock_sends_once(make_stack, pg_settings, smtp,
                                                                                         monkeypatch, redis_conn):
     # A migration (or VACUUM FULL) holds the table as the server answers 250: the worker's first `sent`

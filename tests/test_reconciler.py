@@ -440,3 +440,25 @@ def test_a_member_of_a_shared_job_is_left_while_its_live_worker_runs_the_job(own
     _started(fake_redis, job)
     assert reconcile(settings, fake_redis).recovered == 1
     assert (reload(sending.id).status, reload(alone.id).status) == (Status.SENDING, Status.RETRYING)
+
+
+def test_a_send_of_a_shared_job_redis_lost_waits_for_its_job_limit(owner, settings, fake_redis):
+    # A shared job claims its emails one at a time, long after it started: one it claimed after Redis
+    # lost its memory (claimed after queues.REMEMBERS_SINCE_KEY) is still its live worker's, unseen.
+    lost = make_notification(owner, status=Status.SENDING, job_id="notifications-lost")
+    _age(lost, 120, attempts=1)  # past SENDING_TIMEOUT (60 s), within JOB_TIMEOUT + 60 s (180 s)
+    assert reconcile(settings, fake_redis).recovered == 0
+    assert reload(lost.id).status == Status.SENDING
+    later = utcnow() + timedelta(seconds=61)  # no live worker can still be at it
+    assert reconcile(settings, fake_redis, now=later).recovered == 1
+    assert reload(lost.id).status == Status.RETRYING
+
+
+def test_a_send_of_a_shared_job_redis_holds_whose_worker_is_gone_is_recovered(owner, settings, fake_redis):
+    job = Queue(queues.QUEUE_NAMES["default"], connection=fake_redis).enqueue(
+        queues.DELIVER_MANY_JOB, ["a", "b"], job_id="notifications-shared")
+    stuck = make_notification(owner, status=Status.SENDING, job_id=job.id)
+    _age(stuck, 120, attempts=1)
+    _key_expired(fake_redis, _started(fake_redis, job))
+    assert reconcile(settings, fake_redis).recovered == 1
+    assert reload(stuck.id).status == Status.RETRYING
