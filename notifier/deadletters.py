@@ -124,7 +124,7 @@ def show(redis: Redis, notification_id: str, api_key: ApiKey | None = None) -> t
     if row.status != Status.FAILED:
         raise NotFound(f"notification {notification_id} is {row.status}, not a dead letter")
     job = Job.fetch(queues.job_id_for(row.id), connection=redis) if redis.exists(
-        f"rq:job:{queues.job_id_for(row.id)}") else None
+        Job.key_for(queues.job_id_for(row.id))) else None
     return _entry(row, _failed_registry_ids(redis, [row])), job
 
 

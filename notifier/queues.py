@@ -13,7 +13,7 @@ from redis.client import Pipeline
 from redis.exceptions import RedisError
 from rq import Queue, Retry, Worker
 from rq.executions import WORKER_EXECUTIONS_KEY_TEMPLATE
-from rq.job import JobStatus
+from rq.job import Job, JobStatus
 from rq.results import Result
 from rq_scheduler import Scheduler
 
@@ -377,7 +377,7 @@ def _without_live_callback(connection: Redis, notifications: list[Notification])
         return []
     with connection.pipeline(transaction=False) as pipe:
         for n in notifications:
-            pipe.hget(f"rq:job:{callback_job_id_for(n.id)}", "status")
+            pipe.hget(Job.key_for(callback_job_id_for(n.id)), "status")
         states = pipe.execute()
     return [n for n, state in zip(notifications, states, strict=True) if state not in LIVE_JOB_STATES]
 

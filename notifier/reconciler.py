@@ -30,6 +30,7 @@ from datetime import datetime, timedelta
 
 from redis import Redis
 from rq import Worker
+from rq.job import Job
 from rq.utils import parse_composite_key, utcparse
 from rq_scheduler import Scheduler
 
@@ -152,7 +153,7 @@ def _without_release(redis: Redis, rows: list[Notification]) -> list[Notificatio
     with redis.pipeline(transaction=False) as pipe:
         for job_id in job_ids:
             pipe.zscore(Scheduler.scheduled_jobs_key, job_id)
-            pipe.hget(f"rq:job:{job_id}", "status")
+            pipe.hget(Job.key_for(job_id), "status")
         replies = pipe.execute()
     return [row for row, score, state in zip(rows, replies[::2], replies[1::2], strict=True)
             if score is None and state not in (b"queued", b"started")]
@@ -230,7 +231,7 @@ def _receipts_and_running_jobs(redis: Redis, rows: list[Notification]) -> tuple[
         queues.mark_memory(pipe)
         pipe.get(queues.REMEMBERS_SINCE_KEY)
         for job_id in shared:
-            pipe.exists(f"rq:job:{job_id}")
+            pipe.exists(Job.key_for(job_id))
         values, registered, _, since, *held = pipe.execute()
     names = sorted(key.decode().removeprefix(Worker.redis_worker_namespace_prefix) for key in registered)
     forgotten = {job_id for job_id, exists in zip(shared, held, strict=True) if not exists}
@@ -277,7 +278,7 @@ def _missing_jobs(redis: Redis, job_ids: list[str], queue_names: list[str],
     job has many notifications to reach)."""
     with redis.pipeline(transaction=False) as pipe:
         for job_id in job_ids:
-            pipe.hmget(f"rq:job:{job_id}", "status", "started_at")
+            pipe.hmget(Job.key_for(job_id), "status", "started_at")
         found = pipe.execute()
     states = [state for state, _ in found]
     missing = {job_id for job_id, state in zip(job_ids, states, strict=True) if state not in queues.LIVE_JOB_STATES}
@@ -350,7 +351,7 @@ def _any_queued(redis: Redis, job_ids: list[str]) -> bool:
     """Whether any of job_ids waits in its queue. Raises RedisError."""
     with redis.pipeline(transaction=False) as pipe:
         for job_id in job_ids:
-            pipe.hget(f"rq:job:{job_id}", "status")
+            pipe.hget(Job.key_for(job_id), "status")
         return b"queued" in pipe.execute()
 
 
@@ -363,7 +364,7 @@ def _abandoned(redis: Redis, job_ids: list[str]) -> set[str]:
     the callback (callbacks.turn): the job queued again finds it held and skips. Raises RedisError."""
     with redis.pipeline(transaction=False) as pipe:
         for job_id in job_ids:
-            pipe.hget(f"rq:job:{job_id}", "status")
+            pipe.hget(Job.key_for(job_id), "status")
         pipe.smembers(Worker.redis_workers_keys)
         *states, registered = pipe.execute()
     started = {job_id for job_id, state in zip(job_ids, states, strict=True) if state == b"started"}

@@ -23,6 +23,7 @@ from datetime import datetime
 
 from redis import Redis
 from redis.client import Pipeline
+from rq.job import Job
 from rq.serializers import resolve_serializer
 from rq_scheduler import Scheduler
 from rq_scheduler.utils import to_unix
@@ -113,7 +114,7 @@ def _request_ids(redis: Redis, job_ids: list[str]) -> dict[str, str | None]:
     known. Raises RedisError."""
     with redis.pipeline(transaction=False) as pipe:
         for job_id in job_ids:
-            pipe.hget(f"rq:job:{job_id}", "meta")
+            pipe.hget(Job.key_for(job_id), "meta")
         metas = pipe.execute()
     serializer = resolve_serializer(None)  # RQ's default, which every job of ours is saved with
     out = {}
@@ -129,4 +130,4 @@ def _request_ids(redis: Redis, job_ids: list[str]) -> dict[str, str | None]:
 def _drop(pipe: Pipeline, job_ids: list[str]) -> None:
     """Take release entries out of the schedule, their jobs with them (never run, nothing to keep)."""
     pipe.zrem(Scheduler.scheduled_jobs_key, *job_ids)
-    pipe.delete(*(f"rq:job:{job_id}" for job_id in job_ids))
+    pipe.delete(*(Job.key_for(job_id) for job_id in job_ids))
