@@ -303,9 +303,16 @@ _SECRET = re.compile(r"(whsec_)[A-Za-z0-9_-]+")
 _BLANK = r"(?:\s|\\t)"
 _SCHEME = r"(?:basic|bearer|digest|token|negotiate)" + _BLANK + "++"
 _ANY_SCHEME = r"(?:[a-z0-9!#$%&*+.^_`|~-]++" + _BLANK + "++)?"  # RFC 9110's token, then the blank that ends it
+# The credentials themselves: a token (Basic's, Bearer's), or a list of parameters as Digest's are
+# (username="ops", response="6629..."), every one of them, quoted values whole: only the first token
+# of a list was masked, and the response and the rest logged.
+_PARAM = r"""[a-z0-9_.-]++=(?:"(?:[^"\\\r\n]|\\.)*+"?|[^\s'",;]*+)"""
+_CREDENTIALS = r"(?:" + _PARAM + r"(?:\s*+,\s*+" + _PARAM + r""")*+|[^\s'",;]+)"""
+# A header as a pair in a repr ('("Authorization", "Basic b3Bz...")', a list of a request's headers):
+# the name is quoted, then a comma, then the quoted value.
 _AUTHORIZATION = re.compile(r"((?<![a-z0-9])authorization\b['\"]?" + _BLANK + r"*+(?:[:=]\s*+['\"]?\s*+" + _ANY_SCHEME
-                            + "|" + _SCHEME + r")|(?<=['\"])(?:proxy-)?authorization" + _BLANK + "++" + _ANY_SCHEME
-                            + r")[^\s'\",;]+", re.IGNORECASE)
+                            + "|" + _SCHEME + r")|(?<=['\"])(?:proxy-)?authorization(?:" + _BLANK + "++"
+                            + r"|['\"]\s*+,\s*+['\"]\s*+)" + _ANY_SCHEME + ")" + _CREDENTIALS, re.IGNORECASE)
 # An unsubscribe link's token is the credential that unsubscribes (notifier.unsubscribe).
 _UNSUBSCRIBE_TOKEN = re.compile(r"(/unsubscribe/)[A-Za-z0-9._~%+=-]+")
 # From "://" on, whatever the scheme before it: matched from the scheme, a line of "a.a.a..." was tried

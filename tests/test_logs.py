@@ -551,7 +551,8 @@ def test_a_long_line_of_quotes_is_redacted_in_time_linear_in_its_length(line):
 @pytest.mark.parametrize("line", ["authorization:" + " " * 20_000, "Authorization: '" + "\t" * 20_000,
                                   "authorization " * 5_000, "Authorization Basic " + " " * 20_000,
                                   "'Authorization" + " " * 20_000, "'authorization '" * 5_000,
-                                  "'Authorization" + "\\t" * 10_000, "Authorization Basic" + "\\t" * 10_000])
+                                  "'Authorization" + "\\t" * 10_000, "Authorization Basic" + "\\t" * 10_000,
+                                  "'Authorization'" + " ," * 10_000, "'authorization', \"" * 5_000])
 def test_a_long_line_naming_authorization_is_redacted_in_time_linear_in_its_length(line):
     started = time.perf_counter()
     assert logs.redact(line) == line
@@ -666,6 +667,15 @@ def test_what_a_server_quotes_of_a_subject_or_line_naming_an_address_is_masked_t
     ("Invalid HTTP Header: 'Authorization\\tBasic b3BzOnB3ZA=='",
      "Invalid HTTP Header: 'Authorization\\tBasic [redacted]'"),
     ("Invalid HTTP Header: 'Authorization\\tZQ-s3cr3t'", "Invalid HTTP Header: 'Authorization\\t[redacted]'"),
+    # Digest's credentials are a list of parameters: only the first was masked, the response logged.
+    ('Authorization: Digest username="ops", realm="x, y", nonce="abc", response="6629fae4" (stale)',
+     "Authorization: Digest [redacted] (stale)"),
+    ("Authorization: Digest username=ops,response=6629fae4", "Authorization: Digest [redacted]"),
+    # A request's headers as pairs in a repr: the name's quote and a comma stood before the credentials.
+    ('headers=[("Authorization", "Basic b3BzOnB3ZA=="), ("Host", "x")]',
+     'headers=[("Authorization", "Basic [redacted]"), ("Host", "x")]'),
+    ("[('Proxy-Authorization', 'ZQ-s3cr3t')]", "[('Proxy-Authorization', '[redacted]')]"),
+    ('the "authorization", then the rest', 'the "authorization", then the rest'),
 ])
 def test_an_authorization_headers_credentials_are_masked_whatever_its_scheme(line, redacted):
     assert logs.redact(line) == redacted
