@@ -192,6 +192,20 @@ def test_dashboard_requeue_never_resends_a_failed_notification(ops, dead_letter,
     assert smtp.count() == 0
 
 
+def test_dashboard_requeue_of_a_job_that_has_not_failed_is_409_and_changes_nothing(ops, headers, redis_conn):
+    # rq refuses to requeue a job its failed registry does not hold (InvalidJobOperation): it was a 500.
+    notification_id = ops.post("/api/notifications/send", json=LITERAL, headers=headers).get_json()["id"]
+    job_id = job_id_for(notification_id)
+
+    response = ops.post(f"/rq/job/{job_id}/requeue", auth=OPERATOR)
+
+    assert response.status_code == 409, response.get_data(as_text=True)
+    assert response.get_json()["error"]["code"] == "not_requeueable"
+    assert set(response.get_json()["error"]) == {"code", "message", "details"}
+    assert Queue(DEFAULT_QUEUE, connection=redis_conn).job_ids == [job_id]
+    assert reload(notification_id).status == "queued"
+
+
 def test_operator_credentials_are_read_from_the_environment():
     settings = Settings.from_env({"OPERATOR_USERNAME": " ops ", "OPERATOR_PASSWORD": " s3cret "})
 

@@ -26,7 +26,7 @@ from werkzeug.exceptions import Unauthorized
 
 from notifier import deadletters, metrics
 from notifier.config import Settings
-from notifier.errors import Forbidden, NotFound, RateLimited, ServiceUnavailable
+from notifier.errors import Conflict, Forbidden, NotFound, RateLimited, ServiceUnavailable
 from notifier.ratelimit import parse_rate
 
 logger = logging.getLogger(__name__)
@@ -83,6 +83,7 @@ def _require_own_page() -> None:
 # What rq-dashboard's routes can name; it answers any other registry with an exception.
 _MAX_PAGE = 2**31 - 1  # a page number and a page size: their product stays inside Redis's 64-bit indexes
 _REGISTRIES = frozenset({"queued", "failed", "deferred", "started", "finished", "scheduled", "canceled"})
+_REQUEUE_ONE = f"{rq_dashboard.blueprint.name}.requeue_job_view"
 
 
 def _require_dashboard_target() -> None:
@@ -108,6 +109,13 @@ def _require_dashboard_target() -> None:
     if request.endpoint == "rq_dashboard.compact_queue":
         if not connection.exists(Queue(args["queue_name"], connection=connection).key):
             raise NotFound(f"no queue {args['queue_name']!r} holds jobs")
+    if request.endpoint == _REQUEUE_ONE:
+        # rq requeues only a job its failed registry holds, and raised InvalidJobOperation (a 500) for
+        # one queued, running or finished.
+        job = Job.fetch(args["job_id"], connection=connection)
+        if job.id not in job.failed_job_registry:
+            raise Conflict(f"job {job.id!r} has not failed; only a failed job can be requeued",
+                           {"status": job.get_status()}, code="not_requeueable")
 
 
 def require_operator() -> None:
