@@ -206,6 +206,21 @@ def test_dashboard_requeue_of_a_job_that_has_not_failed_is_409_and_changes_nothi
     assert reload(notification_id).status == "queued"
 
 
+def test_dashboard_requeue_all_passes_over_failed_entries_whose_job_has_gone(ops, dead_letter, redis_conn):
+    # A failed registry's entry outlives its job when the job's data expired first (the registry is
+    # cleaned every few minutes) or Redis evicted it: rq-dashboard requeued the jobs listed before it,
+    # then raised NoSuchJobError at it, a 500.
+    failed = Queue(DEFAULT_QUEUE, connection=redis_conn).failed_job_registry
+    redis_conn.zadd(failed.key, {"notification-gone": 9_999_999_999})
+
+    response = ops.get(f"/rq/requeue/{DEFAULT_QUEUE}", auth=OPERATOR)
+
+    assert response.status_code == 200, response.get_data(as_text=True)
+    assert response.get_json()["count"] == 1
+    assert failed.get_job_ids(cleanup=False) == []
+    assert Queue(DEFAULT_QUEUE, connection=redis_conn).job_ids == [job_id_for(dead_letter)]
+
+
 def test_operator_credentials_are_read_from_the_environment():
     settings = Settings.from_env({"OPERATOR_USERNAME": " ops ", "OPERATOR_PASSWORD": " s3cret "})
 

@@ -116,6 +116,22 @@ def _require_dashboard_target() -> None:
         if job.id not in job.failed_job_registry:
             raise Conflict(f"job {job.id!r} has not failed; only a failed job can be requeued",
                            {"status": job.get_status()}, code="not_requeueable")
+    if request.endpoint == _REQUEUE_ALL:
+        _forget_lost_jobs(Queue(args["queue_name"], connection=connection).failed_job_registry)
+
+
+def _forget_lost_jobs(registry) -> None:
+    """Drop the registry's entries whose job has gone: its data expired before the registry was
+    cleaned (every few minutes), or Redis evicted it. rq-dashboard requeues every entry it lists and
+    raised NoSuchJobError (a 500) at the first of these, after requeueing the ones before it."""
+    job_ids = registry.get_job_ids(cleanup=False)
+    with registry.connection.pipeline() as pipe:
+        for job_id in job_ids:
+            pipe.exists(Job.key_for(job_id))
+        found = pipe.execute()
+    for job_id, exists in zip(job_ids, found, strict=True):
+        if not exists:
+            registry.remove(job_id)  # what `dlq purge` does with such an entry: it goes all the same
 
 
 def require_operator() -> None:
