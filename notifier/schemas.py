@@ -132,7 +132,12 @@ def port_out_of_range(url: str) -> bool:
     port = host.rpartition("]")[2].partition(":")[2]
     if not port:
         return False  # the scheme's own
-    return not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535)
+    if not (port.isascii() and port.isdigit()):
+        return True
+    # int() refuses a string of more than 4,300 digits (a ValueError, which was a 500); a port is at
+    # most five once its leading zeros are gone.
+    number = port.lstrip("0")
+    return len(number) > 5 or not 1 <= int(number or "0") <= 65535
 
 
 def _splittable(value: str) -> None:

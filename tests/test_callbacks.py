@@ -212,7 +212,9 @@ def test_cancelled_notification_posts_a_cancelled_callback(api, headers, live_de
 
 @pytest.mark.parametrize("url", ["ftp://x", "not a url", "ftp://example.com/hook", "javascript:alert(1)",
                                  # Accepted once, then failed every attempt (urllib refused the port).
-                                 "http://example.com:99999/hook", "https://example.com:0/hook"])
+                                 "http://example.com:99999/hook", "https://example.com:0/hook",
+                                 # A port of more digits than int() reads (4,300) was a 500.
+                                 "http://example.com:" + "1" * 4301 + "/hook"])
 def test_callback_url_must_be_http(api, headers, live_deliverer, receiver, smtp, redis_conn, url):
     response = api.post(SEND, json={**LITERAL, "callback_url": url}, headers=headers)
 
