@@ -99,8 +99,9 @@ def _require_dashboard_target() -> None:
     for name in ("per_page", "page"):
         value = str(args.get(name, 1))
         # At most _MAX_PAGE: beyond, the range rq-dashboard asks Redis for is past a 64-bit index,
-        # which Redis refuses with an error.
-        if not value.isdecimal() or not 1 <= int(value) <= _MAX_PAGE:
+        # which Redis refuses with an error. Its length first: int() refuses more than 4,300 digits.
+        if (not value.isdecimal() or len(value.lstrip("0")) > len(str(_MAX_PAGE))
+                or not 1 <= int(value) <= _MAX_PAGE):
             raise NotFound(f"{name} must be a whole number from 1 to {_MAX_PAGE}")
     connection = current_app.redis_conn
     if "job_id" in args and request.endpoint != "rq_dashboard.delete_job_view":  # delete answers itself
