@@ -13,6 +13,7 @@ import time
 from redis.exceptions import RedisError
 from rq import SimpleWorker, worker_registration
 from rq.exceptions import StopRequested
+from rq.scheduler import RQScheduler
 from rq.timeouts import UnixSignalDeathPenalty
 from rq.worker import WorkerStatus
 
@@ -50,6 +51,20 @@ def _die_with_parent(parent_pid: int) -> None:
         os._exit(1)
 
 
+class QuietScheduler(RQScheduler):
+    """RQ's scheduler, whose process ends without a raw traceback when its loop fails (Redis gone).
+    RQ's run() logs the error, then re-raises it, and multiprocessing wrote the traceback again to
+    stderr ("Process Scheduler:"): plain text among the JSON lines, past the log filter's masks."""
+
+    def work(self):
+        try:
+            super().work()
+        except Exception as exc:
+            # run() still logs it, the cause chained in; multiprocessing ends the process with this
+            # code and writes nothing of its own.
+            raise SystemExit(1) from exc
+
+
 class NotifierWorker(SimpleWorker):
     """SimpleWorker: sending is I/O, and not forking per job keeps the SMTP and database connections
     warm. It remembers whether it was asked to stop, so a loop that ends for any other reason (Redis
@@ -58,6 +73,19 @@ class NotifierWorker(SimpleWorker):
     stopping = False
     counts: metrics.Deferred | None = None  # the jobs' counters, sent with each heartbeat
     _scheduler_checked = 0.0
+    _scheduler: RQScheduler | None = None
+
+    @property
+    def scheduler(self) -> RQScheduler | None:
+        return self._scheduler
+
+    @scheduler.setter
+    def scheduler(self, scheduler: RQScheduler | None) -> None:
+        # RQ makes its scheduler itself (Worker._start_scheduler), as an RQScheduler, and starts it
+        # at once: it takes no class of ours, so the one it made becomes one before it is started.
+        if type(scheduler) is RQScheduler:
+            scheduler.__class__ = QuietScheduler
+        self._scheduler = scheduler
     _burst = False
     # RQ's default where SIGALRM exists, named because callback_job relies on it: the job's limit
     # is the process's one alarm, which the job can replace and cancel once its callback is answered.
@@ -147,7 +175,7 @@ class NotifierWorker(SimpleWorker):
         # scheduler still alive then, or Redis still away), so the first good heartbeat skipped it and
         # the worker went back to waiting: the scheduler, and every retry, stayed dead that long.
         wait = super().dequeue_timeout
-        if getattr(self, "scheduler", None) is not None:  # RQ reads this before it sets scheduler
+        if self.scheduler is not None:
             wait = min(wait, max(1, math.ceil(SCHEDULER_CHECK_SECONDS)))
         return wait
 
