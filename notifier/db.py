@@ -7,6 +7,7 @@ import logging
 import os
 import re
 import time
+from collections.abc import Mapping
 from contextlib import suppress
 from functools import partial
 from urllib.parse import urlparse
@@ -221,6 +222,12 @@ _TCP_LIVENESS = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 
                  "tcp_user_timeout": 10_000}
 
 
+def tcp_liveness(given: Mapping[str, object]) -> dict[str, int]:
+    """What a PostgreSQL connection is told about a server gone silent (see connect), less what its
+    URL's own parameters (given) already say: those win."""
+    return {name: value for name, value in _TCP_LIVENESS.items() if name not in given}
+
+
 def connect(url: str, pool_size: int = Settings.database_pool_size, prepare: bool = Settings.database_prepare,
             statement_timeout: float = Settings.database_statement_timeout,
             connect_timeout: float = Settings.database_connect_timeout):
@@ -258,8 +265,7 @@ def connect(url: str, pool_size: int = Settings.database_pool_size, prepare: boo
     # up on a connection whose data is not acknowledged within 10 s, or whose silence keepalive
     # probes find dead within 25 s. (One whose kernel still acknowledges, and that answers nothing,
     # is Patience's.) A URL's own values win.
-    for name, value in _TCP_LIVENESS.items():
-        params.setdefault(name, value)
+    params.update(tcp_liveness(params))
     # libpq's connect_timeout is not applied to a connection made in steps (wait_for_answer's), so it
     # is Patience's limit: a URL's own (?connect_timeout=10) wins there like the rest.
     patience = Patience(float(params.get("connect_timeout") or connect_timeout))

@@ -20,7 +20,9 @@ import time
 from collections.abc import Callable
 
 import psycopg2
+from psycopg2.extensions import parse_dsn
 
+from notifier.db import tcp_liveness
 from notifier.models import ApiKey
 from notifier.patience import answer_within
 
@@ -102,10 +104,11 @@ class KeyCache:
         if time.monotonic() < self._retry_at or not self._connecting.acquire(blocking=False):
             return
         try:
-            # libpq's connect_timeout is whole seconds.
+            # libpq's connect_timeout is whole seconds. A server gone silent is found as the pool's
+            # connections find it (25 s), not at MAX_AGE_SECONDS: until then a revoked key was served.
             conn = psycopg2.connect(self._url, connect_timeout=max(1, math.ceil(self._connect_timeout)),
                                     application_name="notifier-api-keycache",
-                                    keepalives=1, keepalives_idle=30, keepalives_interval=10, keepalives_count=3)
+                                    **tcp_liveness(parse_dsn(self._url)))
             conn.autocommit = True
             # The connect is bounded by its timeout, its one statement is not (a connection made here
             # has no Patience to probe the server with): a server that stalled right after taking the

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import itertools
+import os
+import socket
 import threading
 
 import psycopg2
@@ -148,3 +150,15 @@ def held_reply(smtp, n: int = 1) -> tuple[threading.Event, threading.Event]:
 
     smtp.before_reply = hold
     return arrived, release
+
+
+def tcp_options(conn) -> tuple[int, int, int, int, int]:
+    """What the kernel was told about a psycopg2 connection's socket: SO_KEEPALIVE, then TCP_KEEPIDLE,
+    TCP_KEEPINTVL, TCP_KEEPCNT and TCP_USER_TIMEOUT."""
+    sock = socket.socket(fileno=os.dup(conn.fileno()))
+    try:
+        return (sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
+                *(sock.getsockopt(socket.IPPROTO_TCP, option) for option in (
+                    socket.TCP_KEEPIDLE, socket.TCP_KEEPINTVL, socket.TCP_KEEPCNT, socket.TCP_USER_TIMEOUT)))
+    finally:
+        sock.close()

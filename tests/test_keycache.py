@@ -11,7 +11,7 @@ import pytest
 from notifier import keycache, keys
 from notifier.db import database
 from notifier.keycache import KeyCache
-from tests.helpers import eventually
+from tests.helpers import eventually, tcp_options
 
 pytestmark = pytest.mark.integration
 
@@ -139,6 +139,20 @@ def test_a_key_revoked_after_the_listening_connection_died_is_never_served_from_
         _end_listening_session(pg_settings)  # the revocation's NOTIFY will never be on the cache's socket
         keys.revoke(api_key[0].name)
         assert keys.authenticate(api_key[1], cache) is None
+
+
+def test_the_listening_connection_finds_a_server_gone_silent_as_the_pool_does(pg_settings, pg_db, api_key):
+    # Its keepalives found a silent server in 60 s, MAX_AGE_SECONDS, so a key revoked meanwhile was
+    # served from the cache (its NOTIFY lost) as long as a partition lasted, up to that minute.
+    for url, told in ((pg_settings.database_url, (1, 10, 5, 3, 10_000)),
+                      (f"{pg_settings.database_url}?keepalives_idle=60", (1, 60, 5, 3, 10_000))):
+        made = KeyCache(url)
+        try:
+            with database.connection_context():
+                made.lookup(_prefix(api_key[1]), CountingLoad())  # starts listening
+            assert tcp_options(made._conn) == told  # the URL's own values win
+        finally:
+            made.close()
 
 
 def test_no_database_to_listen_on_means_no_cache_and_no_error(api_key, monkeypatch):

@@ -3,8 +3,6 @@ holding a request thread or a worker for as long as the lock lasts; schema upgra
 
 from __future__ import annotations
 
-import os
-import socket
 import threading
 import time
 from dataclasses import replace
@@ -18,7 +16,7 @@ from notifier import schema
 from notifier.config import ConfigError, Settings
 from notifier.db import bind, connect, database
 from notifier.models import Status, utcnow
-from tests.helpers import installed_deliverer, make_notification, reload
+from tests.helpers import installed_deliverer, make_notification, reload, tcp_options
 
 LITERAL = {"to": "carol@example.com", "subject": "Hi", "text": "Hello"}
 
@@ -98,28 +96,18 @@ def test_the_limit_keeps_what_pgoptions_asks_for(pg_url, monkeypatch):
     db.close_all()
 
 
-def _tcp_options(db) -> tuple[int, int, int, int, int]:
-    sock = socket.socket(fileno=os.dup(db.connection().fileno()))
-    try:
-        return (sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
-                *(sock.getsockopt(socket.IPPROTO_TCP, option) for option in (
-                    socket.TCP_KEEPIDLE, socket.TCP_KEEPINTVL, socket.TCP_KEEPCNT, socket.TCP_USER_TIMEOUT)))
-    finally:
-        sock.close()
-
-
 def test_a_connection_to_a_server_gone_silent_gives_up_in_seconds_not_hours(pg_url):
     # A server whose host vanished (powered off, a partition) sends no reset: with the kernel's
     # defaults a request waited a quarter of an hour for unacknowledged data, an idle pooled
     # connection two hours for its first keepalive probe. What the kernel is told, on the live socket:
     db = connect(pg_url)
     with db.connection_context():
-        assert _tcp_options(db) == (1, 10, 5, 3, 10_000)
+        assert tcp_options(db.connection()) == (1, 10, 5, 3, 10_000)
     db.close_all()
     # The URL's own values win.
     db = connect(f"{pg_url}?keepalives_idle=60&tcp_user_timeout=30000")
     with db.connection_context():
-        assert _tcp_options(db) == (1, 60, 5, 3, 30_000)
+        assert tcp_options(db.connection()) == (1, 60, 5, 3, 30_000)
     db.close_all()
 
 
