@@ -74,9 +74,14 @@ class NotifierWorker(SimpleWorker):
     counts: metrics.Deferred | None = None  # the jobs' counters, sent with each heartbeat
     _scheduler_checked = 0.0
     _scheduler: RQScheduler | None = None
+    _burst = False
+    # RQ's default where SIGALRM exists, named because callback_job relies on it: the job's limit
+    # is the process's one alarm, which the job can replace and cancel once its callback is answered.
+    death_penalty_class = UnixSignalDeathPenalty
 
     @property
     def scheduler(self) -> RQScheduler | None:
+        """RQ's scheduler of this worker, a QuietScheduler once started; None before."""
         return self._scheduler
 
     @scheduler.setter
@@ -86,10 +91,6 @@ class NotifierWorker(SimpleWorker):
         if type(scheduler) is RQScheduler:
             scheduler.__class__ = QuietScheduler
         self._scheduler = scheduler
-    _burst = False
-    # RQ's default where SIGALRM exists, named because callback_job relies on it: the job's limit
-    # is the process's one alarm, which the job can replace and cancel once its callback is answered.
-    death_penalty_class = UnixSignalDeathPenalty
 
     def heartbeat(self, timeout=None, pipeline=None):
         # RQ sends a heartbeat (twice per job) as three commands, a round trip each unless it is

@@ -277,10 +277,9 @@ def purge_now() -> None:
     from notifier import metrics
     from notifier.retention import purge
 
-    settings = load_settings()
+    redis, settings = _redis()  # only to count what it deletes, as the periodic purge does
     if settings.retention_days <= 0:
         raise click.ClickException("RETENTION_DAYS is 0: every notification is kept, nothing to delete")
-    redis, _ = _redis()  # only to count what it deleted, as the periodic purge does
     with _open():
         deleted = purge(settings, seconds=None)
     metrics.purged(redis, deleted)

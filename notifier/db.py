@@ -127,11 +127,7 @@ class PostgresDatabase(KeepsContexts, ReconnectMixin, PooledPostgresqlDatabase):
 
     def _close(self, conn, close_conn=False):
         if conn.closed:
-            # It died under us (a restart, pg_terminate_backend), and whatever ended it most likely
-            # ended the idle ones beside it too: each came back moments ago, so it would be handed out
-            # unpinged. The reconnect's one retry then drew another dead one from the pool, and the
-            # request answered 503 (one per two idle connections the pool held). Ping each first.
-            self._returned_at.clear()
+            self._found_dead()
         elif not close_conn:
             self._returned_at[id(conn)] = time.monotonic()
         super()._close(conn, close_conn)
@@ -141,7 +137,19 @@ class PostgresDatabase(KeepsContexts, ReconnectMixin, PooledPostgresqlDatabase):
         if (returned_at is not None and time.monotonic() - returned_at < self.ping_after_seconds
                 and not conn.closed and conn.get_transaction_status() == TRANSACTION_STATUS_IDLE):
             return False
-        return super()._is_closed(conn)
+        if super()._is_closed(conn):
+            self._found_dead()
+            return True
+        return False
+
+    def _found_dead(self) -> None:
+        # A connection died under us (a restart, pg_terminate_backend), and whatever ended it most
+        # likely ended the idle ones beside it too: each came back moments ago, so it would be handed
+        # out unpinged. The reconnect's one retry then drew another dead one from the pool, and the
+        # request answered 503 (one per two idle connections the pool held). Ping each first. (A
+        # thread handing back a dead connection psycopg2 has not noticed yet, just after, can still
+        # have one drawn unpinged: the price of not pinging one returned under a second ago.)
+        self._returned_at.clear()
 
 
 # The statements run for every request and every email, by their SQL text: each connection prepares

@@ -305,14 +305,16 @@ _SCHEME = r"(?:basic|bearer|digest|token|negotiate)" + _BLANK + "++"
 _ANY_SCHEME = r"(?:[a-z0-9!#$%&*+.^_`|~-]++" + _BLANK + "++)?"  # RFC 9110's token, then the blank that ends it
 # The credentials themselves: a token (Basic's, Bearer's), or a list of parameters as Digest's are
 # (username="ops", response="6629..."), every one of them, quoted values whole: only the first token
-# of a list was masked, and the response and the rest logged.
-_PARAM = r"""[a-z0-9_.-]++=(?:"(?:[^"\\\r\n]|\\.)*+"?|[^\s'",;]*+)"""
+# of a list was masked, and the response and the rest logged. RFC 7616's username*=UTF-8''..., blanks
+# around "=" (RFC 9110's BWS), and a quote escaped, as JSON or a repr with both quotes writes it.
+_PARAM = (r"""[a-z0-9_.*-]++\s*+=\s*+(?:"(?:[^"\\\r\n]|\\.)*+"?|\\"(?:[^"\\\r\n]|\\[^"\r\n])*+(?:\\")?"""
+          r"""|[a-z0-9_-]++'[a-z0-9-]*+'[^\s'",;]*+|[^\s'",;]*+)""")
 _CREDENTIALS = r"(?:" + _PARAM + r"(?:\s*+,\s*+" + _PARAM + r""")*+|[^\s'",;]+)"""
 # A header as a pair in a repr ('("Authorization", "Basic b3Bz...")', a list of a request's headers):
-# the name is quoted, then a comma, then the quoted value.
+# the name is quoted, then a comma, then the quoted value (bytes too: b'Basic b3Bz...').
 _AUTHORIZATION = re.compile(r"((?<![a-z0-9])authorization\b['\"]?" + _BLANK + r"*+(?:[:=]\s*+['\"]?\s*+" + _ANY_SCHEME
                             + "|" + _SCHEME + r")|(?<=['\"])(?:proxy-)?authorization(?:" + _BLANK + "++"
-                            + r"|['\"]\s*+,\s*+['\"]\s*+)" + _ANY_SCHEME + ")" + _CREDENTIALS, re.IGNORECASE)
+                            + r"|['\"]\s*+,\s*+b?['\"]\s*+)" + _ANY_SCHEME + ")" + _CREDENTIALS, re.IGNORECASE)
 # An unsubscribe link's token is the credential that unsubscribes (notifier.unsubscribe).
 _UNSUBSCRIBE_TOKEN = re.compile(r"(/unsubscribe/)[A-Za-z0-9._~%+=-]+")
 # From "://" on, whatever the scheme before it: matched from the scheme, a line of "a.a.a..." was tried

@@ -187,8 +187,8 @@ def _recover(redis: Redis, settings: Settings, now: datetime, report: Report, st
                 # or the `sent` record waits for the database. Taking it back would send it twice.
                 logger.info("notification %s sending past SENDING_TIMEOUT; its worker is still at it", row.id)
                 continue
-            if limit_passed < row.updated_at and (since is not None and row.updated_at < since
-                                                   or row.job_id in forgotten):
+            unseen = (since is not None and row.updated_at < since) or row.job_id in forgotten
+            if unseen and limit_passed < row.updated_at:
                 # Claimed before Redis lost what it knew of the running jobs (queues.REMEMBERS_SINCE_KEY),
                 # or by a batch's shared job that started before (Redis no longer holds the job): its
                 # worker may still be at it, unseen. A soak found one sent twice, its history saying
@@ -197,7 +197,7 @@ def _recover(redis: Redis, settings: Settings, now: datetime, report: Report, st
                 # memory began are not shown running either (SimpleWorker sends no heartbeat inside a
                 # job, and the job's keep-alive only renews keys), so their claim time says nothing.
                 logger.info("notification %s sending past SENDING_TIMEOUT, claimed by a job started before Redis "
-                            "lost its record of running jobs; left until its job's time limit has passed", row.id)
+                            "lost its record of running jobs; left until JOB_TIMEOUT + 60 s after its claim", row.id)
                 continue
             if row.attempts < settings.max_attempts:
                 moved = store.transition(row.id, Status.RETRYING, reason=RECOVERED_REASON, sources=(Status.SENDING,),

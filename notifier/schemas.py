@@ -132,12 +132,16 @@ def port_out_of_range(url: str) -> bool:
     port = host.rpartition("]")[2].partition(":")[2]
     if not port:
         return False  # the scheme's own
-    if not (port.isascii() and port.isdigit()):
-        return True
-    # int() refuses a string of more than 4,300 digits (a ValueError, which was a 500); a port is at
-    # most five once its leading zeros are gone.
-    number = port.lstrip("0")
-    return len(number) > 5 or not 1 <= int(number or "0") <= 65535
+    return whole_number(port, 1, 65535) is None
+
+
+def whole_number(text: str, low: int, high: int) -> int | None:
+    """text as a number from low to high (ASCII digits only, leading zeros allowed); None otherwise.
+    Its length is looked at first: int() refuses more than 4,300 digits (a ValueError, a 500 twice)."""
+    if not (text.isascii() and text.isdigit()) or len(text.lstrip("0")) > len(str(high)):
+        return None
+    number = int(text)
+    return number if low <= number <= high else None
 
 
 def _splittable(value: str) -> None:

@@ -6,6 +6,7 @@ from dataclasses import replace
 
 import pytest
 from rq import Queue
+from rq.job import Job
 
 from notifier.config import Settings
 from notifier.errors import ConfigError
@@ -222,6 +223,17 @@ def test_dashboard_requeue_all_passes_over_failed_entries_whose_job_has_gone(ops
     assert response.get_json()["count"] == 1
     assert failed.get_job_ids(cleanup=False) == []
     assert Queue(DEFAULT_QUEUE, connection=redis_conn).job_ids == [job_id_for(dead_letter)]
+
+
+def test_a_job_gone_between_the_guards_look_and_the_requeue_is_404(ops, monkeypatch):
+    # The guard saw it; it expired, or a late `sent` record took it out, before rq-dashboard acted:
+    # rq's NoSuchJobError was a 500.
+    monkeypatch.setattr(Job, "exists", classmethod(lambda cls, job_id, connection=None: True))
+
+    response = ops.post("/rq/job/notification-gone-meanwhile/requeue", auth=OPERATOR)
+
+    assert response.status_code == 404, response.get_data(as_text=True)
+    assert response.get_json()["error"]["code"] == "not_found"
 
 
 def test_operator_credentials_are_read_from_the_environment():

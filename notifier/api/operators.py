@@ -19,6 +19,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 from redis.exceptions import RedisError
 from rq import Queue
+from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job
 from rq_dashboard.web import setup_rq_connection
 from werkzeug.datastructures import Authorization, WWWAuthenticate
@@ -28,6 +29,7 @@ from notifier import deadletters, metrics
 from notifier.config import Settings
 from notifier.errors import Conflict, Forbidden, NotFound, RateLimited, ServiceUnavailable
 from notifier.ratelimit import parse_rate
+from notifier.schemas import whole_number
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +49,21 @@ def init_app(app: Flask) -> None:
     # On the app, not the blueprint: it then runs before rq-dashboard's hooks, and for paths under
     # /rq that match no route too.
     app.before_request(_guard)
+    # What rq raises at rq-dashboard's actions, each a 500 before: a requeue of a job its failed
+    # registry does not hold (queued, running, finished), and a job gone (expired, deleted) between
+    # the guard's look and the action, as a late `sent` record takes its job out of the registry.
+    app.register_error_handler(InvalidJobOperation, _not_requeueable)
+    app.register_error_handler(NoSuchJobError, _job_gone)
+
+
+def _not_requeueable(exc: InvalidJobOperation):
+    # rq-dashboard's one action that can raise it; rq says nothing more (registry.requeue).
+    return current_app.handle_user_exception(Conflict(
+        "the job is not in RQ's failed registry: only a failed job can be requeued", code="not_requeueable"))
+
+
+def _job_gone(exc: NoSuchJobError):
+    return current_app.handle_user_exception(NotFound(f"no such job: {exc}"))
 
 
 def _guard() -> None:
@@ -83,7 +100,6 @@ def _require_own_page() -> None:
 # What rq-dashboard's routes can name; it answers any other registry with an exception.
 _MAX_PAGE = 2**31 - 1  # a page number and a page size: their product stays inside Redis's 64-bit indexes
 _REGISTRIES = frozenset({"queued", "failed", "deferred", "started", "finished", "scheduled", "canceled"})
-_REQUEUE_ONE = f"{rq_dashboard.blueprint.name}.requeue_job_view"
 
 
 def _require_dashboard_target() -> None:
@@ -99,9 +115,8 @@ def _require_dashboard_target() -> None:
     for name in ("per_page", "page"):
         value = str(args.get(name, 1))
         # At most _MAX_PAGE: beyond, the range rq-dashboard asks Redis for is past a 64-bit index,
-        # which Redis refuses with an error. Its length first: int() refuses more than 4,300 digits.
-        if (not value.isdecimal() or len(value.lstrip("0")) > len(str(_MAX_PAGE))
-                or not 1 <= int(value) <= _MAX_PAGE):
+        # which Redis refuses with an error.
+        if whole_number(value, 1, _MAX_PAGE) is None:
             raise NotFound(f"{name} must be a whole number from 1 to {_MAX_PAGE}")
     connection = current_app.redis_conn
     if "job_id" in args and request.endpoint != "rq_dashboard.delete_job_view":  # delete answers itself
@@ -110,13 +125,6 @@ def _require_dashboard_target() -> None:
     if request.endpoint == "rq_dashboard.compact_queue":
         if not connection.exists(Queue(args["queue_name"], connection=connection).key):
             raise NotFound(f"no queue {args['queue_name']!r} holds jobs")
-    if request.endpoint == _REQUEUE_ONE:
-        # rq requeues only a job its failed registry holds, and raised InvalidJobOperation (a 500) for
-        # one queued, running or finished.
-        job = Job.fetch(args["job_id"], connection=connection)
-        if job.id not in job.failed_job_registry:
-            raise Conflict(f"job {job.id!r} has not failed; only a failed job can be requeued",
-                           {"status": job.get_status()}, code="not_requeueable")
     if request.endpoint == _REQUEUE_ALL:
         _forget_lost_jobs(Queue(args["queue_name"], connection=connection).failed_job_registry)
 
