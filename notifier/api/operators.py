@@ -63,7 +63,8 @@ def _not_requeueable(exc: InvalidJobOperation):
 
 
 def _job_gone(exc: NoSuchJobError):
-    return current_app.handle_user_exception(NotFound(f"no such job: {exc}"))
+    # rq's own words name its Redis key ("No such job: rq:job:..."), not the job.
+    return current_app.handle_user_exception(NotFound("no such job: it has expired or been deleted"))
 
 
 def _guard() -> None:
