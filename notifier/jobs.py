@@ -88,7 +88,7 @@ class Deliverer:
         self.redis = redis
         # Inside a shared job: the `sent` record of the last email, written in one transaction with
         # the next claim (one commit instead of two; see deliver_many).
-        self._unrecorded: tuple[Notification, SendResult] | None = None
+        self._unrecorded: tuple[Notification, receipts.Receipt] | None = None
         self._hold_records = False
         # Inside a shared job: its id, which each claim records (store.claim).
         self._shared_job_id: str | None = None
@@ -172,10 +172,11 @@ class Deliverer:
                 raise exhausted from exc
             self._record_failure(notification, error, final=False, lookup=lookup)
             raise
+        receipt = self._keep_receipt(notification, result)
         if self._hold_records:
-            self._unrecorded = (notification, result)
+            self._unrecorded = (notification, receipt)
         else:
-            self._record_sent(notification, result)
+            self._record_sent(notification, receipt)
         return "sent"
 
     def _defer(self, current: Notification, ends: datetime) -> bool:
@@ -220,11 +221,11 @@ class Deliverer:
         before either, and the next one goes out after both are committed."""
         if self._unrecorded is None:
             return store.claim(current.id, known=current, job_id=self._shared_job_id)
-        sent, result = self._unrecorded
+        sent, receipt = self._unrecorded
         try:
             with database.atomic():
                 recorded = store.transition(sent.id, Status.SENT, sources=(Status.SENDING,),
-                                            known=sent, **self._sent_fields(result))
+                                            known=sent, **self._sent_fields(receipt))
                 claimed = store.claim(current.id, known=current, job_id=self._shared_job_id)
         except UNAVAILABLE_ERRORS:
             # Neither was written: the held record takes the careful way (it waits out a short outage).
@@ -232,8 +233,9 @@ class Deliverer:
             self._record_unrecorded()
             return store.claim(current.id, known=current, job_id=self._shared_job_id)
         self._unrecorded = None
+        self._forget_receipt(sent.id)
         with self._bound(sent.id):  # its lines are the sent one's, not the next one's
-            self._after_held_sent(sent, result, recorded)
+            self._after_held_sent(sent, receipt, recorded)
         return claimed
 
     def deliver_many(self, notification_ids: list[str]) -> dict[str, int]:
@@ -361,16 +363,16 @@ class Deliverer:
         # A held `sent` record is written with a later email's context bound (or none, after the
         # last): its lines name its own notification.
         if self._unrecorded is not None:
-            sent, result = self._unrecorded
+            sent, receipt = self._unrecorded
             self._unrecorded = None
             with self._bound(sent.id):
-                self._after_held_sent(sent, result, self._write_sent(sent, result))
+                self._after_held_sent(sent, receipt, self._write_sent(sent, receipt))
 
-    def _after_held_sent(self, sent: Notification, result: SendResult, recorded: bool) -> None:
+    def _after_held_sent(self, sent: Notification, receipt: receipts.Receipt, recorded: bool) -> None:
         """_after_sent() for a held `sent` record, once it is written: inside a shared job, whose other
         emails it must not stop (the next one may be claimed already)."""
         try:
-            self._after_sent(sent, result, recorded)
+            self._after_sent(sent, receipt, recorded)
         except STOPPING:
             raise
         except Exception:  # noqa: BLE001 - its callback, if any, is recorded as owed: the reconciler queues it
@@ -444,19 +446,34 @@ class Deliverer:
                        else "notification %s attempt %s failed (will retry): %s",
                        notification.id, notification.attempts, message)
 
+    def _keep_receipt(self, notification: Notification, result: SendResult) -> receipts.Receipt:
+        """The server took the email: keep its receipt in Redis before anything else, so that a worker
+        killed before the `sent` record (a few milliseconds at the median, longer behind a lock) leaves
+        the reconciler a notification to record, not one to send again (notifier.receipts). A Redis
+        that will not take it costs only that: the record is written as before."""
+        job = get_current_job()  # RQ files it as failed if the record gives up: the receipt says which
+        receipt = receipts.Receipt(notification.id, result.smtp_code, result.smtp_reply, result.message_id,
+                                   utcnow(), job.id if job is not None else None)
+        receipts.keep(self.redis, receipt)
+        return receipt
+
+    def _forget_receipt(self, notification_id: str) -> None:
+        # Recorded: the receipt is only clutter now (it applies to a notification still `sending`, and
+        # expires anyway), so it goes with the worker's next heartbeat, not in a round trip of its own.
+        receipts.forget(self._counts, [notification_id])
+
     @staticmethod
-    def _sent_fields(result: SendResult) -> dict:
-        return {"reason": "accepted by SMTP server", "smtp_code": result.smtp_code, "smtp_reply": result.smtp_reply,
-                "sent_at": utcnow(), "message_id": result.message_id, "last_error": None}
+    def _sent_fields(receipt: receipts.Receipt) -> dict:
+        return {"reason": "accepted by SMTP server", **receipt.fields()}
 
-    def _record_sent(self, notification: Notification, result: SendResult) -> None:
-        self._after_sent(notification, result, self._write_sent(notification, result))
+    def _record_sent(self, notification: Notification, receipt: receipts.Receipt) -> None:
+        self._after_sent(notification, receipt, self._write_sent(notification, receipt))
 
-    def _write_sent(self, notification: Notification, result: SendResult) -> bool:
+    def _write_sent(self, notification: Notification, receipt: receipts.Receipt) -> bool:
         """Write the `sent` record; whether this wrote it (False: the row had moved on meanwhile)."""
-        fields = self._sent_fields(result)
+        fields = self._sent_fields(receipt)
         try:
-            return self._write_sent_now(notification, result, fields)
+            return self._write_sent_now(notification, receipt, fields)
         except (*STOPPING, SystemExit, KeyboardInterrupt):
             # RQ's time limit is one SIGALRM, raised as soon as Python runs again: after a statement
             # that waited on a lock (a PREPARE waiting on a migration's), before the UPDATE. The server
@@ -470,9 +487,9 @@ class Deliverer:
             # the row moved on. Told apart by its sent_at (the same value in both), that write is this
             # job's, and so are the callback and the rest: nothing else would queue the callback but
             # the reconciler, RECONCILE_GRACE_SECONDS and a pass later.
-            recorded = (self._write_sent_now(notification, result, fields)
+            recorded = (self._write_sent_now(notification, receipt, fields)
                         or self._wrote_already(notification, fields))
-            self._after_held_sent(notification, result, recorded)
+            self._after_held_sent(notification, receipt, recorded)
             raise
 
     @staticmethod
@@ -480,11 +497,11 @@ class Deliverer:
         row = store.get(notification.id)
         return row is not None and row.status == Status.SENT and row.sent_at == fields["sent_at"]
 
-    def _write_sent_now(self, notification: Notification, result: SendResult, fields: dict) -> bool:
+    def _write_sent_now(self, notification: Notification, receipt: receipts.Receipt, fields: dict) -> bool:
         # The server has the message now; losing this record would send it again after recovery.
-        # So ride out a short database blip, and from its first failure keep a receipt in Redis:
-        # however long the database stays away, what finds the notification still `sending` then
-        # records it instead of sending it again.
+        # So ride out a short database blip. Its receipt is in Redis already (_keep_receipt), kept
+        # again here should Redis not have taken it then: however long the database stays away, what
+        # finds the notification still `sending` then records it instead of sending it again.
         kept = False
         for delay in (0, 0.5, 1, 2, 4):
             if delay:  # time.sleep(0) still gives up the CPU: one needless switch per email
@@ -496,11 +513,7 @@ class Deliverer:
             except UNAVAILABLE_ERRORS:
                 logger.warning("notification %s sent but not yet recorded; retrying", notification.id)
                 database.close()
-                if not kept:
-                    job = get_current_job()  # RQ files it as failed if this gives up: the receipt says which
-                    kept = receipts.keep(self.redis, receipts.Receipt(
-                        notification.id, result.smtp_code, result.smtp_reply, result.message_id, fields["sent_at"],
-                        job.id if job is not None else None))
+                kept = kept or receipts.keep(self.redis, receipt)
         else:
             if not kept:
                 logger.error("notification %s sent, but neither recorded nor receipted: recovery may send it again",
@@ -510,8 +523,7 @@ class Deliverer:
             self._kept[notification.id] = notification
             raise SentNotRecorded(f"notification {notification.id} was sent but could not be recorded; "
                                   "its sent receipt is kept in Redis")
-        if kept:
-            receipts.forget(self.redis, [notification.id])
+        self._forget_receipt(notification.id)
         return recorded
 
     def _record_kept(self) -> None:
@@ -539,12 +551,17 @@ class Deliverer:
             self._kept.pop(row.id, None)
         return recorded
 
-    def _after_sent(self, notification: Notification, result: SendResult, recorded: bool) -> None:
-        if recorded:
-            notification.status = Status.SENT.value
-            if _owes_callbacks(notification):
-                self.after_final(notification.id)
-        metrics.sent(self._counts, notification, result.smtp_code)
+    def _after_sent(self, notification: Notification, receipt: receipts.Receipt, recorded: bool) -> None:
+        if not recorded:
+            # The row moved on while this worker sent it: another process recorded its receipt (and
+            # counted it), or took it for lost and sent it again (and counts that send).
+            logger.warning("notification %s sent (attempt %s), but another process moved it on meanwhile",
+                           notification.id, notification.attempts)
+            return
+        notification.status = Status.SENT.value
+        if _owes_callbacks(notification):
+            self.after_final(notification.id)
+        metrics.sent(self._counts, notification, receipt.smtp_code)
         logger.info("notification %s sent (attempt %s)", notification.id, notification.attempts)
 
     def release(self, notification_id: str) -> str:

@@ -77,7 +77,8 @@ def reply_class(smtp_code: int | None) -> str:
 
 
 class Deferred:
-    """Counts kept to be written together: a shared delivery job's, in one round trip at its end."""
+    """Writes kept to be sent together in one round trip: a worker's counts (and the sent receipts
+    it no longer needs, notifier.receipts), with its next heartbeat; a shared job's, at its end."""
 
     def __init__(self, redis: Redis | None):
         self.redis = redis
@@ -218,7 +219,8 @@ class RedisCollector:
                          "refused, dropped or timed out, or a template error).", "class", next(results), REPLY_CLASSES)
         yield _one_label(RECONCILED, "What reconciler passes did, by action. recovered: notifications whose worker "
                          "was lost mid-send (retried, so possibly sent twice, or failed); recorded_late: notifications "
-                         "recorded sent from the receipt their worker kept in Redis while the database was away.",
+                         "recorded sent from the receipt their worker kept in Redis (the database was away, or the "
+                         "worker was killed before its record).",
                          "action", next(results), RECONCILER_ACTIONS)
         yield _one_label(CALLBACKS, "Status callback attempts by how they ended. retried: failed, to be tried again; "
                          "gave_up: refused (4xx, a redirect) or out of retries.", "outcome", next(results),

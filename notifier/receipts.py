@@ -1,19 +1,23 @@
-"""Sent receipts: what a worker keeps in Redis when the SMTP server took an email but the database
-would not take its `sent` record.
+"""Sent receipts: what a worker keeps in Redis as soon as the SMTP server has taken an email, until
+the database holds its `sent` record.
 
-Without a receipt, such a notification stays `sending`, and once SENDING_TIMEOUT has passed the
-reconciler can only assume its worker died before the server answered, so it sends the email again.
-A receipt shows the email went out, for as long as the database is away and Redis keeps the
-receipt. Whoever finds it next records the `sent`: the worker when its next job finds the database
-answering, a job for the same notification, or the reconciler. A compare-and-set from `sending`
-makes sure exactly one of them does. Only when Redis is away too (or loses the receipt) is there
-nothing to find, and recovery may still send the email twice.
+Without a receipt, a notification whose worker was killed between the server's `250` and the `sent`
+record (a few milliseconds at the median; longer behind a lock, or while the database is away) stays
+`sending`, and once SENDING_TIMEOUT has passed the reconciler can only assume its worker died before
+the server answered, so it sends the email again. A receipt shows the email went out, for as long as
+Redis keeps it. Whoever finds it next records the `sent`: the worker when its next job finds the
+database answering, a job for the same notification, or the reconciler. A compare-and-set from
+`sending` makes sure exactly one of them does. The worker deletes the receipt with its next heartbeat
+once its record is written. Only when Redis is away too (or loses the receipt), or the worker dies
+in the one round trip between the `250` and the receipt, is there nothing to find, and recovery may
+still send the email twice.
 
-The job that kept a receipt fails (SentNotRecorded, or the database error of a retry that came too
-soon), and once out of retries RQ files it in its failed registry. Whoever records the receipt takes
-that job out again. The dead-letter API and `dlq list` read the database, where the notification
-was never `failed`, so they never listed it; the registry is what rq-dashboard's Failed list shows,
-and there it stayed a failure for DEAD_LETTER_TTL_DAYS, an email that went out.
+A job whose `sent` record the database would not take fails (SentNotRecorded, or the database error
+of a retry that came too soon), and once out of retries RQ files it in its failed registry. Whoever
+records the receipt takes that job out again. The dead-letter API and `dlq list` read the database,
+where the notification was never `failed`, so they never listed it; the registry is what
+rq-dashboard's Failed list shows, and there it stayed a failure for DEAD_LETTER_TTL_DAYS, an email
+that went out.
 """
 
 from __future__ import annotations
@@ -36,8 +40,8 @@ KEY_PREFIX = "notifier:sent-receipt:"
 # Longer than any outage the database can have while Redis stays up. The reconciler records a
 # receipt SENDING_TIMEOUT after the database is back, so receipts do not pile up meanwhile.
 TTL_SECONDS = 7 * 86400
-LATE_REASON = ("accepted by SMTP server; recorded late, from the receipt its worker kept in Redis while the "
-               "database was unavailable")
+LATE_REASON = ("accepted by SMTP server; recorded late, from the receipt its worker kept in Redis (the database "
+               "was unavailable, or the worker was lost before it could record it)")
 
 
 @dataclass(frozen=True)
@@ -108,11 +112,18 @@ def _parsed(notification_id: str, value: bytes) -> Receipt | None:
         return None
 
 
-def forget(redis: Redis, notification_ids: list[str]) -> None:
-    """Delete these receipts. A receipt that stays behind does no harm, because it applies only to a
-    notification still `sending`, and it expires anyway."""
+def forget(redis: Redis | metrics.Deferred | None, notification_ids: list[str]) -> None:
+    """Delete these receipts (with a worker's next heartbeat, given its metrics.Deferred). A receipt
+    that stays behind does no harm, because it applies only to a notification still `sending`, and
+    it expires anyway."""
+    names = keys(notification_ids)
+    if isinstance(redis, metrics.Deferred):
+        redis.add(lambda pipe: pipe.delete(*names))
+        return
+    if redis is None:
+        return
     try:
-        redis.delete(*[_key(i) for i in notification_ids])
+        redis.delete(*names)
     except RedisError as exc:
         logger.debug("sent receipts not deleted: %s", type(exc).__name__)
 

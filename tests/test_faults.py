@@ -26,7 +26,7 @@ from rq.job import Job, JobStatus
 from rq_scheduler import Scheduler
 
 from bench.procs import children
-from notifier import reconciler
+from notifier import receipts, reconciler
 from notifier.db import bind, database
 from notifier.devmail import CaptureHandler, start
 from notifier.models import Notification, SchemaVersion, Status, utcnow
@@ -90,6 +90,48 @@ def test_worker_sigkill_mid_send_is_recovered_and_sent_once(make_stack, smtp, re
     assert _recipients(smtp) == ["user1@example.com"]
     # The operator sees it too: the one reconciler action that may have sent a message twice.
     assert value(collect_metrics(redis_conn), "notifier_reconciler_actions_total", action="recovered") == 1
+
+
+def test_worker_sigkill_after_the_servers_250_is_recorded_sent_from_its_receipt_not_sent_again(
+        make_stack, pg_settings, smtp, redis_conn):
+    # Killed between the server's 250 and the `sent` record (a few milliseconds; held open here by a
+    # lock on the row), the worker left the notification `sending` with nothing to say the server
+    # had it: the reconciler recovered it and it went out twice (8 of 10 kills in a soak's drain).
+    stack = make_stack().start("api", "worker")
+    locker = psycopg2.connect(pg_settings.database_url)
+
+    def lock_the_row():  # as the server answers: the worker's record waits for it
+        with locker.cursor() as cur:
+            cur.execute("SELECT 1 FROM notifications WHERE status = 'sending' FOR UPDATE")
+
+    smtp.before_reply = lock_the_row
+    try:
+        notification_id = stack.send(_to(1))
+        wait_until(lambda: receipts.find(redis_conn, [notification_id]))
+        with locker.cursor() as cur:
+            wait_until(lambda: cur.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                                           "AND datname = current_database()") or cur.fetchone()[0])
+            stack.stop("worker", signal.SIGKILL)
+            # The machine is gone with it: so is the record its connection was waiting to make.
+            cur.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                        "AND datname = current_database()")
+    finally:
+        smtp.before_reply = None
+        locker.close()
+    assert stack.get(notification_id)["status"] == "sending"
+    time.sleep(2.5)  # past SENDING_TIMEOUT
+
+    cli(["reconcile"], stack.env)  # its worker's RQ key still says it may be at it: the receipt says done
+
+    detail = stack.get(notification_id)
+    assert (detail["status"], detail["attempts"]) == ("sent", 1), _reasons(detail)
+    assert _reasons(detail)[-1] == receipts.LATE_REASON
+    assert _recipients(smtp) == ["user1@example.com"]
+    samples = collect_metrics(redis_conn)
+    assert value(samples, "notifier_reconciler_actions_total", action="recorded_late") == 1
+    assert value(samples, "notifier_reconciler_actions_total", action="recovered") == 0
+    assert value(samples, "notifier_notifications_sent_total", priority="default", template="-") == 1
+    assert receipts.find(redis_conn, [notification_id]) == {}
 
 
 def test_a_send_slower_than_sending_timeout_is_left_to_its_live_worker_and_sent_once(make_stack, smtp, redis_conn):

@@ -15,13 +15,15 @@ from redis.exceptions import RedisError
 from rq import Queue
 from rq.job import Job
 
-from notifier import jobs, queues, receipts, store
+from notifier import jobs, metrics, queues, receipts, store
 from notifier.db import database
 from notifier.jobs import SentNotRecorded
+from notifier.mail import SmtpMailer
 from notifier.models import Notification, Status, utcnow
 from notifier.queues import connect_redis
 from notifier.receipts import LATE_REASON, Receipt
 from notifier.reconciler import RECOVERED_REASON, reconcile
+from notifier.runtime import make_renderer
 from tests.helpers import held_reply, installed_deliverer, make_notification, reload
 from tests.operators import collect_metrics, value
 from tests.processes import free_port, wait_until
@@ -213,3 +215,30 @@ def test_with_redis_away_too_the_worker_says_nothing_was_kept(fast_settings, api
     assert "no receipt could be kept" in str(outcome["error"])
     assert reload(notification.id).status == Status.SENDING
     assert smtp.count() == 1
+
+
+def test_each_sent_email_keeps_its_receipt_until_the_workers_next_heartbeat(fast_settings, api_key, redis_conn,
+                                                                           smtp):
+    # Kept as the server answers, so a worker killed before its `sent` record leaves one to find
+    # (tests/test_faults.py kills one there); once the record is written, deleted with the counts the
+    # worker sends with its next heartbeat, not in a round trip of its own.
+    counts = metrics.Deferred(redis_conn)
+    mailer = SmtpMailer(fast_settings)
+    deliverer = jobs.Deliverer(fast_settings, mailer, make_renderer(fast_settings), redis_conn, counts=counts)
+    alone, *batch = (make_notification(api_key[0], to=f"u{n}@example.com") for n in range(3))
+    try:
+        assert deliverer.deliver(alone.id) == "sent"
+        assert deliverer.deliver_many([n.id for n in batch]) == {"sent": 2}
+    finally:
+        mailer.close()
+    kept = receipts.find(redis_conn, [alone.id, *(n.id for n in batch)])
+    assert sorted(kept) == sorted([alone.id, *(n.id for n in batch)])
+    assert {r.message_id for r in kept.values()} == {reload(i).message_id for i in kept}
+    assert {r.sent_at for r in kept.values()} == {reload(i).sent_at for i in kept}  # the record's own time
+
+    counts.flush()
+
+    assert receipts.find(redis_conn, [alone.id, *(n.id for n in batch)]) == {}
+    assert value(collect_metrics(redis_conn), "notifier_notifications_sent_total", priority="default",
+                 template="-") == 3
+    assert smtp.count() == 3
