@@ -19,7 +19,7 @@ from notifier.db import UNAVAILABLE_ERRORS, database
 from notifier.errors import STOPPING, DeliveryError, PermanentDeliveryError, TransientDeliveryError
 from notifier.mail import Mailer, OutgoingEmail, SendResult
 from notifier.models import DIGEST_TEMPLATE, Category, Notification, Priority, Status, utcnow
-from notifier.rendering import RenderedEmail, Renderer, literal
+from notifier.rendering import UNSUBSCRIBE_URL, RenderedEmail, Renderer, literal
 
 logger = logging.getLogger(__name__)
 
@@ -399,10 +399,10 @@ class Deliverer:
         return "unresolved"
 
     def _outgoing(self, notification: Notification) -> OutgoingEmail:
-        headers, extra = {}, {}
+        headers, extra = {}, {UNSUBSCRIBE_URL: None}  # never the data's (one stored before it was refused)
         if notification.category != Category.TRANSACTIONAL and notification.user_key:
             url = unsubscribe.link(self.settings, notification.api_key_id, notification.user_key, notification.category)
-            headers, extra = unsubscribe.headers(url), {"unsubscribe_url": url}
+            headers, extra = unsubscribe.headers(url), {UNSUBSCRIBE_URL: url}
         if self.settings.reply_to:
             headers["Reply-To"] = self.settings.reply_to
         content = self.render(notification, extra)

@@ -14,6 +14,10 @@ from jinja2.sandbox import SandboxedEnvironment
 from notifier.errors import PermanentDeliveryError
 
 TEMPLATE_NAME = re.compile(r"^[a-z0-9][a-z0-9_]{0,99}$")
+# The variable the layouts show the unsubscribe link from. notifier sets it when it sends (a link of
+# its own signing, or none for transactional mail), never the caller's data: a caller's would have put
+# a link no unsubscribe honours into mail that cannot be unsubscribed from.
+UNSUBSCRIBE_URL = "unsubscribe_url"
 # Schemes whose link runs something when clicked instead of opening a page.
 _ACTIVE_SCHEMES = frozenset({"javascript", "vbscript", "data"})
 

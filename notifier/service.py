@@ -30,7 +30,7 @@ from notifier.models import (
     utcnow,
 )
 from notifier.ratelimit import Limiter, parse_rate
-from notifier.rendering import Renderer, TemplateRenderError
+from notifier.rendering import UNSUBSCRIBE_URL, Renderer, TemplateRenderError
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +70,10 @@ class NotificationService:
         if not self.renderer.exists(name):
             known = ", ".join(n for n in self.renderer.names() if n != DIGEST_TEMPLATE)
             raise Unprocessable("unknown template", {"template": [f"no template named {name!r}; known: {known}"]})
+        if UNSUBSCRIBE_URL in (data or {}):
+            raise Unprocessable("the data set a template variable notifier sets", {"data": [
+                f"{UNSUBSCRIBE_URL!r} is set by notifier: its own signed link in mail a user can unsubscribe from, "
+                "none in transactional mail"]})
         try:
             self.renderer.render(name, data)
         except TemplateRenderError as exc:
