@@ -87,8 +87,8 @@ class Deliverer:
         self.renderer = renderer
         self.redis = redis
         # Inside a shared job: the `sent` record of the last email, written in one transaction with
-        # the next claim (one commit instead of two; see deliver_many).
-        self._unrecorded: tuple[Notification, receipts.Receipt] | None = None
+        # the next claim (one commit instead of two; see deliver_many), and whether its receipt is kept.
+        self._unrecorded: tuple[Notification, receipts.Receipt, bool] | None = None
         self._hold_records = False
         # Inside a shared job: its id, which each claim records (store.claim).
         self._shared_job_id: str | None = None
@@ -99,6 +99,9 @@ class Deliverer:
         # (see notifier.receipts): its next job records them once the database answers again.
         self._kept: dict[str, Notification] = {}
         self._counts: Redis | metrics.Deferred | None = counts if counts is not None else redis
+        # Where a sent receipt is kept as the server answers: the same Redis, but one that gives up
+        # soon, as the `sent` record waits for it (notifier.receipts).
+        self._receipts = queues.impatient(redis, receipts.KEEP_TIMEOUT_SECONDS) if redis is not None else None
 
     def deliver(self, notification_id: str) -> str:
         """Send one notification at most once; return what happened."""
@@ -172,9 +175,12 @@ class Deliverer:
                 raise exhausted from exc
             self._record_failure(notification, error, final=False, lookup=lookup)
             raise
-        receipt = self._keep_receipt(notification, result)
+        receipt = self._receipt(notification, result)
         if self._hold_records:
-            self._unrecorded = (notification, receipt)
+            # Held before its receipt's round trip: RQ's time limit or a stop landing there, deliver_many
+            # still writes the record on its way out.
+            self._unrecorded = (notification, receipt, False)
+            self._unrecorded = (notification, receipt, self._keep(receipt))
         else:
             self._record_sent(notification, receipt)
         return "sent"
@@ -221,7 +227,7 @@ class Deliverer:
         before either, and the next one goes out after both are committed."""
         if self._unrecorded is None:
             return store.claim(current.id, known=current, job_id=self._shared_job_id)
-        sent, receipt = self._unrecorded
+        sent, receipt, _ = self._unrecorded
         try:
             with database.atomic():
                 recorded = store.transition(sent.id, Status.SENT, sources=(Status.SENDING,),
@@ -233,7 +239,8 @@ class Deliverer:
             self._record_unrecorded()
             return store.claim(current.id, known=current, job_id=self._shared_job_id)
         self._unrecorded = None
-        self._forget_receipt(sent.id)
+        if recorded:
+            self._forget(sent.id)
         with self._bound(sent.id):  # its lines are the sent one's, not the next one's
             self._after_held_sent(sent, receipt, recorded)
         return claimed
@@ -363,10 +370,10 @@ class Deliverer:
         # A held `sent` record is written with a later email's context bound (or none, after the
         # last): its lines name its own notification.
         if self._unrecorded is not None:
-            sent, receipt = self._unrecorded
+            sent, receipt, kept = self._unrecorded
             self._unrecorded = None
             with self._bound(sent.id):
-                self._after_held_sent(sent, receipt, self._write_sent(sent, receipt))
+                self._after_held_sent(sent, receipt, self._write_sent(sent, receipt, kept))
 
     def _after_held_sent(self, sent: Notification, receipt: receipts.Receipt, recorded: bool) -> None:
         """_after_sent() for a held `sent` record, once it is written: inside a shared job, whose other
@@ -446,20 +453,25 @@ class Deliverer:
                        else "notification %s attempt %s failed (will retry): %s",
                        notification.id, notification.attempts, message)
 
-    def _keep_receipt(self, notification: Notification, result: SendResult) -> receipts.Receipt:
-        """The server took the email: keep its receipt in Redis before anything else, so that a worker
-        killed before the `sent` record (a few milliseconds at the median, longer behind a lock) leaves
-        the reconciler a notification to record, not one to send again (notifier.receipts). A Redis
-        that will not take it costs only that: the record is written as before."""
+    @staticmethod
+    def _receipt(notification: Notification, result: SendResult) -> receipts.Receipt:
+        """What the server's answer says: the `sent` record to write, and the receipt to keep until then."""
         job = get_current_job()  # RQ files it as failed if the record gives up: the receipt says which
-        receipt = receipts.Receipt(notification.id, result.smtp_code, result.smtp_reply, result.message_id,
-                                   utcnow(), job.id if job is not None else None)
-        receipts.keep(self.redis, receipt)
-        return receipt
+        return receipts.Receipt(notification.id, result.smtp_code, result.smtp_reply, result.message_id, utcnow(),
+                                job.id if job is not None else None)
 
-    def _forget_receipt(self, notification_id: str) -> None:
-        # Recorded: the receipt is only clutter now (it applies to a notification still `sending`, and
-        # expires anyway), so it goes with the worker's next heartbeat, not in a round trip of its own.
+    def _keep(self, receipt: receipts.Receipt) -> bool:
+        # Before the `sent` record: a worker killed before that record (a few milliseconds at the
+        # median, longer behind a lock) leaves the reconciler a receipt to record, not an email to send
+        # again. A Redis that does not take it within KEEP_TIMEOUT_SECONDS costs only that: the record
+        # is written as before.
+        return receipts.keep(self._receipts, receipt)
+
+    def _forget(self, notification_id: str) -> None:
+        # Recorded by this process: its receipt is only clutter now, and goes with the worker's next
+        # heartbeat, not in a round trip of its own. Only then: a record that lost to another
+        # process's leaves it, the truth about an email that went out, and never deletes a receipt
+        # a later attempt kept under the same key.
         receipts.forget(self._counts, [notification_id])
 
     @staticmethod
@@ -469,25 +481,29 @@ class Deliverer:
     def _record_sent(self, notification: Notification, receipt: receipts.Receipt) -> None:
         self._after_sent(notification, receipt, self._write_sent(notification, receipt))
 
-    def _write_sent(self, notification: Notification, receipt: receipts.Receipt) -> bool:
-        """Write the `sent` record; whether this wrote it (False: the row had moved on meanwhile)."""
+    def _write_sent(self, notification: Notification, receipt: receipts.Receipt, kept: bool | None = None) -> bool:
+        """Keep the receipt (unless kept says whether it is already) and write the `sent` record;
+        whether this wrote it (False: the row had moved on meanwhile)."""
         fields = self._sent_fields(receipt)
         try:
-            return self._write_sent_now(notification, receipt, fields)
+            if kept is None:
+                kept = self._keep(receipt)
+            return self._write_sent_now(notification, receipt, fields, kept)
         except (*STOPPING, SystemExit, KeyboardInterrupt):
-            # RQ's time limit is one SIGALRM, raised as soon as Python runs again: after a statement
-            # that waited on a lock (a PREPARE waiting on a migration's), before the UPDATE. The server
-            # has the email; left `sending`, the reconciler would recover it and send it again. The
-            # alarm does not come twice: write the record and do what follows it (the callback, the
-            # count, the line; an error there logged, as in a shared job), then let the job stop.
+            # RQ's time limit is one SIGALRM, raised as soon as Python runs again: in the receipt's
+            # round trip, or after a statement that waited on a lock (a PREPARE waiting on a
+            # migration's), before the UPDATE. The server has the email; left `sending`, the reconciler
+            # would recover it and send it again. The alarm does not come twice: write the record and
+            # do what follows it (the callback, the count, the line; an error there logged, as in a
+            # shared job), then let the job stop.
             # A worker told to stop at once (a second SIGTERM: SystemExit) records it first too.
             # The alarm may also cut off the UPDATE itself, waiting for a row lock (patience's wait
             # lets it), or land just after it: psycopg2 closes the connection, and PostgreSQL still
             # carries the UPDATE out once the lock is free, before this second one, which then finds
-            # the row moved on. Told apart by its sent_at (the same value in both), that write is this
-            # job's, and so are the callback and the rest: nothing else would queue the callback but
-            # the reconciler, RECONCILE_GRACE_SECONDS and a pass later.
-            recorded = (self._write_sent_now(notification, receipt, fields)
+            # the row moved on. Told apart by its sent_at and reason, that write is this job's, and so
+            # are the callback and the rest: nothing else would queue the callback but the reconciler,
+            # RECONCILE_GRACE_SECONDS and a pass later.
+            recorded = (self._write_sent_now(notification, receipt, fields, bool(kept))
                         or self._wrote_already(notification, fields))
             self._after_held_sent(notification, receipt, recorded)
             raise
@@ -495,14 +511,19 @@ class Deliverer:
     @staticmethod
     def _wrote_already(notification: Notification, fields: dict) -> bool:
         row = store.get(notification.id)
-        return row is not None and row.status == Status.SENT and row.sent_at == fields["sent_at"]
+        if row is None or row.status != Status.SENT or row.sent_at != fields["sent_at"]:
+            return False
+        # The receipt has the same sent_at: a record another process made from it (the reconciler,
+        # while this one waited on a lock) is not this job's, and its callback is queued already.
+        sent = next(e for e in reversed(store.history(row)) if e.to_status == Status.SENT.value)
+        return sent.reason == fields["reason"]
 
-    def _write_sent_now(self, notification: Notification, receipt: receipts.Receipt, fields: dict) -> bool:
+    def _write_sent_now(self, notification: Notification, receipt: receipts.Receipt, fields: dict,
+                        kept: bool) -> bool:
         # The server has the message now; losing this record would send it again after recovery.
-        # So ride out a short database blip. Its receipt is in Redis already (_keep_receipt), kept
-        # again here should Redis not have taken it then: however long the database stays away, what
-        # finds the notification still `sending` then records it instead of sending it again.
-        kept = False
+        # So ride out a short database blip. Its receipt is in Redis already if kept, and kept now
+        # (with the usual timeout) if not: however long the database stays away, what finds the
+        # notification still `sending` then records it instead of sending it again.
         for delay in (0, 0.5, 1, 2, 4):
             if delay:  # time.sleep(0) still gives up the CPU: one needless switch per email
                 time.sleep(delay)
@@ -523,7 +544,8 @@ class Deliverer:
             self._kept[notification.id] = notification
             raise SentNotRecorded(f"notification {notification.id} was sent but could not be recorded; "
                                   "its sent receipt is kept in Redis")
-        self._forget_receipt(notification.id)
+        if recorded:
+            self._forget(notification.id)
         return recorded
 
     def _record_kept(self) -> None:
@@ -553,8 +575,10 @@ class Deliverer:
 
     def _after_sent(self, notification: Notification, receipt: receipts.Receipt, recorded: bool) -> None:
         if not recorded:
-            # The row moved on while this worker sent it: another process recorded its receipt (and
-            # counted it), or took it for lost and sent it again (and counts that send).
+            # The row moved on while this worker sent it: another process recorded its receipt, or
+            # took it for lost. The notification is counted as what it ends as, once, and the server's
+            # answer as an answer to this attempt.
+            metrics.replied(self._counts, receipt.smtp_code)
             logger.warning("notification %s sent (attempt %s), but another process moved it on meanwhile",
                            notification.id, notification.attempts)
             return

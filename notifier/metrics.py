@@ -39,7 +39,7 @@ REPLY_CLASSES = ("2xx", "4xx", "5xx", "none")
 
 COUNTERS = {
     "notifier_notifications_accepted_total": "Notifications the API accepted and stored (replays excluded).",
-    "notifier_notifications_sent_total": "Notifications the SMTP server accepted.",
+    "notifier_notifications_sent_total": "Notifications the SMTP server accepted, once each, as recorded sent.",
     "notifier_notifications_failed_total": "Notifications that failed for good (permanent error or last retry).",
     "notifier_notifications_retried_total": "Delivery attempts that failed transiently and will be retried.",
     "notifier_notifications_expired_total": ("Notifications that reached their deadline unsent, found by a worker or "
@@ -146,6 +146,11 @@ def sent(redis: Redis | Deferred | None, notification: Notification, smtp_code: 
         pipe.hincrby(_key(SMTP_REPLIES), _field(reply_class(smtp_code)), 1)
 
     _write(redis, build)
+
+
+def replied(redis: Redis | Deferred | None, smtp_code: int | None) -> None:
+    """Count only the reply to an attempt: one whose notification another process recorded meanwhile."""
+    _write(redis, lambda pipe: pipe.hincrby(_key(SMTP_REPLIES), _field(reply_class(smtp_code)), 1))
 
 
 def attempt_failed(redis: Redis | Deferred | None, notification: Notification, smtp_code: int | None, *,

@@ -66,6 +66,15 @@ def connect_redis(url: str, timeout: float = 10.0) -> Redis:
                           health_check_interval=30)
 
 
+def impatient(redis: Redis, timeout: float) -> Redis:
+    """A client of the same Redis as redis (a pool of its own) that waits at most timeout for an answer."""
+    pool = redis.connection_pool
+    # Not the pool's own bookkeeping (redis-py's maintenance handler, the timeouts it restores).
+    kwargs = {k: v for k, v in pool.connection_kwargs.items() if not k.startswith(("maint_notifications", "orig_"))}
+    return type(redis)(connection_pool=type(pool)(connection_class=pool.connection_class,
+                                                  **{**kwargs, "socket_timeout": timeout}))
+
+
 def queue_for(priority: str, connection: Redis) -> Queue:
     """The RQ queue that carries notifications of this priority."""
     return Queue(QUEUE_NAMES[Priority(priority)], connection=connection)

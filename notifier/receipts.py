@@ -8,9 +8,9 @@ the server answered, so it sends the email again. A receipt shows the email went
 Redis keeps it. Whoever finds it next records the `sent`: the worker when its next job finds the
 database answering, a job for the same notification, or the reconciler. A compare-and-set from
 `sending` makes sure exactly one of them does. The worker deletes the receipt with its next heartbeat
-once its record is written. Only when Redis is away too (or loses the receipt), or the worker dies
-in the one round trip between the `250` and the receipt, is there nothing to find, and recovery may
-still send the email twice.
+once its own record is written. Only when Redis is away too (or loses the receipt), or the worker
+dies in the one round trip between the `250` and the receipt (at most KEEP_TIMEOUT_SECONDS), is
+there nothing to find, and recovery may still send the email twice.
 
 A job whose `sent` record the database would not take fails (SentNotRecorded, or the database error
 of a retry that came too soon), and once out of retries RQ files it in its failed registry. Whoever
@@ -37,8 +37,13 @@ from notifier.models import Notification, Status
 logger = logging.getLogger(__name__)
 
 KEY_PREFIX = "notifier:sent-receipt:"
-# Longer than any outage the database can have while Redis stays up. The reconciler records a
-# receipt SENDING_TIMEOUT after the database is back, so receipts do not pile up meanwhile.
+# How long a worker waits for Redis to keep a receipt, with the server's answer in hand and the `sent`
+# record waiting: Redis answers in well under a millisecond; one frozen or failing over would hold
+# the record (and widen the window a kill leaves) for its whole socket timeout.
+KEEP_TIMEOUT_SECONDS = 0.5
+# Longer than any outage the database can have while Redis stays up. A worker deletes the receipts it
+# recorded with its next heartbeat, and the reconciler records the rest SENDING_TIMEOUT after the
+# database is back, so they do not pile up; those a killed worker did not delete expire.
 TTL_SECONDS = 7 * 86400
 LATE_REASON = ("accepted by SMTP server; recorded late, from the receipt its worker kept in Redis (the database "
                "was unavailable, or the worker was lost before it could record it)")
@@ -114,8 +119,8 @@ def _parsed(notification_id: str, value: bytes) -> Receipt | None:
 
 def forget(redis: Redis | metrics.Deferred | None, notification_ids: list[str]) -> None:
     """Delete these receipts (with a worker's next heartbeat, given its metrics.Deferred). A receipt
-    that stays behind does no harm, because it applies only to a notification still `sending`, and
-    it expires anyway."""
+    that stays behind does no harm: it says only that the server took an email of the notification,
+    which stays true, it is read only for a notification still `sending`, and it expires."""
     names = keys(notification_ids)
     if isinstance(redis, metrics.Deferred):
         redis.add(lambda pipe: pipe.delete(*names))

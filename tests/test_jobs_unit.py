@@ -2,21 +2,27 @@
 
 from __future__ import annotations
 
+import signal
 import smtplib
+import socket
+import time
 
 import pytest
 from rq import Queue
+from rq.timeouts import JobTimeoutException
 
-from notifier import keys, queues, store
+from notifier import keys, metrics, queues, receipts, store
 from notifier.config import Settings
 from notifier.db import database
 from notifier.errors import PermanentDeliveryError, TransientDeliveryError
-from notifier.jobs import RetriesExhausted
-from notifier.mail import message_id_for
+from notifier.jobs import Deliverer, RetriesExhausted
+from notifier.mail import MemoryMailer, message_id_for
 from notifier.models import Status
-from notifier.queues import QUEUE_NAMES, enqueue_delivery, job_id_for
+from notifier.queues import QUEUE_NAMES, connect_redis, enqueue_delivery, job_id_for
 from notifier.rendering import TemplateRenderError
+from notifier.runtime import make_renderer
 from tests.helpers import make_notification, reload, run_worker_until_idle
+from tests.operators import collect_metrics, value
 
 
 def smtp_reply(code: int) -> smtplib.SMTPResponseException:
@@ -297,3 +303,121 @@ def test_the_job_limit_landing_as_the_sent_record_is_written_still_records_it(me
     assert len(memory_deliverer.mailer.sent) == 1
     # and with what follows the record done: its callback queued, its count, its line
     assert f"notification {notification.id} sent (attempt 1)" in caplog.messages
+
+
+@pytest.fixture
+def frozen_redis():
+    """A Redis that takes connections and commands and answers nothing (frozen, failing over)."""
+    server = socket.create_server(("127.0.0.1", 0))
+    try:
+        yield connect_redis(f"redis://127.0.0.1:{server.getsockname()[1]}/0")
+    finally:
+        server.close()
+
+
+def _deliverer_on(settings, redis) -> Deliverer:
+    # As a worker has it: its counts (and the receipts it deletes) go with its next heartbeat.
+    return Deliverer(settings, MemoryMailer("notifier@example.com"), make_renderer(settings), redis,
+                     counts=metrics.Deferred(redis))
+
+
+def test_a_frozen_redis_holds_the_sent_record_only_as_long_as_a_receipt_may_take(sqlite_settings, owner,
+                                                                                 frozen_redis):
+    deliverer = _deliverer_on(sqlite_settings, frozen_redis)
+    notification = make_notification(owner, Status.QUEUED)
+    began = time.monotonic()
+
+    assert deliverer.deliver(notification.id) == "sent"
+
+    assert reload(notification.id).status == Status.SENT
+    assert time.monotonic() - began < 5  # KEEP_TIMEOUT_SECONDS, not the worker's Redis timeout (10 s)
+
+
+@pytest.mark.parametrize("job", ["deliver", "deliver_many"])
+def test_the_job_limit_landing_while_the_receipt_is_kept_still_records_the_sent(sqlite_settings, owner,
+                                                                                frozen_redis, job):
+    # The receipt's round trip comes between the server's 250 and the record: RQ's limit (one SIGALRM)
+    # landing there left an email the server took `sending`, to be recovered and sent again. A shared
+    # job holds the record for its next claim: held before the round trip, it is written on the way out.
+    deliverer = _deliverer_on(sqlite_settings, frozen_redis)
+    notification = make_notification(owner, Status.QUEUED)
+
+    def limit(signum, frame):
+        raise JobTimeoutException("JOB_TIMEOUT")
+
+    previous = signal.signal(signal.SIGALRM, limit)
+    signal.setitimer(signal.ITIMER_REAL, receipts.KEEP_TIMEOUT_SECONDS / 2)  # the send itself takes microseconds
+    try:
+        with pytest.raises(JobTimeoutException):
+            if job == "deliver":
+                deliverer.deliver(notification.id)
+            else:
+                deliverer.deliver_many([notification.id])
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+    assert len(deliverer.mailer.sent) == 1
+    assert reload(notification.id).status == Status.SENT
+
+
+def _recorded_meanwhile(monkeypatch, meanwhile):
+    """Make the worker's first `sent` record find the row moved on by meanwhile(notification_id)."""
+    transition, calls = store.transition, []
+
+    def first_record_loses(notification_id, target, **kwargs):
+        calls.append(target)
+        if target == Status.SENT and calls.count(Status.SENT) == 1:
+            meanwhile(notification_id)
+        return transition(notification_id, target, **kwargs)
+
+    monkeypatch.setattr(store, "transition", first_record_loses)
+
+
+def test_a_receipt_recorded_by_the_reconciler_meanwhile_is_counted_once_and_called_back_once(
+        sqlite_settings, owner, fake_redis, monkeypatch):
+    # The worker's record waits on a lock past SENDING_TIMEOUT; the reconciler records the receipt kept
+    # at the 250 (same sent_at), then RQ's limit cuts the worker off and it writes again: that record
+    # is not the worker's, so neither is the count or the callback.
+    deliverer = Deliverer(sqlite_settings, MemoryMailer("notifier@example.com"), make_renderer(sqlite_settings),
+                          fake_redis)
+    notification = make_notification(owner, Status.QUEUED, callback_url="https://example.com/hooks")
+
+    def reconciler_then_limit(notification_id):
+        kept = receipts.find(fake_redis, [notification_id])[notification_id]
+        assert receipts.record(fake_redis, sqlite_settings, store.get(notification_id), kept, fake_redis)
+        raise JobTimeoutException("JOB_TIMEOUT")
+
+    _recorded_meanwhile(monkeypatch, reconciler_then_limit)
+    with pytest.raises(JobTimeoutException):
+        deliverer.deliver(notification.id)
+
+    assert reload(notification.id).status == Status.SENT
+    assert statuses(notification.id)[-1] == "sent" and store.history(reload(notification.id))[-1].reason == (
+        receipts.LATE_REASON)
+    samples = collect_metrics(fake_redis)
+    assert value(samples, "notifier_notifications_sent_total", priority="default", template="-") == 1
+    assert value(samples, "notifier_smtp_replies_total", **{"class": "2xx"}) == 2  # the reconciler's, the worker's
+    assert Queue(queues.CALLBACK_QUEUE, connection=fake_redis).count == 1
+
+
+def test_a_record_that_lost_to_a_recovery_leaves_its_receipt_and_counts_only_the_reply(sqlite_settings, owner,
+                                                                                      fake_redis, monkeypatch):
+    # Taken for lost while its worker sent it (the receipt came too late for that pass): the email went
+    # out, and the receipt says so to whoever finds the notification `sending` again; deleting it could
+    # delete the receipt of the attempt that comes next, under the same key.
+    deliverer = _deliverer_on(sqlite_settings, fake_redis)
+    notification = make_notification(owner, Status.QUEUED)
+
+    def recovered(notification_id):
+        assert store.transition(notification_id, Status.RETRYING, reason="recovered", sources=(Status.SENDING,))
+
+    _recorded_meanwhile(monkeypatch, recovered)
+    assert deliverer.deliver(notification.id) == "sent"
+    deliverer._counts.flush()
+
+    assert reload(notification.id).status == Status.RETRYING
+    assert list(receipts.find(fake_redis, [notification.id])) == [notification.id]
+    samples = collect_metrics(fake_redis)
+    assert value(samples, "notifier_notifications_sent_total", priority="default", template="-") is None  # no series
+    assert value(samples, "notifier_smtp_replies_total", **{"class": "2xx"}) == 1
