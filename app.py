@@ -12,6 +12,7 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from werkzeug.exceptions import HTTPException
 from werkzeug.middleware.proxy_fix import ProxyFix
+from werkzeug.serving import run_simple
 
 from notifier.api import docs, guards, operators, tracing
 from notifier.api.common import UserIdConverter, rate_limit_headers
@@ -163,4 +164,6 @@ if __name__ == "__main__":
     _settings = load_settings()
     configure_logging(_settings)
     open_database(_settings, wait=True)  # create_app's own then finds it answering
-    create_app(_settings).run(host="127.0.0.1", port=_settings.port, threaded=True)
+    # run_simple, not Flask.run: that prints Flask's banner with print(), the only lines outside
+    # LOG_FORMAT (plain text among JSON ones).
+    run_simple("127.0.0.1", _settings.port, create_app(_settings), threaded=True)

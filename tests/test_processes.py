@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -46,6 +47,11 @@ def test_api_and_worker_processes_deliver_and_retry_a_451(stack, smtp):
     assert retried_at < resent_at
     assert len(smtp.wait_for(1)) == 1
     assert smtp.messages[0].message["X-Notification-ID"] == accepted["id"]
+    # Every line the API wrote is a JSON object (LOG_FORMAT's default): Flask's dev-server banner was
+    # two plain lines among them.
+    stack.stop("api")
+    lines = stack.log("api").splitlines()
+    assert lines and all(isinstance(json.loads(line), dict) for line in lines), lines[:3]
 
 
 def test_worker_finishes_its_current_send_on_sigterm(stack, smtp):
