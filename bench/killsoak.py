@@ -1,0 +1,335 @@
+"""Kill soak, by hand: duplicate emails when workers are SIGKILLed during a busy drain.
+
+    .venv/bin/python bench/killsoak.py --repo . --tag new1 [--n 3000 --kills 40]
+
+Starts a private redis-server (--redis-port, default 6411), an SMTP sink in a process of its own
+(notifier.devmail), app.py, scheduler.py and 2 worker.py on a fresh SQLite file under REPO/var/;
+accepts N single sends, then SIGKILLs a random (registered) worker every 0.3-1.0 s and starts a
+replacement; waits for every notification to be final plus a few reconciler passes, and prints
+counts as one JSON line: duplicates (and whether each was a recovery or a late record), lost,
+recovered, recorded late, tracebacks. --repo may be another checkout (its own .venv), so two
+versions can be compared in one sitting. Never part of `make test`: it runs for minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import concurrent.futures
+import json
+import os
+import random
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+SINK_CODE = r"""
+import sys, time
+from notifier import devmail
+port, path = int(sys.argv[1]), sys.argv[2]
+out = open(path, "a", buffering=1)
+
+class Sink(devmail.CaptureHandler):
+    async def handle_DATA(self, server, session, envelope):
+        reply = await super().handle_DATA(server, session, envelope)
+        if reply.startswith("250"):
+            self.messages.clear()  # counted in the file, not kept in memory
+            mid = ""
+            for line in bytes(envelope.content).split(b"\n"):
+                if line.lower().startswith(b"message-id:"):
+                    mid = line.split(b":", 1)[1].strip().decode()
+                    break
+            for rc in envelope.rcpt_tos:
+                out.write(f"{time.time():.6f}\t{rc}\t{mid}\n")
+        return reply
+
+controller = devmail.Controller(Sink(), hostname="127.0.0.1", port=port)
+controller.start()
+import threading
+threading.Event().wait()
+"""
+
+FINAL = {"sent", "failed", "suppressed", "cancelled", "expired", "digested"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--repo", required=True)
+    ap.add_argument("--tag", required=True)
+    ap.add_argument("--n", type=int, default=3000)
+    ap.add_argument("--kills", type=int, default=40)
+    ap.add_argument("--redis-port", type=int, default=6411)
+    ap.add_argument("--settle-timeout", type=float, default=300)
+    ap.add_argument("--seed", type=int, default=None)
+    ap.add_argument("--sink", choices=["proc", "inproc"], default="proc",
+                    help="proc: SMTP sink in its own process (no GIL shared with the kill loop); inproc: a thread here")
+    args = ap.parse_args()
+    repo = os.path.abspath(args.repo)
+    sys.path.insert(0, repo)
+    from notifier import devmail  # the checkout's own capture server
+
+    rnd = random.Random(args.seed)
+    py = os.path.join(repo, ".venv", "bin", "python")
+    logdir = os.path.join(repo, "var", f"soak-{args.tag}")
+    os.makedirs(logdir, exist_ok=True)
+    dbfile = os.path.join(repo, "var", f"soak-{args.tag}.db")
+    for suffix in ("", "-wal", "-shm"):
+        if os.path.exists(dbfile + suffix):
+            os.remove(dbfile + suffix)
+    procs: list[subprocess.Popen] = []
+
+    def spawn(argv, name, env):
+        log = open(os.path.join(logdir, f"{name}.log"), "ab")
+        p = subprocess.Popen(argv, env=env, cwd=repo, stdout=log, stderr=subprocess.STDOUT)
+        procs.append(p)
+        return p
+
+    redis_proc = spawn(["redis-server", "--port", str(args.redis_port), "--bind", "127.0.0.1", "--save", "",
+                        "--appendonly", "no", "--daemonize", "no"], "redis", dict(os.environ))
+    from redis import Redis
+    from redis.exceptions import RedisError
+    r = Redis(port=args.redis_port)
+    for _ in range(100):
+        try:
+            r.ping()
+            break
+        except RedisError:
+            time.sleep(0.1)
+    r.flushall()
+
+    sinkfile = os.path.join(logdir, "sink.tsv")
+    if args.sink == "inproc":
+        handler = devmail.CaptureHandler()
+        smtp = devmail.start(handler)
+        smtp_port = smtp.port
+    else:
+        smtp, smtp_port = None, free_port()
+        spawn([py, "-c", SINK_CODE, str(smtp_port), sinkfile], "sink", dict(os.environ, PYTHONPATH=repo))
+        for _ in range(100):
+            try:
+                socket.create_connection(("127.0.0.1", smtp_port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        else:
+            raise SystemExit("SMTP sink did not start (see sink.log)")
+
+    def sink_rows():  # (time, recipient, message-id) per message the sink answered 250
+        if args.sink == "inproc":
+            return [(0.0, rc, m.message.get("Message-ID")) for m in list(handler.messages) for rc in m.rcpt_tos]
+        with open(sinkfile) as fh:
+            return [(float(a), b, c) for a, b, c in (ln.rstrip("\n").split("\t") for ln in fh if ln.count("\t") == 2)]
+
+    def sink_count():
+        if args.sink == "inproc":
+            return sink_count()
+        try:
+            with open(sinkfile, "rb") as fh:
+                return fh.read().count(b"\n")
+        except FileNotFoundError:
+            return 0
+    api_port = free_port()
+    env = dict(os.environ)
+    env.update(
+        DATABASE_URL=f"sqlite:///{dbfile}", REDIS_URL=f"redis://127.0.0.1:{args.redis_port}/0",
+        SMTP_HOST="127.0.0.1", SMTP_PORT=str(smtp_port), SMTP_SECURITY="none", MAIL_FROM="soak@example.com",
+        RETRY_INTERVALS="1,2,2,3,3", RECONCILE_INTERVAL="1", RECONCILE_GRACE_SECONDS="1", SENDING_TIMEOUT="2",
+        JOB_TIMEOUT="5", RATE_LIMIT="1000000/second", RECIPIENT_CAP="", PORT=str(api_port),
+        SECRET_KEY="soak-secret-key-not-for-production", PYTHONUNBUFFERED="1", LOG_LEVEL="INFO",
+    )
+    result: dict = {"tag": args.tag, "repo": repo}
+    try:
+        key = subprocess.run([py, "-m", "notifier", "keys", "create", f"soak-{args.tag}"], env=env, cwd=repo,
+                             capture_output=True, text=True, check=True, timeout=120).stdout.strip().splitlines()[-1]
+        spawn([py, "app.py"], "api", env)
+        spawn([py, "scheduler.py"], "scheduler", env)
+        base = f"http://127.0.0.1:{api_port}"
+        for _ in range(300):
+            try:
+                urllib.request.urlopen(base + "/api/health", timeout=1).close()
+                break
+            except OSError:  # URLError, a refused or reset connection
+                time.sleep(0.1)
+
+        # 1. accept N sends (no worker yet: a full backlog to drain)
+        codes = collections.Counter()
+        ids: dict[str, str] = {}  # recipient -> id
+
+        def post(i):
+            to = f"n{i:05d}-{args.tag}@example.com"
+            body = json.dumps({"to": to, "subject": f"soak {i}", "text": f"soak body {i}"}).encode()
+            req = urllib.request.Request(base + "/api/notifications/send", data=body, method="POST",
+                                         headers={"Content-Type": "application/json", "X-API-Key": key})
+            try:
+                with urllib.request.urlopen(req, timeout=30) as resp:
+                    return to, resp.status, json.loads(resp.read()).get("id")
+            except urllib.error.HTTPError as e:
+                return to, e.code, None
+            except Exception as e:  # noqa: BLE001
+                return to, f"exc:{type(e).__name__}", None
+
+        t0 = time.monotonic()
+        with concurrent.futures.ThreadPoolExecutor(8) as ex:
+            for to, code, nid in ex.map(post, range(args.n)):
+                codes[code] += 1
+                if code == 202 and nid:
+                    ids[to] = nid
+        result["accept_seconds"] = round(time.monotonic() - t0, 1)
+        result["post_codes"] = {str(k): v for k, v in codes.items()}
+        result["accepted"] = len(ids)
+
+        # 2. drain with 2 workers, SIGKILLing one every 0.3-1.0 s
+        host = socket.gethostname()
+        workers: list[subprocess.Popen] = []
+        wcount = 0
+
+        def start_worker():
+            nonlocal wcount
+            wcount += 1
+            w = spawn([py, "worker.py"], f"worker{wcount}", env)
+            workers.append(w)
+
+        def registered(w):
+            return w.poll() is None and r.exists(f"rq:worker:notifier-{host}-{w.pid}")
+
+        start_worker()
+        start_worker()
+        t_drain = time.monotonic()
+        kills = 0
+        kill_log: list[tuple[float, int]] = []
+        kills_while_backlog = 0
+        while kills < args.kills:
+            time.sleep(rnd.uniform(0.3, 1.0))
+            deadline = time.monotonic() + 30
+            ready = [w for w in workers if registered(w)]
+            while not ready and time.monotonic() < deadline:
+                time.sleep(0.05)
+                ready = [w for w in workers if registered(w)]
+            if not ready:
+                break
+            victim = rnd.choice(ready)
+            backlog = sink_count() < len(ids)
+            kill_log.append((time.time(), victim.pid))
+            victim.send_signal(signal.SIGKILL)
+            victim.wait()
+            workers.remove(victim)
+            kills += 1
+            kills_while_backlog += backlog
+            start_worker()
+        result["kills"] = kills
+        result["kills_while_backlog"] = kills_while_backlog
+        result["kill_phase_seconds"] = round(time.monotonic() - t_drain, 1)
+        result["received_at_end_of_kills"] = sink_count()
+
+        # 3. settle: every notification final, then a few reconciler passes
+        def statuses():
+            con = sqlite3.connect(dbfile, timeout=30)
+            try:
+                return dict(con.execute("select status, count(*) from notifications group by status").fetchall())
+            finally:
+                con.close()
+
+        t_settle = time.monotonic()
+        while True:
+            st = statuses()
+            if all(s in FINAL for s in st) or time.monotonic() - t_settle > args.settle_timeout:
+                break
+            time.sleep(2)
+        result["settle_seconds"] = round(time.monotonic() - t_settle, 1)
+        time.sleep(6)  # >= 3 reconciler passes (RECONCILE_INTERVAL=1)
+        result["drain_total_seconds"] = round(time.monotonic() - t_drain, 1)
+
+        # 4. count
+        con = sqlite3.connect(dbfile, timeout=30)
+        st = dict(con.execute("select status, count(*) from notifications group by status").fetchall())
+        result["statuses"] = st
+        rows = con.execute("select id, seq, \"to\", status from notifications").fetchall()
+        cols = [c[1] for c in con.execute("pragma table_info(notification_events)")]
+        fk = "notification_id" if "notification_id" in cols else None
+        ev_join = con.execute("select count(*) from notification_events e join notifications n on n.seq = e."
+                              f"{fk}").fetchone()[0]
+        key_col = "seq" if ev_join else "id"
+
+        def reasons(like):
+            return con.execute(f"select n.\"to\" from notification_events e join notifications n on n.{key_col} = "
+                               f"e.{fk} where e.reason like ?", (like,)).fetchall()
+        late = [t for (t,) in reasons("%recorded late%")]
+        recovered = [t for (t,) in reasons("recovered%")]
+        con.close()
+        received = collections.Counter()
+        msgids = collections.Counter()
+        first_at: dict[str, float] = {}
+        for at, rc, mid in sink_rows():
+            received[rc.lower()] += 1
+            msgids[mid] += 1
+            first_at.setdefault(rc.lower(), at)
+        by_to = {t.lower(): s for (_id, _seq, t, s) in rows}
+        dups = {t: c for t, c in received.items() if c > 1}
+        lost = [t for t, s in by_to.items() if received[t] == 0 and s != "failed"]
+        result.update(
+            sent=st.get("sent", 0),
+            emails_received=sum(received.values()),
+            duplicates=len(dups),
+            extra_copies=sum(c - 1 for c in dups.values()),
+            duplicate_message_ids=sum(1 for c in msgids.values() if c > 1),
+            lost=len(lost),
+            lost_statuses=dict(collections.Counter(by_to[t] for t in lost)),
+            sent_but_never_received=sum(1 for t, s in by_to.items() if s == "sent" and received[t] == 0),
+            received_unknown=sum(1 for t in received if t not in by_to),
+            recorded_late=len(late),
+            recovered=len(recovered),
+            dup_of_recovered=sum(1 for t in dups if t in set(recovered)),
+            dup_of_recorded_late=sum(1 for t in dups if t in set(late)),
+            workers_started=wcount,
+        )
+        if args.sink == "proc":  # ms from a duplicate's first copy reaching the sink to the next SIGKILL
+            result["dup_first_copy_to_next_kill_ms"] = sorted(
+                round(min((k - first_at[t] for k, _ in kill_log if k >= first_at[t] - 0.05), default=-1) * 1000, 1)
+                for t in dups)
+    finally:
+        for p in reversed(procs):
+            if p is not redis_proc and p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in procs:
+            if p is not redis_proc:
+                try:
+                    p.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
+        try:
+            r.shutdown(nosave=True)
+        except Exception:  # noqa: BLE001 - shutdown closes the connection
+            pass
+        try:
+            redis_proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            redis_proc.kill()
+            redis_proc.wait()
+        if smtp is not None:
+            smtp.stop()
+    # log scan
+    tb = collections.Counter()
+    errors = collections.Counter()
+    for name in sorted(os.listdir(logdir)):
+        text = open(os.path.join(logdir, name), errors="replace").read()
+        tb[name.rstrip("0123456789.log") or name] += text.count("Traceback")
+        errors[name.rstrip("0123456789.log") or name] += text.count('"level": "ERROR"')
+    result["tracebacks"] = dict(tb)
+    result["error_lines"] = dict(errors)
+    print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()
