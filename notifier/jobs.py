@@ -19,7 +19,7 @@ from notifier.db import UNAVAILABLE_ERRORS, database
 from notifier.errors import STOPPING, DeliveryError, PermanentDeliveryError, TransientDeliveryError
 from notifier.mail import Mailer, OutgoingEmail, SendResult
 from notifier.models import DIGEST_TEMPLATE, Category, Notification, Priority, Status, utcnow
-from notifier.rendering import UNSUBSCRIBE_URL, RenderedEmail, Renderer, literal
+from notifier.rendering import RenderedEmail, Renderer, literal
 
 logger = logging.getLogger(__name__)
 
@@ -406,19 +406,19 @@ class Deliverer:
         return "unresolved"
 
     def _outgoing(self, notification: Notification) -> OutgoingEmail:
-        headers, extra = {}, {UNSUBSCRIBE_URL: None}  # never the data's (one stored before it was refused)
+        headers, url = {}, None
         if notification.category != Category.TRANSACTIONAL and notification.user_key:
             url = unsubscribe.link(self.settings, notification.api_key_id, notification.user_key, notification.category)
-            headers, extra = unsubscribe.headers(url), {UNSUBSCRIBE_URL: url}
+            headers = unsubscribe.headers(url)
         if self.settings.reply_to:
             headers["Reply-To"] = self.settings.reply_to
-        content = self.render(notification, extra)
+        content = self.render(notification, url)
         return OutgoingEmail(notification_id=notification.id, to=notification.to, content=content, headers=headers)
 
-    def render(self, notification: Notification, extra: dict | None = None) -> RenderedEmail:
+    def render(self, notification: Notification, unsubscribe_url: str | None = None) -> RenderedEmail:
         """The subject and body parts of a notification, from its template or its literal content."""
         if notification.template:
-            return self.renderer.render(notification.template, {**(notification.data or {}), **(extra or {})})
+            return self.renderer.render(notification.template, notification.data, unsubscribe_url)
         return literal(notification.subject or "", notification.text, notification.html)
 
     def _finish(self, notification: Notification, target: Status, **fields) -> None:
@@ -488,7 +488,10 @@ class Deliverer:
         try:
             if kept is None:
                 kept = self._keep(receipt)
-            return self._write_sent_now(notification, receipt, fields, kept)
+            # A row moved on may have been moved by this job's own record: a held one whose commit
+            # RQ's limit cut off the answer of (see _claim), just before this second try.
+            return (self._write_sent_now(notification, receipt, fields, kept)
+                    or self._wrote_already(notification, fields))
         except (*STOPPING, SystemExit, KeyboardInterrupt):
             # RQ's time limit is one SIGALRM, raised as soon as Python runs again: in the receipt's
             # round trip, or after a statement that waited on a lock (a PREPARE waiting on a
@@ -509,14 +512,20 @@ class Deliverer:
             raise
 
     @staticmethod
-    def _wrote_already(notification: Notification, fields: dict) -> bool:
-        row = store.get(notification.id)
-        if row is None or row.status != Status.SENT or row.sent_at != fields["sent_at"]:
-            return False
-        # The receipt has the same sent_at: a record another process made from it (the reconciler,
-        # while this one waited on a lock) is not this job's, and its callback is queued already.
-        sent = next(e for e in reversed(store.history(row)) if e.to_status == Status.SENT.value)
-        return sent.reason == fields["reason"]
+    def _recorded_with(notification_id: str, sent_at: datetime) -> str | None:
+        """The reason of the `sent` record made with an email's receipt (its sent_at), if there is
+        one: the job's own ("accepted by SMTP server"), or one another process made from the receipt
+        (receipts.LATE_REASON); None when the row moved on otherwise."""
+        row = store.get(notification_id)
+        if row is None or row.status != Status.SENT or row.sent_at != sent_at:
+            return None
+        sent = next((e for e in reversed(store.history(row)) if e.to_status == Status.SENT.value), None)
+        return sent.reason if sent is not None else None
+
+    def _wrote_already(self, notification: Notification, fields: dict) -> bool:
+        # A record another process made from the receipt (the reconciler, while this one waited on a
+        # lock) is not this job's, and its callback is queued already.
+        return self._recorded_with(notification.id, fields["sent_at"]) == fields["reason"]
 
     def _write_sent_now(self, notification: Notification, receipt: receipts.Receipt, fields: dict,
                         kept: bool) -> bool:
@@ -575,10 +584,11 @@ class Deliverer:
 
     def _after_sent(self, notification: Notification, receipt: receipts.Receipt, recorded: bool) -> None:
         if not recorded:
-            # The row moved on while this worker sent it: another process recorded its receipt, or
-            # took it for lost. The notification is counted as what it ends as, once, and the server's
-            # answer as an answer to this attempt.
-            metrics.replied(self._counts, receipt.smtp_code)
+            # The row moved on while this worker sent it: another process recorded its receipt (and
+            # counted it, the server's answer with it), or took it for lost. The notification is
+            # counted as what it ends as, once; the answer, as an answer to this attempt, once.
+            if self._recorded_with(notification.id, receipt.sent_at) is None:
+                metrics.replied(self._counts, receipt.smtp_code)
             logger.warning("notification %s sent (attempt %s), but another process moved it on meanwhile",
                            notification.id, notification.attempts)
             return

@@ -67,12 +67,14 @@ def connect_redis(url: str, timeout: float = 10.0) -> Redis:
 
 
 def impatient(redis: Redis, timeout: float) -> Redis:
-    """A client of the same Redis as redis (a pool of its own) that waits at most timeout for an answer."""
+    """A client of the same Redis as redis (a pool of its own) that waits at most timeout to connect and
+    for each answer."""
     pool = redis.connection_pool
     # Not the pool's own bookkeeping (redis-py's maintenance handler, the timeouts it restores).
     kwargs = {k: v for k, v in pool.connection_kwargs.items() if not k.startswith(("maint_notifications", "orig_"))}
-    return type(redis)(connection_pool=type(pool)(connection_class=pool.connection_class,
-                                                  **{**kwargs, "socket_timeout": timeout}))
+    connect = min(kwargs.get("socket_connect_timeout") or timeout, timeout)  # a timeout drops the connection
+    return type(redis)(connection_pool=type(pool)(connection_class=pool.connection_class, **{
+        **kwargs, "socket_timeout": timeout, "socket_connect_timeout": connect}))
 
 
 def queue_for(priority: str, connection: Redis) -> Queue:

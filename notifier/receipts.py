@@ -149,7 +149,8 @@ def record(redis: Redis, settings: Settings, notification: Notification, receipt
         queues.dispatch_callback(redis, settings, store.get(notification.id))
         if receipt.job_id is not None:
             _unfile(redis, notification.id, receipt.job_id)
-    forget(redis, [notification.id])
+        # Only when this call recorded it: one that lost leaves what may be a later attempt's receipt.
+        forget(redis, [notification.id])
     return recorded
 
 

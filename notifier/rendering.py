@@ -80,11 +80,13 @@ class Renderer:
         found = {f.split(".", 1)[0] for f in os.listdir(folder)} if os.path.isdir(folder) else set()
         return sorted(name for name in found if self.exists(name))
 
-    def render(self, name: str, data: dict | None) -> RenderedEmail:
-        """Render the three parts of template name; TemplateRenderError if that cannot be done."""
+    def render(self, name: str, data: dict | None, unsubscribe_url: str | None = None) -> RenderedEmail:
+        """Render the three parts of template name with the caller's data and notifier's own
+        unsubscribe link (None: none shown, whatever the data hold); TemplateRenderError if that
+        cannot be done."""
         if not self.exists(name):
             raise TemplateRenderError(f"unknown template {name!r}")
-        context = dict(data or {})
+        context = {**(data or {}), UNSUBSCRIBE_URL: unsubscribe_url}
         try:
             subject = self._render_part(name, "subject.txt", context)
             text = self._render_part(name, "txt", context)

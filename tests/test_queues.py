@@ -6,10 +6,12 @@ import time
 from dataclasses import replace
 from datetime import timedelta
 
+import pytest
 from rq.job import Job
 
 from notifier import queues
 from notifier.models import Notification, Status, utcnow
+from tests.conftest import REDIS_URL
 
 
 def _job(redis, job_id: str) -> Job:
@@ -41,3 +43,16 @@ def test_every_job_keeps_finished_and_failed_for_the_settings(sqlite_settings, f
     registry = queues.queue_for("low", fake_redis).failed_job_registry
     expiry = fake_redis.zscore(registry.key, queues.job_id_for("n-failed"))
     assert 3 * 86400 - 60 < expiry - time.time() <= 3 * 86400
+
+
+@pytest.mark.integration
+def test_an_impatient_client_talks_to_the_same_redis_and_gives_up_on_connecting_as_soon(redis_conn):
+    # A timeout drops the connection: the next command connects again, and would wait the source
+    # client's connect timeout (2 s) where a receipt may take half a second (notifier.receipts).
+    quick = queues.impatient(queues.connect_redis(REDIS_URL), 0.5)
+
+    quick.set("notifier:test-impatient", b"1")
+
+    assert redis_conn.get("notifier:test-impatient") == b"1"
+    kwargs = quick.connection_pool.connection_kwargs
+    assert (kwargs["socket_timeout"], kwargs["socket_connect_timeout"]) == (0.5, 0.5)

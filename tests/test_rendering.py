@@ -60,6 +60,18 @@ def test_shipped_template_renders_subject_text_and_html(renderer, name):
     assert "{{" not in email.text and "{%" not in email.text
 
 
+def test_only_notifier_sets_the_unsubscribe_link(renderer):
+    # Data stored before the API refused an unsubscribe_url (and a digest's items, rendered from
+    # theirs) never put a link of the caller's into the footer; notifier's own shows.
+    theirs = {"name": "Ada", "unsubscribe_url": "https://evil.example/u"}
+
+    without, with_ours = renderer.render("welcome", theirs), renderer.render("welcome", theirs, "https://ours.example/u")
+
+    assert "evil.example" not in without.text + without.html and "Unsubscribe" not in without.text
+    assert "evil.example" not in with_ours.text + with_ours.html
+    assert "Unsubscribe: https://ours.example/u" in with_ours.text and 'href="https://ours.example/u"' in with_ours.html
+
+
 def test_subject_is_one_line(renderer):
     subject = renderer.render("welcome", {}).subject
 
