@@ -9,6 +9,13 @@ replacement; waits for every notification to be final plus a few reconciler pass
 counts as one JSON line: duplicates (and whether each was a recovery or a late record), lost,
 recovered, recorded late, tracebacks. --repo may be another checkout (its own .venv), so two
 versions can be compared in one sitting. Never part of `make test`: it runs for minutes.
+
+    .venv/bin/python bench/killsoak.py --repo . --tag pg1 --database-url postgresql://postgres@127.0.0.1:5432
+
+--database-url postgresql://USER@HOST:PORT[/NAME]: PostgreSQL instead of SQLite. Each run gets a FRESH
+database, NAME or else notifier_soak_<tag> (refused if it exists already), created over the URL's server
+and user through its `postgres` database, given its schema by `python -m notifier db upgrade`, and
+dropped at the end unless --keep-db. --workdir: where the logs (and a SQLite file) go (default REPO/var).
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import concurrent.futures
 import json
 import os
 import random
+import re
 import signal
 import socket
 import sqlite3
@@ -26,6 +34,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 
 SINK_CODE = r"""
@@ -74,19 +83,71 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--sink", choices=["proc", "inproc"], default="proc",
                     help="proc: SMTP sink in its own process (no GIL shared with the kill loop); inproc: a thread here")
+    ap.add_argument("--database-url", default=None,
+                    help="postgresql://user@host:port: a fresh database notifier_soak_<tag> per run; default SQLite")
+    ap.add_argument("--keep-db", action="store_true", help="leave the PostgreSQL database after the run")
+    ap.add_argument("--workdir", default=None, help="logs and SQLite file here (default REPO/var)")
     args = ap.parse_args()
+
+    def _term(*_):  # `timeout` sends SIGTERM: stop what was started and drop the database on the way out
+        raise KeyboardInterrupt("SIGTERM")
+    signal.signal(signal.SIGTERM, _term)
     repo = os.path.abspath(args.repo)
     sys.path.insert(0, repo)
     from notifier import devmail  # the checkout's own capture server
 
     rnd = random.Random(args.seed)
     py = os.path.join(repo, ".venv", "bin", "python")
-    logdir = os.path.join(repo, "var", f"soak-{args.tag}")
+    workdir = os.path.abspath(args.workdir) if args.workdir else os.path.join(repo, "var")
+    logdir = os.path.join(workdir, f"soak-{args.tag}")
     os.makedirs(logdir, exist_ok=True)
-    dbfile = os.path.join(repo, "var", f"soak-{args.tag}.db")
-    for suffix in ("", "-wal", "-shm"):
-        if os.path.exists(dbfile + suffix):
-            os.remove(dbfile + suffix)
+    pg = None  # (admin dsn kwargs, database name) on PostgreSQL
+    if args.database_url:
+        u = urllib.parse.urlsplit(args.database_url)
+        if u.scheme not in ("postgres", "postgresql"):
+            raise SystemExit("--database-url: a postgresql:// URL")
+        dbname = urllib.parse.unquote(u.path.lstrip("/")) or "notifier_soak_" + re.sub(r"[^a-z0-9_]", "_",
+                                                                                          args.tag.lower())
+        if not re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", dbname) or dbname in ("postgres", "template0", "template1"):
+            raise SystemExit(f"--database-url: {dbname!r} is no name for a fresh soak database")
+        admin = dict(host=u.hostname or "127.0.0.1", port=u.port or 5432, user=u.username or "postgres",
+                     dbname="postgres")
+        if u.password:
+            admin["password"] = urllib.parse.unquote(u.password)
+        pg = (admin, dbname)
+        import psycopg2
+        adm = psycopg2.connect(**admin)
+        adm.autocommit = True
+        with adm.cursor() as cur:
+            cur.execute("select 1 from pg_database where datname = %s", (dbname,))
+            if cur.fetchone():
+                raise SystemExit(f"database {dbname} exists already: a run needs a fresh one")
+            cur.execute(f'create database "{dbname}"')
+        adm.close()
+        netloc = u.netloc or f"{admin['user']}@{admin['host']}:{admin['port']}"
+        database_url = urllib.parse.urlunsplit((u.scheme, netloc, "/" + dbname, "", ""))
+        dbfile = None
+    else:
+        dbfile = os.path.join(workdir, f"soak-{args.tag}.db")
+        for suffix in ("", "-wal", "-shm"):
+            if os.path.exists(dbfile + suffix):
+                os.remove(dbfile + suffix)
+        database_url = f"sqlite:///{dbfile}"
+
+    def connect():  # the run's database, with "?" placeholders either way
+        if pg is None:
+            return sqlite3.connect(dbfile, timeout=30)
+        import psycopg2
+        c = psycopg2.connect(**dict(pg[0], dbname=pg[1]))
+        c.autocommit = True
+        return c
+
+    def query(con, sql, params=()):
+        if pg is None:
+            return con.execute(sql, params).fetchall()
+        with con.cursor() as cur:
+            cur.execute(sql.replace("?", "%s"), params)
+            return cur.fetchall()
     procs: list[subprocess.Popen] = []
 
     def spawn(argv, name, env):
@@ -133,7 +194,7 @@ def main() -> None:
 
     def sink_count():
         if args.sink == "inproc":
-            return sink_count()
+            return sum(len(m.rcpt_tos) for m in list(handler.messages))
         try:
             with open(sinkfile, "rb") as fh:
                 return fh.read().count(b"\n")
@@ -142,14 +203,20 @@ def main() -> None:
     api_port = free_port()
     env = dict(os.environ)
     env.update(
-        DATABASE_URL=f"sqlite:///{dbfile}", REDIS_URL=f"redis://127.0.0.1:{args.redis_port}/0",
+        DATABASE_URL=database_url, REDIS_URL=f"redis://127.0.0.1:{args.redis_port}/0",
         SMTP_HOST="127.0.0.1", SMTP_PORT=str(smtp_port), SMTP_SECURITY="none", MAIL_FROM="soak@example.com",
         RETRY_INTERVALS="1,2,2,3,3", RECONCILE_INTERVAL="1", RECONCILE_GRACE_SECONDS="1", SENDING_TIMEOUT="2",
         JOB_TIMEOUT="5", RATE_LIMIT="1000000/second", RECIPIENT_CAP="", PORT=str(api_port),
         SECRET_KEY="soak-secret-key-not-for-production", PYTHONUNBUFFERED="1", LOG_LEVEL="INFO",
     )
-    result: dict = {"tag": args.tag, "repo": repo}
+    result: dict = {"tag": args.tag, "repo": repo, "database": pg[1] if pg else dbfile}
     try:
+        if pg is not None:  # the schema, as the project makes it (every process would also do this at start)
+            up = subprocess.run([py, "-m", "notifier", "db", "upgrade"], env=env, cwd=repo, capture_output=True,
+                                text=True, timeout=120)
+            if up.returncode:
+                raise SystemExit(f"db upgrade failed: {up.stdout}{up.stderr}")
+            result["db_upgrade"] = (up.stdout.strip() or up.stderr.strip()).splitlines()[-1:]
         key = subprocess.run([py, "-m", "notifier", "keys", "create", f"soak-{args.tag}"], env=env, cwd=repo,
                              capture_output=True, text=True, check=True, timeout=120).stdout.strip().splitlines()[-1]
         spawn([py, "app.py"], "api", env)
@@ -234,9 +301,9 @@ def main() -> None:
 
         # 3. settle: every notification final, then a few reconciler passes
         def statuses():
-            con = sqlite3.connect(dbfile, timeout=30)
+            con = connect()
             try:
-                return dict(con.execute("select status, count(*) from notifications group by status").fetchall())
+                return dict(query(con, "select status, count(*) from notifications group by status"))
             finally:
                 con.close()
 
@@ -251,19 +318,24 @@ def main() -> None:
         result["drain_total_seconds"] = round(time.monotonic() - t_drain, 1)
 
         # 4. count
-        con = sqlite3.connect(dbfile, timeout=30)
-        st = dict(con.execute("select status, count(*) from notifications group by status").fetchall())
+        con = connect()
+        st = dict(query(con, "select status, count(*) from notifications group by status"))
         result["statuses"] = st
-        rows = con.execute("select id, seq, \"to\", status from notifications").fetchall()
-        cols = [c[1] for c in con.execute("pragma table_info(notification_events)")]
-        fk = "notification_id" if "notification_id" in cols else None
-        ev_join = con.execute("select count(*) from notification_events e join notifications n on n.seq = e."
-                              f"{fk}").fetchone()[0]
-        key_col = "seq" if ev_join else "id"
+        rows = query(con, "select id, seq, \"to\", status from notifications")
+        fk = "notification_id"
+        if pg is None:
+            ev_join = query(con, "select count(*) from notification_events e "
+                                 f"join notifications n on n.seq = e.{fk}")[0][0]
+            key_col = "seq" if ev_join else "id"
+        else:  # the foreign key's type says what it references (joining bigint to varchar is an error here)
+            dtype = query(con, "select data_type from information_schema.columns where table_name = "
+                               "'notification_events' and column_name = ?", (fk,))[0][0]
+            key_col = "seq" if dtype in ("bigint", "integer") else "id"
+        like = "like" if pg is None else "ilike"  # SQLite's LIKE ignores ASCII case
 
-        def reasons(like):
-            return con.execute(f"select n.\"to\" from notification_events e join notifications n on n.{key_col} = "
-                               f"e.{fk} where e.reason like ?", (like,)).fetchall()
+        def reasons(pattern):
+            return query(con, f"select n.\"to\" from notification_events e join notifications n on n.{key_col} = "
+                              f"e.{fk} where e.reason {like} ?", (pattern,))
         late = [t for (t,) in reasons("%recorded late%")]
         recovered = [t for (t,) in reasons("recovered%")]
         con.close()
@@ -319,6 +391,18 @@ def main() -> None:
             redis_proc.wait()
         if smtp is not None:
             smtp.stop()
+        if pg is not None and not args.keep_db:
+            try:
+                import psycopg2
+                adm = psycopg2.connect(**pg[0])
+                adm.autocommit = True
+                with adm.cursor() as cur:
+                    cur.execute("select pg_terminate_backend(pid) from pg_stat_activity where datname = %s", (pg[1],))
+                    cur.execute(f'drop database if exists "{pg[1]}"')
+                adm.close()
+                result["db_dropped"] = True
+            except Exception as e:  # noqa: BLE001
+                result["db_dropped"] = f"{type(e).__name__}: {e}"
     # log scan
     tb = collections.Counter()
     errors = collections.Counter()
