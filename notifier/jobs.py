@@ -488,10 +488,7 @@ class Deliverer:
         try:
             if kept is None:
                 kept = self._keep(receipt)
-            # A row moved on may have been moved by this job's own record: a held one whose commit
-            # RQ's limit cut off the answer of (see _claim), just before this second try.
-            return (self._write_sent_now(notification, receipt, fields, kept)
-                    or self._wrote_already(notification, fields))
+            return self._write_or_own(notification, receipt, fields, kept)
         except (*STOPPING, SystemExit, KeyboardInterrupt):
             # RQ's time limit is one SIGALRM, raised as soon as Python runs again: in the receipt's
             # round trip, or after a statement that waited on a lock (a PREPARE waiting on a
@@ -506,10 +503,20 @@ class Deliverer:
             # the row moved on. Told apart by its sent_at and reason, that write is this job's, and so
             # are the callback and the rest: nothing else would queue the callback but the reconciler,
             # RECONCILE_GRACE_SECONDS and a pass later.
-            recorded = (self._write_sent_now(notification, receipt, fields, bool(kept))
-                        or self._wrote_already(notification, fields))
+            recorded = self._write_or_own(notification, receipt, fields, bool(kept))
             self._after_held_sent(notification, receipt, recorded)
             raise
+
+    def _write_or_own(self, notification: Notification, receipt: receipts.Receipt, fields: dict, kept: bool) -> bool:
+        """_write_sent_now(); a row it finds moved on may have been moved by this job's own record:
+        one whose statement RQ's limit cut off (see _write_sent), or a held one committed with the
+        next claim just before the limit landed (see _claim). Then it is this job's, and True."""
+        if self._write_sent_now(notification, receipt, fields, kept):
+            return True
+        if self._wrote_already(notification, fields):
+            self._forget(notification.id)
+            return True
+        return False
 
     @staticmethod
     def _recorded_with(notification_id: str, sent_at: datetime) -> str | None:
