@@ -255,7 +255,30 @@ def _database_url(raw: str) -> str:
     scheme = urlparse(raw).scheme
     if scheme not in ("sqlite", "postgres", "postgresql"):
         raise ConfigError("DATABASE_URL", f"must start with sqlite:// or postgresql://, got scheme {scheme!r}")
-    return _readable_port("DATABASE_URL", raw)
+    if scheme == "sqlite":
+        return raw
+    # Read as libpq reads it (notifier.db does the same), so that what it allows works: several hosts
+    # (host1:5432,host2:5432 with ?target_session_attrs=read-write), a percent-encoded user or password,
+    # libpq's query parameters. Imported here: an embedded setup never loads psycopg2.
+    from psycopg2 import ProgrammingError
+    from psycopg2.extensions import parse_dsn
+
+    try:
+        params = parse_dsn(raw)
+    except ProgrammingError as exc:
+        # libpq's words never hold the password, except where the URL is cut short in it (below).
+        unknown = str(exc).partition("invalid URI query parameter: ")[2].strip()
+        reason = f"has a query parameter libpq does not know: {unknown}" if unknown else "is not a URL libpq reads"
+        raise ConfigError("DATABASE_URL", f"{reason}; percent-encode any / # ? @ or : in its user name and "
+                                          "password") from None
+    # libpq checks a port only as it connects, and an unescaped "/", "#" or "?" in the password ends
+    # the host part early, leaving the password's start where the port goes: never quote it.
+    if not all(port.isdigit() and 0 < int(port) < 65536 for port in params.get("port", "5432").split(",") if port):
+        raise ConfigError("DATABASE_URL", "has a port that is not a number; percent-encode any / # ? @ or : in "
+                                          "its user name and password")
+    if not params.get("dbname"):
+        raise ConfigError("DATABASE_URL", "names no database: postgresql://user@host:5432/dbname")
+    return raw
 
 
 def _redis_url(raw: str) -> str:

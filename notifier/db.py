@@ -21,7 +21,6 @@ from peewee import (
     __exception_wrapper__,
     _savepoint,
 )
-from playhouse.db_url import parse
 from playhouse.pool import PooledPostgresqlDatabase
 from playhouse.shortcuts import ReconnectMixin
 from psycopg2.errors import DuplicatePreparedStatement, InvalidSqlStatementName, QueryCanceled
@@ -29,6 +28,7 @@ from psycopg2.extensions import (
     TRANSACTION_STATUS_IDLE,
     TRANSACTION_STATUS_INERROR,
     TransactionRollbackError,
+    parse_dsn,
     set_wait_callback,
 )
 from psycopg2.extensions import connection as PsycopgConnection
@@ -259,7 +259,9 @@ def connect(url: str, pool_size: int = Settings.database_pool_size, prepare: boo
             timeout=10,
             lock_type="IMMEDIATE",
         )
-    params = parse(url)
+    # libpq's own reading of the URL, as KeyCache's connection and psql have it: several hosts, a
+    # percent-encoded user or password (peewee's db_url passed "%40" on as it stood), its parameters.
+    params = parse_dsn(url)
     if statement_timeout > 0:
         # Set when the session starts (libpq's options), so a reconnected session has it too; kept after
         # any options the URL gives. Options given to libpq replace PGOPTIONS, which it otherwise reads
@@ -278,7 +280,7 @@ def connect(url: str, pool_size: int = Settings.database_pool_size, prepare: boo
     # is Patience's limit: a URL's own (?connect_timeout=10) wins there like the rest.
     patience = Patience(float(params.get("connect_timeout") or connect_timeout))
     params["connection_factory"] = partial(NotifierConnection, patience=patience, prepare=prepare)
-    name = params.pop("database")
+    name = params.pop("dbname")  # Settings made sure there is one
     patience.params = {**params, "database": name, "connection_factory": partial(NotifierConnection,
                                                                                    patience=patience)}
     set_wait_callback(wait_for_answer)

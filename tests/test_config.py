@@ -175,8 +175,8 @@ def test_bad_redis_url_scheme_names_redis_url(raw):
     assert config_error({"REDIS_URL": raw}).setting == "REDIS_URL"
 
 
-@pytest.mark.parametrize("name", ["DATABASE_URL", "REDIS_URL"])
-@pytest.mark.parametrize("password", ["ZQ/pass", "ZQ#pass", "ZQ?pass"])
+@pytest.mark.parametrize(("name", "password"), [("DATABASE_URL", "ZQ/pass"), ("REDIS_URL", "ZQ/pass"),
+                                              ("REDIS_URL", "ZQ#pass"), ("REDIS_URL", "ZQ?pass")])
 def test_a_url_whose_password_breaks_its_port_is_refused_without_quoting_it(name, password):
     # Unescaped, "/", "#" or "?" end the host part early and the password's start is read as the
     # port: the database or Redis client then raised a ValueError quoting it, at start, in the log.
