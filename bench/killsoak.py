@@ -110,12 +110,11 @@ def main() -> None:
                                                                                           args.tag.lower())
         if not re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", dbname) or dbname in ("postgres", "template0", "template1"):
             raise SystemExit(f"--database-url: {dbname!r} is no name for a fresh soak database")
-        admin = dict(host=u.hostname or "127.0.0.1", port=u.port or 5432, user=u.username or "postgres",
-                     dbname="postgres")
-        if u.password:
-            admin["password"] = urllib.parse.unquote(u.password)
-        pg = (admin, dbname)
         import psycopg2
+        from psycopg2.extensions import parse_dsn
+
+        admin = {"host": "127.0.0.1", "user": "postgres", **parse_dsn(args.database_url), "dbname": "postgres"}
+        pg = (admin, dbname)
         adm = psycopg2.connect(**admin)
         adm.autocommit = True
         with adm.cursor() as cur:
@@ -124,8 +123,8 @@ def main() -> None:
                 raise SystemExit(f"database {dbname} exists already: a run needs a fresh one")
             cur.execute(f'create database "{dbname}"')
         adm.close()
-        netloc = u.netloc or f"{admin['user']}@{admin['host']}:{admin['port']}"
-        database_url = urllib.parse.urlunsplit((u.scheme, netloc, "/" + dbname, "", ""))
+        netloc = u.netloc or f"{admin['user']}@{admin['host']}"
+        database_url = urllib.parse.urlunsplit((u.scheme, netloc, "/" + dbname, u.query, ""))
         dbfile = None
     else:
         dbfile = os.path.join(workdir, f"soak-{args.tag}.db")

@@ -10,9 +10,9 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from urllib.parse import urlparse
 
 import psycopg2
+from psycopg2.extensions import parse_dsn
 from redis import Redis
 from rq import Worker
 
@@ -78,12 +78,11 @@ def start_redis(procs: Procs) -> tuple[Proc, str]:
 
 def recreate_database(url: str) -> None:
     """Drop and create the database named in url (connecting to the server's `postgres` database)."""
-    parsed = urlparse(url)
-    name = parsed.path.lstrip("/")
+    params = parse_dsn(url)  # as the product reads it (libpq's reading)
+    name = params.get("dbname", "")
     if not name or not name.replace("_", "").isalnum():
         raise SystemExit(f"bench: refusing database name {name!r}: letters, digits and _ only")
-    admin = psycopg2.connect(host=parsed.hostname or "127.0.0.1", port=parsed.port or 5432,
-                             user=parsed.username or "postgres", password=parsed.password, dbname="postgres")
+    admin = psycopg2.connect(**{"user": "postgres", **params, "dbname": "postgres"})
     admin.autocommit = True
     with admin.cursor() as cur:
         cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

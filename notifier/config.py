@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from email.utils import parseaddr
@@ -259,26 +260,43 @@ def _database_url(raw: str) -> str:
         return raw
     # Read as libpq reads it (notifier.db does the same), so that what it allows works: several hosts
     # (host1:5432,host2:5432 with ?target_session_attrs=read-write), a percent-encoded user or password,
-    # libpq's query parameters. Imported here: an embedded setup never loads psycopg2.
+    # libpq's query parameters. Imported here, where the URL is PostgreSQL's.
     from psycopg2 import ProgrammingError
     from psycopg2.extensions import parse_dsn
 
+    hint = "percent-encode any / # ? @ or : in its user name and password"
     try:
         params = parse_dsn(raw)
     except ProgrammingError as exc:
-        # libpq's words never hold the password, except where the URL is cut short in it (below).
-        unknown = str(exc).partition("invalid URI query parameter: ")[2].strip()
-        reason = f"has a query parameter libpq does not know: {unknown}" if unknown else "is not a URL libpq reads"
-        raise ConfigError("DATABASE_URL", f"{reason}; percent-encode any / # ? @ or : in its user name and "
-                                          "password") from None
-    # libpq checks a port only as it connects, and an unescaped "/", "#" or "?" in the password ends
-    # the host part early, leaving the password's start where the port goes: never quote it.
-    if not all(port.isdigit() and 0 < int(port) < 65536 for port in params.get("port", "5432").split(",") if port):
-        raise ConfigError("DATABASE_URL", "has a port that is not a number; percent-encode any / # ? @ or : in "
-                                          "its user name and password")
+        # libpq names the parameter, which may be the password's end ("u:pw/x?secret=1@db"): only
+        # peewee's own, which its db_url took and libpq does not, are named.
+        unknown = str(exc).partition("invalid URI query parameter: ")[2].strip().strip('"')
+        reason = (f"has {unknown}, a parameter of peewee's, not libpq's (DATABASE_POOL_SIZE sets the pool)"
+                  if unknown in _PEEWEE_URL_PARAMETERS else "has a query parameter libpq does not know"
+                  if unknown else "is not a URL libpq reads")
+        raise ConfigError("DATABASE_URL", f"{reason}; {hint}") from None
+    # libpq checks these only as it connects. An unescaped "/", "#" or "?" in the password ends the
+    # host part early, leaving the password's start where the port goes; libpq ends the user part at
+    # the first "@", where urllib (and peewee) took the last, leaving the password's end in the host:
+    # never quote either.
+    if not all(re.fullmatch(r"[0-9]{1,5}", port) and 0 < int(port) < 65536
+               for port in params.get("port", "5432").split(",") if port):
+        raise ConfigError("DATABASE_URL", f"has a port that is not a number; {hint}")
+    if "@" in params.get("host", ""):
+        raise ConfigError("DATABASE_URL", f"has an @ in its host; {hint}")
     if not params.get("dbname"):
         raise ConfigError("DATABASE_URL", "names no database: postgresql://user@host:5432/dbname")
+    # The URL's connect_timeout replaces DATABASE_CONNECT_TIMEOUT, within the same bounds: libpq's 0
+    # (wait for ever) would leave a stalled server's wait with no end.
+    timeout = params.get("connect_timeout")
+    if timeout is not None and not (re.fullmatch(r"[0-9]{1,3}", timeout) and 0 < int(timeout) <= 600):
+        raise ConfigError("DATABASE_URL", "has a connect_timeout that is not whole seconds from 1 to 600")
     return raw
+
+
+# What peewee's db_url took from a URL's query string for itself, and libpq refuses.
+_PEEWEE_URL_PARAMETERS = frozenset({"max_connections", "stale_timeout", "timeout", "autoconnect", "autorollback",
+                                    "thread_safe", "register_unicode", "server_side_cursors", "isolation_level"})
 
 
 def _redis_url(raw: str) -> str:

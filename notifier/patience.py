@@ -29,39 +29,48 @@ class Patience:
         self.connect_timeout = connect_timeout
         self.params: dict | None = None  # psycopg2.connect's, for the probe (None: no probe)
         self._probing = threading.Lock()
-        self._answered_at = self._silent_at = -float("inf")
+        self._silent_at = -float("inf")
+        self._answered_at: dict[tuple[str, str], float] = {}
 
-    def server_answers(self) -> bool:
-        """Whether a new connection to the server can be made within connect_timeout; the answer is
-        kept for connect_timeout, so one thread asks for all of the process's waiting ones."""
+    def server_answers(self, server: tuple[str, str]) -> bool:
+        """Whether a new connection to server (host, port: the one a waiting connection is on) can be
+        made within connect_timeout; the answer is kept for connect_timeout, so one thread asks for
+        all of the process's waiting ones."""
         if self.params is None:
             return True
         with self._probing:
             now = time.monotonic()
-            if now - self._answered_at < self.connect_timeout:
+            if now - self._answered_at.get(server, -float("inf")) < self.connect_timeout:
                 return True
             if self.silent_lately():
                 return False
             try:
-                psycopg2.connect(**self.params).close()
+                psycopg2.connect(**self._params_for(server)).close()
                 answered = True
             except psycopg2.OperationalError as exc:
                 answered = "FATAL" in str(exc)  # the server's own refusal (too many clients): it answers
             if answered:
-                self._answered_at = time.monotonic()
+                self._answered_at[server] = time.monotonic()
             else:
                 self.silent()
             return answered
 
-    def cancel(self, backend_pid: int) -> None:
-        """Ask the server, on a new connection, to cancel the statement its session backend_pid is
+    def _params_for(self, server: tuple[str, str]) -> dict:
+        # That server alone: of a URL's several hosts, the first that answers may be another one, whose
+        # answer says nothing of this one's, and whose session of the same pid is someone else's.
+        host, port = server
+        hosts_only = ("hostaddr", "target_session_attrs", "load_balance_hosts")
+        return {**{k: v for k, v in self.params.items() if k not in hosts_only}, "host": host, "port": port}
+
+    def cancel(self, backend_pid: int, server: tuple[str, str]) -> None:
+        """Ask server, on a new connection, to cancel the statement its session backend_pid is
         running. Best effort: a statement that ends meanwhile is not undone, and a failure is let go.
         The session must be of this database and role: behind a pooler backend_pid is the pooler's
         own number, which must not cancel someone else's statement."""
         if self.params is None:
             return
         try:
-            with closing(psycopg2.connect(**self.params)) as conn, conn.cursor() as cur:
+            with closing(psycopg2.connect(**self._params_for(server))) as conn, conn.cursor() as cur:
                 cur.execute("SELECT pg_cancel_backend(pid) FROM pg_stat_activity WHERE pid = %s "
                             "AND datname = current_database() AND usename = current_user", (backend_pid,))
         except psycopg2.Error:
@@ -125,7 +134,7 @@ def wait_for_answer(conn) -> None:
                         patience.silent()
                     raise psycopg2.OperationalError(f"PostgreSQL did not give {what} within {now - started:.1f} s")
                 if probe_at is not None and now >= probe_at:
-                    if not patience.server_answers():
+                    if not patience.server_answers(_server_of(conn)):
                         raise psycopg2.OperationalError(
                             f"PostgreSQL did not answer for {now - started:.1f} s, nor take a new connection within "
                             f"{patience.connect_timeout:g} s")
@@ -142,5 +151,10 @@ def wait_for_answer(conn) -> None:
         # once it has it: a claim then left the notification `sending` with nobody sending it, for the
         # reconciler to take for a lost send (failed, "delivery is unknown", on the last attempt).
         if patience is not None and not connecting:
-            patience.cancel(conn.info.backend_pid)
+            patience.cancel(conn.info.backend_pid, _server_of(conn))
         raise
+
+
+def _server_of(conn) -> tuple[str, str]:
+    """The host (or socket directory) and port conn is connected to."""
+    return conn.info.host, str(conn.info.port)

@@ -22,9 +22,9 @@ import time
 class CutProxy:
     """Listens on 127.0.0.1 (port: .port) and forwards to upstream; cut_answer_to() arms it once."""
 
-    def __init__(self, upstream_port: int):
+    def __init__(self, upstream_port: int, port: int = 0):
         self.upstream_port = upstream_port
-        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener = socket.create_server(("127.0.0.1", port))
         self.port = self.listener.getsockname()[1]
         self.marker: bytes | None = None
         self.before_reply = False  # cut the request instead: the server never sees the statement

@@ -86,15 +86,32 @@ def _refusal(url: str) -> str:
     "postgresql://notifier:ZQ/pass@db:5432/notifier",
     "postgresql://notifier:ZQpass@db1:5432,db2:ZQ/notifier",
     "postgresql://notifier:ZQpass@db:99999/notifier",
+    "postgresql://notifier:ZQpass@db:\u00b2\u00b3/notifier",
+    # libpq ends the user part at the first "@" (urllib, and peewee, at the last): the password's end
+    # would be a host name to look up, logged with every try.
+    "postgresql://notifier:ZQ@pass@db:5432/notifier",
 ])
 def test_a_port_that_is_not_one_is_refused_without_quoting_the_password(url):
     assert "percent-encode" in _refusal(url)
 
 
-def test_a_query_parameter_libpq_does_not_know_is_named():
+def test_a_query_parameter_of_peewees_is_named():
     # peewee's own (stale_timeout, max_connections) went to peewee before; libpq refuses them, and
     # the pool's size and timeouts have settings of their own.
     assert "stale_timeout" in _refusal("postgresql://notifier:ZQpass@db/notifier?stale_timeout=30")
+
+
+@pytest.mark.parametrize("url", ["postgresql://u:ZQ/x?ZQsecret=1@db/notifier",
+                                 "postgresql://u:ZQ/x?ZQsec%72et=1@db/notifier"])
+def test_a_query_parameter_that_may_be_the_passwords_end_is_not_quoted(url):
+    assert "query parameter libpq does not know" in _refusal(url)
+
+
+@pytest.mark.parametrize("timeout", ["0", "abc", "2.5", "601"])
+def test_a_connect_timeout_in_the_url_is_held_to_database_connect_timeouts_bounds(timeout):
+    # libpq's 0 waits for ever; Patience took the URL's value as its own limit, so a stalled server
+    # was waited for without end (and "abc" stopped connect() with a ValueError).
+    assert "connect_timeout" in _refusal(f"postgresql://notifier:ZQpass@db/notifier?connect_timeout={timeout}")
 
 
 def test_a_url_without_a_database_is_refused():

@@ -30,6 +30,7 @@ from tests.helpers import (
     reload,
     run_worker_until_idle,
 )
+from tests.processes import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -85,6 +86,32 @@ def test_a_send_to_a_stalled_database_is_answered_503_within_seconds(stall_app, 
     # Told within the moment: the next one is not made to wait its own turn.
     waited, status, _ = _send(stall_app, headers)
     assert status == 503 and waited < 0.5
+
+
+def test_with_several_hosts_the_probe_asks_the_stalled_one(pg_settings, pg_db, redis_conn, headers, proxy):
+    # The pool connected to the second host, the first refusing then; the first answers by the time
+    # the second stalls. The probe asked the URL's hosts, found the first answering, and the send
+    # waited for as long as the stall lasted (and a cancel could reach a session of the other server).
+    from tests.cutproxy import CutProxy
+
+    first_port = free_port()
+    name = pg_settings.database_url.rsplit("/", 1)[1]
+    url = f"postgresql://postgres@127.0.0.1:{first_port},127.0.0.1:{proxy.port}/{name}"
+    app = create_app(replace(pg_settings, database_url=Settings.from_env({"DATABASE_URL": url}).database_url),
+                     redis=redis_conn)
+    first = None
+    try:
+        assert _send(app, headers)[1] == 202
+        first = CutProxy(5432, port=first_port)
+        proxy.stall()
+        waited, status, body = _send(app, headers)
+        assert status == 503, body
+        assert waited < SEND_BOUND
+    finally:
+        proxy.resume()
+        if first is not None:
+            first.close()
+        database.close_all()
 
 
 def test_sends_at_once_to_a_stalled_database_each_get_their_503_within_seconds(stall_app, headers, proxy):
