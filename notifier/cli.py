@@ -44,7 +44,8 @@ def _check_rate(ctx, param, value):
     try:
         check_rate(value)
     except ValueError:
-        raise click.BadParameter("one rate of at least 1, like 100/second or 6000/minute") from None
+        raise click.BadParameter("one rate of 1 to 1,000,000,000 per at most 10 years, like 100/second or "
+                                 "6000/minute") from None
     return value
 
 
@@ -95,10 +96,18 @@ def keys_list() -> None:
 
 @keys_group.command("rotate")
 @click.argument("name")
-def keys_rotate(name: str) -> None:
+@click.option("--force", is_flag=True, help="rotate even while the last rotation's previous secret still works, "
+                                            "which then stops working at once")
+def keys_rotate(name: str, force: bool) -> None:
     """Give a key a new secret; the old one keeps working until `keys revoke NAME --old`."""
     with _open():
-        plaintext = keys.rotate(name)
+        try:
+            plaintext = keys.rotate(name, force=force)
+        except keys.RotationUnderway as underway:
+            # A key holds one previous secret: rotating again would cut off callers still on it.
+            raise click.ClickException(
+                f"{name!r} is being rotated: its previous secret ({keys.KEY_PREFIX}_{underway.old_prefix}_...) "
+                f"still works. End that first (`keys revoke {name} --old`), or pass --force to stop it now") from None
     if plaintext is None:
         raise click.ClickException(f"no active key named {name!r}")
     click.echo(f"rotated {name!r}; the previous secret works until `keys revoke {name} --old`.")

@@ -123,8 +123,14 @@ def show(redis: Redis, notification_id: str, api_key: ApiKey | None = None) -> t
     row = _owned(notification_id, api_key)
     if row.status != Status.FAILED:
         raise NotFound(f"notification {notification_id} is {row.status}, not a dead letter")
-    job = Job.fetch(queues.job_id_for(row.id), connection=redis) if redis.exists(
-        Job.key_for(queues.job_id_for(row.id))) else None
+    try:
+        job = Job.fetch(queues.job_id_for(row.id), connection=redis)
+    except NoSuchJobError:
+        job = None
+    except RedisError as exc:
+        # The database is the record, as in list_dead(): without Redis only the job is missing.
+        logger.warning("RQ's job of notification %s is unreadable: %s", row.id, type(exc).__name__)
+        job = None
     return _entry(row, _failed_registry_ids(redis, [row])), job
 
 

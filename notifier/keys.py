@@ -64,16 +64,32 @@ def end_callback_rotation(name: str) -> bool:
                        & ApiKey.old_callback_secret.is_null(False)).execute())
 
 
-def rotate(name: str) -> str | None:
-    """Give the live key named name a new secret; the current one keeps working until revoked."""
-    key = ApiKey.get_or_none((ApiKey.name == name) & ApiKey.revoked_at.is_null())
-    if key is None:
-        return None
+class RotationUnderway(Exception):
+    """The key's previous rotation has not ended: the secret it replaced still works, and a second
+    rotation would stop it at once."""
+
+    def __init__(self, old_prefix: str):
+        super().__init__(old_prefix)
+        self.old_prefix = old_prefix
+
+
+def rotate(name: str, force: bool = False) -> str | None:
+    """Give the live key named name a new secret; the current one keeps working until revoked. None
+    when there is no such key. One whose last rotation is under way (its previous secret still works)
+    raises RotationUnderway, unless force: then that previous secret stops working at once."""
     prefix, plaintext = _new_secret()
-    key.old_prefix, key.old_key_hash = key.prefix, key.key_hash
-    key.prefix, key.key_hash = prefix, _hash(plaintext)
-    key.save()
-    return plaintext
+    live = (ApiKey.name == name) & ApiKey.revoked_at.is_null()
+    # One statement, on the row as it is now: a read and a save() of every column wrote back a
+    # revoked_at read before a revoke made meanwhile, and the revoked key worked again.
+    rotated = (ApiKey.update(old_prefix=ApiKey.prefix, old_key_hash=ApiKey.key_hash, prefix=prefix,
+                             key_hash=_hash(plaintext))
+               .where(live if force else live & ApiKey.old_prefix.is_null()).execute())
+    if rotated:
+        return plaintext
+    underway = ApiKey.get_or_none(live)
+    if underway is None:
+        return None
+    raise RotationUnderway(underway.old_prefix)
 
 
 def authenticate(plaintext: str | None, cache: KeyCache | None = None) -> ApiKey | None:

@@ -3,14 +3,18 @@ per-recipient cap, and one key never reaching another's data on any route."""
 
 from __future__ import annotations
 
+import threading
+import time
 from dataclasses import replace
 
+import psycopg2
 import pytest
 
 from app import create_app
 from notifier import keys
 from notifier.db import database
-from notifier.models import Status
+from notifier.models import ApiKey, Status
+from notifier.ratelimit import Limiter, parse_rate
 from tests.helpers import LITERAL, eventually, make_notification, run_worker_until_idle
 from tests.processes import Stack, cli, request
 
@@ -79,6 +83,35 @@ def test_rotation_keeps_the_old_secret_until_it_is_revoked(client, pg_db):
     assert eventually(lambda: client.get("/api/notifications", headers={"X-API-Key": new}).status_code == 401)
 
 
+def test_a_revoke_made_while_a_rotation_waits_for_the_row_stays_made(pg_db, pg_url):
+    # rotate() read the key, then saved every column: a revoke committed in between was written
+    # back as not revoked, and both secrets worked again.
+    old = _key("racing")
+    holder = psycopg2.connect(pg_url)
+    rotated = {}
+    try:
+        with holder.cursor() as cur:
+            cur.execute("SELECT 1 FROM api_keys WHERE name = 'racing' FOR UPDATE")
+
+        def rotate():
+            with database.connection_context():
+                rotated["it"] = keys.rotate("racing")
+
+        thread = threading.Thread(target=rotate)
+        thread.start()
+        time.sleep(0.5)  # the rotation waits for the row
+        with holder.cursor() as cur:
+            cur.execute("UPDATE api_keys SET revoked_at = now() WHERE name = 'racing' AND revoked_at IS NULL")
+        holder.commit()
+        thread.join(10)
+    finally:
+        holder.close()
+    assert rotated == {"it": None}  # no live key left to rotate
+    with database.connection_context():
+        assert keys.authenticate(old) is None
+        assert ApiKey.get(ApiKey.name == "racing").revoked_at is not None
+
+
 def test_recipient_cap_stops_non_transactional_floods_only(pg_settings, pg_db, redis_conn, api_key, smtp, deliverer):
     client = create_app(replace(pg_settings, recipient_cap="2/hour"), redis=redis_conn).test_client()
     hdrs = {"X-API-Key": api_key[1]}
@@ -117,3 +150,10 @@ def test_no_route_lets_one_key_reach_another_keys_data(client, headers, api_key,
     # ... and all of it is still there for its owner.
     assert client.get(f"/api/notifications/{mine['id']}", headers=headers).status_code == 200
     assert len(client.get("/api/suppressions", headers=headers).get_json()["data"]) == 1
+
+
+def test_a_rate_redis_refuses_is_logged_as_refused_not_as_redis_away(pg_settings, redis_conn, caplog):
+    # A key's rate stored before rates were bounded: Redis answers the check with an error.
+    verdict = Limiter(pg_settings.redis_url).hit(parse_rate("1/99999999999999999999 seconds"), "absurd")
+    assert verdict.allowed
+    assert "Redis refused its check: ResponseError" in caplog.text and "unreachable" not in caplog.text

@@ -192,6 +192,9 @@ def test_the_cli_says_when_its_redis_does_not_answer(client, headers, deliverer,
     listed = run("dlq", "list")  # the dead letters are in the database: listed, with the warning
     assert listed.returncode == 0 and "warning: Redis at 127.0.0.1:1/0 does not answer" in listed.stderr
     assert notification_id in listed.stdout
+    shown = run("dlq", "show", notification_id)  # the same: it stopped with a traceback
+    assert shown.returncode == 0 and "Traceback" not in shown.stderr, shown.stderr
+    assert f"id: {notification_id}" in shown.stdout and "rq job:" not in shown.stdout
 
 
 def test_dlq_cli_show_refuses_a_notification_that_is_not_failed(client, headers, deliverer, smtp, redis_conn,

@@ -114,12 +114,14 @@ def test_all_keys_lists_revoked_keys_too(sqlite_db):
     assert [k.name for k in keys.all_keys()] == ["one", "two"]
 
 
-@pytest.mark.parametrize("rate", ["0/minute", "10/minute;20/day", "lots"])
-def test_keys_create_refuses_a_rate_that_is_not_one_of_at_least_one(tmp_path, rate):
+# Beyond the bounds Redis refused the limit's script, and the limit was not enforced at all.
+@pytest.mark.parametrize("rate", ["0/minute", "10/minute;20/day", "lots", "1/99999999999999999999 seconds",
+                                  "99999999999999999999/second", "1000000001/second", "1/11 years"])
+def test_keys_create_refuses_a_rate_that_is_not_one_within_bounds(tmp_path, rate):
     env = {**os.environ, "DATABASE_URL": f"sqlite:///{tmp_path}/keys.db"}
     done = subprocess.run([sys.executable, "-m", "notifier", "keys", "create", "k", "--rate", rate], env=env,
                           cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert done.returncode == 2 and "one rate of at least 1" in done.stderr
+    assert done.returncode == 2 and "one rate of 1 to 1,000,000,000" in done.stderr
 
 
 @pytest.mark.parametrize("name", ["", "k" * 101])
@@ -179,3 +181,35 @@ def test_rotating_the_callback_secret_keeps_the_api_key(created):
     assert keys.end_callback_rotation("billing")
     assert ApiKey.get_by_id(key.id).old_callback_secret is None
     assert keys.rotate_callback_secret("nobody") is None
+
+
+def test_a_second_rotation_while_the_first_is_under_way_is_refused_unless_forced(tmp_path):
+    # A key holds one previous secret: rotating again without a word cut off the callers still on
+    # the original one (401), though the first rotation had said it works until `revoke --old`.
+    env = {**os.environ, "DATABASE_URL": f"sqlite:///{tmp_path}/keys.db"}
+    original = _cli(env, "create", "billing").stdout.strip().splitlines()[-1]
+    first = _cli(env, "rotate", "billing")
+    assert first.returncode == 0, first.stderr
+    rotated = first.stdout.strip().splitlines()[-1]
+
+    again = _cli(env, "rotate", "billing")
+    assert again.returncode == 1 and "--force" in again.stderr
+    assert original.split("_")[1] in again.stderr and original.split("_", 2)[2] not in again.stderr
+    with _keys_db(tmp_path):
+        assert keys.authenticate(original) is not None and keys.authenticate(rotated) is not None
+
+    forced = _cli(env, "rotate", "billing", "--force")
+    assert forced.returncode == 0, forced.stderr
+    newest = forced.stdout.strip().splitlines()[-1]
+    with _keys_db(tmp_path):
+        assert keys.authenticate(original) is None
+        assert keys.authenticate(rotated) is not None and keys.authenticate(newest) is not None
+    assert _cli(env, "revoke", "billing", "--old").returncode == 0
+    assert _cli(env, "rotate", "billing").returncode == 0  # the rotation ended: a new one may begin
+    assert _cli(env, "rotate", "nobody").returncode == 1
+
+
+def _keys_db(tmp_path):
+    from notifier.db import bind
+
+    return bind(f"sqlite:///{tmp_path}/keys.db").connection_context()

@@ -120,6 +120,10 @@ def _require_dashboard_target() -> None:
         if whole_number(value, 1, _MAX_PAGE) is None:
             raise NotFound(f"{name} must be a whole number from 1 to {_MAX_PAGE}")
     connection = current_app.redis_conn
+    if request.endpoint == "rq_dashboard.queues_overview":
+        # Its page catches Redis's ConnectionError itself and answers 200 "Connection Error", where
+        # every other view (and a monitor probing this one) gets the 503 a RedisError is.
+        connection.ping()
     if "job_id" in args and request.endpoint != "rq_dashboard.delete_job_view":  # delete answers itself
         if not Job.exists(args["job_id"], connection=connection):
             raise NotFound(f"no job {args['job_id']!r}")
