@@ -44,8 +44,8 @@ def _check_rate(ctx, param, value):
     try:
         check_rate(value)
     except ValueError:
-        raise click.BadParameter("one rate of 1 to 1,000,000,000 per at most 10 years, like 100/second or "
-                                 "6000/minute") from None
+        raise click.BadParameter("one rate of 1 to 10^12 per a period of at most 1,000 years, at most 40 "
+                                 "characters, like 100/second or 6000/minute") from None
     return value
 
 
@@ -266,6 +266,65 @@ def dlq_purge() -> None:
 
     redis, _ = _redis(required=True)
     click.echo(f"purged {deadletters.purge(redis)} job(s)")
+
+
+@main.group(name="callbacks")
+def callbacks_group() -> None:
+    """Status callbacks."""
+
+
+@callbacks_group.command("redeliver")
+@click.argument("notification_id", required=False)
+@click.option("--gave-up", "all_gave_up", is_flag=True, help="every callback that gave up")
+@click.option("--key", "key_name", help="with --gave-up: only those of this API key")
+@click.option("--since", help="with --gave-up: only notifications final since then (ISO 8601 with offset)")
+def callbacks_redeliver(notification_id: str | None, all_gave_up: bool, key_name: str | None,
+                        since: str | None) -> None:
+    """Post the status event of a notification (or of every one whose callback gave up) again."""
+    from notifier import redelivery
+    from notifier.errors import ApiError
+    from notifier.models import ApiKey
+
+    if bool(notification_id) == all_gave_up:
+        raise click.UsageError("give a notification id or --gave-up")
+    if not all_gave_up and (key_name or since):
+        raise click.UsageError("--key and --since go with --gave-up")
+    after = _utc(since) if since else None
+    redis, settings = _redis()
+    with _open():
+        if not all_gave_up:
+            try:
+                redelivery.redeliver(redis, settings, notification_id, by="an operator")
+            except ApiError as exc:
+                raise click.ClickException(exc.message) from None
+            click.echo(f"the callback of {notification_id} goes again")
+            return
+        key = None
+        if key_name is not None:
+            key = ApiKey.get_or_none(ApiKey.name == key_name)
+            if key is None:
+                raise click.ClickException(f"no key named {key_name!r}")
+        count = 0
+        for nid in redelivery.gave_up(key, after):
+            try:
+                redelivery.redeliver(redis, settings, nid, by="an operator")
+                count += 1
+            except ApiError as exc:  # requeued meanwhile: it owes its own event now
+                click.echo(f"{nid}: {exc.message}", err=True)
+    click.echo(f"{count} callback(s) go again")
+
+
+def _utc(text: str):
+    from datetime import UTC, datetime
+
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise click.BadParameter("an ISO 8601 time with offset, like 2026-12-02T10:00:00+00:00",
+                                 param_hint="--since") from None
+    if when.tzinfo is None:
+        raise click.BadParameter("give the offset (Z or +00:00)", param_hint="--since")
+    return when.astimezone(UTC).replace(tzinfo=None)
 
 
 @main.command("reconcile")

@@ -391,6 +391,6 @@ def _rate(env: Mapping[str, str], name: str, default: str, allow_empty: bool) ->
     try:
         check_rate(raw)
     except ValueError:
-        raise ConfigError(name, f"must be one rate of 1 to 1,000,000,000 per at most 10 years, like 100/second "
-                                f"or 20/hour, got {raw!r}") from None
+        raise ConfigError(name, f"must be one rate of 1 to 10^12 per a period of at most 1,000 years, like "
+                                f"100/second or 20/hour, got {raw!r}") from None
     return raw

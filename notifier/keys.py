@@ -79,17 +79,20 @@ def rotate(name: str, force: bool = False) -> str | None:
     raises RotationUnderway, unless force: then that previous secret stops working at once."""
     prefix, plaintext = _new_secret()
     live = (ApiKey.name == name) & ApiKey.revoked_at.is_null()
-    # One statement, on the row as it is now: a read and a save() of every column wrote back a
-    # revoked_at read before a revoke made meanwhile, and the revoked key worked again.
-    rotated = (ApiKey.update(old_prefix=ApiKey.prefix, old_key_hash=ApiKey.key_hash, prefix=prefix,
-                             key_hash=_hash(plaintext))
-               .where(live if force else live & ApiKey.old_prefix.is_null()).execute())
-    if rotated:
-        return plaintext
-    underway = ApiKey.get_or_none(live)
-    if underway is None:
-        return None
-    raise RotationUnderway(underway.old_prefix)
+    while True:
+        # One statement, on the row as it is now: a read and a save() of every column wrote back a
+        # revoked_at read before a revoke made meanwhile, and the revoked key worked again.
+        rotated = (ApiKey.update(old_prefix=ApiKey.prefix, old_key_hash=ApiKey.key_hash, prefix=prefix,
+                                 key_hash=_hash(plaintext))
+                   .where(live if force else live & ApiKey.old_prefix.is_null()).execute())
+        if rotated:
+            return plaintext
+        underway = ApiKey.get_or_none(live)
+        if underway is None:
+            return None
+        if underway.old_prefix is not None:
+            raise RotationUnderway(underway.old_prefix)
+        # The rotation under way ended (`revoke --old`) between the two statements: rotate now.
 
 
 def authenticate(plaintext: str | None, cache: KeyCache | None = None) -> ApiKey | None:

@@ -17,6 +17,7 @@ from functools import lru_cache
 from limits import RateLimitItem, parse, parse_many
 from limits.storage import storage_from_string
 from limits.strategies import MovingWindowRateLimiter
+from limits.util import SINGLE_EXPR
 from redis.exceptions import RedisError, ResponseError
 
 logger = logging.getLogger(__name__)
@@ -27,20 +28,27 @@ LIMIT_TIMEOUT_SECONDS = 0.5
 
 # Beyond these Redis refuses the moving window's script (a number it cannot read, an expiry past its
 # range), and a limit it cannot check is not enforced: "1/99999999999999999999 seconds" let everything
-# through, each request logging that Redis was unreachable.
-MAX_RATE_AMOUNT = 1_000_000_000
-MAX_RATE_PERIOD_SECONDS = 10 * 360 * 86400  # ten of limits' years
+# through, each request logging that Redis was unreachable. Far inside what Redis takes.
+MAX_RATE_AMOUNT = 10**12
+MAX_RATE_PERIOD_SECONDS = 1000 * 360 * 86400  # a thousand of limits' years (360 days each)
+MAX_RATE_LENGTH = 40  # what a key's rate_limit column holds
 
 
 def check_rate(text: str) -> RateLimitItem:
-    """A rate as a setting or a key may have it: exactly one, of 1 to MAX_RATE_AMOUNT per at most
-    MAX_RATE_PERIOD_SECONDS ("100/second"); raises ValueError otherwise. Of several (limits takes
-    "10/minute;20/day") only the first would apply, and 0 would refuse everything."""
+    """A rate as a setting or a key may have it: exactly one, of 1 to MAX_RATE_AMOUNT per a period of
+    at most MAX_RATE_PERIOD_SECONDS ("100/second"); raises ValueError otherwise. Of several (limits
+    takes "10/minute;20/day") only the first would apply, and 0 would refuse everything."""
+    if len(text) > MAX_RATE_LENGTH:
+        raise ValueError(f"a rate of more than {MAX_RATE_LENGTH} characters: {text[:MAX_RATE_LENGTH]!r}...")
     rates = parse_many(text)
     if len(rates) != 1 or not 1 <= rates[0].amount <= MAX_RATE_AMOUNT:
         raise ValueError(f"not one rate of 1 to {MAX_RATE_AMOUNT:,}: {text!r}")
+    multiples = SINGLE_EXPR.match(text).group(3)
+    if multiples is not None and int(multiples) == 0:
+        # limits reads "5/0 seconds" as 5/second; the key would show one rate and have another.
+        raise ValueError(f"a rate per 0 periods: {text!r}")
     if rates[0].get_expiry() > MAX_RATE_PERIOD_SECONDS:
-        raise ValueError(f"a rate's period is at most 10 years: {text!r}")
+        raise ValueError(f"a rate's period is at most 1,000 years: {text!r}")
     return rates[0]
 
 
@@ -91,8 +99,11 @@ class Limiter:
             allowed = ask(rate, "notifier", *identifiers)
             stats = self._limiter.get_window_stats(rate, "notifier", *identifiers)
         except ResponseError as exc:
-            # Redis answered, refusing the script: not an outage, and not one that passes.
-            logger.error("rate limit not enforced, Redis refused its check: %s", type(exc).__name__)
+            if type(exc) is ResponseError:
+                # Redis refused the script's numbers (a rate stored before rates were bounded): no outage.
+                logger.error("rate limit not enforced, Redis refused its check: %s", type(exc).__name__)
+            else:  # a read-only replica after a failover, out of memory: Redis cannot take the hit
+                logger.warning("rate limit not enforced, Redis unavailable: %s", type(exc).__name__)
             return Verdict(True, rate.amount, rate.amount, 0)
         except (RedisError, ConnectionError, OSError) as exc:
             logger.warning("rate limit not enforced, Redis unreachable: %s", type(exc).__name__)

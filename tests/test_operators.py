@@ -346,7 +346,8 @@ def test_ipv6_guesses_count_per_64_and_mapped_ipv4_as_ipv4(pg_settings, pg_db, r
 
 @pytest.mark.parametrize("name", ["OPERATOR_AUTH_LIMIT", "RATE_LIMIT", "RECIPIENT_CAP"])
 @pytest.mark.parametrize("rate", ["0/minute", "10/minute;20/day", "lots", "1/99999999999999999999 seconds",
-                                  "1000000001/second", "1/11 years"])
+                                  "1000000000001/second", "1/1001 years", "5/0 seconds",
+                                  "1 per" + " " * 40 + "second"])
 def test_a_rate_must_be_one_rate_within_bounds(name, rate):
     with pytest.raises(ConfigError) as caught:
         Settings.from_env({name: rate})
@@ -390,3 +391,8 @@ def test_options_of_an_operator_page_answers_204_with_allow_and_no_body(ops, pat
     assert response.status_code == 204, response.get_data(as_text=True)
     assert response.get_data() == b"" and "Content-Type" not in response.headers
     assert "GET" in response.headers["Allow"].split(", ")
+
+
+@pytest.mark.parametrize("rate", ["2000000000/day", "1/3650 days", "100000000000/second", "1/1000 years"])
+def test_a_rate_redis_takes_is_taken(rate):
+    assert Settings.from_env({"RATE_LIMIT": rate}).rate_limit == rate

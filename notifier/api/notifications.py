@@ -6,7 +6,7 @@ from flask import Blueprint, current_app, jsonify, request, url_for
 from marshmallow import ValidationError
 from werkzeug.exceptions import MethodNotAllowed
 
-from notifier import listing, store
+from notifier import listing, redelivery, store
 from notifier.api.common import (
     current_key,
     idempotency_header,
@@ -128,6 +128,15 @@ def send_verification():
 def cancel(notification_id: str):
     """Cancel a notification that has not been sent yet."""
     return _detail(service().cancel(current_key(), notification_id))
+
+
+@bp.post("/<notification_id>/redeliver-callback")
+def redeliver_callback(notification_id: str):
+    """Post a final notification's status event to its callback_url again."""
+    ext = current_app.extensions["notifier"]
+    response = _detail(redelivery.redeliver(ext["redis"], ext["settings"], notification_id, current_key()))
+    response.status_code = 202
+    return response
 
 
 # Routes of their own that take only POST: a GET of one is the wrong method, not a notification id,

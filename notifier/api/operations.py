@@ -176,6 +176,13 @@ OPERATIONS: dict[tuple[str, str], Op] = {
         "Cancel a notification that has not been sent", "notifications", ok_schema=NotificationDetailSchema,
         ok_description="Cancelled: it will never be sent",
         errors={409: "`not_cancellable`: it is sending or already final"}),
+    ("notifications.redeliver_callback", "POST"): Op(
+        "Post a final notification's status event to its callback_url again", "notifications", ok=202,
+        ok_schema=NotificationDetailSchema,
+        ok_description="The event goes again (the same Notifier-Event-Id), with a fresh set of attempts; "
+                       "`callback_status` is `pending`. One already pending is answered as it is",
+        errors={409: "`no_callback`: it has no callback_url; `not_final`: it is not final yet, and its event "
+                     "goes when it is"}),
     ("notifications.user_stats", "GET"): Op(
         "How many notifications a user has, in total and per status", "notifications", ok_schema=UserStatsSchema,
         errors={422: USER_ID_422}),
