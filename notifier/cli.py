@@ -324,7 +324,10 @@ def _utc(text: str):
                                  param_hint="--since") from None
     if when.tzinfo is None:
         raise click.BadParameter("give the offset (Z or +00:00)", param_hint="--since")
-    return when.astimezone(UTC).replace(tzinfo=None)
+    try:
+        return when.astimezone(UTC).replace(tzinfo=None)
+    except OverflowError:  # the year 1 or 9999, moved past its end by the offset
+        raise click.BadParameter("a time within the years 1 to 9999 in UTC", param_hint="--since") from None
 
 
 @main.command("reconcile")

@@ -237,6 +237,9 @@ _partial("queued_priority_seq", Notification.status == Status.QUEUED.value, Noti
 for _status in (Status.RETRYING, Status.SENDING):
     _partial(f"{_status.value}_seq", Notification.status == _status.value, Notification.seq)
 _partial("callback_pending_seq", Notification.callback_status == CallbackStatus.PENDING.value, Notification.seq)
+# The callbacks that gave up, for an operator posting them again (notifier.redelivery): written only
+# as one gives up.
+_partial("callback_gave_up_seq", Notification.callback_status == CallbackStatus.GAVE_UP.value, Notification.seq)
 _partial("expiring_seq", Notification.expires_at.is_null(False)
          & Notification.status.in_(sorted(s.value for s in WAITING_STATUSES)), Notification.seq)
 _partial("scheduled_seq", Notification.status == Status.SCHEDULED.value, Notification.seq)

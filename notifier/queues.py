@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 
 from redis import Redis
 from redis.client import Pipeline
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, WatchError
 from rq import Queue, Retry, Worker
 from rq.executions import WORKER_EXECUTIONS_KEY_TEMPLATE
 from rq.job import Job, JobStatus
@@ -50,6 +50,7 @@ RELEASE_JOB = "notifier.jobs.release"
 CALLBACK_JOB = "notifier.jobs.send_callback"
 # The states of a job (its hash's `status`) that will still run, or are running.
 LIVE_JOB_STATES = frozenset({b"queued", b"started", b"scheduled", b"deferred"})
+_RUNNING_JOB_STATES = frozenset({b"queued", b"started"})  # those not waiting for a retry
 
 
 # The API's Redis calls wait at most this long for an answer: a hung Redis (a failover, a stopped
@@ -308,19 +309,51 @@ def callback_job_timeout(settings: Settings) -> int:
     return int(settings.callback_timeout * 2) + 5
 
 
-def enqueue_callback(connection: Redis, settings: Settings, notification_id: str, attempts_made: int = 0):
-    """Queue the status callback for a notification that reached a final state."""
-    return Queue(CALLBACK_QUEUE, connection=connection).enqueue(
+def enqueue_callback(connection: Redis, settings: Settings, notification_id: str, attempts_made: int = 0,
+                     unless_live: bool = True, new_event: bool = False) -> Job | None:
+    """Queue the status callback job of a notification that reached a final state; returns it, or None
+    when its job is live already (queued, running, waiting for a retry): that job reads the row as it
+    runs and posts the event owed then, and a second one would post the same event at once, whatever
+    the retry interval (unless_live=False: a job `started` whose worker is gone, the reconciler's).
+    new_event: the notification has just become final (again): a job waiting for the retry of the
+    event it owed before is replaced, so the new one goes now rather than at that retry.
+
+    The look and the queueing are one transaction (WATCH on the job): the reconciler, a redelivery
+    and a final transition each queued it after seeing no live job, and two that looked at once both
+    did, two jobs under one id. An earlier job's hash under that id (a finished one's, a failed one's)
+    is replaced whole, its expiry with it: kept, a failed job's 30 days, or a finished job's minute,
+    ran on under the new job, which vanished from its queue or its retry when it ran out. Its entry
+    in a failed or finished registry goes too. Raises RedisError."""
+    job_id = callback_job_id_for(notification_id)
+    key = Job.key_for(job_id)
+    data = Queue.prepare_data(
         CALLBACK_JOB,
-        notification_id,
-        job_id=callback_job_id_for(notification_id),
+        (notification_id,),
+        job_id=job_id,
         retry=_retry(settings.callback_retry_intervals, attempts_made),
-        job_timeout=callback_job_timeout(settings),
+        timeout=callback_job_timeout(settings),
         result_ttl=settings.finished_job_ttl,
         failure_ttl=failure_ttl(settings),
         description=f"status callback for notification {notification_id}",
         meta=traced(),
     )
+    queue = Queue(CALLBACK_QUEUE, connection=connection)
+    with connection.pipeline() as pipe:
+        while True:
+            try:
+                pipe.watch(key)
+                if unless_live and pipe.hget(key, "status") in (_RUNNING_JOB_STATES if new_event else LIVE_JOB_STATES):
+                    return None
+                pipe.multi()
+                pipe.delete(key)
+                for registry in (queue.failed_job_registry, queue.finished_job_registry,
+                                 queue.scheduled_job_registry, queue.deferred_job_registry):
+                    registry.remove(job_id, pipeline=pipe)
+                (job,) = queue.enqueue_many([data], pipeline=pipe)
+                pipe.execute()
+                return job
+            except WatchError:
+                continue  # another process changed the job meanwhile: look again
 
 
 def share_jobs(settings: Settings, items: list[tuple[str, dict]]) -> list[dict]:
@@ -364,33 +397,20 @@ def dispatch(connection: Redis, settings: Settings, notification: Notification,
 
 def dispatch_callback(connection: Redis, settings: Settings, notification: Notification) -> bool:
     """Queue the status callback a final notification owes, if any, and those the items of a digest
-    owe once it ended with them; Redis away means the reconciler queues them later. True when any
-    was queued."""
-    owed = [notification] if notification.callback_status == "pending" else []
-    items = [n for n in store.items_owed_callbacks(notification) if n.callback_status == "pending"]
+    owe once it ended with them (an item left out of its digest, past its deadline, had its callback
+    queued then: enqueue_callback passes over a live one); Redis away means the reconciler queues them
+    later. True when any was queued."""
+    owed = [(notification, True)] if notification.callback_status == "pending" else []
+    owed += [(n, False) for n in store.items_owed_callbacks(notification) if n.callback_status == "pending"]
+    queued = False
     try:
-        owed += _without_live_callback(connection, items)
-        for n in owed:
-            enqueue_callback(connection, settings, n.id, n.callback_attempts)
+        for n, new_event in owed:
+            queued = enqueue_callback(connection, settings, n.id, n.callback_attempts,
+                                      new_event=new_event) is not None or queued
     except RedisError as exc:
         logger.warning("callback for notification %s not queued: %s", notification.id, type(exc).__name__)
         return False
-    return bool(owed)
-
-
-def _without_live_callback(connection: Redis, notifications: list[Notification]) -> list[Notification]:
-    """Those of notifications whose callback job Redis does not hold as live work. An item left out of
-    its digest (past its deadline, notifier.digests) had its callback queued then: a second job for
-    it would post again at once, whatever the retry interval, if the first attempt failed. One whose
-    live job is lost after all is queued by the reconciler, which looks for exactly that. Raises
-    RedisError."""
-    if not notifications:
-        return []
-    with connection.pipeline(transaction=False) as pipe:
-        for n in notifications:
-            pipe.hget(Job.key_for(callback_job_id_for(n.id)), "status")
-        states = pipe.execute()
-    return [n for n, state in zip(notifications, states, strict=True) if state not in LIVE_JOB_STATES]
+    return queued
 
 
 def _shared_job(settings: Settings, job_id: str, notification_ids: list[str], at_front: bool = False,

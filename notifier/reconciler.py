@@ -338,12 +338,16 @@ def _callbacks(redis: Redis, settings: Settings, settled: datetime, report: Repo
     pending = Notification.callback_status == CallbackStatus.PENDING.value
     for rows in _pages(pending, Notification.updated_at <= settled, stop_at=stop_at):
         job_ids = [queues.callback_job_id_for(r.id) for r in rows]
-        missing = _missing_jobs(redis, job_ids, [queues.CALLBACK_QUEUE] * len(rows)) | _abandoned(redis, job_ids)
-        if not missing and _any_queued(redis, job_ids):
+        missing = _missing_jobs(redis, job_ids, [queues.CALLBACK_QUEUE] * len(rows))
+        abandoned = _abandoned(redis, job_ids)
+        if not missing and not abandoned and _any_queued(redis, job_ids):
             return
         for row in rows:
-            if queues.callback_job_id_for(row.id) in missing:
-                queues.enqueue_callback(redis, settings, row.id, row.callback_attempts)
+            job_id = queues.callback_job_id_for(row.id)
+            # A missing one only if it is still missing: a redelivery or a final transition may have
+            # queued it since it was looked at.
+            if (job_id in abandoned or job_id in missing) and queues.enqueue_callback(
+                    redis, settings, row.id, row.callback_attempts, unless_live=job_id not in abandoned):
                 report.callbacks += 1
 
 

@@ -23,7 +23,8 @@ from notifier.models import FINAL_STATUSES, ApiKey, CallbackStatus, Notification
 
 logger = logging.getLogger(__name__)
 
-# What may be posted again: a callback no job is posting or will post. A pending one is on its way.
+# What may be posted again: a callback no job is posting or will post (None: a final row that never
+# owed one, though it has a callback_url). A pending one is on its way.
 REDELIVERABLE = (CallbackStatus.GAVE_UP.value, CallbackStatus.DELIVERED.value)
 PAGE = 500
 
@@ -33,42 +34,37 @@ def redeliver(redis: Redis | None, settings: Settings, notification_id: str, api
     """Post the status event of a final notification again (api_key: only one of that key's); returns
     the notification, its callback `pending`. One whose callback is pending already is returned as
     it is. Raises NotFound, or Conflict when it has no callback_url or is not final yet."""
-    row = store.get_for_key(api_key, notification_id) if api_key is not None else store.get(notification_id)
-    if row is None:
-        raise NotFound("no such notification")
-    if not row.callback_url:
-        raise Conflict(f"notification {row.id} has no callback_url", code="no_callback")
-    if row.status not in FINAL_STATUSES:
-        raise Conflict(f"notification {row.id} is {row.status}: its event is posted when it reaches a final state",
-                       {"status": row.status}, code="not_final")
-    if row.callback_status == CallbackStatus.PENDING.value:
-        return row
-    with database.atomic():
-        # Only as read: a dead letter requeued meanwhile owes another event, on its own schedule.
-        made = (Notification.update(callback_status=CallbackStatus.PENDING.value, callback_attempts=0)
-                .where((Notification.seq == row.seq) & (Notification.status == row.status)
-                       & (Notification.final_moves == row.final_moves)
-                       & Notification.callback_status.in_(REDELIVERABLE))
-                .execute())
+    while True:
+        row = store.get_for_key(api_key, notification_id) if api_key is not None else store.get(notification_id)
+        if row is None:
+            raise NotFound("no such notification")
+        if not row.callback_url:
+            raise Conflict(f"notification {row.id} has no callback_url", code="no_callback")
+        if row.status not in FINAL_STATUSES:
+            raise Conflict(f"notification {row.id} is {row.status}: its event is posted when it reaches a final "
+                           "state", {"status": row.status}, code="not_final")
+        if row.callback_status == CallbackStatus.PENDING.value:
+            return row
+        with database.atomic():
+            # Only as read: a dead letter requeued meanwhile owes another event, on its own schedule;
+            # read again, it is answered for what it is now.
+            made = (Notification.update(callback_status=CallbackStatus.PENDING.value, callback_attempts=0)
+                    .where((Notification.seq == row.seq) & (Notification.status == row.status)
+                           & (Notification.final_moves == row.final_moves)
+                           & (Notification.callback_status.in_(REDELIVERABLE) | Notification.callback_status.is_null()))
+                    .execute())
+            if made:
+                store.record(row.id, kind="callback", reason=f"callback to be posted again, as {by} asked")
         if made:
-            store.record(row.id, kind="callback", reason=f"callback to be posted again, as {by} asked")
-    current = store.get(row.id)
-    if not made:
-        if current.callback_status == CallbackStatus.PENDING.value:
-            return current  # asked twice at once, or final anew: posted either way
-        raise Conflict(f"notification {row.id} changed meanwhile; ask again", {"status": current.status},
-                       code="conflict")
-    _enqueue(redis, settings, current)
-    return current
+            current = store.get(row.id)
+            _enqueue(redis, settings, current)
+            return current
 
 
 def _enqueue(redis: Redis | None, settings: Settings, notification: Notification) -> None:
     if redis is None:
         return
     try:
-        # The job that gave up is in RQ's failed registry under the id the new one takes; left there,
-        # rq-dashboard would list a job that is queued again as failed.
-        queues.unfile_failed(redis, [queues.callback_job_id_for(notification.id)])
         queues.enqueue_callback(redis, settings, notification.id)
     except RedisError as exc:
         # Pending in the database: the reconciler queues it once Redis answers.

@@ -12,7 +12,7 @@ from notifier.models import FINAL_STATUSES, MODELS, Event, SchemaVersion, Status
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 13
+SCHEMA_VERSION = 14
 # Indexes a later version replaced, dropped where an earlier one made them (5: the reconciler pages
 # owed callbacks by seq, not by updated_at; two partial indexes of version 5's first cut, before it
 # paged deadlines and send times by seq too; 6: it pages queued rows a priority at a time; 8: an
@@ -22,7 +22,7 @@ SCHEMA_VERSION = 13
 # pages of them; 11 replaces three indexes of every notification by two partial ones (models.py) and
 # moves the preferences an `email:` path stored in its own letter case to the key mail reads; 12 counts
 # the moves that made each notification final (models.Notification.final_moves); 13 only adds a column
-# (the callback secret a rotation replaced).
+# (the callback secret a rotation replaced); 14 only adds an index (the callbacks that gave up).
 _REPLACED_INDEXES = ("notification_callback_status_updated_at", "notifications_waiting_expires_at",
                      "notifications_scheduled_send_at", "notifications_queued_seq",
                      # The name peewee gave the key-only unique index (after the model, not the table).

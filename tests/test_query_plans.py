@@ -11,7 +11,7 @@ from datetime import timedelta
 
 import pytest
 
-from notifier import consent, deadletters, digests, listing, store
+from notifier import consent, deadletters, digests, listing, redelivery, store
 from notifier.config import Settings
 from notifier.db import _PREPARED, database
 from notifier.models import CallbackStatus, Notification, SchemaVersion, Status, Suppression, utcnow
@@ -193,6 +193,21 @@ def test_held_notifications_and_dead_letters_are_read_by_their_own_indexes(pg_db
             assert "notifications_held_user_category" in _plan(*statement), _plan(*statement)
 
 
+def test_the_callbacks_that_gave_up_are_read_by_their_own_index(pg_db, api_key, monkeypatch):
+    key = api_key[0]
+    with database.connection_context():
+        store.create_notifications(key, [(dict(FIELDS, callback_url="http://hooks.example/n",
+                                               callback_status="delivered"), Status.SENT, "earlier")] * 4000)
+        gave_up = store.create_notifications(key, [(dict(FIELDS, callback_url="http://hooks.example/n",
+                                                         callback_status="gave_up"), Status.SENT, "sent")] * 5)
+        database.execute_sql("ANALYZE notifications")
+        seen = _recording(monkeypatch)
+        assert list(redelivery.gave_up(key, since=utcnow() - timedelta(hours=1))) == [n.id for n in gave_up]
+        monkeypatch.undo()
+        (statement,) = [s for s in seen if "gave_up" in (s[1] or [])]
+        assert "notifications_callback_gave_up_seq" in _plan(*statement), _plan(*statement)
+
+
 def _indexes() -> set[str]:
     rows = database.execute_sql("SELECT indexname FROM pg_indexes WHERE tablename = 'notifications'").fetchall()
     return {name for (name,) in rows}
@@ -213,13 +228,15 @@ _BEFORE_11 = {"notification_api_key_id": '("api_key_id")',
 @pytest.mark.parametrize("version, replaced, made", [
     (4, _BEFORE_5, None),
     (10, _BEFORE_11, {"notifications_held_user_category", "notifications_dead_updated_at"}),
+    (13, {}, {"notifications_callback_gave_up_seq"}),
 ])
 def test_an_upgrade_makes_the_partial_indexes_and_drops_those_they_replace(pg_db, version, replaced, made):
     with database.connection_context():
         if made is None:
             made = {name for name in _indexes() if name.startswith("notifications_") and name != "notifications_pkey"}
-            # The reconciler's seven, since version 7 a digest's items, since 11 the held ones and the dead letters.
-            assert len(made) == 10
+            # The reconciler's seven, since version 7 a digest's items, since 11 the held ones and the dead
+            # letters, since 14 the callbacks that gave up.
+            assert len(made) == 11
         for name in made:
             database.execute_sql(f'DROP INDEX "{name}"')
         for name, columns in replaced.items():

@@ -3,16 +3,21 @@
 
 from __future__ import annotations
 
+from collections import deque
+from dataclasses import replace
 from datetime import timedelta
 
 import pytest
 from rq import Queue
+from rq.job import Job
 
+from app import create_app
 from notifier import callbacks
 from notifier.db import database
 from notifier.models import utcnow
 from notifier.queues import CALLBACK_QUEUE, callback_job_id_for
-from tests.helpers import LITERAL, make_notification, reload, run_worker_until_idle
+from notifier.reconciler import reconcile
+from tests.helpers import LITERAL, installed_deliverer, make_notification, reload, run_worker_until_idle
 from tests.processes import cli, env_for
 
 pytestmark = pytest.mark.integration
@@ -134,7 +139,55 @@ def test_the_command_says_what_it_cannot_do(api, headers, live_deliverer, receiv
     assert run().returncode == 2 and run(without, "--gave-up").returncode == 2
     assert run("--gave-up", "--since", "yesterday").returncode == 2
     assert run("--gave-up", "--since", "2026-12-02T10:00:00").returncode == 2  # no offset
+    for edge in ("0001-01-01T00:00:00+01:00", "9999-12-31T23:00:00-05:00"):  # past the ends in UTC
+        done = run("--gave-up", "--since", edge)
+        assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
     assert run("--gave-up", "--key", "nobody").returncode == 1
     notification_id = _given_up(api, headers, receiver, redis_conn)
     done = run(notification_id)
     assert done.returncode == 0 and f"the callback of {notification_id} goes again" in done.stdout
+
+
+def test_a_redelivery_then_a_reconciler_pass_queues_one_job_with_no_expiry(api, headers, live_deliverer, receiver,
+                                                                         redis_conn, fast_settings):
+    # The reconciler found the row pending (and old: a redelivery leaves updated_at as it was) and its
+    # last job finished or failed: it queued a second job under the same id, two posts at once. The
+    # new job also kept the old one's expiry (a finished job's minute, a failed one's 30 days).
+    response = api.post(SEND, json={**LITERAL, "callback_url": receiver.url}, headers=headers)
+    notification_id = response.get_json()["id"]
+    run_worker_until_idle(redis_conn)  # delivered: its job finished, kept FINISHED_JOB_TTL
+    key = Job.key_for(callback_job_id_for(notification_id))
+    assert redis_conn.ttl(key) > 0
+    assert api.post(_redeliver_path(notification_id), headers=headers).status_code == 202
+    assert redis_conn.ttl(key) == -1
+    with database.connection_context():
+        assert reconcile(fast_settings, redis_conn, now=utcnow() + timedelta(hours=1)).callbacks == 0
+    queued = Queue(CALLBACK_QUEUE, connection=redis_conn).get_job_ids()
+    assert queued == [callback_job_id_for(notification_id)]
+    run_worker_until_idle(redis_conn)
+    assert receiver.count() == 2
+
+
+def test_a_redelivered_dead_letter_requeued_before_its_callback_went_posts_the_new_event_once(
+        pg_settings, pg_db, headers, receiver, smtp, redis_conn):
+    # The `sent` record queued the callback job again beside the one the redelivery had queued: two
+    # jobs under one id, the second posting at once after the first failed, whatever the interval.
+    patient = replace(pg_settings, callback_retry_intervals=(3600,))
+    api = create_app(patient, redis=redis_conn).test_client()
+    receiver.always = 410
+    smtp.replies.append("550 5.7.1 message rejected by policy")
+    with installed_deliverer(patient, redis_conn):
+        notification_id = api.post(SEND, json={**LITERAL, "callback_url": receiver.url},
+                                   headers=headers).get_json()["id"]
+        run_worker_until_idle(redis_conn)
+        assert (reload(notification_id).status, reload(notification_id).callback_status) == ("failed", "gave_up")
+        receiver.always, receiver.codes = 200, deque([503])
+        assert api.post(_redeliver_path(notification_id), headers=headers).status_code == 202  # its job waits
+        assert api.post(f"/api/dead-letters/{notification_id}/requeue", headers=headers).status_code == 202
+        run_worker_until_idle(redis_conn)  # sent now; the job that waited posts what is owed then
+
+    assert [c.headers[callbacks.EVENT_ID_HEADER] for c in receiver.calls] == [
+        f"{notification_id}:failed", f"{notification_id}:sent:2"]  # and its retry an hour later
+    row = reload(notification_id)
+    assert (row.status, row.callback_status, row.callback_attempts) == ("sent", "pending", 1)
+    assert smtp.count() == 1
