@@ -43,9 +43,12 @@ class ConfigError(NotifierError):
 class DeliveryError(NotifierError):
     """Sending failed; subclasses say whether trying again can help."""
 
-    def __init__(self, message: str, smtp_code: int | None = None, address_rejected: bool = False):
+    def __init__(self, message: str, smtp_code: int | None = None, address_rejected: bool = False,
+                 smtp_reply: str | None = None):
         super().__init__(message)
         self.smtp_code = smtp_code
+        # The server's own words after the code (message adds notifier's: what it was refusing).
+        self.smtp_reply = smtp_reply
         # The server said this mailbox does not exist: the address belongs on the suppression list.
         self.address_rejected = address_rejected
 

@@ -167,7 +167,8 @@ class Deliverer:
             error = exc if isinstance(exc, DeliveryError) else TransientDeliveryError(_cut_off(exc))
             if notification.attempts >= self.settings.max_attempts:
                 exhausted = RetriesExhausted(
-                    f"gave up after {notification.attempts} attempts: {error}", error.smtp_code
+                    f"gave up after {notification.attempts} attempts: {error}", error.smtp_code,
+                    smtp_reply=error.smtp_reply,
                 )
                 self._record_failure(notification, exhausted, final=True, lookup=lookup)
                 if isinstance(exc, STOPPING):
@@ -436,8 +437,9 @@ class Deliverer:
     def _record_failure(self, notification: Notification, exc: DeliveryError, *, final: bool,
                         lookup: consent.Lookup = consent.DATABASE) -> None:
         message = str(exc)
-        # A server's reply only when there was one: a refused connection or a broken template has none.
-        reply = message if exc.smtp_code is not None else None
+        # A server's reply only when there was one (a refused connection or a broken template has
+        # none), in its own words: `reason` says what notifier made of it.
+        reply = (message if exc.smtp_reply is None else exc.smtp_reply) if exc.smtp_code is not None else None
         fields = {"reason": message, "smtp_code": exc.smtp_code, "smtp_reply": reply, "last_error": message}
         if final:
             if exc.address_rejected:

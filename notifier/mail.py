@@ -262,7 +262,8 @@ def classify(exc: BaseException) -> DeliveryError:
         return error
     if isinstance(exc, smtplib.SMTPAuthenticationError):
         # A login problem is the operator's to fix; retrying gives them the time to.
-        return TransientDeliveryError(f"SMTP login failed: {exc.smtp_code} {_text(exc.smtp_error)}", exc.smtp_code)
+        return TransientDeliveryError(f"SMTP login failed: {exc.smtp_code} {_text(exc.smtp_error)}", exc.smtp_code,
+                                      smtp_reply=_text(exc.smtp_error))
     if isinstance(exc, smtplib.SMTPResponseException):
         return _by_code(exc.smtp_code, exc.smtp_error, "SMTP error")
     if isinstance(exc, smtplib.SMTPServerDisconnected):
@@ -294,10 +295,10 @@ def _by_code(code: int, reply, what: str) -> DeliveryError:
     text = _text(reply)
     message = f"{what}: {code} {text}"
     if 400 <= code < 500:
-        return TransientDeliveryError(message, code)
+        return TransientDeliveryError(message, code, smtp_reply=text)
     enhanced = _ENHANCED_STATUS.match(text)
     bad_mailbox = enhanced is not None and enhanced.group().strip() in _BAD_MAILBOX
-    return PermanentDeliveryError(message, code, address_rejected=bad_mailbox)
+    return PermanentDeliveryError(message, code, address_rejected=bad_mailbox, smtp_reply=text)
 
 
 class SmtpMailer:

@@ -62,6 +62,9 @@ class Renderer:
             keep_trailing_newline=False,
         )
         self.env.globals["brand_name"] = brand_name
+        # {{ refuse("...") }}: a template says what its data lack, in the caller's terms (an undefined
+        # name made up for the purpose was what the 422 named).
+        self.env.globals["refuse"] = _refuse
         self.env.filters["link"] = link
 
     def _path(self, name: str, part: str) -> str:
@@ -107,6 +110,10 @@ class Renderer:
         if not os.path.isfile(self._path(name, part)):
             return None
         return self.env.get_template(f"email/{name}.{part}").render(context).strip() + "\n"
+
+
+def _refuse(message: str):
+    raise TemplateRuntimeError(message)
 
 
 def literal(subject: str, text: str | None, html: str | None) -> RenderedEmail:

@@ -386,9 +386,19 @@ class NotificationService:
         data = {k: payload[k] for k in ("code", "verification_url", "name") if k in payload}
         message = {k: v for k, v in payload.items() if k not in ("code", "verification_url", "name")}
         message.update(template=VERIFICATION_TEMPLATE, data=data, priority=Priority.HIGH.value)
-        if "expires_at" not in message and "ttl_seconds" not in message:
+        implied = "expires_at" not in message and "ttl_seconds" not in message
+        if implied:
             message["ttl_seconds"] = self.settings.verification_ttl_seconds
-        return self.send(api_key, message, idempotency_key)
+        try:
+            return self.send(api_key, message, idempotency_key)
+        except Unprocessable as exc:
+            if not (implied and isinstance(exc.details, dict) and "ttl_seconds" in exc.details):
+                raise
+            # A deadline the request never gave: named as what it is, on the field that passed it.
+            field = "delay_seconds" if "delay_seconds" in message else "send_at"
+            raise Unprocessable("the send time is past the verification's deadline", {field: [
+                f"must be within VERIFICATION_TTL_SECONDS ({self.settings.verification_ttl_seconds} s) of now, "
+                "the deadline a verification has unless ttl_seconds or expires_at gives another"]}) from None
 
     def cancel(self, api_key: ApiKey, notification_id: str) -> Notification:
         """Cancel a notification that is not being sent and not yet final; it will never be sent."""

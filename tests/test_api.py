@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from redis import Redis
@@ -58,6 +59,19 @@ def test_send_verification_uses_the_verification_template_at_high_priority(clien
     detail = client.get(response.headers["Location"], headers=headers).get_json()
     assert (detail["template"], detail["priority"], detail["user_id"]) == ("verification", "high", "u1")
     assert Queue(QUEUE_NAMES["high"], connection=redis_conn).count == 1
+
+
+@pytest.mark.parametrize("timing", [{"delay_seconds": 4000},
+                                    {"send_at": (datetime.now(UTC) + timedelta(hours=2)).isoformat()}])
+def test_a_verification_sent_later_than_its_implied_deadline_names_the_send_time(client, headers, timing):
+    # The 422 named ttl_seconds, a field the request never sent.
+    response = client.post("/api/notifications/send-verification", json={**VERIFICATION, **timing}, headers=headers)
+    assert response.status_code == 422
+    ((field, (problem,)),) = response.get_json()["error"]["details"].items()
+    assert field == next(iter(timing)) and "VERIFICATION_TTL_SECONDS" in problem
+    own = client.post("/api/notifications/send-verification", json={**VERIFICATION, **timing, "ttl_seconds": 1},
+                      headers=headers)
+    assert own.status_code == 422 and set(own.get_json()["error"]["details"]) == {"ttl_seconds"}
 
 
 def test_template_send_with_data(client, headers):

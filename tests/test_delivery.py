@@ -268,7 +268,9 @@ def test_451_is_retried_then_delivered(client, headers, deliverer, smtp, redis_c
     statuses = [e["status"] for e in detail["history"]]
     assert statuses == ["queued", "sending", "retrying", "sending", "sent"]
     retry = detail["history"][2]
-    assert retry["smtp_code"] == 451 and "try again later" in retry["smtp_reply"]
+    # The server's words as it wrote them; what notifier made of them is the reason.
+    assert (retry["smtp_code"], retry["smtp_reply"]) == (451, "4.3.0 try again later")
+    assert retry["reason"] == "SMTP error: 451 4.3.0 try again later"
 
 
 def test_550_fails_at_once_without_retry(client, headers, deliverer, smtp, redis_conn):
@@ -281,6 +283,8 @@ def test_550_fails_at_once_without_retry(client, headers, deliverer, smtp, redis
     assert notification.status == "failed"
     assert notification.attempts == 1
     assert "550" in notification.last_error and "rejected by policy" in notification.last_error
+    (dead,) = client.get("/api/dead-letters", headers=headers).get_json()["data"]
+    assert (dead["smtp_code"], dead["smtp_reply"]) == (550, "5.7.1 message rejected by policy")
     failed = Queue(QUEUE_NAMES["default"], connection=redis_conn).failed_job_registry
     assert failed.get_job_ids() == [f"notification-{notification_id}"]
 

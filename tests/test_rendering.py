@@ -92,7 +92,9 @@ def test_missing_required_variable_raises_template_render_error(renderer):
 
 
 def test_verification_without_code_or_url_raises_template_render_error(renderer):
-    with pytest.raises(TemplateRenderError):
+    # In the caller's terms: it named a variable made up to be undefined, 'code_or_verification_url'.
+    with pytest.raises(TemplateRenderError, match=r"^template 'verification': the data need a code or a "
+                                                  r"verification_url$"):
         renderer.render("verification", {"name": "Ada"})
 
 
