@@ -58,6 +58,7 @@ def _post(settings: Settings, notification: Notification) -> str:
     if not Notification.update(callback_attempts=attempt).where(_still_owed_as_read(notification)).execute():
         # Final again since it was read (requeued and ended anew): the attempt would count against the
         # new event, which could then give up an attempt early, and this one is no longer owed.
+        _retry_at_once(settings)
         raise CallbackRetry(f"the notification moved on before its {notification.status} event was posted; the "
                             "event owed now goes next")
     body = event_body(notification)
@@ -83,22 +84,35 @@ def _post(settings: Settings, notification: Notification) -> str:
         final = isinstance(exc, CallbackRejected) or attempt >= settings.max_callback_attempts
         if not _outcome(notification, CallbackStatus.GAVE_UP if final else None,
                         f"callback attempt {attempt} failed: {exc}" + ("; giving up" if final else "")):
-            raise _moved_on(notification) from exc
+            raise _moved_on(settings, notification) from exc
         if final:
             raise CallbackGaveUp(str(exc)) from exc
         raise
     if not _outcome(notification, CallbackStatus.DELIVERED, f"callback delivered: HTTP {code}"):
-        raise _moved_on(notification, answered=True)
+        raise _moved_on(settings, notification, answered=True)
     return "delivered"
 
 
-def _moved_on(notification: Notification, answered: bool = False) -> CallbackRetry:
-    # The job of the event owed now, run by another worker while this one held the callback
-    # (callbacks.turn), skipped it: this job, retried, posts it at the next interval, rather than the
-    # reconciler a pass or two later. (Out of retries, the job fails and the reconciler queues it.)
+def _moved_on(settings: Settings, notification: Notification, answered: bool = False) -> CallbackRetry:
+    # The notification owes another event now (a dead letter requeued and final again), and this job
+    # is the one to post it: the final transition found it running and queued no other
+    # (queues.enqueue_callback). Retried at once, with the whole set of retries of a new event, not at
+    # the old event's next interval with what it had left (up to half an hour, or none).
+    _retry_at_once(settings)
     return (AnsweredThenMovedOn if answered else CallbackRetry)(
         f"the {notification.status} event was posted, and the notification has moved on; the event owed now goes "
         "next")
+
+
+def _retry_at_once(settings: Settings) -> None:
+    job = get_current_job()
+    if job is None:
+        return  # called outside a worker (a shell, a test): there is no retry to shape
+    # RQ takes interval number len(intervals) - retries_left: the first retry comes now, the rest as a
+    # new event's would (the worker handles the failure with this job object, as with
+    # worker.stop_retrying_permanent_failures).
+    job.retry_intervals = [0, *settings.callback_retry_intervals]
+    job.retries_left = len(job.retry_intervals)
 
 
 def _outcome(notification: Notification, state: CallbackStatus | None, reason: str) -> bool:

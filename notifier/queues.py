@@ -342,7 +342,12 @@ def enqueue_callback(connection: Redis, settings: Settings, notification_id: str
         while True:
             try:
                 pipe.watch(key)
-                if unless_live and pipe.hget(key, "status") in (_RUNNING_JOB_STATES if new_event else LIVE_JOB_STATES):
+                status = pipe.hget(key, "status")
+                # `queued` in a queue: a worker killed between taking a job off its queue (BLPOP) and
+                # marking it started left it `queued` in no queue, where nothing would ever run it.
+                # (Watching its hash is enough: whatever queues it again writes that.)
+                lost = status == b"queued" and pipe.lpos(queue.key, job_id) is None
+                if unless_live and not lost and status in (_RUNNING_JOB_STATES if new_event else LIVE_JOB_STATES):
                     return None
                 pipe.multi()
                 pipe.delete(key)

@@ -452,6 +452,9 @@ def test_a_held_record_committed_as_the_job_limit_lands_is_counted_and_called_ba
     first = make_notification(owner, Status.QUEUED, callback_url="https://example.com/hooks")
     second = make_notification(owner, Status.QUEUED, to="dave@example.com")
     monkeypatch.setattr(jobs, "database", _CommitThenStop(jobs.database))
+    # More than 10 ms between the two emails (a loaded machine) and the check for higher-priority
+    # work wrote the held record alone, before the claim: the case under test never came (a flake).
+    monkeypatch.setattr(jobs, "MAKE_WAY_CHECK_SECONDS", 3600)
 
     with pytest.raises(JobTimeoutException):
         deliverer.deliver_many([first.id, second.id])

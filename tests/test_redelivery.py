@@ -12,7 +12,7 @@ from rq import Queue
 from rq.job import Job
 
 from app import create_app
-from notifier import callbacks
+from notifier import callbacks, jobs
 from notifier.db import database
 from notifier.models import utcnow
 from notifier.queues import CALLBACK_QUEUE, callback_job_id_for
@@ -191,3 +191,40 @@ def test_a_redelivered_dead_letter_requeued_before_its_callback_went_posts_the_n
     row = reload(notification_id)
     assert (row.status, row.callback_status, row.callback_attempts) == ("sent", "pending", 1)
     assert smtp.count() == 1
+
+
+def test_a_new_event_owed_while_the_old_one_is_being_posted_goes_at_once_with_a_full_set_of_retries(
+        pg_settings, pg_db, headers, receiver, smtp, redis_conn):
+    # The final transition found the old event's job running and queued no other: that job posted the
+    # new event at the old one's next retry (10 s here, up to half an hour), with what it had left.
+    settings = replace(pg_settings, callback_retry_intervals=(10, 60, 300, 1800))
+    api = create_app(settings, redis=redis_conn).test_client()
+    smtp.replies.append("550 5.7.1 message rejected by policy")
+    with installed_deliverer(settings, redis_conn):
+        notification_id = api.post(SEND, json={**LITERAL, "callback_url": receiver.url},
+                                   headers=headers).get_json()["id"]
+
+        def requeued_and_sent_meanwhile():
+            assert api.post(f"/api/dead-letters/{notification_id}/requeue", headers=headers).status_code == 202
+            assert jobs.deliver(notification_id) == "sent"
+
+        receiver.before_answer = requeued_and_sent_meanwhile
+        run_worker_until_idle(redis_conn)
+
+    assert [c.json["status"] for c in receiver.calls] == ["failed", "sent"]
+    assert reload(notification_id).callback_status == "delivered"
+    assert smtp.count() == 1
+
+
+def test_a_callback_job_lost_off_its_queue_is_queued_again_by_the_reconciler(api, headers, live_deliverer, receiver,
+                                                                           redis_conn, fast_settings):
+    # A worker killed between taking the job off its queue and marking it started left it `queued` in
+    # no queue; the reconciler saw it missing, but the look before queueing took `queued` for live.
+    receiver.always = 410
+    notification_id = _given_up(api, headers, receiver, redis_conn)
+    assert api.post(_redeliver_path(notification_id), headers=headers).status_code == 202
+    redis_conn.lrem(Queue(CALLBACK_QUEUE, connection=redis_conn).key, 0, callback_job_id_for(notification_id))
+    with database.connection_context():
+        assert reconcile(fast_settings, redis_conn, now=utcnow() + timedelta(hours=1)).callbacks == 1
+    run_worker_until_idle(redis_conn)
+    assert reload(notification_id).callback_status == "delivered"
