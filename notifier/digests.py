@@ -280,12 +280,11 @@ def leave_out_expired(settings, renderer, digest: Notification, now: datetime) -
 def _item(renderer, notification: Notification) -> dict:
     if notification.template:
         try:
-            content = renderer.render(notification.template, notification.data)
+            subject, text = renderer.summary(notification.template, notification.data)
         except STOPPING:
             raise
         except Exception:  # noqa: BLE001 - one broken item must not hold the whole digest back
             return {"subject": notification.template.replace("_", " ").capitalize(), "text": ""}
-        subject, text = content.subject, content.text
     else:
         subject, text = notification.subject or "", notification.text or ""
     text = (text or "").strip()

@@ -18,6 +18,8 @@ TEMPLATE_NAME = re.compile(r"^[a-z0-9][a-z0-9_]{0,99}$")
 # its own signing, or none for transactional mail), never the caller's data: a caller's would have put
 # a link no unsubscribe honours into mail that cannot be unsubscribed from.
 UNSUBSCRIBE_URL = "unsubscribe_url"
+# The block of a template that holds its own words, inside the layout (templates/email/_layout.*).
+CONTENT_BLOCK = "content"
 # Schemes whose link runs something when clicked instead of opening a page.
 _ACTIVE_SCHEMES = frozenset({"javascript", "vbscript", "data"})
 
@@ -106,6 +108,29 @@ class Renderer:
             text = html_to_text(html)
         return RenderedEmail(subject=subject, text=text, html=html)
 
+    def summary(self, name: str, data: dict | None) -> tuple[str, str]:
+        """Template name's subject and the words of its body without the layout around them (the
+        footer, the unsubscribe line): what a digest shows of one of its items, among others that
+        would each repeat them. TemplateRenderError as render()."""
+        whole = self.render(name, data)  # refuses what a send of it would refuse, and is the fallback
+        context = {**(data or {}), UNSUBSCRIBE_URL: None}
+        for part in ("txt", "html"):
+            if not os.path.isfile(self._path(name, part)):
+                continue
+            template = self.env.get_template(f"email/{name}.{part}")
+            content = template.blocks.get(CONTENT_BLOCK)
+            if content is None:  # a template of its own shape, no layout around it
+                break
+            try:
+                body = self.env.concat(content(template.new_context(context)))
+            except (TemplateError, TypeError, ValueError, LookupError, AttributeError):
+                # A block that needs what only the whole template sets up (a top-level {% set %},
+                # super()): the whole text, as before, rather than nothing.
+                break
+            text = body.strip() + "\n" if part == "txt" else html_to_text(body)
+            return whole.subject, text
+        return whole.subject, whole.text or ""
+
     def _render_part(self, name: str, part: str, context: dict) -> str | None:
         if not os.path.isfile(self._path(name, part)):
             return None
@@ -137,6 +162,7 @@ class _TextExtractor(HTMLParser):
         super().__init__(convert_charrefs=True)
         self.parts: list[str] = []
         self._skipping = 0
+        self._pre = 0  # inside <pre>: its spaces and line breaks are the text (a table drawn in text, code)
         self._link: tuple[str, int] | None = None  # the open <a>: its target, and where its text starts
 
     def handle_starttag(self, tag, attrs):
@@ -144,6 +170,9 @@ class _TextExtractor(HTMLParser):
             self._skipping += 1
         elif tag in self._BREAK:
             self.parts.append("\n")
+            if tag == "pre":
+                self._pre += 1
+                self.parts.append(_Preformatted())  # where a line break right after <pre> is dropped, as HTML does
         elif tag == "img":
             # What a reader sees where the image does not load, and the only words of a button that
             # is a picture ("<a href=...><img alt='Verify your email'></a>").
@@ -161,6 +190,8 @@ class _TextExtractor(HTMLParser):
             self._skipping -= 1
         elif tag in self._BREAK:
             self.parts.append("\n")
+            if tag == "pre" and self._pre:
+                self._pre -= 1
         elif tag in self._CELL:
             self.parts.append(" ")  # cells side by side, not run together ("Mug2")
         elif tag == "a":
@@ -181,8 +212,14 @@ class _TextExtractor(HTMLParser):
                 self.parts.append(f"<{url}> " if text[-1].isspace() else f" <{url}>")
 
     def handle_data(self, data):
-        if not self._skipping:
+        if self._skipping:
+            return
+        if not self._pre:
             self.parts.append(data)
+        elif self.parts and isinstance(self.parts[-1], _Preformatted) and not self.parts[-1]:  # a <pre>'s first words
+            self.parts[-1] = _Preformatted(data.removeprefix("\r\n").removeprefix("\n"))
+        else:
+            self.parts.append(_Preformatted(data))
 
     def close(self):
         # A link still open at the end of the body is closed by it, as HTML5 closes it: the HTML part
@@ -199,6 +236,10 @@ class _TextExtractor(HTMLParser):
         except AssertionError:
             end = self.rawdata.find(">", i + 3)
             return -1 if end < 0 else end + 1
+
+
+class _Preformatted(str):
+    """Text of a <pre>: kept as it is, spaces and line breaks with it."""
 
 
 def _target(href: str | None) -> str:
@@ -227,6 +268,23 @@ def html_to_text(html: str) -> str:
         # 12 minutes of CPU, on every retry.
         parser.rawdata = ""
     parser.close()
-    lines = [" ".join(line.split()) for line in "".join(parser.parts).splitlines()]
+    # The text of a <pre> stands aside while the rest is tidied (each line's spaces made one, no more
+    # than one blank line), under a mark the text does not hold, and comes back as it was.
+    whole = "".join(parser.parts)
+    mark = "\ue000"
+    while mark in whole:
+        mark += "\ue000"
+    kept: list[str] = []
+
+    def aside(part: str) -> str:
+        if not isinstance(part, _Preformatted):
+            return part
+        kept.append(part)
+        return f"{mark}{len(kept) - 1}{mark}"
+
+    joined = "".join(map(aside, parser.parts))
+    lines = [" ".join(line.split()) for line in joined.splitlines()]
     text = re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
+    if kept:
+        text = re.sub(f"{mark}([0-9]+){mark}", lambda found: kept[int(found[1])], text).rstrip()
     return text + "\n"

@@ -225,9 +225,9 @@ def test_a_crash_mid_flush_neither_drops_nor_duplicates_items(owner, sqlite_sett
 
 
 class _TimedOutRenderer:
-    """A renderer in whose render RQ's time limit runs out (SIGALRM raises wherever the job is)."""
+    """A renderer in which RQ's time limit runs out (SIGALRM raises wherever the job is)."""
 
-    def render(self, name, data):
+    def summary(self, name, data):
         raise JobTimeoutException("the job's time limit ran out while an item rendered")
 
 

@@ -756,3 +756,6 @@ def test_a_digest_lists_at_most_digest_max_items_and_says_how_many_more_it_took(
     text = sent.message.get_body(("plain",)).get_content()
     assert "3 updates today" in text and "Hi N0," in text and "Hi N1," in text and "Hi N2," not in text
     assert "And 1 more." in text and "And 1 more." in sent.message.get_body(("html",)).get_content()
+    # Each item is its template's own words: the layout's footer is the digest's, once.
+    assert text.count("This email was sent by") == 1
+    assert sent.message.get_body(("html",)).get_content().count("This email was sent by") == 1

@@ -295,3 +295,57 @@ def test_links_opened_inside_links_convert_in_linear_time():
     assert _fastest_of_three(lambda: html_to_text(html)) < 1.5
     text = html_to_text(html)
     assert text.count("https://x.example/") == 18_000
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_a_summary_is_the_templates_own_words_without_the_layouts_footer(renderer, name):
+    # What a digest shows of each item: the footer once for the digest, not once per item.
+    data, subject, marker = SAMPLES[name]
+
+    summary_subject, text = renderer.summary(name, data)
+
+    assert summary_subject == subject
+    assert marker in text
+    assert "This email was sent by" not in text and "Unsubscribe" not in text
+    assert "This email was sent by Acme." in renderer.render(name, data).text
+
+
+def test_a_summary_of_an_html_only_template_is_its_content_as_text(tmp_path):
+    (tmp_path / "email").mkdir()
+    (tmp_path / "email" / "_layout.html").write_text("<body>{% block content %}{% endblock %}<p>Footer</p></body>")
+    write_template(tmp_path, "note", subject_txt="Note", html='{% extends "email/_layout.html" %}'
+                   '{% block content %}<p>Hello {{ name }}</p>{% endblock %}')
+
+    assert Renderer(str(tmp_path)).summary("note", {"name": "Ada"}) == ("Note", "Hello Ada\n")
+
+
+@pytest.mark.parametrize("txt", [
+    "Plain {{ name }}, no layout",  # nothing to leave out
+    '{% extends "email/_layout.txt" %}{% set who = name %}{% block content %}Hi {{ who }}{% endblock %}',
+], ids=["no-layout", "block-needs-the-whole-template"])
+def test_a_summary_that_cannot_be_only_the_content_is_the_whole_text(tmp_path, txt):
+    (tmp_path / "email").mkdir()
+    (tmp_path / "email" / "_layout.txt").write_text("{% block content %}{% endblock %}\n--\nFooter")
+    write_template(tmp_path, "note", subject_txt="Note", txt=txt)
+    renderer = Renderer(str(tmp_path))
+
+    assert renderer.summary("note", {"name": "Ada"})[1] == renderer.render("note", {"name": "Ada"}).text
+
+
+def test_a_summary_refuses_what_a_send_would_refuse(renderer):
+    with pytest.raises(TemplateRenderError):
+        renderer.summary("password_reset", {})
+
+
+def test_html_to_text_keeps_the_spaces_and_lines_of_a_pre_as_they_are():
+    # A table drawn in text or a snippet of code is its spacing: made one space a line, it read "Mug 2".
+    html = ("<p>Your   order</p><pre>\nItem      Qty\nMug         2\n\n\n\n  Total  9.99</pre>"
+            "<p>Thanks</p><pre><code>def f():\n    return 1\n</code></pre>")
+
+    assert html_to_text(html) == ("Your order\n\nItem      Qty\nMug         2\n\n\n\n  Total  9.99\n\nThanks\n\n"
+                                  "def f():\n    return 1\n")
+
+
+def test_html_to_text_of_a_pre_keeps_its_links_and_leaves_text_that_looks_like_its_marks_alone():
+    assert html_to_text("<pre>see <a href='https://e.x/a'>this</a>   now</pre>") == "see this <https://e.x/a>   now\n"
+    assert html_to_text("<p>&#xE000;0&#xE000;</p><pre> a  b</pre>") == "\ue0000\ue000\n\n a  b\n"
