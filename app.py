@@ -15,7 +15,7 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 from werkzeug.serving import run_simple
 
 from notifier.api import docs, guards, operators, tracing
-from notifier.api.common import UserIdConverter, rate_limit_headers
+from notifier.api.common import NotificationIdConverter, UserIdConverter, rate_limit_headers
 from notifier.api.notifications import POST_ONLY_ALLOW, POST_ONLY_PATHS
 from notifier.config import Settings
 from notifier.db import UNAVAILABLE_ERRORS, database, is_postgres
@@ -148,7 +148,8 @@ def create_app(settings: Settings | None = None, *, redis=None) -> Flask:
 
     from notifier.api import deadletters, events, health, notifications, suppressions, unsubscribe, users
 
-    app.url_map.converters["user"] = UserIdConverter  # before the routes that use it
+    app.url_map.converters["user"] = UserIdConverter  # before the routes that use them
+    app.url_map.converters["nid"] = NotificationIdConverter
     app.register_blueprint(health.bp)
     app.register_blueprint(notifications.bp)
     app.register_blueprint(deadletters.bp)

@@ -36,16 +36,20 @@ def _open():
     return database.connection_context()
 
 
-def _check_rate(ctx, param, value):
-    if value is None:
-        return None
+def _out_of_bounds(rate: str) -> bool:
     from notifier.ratelimit import check_rate
 
     try:
-        check_rate(value)
+        check_rate(rate)
     except ValueError:
+        return True
+    return False
+
+
+def _check_rate(ctx, param, value):
+    if value is not None and _out_of_bounds(value):
         raise click.BadParameter("one rate of 1 to 10^12 per a period of at most 1,000 years, at most 40 "
-                                 "characters, like 100/second or 6000/minute") from None
+                                 "characters, like 100/second or 6000/minute")
     return value
 
 
@@ -91,7 +95,24 @@ def keys_list() -> None:
         if key.old_callback_secret and not key.revoked_at:
             state += " (callback secret rotating: the previous one signs too)"
         rate = key.rate_limit or "default rate"
+        if key.rate_limit and _out_of_bounds(key.rate_limit):
+            # Stored before rates were bounded: the API cannot enforce it (and logs so on each request).
+            rate += f" (out of bounds, not enforced: `keys rate {key.name} RATE`)"
         click.echo(f"{key.name}\t{key.prefix}\tcreated {key.created_at:%Y-%m-%d %H:%M}\t{rate}\t{state}")
+
+
+@keys_group.command("rate")
+@click.argument("name")
+@click.argument("rate", required=False, callback=_check_rate)
+@click.option("--default", "default", is_flag=True, help="take RATE_LIMIT again instead of a rate of its own")
+def keys_rate(name: str, rate: str | None, default: bool) -> None:
+    """Change a key's request rate (e.g. 100/second), or give it back RATE_LIMIT's with --default."""
+    if (rate is None) != default:
+        raise click.UsageError("give a rate (like 100/second) or --default")
+    with _open():
+        if not keys.set_rate(name, rate):
+            raise click.ClickException(f"no active key named {name!r}")
+    click.echo(f"{name!r} now takes {rate or 'the default rate (RATE_LIMIT)'}")
 
 
 @keys_group.command("rotate")
@@ -213,8 +234,13 @@ def dlq_list(limit: int) -> None:
                else f"{len(entries)} dead letter(s)")
 
 
+def _notification_id(ctx, param, value: str | None) -> str | None:
+    # As the API takes one: our ids are lower-case UUIDs, the same id in capitals.
+    return value.lower() if value else value
+
+
 @dlq_group.command("show")
-@click.argument("notification_id")
+@click.argument("notification_id", callback=_notification_id)
 def dlq_show(notification_id: str) -> None:
     """One dead letter: why it failed, the SMTP reply, attempts, and its RQ job."""
     from notifier import deadletters
@@ -237,7 +263,7 @@ def dlq_show(notification_id: str) -> None:
 
 
 @dlq_group.command("requeue")
-@click.argument("notification_id", required=False)
+@click.argument("notification_id", required=False, callback=_notification_id)
 @click.option("--all", "everything", is_flag=True, help="requeue every dead letter")
 def dlq_requeue(notification_id: str | None, everything: bool) -> None:
     """Send a failed notification (or all of them) again; a sent one is refused."""
@@ -274,7 +300,7 @@ def callbacks_group() -> None:
 
 
 @callbacks_group.command("redeliver")
-@click.argument("notification_id", required=False)
+@click.argument("notification_id", required=False, callback=_notification_id)
 @click.option("--gave-up", "all_gave_up", is_flag=True, help="every callback that gave up")
 @click.option("--key", "key_name", help="with --gave-up: only those of this API key")
 @click.option("--since", help="with --gave-up: only notifications final since then (ISO 8601 with offset)")

@@ -126,6 +126,13 @@ def revoke(name: str, old_only: bool = False) -> bool:
     return bool(ApiKey.update(revoked_at=utcnow()).where(live).execute())
 
 
+def set_rate(name: str, rate_limit: str | None) -> bool:
+    """Give the live key named name its own request rate (None: RATE_LIMIT's); False when there is
+    no such key. The API processes take it as soon as PostgreSQL notifies them."""
+    return bool(ApiKey.update(rate_limit=rate_limit)
+                .where((ApiKey.name == name) & ApiKey.revoked_at.is_null()).execute())
+
+
 def all_keys() -> list[ApiKey]:
     """Every key, oldest first."""
     return list(ApiKey.select().order_by(ApiKey.created_at, ApiKey.id))

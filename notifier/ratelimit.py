@@ -101,7 +101,8 @@ class Limiter:
         except ResponseError as exc:
             if type(exc) is ResponseError:
                 # Redis refused the script's numbers (a rate stored before rates were bounded): no outage.
-                logger.error("rate limit not enforced, Redis refused its check: %s", type(exc).__name__)
+                logger.error("rate limit not enforced, Redis refused its check: %s (`keys list` marks a key's rate "
+                             "out of bounds; `keys rate NAME RATE` changes it)", type(exc).__name__)
             else:  # a read-only replica after a failover, out of memory: Redis cannot take the hit
                 logger.warning("rate limit not enforced, Redis unavailable: %s", type(exc).__name__)
             return Verdict(True, rate.amount, rate.amount, 0)

@@ -67,6 +67,26 @@ def test_rate_limit_holds_across_two_api_processes(pg_settings, pg_db, redis_con
         second.close()
 
 
+def test_an_operator_changes_a_keys_rate_and_the_running_api_takes_it(pg_settings, pg_db, redis_conn, tmp_path):
+    stack = Stack(pg_settings, tmp_path).start("api")
+    try:
+        key = cli(["keys", "create", "busy", "--rate", "2/minute"], stack.env).strip().splitlines()[-1]
+        assert [request("GET", f"{stack.base}/api/notifications", key)[0] for _ in range(3)] == [200, 200, 429]
+
+        assert "'busy' now takes 5/minute" in cli(["keys", "rate", "busy", "5/minute"], stack.env)
+        assert eventually(lambda: request("GET", f"{stack.base}/api/notifications", key)[0] == 200)
+        assert "\t5/minute\t" in cli(["keys", "list"], stack.env)
+
+        # One stored before rates were bounded: not enforced, and `keys list` says so and how to mend it.
+        with database.connection_context():
+            ApiKey.update(rate_limit="1/99999999999999999999 seconds").where(ApiKey.name == "busy").execute()
+        assert "out of bounds, not enforced: `keys rate busy RATE`" in cli(["keys", "list"], stack.env)
+        assert "RATE_LIMIT" in cli(["keys", "rate", "busy", "--default"], stack.env)
+        assert "\tdefault rate\t" in cli(["keys", "list"], stack.env)
+    finally:
+        stack.close()
+
+
 def test_rotation_keeps_the_old_secret_until_it_is_revoked(client, pg_db):
     old = _key("rotating")
     with database.connection_context():

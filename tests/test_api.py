@@ -223,6 +223,18 @@ def test_other_keys_notification_is_404(client, headers, other_key):
     assert listed["data"] == []
 
 
+def test_a_notification_id_in_capitals_names_the_same_notification(client, headers):
+    # Some callers' UUID types print capitals; a UUID's hex digits are the same id in either case.
+    created = client.post("/api/notifications/send", json=LITERAL, headers=headers).get_json()
+    shouted = created["id"].upper()
+
+    shown = client.get(f"/api/notifications/{shouted}", headers=headers)
+    assert shown.status_code == 200 and shown.get_json()["id"] == created["id"]
+    cancelled = client.post(f"/api/notifications/{shouted}/cancel", headers=headers)
+    assert cancelled.status_code == 200 and cancelled.get_json()["status"] == "cancelled"
+    _assert_envelope(client.post(f"/api/dead-letters/{shouted}/requeue", headers=headers), 409, "not_requeueable")
+
+
 def test_list_is_newest_first_paginated_and_stable_under_inserts(client, headers, api_key):
     ids = [make_notification(api_key[0], user_id=f"u{i % 2}").id for i in range(7)]
     page1 = client.get("/api/notifications?limit=3", headers=headers).get_json()

@@ -172,6 +172,7 @@ def test_dlq_cli_lists_and_shows_a_dead_letter(client, headers, deliverer, smtp,
     reason = next(row for row in shown.splitlines() if row.startswith("reason: "))
     assert "550" in reason and "rejected by policy" in reason
     assert f"rq job: {job_id_for(notification_id)} (failed)" in shown
+    assert cli(["dlq", "show", notification_id.upper()], env) == shown  # the same id, as the API takes it
     assert reload(notification_id).status == "failed"
     assert smtp.count() == 0
 

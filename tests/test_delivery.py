@@ -615,7 +615,8 @@ def test_a_backlog_redis_lost_is_queued_again_in_one_reconciler_pass(client, hea
     redis_conn.flushdb()  # Redis restarted empty: the batch's jobs are gone
     with database.connection_context():
         Notification.update(updated_at=utcnow() - timedelta(minutes=5)).execute()
-        assert reconcile(deliverer.settings, redis_conn).requeued == count
+        # A pass stops taking pages at half of RECONCILE_INTERVAL: a busy machine is not what this tests.
+        assert reconcile(replace(deliverer.settings, reconcile_interval=600), redis_conn).requeued == count
     run_worker_until_idle(redis_conn)
     received = smtp.wait_for(count, timeout=60)
     assert sorted(r.rcpt_tos[0] for r in received) == sorted(f"r{n}@example.com" for n in range(count))

@@ -125,6 +125,25 @@ def test_keys_create_refuses_a_rate_that_is_not_one_within_bounds(tmp_path, rate
     assert done.returncode == 2 and "one rate of 1 to 10^12" in done.stderr
 
 
+@pytest.mark.parametrize("args", [["k"], ["k", "5/minute", "--default"], ["k", "0/minute"]])
+def test_keys_rate_wants_one_rate_in_bounds_or_default(tmp_path, args):
+    env = {**os.environ, "DATABASE_URL": f"sqlite:///{tmp_path}/keys.db"}
+    done = subprocess.run([sys.executable, "-m", "notifier", "keys", "rate", *args], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+
+
+def test_set_rate_changes_only_a_live_key(sqlite_db):
+    keys.create("live")
+    keys.create("gone", rate_limit="1/second")
+    keys.revoke("gone")
+
+    assert keys.set_rate("live", "7/minute") and ApiKey.get(ApiKey.name == "live").rate_limit == "7/minute"
+    assert keys.set_rate("live", None) and ApiKey.get(ApiKey.name == "live").rate_limit is None
+    assert not keys.set_rate("gone", "7/minute") and not keys.set_rate("nobody", "7/minute")
+    assert ApiKey.get(ApiKey.name == "gone").rate_limit == "1/second"
+
+
 @pytest.mark.parametrize("name", ["", "k" * 101])
 def test_keys_create_refuses_a_name_the_column_cannot_hold(tmp_path, name):
     env = {**os.environ, "DATABASE_URL": f"sqlite:///{tmp_path}/keys.db"}

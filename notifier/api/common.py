@@ -88,6 +88,15 @@ def request_body() -> bytes:
     return request.get_data(cache=True)
 
 
+class NotificationIdConverter(BaseConverter):
+    """<nid:notification_id>: a notification id in a path, in either case. Ours are UUIDs written
+    lower-case, and a UUID's hex digits name the same id in capitals (RFC 9562 asks that they be
+    read so), which some callers' UUID types print."""
+
+    def to_python(self, value: str) -> str:
+        return value.lower()
+
+
 class UserIdConverter(BaseConverter):
     """<user:user_id>: a user id in a path, "/" included (org/7, as org/7 or org%2F7), as a send takes it.
 

@@ -36,7 +36,7 @@ def list_dead():
     return jsonify(data=entries, next=next_cursor)
 
 
-@bp.post("/<notification_id>/requeue")
+@bp.post("/<nid:notification_id>/requeue")
 def requeue(notification_id: str):
     """Send a failed notification again with a fresh set of attempts; 409 for anything not failed."""
     redis, settings = _deps()

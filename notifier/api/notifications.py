@@ -124,13 +124,13 @@ def send_verification():
     )
 
 
-@bp.post("/<notification_id>/cancel")
+@bp.post("/<nid:notification_id>/cancel")
 def cancel(notification_id: str):
     """Cancel a notification that has not been sent yet."""
     return _detail(service().cancel(current_key(), notification_id))
 
 
-@bp.post("/<notification_id>/redeliver-callback")
+@bp.post("/<nid:notification_id>/redeliver-callback")
 def redeliver_callback(notification_id: str):
     """Post a final notification's status event to its callback_url again."""
     ext = current_app.extensions["notifier"]
@@ -155,7 +155,7 @@ def _post_only_options(response):
     return response
 
 
-@bp.get("/<notification_id>")
+@bp.get("/<nid:notification_id>")
 def get_one(notification_id: str):
     """One notification with its history."""
     if notification_id in _POST_ONLY:
