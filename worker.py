@@ -12,14 +12,16 @@ import time
 
 from redis.exceptions import RedisError
 from rq import SimpleWorker, worker_registration
-from rq.exceptions import StopRequested
+from rq.exceptions import DeserializationError, StopRequested
+from rq.job_lifecycle import call_exception_handlers
 from rq.scheduler import RQScheduler
 from rq.timeouts import UnixSignalDeathPenalty
 from rq.worker import WorkerStatus
 
 from notifier import jobs, logs, metrics
-from notifier.errors import PermanentDeliveryError
-from notifier.queues import REQUEST_ID_META, all_queues, connect_redis, mark_memory
+from notifier.callbacks import CallbackRetry
+from notifier.errors import DeliveryError, PermanentDeliveryError
+from notifier.queues import REQUEST_ID_META, all_queues, connect_redis, mark_memory, notification_of_job
 from notifier.resilience import run_until_stopped
 from notifier.runtime import build_deliverer, configure_logging, load_settings, warn_if_links_can_be_forged
 
@@ -36,6 +38,20 @@ def stop_retrying_permanent_failures(job, exc_type, exc_value, traceback):
     if isinstance(exc_value, PermanentDeliveryError):
         job.retries_left = 0
     return True  # let RQ go on to record the failure in its failed registry
+
+
+def _unexpected(exc: BaseException | None) -> bool:
+    """Not a mail server's or a callback endpoint's answer: a bug, an outage, a time limit."""
+    return not isinstance(exc, DeliveryError | CallbackRetry)
+
+
+def failure_level(exc: BaseException | None) -> int:
+    """How loud a job's failure is: a WARNING when it is an answer the job expects (retried, or a
+    bounce that ends in the dead-letter queue); an ERROR when retries ran out on one that could
+    have passed (an outage outlasted them) or it is unexpected (logged with its traceback)."""
+    if _unexpected(exc) or isinstance(exc, jobs.RetriesExhausted):
+        return logging.ERROR
+    return logging.WARNING
 
 
 def _die_with_parent(parent_pid: int) -> None:
@@ -208,6 +224,25 @@ class NotifierWorker(SimpleWorker):
         # masks the recipients the job reads (notifier.jobs), in whatever form a mail server echoed them.
         with logs.bound(request_id=(job.meta or {}).get(REQUEST_ID_META)), logs.concealing():
             return super().execute_job(job, queue)
+
+    def handle_exception(self, job, *exc_info):
+        # RQ logs every failure at ERROR with its traceback in the message: each 451 retried, each
+        # callback endpoint down, paged whoever alerts on errors, for an outcome the job had logged
+        # already ("attempt 1 failed (will retry)"). The line is kept, at the level of what the
+        # failure means (failure_level), naming the notification it is about.
+        call_exception_handlers(self._exc_handlers, job, *exc_info)  # first: they decide retries_left
+        exc_type, exc_value, _ = exc_info
+        level = failure_level(exc_value)
+        extra = {"queue": job.origin, "job_id": job.id}
+        try:
+            extra["func"] = job.func_name
+        except DeserializationError:
+            pass
+        next_step = "RQ retries it" if job.should_retry else "to the failed registry (the dead-letter queue)"
+        with logs.bound(notification_id=notification_of_job(job.id)):
+            # The exception itself as the argument: its text may be a mail server's, masked as one.
+            self.log.log(level, "job %s failed: %s: %s; %s", job.id, exc_type.__name__ if exc_type else "?",
+                         exc_value, next_step, exc_info=exc_info if _unexpected(exc_value) else None, extra=extra)
 
     def request_stop(self, signum, frame):
         self.stopping = True

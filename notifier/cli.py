@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 import click
 from peewee import IntegrityError
 
@@ -63,7 +65,27 @@ def _check_name(ctx, param, value):
     # column or another key, and a blank name could only be named again by quoting its spaces exactly.
     if not value.strip() or any(not c.isprintable() for c in value):
         raise click.BadParameter("printable characters, not only spaces (no tab, line break or other control)")
+    if value != value.strip():  # ' svc' and 'svc ' look the same in `keys list` as 'svc'
+        raise click.BadParameter("no space at the start or the end")
     return value
+
+
+def _like(name: str) -> list[str]:
+    """Names of keys that differ from name only in case or in spaces around it."""
+    from peewee import fn
+
+    from notifier.models import ApiKey
+
+    wanted = name.strip().lower()
+    return [n for (n,) in ApiKey.select(ApiKey.name).where(fn.LOWER(fn.TRIM(ApiKey.name)) == wanted).tuples()
+            if n != name]
+
+
+def _no_key(name: str, what: str = "active key") -> click.ClickException:
+    """No {what} named name; an operator who typed another case or spaces is told the name that is."""
+    similar = _like(name)
+    hint = f" (there is {', '.join(repr(n) for n in similar)})" if similar else ""
+    return click.ClickException(f"no {what} named {name!r}{hint}")
 
 
 @keys_group.command("create")
@@ -71,7 +93,19 @@ def _check_name(ctx, param, value):
 @click.option("--rate", callback=_check_rate, help="this key's request rate, e.g. 100/second (default RATE_LIMIT)")
 def keys_create(name: str, rate: str | None) -> None:
     """Create a key; its plaintext is the last line printed and is never shown again."""
+    from notifier.models import ApiKey
+
     with _open():
+        taken = ApiKey.get_or_none(ApiKey.name == name)
+        if taken is not None:
+            # Names are unique for good: a revoked key keeps its name, as the notifications it sent do.
+            raise click.ClickException(f"a key named {name!r} already exists"
+                                       + (", revoked; choose another name" if taken.revoked_at else ""))
+        similar = _like(name)
+        if similar:
+            # Two keys told apart only by case: a revoke of the one would be typed for the other.
+            raise click.ClickException(f"a key named {similar[0]!r} exists; names that differ only in case "
+                                       "are refused")
         try:
             key, plaintext = keys.create(name, rate_limit=rate)
         except IntegrityError:
@@ -89,7 +123,7 @@ def keys_list() -> None:
     with _open():
         rows = keys.all_keys()
     for key in rows:
-        state = f"revoked {key.revoked_at:%Y-%m-%d %H:%M}" if key.revoked_at else "active"
+        state = f"revoked {key.revoked_at:%Y-%m-%d %H:%M} UTC" if key.revoked_at else "active"
         if key.old_prefix and not key.revoked_at:
             state += f" (rotating: previous secret {key.old_prefix} still works)"
         if key.old_callback_secret and not key.revoked_at:
@@ -98,7 +132,7 @@ def keys_list() -> None:
         if key.rate_limit and _out_of_bounds(key.rate_limit):
             # Stored before rates were bounded: the API cannot enforce it (and logs so on each request).
             rate += f" (out of bounds, not enforced: `keys rate {key.name} RATE`)"
-        click.echo(f"{key.name}\t{key.prefix}\tcreated {key.created_at:%Y-%m-%d %H:%M}\t{rate}\t{state}")
+        click.echo(f"{key.name}\t{key.prefix}\tcreated {key.created_at:%Y-%m-%d %H:%M} UTC\t{rate}\t{state}")
 
 
 @keys_group.command("rate")
@@ -111,7 +145,7 @@ def keys_rate(name: str, rate: str | None, default: bool) -> None:
         raise click.UsageError("give a rate (like 100/second) or --default")
     with _open():
         if not keys.set_rate(name, rate):
-            raise click.ClickException(f"no active key named {name!r}")
+            raise _no_key(name)
     click.echo(f"{name!r} now takes {rate or 'the default rate (RATE_LIMIT)'}")
 
 
@@ -129,8 +163,8 @@ def keys_rotate(name: str, force: bool) -> None:
             raise click.ClickException(
                 f"{name!r} is being rotated: its previous secret ({keys.KEY_PREFIX}_{underway.old_prefix}_...) "
                 f"still works. End that first (`keys revoke {name} --old`), or pass --force to stop it now") from None
-    if plaintext is None:
-        raise click.ClickException(f"no active key named {name!r}")
+        if plaintext is None:
+            raise _no_key(name)
     click.echo(f"rotated {name!r}; the previous secret works until `keys revoke {name} --old`.")
     click.echo("new API key (store it now; it is not shown again):")
     click.echo(plaintext)
@@ -143,7 +177,7 @@ def keys_revoke(name: str, old_only: bool) -> None:
     """Revoke a key (every request with it gets 401 as soon as the API processes hear of it: milliseconds)."""
     with _open():
         if not keys.revoke(name, old_only=old_only):
-            raise click.ClickException(f"no active key named {name!r}" + (" being rotated" if old_only else ""))
+            raise _no_key(name, "active key being rotated" if old_only else "active key")
     click.echo(f"revoked {'the previous secret of ' if old_only else ''}{name!r}")
 
 
@@ -162,7 +196,7 @@ def keys_secret(name: str, rotate: bool, end_rotation: bool) -> None:
             before = ApiKey.get_or_none((ApiKey.name == name) & ApiKey.revoked_at.is_null())
             secret = keys.rotate_callback_secret(name)
             if secret is None:
-                raise click.ClickException(f"no active key named {name!r}")
+                raise _no_key(name)
             if before.old_callback_secret:
                 click.echo(f"a rotation was under way: the secret it replaced ({_hint(before.old_callback_secret)}) "
                            "no longer signs", err=True)
@@ -172,12 +206,12 @@ def keys_secret(name: str, rotate: bool, end_rotation: bool) -> None:
             return
         if end_rotation:
             if not keys.end_callback_rotation(name):
-                raise click.ClickException(f"no active key named {name!r} whose callback secret is being rotated")
+                raise _no_key(name, "active key whose callback secret is being rotated")
             click.echo(f"callbacks of {name!r} are signed with its current callback secret only")
             return
         key = ApiKey.get_or_none(ApiKey.name == name)
-    if key is None:
-        raise click.ClickException(f"no key named {name!r}")
+        if key is None:
+            raise _no_key(name, "key")
     if key.old_callback_secret and not key.revoked_at:
         # On stderr: stdout stays the one secret to verify with, for a script that reads it. The previous
         # secret only by its end: the receiver already holds it, and output is often captured.
@@ -195,11 +229,16 @@ def dlq_group() -> None:
     """The dead-letter queue: notifications that failed for good."""
 
 
+def _where(redis) -> str:
+    where = redis.connection_pool.connection_kwargs
+    return f"Redis at {where.get('host')}:{where.get('port')}/{where.get('db')}"
+
+
 def _redis(required: bool = False):
     """The configured Redis, asked once that it answers: a command pointed at another one (make run's is
     on port 6390, the default REDIS_URL on 6379) looked as if it had worked. A command that only
     works on Redis (required) stops there; the others say so and go on, as the API does."""
-    from redis.exceptions import RedisError
+    from redis.exceptions import RedisError, ResponseError
 
     from notifier.queues import connect_redis
 
@@ -208,9 +247,9 @@ def _redis(required: bool = False):
     try:
         redis.ping()
     except RedisError as exc:
-        where = redis.connection_pool.connection_kwargs
-        message = (f"Redis at {where.get('host')}:{where.get('port')}/{where.get('db')} does not answer "
-                   f"({type(exc).__name__}); is REDIS_URL the one the workers use?")
+        # A ResponseError is Redis's own answer ("DB index is out of range"), never a password.
+        answer = f"refused: {exc}" if type(exc) is ResponseError else f"does not answer ({type(exc).__name__})"
+        message = f"{_where(redis)} {answer}; is REDIS_URL the one the workers use?"
         if required:
             raise click.ClickException(message) from None
         click.echo(f"warning: {message}", err=True)
@@ -228,8 +267,9 @@ def dlq_list(limit: int) -> None:
     with _open():
         entries, more = deadletters.list_dead(redis, limit=limit)
     for e in entries:
-        where = "in RQ failed registry" if e.in_failed_registry else "not in RQ"
-        click.echo(f"{e.id}	{e.failed_at:%Y-%m-%d %H:%M:%S}	attempts={e.attempts}	{where}	{e.reason}")
+        where = {True: "in RQ failed registry", False: "not in RQ", None: "RQ unknown (Redis does not answer)"}[
+            e.in_failed_registry]
+        click.echo(f"{e.id}	{e.failed_at:%Y-%m-%d %H:%M:%S} UTC	attempts={e.attempts}	{where}	{e.reason}")
     click.echo(f"the {len(entries)} most recent dead letters; there are more (--limit)" if more
                else f"{len(entries)} dead letter(s)")
 
@@ -243,7 +283,7 @@ def _notification_id(ctx, param, value: str | None) -> str | None:
 @click.argument("notification_id", callback=_notification_id)
 def dlq_show(notification_id: str) -> None:
     """One dead letter: why it failed, the SMTP reply, attempts, and its RQ job."""
-    from notifier import deadletters
+    from notifier import consent, deadletters, store
     from notifier.errors import ApiError
 
     redis, _ = _redis()
@@ -252,8 +292,17 @@ def dlq_show(notification_id: str) -> None:
             entry, job = deadletters.show(redis, notification_id)
         except ApiError as exc:
             raise click.ClickException(exc.message) from None
+        suppressed = consent.suppression(store.get(entry.id).api_key_id, entry.to)
     for field, value in vars(entry).items():
-        click.echo(f"{field}: {value}")
+        if field == "in_failed_registry" and value is None:
+            value = "unknown (Redis does not answer)"
+        elif isinstance(value, datetime):
+            value = f"{value:%Y-%m-%d %H:%M:%S} UTC"  # stored in UTC, whatever TZ the shell has
+        click.echo(f"{field}: {'-' if value is None else value}")
+    if suppressed is not None:
+        since = f"{suppressed.created_at:%Y-%m-%d %H:%M:%S} UTC"
+        click.echo(f"suppressed: the address is on the suppression list since {since}; `dlq requeue` is refused "
+                   "until it is removed (DELETE /api/suppressions/<email>)")
     if job is not None:
         result = job.latest_result()
         status = job.get_status()
@@ -271,7 +320,8 @@ def dlq_requeue(notification_id: str | None, everything: bool) -> None:
     from notifier.errors import ApiError
 
     if bool(notification_id) == everything:
-        raise click.UsageError("give a notification id or --all")
+        raise click.UsageError("a notification id or --all, not both" if everything
+                               else "give a notification id or --all")
     redis, settings = _redis()
     with _open():
         if everything:
@@ -312,7 +362,8 @@ def callbacks_redeliver(notification_id: str | None, all_gave_up: bool, key_name
     from notifier.models import ApiKey
 
     if bool(notification_id) == all_gave_up:
-        raise click.UsageError("give a notification id or --gave-up")
+        raise click.UsageError("a notification id or --gave-up, not both" if all_gave_up
+                               else "give a notification id or --gave-up")
     if not all_gave_up and (key_name or since):
         raise click.UsageError("--key and --since go with --gave-up")
     after = _utc(since) if since else None
@@ -329,7 +380,7 @@ def callbacks_redeliver(notification_id: str | None, all_gave_up: bool, key_name
         if key_name is not None:
             key = ApiKey.get_or_none(ApiKey.name == key_name)
             if key is None:
-                raise click.ClickException(f"no key named {key_name!r}")
+                raise _no_key(key_name, "key")
         count = 0
         for nid in redelivery.gave_up(key, after):
             try:
@@ -341,8 +392,6 @@ def callbacks_redeliver(notification_id: str | None, all_gave_up: bool, key_name
 
 
 def _utc(text: str):
-    from datetime import UTC, datetime
-
     try:
         when = datetime.fromisoformat(text)
     except ValueError:
@@ -359,9 +408,16 @@ def _utc(text: str):
 @main.command("reconcile")
 def reconcile_now() -> None:
     """Run one reconciler pass now (scheduler.py runs it every RECONCILE_INTERVAL seconds)."""
+    from rq import Worker
+
     from notifier.reconciler import reconcile
 
     redis, settings = _redis(required=True)
+    if not Worker.count(connection=redis):
+        # It queues work on this Redis: one no worker reads (another REDIS_URL, a database number
+        # off by one) holds it until the right one's reconciler finds the jobs missing and queues them.
+        click.echo(f"warning: no RQ worker is registered on {_where(redis)}; is REDIS_URL the one the workers "
+                   "use? (going on: the work is queued there)", err=True)
     with _open():
         report = reconcile(settings, redis)
     click.echo(" ".join(f"{k}={v}" for k, v in report.as_dict().items()))
@@ -380,7 +436,8 @@ def purge_now() -> None:
     with _open():
         deleted = purge(settings, seconds=None)
     metrics.purged(redis, deleted)
-    click.echo(f"deleted {deleted} notification(s) that ended over {settings.retention_days} days ago")
+    days = settings.retention_days
+    click.echo(f"deleted {deleted} notification(s) that ended over {days} day{'' if days == 1 else 's'} ago")
 
 
 @main.group(name="db")

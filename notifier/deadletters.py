@@ -17,7 +17,7 @@ from redis.exceptions import RedisError
 from rq.exceptions import NoSuchJobError
 from rq.job import Job
 
-from notifier import cursors, queues, store
+from notifier import consent, cursors, queues, store
 from notifier.config import Settings
 from notifier.errors import Conflict, NotFound
 from notifier.models import ApiKey, Event, Notification, Status
@@ -36,11 +36,12 @@ class DeadLetter:
     smtp_code: int | None
     smtp_reply: str | None
     failed_at: datetime
-    in_failed_registry: bool
+    in_failed_registry: bool | None  # None: Redis did not answer, so nobody can say
 
 
-def _failed_registry_ids(redis: Redis, rows: list[Notification]) -> set[str]:
-    """The job ids of these notifications that RQ's failed registries still hold, asked one by one in
+def _failed_registry_ids(redis: Redis, rows: list[Notification]) -> set[str] | None:
+    """The job ids of these notifications that RQ's failed registries still hold (None when Redis does
+    not answer), asked one by one in
     one round trip (a registry holds DEAD_LETTER_TTL_DAYS of failures: reading all of it for each
     page of dead letters grew with every bounce). A notification's job is filed in its priority's
     registry; an entry past its expiry, which RQ drops at its next cleanup, is gone already."""
@@ -52,16 +53,16 @@ def _failed_registry_ids(redis: Redis, rows: list[Notification]) -> set[str]:
                 pipe.zscore(keys[row.priority], job_id)
             expiries = pipe.execute()
     except RedisError as exc:
-        # The database is the record; without Redis the list is still right, only this flag is not.
+        # The database is the record; without Redis the list is still right, only this flag is unknown.
         logger.warning("RQ's failed registries are unreadable: %s", type(exc).__name__)
-        return set()
+        return None
     now = time.time()
     # RQ scores an entry with its expiry time, or with a negative TTL for one that never expires.
     return {job_id for job_id, expiry in zip(job_ids, expiries, strict=True)
             if expiry is not None and (expiry < 0 or expiry > now)}
 
 
-def _entry(row: Notification, registry: set[str]) -> DeadLetter:
+def _entry(row: Notification, registry: set[str] | None) -> DeadLetter:
     last = (
         Event.select()
         .where((Event.notification == row.seq) & (Event.to_status == Status.FAILED.value) & (Event.kind == "status"))
@@ -78,7 +79,7 @@ def _entry(row: Notification, registry: set[str]) -> DeadLetter:
         smtp_code=last.smtp_code if last else None,
         smtp_reply=last.smtp_reply if last else None,
         failed_at=row.updated_at,
-        in_failed_registry=queues.job_id_for(row.id) in registry,
+        in_failed_registry=None if registry is None else queues.job_id_for(row.id) in registry,
     )
 
 
@@ -149,6 +150,14 @@ def requeue(redis: Redis, settings: Settings, notification_id: str, api_key: Api
         # Sent alone as well as in its digest, it would go out twice.
         raise Conflict(f"notification {row.id} went into digest {row.digest_id}; requeue the digest instead",
                        {"status": row.status, "digest_id": row.digest_id}, code="not_requeueable")
+    suppressed = consent.suppression(row.api_key_id, row.to) if row.status == Status.FAILED else None
+    if suppressed is not None:
+        # Its mail server said the address does not exist (the bounce that failed it, often): requeued,
+        # it would only end `suppressed`, after a 202 that said it goes again.
+        raise Conflict(f"notification {row.id} is to an address on the suppression list ({suppressed.reason}); "
+                       "remove the address from it first (DELETE /api/suppressions/<email>)",
+                       {"status": row.status, "suppressed_at": suppressed.created_at.isoformat() + "Z"},
+                       code="suppressed")
     if not store.transition(row.id, Status.QUEUED, reason="requeued from the dead-letter queue",
                             sources=(Status.FAILED,), attempts=0, last_error=None, callback_status=None,
                             callback_attempts=0):

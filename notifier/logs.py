@@ -419,11 +419,12 @@ def _fields(record: logging.LogRecord) -> dict:
 
 
 def _exception(formatter: logging.Formatter, record: logging.LogRecord) -> str | None:
-    if record.exc_info:
-        return redact(formatter.formatException(record.exc_info))
-    if record.exc_text:
-        return redact(record.exc_text)
-    return None
+    text = formatter.formatException(record.exc_info) if record.exc_info else record.exc_text
+    if not text:
+        return None
+    concealed = _concealed.get()
+    # A traceback's last line is the exception's text, which may be a mail server's words.
+    return redact(concealed.echo(text) if concealed is not None else text)
 
 
 class JsonFormatter(logging.Formatter):

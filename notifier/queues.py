@@ -137,6 +137,15 @@ def notification_of_release(job_id: str) -> str | None:
     return notification_id if len(notification_id) == NOTIFICATION_ID_LENGTH and rest[:1] in ("", "-") else None
 
 
+def notification_of_job(job_id: str) -> str | None:
+    """The id of the one notification a job delivers, releases or calls back about; None for a shared
+    job of several, or another job."""
+    for prefix in ("notification-", "callback-"):
+        if job_id.startswith(prefix) and len(job_id) == len(prefix) + NOTIFICATION_ID_LENGTH:
+            return job_id[len(prefix):]
+    return notification_of_release(job_id)
+
+
 def release_job_id_of(notification: Notification) -> str:
     """The id of the job that releases this scheduled notification: the one recorded with it when it
     was put off under a new id (jobs.Deliverer), else release_job_id_for it."""

@@ -3,8 +3,9 @@
 Three limits: each API key's request rate (its own, or RATE_LIMIT); a cap per recipient on
 non-transactional mail (RECIPIENT_CAP), so a looping caller cannot flood one inbox; and wrong
 operator passwords per client address (OPERATOR_AUTH_LIMIT), so that password cannot be guessed at
-speed. If Redis cannot be reached the limits are not enforced: refusing every request would turn a
-Redis outage into an outage of the API, which keeps accepting work while Redis is down."""
+speed. If Redis cannot be reached the first two are not enforced: refusing every request would turn a
+Redis outage into an outage of the API, which keeps accepting work while Redis is down. The third is
+then counted by each process on its own (strict), so guesses never go free."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from limits import RateLimitItem, parse, parse_many
-from limits.storage import storage_from_string
+from limits.storage import MemoryStorage, storage_from_string
 from limits.strategies import MovingWindowRateLimiter
 from limits.util import SINGLE_EXPR
 from redis.exceptions import RedisError, ResponseError
@@ -85,29 +86,43 @@ class Limiter:
         # gave way (it is not enforced without Redis). Its two scripts take well under a millisecond.
         self._limiter = MovingWindowRateLimiter(storage_from_string(redis_url, socket_connect_timeout=1,
                                                                     socket_timeout=LIMIT_TIMEOUT_SECONDS))
+        self._local: MovingWindowRateLimiter | None = None  # made the first time a strict limit needs it
 
-    def hit(self, rate: RateLimitItem, *identifiers: str) -> Verdict:
-        """Count one request against rate; say whether it is allowed and what is left."""
-        return self._verdict(self._limiter.hit, rate, identifiers)
+    def hit(self, rate: RateLimitItem, *identifiers: str, strict: bool = False) -> Verdict:
+        """Count one request against rate; say whether it is allowed and what is left. strict: while
+        Redis does not answer, counted in this process rather than let through (see check)."""
+        return self._verdict("hit", rate, identifiers, strict)
 
-    def check(self, rate: RateLimitItem, *identifiers: str) -> Verdict:
-        """Whether one more would be allowed, without counting it (for limits that count failures)."""
-        return self._verdict(self._limiter.test, rate, identifiers)
+    def check(self, rate: RateLimitItem, *identifiers: str, strict: bool = False) -> Verdict:
+        """Whether one more would be allowed, without counting it (for limits that count failures).
+        strict: while Redis does not answer, by this process's own count: wrong operator passwords
+        must not be free to guess while Redis is away (each process then allows the rate)."""
+        return self._verdict("test", rate, identifiers, strict)
 
-    def _verdict(self, ask, rate: RateLimitItem, identifiers: tuple[str, ...]) -> Verdict:
+    def _verdict(self, method: str, rate: RateLimitItem, identifiers: tuple[str, ...], strict: bool) -> Verdict:
         try:
-            allowed = ask(rate, "notifier", *identifiers)
-            stats = self._limiter.get_window_stats(rate, "notifier", *identifiers)
+            return _ask(self._limiter, method, rate, identifiers)
         except ResponseError as exc:
             if type(exc) is ResponseError:
                 # Redis refused the script's numbers (a rate stored before rates were bounded): no outage.
                 logger.error("rate limit not enforced, Redis refused its check: %s (`keys list` marks a key's rate "
                              "out of bounds; `keys rate NAME RATE` changes it)", type(exc).__name__)
-            else:  # a read-only replica after a failover, out of memory: Redis cannot take the hit
-                logger.warning("rate limit not enforced, Redis unavailable: %s", type(exc).__name__)
-            return Verdict(True, rate.amount, rate.amount, 0)
+                return Verdict(True, rate.amount, rate.amount, 0)
+            # a read-only replica after a failover, out of memory: Redis cannot take the hit
+            away = f"Redis unavailable: {type(exc).__name__}"
         except (RedisError, ConnectionError, OSError) as exc:
-            logger.warning("rate limit not enforced, Redis unreachable: %s", type(exc).__name__)
+            away = f"Redis unreachable: {type(exc).__name__}"
+        if not strict:
+            logger.warning("rate limit not enforced, %s", away)
             return Verdict(True, rate.amount, rate.amount, 0)
-        reset = max(0, math.ceil(stats.reset_time - time.time()))
-        return Verdict(allowed, rate.amount, max(0, stats.remaining), reset)
+        logger.warning("rate limit counted in this process only, %s", away)
+        if self._local is None:  # two threads making one each at once lose a count, nothing more
+            self._local = MovingWindowRateLimiter(MemoryStorage())
+        return _ask(self._local, method, rate, identifiers)
+
+
+def _ask(limiter: MovingWindowRateLimiter, method: str, rate: RateLimitItem, identifiers: tuple[str, ...]) -> Verdict:
+    allowed = getattr(limiter, method)(rate, "notifier", *identifiers)
+    stats = limiter.get_window_stats(rate, "notifier", *identifiers)
+    reset = max(0, math.ceil(stats.reset_time - time.time()))
+    return Verdict(allowed, rate.amount, max(0, stats.remaining), reset)

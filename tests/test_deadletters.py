@@ -192,10 +192,47 @@ def test_the_cli_says_when_its_redis_does_not_answer(client, headers, deliverer,
     assert "requeued=" not in reconciled.stdout
     listed = run("dlq", "list")  # the dead letters are in the database: listed, with the warning
     assert listed.returncode == 0 and "warning: Redis at 127.0.0.1:1/0 does not answer" in listed.stderr
-    assert notification_id in listed.stdout
+    (line,) = [row for row in listed.stdout.splitlines() if row.startswith(notification_id)]
+    assert "RQ unknown (Redis does not answer)" in line and "not in RQ" not in line  # not said as a fact
     shown = run("dlq", "show", notification_id)  # the same: it stopped with a traceback
     assert shown.returncode == 0 and "Traceback" not in shown.stderr, shown.stderr
     assert f"id: {notification_id}" in shown.stdout and "rq job:" not in shown.stdout
+    assert "in_failed_registry: unknown (Redis does not answer)" in shown.stdout
+    listed_by_api = client.get(DEAD, headers=headers).get_json()["data"]  # the API's own Redis answers
+    assert [e["in_failed_registry"] for e in listed_by_api] == [True]
+
+
+def test_the_cli_says_when_redis_refuses_and_when_no_worker_reads_it(client, headers, deliverer, smtp, redis_conn,
+                                                                   pg_settings):
+    missing = _failing_cli(["reconcile"], env_for(replace(pg_settings, redis_url="redis://127.0.0.1:6379/99")))
+    assert missing.returncode == 1 and "Redis at 127.0.0.1:6379/99 refused: DB index is out of range" in missing.stderr
+
+    # A Redis that answers, but that no worker reads: the pass goes on there, with a warning.
+    lonely = _failing_cli(["reconcile"], env_for(pg_settings))
+    assert lonely.returncode == 0 and "requeued=" in lonely.stdout
+    assert "no RQ worker is registered on Redis at" in lonely.stderr
+
+
+def test_a_dead_letter_to_a_suppressed_address_is_not_requeued_until_the_address_is_removed(
+        client, headers, deliverer, smtp, redis_conn, pg_settings):
+    # A 550 for the address put it on the suppression list: requeued, it said 202 and ended `suppressed`.
+    smtp.rcpt_replies.append("550 5.1.1 no such user")
+    bounced = _send(client, headers, to="gone@example.com")
+    run_worker_until_idle(redis_conn)
+    assert reload(bounced).status == "failed"
+
+    refused = client.post(f"{DEAD}/{bounced}/requeue", headers=headers)
+    assert refused.status_code == 409 and refused.get_json()["error"]["code"] == "suppressed"
+    assert "DELETE /api/suppressions/" in refused.get_json()["error"]["message"]
+    env = env_for(pg_settings)
+    assert "suppressed: the address is on the suppression list since" in cli(["dlq", "show", bounced], env)
+    assert "requeued 0 notification(s)" in cli(["dlq", "requeue", "--all"], env)
+    assert reload(bounced).status == "failed"
+
+    assert client.delete("/api/suppressions/gone@example.com", headers=headers).status_code in (200, 204)
+    assert client.post(f"{DEAD}/{bounced}/requeue", headers=headers).status_code == 202
+    run_worker_until_idle(redis_conn)
+    assert reload(bounced).status == "sent"
 
 
 def test_dlq_cli_show_refuses_a_notification_that_is_not_failed(client, headers, deliverer, smtp, redis_conn,
@@ -309,7 +346,8 @@ def test_dead_letters_are_listed_while_redis_is_down(pg_settings, pg_db, api_key
     failed = make_notification(api_key[0], status=Status.FAILED)
     client = create_app(pg_settings, redis=Redis(port=1, socket_connect_timeout=0.2)).test_client()
     body = client.get("/api/dead-letters", headers={"X-API-Key": api_key[1]}).get_json()
-    assert [(e["id"], e["in_failed_registry"]) for e in body["data"]] == [(failed.id, False)]
+    # Listed from the database; whether RQ still holds the job nobody can say without Redis.
+    assert [(e["id"], e["in_failed_registry"]) for e in body["data"]] == [(failed.id, None)]
 
 
 def _recording(real, asked: list[str]):

@@ -133,6 +133,28 @@ def test_keys_rate_wants_one_rate_in_bounds_or_default(tmp_path, args):
     assert done.returncode == 2 and "Traceback" not in done.stderr
 
 
+def test_key_names_an_operator_could_mistake_for_another_are_refused_and_named(tmp_path):
+    # ' svc', 'svc ' and 'SVC' beside 'svc' looked alike in `keys list`, and `keys revoke SVC` said
+    # there was no such key while 'svc' went on working.
+    env = {**os.environ, "DATABASE_URL": f"sqlite:///{tmp_path}/keys.db"}
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "notifier", "keys", *args], env=env, cwd=ROOT,
+                              capture_output=True, text=True, timeout=60)
+
+    assert run("create", "svc").returncode == 0
+    for name in (" svc", "svc "):
+        spaced = run("create", name)
+        assert spaced.returncode == 2 and "no space at the start or the end" in spaced.stderr
+    cased = run("create", "SVC")
+    assert cased.returncode == 1 and "a key named 'svc' exists; names that differ only in case" in cased.stderr
+    missed = run("revoke", "SVC")
+    assert missed.returncode == 1 and "no active key named 'SVC' (there is 'svc')" in missed.stderr
+    assert run("revoke", "svc").returncode == 0
+    again = run("create", "svc")
+    assert again.returncode == 1 and "a key named 'svc' already exists, revoked; choose another name" in again.stderr
+
+
 def test_set_rate_changes_only_a_live_key(sqlite_db):
     keys.create("live")
     keys.create("gone", rate_limit="1/second")

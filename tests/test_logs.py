@@ -9,6 +9,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import uuid
 from dataclasses import replace
 from datetime import timedelta
 from traceback import format_exception
@@ -16,6 +17,7 @@ from traceback import format_exception
 import fakeredis
 import pytest
 from peewee import IntegrityError
+from rq import Queue
 from rq.job import Job
 
 from app import create_app
@@ -24,7 +26,8 @@ from notifier.api.tracing import request_id_from
 from notifier.config import Settings
 from notifier.errors import ConfigError
 from notifier.models import Notification, Status, utcnow
-from tests.helpers import VERIFICATION, make_notification, reload
+from notifier.queues import QUEUE_NAMES
+from tests.helpers import LITERAL, VERIFICATION, make_notification, reload
 from tests.processes import Stack, env_for, free_port, spawn, stop, wait_for_http, wait_until
 
 
@@ -60,6 +63,20 @@ def test_exceptions_are_one_string_field(captured):
 
     record = json.loads(captured()[0])
     assert record["exc_info"].startswith("Traceback") and "ValueError: boom" in record["exc_info"]
+
+
+def test_a_traceback_logged_while_a_job_runs_masks_what_a_server_wrote_of_its_recipient(captured):
+    reply = "550 5.1.1 no such user GRACE.HOPPER"  # the traceback shows the line that raised it, not this
+    try:
+        raise RuntimeError(reply)
+    except RuntimeError:
+        with logs.concealing():
+            logs.conceal_recipient("grace.hopper@example.com")
+            logging.getLogger("notifier.jobs").warning("after sending notification %s", "n-1", exc_info=True)
+
+    record = json.loads(captured()[0])
+    assert "RuntimeError: 550 5.1.1 no such user g***" in record["exc_info"]
+    assert "hopper" not in record["exc_info"].lower()
 
 
 def test_addresses_keys_and_secrets_are_masked_everywhere_in_the_line(captured):
@@ -310,7 +327,8 @@ def test_a_recipient_echoed_by_the_mail_server_is_masked_in_every_form(client, h
     lines = _worker_lines(pg_settings, redis_conn, capsys)
     failed = [line["message"] for line in lines if line["logger"] == "notifier.jobs" and "failed" in line["message"]]
     assert len(failed) == 2 and "g***@example.com" in failed[0] and "mailbox a*** does not exist" in failed[1]
-    assert any(line["logger"] == "rq.worker" and "SMTPRecipientsRefused" in line["message"] for line in lines)
+    rq_failed = [line for line in lines if line["logger"] == "rq.worker" and " failed: " in line["message"]]
+    assert len(rq_failed) == 2 and "no such user g***" in rq_failed[0]["message"]
     text = json.dumps(lines).lower()
     assert "hopper" not in text and "lovelace" not in text
 
@@ -330,10 +348,39 @@ def test_a_recipient_whose_mailbox_is_a_common_word_leaves_the_job_lines_readabl
     messages = [line["message"] for line in _worker_lines(pg_settings, redis_conn, capsys)]
     assert f"notification {ids[1]} sent (attempt 1)" in messages
     refused = [m for m in messages if "no such user" in m]
-    # Ours ("... failed (final): ...") and RQ's, whose traceback's last lines hold the refusal.
+    # Ours ("... failed (final): ...") and the worker's about RQ's job, which quotes the refusal.
     assert any(m.startswith(f"notification {ids[0]} attempt 1 failed") for m in refused)
-    assert any("SMTPRecipientsRefused" in m for m in refused)
+    assert any(m.startswith(f"job notification-{ids[0]} failed: PermanentDeliveryError") for m in refused)
     assert all("no such user s***" in m and "no such user sent" not in m.lower() for m in refused)
+
+
+@pytest.mark.integration
+def test_a_failed_job_is_logged_at_the_level_of_what_it_means_with_its_notification(client, headers, pg_settings,
+                                                                                   redis_conn, smtp, capsys):
+    # RQ logged each failure at ERROR, its traceback in the message and no notification_id: every
+    # 451 retried paged whoever alerts on errors. A retry or a bounce is a WARNING; retries run out
+    # (an outage outlasted them) and anything unexpected are errors, the latter with its traceback.
+    attempts = pg_settings.max_attempts
+    smtp.replies.extend(["451 4.4.1 still busy"] * attempts)
+    busy = client.post("/api/notifications/send", headers=headers, json={**LITERAL, "to": "busy@example.com"})
+    lines = _worker_lines(pg_settings, redis_conn, capsys)
+    smtp.rcpt_replies.append("550 5.1.1 no such user")
+    bounced = client.post("/api/notifications/send", headers=headers, json={**LITERAL, "to": "gone@example.com"})
+    lines += _worker_lines(pg_settings, redis_conn, capsys)
+    broken = f"notification-{uuid.uuid4()}"
+    Queue(QUEUE_NAMES["default"], connection=redis_conn).enqueue("notifier.jobs.no_such_job", job_id=broken)
+    lines += _worker_lines(pg_settings, redis_conn, capsys)
+
+    failed = [line for line in lines if line["logger"] == "rq.worker" and " failed: " in line["message"]]
+    busy_id, bounced_id = busy.get_json()["id"], bounced.get_json()["id"]
+    assert [(line["level"], line.get("notification_id")) for line in failed] == (
+        [("WARNING", busy_id)] * (attempts - 1) + [("ERROR", busy_id), ("WARNING", bounced_id),
+                                                   ("ERROR", broken.removeprefix("notification-"))])
+    assert all(line["message"].endswith("; RQ retries it") for line in failed[:attempts - 1])
+    exhausted = failed[attempts - 1]["message"]
+    assert "RetriesExhausted" in exhausted and "dead-letter queue" in exhausted
+    assert all("exc_info" not in line and "Traceback" not in line["message"] for line in failed[:-1])
+    assert failed[-1]["exc_info"].startswith("Traceback") and "no_such_job" in failed[-1]["exc_info"]
 
 
 def test_the_mailbox_alone_is_masked_in_what_a_server_wrote_not_in_the_words_of_the_log_call(captured):

@@ -284,6 +284,20 @@ def test_repeated_wrong_operator_passwords_lock_out_that_address(pg_settings, pg
     assert "from 203.0.113.7" in caplog.text and "hunter2" not in caplog.text
 
 
+def test_wrong_operator_passwords_are_still_limited_while_redis_is_away(pg_settings, pg_db, caplog):
+    # The limit lived in Redis alone: with Redis down every guess was free, and the right password
+    # answered 503 where a wrong one answered 401. Each process counts them meanwhile.
+    away = replace(pg_settings, redis_url="redis://127.0.0.1:1/0", operator_auth_limit="3/minute")
+    ops = operator_client(away, connect_redis(away.redis_url))
+    guesser = _from("203.0.113.8")
+    for guess in ("hunter2", "letmein", "password"):
+        _assert_refused(ops.get("/metrics", auth=(OPERATOR[0], guess), environ_base=guesser))
+
+    assert ops.get("/metrics", auth=OPERATOR, environ_base=guesser).status_code == 429
+    assert ops.get("/metrics", auth=OPERATOR, environ_base=_from("198.51.100.3")).status_code == 503
+    assert "rate limit counted in this process only, Redis unreachable" in caplog.text
+
+
 def test_right_logins_and_credential_less_asks_are_never_counted(pg_settings, pg_db, redis_conn):
     ops = _throttled_ops(pg_settings, redis_conn)
     for _ in range(5):

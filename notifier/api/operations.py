@@ -61,8 +61,8 @@ class DeadLetterSchema(Schema):
     smtp_code = fields.Integer(required=True, allow_none=True)
     smtp_reply = fields.String(required=True, allow_none=True)
     failed_at = UtcDateTime(required=True)
-    in_failed_registry = fields.Boolean(required=True,
-                                        metadata={"description": "whether RQ's failed registry still holds the job"})
+    in_failed_registry = fields.Boolean(required=True, allow_none=True, metadata={
+        "description": "whether RQ's failed registry still holds the job; null when Redis does not answer"})
 
 
 class DeadLetterListSchema(PageSchema):
@@ -193,7 +193,8 @@ OPERATIONS: dict[tuple[str, str], Op] = {
     ("deadletters.requeue", "POST"): Op(
         "Send a failed notification again", "dead letters", ok=202, ok_schema=AcceptedSchema,
         ok_description="Requeued with a fresh set of attempts",
-        errors={409: "`not_requeueable`: it is not failed (a sent notification is never sent twice)"}),
+        errors={409: "`not_requeueable`: it is not failed (a sent notification is never sent twice); `suppressed`: "
+                     "its address is on the suppression list (remove it first)"}),
     ("events.emit", "POST"): Op(
         "Report a business event; notifier sends what its rule says", "events", ok=202,
         ok_schema=EventAcceptedSchema, ok_description="Accepted: every notification the event caused",

@@ -160,7 +160,7 @@ def require_operator() -> None:
     failures = parse_rate(settings.operator_auth_limit) if settings.operator_auth_limit else None
     if failures is not None:
         # Checked before the password, so a locked-out guesser learns nothing even when right.
-        verdict = ext["limiter"].check(failures, "operator-auth", address)
+        verdict = ext["limiter"].check(failures, "operator-auth", address, strict=True)
         if not verdict.allowed:
             g.rate_limit = verdict
             raise RateLimited(f"too many failed operator logins from this address; retry in {verdict.reset_seconds} s")
@@ -175,7 +175,7 @@ def require_operator() -> None:
         logger.warning("operator authentication failed for %s %s from %s", request.method, request.path,
                        request.remote_addr)
         if failures is not None:
-            ext["limiter"].hit(failures, "operator-auth", address)
+            ext["limiter"].hit(failures, "operator-auth", address, strict=True)
         raise Unauthorized("wrong operator credentials", www_authenticate=challenge)
 
 
