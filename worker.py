@@ -19,8 +19,9 @@ from rq.timeouts import UnixSignalDeathPenalty
 from rq.worker import WorkerStatus
 
 from notifier import jobs, logs, metrics
+from notifier.callback_job import CallbackGaveUp
 from notifier.callbacks import CallbackRetry
-from notifier.errors import DeliveryError, PermanentDeliveryError
+from notifier.errors import DeliveryError, PermanentDeliveryError, TransientDeliveryError
 from notifier.queues import REQUEST_ID_META, all_queues, connect_redis, mark_memory, notification_of_job
 from notifier.resilience import run_until_stopped
 from notifier.runtime import build_deliverer, configure_logging, load_settings, warn_if_links_can_be_forged
@@ -45,13 +46,21 @@ def _unexpected(exc: BaseException | None) -> bool:
     return not isinstance(exc, DeliveryError | CallbackRetry)
 
 
-def failure_level(exc: BaseException | None) -> int:
-    """How loud a job's failure is: a WARNING when it is an answer the job expects (retried, or a
-    bounce that ends in the dead-letter queue); an ERROR when retries ran out on one that could
-    have passed (an outage outlasted them) or it is unexpected (logged with its traceback)."""
-    if _unexpected(exc) or isinstance(exc, jobs.RetriesExhausted):
+def failure_level(exc: BaseException | None, retried: bool) -> int:
+    """How loud a job's failure is: a WARNING for an answer the job expects, from outside (a failure
+    RQ retries, a mail server's refusal of the address, a callback endpoint's answer); an ERROR
+    for what an operator must see to: retries that ran out on what could have passed (an outage
+    outlasted them), a refusal of our sender or message, a failure of ours (a template missing or
+    broken after a deploy), and anything unexpected (logged with its traceback)."""
+    if isinstance(exc, CallbackRetry | CallbackGaveUp):
+        return logging.WARNING  # the caller's endpoint, theirs to mend
+    if isinstance(exc, jobs.RetriesExhausted):
         return logging.ERROR
-    return logging.WARNING
+    if isinstance(exc, TransientDeliveryError) and retried:
+        return logging.WARNING
+    if isinstance(exc, PermanentDeliveryError) and exc.address_rejected:
+        return logging.WARNING  # a bounce: the address is suppressed, the dead-letter queue says so
+    return logging.ERROR
 
 
 def _die_with_parent(parent_pid: int) -> None:
@@ -232,13 +241,14 @@ class NotifierWorker(SimpleWorker):
         # failure means (failure_level), naming the notification it is about.
         call_exception_handlers(self._exc_handlers, job, *exc_info)  # first: they decide retries_left
         exc_type, exc_value, _ = exc_info
-        level = failure_level(exc_value)
+        retried = job.should_retry
+        level = failure_level(exc_value, retried)
         extra = {"queue": job.origin, "job_id": job.id}
         try:
             extra["func"] = job.func_name
         except DeserializationError:
             pass
-        next_step = "RQ retries it" if job.should_retry else "to the failed registry (the dead-letter queue)"
+        next_step = "RQ retries it" if retried else "to the failed registry (the dead-letter queue)"
         with logs.bound(notification_id=notification_of_job(job.id)):
             # The exception itself as the argument: its text may be a mail server's, masked as one.
             self.log.log(level, "job %s failed: %s: %s; %s", job.id, exc_type.__name__ if exc_type else "?",

@@ -376,6 +376,19 @@ def _base_url(raw: str) -> str:
         # It goes into every List-Unsubscribe header, which carries a URL as it is or not at all.
         raise ConfigError("PUBLIC_BASE_URL", f"must be written in ASCII, without spaces (an international domain "
                                              f"in its xn-- form, the rest percent-encoded), got {raw!r}")
+    if parsed.query or parsed.fragment or raw.endswith(("?", "#")) or parsed.params:
+        # Links are made by appending a path: "https://x/?a=1" gave https://x/?a=1/unsubscribe/<token>.
+        raise ConfigError("PUBLIC_BASE_URL", f"must be the URL links begin with, without ?query, ;params or "
+                                             f"#fragment, got {raw!r}")
+    try:
+        parsed.port  # noqa: B018 - read to check it: out of range or not a number raises
+    except ValueError:
+        raise ConfigError("PUBLIC_BASE_URL", f"has a port that is not one (1-65535), got {raw!r}") from None
+    if parsed.username is not None or parsed.password is not None:
+        # Not quoted: what stands before the @ may be a password.
+        raise ConfigError("PUBLIC_BASE_URL", "must not hold a user or password: every email would show it")
+    if parsed.port == 0:
+        raise ConfigError("PUBLIC_BASE_URL", f"has a port that is not one (1-65535), got {raw!r}")
     return raw.rstrip("/")
 
 

@@ -6,7 +6,7 @@ import operator
 from dataclasses import dataclass
 from datetime import UTC, datetime, time, timedelta
 from functools import cache, reduce
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
 
 from peewee import IntegrityError
 
@@ -57,8 +57,15 @@ def zone(name: str | None) -> ZoneInfo:
 _NOT_A_PLACE = frozenset({"localtime", "posixrules", "Factory"})
 
 
+@cache
+def _zone_names() -> frozenset[str]:
+    # The database's names, read once: not its right/ copies (clocks that count leap seconds, ~27 s
+    # off) nor its posix/ ones, which ZoneInfo would open too.
+    return frozenset(available_timezones())
+
+
 def valid_timezone(name: str) -> bool:
-    if name in _NOT_A_PLACE:
+    if name in _NOT_A_PLACE or name not in _zone_names():
         return False
     try:
         ZoneInfo(name)

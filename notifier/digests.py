@@ -36,7 +36,7 @@ from datetime import UTC, datetime, time, timedelta
 
 from peewee import IntegrityError, fn
 
-from notifier import metrics, queues, store
+from notifier import metrics, queues, schema, store
 from notifier.config import Settings, parse_clock
 from notifier.consent import Decision, get_profile, mode_for, timing, zone
 from notifier.db import UNAVAILABLE_ERRORS, cancelled
@@ -52,6 +52,7 @@ from notifier.models import (
     UserProfile,
     utcnow,
 )
+from notifier.rendering import html_to_text
 
 logger = logging.getLogger(__name__)
 
@@ -126,7 +127,8 @@ def flush_due(settings: Settings, redis, renderer, now: datetime | None = None) 
 
 
 def _flush_group(settings, redis, renderer, api_key_id: int, user_key: str, category: str, now: datetime) -> int:
-    """flush_due() for one user and category: how many digests it made (0 or 1)."""
+    """flush_due() for one user and category: how many digests it made (one at most for each address
+    the user's held mail was sent to)."""
     _expire_held(settings, redis, api_key_id, user_key, category, now)
     api_key = ApiKey.get_by_id(api_key_id)
     mode = mode_for(api_key_id, user_key, category)
@@ -141,8 +143,22 @@ def _flush_group(settings, redis, renderer, api_key_id: int, user_key: str, cate
     if window_end is None:
         return 0
     # Made now, it goes out as any mail made now would: after the user's quiet hours.
-    return int(_flush(settings, redis, renderer, api_key, user_key, category, mode, window_end,
-                      timing(profile, send_at=None, now=now), now))
+    when = timing(profile, send_at=None, now=now)
+    addresses = (_held(api_key_id, user_key, category).select(fn.LOWER(Notification.to)).distinct().tuples())
+    made = 0
+    for (address,) in sorted(addresses):
+        try:
+            made += _flush(settings, redis, renderer, api_key, user_key, category, address, mode, window_end, when, now)
+        except _OneDigestPerWindow:
+            # Left, that address's mail would wait while the first address of the window has any.
+            logger.warning("a version-14 process made the unique index of one digest per window again; dropped")
+            schema.drop_one_digest_per_window(Notification._meta.database)
+            made += _flush(settings, redis, renderer, api_key, user_key, category, address, mode, window_end, when, now)
+    return made
+
+
+class _OneDigestPerWindow(Exception):
+    """A digest of another address took the window: the unique index of a schema before version 15."""
 
 
 def _held(api_key_id: int, user_key: str, category: str):
@@ -196,15 +212,18 @@ def _timed(reason: str, when: Decision) -> str:
     return reason if when.status is Status.QUEUED else f"{reason}; {when.reason}"
 
 
-def _flush(settings, redis, renderer, api_key, user_key, category, mode, window_end, when: Decision,
-           now: datetime) -> bool:
+def _flush(settings, redis, renderer, api_key, user_key, category, address: str, mode, window_end,
+           when: Decision, now: datetime) -> bool:
+    """The digest of what a user holds for a category and sent to one address (lower-cased), if it has
+    any item due in the window; whether it was made."""
     db = Notification._meta.database
     with db.atomic() as tx:
         # An item asked for later than the window's end waits for the window it falls due in; one past
         # its deadline is never taken, even one that arrived after _expire_held looked.
         due = Notification.send_at.is_null() | (Notification.send_at <= window_end)
         alive = Notification.expires_at.is_null() | (Notification.expires_at > now)
-        taken = (_held(api_key.id, user_key, category).where((Notification.created_at < window_end) & due & alive)
+        taken = (_held(api_key.id, user_key, category)
+                 .where((fn.LOWER(Notification.to) == address) & (Notification.created_at < window_end) & due & alive)
                  .order_by(Notification.seq))
         seqs = [row.seq for row in taken.select(Notification.seq)]
         if not seqs:
@@ -226,10 +245,15 @@ def _flush(settings, redis, renderer, api_key, user_key, category, mode, window_
                     api_key, digest_fields, status=when.status,
                     reason=_timed(f"{mode} digest of {len(seqs)} {category} notifications", when))
                 Digest.create(api_key=api_key, user_key=user_key, category=category, window_end=window_end,
-                              notification_id=notification.id, items=len(seqs))
+                              email=address, notification_id=notification.id, items=len(seqs))
         except IntegrityError:
-            tx.rollback()  # this window's digest exists already; its items were taken by it
-            return False
+            tx.rollback()
+            exists = Digest.select().where((Digest.api_key == api_key.id) & (Digest.user_key == user_key)
+                                         & (Digest.category == category) & (Digest.window_end == window_end)
+                                         & (Digest.email == address)).exists()
+            if not exists:
+                raise _OneDigestPerWindow() from None
+            return False  # this window's digest at this address exists already; its items were taken by it
         moved = store.transition_many(
             seqs, Status.IN_DIGEST, reason=f"included in digest {notification.id}",
             sources=(Status.HELD,), digest_id=notification.id,
@@ -286,11 +310,22 @@ def _item(renderer, notification: Notification) -> dict:
         except Exception:  # noqa: BLE001 - one broken item must not hold the whole digest back
             return {"subject": notification.template.replace("_", " ").capitalize(), "text": ""}
     else:
-        subject, text = notification.subject or "", notification.text or ""
-    text = (text or "").strip()
-    if len(text) > ITEM_TEXT_CHARS:
-        text = text[: ITEM_TEXT_CHARS - 1].rstrip() + "…"
-    return {"subject": subject, "text": text}
+        # A send of html alone has its words in the html: the text part it would have had alone.
+        subject = notification.subject or ""
+        text = notification.text if notification.text is not None else html_to_text(notification.html or "")
+    return {"subject": subject, "text": _shortened((text or "").strip())}
+
+
+def _shortened(text: str) -> str:
+    """text, cut to at most ITEM_TEXT_CHARS at the end of a word: a link cut in the middle would
+    lead nowhere, so a word cut across is left out whole."""
+    if len(text) <= ITEM_TEXT_CHARS:
+        return text
+    cut = text[: ITEM_TEXT_CHARS - 1]
+    if not text[ITEM_TEXT_CHARS - 1].isspace():
+        words = cut.rsplit(None, 1)
+        cut = words[0] if len(words) == 2 else ""  # one word alone (a link) longer than all: none of it
+    return cut.rstrip() + "…"
 
 
 def pending_counts() -> dict[str, int]:

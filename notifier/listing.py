@@ -8,6 +8,7 @@ from datetime import datetime
 from peewee import fn
 
 from notifier import cursors
+from notifier.consent import ADDRESS_KEY_PREFIX, preferences_key
 from notifier.models import ApiKey, Notification, Status, Suppression
 
 
@@ -70,9 +71,16 @@ def suppressions_for_key(api_key: ApiKey, *, limit: int,
 def stats_for_user(api_key: ApiKey, user_id: str) -> dict:
     """How many of a user's notifications there are, in total and per status."""
     counts = {status.value: 0 for status in Status}
+    user_id = preferences_key(user_id)  # email:<address> in the letter case mail is keyed by
+    if user_id.startswith(ADDRESS_KEY_PREFIX):
+        # Mail sent to the address with no user id (no row has such a user_id: it counted none). Its
+        # rows are found among the key's with no user id, by the index of key and user id.
+        whose = Notification.user_id.is_null() & (Notification.user_key == user_id)
+    else:
+        whose = Notification.user_id == user_id
     query = (
         Notification.select(Notification.status, fn.COUNT(Notification.seq).alias("n"))
-        .where((Notification.api_key == api_key.id) & (Notification.user_id == user_id))
+        .where((Notification.api_key == api_key.id) & whose)
         .group_by(Notification.status)
     )
     for row in query:

@@ -303,19 +303,24 @@ class Preference(BaseModel):
 
 
 class Digest(BaseModel):
-    """One digest per user, category and window: the unique index is what makes a second one impossible."""
+    """One digest per user, category, window and address: the unique index is what makes a second one
+    impossible. By address too: a user id a caller sends to several addresses (a person's work and
+    home, an organisation's people) gets one digest at each, of the items sent to it, never one
+    address's mail at another."""
 
     api_key = ForeignKeyField(ApiKey, on_delete="CASCADE")
     user_key = CharField(max_length=330)
     category = CharField(max_length=32)
     window_end = DateTimeField()
+    # Lower-cased; '' for a digest made before version 15, when a user's window had one digest.
+    email = CharField(max_length=320, default="", constraints=[SQL("DEFAULT ''")])  # schema._add_missing_columns
     notification_id = CharField(max_length=36)
     items = IntegerField()
     created_at = DateTimeField(default=utcnow)
 
     class Meta:
         table_name = "digests"
-        indexes = ((("api_key", "user_key", "category", "window_end"), True),)
+        indexes = ((("api_key", "user_key", "category", "window_end", "email"), True),)
 
 
 class Suppression(BaseModel):

@@ -12,7 +12,7 @@ from notifier.models import FINAL_STATUSES, MODELS, Event, SchemaVersion, Status
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 14
+SCHEMA_VERSION = 15
 # Indexes a later version replaced, dropped where an earlier one made them (5: the reconciler pages
 # owed callbacks by seq, not by updated_at; two partial indexes of version 5's first cut, before it
 # paged deadlines and send times by seq too; 6: it pages queued rows a priority at a time; 8: an
@@ -22,7 +22,8 @@ SCHEMA_VERSION = 14
 # pages of them; 11 replaces three indexes of every notification by two partial ones (models.py) and
 # moves the preferences an `email:` path stored in its own letter case to the key mail reads; 12 counts
 # the moves that made each notification final (models.Notification.final_moves); 13 only adds a column
-# (the callback secret a rotation replaced); 14 only adds an index (the callbacks that gave up).
+# (the callback secret a rotation replaced); 14 only adds an index (the callbacks that gave up); 15
+# makes a digest per address (models.Digest.email), its unique index with it.
 _REPLACED_INDEXES = ("notification_callback_status_updated_at", "notifications_waiting_expires_at",
                      "notifications_scheduled_send_at", "notifications_queued_seq",
                      # The name peewee gave the key-only unique index (after the model, not the table).
@@ -30,7 +31,10 @@ _REPLACED_INDEXES = ("notification_callback_status_updated_at", "notifications_w
                      # 10: the foreign key's own index (the model's name again), now the start of two others.
                      "suppression_api_key_id",
                      "notification_api_key_id", "notification_status_updated_at",
-                     "notification_status_api_key_id_user_key_category")
+                     "notification_status_api_key_id_user_key_category",
+                     # 15: one digest per user, category and window, now per address too.
+                     "digest_api_key_id_user_key_category_window_end")
+ONE_DIGEST_PER_WINDOW = _REPLACED_INDEXES[-1]
 _LOCK_ID = 0x6E6F7469  # an arbitrary constant: "noti"
 _KEY_TRIGGER = "notifier_api_keys_changed"
 
@@ -81,6 +85,12 @@ def upgrade(db) -> int:
                            SCHEMA_VERSION)
     logger.debug("schema at version %s", SCHEMA_VERSION)
     return SCHEMA_VERSION
+
+
+def drop_one_digest_per_window(db) -> None:
+    """Drop the unique index of digests a version-14 process made again when it started after the
+    upgrade: it allows one digest per user's window, where version 15 makes one per address."""
+    db.execute_sql(f'DROP INDEX IF EXISTS "{ONE_DIGEST_PER_WINDOW}"')
 
 
 def _up_to_date(db) -> bool:

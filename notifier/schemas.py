@@ -372,10 +372,21 @@ class QuietHoursSchema(StrictSchema):
 
 
 class PreferencesSchema(StrictSchema):
+    # What GET answers can be PUT back as it is: its user_id (the path's: checked by the route) and
+    # transactional (always immediate, so only that) are taken and change nothing.
+    user_id = fields.String()
     timezone = fields.String(validate=_timezone)
     quiet_hours = fields.Nested(QuietHoursSchema, allow_none=True)
-    categories = fields.Dict(keys=fields.String(validate=validate.OneOf([c.value for c in OPTIONAL_CATEGORIES])),
+    categories = fields.Dict(keys=fields.String(validate=validate.OneOf(
+                                 [Category.TRANSACTIONAL.value, *(c.value for c in OPTIONAL_CATEGORIES)])),
                              values=fields.String(validate=validate.OneOf(MODES)))
+
+    @validates_schema
+    def _transactional_goes_at_once(self, data, **kwargs):
+        mode = (data.get("categories") or {}).get(Category.TRANSACTIONAL.value, DeliveryMode.IMMEDIATE.value)
+        if mode != DeliveryMode.IMMEDIATE.value:
+            raise ValidationError({"categories": {Category.TRANSACTIONAL.value: [
+                "transactional mail (verification, password resets) always goes at once: only immediate"]}})
 
 
 def _path_user_id(value: str) -> None:

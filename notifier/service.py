@@ -414,8 +414,8 @@ class NotificationService:
             )
             notification = store.get(notification_id)
         if not cancelled:
-            raise Conflict(f"a {notification.status} notification cannot be cancelled", {"status": notification.status},
-                           code="not_cancellable")
+            raise Conflict(f"notification {notification.id} is {notification.status}: it can no longer be cancelled",
+                           {"status": notification.status}, code="not_cancellable")
         queues.dispatch_callback(self.redis, self.settings, notification)
         return notification
 

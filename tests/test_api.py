@@ -301,6 +301,16 @@ def test_user_stats_count_per_status(client, headers, api_key):
     assert stats["by_status"]["sent"] == 0
 
 
+def test_user_stats_of_an_address_count_what_was_sent_to_it_with_no_user_id(client, headers):
+    for to in ("NoId@Example.com", "noid@example.com"):
+        assert client.post("/api/notifications/send", json={**LITERAL, "to": to}, headers=headers).status_code == 202
+    with_id = {**LITERAL, "to": "noid@example.com", "user_id": "u7"}  # u7's, not the address's
+    assert client.post("/api/notifications/send", json=with_id, headers=headers).status_code == 202
+
+    stats = client.get("/api/notifications/user/email:NOID@example.com/stats", headers=headers).get_json()
+    assert (stats["user_id"], stats["total"], stats["by_status"]["queued"]) == ("email:noid@example.com", 2, 2)
+
+
 def test_health_needs_no_key_and_ready_checks_dependencies(client):
     assert client.get("/api/health").get_json() == {"status": "ok"}
     ready = client.get("/api/ready")

@@ -226,6 +226,18 @@ def test_public_base_url_beyond_ascii_or_with_spaces_is_refused(raw):
     assert config_error({"PUBLIC_BASE_URL": raw}).setting == "PUBLIC_BASE_URL"
 
 
+@pytest.mark.parametrize("raw", ["https://x.example/?a=1", "https://x.example/#f", "https://x.example?",
+                                 "https://x.example:99999", "https://x.example:0", "https://x.example:http"])
+def test_public_base_url_that_a_path_cannot_follow_is_refused(raw):
+    # Links append /unsubscribe/<token>: after a query or fragment it was no path, past 65535 no port.
+    assert config_error({"PUBLIC_BASE_URL": raw}).setting == "PUBLIC_BASE_URL"
+
+
+def test_public_base_url_with_a_password_is_refused_without_quoting_it():
+    error = config_error({"PUBLIC_BASE_URL": "https://ops:s3cret@x.example"})
+    assert error.setting == "PUBLIC_BASE_URL" and "s3cret" not in str(error)
+
+
 def test_public_base_url_with_an_international_domain_in_xn_form_is_taken():
     assert Settings.from_env({"PUBLIC_BASE_URL": "https://xn--bcher-kva.example/ab%20melden/"}).public_base_url == (
         "https://xn--bcher-kva.example/ab%20melden")

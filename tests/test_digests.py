@@ -759,3 +759,55 @@ def test_a_digest_lists_at_most_digest_max_items_and_says_how_many_more_it_took(
     # Each item is its template's own words: the layout's footer is the digest's, once.
     assert text.count("This email was sent by") == 1
     assert sent.message.get_body(("html",)).get_content().count("This email was sent by") == 1
+
+
+def test_a_user_whose_mail_went_to_two_addresses_gets_a_digest_at_each_of_its_own_items(
+        api, headers, live_deliverer, fast_settings, smtp, redis_conn):
+    # One digest of a user's window went to the newest address with every item in it: the work
+    # address's mail (or one person's of an organisation's user id) read at another.
+    _prefs(api, headers, {"categories": {"product": "daily"}})
+    work = _held(api, headers, ["Work"], to="ann@work.example")
+    home = _held(api, headers, ["Home"], to="Ann@Home.example")
+    html_only = {"to": "ann@home.example", "user_id": USER, "category": "product", "subject": "Invoice ready",
+                 "html": "<p>Your invoice is <a href='https://e.x/inv/7'>here</a>.</p>"}
+    home.append(_call(api, headers, "POST", "/api/notifications/send", html_only, status=202)["id"])
+
+    assert _flush(fast_settings, redis_conn, _next_window_closed(fast_settings)) == 2
+    run_worker_until_idle(redis_conn)
+
+    received = {sent.rcpt_tos[0].lower(): sent.message.get_body(("plain",)).get_content() for sent in smtp.messages}
+    assert set(received) == {"ann@work.example", "ann@home.example"}
+    assert "Hi Work," in received["ann@work.example"] and "Home" not in received["ann@work.example"]
+    assert "Hi Home," in received["ann@home.example"] and "Work" not in received["ann@home.example"]
+    # A send of html alone shows its words, as its own text part would have.
+    assert "Your invoice is here <https://e.x/inv/7>." in received["ann@home.example"]
+    for item_id, address in [(i, "ann@work.example") for i in work] + [(i, "ann@home.example") for i in home]:
+        item = _detail(api, headers, item_id)
+        assert item["status"] == "digested" and _detail(api, headers, item["digest_id"])["to"].lower() == address
+
+
+def test_a_long_item_is_cut_at_the_end_of_a_word_never_inside_a_link():
+    text = "word " * 98 + "https://example.com/reset?token=" + "x" * 40
+    shown = digests._shortened(text)
+    assert shown.endswith("word…") and "https" not in shown and len(shown) <= digests.ITEM_TEXT_CHARS
+    assert digests._shortened("short text") == "short text"
+    assert digests._shortened("x" * 600) == "…"  # one word longer than all: none of it, not half a link
+
+
+def test_the_unique_index_of_one_digest_per_window_made_again_by_an_older_process_is_dropped(
+        api, headers, live_deliverer, fast_settings, smtp, redis_conn, pg_db):
+    # A version-14 process starting after the upgrade makes it again: the window's first address
+    # took the one digest, and the other address's items stayed held while the first had any.
+    pg_db.execute_sql('CREATE UNIQUE INDEX "digest_api_key_id_user_key_category_window_end" ON "digests" '
+                      '("api_key_id", "user_key", "category", "window_end")')
+    try:
+        _prefs(api, headers, {"categories": {"product": "daily"}})
+        _held(api, headers, ["Work"], to="ann@work.example")
+        home = _held(api, headers, ["Home"], to="ann@home.example")
+
+        assert _flush(fast_settings, redis_conn, _next_window_closed(fast_settings)) == 2
+        assert _detail(api, headers, home[0])["status"] == "in_digest"
+        indexes = {row[0] for row in pg_db.execute_sql("SELECT indexname FROM pg_indexes WHERE tablename = 'digests'")}
+        assert "digest_api_key_id_user_key_category_window_end" not in indexes
+    finally:  # the schema outlives the test: the next test of this database must not find it
+        pg_db.execute_sql('DROP INDEX IF EXISTS "digest_api_key_id_user_key_category_window_end"')

@@ -24,9 +24,10 @@ from app import create_app
 from notifier import keys, logs, queues
 from notifier.api.tracing import request_id_from
 from notifier.config import Settings
-from notifier.errors import ConfigError
+from notifier.errors import ConfigError, PermanentDeliveryError, TransientDeliveryError
 from notifier.models import Notification, Status, utcnow
 from notifier.queues import QUEUE_NAMES
+from notifier.rendering import TemplateRenderError
 from tests.helpers import LITERAL, VERIFICATION, make_notification, reload
 from tests.processes import Stack, env_for, free_port, spawn, stop, wait_for_http, wait_until
 
@@ -381,6 +382,20 @@ def test_a_failed_job_is_logged_at_the_level_of_what_it_means_with_its_notificat
     assert "RetriesExhausted" in exhausted and "dead-letter queue" in exhausted
     assert all("exc_info" not in line and "Traceback" not in line["message"] for line in failed[:-1])
     assert failed[-1]["exc_info"].startswith("Traceback") and "no_such_job" in failed[-1]["exc_info"]
+
+
+@pytest.mark.parametrize("exc, retried, level", [
+    (TransientDeliveryError("451 busy", 451), True, "WARNING"),
+    (TransientDeliveryError("451 busy", 451), False, "ERROR"),  # a shared job's, out of retries
+    (PermanentDeliveryError("550 no such user", 550, address_rejected=True), False, "WARNING"),
+    (PermanentDeliveryError("550 sender refused", 550), False, "ERROR"),  # ours to mend
+    (TemplateRenderError("template 'welcome': 'name' is undefined"), False, "ERROR"),  # a broken deploy
+    (RuntimeError("a bug"), True, "ERROR"),
+])
+def test_a_job_failure_is_an_error_where_an_operator_must_act(exc, retried, level):
+    from worker import failure_level
+
+    assert logging.getLevelName(failure_level(exc, retried)) == level
 
 
 def test_the_mailbox_alone_is_masked_in_what_a_server_wrote_not_in_the_words_of_the_log_call(captured):

@@ -349,3 +349,11 @@ def test_html_to_text_keeps_the_spaces_and_lines_of_a_pre_as_they_are():
 def test_html_to_text_of_a_pre_keeps_its_links_and_leaves_text_that_looks_like_its_marks_alone():
     assert html_to_text("<pre>see <a href='https://e.x/a'>this</a>   now</pre>") == "see this <https://e.x/a>   now\n"
     assert html_to_text("<p>&#xE000;0&#xE000;</p><pre> a  b</pre>") == "\ue0000\ue000\n\n a  b\n"
+
+
+@pytest.mark.parametrize("html", ["<p>" + "\ue000" * 85_000, "<pre>x</pre>" + "\ue000" * 85_000,
+                                  "<pre>" + "".join(map(chr, range(0xE000, 0xF900))) + "</pre>"])
+def test_html_to_text_of_a_body_full_of_private_use_characters_takes_linear_time(html):
+    # Looking for a run of them the text did not hold took 10 s of a worker's CPU for 256 KB.
+    assert _fastest_of_three(lambda: html_to_text(html)) < 2
+    assert html_to_text(html).count("\ue000") == html.count("\ue000")  # and kept, every one

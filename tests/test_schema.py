@@ -7,10 +7,21 @@ import time
 
 import psycopg2
 import pytest
+from peewee import IntegrityError
 
 from notifier import consent, keys, schema
 from notifier.db import database
-from notifier.models import DeliveryMode, Event, Notification, Preference, SchemaVersion, Status, UserProfile, utcnow
+from notifier.models import (
+    DeliveryMode,
+    Digest,
+    Event,
+    Notification,
+    Preference,
+    SchemaVersion,
+    Status,
+    UserProfile,
+    utcnow,
+)
 from tests.helpers import make_notification
 
 
@@ -106,6 +117,31 @@ def test_an_upgrade_to_version_13_lets_a_callback_secret_be_rotated(request, db_
     with database.connection_context():
         assert keys.rotate_callback_secret("before-13") is not None
         assert keys.authenticate(plaintext).old_callback_secret == key.callback_secret
+
+
+@pytest.mark.parametrize("db_fixture", ["pg_db", "sqlite_db"])
+def test_an_upgrade_to_version_15_makes_a_digest_per_address_of_a_window(request, db_fixture):
+    db = request.getfixturevalue(db_fixture)
+    window = utcnow().replace(microsecond=0)
+    with database.connection_context():
+        key, _ = keys.create("before-15")
+        db.execute_sql('DROP INDEX "digest_api_key_id_user_key_category_window_end_email"')
+        db.execute_sql('ALTER TABLE "digests" DROP COLUMN "email"')
+        db.execute_sql('CREATE UNIQUE INDEX "digest_api_key_id_user_key_category_window_end" ON "digests" '
+                       '("api_key_id", "user_key", "category", "window_end")')
+        db.execute_sql('INSERT INTO "digests" ("api_key_id", "user_key", "category", "window_end", '
+                       '"notification_id", "items", "created_at") VALUES (?, ?, ?, ?, ?, ?, ?)'.replace(
+                           "?", "%s" if db_fixture == "pg_db" else "?"),
+                       (key.id, "u1", "product", window, "n-old", 2, window))
+        SchemaVersion.update(version=14).execute()
+    assert schema.upgrade(db) == schema.SCHEMA_VERSION
+    with database.connection_context():
+        assert [(d.notification_id, d.email) for d in Digest.select()] == [("n-old", "")]
+        fields = {"api_key": key, "user_key": "u1", "category": "product", "window_end": window, "items": 1}
+        Digest.create(email="work@example.com", notification_id="n-work", **fields)
+        Digest.create(email="home@example.com", notification_id="n-home", **fields)
+        with pytest.raises(IntegrityError), database.atomic():
+            Digest.create(email="home@example.com", notification_id="n-again", **fields)
 
 
 def test_a_not_null_column_without_its_default_in_the_ddl_is_refused_before_any_ddl_runs(tmp_path):

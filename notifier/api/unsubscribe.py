@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from html import escape
 
-from flask import Blueprint, current_app, request
+from flask import Blueprint, current_app
 
 from notifier import consent
 from notifier.errors import ApiError
@@ -37,7 +37,9 @@ def _read(token: str) -> tuple[ApiKey | None, str, str]:
 def confirm(token: str):
     """A small page that asks before unsubscribing (a link scanner's GET must not unsubscribe)."""
     _, _, category = _read(token)
-    form = (f'<form method="post" action="{escape(request.path)}">'
+    # No action: the form posts back to the URL the browser opened, whatever a proxy in front of the
+    # API put before the path (PUBLIC_BASE_URL https://host/notifier); request.path lost that prefix.
+    form = ('<form method="post">'
             '<button type="submit" style="padding:.6rem 1.2rem">Unsubscribe</button></form>')
     return _PAGE.format(title="Unsubscribe", form=form,
                         body=f"Stop receiving {escape(category)} emails? Account emails such as password "
