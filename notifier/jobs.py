@@ -420,7 +420,7 @@ class Deliverer:
         """The subject and body parts of a notification, from its template or its literal content."""
         if notification.template:
             return self.renderer.render(notification.template, notification.data, unsubscribe_url)
-        return literal(notification.subject or "", notification.text, notification.html)
+        return literal(notification.subject or "", notification.text, notification.html, unsubscribe_url)
 
     def _finish(self, notification: Notification, target: Status, **fields) -> None:
         if store.transition(notification.id, target, sources=(Status.SENDING,), known=notification, **fields):

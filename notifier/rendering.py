@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
+from html import escape
 from html.parser import HTMLParser
 from itertools import chain
 from urllib.parse import urlsplit
@@ -142,11 +143,32 @@ def _refuse(message: str):
     raise TemplateRuntimeError(message)
 
 
-def literal(subject: str, text: str | None, html: str | None) -> RenderedEmail:
-    """An email whose parts the caller wrote; sent as given, never treated as a template."""
+def literal(subject: str, text: str | None, html: str | None, unsubscribe_url: str | None = None) -> RenderedEmail:
+    """An email whose parts the caller wrote; sent as given, never treated as a template, but for
+    notifier's unsubscribe link at the end of each part when there is one (mail a user can
+    unsubscribe from), as the templates' footer shows it: the List-Unsubscribe header alone is not
+    the visible way out that the law asks of marketing mail in many places."""
     if text is None and html is not None:
         text = html_to_text(html)
+    if unsubscribe_url is not None:
+        text = f"{(text or '').rstrip()}\n\n--\nUnsubscribe: {unsubscribe_url}\n"
+        if html is not None:
+            html = _with_footer(html, unsubscribe_url)
     return RenderedEmail(subject=" ".join(subject.split()), text=text, html=html)
+
+
+_BODY_END = re.compile(r"</body\s*>", re.IGNORECASE)
+
+
+def _with_footer(html: str, url: str) -> str:
+    """html with the unsubscribe link after its content: before its last </body>, or at its end."""
+    footer = (f'<p style="margin:24px 0 0;font-size:12px;line-height:18px;color:#6b7280;">'
+              f'<a href="{escape(url, quote=True)}" target="_blank" style="color:#6b7280;">Unsubscribe</a></p>')
+    ends = list(_BODY_END.finditer(html))
+    if not ends:
+        return html + footer
+    at = ends[-1].start()
+    return html[:at] + footer + html[at:]
 
 
 class _TextExtractor(HTMLParser):

@@ -524,6 +524,26 @@ def test_literal_send_with_a_category_follows_preferences(client, headers, deliv
     assert message["List-Unsubscribe"].startswith("<http") and "/unsubscribe/" in message["List-Unsubscribe"]
 
 
+def test_a_literal_send_that_can_be_unsubscribed_from_shows_the_link_in_each_part(
+        client, headers, deliverer, smtp, redis_conn):
+    # The List-Unsubscribe header alone: no visible way out of marketing mail written by the caller.
+    body = {"to": "lit@example.com", "user_id": "u-lit", "category": "marketing", "subject": "Sale",
+            "text": "Half price this week.", "html": "<html><body><p>Half price this week.</p></body></html>"}
+    _send(client, headers, body)
+    _send(client, headers, {**body, "category": "transactional"})
+    run_worker_until_idle(redis_conn)
+
+    marketing, transactional = sorted(smtp.messages, key=lambda m: "List-Unsubscribe" not in m.message)
+    link = marketing.message["List-Unsubscribe"].strip("<>")
+    text = marketing.message.get_body(("plain",)).get_content().replace("\r\n", "\n")
+    html = marketing.message.get_body(("html",)).get_content()
+    assert text == f"Half price this week.\n\n--\nUnsubscribe: {link}\n"
+    assert html.startswith("<html><body><p>Half price this week.</p><p ") and html.rstrip().endswith("</body></html>")
+    assert f'href="{link}"' in html and ">Unsubscribe</a>" in html
+    assert transactional.message.get_body(("plain",)).get_content().rstrip() == "Half price this week."
+    assert "Unsubscribe" not in transactional.message.get_body(("html",)).get_content()
+
+
 def test_category_together_with_a_template_is_422(client, headers, deliverer, smtp, redis_conn):
     error = _error(client.post("/api/notifications/send", json={**_welcome(), "category": "marketing"},
                                headers=headers), 422)

@@ -357,3 +357,14 @@ def test_html_to_text_of_a_body_full_of_private_use_characters_takes_linear_time
     # Looking for a run of them the text did not hold took 10 s of a worker's CPU for 256 KB.
     assert _fastest_of_three(lambda: html_to_text(html)) < 2
     assert html_to_text(html).count("\ue000") == html.count("\ue000")  # and kept, every one
+
+
+def test_a_literal_email_that_can_be_unsubscribed_from_ends_each_part_with_the_link():
+    url = "https://n.example/unsubscribe/a&b"
+    email = literal("Sale", None, "<HTML><BODY><p>Half price</p></BODY ></HTML>", unsubscribe_url=url)
+    assert email.text == "Half price\n\n--\nUnsubscribe: https://n.example/unsubscribe/a&b\n"
+    assert email.html.startswith("<HTML><BODY><p>Half price</p><p ") and email.html.endswith("</BODY ></HTML>")
+    assert 'href="https://n.example/unsubscribe/a&amp;b"' in email.html
+    fragment = literal("Sale", "Hi", "<p>Half price</p>", unsubscribe_url=url)
+    assert fragment.html.startswith("<p>Half price</p><p ") and fragment.html.endswith("Unsubscribe</a></p>")
+    assert literal("Code", "Hi", "<p>Hi</p>") == literal("Code", "Hi", "<p>Hi</p>", unsubscribe_url=None)
