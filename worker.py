@@ -52,6 +52,8 @@ def failure_level(exc: BaseException | None, retried: bool) -> int:
     for what an operator must see to: retries that ran out on what could have passed (an outage
     outlasted them), a refusal of our sender or message, a failure of ours (a template missing or
     broken after a deploy), and anything unexpected (logged with its traceback)."""
+    if isinstance(exc, DeliveryError) and exc.operator:
+        return logging.ERROR  # SMTP_USERNAME/PASSWORD refused, a certificate not trusted: from the first
     if isinstance(exc, CallbackRetry | CallbackGaveUp):
         return logging.WARNING  # the caller's endpoint, theirs to mend
     if isinstance(exc, jobs.RetriesExhausted):

@@ -50,6 +50,9 @@ class Settings:
     smtp_username: str = ""
     smtp_password: str = field(default="", repr=False)
     smtp_security: str = "none"
+    # The certificates a TLS server's is checked against (PEM): empty, the system's store. A relay with
+    # a certificate of a private CA, or a self-signed one, is trusted by naming it here.
+    smtp_ca_file: str = ""
     smtp_timeout: float = 30.0
     mail_from: str = "notifier@localhost"
     reply_to: str = ""  # where replies go, when not to MAIL_FROM (often a no-reply address)
@@ -138,6 +141,7 @@ class Settings:
             smtp_username=env.get("SMTP_USERNAME", ""),
             smtp_password=_password(env),
             smtp_security=_choice(env, "SMTP_SECURITY", defaults.smtp_security, SMTP_SECURITY_MODES),
+            smtp_ca_file=_ca_file(env.get("SMTP_CA_FILE", "").strip()),
             smtp_timeout=_float(env, "SMTP_TIMEOUT", defaults.smtp_timeout, 3600),
             mail_from=_mail_from(env.get("MAIL_FROM", defaults.mail_from)),
             reply_to=_mail_from(env["REPLY_TO"], "REPLY_TO") if env.get("REPLY_TO", "").strip() else "",
@@ -174,7 +178,7 @@ class Settings:
             batch_max=_int(env, "BATCH_MAX", defaults.batch_max, 1, 10000),
             batch_job_size=_int(env, "BATCH_JOB_SIZE", defaults.batch_job_size, 1, 1000),
             recipient_cap=_rate(env, "RECIPIENT_CAP", defaults.recipient_cap, allow_empty=True),
-            templates_dir=env.get("TEMPLATES_DIR", defaults.templates_dir),
+            templates_dir=_templates_dir(env.get("TEMPLATES_DIR", defaults.templates_dir)),
             brand_name=env.get("BRAND_NAME", defaults.brand_name).strip() or defaults.brand_name,
             log_level=_choice(env, "LOG_LEVEL", defaults.log_level, ("DEBUG", "INFO", "WARNING", "ERROR")),
             log_format=_choice(env, "LOG_FORMAT", defaults.log_format, ("json", "text")),
@@ -329,6 +333,29 @@ def _mail_from(raw: str, name: str = "MAIL_FROM") -> str:
         raise ConfigError(name, f"must be an ASCII address (write an international domain in its xn-- "
                                 f"form), got {raw!r}")
     return raw
+
+
+def _ca_file(path: str) -> str:
+    if not path:
+        return ""
+    import ssl
+
+    try:
+        ssl.create_default_context(cafile=path)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError("SMTP_CA_FILE", f"must be a readable file of PEM certificates, got {path!r} "
+                                          f"({type(exc).__name__})") from None
+    return path
+
+
+def _templates_dir(path: str) -> str:
+    # Wrong, every template send was a 422 "no template named ..." with an empty list of known ones.
+    if path and not os.path.isdir(os.path.join(path, "email")):
+        hint = " (name the folder that holds email/, not email/ itself)" if os.path.basename(
+            os.path.normpath(path)) == "email" else ""
+        raise ConfigError("TEMPLATES_DIR", f"must be a folder holding an email/ folder of templates{hint}, "
+                                           f"got {path!r}")
+    return path
 
 
 def _password(env: Mapping[str, str]) -> str:

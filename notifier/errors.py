@@ -44,13 +44,16 @@ class DeliveryError(NotifierError):
     """Sending failed; subclasses say whether trying again can help."""
 
     def __init__(self, message: str, smtp_code: int | None = None, address_rejected: bool = False,
-                 smtp_reply: str | None = None):
+                 smtp_reply: str | None = None, operator: bool = False):
         super().__init__(message)
         self.smtp_code = smtp_code
         # The server's own words after the code (message adds notifier's: what it was refusing).
         self.smtp_reply = smtp_reply
         # The server said this mailbox does not exist: the address belongs on the suppression list.
         self.address_rejected = address_rejected
+        # Only an operator can mend it (SMTP_USERNAME/PASSWORD refused, a certificate not trusted, no
+        # STARTTLS): retried, to give them the time, and logged as an ERROR from the first attempt.
+        self.operator = operator
 
 
 class TransientDeliveryError(DeliveryError):

@@ -120,14 +120,17 @@ _SEVEN_BIT = Charset("utf-8")
 _SEVEN_BIT.body_encoding = None
 
 
+# Control characters but the tab, C0, DEL and C1: not in a header (RFC 5322 2.2).
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
 # SMTP's limit is 998 characters a line (RFC 5322); a header's name and the folding take some.
 _LONGEST_WORD = 900
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
 
 
 def _header(value: str, name: str) -> str:
-    # Line breaks were refused at the API; never let one through to the wire all the same.
-    value = " ".join(value.splitlines())
+    # Line breaks were refused at the API; never let one through to the wire all the same, nor another
+    # control character a template's data put into a subject (shown as U+FFFD, and encoded).
+    value = _CONTROL.sub("\ufffd", " ".join(value.splitlines()))
     # Text that reads as an RFC 2047 encoded word ("=?utf-8?q?...?=") would be decoded by the reader's
     # client into something else: encoded itself, it arrives as written.
     if (value.isascii() and "=?" not in value
@@ -158,11 +161,16 @@ def _url_list(name: str, value: str) -> str:
 
 
 @lru_cache(maxsize=16)
-def _mailbox_header(mail_from: str) -> str:
+def _mailbox_header(mail_from: str, header_name: str = "From") -> str:
     # Written again from its parts, whatever MAIL_FROM's spelling: "Acme Inc. <...>" as it stands is
     # RFC 5322's obsolete phrase syntax (a "." outside quotes), which a generator must not produce.
     name, address = parseaddr(" ".join(mail_from.splitlines()))
-    return formataddr((name, address), "utf-8")
+    if name.isascii():
+        return formataddr((name, address))
+    # A name beyond ASCII as encoded words of at most 75 characters on lines of at most 76 (RFC 2047),
+    # as Subject is: formataddr made one word of any length ("Служба поддержки клиентов" was 76).
+    encoded = Header(name, "utf-8", header_name=header_name).encode(maxlinelen=76)
+    return f"{encoded}\n <{address}>"
 
 
 def _address(value: str) -> str:
@@ -217,7 +225,7 @@ def message_bytes(email: OutgoingEmail, mail_from: str) -> bytes:
         if name in _URL_LIST_HEADERS:
             msg[name] = _url_list(name, value)
         elif name in _ADDRESS_HEADERS:
-            msg[name] = _mailbox_header(value)
+            msg[name] = _mailbox_header(value, name)
         else:
             msg[name] = _header(value, name)
     return msg.as_bytes()
@@ -263,7 +271,13 @@ def classify(exc: BaseException) -> DeliveryError:
     if isinstance(exc, smtplib.SMTPAuthenticationError):
         # A login problem is the operator's to fix; retrying gives them the time to.
         return TransientDeliveryError(f"SMTP login failed: {exc.smtp_code} {_text(exc.smtp_error)}", exc.smtp_code,
-                                      smtp_reply=_text(exc.smtp_error))
+                                      smtp_reply=_text(exc.smtp_error), operator=True)
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return TransientDeliveryError(f"the SMTP server's certificate is not trusted ({exc.verify_message}): "
+                                      "SMTP_CA_FILE names the certificates to trust", operator=True)
+    if isinstance(exc, smtplib.SMTPNotSupportedError):
+        # SMTP_SECURITY=starttls, and the server offers no STARTTLS (or login, with SMTP_USERNAME).
+        return TransientDeliveryError(f"the SMTP server does not support it: {exc}", operator=True)
     if isinstance(exc, smtplib.SMTPResponseException):
         return _by_code(exc.smtp_code, exc.smtp_error, "SMTP error")
     if isinstance(exc, smtplib.SMTPServerDisconnected):
@@ -307,22 +321,33 @@ class SmtpMailer:
     def __init__(self, settings: Settings):
         self.settings = settings
         self._client: yagmail.SMTP | None = None
+        self._context: ssl.SSLContext | None = None
         self._sender = parseaddr(settings.mail_from)[1]
         self._last_used = 0.0
+
+    def _tls(self) -> ssl.SSLContext:
+        # Verifying the server's certificate and name, as a mail client does: smtplib's own default
+        # (what yagmail used) checks neither, and anyone in the way took the mail and SMTP_PASSWORD.
+        if self._context is None:
+            self._context = ssl.create_default_context(cafile=self.settings.smtp_ca_file or None)
+        return self._context
 
     def _open(self) -> yagmail.SMTP:
         s = self.settings
         client = yagmail.SMTP(
-            user=s.smtp_username or None,
+            # As a one-entry dict: given a str, yagmail adds "@gmail.com" to a name without "@",
+            # and a relay's login ("apikey", an access key id) was refused.
+            user={s.smtp_username: s.smtp_username} if s.smtp_username else None,
             password=s.smtp_password or None,
             host=s.smtp_host,
             port=s.smtp_port,
             smtp_ssl=s.smtp_security == "ssl",
-            smtp_starttls=s.smtp_security == "starttls",
+            smtp_starttls={"context": self._tls()} if s.smtp_security == "starttls" else False,
             # Without this yagmail asks the keyring or a terminal for a password and hangs the worker.
             smtp_skip_login=not s.smtp_username,
             soft_email_validation=False,
             timeout=s.smtp_timeout,
+            **({"context": self._tls()} if s.smtp_security == "ssl" else {}),  # for smtplib.SMTP_SSL
         )
         try:
             client.login()

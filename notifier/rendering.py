@@ -171,6 +171,13 @@ def _with_footer(html: str, url: str) -> str:
     return html[:at] + footer + html[at:]
 
 
+# An element no reader sees: a hidden preheader is display:none (often with more, mso-hide:all).
+_HIDDEN = re.compile(r"(?:^|;)\s*display\s*:\s*none\s*(?:!important\s*)?(?:;|$)", re.IGNORECASE)
+# Elements without an end tag: one hidden hides nothing after it.
+_VOID = frozenset({"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track",
+                   "wbr"})
+
+
 class _TextExtractor(HTMLParser):
     _SKIP = {"style", "script", "head", "title"}
     # HTML's block elements: each begins on a line of its own in a browser, so their words never run
@@ -185,10 +192,20 @@ class _TextExtractor(HTMLParser):
         super().__init__(convert_charrefs=True)
         self.parts: list[str] = []
         self._skipping = 0
+        # The elements styled display:none that are open, innermost last, each with how many elements
+        # of its own name are open inside it.
+        self._hidden: list[list] = []
         self._pre = 0  # inside <pre>: its spaces and line breaks are the text (a table drawn in text, code)
         self._link: tuple[str, int] | None = None  # the open <a>: its target, and where its text starts
 
     def handle_starttag(self, tag, attrs):
+        if tag not in _VOID and _HIDDEN.search(dict(attrs).get("style") or ""):
+            # Shown to no reader (an email's preheader, for the inbox list only): not in the text either.
+            self._hidden.append([tag, 0])
+            self._skipping += 1
+            return
+        if self._hidden and tag == self._hidden[-1][0] and tag not in _VOID:
+            self._hidden[-1][1] += 1  # a <div> in the hidden <div>: its </div> does not end the hiding
         if tag in self._SKIP:
             self._skipping += 1
         elif tag in self._BREAK:
@@ -209,6 +226,12 @@ class _TextExtractor(HTMLParser):
             self._link = (_target(dict(attrs).get("href")), len(self.parts))
 
     def handle_endtag(self, tag):
+        if self._hidden and tag == self._hidden[-1][0]:
+            if not self._hidden[-1][1]:
+                self._hidden.pop()
+                self._skipping -= 1
+                return
+            self._hidden[-1][1] -= 1
         if tag in self._SKIP and self._skipping:
             self._skipping -= 1
         elif tag in self._BREAK:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import unicodedata
 from datetime import UTC
 from urllib.parse import urlsplit
 
@@ -44,6 +45,16 @@ def _no_line_breaks(value: str) -> None:
     # A CR or LF in a header value would let the caller add headers of their own.
     if "\r" in value or "\n" in value:
         raise ValidationError("must not contain line breaks")
+
+
+def _header_text(value: str) -> None:
+    """A subject: words a mail client shows, not blank, and no control character (RFC 5322 allows
+    only visible characters and spaces in a header: a BEL or ESC went out raw)."""
+    _no_line_breaks(value)
+    if not value.strip():
+        raise ValidationError("must not be blank")
+    if any(unicodedata.category(c) == "Cc" and c != "\t" for c in value):
+        raise ValidationError("must not contain control characters")
 
 
 # The longest idempotency key, as the column that keeps it is, and the header that may give it.
@@ -283,7 +294,7 @@ class SendSchema(DeliveryOptions):
     to = Email(required=True)
     template = fields.String(validate=validate.Length(min=1, max=100))
     data = JsonObject(load_default=dict)
-    subject = fields.String(validate=[validate.Length(min=1, max=998), _no_line_breaks])
+    subject = fields.String(validate=[validate.Length(min=1, max=998), _header_text])
     text = fields.String(validate=validate.Length(min=1, max=MAX_BODY_CHARS))
     html = fields.String(validate=validate.Length(min=1, max=MAX_BODY_CHARS))
     priority = fields.String(load_default=Priority.DEFAULT.value, validate=validate.OneOf(PRIORITIES))

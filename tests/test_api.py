@@ -160,6 +160,15 @@ def test_header_injection_in_subject_is_refused(client, headers):
     assert "subject" in error["details"]
 
 
+@pytest.mark.parametrize("subject", ["ctrl \u0007 bell", "esc \u001b[31m", "c1 \u0085", "   ", "\t"])
+def test_a_subject_that_is_blank_or_holds_a_control_character_is_refused(client, headers, subject):
+    # Both were sent: a BEL or ESC raw in the header, or "Subject: " with nothing after it.
+    error = _assert_envelope(client.post("/api/notifications/send", json={**LITERAL, "subject": subject},
+                                         headers=headers), 422, "validation_error")
+    assert "subject" in error["details"]
+    assert _count_rows() == (0, 0)
+
+
 def test_oversized_body_is_413(client, headers):
     payload = {**LITERAL, "text": "x" * (300 * 1024)}
     _assert_envelope(client.post("/api/notifications/send", json=payload, headers=headers), 413, "payload_too_large")

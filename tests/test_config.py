@@ -233,6 +233,21 @@ def test_public_base_url_that_a_path_cannot_follow_is_refused(raw):
     assert config_error({"PUBLIC_BASE_URL": raw}).setting == "PUBLIC_BASE_URL"
 
 
+def test_templates_dir_must_hold_an_email_folder(tmp_path):
+    # Wrong, every template send was a 422 naming no known template.
+    (tmp_path / "email").mkdir()
+    assert Settings.from_env({"TEMPLATES_DIR": str(tmp_path)}).templates_dir == str(tmp_path)
+    assert "not email/ itself" in str(config_error({"TEMPLATES_DIR": str(tmp_path / "email")}))
+    assert config_error({"TEMPLATES_DIR": str(tmp_path / "missing")}).setting == "TEMPLATES_DIR"
+
+
+def test_smtp_ca_file_must_be_a_file_of_certificates(tmp_path):
+    (tmp_path / "junk.pem").write_text("not a certificate")
+    for path in (tmp_path / "missing.pem", tmp_path / "junk.pem"):
+        assert config_error({"SMTP_CA_FILE": str(path)}).setting == "SMTP_CA_FILE"
+    assert Settings.from_env({}).smtp_ca_file == ""
+
+
 def test_public_base_url_with_a_password_is_refused_without_quoting_it():
     error = config_error({"PUBLIC_BASE_URL": "https://ops:s3cret@x.example"})
     assert error.setting == "PUBLIC_BASE_URL" and "s3cret" not in str(error)

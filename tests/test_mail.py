@@ -11,7 +11,15 @@ from email.policy import compat32
 import pytest
 
 from notifier.errors import PermanentDeliveryError, TransientDeliveryError
-from notifier.mail import _WIRE, MemoryMailer, OutgoingEmail, build_message, classify, message_id_for
+from notifier.mail import (
+    _WIRE,
+    MemoryMailer,
+    OutgoingEmail,
+    build_message,
+    classify,
+    message_bytes,
+    message_id_for,
+)
 from notifier.rendering import RenderedEmail
 
 MAIL_FROM = "notifier@example.com"
@@ -148,6 +156,29 @@ def test_message_headers_name_sender_recipient_and_subject():
     assert message["To"] == "ada@example.com"
     assert message["Subject"] == "Hello"
     assert message["Date"]
+
+
+def test_a_control_character_a_template_put_in_a_subject_never_reaches_the_wire():
+    # The API refuses them in a literal subject; a template's data can still carry one into it.
+    content = RenderedEmail(subject="Hi \x07Ann\x1b[31m", text="x", html=None)
+    raw = message_bytes(outgoing(content=content), MAIL_FROM)
+
+    head = raw.split(b"\r\n\r\n")[0]
+    assert not any(b < 32 and b not in (9, 10, 13) or b == 127 for b in head)
+    assert build_message(outgoing(content=content), MAIL_FROM)["Subject"] == "Hi \ufffdAnn\ufffd[31m"
+
+
+@pytest.mark.parametrize("mail_from", ["Служба поддержки клиентов компании <no-reply@xn--caf-dma.example>",
+                                       "Équipe Service Client — Société Générale <support@example.com>"])
+def test_a_display_name_beyond_ascii_is_encoded_words_of_at_most_75_on_lines_of_at_most_76(mail_from):
+    # One encoded word of any length was written (76 and more): RFC 2047 allows 75.
+    head = message_bytes(outgoing(), mail_from).split(b"\r\n\r\n")[0].decode()
+    lines = head.split("\r\n")
+    start = next(i for i, line in enumerate(lines) if line.startswith("From: "))
+    folded = [lines[start]] + [line for line in lines[start + 1:start + 10] if line.startswith(" ")]
+    words = [w for line in folded for w in line.split() if w.startswith("=?")]
+    assert len(words) > 1 and all(len(w) <= 75 for w in words) and all(len(line) <= 76 for line in folded)
+    assert folded[-1].strip() == f"<{mail_from.rpartition('<')[2]}"
 
 
 def test_message_id_is_stable_for_the_same_notification():

@@ -368,3 +368,15 @@ def test_a_literal_email_that_can_be_unsubscribed_from_ends_each_part_with_the_l
     fragment = literal("Sale", "Hi", "<p>Half price</p>", unsubscribe_url=url)
     assert fragment.html.startswith("<p>Half price</p><p ") and fragment.html.endswith("Unsubscribe</a></p>")
     assert literal("Code", "Hi", "<p>Hi</p>") == literal("Code", "Hi", "<p>Hi</p>", unsubscribe_url=None)
+
+
+@pytest.mark.parametrize("html, text", [
+    ('<div style="display:none;font-size:1px;">Your order shipped</div><p>Hello</p>', "Hello\n"),
+    ('<span style="color:red; DISPLAY : none !important">x</span><p>Hello</p>', "Hello\n"),
+    ('<div style="display:none"><div>inner</div>still hidden</div><p>Hello</p>', "Hello\n"),
+    ('<img style="display:none" alt="logo"><p>Hello</p>', "logo\nHello\n"),  # void: hides nothing after it
+    ('<div style="display:block">Shown</div>', "Shown\n"),
+])
+def test_html_to_text_leaves_out_what_no_reader_sees(html, text):
+    # A preheader (the line an inbox list shows, hidden in the message) opened the text part.
+    assert html_to_text(html) == text
