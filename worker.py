@@ -261,6 +261,24 @@ class NotifierWorker(SimpleWorker):
         super().request_stop(signum, frame)
 
 
+# RQ's line as its loop ends on an exception (rq/worker/base.py).
+_LOOP_ENDED = "Worker %s: found an unhandled exception, quitting..."
+
+
+class RedisAwayIsAWarning(logging.Filter):
+    """RQ logs its loop ending on any exception as an ERROR with a traceback: Redis going away too,
+    which the worker waits out and carries on from (notifier.resilience), so every Redis restart
+    paged whoever alerts on errors. That one is a WARNING naming it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg == _LOOP_ENDED and record.exc_info and isinstance(record.exc_info[1], RedisError):
+            record.levelno, record.levelname = logging.WARNING, logging.getLevelName(logging.WARNING)
+            record.msg = "Worker %s: Redis went away (%s); waiting for it to carry on"
+            record.args = (record.args[0] if record.args else "?", type(record.exc_info[1]).__name__)
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
 def make_worker(connection, name: str | None = None, counts: metrics.Deferred | None = None) -> NotifierWorker:
     """A worker on all notifier queues, highest priority first, callbacks last."""
     worker = NotifierWorker(
@@ -276,6 +294,7 @@ def make_worker(connection, name: str | None = None, counts: metrics.Deferred | 
 def main() -> None:
     settings = load_settings()
     configure_logging(settings)
+    logging.getLogger("rq.worker").addFilter(RedisAwayIsAWarning())
     warn_if_links_can_be_forged(settings)
     parent = os.getpid()
     os.register_at_fork(after_in_child=lambda: _die_with_parent(parent))

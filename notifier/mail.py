@@ -281,6 +281,8 @@ def classify(exc: BaseException) -> DeliveryError:
     if isinstance(exc, smtplib.SMTPResponseException):
         return _by_code(exc.smtp_code, exc.smtp_error, "SMTP error")
     if isinstance(exc, smtplib.SMTPServerDisconnected):
+        if "timed out" in str(exc):  # smtplib's words when SMTP_TIMEOUT ran out waiting for a reply
+            return TransientDeliveryError("SMTP timed out")
         return TransientDeliveryError(f"SMTP connection dropped: {exc}")
     if isinstance(exc, (socket.timeout, TimeoutError)):
         return TransientDeliveryError("SMTP timed out")

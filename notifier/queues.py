@@ -319,7 +319,7 @@ def callback_job_timeout(settings: Settings) -> int:
 
 
 def enqueue_callback(connection: Redis, settings: Settings, notification_id: str, attempts_made: int = 0,
-                     unless_live: bool = True, new_event: bool = False) -> Job | None:
+                     unless_live: bool = True, new_event: bool = False, at: datetime | None = None) -> Job | None:
     """Queue the status callback job of a notification that reached a final state; returns it, or None
     when its job is live already (queued, running, waiting for a retry): that job reads the row as it
     runs and posts the event owed then, and a second one would post the same event at once, whatever
@@ -332,7 +332,8 @@ def enqueue_callback(connection: Redis, settings: Settings, notification_id: str
     did, two jobs under one id. An earlier job's hash under that id (a finished one's, a failed one's)
     is replaced whole, its expiry with it: kept, a failed job's 30 days, or a finished job's minute,
     ran on under the new job, which vanished from its queue or its retry when it ran out. Its entry
-    in a failed or finished registry goes too. Raises RedisError."""
+    in a failed or finished registry goes too. at: when (naive UTC) its next attempt is due, for a
+    retry Redis lost; None, now. Raises RedisError."""
     job_id = callback_job_id_for(notification_id)
     key = Job.key_for(job_id)
     data = Queue.prepare_data(
@@ -363,7 +364,13 @@ def enqueue_callback(connection: Redis, settings: Settings, notification_id: str
                 for registry in (queue.failed_job_registry, queue.finished_job_registry,
                                  queue.scheduled_job_registry, queue.deferred_job_registry):
                     registry.remove(job_id, pipeline=pipe)
-                (job,) = queue.enqueue_many([data], pipeline=pipe)
+                if at is None:
+                    (job,) = queue.enqueue_many([data], pipeline=pipe)
+                else:
+                    job = queue.enqueue_at(at.replace(tzinfo=UTC), CALLBACK_JOB, *data.args, pipeline=pipe,
+                                           job_id=data.job_id, retry=data.retry, job_timeout=data.timeout,
+                                           result_ttl=data.result_ttl, failure_ttl=data.failure_ttl,
+                                           description=data.description, meta=data.meta)
                 pipe.execute()
                 return job
             except WatchError:

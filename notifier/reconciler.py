@@ -28,6 +28,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
 
+from peewee import fn
 from redis import Redis
 from rq import Worker
 from rq.job import Job
@@ -36,7 +37,7 @@ from rq_scheduler import Scheduler
 
 from notifier import metrics, queues, receipts, releases, store
 from notifier.config import Settings
-from notifier.models import WAITING_STATUSES, CallbackStatus, Notification, Priority, Status, utcnow
+from notifier.models import WAITING_STATUSES, CallbackStatus, Event, Notification, Priority, Status, utcnow
 
 logger = logging.getLogger(__name__)
 
@@ -346,9 +347,31 @@ def _callbacks(redis: Redis, settings: Settings, settled: datetime, report: Repo
             job_id = queues.callback_job_id_for(row.id)
             # A missing one only if it is still missing: a redelivery or a final transition may have
             # queued it since it was looked at.
-            if (job_id in abandoned or job_id in missing) and queues.enqueue_callback(
-                    redis, settings, row.id, row.callback_attempts, unless_live=job_id not in abandoned):
+            if job_id in abandoned:  # its worker died mid-post: that attempt goes again now
+                queued = queues.enqueue_callback(redis, settings, row.id, row.callback_attempts, unless_live=False)
+            elif job_id in missing:
+                # A retry Redis lost (a flush, a restart empty) goes when it was due: queued now, the
+                # attempts left went at once, and the last gave up seconds after the one before.
+                queued = queues.enqueue_callback(redis, settings, row.id, row.callback_attempts,
+                                                 at=_callback_due(settings, row))
+            else:
+                continue
+            if queued:
                 report.callbacks += 1
+
+
+def _callback_due(settings: Settings, row: Notification) -> datetime | None:
+    """When the next attempt of a callback that failed row.callback_attempts times is due, by
+    CALLBACK_RETRY_INTERVALS from the end of its last (None: now)."""
+    attempts = row.callback_attempts
+    if not 0 < attempts <= len(settings.callback_retry_intervals):
+        return None
+    last = (Event.select(fn.MAX(Event.at))
+            .where((Event.notification == row.seq) & (Event.kind == "callback")).scalar())
+    if last is None:
+        return None
+    due = last + timedelta(seconds=settings.callback_retry_intervals[attempts - 1])
+    return due if due > utcnow() else None
 
 
 def _any_queued(redis: Redis, job_ids: list[str]) -> bool:

@@ -12,7 +12,7 @@ import threading
 import time
 import traceback
 from dataclasses import replace
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from ipaddress import ip_network
 
 import psycopg2
@@ -277,6 +277,31 @@ def test_reconciler_requeues_a_callback_whose_job_vanished(api_key, fast_setting
     with database.connection_context():
         assert reconcile(fast_settings, redis_conn).callbacks == 0  # nothing owed any more
     assert smtp.count() == 0
+
+
+def test_a_callback_retry_redis_lost_goes_when_it_was_due_not_at_once(api_key, fast_settings, live_deliverer,
+                                                                     receiver, smtp, redis_conn):
+    # Queued at once, a flush spent the attempts left within seconds: the last gave up 3 s after
+    # the one before, while the receiver was still down, and never came back.
+    settings = replace(fast_settings, callback_retry_intervals=(2, 600, 1800))
+    notification = make_notification(api_key[0], Status.SENT, callback_url=receiver.url, callback_status="pending",
+                                     attempts=1, sent_at=utcnow(), callback_attempts=2)
+    with database.connection_context():
+        store.record(notification.id, kind="callback", reason="callback attempt 2 failed: HTTP 500")
+        Notification.update(updated_at=utcnow() - timedelta(seconds=settings.reconcile_grace_seconds + 30)).where(
+            Notification.id == notification.id).execute()
+    redis_conn.flushdb()  # the retry waiting in RQ's scheduled registry is gone
+
+    with database.connection_context():
+        assert reconcile(settings, redis_conn).callbacks == 1
+        assert reconcile(settings, redis_conn).callbacks == 0  # waiting for its time: not lost
+    run_worker_until_idle(redis_conn)
+
+    assert receiver.calls == []
+    scheduled = Queue(CALLBACK_QUEUE, connection=redis_conn).scheduled_job_registry
+    (job_id,) = scheduled.get_job_ids()
+    due = datetime.fromtimestamp(scheduled.get_scheduled_time(job_id).timestamp(), UTC).replace(tzinfo=None)
+    assert job_id == f"callback-{notification.id}" and abs((due - utcnow()).total_seconds() - 600) < 30
 
 
 def test_a_callback_requeued_while_its_job_is_posting_it_is_posted_once(api_key, fast_settings, live_deliverer,

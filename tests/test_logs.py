@@ -398,6 +398,27 @@ def test_a_job_failure_is_an_error_where_an_operator_must_act(exc, retried, leve
     assert logging.getLevelName(failure_level(exc, retried)) == level
 
 
+def test_rqs_loop_ending_on_redis_gone_is_a_warning_without_a_traceback(captured):
+    # Every Redis restart logged an ERROR with a traceback, for an outage the worker waits out.
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    from worker import RedisAwayIsAWarning
+
+    rq = logging.getLogger("rq.worker.test-filter")
+    rq.addFilter(RedisAwayIsAWarning())
+    for error in (RedisConnectionError("Error 111 connecting"), RuntimeError("a bug")):
+        try:
+            raise error
+        except (RedisConnectionError, RuntimeError):
+            rq.error("Worker %s: found an unhandled exception, quitting...", "w-1", exc_info=True)
+
+    away, bug = (json.loads(line) for line in captured())
+    assert (away["level"], away["message"]) == ("WARNING", "Worker w-1: Redis went away (ConnectionError); "
+                                                           "waiting for it to carry on")
+    assert "exc_info" not in away
+    assert bug["level"] == "ERROR" and "RuntimeError: a bug" in bug["exc_info"]
+
+
 def test_the_mailbox_alone_is_masked_in_what_a_server_wrote_not_in_the_words_of_the_log_call(captured):
     # A shared job's recipients whose mailboxes are words of our lines, RQ's, and a traceback's code.
     try:
