@@ -261,8 +261,9 @@ class NotifierWorker(SimpleWorker):
         super().request_stop(signum, frame)
 
 
-# RQ's line as its loop ends on an exception (rq/worker/base.py).
+# RQ's lines as its loop ends on an exception, and on Redis timing out (rq/worker/base.py).
 _LOOP_ENDED = "Worker %s: found an unhandled exception, quitting..."
+_REDIS_TIMED_OUT = "Worker %s: Redis connection timeout, quitting..."
 
 
 class RedisAwayIsAWarning(logging.Filter):
@@ -272,10 +273,15 @@ class RedisAwayIsAWarning(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.msg == _LOOP_ENDED and record.exc_info and isinstance(record.exc_info[1], RedisError):
-            record.levelno, record.levelname = logging.WARNING, logging.getLevelName(logging.WARNING)
-            record.msg = "Worker %s: Redis went away (%s); waiting for it to carry on"
-            record.args = (record.args[0] if record.args else "?", type(record.exc_info[1]).__name__)
-            record.exc_info, record.exc_text = None, None
+            away = type(record.exc_info[1]).__name__
+        elif record.msg == _REDIS_TIMED_OUT:  # a hung Redis, a failover: RQ logs it without the exception
+            away = "TimeoutError"
+        else:
+            return True
+        record.levelno, record.levelname = logging.WARNING, logging.getLevelName(logging.WARNING)
+        record.msg = "Worker %s: Redis went away (%s); waiting for it to carry on"
+        record.args = (record.args[0] if record.args else "?", away)
+        record.exc_info, record.exc_text = None, None
         return True
 
 

@@ -160,19 +160,35 @@ def literal(subject: str, text: str | None, html: str | None, unsubscribe_url: s
 _BODY_END = re.compile(r"</body\s*>", re.IGNORECASE)
 
 
+_COMMENT = re.compile(r"<!--.*?(?:-->|$)", re.DOTALL)
+
+
 def _with_footer(html: str, url: str) -> str:
-    """html with the unsubscribe link after its content: before its last </body>, or at its end."""
+    """html with the unsubscribe link after its content: before its last </body> outside a comment
+    (one in Outlook's conditional comment, <!--[if mso]></body><![endif]-->, hid it from every other
+    client), or at its end."""
     footer = (f'<p style="margin:24px 0 0;font-size:12px;line-height:18px;color:#6b7280;">'
               f'<a href="{escape(url, quote=True)}" target="_blank" style="color:#6b7280;">Unsubscribe</a></p>')
-    ends = list(_BODY_END.finditer(html))
+    # Comments blanked out, the same length, so that a </body> found is one outside them, where it is.
+    uncommented = _COMMENT.sub(lambda comment: " " * len(comment.group()), html)
+    ends = [m.start() for m in _BODY_END.finditer(uncommented)]
     if not ends:
         return html + footer
-    at = ends[-1].start()
-    return html[:at] + footer + html[at:]
+    return html[:ends[-1]] + footer + html[ends[-1]:]
 
 
 # An element no reader sees: a hidden preheader is display:none (often with more, mso-hide:all).
 _HIDDEN = re.compile(r"(?:^|;)\s*display\s*:\s*none\s*(?:!important\s*)?(?:;|$)", re.IGNORECASE)
+# The start tags that end an open element of these by HTML's rules, its end tag omitted (a <p> ends
+# at the next block, a <li> at the next <li>, a cell at the next cell or row).
+_ENDS = {
+    "p": frozenset({"p", "div", "ul", "ol", "dl", "table", "h1", "h2", "h3", "h4", "h5", "h6", "pre", "blockquote",
+                    "hr", "section", "header", "footer", "address", "article", "aside", "nav", "main", "form",
+                    "figure", "fieldset", "details", "center"}),
+    "li": frozenset({"li"}), "dt": frozenset({"dt", "dd"}), "dd": frozenset({"dt", "dd"}),
+    "tr": frozenset({"tr"}), "td": frozenset({"td", "th", "tr"}), "th": frozenset({"td", "th", "tr"}),
+    "option": frozenset({"option", "optgroup"}),
+}
 # Elements without an end tag: one hidden hides nothing after it.
 _VOID = frozenset({"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track",
                    "wbr"})
@@ -188,8 +204,9 @@ class _TextExtractor(HTMLParser):
 
     _CELL = {"td", "th"}
 
-    def __init__(self):
+    def __init__(self, hide: bool = True):
         super().__init__(convert_charrefs=True)
+        self.hide = hide  # leave out elements styled display:none (see html_to_text)
         self.parts: list[str] = []
         self._skipping = 0
         # The elements styled display:none that are open, innermost last, each with how many elements
@@ -198,11 +215,19 @@ class _TextExtractor(HTMLParser):
         self._pre = 0  # inside <pre>: its spaces and line breaks are the text (a table drawn in text, code)
         self._link: tuple[str, int] | None = None  # the open <a>: its target, and where its text starts
 
+    @property
+    def _quiet(self) -> bool:
+        """Whether what comes now is shown to no reader."""
+        return bool(self._skipping or self._hidden)
+
     def handle_starttag(self, tag, attrs):
-        if tag not in _VOID and _HIDDEN.search(dict(attrs).get("style") or ""):
+        # A start tag that ends the hidden element by HTML's own rule ("<p hidden>Preview<p>Hello":
+        # the second <p> closes the first) ends its hiding.
+        while self._hidden and not self._hidden[-1][1] and tag in _ENDS.get(self._hidden[-1][0], ()):
+            self._hidden.pop()
+        if self.hide and tag not in _VOID and _HIDDEN.search(dict(attrs).get("style") or ""):
             # Shown to no reader (an email's preheader, for the inbox list only): not in the text either.
             self._hidden.append([tag, 0])
-            self._skipping += 1
             return
         if self._hidden and tag == self._hidden[-1][0] and tag not in _VOID:
             self._hidden[-1][1] += 1  # a <div> in the hidden <div>: its </div> does not end the hiding
@@ -217,7 +242,7 @@ class _TextExtractor(HTMLParser):
             # What a reader sees where the image does not load, and the only words of a button that
             # is a picture ("<a href=...><img alt='Verify your email'></a>").
             alt = " ".join((dict(attrs).get("alt") or "").split())
-            if alt and not self._skipping:
+            if alt and not self._quiet:
                 self.parts.append(f" {alt} ")
         elif tag == "a":
             # Links do not nest: as in HTML5, an <a> inside another closes it first. (Every part of
@@ -229,7 +254,6 @@ class _TextExtractor(HTMLParser):
         if self._hidden and tag == self._hidden[-1][0]:
             if not self._hidden[-1][1]:
                 self._hidden.pop()
-                self._skipping -= 1
                 return
             self._hidden[-1][1] -= 1
         if tag in self._SKIP and self._skipping:
@@ -251,14 +275,14 @@ class _TextExtractor(HTMLParser):
         (url, start), self._link = self._link, None
         text = "".join(self.parts[start:])
         words = " ".join(text.split())
-        if url and not self._skipping and words not in (url, url.removeprefix("mailto:")):
+        if url and not self._quiet and words not in (url, url.removeprefix("mailto:")):
             if not words:
                 self.parts.append(url)
             else:  # after the words, before any space that ends them: "Read more <url> and"
                 self.parts.append(f"<{url}> " if text[-1].isspace() else f" <{url}>")
 
     def handle_data(self, data):
-        if self._skipping:
+        if self._quiet:
             return
         if not self._pre:
             self.parts.append(data)
@@ -308,9 +332,8 @@ def _target(href: str | None) -> str:
     return "" if not url or url.startswith("#") or scheme in _ACTIVE_SCHEMES else url
 
 
-def html_to_text(html: str) -> str:
-    """A readable plain-text version of an HTML body, for the text/plain part."""
-    parser = _TextExtractor()
+def _parsed(html: str, hide: bool) -> _TextExtractor:
+    parser = _TextExtractor(hide)
     parser.feed(html)
     if parser.rawdata in ("<", "</"):
         # Nothing after them: HTML5 shows these as text ("less than 5 <"), as the parser would on close().
@@ -324,10 +347,22 @@ def html_to_text(html: str) -> str:
         # 12 minutes of CPU, on every retry.
         parser.rawdata = ""
     parser.close()
+    return parser
+
+
+def html_to_text(html: str) -> str:
+    """A readable plain-text version of an HTML body, for the text/plain part."""
+    parser = _parsed(html, hide=True)
+    if parser._hidden:
+        # An element styled display:none that never closed as written (a hidden <span> left open
+        # in a hidden <div>, an end tag HTML implies): where its hiding ends is a guess, and a wrong
+        # one lost every word after it. Read again showing it: a preheader too many beats no body.
+        parser = _parsed(html, hide=False)
     # The text of a <pre> stands aside while the rest is tidied (each line's spaces made one, no more
     # than one blank line), under a mark the text does not hold, and comes back as it was.
     mark = _unused_character(parser.parts) if any(isinstance(p, _Preformatted) for p in parser.parts) else ""
     kept: list[str] = []
+
 
     def aside(part: str) -> str:
         if not isinstance(part, _Preformatted):

@@ -412,11 +412,15 @@ def test_rqs_loop_ending_on_redis_gone_is_a_warning_without_a_traceback(captured
         except (RedisConnectionError, RuntimeError):
             rq.error("Worker %s: found an unhandled exception, quitting...", "w-1", exc_info=True)
 
-    away, bug = (json.loads(line) for line in captured())
+    rq.error("Worker %s: Redis connection timeout, quitting...", "w-1")  # RQ's own, for a hung Redis
+
+    away, bug, hung = (json.loads(line) for line in captured())
     assert (away["level"], away["message"]) == ("WARNING", "Worker w-1: Redis went away (ConnectionError); "
                                                            "waiting for it to carry on")
     assert "exc_info" not in away
     assert bug["level"] == "ERROR" and "RuntimeError: a bug" in bug["exc_info"]
+    assert (hung["level"], hung["message"]) == ("WARNING", "Worker w-1: Redis went away (TimeoutError); "
+                                                           "waiting for it to carry on")
 
 
 def test_the_mailbox_alone_is_masked_in_what_a_server_wrote_not_in_the_words_of_the_log_call(captured):

@@ -376,7 +376,22 @@ def test_a_literal_email_that_can_be_unsubscribed_from_ends_each_part_with_the_l
     ('<div style="display:none"><div>inner</div>still hidden</div><p>Hello</p>', "Hello\n"),
     ('<img style="display:none" alt="logo"><p>Hello</p>', "logo\nHello\n"),  # void: hides nothing after it
     ('<div style="display:block">Shown</div>', "Shown\n"),
+    # End tags HTML implies end the hiding where a browser ends it.
+    ('<p style="display:none">Preview<p>Hello Ann</p>', "Hello Ann\n"),
+    ('<ul><li style="display:none">a<li>Visible item</ul><p>After</p>', "Visible item\n\nAfter\n"),
+    ('<table><tr style="display:none"><td>pre</td><tr><td>Row two</td></tr></table>', "Row two\n"),
+    ('<div style="display:none">pre</head>x</div><p>Visible body</p>', "Visible body\n"),  # a stray end tag
+    # Never closed as written: shown rather than guessed at, which lost every word after it.
+    ('<div style="display:none">pre<span style="display:none">zz</div><p>Visible body</p>',
+     "prezz\n\nVisible body\n"),
 ])
 def test_html_to_text_leaves_out_what_no_reader_sees(html, text):
     # A preheader (the line an inbox list shows, hidden in the message) opened the text part.
     assert html_to_text(html) == text
+
+
+def test_the_unsubscribe_link_of_a_literal_email_is_never_put_inside_a_comment():
+    # After the last </body>: inside Outlook's conditional comment, which every other client hides.
+    html = "<html><body><p>Hi</p></body></html><!--[if mso]></body><![endif]-->"
+    footed = literal("Sale", "Hi", html, unsubscribe_url="https://n.example/u/t").html
+    assert footed.index("Unsubscribe") < footed.index("</body></html><!--[if mso]>")
