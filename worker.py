@@ -54,8 +54,12 @@ def failure_level(exc: BaseException | None, retried: bool) -> int:
     broken after a deploy), and anything unexpected (logged with its traceback)."""
     if isinstance(exc, DeliveryError) and exc.operator:
         return logging.ERROR  # SMTP_USERNAME/PASSWORD refused, a certificate not trusted: from the first
+    if isinstance(exc, CallbackGaveUp) and isinstance(exc.__cause__, CallbackRetry):
+        # The caller's endpoint was down for longer than the retries last: someone must know to post
+        # them again (`callbacks redeliver --gave-up`) once it is back.
+        return logging.ERROR
     if isinstance(exc, CallbackRetry | CallbackGaveUp):
-        return logging.WARNING  # the caller's endpoint, theirs to mend
+        return logging.WARNING  # the caller's endpoint's answer (a retry, a 4xx refusal), theirs to mend
     if isinstance(exc, jobs.RetriesExhausted):
         return logging.ERROR
     if isinstance(exc, TransientDeliveryError) and retried:

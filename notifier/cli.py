@@ -200,8 +200,9 @@ def keys_secret(name: str, rotate: bool, end_rotation: bool) -> None:
             if before.old_callback_secret:
                 click.echo(f"a rotation was under way: the secret it replaced ({_hint(before.old_callback_secret)}) "
                            "no longer signs", err=True)
+            # On stderr: stdout is the new secret alone, for a script that reads it ($(keys secret --rotate)).
             click.echo(f"rotated the callback secret of {name!r}: callbacks are signed with the new one and the "
-                       f"previous one (two v1) until `keys secret {name} --end-rotation`.")
+                       f"previous one (two v1) until `keys secret {name} --end-rotation`.", err=True)
             click.echo(secret)
             return
         if end_rotation:

@@ -87,12 +87,14 @@ class NotificationService:
             raise Unprocessable("the callback_url may not be posted to", {"callback_url": [refused]})
 
     def draft(self, api_key: ApiKey, payload: dict, key: idempotency.Key | None = None,
-              lookup: consent.Lookup | None = None, earlier: Notification | None = None):
+              lookup: consent.Lookup | None = None, earlier: Notification | None = None, looked_up: bool = False):
         """Check a send request (its idempotency key taken out of it already) and decide its fate,
-        storing nothing: (Draft, None), or (None, the earlier notification) when it replays key."""
+        storing nothing: (Draft, None), or (None, the earlier notification) when it replays key.
+        looked_up: the caller looked key up already (earlier is what it found, None: nothing)."""
         request_hash = _fingerprint(payload) if key is not None else None  # only a replay compares it
         if key is not None:
-            earlier = earlier or idempotency.find(api_key, key)
+            if earlier is None and not looked_up:
+                earlier = idempotency.find(api_key, key)
             if earlier is not None:
                 return None, _replay(earlier, request_hash)
         return self._prepare(api_key, payload, key, request_hash, lookup), None
@@ -242,8 +244,10 @@ class NotificationService:
             if payload is None:
                 continue
             try:
+                # The batch's keys were looked up at once: a new one is not asked about again, item
+                # by item (1,000 queries made a keyed batch of 1,000 five times slower).
                 draft, earlier = self.draft(api_key, payload, keys.get(index), lookup=lookup,
-                                            earlier=known.get(keys.get(index)))
+                                            earlier=known.get(keys.get(index)), looked_up=True)
             except ApiError as exc:
                 results[index] = exc
                 continue

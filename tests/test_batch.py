@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import threading
 from dataclasses import replace
 
@@ -88,6 +89,17 @@ def test_batch_and_item_idempotency_keys_replay_without_new_rows(client, headers
                           headers=headers)
     assert changed.status_code == 422
     assert changed.get_json()["error"]["details"]["results"][0]["error"]["code"] == "idempotency_key_reused"
+
+
+def test_a_keyed_batch_looks_its_keys_up_once_not_item_by_item(client, headers, redis_conn, caplog):
+    # One query per new item, under the batch's lock: 1,000 keyed items took 2 s where 0.4 s without.
+    items = [_item(n, idempotency_key=f"k-{n}") for n in range(50)]
+    caplog.set_level(logging.DEBUG, logger="peewee")
+    accepted = client.post("/api/notifications/batch", json={"notifications": items},
+                           headers={**headers, "Idempotency-Key": "keyed-batch"})
+    assert accepted.status_code == 202 and accepted.get_json()["accepted"] == 50
+    statements = [r for r in caplog.records if r.name == "peewee"]
+    assert len(statements) < 20, [str(r.msg)[:80] for r in statements]
 
 
 def test_a_key_given_twice_in_a_batch_is_one_notification_and_the_batch_replays(client, headers, redis_conn):

@@ -195,8 +195,9 @@ def test_a_callback_secret_is_rotated_from_the_command_line_and_the_overlap_ende
 
     rotated = _cli(env, "secret", "billing", "--rotate")
     assert rotated.returncode == 0, rotated.stderr
-    second = rotated.stdout.strip().splitlines()[-1]
-    assert second.startswith("whsec_") and second != first
+    # The new secret alone on stdout: NEW=$(keys secret --rotate) took the prose line with it.
+    (second,) = rotated.stdout.splitlines()
+    assert second.startswith("whsec_") and second != first and "--end-rotation" in rotated.stderr
     shown = _cli(env, "secret", "billing")
     assert shown.stdout.splitlines() == [second] and f"whsec_...{first[-4:]}" in shown.stderr
     assert first not in shown.stderr + shown.stdout  # the receiver holds it: never printed again

@@ -23,6 +23,7 @@ from rq.job import Job
 from app import create_app
 from notifier import keys, logs, queues
 from notifier.api.tracing import request_id_from
+from notifier.callbacks import CallbackRejected, CallbackRetry
 from notifier.config import Settings
 from notifier.errors import ConfigError, PermanentDeliveryError, TransientDeliveryError
 from notifier.models import Notification, Status, utcnow
@@ -384,6 +385,15 @@ def test_a_failed_job_is_logged_at_the_level_of_what_it_means_with_its_notificat
     assert failed[-1]["exc_info"].startswith("Traceback") and "no_such_job" in failed[-1]["exc_info"]
 
 
+def _gave_up(cause: Exception) -> Exception:
+    from notifier.callback_job import CallbackGaveUp
+
+    try:
+        raise CallbackGaveUp(str(cause)) from cause
+    except CallbackGaveUp as gave_up:
+        return gave_up
+
+
 @pytest.mark.parametrize("exc, retried, level", [
     (TransientDeliveryError("451 busy", 451), True, "WARNING"),
     (TransientDeliveryError("451 busy", 451), False, "ERROR"),  # a shared job's, out of retries
@@ -391,6 +401,9 @@ def test_a_failed_job_is_logged_at_the_level_of_what_it_means_with_its_notificat
     (PermanentDeliveryError("550 sender refused", 550), False, "ERROR"),  # ours to mend
     (TemplateRenderError("template 'welcome': 'name' is undefined"), False, "ERROR"),  # a broken deploy
     (RuntimeError("a bug"), True, "ERROR"),
+    (_gave_up(CallbackRetry("HTTP 503")), False, "ERROR"),  # the endpoint down past every retry
+    (_gave_up(CallbackRejected("HTTP 410")), False, "WARNING"),  # refused: the caller's answer
+    (CallbackRetry("HTTP 503"), True, "WARNING"),
 ])
 def test_a_job_failure_is_an_error_where_an_operator_must_act(exc, retried, level):
     from worker import failure_level
