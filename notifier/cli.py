@@ -375,7 +375,7 @@ def callbacks_redeliver(notification_id: str | None, all_gave_up: bool, key_name
                 redelivery.redeliver(redis, settings, notification_id, by="an operator")
             except ApiError as exc:
                 raise click.ClickException(exc.message) from None
-            click.echo(f"the callback of {notification_id} goes again")
+            click.echo(f"the callback of {notification_id} goes again{_when_redis_answers(redis)}")
             return
         key = None
         if key_name is not None:
@@ -389,7 +389,19 @@ def callbacks_redeliver(notification_id: str | None, all_gave_up: bool, key_name
                 count += 1
             except ApiError as exc:  # requeued meanwhile: it owes its own event now
                 click.echo(f"{nid}: {exc.message}", err=True)
-    click.echo(f"{count} callback(s) go again")
+    click.echo(f"{count} callback(s) go again{_when_redis_answers(redis) if count else ''}")
+
+
+def _when_redis_answers(redis) -> str:
+    """What to add to "goes again" when the callback is pending in the database only: it said "not
+    queued" and "goes again" side by side, as if one of them were wrong."""
+    from redis.exceptions import RedisError
+
+    try:
+        redis.ping()
+    except RedisError:
+        return ": pending, Redis not answering; the reconciler queues it once Redis answers"
+    return ""
 
 
 def _utc(text: str):

@@ -390,9 +390,10 @@ def parse_clock(raw: str) -> tuple[int, int] | None:
 
 def _clock(env: Mapping[str, str], name: str, default: str) -> str:
     raw = env.get(name, "").strip() or default
-    if parse_clock(raw) is None:
+    clock = parse_clock(raw)
+    if clock is None:
         raise ConfigError(name, f"must be a time of day like 08:00, got {raw!r}")
-    return raw
+    return f"{clock[0]:02d}:{clock[1]:02d}"  # 8:00 as 08:00, the form everything else compares and shows
 
 
 def _base_url(raw: str) -> str:

@@ -46,10 +46,19 @@ def preferences_key(user_id: str) -> str:
 
 
 def zone(name: str | None) -> ZoneInfo:
-    try:
-        return ZoneInfo(name or "UTC")
-    except (ZoneInfoNotFoundError, ValueError):
-        return ZoneInfo("UTC")
+    return ZoneInfo(zone_name(name))
+
+
+def zone_name(stored: str | None) -> str:
+    """The time zone a stored name means, as the API shows it. Names stored before they were checked
+    against the zone database's own are read as what they copy (posix/Europe/Berlin as Europe/Berlin;
+    right/ ones too, whose clocks are ~27 s off): shown as stored, a GET could not be PUT back. Any
+    other that is no place's time (localtime: the host's own) is UTC."""
+    name = stored or "UTC"
+    if valid_timezone(name):
+        return name
+    copied = name.partition("/")[2] if name.startswith(("posix/", "right/")) else ""
+    return copied if valid_timezone(copied) else "UTC"
 
 
 # Names the zone database holds that are no place's time: the host's own clock (which differs from
@@ -91,7 +100,7 @@ def preferences(api_key: ApiKey, user_key: str) -> dict:
         quiet = {"start": profile.quiet_start, "end": profile.quiet_end}
     return {
         "user_id": user_key,
-        "timezone": profile.timezone if profile else "UTC",
+        "timezone": zone_name(profile.timezone if profile else None),
         "quiet_hours": quiet,
         "categories": {Category.TRANSACTIONAL.value: DeliveryMode.IMMEDIATE.value, **modes},
     }

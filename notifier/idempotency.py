@@ -62,16 +62,32 @@ def hold(api_key: ApiKey, key: str) -> None:
         database.execute_sql("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (api_key.id, key))
 
 
+# Up to this many keys a batch locks each one as a send does (what the shared lock table holds per
+# transaction by default is 64): a send and a small batch under one key then take turns too.
+KEYS_LOCKED_ONE_BY_ONE = 16
+
+
 def hold_batch(api_key: ApiKey, keys: list[Key]) -> None:
-    """hold() for a batch: one lock, named by the batch's set of keys (whatever their order), so that
-    copies of one batch sent at once take turns. One lock rather than one per key: a thousand per
-    batch, in every API process at once, would fill PostgreSQL's shared lock table
-    (max_locks_per_transaction), which every other lock needs too. Batches that merely share some
-    keys do not wait for each other; the unique index keeps each key to one notification."""
-    if is_postgres(database) and keys:
-        names = "\n".join(sorted({f"{k.scope}\n{k.key}" for k in keys}))  # no key holds a line break
-        digest = int.from_bytes(hashlib.sha256(names.encode()).digest()[:4], "big", signed=True)
-        database.execute_sql("SELECT pg_advisory_xact_lock(%s, %s)", (api_key.id, digest))
+    """hold() for a batch. A small one locks each of its keys as a send does, in the order of their
+    locks, so a send and a batch item under one key sent at once are decided once: with only the
+    batch's own lock each was put to the recipient cap, the replay included. A larger one takes one
+    lock, named by its set of keys (whatever their order), so that copies of one batch sent at once
+    take turns: a thousand per batch, in every API process at once, would fill PostgreSQL's shared
+    lock table (max_locks_per_transaction), which every other lock needs too. Large batches that
+    merely share some keys, or a key with a send, do not wait for each other; the unique index keeps
+    each key to one notification."""
+    if not is_postgres(database) or not keys:
+        return
+    names = sorted({k.key for k in keys})
+    if len(names) <= KEYS_LOCKED_ONE_BY_ONE:
+        # In the order of the locks themselves, so two batches never each hold what the other waits for
+        # (two keys whose hashes are alike are one lock).
+        database.execute_sql("SELECT count(pg_advisory_xact_lock(%s, h)) FROM (SELECT DISTINCT hashtext(k) AS h "
+                             "FROM unnest(%s::text[]) AS k ORDER BY h) AS locks", (api_key.id, names))
+        return
+    names = "\n".join(sorted({f"{k.scope}\n{k.key}" for k in keys}))  # no key holds a line break
+    digest = int.from_bytes(hashlib.sha256(names.encode()).digest()[:4], "big", signed=True)
+    database.execute_sql("SELECT pg_advisory_xact_lock(%s, %s)", (api_key.id, digest))
 
 
 def find(api_key: ApiKey, key: Key) -> Notification | None:

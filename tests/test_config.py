@@ -332,3 +332,7 @@ def test_callback_deny_networks_default_to_link_local_and_unspecified_and_can_be
     assert Settings.from_env({"CALLBACK_DENY_NETWORKS": ""}).callback_deny_networks == ()
     error = config_error({"CALLBACK_DENY_NETWORKS": "169.254.0.0/16,metadata"})
     assert error.setting == "CALLBACK_DENY_NETWORKS" and "'metadata'" in str(error)
+
+
+def test_a_digest_time_is_kept_in_one_form():
+    assert Settings.from_env({"DIGEST_TIME": " 8:05"}).digest_time == "08:05"

@@ -77,6 +77,18 @@ def test_what_get_answers_can_be_put_back_as_it_is(client, headers):
     assert saved.get_json() == shown == _prefs(client, headers, "email:ann@example.com")
 
 
+@pytest.mark.parametrize(("stored", "shown"), [("posix/Europe/Berlin", "Europe/Berlin"),
+                                              ("right/Asia/Tokyo", "Asia/Tokyo"), ("localtime", "UTC")])
+def test_a_time_zone_stored_before_names_were_checked_is_shown_as_what_it_means(client, headers, stored, shown):
+    # Stored by a version that took any name ZoneInfo opened: GET showed it and a PUT of it was 422.
+    assert _put(client, headers, {"timezone": "Europe/Paris"}).status_code == 200
+    UserProfile.update(timezone=stored).where(UserProfile.user_key == "u1").execute()
+    answered = _prefs(client, headers, "u1")
+    assert answered["timezone"] == shown
+    assert consent.zone(stored).key == shown
+    assert _put(client, headers, answered).status_code == 200
+
+
 def _send(client, headers, payload: dict, path: str = "/api/notifications/send") -> dict:
     response = client.post(path, json=payload, headers=headers)
     assert response.status_code == 202, response.get_data(as_text=True)

@@ -144,8 +144,14 @@ def test_the_command_says_what_it_cannot_do(api, headers, live_deliverer, receiv
         assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
     assert run("--gave-up", "--key", "nobody").returncode == 1
     notification_id = _given_up(api, headers, receiver, redis_conn)
+    env = env_for(replace(pg_settings, redis_url="redis://127.0.0.1:1/0"))  # nothing answers there
+    done = run(notification_id)  # pending in the database: the reconciler queues it, so exit 0
+    assert done.returncode == 0 and "Redis not answering; the reconciler queues it" in done.stdout, done.stdout
+    assert reload(notification_id).callback_status == "pending"
+    env = env_for(pg_settings)
+    notification_id = _given_up(api, headers, receiver, redis_conn)
     done = run(notification_id)
-    assert done.returncode == 0 and f"the callback of {notification_id} goes again" in done.stdout
+    assert done.returncode == 0 and done.stdout.strip() == f"the callback of {notification_id} goes again"
 
 
 def test_a_redelivery_then_a_reconciler_pass_queues_one_job_with_no_expiry(api, headers, live_deliverer, receiver,
