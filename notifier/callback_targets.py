@@ -39,13 +39,28 @@ def denied_network(address: str, deny: Networks) -> IPv4Network | IPv6Network | 
 def literal_denied(url: str, deny: Networks) -> str | None:
     """Why url's host, when it is a literal IP address in a denied network, may not be posted to; None
     otherwise (a name is only known when it is resolved, at each attempt)."""
-    host = urlsplit(url).hostname or ""
+    host = resolver_host(urlsplit(url).hostname or "")
+    if host is None:
+        return None  # no name at all, which schemas.CallbackUrl refuses
     address = _ipv4_form(host) or host
     try:
         network = denied_network(address, deny)
     except ValueError:
         return None  # a name
     return None if network is None else _refusal(host, address, network)
+
+
+def resolver_host(host: str) -> str | None:
+    """host as the resolver is asked for it, and as the Host header must carry it: beyond ASCII, its
+    IDNA form (Python's codec, which socket.getaddrinfo applies; NFKC first, so "①⑥⑨.②⑤④.①⑥⑨.②⑤④"
+    and "169。254。169。254" are 169.254.169.254); None when it has none (an empty label, one over 63
+    characters)."""
+    if host.isascii():
+        return host
+    try:
+        return host.encode("idna").decode("ascii")
+    except UnicodeError:
+        return None
 
 
 def _ipv4_form(host: str) -> str | None:

@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
-from notifier.callback_targets import DeniedTarget, Networks, SlowResolution, handlers
+from notifier.callback_targets import DeniedTarget, Networks, SlowResolution, handlers, resolver_host
 from notifier.db import UNAVAILABLE_ERRORS, discard_connection, is_postgres
 from notifier.models import Notification
 from notifier.schemas import UtcDateTime, port_out_of_range, unsplittable
@@ -195,12 +195,21 @@ def _credentials_apart(url: str) -> tuple[str, str | None]:
 
 
 def _ascii_target(url: str) -> str:
-    """url with each character of its path and query beyond ASCII percent-encoded as UTF-8, as a
-    browser sends such a URL (an IRI, which the API takes): http.client refuses to write one in the
-    request line, and every attempt failed with a UnicodeEncodeError that no retry could mend. A host
-    beyond ASCII is left as it is: the socket and the Host header encode it as IDNA."""
+    """url (without credentials) with each character of its path and query beyond ASCII
+    percent-encoded as UTF-8, as a browser sends such a URL (an IRI, which the API takes), and a host
+    beyond ASCII in its IDNA form: http.client writes neither in the request (the Host header as
+    Latin-1, a Cyrillic host not at all), and every attempt failed with a UnicodeEncodeError that no
+    retry could mend."""
     parts = urlsplit(url)
-    return urlunsplit(parts._replace(path=_BEYOND_ASCII.sub(_quoted, parts.path),
+    netloc = parts.netloc
+    if not netloc.isascii():  # so no IPv6 literal: a port, if any, is after the last ":"
+        name, colon, port = netloc.rpartition(":")
+        name, port = (name, colon + port) if colon else (port, "")
+        host = resolver_host(name)
+        if host is None:  # stored before the API refused such a host
+            raise CallbackRejected("the callback URL's host is not a domain name (an empty or over-long label)")
+        netloc = host + port
+    return urlunsplit(parts._replace(netloc=netloc, path=_BEYOND_ASCII.sub(_quoted, parts.path),
                                      query=_BEYOND_ASCII.sub(_quoted, parts.query)))
 
 

@@ -254,7 +254,25 @@ def _redis(required: bool = False):
         if required:
             raise click.ClickException(message) from None
         click.echo(f"warning: {message}", err=True)
+        # Not asked again: a Redis that takes connections and answers nothing (stopped, a network path
+        # that holds packets) cost its 10 s timeout on every later call, one or two per dead letter
+        # requeued or callback redelivered: a thousand took hours. What the command leaves undone in
+        # Redis the reconciler does once it answers, as it would have done after those timeouts.
+        redis = _not_asked()
     return redis, settings
+
+
+def _not_asked():
+    """A Redis client for one that did not answer the command's first ping: every call fails at once,
+    as a RedisError, which the commands already take for Redis being away."""
+    from redis import ConnectionPool, Redis
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    class NotAsked(ConnectionPool):
+        def get_connection(self, *args, **kwargs):
+            raise RedisConnectionError("Redis did not answer this command's first ping; not asked again")
+
+    return Redis(connection_pool=NotAsked())
 
 
 @dlq_group.command("list")

@@ -59,6 +59,8 @@ class Settings:
     retry_intervals: tuple[int, ...] = DEFAULT_RETRY_INTERVALS
     port: int = 5000
     max_body_bytes: int = 256 * 1024
+    # Seconds gunicorn's worker waits on a client that stalls mid-request or leaves its answer unread.
+    client_timeout: float = 10.0
     page_size_max: int = 100
     job_timeout: int = 120
     # How long RQ keeps a job that finished (its hash and result stream: about 6 KB of Redis each),
@@ -159,6 +161,7 @@ class Settings:
             callback_deny_networks=_networks(env, "CALLBACK_DENY_NETWORKS", DEFAULT_CALLBACK_DENY_NETWORKS),
             port=_int(env, "PORT", defaults.port, 1, 65535),
             max_body_bytes=_int(env, "MAX_BODY_BYTES", defaults.max_body_bytes, 1024, 64 * 1024 * 1024),
+            client_timeout=_float(env, "CLIENT_TIMEOUT", defaults.client_timeout, 3600),
             page_size_max=_int(env, "PAGE_SIZE_MAX", defaults.page_size_max, 1, 1000),
             job_timeout=_int(env, "JOB_TIMEOUT", defaults.job_timeout, 1, 3600),
             finished_job_ttl=_int(env, "FINISHED_JOB_TTL", defaults.finished_job_ttl, 0, 7 * 86400),

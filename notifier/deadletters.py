@@ -124,6 +124,10 @@ def show(redis: Redis, notification_id: str, api_key: ApiKey | None = None) -> t
     row = _owned(notification_id, api_key)
     if row.status != Status.FAILED:
         raise NotFound(f"notification {notification_id} is {row.status}, not a dead letter")
+    if row.digest_id is not None:
+        # Failed with its digest, which is the dead letter (listed, requeued) it belongs to.
+        raise NotFound(f"notification {notification_id} failed with digest {row.digest_id}, which is the dead "
+                       "letter: show or requeue the digest")
     try:
         job = Job.fetch(queues.job_id_for(row.id), connection=redis)
     except NoSuchJobError:

@@ -10,6 +10,9 @@ gunicorn.conf.py names this class."""
 from __future__ import annotations
 
 import json
+import socket
+import struct
+import sys
 from http import HTTPStatus
 
 from gunicorn import glogging, util
@@ -69,7 +72,22 @@ class JsonErrorWorker(ThreadWorker):
 
     def load_wsgi(self):
         super().load_wsgi()
+        settings = self.wsgi.config["NOTIFIER_SETTINGS"]  # the Flask app create_app() made
+        seconds = int(settings.client_timeout)
+        self._stall_limit = struct.pack("ll", seconds, int((settings.client_timeout - seconds) * 1_000_000))
         self.wsgi = closing_when_asked(self.wsgi)
+
+    def handle(self, conn):
+        if not conn.initialized:
+            # gthread reads a request, and writes its answer, on a blocking socket in one of a few
+            # threads: a client that sent half a request (or half its body) and then nothing held a
+            # thread for as long as it kept the connection, and 16 such clients took a 2-worker API
+            # offline. The kernel ends each read or write that waits longer than CLIENT_TIMEOUT
+            # (EAGAIN, which a blocking socket raises): the request is refused and its connection
+            # closed. gunicorn's own wait for a first byte (5 s) comes before this.
+            conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, self._stall_limit)
+            conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, self._stall_limit)
+        return super().handle(conn)
 
 
 class ApiLogger(glogging.Logger):
@@ -82,3 +100,11 @@ class ApiLogger(glogging.Logger):
 
     def access(self, resp, req, environ, request_time):
         return None
+
+    def exception(self, msg, *args, **kwargs):
+        if isinstance(sys.exc_info()[1], BlockingIOError):
+            # A read or write that ran past CLIENT_TIMEOUT (JsonErrorWorker.handle): the client's
+            # doing, not a fault of the server's worth a traceback, and one a client can repeat at will.
+            self.info("a client stalled mid-request past CLIENT_TIMEOUT; its connection was closed")
+            return
+        super().exception(msg, *args, **kwargs)

@@ -8,6 +8,7 @@ from urllib.parse import urlsplit
 
 from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates_schema
 
+from notifier.callback_targets import resolver_host
 from notifier.consent import ADDRESS_KEY_PREFIX, OPTIONAL_CATEGORIES, valid_timezone
 from notifier.models import Category, DeliveryMode, Priority, Status
 from notifier.rules import RULES
@@ -165,6 +166,16 @@ def _a_port_that_exists(value: str) -> None:
         raise ValidationError("the port must be a number from 1 to 65535")
 
 
+def _a_host_with_a_name(value: str) -> None:
+    try:
+        host = urlsplit(value).hostname or ""
+    except ValueError:
+        return  # _splittable says so
+    if resolver_host(host) is None:
+        # Beyond ASCII with no IDNA form: the resolver cannot be asked for it, and every attempt failed.
+        raise ValidationError("the host is not a domain name (a label is empty or over 63 characters)")
+
+
 class CallbackUrl(fields.Url):
     """Where a notification's status callbacks go: http(s), at most 2000 characters, a real port, one urllib
     can take apart (unsplittable). No control characters: marshmallow's Url takes those that are not
@@ -174,7 +185,7 @@ class CallbackUrl(fields.Url):
     def __init__(self, **kwargs):
         super().__init__(schemes={"http", "https"}, require_tld=False,
                          validate=[validate.Length(max=2000), _no_control_characters, _splittable,
-                                   _a_port_that_exists],
+                                   _a_port_that_exists, _a_host_with_a_name],
                          **kwargs)
 
 
@@ -436,40 +447,42 @@ class ListQuerySchema(PageQuerySchema):
 
 
 class HistorySchema(Schema):
-    at = UtcDateTime()
-    kind = fields.String()
-    from_status = fields.String(allow_none=True)
-    status = fields.String(attribute="to_status")
-    reason = fields.String(allow_none=True)
-    smtp_code = fields.Integer(allow_none=True)
-    smtp_reply = fields.String(allow_none=True)
+    at = UtcDateTime(required=True)
+    kind = fields.String(required=True)
+    from_status = fields.String(required=True, allow_none=True)
+    status = fields.String(required=True, attribute="to_status")
+    reason = fields.String(required=True, allow_none=True)
+    smtp_code = fields.Integer(required=True, allow_none=True)
+    smtp_reply = fields.String(required=True, allow_none=True)
 
 
 class NotificationSchema(Schema):
-    id = fields.String()
-    status = fields.String()
-    priority = fields.String()
-    to = fields.String()
-    template = fields.String(allow_none=True)
-    subject = fields.String(allow_none=True)
-    user_id = fields.String(allow_none=True)
-    metadata = fields.Dict(allow_none=True)
-    attempts = fields.Integer()
-    last_error = fields.String(allow_none=True)
-    message_id = fields.String(allow_none=True)
-    created_at = UtcDateTime()
-    updated_at = UtcDateTime()
-    sent_at = UtcDateTime(allow_none=True)
-    send_at = UtcDateTime(allow_none=True)
-    expires_at = UtcDateTime(allow_none=True)
-    callback_url = ShownCallbackUrl(allow_none=True)
-    callback_status = fields.String(allow_none=True)
-    category = fields.String()
-    digest_id = fields.String(allow_none=True)
+    # Every field is in every answer (null where it has no value): required, so a client generated
+    # from the OpenAPI document does not type each one as optional.
+    id = fields.String(required=True)
+    status = fields.String(required=True)
+    priority = fields.String(required=True)
+    to = fields.String(required=True)
+    template = fields.String(required=True, allow_none=True)
+    subject = fields.String(required=True, allow_none=True)
+    user_id = fields.String(required=True, allow_none=True)
+    metadata = fields.Dict(required=True, allow_none=True)
+    attempts = fields.Integer(required=True)
+    last_error = fields.String(required=True, allow_none=True)
+    message_id = fields.String(required=True, allow_none=True)
+    created_at = UtcDateTime(required=True)
+    updated_at = UtcDateTime(required=True)
+    sent_at = UtcDateTime(required=True, allow_none=True)
+    send_at = UtcDateTime(required=True, allow_none=True)
+    expires_at = UtcDateTime(required=True, allow_none=True)
+    callback_url = ShownCallbackUrl(required=True, allow_none=True)
+    callback_status = fields.String(required=True, allow_none=True)
+    category = fields.String(required=True)
+    digest_id = fields.String(required=True, allow_none=True)
 
 
 class NotificationDetailSchema(NotificationSchema):
-    history = fields.List(fields.Nested(HistorySchema))
+    history = fields.List(fields.Nested(HistorySchema), required=True)
 
 
 class AcceptedSchema(Schema):

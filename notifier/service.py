@@ -418,6 +418,11 @@ class NotificationService:
             )
             notification = store.get(notification_id)
         if not cancelled:
+            if notification.status == Status.IN_DIGEST:
+                raise Conflict(f"notification {notification.id} is in digest {notification.digest_id}, which has not "
+                               "gone out: cancel the digest, and its items are cancelled with it",
+                               {"status": notification.status, "digest_id": notification.digest_id},
+                               code="not_cancellable")
             raise Conflict(f"notification {notification.id} is {notification.status}: it can no longer be cancelled",
                            {"status": notification.status}, code="not_cancellable")
         queues.dispatch_callback(self.redis, self.settings, notification)

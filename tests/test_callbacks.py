@@ -680,6 +680,27 @@ def test_a_callback_url_with_a_path_beyond_ascii_is_sent_percent_encoded():
     assert seen[0].split(b"\r\n")[0] == b"POST /hooks/caf%C3%A9?who=%C3%BC&token=t%C3%A9 HTTP/1.1"
 
 
+@pytest.mark.parametrize("host, sent", [("\u043f\u0440\u0438\u043c\u0435\u0440.example", b"xn--e1afmkfd.example"),
+                                        ("b\u00fccher.example", b"xn--bcher-kva.example")])
+def test_a_callback_to_a_host_beyond_ascii_names_it_as_idna(monkeypatch, host, sent):
+    # urllib sets Host from the host as written, and http.client writes it as Latin-1: a Cyrillic host
+    # failed every attempt with UnicodeEncodeError (then gave up), a Latin-1 one went out as Latin-1.
+    url, _, seen = _serve_once(b"HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n")
+    port = url.split(":")[2].split("/")[0]
+    resolve = socket.getaddrinfo
+    asked = []
+    monkeypatch.setattr(socket, "getaddrinfo",
+                        lambda name, *args, **kwargs: asked.append(name) or resolve("127.0.0.1", *args, **kwargs))
+    assert callbacks.post(url.replace("127.0.0.1", host), b"{}", "secret", "n:sent", timeout=5) == 204
+    assert f"Host: {sent.decode()}:{port}".encode() in seen[0]
+    assert asked[0] == sent.decode()  # the name resolved, not the one written
+
+
+def test_a_stored_callback_host_with_no_idna_form_gives_up_at_once():
+    with pytest.raises(callbacks.CallbackRejected, match="not a domain name"):
+        callbacks.post("http://a..\u0431.example/hook", b"{}", "secret", "n:sent", timeout=5)
+
+
 def test_a_redirect_is_not_followed_and_gives_up_saying_so():
     url, _, seen = _serve_once(b"HTTP/1.1 302 Found\r\nLocation: /elsewhere\r\nContent-Length: 0\r\n"
                                b"Connection: close\r\n\r\n")
@@ -971,13 +992,25 @@ def test_a_redirect_to_a_location_urllib_cannot_take_apart_gives_up_as_any_redir
                                  # and every attempt then gave up at the worker.
                                  "http://2852039166/", "http://0251.0376.0251.0376/", "http://0xa9fea9fe/",
                                  "http://169.254.43518/", "http://0:8080/hook",
-                                 "http://100.100.100.200/latest/meta-data/", "http://[64:ff9b::a9fe:a9fe]/"])
+                                 "http://100.100.100.200/latest/meta-data/", "http://[64:ff9b::a9fe:a9fe]/",
+                                 # What the resolver reads as one after IDNA's NFKC: they were taken.
+                                 "http://\u2460\u2465\u2468.\u2461\u2464\u2463.\u2460\u2465\u2468.\u2461\u2464\u2463/",
+                                 "http://169\u3002254\u3002169\u3002254/",
+                                 "http://\uff11\uff16\uff19\uff0e\uff12\uff15\uff14\uff0e\uff11\uff16\uff19\uff0e"
+                                 "\uff12\uff15\uff14/"])
 def test_a_callback_url_at_a_denied_address_is_a_422(api, headers, url):
     response = api.post(SEND, json={**LITERAL, "callback_url": url}, headers=headers)
 
     assert response.status_code == 422, response.get_data(as_text=True)
     assert "CALLBACK_DENY_NETWORKS" in response.get_json()["error"]["details"]["callback_url"][0]
     assert "pw" not in response.get_data(as_text=True)
+
+
+def test_a_callback_url_whose_host_has_no_idna_form_is_a_422(api, headers):
+    for url in ("http://a..\u0431.example/hook", "http://" + "\u044f" * 70 + ".example/hook"):
+        response = api.post(SEND, json={**LITERAL, "callback_url": url}, headers=headers)
+        assert response.status_code == 422, response.get_data(as_text=True)
+        assert "not a domain name" in str(response.get_json()["error"]["details"]["callback_url"])
 
 
 @pytest.mark.parametrize("url", ["http://10.1.2.3/hook", "http://192.168.0.7:8080/hook", "http://127.0.0.1/hook",

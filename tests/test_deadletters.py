@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import socket
 import subprocess
 import sys
 import time
@@ -439,3 +440,20 @@ def test_a_dead_letter_cursor_we_did_not_write_is_422_even_when_it_reads_as_ours
         assert response.status_code == 422, (cursor, response.get_data(as_text=True))
         error = response.get_json()["error"]
         assert (error["code"], error["details"]) == ("validation_error", {"cursor": ["not a cursor from this API"]})
+
+
+def test_the_cli_asks_a_silent_redis_once(client, headers, deliverer, smtp, redis_conn, pg_settings):
+    # Found by a run-through: a Redis that takes connections and answers nothing (stopped) cost its 10 s
+    # timeout again on each later call, about 20 s per dead letter `dlq requeue --all` requeued (and
+    # 10 s per callback `callbacks redeliver --gave-up` posted again): a thousand took hours.
+    ids = [_dead_letter(client, headers, smtp, redis_conn) for _ in range(3)]
+    with socket.create_server(("127.0.0.1", 0), backlog=64) as silent:  # the kernel answers the handshake
+        env = env_for(replace(pg_settings, redis_url=f"redis://127.0.0.1:{silent.getsockname()[1]}/0"))
+        started = time.monotonic()
+        done = subprocess.run([sys.executable, "-m", "notifier", "dlq", "requeue", "--all"], env=env, cwd=ROOT,
+                              capture_output=True, text=True, timeout=300)
+        took = time.monotonic() - started
+    assert done.returncode == 0 and "does not answer (TimeoutError)" in done.stderr, done.stderr
+    assert f"requeued {len(ids)} notification(s)" in done.stdout
+    assert took < 18, took  # the first ping's 10 s, not 20 s more per dead letter
+    assert {reload(i).status for i in ids} == {"queued"}  # the reconciler queues them once Redis answers

@@ -19,7 +19,7 @@ from rq_scheduler import Scheduler
 
 from notifier import callbacks, deadletters, digests, queues, store
 from notifier.db import bind, database
-from notifier.errors import TransientDeliveryError
+from notifier.errors import NotFound, TransientDeliveryError
 from notifier.models import Notification, utcnow
 from notifier.reconciler import reconcile
 from notifier.runtime import make_renderer
@@ -100,6 +100,8 @@ def test_items_of_a_digest_the_server_refused_end_failed_and_their_callbacks_say
         # Taken into the digest, but nothing has gone out yet: not final, and no callback owed.
         detail = _detail(api, headers, item)
         assert (detail["status"], detail["digest_id"], detail["callback_status"]) == ("in_digest", digest["id"], None)
+        refused = _call(api, headers, "POST", f"/api/notifications/{item}/cancel", status=409)["error"]
+        assert refused["details"] == {"status": "in_digest", "digest_id": digest["id"]}  # the one to cancel
 
     smtp.rcpt_replies.append("550 5.1.1 mailbox unavailable")
     run_worker_until_idle(redis_conn)
@@ -157,6 +159,8 @@ def test_a_digest_in_the_dead_letter_queue_fails_its_items_until_it_is_requeued_
     # An item alone cannot be requeued: sent by itself and again in its digest, it would go out twice.
     refused = _call(api, headers, "POST", f"/api/dead-letters/{items[0]}/requeue", status=409)
     assert refused["error"]["code"] == "not_requeueable" and digest["id"] in refused["error"]["message"]
+    with pytest.raises(NotFound, match=f"failed with digest {digest['id']}, which is the dead letter"):
+        deadletters.show(None, items[0])  # what `dlq show` prints: it showed the item as a dead letter
 
     # Requeueing the digest takes its items back into it, and the digest's success is theirs.
     _call(api, headers, "POST", f"/api/dead-letters/{digest['id']}/requeue", status=202)

@@ -9,6 +9,7 @@ import http.client
 import json
 import re
 import socket
+import time
 import urllib.error
 import urllib.request
 from dataclasses import replace
@@ -578,11 +579,11 @@ ONE_CLICK = b"List-Unsubscribe=One-Click"  # what a mail provider's one-click bu
 
 
 @contextlib.contextmanager
-def _gunicorn(settings, tmp_path):
+def _gunicorn(settings, tmp_path, **env):
     """The API under gunicorn with gunicorn.conf.py, as in production: (port, log path)."""
     port, log = free_port(), tmp_path / "gunicorn.log"
     api = spawn(["-m", "gunicorn", "--bind", f"127.0.0.1:{port}", "--workers", "1", "app:create_app()"],
-                env_for(settings, SECRET_KEY=SECRET), str(log))
+                env_for(settings, SECRET_KEY=SECRET, **env), str(log))
     try:
         wait_for_http(f"http://127.0.0.1:{port}/api/health")
         yield port, log
@@ -685,3 +686,35 @@ def test_a_broken_chunked_body_is_400_in_the_envelope_and_closes_the_connection(
         assert head.startswith(b"HTTP/1.1 400 ") and b"Connection: close" in head
         assert json.loads(body)["error"]["code"] == "bad_request"
         assert "Traceback" not in log.read_text()
+
+
+def test_clients_that_stall_mid_request_lose_their_connection_and_hold_no_thread(pg_settings, api_key, tmp_path):
+    # Found by a security review: 16 connections that sent half a request and then nothing took a
+    # 2-worker API offline for as long as they stayed open (gthread reads on a blocking socket).
+    head = b"POST /api/health HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n"
+    with _gunicorn(pg_settings, tmp_path, CLIENT_TIMEOUT="1") as (port, log):
+        stalled = []
+        for partial in [head + b"{}"] * 4 + [b"GET /api/health HTTP/1.1\r\nHost: x\r\n"] * 4:  # 4 threads
+            sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+            sock.sendall(partial)
+            stalled.append(sock)
+        try:
+            started = time.monotonic()
+            assert urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=8).status == 200
+            assert time.monotonic() - started < 6  # without the limit: never, while they stay open
+            answers = []
+            for sock in stalled:
+                data = b""
+                while chunk := sock.recv(65536):  # each is closed, not left waiting
+                    data += chunk
+                answers.append(data)
+        finally:
+            for sock in stalled:
+                sock.close()
+        for data in answers[:4]:  # its body stalled: refused in the envelope
+            head_, _, body = data.partition(b"\r\n\r\n")
+            assert head_.startswith(b"HTTP/1.1 400 ") and b"Connection: close" in head_, data
+            assert json.loads(body)["error"]["code"] == "bad_request"
+        assert answers[4:] == [b""] * 4  # its head stalled: nothing to answer
+        text = log.read_text()
+        assert "Traceback" not in text and "stalled mid-request past CLIENT_TIMEOUT" in text

@@ -584,6 +584,8 @@ def test_what_a_server_quotes_of_an_email_beyond_ascii_is_masked_as_written_and_
     ('"grace,hopper"@example.com', '"***@example.com', "hopper"),
     ('"grace(hopper)"@example.com', '"***@example.com', "hopper"),
     ('"grace@hopper"@example.com', '"***@example.com', "hopper"),
+    # A "/", which a send takes in a local part, ended the log's pattern: "sales.private/t***@example.com".
+    ("sales.private/team-lead@example.com", "s***@example.com", "private"),
 ])
 def test_an_address_is_masked_whole_whatever_its_form(sqlite_settings, sqlite_db, capsys, in_path, logged, hidden):
     app = create_app(sqlite_settings, redis=fakeredis.FakeRedis())
@@ -600,6 +602,20 @@ def test_an_address_is_masked_whole_whatever_its_form(sqlite_settings, sqlite_db
     assert access[0]["path"] == f"/api/suppressions/{logged}"
     assert "refused: a***@example.com, <a***@[IPv6:2001:db8::1]>" in err
     assert err.count("DELETE /api/suppressions/%***@example.com") == 2
+
+
+def test_an_address_as_a_user_id_in_a_path_is_masked_whole(sqlite_settings, sqlite_db, capsys):
+    app = create_app(sqlite_settings, redis=fakeredis.FakeRedis())
+    key = keys.create("user-paths")[1]
+    client = app.test_client()
+    for path in ("/api/users/email:sales.private/lead@example.com/preferences",
+                 "/api/notifications/user/email:sales.private/lead@example.com/stats", "/api/users/org/7/preferences"):
+        assert client.get(path, headers={"X-API-Key": key}).status_code == 200
+    err = capsys.readouterr().err
+    assert "private" not in err
+    assert [json.loads(line)["path"] for line in err.splitlines() if '"notifier.api.access"' in line] == [
+        "/api/users/email:s***@example.com/preferences", "/api/notifications/user/email:s***@example.com/stats",
+        "/api/users/org/7/preferences"]
 
 
 def test_a_reply_holding_what_folds_to_a_recipient_only_beyond_ascii_is_still_logged(captured):

@@ -53,8 +53,8 @@ def read_body() -> None:
         raise
     except _UNREADABLE_BODY as exc:
         request.environ[CLOSE_CONNECTION] = True  # where the next request would start is unknown
-        raise ApiError("the request body could not be read (a broken chunked encoding, or a dropped upload)") \
-            from exc
+        raise ApiError("the request body could not be read (a broken chunked encoding, a dropped upload, or "
+                       "no more of it for CLIENT_TIMEOUT seconds)") from exc
     if over:
         raise _too_large(limit)
 

@@ -159,7 +159,18 @@ def build(app: Flask, registry: dict[tuple[str, str], Op], path_parameters: dict
             for name in _arguments(entry["rule"])
         ]
         spec.path(path=path, operations=entry["operations"], parameters=parameters)
-    return spec.to_dict()
+    document = spec.to_dict()
+    _limit_pages(document, app.config["NOTIFIER_SETTINGS"].page_size_max)
+    return document
+
+
+def _limit_pages(document: dict, page_size_max: int) -> None:
+    """Give each list's `limit` parameter its maximum, PAGE_SIZE_MAX, which is this install's setting."""
+    for operations in document["paths"].values():
+        for operation in operations.values():
+            for parameter in operation.get("parameters", []) if isinstance(operation, dict) else []:
+                if isinstance(parameter, dict) and parameter.get("in") == "query" and parameter["name"] == "limit":
+                    parameter["schema"]["maximum"] = page_size_max
 
 
 def _arguments(rule: Rule) -> list[str]:
@@ -203,9 +214,15 @@ def _operation(rule: Rule, method: str, op: Op) -> dict:
         text = errors[status] or ERROR_DESCRIPTIONS[status]
         operation["responses"][str(status)] = _response(text, "Error", headers=_error_headers(status))
     if not op.public:
-        for response in operation["responses"].values():
-            response["headers"].update({name: name for name in RATE_LIMIT_HEADERS})
+        for status, response in operation["responses"].items():
+            if status not in _BEFORE_THE_KEY or (status == "400" and op.body is not None):
+                response["headers"].update({name: name for name in RATE_LIMIT_HEADERS})
     return operation
+
+
+# Answered before the API key is looked at, so without RateLimit headers: a body over MAX_BODY_BYTES,
+# and a NUL character (a 400, which on a route with a body may also be malformed JSON, read after it).
+_BEFORE_THE_KEY = {"400", "413"}
 
 
 def _error_headers(status: int) -> dict:

@@ -10,6 +10,8 @@ import uuid
 from flask import Flask, Response, g, request
 
 from notifier import logs
+from notifier.consent import ADDRESS_KEY_PREFIX
+from notifier.redact import mask_address
 
 REQUEST_ID_HEADER = "X-Request-ID"
 # What a caller's own id may look like; anything else (too long, odd characters) is replaced, so a
@@ -38,8 +40,24 @@ def _loggable_path() -> str:
     rule = request.url_rule
     if rule is not None and any(name in SECRET_VIEW_ARGS for name in rule.arguments):
         return rule.rule
+    path = request.path
+    args = request.view_args or {}
+    if any(isinstance(value, str) and "@" in value for value in args.values()):
+        # An address in the path (/api/suppressions/<email>, email:<address> as a user id), masked
+        # whole: the log's own pattern stops at "/", which an address may hold (sales/lead@example.com).
+        path = _VIEW_ARG.sub(lambda m: _masked(args.get(m.group(1), m.group(0))), rule.rule)
     # A decoded %0A must not start a forged line in a text log.
-    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", request.path)
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", path)
+
+
+_VIEW_ARG = re.compile(r"<(?:[^<>:]+:)?([^<>]+)>")
+
+
+def _masked(value) -> str:
+    if not isinstance(value, str) or "@" not in value:
+        return str(value)
+    prefix = ADDRESS_KEY_PREFIX if value.startswith(ADDRESS_KEY_PREFIX) else ""
+    return prefix + mask_address(value[len(prefix):])
 
 
 def init_app(app: Flask) -> None:
