@@ -17,6 +17,8 @@ from ipaddress import IPv4Network, IPv6Network, ip_address
 from urllib.parse import urlsplit
 from urllib.request import HTTPHandler, HTTPSHandler
 
+import idna
+
 Networks = tuple[IPv4Network | IPv6Network, ...]
 
 
@@ -51,15 +53,17 @@ def literal_denied(url: str, deny: Networks) -> str | None:
 
 
 def resolver_host(host: str) -> str | None:
-    """host as the resolver is asked for it, and as the Host header must carry it: beyond ASCII, its
-    IDNA form (Python's codec, which socket.getaddrinfo applies; NFKC first, so "①⑥⑨.②⑤④.①⑥⑨.②⑤④"
+    """host as the resolver is asked for it, and as the Host header carries it: beyond ASCII, its IDNA
+    2008 form with UTS 46's mapping, as browsers and curl write it (NFKC first, so "①⑥⑨.②⑤④.①⑥⑨.②⑤④"
     and "169。254。169。254" are 169.254.169.254); None when it has none (an empty label, one over 63
-    characters)."""
+    characters). Not Python's own codec, IDNA 2003, which socket.getaddrinfo would apply to a host
+    given beyond ASCII: it makes "faß.example" fass.example, another domain, whose owner would have
+    the signed events."""
     if host.isascii():
         return host
     try:
-        return host.encode("idna").decode("ascii")
-    except UnicodeError:
+        return idna.encode(host, uts46=True).decode("ascii")
+    except idna.IDNAError:
         return None
 
 

@@ -202,7 +202,7 @@ def _ascii_target(url: str) -> str:
     retry could mend."""
     parts = urlsplit(url)
     netloc = parts.netloc
-    if not netloc.isascii():  # so no IPv6 literal: a port, if any, is after the last ":"
+    if not netloc.isascii() and "[" not in netloc:  # a name: a port, if any, is after the last ":"
         name, colon, port = netloc.rpartition(":")
         name, port = (name, colon + port) if colon else (port, "")
         host = resolver_host(name)

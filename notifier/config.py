@@ -391,12 +391,17 @@ def parse_clock(raw: str) -> tuple[int, int] | None:
     return (hour, minute) if 0 <= hour < 24 and 0 <= minute < 60 else None
 
 
+def clock_text(clock: tuple[int, int]) -> str:
+    """(hour, minute) as "HH:MM", the one form times of day are compared and shown in."""
+    return f"{clock[0]:02d}:{clock[1]:02d}"
+
+
 def _clock(env: Mapping[str, str], name: str, default: str) -> str:
     raw = env.get(name, "").strip() or default
     clock = parse_clock(raw)
     if clock is None:
         raise ConfigError(name, f"must be a time of day like 08:00, got {raw!r}")
-    return f"{clock[0]:02d}:{clock[1]:02d}"  # 8:00 as 08:00, the form everything else compares and shows
+    return clock_text(clock)  # 8:00 as 08:00
 
 
 def _base_url(raw: str) -> str:

@@ -10,7 +10,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
 
 from peewee import IntegrityError
 
-from notifier.config import parse_clock
+from notifier.config import clock_text, parse_clock
 from notifier.db import column_list, database, in_values, instance_of, is_postgres, prepared, select_one
 from notifier.models import (
     ApiKey,
@@ -96,8 +96,9 @@ def preferences(api_key: ApiKey, user_key: str) -> dict:
     for pref in Preference.select().where((Preference.api_key == api_key.id) & (Preference.user_key == user_key)):
         modes[pref.category] = pref.mode
     quiet = None
-    if profile is not None and profile.quiet_start and profile.quiet_end:
-        quiet = {"start": profile.quiet_start, "end": profile.quiet_end}
+    if (window := quiet_window(profile)) is not None:
+        # As HH:MM: versions before the check stored " 7:00" as given, which a PUT of the GET refused.
+        quiet = {"start": clock_text(window[0]), "end": clock_text(window[1])}
     return {
         "user_id": user_key,
         "timezone": zone_name(profile.timezone if profile else None),
@@ -163,13 +164,20 @@ def suppress(api_key_id: int, email: str, reason: str) -> None:
     Suppression.insert(api_key=api_key_id, email=email.lower(), reason=reason).on_conflict_ignore().execute()
 
 
-def quiet_until(profile: UserProfile | None, at: datetime) -> datetime | None:
-    """If `at` (naive UTC) falls in the user's quiet hours, when they end (naive UTC); else None."""
+def quiet_window(profile: UserProfile | None) -> tuple[tuple[int, int], tuple[int, int]] | None:
+    """The user's quiet hours as ((hour, minute), (hour, minute)) from start to end; None when there
+    are none (not set, not times of day, or an empty window)."""
     if profile is None or not profile.quiet_start or not profile.quiet_end:
         return None
     start, end = parse_clock(profile.quiet_start), parse_clock(profile.quiet_end)
-    if start is None or end is None or start == end:
+    return None if start is None or end is None or start == end else (start, end)
+
+
+def quiet_until(profile: UserProfile | None, at: datetime) -> datetime | None:
+    """If `at` (naive UTC) falls in the user's quiet hours, when they end (naive UTC); else None."""
+    if (window := quiet_window(profile)) is None:
         return None
+    start, end = window
     tz = zone(profile.timezone)
     local = at.replace(tzinfo=UTC).astimezone(tz)
     now_t = (local.hour, local.minute)

@@ -73,8 +73,9 @@ class JsonErrorWorker(ThreadWorker):
     def load_wsgi(self):
         super().load_wsgi()
         settings = self.wsgi.config["NOTIFIER_SETTINGS"]  # the Flask app create_app() made
-        seconds = int(settings.client_timeout)
-        self._stall_limit = struct.pack("ll", seconds, int((settings.client_timeout - seconds) * 1_000_000))
+        # At least a microsecond: a limit that rounds to zero turns it off.
+        micros = max(1, round(settings.client_timeout * 1_000_000))
+        self._stall_limit = struct.pack("ll", micros // 1_000_000, micros % 1_000_000)
         self.wsgi = closing_when_asked(self.wsgi)
 
     def handle(self, conn):
@@ -84,7 +85,8 @@ class JsonErrorWorker(ThreadWorker):
             # thread for as long as it kept the connection, and 16 such clients took a 2-worker API
             # offline. The kernel ends each read or write that waits longer than CLIENT_TIMEOUT
             # (EAGAIN, which a blocking socket raises): the request is refused and its connection
-            # closed. gunicorn's own wait for a first byte (5 s) comes before this.
+            # closed. gunicorn's own wait for a first byte (5 s) comes before this. Not over TLS
+            # (--certfile): Python's ssl module reads again after an EAGAIN; TLS ends at the proxy.
             conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, self._stall_limit)
             conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, self._stall_limit)
         return super().handle(conn)

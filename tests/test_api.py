@@ -86,6 +86,13 @@ def test_missing_or_wrong_key_is_401(client, key):
     _assert_envelope(client.get("/api/notifications", headers=hdrs), 401, "unauthorized")
 
 
+@pytest.mark.parametrize("blanks", [" {} ", "{}\t"])
+def test_blanks_around_the_key_are_not_part_of_it(client, api_key, blanks):
+    # gunicorn drops them (RFC 9110 5.5) and Flask's development server did not: 200 under one, 401 under the other.
+    assert client.get("/api/notifications", headers={"X-API-Key": blanks.format(api_key[1])}).status_code == 200
+    _assert_envelope(client.get("/api/notifications", headers={"X-API-Key": "  "}), 401, "unauthorized")
+
+
 def test_revoked_key_is_401_as_soon_as_the_api_hears_of_it(client, headers, api_key):
     from notifier import keys
 

@@ -681,7 +681,10 @@ def test_a_callback_url_with_a_path_beyond_ascii_is_sent_percent_encoded():
 
 
 @pytest.mark.parametrize("host, sent", [("\u043f\u0440\u0438\u043c\u0435\u0440.example", b"xn--e1afmkfd.example"),
-                                        ("b\u00fccher.example", b"xn--bcher-kva.example")])
+                                        ("b\u00fccher.example", b"xn--bcher-kva.example"),
+                                        # IDNA 2008, as browsers write it: Python's codec (2003) made it
+                                        # fass.example, another domain.
+                                        ("fa\u00df.example", b"xn--fa-hia.example")])
 def test_a_callback_to_a_host_beyond_ascii_names_it_as_idna(monkeypatch, host, sent):
     # urllib sets Host from the host as written, and http.client writes it as Latin-1: a Cyrillic host
     # failed every attempt with UnicodeEncodeError (then gave up), a Latin-1 one went out as Latin-1.

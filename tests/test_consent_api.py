@@ -89,6 +89,15 @@ def test_a_time_zone_stored_before_names_were_checked_is_shown_as_what_it_means(
     assert _put(client, headers, answered).status_code == 200
 
 
+def test_quiet_hours_stored_before_they_were_checked_are_shown_as_times_of_day(client, headers):
+    # Versions that took " 7:00" stored it as given: GET showed it, and a PUT of what GET showed was 422.
+    assert _put(client, headers, {"quiet_hours": {"start": "22:00", "end": "07:00"}}).status_code == 200
+    UserProfile.update(quiet_start=" 7:00", quiet_end="8:30 ").where(UserProfile.user_key == "u1").execute()
+    answered = _prefs(client, headers, "u1")
+    assert answered["quiet_hours"] == {"start": "07:00", "end": "08:30"}
+    assert _put(client, headers, answered).status_code == 200
+
+
 def _send(client, headers, payload: dict, path: str = "/api/notifications/send") -> dict:
     response = client.post(path, json=payload, headers=headers)
     assert response.status_code == 202, response.get_data(as_text=True)

@@ -33,7 +33,9 @@ def service() -> NotificationService:
 def require_api_key() -> None:
     """before_request hook: the caller must present a live API key."""
     ext = current_app.extensions["notifier"]
-    key = keys.authenticate(request.headers.get(API_KEY_HEADER), ext["key_cache"])
+    # Blanks around a header's value are not part of it (RFC 9110 5.5): gunicorn drops them and Flask's
+    # development server did not, so a key with a trailing space worked under one and was 401 under the other.
+    key = keys.authenticate((request.headers.get(API_KEY_HEADER) or "").strip(" \t") or None, ext["key_cache"])
     if key is None:
         raise Unauthorized(f"a valid {API_KEY_HEADER} header is required")
     g.api_key = key

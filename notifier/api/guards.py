@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from flask import Flask, current_app, request
 from gunicorn.http.errors import ParseException
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import ClientDisconnected, HTTPException
 
 from notifier.errors import ApiError
 from notifier.httpworker import CLOSE_CONNECTION
@@ -48,13 +48,18 @@ def read_body() -> None:
         # past it, which get_data never makes, so the body would be cut short without a word. (The
         # server's own input, past werkzeug's limit, says whether there was more.)
         over = request.content_length is None and len(data) >= limit and request.environ["wsgi.input"].read(1)
+    except ClientDisconnected as exc:
+        request.environ[CLOSE_CONNECTION] = True
+        # werkzeug's own words are about a browser: say what happened to the body instead.
+        raise ApiError("the request body ended before its Content-Length (the client went away, or sent none "
+                       "of the rest for CLIENT_TIMEOUT seconds)") from exc
     except HTTPException:
-        request.environ[CLOSE_CONNECTION] = True  # the client went away mid-body: werkzeug's 400
+        request.environ[CLOSE_CONNECTION] = True
         raise
     except _UNREADABLE_BODY as exc:
         request.environ[CLOSE_CONNECTION] = True  # where the next request would start is unknown
         raise ApiError("the request body could not be read (a broken chunked encoding, a dropped upload, or "
-                       "no more of it for CLIENT_TIMEOUT seconds)") from exc
+                       "none of the rest for CLIENT_TIMEOUT seconds)") from exc
     if over:
         raise _too_large(limit)
 

@@ -220,9 +220,9 @@ def _operation(rule: Rule, method: str, op: Op) -> dict:
     return operation
 
 
-# Answered before the API key is looked at, so without RateLimit headers: a body over MAX_BODY_BYTES,
-# and a NUL character (a 400, which on a route with a body may also be malformed JSON, read after it).
-_BEFORE_THE_KEY = {"400", "413"}
+# Answered before the API key passed, so without RateLimit headers: a body over MAX_BODY_BYTES, a NUL
+# character (a 400, which on a route with a body may also be malformed JSON, read after it), no key.
+_BEFORE_THE_KEY = {"400", "401", "413"}
 
 
 def _error_headers(status: int) -> dict:

@@ -7,7 +7,7 @@ import re
 import time
 import uuid
 
-from flask import Flask, Response, g, request
+from flask import Flask, Response, current_app, g, request
 
 from notifier import logs
 from notifier.consent import ADDRESS_KEY_PREFIX
@@ -42,15 +42,27 @@ def _loggable_path() -> str:
         return rule.rule
     path = request.path
     args = request.view_args or {}
-    if any(isinstance(value, str) and "@" in value for value in args.values()):
-        # An address in the path (/api/suppressions/<email>, email:<address> as a user id), masked
-        # whole: the log's own pattern stops at "/", which an address may hold (sales/lead@example.com).
+    # An address in the path (/api/suppressions/<email>, email:<address> as a user id), masked whole:
+    # the log's own pattern stops at "/", which an address may hold (sales/lead@example.com).
+    if rule is None and "@" in path:
+        # No route to say where it starts (a 404, a 405): after the words of the routes' own.
+        path = _masked_after_route_words(path)
+    elif any(isinstance(value, str) and "@" in value for value in args.values()):
         path = _VIEW_ARG.sub(lambda m: _masked(args.get(m.group(1), m.group(0))), rule.rule)
     # A decoded %0A must not start a forged line in a text log.
     return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", path)
 
 
 _VIEW_ARG = re.compile(r"<(?:[^<>:]+:)?([^<>]+)>")
+
+
+def _masked_after_route_words(path: str) -> str:
+    words = {part for r in current_app.url_map.iter_rules() for part in r.rule.split("/") if "<" not in part}
+    segments = path.split("/")
+    kept = 1  # the empty one before the first "/"
+    while kept < len(segments) and segments[kept] in words:
+        kept += 1
+    return "/".join([*segments[:kept], _masked("/".join(segments[kept:]))])
 
 
 def _masked(value) -> str:
