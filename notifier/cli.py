@@ -49,6 +49,8 @@ def _out_of_bounds(rate: str) -> bool:
 
 
 def _check_rate(ctx, param, value):
+    if value is not None:
+        value = value.strip()  # as RATE_LIMIT is: a line break kept made `keys list` two lines for the key
     if value is not None and _out_of_bounds(value):
         raise click.BadParameter("one rate of 1 to 10^12 per a period of at most 1,000 years, at most 40 "
                                  "characters, like 100/second or 6000/minute")
@@ -130,8 +132,9 @@ def keys_list() -> None:
             state += " (callback secret rotating: the previous one signs too)"
         rate = key.rate_limit or "default rate"
         if key.rate_limit and _out_of_bounds(key.rate_limit):
-            # Stored before rates were bounded: the API cannot enforce it (and logs so on each request).
-            rate += f" (out of bounds, not enforced: `keys rate {key.name} RATE`)"
+            # Stored before rates were bounded: the API holds the key to RATE_LIMIT instead (and logs so).
+            rate = (f"{key.rate_limit[:40]!r} (out of bounds: RATE_LIMIT applies instead; "
+                    f"`keys rate {key.name} RATE` changes it)")
         click.echo(f"{key.name}\t{key.prefix}\tcreated {key.created_at:%Y-%m-%d %H:%M} UTC\t{rate}\t{state}")
 
 

@@ -130,7 +130,7 @@ class Settings:
         env = os.environ if environ is None else environ
         defaults = cls()
         operator_username, operator_password = _operator_credentials(env)
-        return cls(
+        settings = cls(
             database_url=_database_url(env.get("DATABASE_URL", defaults.database_url)),
             database_pool_size=_int(env, "DATABASE_POOL_SIZE", defaults.database_pool_size, 0, 1000),
             database_prepare=_choice(env, "DATABASE_PREPARE", "on", ("on", "off")) == "on",
@@ -186,6 +186,11 @@ class Settings:
             log_level=_choice(env, "LOG_LEVEL", defaults.log_level, ("DEBUG", "INFO", "WARNING", "ERROR")),
             log_format=_choice(env, "LOG_FORMAT", defaults.log_format, ("json", "text")),
         )
+        if settings.welcome_delay_seconds > settings.schedule_horizon_days * 86400:
+            # Every signup was then a 422 naming a delay_seconds the caller never sent.
+            raise ConfigError("WELCOME_DELAY_SECONDS", f"must be within SCHEDULE_HORIZON_DAYS "
+                                                       f"({settings.schedule_horizon_days} days)")
+        return settings
 
 
 def _networks(env: Mapping[str, str], name: str, default: str) -> tuple[IPv4Network | IPv6Network, ...]:

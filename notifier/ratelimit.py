@@ -25,6 +25,10 @@ logger = logging.getLogger(__name__)
 
 # How long a rate limit waits for Redis before it lets the request through (see Limiter).
 LIMIT_TIMEOUT_SECONDS = 0.5
+# Once Redis did not answer, how long a process lets its limits through without asking it again: a
+# batch of marketing mail asked it once per item for the recipient cap, each waiting its 0.5 s (a
+# batch of 40 took 23 s while Redis hung).
+AWAY_SECONDS = 2.0
 
 
 # Beyond these Redis refuses the moving window's script (a number it cannot read, an expiry past its
@@ -60,6 +64,22 @@ def parse_rate(text: str) -> RateLimitItem:
     return parse(text)
 
 
+@lru_cache(maxsize=256)
+def key_rate(stored: str | None, default: str) -> RateLimitItem:
+    """The rate a key's requests are held to: its own, or default (RATE_LIMIT) when it has none, or
+    one stored before rates were bounded, which the API cannot enforce as written: "0/second" refused
+    every request, "fast" answered each with a 500, "2/minute;20/day" held only its first rate, and
+    "10^20/second" was refused by Redis. Logged once per process and rate (`keys list` marks them)."""
+    if stored is not None:
+        try:
+            return check_rate(stored)
+        except ValueError:
+            logger.error("a key's stored rate %r is out of bounds: RATE_LIMIT (%s) applies instead; "
+                         "`keys list` names the key, `keys rate NAME RATE` changes it", stored[:MAX_RATE_LENGTH],
+                         default)
+    return parse_rate(default)
+
+
 @dataclass(frozen=True)
 class Verdict:
     allowed: bool
@@ -84,9 +104,10 @@ class Limiter:
     def __init__(self, redis_url: str):
         # limits' own read timeout is 5 s: a hung Redis held every request that long before the limit
         # gave way (it is not enforced without Redis). Its two scripts take well under a millisecond.
-        self._limiter = MovingWindowRateLimiter(storage_from_string(redis_url, socket_connect_timeout=1,
+        self._limiter = MovingWindowRateLimiter(storage_from_string(_storage_url(redis_url), socket_connect_timeout=1,
                                                                     socket_timeout=LIMIT_TIMEOUT_SECONDS))
         self._local: MovingWindowRateLimiter | None = None  # made the first time a strict limit needs it
+        self._away_until = 0.0  # time.monotonic() before which Redis is not asked (AWAY_SECONDS)
 
     def hit(self, rate: RateLimitItem, *identifiers: str, strict: bool = False) -> Verdict:
         """Count one request against rate; say whether it is allowed and what is left. strict: while
@@ -99,10 +120,27 @@ class Limiter:
         must not be free to guess while Redis is away (each process then allows the rate)."""
         return self._verdict("test", rate, identifiers, strict)
 
+    def allows(self, rate: RateLimitItem, *identifiers: str) -> bool:
+        """hit() for a limit whose window nobody is shown (the recipient cap): one round trip, not two."""
+        if time.monotonic() < self._away_until:
+            return True
+        try:
+            return self._limiter.hit(rate, "notifier", *identifiers)
+        except (RedisError, ConnectionError, OSError) as exc:
+            return self._given_way(exc, rate, identifiers, "hit", strict=False).allowed
+
     def _verdict(self, method: str, rate: RateLimitItem, identifiers: tuple[str, ...], strict: bool) -> Verdict:
+        if time.monotonic() < self._away_until:
+            return self._without_redis(method, rate, identifiers, strict, "Redis did not answer just now")
         try:
             return _ask(self._limiter, method, rate, identifiers)
-        except ResponseError as exc:
+        except (RedisError, ConnectionError, OSError) as exc:
+            return self._given_way(exc, rate, identifiers, method, strict)
+
+    def _given_way(self, exc: Exception, rate: RateLimitItem, identifiers: tuple[str, ...], method: str,
+                   strict: bool) -> Verdict:
+        """The verdict when Redis failed to answer a check with exc."""
+        if isinstance(exc, ResponseError):
             if type(exc) is ResponseError:
                 # Redis refused the script's numbers (a rate stored before rates were bounded): no outage.
                 logger.error("rate limit not enforced, Redis refused its check: %s (`keys list` marks a key's rate "
@@ -110,8 +148,13 @@ class Limiter:
                 return Verdict(True, rate.amount, rate.amount, 0)
             # a read-only replica after a failover, out of memory: Redis cannot take the hit
             away = f"Redis unavailable: {type(exc).__name__}"
-        except (RedisError, ConnectionError, OSError) as exc:
+        else:
             away = f"Redis unreachable: {type(exc).__name__}"
+        self._away_until = time.monotonic() + AWAY_SECONDS
+        return self._without_redis(method, rate, identifiers, strict, away)
+
+    def _without_redis(self, method: str, rate: RateLimitItem, identifiers: tuple[str, ...], strict: bool,
+                       away: str) -> Verdict:
         if not strict:
             logger.warning("rate limit not enforced, %s", away)
             return Verdict(True, rate.amount, rate.amount, 0)
@@ -119,6 +162,11 @@ class Limiter:
         if self._local is None:  # two threads making one each at once lose a count, nothing more
             self._local = MovingWindowRateLimiter(MemoryStorage())
         return _ask(self._local, method, rate, identifiers)
+
+
+def _storage_url(redis_url: str) -> str:
+    """REDIS_URL as limits names it: a unix socket is redis+unix:// to it (the API would not start)."""
+    return "redis+" + redis_url if redis_url.startswith("unix://") else redis_url
 
 
 def _ask(limiter: MovingWindowRateLimiter, method: str, rate: RateLimitItem, identifiers: tuple[str, ...]) -> Verdict:

@@ -129,6 +129,11 @@ def _release(redis: Redis, settings: Settings, settled: datetime, report: Report
         report.released += len(releases.release(redis, settings, rows, reason))
 
 
+# How soon after a notification becomes `scheduled` the process that made it has written its release
+# (a batch of 1,000 takes well under a second).
+RELEASES_WRITTEN_WITHIN = timedelta(seconds=10)
+
+
 def _reschedule(redis: Redis, settings: Settings, settled: datetime, now: datetime, report: Report,
                 stop_at: float) -> None:
     # Without this, a delayed send whose release job Redis lost waited until _release found it
@@ -138,8 +143,11 @@ def _reschedule(redis: Redis, settings: Settings, settled: datetime, now: dateti
     # that woke early and put itself back under another id) releases once: the second finds the
     # notification no longer `scheduled` (jobs.Deliverer.release).
     soon = now + timedelta(seconds=2 * settings.reconcile_interval)
+    # Only those scheduled RELEASES_WRITTEN_WITHIN ago: a batch writes its releases one by one after its
+    # commit, and a pass meanwhile counted hundreds it had not written yet as lost (`rescheduled`).
+    written_by = now - RELEASES_WRITTEN_WITHIN
     for rows in _pages(Notification.status == Status.SCHEDULED.value, Notification.send_at > settled,
-                       Notification.send_at <= soon, stop_at=stop_at):
+                       Notification.send_at <= soon, Notification.updated_at <= written_by, stop_at=stop_at):
         for row in _without_release(redis, rows):
             queues.schedule_release(redis, settings, row.id, row.send_at, row.priority,
                                     job_id=queues.release_job_id_of(row))

@@ -192,8 +192,10 @@ class NotificationService:
         """hand_over() for many, with their delivery jobs and acceptance counts in one round trip."""
         counts = metrics.Deferred(self.redis)
         metrics.accepted(counts, notifications)  # every newly stored notification passes here once
-        queues.dispatch_many(self.redis, self.settings, [n for n in notifications if n.status in (
+        handed = queues.dispatch_many(self.redis, self.settings, [n for n in notifications if n.status in (
             Status.QUEUED, Status.SCHEDULED)], also=counts.apply)
+        if not handed:
+            return  # Redis away: asked again for each callback, each waited its 2 s; the reconciler queues them
         for notification in notifications:
             if notification.status in FINAL_STATUSES:
                 queues.dispatch_callback(self.redis, self.settings, notification)
@@ -214,13 +216,15 @@ class NotificationService:
                     keys[index] = idempotency.Key.for_item(batch_key, index)
         db = Notification._meta.database
         written: list[tuple[int, Draft]] = []
+        repeats: list[tuple[int, int, dict]] = []
         try:
             with db.atomic() if keys else nullcontext():
                 if keys:
                     # As for a send: copies of one batch take turns, so each item is decided (the recipient
                     # cap counting it) by the copy that stores it, never by a retry racing it.
                     idempotency.hold_batch(api_key, list(keys.values()))
-                stored = self._store_batch(api_key, payloads, keys, results, savepoint=bool(keys), written=written)
+                stored = self._store_batch(api_key, payloads, keys, results, savepoint=bool(keys), written=written,
+                                           repeats=repeats)
         except UNAVAILABLE_ERRORS as exc:
             found = self._stored_anyway(api_key, [draft for _, draft in written], exc)
             # One transaction: those written and not found were answered as replays or refusals in it.
@@ -228,20 +232,29 @@ class NotificationService:
             for index, draft in written:
                 if draft.fields["id"] in found:
                     results[index] = (found[draft.fields["id"]], False)
+        for index, first, payload in repeats:
+            results[index] = _as_repeat(results[first], payload)
         self.hand_over_many(stored)
         return results
 
     def _store_batch(self, api_key: ApiKey, payloads: list[dict | None], keys: dict[int, idempotency.Key],
-                     results: list, savepoint: bool, written: list) -> list[Notification]:
+                     results: list, savepoint: bool, written: list, repeats: list) -> list[Notification]:
         """send_batch() once its keys are held: each item decided, the new ones stored (returned);
-        written gets the (index, draft) of each before its insert is sent."""
+        written gets the (index, draft) of each before its insert is sent, repeats the (index, index of
+        the first, payload) of each new item under a key an earlier new item of the batch has."""
         db = Notification._meta.database
         known = idempotency.find_many(api_key, list(keys.values()))
         valid = [p for p in payloads if p is not None]
         lookup = consent.prefetch(api_key.id, (_recipient(p) for p in valid))
         drafts = []
+        first_under: dict[idempotency.Key, int] = {}
         for index, payload in enumerate(payloads):
             if payload is None:
+                continue
+            if keys.get(index) in first_under:
+                # The key twice in one batch: the replay of the first item (or a 409), never decided
+                # itself, as a replay is not. It was put to the recipient cap too, the cap counting two.
+                repeats.append((index, first_under[keys[index]], payload))
                 continue
             try:
                 # The batch's keys were looked up at once: a new one is not asked about again, item
@@ -255,6 +268,8 @@ class NotificationService:
                 results[index] = (earlier, True)
             else:
                 drafts.append((index, draft))
+                if index in keys:
+                    first_under[keys[index]] = index
         written.extend(drafts)
         try:
             fields = queues.share_jobs(self.settings, [(d.decision.status, d.fields) for _, d in drafts])
@@ -329,9 +344,8 @@ class NotificationService:
             if len(found) < len(written):  # one transaction: never part of it
                 raise
             results = [(found[draft.fields["id"]], False) for draft in written]
-        for notification, replayed in results:
-            if not replayed:
-                self.hand_over(notification)
+        # In one round trip: one each waited its own 2 s while Redis hung.
+        self.hand_over_many([notification for notification, replayed in results if not replayed])
         return results
 
     def _emit_once(self, api_key: ApiKey, event: dict, key: str | None,
@@ -434,7 +448,7 @@ class NotificationService:
         if (self.limiter is None or self.recipient_cap is None or category == rules.Category.TRANSACTIONAL
                 or decision.status not in (Status.QUEUED, Status.SCHEDULED, Status.HELD)):
             return decision
-        if self.limiter.hit(self.recipient_cap, "recipient", str(api_key.id), to.lower()).allowed:
+        if self.limiter.allows(self.recipient_cap, "recipient", str(api_key.id), to.lower()):
             return decision
         return Decision(Status.SUPPRESSED, f"the recipient cap of {self.settings.recipient_cap} for this address "
                                            "was reached")
@@ -484,6 +498,17 @@ def _fingerprint(payload: dict) -> str:
     # same request matches even though its absolute time would differ.
     canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _as_repeat(first, payload: dict):
+    """A batch item's answer when an earlier item of the batch has its key: the replay of what that
+    item became, a 409 if their requests differ, or the first's own refusal."""
+    if not isinstance(first, tuple):
+        return first
+    try:
+        return _replay(first[0], _fingerprint(payload)), True
+    except Conflict as exc:
+        return exc
 
 
 def _replay(earlier: Notification, *request_hashes: str | None) -> Notification:

@@ -50,6 +50,20 @@ def test_default_rate_limit_applies_to_keys_without_their_own(pg_settings, pg_db
     assert codes == [200, 200, 429]
 
 
+@pytest.mark.parametrize("stored", ["0/second", "fast", "2/minute;20/day", "1/99999999999999999999 seconds",
+                                    "99999999999999999999/second"])
+def test_a_rate_stored_before_rates_were_bounded_gives_way_to_rate_limit(pg_settings, pg_db, redis_conn, stored):
+    # Each did something else: 429 forever, a 500 on every request, only its first rate, a window of
+    # 10^20 s, and no limit at all (Redis refused its numbers).
+    key = _key(f"legacy-{stored}")
+    with database.connection_context():
+        ApiKey.update(rate_limit=stored).where(ApiKey.name == f"legacy-{stored}").execute()
+    client = create_app(replace(pg_settings, rate_limit="2/minute"), redis=redis_conn).test_client()
+    answers = [client.get("/api/notifications", headers={"X-API-Key": key}) for _ in range(3)]
+    assert [a.status_code for a in answers] == [200, 200, 429]
+    assert answers[0].headers["RateLimit-Limit"] == "2"
+
+
 def test_rate_limit_holds_across_two_api_processes(pg_settings, pg_db, redis_conn, smtp, tmp_path):
     first = Stack(pg_settings, tmp_path).start("api")
     second = Stack(pg_settings, tmp_path)
@@ -77,10 +91,11 @@ def test_an_operator_changes_a_keys_rate_and_the_running_api_takes_it(pg_setting
         assert eventually(lambda: request("GET", f"{stack.base}/api/notifications", key)[0] == 200)
         assert "\t5/minute\t" in cli(["keys", "list"], stack.env)
 
-        # One stored before rates were bounded: not enforced, and `keys list` says so and how to mend it.
+        # One stored before rates were bounded: `keys list` says so and how to mend it.
         with database.connection_context():
             ApiKey.update(rate_limit="1/99999999999999999999 seconds").where(ApiKey.name == "busy").execute()
-        assert "out of bounds, not enforced: `keys rate busy RATE`" in cli(["keys", "list"], stack.env)
+        assert "(out of bounds: RATE_LIMIT applies instead; `keys rate busy RATE` changes it)" in cli(
+            ["keys", "list"], stack.env)
         assert "RATE_LIMIT" in cli(["keys", "rate", "busy", "--default"], stack.env)
         assert "\tdefault rate\t" in cli(["keys", "list"], stack.env)
     finally:
@@ -177,3 +192,9 @@ def test_a_rate_redis_refuses_is_logged_as_refused_not_as_redis_away(pg_settings
     verdict = Limiter(pg_settings.redis_url).hit(parse_rate("1/99999999999999999999 seconds"), "absurd")
     assert verdict.allowed
     assert "Redis refused its check: ResponseError" in caplog.text and "unreachable" not in caplog.text
+
+
+def test_a_unix_socket_redis_url_is_one_the_limits_take(tmp_path):
+    # limits names it redis+unix://: the API did not start with the REDIS_URL the workers took.
+    limiter = Limiter(f"unix://{tmp_path}/no-redis.sock?db=0")
+    assert limiter.hit(parse_rate("1/second"), "unix").allowed  # no Redis there: given way, not a crash

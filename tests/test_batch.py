@@ -7,6 +7,7 @@ import itertools
 import json
 import logging
 import threading
+import time
 from dataclasses import replace
 
 import psycopg2
@@ -346,3 +347,45 @@ def test_a_send_and_a_batch_item_under_one_key_at_once_are_decided_once_by_the_r
         results = concurrently(4, post)
         kept.append(_the_one_kept(results))
     assert kept == ["queued"] * 8
+
+
+def test_a_key_given_twice_in_a_batch_counts_once_against_the_recipient_cap(pg_settings, pg_db, redis_conn, headers):
+    # Found by a run-through: both items were put to the cap, though the second is the first's replay.
+    client = create_app(replace(pg_settings, recipient_cap="2/hour"), redis=redis_conn).test_client()
+    item = {**LITERAL, "to": "twice@example.com", "category": "marketing", "idempotency_key": "dup"}
+    other = {**item, "subject": "another"}  # the same key for another request: 409, and no count either
+    body = client.post("/api/notifications/batch", json={"notifications": [item, item, other]},
+                       headers=headers).get_json()
+    assert [r.get("replayed") for r in body["results"]] == [False, True, None]
+    assert body["results"][0]["id"] == body["results"][1]["id"]
+    assert body["results"][2]["error"]["code"] == "idempotency_key_reused"
+    second = {**LITERAL, "to": "twice@example.com", "category": "marketing", "subject": "later"}
+    assert client.post("/api/notifications/send", json=second, headers=headers).get_json()["status"] == "queued"
+
+
+def test_a_batch_and_an_event_are_answered_in_about_3_s_while_redis_hangs(pg_settings, pg_db, redis_conn, headers):
+    # Found by a run-through: each item's recipient cap waited its own 0.5 s for a silent Redis (a batch
+    # of 40 marketing items took 23 s, 1,000 would take 500 s), and an event handed each of its
+    # notifications over on its own, 2 s each.
+    from tests.cutproxy import CutProxy
+
+    kwargs = redis_conn.connection_pool.connection_kwargs
+    proxy = CutProxy(kwargs.get("port", 6379))
+    settings = replace(pg_settings, redis_url=f"redis://127.0.0.1:{proxy.port}/{kwargs.get('db', 0)}",
+                       recipient_cap="100/hour")
+    client = create_app(settings).test_client()
+    items = [{**LITERAL, "to": f"m{n}@example.com", "category": "marketing"} for n in range(20)]
+    event = {"type": "user.signup", "user": {"id": "hung-1", "email": "hung@example.com"}, "data": {"code": "123456"}}
+    first = client.post("/api/notifications/batch", json={"notifications": items[:1]}, headers=headers)
+    assert first.status_code == 202
+    proxy.stall()
+    try:
+        for path, body in (("/api/notifications/batch", {"notifications": items}), ("/api/events", event)):
+            started = time.monotonic()
+            response = client.post(path, json=body, headers=headers)
+            took = time.monotonic() - started
+            assert response.status_code == 202 and took < 4.5, (path, response.status_code, took)
+    finally:
+        proxy.resume()
+    with database.connection_context():
+        assert Notification.select().where(Notification.status == "queued").count() >= 21  # stored, to be queued

@@ -336,3 +336,10 @@ def test_callback_deny_networks_default_to_link_local_and_unspecified_and_can_be
 
 def test_a_digest_time_is_kept_in_one_form():
     assert Settings.from_env({"DIGEST_TIME": " 8:05"}).digest_time == "08:05"
+
+
+def test_a_welcome_delay_past_the_schedule_horizon_is_refused_at_start():
+    # Every user.signup was a 422 naming a delay_seconds the caller never sent.
+    error = config_error({"SCHEDULE_HORIZON_DAYS": "1", "WELCOME_DELAY_SECONDS": "172800"})
+    assert "WELCOME_DELAY_SECONDS" in str(error) and "SCHEDULE_HORIZON_DAYS" in str(error)
+    assert Settings.from_env({"SCHEDULE_HORIZON_DAYS": "1", "WELCOME_DELAY_SECONDS": "86400"}).welcome_delay_seconds

@@ -240,6 +240,16 @@ def test_a_release_woken_early_by_the_worker_still_releases_at_its_time(api_key,
     assert smtp.count() == 1
 
 
+def test_a_delayed_send_just_accepted_is_not_taken_for_one_whose_release_redis_lost(api_key, pg_settings, pg_db,
+                                                                                    redis_conn):
+    # Found by a run-through: a batch writes its releases one by one after its commit, and a pass
+    # meanwhile counted hundreds not written yet as lost (`rescheduled`, a metric to alert on).
+    settings = replace(pg_settings, reconcile_interval=30, reconcile_grace_seconds=30)
+    make_notification(api_key[0], Status.SCHEDULED, send_at=utcnow() + timedelta(seconds=20))
+    with database.connection_context():
+        assert reconcile(settings, redis_conn).rescheduled == 0
+
+
 def test_a_release_woken_early_is_not_taken_for_one_redis_lost(api_key, pg_settings, pg_db, smtp, redis_conn):
     # The early release puts itself back under a new id; the reconciler looked for the first one only,
     # finished by then, and scheduled a second release, counted as one Redis had lost.
@@ -255,6 +265,7 @@ def test_a_release_woken_early_is_not_taken_for_one_redis_lost(api_key, pg_setti
     assert again.id != job.id
 
     with database.connection_context():
+        Notification.update(updated_at=utcnow() - timedelta(seconds=11)).execute()  # past the writing of releases
         assert reconcile(settings, redis_conn).rescheduled == 0
     assert [j.id for j in scheduler.get_jobs()] == [again.id]
     assert (reload(row.id).status, smtp.count()) == ("scheduled", 0)
@@ -294,6 +305,8 @@ def test_a_delayed_send_whose_release_redis_lost_is_released_at_its_time_not_a_p
                    for seconds in (1.5, 3600))
     for row in (soon, later):
         dispatch(redis_conn, settings, row)
+    with database.connection_context():  # accepted a while before Redis lost them: its release was written
+        Notification.update(updated_at=utcnow() - timedelta(seconds=11)).execute()
     redis_conn.flushdb()
 
     with database.connection_context():

@@ -13,7 +13,7 @@ from werkzeug.routing import BaseConverter
 from notifier import keys
 from notifier.errors import ApiError, RateLimited, Unauthorized, Unprocessable
 from notifier.models import ApiKey
-from notifier.ratelimit import parse_rate
+from notifier.ratelimit import key_rate
 from notifier.schemas import IDEMPOTENCY_HEADER, IdempotencyHeaderSchema, PageQuerySchema, UserPathSchema
 from notifier.service import NotificationService
 
@@ -39,7 +39,7 @@ def require_api_key() -> None:
     if key is None:
         raise Unauthorized(f"a valid {API_KEY_HEADER} header is required")
     g.api_key = key
-    verdict = ext["limiter"].hit(parse_rate(key.rate_limit or ext["settings"].rate_limit), "key", str(key.id))
+    verdict = ext["limiter"].hit(key_rate(key.rate_limit, ext["settings"].rate_limit), "key", str(key.id))
     g.rate_limit = verdict
     if not verdict.allowed:
         raise RateLimited(f"over this key's rate limit of {verdict.limit} requests; retry in {verdict.reset_seconds} s")

@@ -42,7 +42,8 @@ BODY_400 = ("`malformed_json`: the body is not a JSON object (not JSON, not UTF-
 RATE_LIMIT_HEADERS = {
     "RateLimit-Limit": "requests this key may make in the window",
     "RateLimit-Remaining": "requests left in the current window",
-    "RateLimit-Reset": "seconds until the window has room again",
+    "RateLimit-Reset": "seconds until the oldest request counted in the window leaves it (when none is left, "
+                       "until one more is allowed)",
 }
 
 
