@@ -53,18 +53,26 @@ def literal_denied(url: str, deny: Networks) -> str | None:
 
 
 def resolver_host(host: str) -> str | None:
-    """host as the resolver is asked for it, and as the Host header carries it: beyond ASCII, its IDNA
-    2008 form with UTS 46's mapping, as browsers and curl write it (NFKC first, so "①⑥⑨.②⑤④.①⑥⑨.②⑤④"
-    and "169。254。169。254" are 169.254.169.254); None when it has none (an empty label, one over 63
-    characters). Not Python's own codec, IDNA 2003, which socket.getaddrinfo would apply to a host
-    given beyond ASCII: it makes "faß.example" fass.example, another domain, whose owner would have
-    the signed events."""
+    """host as the resolver is asked for it, and as the Host header carries it: beyond ASCII, the
+    ToASCII of UTS 46 as browsers apply it (nontransitional mapping, then each label beyond ASCII as
+    punycode, without IDNA 2008's stricter checks of what a label may hold: "my_host.тест" and
+    "☃.net" work in browsers). Its mapping takes NFKC first, so "①⑥⑨.②⑤④.①⑥⑨.②⑤④" and
+    "169。254。169。254" are 169.254.169.254. None when it has no such form (an empty label, one over
+    63 characters, a character UTS 46 disallows). Not Python's own codec, IDNA 2003, which
+    socket.getaddrinfo would apply to a host given beyond ASCII: it makes "faß.example"
+    fass.example, another domain, whose owner would have the signed events."""
     if host.isascii():
         return host
     try:
-        return idna.encode(host, uts46=True).decode("ascii")
-    except idna.IDNAError:
+        mapped = idna.uts46_remap(host, std3_rules=False, transitional=False)
+        labels = [label if label.isascii() else "xn--" + label.encode("punycode").decode("ascii")
+                  for label in mapped.split(".")]
+    except (idna.IDNAError, UnicodeError):
         return None
+    named = labels[:-1] if len(labels) > 1 and labels[-1] == "" else labels  # a trailing dot: the root
+    if not all(1 <= len(label) <= 63 for label in named):
+        return None
+    return ".".join(labels)
 
 
 def _ipv4_form(host: str) -> str | None:

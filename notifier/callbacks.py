@@ -207,7 +207,8 @@ def _ascii_target(url: str) -> str:
         name, port = (name, colon + port) if colon else (port, "")
         host = resolver_host(name)
         if host is None:  # stored before the API refused such a host
-            raise CallbackRejected("the callback URL's host is not a domain name (an empty or over-long label)")
+            raise CallbackRejected("the callback URL's host is not a domain name (an empty or over-long label, or a "
+                                   "character no domain name may hold)")
         netloc = host + port
     return urlunsplit(parts._replace(netloc=netloc, path=_BEYOND_ASCII.sub(_quoted, parts.path),
                                      query=_BEYOND_ASCII.sub(_quoted, parts.query)))

@@ -188,8 +188,9 @@ class Settings:
         )
         if settings.welcome_delay_seconds > settings.schedule_horizon_days * 86400:
             # Every signup was then a 422 naming a delay_seconds the caller never sent.
+            days = settings.schedule_horizon_days
             raise ConfigError("WELCOME_DELAY_SECONDS", f"must be within SCHEDULE_HORIZON_DAYS "
-                                                       f"({settings.schedule_horizon_days} days)")
+                                                       f"({days} day{'' if days == 1 else 's'})")
         return settings
 
 

@@ -25,9 +25,9 @@ logger = logging.getLogger(__name__)
 
 # How long a rate limit waits for Redis before it lets the request through (see Limiter).
 LIMIT_TIMEOUT_SECONDS = 0.5
-# Once Redis did not answer, how long a process lets its limits through without asking it again: a
-# batch of marketing mail asked it once per item for the recipient cap, each waiting its 0.5 s (a
-# batch of 40 took 23 s while Redis hung).
+# Once Redis did not answer, how long a process lets its limits through without asking it again (strict
+# ones are still asked): a batch of marketing mail asked it once per item for the recipient cap, each
+# waiting its 0.5 s (a batch of 40 took 23 s while Redis hung).
 AWAY_SECONDS = 2.0
 
 
@@ -130,7 +130,9 @@ class Limiter:
             return self._given_way(exc, rate, identifiers, "hit", strict=False).allowed
 
     def _verdict(self, method: str, rate: RateLimitItem, identifiers: tuple[str, ...], strict: bool) -> Verdict:
-        if time.monotonic() < self._away_until:
+        # A strict limit asks Redis every time: its count is there, and one slow reply to another
+        # limit must not hand a locked-out guesser this process's own, empty window.
+        if not strict and time.monotonic() < self._away_until:
             return self._without_redis(method, rate, identifiers, strict, "Redis did not answer just now")
         try:
             return _ask(self._limiter, method, rate, identifiers)

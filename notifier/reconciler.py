@@ -143,11 +143,14 @@ def _reschedule(redis: Redis, settings: Settings, settled: datetime, now: dateti
     # that woke early and put itself back under another id) releases once: the second finds the
     # notification no longer `scheduled` (jobs.Deliverer.release).
     soon = now + timedelta(seconds=2 * settings.reconcile_interval)
-    # Only those scheduled RELEASES_WRITTEN_WITHIN ago: a batch writes its releases one by one after its
-    # commit, and a pass meanwhile counted hundreds it had not written yet as lost (`rescheduled`).
-    written_by = now - RELEASES_WRITTEN_WITHIN
+    # Those due after the next pass only once scheduled RELEASES_WRITTEN_WITHIN ago: a batch writes its
+    # releases one by one after its commit, and a pass meanwhile counted hundreds it had not written yet
+    # as lost (`rescheduled`). What is due before the next pass is looked at however young: left to
+    # it, one whose release Redis lost would go a pass late.
+    settled_or_due = ((Notification.updated_at <= now - RELEASES_WRITTEN_WITHIN)
+                      | (Notification.send_at <= now + timedelta(seconds=settings.reconcile_interval)))
     for rows in _pages(Notification.status == Status.SCHEDULED.value, Notification.send_at > settled,
-                       Notification.send_at <= soon, Notification.updated_at <= written_by, stop_at=stop_at):
+                       Notification.send_at <= soon, settled_or_due, stop_at=stop_at):
         for row in _without_release(redis, rows):
             queues.schedule_release(redis, settings, row.id, row.send_at, row.priority,
                                     job_id=queues.release_job_id_of(row))

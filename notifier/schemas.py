@@ -173,7 +173,8 @@ def _a_host_with_a_name(value: str) -> None:
         return  # _splittable says so
     if resolver_host(host) is None:
         # Beyond ASCII with no IDNA form: the resolver cannot be asked for it, and every attempt failed.
-        raise ValidationError("the host is not a domain name (a label is empty or over 63 characters)")
+        raise ValidationError("the host is not a domain name (an empty label, one over 63 characters, or a "
+                              "character no domain name may hold)")
 
 
 class CallbackUrl(fields.Url):

@@ -198,3 +198,25 @@ def test_a_unix_socket_redis_url_is_one_the_limits_take(tmp_path):
     # limits names it redis+unix://: the API did not start with the REDIS_URL the workers took.
     limiter = Limiter(f"unix://{tmp_path}/no-redis.sock?db=0")
     assert limiter.hit(parse_rate("1/second"), "unix").allowed  # no Redis there: given way, not a crash
+
+
+def test_one_slow_reply_to_another_limit_does_not_unlock_an_operator_guesser(pg_settings, redis_conn):
+    # Found by a review: one Redis timeout anywhere in the process (here a recipient cap's) had every
+    # limit given way for 2 s, and a strict one asked only this process's own, empty, window.
+    from redis.exceptions import TimeoutError as RedisTimeout
+
+    limiter = Limiter(pg_settings.redis_url)
+    failures = parse_rate("2/minute")
+    for _ in range(2):
+        limiter.hit(failures, "operator-auth", "198.51.100.0", strict=True)
+    assert not limiter.check(failures, "operator-auth", "198.51.100.0", strict=True).allowed
+    real = limiter._limiter.hit
+
+    def slow_once(*args, **kwargs):
+        limiter._limiter.hit = real
+        raise RedisTimeout("Timeout reading from socket")
+
+    limiter._limiter.hit = slow_once
+    assert limiter.allows(parse_rate("20/hour"), "recipient", "1", "someone@example.com")  # given way
+    assert limiter.allows(parse_rate("1/hour"), "recipient", "1", "someone@example.com")  # not asked for 2 s
+    assert not limiter.check(failures, "operator-auth", "198.51.100.0", strict=True).allowed

@@ -684,7 +684,10 @@ def test_a_callback_url_with_a_path_beyond_ascii_is_sent_percent_encoded():
                                         ("b\u00fccher.example", b"xn--bcher-kva.example"),
                                         # IDNA 2008, as browsers write it: Python's codec (2003) made it
                                         # fass.example, another domain.
-                                        ("fa\u00df.example", b"xn--fa-hia.example")])
+                                        ("fa\u00df.example", b"xn--fa-hia.example"),
+                                        # What browsers take though IDNA 2008 refuses it.
+                                        ("my_host.\u0442\u0435\u0441\u0442", b"my_host.xn--e1aybc"),
+                                        ("\u2603.net", b"xn--n3h.net")])
 def test_a_callback_to_a_host_beyond_ascii_names_it_as_idna(monkeypatch, host, sent):
     # urllib sets Host from the host as written, and http.client writes it as Latin-1: a Cyrillic host
     # failed every attempt with UnicodeEncodeError (then gave up), a Latin-1 one went out as Latin-1.

@@ -245,9 +245,13 @@ def test_a_delayed_send_just_accepted_is_not_taken_for_one_whose_release_redis_l
     # Found by a run-through: a batch writes its releases one by one after its commit, and a pass
     # meanwhile counted hundreds not written yet as lost (`rescheduled`, a metric to alert on).
     settings = replace(pg_settings, reconcile_interval=30, reconcile_grace_seconds=30)
-    make_notification(api_key[0], Status.SCHEDULED, send_at=utcnow() + timedelta(seconds=20))
+    make_notification(api_key[0], Status.SCHEDULED, send_at=utcnow() + timedelta(seconds=45))  # after the next pass
     with database.connection_context():
         assert reconcile(settings, redis_conn).rescheduled == 0
+    # One due before the next pass is looked at however young: left to that pass, it would go late.
+    make_notification(api_key[0], Status.SCHEDULED, send_at=utcnow() + timedelta(seconds=5))
+    with database.connection_context():
+        assert reconcile(settings, redis_conn).rescheduled == 1
 
 
 def test_a_release_woken_early_is_not_taken_for_one_redis_lost(api_key, pg_settings, pg_db, smtp, redis_conn):

@@ -616,12 +616,17 @@ def test_an_address_as_a_user_id_in_a_path_is_masked_whole(sqlite_settings, sqli
                        headers={"X-API-Key": key}).status_code == 405
     assert client.get("/api/users/email:sales.private/lead@example.com/prefs",
                       headers={"X-API-Key": key}).status_code == 404
+    # A local part made of the routes' own words: masked too.
+    assert client.post("/api/suppressions/users/preferences/private@example.com",
+                       headers={"X-API-Key": key}).status_code == 405
+    assert client.get("/api/nothing/users/private/x@example.com").status_code == 404
     err = capsys.readouterr().err
     assert "private" not in err
     assert [json.loads(line)["path"] for line in err.splitlines() if '"notifier.api.access"' in line] == [
         "/api/users/email:s***@example.com/preferences", "/api/notifications/user/email:s***@example.com/stats",
         "/api/users/org/7/preferences", "/api/suppressions/s***@example.com",
-        "/api/users/email:s***@example.com/prefs"]
+        "/api/users/email:s***@example.com/prefs", "/api/suppressions/u***@example.com",
+        "/api/nothing/u***@example.com"]
 
 
 def test_a_reply_holding_what_folds_to_a_recipient_only_beyond_ascii_is_still_logged(captured):

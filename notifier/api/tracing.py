@@ -8,6 +8,7 @@ import time
 import uuid
 
 from flask import Flask, Response, current_app, g, request
+from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from notifier import logs
 from notifier.consent import ADDRESS_KEY_PREFIX
@@ -45,9 +46,12 @@ def _loggable_path() -> str:
     # An address in the path (/api/suppressions/<email>, email:<address> as a user id), masked whole:
     # the log's own pattern stops at "/", which an address may hold (sales/lead@example.com).
     if rule is None and "@" in path:
-        # No route to say where it starts (a 404, a 405): after the words of the routes' own.
-        path = _masked_after_route_words(path)
-    elif any(isinstance(value, str) and "@" in value for value in args.values()):
+        rule, args = _route_of_another_method()
+        if rule is None:
+            # No route to say where it starts (a 404): all but the first two words, whatever they are
+            # (a local part may be made of the routes' own words: users/preferences/ann@...).
+            path = "/".join([*path.split("/")[:3], _masked("/".join(path.split("/")[3:]))])
+    if rule is not None and any(isinstance(value, str) and "@" in value for value in args.values()):
         path = _VIEW_ARG.sub(lambda m: _masked(args.get(m.group(1), m.group(0))), rule.rule)
     # A decoded %0A must not start a forged line in a text log.
     return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", path)
@@ -56,13 +60,16 @@ def _loggable_path() -> str:
 _VIEW_ARG = re.compile(r"<(?:[^<>:]+:)?([^<>]+)>")
 
 
-def _masked_after_route_words(path: str) -> str:
-    words = {part for r in current_app.url_map.iter_rules() for part in r.rule.split("/") if "<" not in part}
-    segments = path.split("/")
-    kept = 1  # the empty one before the first "/"
-    while kept < len(segments) and segments[kept] in words:
-        kept += 1
-    return "/".join([*segments[:kept], _masked("/".join(segments[kept:]))])
+def _route_of_another_method():
+    """(rule, view args) of the route a 405's path matched with a method it takes; (None, {})."""
+    refused = request.routing_exception
+    if not isinstance(refused, MethodNotAllowed) or not refused.valid_methods:
+        return None, {}
+    adapter = current_app.url_map.bind_to_environ(request.environ)
+    try:
+        return adapter.match(method=next(iter(refused.valid_methods)), return_rule=True)
+    except HTTPException:
+        return None, {}
 
 
 def _masked(value) -> str:
