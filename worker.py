@@ -8,6 +8,7 @@ import math
 import os
 import signal
 import socket
+import threading
 import time
 
 from redis.exceptions import RedisError
@@ -103,6 +104,7 @@ class NotifierWorker(SimpleWorker):
 
     stopping = False
     counts: metrics.Deferred | None = None  # the jobs' counters, sent with each heartbeat
+    stop: threading.Event | None = None  # the jobs' Deliverer's: set with `stopping`
     _scheduler_checked = 0.0
     _scheduler: RQScheduler | None = None
     _burst = False
@@ -262,6 +264,8 @@ class NotifierWorker(SimpleWorker):
 
     def request_stop(self, signum, frame):
         self.stopping = True
+        if self.stop is not None:
+            self.stop.set()  # never waited on in this thread, so no lock a signal could interrupt
         super().request_stop(signum, frame)
 
 
@@ -289,7 +293,8 @@ class RedisAwayIsAWarning(logging.Filter):
         return True
 
 
-def make_worker(connection, name: str | None = None, counts: metrics.Deferred | None = None) -> NotifierWorker:
+def make_worker(connection, name: str | None = None, counts: metrics.Deferred | None = None,
+                stop: threading.Event | None = None) -> NotifierWorker:
     """A worker on all notifier queues, highest priority first, callbacks last."""
     worker = NotifierWorker(
         all_queues(connection),
@@ -297,7 +302,7 @@ def make_worker(connection, name: str | None = None, counts: metrics.Deferred | 
         name=name,
         exception_handlers=[stop_retrying_permanent_failures],
     )
-    worker.counts = counts
+    worker.counts, worker.stop = counts, stop
     return worker
 
 
@@ -310,12 +315,14 @@ def main() -> None:
     os.register_at_fork(after_in_child=lambda: _die_with_parent(parent))
     connection = connect_redis(settings.redis_url)
     counts = metrics.Deferred(connection)
-    jobs.install(build_deliverer(settings, redis=connection, counts=counts, wait=True))
+    stop = threading.Event()
+    jobs.install(build_deliverer(settings, redis=connection, counts=counts, wait=True, stop=stop))
     name = f"notifier-{socket.gethostname()}-{os.getpid()}"
     logger.info("worker %s starting", name)
 
     def run_once(generation: int) -> bool:
-        worker = make_worker(connection, name=f"{name}-{generation}" if generation else name, counts=counts)
+        worker = make_worker(connection, name=f"{name}-{generation}" if generation else name, counts=counts,
+                             stop=stop)
         try:
             worker.work(with_scheduler=True, logging_level=settings.log_level)
         except RedisError:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import Counter
 from datetime import datetime
@@ -79,13 +80,15 @@ class Deliverer:
     consent_max_age = CONSENT_MAX_AGE_SECONDS
 
     def __init__(self, settings: Settings, mailer: Mailer, renderer: Renderer, redis: Redis | None = None,
-                 counts: metrics.Deferred | None = None):
+                 counts: metrics.Deferred | None = None, stop: threading.Event | None = None):
         """counts: where the delivery counters go when not straight to redis: a worker's, which
-        sends them with its next heartbeat (one round trip fewer per job)."""
+        sends them with its next heartbeat (one round trip fewer per job). stop: set once the worker
+        is asked to stop (SIGTERM): a shared job then hands its unsent emails on (deliver_many)."""
         self.settings = settings
         self.mailer = mailer
         self.renderer = renderer
         self.redis = redis
+        self._stop = stop
         # Inside a shared job: the `sent` record of the last email, written in one transaction with
         # the next claim (one commit instead of two; see deliver_many), and whether its receipt is kept.
         self._unrecorded: tuple[Notification, receipts.Receipt, bool] | None = None
@@ -280,6 +283,15 @@ class Deliverer:
                     if index and time.monotonic() - alive >= KEEP_ALIVE_SECONDS:
                         alive = time.monotonic()
                         self._keep_alive(job)
+                    if priority is not None and self._stop is not None and self._stop.is_set():
+                        # A warm shutdown waits for the job, which may have BATCH_JOB_SIZE emails
+                        # to go: it outlasted a deploy's grace period, and the SIGKILL that followed
+                        # could land mid-send. It waits for the email being sent; the rest go back.
+                        self._hand_on(notification_ids[index:], priority)
+                        outcomes["handed on"] += len(notification_ids) - index
+                        logger.info("worker stopping: %s unsent emails of the job handed on to another worker",
+                                    len(notification_ids) - index)
+                        break
                     if index and time.monotonic() - checked >= MAKE_WAY_CHECK_SECONDS:
                         checked = time.monotonic()
                         if self._make_way(notification_ids[index:], priority):
@@ -352,6 +364,12 @@ class Deliverer:
                 return False
         except RedisError:
             return False
+        self._hand_on(rest, priority)
+        return True
+
+    def _hand_on(self, rest: list[str], priority: str) -> None:
+        """Put the rest of this shared job back at the front of its queue as a job of its own."""
+        self._record_unrecorded()
         current = get_current_job()
         job_id = queues.new_shared_job_id()
         # The rows first: if the new job never reaches Redis, the reconciler finds it missing and hands
@@ -365,7 +383,6 @@ class Deliverer:
                                   {i: self._member_requests[i] for i in rest if i in self._member_requests})
         except RedisError as exc:
             logger.warning("the rest of a shared job not queued (%s); the reconciler hands it on", type(exc).__name__)
-        return True
 
     def _record_unrecorded(self) -> None:
         # A held `sent` record is written with a later email's context bound (or none, after the

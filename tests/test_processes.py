@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from dataclasses import replace
@@ -65,6 +66,35 @@ def test_worker_finishes_its_current_send_on_sigterm(stack, smtp):
     assert worker.wait(timeout=30) == 0
     assert _status(stack, accepted["id"])["status"] == "sent"
     assert smtp.count() == 1
+
+
+def test_worker_sigterm_mid_batch_sends_the_email_it_is_sending_and_hands_the_rest_on(stack, smtp, redis_conn):
+    # A batch's emails share one job (BATCH_JOB_SIZE of them). A warm shutdown waited for the whole
+    # job, with a slow mail server longer than a deploy's grace period, whose SIGKILL then landed mid-send.
+    mid_data, stopping = held_reply(smtp)
+    items = [{**LITERAL, "to": f"user{n}@example.com"} for n in range(6)]
+    status, body = request("POST", f"{stack.base}/api/notifications/batch", stack.key, {"notifications": items})
+    assert status == 202, body
+    ids = [r["id"] for r in body["results"]]
+    assert mid_data.wait(20)
+    worker = stack.procs["worker"]
+    worker.send_signal(signal.SIGTERM)
+    key = f"rq:worker:notifier-{socket.gethostname()}-{worker.pid}"
+    try:
+        wait_until(lambda: redis_conn.hget(key, "shutdown_requested_date"), timeout=10, interval=0.02)
+    finally:
+        stopping.set()
+    assert worker.wait(timeout=30) == 0
+    assert smtp.count() == 1
+    assert [_status(stack, i)["status"] for i in ids] == ["sent"] + ["queued"] * 5
+    assert "5 unsent emails of the job handed on" in stack.log("worker")
+
+    stack.procs.pop("worker")
+    stack.start("worker")
+    for notification_id in ids:
+        detail = stack.wait_status(notification_id, "sent", "failed", timeout=30)
+        assert (detail["status"], detail["attempts"]) == ("sent", 1)
+    assert sorted(m.rcpt_tos[0] for m in smtp.wait_for(6)) == sorted(item["to"] for item in items)
 
 
 def test_keys_cli_lists_and_revokes(stack):
