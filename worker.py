@@ -20,10 +20,8 @@ from rq.timeouts import UnixSignalDeathPenalty
 from rq.worker import WorkerStatus
 
 from notifier import jobs, logs, metrics
-from notifier.callback_job import CallbackGaveUp
-from notifier.callbacks import CallbackRetry
-from notifier.errors import DeliveryError, PermanentDeliveryError, TransientDeliveryError
-from notifier.queues import REQUEST_ID_META, all_queues, connect_redis, mark_memory, notification_of_job
+from notifier.errors import PermanentDeliveryError
+from notifier.queues import REQUEST_ID_META, all_queues, connect_redis, mark_memory
 from notifier.resilience import run_until_stopped
 from notifier.runtime import build_deliverer, configure_logging, load_settings, warn_if_links_can_be_forged
 
@@ -40,34 +38,6 @@ def stop_retrying_permanent_failures(job, exc_type, exc_value, traceback):
     if isinstance(exc_value, PermanentDeliveryError):
         job.retries_left = 0
     return True  # let RQ go on to record the failure in its failed registry
-
-
-def _unexpected(exc: BaseException | None) -> bool:
-    """Not a mail server's or a callback endpoint's answer: a bug, an outage, a time limit."""
-    return not isinstance(exc, DeliveryError | CallbackRetry)
-
-
-def failure_level(exc: BaseException | None, retried: bool) -> int:
-    """How loud a job's failure is: a WARNING for an answer the job expects, from outside (a failure
-    RQ retries, a mail server's refusal of the address, a callback endpoint's answer); an ERROR
-    for what an operator must see to: retries that ran out on what could have passed (an outage
-    outlasted them), a refusal of our sender or message, a failure of ours (a template missing or
-    broken after a deploy), and anything unexpected (logged with its traceback)."""
-    if isinstance(exc, DeliveryError) and exc.operator:
-        return logging.ERROR  # SMTP_USERNAME/PASSWORD refused, a certificate not trusted: from the first
-    if isinstance(exc, CallbackGaveUp) and isinstance(exc.__cause__, CallbackRetry):
-        # The caller's endpoint was down for longer than the retries last: someone must know to post
-        # them again (`callbacks redeliver --gave-up`) once it is back.
-        return logging.ERROR
-    if isinstance(exc, CallbackRetry | CallbackGaveUp):
-        return logging.WARNING  # the caller's endpoint's answer (a retry, a 4xx refusal), theirs to mend
-    if isinstance(exc, jobs.RetriesExhausted):
-        return logging.ERROR
-    if isinstance(exc, TransientDeliveryError) and retried:
-        return logging.WARNING
-    if isinstance(exc, PermanentDeliveryError) and exc.address_rejected:
-        return logging.WARNING  # a bounce: the address is suppressed, the dead-letter queue says so
-    return logging.ERROR
 
 
 def _die_with_parent(parent_pid: int) -> None:
@@ -246,21 +216,15 @@ class NotifierWorker(SimpleWorker):
         # RQ logs every failure at ERROR with its traceback in the message: each 451 retried, each
         # callback endpoint down, paged whoever alerts on errors, for an outcome the job had logged
         # already ("attempt 1 failed (will retry)"). The line is kept, at the level of what the
-        # failure means (failure_level), naming the notification it is about.
+        # failure means (jobs.failure_level), naming the notification it is about.
         call_exception_handlers(self._exc_handlers, job, *exc_info)  # first: they decide retries_left
         exc_type, exc_value, _ = exc_info
-        retried = job.should_retry
-        level = failure_level(exc_value, retried)
-        extra = {"queue": job.origin, "job_id": job.id}
+        extra = {"queue": job.origin}
         try:
             extra["func"] = job.func_name
         except DeserializationError:
             pass
-        next_step = "RQ retries it" if retried else "to the failed registry (the dead-letter queue)"
-        with logs.bound(notification_id=notification_of_job(job.id)):
-            # The exception itself as the argument: its text may be a mail server's, masked as one.
-            self.log.log(level, "job %s failed: %s: %s; %s", job.id, exc_type.__name__ if exc_type else "?",
-                         exc_value, next_step, exc_info=exc_info if _unexpected(exc_value) else None, extra=extra)
+        jobs.log_failed_job(job.id, exc_value, job.should_retry, exc_info=exc_info, **extra)
 
     def request_stop(self, signum, frame):
         self.stopping = True

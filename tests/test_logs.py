@@ -385,6 +385,27 @@ def test_a_failed_job_is_logged_at_the_level_of_what_it_means_with_its_notificat
     assert failed[-1]["exc_info"].startswith("Traceback") and "no_such_job" in failed[-1]["exc_info"]
 
 
+@pytest.mark.integration
+def test_a_batch_item_that_fails_for_good_is_logged_as_its_own_failed_job(client, headers, pg_settings,
+                                                                            redis_conn, smtp, capsys):
+    # A batch's shared job files an item that failed for good as its own failed job, but logged no
+    # line for it: a refused message (an operator's to mend) sent in a batch was a WARNING alone,
+    # never the ERROR the same email sent alone is, so an alert on ERROR missed it.
+    smtp.rcpt_replies.append("550 5.1.1 no such user")
+    smtp.replies.append("554 5.7.1 message refused by policy")
+    response = client.post("/api/notifications/batch", headers=headers, json={"notifications": [
+        {**LITERAL, "to": "gone@example.com"}, {**LITERAL, "to": "blocked@example.com"},
+        {**LITERAL, "to": "fine@example.com"}]})
+    assert response.status_code == 202
+    bounced_id, refused_id, _ = [item["id"] for item in response.get_json()["results"]]
+    failed = [line for line in _worker_lines(pg_settings, redis_conn, capsys)
+              if line["logger"] == "rq.worker" and " failed: " in line["message"]]
+    assert [(line["level"], line.get("notification_id")) for line in failed] == [
+        ("WARNING", bounced_id), ("ERROR", refused_id)]
+    assert failed[1]["message"] == (f"job notification-{refused_id} failed: PermanentDeliveryError: SMTP error: 554 "
+                                    "5.7.1 message refused by policy; to the failed registry (the dead-letter queue)")
+
+
 def _gave_up(cause: Exception) -> Exception:
     from notifier.callback_job import CallbackGaveUp
 
@@ -406,7 +427,7 @@ def _gave_up(cause: Exception) -> Exception:
     (CallbackRetry("HTTP 503"), True, "WARNING"),
 ])
 def test_a_job_failure_is_an_error_where_an_operator_must_act(exc, retried, level):
-    from worker import failure_level
+    from notifier.jobs import failure_level
 
     assert logging.getLevelName(failure_level(exc, retried)) == level
 
