@@ -347,7 +347,11 @@ def dlq_requeue(notification_id: str | None, everything: bool) -> None:
     redis, settings = _redis()
     with _open():
         if everything:
-            click.echo(f"requeued {deadletters.requeue_all(redis, settings)} notification(s)")
+            outcomes = deadletters.requeue_all(redis, settings)
+            # The ones left are said too: "requeued 0" alone read as if there were none to requeue.
+            click.echo(f"requeued {outcomes['requeued']} notification(s)"
+                       + (f"; left {outcomes['suppressed']} to an address on the suppression list (remove it "
+                          "from the list first: DELETE /api/suppressions/<email>)" if outcomes["suppressed"] else ""))
             return
         try:
             deadletters.requeue(redis, settings, notification_id)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -178,17 +179,19 @@ def requeue(redis: Redis, settings: Settings, notification_id: str, api_key: Api
     return notification
 
 
-def requeue_all(redis: Redis, settings: Settings, api_key: ApiKey | None = None) -> int:
-    """Requeue every dead letter; returns how many."""
-    return sum(1 for row in _dead(api_key, limit=100_000) if _try_requeue(redis, settings, row.id))
-
-
-def _try_requeue(redis: Redis, settings: Settings, notification_id: str) -> bool:
-    try:
-        requeue(redis, settings, notification_id)
-    except Conflict:
-        return False
-    return True
+def requeue_all(redis: Redis, settings: Settings, api_key: ApiKey | None = None) -> Counter[str]:
+    """Requeue every dead letter; returns how many were `requeued`, and how many were left by the code
+    of the refusal (`suppressed`: the address is on the suppression list; `not_requeueable`: no
+    longer failed, requeued or sent meanwhile)."""
+    outcomes: Counter[str] = Counter()
+    for row in _dead(api_key, limit=100_000):
+        try:
+            requeue(redis, settings, row.id)
+        except Conflict as exc:
+            outcomes[exc.code] += 1
+        else:
+            outcomes["requeued"] += 1
+    return outcomes
 
 
 def _drop_from_registries(redis: Redis, notification_ids: list[str]) -> None:
