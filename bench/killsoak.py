@@ -1,6 +1,6 @@
 """Kill soak, by hand: duplicate emails when workers are SIGKILLed during a busy drain.
 
-    .venv/bin/python bench/killsoak.py --repo . --tag new1 [--n 3000 --kills 40]
+    .venv/bin/python bench/killsoak.py --repo . --tag new1 [--n 3000 --kills 40] [--signal term] [--batch 100]
 
 Starts a private redis-server (--redis-port, default 6411), an SMTP sink in a process of its own
 (notifier.devmail), app.py, scheduler.py and 2 worker.py on a fresh SQLite file under REPO/var/;
@@ -16,6 +16,12 @@ versions can be compared in one sitting. Never part of `make test`: it runs for 
 database, NAME or else notifier_soak_<tag> (refused if it exists already), created over the URL's server
 and user through its `postgres` database, given its schema by `python -m notifier db upgrade`, and
 dropped at the end unless --keep-db. --workdir: where the logs (and a SQLite file) go (default REPO/var).
+
+--signal term: a rolling deploy instead of a crash: the worker gets SIGTERM and its replacement starts at
+once; the old one must exit by itself (a warm shutdown), and each exit is timed (term_exit_seconds); one
+still running TERM_GRACE seconds after its SIGTERM is SIGKILLed and counted (term_not_exited).
+--batch K: the N sends are accepted through POST /api/notifications/batch, K items a request, so the
+workers drain them in a batch's shared jobs (BATCH_JOB_SIZE to a job) instead of a job per send.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -63,6 +70,7 @@ import threading
 threading.Event().wait()
 """
 
+TERM_GRACE = 30.0  # --signal term: seconds a worker has to exit after its SIGTERM before it is SIGKILLed
 FINAL = {"sent", "failed", "suppressed", "cancelled", "expired", "digested"}
 
 
@@ -87,6 +95,10 @@ def main() -> None:
                     help="postgresql://user@host:port: a fresh database notifier_soak_<tag> per run; default SQLite")
     ap.add_argument("--keep-db", action="store_true", help="leave the PostgreSQL database after the run")
     ap.add_argument("--workdir", default=None, help="logs and SQLite file here (default REPO/var)")
+    ap.add_argument("--signal", choices=["kill", "term"], default="kill",
+                    help="kill: SIGKILL the worker; term: SIGTERM it (a rolling deploy) and time its exit")
+    ap.add_argument("--batch", type=int, default=0,
+                    help="accept the sends through the batch endpoint, this many items a request (0: single sends)")
     args = ap.parse_args()
 
     def _term(*_):  # `timeout` sends SIGTERM: stop what was started and drop the database on the way out
@@ -208,7 +220,8 @@ def main() -> None:
         JOB_TIMEOUT="5", RATE_LIMIT="1000000/second", RECIPIENT_CAP="", PORT=str(api_port),
         SECRET_KEY="soak-secret-key-not-for-production", PYTHONUNBUFFERED="1", LOG_LEVEL="INFO",
     )
-    result: dict = {"tag": args.tag, "repo": repo, "database": pg[1] if pg else dbfile}
+    result: dict = {"tag": args.tag, "repo": repo, "database": pg[1] if pg else dbfile, "signal": args.signal,
+                    "batch": args.batch}
     try:
         if pg is not None:  # the schema, as the project makes it (every process would also do this at start)
             up = subprocess.run([py, "-m", "notifier", "db", "upgrade"], env=env, cwd=repo, capture_output=True,
@@ -232,25 +245,41 @@ def main() -> None:
         codes = collections.Counter()
         ids: dict[str, str] = {}  # recipient -> id
 
-        def post(i):
+        def item(i):
             to = f"n{i:05d}-{args.tag}@example.com"
-            body = json.dumps({"to": to, "subject": f"soak {i}", "text": f"soak body {i}"}).encode()
-            req = urllib.request.Request(base + "/api/notifications/send", data=body, method="POST",
+            return {"to": to, "subject": f"soak {i}", "text": f"soak body {i}"}
+
+        def post(i):  # [(to, code, id)] for send i, or for batch i (items i*K .. i*K+K-1)
+            if args.batch:
+                items = [item(j) for j in range(i * args.batch, min(args.n, (i + 1) * args.batch))]
+                path, body = "batch", {"notifications": items}
+            else:
+                items = [item(i)]
+                path, body = "send", items[0]
+            req = urllib.request.Request(base + f"/api/notifications/{path}", data=json.dumps(body).encode(),
+                                         method="POST",
                                          headers={"Content-Type": "application/json", "X-API-Key": key})
             try:
                 with urllib.request.urlopen(req, timeout=30) as resp:
-                    return to, resp.status, json.loads(resp.read()).get("id")
+                    status, reply = resp.status, json.loads(resp.read())
             except urllib.error.HTTPError as e:
-                return to, e.code, None
+                return [(it["to"], e.code, None) for it in items]
             except Exception as e:  # noqa: BLE001
-                return to, f"exc:{type(e).__name__}", None
+                return [(it["to"], f"exc:{type(e).__name__}", None) for it in items]
+            if not args.batch:
+                return [(items[0]["to"], status, reply.get("id"))]
+            by_index = {r["index"]: r for r in reply.get("results", [])}
+            got = [by_index.get(j, {}).get("id") for j in range(len(items))]
+            return [(it["to"], status if nid else "item_rejected", nid) for it, nid in zip(items, got, strict=True)]
 
         t0 = time.monotonic()
+        requests = -(-args.n // args.batch) if args.batch else args.n
         with concurrent.futures.ThreadPoolExecutor(8) as ex:
-            for to, code, nid in ex.map(post, range(args.n)):
-                codes[code] += 1
-                if code == 202 and nid:
-                    ids[to] = nid
+            for answers in ex.map(post, range(requests)):
+                for to, code, nid in answers:
+                    codes[code] += 1
+                    if code == 202 and nid:
+                        ids[to] = nid
         result["accept_seconds"] = round(time.monotonic() - t0, 1)
         result["post_codes"] = {str(k): v for k, v in codes.items()}
         result["accepted"] = len(ids)
@@ -264,6 +293,7 @@ def main() -> None:
             nonlocal wcount
             wcount += 1
             w = spawn([py, "worker.py"], f"worker{wcount}", env)
+            w.number = wcount  # its log: worker<number>.log
             workers.append(w)
 
         def registered(w):
@@ -275,6 +305,18 @@ def main() -> None:
         kills = 0
         kill_log: list[tuple[float, int]] = []
         kills_while_backlog = 0
+        exits: list[tuple[float | None, int | None, int]] = []  # --signal term: (seconds to exit or None, code, n)
+        watchers: list[threading.Thread] = []
+
+        def watch(w, sent_at, n):  # --signal term: how long worker n takes to exit by itself
+            try:
+                code = w.wait(timeout=TERM_GRACE)
+                exits.append((time.monotonic() - sent_at, code, n))
+            except subprocess.TimeoutExpired:
+                w.kill()
+                w.wait()
+                exits.append((None, None, n))
+
         while kills < args.kills:
             time.sleep(rnd.uniform(0.3, 1.0))
             deadline = time.monotonic() + 30
@@ -287,8 +329,14 @@ def main() -> None:
             victim = rnd.choice(ready)
             backlog = sink_count() < len(ids)
             kill_log.append((time.time(), victim.pid))
-            victim.send_signal(signal.SIGKILL)
-            victim.wait()
+            if args.signal == "term":  # a rolling deploy: the replacement starts at once, the old one winds down
+                victim.send_signal(signal.SIGTERM)
+                watchers.append(threading.Thread(target=watch, args=(victim, time.monotonic(), victim.number),
+                                                 daemon=True))
+                watchers[-1].start()
+            else:
+                victim.send_signal(signal.SIGKILL)
+                victim.wait()
             workers.remove(victim)
             kills += 1
             kills_while_backlog += backlog
@@ -296,6 +344,21 @@ def main() -> None:
         result["kills"] = kills
         result["kills_while_backlog"] = kills_while_backlog
         result["kill_phase_seconds"] = round(time.monotonic() - t_drain, 1)
+        if args.signal == "term":
+            for t in watchers:
+                t.join()
+            took = sorted(s for s, _, _ in exits if s is not None)
+            result["term_exit_seconds"] = {
+                "n": len(took), "min": round(took[0], 2) if took else None,
+                "median": round(took[len(took) // 2], 2) if took else None,
+                "p90": round(took[int(len(took) * 0.9)], 2) if took else None,
+                "max": round(took[-1], 2) if took else None}
+            codes_seen = collections.Counter(c for s, c, _ in exits if s is not None)
+            result["term_exit_codes"] = {str(c): n for c, n in codes_seen.items()}
+            result["term_not_exited"] = sum(1 for s, _, _ in exits if s is None)
+            result["term_slowest"] = {f"worker{n}": round(s, 2) if s is not None else None
+                                      for s, _, n in sorted(exits, key=lambda e: -1 if e[0] is None else -e[0])[:3]}
+            result["term_killed_by_signal"] = [f"worker{n}" for s, c, n in exits if s is not None and c and c < 0]
         result["received_at_end_of_kills"] = sink_count()
 
         # 3. settle: every notification final, then a few reconciler passes

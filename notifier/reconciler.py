@@ -328,17 +328,27 @@ def _requeue(redis: Redis, settings: Settings, settled: datetime, stuck_before: 
                 # go on while the pass has time.
                 break
             for row in rows:
-                if queues.job_id_of(row) in missing:
-                    _requeue_one(redis, settings, row)
+                if queues.job_id_of(row) in missing and _requeue_one(redis, settings, row):
                     report.requeued += 1
 
 
-def _requeue_one(redis: Redis, settings: Settings, row: Notification) -> None:
-    if row.job_id is not None:
-        # Its shared job is gone: from now on it travels alone, so look for its own job next time.
-        Notification.update(job_id=None).where(Notification.seq == row.seq).execute()
+def _requeue_one(redis: Redis, settings: Settings, row: Notification) -> bool:
+    """Queue a job for a row whose job Redis lost; False when the row has moved on since it was read.
+
+    The page is read before Redis is, and a job that ran in between (its email sent, or claimed by a
+    batch's shared job) is no longer live work either: a pass held up there (a worker's warm shutdown
+    stops RQ's scheduler inside its signal handler, a second or so) re-queued a hundred sent
+    notifications, and would clear the job_id of one a shared job had claimed meanwhile (a slow send
+    of it then looked lost). Only a row still as read is put back, and from now on it travels alone
+    (its shared job is gone), so the next pass looks for its own job."""
+    unchanged = Notification.update(job_id=None).where(
+        Notification.seq == row.seq, Notification.status == row.status, Notification.updated_at == row.updated_at,
+        Notification.job_id.is_null() if row.job_id is None else Notification.job_id == row.job_id)
+    if not unchanged.execute():
+        return False
     queues.enqueue_delivery(redis, settings, row.id, row.priority, row.attempts, at=queues.retry_due(settings, row))
     store.record(row.id, kind="status", reason="re-enqueued by the reconciler: its job was missing from Redis")
+    return True
 
 
 def _callbacks(redis: Redis, settings: Settings, settled: datetime, report: Report, stop_at: float) -> None:

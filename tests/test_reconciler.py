@@ -73,6 +73,30 @@ def test_a_job_marked_queued_but_in_no_queue_list_is_requeued(owner, settings, f
     assert _queued_ids(fake_redis) == [queues.job_id_for(lost.id)]
 
 
+def test_work_that_moved_on_while_the_pass_turned_to_redis_is_left_alone(owner, settings, fake_redis, monkeypatch):
+    # The page is read before Redis is, and a job that ran in between is no longer live work either: a
+    # pass held up there for a second (a warm shutdown stops RQ's scheduler in its signal handler) put
+    # back a hundred notifications already sent, and cleared the job_id of one a shared job was sending.
+    lost, sent, claimed = (make_notification(owner, to=f"u{n}@example.com") for n in range(3))
+    for row in (lost, sent, claimed):
+        _age(row, 60)
+    shared_job = queues.new_shared_job_id()
+    missing_jobs = reconciler._missing_jobs
+
+    def workers_get_on_meanwhile(*args, **kwargs):  # the interleaving: workers run while the pass waits
+        if reload(sent.id).status == Status.QUEUED:
+            store.claim(sent.id)
+            store.transition(sent.id, Status.SENT, reason="accepted by SMTP server", sources=(Status.SENDING,))
+            store.claim(claimed.id, job_id=shared_job)
+        return missing_jobs(*args, **kwargs)
+
+    monkeypatch.setattr(reconciler, "_missing_jobs", workers_get_on_meanwhile)
+    assert reconcile(settings, fake_redis).requeued == 1
+    assert _queued_ids(fake_redis) == [queues.job_id_for(lost.id)]
+    assert not any("re-enqueued" in (e.reason or "") for e in reload(sent.id).events)
+    assert (reload(claimed.id).status, reload(claimed.id).job_id) == (Status.SENDING, shared_job)
+
+
 def test_a_lost_retry_is_scheduled_for_its_due_time(owner, settings, fake_redis):
     retrying = make_notification(owner, status=Status.RETRYING)
     _age(retrying, 12, attempts=1)  # due 5 s after its last attempt: already due
