@@ -45,6 +45,11 @@ def _die_with_parent(parent_pid: int) -> None:
     # the worker is SIGKILLed, an orphaned child keeps those sockets open and Redis goes on handing
     # jobs from the worker's pending BLPOP to a socket nobody reads: they vanish. So the child must die
     # with the worker (Linux prctl PR_SET_PDEATHSIG); elsewhere this is a no-op.
+    # The child (RQ's scheduler) installs its own stop handlers as it starts; until then a SIGTERM (the
+    # worker stopping it) must end it, not run a handler of the worker's copy (main's would swallow it,
+    # and the worker would wait for the child forever).
+    for sig in _STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_DFL)
     try:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)
     except (OSError, AttributeError):
@@ -73,6 +78,7 @@ class NotifierWorker(SimpleWorker):
     went away) can be told apart and started again."""
 
     stopping = False
+    cold_stopping = False  # RQ's cold shutdown (a second SIGTERM): its SystemExit cuts the job off
     counts: metrics.Deferred | None = None  # the jobs' counters, sent with each heartbeat
     stop: threading.Event | None = None  # the jobs' Deliverer's: set with `stopping`
     _scheduler_checked = 0.0
@@ -104,8 +110,9 @@ class NotifierWorker(SimpleWorker):
             # RQ's signal handler raises StopRequested wherever the worker happens to be, and code
             # that catches every Exception there (a logging handler formatting a line) swallows it.
             # The dequeue loop sends a heartbeat on every turn, also while it waits out a Redis
-            # outage, so a requested stop takes effect here at the latest. (A job dequeued but not
-            # started stays in RQ's intermediate queue, which RQ's maintenance puts back.)
+            # outage, so a requested stop takes effect here at the latest. (A job popped but not
+            # started is in no queue or registry: on several queues RQ pops with BLPOP, without its
+            # intermediate queue. The reconciler re-queues a `queued` notification whose job is missing.)
             raise StopRequested()
         self.keep_scheduler()
         with self.connection.pipeline(transaction=False) as pipe:
@@ -224,7 +231,22 @@ class NotifierWorker(SimpleWorker):
             extra["func"] = job.func_name
         except DeserializationError:
             pass
-        jobs.log_failed_job(job.id, exc_value, job.should_retry, exc_info=exc_info, **extra)
+        jobs.log_failed_job(job.id, exc_value, job.should_retry, exc_info=exc_info,
+                            cold_stop=self.cold_stopping and isinstance(exc_value, SystemExit), **extra)
+
+    def request_force_stop(self, signum, frame):
+        try:
+            super().request_force_stop(signum, frame)  # returns when it ignores the signal (within 1 s)
+        except SystemExit:
+            self.cold_stopping = True
+            raise
+
+    def _install_signal_handlers(self):
+        super()._install_signal_handlers()
+        if self.stop is not None and self.stop.is_set() and not self._stop_requested:
+            # Asked to stop before RQ listened (see main): its loop stops at its first turn, and its
+            # teardown stops the scheduler (which frees its locks) and says the worker is gone.
+            self.stopping = self._stop_requested = True
 
     def request_stop(self, signum, frame):
         self.stopping = True
@@ -281,6 +303,13 @@ def main() -> None:
     counts = metrics.Deferred(connection)
     stop = threading.Event()
     jobs.install(build_deliverer(settings, redis=connection, counts=counts, wait=True, stop=stop))
+    # RQ installs its stop handlers only once it has registered the worker and started its scheduler,
+    # which takes the scheduler's locks: a SIGTERM before then (a rolling deploy stopping a worker it
+    # had just started) killed it outright, its registration and the locks outlived it by a minute, and
+    # every retry waited for them. Until RQ listens, a stop is noted here and honoured as RQ's handlers
+    # go in (NotifierWorker._install_signal_handlers), or as a generation ends.
+    for sig in _STOP_SIGNALS:
+        signal.signal(sig, lambda *_: stop.set())
     name = f"notifier-{socket.gethostname()}-{os.getpid()}"
     logger.info("worker %s starting", name)
 
@@ -291,10 +320,10 @@ def main() -> None:
             worker.work(with_scheduler=True, logging_level=settings.log_level)
         except RedisError:
             # Asked to stop while Redis went away too (Ctrl-C on the whole stack): stop, do not wait.
-            if worker.stopping:
+            if worker.stopping or stop.is_set():
                 return True
             raise
-        return worker.stopping
+        return worker.stopping or stop.is_set()
 
     run_until_stopped(connection, run_once, "worker")
     counts.flush()  # the last job's, had no heartbeat followed it

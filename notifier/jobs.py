@@ -107,14 +107,23 @@ def failure_level(exc: BaseException | None, retried: bool) -> int:
     return logging.ERROR
 
 
-def log_failed_job(job_id: str, exc: BaseException | None, retried: bool, exc_info=None, **extra) -> None:
-    """`job <id> failed: <exception>: <its text>; <what next>`, at the level of what it means."""
-    next_step = "RQ retries it" if retried else "to the failed registry (the dead-letter queue)"
+def log_failed_job(job_id: str, exc: BaseException | None, retried: bool, exc_info=None, cold_stop: bool = False,
+                   **extra) -> None:
+    """`job <id> failed: <exception>: <its text>; <what next>`, at the level of what it means.
+
+    cold_stop: RQ's cold shutdown (a second SIGTERM or Ctrl-C) cut the job off, the operator's own
+    doing and no bug: a WARNING, without a traceback; the reconciler takes back what it had not sent."""
+    if cold_stop:
+        level, exc_info = logging.WARNING, None
+        next_step = "a cold shutdown; the reconciler takes back what it had not sent"
+    else:
+        level = failure_level(exc, retried)
+        next_step = "RQ retries it" if retried else "to the failed registry (the dead-letter queue)"
     with logs.bound(notification_id=queues.notification_of_job(job_id)):
         # The exception itself as the argument: its text may be a mail server's, masked as one.
-        rq_log.log(failure_level(exc, retried), "job %s failed: %s: %s; %s", job_id,
-                   type(exc).__name__ if exc is not None else "?", exc, next_step,
-                   exc_info=exc_info if unexpected_failure(exc) else None, extra={"job_id": job_id, **extra})
+        rq_log.log(level, "job %s failed: %s: %s; %s", job_id, type(exc).__name__ if exc is not None else "?", exc,
+                   next_step, exc_info=exc_info if unexpected_failure(exc) else None,
+                   extra={"job_id": job_id, **extra})
 
 
 class Deliverer:

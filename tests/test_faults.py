@@ -502,6 +502,30 @@ def test_a_send_while_redis_hangs_is_answered_in_seconds_and_delivered_once_it_a
     assert _recipients(smtp) == ["user1@example.com", "user2@example.com"]
 
 
+def test_a_worker_sigtermed_as_it_starts_stops_cleanly_and_frees_the_scheduler(make_stack, pg_settings, own_redis,
+                                                                               tmp_path):
+    # RQ installs its stop handlers only after registering the worker and starting its scheduler, which
+    # takes the scheduler's locks. A rolling deploy stopping a worker it had just started killed it in
+    # between: it died of the signal, and its registration and the locks outlived it by a minute, so
+    # every retry (fired by the scheduler) waited that long. Redis hung holds the worker in that window.
+    url, _, _ = own_redis
+    stack = make_stack(replace(pg_settings, redis_url=url))
+    own_redis.hang(True)
+    try:
+        worker = spawn(["worker.py"], stack.env, str(tmp_path / "worker.log"))
+        wait_until(lambda: "starting" in (tmp_path / "worker.log").read_text(errors="replace"), timeout=30)
+        time.sleep(0.3)  # on its way to Redis, which answers nothing
+        worker.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+    finally:
+        own_redis.hang(False)
+    assert worker.wait(timeout=30) == 0, (tmp_path / "worker.log").read_text(errors="replace")
+    redis = Redis.from_url(url)
+    assert not redis.smembers("rq:workers"), "the worker is still registered"
+    assert not list(redis.scan_iter("rq:scheduler-lock:*")), "the scheduler's locks outlived the worker"
+    assert "Traceback" not in (tmp_path / "worker.log").read_text(errors="replace")
+
+
 def test_redis_out_of_memory_at_request_time_then_room_again(make_stack, pg_settings, smtp, own_redis):
     url, _, _ = own_redis
     stack = make_stack(replace(pg_settings, redis_url=url)).start("api", "worker", "scheduler")
