@@ -19,7 +19,7 @@ from rq.scheduler import RQScheduler
 from rq.timeouts import UnixSignalDeathPenalty
 from rq.worker import WorkerStatus
 
-from notifier import jobs, logs, metrics
+from notifier import failed_jobs, jobs, logs, metrics
 from notifier.errors import PermanentDeliveryError
 from notifier.queues import REQUEST_ID_META, all_queues, connect_redis, mark_memory
 from notifier.resilience import run_until_stopped
@@ -223,7 +223,7 @@ class NotifierWorker(SimpleWorker):
         # RQ logs every failure at ERROR with its traceback in the message: each 451 retried, each
         # callback endpoint down, paged whoever alerts on errors, for an outcome the job had logged
         # already ("attempt 1 failed (will retry)"). The line is kept, at the level of what the
-        # failure means (jobs.failure_level), naming the notification it is about.
+        # failure means (failed_jobs.failure_level), naming the notification it is about.
         call_exception_handlers(self._exc_handlers, job, *exc_info)  # first: they decide retries_left
         exc_type, exc_value, _ = exc_info
         extra = {"queue": job.origin}
@@ -231,7 +231,7 @@ class NotifierWorker(SimpleWorker):
             extra["func"] = job.func_name
         except DeserializationError:
             pass
-        jobs.log_failed_job(job.id, exc_value, job.should_retry, exc_info=exc_info,
+        failed_jobs.log_failed_job(job.id, exc_value, job.should_retry, exc_info=exc_info,
                             cold_stop=self.cold_stopping and isinstance(exc_value, SystemExit), **extra)
 
     def request_force_stop(self, signum, frame):

@@ -64,6 +64,10 @@ class PermanentDeliveryError(DeliveryError):
     """Never try again: a 5xx reply, a refused recipient, a broken template."""
 
 
+class RetriesExhausted(PermanentDeliveryError):
+    """The last allowed attempt failed; the job goes to the dead-letter queue."""
+
+
 class ApiError(NotifierError):
     """A request the caller must change before sending again; becomes the JSON error envelope."""
 

@@ -15,8 +15,8 @@ from rq.timeouts import JobTimeoutException
 from notifier import jobs, keys, metrics, queues, receipts, store
 from notifier.config import Settings
 from notifier.db import database
-from notifier.errors import PermanentDeliveryError, TransientDeliveryError
-from notifier.jobs import Deliverer, RetriesExhausted
+from notifier.errors import PermanentDeliveryError, RetriesExhausted, TransientDeliveryError
+from notifier.jobs import Deliverer
 from notifier.mail import MemoryMailer, message_id_for
 from notifier.models import Status
 from notifier.queues import QUEUE_NAMES, connect_redis, enqueue_delivery, job_id_for

@@ -427,7 +427,7 @@ def _gave_up(cause: Exception) -> Exception:
     (CallbackRetry("HTTP 503"), True, "WARNING"),
 ])
 def test_a_job_failure_is_an_error_where_an_operator_must_act(exc, retried, level):
-    from notifier.jobs import failure_level
+    from notifier.failed_jobs import failure_level
 
     assert logging.getLevelName(failure_level(exc, retried)) == level
 
