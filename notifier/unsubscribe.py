@@ -1,7 +1,19 @@
-"""Signed one-click unsubscribe links (RFC 8058): the token is the only credential they need."""
+"""Signed one-click unsubscribe links (RFC 8058): the token is the only credential they need.
+
+A token is encrypted as well as signed (Fernet: AES in CBC mode with an HMAC), so the link shows
+nothing of whom it unsubscribes: the user key is often the address itself, and a link is kept
+wherever a URL is (a proxy's or a link scanner's logs, a forwarded email). Links made before, signed
+but readable (itsdangerous), keep working while SECRET_KEY stays the same."""
 
 from __future__ import annotations
 
+import base64
+import functools
+import json
+
+from cryptography.fernet import Fernet, InvalidToken
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from itsdangerous import BadData, URLSafeSerializer
 
 from notifier.config import Settings
@@ -13,20 +25,36 @@ _CATEGORIES = frozenset(c.value for c in Category if c is not Category.TRANSACTI
 _USER_KEY_MAX = Preference.user_key.max_length
 
 
-def _serializer(settings: Settings) -> URLSafeSerializer:
-    return URLSafeSerializer(settings.signing_key, salt=SALT)
+@functools.lru_cache(maxsize=4)
+def _fernet(signing_key: str) -> Fernet:
+    # A key of its own for these tokens, derived from SECRET_KEY (which also seeds other things).
+    key = HKDF(algorithm=hashes.SHA256(), length=32, salt=SALT.encode(), info=b"unsubscribe token").derive(
+        signing_key.encode("utf-8", "surrogatepass"))
+    return Fernet(base64.urlsafe_b64encode(key))
 
 
 def make_token(settings: Settings, api_key_id: int, user_key: str, category: str) -> str:
-    return _serializer(settings).dumps({"k": api_key_id, "u": user_key, "c": category})
+    claims = json.dumps({"k": api_key_id, "u": user_key, "c": category}, separators=(",", ":"), ensure_ascii=False)
+    # Fernet's base64 keeps its `=` padding, which a URL path may hold but some mail clients cut a link at.
+    return _fernet(settings.signing_key).encrypt(claims.encode("utf-8", "surrogatepass")).decode().rstrip("=")
+
+
+def _read_claims(settings: Settings, token: str):
+    if "." in token:  # made before tokens were encrypted: itsdangerous's payload.signature
+        try:
+            return URLSafeSerializer(settings.signing_key, salt=SALT).loads(token)
+        except BadData:  # a bad signature, or a signed payload that is not JSON the parser takes (BadPayload)
+            return None
+    try:
+        plain = _fernet(settings.signing_key).decrypt(token + "=" * (-len(token) % 4))
+        return json.loads(plain.decode("utf-8", "surrogatepass"))
+    except (InvalidToken, ValueError):  # tampered, foreign, or not base64 at all; not JSON (never made here)
+        return None
 
 
 def read_token(settings: Settings, token: str) -> tuple[int, str, str] | None:
     """(api key id, user key, category) of a genuine token; None for a tampered or foreign one."""
-    try:
-        data = _serializer(settings).loads(token)
-    except BadData:  # a bad signature, or a signed payload that is not JSON the parser takes (BadPayload)
-        return None
+    data = _read_claims(settings, token)
     if not isinstance(data, dict) or not {"k", "u", "c"} <= data.keys():
         return None
     key_id, user_key, category = data["k"], data["u"], data["c"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import string
 from dataclasses import replace
 from datetime import datetime, timedelta
 
@@ -139,6 +141,26 @@ def test_unsubscribe_tokens_carry_key_user_and_category_and_refuse_tampering(sql
     assert read_token(sqlite_settings, token) == (7, "u1", "product")
     assert read_token(sqlite_settings, token[:-2] + ("AA" if not token.endswith("AA") else "BB")) is None
     assert read_token(replace(sqlite_settings, secret_key="another deployment"), token) is None
+
+
+def test_an_unsubscribe_token_shows_nothing_of_whom_it_unsubscribes(sqlite_settings):
+    # A link is kept wherever URLs are (a proxy's logs, a link scanner's, a forwarded email), and its
+    # user key is often the address itself: signed but readable, the token gave it away in base64.
+    from itsdangerous import URLSafeSerializer
+
+    from notifier.unsubscribe import SALT, make_token, read_token
+
+    token = make_token(sqlite_settings, 7, "email:ann@example.com", "marketing")
+    assert set(token) <= set(string.ascii_letters + string.digits + "-_")  # as a URL path takes it, no padding
+    opened = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+    assert b"ann" not in opened and b"marketing" not in opened
+    assert read_token(sqlite_settings, token) == (7, "email:ann@example.com", "marketing")
+    assert make_token(sqlite_settings, 7, "email:ann@example.com", "marketing") != token  # each one fresh
+    # Links in mail sent before keep working while SECRET_KEY stays the same.
+    before = URLSafeSerializer(sqlite_settings.signing_key, salt=SALT).dumps(
+        {"k": 7, "u": "email:ann@example.com", "c": "marketing"})
+    assert read_token(sqlite_settings, before) == (7, "email:ann@example.com", "marketing")
+    assert read_token(replace(sqlite_settings, secret_key="another deployment"), before) is None
 
 
 def _held(owner, n, created):

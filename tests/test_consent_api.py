@@ -664,16 +664,23 @@ class _AsWritten:
     '{"k": OWN_KEY, "u": "\\ud800", "c": "marketing"}',
     '{"k": 1' + "0" * 5000 + ', "u": "u1", "c": "marketing"}',
 ])
-def test_a_signed_token_that_notifier_never_makes_is_refused_and_writes_nothing(client, pg_settings, api_key, claims):
+@pytest.mark.parametrize("form", ["encrypted", "signed"])  # signed: a readable link made before 2026-12-03
+def test_a_signed_token_that_notifier_never_makes_is_refused_and_writes_nothing(client, pg_settings, api_key, claims,
+                                                                                 form):
     # Only a holder of SECRET_KEY can sign one, but while it is unset the development secret signs them:
     # the claims are held to what make_token() writes, as a request body would be.
     if isinstance(claims, dict) and claims.get("k") is OWN_KEY:
         claims = {**claims, "k": api_key[0].id}
-    serializer = URLSafeSerializer(pg_settings.signing_key, salt=unsubscribe.SALT)
     if isinstance(claims, str):
-        serializer = URLSafeSerializer(pg_settings.signing_key, salt=unsubscribe.SALT, serializer=_AsWritten)
         claims = claims.replace("OWN_KEY", str(api_key[0].id))
-    path = f"/unsubscribe/{serializer.dumps(claims)}"
+    if form == "encrypted":
+        text = claims if isinstance(claims, str) else json.dumps(claims)
+        token = unsubscribe._fernet(pg_settings.signing_key).encrypt(text.encode("utf-8", "surrogatepass")).decode()
+    else:
+        serializer = URLSafeSerializer(pg_settings.signing_key, salt=unsubscribe.SALT,
+                                       serializer=_AsWritten if isinstance(claims, str) else None)
+        token = serializer.dumps(claims)
+    path = f"/unsubscribe/{token}"
     _error(client.get(path), 400, "invalid_token")
     _error(client.post(path), 400, "invalid_token")
     with database.connection_context():
