@@ -232,7 +232,7 @@ class NotifierWorker(SimpleWorker):
         except DeserializationError:
             pass
         failed_jobs.log_failed_job(job.id, exc_value, job.should_retry, exc_info=exc_info,
-                            cold_stop=self.cold_stopping and isinstance(exc_value, SystemExit), **extra)
+                                   cold_stop=self.cold_stopping and isinstance(exc_value, SystemExit), **extra)
 
     def request_force_stop(self, signum, frame):
         try:

@@ -347,8 +347,11 @@ class Deliverer:
         if self.redis is None or job is None or not job.worker_name:
             return
         self._record_unrecorded()  # not held while Redis may take its socket timeout (see _make_way)
+        # The job's counts so far ride along (and the sent receipts it no longer needs): kept for the
+        # job's end, a worker killed in it lost every count of the emails it had sent, up to a whole job.
+        counts = self._counts.apply if isinstance(self._counts, metrics.Deferred) else None
         try:
-            queues.keep_worker_alive(self.redis, job.worker_name, self.settings.job_timeout + 60)
+            queues.keep_worker_alive(self.redis, job.worker_name, self.settings.job_timeout + 60, also=counts)
         except RedisError as exc:
             # The worker's key keeps the TTL it had: recovery after a crash may only wait longer.
             logger.warning("worker not kept alive: %s", type(exc).__name__)

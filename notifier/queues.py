@@ -275,13 +275,21 @@ def remembers_since(value: bytes | None) -> datetime | None:
         return None
 
 
-def keep_worker_alive(connection: Redis, worker_name: str, ttl: int) -> None:
+def keep_worker_alive(connection: Redis, worker_name: str, ttl: int,
+                      also: Callable[[Pipeline], None] | None = None) -> None:
     """Set the TTL of a worker's keys, as RQ's heartbeat does: the reconciler takes a worker whose key
-    is gone for dead (reconciler._running). Raises RedisError."""
+    is gone for dead (reconciler._running). also: more writes for the same round trip, whose errors
+    are not this one's. Raises RedisError."""
+    keys = worker_keys(worker_name)
     with connection.pipeline(transaction=False) as pipe:
-        for key in worker_keys(worker_name):
+        for key in keys:
             pipe.expire(key, ttl)
-        pipe.execute()
+        if also is not None:
+            also(pipe)
+        replies = pipe.execute(raise_on_error=False)
+    for reply in replies[:len(keys)]:
+        if isinstance(reply, Exception):
+            raise reply
 
 
 def schedule_release(connection: Redis, settings: Settings, notification_id: str, send_at: datetime,

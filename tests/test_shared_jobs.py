@@ -13,11 +13,12 @@ from peewee import OperationalError
 from rq import Queue, get_current_job
 from rq.job import Job
 
-from notifier import consent, deadletters, jobs, logs, queues
+from notifier import consent, deadletters, jobs, logs, queues, receipts
 from notifier.db import database
 from notifier.models import Event, Notification
 from notifier.reconciler import reconcile
 from tests.helpers import LITERAL, drop_connections, held_reply, installed_deliverer, run_worker_until_idle
+from tests.operators import collect_metrics, total
 from tests.processes import expire_killed_worker, request
 
 pytestmark = pytest.mark.integration
@@ -373,10 +374,10 @@ def test_a_shared_job_keeps_its_worker_alive_one_email_timeout_at_a_time(chunked
         ttls.append(redis_conn.ttl(queues.worker_keys(get_current_job().worker_name)[0]))
         return send(email)
 
-    def keeping(connection, name, ttl):  # what the database says as the job asks Redis
+    def keeping(connection, name, ttl, **kwargs):  # what the database says as the job asks Redis
         with database.connection_context():
             statuses.append(sorted(row.status for row in _rows()))
-        return keep(connection, name, ttl)
+        return keep(connection, name, ttl, **kwargs)
 
     monkeypatch.setattr(deliverer.mailer, "send", sending)
     monkeypatch.setattr(queues, "keep_worker_alive", keeping)
@@ -389,6 +390,29 @@ def test_a_shared_job_keeps_its_worker_alive_one_email_timeout_at_a_time(chunked
     assert len(ttls) == 3 and all(0 < ttl <= one_email for ttl in ttls)
     assert statuses == [["queued", "queued", "queued"], ["queued", "queued", "sent"], ["queued", "sent", "sent"]]
 
+
+
+def test_a_shared_jobs_counts_go_with_each_keep_alive_not_only_at_its_end(chunked, headers, redis_conn, smtp,
+                                                                           monkeypatch):
+    # Kept for the end of the job, the counts of the emails it had sent (and the deletion of their sent
+    # receipts) went with a worker killed in it: up to a whole job of sends missing from
+    # notifier_notifications_sent_total.
+    _, client, deliverer = chunked
+    monkeypatch.setattr(jobs, "KEEP_ALIVE_SECONDS", 0)
+    ids = _post(client, headers, _items(3, priority="high"))
+    counted, receipts_left, send = [], [], deliverer.mailer.send
+
+    def sending(email):  # what Redis holds of the emails sent before this one, as it goes out
+        counted.append(total(collect_metrics(redis_conn), "notifier_notifications_sent_total"))
+        receipts_left.append(redis_conn.exists(*receipts.keys(ids)))
+        return send(email)
+
+    monkeypatch.setattr(deliverer.mailer, "send", sending)
+    run_worker_until_idle(redis_conn)
+    assert len(smtp.messages) == 3
+    assert counted == [0, 1, 2]
+    assert receipts_left == [0, 0, 0]
+    assert total(collect_metrics(redis_conn), "notifier_notifications_sent_total") == 3
 
 
 def test_a_worker_killed_in_a_shared_jobs_first_seconds_looks_dead_after_one_email_timeout(chunked, headers,
