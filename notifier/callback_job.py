@@ -4,6 +4,7 @@ record how each attempt ended (notifier.callbacks builds, signs and sends the re
 from __future__ import annotations
 
 import logging
+import time
 from contextlib import nullcontext
 
 from rq import get_current_job
@@ -12,7 +13,7 @@ from rq.timeouts import JobTimeoutException, UnixSignalDeathPenalty
 from notifier import logs, queues, store
 from notifier.callbacks import CallbackRejected, CallbackRetry, event_body, event_id, post, turn
 from notifier.config import Settings
-from notifier.db import database, past_statement_timeout
+from notifier.db import RECONNECT_DELAYS, UNAVAILABLE_ERRORS, database, past_statement_timeout
 from notifier.errors import PermanentDeliveryError
 from notifier.models import FINAL_STATUSES, CallbackStatus, Notification
 
@@ -129,15 +130,32 @@ def _outcome(notification: Notification, state: CallbackStatus | None, reason: s
         # Only while the notification is still in the very final state whose event was posted: requeued
         # from the dead-letter queue and final again meanwhile (its digest too), it owes the event of
         # its new outcome, which this answer says nothing of, even when that is the same status again.
-        current = bool(past_statement_timeout(lambda: Notification.update(callback_status=state.value)
-                                              .where(_still_owed_as_read(notification)).execute()))
+        current = bool(_riding_out(lambda: Notification.update(callback_status=state.value)
+                                   .where(_still_owed_as_read(notification)).execute()))
         if not current:
             # Recorded under the new status otherwise, it read as that event's outcome.
-            moved = past_statement_timeout(lambda: store.get(notification.id))
+            moved = _riding_out(lambda: store.get(notification.id))
             now = f"{moved.status} again" if moved.status == notification.status else f"{moved.status} now"
             reason += f", to the {notification.status} event: the notification is {now}"
-    past_statement_timeout(lambda: store.record(notification.id, kind="callback", reason=reason))
+    _riding_out(lambda: store.record(notification.id, kind="callback", reason=reason))
     return current
+
+
+def _riding_out(run):
+    """run() past a cancel (past_statement_timeout) and past a database away for a few seconds (a
+    restart: the connection cut, then none taken), each try on a new connection. Failing there failed
+    the job after the receiver had answered, and RQ's retry posted the event again."""
+    for tries, delay in enumerate(RECONNECT_DELAYS, 1):  # as a `sent` record rides a restart out
+        if delay:
+            time.sleep(delay)
+        try:
+            return past_statement_timeout(run)
+        except UNAVAILABLE_ERRORS as exc:
+            if tries == len(RECONNECT_DELAYS):
+                raise
+            logger.warning("callback attempt not yet recorded (%s); retrying", type(exc).__name__)
+            database.close()
+    return None  # RECONNECT_DELAYS is not empty: every try returned or raised
 
 
 def _still_owed_as_read(notification: Notification):

@@ -41,6 +41,9 @@ logger = logging.getLogger(__name__)
 
 # Errors that the database unreachable or restarting produces; the API answers 503 for these.
 UNAVAILABLE_ERRORS = (OperationalError, InterfaceError)
+# Seconds before each try of a write a worker must not lose once the outside world has acted on it (an
+# email's `sent` record, a callback answer's record): a restart or failover ridden out, 7.5 s in all.
+RECONNECT_DELAYS = (0, 0.5, 1, 2, 4)
 
 
 class KeepsContexts:

@@ -16,7 +16,7 @@ from rq.timeouts import JobTimeoutException
 from notifier import callback_job, consent, digests, logs, metrics, queues, receipts, store, unsubscribe
 from notifier.callbacks import CallbackRetry
 from notifier.config import Settings
-from notifier.db import UNAVAILABLE_ERRORS, database
+from notifier.db import RECONNECT_DELAYS, UNAVAILABLE_ERRORS, database
 from notifier.errors import (
     STOPPING,
     DeliveryError,
@@ -569,7 +569,7 @@ class Deliverer:
         # So ride out a short database blip. Its receipt is in Redis already if kept, and kept now
         # (with the usual timeout) if not: however long the database stays away, what finds the
         # notification still `sending` then records it instead of sending it again.
-        for delay in (0, 0.5, 1, 2, 4):
+        for delay in RECONNECT_DELAYS:
             if delay:  # time.sleep(0) still gives up the CPU: one needless switch per email
                 time.sleep(delay)
             try:
