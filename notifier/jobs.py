@@ -260,8 +260,23 @@ class Deliverer:
         The rows are read once for the job (the claim still compares each row's status, so a row
         changed meanwhile is skipped), and what their recipients agreed to once, then again for the
         rest whenever that is CONSENT_MAX_AGE_SECONDS old; each `sent` record shares a commit with the
-        next claim."""
+        next claim.
+
+        With the database away (a restart, a failover), the job ends there, and the reconciler hands
+        on what it had not sent once the database answers (one it was sending is recovered, or
+        recorded `sent` from its receipt). Failed instead, the job sat in RQ's failed registry,
+        rq-dashboard's Failed list, for DEAD_LETTER_TTL_DAYS, though none of its emails was lost."""
         outcomes: Counter[str] = Counter()
+        try:
+            self._deliver_many(notification_ids, outcomes)
+        except (*UNAVAILABLE_ERRORS, SentNotRecorded) as exc:
+            left = len(notification_ids) - sum(outcomes.values())
+            outcomes["left to the reconciler"] += left
+            logger.error("a shared job stopped: the database is unavailable (%s); the reconciler hands on its %s "
+                         "unsent emails", type(exc).__name__, left)
+        return dict(outcomes)
+
+    def _deliver_many(self, notification_ids: list[str], outcomes: Counter[str]) -> None:
         with database.connection_context():
             rows = store.get_many(notification_ids)
             self._record_kept()
@@ -329,7 +344,6 @@ class Deliverer:
                         counts, self._counts = self._counts, self.redis
                         counts.flush()
                     self._member_requests = {}
-        return dict(outcomes)
 
     def _bound(self, notification_id: str):
         """logs.bound() for one notification of the job being run: its request's id too, when the job

@@ -115,6 +115,18 @@ def drop_connections(database: str) -> int:
     return count
 
 
+def allow_connections(database: str, allowed: bool) -> None:
+    """Let PostgreSQL take new connections to the database, or refuse them as while it restarts (the
+    ones it has are cut too)."""
+    admin = psycopg2.connect(PG_ADMIN_URL)
+    admin.autocommit = True
+    with admin.cursor() as cur:
+        cur.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS {str(allowed).lower()}')
+    admin.close()
+    if not allowed:
+        drop_connections(database)
+
+
 def concurrently(n: int, call):
     """Run call() in n threads released at the same instant; return their results in order."""
     barrier = threading.Barrier(n)

@@ -29,7 +29,15 @@ from notifier.errors import PermanentDeliveryError
 from notifier.models import Notification, Status, utcnow
 from notifier.queues import CALLBACK_QUEUE, callback_job_id_for, enqueue_callback
 from notifier.reconciler import reconcile
-from tests.helpers import LITERAL, eventually, installed_deliverer, make_notification, reload, run_worker_until_idle
+from tests.helpers import (
+    LITERAL,
+    allow_connections,
+    eventually,
+    installed_deliverer,
+    make_notification,
+    reload,
+    run_worker_until_idle,
+)
 from tests.operators import collect_metrics, value
 
 pytestmark = pytest.mark.integration
@@ -854,18 +862,10 @@ def test_a_callback_answered_2xx_is_not_posted_again_when_postgresql_restarts_wh
     notification = make_notification(api_key[0], Status.SENT, callback_url=receiver.url, callback_status="pending",
                                       attempts=1, sent_at=utcnow())
     name = psycopg2.extensions.parse_dsn(pg_url)["dbname"]
-    admin = psycopg2.connect(pg_url, dbname="postgres")  # ALLOW_CONNECTIONS is not for one's own database
-    admin.autocommit = True
-
-    def allow(yes: bool):
-        with admin.cursor() as cur:
-            cur.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS {str(yes).lower()}')
 
     def restart():
-        allow(False)
-        with admin.cursor() as cur:
-            cur.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
-        threading.Timer(1.5, allow, (True,)).start()
+        allow_connections(name, False)
+        threading.Timer(1.5, allow_connections, (name, True)).start()
 
     receiver.before_answer = restart
     try:
@@ -874,8 +874,7 @@ def test_a_callback_answered_2xx_is_not_posted_again_when_postgresql_restarts_wh
             run_worker_until_idle(redis_conn)
     finally:
         time.sleep(1.6)
-        allow(True)
-        admin.close()
+        allow_connections(name, True)
 
     assert receiver.count() == 1
     delivered = reload(notification.id)

@@ -17,7 +17,14 @@ from notifier import consent, deadletters, jobs, logs, queues, receipts
 from notifier.db import database
 from notifier.models import Event, Notification
 from notifier.reconciler import reconcile
-from tests.helpers import LITERAL, drop_connections, held_reply, installed_deliverer, run_worker_until_idle
+from tests.helpers import (
+    LITERAL,
+    allow_connections,
+    drop_connections,
+    held_reply,
+    installed_deliverer,
+    run_worker_until_idle,
+)
 from tests.operators import collect_metrics, total
 from tests.processes import expire_killed_worker, request
 
@@ -303,6 +310,32 @@ def test_postgresql_dropping_the_worker_mid_job_still_ends_the_job_well(chunked,
     # The job itself ended well: nothing in RQ's failed registry (it used to fail on leaving its
     # database context, after every email was sent and recorded).
     assert queues.queue_for("default", redis_conn).failed_job_registry.count == 0
+
+
+def test_a_shared_job_that_meets_postgresql_away_ends_and_leaves_its_emails_to_the_reconciler(
+        chunked, headers, pg_settings, redis_conn, smtp, capsys):
+    # A shared job has no RQ retry: failed on a database away (a restart, a failover), it sat in RQ's
+    # failed registry, rq-dashboard's Failed list, for DEAD_LETTER_TTL_DAYS, though the reconciler sent
+    # every email of it (found by a PostgreSQL chaos run).
+    settings, client, _ = chunked
+    ids = _post(client, headers, _items(3))
+    name = pg_settings.database_url.rsplit("/", 1)[1]
+    capsys.readouterr()
+    allow_connections(name, False)
+    try:
+        run_worker_until_idle(redis_conn)
+    finally:
+        allow_connections(name, True)
+    lines = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line.startswith("{")]
+    assert queues.queue_for("default", redis_conn).failed_job_registry.count == 0
+    assert [line["level"] for line in lines if "a shared job stopped" in line["message"]] == ["ERROR"]
+    assert smtp.count() == 0
+
+    with database.connection_context():
+        assert reconcile(replace(settings, reconcile_grace_seconds=0), redis_conn).requeued == 3
+    run_worker_until_idle(redis_conn)
+    assert {row.id: (row.status, row.attempts) for row in _rows()} == dict.fromkeys(ids, ("sent", 1))
+    assert _recipients(smtp) == ["user0@example.com", "user1@example.com", "user2@example.com"]
 
 
 def test_a_shared_job_records_each_sent_email_before_it_asks_redis_for_more_urgent_work(chunked, headers, redis_conn,
