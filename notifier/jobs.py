@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from datetime import datetime
+from typing import TypeVar
 
 from redis import Redis
 from redis.exceptions import RedisError
@@ -30,6 +33,7 @@ from notifier.models import DIGEST_TEMPLATE, Category, Notification, Priority, S
 from notifier.rendering import RenderedEmail, Renderer, literal
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 # How often a shared job looks whether higher-priority work is waiting: an urgent email waits at most
@@ -732,6 +736,24 @@ def send_callback(notification_id: str) -> str:
     return _current().send_callback(notification_id)
 
 
+def _periodic(run: Callable[[], T]) -> Callable[[], T | None]:
+    """A periodic job, which a database away (a restart, a failover) skips with an ERROR line: failed,
+    each pass of an outage sat in RQ's failed registry, rq-dashboard's Failed list, for
+    DEAD_LETTER_TTL_DAYS, with nothing there to redo; the next pass does the work."""
+
+    @functools.wraps(run)
+    def job():
+        try:
+            return run()
+        except UNAVAILABLE_ERRORS as exc:
+            logger.error("periodic job %s skipped: the database is unavailable (%s); the next pass does its work",
+                         run.__name__, type(exc).__name__)
+            return None
+
+    return job
+
+
+@_periodic
 def reconcile() -> dict:
     """The periodic job: rebuild from the database whatever Redis lost (see notifier.reconciler)."""
     from notifier.reconciler import reconcile as run
@@ -741,6 +763,7 @@ def reconcile() -> dict:
         return run(current.settings, current.redis).as_dict()
 
 
+@_periodic
 def purge() -> int:
     """The periodic job: delete what RETENTION_DAYS no longer keeps (see notifier.retention)."""
     from notifier.retention import purge as run
@@ -752,6 +775,7 @@ def purge() -> int:
     return deleted
 
 
+@_periodic
 def flush_digests() -> int:
     """The periodic job: make every daily or weekly digest that is due."""
     current = _current()

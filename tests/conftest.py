@@ -276,23 +276,11 @@ def database_outage(pg_settings):
     """(begin, end) of an outage of this test's own database, as in a failover that takes a while:
     begin() refuses new connections and cuts the open ones, end() lets clients connect again. The
     database is given back after the test whatever happened."""
+    from tests.helpers import allow_connections
+
     name = pg_settings.database_url.rsplit("/", 1)[1]
-
-    def allow(allowed: bool) -> None:
-        admin = psycopg2.connect(PG_ADMIN_URL)
-        admin.autocommit = True
-        with admin.cursor() as cur:
-            cur.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS {str(allowed).lower()}')
-        admin.close()
-
-    def begin() -> None:
-        from tests.helpers import drop_connections
-
-        allow(False)
-        drop_connections(name)
-
-    yield begin, lambda: allow(True)
-    allow(True)
+    yield lambda: allow_connections(name, False), lambda: allow_connections(name, True)
+    allow_connections(name, True)
 
 
 # The fixtures that reach a real service: a test that uses one, however indirectly, is an integration

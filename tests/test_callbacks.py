@@ -31,7 +31,6 @@ from notifier.queues import CALLBACK_QUEUE, callback_job_id_for, enqueue_callbac
 from notifier.reconciler import reconcile
 from tests.helpers import (
     LITERAL,
-    allow_connections,
     eventually,
     installed_deliverer,
     make_notification,
@@ -852,7 +851,7 @@ def test_a_callback_answered_2xx_is_not_posted_again_when_the_job_limit_runs_out
 
 
 def test_a_callback_answered_2xx_is_not_posted_again_when_postgresql_restarts_while_recording(
-        api_key, pg_settings, pg_url, receiver, redis_conn):
+        api_key, pg_settings, receiver, redis_conn, database_outage):
     # The receiver answers 200; meanwhile PostgreSQL restarts: the worker's connection is cut and, for a
     # second and a half, no new one is taken (a chaos run's `pg_ctl restart`: "the database system is
     # shutting down", then refused). The job failed on its record and RQ retried it: the event went again
@@ -861,11 +860,11 @@ def test_a_callback_answered_2xx_is_not_posted_again_when_postgresql_restarts_wh
     settings = replace(pg_settings, callback_retry_intervals=(0, 0, 0))
     notification = make_notification(api_key[0], Status.SENT, callback_url=receiver.url, callback_status="pending",
                                       attempts=1, sent_at=utcnow())
-    name = psycopg2.extensions.parse_dsn(pg_url)["dbname"]
+    begin, end = database_outage
 
     def restart():
-        allow_connections(name, False)
-        threading.Timer(1.5, allow_connections, (name, True)).start()
+        begin()
+        threading.Timer(1.5, end).start()
 
     receiver.before_answer = restart
     try:
@@ -873,8 +872,7 @@ def test_a_callback_answered_2xx_is_not_posted_again_when_postgresql_restarts_wh
             enqueue_callback(redis_conn, settings, notification.id)
             run_worker_until_idle(redis_conn)
     finally:
-        time.sleep(1.6)
-        allow_connections(name, True)
+        time.sleep(1.6)  # the timer's end() has run: the fixture's own ends no outage it could overlap
 
     assert receiver.count() == 1
     delivered = reload(notification.id)

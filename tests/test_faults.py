@@ -33,7 +33,7 @@ from notifier.models import Notification, SchemaVersion, Status, utcnow
 from notifier.queues import QUEUE_NAMES, release_job_id_for
 from notifier.schema import SCHEMA_VERSION, upgrade
 from tests.conftest import PG_ADMIN_URL
-from tests.helpers import LITERAL, drop_connections, held_reply
+from tests.helpers import LITERAL, drop_connections, held_reply, installed_deliverer, run_worker_until_idle
 from tests.operators import collect_metrics, value
 from tests.processes import (
     Stack,
@@ -729,6 +729,24 @@ def test_an_email_the_server_took_while_postgresql_was_away_for_longer_than_the_
     samples = collect_metrics(redis_conn)
     assert value(samples, "notifier_notifications_sent_total", priority="default", template="-") == 1
     assert value(samples, "notifier_reconciler_actions_total", action="recovered") == 0
+
+
+def test_periodic_jobs_that_meet_postgresql_away_are_skipped_not_filed_as_failed(pg_settings, pg_db, redis_conn,
+                                                                               database_outage, caplog):
+    # Each pass of an outage (every RECONCILE_INTERVAL) failed into RQ's failed registry, rq-dashboard's
+    # Failed list, for DEAD_LETTER_TTL_DAYS, with nothing there to redo: the next pass does the work.
+    begin, end = database_outage
+    queue = Queue("notifier.low", connection=redis_conn)
+    with installed_deliverer(pg_settings, redis_conn):
+        queued = [queue.enqueue(f"notifier.jobs.{name}") for name in ("reconcile", "flush_digests", "purge")]
+        begin()
+        run_worker_until_idle(redis_conn)
+        end()
+    assert queue.failed_job_registry.count == 0
+    assert all(job.get_status(refresh=True) == JobStatus.FINISHED for job in queued)
+    skipped = [r for r in caplog.records if "skipped: the database is unavailable" in r.getMessage()]
+    assert [(r.levelname, r.getMessage().split()[2]) for r in skipped] == [
+        ("ERROR", "reconcile"), ("ERROR", "flush_digests"), ("ERROR", "purge")]
 
 
 def test_a_batch_email_the_server_took_while_postgresql_was_away_is_recorded_by_the_worker_once_it_answers(

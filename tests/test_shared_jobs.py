@@ -19,7 +19,6 @@ from notifier.models import Event, Notification
 from notifier.reconciler import reconcile
 from tests.helpers import (
     LITERAL,
-    allow_connections,
     drop_connections,
     held_reply,
     installed_deliverer,
@@ -313,19 +312,17 @@ def test_postgresql_dropping_the_worker_mid_job_still_ends_the_job_well(chunked,
 
 
 def test_a_shared_job_that_meets_postgresql_away_ends_and_leaves_its_emails_to_the_reconciler(
-        chunked, headers, pg_settings, redis_conn, smtp, capsys):
+        chunked, headers, redis_conn, smtp, capsys, database_outage):
     # A shared job has no RQ retry: failed on a database away (a restart, a failover), it sat in RQ's
     # failed registry, rq-dashboard's Failed list, for DEAD_LETTER_TTL_DAYS, though the reconciler sent
     # every email of it (found by a PostgreSQL chaos run).
     settings, client, _ = chunked
     ids = _post(client, headers, _items(3))
-    name = pg_settings.database_url.rsplit("/", 1)[1]
+    begin, end = database_outage
     capsys.readouterr()
-    allow_connections(name, False)
-    try:
-        run_worker_until_idle(redis_conn)
-    finally:
-        allow_connections(name, True)
+    begin()
+    run_worker_until_idle(redis_conn)
+    end()
     lines = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line.startswith("{")]
     assert queues.queue_for("default", redis_conn).failed_job_registry.count == 0
     assert [line["level"] for line in lines if "a shared job stopped" in line["message"]] == ["ERROR"]
