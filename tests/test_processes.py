@@ -126,6 +126,17 @@ def test_a_second_sigterm_mid_send_is_a_cold_shutdown_logged_as_a_warning_not_an
                for line in failed), failed
 
 
+def test_a_scheduler_beside_another_stands_by_without_a_warning(stack, redis_conn):
+    # Several schedulers may run at once; a poll that finds another's poll holding rq-scheduler's lock
+    # skips its turn. rq-scheduler said so as a WARNING, each time: an alert on WARNING fired for it.
+    redis_conn.set("rq:scheduler_lock", "another scheduler's poll", ex=60)
+    stack.start("scheduler")
+    wait_until(lambda: "periodic job" in stack.log("scheduler"), timeout=30)
+    time.sleep(2.5)  # two polls and more, each finding the lock taken
+    assert "Lock already taken" not in stack.log("scheduler")
+    assert not [line for line in stack.log("scheduler").splitlines() if '"level": "WARNING"' in line]
+
+
 def test_keys_cli_lists_and_revokes(stack):
     env = stack.env
     name = f"stack-{stack.port}"
