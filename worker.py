@@ -22,7 +22,7 @@ from rq.worker import WorkerStatus
 from notifier import failed_jobs, jobs, logs, metrics
 from notifier.errors import PermanentDeliveryError
 from notifier.queues import REQUEST_ID_META, all_queues, connect_redis, mark_memory
-from notifier.resilience import run_until_stopped
+from notifier.resilience import REDIS_POLL_SECONDS, run_until_stopped
 from notifier.runtime import build_deliverer, configure_logging, load_settings, warn_if_links_can_be_forged
 
 logger = logging.getLogger("notifier.worker")
@@ -59,13 +59,20 @@ def _die_with_parent(parent_pid: int) -> None:
 
 
 class QuietScheduler(RQScheduler):
-    """RQ's scheduler, whose process ends without a raw traceback when its loop fails (Redis gone).
-    RQ's run() logs the error, then re-raises it, and multiprocessing wrote the traceback again to
-    stderr ("Process Scheduler:"): plain text among the JSON lines, past the log filter's masks."""
+    """RQ's scheduler, whose process ends without a raw traceback when its loop fails, and with a
+    WARNING, not RQ's ERROR, when Redis went away. RQ's run() logs the error, then re-raises it, and
+    multiprocessing wrote the traceback again to stderr ("Process Scheduler:"): plain text among the
+    JSON lines, past the log filter's masks."""
 
     def work(self):
         try:
             super().work()
+        except RedisError as exc:
+            # Returned from, not raised: run() would log it as an ERROR with the traceback in its
+            # message, for an outage the worker waits out (keep_scheduler starts the scheduler again).
+            logging.getLogger("rq.scheduler").warning(
+                "RQ scheduler stopped: Redis went away (%s); its worker starts it again once Redis answers",
+                type(exc).__name__)
         except Exception as exc:
             # run() still logs it, the cause chained in; multiprocessing ends the process with this
             # code and writes nothing of its own.
@@ -77,6 +84,9 @@ class NotifierWorker(SimpleWorker):
     warm. It remembers whether it was asked to stop, so a loop that ends for any other reason (Redis
     went away) can be told apart and started again."""
 
+    # RQ's dequeue loop waits Redis out itself, backing off to 60 s between tries: the worker sat idle
+    # that long after Redis was back, its RQ scheduler dead (README: started again within 5 s).
+    max_connection_wait_time = REDIS_POLL_SECONDS
     stopping = False
     cold_stopping = False  # RQ's cold shutdown (a second SIGTERM): its SystemExit cuts the job off
     counts: metrics.Deferred | None = None  # the jobs' counters, sent with each heartbeat
@@ -258,18 +268,24 @@ class NotifierWorker(SimpleWorker):
 # RQ's lines as its loop ends on an exception, and on Redis timing out (rq/worker/base.py).
 _LOOP_ENDED = "Worker %s: found an unhandled exception, quitting..."
 _REDIS_TIMED_OUT = "Worker %s: Redis connection timeout, quitting..."
+# ... and as its dequeue loop, or its pubsub thread, waits for Redis to take a connection again.
+_CANNOT_CONNECT = "Worker %s: could not connect to Redis instance: %s retrying in %d seconds..."
 
 
 class RedisAwayIsAWarning(logging.Filter):
     """RQ logs its loop ending on any exception as an ERROR with a traceback: Redis going away too,
     which the worker waits out and carries on from (notifier.resilience), so every Redis restart
-    paged whoever alerts on errors. That one is a WARNING naming it."""
+    paged whoever alerts on errors. That one is a WARNING naming it, and so are RQ's lines as it
+    waits for Redis to take a connection again."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.msg == _LOOP_ENDED and record.exc_info and isinstance(record.exc_info[1], RedisError):
             away = type(record.exc_info[1]).__name__
         elif record.msg == _REDIS_TIMED_OUT:  # a hung Redis, a failover: RQ logs it without the exception
             away = "TimeoutError"
+        elif record.msg == _CANNOT_CONNECT:  # RQ waits and tries again: its own words, a WARNING
+            record.levelno, record.levelname = logging.WARNING, logging.getLevelName(logging.WARNING)
+            return True
         else:
             return True
         record.levelno, record.levelname = logging.WARNING, logging.getLevelName(logging.WARNING)

@@ -74,6 +74,55 @@ TERM_GRACE = 30.0  # --signal term: seconds a worker has to exit after its SIGTE
 FINAL = {"sent", "failed", "suppressed", "cancelled", "expired", "digested"}
 
 
+def fresh_database(url: str, tag: str) -> tuple[tuple[dict, str], str]:
+    """A fresh PostgreSQL database for a run, over url's server and user: ((admin dsn kwargs, name), its
+    URL). Named by url's path, or else notifier_soak_<tag>; refused if it exists already."""
+    import psycopg2
+    from psycopg2.extensions import parse_dsn
+
+    u = urllib.parse.urlsplit(url)
+    if u.scheme not in ("postgres", "postgresql"):
+        raise SystemExit("--database-url: a postgresql:// URL")
+    dbname = urllib.parse.unquote(u.path.lstrip("/")) or "notifier_soak_" + re.sub(r"[^a-z0-9_]", "_", tag.lower())
+    if not re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", dbname) or dbname in ("postgres", "template0", "template1"):
+        raise SystemExit(f"--database-url: {dbname!r} is no name for a fresh soak database")
+    admin = {"host": "127.0.0.1", "user": "postgres", **parse_dsn(url), "dbname": "postgres"}
+    adm = psycopg2.connect(**admin)
+    adm.autocommit = True
+    with adm.cursor() as cur:
+        cur.execute("select 1 from pg_database where datname = %s", (dbname,))
+        if cur.fetchone():
+            raise SystemExit(f"database {dbname} exists already: a run needs a fresh one")
+        cur.execute(f'create database "{dbname}"')
+    adm.close()
+    netloc = u.netloc or f"{admin['user']}@{admin['host']}"
+    return (admin, dbname), urllib.parse.urlunsplit((u.scheme, netloc, "/" + dbname, u.query, ""))
+
+
+def drop_database(pg: tuple[dict, str]) -> None:
+    """Drop a run's database (fresh_database's), whoever is still connected to it."""
+    import psycopg2
+
+    adm = psycopg2.connect(**pg[0])
+    adm.autocommit = True
+    with adm.cursor() as cur:
+        cur.execute(f'drop database if exists "{pg[1]}" with (force)')
+    adm.close()
+
+
+class Spawner:
+    """The processes a run starts, each writing to LOGDIR/<name>.log; all of them in .procs."""
+
+    def __init__(self, logdir: str, cwd: str):
+        self.logdir, self.cwd, self.procs = logdir, cwd, []
+
+    def __call__(self, argv: list[str], name: str, env: dict) -> subprocess.Popen:
+        log = open(os.path.join(self.logdir, f"{name}.log"), "ab")  # noqa: SIM115 - the process owns it
+        proc = subprocess.Popen(argv, env=env, cwd=self.cwd, stdout=log, stderr=subprocess.STDOUT)
+        self.procs.append(proc)
+        return proc
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -115,28 +164,7 @@ def main() -> None:
     os.makedirs(logdir, exist_ok=True)
     pg = None  # (admin dsn kwargs, database name) on PostgreSQL
     if args.database_url:
-        u = urllib.parse.urlsplit(args.database_url)
-        if u.scheme not in ("postgres", "postgresql"):
-            raise SystemExit("--database-url: a postgresql:// URL")
-        dbname = urllib.parse.unquote(u.path.lstrip("/")) or "notifier_soak_" + re.sub(r"[^a-z0-9_]", "_",
-                                                                                          args.tag.lower())
-        if not re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", dbname) or dbname in ("postgres", "template0", "template1"):
-            raise SystemExit(f"--database-url: {dbname!r} is no name for a fresh soak database")
-        import psycopg2
-        from psycopg2.extensions import parse_dsn
-
-        admin = {"host": "127.0.0.1", "user": "postgres", **parse_dsn(args.database_url), "dbname": "postgres"}
-        pg = (admin, dbname)
-        adm = psycopg2.connect(**admin)
-        adm.autocommit = True
-        with adm.cursor() as cur:
-            cur.execute("select 1 from pg_database where datname = %s", (dbname,))
-            if cur.fetchone():
-                raise SystemExit(f"database {dbname} exists already: a run needs a fresh one")
-            cur.execute(f'create database "{dbname}"')
-        adm.close()
-        netloc = u.netloc or f"{admin['user']}@{admin['host']}"
-        database_url = urllib.parse.urlunsplit((u.scheme, netloc, "/" + dbname, u.query, ""))
+        pg, database_url = fresh_database(args.database_url, args.tag)
         dbfile = None
     else:
         dbfile = os.path.join(workdir, f"soak-{args.tag}.db")
@@ -159,13 +187,8 @@ def main() -> None:
         with con.cursor() as cur:
             cur.execute(sql.replace("?", "%s"), params)
             return cur.fetchall()
-    procs: list[subprocess.Popen] = []
-
-    def spawn(argv, name, env):
-        log = open(os.path.join(logdir, f"{name}.log"), "ab")
-        p = subprocess.Popen(argv, env=env, cwd=repo, stdout=log, stderr=subprocess.STDOUT)
-        procs.append(p)
-        return p
+    spawn = Spawner(logdir, repo)
+    procs = spawn.procs
 
     redis_proc = spawn(["redis-server", "--port", str(args.redis_port), "--bind", "127.0.0.1", "--save", "",
                         "--appendonly", "no", "--daemonize", "no"], "redis", dict(os.environ))
@@ -455,13 +478,7 @@ def main() -> None:
             smtp.stop()
         if pg is not None and not args.keep_db:
             try:
-                import psycopg2
-                adm = psycopg2.connect(**pg[0])
-                adm.autocommit = True
-                with adm.cursor() as cur:
-                    cur.execute("select pg_terminate_backend(pid) from pg_stat_activity where datname = %s", (pg[1],))
-                    cur.execute(f'drop database if exists "{pg[1]}"')
-                adm.close()
+                drop_database(pg)
                 result["db_dropped"] = True
             except Exception as e:  # noqa: BLE001
                 result["db_dropped"] = f"{type(e).__name__}: {e}"

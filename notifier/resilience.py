@@ -17,7 +17,13 @@ logger = logging.getLogger(__name__)
 WAIT_LOG_SECONDS = 60.0
 
 
-def wait_for_redis(connection: Redis, max_delay: float = 10.0) -> bool:
+# How often a process that lost Redis asks whether it answers again: a ping a second costs nothing, and
+# a backoff to 10 s left the worker (and its RQ scheduler, which fires retries) and scheduler.py idle up
+# to 10 s after Redis was back.
+REDIS_POLL_SECONDS = 1.0
+
+
+def wait_for_redis(connection: Redis, max_delay: float = REDIS_POLL_SECONDS) -> bool:
     """Block until Redis answers again; False if SIGTERM or SIGINT asked us to stop meanwhile."""
     return wait_until(connection.ping, RedisError, max_delay=max_delay)
 

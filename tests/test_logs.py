@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import smtplib
 import sys
 import time
@@ -455,6 +456,38 @@ def test_rqs_loop_ending_on_redis_gone_is_a_warning_without_a_traceback(captured
     assert bug["level"] == "ERROR" and "RuntimeError: a bug" in bug["exc_info"]
     assert (hung["level"], hung["message"]) == ("WARNING", "Worker w-1: Redis went away (TimeoutError); "
                                                            "waiting for it to carry on")
+
+
+def test_rqs_retries_while_redis_is_away_are_warnings(captured):
+    # A chaos soak (bench/redischaos.py) found every Redis restart still logging ERRORs: RQ's dequeue loop
+    # and its pubsub thread, retrying the connection, and RQ's scheduler dying with Redis (a traceback
+    # in its message), though the worker waits the outage out and starts that scheduler again.
+    from redis import Redis
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from rq.scheduler import run as run_rq_scheduler
+
+    from worker import QuietScheduler, RedisAwayIsAWarning
+
+    rq = logging.getLogger("rq.worker.test-filter")
+    rq.addFilter(RedisAwayIsAWarning())
+    rq.error("Worker %s: could not connect to Redis instance: %s retrying in %d seconds...", "w-1",
+             RedisConnectionError("Error 111 connecting to 127.0.0.1:6426. Connection refused."), 2)
+    gone = Redis(port=free_port(), socket_connect_timeout=1)  # nothing listens there
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        run_rq_scheduler(QuietScheduler(["notifier.default"], connection=gone))  # what its process runs
+    finally:
+        for sig, handler in handlers.items():  # RQ's scheduler installs its own
+            signal.signal(sig, handler)
+
+    lines = [json.loads(line) for line in captured()]
+    assert [line["level"] for line in lines if line["level"] not in ("INFO", "DEBUG")] == ["WARNING", "WARNING"]
+    retrying, stopped = (line for line in lines if line["level"] == "WARNING")
+    assert retrying["message"] == ("Worker w-1: could not connect to Redis instance: Error 111 connecting to "
+                                   "127.0.0.1:6426. Connection refused. retrying in 2 seconds...")
+    assert stopped["message"] == ("RQ scheduler stopped: Redis went away (ConnectionError); its worker starts it "
+                                  "again once Redis answers")
+    assert not any("Traceback" in json.dumps(line) for line in lines)
 
 
 def test_the_mailbox_alone_is_masked_in_what_a_server_wrote_not_in_the_words_of_the_log_call(captured):
