@@ -324,12 +324,21 @@ def main() -> None:
     # had just started) killed it outright, its registration and the locks outlived it by a minute, and
     # every retry waited for them. Until RQ listens, a stop is noted here and honoured as RQ's handlers
     # go in (NotifierWorker._install_signal_handlers), or as a generation ends.
+    def note_stop(*_):
+        stop.set()
+
     for sig in _STOP_SIGNALS:
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, note_stop)
     name = f"notifier-{socket.gethostname()}-{os.getpid()}"
     logger.info("worker %s starting", name)
 
     def run_once(generation: int) -> bool:
+        # The handlers in place are the last generation's RQ's: a stop it heard while not busy raised
+        # StopRequested wherever this one was starting, past run_until_stopped, with a traceback.
+        for sig in _STOP_SIGNALS:
+            signal.signal(sig, note_stop)
+        if stop.is_set():
+            return True
         worker = make_worker(connection, name=f"{name}-{generation}" if generation else name, counts=counts,
                              stop=stop)
         try:

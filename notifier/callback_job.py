@@ -13,7 +13,7 @@ from rq.timeouts import JobTimeoutException, UnixSignalDeathPenalty
 from notifier import logs, queues, store
 from notifier.callbacks import CallbackRejected, CallbackRetry, event_body, event_id, post, turn
 from notifier.config import Settings
-from notifier.db import RECONNECT_DELAYS, UNAVAILABLE_ERRORS, database, past_statement_timeout
+from notifier.db import RECONNECT_DELAYS, UNAVAILABLE_ERRORS, database, discard_connection, past_statement_timeout
 from notifier.errors import PermanentDeliveryError
 from notifier.models import FINAL_STATUSES, CallbackStatus, Notification
 
@@ -154,7 +154,9 @@ def _riding_out(run):
             if tries == len(RECONNECT_DELAYS):
                 raise
             logger.warning("callback attempt not yet recorded (%s); retrying", type(exc).__name__)
-            database.close()
+            # For good, not back into the pool: a connection that still works may hold this job's
+            # advisory lock, which its next user would keep.
+            discard_connection(database)
     return None  # RECONNECT_DELAYS is not empty: every try returned or raised
 
 

@@ -23,19 +23,22 @@ WAIT_LOG_SECONDS = 60.0
 REDIS_POLL_SECONDS = 1.0
 
 
-def wait_for_redis(connection: Redis, max_delay: float = REDIS_POLL_SECONDS) -> bool:
+def wait_for_redis(connection: Redis, max_delay: float = REDIS_POLL_SECONDS, pause: float = 0.0) -> bool:
     """Block until Redis answers again; False if SIGTERM or SIGINT asked us to stop meanwhile."""
-    return wait_until(connection.ping, RedisError, max_delay=max_delay)
+    return wait_until(connection.ping, RedisError, max_delay=max_delay, pause=pause)
 
 
-def wait_until(attempt: Callable[[], object], errors, what: str | None = None, max_delay: float = 10.0) -> bool:
+def wait_until(attempt: Callable[[], object], errors, what: str | None = None, max_delay: float = 10.0,
+               pause: float = 0.0) -> bool:
     """Call attempt() until it raises none of errors, waiting longer each time (up to max_delay);
     False if SIGTERM or SIGINT asked us to stop meanwhile. what: named in a warning, at the first
-    failure and every WAIT_LOG_SECONDS after it (None: the caller says it)."""
+    failure and every WAIT_LOG_SECONDS after it (None: the caller says it). pause: seconds to wait
+    before the first attempt."""
     stop = []
     previous = {sig: signal.signal(sig, lambda *_: stop.append(True)) for sig in (signal.SIGTERM, signal.SIGINT)}
     delay, told = 0.5, None
     try:
+        _sleep_unless_stopped(stop, pause)
         while not stop:
             try:
                 attempt()
@@ -75,6 +78,7 @@ def run_until_stopped(connection: Redis, run_once: Callable[[int], bool], what: 
     """Call run_once(generation) until it returns True (a requested stop), waiting out Redis outages."""
     generation = 0
     while True:
+        started = time.monotonic()
         try:
             if run_once(generation):
                 return
@@ -83,6 +87,8 @@ def run_until_stopped(connection: Redis, run_once: Callable[[int], bool], what: 
         else:
             logger.warning("%s stopped without being asked to; restarting it once Redis answers", what)
         generation += 1
-        if not wait_for_redis(connection):
+        # Not again at once after a run that ended at once: a Redis out of memory answers PING but
+        # refuses every write, and the worker started RQ hundreds of times a second, two lines each.
+        if not wait_for_redis(connection, pause=max(0.0, REDIS_POLL_SECONDS - (time.monotonic() - started))):
             return
         logger.info("Redis is back; restarting the %s", what)

@@ -552,13 +552,8 @@ def test_a_worker_sigtermed_as_it_starts_stops_cleanly_and_frees_the_scheduler(m
     assert "Traceback" not in (tmp_path / "worker.log").read_text(errors="replace")
 
 
-def test_redis_out_of_memory_at_request_time_then_room_again(make_stack, pg_settings, smtp, own_redis):
-    url, _, _ = own_redis
-    stack = make_stack(replace(pg_settings, redis_url=url)).start("api", "worker", "scheduler")
-    before = stack.send(_to(1))
-    stack.wait_status(before, "sent")
-
-    redis = Redis.from_url(url)
+def _fill(redis: Redis) -> None:
+    """Fill Redis (noeviction) until it refuses writes; deleting the `filler:*` keys makes room again."""
     redis.config_set("maxmemory-policy", "noeviction")
     redis.config_set("maxmemory", redis.info("memory")["used_memory"] + 512 * 1024)
     with pytest.raises(redis_exceptions.OutOfMemoryError):
@@ -567,6 +562,16 @@ def test_redis_out_of_memory_at_request_time_then_room_again(make_stack, pg_sett
     # Full, and kept so: a few KB freed meanwhile (a finished job's result expiring) would otherwise
     # let the next write through. The fillers hold about 512 KB, so deleting them makes room again.
     redis.config_set("maxmemory", redis.info("memory")["used_memory"] - 256 * 1024)
+
+
+def test_redis_out_of_memory_at_request_time_then_room_again(make_stack, pg_settings, smtp, own_redis):
+    url, _, _ = own_redis
+    stack = make_stack(replace(pg_settings, redis_url=url)).start("api", "worker", "scheduler")
+    before = stack.send(_to(1))
+    stack.wait_status(before, "sent")
+
+    redis = Redis.from_url(url)
+    _fill(redis)
     during = stack.send(_to(2))  # accepted and stored: Redis refuses its job
     assert stack.get(during)["status"] == "queued"
     # Its job never reached a queue (RQ may have written the job's hash before Redis refused more).
@@ -807,3 +812,22 @@ def test_a_batch_email_the_server_took_while_postgresql_was_away_is_recorded_by_
     assert _recipients(smtp) == ["user1@example.com", "user2@example.com", "user3@example.com"]
     assert value(collect_metrics(redis_conn), "notifier_notifications_sent_total", priority="default",
                  template="-") == 3
+
+
+def test_a_worker_while_redis_is_out_of_memory_neither_spins_nor_dies_of_a_sigterm(make_stack, pg_settings,
+                                                                                  own_redis):
+    # An out-of-memory Redis answers PING and refuses every write: RQ's loop ended at once and the
+    # worker started it again at once, hundreds of times a second, two lines each. A SIGTERM then met
+    # the last loop's RQ handler, which raised StopRequested into the next one's start: exit 1, traceback.
+    url, _, _ = own_redis
+    stack = make_stack(replace(pg_settings, redis_url=url)).start("worker")
+    redis = Redis.from_url(url)
+    wait_until(lambda: redis.smembers("rq:workers"), timeout=30)
+    _fill(redis)
+    wait_until(lambda: "restarting the worker" in stack.log("worker"), timeout=30)  # its next heartbeat, 5 s
+    time.sleep(3)
+    assert stack.log("worker").count("restarting the worker") <= 5
+    worker = stack.procs["worker"]
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(timeout=30) == 0, stack.log("worker")[-3000:]
+    assert "Traceback" not in stack.log("worker")
