@@ -123,6 +123,17 @@ class Spawner:
         return proc
 
 
+def wait_all_final(statuses, timeout: float, interval: float) -> dict:
+    """Poll statuses() (count by status) until every notification is in a FINAL status, or timeout
+    seconds have passed; return the last counts."""
+    started = time.monotonic()
+    while True:
+        counts = statuses()
+        if all(status in FINAL for status in counts) or time.monotonic() - started > timeout:
+            return counts
+        time.sleep(interval)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -393,11 +404,7 @@ def main() -> None:
                 con.close()
 
         t_settle = time.monotonic()
-        while True:
-            st = statuses()
-            if all(s in FINAL for s in st) or time.monotonic() - t_settle > args.settle_timeout:
-                break
-            time.sleep(2)
+        wait_all_final(statuses, args.settle_timeout, 2)
         result["settle_seconds"] = round(time.monotonic() - t_settle, 1)
         time.sleep(6)  # >= 3 reconciler passes (RECONCILE_INTERVAL=1)
         result["drain_total_seconds"] = round(time.monotonic() - t_drain, 1)

@@ -37,7 +37,7 @@ from datetime import UTC, datetime
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
-from bench.killsoak import SINK_CODE, Spawner, drop_database, fresh_database  # noqa: E402
+from bench.killsoak import SINK_CODE, Spawner, drop_database, fresh_database, wait_all_final  # noqa: E402
 
 RECEIVER_CODE = r"""
 import json, sys, time
@@ -63,7 +63,6 @@ ThreadingHTTPServer.daemon_threads = True
 ThreadingHTTPServer(("127.0.0.1", port), H).serve_forever()
 """
 
-FINAL = {"sent", "failed", "suppressed", "cancelled", "expired", "digested"}
 
 
 def wait_port(port, what, timeout=30):
@@ -332,11 +331,7 @@ def main() -> None:
         def statuses():
             return dict(query("select status, count(*) from notifications group by status"))
         t_settle = time.time()
-        while True:
-            st = statuses()
-            if all(s in FINAL for s in st) or time.time() - t_settle > args.settle_timeout:
-                break
-            time.sleep(1)
+        st = wait_all_final(statuses, args.settle_timeout, 1)
         t_final = time.time()
         result["final_after_last_fault_s"] = round(t_final - t_last_fault, 1)
         result["final_after_load_s"] = round(t_final - t_settle, 1)
