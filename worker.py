@@ -22,7 +22,7 @@ from rq.worker import WorkerStatus
 from notifier import failed_jobs, jobs, logs, metrics
 from notifier.errors import PermanentDeliveryError
 from notifier.queues import REQUEST_ID_META, all_queues, connect_redis, mark_memory
-from notifier.resilience import REDIS_POLL_SECONDS, run_until_stopped
+from notifier.resilience import REDIS_POLL_SECONDS, WAIT_LOG_SECONDS, run_until_stopped
 from notifier.runtime import build_deliverer, configure_logging, load_settings, warn_if_links_can_be_forged
 
 logger = logging.getLogger("notifier.worker")
@@ -143,6 +143,7 @@ class NotifierWorker(SimpleWorker):
         for reply in replies[:own]:
             if isinstance(reply, Exception):
                 raise reply
+        REDIS_AWAY.answered()
         if not replies[own - 1]:
             self._register_again(timeout)
         if any(isinstance(reply, Exception) for reply in replies[own:]):
@@ -258,6 +259,23 @@ class NotifierWorker(SimpleWorker):
             # teardown stops the scheduler (which frees its locks) and says the worker is gone.
             self.stopping = self._stop_requested = True
 
+    def teardown(self):
+        # RQ's loop has ended, its warm-stop handler still in place: a stop heard now raised
+        # StopRequested into the teardown, which cut short the worker's goodbye (registered, and its
+        # scheduler's locks held, for a minute more) and ended the process with a traceback. Now it is
+        # noted, and honoured as the teardown ends; a second one is still RQ's cold shutdown.
+        if not (self.stopping or self._stop_requested) and threading.current_thread() is threading.main_thread():
+            for sig in _STOP_SIGNALS:
+                signal.signal(sig, self._stop_after_teardown)
+        super().teardown()
+
+    def _stop_after_teardown(self, signum, frame):
+        self.stopping = True
+        if self.stop is not None:
+            self.stop.set()
+        for sig in _STOP_SIGNALS:
+            signal.signal(sig, self.request_force_stop)
+
     def request_stop(self, signum, frame):
         self.stopping = True
         if self.stop is not None:
@@ -276,7 +294,16 @@ class RedisAwayIsAWarning(logging.Filter):
     """RQ logs its loop ending on any exception as an ERROR with a traceback: Redis going away too,
     which the worker waits out and carries on from (notifier.resilience), so every Redis restart
     paged whoever alerts on errors. That one is a WARNING naming it, and so are RQ's lines as it
-    waits for Redis to take a connection again."""
+    waits for Redis to take a connection again: the first of an outage, then one every
+    WAIT_LOG_SECONDS (RQ tries every second, and a long outage buried the log in them)."""
+
+    def __init__(self):
+        super().__init__()
+        self._told: float | None = None  # when the last "could not connect" line went out
+
+    def answered(self) -> None:
+        """Redis answered: the next outage's first line goes out."""
+        self._told = None
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.msg == _LOOP_ENDED and record.exc_info and isinstance(record.exc_info[1], RedisError):
@@ -284,6 +311,10 @@ class RedisAwayIsAWarning(logging.Filter):
         elif record.msg == _REDIS_TIMED_OUT:  # a hung Redis, a failover: RQ logs it without the exception
             away = "TimeoutError"
         elif record.msg == _CANNOT_CONNECT:  # RQ waits and tries again: its own words, a WARNING
+            told, now = self._told, time.monotonic()
+            if told is not None and now - told < WAIT_LOG_SECONDS:
+                return False
+            self._told = now
             record.levelno, record.levelname = logging.WARNING, logging.getLevelName(logging.WARNING)
             return True
         else:
@@ -293,6 +324,10 @@ class RedisAwayIsAWarning(logging.Filter):
         record.args = (record.args[0] if record.args else "?", away)
         record.exc_info, record.exc_text = None, None
         return True
+
+
+# The worker's: its heartbeat, which RQ sends on every turn of its dequeue loop, says when Redis answers.
+REDIS_AWAY = RedisAwayIsAWarning()
 
 
 def make_worker(connection, name: str | None = None, counts: metrics.Deferred | None = None,
@@ -311,7 +346,7 @@ def make_worker(connection, name: str | None = None, counts: metrics.Deferred | 
 def main() -> None:
     settings = load_settings()
     configure_logging(settings)
-    logging.getLogger("rq.worker").addFilter(RedisAwayIsAWarning())
+    logging.getLogger("rq.worker").addFilter(REDIS_AWAY)
     warn_if_links_can_be_forged(settings)
     parent = os.getpid()
     os.register_at_fork(after_in_child=lambda: _die_with_parent(parent))
@@ -348,9 +383,14 @@ def main() -> None:
             if worker.stopping or stop.is_set():
                 return True
             raise
+        finally:
+            # Until run_until_stopped waits for Redis (which listens for a stop itself), a stop is
+            # noted, never raised by this generation's RQ handler into the code in between.
+            for sig in _STOP_SIGNALS:
+                signal.signal(sig, note_stop)
         return worker.stopping or stop.is_set()
 
-    run_until_stopped(connection, run_once, "worker")
+    run_until_stopped(connection, run_once, "worker", stop=stop)
     counts.flush()  # the last job's, had no heartbeat followed it
 
 

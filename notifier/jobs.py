@@ -31,6 +31,7 @@ from notifier.failed_jobs import log_failed_job
 from notifier.mail import Mailer, OutgoingEmail, SendResult
 from notifier.models import DIGEST_TEMPLATE, Category, Notification, Priority, Status, utcnow
 from notifier.rendering import RenderedEmail, Renderer, literal
+from notifier.resilience import reason_of
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -276,8 +277,9 @@ class Deliverer:
         except (*UNAVAILABLE_ERRORS, SentNotRecorded) as exc:
             left = len(notification_ids) - sum(outcomes.values())
             outcomes["left to the reconciler"] += left
-            logger.error("a shared job stopped: the database is unavailable (%s); the reconciler hands on its %s "
-                         "unsent emails", type(exc).__name__, left)
+            # Named as it is: this catch also takes a statement timeout or a deadlock, which are no outage.
+            logger.error("a shared job stopped on a database error (%s: %s); the reconciler hands on its %s "
+                         "unsent emails", type(exc).__name__, reason_of(exc), left)
         return dict(outcomes)
 
     def _deliver_many(self, notification_ids: list[str], outcomes: Counter[str]) -> None:
@@ -746,8 +748,8 @@ def _periodic(run: Callable[[], T]) -> Callable[[], T | None]:
         try:
             return run()
         except UNAVAILABLE_ERRORS as exc:
-            logger.error("periodic job %s skipped: the database is unavailable (%s); the next pass does its work",
-                         run.__name__, type(exc).__name__)
+            logger.error("periodic job %s skipped on a database error (%s: %s); the next pass does its work",
+                         run.__name__, type(exc).__name__, reason_of(exc))
             return None
 
     return job

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import threading
 import time
 from collections.abc import Callable
 
@@ -23,23 +24,26 @@ WAIT_LOG_SECONDS = 60.0
 REDIS_POLL_SECONDS = 1.0
 
 
-def wait_for_redis(connection: Redis, max_delay: float = REDIS_POLL_SECONDS, pause: float = 0.0) -> bool:
+def wait_for_redis(connection: Redis, max_delay: float = REDIS_POLL_SECONDS, pause: float = 0.0,
+                   stop: threading.Event | None = None) -> bool:
     """Block until Redis answers again; False if SIGTERM or SIGINT asked us to stop meanwhile."""
-    return wait_until(connection.ping, RedisError, max_delay=max_delay, pause=pause)
+    return wait_until(connection.ping, RedisError, max_delay=max_delay, pause=pause, stop=stop)
 
 
 def wait_until(attempt: Callable[[], object], errors, what: str | None = None, max_delay: float = 10.0,
-               pause: float = 0.0) -> bool:
+               pause: float = 0.0, stop: threading.Event | None = None) -> bool:
     """Call attempt() until it raises none of errors, waiting longer each time (up to max_delay);
     False if SIGTERM or SIGINT asked us to stop meanwhile. what: named in a warning, at the first
     failure and every WAIT_LOG_SECONDS after it (None: the caller says it). pause: seconds to wait
-    before the first attempt."""
-    stop = []
-    previous = {sig: signal.signal(sig, lambda *_: stop.append(True)) for sig in (signal.SIGTERM, signal.SIGINT)}
+    before the first attempt. stop: the process's own record of a stop, which the signals set here
+    too, and which a stop heard before the wait began has set already."""
+    stop = stop if stop is not None else threading.Event()
+    # Event.set takes a lock, which a handler must never meet held: this thread only reads the flag.
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
     delay, told = 0.5, None
     try:
         _sleep_unless_stopped(stop, pause)
-        while not stop:
+        while not stop.is_set():
             try:
                 attempt()
                 if told is not None:
@@ -65,17 +69,19 @@ def reason_of(exc: BaseException) -> str:
     return text.splitlines()[0] if text else ""
 
 
-def _sleep_unless_stopped(stop: list, seconds: float) -> None:
+def _sleep_unless_stopped(stop: threading.Event, seconds: float) -> None:
     # time.sleep() resumes after a signal's handler returns (PEP 475): SIGTERM or Ctrl-C was heard
     # only when the sleep ended, up to max_delay (10 s) later, as long as docker stop waits before
     # it kills. Short sleeps let it be heard within a tenth of a second.
     end = time.monotonic() + seconds
-    while not stop and (left := end - time.monotonic()) > 0:
+    while not stop.is_set() and (left := end - time.monotonic()) > 0:
         time.sleep(min(left, 0.1))
 
 
-def run_until_stopped(connection: Redis, run_once: Callable[[int], bool], what: str) -> None:
-    """Call run_once(generation) until it returns True (a requested stop), waiting out Redis outages."""
+def run_until_stopped(connection: Redis, run_once: Callable[[int], bool], what: str,
+                      stop: threading.Event | None = None) -> None:
+    """Call run_once(generation) until it returns True (a requested stop), waiting out Redis outages.
+    stop: where the process notes a stop between generations, as one ends (see wait_until)."""
     generation = 0
     while True:
         started = time.monotonic()
@@ -89,6 +95,7 @@ def run_until_stopped(connection: Redis, run_once: Callable[[int], bool], what: 
         generation += 1
         # Not again at once after a run that ended at once: a Redis out of memory answers PING but
         # refuses every write, and the worker started RQ hundreds of times a second, two lines each.
-        if not wait_for_redis(connection, pause=max(0.0, REDIS_POLL_SECONDS - (time.monotonic() - started))):
+        if not wait_for_redis(connection, pause=max(0.0, REDIS_POLL_SECONDS - (time.monotonic() - started)),
+                              stop=stop):
             return
         logger.info("Redis is back; restarting the %s", what)

@@ -490,6 +490,29 @@ def test_rqs_retries_while_redis_is_away_are_warnings(captured):
     assert not any("Traceback" in json.dumps(line) for line in lines)
 
 
+def test_rqs_retries_during_one_outage_are_one_line_a_minute_and_the_next_outage_is_told_again(captured,
+                                                                                                 redis_conn):
+    # RQ's dequeue loop tries Redis every second (REDIS_POLL_SECONDS): a ten-minute outage was 600
+    # lines a worker. The worker's heartbeat, on every turn of that loop, says when Redis answers.
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    from worker import REDIS_AWAY, make_worker
+
+    rq = logging.getLogger("rq.worker.test-throttle")
+    rq.addFilter(REDIS_AWAY)
+    refused = RedisConnectionError("Error 111 connecting to 127.0.0.1:6426. Connection refused.")
+    try:
+        for _ in range(5):
+            rq.error("Worker %s: could not connect to Redis instance: %s retrying in %d seconds...", "w-1", refused, 1)
+        assert len(captured()) == 1
+        make_worker(redis_conn).heartbeat()  # Redis answers
+        rq.error("Worker %s: could not connect to Redis instance: %s retrying in %d seconds...", "w-1", refused, 1)
+        assert [json.loads(line)["level"] for line in captured()] == ["WARNING"]
+    finally:
+        rq.removeFilter(REDIS_AWAY)
+        REDIS_AWAY.answered()
+
+
 def test_the_mailbox_alone_is_masked_in_what_a_server_wrote_not_in_the_words_of_the_log_call(captured):
     # A shared job's recipients whose mailboxes are words of our lines, RQ's, and a traceback's code.
     try:

@@ -321,3 +321,26 @@ def test_only_a_workers_main_thread_takes_its_stop_signals(redis_conn):
         assert not {signal.SIGINT, signal.SIGTERM} & signal.pthread_sigmask(signal.SIG_BLOCK, [])
     finally:
         worker.unsubscribe()
+
+
+def test_a_stop_heard_as_a_workers_loop_ends_is_honoured_after_its_goodbye_not_raised_into_it(redis_conn):
+    # RQ's warm-stop handler stays in place through the teardown after its loop: a SIGTERM heard then
+    # raised StopRequested into it, cutting short register_death (the worker stayed registered for a
+    # minute) and out of work() past the worker's main, which ended with a traceback.
+    from worker import make_worker
+
+    class SignalledAsItSaysGoodbye(type(make_worker(redis_conn))):
+        def register_death(self):
+            os.kill(os.getpid(), signal.SIGTERM)  # Python runs the handler right here, in this thread
+            super().register_death()
+
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    worker = make_worker(redis_conn)
+    worker.__class__ = SignalledAsItSaysGoodbye
+    try:
+        worker.work(burst=True)  # nothing queued: the loop ends at once
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    assert worker.stopping
+    assert not redis_conn.smembers("rq:workers"), "the worker is still registered"
