@@ -83,6 +83,8 @@ class Settings:
     callback_deny_networks: tuple[IPv4Network | IPv6Network, ...] = field(
         default_factory=lambda: _networks({}, "CALLBACK_DENY_NETWORKS", DEFAULT_CALLBACK_DENY_NETWORKS))
     secret_key: str = field(default="", repr=False)
+    # Keys SECRET_KEY was before: links they made still verify, new ones use SECRET_KEY alone.
+    secret_key_fallbacks: tuple[str, ...] = field(default=(), repr=False)
     # HTTP basic auth for /rq (the RQ dashboard) and /metrics; while either is empty nobody gets in.
     operator_username: str = ""
     operator_password: str = field(default="", repr=False)
@@ -119,6 +121,11 @@ class Settings:
     def signing_key(self) -> str:
         """What signs unsubscribe links."""
         return self.secret_key or INSECURE_DEVELOPMENT_SECRET
+
+    @property
+    def verifying_keys(self) -> tuple[str, ...]:
+        """What an unsubscribe link may have been signed with: the signing key, then the ones before it."""
+        return (self.signing_key, *(key for key in self.secret_key_fallbacks if key != self.signing_key))
 
     @property
     def max_callback_attempts(self) -> int:
@@ -167,6 +174,8 @@ class Settings:
             finished_job_ttl=_int(env, "FINISHED_JOB_TTL", defaults.finished_job_ttl, 0, 7 * 86400),
             dead_letter_ttl_days=_int(env, "DEAD_LETTER_TTL_DAYS", defaults.dead_letter_ttl_days, 1, 3650),
             secret_key=env.get("SECRET_KEY", ""),
+            secret_key_fallbacks=tuple(key for key in (part.strip() for part in env.get(
+                "SECRET_KEY_FALLBACKS", "").split(",")) if key),
             operator_username=operator_username,
             operator_password=operator_password,
             operator_auth_limit=_rate(env, "OPERATOR_AUTH_LIMIT", defaults.operator_auth_limit, allow_empty=True),

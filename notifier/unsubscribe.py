@@ -3,7 +3,7 @@
 A token is encrypted as well as signed (Fernet: AES in CBC mode with an HMAC), so the link shows
 nothing of whom it unsubscribes: the user key is often the address itself, and a link is kept
 wherever a URL is (a proxy's or a link scanner's logs, a forwarded email). Links made before, signed
-but readable (itsdangerous), keep working while SECRET_KEY stays the same."""
+but readable (itsdangerous), keep working while SECRET_KEY, or SECRET_KEY_FALLBACKS, holds their key."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import base64
 import functools
 import json
 
-from cryptography.fernet import Fernet, InvalidToken
+from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from itsdangerous import BadData, URLSafeSerializer
@@ -25,7 +25,7 @@ _CATEGORIES = frozenset(c.value for c in Category if c is not Category.TRANSACTI
 _USER_KEY_MAX = Preference.user_key.max_length
 
 
-@functools.lru_cache(maxsize=4)
+@functools.lru_cache(maxsize=16)
 def _fernet(signing_key: str) -> Fernet:
     # A key of its own for these tokens, derived from SECRET_KEY (which also seeds other things).
     key = HKDF(algorithm=hashes.SHA256(), length=32, salt=SALT.encode(), info=b"unsubscribe token").derive(
@@ -40,13 +40,17 @@ def make_token(settings: Settings, api_key_id: int, user_key: str, category: str
 
 
 def _read_claims(settings: Settings, token: str):
+    # Any of the keys may have made it: SECRET_KEY, or one it replaced (SECRET_KEY_FALLBACKS), so that
+    # a rotated secret leaves the links in mail already sent working.
+    keys = settings.verifying_keys
     if "." in token:  # made before tokens were encrypted: itsdangerous's payload.signature
         try:
-            return URLSafeSerializer(settings.signing_key, salt=SALT).loads(token)
+            # itsdangerous signs with the last of its keys and tries them all, newest first.
+            return URLSafeSerializer(list(reversed(keys)), salt=SALT).loads(token)
         except BadData:  # a bad signature, or a signed payload that is not JSON the parser takes (BadPayload)
             return None
     try:
-        plain = _fernet(settings.signing_key).decrypt(token + "=" * (-len(token) % 4))
+        plain = MultiFernet([_fernet(key) for key in keys]).decrypt(token + "=" * (-len(token) % 4))
         return json.loads(plain.decode("utf-8", "surrogatepass"))
     except (InvalidToken, ValueError):  # tampered, foreign, or not base64 at all; not JSON (never made here)
         return None

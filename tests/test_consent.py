@@ -163,6 +163,29 @@ def test_an_unsubscribe_token_shows_nothing_of_whom_it_unsubscribes(sqlite_setti
     assert read_token(replace(sqlite_settings, secret_key="another deployment"), before) is None
 
 
+def test_a_rotated_secret_key_keeps_the_links_it_made_while_it_is_a_fallback(sqlite_settings):
+    # Changing SECRET_KEY (it leaked; a yearly rotation) broke every unsubscribe link in mail already
+    # sent, which the law in many places wants working for weeks after the mail went out.
+    from itsdangerous import URLSafeSerializer
+
+    from notifier.config import Settings
+    from notifier.unsubscribe import SALT, make_token, read_token
+
+    old = replace(sqlite_settings, secret_key="the secret of last year")
+    rotated = replace(sqlite_settings, secret_key="the secret of this year", secret_key_fallbacks=(old.secret_key,))
+    made_before = make_token(old, 7, "u1", "marketing")
+    signed_before = URLSafeSerializer(old.signing_key, salt=SALT).dumps({"k": 7, "u": "u1", "c": "marketing"})
+    for token in (made_before, signed_before):
+        assert read_token(rotated, token) == (7, "u1", "marketing")
+        assert read_token(replace(rotated, secret_key_fallbacks=()), token) is None  # dropped: it stops working
+    made_now = make_token(rotated, 7, "u1", "marketing")
+    this_year = replace(sqlite_settings, secret_key="the secret of this year")
+    assert read_token(this_year, made_now) == (7, "u1", "marketing")
+    assert read_token(old, made_now) is None  # new links are made with SECRET_KEY only
+    env = {"SECRET_KEY": "new", "SECRET_KEY_FALLBACKS": " old-1 ,, old-2 "}
+    assert Settings.from_env(env).secret_key_fallbacks == ("old-1", "old-2")
+
+
 def _held(owner, n, created):
     rows = []
     for i in range(n):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 from datetime import timedelta
 from urllib.parse import quote, urlparse
 
@@ -19,6 +20,7 @@ from peewee import OperationalError
 from rq import Queue
 from rq_scheduler import Scheduler
 
+from app import create_app
 from notifier import consent, keys, store, unsubscribe
 from notifier.db import bind, database
 from notifier.jobs import Deliverer
@@ -632,6 +634,20 @@ def test_an_unsubscribe_link_of_a_deleted_key_writes_nothing_and_still_answers(c
     with database.connection_context():
         assert Preference.select().count() == 0
     assert smtp.count() == 0
+
+
+def test_a_link_made_before_secret_key_was_rotated_unsubscribes_through_the_api(pg_settings, pg_db, redis_conn,
+                                                                                api_key, smtp):
+    old = replace(pg_settings, secret_key="the secret before")
+    path = urlparse(unsubscribe.link(old, api_key[0].id, "u-rot", "marketing")).path
+    rotated = create_app(replace(pg_settings, secret_key="the secret now", secret_key_fallbacks=(old.secret_key,)),
+                         redis=redis_conn).test_client()
+    done = rotated.post(path, data="List-Unsubscribe=One-Click", content_type="application/x-www-form-urlencoded")
+    assert done.status_code == 200, done.get_data(as_text=True)
+    with database.connection_context():
+        assert consent.mode_for(api_key[0].id, "u-rot", "marketing") == DeliveryMode.OFF
+    without = create_app(replace(pg_settings, secret_key="the secret now"), redis=redis_conn).test_client()
+    _error(without.post(path), 400, "invalid_token")
 
 
 OWN_KEY = object()  # the test's API key id
