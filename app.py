@@ -29,7 +29,7 @@ from notifier.runtime import (
     make_renderer,
     open_database,
     release_free_memory,
-    warn_if_links_can_be_forged,
+    warn_about_unsubscribe_links,
 )
 from notifier.service import NotificationService
 
@@ -107,7 +107,7 @@ def create_app(settings: Settings | None = None, *, redis=None) -> Flask:
     """Build the API for settings (read from the environment when not given)."""
     settings = settings or load_settings()
     configure_logging(settings)
-    warn_if_links_can_be_forged(settings)
+    warn_about_unsubscribe_links(settings)
     app = Api(__name__)
     # werkzeug answers a path with `//` in it by a 308 to the merged path, with an HTML body: outside
     # the error envelope, and a second request for a path no client meant. It is a 404 like any other.

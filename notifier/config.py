@@ -54,6 +54,8 @@ class Settings:
     # a certificate of a private CA, or a self-signed one, is trusted by naming it here.
     smtp_ca_file: str = ""
     smtp_timeout: float = 30.0
+    # The name this host gives in EHLO/HELO; empty: smtplib's, the machine's fully qualified name.
+    smtp_helo_name: str = ""
     mail_from: str = "notifier@localhost"
     reply_to: str = ""  # where replies go, when not to MAIL_FROM (often a no-reply address)
     retry_intervals: tuple[int, ...] = DEFAULT_RETRY_INTERVALS
@@ -152,6 +154,7 @@ class Settings:
             smtp_security=_choice(env, "SMTP_SECURITY", defaults.smtp_security, SMTP_SECURITY_MODES),
             smtp_ca_file=_ca_file(env.get("SMTP_CA_FILE", "").strip()),
             smtp_timeout=_float(env, "SMTP_TIMEOUT", defaults.smtp_timeout, 3600),
+            smtp_helo_name=_helo_name(env.get("SMTP_HELO_NAME", "").strip()),
             mail_from=_mail_from(env.get("MAIL_FROM", defaults.mail_from)),
             reply_to=_mail_from(env["REPLY_TO"], "REPLY_TO") if env.get("REPLY_TO", "").strip() else "",
             retry_intervals=_intervals(env, "RETRY_INTERVALS", DEFAULT_RETRY_INTERVALS),
@@ -351,6 +354,18 @@ def _mail_from(raw: str, name: str = "MAIL_FROM") -> str:
         raise ConfigError(name, f"must be an ASCII address (write an international domain in its xn-- "
                                 f"form), got {raw!r}")
     return raw
+
+
+# A domain name, or an address literal ("[192.0.2.1]", "[IPv6:2001:db8::1]"), as RFC 5321 has EHLO
+# name the client: nothing that could end the command line early.
+_HELO_NAME = re.compile(r"(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?|\[(?:IPv6:)?[0-9A-Fa-f:.]+\]")
+
+
+def _helo_name(name: str) -> str:
+    if name and not _HELO_NAME.fullmatch(name):
+        raise ConfigError("SMTP_HELO_NAME", f"must be a host name such as mail.example.com, or an address literal "
+                                            f"such as [192.0.2.1], got {name!r}")
+    return name
 
 
 def _ca_file(path: str) -> str:

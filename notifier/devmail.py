@@ -30,6 +30,7 @@ class Received:
     mail_from: str
     rcpt_tos: list[str]
     data: bytes
+    helo: str = ""  # the name the client gave in EHLO or HELO
 
     @property
     def message(self) -> email.message.EmailMessage:
@@ -91,7 +92,8 @@ class CaptureHandler:
             return "421 client went away"
         if self.replies:
             return self.replies.popleft()
-        received = Received(envelope.mail_from, list(envelope.rcpt_tos), bytes(envelope.content))
+        received = Received(envelope.mail_from, list(envelope.rcpt_tos), bytes(envelope.content),
+                            session.host_name or "")
         with self._lock:
             self.messages.append(received)
             number = next(self._counter)

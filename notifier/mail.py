@@ -349,6 +349,7 @@ class SmtpMailer:
             smtp_skip_login=not s.smtp_username,
             soft_email_validation=False,
             timeout=s.smtp_timeout,
+            local_hostname=s.smtp_helo_name or None,  # on to smtplib: the name said in EHLO
             **({"context": self._tls()} if s.smtp_security == "ssl" else {}),  # for smtplib.SMTP_SSL
         )
         try:

@@ -28,8 +28,9 @@ _ACTIVE_SCHEMES = frozenset({"javascript", "vbscript", "data"})
 
 def link(value) -> str:
     """The `link` filter: a caller's value as the target of a link, refused (a TemplateError, so a 422
-    at request time) when it would run script rather than open a page. Its scheme is read as a browser
-    reads it: urlsplit drops the blanks, tabs and line breaks that "java\tscript:" hides behind."""
+    at request time) when it would run script rather than open a page, or names no scheme. Its scheme
+    is read as a browser reads it: urlsplit drops the blanks, tabs and line breaks that "java\tscript:"
+    hides behind."""
     url = str(value)
     try:
         scheme = urlsplit(url).scheme.lower()
@@ -37,6 +38,10 @@ def link(value) -> str:
         raise TemplateRuntimeError("a link in the data is not a URL") from exc
     if scheme in _ACTIVE_SCHEMES:
         raise TemplateRuntimeError(f"a link in the data is a {scheme}: URL; a link must open a page, not run script")
+    if not scheme:
+        # An email has no address of its own for a relative link ("/orders/1", "//host/x") to start
+        # from: each reader makes something else of it, or nothing.
+        raise TemplateRuntimeError("a link in the data has no scheme; give the whole URL, https://...")
     return url
 
 
@@ -173,8 +178,34 @@ def _with_footer(html: str, url: str) -> str:
     uncommented = _COMMENT.sub(lambda comment: " " * len(comment.group()), html)
     ends = [m.start() for m in _BODY_END.finditer(uncommented)]
     if not ends:
-        return html + footer
+        return html + _left_open(html) + footer
     return html[:ends[-1]] + footer + html[ends[-1]:]
+
+
+# What HTML reads as something other than markup up to a closing sequence: a comment, and the elements
+# whose content is text to their end tag (RCDATA and raw text: a browser shows a <textarea>'s as text,
+# runs a <script>'s, shows nothing of a <title>'s in the message).
+_OPENS = re.compile(r"<!--|<(script|style|textarea|title|xmp|iframe|noembed|noframes)\b", re.IGNORECASE)
+_COMMENT_END = re.compile(r"-?>|.*?--!?>", re.DOTALL)
+
+
+def _left_open(html: str) -> str:
+    """What closes a comment or a text-only element that html leaves open at its end ("" when none is):
+    a link appended inside one is a comment's words or a textarea's text, and no reader can click it."""
+    at = 0
+    while (opened := _OPENS.search(html, at)) is not None:
+        if opened.group(1) is None:
+            closed = _COMMENT_END.match(html, opened.end())  # "<!-->" and "<!--->" are whole comments
+        else:
+            # Past its start tag's ">", found with find: a pattern scanning for it from every "<script"
+            # of a body full of them would take quadratic time.
+            if (content := html.find(">", opened.end())) < 0:
+                return ""
+            closed = re.compile(rf"</{opened.group(1)}[\s/>]", re.IGNORECASE).search(html, content + 1)
+        if closed is None:
+            return "-->" if opened.group(1) is None else f"</{opened.group(1).lower()}>"
+        at = closed.end()
+    return ""
 
 
 # An element no reader sees: a hidden preheader is display:none (often with more, mso-hide:all).

@@ -6,6 +6,8 @@ import ctypes
 import logging
 import os
 import sys
+from ipaddress import ip_address
+from urllib.parse import urlsplit
 
 from notifier import logs, resilience, schema
 from notifier.config import Settings
@@ -30,14 +32,31 @@ def configure_logging(settings: Settings) -> None:
     logs.configure(settings.log_level, settings.log_format)
 
 
-def warn_if_links_can_be_forged(settings: Settings) -> None:
+def warn_about_unsubscribe_links(settings: Settings) -> None:
     """Say so at start when SECRET_KEY is unset: the API checks and the worker signs unsubscribe links
     with it, and the development secret is in this repository, so whoever reads it can sign a link
-    that turns any category off for any user of any key, and the API takes it as genuine."""
+    that turns any category off for any user of any key, and the API takes it as genuine. And when
+    PUBLIC_BASE_URL is plain http on an address others reach: mail clients offer one-click unsubscribe
+    (RFC 8058, List-Unsubscribe-Post) only for an https link, so no inbox shows its button."""
     if not settings.secret_key:
         logging.getLogger("notifier").warning(
             "SECRET_KEY is not set: unsubscribe links are signed with the public development secret, so "
             "anyone can forge one; set SECRET_KEY outside development")
+    base = urlsplit(settings.public_base_url)
+    if base.scheme == "http" and not _loopback(base.hostname or ""):
+        logging.getLogger("notifier").warning(
+            "PUBLIC_BASE_URL is http, not https: mail clients offer one-click unsubscribe (RFC 8058) only for "
+            "an https link, and the link travels in the clear")
+
+
+def _loopback(host: str) -> bool:
+    """Whether host is this machine (development, where nobody else follows the links)."""
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def open_database(settings: Settings, wait: bool = False):

@@ -241,6 +241,17 @@ def test_templates_dir_must_hold_an_email_folder(tmp_path):
     assert config_error({"TEMPLATES_DIR": str(tmp_path / "missing")}).setting == "TEMPLATES_DIR"
 
 
+@pytest.mark.parametrize("name", ["mail.example.com", "relay-1", "[192.0.2.1]", "[IPv6:2001:db8::1]"])
+def test_smtp_helo_name_takes_a_host_name_or_an_address_literal(name):
+    assert Settings.from_env({"SMTP_HELO_NAME": f" {name} "}).smtp_helo_name == name
+
+
+@pytest.mark.parametrize("name", ["mail.example.com\r\nRSET", "two words", "-leading.example", "a" * 254,
+                                  "[not an ip]"])
+def test_smtp_helo_name_that_could_break_the_ehlo_line_is_refused_at_start(name):
+    assert config_error({"SMTP_HELO_NAME": name}).setting == "SMTP_HELO_NAME"
+
+
 def test_smtp_ca_file_must_be_a_file_of_certificates(tmp_path):
     (tmp_path / "junk.pem").write_text("not a certificate")
     for path in (tmp_path / "missing.pem", tmp_path / "junk.pem"):

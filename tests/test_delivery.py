@@ -121,6 +121,19 @@ def test_list_unsubscribe_is_never_encoded_and_a_long_link_is_folded_inside_its_
     assert received.message["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
 
 
+def test_the_ehlo_name_is_smtp_helo_name_when_set(pg_settings, smtp):
+    # smtplib gives the machine's fully qualified name, or an address literal ([127.0.0.1]) in a
+    # container without one, which spam filters score against the mail.
+    email = OutgoingEmail(notification_id="n-helo", to="ann@example.com", content=literal("Hi", "Hi.", None))
+    mailer = SmtpMailer(replace(pg_settings, smtp_helo_name="mail.notifier.example"))
+    try:
+        mailer.send(email)
+    finally:
+        mailer.close()
+    (received,) = smtp.wait_for(1)
+    assert received.helo == "mail.notifier.example"
+
+
 class _SevenBitOnly(devmail.CaptureHandler):
     """A server that offers neither 8BITMIME nor SMTPUTF8 (aiosmtpd offers 8BITMIME unasked)."""
 

@@ -183,6 +183,21 @@ def test_a_link_from_data_that_would_run_script_is_refused(client, headers, path
 
 
 @pytest.mark.parametrize("path, payload", [
+    (SEND, {"to": "ada@example.com", "template": "order_confirmation",
+            "data": {"order_id": "A-1", "items": [], "total": "0", "order_url": "/orders/A-1"}}),
+    (SEND, {"to": "ada@example.com", "template": "welcome", "data": {"action_url": "//elsewhere.example/x"}}),
+    (SEND, {"to": "ada@example.com", "template": "password_reset", "data": {"reset_url": "reset?token=1"}}),
+    (SEND, {"to": "ada@example.com", "template": "verification", "data": {"verification_url": "example.com/v/1"}}),
+])
+def test_a_link_from_data_without_a_scheme_is_refused_as_send_verification_refuses_it(client, headers, path, payload):
+    # send-verification refused a relative verification_url; send took it, and any template's other
+    # links, and the email's button led nowhere (or, "//host", wherever each reader made of it).
+    error = _refused(client.post(path, json=payload, headers=headers), 422, "validation_error")
+    assert "has no scheme" in error["details"]["data"][0]
+    assert notification_count() == 0
+
+
+@pytest.mark.parametrize("path, payload", [
     (SEND, {"to": "ada@example.com", "template": "verification",
             "data": {"code": "123456", "unsubscribe_url": "https://example.com/not-ours"}}),
     (SEND, {"to": "ada@example.com", "template": "welcome", "user_id": "u1",

@@ -180,6 +180,19 @@ def test_an_api_without_secret_key_warns_that_unsubscribe_links_can_be_forged(sq
     assert "SECRET_KEY" not in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("base, warned", [
+    ("http://notify.example.com", True), ("http://10.0.0.5:5000", True), ("https://notify.example.com", False),
+    ("http://127.0.0.1:5000", False), ("http://localhost:5000", False), ("http://[::1]:5000", False),
+])
+def test_a_plain_http_public_base_url_others_reach_is_warned_of_at_start(sqlite_settings, sqlite_db, capsys, base,
+                                                                         warned):
+    # RFC 8058 one-click unsubscribe needs an https link: over http no inbox shows its button, and
+    # nothing said so (development on this machine is left alone).
+    create_app(replace(sqlite_settings, secret_key="s3cret", public_base_url=base), redis=fakeredis.FakeRedis())
+    lines = [json.loads(line) for line in capsys.readouterr().err.splitlines() if "PUBLIC_BASE_URL" in line]
+    assert [line["level"] for line in lines] == (["WARNING"] if warned else [])
+
+
 @pytest.mark.integration
 def test_real_processes_log_json_with_ids_and_never_the_address_or_key(pg_settings, pg_db, redis_conn, smtp,
                                                                       tmp_path):

@@ -395,3 +395,30 @@ def test_the_unsubscribe_link_of_a_literal_email_is_never_put_inside_a_comment()
     html = "<html><body><p>Hi</p></body></html><!--[if mso]></body><![endif]-->"
     footed = literal("Sale", "Hi", html, unsubscribe_url="https://n.example/u/t").html
     assert footed.index("Unsubscribe") < footed.index("</body></html><!--[if mso]>")
+
+
+@pytest.mark.parametrize("html, closer", [
+    ("<html><body><p>Hi</p><!-- cut short </body></html>", "-->"),
+    ("<p>Hi</p><script>track()", "</script>"),
+    ("<p>Hi</p><STYLE>p{color:red}", "</style>"),
+    ("<p>Hi</p><textarea>notes", "</textarea>"),
+    ("<p>Hi</p><!-- a --><script>a()</script ><textarea>notes", "</textarea>"),
+])
+def test_the_unsubscribe_link_of_a_literal_email_is_never_left_inside_what_its_html_leaves_open(html, closer):
+    # Appended after a comment the HTML never closed, the link was part of the comment: the email
+    # showed no way out but the List-Unsubscribe header. After an open <textarea>, it showed as text.
+    footed = literal("Sale", "Hi", html, unsubscribe_url="https://n.example/u/t").html
+    assert footed.startswith(html + closer + "<p ")
+    assert footed.endswith('<a href="https://n.example/u/t" target="_blank" style="color:#6b7280;">Unsubscribe</a></p>')
+
+
+@pytest.mark.parametrize("html", ["<p>Hi</p><!-- a --><p>b</p>", "<script>a('<!--')</script><p>b</p>",
+                                  "<textarea>x</textarea><title>t</title>", "<p>Hi</p><scripts>x"])
+def test_a_literal_emails_html_that_closes_what_it_opens_gets_the_link_as_it_is(html):
+    footed = literal("Sale", "Hi", html, unsubscribe_url="https://n.example/u/t").html
+    assert footed.startswith(html + "<p ")
+
+
+def test_closing_what_a_literal_emails_html_leaves_open_takes_linear_time():
+    html = "<p>Hi</p>" + "<script " * 32_000 + "<!-- -->" * 1000 + "<textarea>" * 25_000
+    assert _fastest_of_three(lambda: literal("Sale", "Hi", html, unsubscribe_url="https://n.example/u/t")) < 1
