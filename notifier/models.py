@@ -182,7 +182,10 @@ class Notification(BaseModel):
     text = TextField(null=True)
     html = TextField(null=True)
     priority = CharField(max_length=10, default=Priority.DEFAULT.value)
-    category = CharField(max_length=32, default=Category.TRANSACTIONAL.value)
+    # Its DEFAULT in the DDL too (schema._add_missing_columns): a version-1 table, from before categories, gets
+    # the column in place, every row of it transactional, as all mail then was.
+    category = CharField(max_length=32, default=Category.TRANSACTIONAL.value,
+                         constraints=[SQL(f"DEFAULT '{Category.TRANSACTIONAL.value}'")])
     # Whose preferences apply: user_id when the caller gave one, otherwise "email:<to>".
     user_key = CharField(max_length=330, null=True)
     # For an item that went out inside a digest: the digest notification's id.

@@ -35,6 +35,12 @@ _REPLACED_INDEXES = ("notification_callback_status_updated_at", "notifications_w
                      # 15: one digest per user, category and window, now per address too.
                      "digest_api_key_id_user_key_category_window_end")
 ONE_DIGEST_PER_WINDOW = _REPLACED_INDEXES[-1]
+# Those of notifications, which a release before theirs makes again when it starts against this schema (a
+# rollback, or an old process started during an upgrade) while the version stays: the key-only unique one
+# (versions 1-7) refuses an event's notifications, which share its key (every event with one was a 500), and
+# the others cost each claim and `sent` record a write more. All on one table, so dropping them takes no
+# lock but that table's: a send in flight cannot be waiting for this transaction holding another.
+_MADE_AGAIN_BY_OLDER = tuple(name for name in _REPLACED_INDEXES if name.startswith("notification"))
 _LOCK_ID = 0x6E6F7469  # an arbitrary constant: "noti"
 _KEY_TRIGGER = "notifier_api_keys_changed"
 
@@ -57,7 +63,8 @@ def upgrade(db) -> int:
             # notification_events, where a claim or a `sent` record in flight locks them the other
             # way round: the two deadlocked, every write waited for PostgreSQL's deadlock_timeout,
             # one of them was cancelled (a starting process died of it), and a worker killed
-            # meanwhile sent its email again.
+            # meanwhile sent its email again. Only what an older release made again is dropped.
+            _drop_made_again(db)
             return SCHEMA_VERSION
         # Columns first: an index a new version adds may be on a column it adds.
         _add_missing_columns(db)
@@ -85,6 +92,25 @@ def upgrade(db) -> int:
                            SCHEMA_VERSION)
     logger.debug("schema at version %s", SCHEMA_VERSION)
     return SCHEMA_VERSION
+
+
+def _drop_made_again(db) -> None:
+    """Drop the indexes of notifications this version replaced that an older release made again (read
+    from the catalog: no table is locked when there are none)."""
+    names = list(_MADE_AGAIN_BY_OLDER)
+    if isinstance(db, PostgresqlDatabase):
+        rows = db.execute_sql("SELECT indexname FROM pg_indexes WHERE schemaname = current_schema() "
+                              "AND tablename = 'notifications' AND indexname = ANY(%s)", (names,)).fetchall()
+    else:
+        rows = db.execute_sql("SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'notifications' "
+                              f"AND name IN ({', '.join('?' * len(names))})", names).fetchall()
+    found = sorted(name for (name,) in rows)
+    if not found:
+        return
+    logger.warning("an older release made again indexes of notifications that version %s replaced: dropping %s",
+                   SCHEMA_VERSION, ", ".join(found))
+    for name in found:
+        db.execute_sql(f'DROP INDEX IF EXISTS "{name}"')
 
 
 def drop_one_digest_per_window(db) -> None:

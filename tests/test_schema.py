@@ -144,6 +144,55 @@ def test_an_upgrade_to_version_15_makes_a_digest_per_address_of_a_window(request
             Digest.create(email="home@example.com", notification_id="n-again", **fields)
 
 
+@pytest.mark.parametrize("db_fixture", ["pg_db", "sqlite_db"])
+def test_the_indexes_an_older_release_made_again_go_when_this_one_starts(request, db_fixture, caplog):
+    # A rollback to a version before 8 (or one of its processes started during the upgrade): as it starts it
+    # makes again the unique index of idempotency keys alone, and the schema stays at this version. Left,
+    # every event sent with a key was a 500 (its notifications share the key), as was a send under a key an
+    # event or a batch had used, for good: a process starting on this version ran no DDL.
+    db = request.getfixturevalue(db_fixture)
+    with database.connection_context():
+        key, _ = keys.create("rolled-back")
+        db.execute_sql('CREATE UNIQUE INDEX "notification_api_key_id_idempotency_key" ON "notifications" '
+                       '("api_key_id", "idempotency_key")')
+        db.execute_sql('CREATE INDEX "notification_status_updated_at" ON "notifications" ("status", "updated_at")')
+    assert schema.upgrade(db) == schema.SCHEMA_VERSION
+    assert "notification_api_key_id_idempotency_key, notification_status_updated_at" in caplog.text
+    with database.connection_context():
+        assert not {"notification_api_key_id_idempotency_key", "notification_status_updated_at"} & {
+            index.name for index in db.get_indexes("notifications")}
+    make_notification(key, idempotency_key="order-1", idempotency_scope="event:order.placed:1")
+    make_notification(key, idempotency_key="order-1", idempotency_scope="event:order.placed:2")
+    caplog.clear()
+    assert schema.upgrade(db) == schema.SCHEMA_VERSION  # nothing left to drop: nothing said
+    assert "older release" not in caplog.text
+
+
+@pytest.mark.parametrize("db_fixture", ["pg_db", "sqlite_db"])
+def test_an_upgrade_from_version_1_gives_the_notifications_before_categories_theirs(request, db_fixture):
+    # Version 1 had no categories. Once _add_missing_columns refused a NOT NULL column without its DEFAULT
+    # in the DDL, every process refused to start on a version-1 database (RuntimeError naming
+    # notifications.category): its queued and scheduled mail waited for good.
+    db = request.getfixturevalue(db_fixture)
+    with database.connection_context():
+        key, _ = keys.create("version-1")
+    sent = make_notification(key, Status.SENT)
+    queued = make_notification(key, Status.QUEUED)
+    with database.connection_context():
+        history = [(e.to_status, e.reason) for e in Event.select().where(Event.notification == sent.seq)]
+        for index in db.get_indexes("notifications"):
+            if "category" in index.columns or "category" in (index.sql or ""):
+                db.execute_sql(f'DROP INDEX "{index.name}"')
+        db.execute_sql('ALTER TABLE "notifications" DROP COLUMN "category"')
+        SchemaVersion.update(version=1).execute()
+    assert schema.upgrade(db) == schema.SCHEMA_VERSION
+    with database.connection_context():
+        assert {n.id: n.category for n in Notification.select()} == {sent.id: "transactional",
+                                                                     queued.id: "transactional"}
+        assert [(e.to_status, e.reason) for e in Event.select().where(Event.notification == sent.seq)] == history
+        assert history
+
+
 def test_a_not_null_column_without_its_default_in_the_ddl_is_refused_before_any_ddl_runs(tmp_path):
     # peewee adds such a column nullable, fills it, then sets NOT NULL: on SQLite by copying the table
     # and dropping the original, whose ON DELETE CASCADE empties the child table. The upgrade must stop
