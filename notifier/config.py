@@ -6,7 +6,7 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from email.utils import parseaddr
+from email.utils import getaddresses, parseaddr
 from ipaddress import IPv4Network, IPv6Network, ip_network
 from urllib.parse import urlparse
 
@@ -342,11 +342,13 @@ def _readable_port(name: str, raw: str) -> str:
 
 
 def _mail_from(raw: str, name: str = "MAIL_FROM") -> str:
-    # "Acme <no-reply@acme.test>" and a bare address are both fine; the address part must be whole.
+    # "Acme <no-reply@acme.test>" and a bare address are both fine; the address part must be whole, and
+    # one: parseaddr took the first of "a@x.example, b@y.example" and dropped the rest without a word.
     address = parseaddr(raw)[1]
     local, _, domain = address.rpartition("@")
-    if not local or not domain or any(c in raw for c in "\r\n") or any(c.isspace() for c in address):
-        raise ConfigError(name, f"must be an email address, got {raw!r}")
+    if (not local or not domain or any(c in raw for c in "\r\n") or any(c.isspace() for c in address)
+            or len(getaddresses([raw])) != 1):
+        raise ConfigError(name, f"must be one email address, got {raw!r}")
     if not address.isascii():
         # MAIL_FROM's address goes into MAIL FROM, the From header and every Message-ID, none of which
         # carries it without SMTPUTF8: every email would fail (a Reply-To header neither). The display

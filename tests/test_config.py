@@ -197,6 +197,8 @@ def test_a_url_whose_password_breaks_its_port_is_refused_without_quoting_it(name
         "@example.com",
         "no-reply@bücher.example",  # every email would fail: SMTP without SMTPUTF8 cannot carry it
         "Bücher <jösé@example.com>",
+        "a@example.com, b@example.com",  # kept the first and dropped the second without a word
+        "Acme <a@example.com>, Other <b@example.com>",
     ],
 )
 def test_bad_mail_from_names_mail_from(raw):
@@ -204,7 +206,7 @@ def test_bad_mail_from_names_mail_from(raw):
 
 
 @pytest.mark.parametrize("raw", ["not-an-email", "help@example.com\r\nBcc: victim@example.com",
-                                 "Hilfe <hilfe@bücher.example>"])
+                                 "a@x.example, b@x.example", "Hilfe <hilfe@bücher.example>"])
 def test_bad_reply_to_names_reply_to(raw):
     assert config_error({"REPLY_TO": raw}).setting == "REPLY_TO"
 

@@ -660,10 +660,11 @@ def test_what_a_server_quotes_of_an_email_beyond_ascii_is_masked_as_written_and_
     # "=" is common in the local part of forwarding and bounce addresses (SRS, VERP), which hold
     # another address: masked from the "=" on, the line kept the part before it.
     ("list-bounces+grace=navy.mil@example.com", "l***@example.com", "grace"),
-    # A send takes user@[192.0.2.1] (marshmallow's Email does): the pattern wanted a domain name
+    # A send took user@[192.0.2.1] once (marshmallow's Email does), and rows and a server's answers
+    # may still hold one: the pattern wanted a domain name
     # after the "@", and the mailbox showed whole.
     ("grace.hopper@[192.0.2.1]", "g***@[192.0.2.1]", "hopper"),
-    # A quoted local part, which a send takes too: the quote ended the run, which had to be followed
+    # A quoted local part, which a send took too: the quote ended the run, which had to be followed
     # by the "@", so neither it nor the mailbox was masked.
     ('"grace.hopper"@example.com', '"***@example.com', "hopper"),
     ('%22grace.hopper%22@example.com', '"***@example.com', "hopper"),
