@@ -146,14 +146,14 @@ def create_app(settings: Settings | None = None, *, redis=None) -> Flask:
         if (request.content_length or 0) >= LARGE_REQUEST_BYTES:
             release_free_memory()
 
-    from notifier.api import deadletters, events, health, notifications, suppressions, unsubscribe, users
+    from notifier.api import catalog, deadletters, events, health, notifications, suppressions, unsubscribe, users
 
     app.url_map.converters["user"] = UserIdConverter  # before the routes that use them
     app.url_map.converters["nid"] = NotificationIdConverter
     app.register_blueprint(health.bp)
     app.register_blueprint(notifications.bp)
     app.register_blueprint(deadletters.bp)
-    for blueprint in (events.bp, users.bp, suppressions.bp, unsubscribe.bp):
+    for blueprint in (events.bp, users.bp, suppressions.bp, catalog.bp, unsubscribe.bp):
         app.register_blueprint(blueprint)
     app.register_blueprint(docs.bp)  # /api/openapi.json and /api/docs, built from the routes above
     operators.init_app(app)  # /rq (the RQ dashboard) and /metrics, behind operator basic auth

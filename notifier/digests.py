@@ -307,7 +307,11 @@ def _item(renderer, notification: Notification) -> dict:
             subject, text = renderer.summary(notification.template, notification.data)
         except STOPPING:
             raise
-        except Exception:  # noqa: BLE001 - one broken item must not hold the whole digest back
+        except Exception as exc:  # noqa: BLE001 - one broken item must not hold the whole digest back
+            # Its template removed or broken since it was accepted: listed by name alone, which its
+            # reader cannot act on, so the operator hears of it (never the data, which may be quoted).
+            logger.warning("notification %s: template %r cannot be shown in its digest (%s); listed by name alone",
+                           notification.id, notification.template, type(exc).__name__)
             return {"subject": notification.template.replace("_", " ").capitalize(), "text": ""}
     else:
         # A send of html alone has its words in the html: the text part it would have had alone.

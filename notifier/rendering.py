@@ -22,6 +22,12 @@ TEMPLATE_NAME = re.compile(r"^[a-z0-9][a-z0-9_]{0,99}$")
 UNSUBSCRIBE_URL = "unsubscribe_url"
 # The block of a template that holds its own words, inside the layout (templates/email/_layout.*).
 CONTENT_BLOCK = "content"
+# What a rendered email may hold, as a literal send's (notifier.schemas takes these): a subject of one
+# SMTP line, a part of a million characters. A template's loop over large data could otherwise make an
+# email of any size, built whole in the API at every request and in the worker at every attempt (a
+# nested loop made 100 MB in 3 s), for a server to refuse.
+MAX_SUBJECT_CHARS = 998
+MAX_PART_CHARS = 1_000_000
 # Schemes whose link runs something when clicked instead of opening a page.
 _ACTIVE_SCHEMES = frozenset({"javascript", "vbscript", "data"})
 
@@ -86,6 +92,16 @@ class Renderer:
         has_body = os.path.isfile(self._path(name, "txt")) or os.path.isfile(self._path(name, "html"))
         return has_body and os.path.isfile(self._path(name, "subject.txt"))
 
+    def lacking(self, name: str) -> str:
+        """Why name, which exists() refuses, is no template: what an operator adding one got wrong
+        ("" when nothing of it is there)."""
+        if not TEMPLATE_NAME.match(name or ""):
+            return "a template's name is lower-case letters, digits and _ (at most 100), not starting with _"
+        if not os.path.isfile(self._path(name, "subject.txt")):
+            present = any(os.path.isfile(self._path(name, part)) for part in ("txt", "html"))
+            return f"email/{name}.subject.txt is missing" if present else ""
+        return f"email/{name}.txt and email/{name}.html are both missing"
+
     def names(self) -> list[str]:
         """Every sendable template, sorted."""
         folder = os.path.join(self.root, "email")
@@ -105,14 +121,36 @@ class Renderer:
             html = self._render_part(name, "html", context)
         except TemplateError as exc:
             raise TemplateRenderError(f"template {name!r}: {exc.message or exc}") from exc
+        except UnicodeDecodeError as exc:
+            raise TemplateRenderError(f"template {name!r}: a file of it (or one it extends, includes or imports) "
+                                      f"is not UTF-8: {exc.reason} at byte {exc.start}") from exc
+        except RecursionError as exc:
+            raise TemplateRenderError(f"template {name!r} recurses without end (an include or a macro that calls "
+                                      "itself)") from exc
+        except ArithmeticError as exc:
+            # A division by zero, or a range() over the sandbox's MAX_RANGE: the same on every attempt,
+            # not a 500 at request time and a retry at send time.
+            raise TemplateRenderError(f"template {name!r}: {type(exc).__name__}: {exc}") from exc
         except (TypeError, ValueError, LookupError, AttributeError) as exc:
             # Data of the wrong shape (a number where the template loops over a list) fails inside filters.
             raise TemplateRenderError(f"template {name!r}: the data do not fit: {exc}") from exc
         subject = " ".join((subject or "").split())
         if not subject:
             raise TemplateRenderError(f"template {name!r} rendered an empty subject")
+        for part, rendered, limit in (("subject", subject, MAX_SUBJECT_CHARS), ("text", text, MAX_PART_CHARS),
+                                      ("html", html, MAX_PART_CHARS)):
+            size = len(rendered.rstrip("\n")) if rendered is not None else 0
+            if size > limit:
+                raise TemplateRenderError(f"template {name!r}: its {part} is {size:,} characters, over {limit:,}")
         if text is None and html is not None:
             text = html_to_text(html)
+        if unsubscribe_url is not None:
+            # A template of its own shape (no layout, or a layout without the link) shows the link as a
+            # literal send does: the header alone is no visible way out.
+            if text is not None and unsubscribe_url not in text:
+                text = _with_text_footer(text, unsubscribe_url)
+            if html is not None and unsubscribe_url not in html and escape(unsubscribe_url, quote=True) not in html:
+                html = _with_footer(html, unsubscribe_url)
         return RenderedEmail(subject=subject, text=text, html=html)
 
     def summary(self, name: str, data: dict | None) -> tuple[str, str]:
@@ -130,7 +168,7 @@ class Renderer:
                 break
             try:
                 body = self.env.concat(content(template.new_context(context)))
-            except (TemplateError, TypeError, ValueError, LookupError, AttributeError):
+            except (TemplateError, TypeError, ValueError, LookupError, AttributeError, ArithmeticError, RecursionError):
                 # A block that needs what only the whole template sets up (a top-level {% set %},
                 # super()): the whole text, as before, rather than nothing.
                 break
@@ -141,7 +179,16 @@ class Renderer:
     def _render_part(self, name: str, part: str, context: dict) -> str | None:
         if not os.path.isfile(self._path(name, part)):
             return None
-        return self.env.get_template(f"email/{name}.{part}").render(context).strip() + "\n"
+        # A piece at a time, so a template far past the bound (twice it: blanks around it are dropped)
+        # stops where it is rather than finishing first.
+        limit = 2 * (MAX_SUBJECT_CHARS if part == "subject.txt" else MAX_PART_CHARS)
+        pieces, size = [], 0
+        for piece in self.env.get_template(f"email/{name}.{part}").generate(context):
+            size += len(piece)
+            if size > limit:
+                raise TemplateRuntimeError(f"its {part} part renders over {limit:,} characters")
+            pieces.append(piece)
+        return "".join(pieces).strip() + "\n"
 
 
 def _refuse(message: str):
@@ -156,10 +203,15 @@ def literal(subject: str, text: str | None, html: str | None, unsubscribe_url: s
     if text is None and html is not None:
         text = html_to_text(html)
     if unsubscribe_url is not None:
-        text = f"{(text or '').rstrip()}\n\n--\nUnsubscribe: {unsubscribe_url}\n"
+        text = _with_text_footer(text or "", unsubscribe_url)
         if html is not None:
             html = _with_footer(html, unsubscribe_url)
     return RenderedEmail(subject=" ".join(subject.split()), text=text, html=html)
+
+
+def _with_text_footer(text: str, url: str) -> str:
+    """text with the unsubscribe link after it."""
+    return f"{text.rstrip()}\n\n--\nUnsubscribe: {url}\n"
 
 
 _BODY_END = re.compile(r"</body\s*>", re.IGNORECASE)

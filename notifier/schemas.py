@@ -11,13 +11,14 @@ from marshmallow import RAISE, Schema, ValidationError, fields, validate, valida
 from notifier.callback_targets import resolver_host
 from notifier.consent import ADDRESS_KEY_PREFIX, OPTIONAL_CATEGORIES, valid_timezone
 from notifier.models import Category, DeliveryMode, Priority, Status
+from notifier.rendering import MAX_PART_CHARS, MAX_SUBJECT_CHARS
 from notifier.rules import RULES
 
 PRIORITIES = [p.value for p in Priority]
 CATEGORIES = [c.value for c in Category]
 MODES = [m.value for m in DeliveryMode]
 STATUSES = [s.value for s in Status]
-MAX_BODY_CHARS = 1_000_000
+MAX_BODY_CHARS = MAX_PART_CHARS
 MAX_JSON_DEPTH = 20
 MAX_JSON_NODES = 1000
 # A caller's id for a user, wherever it is given (a body, a query, a path). The column that keeps it
@@ -318,7 +319,7 @@ class SendSchema(DeliveryOptions):
     to = Email(required=True)
     template = fields.String(validate=validate.Length(min=1, max=100))
     data = JsonObject(load_default=dict)
-    subject = fields.String(validate=[validate.Length(min=1, max=998), _header_text])
+    subject = fields.String(validate=[validate.Length(min=1, max=MAX_SUBJECT_CHARS), _header_text])
     text = fields.String(validate=validate.Length(min=1, max=MAX_BODY_CHARS))
     html = fields.String(validate=validate.Length(min=1, max=MAX_BODY_CHARS))
     priority = fields.String(load_default=Priority.DEFAULT.value, validate=validate.OneOf(PRIORITIES))
@@ -336,6 +337,10 @@ class SendSchema(DeliveryOptions):
                 raise ValidationError({"text": ["text or html is required with subject"]})
         else:
             raise ValidationError({"template": ["either template or subject (with text and/or html) is required"]})
+
+
+class PreviewSchema(StrictSchema):
+    data = JsonObject(load_default=dict)
 
 
 class BatchSchema(StrictSchema):

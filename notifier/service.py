@@ -69,7 +69,8 @@ class NotificationService:
                 f"{DIGEST_TEMPLATE!r} is made by notifier from held notifications (see the user's preferences)"]})
         if not self.renderer.exists(name):
             known = ", ".join(n for n in self.renderer.names() if n != DIGEST_TEMPLATE)
-            raise Unprocessable("unknown template", {"template": [f"no template named {name!r}; known: {known}"]})
+            why = f" ({lacking})" if (lacking := self.renderer.lacking(name)) else ""
+            raise Unprocessable("unknown template", {"template": [f"no template named {name!r}{why}; known: {known}"]})
         if UNSUBSCRIBE_URL in (data or {}):
             raise Unprocessable("the data set a template variable notifier sets", {"data": [
                 f"{UNSUBSCRIBE_URL!r} is set by notifier: its own signed link in mail a user can unsubscribe from, "

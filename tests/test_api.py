@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -404,3 +405,40 @@ def test_options_answers_204_with_allow_and_no_body(client, headers, path):
     assert response.get_data() == b""
     assert "Content-Type" not in response.headers
     assert "OPTIONS" in response.headers["Allow"].split(", ")
+
+
+def test_a_template_that_raises_as_it_renders_is_422_not_500(pg_settings, pg_db, redis_conn, headers, tmp_path):
+    # An operator's template dividing by a value of the data, or looping over range(10 ** 6): a 500
+    # that named nothing, until the sandbox's errors were the template's.
+    (tmp_path / "email").mkdir()
+    (tmp_path / "email" / "share.subject.txt").write_text("Your share")
+    (tmp_path / "email" / "share.txt").write_text("{{ total / people }} each")
+    settings = replace(pg_settings, templates_dir=str(tmp_path))
+    client = create_app(settings, redis=redis_conn).test_client()
+
+    payload = {"to": "a@example.com", "template": "share", "data": {"total": 10, "people": 0}}
+    error = _assert_envelope(client.post("/api/notifications/send", json=payload, headers=headers), 422,
+                             "validation_error")
+    assert "ZeroDivisionError" in json.dumps(error["details"])
+    assert _count_rows() == (0, 0)
+
+
+@pytest.mark.parametrize("name, files, why", [
+    ("receipt", ["receipt.html"], "email/receipt.subject.txt is missing"),
+    ("receipt", ["receipt.subject.txt"], "email/receipt.txt and email/receipt.html are both missing"),
+    ("Receipt", ["Receipt.subject.txt", "Receipt.txt"], "lower-case letters, digits and _"),
+    ("receipt", [], None),
+])
+def test_a_template_an_operator_left_incomplete_is_422_saying_what_it_lacks(pg_settings, pg_db, redis_conn, headers,
+                                                                             tmp_path, name, files, why):
+    (tmp_path / "email").mkdir()
+    for file in files:
+        (tmp_path / "email" / file).write_text("Receipt")
+    client = create_app(replace(pg_settings, templates_dir=str(tmp_path)), redis=redis_conn).test_client()
+
+    payload = {"to": "a@example.com", "template": name, "data": {}}
+    error = _assert_envelope(client.post("/api/notifications/send", json=payload, headers=headers), 422,
+                             "validation_error")
+    (message,) = error["details"]["template"]
+    assert message.startswith(f"no template named {name!r}")
+    assert (why in message) if why else ("(" not in message.split(";")[0])

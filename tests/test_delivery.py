@@ -14,6 +14,7 @@ import pytest
 from rq import Queue
 from rq.timeouts import JobTimeoutException, UnixSignalDeathPenalty
 
+from app import create_app
 from notifier import devmail, jobs, unsubscribe
 from notifier.db import database
 from notifier.errors import DeliveryError, PermanentDeliveryError, TransientDeliveryError
@@ -24,7 +25,7 @@ from notifier.queues import QUEUE_NAMES, enqueue_delivery, job_id_for
 from notifier.reconciler import BATCH, reconcile
 from notifier.rendering import literal
 from notifier.runtime import make_renderer
-from tests.helpers import LITERAL, VERIFICATION, make_notification, reload, run_worker_until_idle
+from tests.helpers import LITERAL, VERIFICATION, installed_deliverer, make_notification, reload, run_worker_until_idle
 
 pytestmark = pytest.mark.integration
 
@@ -646,3 +647,29 @@ def test_a_finished_job_leaves_redis_after_finished_job_ttl(pg_settings, app, he
     kept = list(redis_conn.scan_iter(f"*{job_id_for(notification_id)}*"))
     assert kept, "RQ keeps the finished job a while, for rq-dashboard"
     assert all(0 < redis_conn.ttl(key) <= pg_settings.finished_job_ttl == 60 for key in kept)
+
+
+def test_a_template_edited_to_raise_after_the_send_was_accepted_fails_at_once(pg_settings, pg_db, api_key, smtp,
+                                                                             redis_conn, tmp_path):
+    # TEMPLATES_DIR is read at each render: an edit reaches what was accepted before it. One that
+    # raises (here a division by zero) fails the same on every attempt: a dead letter with its
+    # reason at once, not RETRY_INTERVALS' worth of retries.
+    (tmp_path / "email").mkdir()
+    (tmp_path / "email" / "share.subject.txt").write_text("Your share")
+    template = tmp_path / "email" / "share.txt"
+    template.write_text("{{ total }} in all")
+    settings = replace(pg_settings, templates_dir=str(tmp_path))
+    client = create_app(settings, redis=redis_conn).test_client()
+    notification_id = _send(client, {"X-API-Key": api_key[1]}, to="bob@example.com", template="share",
+                            data={"total": 10, "people": 0})
+    template.write_text("{{ total / people }} each")
+
+    with installed_deliverer(settings, redis_conn):
+        run_worker_until_idle(redis_conn)
+
+    assert smtp.count() == 0
+    notification = reload(notification_id)
+    assert (notification.status, notification.attempts) == ("failed", 1)
+    assert "template 'share': ZeroDivisionError" in notification.last_error
+    failed = Queue(QUEUE_NAMES["default"], connection=redis_conn).failed_job_registry
+    assert failed.get_job_ids() == [job_id_for(notification_id)]

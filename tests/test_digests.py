@@ -9,6 +9,7 @@ SMTP server received, and which callbacks the caller got.
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import replace
 from datetime import datetime, timedelta
 
@@ -17,7 +18,8 @@ import pytest
 from peewee import OperationalError
 from rq_scheduler import Scheduler
 
-from notifier import callbacks, deadletters, digests, queues, store
+from app import create_app
+from notifier import callbacks, deadletters, digests, queues, runtime, store
 from notifier.db import bind, database
 from notifier.errors import NotFound, TransientDeliveryError
 from notifier.models import Notification, utcnow
@@ -815,3 +817,27 @@ def test_the_unique_index_of_one_digest_per_window_made_again_by_an_older_proces
         assert "digest_api_key_id_user_key_category_window_end" not in indexes
     finally:  # the schema outlives the test: the next test of this database must not find it
         pg_db.execute_sql('DROP INDEX IF EXISTS "digest_api_key_id_user_key_category_window_end"')
+
+
+def test_an_item_whose_template_was_removed_is_listed_by_name_and_logged(
+        pg_db, redis_conn, fast_settings, headers, smtp, tmp_path, caplog):
+    # Removed (or broken) after it was held: the digest lists it by its template's name alone, which
+    # its reader cannot act on. That went unsaid; the operator hears of it now.
+    templates = tmp_path / "templates"
+    shutil.copytree(runtime.DEFAULT_TEMPLATES_DIR, templates)
+    (templates / "email" / "promo.subject.txt").write_text("Half price")
+    (templates / "email" / "promo.txt").write_text("Half price on {{ thing }}")
+    settings = replace(fast_settings, templates_dir=str(templates))
+    api = create_app(settings, redis=redis_conn).test_client()
+    _prefs(api, headers, {"categories": {"product": "daily"}})
+    payload = {"to": "dora@example.com", "user_id": USER, "template": "promo", "data": {"thing": "tea"}}
+    item = _call(api, headers, "POST", "/api/notifications/send", payload, status=202)["id"]
+    for part in ("subject.txt", "txt"):
+        (templates / "email" / f"promo.{part}").unlink()
+
+    assert _flush(settings, redis_conn, _next_window_closed(settings)) == 1
+
+    (digest,) = _digests(api, headers)
+    assert f"notification {item}: template 'promo' cannot be shown in its digest" in caplog.text
+    assert "tea" not in caplog.text
+    assert digest["status"] == "queued"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import timeit
 
 import pytest
@@ -422,3 +423,81 @@ def test_a_literal_emails_html_that_closes_what_it_opens_gets_the_link_as_it_is(
 def test_closing_what_a_literal_emails_html_leaves_open_takes_linear_time():
     html = "<p>Hi</p>" + "<script " * 32_000 + "<!-- -->" * 1000 + "<textarea>" * 25_000
     assert _fastest_of_three(lambda: literal("Sale", "Hi", html, unsubscribe_url="https://n.example/u/t")) < 1
+
+
+@pytest.mark.parametrize("html", [
+    "{{ 1 / count }}",  # ZeroDivisionError
+    "{% for i in range(10 ** 6) %}x{% endfor %}",  # OverflowError: over the sandbox's MAX_RANGE
+    '{% include "email/loop.html" %}',  # RecursionError: it includes itself
+    "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}",  # RecursionError: a macro calling itself
+])
+def test_a_template_that_raises_as_it_renders_is_a_render_error(tmp_path, html):
+    # A 500 at request time, and at send time (a template edited after the send was accepted) a
+    # transient failure retried for RETRY_INTERVALS' hours, always to fail the same way.
+    write_template(tmp_path, "loop", subject_txt="Hi", html=html)
+
+    with pytest.raises(TemplateRenderError, match="template 'loop'"):
+        Renderer(str(tmp_path)).render("loop", {"count": 0})
+
+
+def test_a_template_file_that_is_not_utf8_says_so(tmp_path):
+    write_template(tmp_path, "latin", subject_txt="Hi")
+    (tmp_path / "email" / "latin.txt").write_bytes("Caf\u00e9 {{ name }}".encode("latin-1"))
+
+    with pytest.raises(TemplateRenderError, match="not UTF-8") as raised:
+        Renderer(str(tmp_path)).render("latin", {"name": "Ada"})
+    assert "the data do not fit" not in str(raised.value)  # the file is wrong, not the caller's data
+
+
+URL = "https://n.example/unsubscribe/tok"
+
+
+@pytest.mark.parametrize("parts, text, html", [
+    # Without the layout: each part ends with the link, as a literal send's does.
+    ({"html": "<html><body><p>Hi {{ name }}</p></body></html>"}, f"Hi Ada\n\n--\nUnsubscribe: {URL}\n",
+     f'<html><body><p>Hi Ada</p><p style="margin:24px 0 0;font-size:12px;line-height:18px;color:#6b7280;">'
+     f'<a href="{URL}" target="_blank" style="color:#6b7280;">Unsubscribe</a></p></body></html>\n'),
+    ({"txt": "Hi {{ name }}"}, f"Hi Ada\n\n--\nUnsubscribe: {URL}\n", None),
+    # A part that shows the link itself is left as it is.
+    ({"txt": "Hi {{ name }}\n{{ unsubscribe_url }}"}, f"Hi Ada\n{URL}\n", None),
+])
+def test_a_template_of_its_own_shape_shows_the_unsubscribe_link(tmp_path, parts, text, html):
+    # The header alone is no visible way out; the shipped layout's footer shows the link, and a
+    # template that does not extend it showed none.
+    write_template(tmp_path, "own", subject_txt="Hi", **parts)
+
+    email = Renderer(str(tmp_path)).render("own", {"name": "Ada"}, unsubscribe_url=URL)
+
+    assert (email.text, email.html) == (text, html)
+    assert Renderer(str(tmp_path)).render("own", {"name": "Ada"}).text.count("Unsubscribe") == 0
+
+
+def test_a_template_extending_the_layout_shows_the_unsubscribe_link_once(renderer):
+    email = renderer.render("welcome", {"name": "Ada"}, unsubscribe_url=URL)
+
+    assert email.text.count(URL) == 1 and email.html.count(URL) == 1
+
+
+@pytest.mark.parametrize("parts, data, said", [
+    # A loop over the data makes an email of any size, built whole at every request and attempt: a
+    # nested loop made 100 MB in 3 s, sent for the server to refuse. Held to a literal send's bounds.
+    ({"html": "{% for a in rows %}{% for b in rows %}{{ a }}{{ b }}{% endfor %}{% endfor %}"},
+     {"rows": ["x" * 100] * 1000}, "renders over 2,000,000"),
+    ({"txt": "{{ word * 1000 }}"}, {"word": "y" * 1001}, "its text is 1,001,000 characters, over 1,000,000"),
+    ({"txt": "Hi", "subject_txt": "Order {{ id }}"}, {"id": "9" * 993}, "its subject is 999 characters, over 998"),
+])
+def test_a_template_rendering_past_an_emails_bounds_is_a_render_error(tmp_path, parts, data, said):
+    write_template(tmp_path, "big", **{"subject_txt": "Hi", **parts})
+
+    started = time.monotonic()
+    with pytest.raises(TemplateRenderError, match=f"template 'big'.*{said}"):
+        Renderer(str(tmp_path)).render("big", data)
+    assert time.monotonic() - started < 5  # stopped early, not after the 20 MB it would have made
+
+
+def test_a_template_rendering_up_to_an_emails_bounds_is_rendered(tmp_path):
+    write_template(tmp_path, "big", subject_txt="{{ s }}", txt="{{ t }}")
+
+    email = Renderer(str(tmp_path)).render("big", {"s": "s" * 998, "t": "t" * 1_000_000})
+
+    assert (len(email.subject), len(email.text)) == (998, 1_000_001)  # the part's line break after it

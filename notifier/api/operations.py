@@ -19,6 +19,7 @@ from notifier.schemas import (
     NotificationSchema,
     PageQuerySchema,
     PreferencesSchema,
+    PreviewSchema,
     SendSchema,
     UtcDateTime,
     VerificationSchema,
@@ -116,6 +117,25 @@ class SuppressionListSchema(PageSchema):
     data = fields.List(fields.Nested(SuppressionSchema), required=True)
 
 
+class TemplateSchema(Schema):
+    name = fields.String(required=True)
+    category = fields.String(required=True, metadata={"description": "the category its mail is in (consent and "
+                                                                      "unsubscribe follow it)"})
+
+
+class TemplateListSchema(Schema):
+    data = fields.List(fields.Nested(TemplateSchema), required=True)
+
+
+class PreviewOutSchema(Schema):
+    template = fields.String(required=True)
+    category = fields.String(required=True)
+    subject = fields.String(required=True)
+    text = fields.String(required=True)
+    html = fields.String(required=True, allow_none=True, metadata={"description": "null for a template without an "
+                                                                                   "HTML part"})
+
+
 class SuppressionRemovedSchema(Schema):
     email = fields.String(required=True)
     suppressed = fields.Boolean(required=True)
@@ -145,6 +165,7 @@ PATH_PARAMETERS = {
                "(an address `to` would take) for the preferences of mail sent to that address without one; a `/` in "
                "it may be written as it is or as `%2F`",
     "email": "the suppressed address",
+    "name": "a template's name, as `GET /api/templates` lists it",
 }
 
 OPERATIONS: dict[tuple[str, str], Op] = {
@@ -213,6 +234,16 @@ OPERATIONS: dict[tuple[str, str], Op] = {
     ("suppressions.delete_suppression", "DELETE"): Op(
         "Mail an address again", "suppressions", ok_schema=SuppressionRemovedSchema,
         errors={404: "`not_found`: the address is not suppressed"}),
+    ("templates.list_templates", "GET"): Op(
+        "The templates a send may name", "templates", ok_schema=TemplateListSchema),
+    ("templates.preview", "POST"): Op(
+        "What a send of a template with this data would put in the email, without sending it", "templates",
+        ok_schema=PreviewOutSchema, body=PreviewSchema,
+        errors={404: "`not_found`: no template of that name"},
+        description="Checked as a send is (a variable the template needs but `data` lack, a link's target with no "
+                    "scheme, ... are 422); stores and sends nothing. In mail a user can unsubscribe from, the "
+                    "footer's link is `PUBLIC_BASE_URL/unsubscribe/preview`, where a real email has its "
+                    "recipient's own signed link."),
     ("health.health", "GET"): Op(
         "Liveness: the process is up", "health", ok_schema=HealthSchema, public=True, uses_database=False),
     ("health.ready", "GET"): Op(

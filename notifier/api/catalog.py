@@ -1,0 +1,43 @@
+"""The templates a key can send, and what one would send with given data, without sending it."""
+
+from __future__ import annotations
+
+from flask import Blueprint, current_app, jsonify
+
+from notifier import rules
+from notifier.api.common import json_body, require_api_key, service
+from notifier.errors import NotFound
+from notifier.models import Category
+from notifier.schemas import PreviewSchema
+from notifier.service import DIGEST_TEMPLATE
+
+bp = Blueprint("templates", __name__, url_prefix="/api/templates")
+bp.before_request(require_api_key)
+_preview = PreviewSchema()
+# Where a real email has its recipient's own signed link (a preview has no recipient); it leads to
+# the unsubscribe page's answer for a link that is not valid, never to anyone's preferences.
+PREVIEW_TOKEN = "preview"
+
+
+@bp.get("")
+def list_templates():
+    """The templates a send may name, each with the category its mail is in."""
+    names = (name for name in service().renderer.names() if name != DIGEST_TEMPLATE)
+    return jsonify(data=[{"name": name, "category": rules.category_of(name).value} for name in names])
+
+
+@bp.post("/<name>/preview")
+def preview(name: str):
+    """What a send of this template with this data would put in the email: checked as a send is."""
+    data = json_body(_preview)["data"]
+    renderer = service().renderer
+    if name == DIGEST_TEMPLATE or not renderer.exists(name):
+        lacking = renderer.lacking(name) if name != DIGEST_TEMPLATE else ""
+        raise NotFound(f"no template named {name!r}{f' ({lacking})' if lacking else ''}; GET /api/templates lists them")
+    service().check_template(name, data)
+    category = rules.category_of(name)
+    unsubscribe_url = None
+    if category != Category.TRANSACTIONAL:
+        unsubscribe_url = f"{current_app.config['NOTIFIER_SETTINGS'].public_base_url}/unsubscribe/{PREVIEW_TOKEN}"
+    email = renderer.render(name, data, unsubscribe_url)
+    return jsonify(template=name, category=category.value, subject=email.subject, text=email.text, html=email.html)
