@@ -110,6 +110,8 @@ class Settings:
     batch_job_size: int = 25
     recipient_cap: str = "20/hour"
     templates_dir: str = ""
+    # TEMPLATE_CATEGORIES: (template, category) of each template given one there, over rules.TEMPLATE_CATEGORIES.
+    template_categories: tuple[tuple[str, str], ...] = ()
     brand_name: str = "notifier"
     log_level: str = "INFO"
     log_format: str = "json"  # or "text", for people reading a terminal
@@ -194,6 +196,7 @@ class Settings:
             batch_job_size=_int(env, "BATCH_JOB_SIZE", defaults.batch_job_size, 1, 1000),
             recipient_cap=_rate(env, "RECIPIENT_CAP", defaults.recipient_cap, allow_empty=True),
             templates_dir=_templates_dir(env.get("TEMPLATES_DIR", defaults.templates_dir)),
+            template_categories=_template_categories(env.get("TEMPLATE_CATEGORIES", "")),
             brand_name=env.get("BRAND_NAME", defaults.brand_name).strip() or defaults.brand_name,
             log_level=_choice(env, "LOG_LEVEL", defaults.log_level, ("DEBUG", "INFO", "WARNING", "ERROR")),
             log_format=_choice(env, "LOG_FORMAT", defaults.log_format, ("json", "text")),
@@ -391,6 +394,27 @@ def _templates_dir(path: str) -> str:
         raise ConfigError("TEMPLATES_DIR", f"must be a folder holding an email/ folder of templates{hint}, "
                                            f"got {path!r}")
     return path
+
+
+def _template_categories(raw: str) -> tuple[tuple[str, str], ...]:
+    """"invoice=transactional, news=marketing": each template's category (for templates of an
+    operator's own, which are otherwise `product`, or to move a shipped one)."""
+    # Imported here: notifier.models imports notifier.db, which imports this module.
+    from notifier.models import DIGEST_TEMPLATE, Category
+    from notifier.rendering import TEMPLATE_NAME
+
+    categories = [c.value for c in Category]
+    pairs: dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in raw.split(","))):
+        name, sep, category = (side.strip() for side in item.partition("="))
+        if not sep or not TEMPLATE_NAME.match(name) or category not in categories:
+            raise ConfigError("TEMPLATE_CATEGORIES", f"must be comma-separated TEMPLATE=CATEGORY pairs, each "
+                                                     f"category one of {', '.join(categories)}, got {item!r}")
+        if name == DIGEST_TEMPLATE or pairs.setdefault(name, category) != category:
+            # A digest holds mail of every category: consent decides per item, never by the digest's.
+            raise ConfigError("TEMPLATE_CATEGORIES", f"names {name!r} twice" if name != DIGEST_TEMPLATE else
+                              "cannot name the digest, whose items keep their own categories")
+    return tuple(pairs.items())
 
 
 def _password(env: Mapping[str, str]) -> str:

@@ -8,7 +8,9 @@ so operators can tune it).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 
 from notifier.models import Category, Priority
 
@@ -42,10 +44,17 @@ RULES: dict[str, tuple[Notify, ...]] = {
 TEMPLATES: tuple[str, ...] = tuple(sorted({notify.template for notifies in RULES.values() for notify in notifies}))
 
 
-def category_of(template: str | None, requested: str | None = None) -> Category:
-    """A template's category; a literal send says its own (transactional unless it says otherwise)."""
+def own_categories(settings) -> Mapping[str, Category]:
+    """The categories TEMPLATE_CATEGORIES gives, over the shipped ones: what category_of takes as own."""
+    return MappingProxyType({**TEMPLATE_CATEGORIES, **{name: Category(c) for name, c in settings.template_categories}})
+
+
+def category_of(template: str | None, requested: str | None = None,
+                own: Mapping[str, Category] = TEMPLATE_CATEGORIES) -> Category:
+    """A template's category (own: own_categories(settings)); a literal send says its own
+    (transactional unless it says otherwise)."""
     if template:
-        return TEMPLATE_CATEGORIES.get(template, UNCATEGORISED)
+        return own.get(template, UNCATEGORISED)
     return Category(requested) if requested else Category.TRANSACTIONAL
 
 

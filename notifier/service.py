@@ -23,6 +23,7 @@ from notifier.models import (
     FINAL_STATUSES,
     ApiKey,
     CallbackStatus,
+    Category,
     Notification,
     Priority,
     Status,
@@ -59,6 +60,12 @@ class NotificationService:
         self.redis = redis
         self.limiter = limiter
         self.recipient_cap = parse_rate(settings.recipient_cap) if settings.recipient_cap else None
+        self.categories = rules.own_categories(settings)
+
+    def recipient(self, payload: dict) -> tuple[str, str, Category]:
+        """(to, user_key, category) of a validated send request: whose consent applies, and to what."""
+        return (payload["to"], consent.user_key_for(payload.get("user_id"), payload["to"]),
+                rules.category_of(payload.get("template"), payload.get("category"), self.categories))
 
     def check_template(self, name: str, data: dict) -> None:
         """Refuse, before anything is stored, a template that does not exist, cannot render, or is the digest."""
@@ -111,7 +118,7 @@ class NotificationService:
         if not payload.get("template"):
             fields["data"] = None
         timing = self._timing(payload)
-        to, user_key, category = _recipient(payload)
+        to, user_key, category = self.recipient(payload)
         if lookup is None:  # one send: its consent answers in one round trip
             lookup = consent.prefetch(api_key.id, [(to, user_key, category)])
         decision = consent.decide(api_key, to=payload["to"], user_key=user_key, category=category,
@@ -246,7 +253,7 @@ class NotificationService:
         db = Notification._meta.database
         known = idempotency.find_many(api_key, list(keys.values()))
         valid = [p for p in payloads if p is not None]
-        lookup = consent.prefetch(api_key.id, (_recipient(p) for p in valid))
+        lookup = consent.prefetch(api_key.id, (self.recipient(p) for p in valid))
         drafts = []
         first_under: dict[idempotency.Key, int] = {}
         for index, payload in enumerate(payloads):
@@ -523,7 +530,3 @@ def _replay(earlier: Notification, *request_hashes: str | None) -> Notification:
     return earlier
 
 
-def _recipient(payload: dict) -> tuple[str, str, str]:
-    """(to, user_key, category) of a validated send request: whose consent applies, and to what."""
-    return (payload["to"], consent.user_key_for(payload.get("user_id"), payload["to"]),
-            rules.category_of(payload.get("template"), payload.get("category")))

@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
 import pytest
 from rq import Queue
 
+from app import create_app
+from notifier.config import Settings
+from notifier.errors import ConfigError
 from notifier.queues import QUEUE_NAMES
-from tests.helpers import notification_count, run_worker_until_idle
+from tests.helpers import installed_deliverer, notification_count, run_worker_until_idle
 
 pytestmark = pytest.mark.integration
 
+TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 ORDER = {"order_id": "A-1001", "name": "Ada", "items": [{"name": "Mug", "quantity": 2, "price": "9.50"}],
          "total": "19.00", "order_url": "https://shop.example/orders/A-1001"}
 
@@ -97,3 +105,54 @@ def test_a_preview_body_that_is_wrong_is_refused_as_a_sends_is(client, headers, 
 def test_templates_need_an_api_key(client):
     assert client.get("/api/templates").status_code == 401
     assert client.post("/api/templates/welcome/preview", json={}).status_code == 401
+
+
+def test_template_categories_put_an_operators_own_templates_where_they_belong(pg_settings, pg_db, redis_conn,
+                                                                               headers, smtp, tmp_path):
+    # An own template was `product` unless notifier/rules.py was edited: an invoice could be turned
+    # off by a user, held for a digest, and carried an unsubscribe link.
+    shutil.copytree(TEMPLATES, tmp_path, dirs_exist_ok=True)
+    for name in ("invoice", "news", "tips"):
+        (tmp_path / "email" / f"{name}.subject.txt").write_text(name.capitalize())
+        (tmp_path / "email" / f"{name}.txt").write_text(f"Your {name}, {{{{ name }}}}.")
+    settings = replace(pg_settings, templates_dir=str(tmp_path), template_categories=Settings.from_env(
+        {"TEMPLATE_CATEGORIES": "invoice=transactional, news = marketing,welcome=marketing"}).template_categories)
+    client = create_app(settings, redis=redis_conn).test_client()
+
+    listed = {t["name"]: t["category"] for t in client.get("/api/templates", headers=headers).get_json()["data"]}
+    assert {n: listed[n] for n in ("invoice", "news", "tips", "welcome", "verification")} == {
+        "invoice": "transactional", "news": "marketing", "tips": "product", "welcome": "marketing",
+        "verification": "transactional"}
+    off = {"categories": {"product": "off", "marketing": "off"}}
+    assert client.put("/api/users/u1/preferences", json=off, headers=headers).status_code == 200
+
+    statuses = {}
+    for name in ("invoice", "news", "tips", "welcome"):
+        sent = client.post("/api/notifications/send", headers=headers,
+                           json={"to": "ada@example.com", "user_id": "u1", "template": name, "data": {"name": "Ada"}})
+        assert sent.status_code == 202, sent.get_data(as_text=True)
+        statuses[name] = sent.get_json()["status"]
+    assert statuses == {"invoice": "queued", "news": "suppressed", "tips": "suppressed", "welcome": "suppressed"}
+    with installed_deliverer(settings, redis_conn):
+        run_worker_until_idle(redis_conn)
+    (received,) = smtp.wait_for(1)
+    assert received.message["Subject"] == "Invoice" and received.message["List-Unsubscribe"] is None
+    assert "unsubscribe" not in received.message.get_content().lower()  # transactional: no footer link
+    preview = client.post("/api/templates/invoice/preview", json={"data": {"name": "Ada"}}, headers=headers)
+    assert preview.get_json()["category"] == "transactional"
+
+
+@pytest.mark.parametrize("raw, said", [
+    ("invoice", "TEMPLATE=CATEGORY"), ("invoice=billing", "one of transactional"), ("=transactional", "pairs"),
+    ("Invoice=transactional", "pairs"), ("digest=transactional", "cannot name the digest"),
+    ("invoice=transactional,invoice=marketing", "names 'invoice' twice"),
+])
+def test_template_categories_that_are_wrong_are_refused_at_start(raw, said):
+    with pytest.raises(ConfigError, match="TEMPLATE_CATEGORIES") as refused:
+        Settings.from_env({"TEMPLATE_CATEGORIES": raw})
+    assert said in str(refused.value)
+
+
+def test_template_categories_are_none_unless_given():
+    assert Settings.from_env({}).template_categories == ()
+    assert Settings.from_env({"TEMPLATE_CATEGORIES": " , "}).template_categories == ()

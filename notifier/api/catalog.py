@@ -23,7 +23,8 @@ PREVIEW_TOKEN = "preview"
 def list_templates():
     """The templates a send may name, each with the category its mail is in."""
     names = (name for name in service().renderer.names() if name != DIGEST_TEMPLATE)
-    return jsonify(data=[{"name": name, "category": rules.category_of(name).value} for name in names])
+    own = service().categories
+    return jsonify(data=[{"name": name, "category": rules.category_of(name, own=own).value} for name in names])
 
 
 @bp.post("/<name>/preview")
@@ -35,7 +36,7 @@ def preview(name: str):
         lacking = renderer.lacking(name) if name != DIGEST_TEMPLATE else ""
         raise NotFound(f"no template named {name!r}{f' ({lacking})' if lacking else ''}; GET /api/templates lists them")
     service().check_template(name, data)
-    category = rules.category_of(name)
+    category = rules.category_of(name, own=service().categories)
     unsubscribe_url = None
     if category != Category.TRANSACTIONAL:
         unsubscribe_url = f"{current_app.config['NOTIFIER_SETTINGS'].public_base_url}/unsubscribe/{PREVIEW_TOKEN}"
