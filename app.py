@@ -29,6 +29,7 @@ from notifier.runtime import (
     make_renderer,
     open_database,
     release_free_memory,
+    warn_about_templates,
     warn_about_unsubscribe_links,
 )
 from notifier.service import NotificationService
@@ -108,6 +109,7 @@ def create_app(settings: Settings | None = None, *, redis=None) -> Flask:
     settings = settings or load_settings()
     configure_logging(settings)
     warn_about_unsubscribe_links(settings)
+    warn_about_templates(settings)
     app = Api(__name__)
     # werkzeug answers a path with `//` in it by a 308 to the merged path, with an HTML body: outside
     # the error envelope, and a second request for a path no client meant. It is a 404 like any other.

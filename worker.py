@@ -23,7 +23,13 @@ from notifier import failed_jobs, jobs, logs, metrics
 from notifier.errors import PermanentDeliveryError
 from notifier.queues import REQUEST_ID_META, all_queues, connect_redis, mark_memory
 from notifier.resilience import REDIS_POLL_SECONDS, WAIT_LOG_SECONDS, run_until_stopped
-from notifier.runtime import build_deliverer, configure_logging, load_settings, warn_about_unsubscribe_links
+from notifier.runtime import (
+    build_deliverer,
+    configure_logging,
+    load_settings,
+    warn_about_templates,
+    warn_about_unsubscribe_links,
+)
 
 logger = logging.getLogger("notifier.worker")
 
@@ -348,6 +354,7 @@ def main() -> None:
     configure_logging(settings)
     logging.getLogger("rq.worker").addFilter(REDIS_AWAY)
     warn_about_unsubscribe_links(settings)
+    warn_about_templates(settings)
     parent = os.getpid()
     os.register_at_fork(after_in_child=lambda: _die_with_parent(parent))
     connection = connect_redis(settings.redis_url)

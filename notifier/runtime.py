@@ -49,6 +49,31 @@ def warn_about_unsubscribe_links(settings: Settings) -> None:
             "an https link, and the link travels in the clear")
 
 
+def warn_about_templates(settings: Settings) -> None:
+    """Say so at start when TEMPLATES_DIR lacks a template notifier sends on its own (a folder of an
+    operator's templates alone: every digest failed into the dead-letter queue with its items, and an
+    event or send-verification was a 422), or TEMPLATE_CATEGORIES names one it does not hold (a typo
+    leaves that template `product`)."""
+    from notifier.models import DIGEST_TEMPLATE
+    from notifier.rules import RULES
+
+    renderer = make_renderer(settings)
+    needed = {DIGEST_TEMPLATE: "every digest"}
+    for event, notifies in RULES.items():
+        for notify in notifies:
+            needed.setdefault(notify.template, f"the event {event}")
+    needed["verification"] = "send-verification"
+    missing = [f"{name} ({use})" for name, use in needed.items() if not renderer.exists(name)]
+    if missing:
+        logging.getLogger("notifier").warning(
+            "%s lacks templates notifier sends itself, which fail without them: %s; copy them from "
+            "templates/email/", templates_dir(settings), ", ".join(missing))
+    unknown = [name for name, _ in settings.template_categories if not renderer.exists(name)]
+    if unknown:
+        logging.getLogger("notifier").warning("TEMPLATE_CATEGORIES names templates %s does not hold: %s",
+                                              templates_dir(settings), ", ".join(unknown))
+
+
 def _loopback(host: str) -> bool:
     """Whether host is this machine (development, where nobody else follows the links)."""
     if host == "localhost" or host.endswith(".localhost"):

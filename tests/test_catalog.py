@@ -156,3 +156,29 @@ def test_template_categories_that_are_wrong_are_refused_at_start(raw, said):
 def test_template_categories_are_none_unless_given():
     assert Settings.from_env({}).template_categories == ()
     assert Settings.from_env({"TEMPLATE_CATEGORIES": " , "}).template_categories == ()
+
+
+def test_a_templates_dir_without_what_notifier_sends_itself_is_warned_of_at_start(pg_settings, pg_db, redis_conn,
+                                                                                  tmp_path, caplog):
+    # A folder of an operator's own templates alone: every digest failed into the dead-letter queue
+    # with its items, and each event and send-verification was a 422, with nothing said at start.
+    (tmp_path / "email").mkdir()
+    (tmp_path / "email" / "invoice.subject.txt").write_text("Invoice")
+    (tmp_path / "email" / "invoice.txt").write_text("Yours")
+    settings = replace(pg_settings, templates_dir=str(tmp_path),
+                       template_categories=(("invoice", "transactional"), ("invoise", "marketing")))
+    with caplog.at_level("WARNING", logger="notifier"):
+        create_app(settings, redis=redis_conn)
+
+    (lacking,) = [r.getMessage() for r in caplog.records if "lacks templates" in r.getMessage()]
+    for said in ("digest (every digest)", "welcome (the event user.signup)", "verification (send-verification)",
+                 "password_reset (the event password.reset_requested)", "order_confirmation (the event order.placed)"):
+        assert said in lacking
+    (typo,) = [r.getMessage() for r in caplog.records if "TEMPLATE_CATEGORIES names" in r.getMessage()]
+    assert typo.endswith(": invoise")
+
+
+def test_the_shipped_templates_lack_nothing(pg_settings, pg_db, redis_conn, caplog):
+    with caplog.at_level("WARNING", logger="notifier"):
+        create_app(pg_settings, redis=redis_conn)
+    assert not [r for r in caplog.records if "templates" in r.getMessage()]
