@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 from jinja2 import FileSystemLoader, StrictUndefined, TemplateError, TemplateRuntimeError, select_autoescape
 from jinja2.sandbox import SandboxedEnvironment
 
-from notifier.errors import PermanentDeliveryError
+from notifier.errors import PermanentDeliveryError, TransientDeliveryError
 
 TEMPLATE_NAME = re.compile(r"^[a-z0-9][a-z0-9_]{0,99}$")
 # The variable the layouts show the unsubscribe link from. notifier sets it when it sends (a link of
@@ -52,7 +52,14 @@ def link(value) -> str:
 
 
 class TemplateRenderError(PermanentDeliveryError):
-    """The template is missing, broken, or lacks a variable: sending again will not help."""
+    """The template is broken, or lacks a variable: sending again will not help."""
+
+
+class TemplateMissing(TransientDeliveryError):
+    """No template of that name here, though the API knew it when it accepted the send: a deploy under
+    way (a worker of the release before the template's, a folder being replaced). Tried again at
+    RETRY_INTERVALS, an ERROR each time, then the dead-letter queue; failed at the first attempt,
+    the worker of the release before failed for good each send of a template the new API took."""
 
 
 @dataclass(frozen=True)
@@ -113,7 +120,7 @@ class Renderer:
         unsubscribe link (None: none shown, whatever the data hold); TemplateRenderError if that
         cannot be done."""
         if not self.exists(name):
-            raise TemplateRenderError(f"unknown template {name!r}")
+            raise TemplateMissing(f"unknown template {name!r}", operator=True)
         context = {**(data or {}), UNSUBSCRIBE_URL: unsubscribe_url}
         try:
             subject = self._render_part(name, "subject.txt", context)

@@ -31,7 +31,7 @@ from notifier.models import (
     utcnow,
 )
 from notifier.ratelimit import Limiter, parse_rate
-from notifier.rendering import UNSUBSCRIBE_URL, Renderer, TemplateRenderError
+from notifier.rendering import UNSUBSCRIBE_URL, RenderedEmail, Renderer, TemplateMissing, TemplateRenderError
 
 logger = logging.getLogger(__name__)
 
@@ -67,8 +67,9 @@ class NotificationService:
         return (payload["to"], consent.user_key_for(payload.get("user_id"), payload["to"]),
                 rules.category_of(payload.get("template"), payload.get("category"), self.categories))
 
-    def check_template(self, name: str, data: dict) -> None:
-        """Refuse, before anything is stored, a template that does not exist, cannot render, or is the digest."""
+    def check_template(self, name: str, data: dict, unsubscribe_url: str | None = None) -> RenderedEmail:
+        """Refuse, before anything is stored, a template that does not exist, cannot render, or is the digest;
+        return what it renders (with unsubscribe_url, as rendering.Renderer.render takes it)."""
         # The digest is made by notifier from held notifications. Sent by a caller, it went out as a digest
         # of nothing, which the digest paths (callbacks owed for its items, its requeue) then handled.
         if name == DIGEST_TEMPLATE:
@@ -83,7 +84,9 @@ class NotificationService:
                 f"{UNSUBSCRIBE_URL!r} is set by notifier: its own signed link in mail a user can unsubscribe from, "
                 "none in transactional mail"]})
         try:
-            self.renderer.render(name, data)
+            return self.renderer.render(name, data, unsubscribe_url)
+        except TemplateMissing as exc:  # removed since exists() found it
+            raise Unprocessable("unknown template", {"template": [str(exc)]}) from exc
         except TemplateRenderError as exc:
             raise Unprocessable("the template cannot be rendered with this data", {"data": [str(exc)]}) from exc
 

@@ -35,10 +35,9 @@ def preview(name: str):
     if name == DIGEST_TEMPLATE or not renderer.exists(name):
         lacking = renderer.lacking(name) if name != DIGEST_TEMPLATE else ""
         raise NotFound(f"no template named {name!r}{f' ({lacking})' if lacking else ''}; GET /api/templates lists them")
-    service().check_template(name, data)
     category = rules.category_of(name, own=service().categories)
     unsubscribe_url = None
     if category != Category.TRANSACTIONAL:
         unsubscribe_url = f"{current_app.config['NOTIFIER_SETTINGS'].public_base_url}/unsubscribe/{PREVIEW_TOKEN}"
-    email = renderer.render(name, data, unsubscribe_url)
+    email = service().check_template(name, data, unsubscribe_url)
     return jsonify(template=name, category=category.value, subject=email.subject, text=email.text, html=email.html)
