@@ -397,8 +397,8 @@ def _templates_dir(path: str) -> str:
 
 
 def _template_categories(raw: str) -> tuple[tuple[str, str], ...]:
-    """"invoice=transactional, news=marketing": each template's category (for templates of an
-    operator's own, which are otherwise `product`, or to move a shipped one)."""
+    """Each template's category, from pairs like "invoice=transactional, news=marketing": for
+    templates of an operator's own, which are otherwise `product`, or to move a shipped one."""
     # Imported here: notifier.models imports notifier.db, which imports this module.
     from notifier.models import DIGEST_TEMPLATE, Category
     from notifier.rendering import TEMPLATE_NAME
@@ -410,10 +410,11 @@ def _template_categories(raw: str) -> tuple[tuple[str, str], ...]:
         if not sep or not TEMPLATE_NAME.match(name) or category not in categories:
             raise ConfigError("TEMPLATE_CATEGORIES", f"must be comma-separated TEMPLATE=CATEGORY pairs, each "
                                                      f"category one of {', '.join(categories)}, got {item!r}")
-        if name == DIGEST_TEMPLATE or pairs.setdefault(name, category) != category:
+        if name == DIGEST_TEMPLATE or name in pairs:
             # A digest holds mail of every category: consent decides per item, never by the digest's.
             raise ConfigError("TEMPLATE_CATEGORIES", f"names {name!r} twice" if name != DIGEST_TEMPLATE else
                               "cannot name the digest, whose items keep their own categories")
+        pairs[name] = category
     return tuple(pairs.items())
 
 

@@ -10,7 +10,14 @@ from html.parser import HTMLParser
 from itertools import chain
 from urllib.parse import urlsplit
 
-from jinja2 import FileSystemLoader, StrictUndefined, TemplateError, TemplateRuntimeError, select_autoescape
+from jinja2 import (
+    FileSystemLoader,
+    StrictUndefined,
+    TemplateError,
+    TemplateNotFound,
+    TemplateRuntimeError,
+    select_autoescape,
+)
 from jinja2.sandbox import SandboxedEnvironment
 
 from notifier.errors import PermanentDeliveryError, TransientDeliveryError
@@ -56,10 +63,10 @@ class TemplateRenderError(PermanentDeliveryError):
 
 
 class TemplateMissing(TransientDeliveryError):
-    """No template of that name here, though the API knew it when it accepted the send: a deploy under
-    way (a worker of the release before the template's, a folder being replaced). Tried again at
-    RETRY_INTERVALS, an ERROR each time, then the dead-letter queue; failed at the first attempt,
-    the worker of the release before failed for good each send of a template the new API took."""
+    """The template, or a file it uses, is not here, though the API rendered it when it accepted the
+    send: a deploy under way (a worker of the release before the template's). Tried again at
+    RETRY_INTERVALS, an ERROR each time, then the dead-letter queue. As a permanent failure it made
+    a dead letter of every send of a new template that a worker of the release before took."""
 
 
 @dataclass(frozen=True)
@@ -117,8 +124,8 @@ class Renderer:
 
     def render(self, name: str, data: dict | None, unsubscribe_url: str | None = None) -> RenderedEmail:
         """Render the three parts of template name with the caller's data and notifier's own
-        unsubscribe link (None: none shown, whatever the data hold); TemplateRenderError if that
-        cannot be done."""
+        unsubscribe link (None: none shown, whatever the data hold). TemplateRenderError if that
+        cannot be done; TemplateMissing if it, or a file it uses, is not there."""
         if not self.exists(name):
             raise TemplateMissing(f"unknown template {name!r}", operator=True)
         context = {**(data or {}), UNSUBSCRIBE_URL: unsubscribe_url}
@@ -126,6 +133,10 @@ class Renderer:
             subject = self._render_part(name, "subject.txt", context)
             text = self._render_part(name, "txt", context)
             html = self._render_part(name, "html", context)
+        except TemplateNotFound as exc:
+            # A file it extends, includes or imports (or a part of its own) gone since it was found: a
+            # deploy under way, as when the template itself is missing.
+            raise TemplateMissing(f"template {name!r}: {exc.name} is missing", operator=True) from exc
         except TemplateError as exc:
             raise TemplateRenderError(f"template {name!r}: {exc.message or exc}") from exc
         except UnicodeDecodeError as exc:
@@ -188,12 +199,15 @@ class Renderer:
             return None
         # A piece at a time, so a template far past the bound (twice it: blanks around it are dropped)
         # stops where it is rather than finishing first.
-        limit = 2 * (MAX_SUBJECT_CHARS if part == "subject.txt" else MAX_PART_CHARS)
+        bound = MAX_SUBJECT_CHARS if part == "subject.txt" else MAX_PART_CHARS
+        limit = 2 * bound
         pieces, size = [], 0
         for piece in self.env.get_template(f"email/{name}.{part}").generate(context):
             size += len(piece)
             if size > limit:
-                raise TemplateRuntimeError(f"its {part} part renders over {limit:,} characters")
+                # Said as render() says a part past its bound: the bound it is held to, then where it stopped.
+                shown = {"subject.txt": "subject", "txt": "text"}.get(part, part)
+                raise TemplateRuntimeError(f"its {shown} is over {bound:,} characters (stopped at {limit:,})")
             pieces.append(piece)
         return "".join(pieces).strip() + "\n"
 

@@ -13,6 +13,8 @@ from notifier import logs, resilience, schema
 from notifier.config import Settings
 from notifier.db import UNAVAILABLE_ERRORS, bind, is_postgres
 from notifier.errors import ConfigError
+from notifier.models import DIGEST_TEMPLATE
+from notifier.rules import RULES
 
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_TEMPLATES_DIR = os.path.join(PROJECT_ROOT, "templates")
@@ -54,9 +56,6 @@ def warn_about_templates(settings: Settings) -> None:
     operator's templates alone: every digest failed into the dead-letter queue with its items, and an
     event or send-verification was a 422), or TEMPLATE_CATEGORIES names one it does not hold (a typo
     leaves that template `product`)."""
-    from notifier.models import DIGEST_TEMPLATE
-    from notifier.rules import RULES
-
     renderer = make_renderer(settings)
     needed = {DIGEST_TEMPLATE: "every digest"}
     for event, notifies in RULES.items():

@@ -122,6 +122,9 @@ def _plain_address(value: str) -> None:
         raise ValidationError("must name a domain after the @, not an address literal")
     if "." not in domain:
         raise ValidationError("must name a domain with a dot in it after the @ (not localhost)")
+    if domain.lower().endswith(".localhost"):
+        # RFC 6761: every name under .localhost is this machine, as "localhost" is (runtime._loopback).
+        raise ValidationError("must name a domain after the @, not one under .localhost")
 
 
 def _within_smtp_limits(value: str) -> None:

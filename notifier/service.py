@@ -34,6 +34,10 @@ from notifier.ratelimit import Limiter, parse_rate
 from notifier.rendering import UNSUBSCRIBE_URL, RenderedEmail, Renderer, TemplateMissing, TemplateRenderError
 
 logger = logging.getLogger(__name__)
+# The token of the unsubscribe link a template is checked with before a send is stored, and a preview
+# shows: where a real email has its recipient's own signed link. It leads to the unsubscribe page's
+# answer for a link that is not valid, never to anyone's preferences.
+PREVIEW_TOKEN = "preview"
 
 VERIFICATION_TEMPLATE = "verification"
 # How often a batch is stored again after PostgreSQL broke a deadlock by rolling it back.
@@ -67,6 +71,12 @@ class NotificationService:
         return (payload["to"], consent.user_key_for(payload.get("user_id"), payload["to"]),
                 rules.category_of(payload.get("template"), payload.get("category"), self.categories))
 
+    def sample_unsubscribe_url(self, category: Category) -> str | None:
+        """The unsubscribe link a template of category is checked with: like its email's; None if transactional."""
+        if category == Category.TRANSACTIONAL:
+            return None
+        return f"{self.settings.public_base_url}/unsubscribe/{PREVIEW_TOKEN}"
+
     def check_template(self, name: str, data: dict, unsubscribe_url: str | None = None) -> RenderedEmail:
         """Refuse, before anything is stored, a template that does not exist, cannot render, or is the digest;
         return what it renders (with unsubscribe_url, as rendering.Renderer.render takes it)."""
@@ -85,8 +95,8 @@ class NotificationService:
                 "none in transactional mail"]})
         try:
             return self.renderer.render(name, data, unsubscribe_url)
-        except TemplateMissing as exc:  # removed since exists() found it
-            raise Unprocessable("unknown template", {"template": [str(exc)]}) from exc
+        except TemplateMissing as exc:  # a file it uses is missing, or it went since exists() found it
+            raise Unprocessable("the template or a file it uses is missing", {"template": [str(exc)]}) from exc
         except TemplateRenderError as exc:
             raise Unprocessable("the template cannot be rendered with this data", {"data": [str(exc)]}) from exc
 
@@ -113,15 +123,18 @@ class NotificationService:
     def _prepare(self, api_key: ApiKey, payload: dict, key: idempotency.Key | None, request_hash: str | None,
                  lookup: consent.Lookup | None = None) -> Draft:
         """draft() once the key is known to be new: the row to store under key, with request_hash."""
+        to, user_key, category = self.recipient(payload)
         if payload.get("template"):
-            self.check_template(payload["template"], payload["data"])
+            # With the link its email will have (the worker sets it): rendered without, a template showing
+            # it through `link` was refused at every send its preview showed, and one that fails only
+            # beside the link was accepted, to fail for good at its first attempt.
+            self.check_template(payload["template"], payload["data"], self.sample_unsubscribe_url(category))
         if payload.get("callback_url"):
             self.check_callback_url(payload["callback_url"])
         fields = {name: payload.get(name) for name in MESSAGE_FIELDS}
         if not payload.get("template"):
             fields["data"] = None
         timing = self._timing(payload)
-        to, user_key, category = self.recipient(payload)
         if lookup is None:  # one send: its consent answers in one round trip
             lookup = consent.prefetch(api_key.id, [(to, user_key, category)])
         decision = consent.decide(api_key, to=payload["to"], user_key=user_key, category=category,

@@ -88,6 +88,34 @@ def test_a_preview_refuses_what_a_send_refuses(client, headers, redis_conn, smtp
     _nothing_stored_or_queued(redis_conn, smtp)
 
 
+@pytest.mark.parametrize("body, preview, send", [
+    # Its own link, shown through `link` as the layout shows it: every send was refused ("a link in
+    # the data has no scheme", the check rendered it without the link), while its preview showed it.
+    ('<p>News</p><a href="{{ unsubscribe_url|link }}">Stop these</a>', 200, 202),
+    # Failing only beside the link: accepted, then failed for good at its first attempt.
+    ("<p>News</p>{% if unsubscribe_url %}{{ 1 / 0 }}{% endif %}", 422, 422),
+])
+def test_a_send_is_checked_with_the_unsubscribe_link_its_email_has(pg_settings, pg_db, redis_conn, headers, smtp,
+                                                                    tmp_path, body, preview, send):
+    (tmp_path / "email").mkdir()
+    (tmp_path / "email" / "news.subject.txt").write_text("News")
+    (tmp_path / "email" / "news.html").write_text(body)
+    settings = replace(pg_settings, templates_dir=str(tmp_path))
+    client = create_app(settings, redis=redis_conn).test_client()
+
+    assert client.post("/api/templates/news/preview", json={"data": {}}, headers=headers).status_code == preview
+    sent = client.post("/api/notifications/send", headers=headers, json={"to": "ada@example.com", "template": "news"})
+    assert sent.status_code == send, sent.get_data(as_text=True)
+    with installed_deliverer(settings, redis_conn):
+        run_worker_until_idle(redis_conn)
+    if send == 202:
+        (received,) = smtp.wait_for(1)
+        link = received.message["List-Unsubscribe"].strip("<>")
+        assert f'href="{link}"' in received.message.get_body(("html",)).get_content()
+    else:
+        assert notification_count() == 0 and smtp.count() == 0
+
+
 @pytest.mark.parametrize("name", ["digest", "no_such_template", "..%2Fverification", "_layout"])
 def test_a_preview_of_a_template_a_send_cannot_name_is_not_found(client, headers, name):
     error = _preview(client, headers, name, {}, status=404)["error"]
@@ -146,6 +174,7 @@ def test_template_categories_put_an_operators_own_templates_where_they_belong(pg
     ("invoice", "TEMPLATE=CATEGORY"), ("invoice=billing", "one of transactional"), ("=transactional", "pairs"),
     ("Invoice=transactional", "pairs"), ("digest=transactional", "cannot name the digest"),
     ("invoice=transactional,invoice=marketing", "names 'invoice' twice"),
+    ("invoice=transactional,invoice=transactional", "names 'invoice' twice"),  # as the README says
 ])
 def test_template_categories_that_are_wrong_are_refused_at_start(raw, said):
     with pytest.raises(ConfigError, match="TEMPLATE_CATEGORIES") as refused:
@@ -182,3 +211,19 @@ def test_the_shipped_templates_lack_nothing(pg_settings, pg_db, redis_conn, capl
     with caplog.at_level("WARNING", logger="notifier"):
         create_app(pg_settings, redis=redis_conn)
     assert not [r for r in caplog.records if "templates" in r.getMessage()]
+
+
+def test_a_send_of_a_template_whose_layout_is_missing_is_a_422_naming_it(pg_settings, pg_db, redis_conn, headers,
+                                                                         tmp_path):
+    (tmp_path / "email").mkdir()
+    (tmp_path / "email" / "note.subject.txt").write_text("Note")
+    (tmp_path / "email" / "note.html").write_text('{% extends "email/_layout.html" %}')
+    client = create_app(replace(pg_settings, templates_dir=str(tmp_path)), redis=redis_conn).test_client()
+
+    for path, body in (("/api/templates/note/preview", {}),
+                       ("/api/notifications/send", {"to": "ada@example.com", "template": "note"})):
+        response = client.post(path, json=body, headers=headers)
+        assert response.status_code == 422
+        assert response.get_json()["error"]["details"] == {
+            "template": ["template 'note': email/_layout.html is missing"]}
+    assert notification_count() == 0

@@ -675,31 +675,36 @@ def test_a_template_edited_to_raise_after_the_send_was_accepted_fails_at_once(pg
     assert failed.get_job_ids() == [job_id_for(notification_id)]
 
 
+@pytest.mark.parametrize("missing, said", [("share.txt", "unknown template 'share'"),
+                                           ("_layout.txt", "template 'share': email/_layout.txt is missing")])
 def test_a_template_missing_when_its_send_is_tried_is_retried_until_it_is_back(pg_settings, pg_db, api_key, smtp,
-                                                                               redis_conn, tmp_path, caplog):
+                                                                               redis_conn, tmp_path, caplog,
+                                                                               missing, said):
     # A rolling deploy: the new release's API takes sends of a template its files add, and a worker of
-    # the release before (or a folder being replaced) has no such template yet. Failed for good at the
+    # the release before has no such template yet (or the layout it extends). Failed for good at the
     # first attempt, every such send was a dead letter; the template comes back, the send goes out.
     (tmp_path / "email").mkdir()
-    subject, body = tmp_path / "email" / "share.subject.txt", tmp_path / "email" / "share.txt"
-    subject.write_text("Your share")
-    body.write_text("{{ total }} in all")
+    (tmp_path / "email" / "share.subject.txt").write_text("Your share")
+    (tmp_path / "email" / "share.txt").write_text('{% extends "email/_layout.txt" %}{% block content %}'
+                                                 '{{ total }} in all{% endblock %}')
+    (tmp_path / "email" / "_layout.txt").write_text("{% block content %}{% endblock %}")
+    body = tmp_path / "email" / missing
     settings = replace(pg_settings, templates_dir=str(tmp_path), retry_intervals=(3600,))
     client = create_app(settings, redis=redis_conn).test_client()
     notification_id = _send(client, {"X-API-Key": api_key[1]}, to="bob@example.com", template="share",
                             data={"total": 10})
-    body.rename(tmp_path / "share.txt")
+    body.rename(tmp_path / missing)
 
     with installed_deliverer(settings, redis_conn), caplog.at_level("ERROR"):
         run_worker_until_idle(redis_conn)
         notification = reload(notification_id)
         assert (notification.status, notification.attempts) == ("retrying", 1)
-        assert "unknown template 'share'" in notification.last_error
-        assert any("unknown template 'share'" in r.getMessage() for r in caplog.records if r.levelname == "ERROR")
+        assert said in notification.last_error
+        assert any(said in r.getMessage() for r in caplog.records if r.levelname == "ERROR")
         scheduled = Queue(QUEUE_NAMES["default"], connection=redis_conn).scheduled_job_registry
         assert scheduled.get_job_ids() == [job_id_for(notification_id)]
 
-        (tmp_path / "share.txt").rename(body)
+        (tmp_path / missing).rename(body)
         assert jobs.deliver(notification_id) == "sent"  # the retry, as RQ runs it when it is due
 
     assert smtp.count() == 1 and "10 in all" in smtp.messages[0].message.get_content()

@@ -102,6 +102,7 @@ def test_line_breaks_in_an_events_user_are_refused(client, headers, user, field)
     ("ada@[IPv6:::1]", "not an address literal"),
     ("ada@localhost", "with a dot in it"),
     ("ada@LocalHost", "with a dot in it"),
+    ("ada@mail.localhost", "not one under .localhost"),  # RFC 6761: this machine too
 ])
 @pytest.mark.parametrize("path, payload", [
     (SEND, LITERAL), (VERIFY, VERIFICATION),

@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, current_app, jsonify
+from flask import Blueprint, jsonify
 
 from notifier import rules
 from notifier.api.common import json_body, require_api_key, service
 from notifier.errors import NotFound
-from notifier.models import Category
+from notifier.models import DIGEST_TEMPLATE
 from notifier.schemas import PreviewSchema
-from notifier.service import DIGEST_TEMPLATE
 
 bp = Blueprint("templates", __name__, url_prefix="/api/templates")
 bp.before_request(require_api_key)
 _preview = PreviewSchema()
-# Where a real email has its recipient's own signed link (a preview has no recipient); it leads to
-# the unsubscribe page's answer for a link that is not valid, never to anyone's preferences.
-PREVIEW_TOKEN = "preview"
 
 
 @bp.get("")
@@ -36,8 +32,6 @@ def preview(name: str):
         lacking = renderer.lacking(name) if name != DIGEST_TEMPLATE else ""
         raise NotFound(f"no template named {name!r}{f' ({lacking})' if lacking else ''}; GET /api/templates lists them")
     category = rules.category_of(name, own=service().categories)
-    unsubscribe_url = None
-    if category != Category.TRANSACTIONAL:
-        unsubscribe_url = f"{current_app.config['NOTIFIER_SETTINGS'].public_base_url}/unsubscribe/{PREVIEW_TOKEN}"
-    email = service().check_template(name, data, unsubscribe_url)
+    # The link a send of it is checked with (a preview has no recipient to sign one for).
+    email = service().check_template(name, data, service().sample_unsubscribe_url(category))
     return jsonify(template=name, category=category.value, subject=email.subject, text=email.text, html=email.html)
