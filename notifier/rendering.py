@@ -35,6 +35,8 @@ CONTENT_BLOCK = "content"
 # nested loop made 100 MB in 3 s), for a server to refuse.
 MAX_SUBJECT_CHARS = 998
 MAX_PART_CHARS = 1_000_000
+# A number of more bits than this (about 40,000 digits) is no template's business.
+MAX_POWER_BITS = 2**17
 # Schemes whose link runs something when clicked instead of opening a page.
 _ACTIVE_SCHEMES = frozenset({"javascript", "vbscript", "data"})
 
@@ -76,13 +78,32 @@ class RenderedEmail:
     html: str | None
 
 
+class _BoundedEnvironment(SandboxedEnvironment):
+    """Jinja's sandbox, with `*` and `**` held to what an email can hold: `"x" * n` made a string of
+    any size before the bound on output saw it (a gigabyte in the API at each request), and
+    `10 ** (10 ** 8)` took minutes of a process's CPU."""
+
+    intercepted_binops = frozenset({"*", "**"})
+
+    def call_binop(self, context, operator, left, right):
+        if operator == "*":
+            for seq, times in ((left, right), (right, left)):
+                if isinstance(seq, str | list | tuple) and isinstance(times, int) \
+                        and len(seq) * times > 2 * MAX_PART_CHARS:
+                    raise TemplateRuntimeError(f"a repetition of over {2 * MAX_PART_CHARS:,} items")
+        elif isinstance(left, int) and isinstance(right, int) and right > 0 \
+                and abs(left).bit_length() * right > MAX_POWER_BITS:
+            raise TemplateRuntimeError(f"a power of over {MAX_POWER_BITS:,} bits")
+        return super().call_binop(context, operator, left, right)
+
+
 class Renderer:
     """Renders the templates under one directory; caches compiled templates."""
 
     def __init__(self, templates_dir: str, brand_name: str = "notifier"):
         self.root = os.path.abspath(templates_dir)
         # Sandboxed: template variables are the caller's values and never get to reach Python objects.
-        self.env = SandboxedEnvironment(
+        self.env = _BoundedEnvironment(
             loader=FileSystemLoader(self.root),
             undefined=StrictUndefined,
             autoescape=select_autoescape(["html"], default_for_string=False),

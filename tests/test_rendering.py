@@ -503,3 +503,27 @@ def test_a_template_rendering_up_to_an_emails_bounds_is_rendered(tmp_path):
     email = Renderer(str(tmp_path)).render("big", {"s": "s" * 998, "t": "t" * 1_000_000})
 
     assert (len(email.subject), len(email.text)) == (998, 1_000_001)  # the part's line break after it
+
+
+@pytest.mark.parametrize("txt, data", [
+    ("{{ word * times }}", {"word": "y", "times": 10**9}),  # a gigabyte, made before any bound on output saw it
+    ("{{ times * word }}", {"word": "y", "times": 10**9}),
+    ("{{ (items * times) | length }}", {"items": [1], "times": 10**9}),
+    ("{{ 10 ** (10 ** 8) }}", {}),  # minutes of CPU, and never folded at compile time
+    ("{{ base ** power }}", {"base": 3, "power": 10**7}),
+])
+def test_a_template_repeating_or_raising_to_a_size_no_email_holds_is_a_render_error(tmp_path, txt, data):
+    write_template(tmp_path, "huge", subject_txt="Hi", txt=txt)
+
+    started = time.monotonic()
+    with pytest.raises(TemplateRenderError, match="template 'huge': a (repetition|power) of over"):
+        Renderer(str(tmp_path)).render("huge", data)
+    assert time.monotonic() - started < 2
+
+
+def test_multiplying_within_an_emails_bounds_is_as_before(tmp_path):
+    write_template(tmp_path, "sums", subject_txt="Hi",
+                   txt="{{ q * p }} {{ '-' * 20 }} {{ 2 ** 64 }} {{ 1.5 * 2 }} {{ [0] * 3 }}")
+
+    assert Renderer(str(tmp_path)).render("sums", {"q": 3, "p": 2.5}).text == (
+        f"7.5 {'-' * 20} {2**64} 3.0 [0, 0, 0]\n")
