@@ -307,6 +307,27 @@ _BAD_MAILBOX_CODES = (550, 551, 553)
 _ENHANCED_STATUS = re.compile(r"\s*[245]\.\d{1,3}\.\d{1,3}\b")
 
 
+# A failure's reason as classify wrote it: what was refused, the reply's code, then its text.
+_REFUSAL = re.compile(r"(recipient refused|sender refused|SMTP error): ([2-5]\d\d) (.*)", re.DOTALL)
+
+
+def names_an_unknown_mailbox(reason: str) -> bool:
+    """Whether a suppression's reason is one that puts an address on the list today. Releases of schema
+    version 6 and before put it there for any permanent refusal of RCPT (a 550 5.7.1 policy refusal of
+    one message, a 552 5.2.2 full mailbox), and of 7 and before for a refusal of our sender too. A
+    reason this cannot read is taken to be one (it stays)."""
+    refusal = _REFUSAL.fullmatch(reason)
+    if refusal is None:
+        return True
+    what, code, text = refusal.group(1), int(refusal.group(2)), refusal.group(3)
+    if what == "sender refused":
+        return False
+    if what == "SMTP error" or code < 500:
+        return True  # the DATA reply's rule has not changed; a transient one never suppressed
+    enhanced = _ENHANCED_STATUS.match(text)
+    return enhanced.group().strip() in _BAD_MAILBOX if enhanced else code in _BAD_MAILBOX_CODES
+
+
 def _by_code(code: int, reply, what: str) -> DeliveryError:
     text = _text(reply)
     message = f"{what}: {code} {text}"

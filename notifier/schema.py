@@ -7,8 +7,9 @@ import logging
 from peewee import PostgresqlDatabase
 from playhouse.migrate import PostgresqlMigrator, SqliteMigrator, migrate
 
+from notifier import mail
 from notifier.keycache import CHANNEL
-from notifier.models import FINAL_STATUSES, MODELS, Event, SchemaVersion, Status, utcnow
+from notifier.models import FINAL_STATUSES, MODELS, Event, SchemaVersion, Status, Suppression, utcnow
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +75,8 @@ def upgrade(db) -> int:
         if isinstance(db, PostgresqlDatabase):
             _notify_key_changes(db)
         row = SchemaVersion.select().first()
+        if row is not None and row.version < 8:
+            _suppressions_of_unknown_mailboxes_only(db)
         if row is not None and row.version < 9:
             _items_follow_their_digests(db)
         if row is not None and row.version < 11:
@@ -125,6 +128,22 @@ def _up_to_date(db) -> bool:
         return False
     row = SchemaVersion.select().first()
     return row is not None and row.version == SCHEMA_VERSION
+
+
+def _suppressions_of_unknown_mailboxes_only(db) -> None:
+    # Until version 6's last release, any permanent refusal of RCPT put the address on its key's
+    # suppression list (a 550 5.7.1 policy refusal of one message, a 552 5.2.2 full mailbox), and until
+    # version 7's a refusal of our sender too: every later send to it, transactional mail included and a
+    # requeued dead letter, was `suppressed` for good, though only an unknown mailbox does that now (and
+    # the README promises no more). Those the old rules alone listed go, with a warning naming how many.
+    stale = [row_id for row_id, reason in db.execute_sql('SELECT "id", "reason" FROM "suppressions"')
+             if reason is not None and not mail.names_an_unknown_mailbox(reason)]
+    if not stale:
+        return
+    logger.warning("schema upgrade: %s suppressed addresses were listed for a refusal that was not of an unknown "
+                   "mailbox (an older release's rule): they are mailed again", len(stale))
+    for start in range(0, len(stale), 500):
+        Suppression.delete().where(Suppression.id.in_(stale[start:start + 500])).execute()
 
 
 def _items_follow_their_digests(db) -> None:

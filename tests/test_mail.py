@@ -19,6 +19,7 @@ from notifier.mail import (
     classify,
     message_bytes,
     message_id_for,
+    names_an_unknown_mailbox,
 )
 from notifier.rendering import RenderedEmail
 
@@ -96,6 +97,9 @@ def test_only_an_unknown_mailbox_is_a_bounce(reply, bounce, code):
         bounce = False  # a bare 554 is "transaction failed", about the message
     error = classify(smtplib.SMTPRecipientsRefused({"ada@example.com": (code, reply)}))
     assert isinstance(error, PermanentDeliveryError) and error.address_rejected is bounce
+    # The reason the suppression stores reads the same way (a schema upgrade unlists what older rules listed).
+    assert names_an_unknown_mailbox(str(error)) is bounce
+    assert names_an_unknown_mailbox(str(classify(smtplib.SMTPSenderRefused(code, reply, "n@x.io")))) is False
 
 
 def test_a_non_ascii_address_is_a_permanent_failure():

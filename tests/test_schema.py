@@ -19,6 +19,7 @@ from notifier.models import (
     Preference,
     SchemaVersion,
     Status,
+    Suppression,
     UserProfile,
     utcnow,
 )
@@ -142,6 +143,33 @@ def test_an_upgrade_to_version_15_makes_a_digest_per_address_of_a_window(request
         Digest.create(email="home@example.com", notification_id="n-home", **fields)
         with pytest.raises(IntegrityError), database.atomic():
             Digest.create(email="home@example.com", notification_id="n-again", **fields)
+
+
+@pytest.mark.parametrize("db_fixture", ["pg_db", "sqlite_db"])
+def test_an_upgrade_from_version_7_or_before_unlists_the_addresses_only_an_older_rule_suppressed(request, db_fixture):
+    # Versions 1-6 suppressed an address for any permanent refusal of RCPT, 1-7 for a refusal of our sender:
+    # after the upgrade a password reset to an address a relay once refused by policy was `suppressed` still,
+    # for good, and its dead letter could not be requeued (409 suppressed), though only an unknown mailbox
+    # suppresses now. What an unknown mailbox listed stays, as does a reason that cannot be read.
+    db = request.getfixturevalue(db_fixture)
+    with database.connection_context():
+        key, _ = keys.create("version-4")
+        reasons = {"policy@x.io": "recipient refused: 550 5.7.1 rejected by policy",
+                   "full@x.io": "recipient refused: 552 5.2.2 mailbox full",
+                   "sender@x.io": "sender refused: 553 5.1.8 sender domain does not exist",
+                   "gone@x.io": "recipient refused: 550 5.1.1 no such user",
+                   "old@x.io": "recipient refused: 550 mailbox unavailable",
+                   "other@x.io": "added by hand"}
+        for email, reason in reasons.items():
+            consent.suppress(key.id, email, reason)
+        SchemaVersion.update(version=4).execute()
+    assert schema.upgrade(db) == schema.SCHEMA_VERSION
+    with database.connection_context():
+        assert {s.email for s in Suppression.select()} == {"gone@x.io", "old@x.io", "other@x.io"}
+        consent.suppress(key.id, "policy@x.io", reasons["policy@x.io"])  # as a release before 7 may yet
+    assert schema.upgrade(db) == schema.SCHEMA_VERSION  # at this version: never again
+    with database.connection_context():
+        assert consent.suppression(key.id, "policy@x.io") is not None
 
 
 @pytest.mark.parametrize("db_fixture", ["pg_db", "sqlite_db"])
