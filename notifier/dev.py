@@ -1,7 +1,8 @@
 """`python -m notifier dev` (what `make run` runs): the whole stack on one machine, on embedded defaults.
 
-Starts a private Redis (unless REDIS_URL is set), an SMTP capture server keeping mail under var/mail
-(unless SMTP_HOST is set), then the API, a worker and the scheduler. Ctrl-C stops them all.
+Starts a private Redis keeping its data under var/ (unless REDIS_URL is set), an SMTP capture server
+keeping mail under var/mail (unless SMTP_HOST is set), then the API, a worker and the scheduler. Ctrl-C
+stops them all.
 """
 
 from __future__ import annotations
@@ -183,10 +184,15 @@ def _supervise(env: dict, procs: list, spawn) -> int:
                 str(DEV_REDIS_PORT),
                 "--bind",
                 "127.0.0.1",
+                # Its data outlive a stop, in var/appendonlydir: make run stops everything when one
+                # process exits, so a worker killed after the SMTP server took an email, before its
+                # `sent` record, always meant a restart; an empty Redis had lost the sent receipt, and
+                # the email went out again. (Queued jobs and delayed releases resume at once too,
+                # instead of a reconciler pass later.)
                 "--save",
                 "",
                 "--appendonly",
-                "no",
+                "yes",
                 "--dir",
                 VAR,
                 "--loglevel",

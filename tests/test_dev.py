@@ -12,13 +12,15 @@ import socket
 import subprocess
 import sys
 import termios
+import uuid
 from contextlib import suppress
+from datetime import datetime
 
 import pytest
 from redis import Redis
 from redis.exceptions import RedisError
 
-from notifier import dev
+from notifier import dev, receipts
 from notifier.runtime import PROJECT_ROOT
 from tests.processes import wait_until
 
@@ -117,6 +119,40 @@ def test_closing_the_terminal_stops_the_whole_stack(tmp_path):
         if supervisor.poll() is None:
             os.killpg(supervisor.pid, signal.SIGTERM)
             supervisor.wait(timeout=60)
+        _stop_leftovers(redis_port, tmp_path)
+
+
+@pytest.mark.integration
+def test_a_sent_receipt_outlives_a_restart_of_make_run(tmp_path):
+    # A worker killed between the SMTP server's 250 and its `sent` record leaves a receipt in Redis,
+    # from which the reconciler records the `sent`. But make run stops everything when one of its
+    # processes exits, and its Redis, kept in memory alone, started the next run empty: the receipt
+    # was gone, the reconciler took the notification for one lost mid-send, and the message went out
+    # twice (a load run on the embedded defaults: a worker killed with kill -9, then a restart).
+    redis_port, smtp_port, api_port = _free_port(), _free_port(), _free_port()
+    receipt = receipts.Receipt(str(uuid.uuid4()), 250, "2.0.0 Ok: queued", "<m@notifier>",
+                               datetime(2026, 12, 3, 14, 37))
+    try:
+        for run in ("first", "second"):
+            log_path = tmp_path / f"dev-{run}.log"
+            with open(log_path, "wb") as log:
+                supervisor = subprocess.Popen(_supervisor(tmp_path, redis_port, smtp_port),
+                                              env=_supervisor_env(tmp_path, api_port), cwd=PROJECT_ROOT,
+                                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            try:
+                assert wait_until(lambda path=log_path: b"notifier is running" in path.read_bytes(), timeout=60)
+                redis = Redis(port=redis_port)
+                if run == "first":
+                    assert receipts.keep(redis, receipt)
+                else:
+                    assert receipts.find(redis, [receipt.notification_id]) == {receipt.notification_id: receipt}
+                os.killpg(supervisor.pid, signal.SIGINT)  # Ctrl-C
+                assert supervisor.wait(timeout=60) == 0, log_path.read_text()
+            finally:
+                if supervisor.poll() is None:
+                    os.killpg(supervisor.pid, signal.SIGTERM)
+                    supervisor.wait(timeout=60)
+    finally:
         _stop_leftovers(redis_port, tmp_path)
 
 
