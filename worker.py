@@ -27,6 +27,7 @@ from notifier.runtime import (
     build_deliverer,
     configure_logging,
     load_settings,
+    warn_about_smtp_login,
     warn_about_templates,
     warn_about_unsubscribe_links,
 )
@@ -354,6 +355,7 @@ def main() -> None:
     configure_logging(settings)
     logging.getLogger("rq.worker").addFilter(REDIS_AWAY)
     warn_about_unsubscribe_links(settings)
+    warn_about_smtp_login(settings)
     warn_about_templates(settings)
     parent = os.getpid()
     os.register_at_fork(after_in_child=lambda: _die_with_parent(parent))

@@ -128,7 +128,7 @@ def keys_list() -> None:
         state = f"revoked {key.revoked_at:%Y-%m-%d %H:%M} UTC" if key.revoked_at else "active"
         if key.old_prefix and not key.revoked_at:
             state += f" (rotating: previous secret {key.old_prefix} still works)"
-        if key.old_callback_secret and not key.revoked_at:
+        if key.old_callback_secret:
             state += " (callback secret rotating: the previous one signs too)"
         rate = key.rate_limit or "default rate"
         if key.rate_limit and _out_of_bounds(key.rate_limit):
@@ -210,13 +210,13 @@ def keys_secret(name: str, rotate: bool, end_rotation: bool) -> None:
             return
         if end_rotation:
             if not keys.end_callback_rotation(name):
-                raise _no_key(name, "active key whose callback secret is being rotated")
+                raise _no_key(name, "key whose callback secret is being rotated")
             click.echo(f"callbacks of {name!r} are signed with its current callback secret only")
             return
         key = ApiKey.get_or_none(ApiKey.name == name)
         if key is None:
             raise _no_key(name, "key")
-    if key.old_callback_secret and not key.revoked_at:
+    if key.old_callback_secret:  # a revoked key's callbacks (its queued mail's, redeliveries) are still signed
         # On stderr: stdout stays the one secret to verify with, for a script that reads it. The previous
         # secret only by its end: the receiver already holds it, and output is often captured.
         click.echo(f"rotating: the previous secret ({_hint(key.old_callback_secret)}) also signs until "

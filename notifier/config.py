@@ -461,27 +461,38 @@ def _clock(env: Mapping[str, str], name: str, default: str) -> str:
     return clock_text(clock)  # 8:00 as 08:00
 
 
+def _shown_url(raw: str) -> str:
+    """raw quoted for an error, with all that stands between the scheme and its last @ (a user and a
+    password, even one holding an unescaped / ? # or @) as ***."""
+    before, at, after = raw.rpartition("@")
+    if not at:
+        return repr(raw)
+    scheme, sep, _ = before.partition("://")
+    return repr(f"{scheme}{sep}***@{after}" if sep else f"***@{after}")
+
+
 def _base_url(raw: str) -> str:
     parsed = urlparse(raw)
+    got = _shown_url(raw)  # a URL refused for another reason may hold a password too: never quote it
     if parsed.scheme not in ("http", "https") or not parsed.netloc:
-        raise ConfigError("PUBLIC_BASE_URL", f"must be an http(s) URL, got {raw!r}")
+        raise ConfigError("PUBLIC_BASE_URL", f"must be an http(s) URL, got {got}")
     if not raw.isascii() or any(c.isspace() or not c.isprintable() or c in '<>"' for c in raw):
         # It goes into every List-Unsubscribe header, which carries a URL as it is or not at all.
         raise ConfigError("PUBLIC_BASE_URL", f"must be written in ASCII, without spaces (an international domain "
-                                             f"in its xn-- form, the rest percent-encoded), got {raw!r}")
+                                             f"in its xn-- form, the rest percent-encoded), got {got}")
     if parsed.query or parsed.fragment or raw.endswith(("?", "#")) or parsed.params:
         # Links are made by appending a path: "https://x/?a=1" gave https://x/?a=1/unsubscribe/<token>.
         raise ConfigError("PUBLIC_BASE_URL", f"must be the URL links begin with, without ?query, ;params or "
-                                             f"#fragment, got {raw!r}")
+                                             f"#fragment, got {got}")
     try:
         parsed.port  # noqa: B018 - read to check it: out of range or not a number raises
     except ValueError:
-        raise ConfigError("PUBLIC_BASE_URL", f"has a port that is not one (1-65535), got {raw!r}") from None
+        raise ConfigError("PUBLIC_BASE_URL", f"has a port that is not one (1-65535), got {got}") from None
     if parsed.username is not None or parsed.password is not None:
         # Not quoted: what stands before the @ may be a password.
         raise ConfigError("PUBLIC_BASE_URL", "must not hold a user or password: every email would show it")
     if parsed.port == 0:
-        raise ConfigError("PUBLIC_BASE_URL", f"has a port that is not one (1-65535), got {raw!r}")
+        raise ConfigError("PUBLIC_BASE_URL", f"has a port that is not one (1-65535), got {got}")
     return raw.rstrip("/")
 
 

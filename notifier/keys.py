@@ -57,11 +57,11 @@ def rotate_callback_secret(name: str) -> str | None:
 
 
 def end_callback_rotation(name: str) -> bool:
-    """Stop signing the live key's callbacks with the callback secret its rotation replaced; False when
-    no such key is being rotated."""
+    """Stop signing the key's callbacks with the callback secret its rotation replaced; False when no
+    such key is being rotated. A revoked key too: its queued mail's callbacks, and redeliveries, are
+    still signed, and with both secrets for ever if its rotation could not be ended."""
     return bool(ApiKey.update(old_callback_secret=None)
-                .where((ApiKey.name == name) & ApiKey.revoked_at.is_null()
-                       & ApiKey.old_callback_secret.is_null(False)).execute())
+                .where((ApiKey.name == name) & ApiKey.old_callback_secret.is_null(False)).execute())
 
 
 class RotationUnderway(Exception):

@@ -51,6 +51,16 @@ def warn_about_unsubscribe_links(settings: Settings) -> None:
             "an https link, and the link travels in the clear")
 
 
+def warn_about_smtp_login(settings: Settings) -> None:
+    """Say so at start when the worker's login would cross the network in the clear: SMTP_USERNAME set,
+    SMTP_SECURITY none and SMTP_HOST another machine. smtplib sends AUTH over whatever connection there
+    is, so SMTP_PASSWORD (base64, not hidden) went to anyone on the way without a word."""
+    if settings.smtp_username and settings.smtp_security == "none" and not _loopback(settings.smtp_host):
+        logging.getLogger("notifier").warning(
+            "SMTP_USERNAME is set with SMTP_SECURITY=none: SMTP_PASSWORD goes to %s in the clear; set "
+            "SMTP_SECURITY to starttls or ssl", settings.smtp_host)
+
+
 def warn_about_templates(settings: Settings) -> None:
     """Say so at start when TEMPLATES_DIR lacks a template notifier sends on its own (a folder of an
     operator's templates alone: every digest failed into the dead-letter queue with its items, and an

@@ -356,3 +356,13 @@ def test_a_welcome_delay_past_the_schedule_horizon_is_refused_at_start():
     error = config_error({"SCHEDULE_HORIZON_DAYS": "1", "WELCOME_DELAY_SECONDS": "172800"})
     assert "WELCOME_DELAY_SECONDS" in str(error) and "SCHEDULE_HORIZON_DAYS" in str(error)
     assert Settings.from_env({"SCHEDULE_HORIZON_DAYS": "1", "WELCOME_DELAY_SECONDS": "86400"}).welcome_delay_seconds
+
+
+@pytest.mark.parametrize("raw", ["https://ops:s3cret@x.example:99999", "https://ops:s3cret@x.example/?a=1",
+                                 "https://ops:s3 cret@x.example", "ftp://ops:s3cret@x.example",
+                                 "https://ops:s3/cr@et@x.example:0", "https://ops:s3cret@x.example#top"])
+def test_public_base_url_refused_for_another_reason_does_not_quote_its_password(raw):
+    # Its other checks quoted the whole URL, password included, before the one of user and password.
+    error = config_error({"PUBLIC_BASE_URL": raw})
+    assert error.setting == "PUBLIC_BASE_URL"
+    assert "s3" not in str(error) and "ops" not in str(error) and "x.example" in str(error)

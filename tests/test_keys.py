@@ -256,3 +256,22 @@ def _keys_db(tmp_path):
     from notifier.db import bind
 
     return bind(f"sqlite:///{tmp_path}/keys.db").connection_context()
+
+
+def test_a_revoked_keys_callback_secret_rotation_can_still_be_ended(tmp_path):
+    # Its queued mail's callbacks and redeliveries are still signed: with both secrets for ever, and
+    # neither `keys secret` nor `keys list` said so, once the key was revoked mid-rotation.
+    env = {**os.environ, "DATABASE_URL": f"sqlite:///{tmp_path}/keys.db"}
+    assert _cli(env, "create", "billing").returncode == 0
+    first = _cli(env, "secret", "billing").stdout.strip()
+    second = _cli(env, "secret", "billing", "--rotate").stdout.strip()
+    assert _cli(env, "revoke", "billing").returncode == 0
+    shown = _cli(env, "secret", "billing")
+    assert shown.stdout.splitlines() == [second] and f"whsec_...{first[-4:]}" in shown.stderr
+    assert "callback secret rotating" in _cli(env, "list").stdout
+    ended = _cli(env, "secret", "billing", "--end-rotation")
+    assert ended.returncode == 0, ended.stderr
+    assert _cli(env, "secret", "billing").stderr == ""
+    assert "callback secret rotating" not in _cli(env, "list").stdout
+    again = _cli(env, "secret", "billing", "--end-rotation")
+    assert again.returncode == 1 and "no key whose callback secret is being rotated" in again.stderr

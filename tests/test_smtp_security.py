@@ -101,3 +101,25 @@ def test_a_login_name_without_an_at_sign_is_the_one_the_server_is_given():
         server.stop()
     assert set(logins) == {b"apikey"} and len(handler.messages) == 1  # smtplib tries each mechanism offered
     assert refused.operator and refused.smtp_code == 535 and "s3cret" not in str(refused)
+
+
+@pytest.mark.parametrize(("host", "username", "security", "warned"), [
+    ("smtp.example.com", "apikey", "none", True), ("192.0.2.7", "apikey", "none", True),
+    ("smtp.example.com", "apikey", "starttls", False), ("smtp.example.com", "apikey", "ssl", False),
+    ("smtp.example.com", "", "none", False), ("127.0.0.1", "apikey", "none", False),
+    ("localhost", "apikey", "none", False)])
+def test_a_login_that_would_cross_the_network_in_the_clear_is_warned_of_at_start(
+        caplog, host, username, security, warned):
+    # smtplib sends AUTH over whatever connection there is: SMTP_PASSWORD went out readable, unsaid.
+    from notifier.runtime import warn_about_smtp_login
+
+    env = {"SMTP_HOST": host, "SMTP_USERNAME": username, "SMTP_SECURITY": security}
+    if username:
+        env["SMTP_PASSWORD"] = "hunter2-relay"
+    with caplog.at_level("WARNING", logger="notifier"):
+        warn_about_smtp_login(Settings.from_env(env))
+    said = [record.getMessage() for record in caplog.records]
+    assert bool(said) is warned, said
+    assert all("hunter2" not in line for line in said)
+    if warned:
+        assert f"SMTP_PASSWORD goes to {host} in the clear" in said[0]
