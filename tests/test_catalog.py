@@ -13,6 +13,7 @@ from app import create_app
 from notifier.config import Settings
 from notifier.errors import ConfigError
 from notifier.queues import QUEUE_NAMES
+from notifier.rendering import MAX_PART_CHARS
 from tests.helpers import installed_deliverer, notification_count, run_worker_until_idle
 
 pytestmark = pytest.mark.integration
@@ -114,6 +115,42 @@ def test_a_send_is_checked_with_the_unsubscribe_link_its_email_has(pg_settings, 
         assert f'href="{link}"' in received.message.get_body(("html",)).get_content()
     else:
         assert notification_count() == 0 and smtp.count() == 0
+
+
+def test_a_send_near_the_size_bound_is_checked_with_a_link_as_long_as_its_emails(pg_settings, pg_db, redis_conn,
+                                                                                 headers, smtp, tmp_path):
+    # The check's placeholder token was about a hundred characters shorter than the real one: a template
+    # within that margin of MAX_PART_CHARS was accepted, then failed for good at its first attempt.
+    (tmp_path / "email").mkdir()
+    (tmp_path / "email" / "news.subject.txt").write_text("News")
+    (tmp_path / "email" / "news.txt").write_text("{{ 'p' * pad }}{{ unsubscribe_url }}")
+    settings = replace(pg_settings, templates_dir=str(tmp_path))
+    client = create_app(settings, redis=redis_conn).test_client()
+    around = len(_preview(client, headers, "news", {"pad": 0})["text"])
+    pad = MAX_PART_CHARS - around - 10
+    assert len(_preview(client, headers, "news", {"pad": pad})["text"]) <= MAX_PART_CHARS  # the preview's own link
+
+    sent = client.post("/api/notifications/send", headers=headers,
+                       json={"to": "ada@example.com", "user_id": "u-1", "template": "news", "data": {"pad": pad}})
+
+    assert sent.status_code == 422 and "1000000" in sent.get_data(as_text=True).replace(",", "")
+    _nothing_stored_or_queued(redis_conn, smtp)
+    fits = client.post("/api/notifications/send", headers=headers,
+                       json={"to": "ada@example.com", "user_id": "u-1", "template": "news", "data": {"pad": pad - 200}})
+    assert fits.status_code == 202
+    with installed_deliverer(settings, redis_conn):
+        run_worker_until_idle(redis_conn)
+    assert smtp.wait_for(1)
+
+
+def test_a_placeholder_tokens_length_is_a_real_tokens(sqlite_settings):
+    from notifier import unsubscribe
+
+    for key_id in (1, 9, 10, 123456789):
+        for user_key in ("u", "user:" + "u" * 11, "email:ann@example.com", "user:Zoë 😀", "user:" + "é" * 250):
+            for category in ("product", "marketing"):
+                assert unsubscribe.token_length(key_id, user_key, category) == len(
+                    unsubscribe.make_token(sqlite_settings, key_id, user_key, category))
 
 
 @pytest.mark.parametrize("name", ["digest", "no_such_template", "..%2Fverification", "_layout"])
