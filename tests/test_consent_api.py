@@ -636,6 +636,26 @@ def test_an_unsubscribe_link_of_a_deleted_key_writes_nothing_and_still_answers(c
     assert smtp.count() == 0
 
 
+BROWSER = "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"
+
+
+def test_a_browser_opening_a_link_cut_short_gets_a_page_saying_so(client, pg_settings, api_key):
+    # A person whose mail client cut the link got a JSON error envelope in their browser.
+    path = urlparse(unsubscribe.link(pg_settings, api_key[0].id, "u-cut", "marketing")).path
+    for response in (client.get(path[:-20], headers={"Accept": BROWSER}),
+                     client.post(path[:-20], headers={"Accept": BROWSER}, data={})):
+        assert response.status_code == 400 and response.mimetype == "text/html"
+        page = response.get_data(as_text=True)
+        assert "<h1" in page and "This link does not work" in page and "<form" not in page
+    # A program asking for JSON, or for nothing in particular (a mail client's one-click POST), gets the envelope.
+    _error(client.get(path[:-20], headers={"Accept": "application/json"}), 400, "invalid_token")
+    _error(client.post(path[:-20], data="List-Unsubscribe=One-Click",
+                       content_type="application/x-www-form-urlencoded"), 400, "invalid_token")
+    with database.connection_context():
+        assert Preference.select().count() == 0
+    assert client.get(path, headers={"Accept": BROWSER}).status_code == 200
+
+
 def test_a_link_made_before_secret_key_was_rotated_unsubscribes_through_the_api(pg_settings, pg_db, redis_conn,
                                                                                 api_key, smtp):
     old = replace(pg_settings, secret_key="the secret before")
