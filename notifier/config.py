@@ -220,7 +220,7 @@ def _networks(env: Mapping[str, str], name: str, default: str) -> tuple[IPv4Netw
             networks.append(ip_network(item, strict=False))
         except ValueError:
             raise ConfigError(name, f"must be comma-separated networks like 169.254.0.0/16 or fe80::/10, "
-                                    f"got {item!r}") from None
+                                    f"got {_quoted(item)}") from None
     return tuple(networks)
 
 
@@ -231,7 +231,7 @@ def _int(env: Mapping[str, str], name: str, default: int, low: int, high: int) -
     try:
         value = int(raw)
     except ValueError:
-        raise ConfigError(name, f"must be a whole number, got {raw!r}") from None
+        raise ConfigError(name, f"must be a whole number, got {_quoted(raw)}") from None
     if not low <= value <= high:
         raise ConfigError(name, f"must be between {low} and {high}, got {value}")
     return value
@@ -245,13 +245,13 @@ def _float(env: Mapping[str, str], name: str, default: float, high: float, zero:
     try:
         value = float(raw)
     except ValueError:
-        raise ConfigError(name, f"must be a number, got {raw!r}") from None
+        raise ConfigError(name, f"must be a number, got {_quoted(raw)}") from None
     if zero and value == 0:
         return 0.0
     # float() also takes "nan", "inf" and "1e400": as a socket timeout each fails every send.
     if not 0 < value <= high:
         lowest = "0 (off), or above 0" if zero else "above 0"
-        raise ConfigError(name, f"must be a number of seconds {lowest} and at most {high:g}, got {raw!r}")
+        raise ConfigError(name, f"must be a number of seconds {lowest} and at most {high:g}, got {_quoted(raw)}")
     return value
 
 
@@ -261,7 +261,7 @@ def _choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str,
         return default
     value = raw.upper() if choices[0].isupper() else raw.lower()
     if value not in choices:
-        raise ConfigError(name, f"must be one of {', '.join(choices)}, got {raw!r}")
+        raise ConfigError(name, f"must be one of {', '.join(choices)}, got {_quoted(raw)}")
     return value
 
 
@@ -274,7 +274,7 @@ def _intervals(env: Mapping[str, str], name: str, default: tuple[int, ...]) -> t
     try:
         values = tuple(int(part) for part in raw.split(","))
     except ValueError:
-        raise ConfigError(name, f"must be comma-separated whole seconds, got {raw!r}") from None
+        raise ConfigError(name, f"must be comma-separated whole seconds, got {_quoted(raw)}") from None
     if any(v < 0 for v in values):
         raise ConfigError(name, "intervals cannot be negative")
     return values
@@ -351,13 +351,13 @@ def _mail_from(raw: str, name: str = "MAIL_FROM") -> str:
     local, _, domain = address.rpartition("@")
     if (not local or not domain or any(c in raw for c in "\r\n") or any(c.isspace() for c in address)
             or len(getaddresses([raw])) != 1):
-        raise ConfigError(name, f"must be one email address, got {raw!r}")
+        raise ConfigError(name, f"must be one email address, got {_quoted(raw)}")
     if not address.isascii():
         # MAIL_FROM's address goes into MAIL FROM, the From header and every Message-ID, none of which
         # carries it without SMTPUTF8: every email would fail (a Reply-To header neither). The display
         # name may be anything.
         raise ConfigError(name, f"must be an ASCII address (write an international domain in its xn-- "
-                                f"form), got {raw!r}")
+                                f"form), got {_quoted(raw)}")
     return raw
 
 
@@ -409,7 +409,7 @@ def _template_categories(raw: str) -> tuple[tuple[str, str], ...]:
         name, sep, category = (side.strip() for side in item.partition("="))
         if not sep or not TEMPLATE_NAME.match(name) or category not in categories:
             raise ConfigError("TEMPLATE_CATEGORIES", f"must be comma-separated TEMPLATE=CATEGORY pairs, each "
-                                                     f"category one of {', '.join(categories)}, got {item!r}")
+                                                     f"category one of {', '.join(categories)}, got {_quoted(item)}")
         if name == DIGEST_TEMPLATE or name in pairs:
             # A digest holds mail of every category: consent decides per item, never by the digest's.
             raise ConfigError("TEMPLATE_CATEGORIES", f"names {name!r} twice" if name != DIGEST_TEMPLATE else
@@ -457,8 +457,21 @@ def _clock(env: Mapping[str, str], name: str, default: str) -> str:
     raw = env.get(name, "").strip() or default
     clock = parse_clock(raw)
     if clock is None:
-        raise ConfigError(name, f"must be a time of day like 08:00, got {raw!r}")
+        raise ConfigError(name, f"must be a time of day like 08:00, got {_quoted(raw)}")
     return clock_text(clock)  # 8:00 as 08:00
+
+
+# Where a value quoted in an error stops: a line break, or what reads as the next setting. An env file
+# or a compose entry with a quote left open runs the settings after it into this one's value, and the
+# error would print them, SMTP_PASSWORD's too.
+_RUN_ON = re.compile(r"[\r\n\v\f]|\s+(?:export\s+)?[A-Za-z_][A-Za-z0-9_]*=")
+_SHOWN_CHARS = 100
+
+
+def _quoted(raw: str) -> str:
+    """raw quoted for an error, up to what may be other settings run into it, and at most _SHOWN_CHARS."""
+    end = min(len(raw), _SHOWN_CHARS, *(match.start() for match in [_RUN_ON.search(raw)] if match))
+    return repr(raw[:end]) + (f" (and {len(raw) - end} more characters, not shown)" if end < len(raw) else "")
 
 
 def _shown_url(raw: str) -> str:
@@ -509,5 +522,5 @@ def _rate(env: Mapping[str, str], name: str, default: str, allow_empty: bool) ->
         check_rate(raw)
     except ValueError:
         raise ConfigError(name, f"must be one rate of 1 to 10^12 per a period of at most 1,000 years, like "
-                                f"100/second or 20/hour, got {raw!r}") from None
+                                f"100/second or 20/hour, got {_quoted(raw)}") from None
     return raw

@@ -92,6 +92,25 @@ def test_smtp_password_is_kept_out_of_repr():
     assert "hunter2" not in repr(settings)
 
 
+@pytest.mark.parametrize("env", [
+    # A quote left open in an env file or a compose entry runs the next settings into this one's value.
+    {"RATE_LIMIT": '100/second"\nSMTP_PASSWORD=hunter2'},
+    {"SMTP_TIMEOUT": "30 SMTP_PASSWORD=hunter2"},
+    {"MAIL_FROM": "a@example.com, b@example.com\nexport SECRET_KEY=hunter2"},
+    {"TEMPLATE_CATEGORIES": "invoice=billing SECRET_KEY=hunter2"},
+    {"RETRY_INTERVALS": "10,30,x" + "y" * 200 + "hunter2"},
+])
+def test_a_value_refused_is_quoted_without_the_settings_run_into_it(env):
+    message = str(config_error(env))
+
+    assert "hunter2" not in message and "not shown" in message
+
+
+def test_a_value_refused_is_quoted_whole_when_nothing_runs_into_it():
+    assert "got 'invoice=billing'" in str(config_error({"TEMPLATE_CATEGORIES": "invoice=billing"}))
+    assert "got '100 a second'" in str(config_error({"RATE_LIMIT": "100 a second"}))
+
+
 @pytest.mark.parametrize("raw", ["SSL", " ssl "])
 def test_smtp_security_is_case_and_space_insensitive(raw):
     assert Settings.from_env({"SMTP_SECURITY": raw}).smtp_security == "ssl"
