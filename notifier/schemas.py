@@ -115,7 +115,9 @@ def _plain_address(value: str) -> None:
     # than the envelope), address literals ("a@[192.0.2.1]") and "a@localhost": forms no user's mailbox
     # has in practice, and a relay reads the last two as its own machine. Refused, as GOV.UK Notify
     # and the big senders refuse them: one rule a caller can predict.
-    local, _, domain = value.rpartition("@")
+    local, at, domain = value.rpartition("@")
+    if not at:
+        return  # not an address at all: marshmallow's pattern says so
     if local.startswith('"'):
         raise ValidationError("must not quote the part before the @ (write it without quotes)")
     if domain.startswith("["):
@@ -225,9 +227,20 @@ class ShownCallbackUrl(fields.String):
 
 
 class Email(fields.Email):
+    """An address mail can be sent to, refused with the one reason that matters most."""
+
     def __init__(self, **kwargs):
-        super().__init__(validate=[_no_line_breaks, _ascii, _plain_address, _within_smtp_limits],
-                         **kwargs)
+        super().__init__(**kwargs)
+        # marshmallow's own pattern goes last, and the first check that fails is the only one said:
+        # '"a b"@' and "a@b" were each answered with marshmallow's "Not a valid email address." beside
+        # the reason that tells the caller what to change.
+        checks = (_no_line_breaks, _ascii, _plain_address, _within_smtp_limits, *self.validators)
+
+        def first_failure(value: str) -> None:
+            for check in checks:
+                check(value)
+
+        self.validators = [first_failure]
 
 
 def _bounded_json(value: dict) -> None:
