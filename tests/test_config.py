@@ -345,6 +345,20 @@ def test_the_compose_env_example_is_valid_settings():
     assert settings.smtp_host == "mailpit"
 
 
+def test_compose_takes_the_mail_server_from_the_shell_and_otherwise_what_env_example_says():
+    # The SMTP login could only be given by editing the committed .env.example: the .env its header
+    # told people to copy it to fills in docker-compose.yml's ${...}, and nothing read them.
+    import re
+
+    lines = (PROJECT_ROOT / ".env.example").read_text().splitlines()
+    example = dict(line.split("=", 1) for line in lines if line and not line.startswith("#"))
+    compose = (PROJECT_ROOT / "docker-compose.yml").read_text()
+    taken = {name: default for name, shell, default in
+             re.findall(r"^ +([A-Z_]+): \$\{([A-Z_]+):-(.*)\}$", compose, re.MULTILINE) if name == shell}
+    for name in ("SMTP_HOST", "SMTP_PORT", "SMTP_SECURITY", "SMTP_USERNAME", "SMTP_PASSWORD", "MAIL_FROM", "REPLY_TO"):
+        assert taken[name] == example[name], name
+
+
 @pytest.mark.parametrize("raw", ["25:00", "8", "²²:00", "①②:00", "\u0660\u0668:00"])
 def test_a_digest_time_that_is_not_a_time_of_day_names_digest_time(raw):
     # Digits of other scripts too: a superscript one crashed the process with a ValueError, and Arabic-Indic
