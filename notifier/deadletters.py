@@ -63,13 +63,24 @@ def _failed_registry_ids(redis: Redis, rows: list[Notification]) -> set[str] | N
             if expiry is not None and (expiry < 0 or expiry > now)}
 
 
-def _entry(row: Notification, registry: set[str] | None) -> DeadLetter:
-    last = (
-        Event.select()
-        .where((Event.notification == row.seq) & (Event.to_status == Status.FAILED.value) & (Event.kind == "status"))
-        .order_by(Event.at.desc(), Event.id.desc())
-        .first()
-    )
+def _failures(rows: list[Notification]) -> dict[int, Event]:
+    """The last move to `failed` in the history of each of these notifications, by seq: a query for up
+    to 500 of them (one per row made a page of 100 dead letters 100 round trips, 0.3 s, and `dlq list --limit 1000`
+    4 s). A notification has one such line per time it failed: few."""
+    seqs, last = [row.seq for row in rows], {}
+    for start in range(0, len(seqs), _FAILURES_AT_ONCE):
+        lines = (Event.select()
+                 .where(Event.notification.in_(seqs[start:start + _FAILURES_AT_ONCE])
+                        & (Event.to_status == Status.FAILED.value) & (Event.kind == "status"))
+                 .order_by(Event.at, Event.id))
+        last.update((line.notification_id, line) for line in lines)  # the last one of each wins
+    return last
+
+
+_FAILURES_AT_ONCE = 500  # seqs per query: well under SQLite's limit on parameters
+
+
+def _entry(row: Notification, registry: set[str] | None, last: Event | None) -> DeadLetter:
     return DeadLetter(
         id=row.id,
         to=row.to,
@@ -111,8 +122,8 @@ def list_dead(redis: Redis, api_key: ApiKey | None = None, limit: int = 100,
     the cursor of the next page (None: this is the last); after: what decode_cursor read of one."""
     rows, next_cursor = cursors.page(_dead(api_key, limit + 1, after), limit,
                                      lambda row: (row.updated_at, row.seq), padded=True)
-    registry = _failed_registry_ids(redis, rows)
-    return [_entry(row, registry) for row in rows], next_cursor
+    registry, failures = _failed_registry_ids(redis, rows), _failures(rows)
+    return [_entry(row, registry, failures.get(row.seq)) for row in rows], next_cursor
 
 
 def decode_cursor(cursor: str) -> tuple[datetime, int] | None:
@@ -137,7 +148,7 @@ def show(redis: Redis, notification_id: str, api_key: ApiKey | None = None) -> t
         # The database is the record, as in list_dead(): without Redis only the job is missing.
         logger.warning("RQ's job of notification %s is unreadable: %s", row.id, type(exc).__name__)
         job = None
-    return _entry(row, _failed_registry_ids(redis, [row])), job
+    return _entry(row, _failed_registry_ids(redis, [row]), _failures([row]).get(row.seq)), job
 
 
 def _owned(notification_id: str, api_key: ApiKey | None) -> Notification:

@@ -34,7 +34,7 @@ from __future__ import annotations
 import logging
 from datetime import UTC, datetime, time, timedelta
 
-from peewee import IntegrityError, fn
+from peewee import JOIN, IntegrityError, fn
 
 from notifier import metrics, queues, schema, store
 from notifier.config import Settings, parse_clock
@@ -44,9 +44,11 @@ from notifier.errors import STOPPING
 from notifier.models import (
     DIGEST_TEMPLATE,
     ApiKey,
+    Category,
     DeliveryMode,
     Digest,
     Notification,
+    Preference,
     Priority,
     Status,
     UserProfile,
@@ -103,14 +105,13 @@ def flush_due(settings: Settings, redis, renderer, now: datetime | None = None) 
     user has since turned off is suppressed, and what was held for one switched back to immediate is
     released."""
     now = now or utcnow()
-    groups = (
-        Notification.select(Notification.api_key, Notification.user_key, Notification.category)
-        .where(Notification.status == Status.HELD.value)
-        .group_by(Notification.api_key, Notification.user_key, Notification.category)
-        .tuples()
-    )
+    # Every pass expires what is held past its deadline, window due or not; then only the groups with
+    # something to do are looked at one by one.
+    _expire_held(settings, redis, now)
     made = 0
-    for api_key_id, user_key, category in list(groups):
+    for api_key_id, user_key, category, oldest, stored_mode, stored_zone in _groups():
+        if _nothing_due(settings, category, oldest, stored_mode, stored_zone, now):
+            continue
         try:
             made += _flush_group(settings, redis, renderer, api_key_id, user_key, category, now)
         except STOPPING:
@@ -126,10 +127,44 @@ def flush_due(settings: Settings, redis, renderer, now: datetime | None = None) 
     return made
 
 
+def _groups() -> list[tuple]:
+    """(api_key_id, user_key, category, oldest item's created_at, stored mode, stored time zone) of each
+    user and category holding mail, in one query: the mode and zone None when none is stored."""
+    preference = ((Preference.api_key == Notification.api_key) & (Preference.user_key == Notification.user_key)
+                  & (Preference.category == Notification.category))
+    profile = (UserProfile.api_key == Notification.api_key) & (UserProfile.user_key == Notification.user_key)
+    # Grouped by the mode and zone too, which are one row's at most each (their unique indexes).
+    return list(
+        Notification.select(Notification.api_key, Notification.user_key, Notification.category,
+                            fn.MIN(Notification.created_at), Preference.mode, UserProfile.timezone)
+        .join(Preference, JOIN.LEFT_OUTER, on=preference)
+        .switch(Notification).join(UserProfile, JOIN.LEFT_OUTER, on=profile)
+        .where(Notification.status == Status.HELD.value)
+        .group_by(Notification.api_key, Notification.user_key, Notification.category, Preference.mode,
+                  UserProfile.timezone)
+        .tuples()
+    )
+
+
+def _nothing_due(settings: Settings, category: str, oldest: datetime, stored_mode: str | None,
+                 stored_zone: str | None, now: datetime) -> bool:
+    """Whether a user's held mail of a category is surely not due: a daily or weekly digest whose
+    window, by the preference and time zone _groups() read, ended before its oldest item arrived.
+
+    Held for a digest, a user's mail waits up to a week, and every pass looked at every user holding
+    any: seven round trips each to make nothing (23 s for 1,600 users, in a pass every 30 s). Anything
+    else, a preference switched to immediate or off included, is _flush_group's, which reads it all
+    again; one switched since this read is seen by the next pass."""
+    if category == Category.TRANSACTIONAL or stored_mode not in (DeliveryMode.DAILY, DeliveryMode.WEEKLY):
+        return False
+    window_end = due_window(settings, DeliveryMode(stored_mode), stored_zone or "UTC", now)
+    return window_end is not None and oldest >= window_end
+
+
 def _flush_group(settings, redis, renderer, api_key_id: int, user_key: str, category: str, now: datetime) -> int:
     """flush_due() for one user and category: how many digests it made (one at most for each address
     the user's held mail was sent to)."""
-    _expire_held(settings, redis, api_key_id, user_key, category, now)
+    _expire_held(settings, redis, now, _held(api_key_id, user_key, category))
     api_key = ApiKey.get_by_id(api_key_id)
     mode = mode_for(api_key_id, user_key, category)
     if mode is DeliveryMode.OFF:
@@ -168,11 +203,12 @@ def _held(api_key_id: int, user_key: str, category: str):
     )
 
 
-def _expire_held(settings, redis, api_key_id: int, user_key: str, category: str, now: datetime) -> None:
-    """Expire what a user and category hold past its deadline. The reconciler would too, but only at
-    its next pass: a digest made meanwhile would have taken it."""
-    seqs = [n.seq for n in _held(api_key_id, user_key, category).where(Notification.expires_at <= now)
-            .select(Notification.seq)]
+def _expire_held(settings, redis, now: datetime, held=None) -> None:
+    """Expire what is held past its deadline (held: of one user and category; None: everyone's). The
+    reconciler would too, but only at its next pass: a digest made meanwhile would have taken it."""
+    if held is None:
+        held = Notification.select().where(Notification.status == Status.HELD.value)
+    seqs = [n.seq for n in held.where(Notification.expires_at <= now).select(Notification.seq)]
     moved = store.transition_many(seqs, Status.EXPIRED, reason="deadline passed while it was held for a digest",
                                   sources=(Status.HELD,))
     if moved:

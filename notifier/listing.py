@@ -74,8 +74,12 @@ def stats_for_user(api_key: ApiKey, user_id: str) -> dict:
     user_id = preferences_key(user_id)  # email:<address> in the letter case mail is keyed by
     if user_id.startswith(ADDRESS_KEY_PREFIX):
         # Mail sent to the address with no user id (no row has such a user_id: it counted none). Its
-        # rows are found among the key's with no user id, by the index of key and user id.
-        whose = Notification.user_id.is_null() & (Notification.user_key == user_id)
+        # rows are found by the index of key and address (their user_key is "email:" and the address
+        # lower-cased, an ASCII one as the API takes it): by the index of key and user id, every row of
+        # the key without one was read (0.9 s among 170,000).
+        address = user_id.removeprefix(ADDRESS_KEY_PREFIX)
+        whose = (fn.LOWER(Notification.to) == address) & Notification.user_id.is_null() & (
+            Notification.user_key == user_id)
     else:
         whose = Notification.user_id == user_id
     query = (

@@ -17,6 +17,7 @@ from peewee import (
     Model,
     SmallIntegerField,
     TextField,
+    fn,
 )
 
 from notifier.db import database
@@ -258,6 +259,12 @@ _partial("dead_updated_at", (Notification.status == Status.FAILED.value) & Notif
 # A digest's items, found when the digest ends (and when a failed one is requeued): only rows that
 # were ever in a digest.
 _partial("digest_id", Notification.digest_id.is_null(False), Notification.digest_id)
+# A key's mail to one address, newest first: the API's `to` filter (GET /api/notifications?to=) and a
+# user's counts by address (listing.stats_for_user). Of every row, unlike the others: the address is
+# what a support desk asks about. Without it both read every row of the key (1-3 s over a key's
+# 1.7 million; schema version 16 adds it).
+Notification.add_index(Notification.index(Notification.api_key, fn.LOWER(Notification.to), Notification.seq,
+                                          name="notifications_key_lower_to_seq"))
 
 
 class Event(BaseModel):

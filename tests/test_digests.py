@@ -231,6 +231,36 @@ def test_a_held_item_past_its_deadline_when_the_digest_is_made_is_expired_not_ta
     assert [e["status"] for e in _status_lines(detail)] == ["held", "expired"]
 
 
+def test_a_pass_before_any_window_ends_looks_at_no_user_alone_yet_expires_what_is_held(
+        api, headers, live_deliverer, fast_settings, smtp, redis_conn, receiver, monkeypatch):
+    # Users holding mail for tomorrow's digest: every pass until then looked at each of them, seven
+    # round trips apiece, to make nothing. Now one query finds that none is due, whatever their number.
+    users = [f"u-held-{n}" for n in range(12)]
+    items = {}
+    for user in users:
+        _call(api, headers, "PUT", f"/api/users/{user}/preferences", {"categories": {"product": "daily"}})
+        accepted = _call(api, headers, "POST", "/api/notifications/send", {
+            "to": f"{user}@example.com", "user_id": user, "template": "welcome", "data": {"name": "Ann"},
+            "callback_url": receiver.url}, status=202)
+        assert accepted["status"] == "held"
+        items[user] = accepted["id"]
+    late = items[users[0]]
+    _deadline_passed(late)  # its deadline, at least, is no later than the next window's end
+
+    seen, real = [], database.obj.execute_sql
+    monkeypatch.setattr(database.obj, "execute_sql", lambda sql, *a, **k: seen.append(sql) or real(sql, *a, **k))
+    assert _flush(fast_settings, redis_conn, utcnow()) == 0
+    monkeypatch.undo()
+    assert len(seen) < 10, seen  # the groups, then the one expiry (its select, update, history, reads)
+    run_worker_until_idle(redis_conn)  # no reconciler pass: the digest pass expired it, and queued its callback
+
+    assert _detail(api, headers, late)["status"] == "expired"
+    assert _events(receiver) == {late: "notification.expired"}
+    assert {_detail(api, headers, items[user])["status"] for user in users[1:]} == {"held"}
+    # Once the window ends, each user's digest is made as before.
+    assert _flush(fast_settings, redis_conn, _next_window_closed(fast_settings)) == len(users) - 1
+
+
 def test_an_item_whose_deadline_passes_before_its_digest_goes_out_is_left_out_of_it(
         api, headers, live_deliverer, fast_settings, smtp, redis_conn, receiver):
     digest, (late, kept) = _daily_digest(api, headers, fast_settings, redis_conn, receiver)

@@ -208,6 +208,54 @@ def test_the_callbacks_that_gave_up_are_read_by_their_own_index(pg_db, api_key, 
         assert "notifications_callback_gave_up_seq" in _plan(*statement), _plan(*statement)
 
 
+def test_a_keys_mail_to_one_address_is_read_by_its_own_index(pg_db, api_key, client, headers, monkeypatch):
+    # A long history to many addresses (some of it sent with no user id), and a little to Ann, in any
+    # letter case: by the key's index of every row, her page and her counts read all of the key's mail.
+    key = api_key[0]
+    with database.connection_context():
+        store.create_notifications(key, [(dict(FIELDS, to=f"someone-{i % 500}@example.com", user_id=f"u{i}",
+                                               user_key=f"u{i}"), Status.SENT, "earlier") for i in range(3000)])
+        store.create_notifications(key, [(dict(FIELDS, to=f"nobody-{i % 500}@example.com",
+                                               user_key=f"email:nobody-{i % 500}@example.com"), Status.SENT,
+                                          "earlier") for i in range(3000)])
+        to_ann = [store.create_notification(key, dict(FIELDS, to=to, user_key="email:ann@example.com"), status=status)
+                  for to, status in (("ann@example.com", Status.SENT), ("Ann@Example.com", Status.FAILED),
+                                     ("ANN@example.com", Status.QUEUED))]
+        # Hers under a user id: listed by address, but not counted as the address's own.
+        as_user = store.create_notification(key, dict(FIELDS, to="ann@example.com", user_id="ann", user_key="ann"))
+        database.execute_sql("ANALYZE notifications")
+    seen = _recording(monkeypatch)
+    page = client.get("/api/notifications?to=aNN@example.com&limit=2", headers=headers).get_json()
+    rest = client.get(f"/api/notifications?to=ann@example.com&limit=2&cursor={page['next']}", headers=headers)
+    stats = client.get("/api/notifications/user/email:Ann@Example.com/stats", headers=headers).get_json()
+    monkeypatch.undo()
+    listed = [n["id"] for n in page["data"] + rest.get_json()["data"]]
+    assert listed == [as_user.id, *[n.id for n in reversed(to_ann)]]
+    assert (stats["total"], stats["by_status"]["sent"], stats["by_status"]["failed"]) == (3, 1, 1)
+    reads = [s for s in seen if 'LOWER("t1"."to")' in s[0]]
+    assert len(reads) == 3
+    with database.connection_context():
+        for sql, params in reads:
+            plan = _plan(sql, params, analyze=True)
+            assert "notifications_key_lower_to_seq" in plan and "Seq Scan" not in plan, plan
+            # Only Ann's rows are read: at most the one sent under her user id is left out.
+            assert all(int(n) <= 1 for n in re.findall(r"Rows Removed by Filter: (\d+)", plan)), plan
+
+
+def test_a_page_of_dead_letters_reads_their_histories_in_one_query(pg_db, api_key, redis_conn, monkeypatch):
+    key = api_key[0]
+    with database.connection_context():
+        dead = store.create_notifications(key, [(dict(FIELDS), Status.QUEUED, "accepted")] * 30)
+        for n in dead:
+            assert store.transition(n.id, Status.FAILED, reason=f"550 for {n.id}", smtp_code=550)
+        seen = _recording(monkeypatch)
+        entries, _ = deadletters.list_dead(redis_conn, key, limit=25)
+        monkeypatch.undo()
+    assert [(e.id, e.reason, e.smtp_code) for e in entries] == [(n.id, f"550 for {n.id}", 550)
+                                                                for n in reversed(dead[5:])]
+    assert len([s for s in seen if 'FROM "notification_events"' in s[0]]) == 1
+
+
 def _indexes() -> set[str]:
     rows = database.execute_sql("SELECT indexname FROM pg_indexes WHERE tablename = 'notifications'").fetchall()
     return {name for (name,) in rows}
@@ -229,14 +277,15 @@ _BEFORE_11 = {"notification_api_key_id": '("api_key_id")',
     (4, _BEFORE_5, None),
     (10, _BEFORE_11, {"notifications_held_user_category", "notifications_dead_updated_at"}),
     (13, {}, {"notifications_callback_gave_up_seq"}),
+    (15, {}, {"notifications_key_lower_to_seq"}),
 ])
 def test_an_upgrade_makes_the_partial_indexes_and_drops_those_they_replace(pg_db, version, replaced, made):
     with database.connection_context():
         if made is None:
             made = {name for name in _indexes() if name.startswith("notifications_") and name != "notifications_pkey"}
             # The reconciler's seven, since version 7 a digest's items, since 11 the held ones and the dead
-            # letters, since 14 the callbacks that gave up.
-            assert len(made) == 11
+            # letters, since 14 the callbacks that gave up, since 16 a key's mail by address.
+            assert len(made) == 12
         for name in made:
             database.execute_sql(f'DROP INDEX "{name}"')
         for name, columns in replaced.items():
