@@ -48,7 +48,9 @@ def error_response(status: int, code: str, message: str, details=None):
 def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(ApiError)
     def _api_error(exc: ApiError):
-        return error_response(exc.status, exc.code, exc.message, exc.details)
+        response = error_response(exc.status, exc.code, exc.message, exc.details)
+        response.headers.update(exc.headers)
+        return response
 
     @app.errorhandler(ValidationError)
     def _validation_error(exc: ValidationError):

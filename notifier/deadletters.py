@@ -97,8 +97,10 @@ def _entry(row: Notification, registry: set[str] | None, last: Event | None) -> 
 
 def _is_dead_letter():
     # A failed digest's items are failed too, but the digest is their dead letter: requeueing it
-    # takes them back into it, and each alone is refused (see requeue). Listed and counted once.
-    return (Notification.status == Status.FAILED.value) & Notification.digest_id.is_null()
+    # takes them back into it, and each alone is refused (see requeue). Listed and counted once. A
+    # tombstone of an erased user (notifier.erasure) is no dead letter: it is never sent again.
+    return ((Notification.status == Status.FAILED.value) & Notification.digest_id.is_null()
+            & Notification.erased_at.is_null())
 
 
 def count() -> int:
@@ -162,6 +164,10 @@ def requeue(redis: Redis, settings: Settings, notification_id: str, api_key: Api
     """Give a failed notification a fresh set of attempts; refuse anything that is not failed, and an
     item of a digest (its digest is what is requeued, taking its failed items back into it)."""
     row = _owned(notification_id, api_key)
+    if row.erased_at is not None:
+        # A tombstone (notifier.erasure): no address to send to, and its user asked that nothing more be.
+        raise Conflict(f"notification {row.id} was erased at its user's request; it is never sent again",
+                       {"status": row.status, "erased_at": row.erased_at.isoformat() + "Z"}, code="erased")
     if row.digest_id is not None:
         # Sent alone as well as in its digest, it would go out twice.
         raise Conflict(f"notification {row.id} went into digest {row.digest_id}; requeue the digest instead",

@@ -74,10 +74,13 @@ class ApiError(NotifierError):
     status = 400
     code = "bad_request"
 
-    def __init__(self, message: str, details: object = None, *, status: int | None = None, code: str | None = None):
+    def __init__(self, message: str, details: object = None, *, status: int | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None):
         super().__init__(message)
         self.message = message
         self.details = details
+        # What the answer carries besides the envelope (a Retry-After, say).
+        self.headers = headers or {}
         if status is not None:
             self.status = status
         if code is not None:

@@ -16,7 +16,7 @@ from redis.exceptions import RedisError
 from rq import get_current_job
 from rq.timeouts import JobTimeoutException
 
-from notifier import callback_job, consent, digests, logs, metrics, queues, receipts, store, unsubscribe
+from notifier import callback_job, consent, digests, erasure, logs, metrics, queues, receipts, store, unsubscribe
 from notifier.callbacks import CallbackRetry
 from notifier.config import Settings
 from notifier.db import RECONNECT_DELAYS, UNAVAILABLE_ERRORS, database
@@ -132,6 +132,14 @@ class Deliverer:
             # `sent`): if its worker kept a receipt, the email went out, and this records it.
             if current is not None and current.status == Status.SENDING and self._record_receipts([current]):
                 return "recorded late"
+        elif current.erased_at is not None:
+            # A tombstone (notifier.erasure) queued again: a dead letter requeued as its user was being
+            # erased. It has no address left, and its user asked that nothing more be sent.
+            self._record_unrecorded()
+            if store.transition(notification_id, Status.CANCELLED, reason=erasure.REASON,
+                                sources=(Status.QUEUED, Status.RETRYING)):
+                self.after_final(notification_id)
+                return "cancelled"
         elif current.expires_at is not None and utcnow() >= current.expires_at:
             # Past its deadline before any attempt: expire it without counting an attempt.
             self._record_unrecorded()

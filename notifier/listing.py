@@ -72,21 +72,28 @@ def stats_for_user(api_key: ApiKey, user_id: str) -> dict:
     """How many of a user's notifications there are, in total and per status."""
     counts = {status.value: 0 for status in Status}
     user_id = preferences_key(user_id)  # email:<address> in the letter case mail is keyed by
-    if user_id.startswith(ADDRESS_KEY_PREFIX):
-        # Mail sent to the address with no user id (no row has such a user_id: it counted none). Its
-        # rows are found by the index of key and address (their user_key is "email:" and the address
-        # lower-cased, an ASCII one as the API takes it): by the index of key and user id, every row of
-        # the key without one was read (0.9 s among 170,000).
-        address = user_id.removeprefix(ADDRESS_KEY_PREFIX)
-        whose = (fn.LOWER(Notification.to) == address) & Notification.user_id.is_null() & (
-            Notification.user_key == user_id)
-    else:
-        whose = Notification.user_id == user_id
     query = (
         Notification.select(Notification.status, fn.COUNT(Notification.seq).alias("n"))
-        .where((Notification.api_key == api_key.id) & whose)
+        .where(users_mail(api_key.id, user_id))
         .group_by(Notification.status)
     )
     for row in query:
         counts[row.status] = row.n
     return {"user_id": user_id, "total": sum(counts.values()), "by_status": counts}
+
+
+def users_mail(api_key_id: int, user_key: str):
+    """Which of a key's notifications are a user's, as SQL: those with that user id, or for
+    "email:<address>" (as consent.preferences_key writes it) those sent to that address with no user id.
+    The stats count these, and an erasure (notifier.erasure) erases these."""
+    if user_key.startswith(ADDRESS_KEY_PREFIX):
+        # Mail sent to the address with no user id (no row has such a user_id: it counted none). Its
+        # rows are found by the index of key and address (their user_key is "email:" and the address
+        # lower-cased, an ASCII one as the API takes it): by the index of key and user id, every row of
+        # the key without one was read (0.9 s among 170,000).
+        address = user_key.removeprefix(ADDRESS_KEY_PREFIX)
+        whose = (fn.LOWER(Notification.to) == address) & Notification.user_id.is_null() & (
+            Notification.user_key == user_key)
+    else:
+        whose = Notification.user_id == user_key
+    return (Notification.api_key == api_key_id) & whose

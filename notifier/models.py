@@ -216,6 +216,9 @@ class Notification(BaseModel):
     # The RQ job that carries it when it shares one with others of its batch; None: its own job. While
     # `scheduled`, a release job of a new id that a worker put it off with (queues.release_job_id_of).
     job_id = CharField(max_length=64, null=True)
+    # When the user's data was erased (notifier.erasure): the row is a tombstone, kept only to answer a
+    # retried request under its idempotency key, or to post the status callback it owes. Never sent.
+    erased_at = DateTimeField(null=True)
 
     class Meta:
         table_name = "notifications"

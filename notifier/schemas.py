@@ -513,6 +513,9 @@ class NotificationSchema(Schema):
     callback_status = fields.String(required=True, allow_none=True)
     category = fields.String(required=True)
     digest_id = fields.String(required=True, allow_none=True)
+    erased_at = UtcDateTime(required=True, allow_none=True, metadata={
+        "description": "when its user's data was erased (DELETE /api/users/{user_id}): `to` is then empty and "
+                       "its content, user and metadata null; null if it was not"})
 
 
 class NotificationDetailSchema(NotificationSchema):

@@ -292,6 +292,14 @@ def transition_many(seqs: list[int], target: Status, *, reason: str, sources: It
     return _transition_where(Notification.seq.in_(seqs), target, reason=reason, sources=sources, **changes)
 
 
+def transition_matching(where, target: Status, *, reason: str, sources: Iterable[Status], **changes) -> list[int]:
+    """transition_many() for the rows a condition selects (a user's rows within a range of seq, say), with
+    no list of them to write into the statement; returns the seqs of those that moved. The same
+    compare-and-set: only a row in one of sources moves, and each that does gets its history line.
+    Not for digests, whose items move with them (transition() moves them)."""
+    return _transition_where(where, target, reason=reason, sources=sources, **changes)
+
+
 def release(jobs: dict[int, str | None], *, reason: str) -> list[int]:
     """Move scheduled notifications to `queued`, each with its job_id (by seq; None: a job of its own);
     returns the seqs of those that moved. transition_many() for delayed sends due at one moment,

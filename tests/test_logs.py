@@ -705,7 +705,10 @@ def test_an_address_as_a_user_id_in_a_path_is_masked_whole(sqlite_settings, sqli
     # No route matched: a 405 (the method), a 404 (the path's end). Masked from after the routes' words.
     assert client.post("/api/suppressions/sales.private/lead@example.com",
                        headers={"X-API-Key": key}).status_code == 405
+    # Any path under /api/users names a user (an id may hold "/"), one DELETE erases: GET is the wrong method.
     assert client.get("/api/users/email:sales.private/lead@example.com/prefs",
+                      headers={"X-API-Key": key}).status_code == 405
+    assert client.get("/api/notifications/user/email:sales.private/lead@example.com/x",
                       headers={"X-API-Key": key}).status_code == 404
     # A local part made of the routes' own words: masked too.
     assert client.post("/api/suppressions/users/preferences/private@example.com",
@@ -716,7 +719,8 @@ def test_an_address_as_a_user_id_in_a_path_is_masked_whole(sqlite_settings, sqli
     assert [json.loads(line)["path"] for line in err.splitlines() if '"notifier.api.access"' in line] == [
         "/api/users/email:s***@example.com/preferences", "/api/notifications/user/email:s***@example.com/stats",
         "/api/users/org/7/preferences", "/api/suppressions/s***@example.com",
-        "/api/users/email:s***@example.com/prefs", "/api/suppressions/u***@example.com",
+        "/api/users/email:s***@example.com/prefs", "/api/notifications/u***@example.com/x",
+        "/api/suppressions/u***@example.com",
         "/api/nothing/u***@example.com"]
 
 

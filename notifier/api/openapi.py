@@ -78,6 +78,7 @@ class Op:
     uses_database: bool = True
     idempotency_header: bool = False
     description: str = ""
+    retry_after: frozenset[int] = frozenset()  # error statuses of its own that carry Retry-After (429 always does)
 
 
 _ARGUMENT = re.compile(r"<(?:[a-zA-Z_][a-zA-Z0-9_]*(?:\([^)]*\))?:)?([a-zA-Z_][a-zA-Z0-9_]*)>")
@@ -213,7 +214,7 @@ def _operation(rule: Rule, method: str, op: Op) -> dict:
     errors.update(op.errors)
     for status in sorted(errors):
         text = errors[status] or ERROR_DESCRIPTIONS[status]
-        operation["responses"][str(status)] = _response(text, "Error", headers=_error_headers(status))
+        operation["responses"][str(status)] = _response(text, "Error", headers=_error_headers(status, op))
     if not op.public:
         for status, response in operation["responses"].items():
             if status not in _BEFORE_THE_KEY or (status == "400" and op.body is not None):
@@ -226,8 +227,8 @@ def _operation(rule: Rule, method: str, op: Op) -> dict:
 _BEFORE_THE_KEY = {"400", "401", "413"}
 
 
-def _error_headers(status: int) -> dict:
-    return {"Retry-After": "Retry-After"} if status == 429 else {}
+def _error_headers(status: int, op: Op) -> dict:
+    return {"Retry-After": "Retry-After"} if status == 429 or status in op.retry_after else {}
 
 
 def _implied_errors(rule: Rule, op: Op) -> dict[int, str]:

@@ -136,6 +136,20 @@ class PreviewOutSchema(Schema):
                                                                                    "HTML part"})
 
 
+class ErasedSchema(Schema):
+    user_id = fields.String(required=True, metadata={"description": "the user erased, as the path named them "
+                                                                     "(`email:<address>` lower-cased)"})
+    cancelled = fields.Integer(required=True, metadata={"description": "notifications stopped before they went out "
+                                                                        "(each also counted as tombstoned or deleted)"})
+    tombstoned = fields.Integer(required=True, metadata={
+        "description": "notifications kept without personal data, to answer a retried request under their "
+                       "idempotency key or to post the status callback they owe (`erased_at` set)"})
+    deleted = fields.Integer(required=True, metadata={"description": "notifications deleted with their history"})
+    digests = fields.Integer(required=True, metadata={"description": "records of digests made for the user"})
+    preferences = fields.Integer(required=True, metadata={"description": "category preferences deleted"})
+    profile = fields.Integer(required=True, metadata={"description": "1 when a timezone or quiet hours were deleted"})
+
+
 class SuppressionRemovedSchema(Schema):
     email = fields.String(required=True)
     suppressed = fields.Boolean(required=True)
@@ -214,7 +228,8 @@ OPERATIONS: dict[tuple[str, str], Op] = {
     ("deadletters.requeue", "POST"): Op(
         "Send a failed notification again", "dead letters", ok=202, ok_schema=AcceptedSchema,
         ok_description="Requeued with a fresh set of attempts",
-        errors={409: "`not_requeueable`: it is not failed (a sent notification is never sent twice); `suppressed`: "
+        errors={409: "`not_requeueable`: it is not failed (a sent notification is never sent twice); `erased`: its "
+                     "user was erased, and it is never sent again; `suppressed`: "
                      "its address is on the suppression list (remove it first)"}),
     ("events.emit", "POST"): Op(
         "Report a business event; notifier sends what its rule says", "events", ok=202,
@@ -227,6 +242,22 @@ OPERATIONS: dict[tuple[str, str], Op] = {
         "Change a user's preferences", "preferences", ok_schema=PreferencesOutSchema, body=PreferencesSchema,
         ok_description="The user's preferences after the change",
         description="Only the parts given change; transactional mail cannot be turned off."),
+    ("users.erase_user", "DELETE"): Op(
+        "Erase what you hold of a user (right to erasure)", "preferences", ok_schema=ErasedSchema,
+        ok_description="Erased, in one transaction; a user with nothing is answered with zeros (erasing again "
+                       "is safe)",
+        errors={409: "`in_flight`: some of the user's mail is being sent right now (`details.in_flight` lists "
+                     "its ids); nothing was erased: try again after Retry-After seconds",
+                422: USER_ID_422},
+        retry_after=frozenset({409}),
+        description="For a user id, its notifications; for `email:<address>`, those sent to that address with no "
+                    "user id (as the stats count them). What is still waiting is cancelled, so nothing more is "
+                    "sent. A notification whose idempotency key is still remembered, or whose status callback is "
+                    "owed, stays as a tombstone (`erased_at` set, `to` empty, its content, user and metadata null, "
+                    "its history one line saying it was erased): a retried request still replays it and "
+                    "sends nothing, and its callback still goes. Every other is deleted with its history; the "
+                    "user's preferences, profile and digest records too. The suppression list is kept (it "
+                    "protects your sending reputation): `DELETE /api/suppressions/{email}` takes an address off."),
     ("suppressions.list_suppressions", "GET"): Op(
         "Addresses you will not mail again, newest first, a page at a time", "suppressions",
         ok_schema=SuppressionListSchema, query=PageQuerySchema,

@@ -20,6 +20,8 @@ REQUEST_ID_HEADER = "X-Request-ID"
 _VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
 
 SECRET_VIEW_ARGS = {"token"}
+# Routes logged as their pattern whatever their arguments: an erasure's line must not keep whom it erased.
+PATTERN_ONLY_ENDPOINTS = {"users.erase_user"}
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 access_log = logging.getLogger("notifier.api.access")
@@ -39,7 +41,8 @@ def _loggable_path() -> str:
     # The path only: query strings may carry addresses, and bodies are never logged. A route whose
     # path holds a credential (an unsubscribe token) is logged as its pattern.
     rule = request.url_rule
-    if rule is not None and any(name in SECRET_VIEW_ARGS for name in rule.arguments):
+    if rule is not None and (rule.endpoint in PATTERN_ONLY_ENDPOINTS
+                             or any(name in SECRET_VIEW_ARGS for name in rule.arguments)):
         return rule.rule
     path = request.path
     args = request.view_args or {}

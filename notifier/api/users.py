@@ -1,10 +1,12 @@
-"""A recipient's preferences: per category immediate, daily, weekly or off; timezone; quiet hours."""
+"""A recipient's preferences: per category immediate, daily, weekly or off; timezone; quiet hours. And
+erasing what the key holds of a user (notifier.erasure)."""
 
 from __future__ import annotations
 
-from flask import Blueprint, jsonify
+from flask import Blueprint, current_app, jsonify
+from werkzeug.exceptions import MethodNotAllowed
 
-from notifier import consent
+from notifier import consent, erasure
 from notifier.api.common import current_key, json_body, path_user_id, require_api_key
 from notifier.errors import Unprocessable
 from notifier.models import Category
@@ -15,13 +17,16 @@ bp.before_request(require_api_key)
 _preferences = PreferencesSchema()
 
 
-@bp.get("/<user:user_id>/preferences")
+PREFERENCES = "/preferences"
+
+
+@bp.get(f"/<user:user_id>{PREFERENCES}")
 def get_preferences(user_id: str):
     """The user's preferences, with defaults for anything never set."""
     return jsonify(consent.preferences(current_key(), consent.preferences_key(path_user_id(user_id))))
 
 
-@bp.put("/<user:user_id>/preferences")
+@bp.put(f"/<user:user_id>{PREFERENCES}")
 def put_preferences(user_id: str):
     """Change the parts given; transactional mail cannot be turned off."""
     user_id = consent.preferences_key(path_user_id(user_id))
@@ -30,3 +35,15 @@ def put_preferences(user_id: str):
         raise Unprocessable("the body's user_id is not the path's", {"user_id": ["not the user of the path"]})
     (changes.get("categories") or {}).pop(Category.TRANSACTIONAL.value, None)
     return jsonify(consent.update_preferences(current_key(), user_id, changes))
+
+
+@bp.delete("/<user:user_id>")
+def erase_user(user_id: str):
+    """Erase what this key holds of the user: their mail (cancelled if still waiting), preferences and profile."""
+    if user_id.endswith(PREFERENCES):
+        # DELETE /api/users/u1/preferences is someone asking to reset u1's preferences, which is not a
+        # route (PUT them back to the defaults instead), not to erase a user called "u1/preferences".
+        raise MethodNotAllowed(valid_methods=["GET", "PUT"])
+    ext = current_app.extensions["notifier"]
+    user_key = consent.preferences_key(path_user_id(user_id))
+    return jsonify(erasure.erase(ext["redis"], ext["settings"], current_key(), user_key).as_dict())
