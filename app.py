@@ -18,7 +18,7 @@ from notifier.api import docs, guards, operators, tracing
 from notifier.api.common import NotificationIdConverter, UserIdConverter, rate_limit_headers
 from notifier.api.notifications import POST_ONLY_ALLOW, POST_ONLY_PATHS
 from notifier.config import Settings
-from notifier.db import UNAVAILABLE_ERRORS, database, is_postgres
+from notifier.db import UNAVAILABLE_ERRORS, database, is_postgres, patience_of
 from notifier.errors import HTTP_CODES, ApiError
 from notifier.keycache import KeyCache
 from notifier.queues import API_TIMEOUT_SECONDS, connect_redis
@@ -132,7 +132,7 @@ def create_app(settings: Settings | None = None, *, redis=None) -> Flask:
         "redis": redis,
         "limiter": limiter,
         # PostgreSQL tells the cache of every key change; SQLite cannot, so there it reads each time.
-        "key_cache": (KeyCache(settings.database_url, settings.database_connect_timeout)
+        "key_cache": (KeyCache(settings.database_url, settings.database_connect_timeout, patience_of(database))
                       if is_postgres(database) else None),
         "service": NotificationService(settings, make_renderer(settings), redis, limiter),
         # A batch is mostly CPU work under one interpreter lock: taking them one at a time per

@@ -11,6 +11,7 @@ import socket
 import threading
 import time
 
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from rq import SimpleWorker, worker_registration
 from rq.exceptions import DeserializationError, StopRequested
@@ -189,6 +190,16 @@ class NotifierWorker(SimpleWorker):
             super().subscribe()
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+    def _pubsub_exception_handler(self, exc, pubsub, pubsub_thread) -> None:
+        # RQ's handler waits out a ConnectionError and lets anything else end the thread that hears the
+        # worker's commands (shutdown, stop-job). redis-py's TimeoutError is no ConnectionError: in a
+        # partition (Redis silent, nothing reset) the thread's reconnect timed out, it died with a
+        # traceback on stderr, and the worker heard no command again for the rest of its life. A
+        # Redis that does not answer in time is waited out as one that refuses is.
+        if isinstance(exc, RedisError) and not isinstance(exc, RedisConnectionError):
+            exc = RedisConnectionError(f"{type(exc).__name__}: {exc}")
+        super()._pubsub_exception_handler(exc, pubsub, pubsub_thread)
 
     def work(self, burst: bool = False, *args, **kwargs):
         # A burst run's scheduler moves what is due once, as the run starts, and has no process

@@ -6,6 +6,7 @@ import itertools
 import logging
 import os
 import re
+import threading
 import time
 from collections.abc import Mapping
 from contextlib import suppress
@@ -23,6 +24,7 @@ from peewee import (
 )
 from playhouse.pool import PooledPostgresqlDatabase
 from playhouse.shortcuts import ReconnectMixin
+from psycopg2 import Error as PsycopgError
 from psycopg2.errors import DuplicatePreparedStatement, InvalidSqlStatementName, QueryCanceled
 from psycopg2.extensions import (
     TRANSACTION_STATUS_IDLE,
@@ -35,7 +37,7 @@ from psycopg2.extensions import connection as PsycopgConnection
 from psycopg2.extensions import cursor as PsycopgCursor
 
 from notifier.config import Settings
-from notifier.patience import Patience, wait_for_answer
+from notifier.patience import Patience, answer_deadline, wait_for_answer
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +113,21 @@ class PostgresDatabase(KeepsContexts, ReconnectMixin, PooledPostgresqlDatabase):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._returned_at: dict[int, float] = {}
+        self._handing_out = threading.Lock()
+
+    def connect(self, reuse_if_open=False):
+        # peewee hands out connections (pinging pooled ones, making new ones) one thread at a time, under
+        # a lock that no limit of ours bounds: behind a thread waiting on a silent server every other
+        # thread of the process waited, /api/ready too, past the answer_within() it promises. So the
+        # wait for that turn ends with the deadline, where there is one.
+        at = answer_deadline()
+        if not self._handing_out.acquire(timeout=-1 if at is None else max(0.0, at - time.monotonic())):
+            raise OperationalError("PostgreSQL gave this process no connection in time: another thread is "
+                                   "waiting for one")
+        try:
+            return super().connect(reuse_if_open)
+        finally:
+            self._handing_out.release()
 
     def rollback(self):
         if self.closed_under_us():
@@ -140,6 +157,16 @@ class PostgresDatabase(KeepsContexts, ReconnectMixin, PooledPostgresqlDatabase):
         if (returned_at is not None and time.monotonic() - returned_at < self.ping_after_seconds
                 and not conn.closed and conn.get_transaction_status() == TRANSACTION_STATUS_IDLE):
             return False
+        patience = getattr(conn, "patience", None)
+        if patience is not None and patience.silent_lately():
+            # The server took no new connection moments ago: a ping now would wait its second for an
+            # answer before the probe gave up, under the pool's lock, and so would the next idle
+            # connection's (in a partition every thread of a process waited up to 6.8 s behind the pings).
+            # Dropped unpinged, as a new connection now fails at once.
+            with suppress(PsycopgError):
+                conn.close()
+            self._found_dead()
+            return True
         if super()._is_closed(conn):
             self._found_dead()
             return True
@@ -287,13 +314,21 @@ def connect(url: str, pool_size: int = Settings.database_pool_size, prepare: boo
     patience.params = {**params, "database": name, "connection_factory": partial(NotifierConnection,
                                                                                    patience=patience)}
     set_wait_callback(wait_for_answer)
-    return PostgresDatabase(
+    db = PostgresDatabase(
         name,
         max_connections=pool_size,
         stale_timeout=300,
         timeout=10,
         **params,
     )
+    db.patience = patience
+    return db
+
+
+def patience_of(db) -> Patience | None:
+    """The Patience of db's connections (db: a database connect() made, or the proxy bound to one);
+    None for SQLite."""
+    return getattr(getattr(db, "obj", db), "patience", None)
 
 
 def execute_once(db, sql: str, params: list):

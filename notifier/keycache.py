@@ -18,13 +18,14 @@ import select
 import threading
 import time
 from collections.abc import Callable
+from functools import partial
 
 import psycopg2
 from psycopg2.extensions import parse_dsn
 
-from notifier.db import tcp_liveness
+from notifier.db import NotifierConnection, tcp_liveness
 from notifier.models import ApiKey
-from notifier.patience import answer_within
+from notifier.patience import Patience, answer_within
 
 logger = logging.getLogger(__name__)
 
@@ -38,9 +39,12 @@ _MAX_POLLS = 8
 class KeyCache:
     """Keys by public prefix, for one process; thread-safe."""
 
-    def __init__(self, database_url: str, connect_timeout: float = 5.0):
+    def __init__(self, database_url: str, connect_timeout: float = 5.0, patience: Patience | None = None):
+        """patience: the process's pool's (notifier.db.patience_of): a server it found silent moments ago
+        is not waited for again here, and one silent here is silent for the pool too."""
         self._url = database_url
         self._connect_timeout = connect_timeout
+        self._patience = patience
         self._lock = threading.Lock()
         self._connecting = threading.Lock()
         self._conn = None
@@ -106,12 +110,19 @@ class KeyCache:
         try:
             # libpq's connect_timeout is whole seconds. A server gone silent is found as the pool's
             # connections find it (25 s), not at MAX_AGE_SECONDS: until then a revoked key was served.
+            # Through the pool's Patience: during an outage (a partition, a stalled server) the request
+            # that came to listen waited its connect timeout here, every RECONNECT_SECONDS, and then as
+            # long again for its own connection (4 s, not 2, at the defaults). Now a server the pool
+            # found silent lately fails this at once, and one found silent here fails the request's own
+            # connection at once.
+            made = {} if self._patience is None else {
+                "connection_factory": partial(NotifierConnection, patience=self._patience)}
             conn = psycopg2.connect(self._url, connect_timeout=max(1, math.ceil(self._connect_timeout)),
                                     application_name="notifier-api-keycache",
-                                    **tcp_liveness(parse_dsn(self._url)))
+                                    **tcp_liveness(parse_dsn(self._url)), **made)
             conn.autocommit = True
-            # The connect is bounded by its timeout, its one statement is not (a connection made here
-            # has no Patience to probe the server with): a server that stalled right after taking the
+            # The connect is bounded by its timeout, its one statement is not (a connection made without
+            # the pool's Patience has none to probe the server with): a server that stalled right after taking the
             # connection held the request that came to listen for as long as the stall lasted.
             with answer_within(self._connect_timeout), conn.cursor() as cur:
                 cur.execute(f"LISTEN {CHANNEL}")

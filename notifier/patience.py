@@ -106,6 +106,11 @@ def answer_within(seconds: float):
         _deadline.at = previous
 
 
+def answer_deadline() -> float | None:
+    """When the innermost answer_within() of this thread runs out (time.monotonic()); None outside one."""
+    return getattr(_deadline, "at", None)
+
+
 def wait_for_answer(conn) -> None:
     """psycopg2's wait callback (set_wait_callback): wait for conn as libpq would, but within the
     limits of its Patience (see Patience), and of answer_within(). Past them the connection is closed

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
@@ -39,6 +40,12 @@ logger = logging.getLogger(__name__)
 # answer for a link that is not valid, never to anyone's preferences.
 PREVIEW_TOKEN = "preview"
 
+# After Redis failed to take a request's jobs, this process's next requests store theirs without asking it
+# for this long (the reconciler queues them, as it does the failed one's). Each waited its 2 s for a
+# Redis gone silent (a partition: nothing refuses, nothing resets), so four threads of a process took two
+# sends a second between them, and every other request, /api/ready too, queued behind them.
+REDIS_AWAY_SECONDS = 2.0
+
 VERIFICATION_TEMPLATE = "verification"
 # How often a batch is stored again after PostgreSQL broke a deadlock by rolling it back.
 DEADLOCK_ATTEMPTS = 3
@@ -65,6 +72,7 @@ class NotificationService:
         self.limiter = limiter
         self.recipient_cap = parse_rate(settings.recipient_cap) if settings.recipient_cap else None
         self.categories = rules.own_categories(settings)
+        self._redis_away_until = 0.0  # time.monotonic() before which jobs are not handed to Redis
 
     def recipient(self, payload: dict) -> tuple[str, str, Category]:
         """(to, user_key, category) of a validated send request: whose consent applies, and to what."""
@@ -221,12 +229,21 @@ class NotificationService:
 
     def hand_over_many(self, notifications: list[Notification]) -> None:
         """hand_over() for many, with their delivery jobs and acceptance counts in one round trip."""
+        if not notifications:
+            return
+        if time.monotonic() < self._redis_away_until:
+            one = len(notifications) == 1
+            what = f"notification {notifications[0].id}" if one else f"{len(notifications)} notifications"
+            logger.warning("%s stored but not queued: Redis did not answer moments ago", what)
+            return
         counts = metrics.Deferred(self.redis)
         metrics.accepted(counts, notifications)  # every newly stored notification passes here once
         handed = queues.dispatch_many(self.redis, self.settings, [n for n in notifications if n.status in (
             Status.QUEUED, Status.SCHEDULED)], also=counts.apply)
         if not handed:
-            return  # Redis away: asked again for each callback, each waited its 2 s; the reconciler queues them
+            # Redis away: asked again for each callback, each waited its 2 s; the reconciler queues them
+            self._redis_away_until = time.monotonic() + REDIS_AWAY_SECONDS
+            return
         for notification in notifications:
             if notification.status in FINAL_STATUSES:
                 queues.dispatch_callback(self.redis, self.settings, notification)

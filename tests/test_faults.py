@@ -475,6 +475,30 @@ def test_a_burst_worker_with_the_scheduler_starts_no_scheduler_process(redis_con
     assert started == []
 
 
+def test_the_thread_that_hears_a_workers_commands_waits_out_a_redis_that_does_not_answer(redis_conn, caplog):
+    # In a partition (Redis silent: nothing refused, nothing reset) the thread's reconnect timed out;
+    # RQ waits out a ConnectionError there, but redis-py's TimeoutError is none, so the thread died
+    # with a traceback on stderr, and the worker heard no shutdown or stop-job command again.
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+    from rq.command import send_command
+
+    from worker import make_worker
+
+    caplog.set_level("INFO", logger="rq.worker")
+    worker = make_worker(redis_conn, name="partitioned")
+    worker.subscribe()
+    try:
+        try:
+            raise RedisTimeoutError("Timeout connecting to server")
+        except RedisTimeoutError as exc:  # as the thread calls it
+            worker.pubsub_thread.exception_handler(exc, worker.pubsub, worker.pubsub_thread)
+        assert worker.pubsub_thread.is_alive()
+        send_command(redis_conn, worker.name, "stop-job", job_id="none-such")
+        assert wait_until(lambda: "Not working on job none-such" in caplog.text, timeout=10)  # it still hears them
+    finally:
+        worker.unsubscribe()
+
+
 def test_smtp_server_down_for_a_while_then_up(make_stack, pg_settings):
     handler = CaptureHandler()
     port = free_port()
