@@ -18,7 +18,7 @@ from redis.exceptions import RedisError
 from rq.exceptions import NoSuchJobError
 from rq.job import Job
 
-from notifier import consent, cursors, queues, store
+from notifier import consent, cursors, erasure, queues, store
 from notifier.config import Settings
 from notifier.errors import Conflict, NotFound
 from notifier.models import ApiKey, Event, Notification, Status
@@ -163,6 +163,18 @@ def _owned(notification_id: str, api_key: ApiKey | None) -> Notification:
 def requeue(redis: Redis, settings: Settings, notification_id: str, api_key: ApiKey | None = None) -> Notification:
     """Give a failed notification a fresh set of attempts; refuse anything that is not failed, and an
     item of a digest (its digest is what is requeued, taking its failed items back into it)."""
+    with Notification._meta.database.atomic():
+        # In turn with an erasure of its user (erasure.lock_owner), and decided on the row as it is then.
+        erasure.lock_owner(_owned(notification_id, api_key))
+        row = _requeue(notification_id, api_key)
+    _drop_from_registries(redis, [row.id])
+    notification = store.get(row.id)
+    queues.dispatch(redis, settings, notification)
+    return notification
+
+
+def _requeue(notification_id: str, api_key: ApiKey | None) -> Notification:
+    """requeue()'s checks and move, under the erasure lock of the row's user."""
     row = _owned(notification_id, api_key)
     if row.erased_at is not None:
         # A tombstone (notifier.erasure): no address to send to, and its user asked that nothing more be.
@@ -190,10 +202,7 @@ def requeue(redis: Redis, settings: Settings, notification_id: str, api_key: Api
             {"status": current.status},
             code="not_requeueable",
         )
-    _drop_from_registries(redis, [row.id])
-    notification = store.get(row.id)
-    queues.dispatch(redis, settings, notification)
-    return notification
+    return row
 
 
 def requeue_all(redis: Redis, settings: Settings, api_key: ApiKey | None = None) -> Counter[str]:

@@ -20,11 +20,13 @@ or for "email:<address>" those sent to that address with no user id. In one tran
 What stays: the suppression list, by address, which protects the sender's reputation (the address's
 server said it does not exist): DELETE /api/suppressions/<email> takes an address off it. Mail sent to
 the user's address with no user id is "email:<address>"'s, erased by naming that. Log lines already
-written and RQ's records of jobs (which hold notification ids, never addresses) are not touched.
+written, RQ's records of jobs (which hold notification ids, never addresses) and the RECIPIENT_CAP count
+of the address in Redis (which expires with its window) are not touched.
 
 A send accepted while an erasure runs is either erased or kept whole: rows change only by compare-and-set
 on their status, and one not final when its page is erased is left as it is. A tombstone is never sent:
-a requeue refuses one, and a worker cancels one it finds queued (requeued as it was being erased).
+a requeue refuses one, and a worker cancels one it finds queued (requeued as it was being erased, on
+SQLite). A requeue takes the erasure's turn of the user's (lock_owner), so none is kept whole by one.
 """
 
 from __future__ import annotations
@@ -118,8 +120,7 @@ def erase(redis: Redis, settings: Settings, api_key: ApiKey, user_key: str) -> E
     done = Erased(user_key)
     db = Notification._meta.database
     with db.atomic():
-        if is_postgres(db):
-            db.execute_sql("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (_LOCK_CLASS, f"{api_key.id}:{user_key}"))
+        lock_user(api_key.id, user_key)
         _refuse_in_flight(whose, before_cancelling=True)  # before anything is written
         cancelled: set[int] = set()
         for _ in range(CANCEL_PASSES):
@@ -143,6 +144,26 @@ def erase(redis: Redis, settings: Settings, api_key: ApiKey, user_key: str) -> E
     counts = {name: count for name, count in done.as_dict().items() if name != "user_id"}
     logger.info("erasure for key %s (%s): %s", api_key.id, who, counts)
     return done
+
+
+def lock_user(api_key_id: int, user_key: str) -> None:
+    """Take, until the end of the current transaction, the turn erasures of this user take (PostgreSQL;
+    SQLite writes one transaction at a time anyway)."""
+    db = Notification._meta.database
+    if is_postgres(db):
+        db.execute_sql("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (_LOCK_CLASS, f"{api_key_id}:{user_key}"))
+
+
+def lock_owner(notification: Notification) -> None:
+    """lock_user() for whoever an erasure of notification's user names: its user id, or with none its
+    "email:<address>" key. Anything that makes a final notification waiting again (a requeue) takes it,
+    then reads the row again and decides: an erasure that came first has made the row a tombstone (the
+    requeue is refused) or deleted it; one that comes after finds it waiting and cancels it. Without it a
+    row requeued between the erasure's cancel and its page's erasure was kept whole (not final) and sent
+    after the erasure had answered 200 (helper 4's review)."""
+    owner = notification.user_id if notification.user_id is not None else notification.user_key
+    if owner is not None:
+        lock_user(notification.api_key_id, owner)
 
 
 def _guard(condition):

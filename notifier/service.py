@@ -45,6 +45,11 @@ PREVIEW_TOKEN = "preview"
 # Redis gone silent (a partition: nothing refuses, nothing resets), so four threads of a process took two
 # sends a second between them, and every other request, /api/ready too, queued behind them.
 REDIS_AWAY_SECONDS = 2.0
+# Within that moment a request still asks, but waits this long at most for the answer: a Redis that came
+# back at once (a one-off stall, a failover) takes the jobs, and ends the moment. Not asking at all left
+# every send of those 2 s, a login code too, to the reconciler: 30-60 s later (RECONCILE_GRACE_SECONDS and
+# RECONCILE_INTERVAL), though Redis had answered all along (helper 4's review).
+REDIS_PROBE_SECONDS = 0.1
 
 VERIFICATION_TEMPLATE = "verification"
 # How often a batch is stored again after PostgreSQL broke a deadlock by rolling it back.
@@ -72,7 +77,8 @@ class NotificationService:
         self.limiter = limiter
         self.recipient_cap = parse_rate(settings.recipient_cap) if settings.recipient_cap else None
         self.categories = rules.own_categories(settings)
-        self._redis_away_until = 0.0  # time.monotonic() before which jobs are not handed to Redis
+        self._redis_away_until = 0.0  # time.monotonic() before which Redis is asked only briefly
+        self._redis_probe: Redis | None = None  # the client that asks it so (queues.impatient)
 
     def recipient(self, payload: dict) -> tuple[str, str, Category]:
         """(to, user_key, category) of a validated send request: whose consent applies, and to what."""
@@ -231,22 +237,26 @@ class NotificationService:
         """hand_over() for many, with their delivery jobs and acceptance counts in one round trip."""
         if not notifications:
             return
-        if time.monotonic() < self._redis_away_until:
-            one = len(notifications) == 1
-            what = f"notification {notifications[0].id}" if one else f"{len(notifications)} notifications"
-            logger.warning("%s stored but not queued: Redis did not answer moments ago", what)
-            return
-        counts = metrics.Deferred(self.redis)
+        redis, probing = self.redis, time.monotonic() < self._redis_away_until
+        if probing:
+            if self._redis_probe is None:
+                self._redis_probe = queues.impatient(self.redis, REDIS_PROBE_SECONDS)
+            redis = self._redis_probe
+        counts = metrics.Deferred(redis)
         metrics.accepted(counts, notifications)  # every newly stored notification passes here once
-        handed = queues.dispatch_many(self.redis, self.settings, [n for n in notifications if n.status in (
+        handed = queues.dispatch_many(redis, self.settings, [n for n in notifications if n.status in (
             Status.QUEUED, Status.SCHEDULED)], also=counts.apply)
         if not handed:
-            # Redis away: asked again for each callback, each waited its 2 s; the reconciler queues them
-            self._redis_away_until = time.monotonic() + REDIS_AWAY_SECONDS
+            # Redis away: asked again for each callback, each waited its 2 s; the reconciler queues them.
+            # A brief ask that failed does not make the moment longer: a Redis merely slower than
+            # REDIS_PROBE_SECONDS would otherwise never be asked in full again.
+            if not probing:
+                self._redis_away_until = time.monotonic() + REDIS_AWAY_SECONDS
             return
+        self._redis_away_until = 0.0
         for notification in notifications:
             if notification.status in FINAL_STATUSES:
-                queues.dispatch_callback(self.redis, self.settings, notification)
+                queues.dispatch_callback(redis, self.settings, notification)
 
     def send_batch(self, api_key: ApiKey, payloads: list[dict | None], batch_key: str | None = None) -> list:
         """Accept many sends at once. Each item stands alone: the answer, by index, is a Notification

@@ -421,3 +421,35 @@ def test_the_document_describes_the_erasure_and_its_retry_after(api):
     assert erase["responses"]["409"]["headers"]["Retry-After"] == {"$ref": "#/components/headers/Retry-After"}
     assert {"200", "409", "422"} <= set(erase["responses"])
     assert "erased_at" in spec["components"]["schemas"]["NotificationDetail"]["properties"]
+
+
+def test_a_dead_letter_requeued_while_the_erasure_runs_is_not_sent_and_not_kept(
+        api, headers, api_key, live_deliverer, smtp, redis_conn, monkeypatch):
+    # helper 4: an operator's requeue (failed -> queued) that commits after the cancel step and before its
+    # row's page is erased left the row whole (`queued` is not final) and it was sent after a 200: no order
+    # of the two explains that (requeued first, the erasure cancels it; erased first, the requeue is refused).
+    import threading
+
+    failed = make_notification(api_key[0], Status.FAILED, user_id="u1", user_key="u1", to=ANN,
+                               subject="Hi Ann Example").id
+    real = erasure._erase_rows
+    requeued = {}
+
+    def requeue_meanwhile(whose, cancelled, done):
+        def requeue():
+            response = api.post(f"/api/dead-letters/{failed}/requeue", headers=headers)
+            requeued["status"] = response.status_code
+        threads.append(threading.Thread(target=requeue))
+        threads[0].start()
+        threads[0].join(1)  # now it waits for the erasure (before, it committed at once)
+        return real(whose, cancelled, done)
+
+    threads = []
+    monkeypatch.setattr(erasure, "_erase_rows", requeue_meanwhile)
+    _erase(api, headers)
+    threads[0].join(10)
+    assert requeued["status"] == 404  # erased first: the row is gone
+    run_worker_until_idle(redis_conn)
+
+    assert smtp.count() == 0, requeued
+    assert _personal_data_left(ANN, "Ann Example") == [], requeued
