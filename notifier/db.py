@@ -120,6 +120,8 @@ class PostgresDatabase(KeepsContexts, ReconnectMixin, PooledPostgresqlDatabase):
         # a lock that no limit of ours bounds: behind a thread waiting on a silent server every other
         # thread of the process waited, /api/ready too, past the answer_within() it promises. So the
         # wait for that turn ends with the deadline, where there is one.
+        if reuse_if_open and not self.is_closed():
+            return False  # this thread's connection, open already: nothing to hand out, no turn to wait for
         at = answer_deadline()
         if not self._handing_out.acquire(timeout=-1 if at is None else max(0.0, at - time.monotonic())):
             raise OperationalError("PostgreSQL gave this process no connection in time: another thread is "
