@@ -14,7 +14,7 @@ from werkzeug.exceptions import HTTPException
 from werkzeug.middleware.proxy_fix import ProxyFix
 from werkzeug.serving import run_simple
 
-from notifier.api import docs, guards, operators, tracing
+from notifier.api import docs, guards, headers, operators, tracing
 from notifier.api.common import NotificationIdConverter, UserIdConverter, rate_limit_headers
 from notifier.api.notifications import POST_ONLY_ALLOW, POST_ONLY_PATHS
 from notifier.config import Settings
@@ -122,6 +122,7 @@ def create_app(settings: Settings | None = None, *, redis=None) -> Flask:
         # Behind reverse proxies: the client's address and scheme are what the proxies say they are.
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.proxy_hops, x_proto=settings.proxy_hops)
     tracing.init_app(app)  # first, so every other hook and error already has the request id
+    headers.init_app(app)
     guards.init_app(app)
 
     open_database(settings)

@@ -18,6 +18,7 @@ from http import HTTPStatus
 from gunicorn import glogging, util
 from gunicorn.workers.gthread import ThreadWorker
 
+from notifier.api import headers
 from notifier.errors import HTTP_CODES
 
 # Set in a request's WSGI environ by the application when the connection must not carry another
@@ -36,8 +37,10 @@ def write_json_error(sock, status_int: int, reason: str, mesg: str) -> None:
         reason = _PHRASES[status_int]
     body = json.dumps({"error": {"code": HTTP_CODES.get(status_int, "http_error"), "message": mesg or reason,
                                  "details": None}}).encode()
-    head = (f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n")
+    fields = {"Connection": "close", "Content-Type": "application/json", "Content-Length": str(len(body))}
+    headers.add(fields)  # what the application's answers carry besides
+    head = f"HTTP/1.1 {status_int} {reason}\r\n" + "".join(f"{name}: {value}\r\n" for name, value in fields.items())
+    head += "\r\n"
     util.write_nonblock(sock, head.encode("latin-1") + body)
 
 
@@ -60,9 +63,16 @@ def closing_when_asked(app):
     return serve
 
 
+def _content_length(req) -> int:
+    """The request's Content-Length (gunicorn has parsed it, and refused one given twice or not a
+    number), 0 without one (a chunked body, or none)."""
+    return next((int(value) for name, value in req.headers if name == "CONTENT-LENGTH"), 0)
+
+
 class JsonErrorWorker(ThreadWorker):
-    """gunicorn's gthread worker; its refusals are written by write_json_error, and it closes the
-    connection when the application asks (closing_when_asked)."""
+    """gunicorn's gthread worker; its refusals are written by write_json_error, it closes the
+    connection when the application asks (closing_when_asked), and it says no `100 Continue` to a
+    body the application will refuse as over MAX_BODY_BYTES."""
 
     def init_process(self):
         # gunicorn offers no hook for its error pages: every worker writes them through this module
@@ -76,7 +86,16 @@ class JsonErrorWorker(ThreadWorker):
         # At least a microsecond: a limit that rounds to zero turns it off.
         micros = max(1, round(settings.client_timeout * 1_000_000))
         self._stall_limit = struct.pack("ll", micros // 1_000_000, micros % 1_000_000)
+        self._max_body = self.wsgi.config["MAX_CONTENT_LENGTH"]
         self.wsgi = closing_when_asked(self.wsgi)
+
+    def handle_request(self, req, conn):
+        if req._expected_100_continue and _content_length(req) > self._max_body:
+            # gunicorn says `100 Continue` as it hands the request on, before the application can
+            # refuse it: a client that asks first (curl does for a body over 1 MB) then sent the whole
+            # body the 413 that followed refused. Without the 100 it waits for that 413.
+            req._expected_100_continue = False
+        return super().handle_request(req, conn)
 
     def handle(self, conn):
         if not conn.initialized:

@@ -119,6 +119,23 @@ def _no_constant(name: str):
     raise ValueError(f"{name} is not JSON")
 
 
+class _DuplicateName(ValueError):
+    def __init__(self, name: str):
+        super().__init__(name)
+        self.name = name
+
+
+def _unique_names(pairs: list[tuple[str, object]]) -> dict:
+    # {"to": "a@x", "to": "b@x"} was read as its last "to", where another parser in the caller's path
+    # (a proxy's filter, a signature check, a log) may read the first: the message then went to
+    # someone the checked request never named. RFC 8259 leaves such an object's meaning open.
+    found = dict(pairs)
+    if len(found) != len(pairs):
+        seen = set()
+        raise _DuplicateName(next(name for name, _ in pairs if name in seen or seen.add(name)))
+    return found
+
+
 def _finite(text: str) -> float:
     value = float(text)
     if not math.isfinite(value):  # 1e400: a number, but one no JSON can carry back
@@ -164,7 +181,11 @@ def _parsed() -> tuple[dict, bool]:
         # must read what the parser reads.
         # NaN and Infinity, which Python's parser takes by default, are not JSON: stored and echoed
         # back, they would make answers and status callbacks that strict parsers refuse.
-        body = current_app.json.loads(text, parse_constant=_no_constant, parse_float=_finite)
+        body = current_app.json.loads(text, parse_constant=_no_constant, parse_float=_finite,
+                                      object_pairs_hook=_unique_names)
+    except _DuplicateName as exc:
+        raise ApiError(f"the request body names {exc.name[:100]!r} twice in one object",
+                       code="malformed_json") from exc
     except ValueError as exc:  # not JSON
         raise ApiError("the request body is not valid JSON", code="malformed_json") from exc
     except RecursionError as exc:  # nested deeper than Python's parser goes

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from urllib.parse import unquote_to_bytes
+
 from flask import Flask, current_app, request
 from gunicorn.http.errors import ParseException
 from werkzeug.exceptions import ClientDisconnected, HTTPException
@@ -22,6 +25,55 @@ def _has_nul() -> bool:
     if any("\x00" in name or "\x00" in value for name, value in request.args.items(multi=True)):
         return True
     return any("\x00" in value for value in request.headers.values())
+
+
+# RFC 3986's host (a name, an IPv4 address or a bracketed IPv6 one) and an optional port.
+_HOST = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~%!$&'()*+,;=-]*)(?::[0-9]*)?")
+
+
+def _bad_host() -> bool:
+    # RFC 9112 3.2: an HTTP/1.1 request without a Host, or with one that is no host, is a 400. Nothing
+    # of ours is built from it (links start with PUBLIC_BASE_URL, Location is a path), so this only
+    # keeps the API from answering what a proxy or cache in front may have read another way.
+    host = request.environ.get("HTTP_HOST")
+    if host is None:
+        return request.environ.get("SERVER_PROTOCOL") == "HTTP/1.1"
+    return _HOST.fullmatch(host) is None
+
+
+def _not_utf8() -> bool:
+    # werkzeug decodes the path and the query string with a replacement character for every byte that is
+    # not UTF-8, so /api/users/%ff and /api/users/%fe named one user, "\ufffd", whom either erased. A body
+    # that is not UTF-8 is refused; so is a path. (PATH_INFO is the decoded bytes as Latin-1, by WSGI.)
+    try:
+        request.environ.get("PATH_INFO", "").encode("latin-1").decode("utf-8")
+        unquote_to_bytes(request.environ.get("QUERY_STRING", "").replace("+", " ")).decode("utf-8")
+    except UnicodeError:
+        return True
+    return False
+
+
+# A content coding (RFC 9110 8.4) or a transfer coding (RFC 9112 7) other than these is one the API
+# would not undo: gunicorn hands a `gzip, chunked` body on still compressed, and a Content-Encoding is
+# not decoded by anyone, so the body was refused as "not valid UTF-8", or a plain body mislabelled
+# `br` was taken as it was.
+_CONTENT_CODINGS = frozenset({"identity"})
+_TRANSFER_CODINGS = frozenset({"chunked"})
+
+
+def _codings(header: str) -> set[str]:
+    return {coding.strip(" \t").lower() for coding in request.headers.get(header, "").split(",")} - {""}
+
+
+def _refuse_codings() -> None:
+    if unknown := _codings("Transfer-Encoding") - _TRANSFER_CODINGS:
+        request.environ[CLOSE_CONNECTION] = True  # gunicorn closes it anyway
+        raise ApiError(f"the transfer coding {', '.join(sorted(unknown))} is not supported: send the body as it is "
+                       "(chunked or with Content-Length)", status=501, code="not_implemented")
+    if request.get_data(cache=True) and (unknown := _codings("Content-Encoding") - _CONTENT_CODINGS):
+        raise ApiError(f"the content coding {', '.join(sorted(unknown))} is not supported: send the body "
+                       "uncompressed", status=415, code="unsupported_media_type",
+                       headers={"Accept-Encoding": "identity"})
 
 
 def _too_large(limit: int) -> ApiError:
@@ -51,8 +103,9 @@ def read_body() -> None:
     except ClientDisconnected as exc:
         request.environ[CLOSE_CONNECTION] = True
         # werkzeug's own words are about a browser: say what happened to the body instead.
-        raise ApiError("the request body ended before its Content-Length (the client went away, or sent none "
-                       "of the rest for CLIENT_TIMEOUT seconds)") from exc
+        end = "its last chunk" if request.content_length is None else "its Content-Length"
+        raise ApiError(f"the request body ended before {end} (the client went away, or sent none of the rest "
+                       "for CLIENT_TIMEOUT seconds)") from exc
     except HTTPException:
         request.environ[CLOSE_CONNECTION] = True
         raise
@@ -65,12 +118,20 @@ def read_body() -> None:
 
 
 def init_app(app: Flask) -> None:
-    """Refuse, as 413 payload_too_large, a request whose body is over MAX_BODY_BYTES (see read_body),
-    and, as 400 bad_request, one whose path, query string or headers hold a NUL character."""
+    """Refuse, as 413 payload_too_large, a request whose body is over MAX_BODY_BYTES (see read_body);
+    as 400 bad_request, one whose path, query string or headers hold a NUL character, whose path or
+    query string is not UTF-8, or whose Host is missing (HTTP/1.1) or no host; and one whose body is
+    compressed, as 415 unsupported_media_type (a Content-Encoding) or 501 not_implemented (a
+    Transfer-Encoding besides chunked)."""
     # First: a check that refuses before the body is read would leave it unread.
     app.before_request(read_body)
+    app.before_request(_refuse_codings)
 
     @app.before_request
-    def _refuse_nul():
+    def _refuse_unreadable():
         if _has_nul():
             raise ApiError("the path, query string and headers must not contain NUL characters")
+        if _not_utf8():
+            raise ApiError("the path and query string must be UTF-8 (percent-encoded or not)")
+        if _bad_host():
+            raise ApiError("an HTTP/1.1 request needs one Host header naming a host (and port)")

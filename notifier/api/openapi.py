@@ -25,16 +25,19 @@ JSON = "application/json"
 
 # What each error status means; an operation may say more about its own (its 409s, say).
 ERROR_DESCRIPTIONS = {
-    400: "`bad_request`: a NUL character in the path, query string or a header, or a body that cannot be read",
+    400: "`bad_request`: a NUL character in the path, query string or a header, a path or query string that is "
+         "not UTF-8, an HTTP/1.1 request without a Host (or one naming no host), or a body that cannot be read",
     401: "`unauthorized`: missing, wrong or revoked API key",
     404: "`not_found`: no such route, or nothing of yours by that id",
     409: "`conflict`",
     413: "`payload_too_large`: the body is over MAX_BODY_BYTES",
+    415: "`unsupported_media_type`: the body has a Content-Encoding (gzip, br, ...): bodies are never decompressed",
     422: "`validation_error`: a field is wrong, unknown or missing; `details` names each field",
     429: "`rate_limited`: too many requests; wait for Retry-After seconds",
     503: "`service_unavailable`: the database is unreachable; nothing was stored, retrying is safe",
 }
-BODY_400 = ("`malformed_json`: the body is not a JSON object (not JSON, not UTF-8, or nested too deeply); "
+BODY_400 = ("`malformed_json`: the body is not a JSON object (not JSON, not UTF-8, nested too deeply, or naming "
+            "a key twice in one object); "
             "or " + ERROR_DESCRIPTIONS[400])
 
 
@@ -223,8 +226,9 @@ def _operation(rule: Rule, method: str, op: Op) -> dict:
 
 
 # Answered before the API key passed, so without RateLimit headers: a body over MAX_BODY_BYTES, a NUL
-# character (a 400, which on a route with a body may also be malformed JSON, read after it), no key.
-_BEFORE_THE_KEY = {"400", "401", "413"}
+# character (a 400, which on a route with a body may also be malformed JSON, read after it), a
+# compressed body, no key.
+_BEFORE_THE_KEY = {"400", "401", "413", "415"}
 
 
 def _error_headers(status: int, op: Op) -> dict:
@@ -237,7 +241,7 @@ def _implied_errors(rule: Rule, op: Op) -> dict[int, str]:
     # route refuses (guards.read_body), one that takes none too.
     statuses = [400, 413]
     if op.body is not None:
-        statuses.append(422)
+        statuses += [415, 422]
     if op.query is not None:
         statuses.append(422)
     if not op.public:

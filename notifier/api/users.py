@@ -3,7 +3,7 @@ erasing what the key holds of a user (notifier.erasure)."""
 
 from __future__ import annotations
 
-from flask import Blueprint, current_app, jsonify
+from flask import Blueprint, current_app, jsonify, request
 from werkzeug.exceptions import MethodNotAllowed
 
 from notifier import consent, erasure
@@ -18,6 +18,17 @@ _preferences = PreferencesSchema()
 
 
 PREFERENCES = "/preferences"
+# What a path ending in /preferences takes, in a 405 and in an OPTIONS answer alike.
+PREFERENCES_ALLOW = "GET, HEAD, OPTIONS, PUT"
+
+
+@bp.after_request
+def _preferences_options(response):
+    # Flask answers OPTIONS with the methods of every rule the path matches, and /<user_id> matches
+    # u1/preferences too: DELETE was offered, which erase_user refuses there (405).
+    if request.method == "OPTIONS" and request.path.endswith(PREFERENCES) and "Allow" in response.headers:
+        response.headers["Allow"] = PREFERENCES_ALLOW
+    return response
 
 
 @bp.get(f"/<user:user_id>{PREFERENCES}")
@@ -43,7 +54,7 @@ def erase_user(user_id: str):
     if user_id.endswith(PREFERENCES):
         # DELETE /api/users/u1/preferences is someone asking to reset u1's preferences, which is not a
         # route (PUT them back to the defaults instead), not to erase a user called "u1/preferences".
-        raise MethodNotAllowed(valid_methods=["GET", "PUT"])
+        raise MethodNotAllowed(valid_methods=PREFERENCES_ALLOW.split(", "))
     ext = current_app.extensions["notifier"]
     user_key = consent.preferences_key(path_user_id(user_id))
     return jsonify(erasure.erase(ext["redis"], ext["settings"], current_key(), user_key).as_dict())
