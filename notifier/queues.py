@@ -190,8 +190,10 @@ def enqueue_delivery(
     priority: str,
     attempts_made: int = 0,
     at: datetime | None = None,
+    pipeline: Pipeline | None = None,
 ):
-    """Put a delivery job for the notification on its priority queue (at a time, if given).
+    """Put a delivery job for the notification on its priority queue (at a time, if given); on pipeline,
+    when given, which the caller executes.
 
     Raises RedisError if Redis is unreachable."""
     queue = queue_for(priority, connection)
@@ -204,6 +206,8 @@ def enqueue_delivery(
         "description": f"deliver notification {notification_id}",
         "meta": traced(),
     }
+    if pipeline is not None:
+        options["pipeline"] = pipeline
     if at is not None:
         # Our times are naive UTC; RQ reads a naive time as the machine's local time.
         return queue.enqueue_at(at.replace(tzinfo=UTC) if at.tzinfo is None else at, DELIVER_JOB, notification_id,

@@ -28,7 +28,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
 
-from peewee import fn
+from peewee import Value, fn
 from redis import Redis
 from rq import Worker
 from rq.job import Job
@@ -37,6 +37,7 @@ from rq_scheduler import Scheduler
 
 from notifier import metrics, queues, receipts, releases, store
 from notifier.config import Settings
+from notifier.db import execute_once, is_postgres
 from notifier.models import WAITING_STATUSES, CallbackStatus, Event, Notification, Priority, Status, utcnow
 
 logger = logging.getLogger(__name__)
@@ -327,28 +328,77 @@ def _requeue(redis: Redis, settings: Settings, settled: datetime, stuck_before: 
                 # wait in RQ's scheduled registry instead, an hour for the last one, so their pages
                 # go on while the pass has time.
                 break
-            for row in rows:
-                if queues.job_id_of(row) in missing and _requeue_one(redis, settings, row):
-                    report.requeued += 1
+            _requeue_rows(redis, settings, [r for r in rows if queues.job_id_of(r) in missing], report)
 
 
-def _requeue_one(redis: Redis, settings: Settings, row: Notification) -> bool:
-    """Queue a job for a row whose job Redis lost; False when the row has moved on since it was read.
+REQUEUED_REASON = "re-enqueued by the reconciler: its job was missing from Redis"
+
+
+def _requeue_rows(redis: Redis, settings: Settings, rows: list[Notification], report: Report) -> None:
+    """Queue a job for each row whose job Redis lost that is still as read, counting them into report.
 
     The page is read before Redis is, and a job that ran in between (its email sent, or claimed by a
     batch's shared job) is no longer live work either: a pass held up there (a worker's warm shutdown
     stops RQ's scheduler inside its signal handler, a second or so) re-queued a hundred sent
     notifications, and would clear the job_id of one a shared job had claimed meanwhile (a slow send
     of it then looked lost). Only a row still as read is put back, and from now on it travels alone
-    (its shared job is gone), so the next pass looks for its own job."""
-    unchanged = Notification.update(job_id=None).where(
-        Notification.seq == row.seq, Notification.status == row.status, Notification.updated_at == row.updated_at,
-        Notification.job_id.is_null() if row.job_id is None else Notification.job_id == row.job_id)
-    if not unchanged.execute():
-        return False
-    queues.enqueue_delivery(redis, settings, row.id, row.priority, row.attempts, at=queues.retry_due(settings, row))
-    store.record(row.id, kind="status", reason="re-enqueued by the reconciler: its job was missing from Redis")
-    return True
+    (its shared job is gone), so the next pass looks for its own job.
+
+    A page at a time, as a row at a time before (an update, a job and a history line each: 8-36 ms a
+    row, so a backlog Redis lost came back at 30-120 a second): one statement takes the rows still as
+    read, one Redis round trip queues their jobs, one statement writes their history lines, in that
+    order as before. Redis failing after the first leaves rows with no job and no line: the next pass
+    finds their jobs missing again and queues them. Raises RedisError."""
+    if not rows:
+        return
+    taken = set(_unchanged_taken(rows))
+    moved = [row for row in rows if row.seq in taken]
+    if not moved:
+        return
+    with redis.pipeline(transaction=False) as pipe:
+        # RQ's enqueue starts a MULTI on a pipeline not in one yet, which redis-py refuses once enqueue_at
+        # (a retry not due yet) has queued commands on it: begun here, it is one transaction either way.
+        pipe.multi()
+        for row in moved:
+            queues.enqueue_delivery(redis, settings, row.id, row.priority, row.attempts,
+                                    at=queues.retry_due(settings, row), pipeline=pipe)
+        pipe.execute()
+    report.requeued += len(moved)  # before the lines: a pass the database stops there still counts them
+    # Of the rows as they are now, as store.record wrote it: one sent and erased since its job was queued
+    # is gone, and a line naming it would fail the pass on its foreign key.
+    line = Notification.select(Notification.seq, Value(Event.at.db_value(utcnow())), Value("status"),
+                               Notification.status, Notification.status, Value(REQUEUED_REASON)).where(
+        Notification.seq.in_([row.seq for row in moved]))
+    Event.insert_from(line, [Event.notification, Event.at, Event.kind, Event.from_status, Event.to_status,
+                             Event.reason]).execute()
+
+
+def _unchanged_taken(rows: list[Notification]) -> list[int]:
+    """Clear the job_id of those of rows still as read (status, updated_at and job_id: a compare-and-set
+    each) and return their seqs."""
+    db = Notification._meta.database
+    if not is_postgres(db):
+        return [row.seq for row in rows if Notification.update(job_id=None).where(
+            Notification.seq == row.seq, Notification.status == row.status, Notification.updated_at == row.updated_at,
+            Notification.job_id.is_null() if row.job_id is None else Notification.job_id == row.job_id).execute()]
+    # One statement for the page. Its rows are locked in order of seq, and one that another transaction
+    # holds is passed over (SKIP LOCKED) for the next pass: a row at a time, the update only ever held
+    # one row, whereas a page held while it waited for another could deadlock with a transaction that
+    # takes several of them (an erasure cancelling a user's mail), and PostgreSQL would cancel one of
+    # the two. NO KEY UPDATE, as the update takes: a history line being written (FOR KEY SHARE of its
+    # notification) does not make a row pass.
+    same = ('(n."status" = v.status) IS TRUE AND n."updated_at" = v.updated_at '
+            'AND n."job_id" IS NOT DISTINCT FROM v.job_id')
+    sql = (
+        'WITH v AS (SELECT * FROM unnest(%s::bigint[], %s::varchar[], %s::timestamp[], %s::varchar[]) '
+        "AS v (seq, status, updated_at, job_id)), "
+        f'taken AS (SELECT n."seq" FROM "notifications" n JOIN v ON n."seq" = v.seq WHERE {same} '
+        'ORDER BY n."seq" FOR NO KEY UPDATE OF n SKIP LOCKED) '
+        'UPDATE "notifications" n SET "job_id" = NULL FROM v '
+        f'WHERE n."seq" = v.seq AND n."seq" IN (SELECT "seq" FROM taken) AND {same} RETURNING n."seq"'
+    )
+    params = [[r.seq for r in rows], [r.status for r in rows], [r.updated_at for r in rows], [r.job_id for r in rows]]
+    return [seq for (seq,) in execute_once(db, sql, params).fetchall()]
 
 
 def _callbacks(redis: Redis, settings: Settings, settled: datetime, report: Report, stop_at: float) -> None:

@@ -13,7 +13,7 @@ from notifier.models import FINAL_STATUSES, MODELS, Event, SchemaVersion, Status
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 17
+SCHEMA_VERSION = 18
 # Indexes a later version replaced, dropped where an earlier one made them (5: the reconciler pages
 # owed callbacks by seq, not by updated_at; two partial indexes of version 5's first cut, before it
 # paged deadlines and send times by seq too; 6: it pages queued rows a priority at a time; 8: an
@@ -26,7 +26,8 @@ SCHEMA_VERSION = 17
 # (the callback secret a rotation replaced); 14 only adds an index (the callbacks that gave up); 15
 # makes a digest per address (models.Digest.email), its unique index with it; 16 only adds an index
 # (a key's notifications by lower-cased address, for the API's `to` filter and a user's counts by address);
-# 17 only adds a column (when a user's data was erased: models.Notification.erased_at).
+# 17 only adds a column (when a user's data was erased: models.Notification.erased_at); 18 only adds two
+# indexes (a key's notifications that did not go out, partial; the digests made, by time).
 _REPLACED_INDEXES = ("notification_callback_status_updated_at", "notifications_waiting_expires_at",
                      "notifications_scheduled_send_at", "notifications_queued_seq",
                      # The name peewee gave the key-only unique index (after the model, not the table).

@@ -22,7 +22,7 @@ from notifier.db import database
 from notifier.models import DeliveryMode, Notification, UserProfile
 from notifier.rules import RULES
 from notifier.schemas import MAX_JSON_DEPTH, MAX_JSON_NODES
-from tests.helpers import LITERAL, VERIFICATION, notification_count, run_worker_until_idle
+from tests.helpers import LITERAL, VERIFICATION, make_notification, notification_count, run_worker_until_idle
 from tests.processes import Stack, env_for, free_port, spawn, stop, wait_for_http
 
 pytestmark = pytest.mark.integration
@@ -391,6 +391,17 @@ def test_times_outside_what_utc_can_hold_are_422(client, headers, value):
         _refused(client.post(SEND, json=LITERAL | {field: value}, headers=headers), 422)
     _refused(client.get(f"/api/notifications?created_after={value.replace('+', '%2B')}", headers=headers), 422)
     assert notification_count() == 0
+
+
+def test_the_first_and_last_times_utc_can_hold_list_every_notification(client, headers, api_key):
+    # The created_at filters bound seq an hour either side of their time (listing.seq_at): an hour before
+    # the first instant Python holds, or after the last, was an OverflowError, a 500.
+    sent = make_notification(api_key[0])
+    for query in ("created_after=0001-01-01T00:00:00Z", "created_before=9999-12-31T23:59:59.999999Z",
+                  "created_after=0001-01-01T00:00:00Z&created_before=9999-12-31T23:59:59Z"):
+        answer = client.get(f"/api/notifications?{query}", headers=headers)
+        assert answer.status_code == 200, answer.get_data(as_text=True)
+        assert [row["id"] for row in answer.get_json()["data"]] == [sent.id]
 
 
 # --- SQL metacharacters ----------------------------------------------------------------------------

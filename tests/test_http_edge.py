@@ -102,7 +102,9 @@ def test_a_body_said_to_be_identity_coded_is_read_and_so_is_no_body_with_a_codin
 
 
 @pytest.mark.parametrize("path, query", [("/api/users/\xff/preferences", ""), ("/api/users/\xc0\xaf", ""),
-                                         ("/api/notifications", "user_id=%C0"), ("/api/notifications", "to=%ff")])
+                                         ("/api/notifications", "user_id=%C0"), ("/api/notifications", "to=%ff"),
+                                         # a byte as is, as a server that passes them on writes it (WSGI: Latin-1)
+                                         ("/api/notifications", "user_id=\xff")])
 def test_a_path_or_query_that_is_not_utf8_is_400(client, headers, path, query):
     # werkzeug read each byte that is not UTF-8 as U+FFFD: /api/users/%ff and /api/users/%fe named one
     # user, "\ufffd", and a DELETE of either erased that user's mail.
@@ -126,6 +128,13 @@ def test_options_on_preferences_offers_what_a_405_there_allows(client, headers):
     assert refused.status_code == 405
     assert set(allowed.split(", ")) == set(refused.headers["Allow"].split(", ")) == {"GET", "HEAD", "OPTIONS", "PUT"}
     assert "DELETE" in client.options("/api/users/u1", headers=headers).headers["Allow"]
+
+
+def test_options_on_a_user_called_preferences_offers_what_that_path_takes(client, headers):
+    # /api/users/preferences is the user "preferences", whom DELETE erases; it has no preferences route.
+    allowed = client.options("/api/users/preferences", headers=headers).headers["Allow"]
+    assert set(allowed.split(", ")) == {"DELETE", "OPTIONS"}
+    assert client.delete("/api/users/preferences", headers=headers).status_code == 200
 
 
 # --- under gunicorn ---------------------------------------------------------------------------------
@@ -173,11 +182,14 @@ def test_gunicorn_refusals_carry_the_answer_headers_and_odd_codings_are_refused(
 def test_a_request_without_a_host_or_naming_no_host_is_400(pg_settings, pg_db, tmp_path):
     # RFC 9112 3.2 asks a 400 of both; they were answered 200.
     with _gunicorn(pg_settings, tmp_path) as (port, _):
-        for request in (b"GET /api/health HTTP/1.1\r\nConnection: close",
+        for request in (b"GET /api/notifications HTTP/1.1\r\nConnection: close",
                         b"GET /api/health HTTP/1.1\r\nHost: a b/c@d\r\nConnection: close"):
             status, answer = _raw_http(port, request)
             assert (status, json.loads(answer)["error"]["code"]) == (400, "bad_request"), request
         for request in (b"GET /api/health HTTP/1.0",
+                        # A load balancer's bare health check (HAProxy's `option httpchk ... HTTP/1.1`).
+                        b"GET /api/health HTTP/1.1\r\nConnection: close",
+                        b"GET /api/ready HTTP/1.1\r\nConnection: close",
                         b"GET /api/health HTTP/1.1\r\nHost: [::1]:8080\r\nConnection: close",
                         b"GET /api/health HTTP/1.1\r\nHost: api.example.com\r\nConnection: close"):
             assert _raw_http(port, request)[0] == 200, request

@@ -486,3 +486,87 @@ def test_a_send_of_a_shared_job_redis_holds_whose_worker_is_gone_is_recovered(ow
     _key_expired(fake_redis, _started(fake_redis, job))
     assert reconcile(settings, fake_redis).recovered == 1
     assert reload(stuck.id).status == Status.RETRYING
+
+
+def test_a_page_redis_lost_is_requeued_at_once_on_postgres_leaving_what_moved_on_or_is_held(pg_db, pg_url, pg_settings,
+                                                                                             redis_conn, monkeypatch):
+    # On PostgreSQL a page is taken in one statement (the rows still as read), queued in one Redis round
+    # trip and given its history lines in one statement: what a row at a time did, races included. A
+    # row another transaction holds (an erasure cancelling its user's mail, which may yet roll back) is
+    # passed over, not waited for, and comes back on the next pass if it is still owed.
+    import psycopg2
+
+    settings = replace(pg_settings, reconcile_grace_seconds=10, sending_timeout=60, retry_intervals=(5, 3600))
+    with pg_db.connection_context():
+        owner = keys.create("reconciler-pg")[0]
+        lost, sent, claimed, held = (make_notification(owner, to=f"u{n}@example.com") for n in range(4))
+        retry = make_notification(owner, status=Status.RETRYING, to="retry@example.com")
+        for row in (lost, sent, claimed, held):
+            _age(row, 60)
+        _age(retry, 60, attempts=2)  # its next attempt is due an hour after its last
+    shared_job = queues.new_shared_job_id()
+    missing_jobs = reconciler._missing_jobs
+    eraser = psycopg2.connect(pg_url)
+
+    def others_get_on_meanwhile(*args, **kwargs):
+        if reload(sent.id).status == Status.QUEUED:
+            store.claim(sent.id)
+            store.transition(sent.id, Status.SENT, reason="accepted by SMTP server", sources=(Status.SENDING,))
+            store.claim(claimed.id, job_id=shared_job)
+            with eraser.cursor() as cur:  # left open: the row stays locked while the pass runs
+                cur.execute("UPDATE notifications SET status = 'cancelled' WHERE seq = %s", (held.seq,))
+        return missing_jobs(*args, **kwargs)
+
+    monkeypatch.setattr(reconciler, "_missing_jobs", others_get_on_meanwhile)
+    try:
+        with pg_db.connection_context():
+            assert reconcile(settings, redis_conn).requeued == 2
+            assert _queued_ids(redis_conn) == [queues.job_id_for(lost.id)]
+            scheduled = Queue(queues.QUEUE_NAMES["default"], connection=redis_conn).scheduled_job_registry
+            assert scheduled.get_job_ids() == [queues.job_id_for(retry.id)]
+            for row in (lost, retry):
+                assert [e.reason for e in reload(row.id).events].count(reconciler.REQUEUED_REASON) == 1
+            for row in (sent, claimed, held):
+                assert reconciler.REQUEUED_REASON not in [e.reason for e in reload(row.id).events]
+            assert (reload(claimed.id).status, reload(claimed.id).job_id) == (Status.SENDING, shared_job)
+        eraser.rollback()  # the erasure gave up (InFlight, say): the row is still owed
+        with pg_db.connection_context():
+            assert reconcile(settings, redis_conn).requeued == 1
+            assert _queued_ids(redis_conn) == [queues.job_id_for(lost.id), queues.job_id_for(held.id)]
+            assert [e.reason for e in reload(held.id).events].count(reconciler.REQUEUED_REASON) == 1
+    finally:
+        eraser.close()
+
+
+def test_a_page_of_retries_some_due_and_some_not_is_requeued_whole(owner, settings, fake_redis):
+    # A retry whose next attempt is an hour off goes to RQ's scheduled registry (enqueue_at), one that is
+    # due to its queue (enqueue). On one pipeline RQ's enqueue starts a MULTI, which redis-py refuses
+    # once commands are queued: a page with a scheduled retry before a due one raised RedisError every
+    # pass, after clearing their job_ids, and neither was ever sent.
+    settings = replace(settings, retry_intervals=(5, 3600))
+    later, due = (make_notification(owner, status=Status.RETRYING, to=f"r{n}@example.com") for n in range(2))
+    _age(later, 60, attempts=2)
+    _age(due, 60, attempts=1)
+    assert reconcile(settings, fake_redis).requeued == 2
+    assert _queued_ids(fake_redis) == [queues.job_id_for(due.id)]
+    scheduled = Queue(queues.QUEUE_NAMES["default"], connection=fake_redis).scheduled_job_registry
+    assert scheduled.get_job_ids() == [queues.job_id_for(later.id)]
+
+
+def test_a_requeued_row_erased_before_its_history_line_does_not_fail_the_pass(owner, settings, fake_redis,
+                                                                              monkeypatch):
+    # Between the job going on its queue and the history line a worker may send the row and an erasure
+    # delete it: the line, written for the row as the pass read it, failed on its foreign key, and
+    # with it the rest of the pass.
+    lost, erased = (make_notification(owner, to=f"u{n}@example.com") for n in range(2))
+    for row in (lost, erased):
+        _age(row, 60)
+    enqueue = queues.enqueue_delivery
+
+    def sent_and_erased_meanwhile(*args, **kwargs):
+        Notification.delete().where(Notification.seq == erased.seq).execute()
+        return enqueue(*args, **kwargs)
+
+    monkeypatch.setattr(queues, "enqueue_delivery", sent_and_erased_meanwhile)
+    assert reconcile(settings, fake_redis).requeued == 2
+    assert [e.reason for e in reload(lost.id).events].count(reconciler.REQUEUED_REASON) == 1

@@ -261,3 +261,14 @@ def test_a_not_null_column_without_its_default_in_the_ddl_is_refused_before_any_
     schema._add_missing_columns(db, [WithDefault])
     assert Child.select().count() == 1
     assert [row.added for row in WithDefault.select()] == [0]
+
+
+def test_an_upgrade_from_version_17_adds_the_indexes_of_unsent_mail_and_of_digests_by_time(pg_db):
+    with database.connection_context():
+        for name in ("notifications_key_unsent_seq", "digest_created_at"):
+            pg_db.execute_sql(f'DROP INDEX "{name}"')
+        SchemaVersion.update(version=17).execute()
+    assert schema.upgrade(pg_db) == schema.SCHEMA_VERSION == 18
+    with database.connection_context():
+        names = {i.name for t in ("notifications", "digests") for i in pg_db.get_indexes(t)}
+        assert {"notifications_key_unsent_seq", "digest_created_at"} <= names

@@ -31,13 +31,18 @@ def _has_nul() -> bool:
 _HOST = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~%!$&'()*+,;=-]*)(?::[0-9]*)?")
 
 
+_PROBES = frozenset({"/api/health", "/api/ready"})
+
+
 def _bad_host() -> bool:
     # RFC 9112 3.2: an HTTP/1.1 request without a Host, or with one that is no host, is a 400. Nothing
     # of ours is built from it (links start with PUBLIC_BASE_URL, Location is a path), so this only
     # keeps the API from answering what a proxy or cache in front may have read another way.
     host = request.environ.get("HTTP_HOST")
     if host is None:
-        return request.environ.get("SERVER_PROTOCOL") == "HTTP/1.1"
+        # Except a probe: a load balancer's health check written as a bare HTTP/1.1 line (HAProxy's
+        # `option httpchk GET /api/health HTTP/1.1` sends no Host) would mark every API process down.
+        return request.environ.get("SERVER_PROTOCOL") == "HTTP/1.1" and request.path not in _PROBES
     return _HOST.fullmatch(host) is None
 
 
@@ -47,7 +52,9 @@ def _not_utf8() -> bool:
     # that is not UTF-8 is refused; so is a path. (PATH_INFO is the decoded bytes as Latin-1, by WSGI.)
     try:
         request.environ.get("PATH_INFO", "").encode("latin-1").decode("utf-8")
-        unquote_to_bytes(request.environ.get("QUERY_STRING", "").replace("+", " ")).decode("utf-8")
+        # Its bytes as Latin-1 too: unquote_to_bytes would encode a str as UTF-8, and a byte sent as is (a
+        # server that passes them on) would come out as valid UTF-8 for werkzeug to choke on (a 500).
+        unquote_to_bytes(request.environ.get("QUERY_STRING", "").encode("latin-1")).decode("utf-8")
     except UnicodeError:
         return True
     return False
@@ -129,9 +136,9 @@ def init_app(app: Flask) -> None:
 
     @app.before_request
     def _refuse_unreadable():
+        if _not_utf8():  # first: werkzeug's request.args, which _has_nul reads, fails on such a query string
+            raise ApiError("the path and query string must be UTF-8 (percent-encoded or not)")
         if _has_nul():
             raise ApiError("the path, query string and headers must not contain NUL characters")
-        if _not_utf8():
-            raise ApiError("the path and query string must be UTF-8 (percent-encoded or not)")
         if _bad_host():
             raise ApiError("an HTTP/1.1 request needs one Host header naming a host (and port)")

@@ -26,7 +26,9 @@ PREFERENCES_ALLOW = "GET, HEAD, OPTIONS, PUT"
 def _preferences_options(response):
     # Flask answers OPTIONS with the methods of every rule the path matches, and /<user_id> matches
     # u1/preferences too: DELETE was offered, which erase_user refuses there (405).
-    if request.method == "OPTIONS" and request.path.endswith(PREFERENCES) and "Allow" in response.headers:
+    # The user id as erase_user reads it: /api/users/preferences is a user called "preferences".
+    user_id = request.path.removeprefix(f"{bp.url_prefix}/")
+    if request.method == "OPTIONS" and user_id.endswith(PREFERENCES) and "Allow" in response.headers:
         response.headers["Allow"] = PREFERENCES_ALLOW
     return response
 
