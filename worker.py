@@ -21,7 +21,9 @@ from rq.timeouts import UnixSignalDeathPenalty
 from rq.worker import WorkerStatus
 
 from notifier import failed_jobs, jobs, logs, metrics
+from notifier.db import UNAVAILABLE_ERRORS
 from notifier.errors import PermanentDeliveryError
+from notifier.outage import DatabaseOutage, database_answers
 from notifier.queues import REQUEST_ID_META, all_queues, connect_redis, mark_memory
 from notifier.resilience import REDIS_POLL_SECONDS, WAIT_LOG_SECONDS, run_until_stopped
 from notifier.runtime import (
@@ -99,6 +101,8 @@ class NotifierWorker(SimpleWorker):
     cold_stopping = False  # RQ's cold shutdown (a second SIGTERM): its SystemExit cuts the job off
     counts: metrics.Deferred | None = None  # the jobs' counters, sent with each heartbeat
     stop: threading.Event | None = None  # the jobs' Deliverer's: set with `stopping`
+    outage: DatabaseOutage | None = None  # the process's, kept across generations; None: never pause
+    _put_back: str | None = None  # the id of the job that met the database away, to go back as it was
     _scheduler_checked = 0.0
     _scheduler: RQScheduler | None = None
     _burst = False
@@ -248,7 +252,41 @@ class NotifierWorker(SimpleWorker):
         with logs.bound(request_id=(job.meta or {}).get(REQUEST_ID_META)), logs.concealing():
             return super().execute_job(job, queue)
 
+    def dequeue_job_and_maintain_ttl(self, timeout, max_idle_time=None):
+        # No job is taken while the database is away: each would fail at once, using up a retry of
+        # its notification and logging an ERROR. The jobs stay in their queues, untouched, meanwhile.
+        if self.outage is not None and self.outage.since is not None:
+            self.set_state(WorkerStatus.SUSPENDED)  # what `rq info` shows meanwhile
+            self.procline("Waiting for the database")
+            self.outage.wait(self.heartbeat)
+        return super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
+
+    def handle_job_failure(self, job, queue, started_job_registry=None, exc_string="", execution=None):
+        if self._put_back != job.id:
+            return super().handle_job_failure(job, queue, started_job_registry, exc_string, execution)
+        # Back at the front of its queue as it was, not a retry: the outage is not the notification's
+        # fault, and a retry counted for it was one fewer for the mail server's own refusals. It cannot
+        # send twice: the job re-reads its notification and claims it (store.claim) before it sends,
+        # and one it had claimed, or sent without recording, it finds `sending` and records from its
+        # receipt or leaves to the reconciler. RQ's retry would do the same, only one fewer left.
+        self._put_back = None
+        try:
+            with self.connection.pipeline() as pipe:
+                pipe.multi()  # before any command: enqueue_job starts the transaction itself otherwise, and fails
+                self.cleanup_execution(job, pipeline=pipe, execution=execution)
+                queue.enqueue_job(job, pipeline=pipe, at_front=True)
+                pipe.execute()
+        except RedisError as exc:
+            # As RQ's own failure handling does when Redis does not take its writes: said, and gone on from.
+            # The job is left `started`, for RQ's registry cleaning and the reconciler.
+            logger.warning("job %s not put back on its queue: %s", job.id, type(exc).__name__)
+
     def handle_exception(self, job, *exc_info):
+        exc = exc_info[1]
+        if (self.outage is not None and isinstance(exc, (*UNAVAILABLE_ERRORS, jobs.SentNotRecorded))
+                and self.outage.begins(exc, job.id)):
+            self._put_back = job.id  # handle_job_failure, next, puts it back; the outage's line says so
+            return
         # RQ logs every failure at ERROR with its traceback in the message: each 451 retried, each
         # callback endpoint down, paged whoever alerts on errors, for an outcome the job had logged
         # already ("attempt 1 failed (will retry)"). The line is kept, at the level of what the
@@ -349,15 +387,16 @@ REDIS_AWAY = RedisAwayIsAWarning()
 
 
 def make_worker(connection, name: str | None = None, counts: metrics.Deferred | None = None,
-                stop: threading.Event | None = None) -> NotifierWorker:
-    """A worker on all notifier queues, highest priority first, callbacks last."""
+                stop: threading.Event | None = None, outage: DatabaseOutage | None = None) -> NotifierWorker:
+    """A worker on all notifier queues, highest priority first, callbacks last; with outage, one that
+    pauses while the database is away (see notifier.outage)."""
     worker = NotifierWorker(
         all_queues(connection),
         connection=connection,
         name=name,
         exception_handlers=[stop_retrying_permanent_failures],
     )
-    worker.counts, worker.stop = counts, stop
+    worker.counts, worker.stop, worker.outage = counts, stop, outage
     return worker
 
 
@@ -373,7 +412,8 @@ def main() -> None:
     connection = connect_redis(settings.redis_url)
     counts = metrics.Deferred(connection)
     stop = threading.Event()
-    jobs.install(build_deliverer(settings, redis=connection, counts=counts, wait=True, stop=stop))
+    outage = DatabaseOutage(lambda: database_answers(settings.database_connect_timeout))
+    jobs.install(build_deliverer(settings, redis=connection, counts=counts, wait=True, stop=stop, outage=outage))
     # RQ installs its stop handlers only once it has registered the worker and started its scheduler,
     # which takes the scheduler's locks: a SIGTERM before then (a rolling deploy stopping a worker it
     # had just started) killed it outright, its registration and the locks outlived it by a minute, and
@@ -395,7 +435,7 @@ def main() -> None:
         if stop.is_set():
             return True
         worker = make_worker(connection, name=f"{name}-{generation}" if generation else name, counts=counts,
-                             stop=stop)
+                             stop=stop, outage=outage)
         try:
             worker.work(with_scheduler=True, logging_level=settings.log_level)
         except RedisError:

@@ -30,6 +30,7 @@ from notifier.errors import (
 from notifier.failed_jobs import log_failed_job
 from notifier.mail import Mailer, OutgoingEmail, SendResult
 from notifier.models import DIGEST_TEMPLATE, Category, Notification, Priority, Status, utcnow
+from notifier.outage import DatabaseOutage
 from notifier.rendering import RenderedEmail, Renderer, literal
 from notifier.resilience import reason_of
 
@@ -88,15 +89,19 @@ class Deliverer:
     consent_max_age = CONSENT_MAX_AGE_SECONDS
 
     def __init__(self, settings: Settings, mailer: Mailer, renderer: Renderer, redis: Redis | None = None,
-                 counts: metrics.Deferred | None = None, stop: threading.Event | None = None):
+                 counts: metrics.Deferred | None = None, stop: threading.Event | None = None,
+                 outage: DatabaseOutage | None = None):
         """counts: where the delivery counters go when not straight to redis: a worker's, which
         sends them with its next heartbeat (one round trip fewer per job). stop: set once the worker
-        is asked to stop (SIGTERM): a shared job then hands its unsent emails on (deliver_many)."""
+        is asked to stop (SIGTERM): a shared job then hands its unsent emails on (deliver_many).
+        outage: the worker's, when it pauses while the database is away (notifier.outage): a shared
+        job that meets the database away then goes back to its queue whole (deliver_many)."""
         self.settings = settings
         self.mailer = mailer
         self.renderer = renderer
         self.redis = redis
         self._stop = stop
+        self._outage = outage
         # Inside a shared job: the `sent` record of the last email, written in one transaction with
         # the next claim (one commit instead of two; see deliver_many), and whether its receipt is kept.
         self._unrecorded: tuple[Notification, receipts.Receipt, bool] | None = None
@@ -275,14 +280,19 @@ class Deliverer:
         rest whenever that is CONSENT_MAX_AGE_SECONDS old; each `sent` record shares a commit with the
         next claim.
 
-        With the database away (a restart, a failover), the job ends there, and the reconciler hands
-        on what it had not sent once the database answers (one it was sending is recovered, or
-        recorded `sent` from its receipt). Failed instead, the job sat in RQ's failed registry,
-        rq-dashboard's Failed list, for DEAD_LETTER_TTL_DAYS, though none of its emails was lost."""
+        With the database away (a restart, a failover), the job ends there. In a worker that pauses
+        for the database (outage), it goes back to its queue as it was, and runs again once the
+        database answers: what it sent is skipped then, one it was sending recorded from its receipt
+        or recovered. Elsewhere the reconciler hands on what it had not sent once the database answers.
+        Failed instead, the job sat in RQ's failed registry, rq-dashboard's Failed list, for
+        DEAD_LETTER_TTL_DAYS, though none of its emails was lost."""
         outcomes: Counter[str] = Counter()
         try:
             self._deliver_many(notification_ids, outcomes)
         except (*UNAVAILABLE_ERRORS, SentNotRecorded) as exc:
+            job = get_current_job()
+            if self._outage is not None and job is not None and self._outage.begins(exc, job.id):
+                raise  # its worker puts it back, and takes no job until the database answers
             left = len(notification_ids) - sum(outcomes.values())
             outcomes["left to the reconciler"] += left
             # Named as it is: this catch also takes a statement timeout or a deadlock, which are no outage.

@@ -222,6 +222,9 @@ def _recover(redis: Redis, settings: Settings, now: datetime, report: Report, st
                                          reason="the worker was lost during the final attempt; delivery is unknown",
                                          last_error="worker lost during the final attempt")
                 if moved:
+                    # Counted as a worker counts a final failure: accepted and never counted as what it
+                    # ended as, it was missing from the metrics' outcomes (sent, failed, expired).
+                    metrics.attempt_failed(redis, row, None, final=True)
                     queues.dispatch_callback(redis, settings, store.get(row.id))
             if moved:
                 logger.warning("notification %s recovered from a lost worker (possible duplicate)", row.id)

@@ -144,9 +144,10 @@ def release_free_memory() -> None:
         _MALLOC_TRIM(0)
 
 
-def build_deliverer(settings: Settings, mailer=None, redis=None, counts=None, wait: bool = False, stop=None):
-    """A Deliverer wired to the configured database, Redis, SMTP server and templates (counts, stop:
-    see Deliverer; wait: see open_database)."""
+def build_deliverer(settings: Settings, mailer=None, redis=None, counts=None, wait: bool = False, stop=None,
+                    outage=None):
+    """A Deliverer wired to the configured database, Redis, SMTP server and templates (counts, stop,
+    outage: see Deliverer; wait: see open_database)."""
     from notifier.jobs import Deliverer
     from notifier.mail import make_mailer
     from notifier.queues import connect_redis
@@ -154,5 +155,5 @@ def build_deliverer(settings: Settings, mailer=None, redis=None, counts=None, wa
     open_database(settings, wait=wait)
     return Deliverer(
         settings, mailer or make_mailer(settings), make_renderer(settings), redis or connect_redis(settings.redis_url),
-        counts, stop,
+        counts, stop, outage,
     )

@@ -168,6 +168,16 @@ def test_stuck_on_the_final_attempt_fails_with_a_reason(owner, settings, fake_re
     assert "final attempt" in row.last_error
 
 
+def test_a_send_failed_on_its_final_attempt_is_counted_failed(owner, settings, fake_redis):
+    # Counted accepted by the API, it was counted as nothing after: sent, failed and expired did not add up.
+    stuck = make_notification(owner, status=Status.SENDING)
+    _age(stuck, 120, attempts=settings.max_attempts)
+    reconcile(settings, fake_redis)
+    reconcile(settings, fake_redis)  # once
+    assert value(collect_metrics(fake_redis), "notifier_notifications_failed_total", priority="default",
+                 template="-") == 1
+
+
 def test_a_recent_send_is_not_taken_from_its_worker(owner, settings, fake_redis):
     busy = make_notification(owner, status=Status.SENDING)
     _age(busy, 30, attempts=1)

@@ -1,0 +1,158 @@
+"""A real worker.py through a PostgreSQL that goes silent (tests/cutproxy.py): it takes no job while the
+database is away, uses up no retry, says so once, and sends every notification once it answers."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import replace
+
+import pytest
+from peewee import OperationalError
+from rq import Queue, Retry, Worker
+from rq.job import Job, JobStatus
+
+from notifier import queues
+from notifier.models import Status
+from notifier.outage import DatabaseOutage, database_answers
+from tests.helpers import held_reply, make_notification, reload
+from tests.processes import wait_until
+
+pytestmark = pytest.mark.integration
+
+# Longer than the retries' intervals below: a worker that went on taking jobs would have used them all up.
+RETRIES_WOULD_BE_USED_UP_SECONDS = 3
+
+
+@pytest.fixture
+def outage_stack(stacks, pg_settings, proxy):
+    """A worker whose PostgreSQL is behind the proxy (the test's own connections are not); retries after
+    1 s, twice."""
+    settings = replace(pg_settings, retry_intervals=(1, 1),
+                       database_url=proxy.url(pg_settings.database_url.rsplit("/", 1)[1]))
+    return stacks(settings), settings
+
+
+def _lines(stack) -> list[dict]:
+    return [json.loads(line) for line in stack.log("worker").splitlines() if line.startswith("{")]
+
+
+def _paused(stack) -> bool:
+    return any("takes no job until the database answers" in line["message"] for line in _lines(stack))
+
+
+def _queue(redis_conn) -> Queue:
+    return Queue(queues.QUEUE_NAMES["default"], connection=redis_conn)
+
+
+def test_a_worker_takes_no_job_while_the_database_is_away_and_sends_each_once_it_answers(
+        outage_stack, api_key, redis_conn, smtp, proxy):
+    stack, settings = outage_stack
+    stack.start("worker")
+    proxy.stall()  # silent: no error, no reset, as a network partition
+    ids = [make_notification(api_key[0], to=f"user{n}@example.com").id for n in range(5)]
+    for notification_id in ids:
+        queues.enqueue_delivery(redis_conn, settings, notification_id, "default")
+    wait_until(lambda: _paused(stack) or _queue(redis_conn).failed_job_registry.count, timeout=20)
+    time.sleep(RETRIES_WOULD_BE_USED_UP_SECONDS)
+
+    # Before, each job failed at once, logged an ERROR, and was retried until its retries ran out.
+    assert _queue(redis_conn).failed_job_registry.count == 0
+    jobs = [Job.fetch(queues.job_id_for(i), connection=redis_conn) for i in ids]
+    assert [(job.get_status(), job.retries_left) for job in jobs] == [(JobStatus.QUEUED, 2)] * 5
+    assert sorted(_queue(redis_conn).job_ids) == sorted(job.id for job in jobs)  # in the queue, untouched
+    assert [w.get_state() for w in Worker.all(connection=redis_conn)] == ["suspended"]  # alive, and says why
+    lines = _lines(stack)
+    assert [line for line in lines if line["level"] == "ERROR"] == []
+    assert [line["level"] for line in lines if "database is not available" in line["message"]] == ["WARNING"]
+    assert smtp.messages == []
+
+    proxy.resume()
+    wait_until(lambda: all(reload(i).status == Status.SENT for i in ids), timeout=20, interval=0.2)
+    assert sorted(m.rcpt_tos[0] for m in smtp.messages) == [f"user{n}@example.com" for n in range(5)]
+    assert {reload(i).attempts for i in ids} == {1}
+    assert any(line["level"] == "INFO" and "the database answers again after" in line["message"]
+               for line in _lines(stack))
+    assert [line for line in _lines(stack) if line["level"] == "ERROR"] == []
+
+
+def test_a_job_whose_email_went_out_as_the_database_went_away_goes_back_as_it_was_and_is_recorded_once(
+        outage_stack, api_key, redis_conn, smtp, proxy):
+    stack, settings = outage_stack
+    stack.start("worker")
+    mid_data, away = held_reply(smtp)
+    notification_id = make_notification(api_key[0], to="user1@example.com").id
+    queues.enqueue_delivery(redis_conn, settings, notification_id, "default")
+    assert mid_data.wait(15)
+    proxy.stall()
+    away.set()  # the server takes the email; its `sent` record waits for the database, then gives up
+    wait_until(lambda: _paused(stack) or _queue(redis_conn).failed_job_registry.count, timeout=25)
+    time.sleep(RETRIES_WOULD_BE_USED_UP_SECONDS)
+
+    job = Job.fetch(queues.job_id_for(notification_id), connection=redis_conn)
+    assert (job.get_status(), job.retries_left) == (JobStatus.QUEUED, 2)  # back as it was, not a retry
+    assert _queue(redis_conn).failed_job_registry.count == 0
+
+    proxy.resume()
+    detail = wait_until(lambda: (n := reload(notification_id)).status == Status.SENT and n, timeout=20,
+                        interval=0.2)
+    assert detail.attempts == 1
+    assert [m.rcpt_tos for m in smtp.messages] == [["user1@example.com"]]  # recorded from its receipt, not sent again
+    assert _queue(redis_conn).failed_job_registry.count == 0
+
+
+def test_a_shared_job_that_meets_the_database_away_goes_back_whole_and_sends_each_email_once(
+        outage_stack, api_key, redis_conn, smtp, proxy):
+    # Before, the shared job ended on its ERROR ("a shared job stopped"), the worker went on to the next
+    # job, and what it had not sent waited for the reconciler.
+    stack, settings = outage_stack
+    stack.start("worker")
+    mid_data, away = held_reply(smtp, n=2)
+    ids = [make_notification(api_key[0], to=f"user{n}@example.com").id for n in range(3)]
+    job_id = queues.new_shared_job_id()
+    queues.enqueue_shared(redis_conn, settings, job_id, ids, "default")
+    assert mid_data.wait(15)
+    proxy.stall()
+    away.set()  # the second email goes out; its `sent` record, and the third's claim, wait for the database
+    wait_until(lambda: _paused(stack) or "a shared job stopped" in stack.log("worker"), timeout=25)
+    job = Job.fetch(job_id, connection=redis_conn)
+    wait_until(lambda: job.get_status(refresh=True) != JobStatus.STARTED, timeout=10)  # the job has ended
+
+    assert job.get_status() == JobStatus.QUEUED
+    assert _queue(redis_conn).job_ids == [job_id]
+    proxy.resume()
+    wait_until(lambda: all(reload(i).status == Status.SENT for i in ids), timeout=20, interval=0.2)
+    assert sorted(m.rcpt_tos[0] for m in smtp.messages) == [f"user{n}@example.com" for n in range(3)]
+    assert {reload(i).attempts for i in ids} == {1}
+    assert [line for line in _lines(stack) if line["level"] == "ERROR"] == []
+
+
+def test_a_worker_waiting_for_the_database_stops_on_sigterm_and_leaves_the_job_queued(
+        outage_stack, api_key, redis_conn, smtp, proxy):
+    stack, settings = outage_stack
+    stack.start("worker")
+    proxy.stall()
+    notification_id = make_notification(api_key[0]).id
+    queues.enqueue_delivery(redis_conn, settings, notification_id, "default")
+    wait_until(lambda: _paused(stack), timeout=20)
+    assert stack.stop("worker") == 0
+    assert Worker.all(connection=redis_conn) == []  # said goodbye to RQ: not left for its TTL to expire
+    job = Job.fetch(queues.job_id_for(notification_id), connection=redis_conn)
+    assert (job.get_status(), job.retries_left) == (JobStatus.QUEUED, 2)
+    assert _queue(redis_conn).job_ids == [job.id]  # for the next worker
+
+
+def deadlocked() -> None:
+    """A job that fails as a deadlock or a statement timeout does: on a database that answers."""
+    raise OperationalError("deadlock detected")
+
+
+def test_a_job_that_fails_on_a_database_that_answers_uses_a_retry_as_before(pg_settings, pg_db, redis_conn):
+    from worker import make_worker
+
+    job = _queue(redis_conn).enqueue(deadlocked, retry=Retry(max=1))
+    outage = DatabaseOutage(lambda: database_answers(pg_settings.database_connect_timeout))
+    make_worker(redis_conn, outage=outage).work(burst=True, with_scheduler=False)
+    job.refresh()
+    assert (job.get_status(), job.retries_left) == (JobStatus.FAILED, 0)  # tried twice: no pause, no put-back
+    assert outage.since is None
