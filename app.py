@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import threading
 
@@ -23,6 +24,7 @@ from notifier.errors import HTTP_CODES, ApiError
 from notifier.keycache import KeyCache
 from notifier.queues import API_TIMEOUT_SECONDS, connect_redis
 from notifier.ratelimit import Limiter
+from notifier.resilience import reason_of
 from notifier.runtime import (
     configure_logging,
     load_settings,
@@ -37,6 +39,8 @@ from notifier.service import NotificationService
 logger = logging.getLogger("notifier.api")
 # Redis down, unreachable or too slow (not a command it refused: that is a bug, a 500).
 REDIS_UNAVAILABLE_ERRORS = (RedisConnectionError, RedisTimeoutError)
+# OSError numbers of a process or machine out of what it needs, not of a fault in the request.
+EXHAUSTED_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS, errno.ENOSPC})
 
 def error_response(status: int, code: str, message: str, details=None):
     """The one error envelope every failed request gets."""
@@ -70,7 +74,11 @@ def register_error_handlers(app: Flask) -> None:
         return response
 
     def _database_unavailable(exc):
-        logger.warning("database unavailable: %s", type(exc).__name__)
+        # The server's reason tells the operator what to mend (`too many connections for role ...`,
+        # a database that is not accepting connections, a full disk); libpq's names no password.
+        # psycopg2 gives no words at all for some (a socket it could not open, out of file descriptors).
+        reason = reason_of(exc)
+        logger.warning("database unavailable: %s%s", type(exc).__name__, f": {reason}" if reason else "")
         return error_response(503, "service_unavailable", "the database is unavailable; try again shortly")
 
     for error_class in UNAVAILABLE_ERRORS:
@@ -89,6 +97,15 @@ def register_error_handlers(app: Flask) -> None:
     def _unexpected(exc: Exception):
         logger.exception("unhandled error")
         return error_response(500, "internal_error", "an unexpected error occurred")
+
+    @app.errorhandler(OSError)
+    def _out_of_resources(exc: OSError):
+        # The process or the machine ran out of file descriptors or memory (a low `ulimit -n` under
+        # load): a retry shortly may pass, where a 500 said the request itself was at fault.
+        if exc.errno not in EXHAUSTED_ERRNOS:
+            return _unexpected(exc)
+        logger.warning("out of resources: %s: %s", type(exc).__name__, exc.strerror)
+        return error_response(503, "service_unavailable", "the service is out of resources; try again shortly")
 
 
 class Api(Flask):
@@ -112,6 +129,8 @@ def create_app(settings: Settings | None = None, *, redis=None) -> Flask:
     configure_logging(settings)
     warn_about_unsubscribe_links(settings)
     warn_about_templates(settings)
+    # Flask's /static/<filename> stays, though nothing of ours is there (404): rq-dashboard's pages link
+    # through url_for('static'), and without it every page of /rq was a 500.
     app = Api(__name__)
     # werkzeug answers a path with `//` in it by a 308 to the merged path, with an HTML body: outside
     # the error envelope, and a second request for a path no client meant. It is a 404 like any other.

@@ -17,7 +17,7 @@ from notifier.db import UNAVAILABLE_ERRORS, database
 from notifier.models import Priority, utcnow
 from notifier.queues import CONTROL_QUEUE, QUEUE_NAMES, connect_redis, notification_of_release
 from notifier.resilience import reason_of, run_until_stopped
-from notifier.runtime import configure_logging, load_settings, open_database
+from notifier.runtime import configure_logging, load_settings, open_database, warn_about_redis_eviction
 
 logger = logging.getLogger("notifier.scheduler")
 
@@ -156,6 +156,7 @@ def main() -> None:
     logger.info("scheduler starting, polling every %ss", POLL_SECONDS)
 
     def run_once(generation: int) -> bool:
+        warn_about_redis_eviction(connection)  # at start, and again for the Redis a failover gave back
         scheduler = NotifierScheduler(settings, connection=connection, interval=POLL_SECONDS)
         scheduler.register_periodic_jobs()
         try:

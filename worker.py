@@ -30,6 +30,7 @@ from notifier.runtime import (
     build_deliverer,
     configure_logging,
     load_settings,
+    warn_about_redis_eviction,
     warn_about_smtp_login,
     warn_about_templates,
     warn_about_unsubscribe_links,
@@ -434,6 +435,7 @@ def main() -> None:
             signal.signal(sig, note_stop)
         if stop.is_set():
             return True
+        warn_about_redis_eviction(connection)  # at start, and again for the Redis a failover gave back
         worker = make_worker(connection, name=f"{name}-{generation}" if generation else name, counts=counts,
                              stop=stop, outage=outage)
         try:

@@ -143,7 +143,7 @@ def keys_list() -> None:
 @click.argument("rate", required=False, callback=_check_rate)
 @click.option("--default", "default", is_flag=True, help="take RATE_LIMIT again instead of a rate of its own")
 def keys_rate(name: str, rate: str | None, default: bool) -> None:
-    """Change a key's request rate (e.g. 100/second), or give it back RATE_LIMIT's with --default."""
+    """Change a key's request rate (like 100/second), or give it back RATE_LIMIT's with --default."""
     if (rate is None) != default:
         raise click.UsageError("give a rate (like 100/second) or --default")
     with _open():

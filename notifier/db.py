@@ -73,6 +73,14 @@ class KeepsContexts:
 class SqliteDb(KeepsContexts, SqliteDatabase):
     """SQLite, keeping open contexts across a close (see KeepsContexts)."""
 
+    def rollback(self):
+        # SQLite ends the transaction itself when a write finds the disk full (SQLITE_FULL) or fails to
+        # reach it (SQLITE_IOERR). atomic()'s ROLLBACK then raised "cannot rollback - no transaction is
+        # active" in place of "database or disk is full": a job's error and its log named a wrong cause.
+        if not self.is_closed() and not self.connection().in_transaction:
+            return None
+        return super().rollback()
+
 
 class _Savepoint(_savepoint):
     """A nested atomic()'s savepoint, whose ROLLBACK TO SAVEPOINT is skipped on a connection psycopg2

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import email
 import email.policy
 import itertools
@@ -95,13 +96,19 @@ class CaptureHandler:
         received = Received(envelope.mail_from, list(envelope.rcpt_tos), bytes(envelope.content),
                             session.host_name or "")
         with self._lock:
-            self.messages.append(received)
             number = next(self._counter)
         if self.folder:
             name = f"{time.strftime('%Y%m%d-%H%M%S')}-{number:05d}.eml"
-            with open(os.path.join(self.folder, name), "wb") as fh:
-                fh.write(received.data)
+            try:
+                _write_whole(os.path.join(self.folder, name), received.data)
+            except OSError as exc:
+                # A full disk: aiosmtpd answered 500, a permanent refusal that failed the notification for
+                # good, and left an empty .eml. A mail server short of room answers 452, which is retried.
+                logger.warning("mail not captured, %s: %s", self.folder, exc.strerror)
+                return "452 4.3.1 Insufficient system storage"
             logger.info("captured mail for %s as %s", ", ".join(map(mask_address, received.rcpt_tos)), name)
+        with self._lock:
+            self.messages.append(received)
         return f"250 OK captured as {number}"
 
     def count(self) -> int:
@@ -115,6 +122,19 @@ class CaptureHandler:
             time.sleep(0.02)
         with self._lock:
             return list(self.messages)
+
+
+def _write_whole(path: str, data: bytes) -> None:
+    """Write data to path, or nothing: a reader of the folder never sees part of a message."""
+    partial = path + ".part"
+    try:
+        with open(partial, "wb") as fh:
+            fh.write(data)
+        os.replace(partial, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.remove(partial)
+        raise
 
 
 def start(handler: CaptureHandler, host: str = "127.0.0.1", port: int = 0) -> Controller:

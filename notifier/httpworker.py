@@ -9,14 +9,19 @@ gunicorn.conf.py names this class."""
 
 from __future__ import annotations
 
+import errno
 import json
+import resource
+import select
 import socket
 import struct
 import sys
+import time
 from http import HTTPStatus
 
 from gunicorn import glogging, util
-from gunicorn.workers.gthread import ThreadWorker
+from gunicorn.workers import gthread
+from gunicorn.workers.gthread import TConn, ThreadWorker
 
 from notifier.api import headers
 from notifier.errors import HTTP_CODES
@@ -69,16 +74,72 @@ def _content_length(req) -> int:
     return next((int(value) for name, value in req.headers if name == "CONTENT-LENGTH"), 0)
 
 
+class _Connection(TConn):
+    """gthread's connection, waiting for a new client's first bytes with poll(), which takes no file
+    descriptor: gthread's selector took one for each, and out of them (a low `ulimit -n` under load)
+    the connection was closed unanswered, an ERROR with a traceback (`Socket error processing request.`)."""
+
+    def wait_for_data(self, timeout):
+        if self.data_ready:
+            return True
+        poller = select.poll()
+        try:
+            poller.register(self.sock, select.POLLIN)
+            ready = poller.poll(timeout * 1000)
+        except (OSError, ValueError):  # closed meanwhile, as gthread's own takes it
+            return False
+        self.data_ready = bool(ready)
+        return self.data_ready
+
+
 class JsonErrorWorker(ThreadWorker):
     """gunicorn's gthread worker; its refusals are written by write_json_error, it closes the
     connection when the application asks (closing_when_asked), and it says no `100 Continue` to a
     body the application will refuse as over MAX_BODY_BYTES."""
 
+    # How often a worker out of file descriptors says so, while it lasts.
+    OUT_OF_DESCRIPTORS_LOG_SECONDS = 60.0
+    # How long it takes no new connection after it found none left.
+    ACCEPT_PAUSE_SECONDS = 0.2
+
     def init_process(self):
         # gunicorn offers no hook for its error pages: every worker writes them through this module
         # function. Set in the worker process only, where nothing else of gunicorn's uses it.
         util.write_error = write_json_error
+        gthread.TConn = _Connection  # what gthread's accept() makes each connection of, likewise
+        self._out_of_descriptors_told = None
+        self._accept_from = 0.0  # time.monotonic() before which the worker takes no new connection
         super().init_process()
+
+    def set_accept_enabled(self, enabled):
+        # gthread's loop listens again at its next turn: at once, and the accept failed again, a busy loop.
+        if enabled and time.monotonic() < self._accept_from:
+            return
+        super().set_accept_enabled(enabled)
+
+    def finish_request(self, conn, fs):
+        super().finish_request(conn, fs)
+        self._accept_from = 0.0  # a request ended, and with it a connection, often: listen again at once
+
+    def accept(self, listener):
+        try:
+            super().accept(listener)
+        except OSError as exc:
+            if exc.errno not in (errno.EMFILE, errno.ENFILE):
+                raise
+            # Out of file descriptors (a low `ulimit -n` under load): gthread let this end the worker, and
+            # gunicorn's restart reset every connection it held, the answers to sends it had stored among
+            # them. The client waits in the listen backlog instead: the loop listens again as a request
+            # ends, or at its first turn (within a second) after ACCEPT_PAUSE_SECONDS.
+            now = time.monotonic()
+            self.set_accept_enabled(False)
+            self._accept_from = now + self.ACCEPT_PAUSE_SECONDS
+            told = self._out_of_descriptors_told
+            if told is None or now - told >= self.OUT_OF_DESCRIPTORS_LOG_SECONDS:
+                self._out_of_descriptors_told = now
+                self.log.warning("out of file descriptors (%s, limit %s): new connections wait until some "
+                                 "close; raise the open file limit (ulimit -n, LimitNOFILE)", exc.strerror,
+                                 resource.getrlimit(resource.RLIMIT_NOFILE)[0])
 
     def load_wsgi(self):
         super().load_wsgi()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 import uuid
@@ -10,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 
 from redis import Redis
 from redis.client import Pipeline
+from redis.driver_info import DriverInfo
 from redis.exceptions import RedisError, WatchError
 from rq import Queue, Retry, Worker
 from rq.executions import WORKER_EXECUTIONS_KEY_TEMPLATE
@@ -64,7 +66,17 @@ def connect_redis(url: str, timeout: float = 10.0) -> Redis:
     """A Redis client for url; short timeouts so a dead Redis fails a request instead of hanging it.
     timeout: for each answer (a worker's blocking dequeue waits less than the default 10 s)."""
     return Redis.from_url(url, socket_connect_timeout=min(2.0, timeout), socket_timeout=timeout,
-                          health_check_interval=30)
+                          health_check_interval=30, driver_info=driver_info())
+
+
+@functools.cache
+def driver_info() -> DriverInfo:
+    """What each Redis connection names itself to the server (CLIENT SETINFO), read once per process.
+
+    redis-py read its version from its package's files for every connection it made: under a low
+    `ulimit -n` that open() failed with an OSError, which no caller takes for Redis's, and a send
+    already stored answered 503 (so a retry without an idempotency key would send it twice)."""
+    return DriverInfo()
 
 
 def impatient(redis: Redis, timeout: float) -> Redis:

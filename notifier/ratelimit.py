@@ -21,6 +21,8 @@ from limits.strategies import MovingWindowRateLimiter
 from limits.util import SINGLE_EXPR
 from redis.exceptions import RedisError, ResponseError
 
+from notifier.queues import driver_info
+
 logger = logging.getLogger(__name__)
 
 # How long a rate limit waits for Redis before it lets the request through (see Limiter).
@@ -105,9 +107,11 @@ class Limiter:
         # limits' own read timeout is 5 s: a hung Redis held every request that long before the limit
         # gave way (it is not enforced without Redis). Its two scripts take well under a millisecond.
         self._limiter = MovingWindowRateLimiter(storage_from_string(_storage_url(redis_url), socket_connect_timeout=1,
-                                                                    socket_timeout=LIMIT_TIMEOUT_SECONDS))
+                                                                    socket_timeout=LIMIT_TIMEOUT_SECONDS,
+                                                                    driver_info=driver_info()))
         self._local: MovingWindowRateLimiter | None = None  # made the first time a strict limit needs it
         self._away_until = 0.0  # time.monotonic() before which Redis is not asked (AWAY_SECONDS)
+        self._away = ""  # why, as the warning that began that time said
 
     def hit(self, rate: RateLimitItem, *identifiers: str, strict: bool = False) -> Verdict:
         """Count one request against rate; say whether it is allowed and what is left. strict: while
@@ -133,7 +137,9 @@ class Limiter:
         # A strict limit asks Redis every time: its count is there, and one slow reply to another
         # limit must not hand a locked-out guesser this process's own, empty window.
         if not strict and time.monotonic() < self._away_until:
-            return self._without_redis(method, rate, identifiers, strict, "Redis did not answer just now")
+            # Said once as the time began, not for every request in it: under load, or for the whole of
+            # a Redis out of memory (which refuses the hit at once), a line per request.
+            return self._without_redis(method, rate, identifiers, strict, self._away, told=True)
         try:
             return _ask(self._limiter, method, rate, identifiers)
         except (RedisError, ConnectionError, OSError) as exc:
@@ -152,13 +158,14 @@ class Limiter:
             away = f"Redis unavailable: {type(exc).__name__}"
         else:
             away = f"Redis unreachable: {type(exc).__name__}"
-        self._away_until = time.monotonic() + AWAY_SECONDS
+        self._away_until, self._away = time.monotonic() + AWAY_SECONDS, away
         return self._without_redis(method, rate, identifiers, strict, away)
 
     def _without_redis(self, method: str, rate: RateLimitItem, identifiers: tuple[str, ...], strict: bool,
-                       away: str) -> Verdict:
+                       away: str, told: bool = False) -> Verdict:
         if not strict:
-            logger.warning("rate limit not enforced, %s", away)
+            if not told:
+                logger.warning("rate limit not enforced, %s (nor for the next %g s)", away, AWAY_SECONDS)
             return Verdict(True, rate.amount, rate.amount, 0)
         logger.warning("rate limit counted in this process only, %s", away)
         if self._local is None:  # two threads making one each at once lose a count, nothing more

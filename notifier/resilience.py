@@ -24,10 +24,22 @@ WAIT_LOG_SECONDS = 60.0
 REDIS_POLL_SECONDS = 1.0
 
 
+# The key a process that lost Redis writes to learn whether Redis takes writes again.
+WRITABLE_PROBE_KEY = "notifier:writable-probe"
+
+
 def wait_for_redis(connection: Redis, max_delay: float = REDIS_POLL_SECONDS, pause: float = 0.0,
                    stop: threading.Event | None = None) -> bool:
-    """Block until Redis answers again; False if SIGTERM or SIGINT asked us to stop meanwhile."""
-    return wait_until(connection.ping, RedisError, max_delay=max_delay, pause=pause, stop=stop)
+    """Block until Redis takes a write again; False if SIGTERM or SIGINT asked us to stop meanwhile."""
+    # A write, not PING: a Redis out of memory (noeviction) or a replica left read-only by a failover
+    # answers PING and refuses every write, so the worker and the scheduler started again at once,
+    # "Redis is back" and "lost Redis" a second each for as long as it lasted.
+    return wait_until(lambda: probe_write(connection), RedisError, max_delay=max_delay, pause=pause, stop=stop)
+
+
+def probe_write(connection: Redis) -> None:
+    """One small write, raising RedisError where Redis would refuse the queues' (out of memory, read-only)."""
+    connection.set(WRITABLE_PROBE_KEY, b"1", px=10_000)
 
 
 def wait_until(attempt: Callable[[], object], errors, what: str | None = None, max_delay: float = 10.0,
@@ -89,12 +101,15 @@ def run_until_stopped(connection: Redis, run_once: Callable[[int], bool], what: 
             if run_once(generation):
                 return
         except RedisError as exc:
-            logger.warning("%s lost Redis (%s); waiting for it to come back", what, type(exc).__name__)
+            # Redis's words without the command a pipeline's error quotes (`Command # 1 (SET key value)`).
+            said = reason_of(exc).rsplit(" of pipeline caused error: ", 1)[-1]
+            logger.warning("%s lost Redis (%s: %s); waiting for it to come back", what, type(exc).__name__, said)
         else:
             logger.warning("%s stopped without being asked to; restarting it once Redis answers", what)
         generation += 1
         # Not again at once after a run that ended at once: a Redis out of memory answers PING but
-        # refuses every write, and the worker started RQ hundreds of times a second, two lines each.
+        # refuses every write, and the worker started RQ hundreds of times a second, two lines each
+        # (wait_for_redis waits for a write to pass).
         if not wait_for_redis(connection, pause=max(0.0, REDIS_POLL_SECONDS - (time.monotonic() - started)),
                               stop=stop):
             return

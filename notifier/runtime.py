@@ -9,6 +9,8 @@ import sys
 from ipaddress import ip_address
 from urllib.parse import urlsplit
 
+from redis.exceptions import RedisError
+
 from notifier import logs, resilience, schema
 from notifier.config import Settings
 from notifier.db import UNAVAILABLE_ERRORS, bind, is_postgres
@@ -81,6 +83,22 @@ def warn_about_templates(settings: Settings) -> None:
     if unknown:
         logging.getLogger("notifier").warning("TEMPLATE_CATEGORIES names templates %s does not hold: %s",
                                               templates_dir(settings), ", ".join(unknown))
+
+
+def warn_about_redis_eviction(connection) -> None:
+    """Say so when Redis may delete keys to make room (any maxmemory-policy but noeviction), read from
+    INFO, which managed Redis services answer where they refuse CONFIG; nothing when it cannot be read."""
+    try:
+        policy = connection.info("memory").get("maxmemory_policy", "noeviction")
+    except RedisError:
+        return
+    if policy != "noeviction":
+        # An evicted queue or job hash only waits for the reconciler; an evicted sent receipt or live
+        # worker's key lets it send an email again that a worker had sent or was sending.
+        logging.getLogger("notifier").warning(
+            "Redis's maxmemory-policy is %s: once it fills, Redis deletes queued jobs (the reconciler queues "
+            "them again, up to RECONCILE_INTERVAL late), sent receipts and the keys showing a worker alive (an "
+            "email may then be sent twice); set maxmemory-policy noeviction", policy)
 
 
 def _loopback(host: str) -> bool:

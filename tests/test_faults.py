@@ -25,12 +25,15 @@ from rq import Queue, Worker
 from rq.job import Job, JobStatus
 from rq_scheduler import Scheduler
 
+from app import create_app
 from bench.procs import children
 from notifier import receipts, reconciler
 from notifier.db import bind, database
 from notifier.devmail import CaptureHandler, start
 from notifier.models import Notification, SchemaVersion, Status, utcnow
 from notifier.queues import QUEUE_NAMES, release_job_id_for
+from notifier.ratelimit import Limiter, parse_rate
+from notifier.runtime import warn_about_redis_eviction
 from notifier.schema import SCHEMA_VERSION, upgrade
 from tests.conftest import PG_ADMIN_URL
 from tests.helpers import LITERAL, drop_connections, held_reply, installed_deliverer, run_worker_until_idle
@@ -847,15 +850,65 @@ def test_a_worker_while_redis_is_out_of_memory_neither_spins_nor_dies_of_a_sigte
     # An out-of-memory Redis answers PING and refuses every write: RQ's loop ended at once and the
     # worker started it again at once, hundreds of times a second, two lines each. A SIGTERM then met
     # the last loop's RQ handler, which raised StopRequested into the next one's start: exit 1, traceback.
+    # Then it waited for a PING, which such a Redis answers: "Redis is back" and "lost Redis" every
+    # second, the scheduler's too, for as long as it lasted. Each says it lost Redis once, and why.
     url, _, _ = own_redis
-    stack = make_stack(replace(pg_settings, redis_url=url)).start("worker")
+    stack = make_stack(replace(pg_settings, redis_url=url)).start("worker", "scheduler")
     redis = Redis.from_url(url)
     wait_until(lambda: redis.smembers("rq:workers"), timeout=30)
     _fill(redis)
-    wait_until(lambda: "restarting the worker" in stack.log("worker"), timeout=30)  # its next heartbeat, 5 s
-    time.sleep(3)
-    assert stack.log("worker").count("restarting the worker") <= 5
+    for name in ("worker", "scheduler"):  # the worker's next heartbeat, 5 s; the scheduler's next poll
+        said = f"{name} lost Redis (OutOfMemoryError: command not allowed when used memory"
+        wait_until(lambda n=name, said=said: said in stack.log(n), timeout=30)
+    time.sleep(4)
+    for name in ("worker", "scheduler"):
+        assert stack.log(name).count("lost Redis") == 1, stack.log(name)[-3000:]
+        assert f"restarting the {name}" not in stack.log(name)
     worker = stack.procs["worker"]
     worker.send_signal(signal.SIGTERM)
     assert worker.wait(timeout=30) == 0, stack.log("worker")[-3000:]
     assert "Traceback" not in stack.log("worker")
+
+
+def test_ready_says_redis_is_unavailable_while_it_is_out_of_memory(pg_settings, pg_db, own_redis):
+    # It asked for a PING, which a Redis out of memory answers while it refuses every job: ready, "ok".
+    url, _, _ = own_redis
+    redis = Redis.from_url(url)
+    client = create_app(replace(pg_settings, redis_url=url), redis=redis).test_client()
+    assert client.get("/api/ready").status_code == 200
+    _fill(redis)
+    answer = client.get("/api/ready")
+    assert answer.status_code == 503
+    assert answer.get_json()["error"]["details"] == {"database": "ok", "redis": "unavailable: OutOfMemoryError"}
+    for key in redis.scan_iter("filler:*", count=1000):
+        redis.delete(key)
+    assert client.get("/api/ready").status_code == 200
+
+
+def test_the_rate_limit_says_once_that_it_lets_requests_through_while_redis_is_out_of_memory(own_redis, caplog):
+    # Every request in the 2 s after the first logged its own line, "Redis did not answer just now", of a
+    # Redis that had answered at once that it was out of memory.
+    url, _, _ = own_redis
+    _fill(Redis.from_url(url))
+    limiter = Limiter(url)
+    assert all(limiter.hit(parse_rate("1/minute"), "key", str(n)).allowed for n in range(5))
+    lines = [r.getMessage() for r in caplog.records if "rate limit not enforced" in r.getMessage()]
+    assert lines == ["rate limit not enforced, Redis unavailable: OutOfMemoryError (nor for the next 2 s)"]
+
+
+def test_a_worker_and_the_scheduler_warn_of_a_redis_that_evicts_keys(make_stack, pg_settings, own_redis):
+    # allkeys-lru, many a managed Redis's default, deletes queued jobs, sent receipts and live workers'
+    # keys once it fills: said by nobody, so the operator learnt of it from late and duplicate mail.
+    url, _, _ = own_redis
+    Redis.from_url(url).config_set("maxmemory-policy", "allkeys-lru")
+    stack = make_stack(replace(pg_settings, redis_url=url)).start("worker", "scheduler")
+    for name in ("worker", "scheduler"):
+        wait_until(lambda n=name: "maxmemory-policy is allkeys-lru" in stack.log(n), timeout=30)
+
+
+def test_a_redis_that_never_evicts_is_not_warned_of(own_redis, caplog):
+    redis = Redis.from_url(url := own_redis[0])
+    warn_about_redis_eviction(redis)
+    redis.config_set("maxmemory-policy", "volatile-lru")  # a sent receipt has a TTL: it is evicted too
+    warn_about_redis_eviction(Redis.from_url(url))
+    assert [r.getMessage().split(":")[0] for r in caplog.records] == ["Redis's maxmemory-policy is volatile-lru"]

@@ -113,6 +113,21 @@ def test_a_path_or_query_that_is_not_utf8_is_400(client, headers, path, query):
     _refused(response, 400, "bad_request")
 
 
+def test_a_path_the_development_server_decoded_is_still_refused_when_it_was_not_utf8(client, headers):
+    # `python app.py` (make run) decodes the escapes itself, each byte that is not UTF-8 as U+FFFD, so
+    # PATH_INFO held a valid "\ufffd" and /api/users/%ff/preferences was that user's: the README says 400.
+    for method, path in (("get", "/api/users/%ff/preferences"), ("delete", "/api/users/%fe")):
+        response = getattr(client, method)("/", headers=headers, environ_overrides={
+            "PATH_INFO": path.replace("%ff", "\ufffd").replace("%fe", "\ufffd").encode().decode("latin-1"),
+            "RAW_URI": path, "REQUEST_URI": path})
+        _refused(response, 400, "bad_request")
+    # The escapes of UTF-8 in the request line as sent are read as the character they write.
+    response = client.get("/", headers=headers, environ_overrides={
+        "PATH_INFO": "/api/users/\u00fc/preferences".encode().decode("latin-1"),
+        "RAW_URI": "/api/users/%C3%BC/preferences"})
+    assert response.status_code == 200 and response.get_json()["user_id"] == "\u00fc"
+
+
 def test_a_user_id_in_utf8_is_read_as_written(client, headers):
     response = client.get("/api/notifications/user/%C3%BC/stats", headers=headers)
     assert response.status_code == 200 and response.get_json()["user_id"] == "ü"
@@ -135,6 +150,20 @@ def test_options_on_a_user_called_preferences_offers_what_that_path_takes(client
     allowed = client.options("/api/users/preferences", headers=headers).headers["Allow"]
     assert set(allowed.split(", ")) == {"DELETE", "OPTIONS"}
     assert client.delete("/api/users/preferences", headers=headers).status_code == 200
+
+
+@pytest.mark.parametrize("path", ["/api/notifications/send", "/api/notifications/batch",
+                                  "/api/notifications/send-verification"])
+def test_a_get_of_a_post_only_route_is_405_before_the_api_key_is_looked_at(client, headers, path):
+    # It was taken for GET /api/notifications/<id>: 401 without a key, and with one a 405 that counted
+    # against the key's rate and said so. The README: a 405 is answered before the key, without RateLimit.
+    for given in ({}, headers):
+        response = client.get(path, headers=given)
+        _refused(response, 405, "method_not_allowed")
+        assert response.headers["Allow"] == "OPTIONS, POST"
+        assert "RateLimit-Limit" not in response.headers
+    assert client.get(path.upper().replace("/API/NOTIFICATIONS", "/api/notifications"), headers=headers
+                      ).status_code == 404  # SEND is no notification's id either, and no route
 
 
 # --- under gunicorn ---------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from flask import current_app, g, request
 from marshmallow import Schema, ValidationError
 from werkzeug.routing import BaseConverter
+from werkzeug.routing import ValidationError as RoutingValidationError
 
 from notifier import keys
 from notifier.errors import ApiError, RateLimited, Unauthorized, Unprocessable
@@ -90,12 +91,21 @@ def request_body() -> bytes:
     return request.get_data(cache=True)
 
 
+# Routes of their own under /api/notifications that take only POST: never a notification id.
+POST_ONLY_NAMES = frozenset({"send", "batch", "send-verification"})
+
+
 class NotificationIdConverter(BaseConverter):
     """<nid:notification_id>: a notification id in a path, in either case. Ours are UUIDs written
     lower-case, and a UUID's hex digits name the same id in capitals (RFC 9562 asks that they be
     read so), which some callers' UUID types print."""
 
     def to_python(self, value: str) -> str:
+        if value in POST_ONLY_NAMES:
+            # Not an id: werkzeug then answers a GET of /send 405 as it routes, before the API key is
+            # looked at, as every other 405. As a GET of /<id>, it was 401 without a key, and with one
+            # a 405 that counted against the key's rate.
+            raise RoutingValidationError()
         return value.lower()
 
 

@@ -50,8 +50,11 @@ def _not_utf8() -> bool:
     # werkzeug decodes the path and the query string with a replacement character for every byte that is
     # not UTF-8, so /api/users/%ff and /api/users/%fe named one user, "\ufffd", whom either erased. A body
     # that is not UTF-8 is refused; so is a path. (PATH_INFO is the decoded bytes as Latin-1, by WSGI.)
+    # werkzeug's development server (`python app.py`, `make run`) has already put U+FFFD in PATH_INFO:
+    # the request line as sent (RAW_URI, which gunicorn sets too) still has the escapes.
     try:
         request.environ.get("PATH_INFO", "").encode("latin-1").decode("utf-8")
+        unquote_to_bytes(request.environ.get("RAW_URI", "").partition("?")[0].encode("latin-1")).decode("utf-8")
         # Its bytes as Latin-1 too: unquote_to_bytes would encode a str as UTF-8, and a byte sent as is (a
         # server that passes them on) would come out as valid UTF-8 for werkzeug to choke on (a 500).
         unquote_to_bytes(request.environ.get("QUERY_STRING", "").encode("latin-1")).decode("utf-8")

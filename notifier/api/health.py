@@ -6,6 +6,7 @@ from flask import Blueprint, current_app, jsonify
 
 from notifier.db import database
 from notifier.patience import answer_within
+from notifier.resilience import probe_write
 
 bp = Blueprint("health", __name__, url_prefix="/api")
 
@@ -18,7 +19,7 @@ def health():
 
 @bp.get("/ready")
 def ready():
-    """Whether the database and Redis answer; 503 naming each one that does not."""
+    """Whether the database answers and Redis takes writes; 503 naming each one that does not."""
     checks = {}
     try:
         # A probe that waits longer than the orchestrator's own timeout tells it nothing: a database that
@@ -29,7 +30,8 @@ def ready():
     except Exception as exc:  # noqa: BLE001 - any failure means not ready
         checks["database"] = f"unavailable: {type(exc).__name__}"
     try:
-        current_app.extensions["notifier"]["redis"].ping()
+        # A write, as a send's: a Redis out of memory or read-only answers PING and takes no job.
+        probe_write(current_app.extensions["notifier"]["redis"])
         checks["redis"] = "ok"
     except Exception as exc:  # noqa: BLE001
         checks["redis"] = f"unavailable: {type(exc).__name__}"

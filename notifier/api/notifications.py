@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from flask import Blueprint, current_app, jsonify, request, url_for
 from marshmallow import ValidationError
-from werkzeug.exceptions import MethodNotAllowed
 
 from notifier import listing, redelivery, store
 from notifier.api.common import (
+    POST_ONLY_NAMES,
     current_key,
     idempotency_header,
     json_body,
@@ -139,10 +139,9 @@ def redeliver_callback(notification_id: str):
     return response
 
 
-# Routes of their own that take only POST: a GET of one is the wrong method, not a notification id,
-# and a 405 for any other method allows POST alone (werkzeug names /<notification_id>'s GET too).
-_POST_ONLY = frozenset({"send", "batch", "send-verification"})
-POST_ONLY_PATHS = frozenset(f"{bp.url_prefix}/{name}" for name in _POST_ONLY)
+# A 405 for another method than GET (PUT, DELETE) on a route that takes only POST allows POST alone:
+# werkzeug names /<notification_id>'s GET too.
+POST_ONLY_PATHS = frozenset(f"{bp.url_prefix}/{name}" for name in POST_ONLY_NAMES)
 POST_ONLY_ALLOW = "OPTIONS, POST"  # the same in a 405 and in an OPTIONS answer
 
 
@@ -158,8 +157,6 @@ def _post_only_options(response):
 @bp.get("/<nid:notification_id>")
 def get_one(notification_id: str):
     """One notification with its history."""
-    if notification_id in _POST_ONLY:
-        raise MethodNotAllowed(valid_methods=["POST"])
     notification = store.get_for_key(current_key(), notification_id)
     if notification is None:
         raise NotFound("no such notification")

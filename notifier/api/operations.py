@@ -278,8 +278,9 @@ OPERATIONS: dict[tuple[str, str], Op] = {
     ("health.health", "GET"): Op(
         "Liveness: the process is up", "health", ok_schema=HealthSchema, public=True, uses_database=False),
     ("health.ready", "GET"): Op(
-        "Readiness: the database and Redis answer", "health", ok_schema=ReadySchema, public=True,
-        errors={503: "`not_ready`: `details` says which of database and redis is unavailable"}),
+        "Readiness: the database answers and Redis takes writes", "health", ok_schema=ReadySchema, public=True,
+        errors={503: "`not_ready`: `details` says which of database and redis is unavailable (a Redis out of "
+                    "memory or read-only is)"}),
     ("docs.openapi_json", "GET"): Op(
         "This document", "documentation", ok_schema={"type": "object"}, public=True, uses_database=False,
         ok_description="The OpenAPI 3 document of every route under /api"),
