@@ -129,9 +129,9 @@ def create_app(settings: Settings | None = None, *, redis=None) -> Flask:
     configure_logging(settings)
     warn_about_unsubscribe_links(settings)
     warn_about_templates(settings)
-    # Flask's /static/<filename> stays, though nothing of ours is there (404): rq-dashboard's pages link
-    # through url_for('static'), and without it every page of /rq was a 500.
-    app = Api(__name__)
+    # No /static/<filename>: it would serve ./static, nothing of ours. rq-dashboard's pages link their
+    # icon through url_for('static'), which operators.init_app sends to the dashboard's own.
+    app = Api(__name__, static_folder=None)
     # werkzeug answers a path with `//` in it by a 308 to the merged path, with an HTML body: outside
     # the error envelope, and a second request for a path no client meant. It is a 404 like any other.
     app.url_map.merge_slashes = False

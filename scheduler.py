@@ -73,6 +73,7 @@ class NotifierScheduler(Scheduler):
         # Said once as the database goes and once as it comes back: a warning a poll (a second) while
         # it was away buried everything else in the log.
         self._database_away = False
+        self._periodic_ids = frozenset(job_id for job_id, *_ in periodic_jobs(settings))
 
     def _install_signal_handlers(self):
         # rq-scheduler's own handler records its death in Redis before exiting; with Redis gone at the
@@ -128,6 +129,20 @@ class NotifierScheduler(Scheduler):
                 self._database_away = False
                 logger.info("the database is available again; delayed notifications are released")
         return super().enqueue_jobs()
+
+    def enqueue_job(self, job):
+        # A periodic job still waiting in its queue from its last time (every worker waits while the
+        # database is away, notifier.outage) is not pushed again, only given its next time: pushed each
+        # time it came due, an hour away left 120 reconciler passes and 120 of the digests' on the high
+        # queue, run one after another ahead of the mail once the database answered. (Its status alone
+        # would not do: a job a worker popped and never started still says `queued`.)
+        interval = job.meta.get("interval")
+        if job.id in self._periodic_ids and interval:
+            queue = self.get_queue_for_job(job)
+            if self.connection.lpos(queue.key, job.id) is not None:
+                self.connection.zadd(self.scheduled_jobs_key, {job.id: to_unix(utcnow()) + int(interval)})
+                return
+        super().enqueue_job(job)
 
     def get_jobs_to_queue(self, with_times=False):
         """rq-scheduler's, without the release entries releases.release_due keeps to itself: those it

@@ -284,8 +284,10 @@ class NotifierWorker(SimpleWorker):
 
     def handle_exception(self, job, *exc_info):
         exc = exc_info[1]
-        if (self.outage is not None and isinstance(exc, (*UNAVAILABLE_ERRORS, jobs.SentNotRecorded))
-                and self.outage.begins(exc, job.id)):
+        # Not a job an operator asked to stop (RQ's stop-job, which a SimpleWorker only notes): RQ marks
+        # it `stopped` and never runs it again; put back, it ran again once the database answered.
+        if (self.outage is not None and self._stopped_job_id != job.id
+                and isinstance(exc, (*UNAVAILABLE_ERRORS, jobs.SentNotRecorded)) and self.outage.begins(exc, job.id)):
             self._put_back = job.id  # handle_job_failure, next, puts it back; the outage's line says so
             return
         # RQ logs every failure at ERROR with its traceback in the message: each 451 retried, each

@@ -85,6 +85,10 @@ def test_dashboard_opens_with_the_operator_credentials(ops, headers, redis_conn)
     page = ops.get("/rq/", auth=OPERATOR)
     assert page.status_code == 200
     assert b"<title>RQ dashboard" in page.data
+    # Its icon is linked through the app's `static` endpoint, which the app does not have: the
+    # dashboard's own, under /rq (the guard's), not a BuildError and a 500.
+    assert b'href="/rq/static/favicon.ico"' in page.data
+    assert ops.get("/rq/static/favicon.ico", auth=OPERATOR).status_code == 200
     queues = ops.get("/rq/0/data/queues.json", auth=OPERATOR)
     assert queues.status_code == 200
     by_name = {q["name"]: q for q in queues.get_json()["queues"]}

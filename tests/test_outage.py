@@ -10,7 +10,7 @@ from dataclasses import replace
 import pytest
 from peewee import OperationalError
 from rq import Queue, Retry, Worker
-from rq.job import Job, JobStatus
+from rq.job import Job, JobStatus, get_current_job
 
 from notifier import queues
 from notifier.models import Status
@@ -156,3 +156,48 @@ def test_a_job_that_fails_on_a_database_that_answers_uses_a_retry_as_before(pg_s
     job.refresh()
     assert (job.get_status(), job.retries_left) == (JobStatus.FAILED, 0)  # tried twice: no pause, no put-back
     assert outage.since is None
+
+
+def test_a_periodic_job_still_waiting_in_its_queue_is_not_queued_again(pg_settings, pg_db, redis_conn):
+    # While the database is away every worker waits and takes no job, and rq-scheduler went on pushing
+    # each periodic job onto its queue whenever it came due: after an hour away, 120 reconciler passes
+    # and 120 of the digests' on the high queue, run one after another ahead of the mail.
+    from rq_scheduler import Scheduler
+
+    from scheduler import NotifierScheduler, periodic_jobs
+
+    poll = NotifierScheduler(pg_settings, connection=redis_conn, interval=1)
+    poll.register_periodic_jobs()
+    poll.enqueue_jobs()  # due at once: each goes to its queue, and no worker takes it
+    for job_id, *_ in periodic_jobs(pg_settings):
+        redis_conn.zadd(Scheduler.scheduled_jobs_key, {job_id: 0})  # due again
+    poll.enqueue_jobs()
+
+    for job_id, _, interval, queue in periodic_jobs(pg_settings):
+        assert Queue(queue, connection=redis_conn).job_ids.count(job_id) == 1
+        assert redis_conn.zscore(Scheduler.scheduled_jobs_key, job_id) > time.time() + interval - 5  # next pass
+
+
+RUNS_KEY = "test:outage:runs"
+
+
+def away_and_counted() -> None:
+    """A job that fails as the database away does, counting its runs."""
+    get_current_job().connection.incr(RUNS_KEY)
+    raise OperationalError("server closed the connection unexpectedly")
+
+
+def test_a_job_asked_to_stop_is_not_put_back_by_the_outage(pg_settings, pg_db, redis_conn):
+    # RQ's stop-job command on a SimpleWorker only notes the job (it cannot cut it off): RQ then marks it
+    # `stopped` as it fails, and never runs it again. Put back for the outage, it ran again.
+    from worker import make_worker
+
+    job = _queue(redis_conn).enqueue(away_and_counted, retry=Retry(max=1))
+    asked = []
+    outage = DatabaseOutage(lambda: bool(asked.append(1)) or len(asked) > 1, first_ask=0)
+    worker = make_worker(redis_conn, outage=outage)
+    worker._stopped_job_id = job.id  # what the command leaves (rq.command.handle_stop_job_command)
+    worker.work(burst=True, with_scheduler=False)
+    job.refresh()
+    assert job.get_status() == JobStatus.STOPPED
+    assert int(redis_conn.get(RUNS_KEY)) == 1

@@ -97,7 +97,6 @@ def url_map(sqlite_settings, sqlite_db, fake_redis):
 def test_every_route_is_in_the_readme_and_every_route_it_lists_is_served(url_map):
     served = {(method, _as_written(rule.rule)) for rule in url_map.iter_rules()
               if not rule.rule.startswith("/rq/")  # rq-dashboard's own pages, documented as /rq
-              and rule.endpoint != "static"  # Flask's, which rq-dashboard's pages link through (app.py)
               for method in rule.methods - {"HEAD", "OPTIONS"}}
     written = set(_ROUTE_IN_TEXT.findall(README))
     assert sorted(f"{m} {p}" for m, p in served - written if p != "/metrics") == [], "routes the README never names"

@@ -14,7 +14,7 @@ import ipaddress
 import logging
 
 import rq_dashboard
-from flask import Blueprint, Flask, Response, current_app, g, request
+from flask import Blueprint, Flask, Response, current_app, g, request, url_for
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 from redis.exceptions import RedisError
@@ -45,6 +45,7 @@ def init_app(app: Flask) -> None:
     app.config["RQ_DASHBOARD_REDIS_URL"] = settings.redis_url
     app.register_blueprint(rq_dashboard.blueprint, url_prefix=DASHBOARD_PREFIX)
     setup_rq_connection(app)
+    app.url_build_error_handlers.append(_dashboard_static)
     app.register_blueprint(bp)
     # On the app, not the blueprint: it then runs before rq-dashboard's hooks, and for paths under
     # /rq that match no route too.
@@ -54,6 +55,15 @@ def init_app(app: Flask) -> None:
     # the guard's look and the action, as a late `sent` record takes its job out of the registry.
     app.register_error_handler(InvalidJobOperation, _not_requeueable)
     app.register_error_handler(NoSuchJobError, _job_gone)
+
+
+def _dashboard_static(error, endpoint: str, values: dict) -> str | None:
+    # rq-dashboard's pages link their icon through the app's `static` endpoint, which this app has none
+    # of (create_app: static_folder=None): url_for raised BuildError, and every page of /rq was a 500.
+    # The icon is the dashboard's own, under its guarded prefix.
+    if endpoint != "static":
+        return None
+    return url_for(f"{rq_dashboard.blueprint.name}.static", **values)
 
 
 def _not_requeueable(exc: InvalidJobOperation):
