@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import smtplib
 import socket
 import ssl
@@ -15,6 +16,9 @@ from notifier.mail import (
     _WIRE,
     MemoryMailer,
     OutgoingEmail,
+    _headers,
+    _library_message,
+    _plain_message,
     build_message,
     classify,
     message_bytes,
@@ -298,3 +302,54 @@ def test_a_header_around_the_longest_line_is_written_as_compat32_writes_it(name,
     value = "x" * (998 - len(name) - len(": ") + past)
     reference = compat32.clone(linesep="\r\n", max_line_length=998)
     assert _WIRE.fold_binary(name, value) == reference.fold_binary(name, value)
+
+
+# Pieces a body is made of: every kind of line break, lines around SMTP's longest, what a generator
+# might treat specially ("From " at a line's start, a lone dot, a boundary-like line), and beyond ASCII.
+_BODY_PIECES = ["\n", "\r\n", "\r", "\n\n", "From me", ".", "--=_x", " ", "\t", "plain words", "x" * 997,
+                "y" * 998, "z" * 999, "caf\u00e9", "=3D", "\x0b", "\x0c", "\x1c", "\u2028", ""]
+_HEADER_VALUES = ["Hello", "", "=?utf-8?q?x?=", "caf\u00e9", "a " * 480, "x" * 990, "tab\there", "Hi\r\nthere"]
+
+
+def _bodies(rng: random.Random, count: int) -> list[str]:
+    return ["".join(rng.choice(_BODY_PIECES) for _ in range(rng.randrange(0, 8))) for _ in range(count)]
+
+
+def _shapes(rng: random.Random):
+    """(parts, headers, boundary) as message_bytes() hands them to either writer."""
+    for text, html in zip(_bodies(rng, 400), _bodies(rng, 400), strict=True):
+        extra = {"Reply-To": "Help <help@example.com>"} if rng.random() < 0.3 else {}
+        if rng.random() < 0.3:
+            extra["List-Unsubscribe"] = "<https://example.com/u/" + "t" * rng.choice([10, 980, 2000]) + ">"
+        email = outgoing(text=rng.choice([text, None]), html=rng.choice([html, None]),
+                         content=RenderedEmail(subject=rng.choice(_HEADER_VALUES), text=text, html=html),
+                         to=rng.choice(["ada@example.com", "Ada <ada@example.com>"]), headers=extra)
+        kinds = [(subtype, body) for subtype, body in (("plain", text), ("html", html)) if body is not None]
+        for parts in (kinds, kinds[:1], kinds[1:] or kinds):
+            yield parts, _headers(email, MAIL_FROM), "=_" + uuid.uuid4().hex if len(parts) == 2 else None
+
+
+def test_the_direct_writer_writes_the_email_packages_bytes_or_leaves_the_message_to_it():
+    written = 0
+    for parts, headers, boundary in _shapes(random.Random(20261203)):
+        direct = _plain_message(parts, headers, boundary)
+        if direct is not None:
+            written += 1
+            assert direct == _library_message(parts, headers, boundary), (parts, headers)
+    assert written > 300  # the usual message is written directly, not left to the email package
+
+
+def test_a_template_email_is_written_directly():
+    from notifier.rendering import Renderer
+
+    content = Renderer("templates").render("order_confirmation", {
+        "order_id": "A-1001", "name": "Ada", "items": [{"name": "Mug", "quantity": 2, "price": "9.50"}],
+        "total": "19.00"},
+        "https://example.com/unsubscribe/abc")
+    email = outgoing(content=content, headers={"List-Unsubscribe": "<https://example.com/unsubscribe/abc>"})
+    parts = [("plain", content.text), ("html", content.html)]
+    headers = _headers(email, "Acme Support <support@example.com>")
+
+    direct = _plain_message(parts, headers, "=_b")
+
+    assert direct is not None and direct == _library_message(parts, headers, "=_b")
