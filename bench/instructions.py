@@ -32,9 +32,10 @@ from rq import Queue, Worker
 
 from bench.baselines import RAW_QUEUES, _noop_jobs
 from bench.procs import ROOT, Procs
-from bench.stack import Sink, create_key, product_env, recreate_database, start_redis
+from bench.stack import Sink, create_key, drop_database, product_env, recreate_database, start_redis
 
-DATABASE = "postgresql://postgres@127.0.0.1:5432/notifier_bench_instructions"
+# Each run its own, so that runs can go side by side (counts do not depend on the machine's load).
+DATABASE = f"postgresql://postgres@127.0.0.1:5432/notifier_bench_instructions_{os.getpid()}"
 WARM_UP_JOBS = 10
 _SWITCH_C = "#include <valgrind/callgrind.h>\nvoid toggle(void) { CALLGRIND_TOGGLE_COLLECT; }\n"
 
@@ -128,6 +129,7 @@ def measure(kind: str, jobs: int, targets: list[str], run_dir: str) -> dict:
                 "seconds_under_valgrind": round(seconds, 1)}
     finally:
         procs.close()
+        drop_database(DATABASE)
 
 
 def _driver(kind: str, env: dict, key: str, redis: Redis, sink: Sink):
@@ -184,7 +186,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--only", action="append", default=[], metavar="MODULE:QUALNAME",
                         help="count only inside this function of the email job (repeatable)")
     args = parser.parse_args(argv)
-    run_dir = os.path.join(ROOT, "var", "bench", time.strftime("instructions-%Y%m%d-%H%M%S"))
+    run_dir = os.path.join(ROOT, "var", "bench", time.strftime("instructions-%Y%m%d-%H%M%S-") + str(os.getpid()))
     os.makedirs(run_dir)
     kinds = ["email"] if args.only else ["noop", "email"]
     results = [measure(kind, args.jobs, args.only, run_dir) for kind in kinds]

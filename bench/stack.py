@@ -78,6 +78,15 @@ def start_redis(procs: Procs) -> tuple[Proc, str]:
 
 def recreate_database(url: str) -> None:
     """Drop and create the database named in url (connecting to the server's `postgres` database)."""
+    _administer(url, create=True)
+
+
+def drop_database(url: str) -> None:
+    """Drop the database named in url, if it is there."""
+    _administer(url, create=False)
+
+
+def _administer(url: str, create: bool) -> None:
     params = parse_dsn(url)  # as the product reads it (libpq's reading)
     name = params.get("dbname", "")
     if not name or not name.replace("_", "").isalnum():
@@ -86,7 +95,8 @@ def recreate_database(url: str) -> None:
     admin.autocommit = True
     with admin.cursor() as cur:
         cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        cur.execute(f'CREATE DATABASE "{name}"')
+        if create:
+            cur.execute(f'CREATE DATABASE "{name}"')
     admin.close()
 
 

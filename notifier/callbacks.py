@@ -14,7 +14,6 @@ A receiver recomputes v1 over the raw body and rejects the call when no v1 match
 from __future__ import annotations
 
 import base64
-import hashlib
 import hmac
 import http.client
 import json
@@ -29,6 +28,7 @@ from urllib.parse import quote, unquote, urlsplit, urlunsplit
 from notifier.callback_targets import DeniedTarget, Networks, SlowResolution, handlers, resolver_host
 from notifier.db import UNAVAILABLE_ERRORS, discard_connection, is_postgres
 from notifier.models import Notification
+from notifier.redact import keyed_digest
 from notifier.schemas import UtcDateTime, port_out_of_range, unsplittable
 
 SIGNATURE_HEADER = "Notifier-Signature"
@@ -68,7 +68,7 @@ def event_id(notification: Notification) -> str:
 
 
 def _digest(secret: str, body: bytes, timestamp: int) -> str:
-    return hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256).hexdigest()
+    return keyed_digest(secret, f"{timestamp}.".encode() + body)
 
 
 def sign(secret: str, body: bytes, timestamp: int, old_secret: str | None = None) -> str:

@@ -21,7 +21,8 @@ What stays: the suppression list, by address, which protects the sender's reputa
 server said it does not exist): DELETE /api/suppressions/<email> takes an address off it. Mail sent to
 the user's address with no user id is "email:<address>"'s, erased by naming that. Log lines already
 written, RQ's records of jobs (which hold notification ids, never addresses) and the RECIPIENT_CAP count
-of the address in Redis (which expires with its window) are not touched.
+of the address in Redis (named by a keyed hash of the address, never the address; it expires with its
+window) are not touched.
 
 A send accepted while an erasure runs is either erased or kept whole: rows change only by compare-and-set
 on their status, and one not final when its page is erased is left as it is. A tombstone is never sent:

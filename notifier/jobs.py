@@ -349,6 +349,12 @@ class Deliverer:
                             # and try again before the next email; the claim rides out the blip.
                             logger.warning("consent not re-read: %s", type(exc).__name__)
                     current = rows.get(notification_id)
+                    if current is not None and queues.retry_due(self.settings, current) is not None:
+                        # Left `retrying` by this job before it went back to its queue (the database away,
+                        # notifier.outage): its own retry job sends it when due. Sent now, it spent an
+                        # attempt before the wait its server asked for (a 451).
+                        outcomes["retrying"] += 1
+                        continue
                     lookup = lookups[current.api_key_id] if current is not None else consent.DATABASE
                     with self._bound(notification_id):
                         try:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from bisect import bisect_left
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -26,6 +27,7 @@ from rq import Queue
 from notifier.errors import STOPPING
 from notifier.models import Notification, Priority, utcnow
 from notifier.queues import QUEUES_BY_PRIORITY
+from notifier.resilience import refuses_writes
 
 logger = logging.getLogger(__name__)
 
@@ -118,15 +120,37 @@ def _write(redis: Redis | Deferred | None, build: Callable) -> None:
         logger.warning("metrics not recorded", exc_info=True)
 
 
-def accepted(redis: Redis | Deferred | None, notifications: list[Notification]) -> None:
-    """Count notifications the API just stored."""
-    by_labels = Counter(_labels(n) for n in notifications)
+class Acceptances:
+    """An API process's counts of the notifications it stored, on their way to Redis with the jobs of each
+    hand-over (one round trip). Those Redis refused are kept, to go with the next hand-over it takes: out
+    of memory (noeviction), read-only or MISCONF, it refuses every write, so none of them was counted.
+    They were dropped, and the metric fell short of what was accepted by all a Redis outage's sends. Those
+    whose answer never came (Redis unreachable or silent) are still dropped: each may have been counted
+    (redis-py sends a pipeline again after a dropped connection), and a count kept would then count twice.
+    What is kept lives in the process: one that stops before Redis takes writes again loses it."""
 
-    def build(pipe):
-        for labels, count in by_labels.items():
-            pipe.hincrby(_key("notifier_notifications_accepted_total"), labels, count)
+    def __init__(self):
+        self._lock = threading.Lock()  # the API's threads share one
+        self._refused: Counter[str] = Counter()
 
-    _write(redis, build)
+    def take(self, notifications: list[Notification]) -> Counter[str]:
+        """The counts to write now: these notifications', and those Redis refused before (kept no more)."""
+        with self._lock:
+            counts, self._refused = self._refused, Counter()
+        counts.update(_labels(n) for n in notifications)
+        return counts
+
+    def not_written(self, counts: Counter[str], exc: RedisError) -> None:
+        """counts went with a write that failed with exc: keep them if Redis refused it (see the class)."""
+        if refuses_writes(exc):
+            with self._lock:
+                self._refused.update(counts)
+
+
+def write_accepted(pipe, counts: Counter[str]) -> None:
+    """Add to pipe the counts of notifications the API stored (Acceptances.take)."""
+    for labels, count in counts.items():
+        pipe.hincrby(_key("notifier_notifications_accepted_total"), labels, count)
 
 
 def sent(redis: Redis | Deferred | None, notification: Notification, smtp_code: int | None,

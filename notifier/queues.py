@@ -22,6 +22,7 @@ from rq_scheduler import Scheduler
 from notifier import logs, store
 from notifier.config import Settings
 from notifier.models import Notification, Priority, Status, utcnow
+from notifier.tally import Tally
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +61,12 @@ _RUNNING_JOB_STATES = frozenset({b"queued", b"started"})  # those not waiting fo
 # every API process waited. What the API asks of Redis (a rate limit, a job to queue, a page of the
 # dashboard) takes milliseconds, and what it stored without Redis the reconciler queues later.
 API_TIMEOUT_SECONDS = 2.0
+
+# A send stored while Redis refuses its job (out of memory, read-only, MISCONF) or does not answer is said
+# at most once per this many seconds per process, with how many there were (not_queued): each logged a
+# line of its own, hundreds a second under load. The reconciler queues each of them once Redis takes jobs.
+NOT_QUEUED_LOG_SECONDS = 2.0
+_not_queued = Tally(NOT_QUEUED_LOG_SECONDS)
 
 
 def connect_redis(url: str, timeout: float = 10.0) -> Redis:
@@ -492,11 +499,23 @@ def waiting_above(connection: Redis, priority: str) -> bool:
 def dispatch_many(connection: Redis, settings: Settings, notifications: list[Notification],
                   also: Callable[[Pipeline], None] | None = None,
                   request_ids: dict[str, str | None] | None = None) -> bool:
-    """dispatch() for many: every delivery job goes to Redis in one pipeline, with whatever `also`
-    adds to it (the acceptance counts). Notifications that share a job_id (see share_jobs) go in one
-    job; the others get one each. request_ids: the request each notification came from, by id, when
-    not the one being served (traced_members). False when Redis is away (the reconciler hands them
-    over later)."""
+    """dispatch() for many (enqueue_stored): False when Redis is away, said by not_queued (the
+    reconciler hands them over later)."""
+    try:
+        enqueue_stored(connection, settings, notifications, also, request_ids)
+    except RedisError as exc:
+        not_queued(notifications, exc)
+        return False
+    return True
+
+
+def enqueue_stored(connection: Redis, settings: Settings, notifications: list[Notification],
+                   also: Callable[[Pipeline], None] | None = None,
+                   request_ids: dict[str, str | None] | None = None) -> None:
+    """Every delivery job of these stored notifications goes to Redis in one pipeline, with whatever
+    `also` adds to it (the acceptance counts). Notifications that share a job_id (see share_jobs) go in
+    one job; the others get one each. request_ids: the request each notification came from, by id, when
+    not the one being served (traced_members). Raises RedisError: see not_queued."""
     by_queue: dict[str, list] = {}
     shared: dict[str, list[Notification]] = {}
     scheduled = []
@@ -519,19 +538,30 @@ def dispatch_many(connection: Redis, settings: Settings, notifications: list[Not
     for job_id, members in shared.items():
         by_queue.setdefault(members[0].priority, []).append(
             _shared_job(settings, job_id, [n.id for n in members], meta=meta(members)))
-    try:
-        # One round trip for the lot; MULTI/EXEC would add nothing, each job being whole on its own.
-        with connection.pipeline(transaction=False) as pipe:
-            for priority, jobs in by_queue.items():
-                queue_for(priority, connection).enqueue_many(jobs, pipeline=pipe)
-            if also is not None:
-                also(pipe)
-            pipe.execute()
-        for n in scheduled:
-            schedule_release(connection, settings, n.id, n.send_at, n.priority, job_id=release_job_id_of(n))
-    except RedisError as exc:
-        one = len(notifications) == 1
-        what = f"notification {notifications[0].id}" if one else f"{len(notifications)} notifications"
+    # One round trip for the lot; MULTI/EXEC would add nothing, each job being whole on its own.
+    with connection.pipeline(transaction=False) as pipe:
+        for priority, jobs in by_queue.items():
+            queue_for(priority, connection).enqueue_many(jobs, pipeline=pipe)
+        if also is not None:
+            also(pipe)
+        pipe.execute()
+    for n in scheduled:
+        schedule_release(connection, settings, n.id, n.send_at, n.priority, job_id=release_job_id_of(n))
+    if missed := _not_queued.add(0):  # Redis takes jobs again: the last of those it did not, said
+        logger.warning("%s notifications stored but not queued since the last such line; Redis takes jobs again, "
+                       "and the reconciler queues them", missed)
+
+
+def not_queued(notifications: list[Notification], exc: RedisError) -> None:
+    """Say that Redis refused, or did not answer, the jobs of these stored notifications: at most once
+    per NOT_QUEUED_LOG_SECONDS in a process, with how many since the line before."""
+    due = _not_queued.add(len(notifications))
+    if not due:
+        return
+    if due == len(notifications):  # none folded in from before
+        what = f"notification {notifications[0].id}" if due == 1 else f"{due} notifications"
         logger.warning("%s stored but not queued: %s", what, type(exc).__name__)
-        return False
-    return True
+    else:
+        latest = f", the latest notification {notifications[-1].id}" if notifications else ""
+        logger.warning("%s notifications stored but not queued since the last such line (this process says so "
+                       "at most every %g s)%s: %s", due, NOT_QUEUED_LOG_SECONDS, latest, type(exc).__name__)

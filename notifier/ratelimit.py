@@ -22,6 +22,7 @@ from limits.util import SINGLE_EXPR
 from redis.exceptions import RedisError, ResponseError
 
 from notifier.queues import driver_info
+from notifier.resilience import refuses_writes
 
 logger = logging.getLogger(__name__)
 
@@ -149,8 +150,9 @@ class Limiter:
                    strict: bool) -> Verdict:
         """The verdict when Redis failed to answer a check with exc."""
         if isinstance(exc, ResponseError):
-            if type(exc) is ResponseError:
+            if type(exc) is ResponseError and not refuses_writes(exc):
                 # Redis refused the script's numbers (a rate stored before rates were bounded): no outage.
+                # (MISCONF is a plain ResponseError too: it was taken for this, an ERROR line per request.)
                 logger.error("rate limit not enforced, Redis refused its check: %s (`keys list` marks a key's rate "
                              "out of bounds; `keys rate NAME RATE` changes it)", type(exc).__name__)
                 return Verdict(True, rate.amount, rate.amount, 0)

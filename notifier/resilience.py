@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 
 from redis import Redis
-from redis.exceptions import RedisError
+from redis.exceptions import OutOfMemoryError, ReadOnlyError, RedisError, ResponseError
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +81,19 @@ def reason_of(exc: BaseException) -> str:
     return text.splitlines()[0] if text else ""
 
 
+def redis_said(exc: RedisError) -> str:
+    """reason_of(exc), without the command a pipeline's error quotes (`Command # 1 (SET key value) of
+    pipeline caused error: `): Redis's own words."""
+    return reason_of(exc).rsplit(" of pipeline caused error: ", 1)[-1]
+
+
+def refuses_writes(exc: RedisError) -> bool:
+    """Whether exc is Redis's answer that it takes no write now, whatever the command: out of memory
+    under noeviction, a replica's READONLY, MISCONF (a failed snapshot with stop-writes-on-bgsave-error)."""
+    return isinstance(exc, (OutOfMemoryError, ReadOnlyError)) or (
+        type(exc) is ResponseError and redis_said(exc).startswith("MISCONF "))
+
+
 def _sleep_unless_stopped(stop: threading.Event, seconds: float) -> None:
     # time.sleep() resumes after a signal's handler returns (PEP 475): SIGTERM or Ctrl-C was heard
     # only when the sleep ended, up to max_delay (10 s) later, as long as docker stop waits before
@@ -101,9 +114,8 @@ def run_until_stopped(connection: Redis, run_once: Callable[[int], bool], what: 
             if run_once(generation):
                 return
         except RedisError as exc:
-            # Redis's words without the command a pipeline's error quotes (`Command # 1 (SET key value)`).
-            said = reason_of(exc).rsplit(" of pipeline caused error: ", 1)[-1]
-            logger.warning("%s lost Redis (%s: %s); waiting for it to come back", what, type(exc).__name__, said)
+            logger.warning("%s lost Redis (%s: %s); waiting for it to come back", what, type(exc).__name__,
+                           redis_said(exc))
         else:
             logger.warning("%s stopped without being asked to; restarting it once Redis answers", what)
         generation += 1

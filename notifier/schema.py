@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 
 from peewee import PostgresqlDatabase
 from playhouse.migrate import PostgresqlMigrator, SqliteMigrator, migrate
 
-from notifier import mail
+from notifier import index_builds, mail
 from notifier.keycache import CHANNEL
 from notifier.models import FINAL_STATUSES, MODELS, Event, SchemaVersion, Status, Suppression, utcnow
 
@@ -51,7 +52,55 @@ _KEY_TRIGGER = "notifier_api_keys_changed"
 
 def upgrade(db) -> int:
     """Bring the schema to SCHEMA_VERSION and return it."""
-    with db.connection_context(), db.atomic():
+    postgres = isinstance(db, PostgresqlDatabase)
+    with db.connection_context():
+        with _locked(db):
+            if _up_to_date(db):
+                # Every process runs this at start, while others send: a schema already at this version
+                # gets no DDL. CREATE INDEX IF NOT EXISTS locks its table (SHARE) even when the index
+                # exists, until this transaction ends, and it locks notifications before
+                # notification_events, where a claim or a `sent` record in flight locks them the other
+                # way round: the two deadlocked, every write waited for PostgreSQL's deadlock_timeout,
+                # one of them was cancelled (a starting process died of it), and a worker killed
+                # meanwhile sent its email again. Only what an older release made again is dropped.
+                _drop_made_again(db)
+                return SCHEMA_VERSION
+            if not postgres:
+                # Columns first: an index a new version adds may be on a column it adds.
+                _add_missing_columns(db)
+                db.create_tables(MODELS, safe=True)  # and, on an existing table, the indexes it lacks
+                _finish(db)
+        if postgres:
+            _upgrade_postgres(db)
+    logger.debug("schema at version %s", SCHEMA_VERSION)
+    return SCHEMA_VERSION
+
+
+def _upgrade_postgres(db) -> None:
+    # As on SQLite, but an existing table's indexes are built outside any transaction, writes going on
+    # (notifier.index_builds). Should the process die meanwhile, the version is not recorded yet: the next
+    # upgrade builds what is missing, and what a build left invalid, again. The indexes a version replaced
+    # go once their successors are there.
+    with index_builds.one_at_a_time(db) as still_ours:
+        with _locked(db):
+            still_ours()
+            if _up_to_date(db):
+                return  # another process upgraded it while this one waited
+            _add_missing_columns(db)
+            tables = set(db.get_tables())
+            # A new table is empty: its indexes are built with it.
+            db.create_tables([model for model in MODELS if model._meta.table_name not in tables], safe=True)
+        index_builds.build_missing(db, MODELS, still_ours)
+        with _locked(db):
+            still_ours()
+            index_builds.require_valid(db, MODELS)
+            _finish(db)
+
+
+@contextmanager
+def _locked(db):
+    """A transaction that waits for any other process's upgrade transaction (an older release's too)."""
+    with db.atomic():
         if isinstance(db, PostgresqlDatabase):
             # An upgrade waits for another process's and may rewrite a large table: neither is a
             # stuck statement, so DATABASE_STATEMENT_TIMEOUT does not apply (for this transaction only).
@@ -60,44 +109,34 @@ def upgrade(db) -> int:
             # the transaction's, not the session's: a reconnect (the pool's, after a dropped
             # connection) cannot happen inside a transaction, so the work never runs without it.
             db.execute_sql("SELECT pg_advisory_xact_lock(%s)", (_LOCK_ID,))
-        if _up_to_date(db):
-            # Every process runs this at start, while others send: a schema already at this version
-            # gets no DDL. CREATE INDEX IF NOT EXISTS locks its table (SHARE) even when the index
-            # exists, until this transaction ends, and it locks notifications before
-            # notification_events, where a claim or a `sent` record in flight locks them the other
-            # way round: the two deadlocked, every write waited for PostgreSQL's deadlock_timeout,
-            # one of them was cancelled (a starting process died of it), and a worker killed
-            # meanwhile sent its email again. Only what an older release made again is dropped.
-            _drop_made_again(db)
-            return SCHEMA_VERSION
-        # Columns first: an index a new version adds may be on a column it adds.
-        _add_missing_columns(db)
-        db.create_tables(MODELS, safe=True)  # and, on an existing table, the indexes it lacks
-        for name in _REPLACED_INDEXES:
-            db.execute_sql(f'DROP INDEX IF EXISTS "{name}"')
-        if isinstance(db, PostgresqlDatabase):
-            _notify_key_changes(db)
-        row = SchemaVersion.select().first()
-        if row is not None and row.version < 8:
-            _suppressions_of_unknown_mailboxes_only(db)
-        if row is not None and row.version < 9:
-            _items_follow_their_digests(db)
-        if row is not None and row.version < 11:
-            _address_keys_lower_cased(db)
-        if row is not None and row.version < 12:
-            _final_moves_counted(db)
-        if row is None:
-            SchemaVersion.create(version=SCHEMA_VERSION)
-        elif row.version < SCHEMA_VERSION:
-            row.version = SCHEMA_VERSION
-            row.save()
-        elif row.version > SCHEMA_VERSION:
-            # An older release started against a newer schema (a rolling upgrade, a rollback): it
-            # works, but it has just made again the indexes the newer one replaced.
-            logger.warning("database schema is at version %s, newer than this release's %s", row.version,
-                           SCHEMA_VERSION)
-    logger.debug("schema at version %s", SCHEMA_VERSION)
-    return SCHEMA_VERSION
+        yield
+
+
+def _finish(db) -> None:
+    """What follows the tables and their indexes: the indexes replaced go, rows move, the version is recorded."""
+    for name in _REPLACED_INDEXES:
+        db.execute_sql(f'DROP INDEX IF EXISTS "{name}"')
+    if isinstance(db, PostgresqlDatabase):
+        _notify_key_changes(db)
+    row = SchemaVersion.select().first()
+    if row is not None and row.version < 8:
+        _suppressions_of_unknown_mailboxes_only(db)
+    if row is not None and row.version < 9:
+        _items_follow_their_digests(db)
+    if row is not None and row.version < 11:
+        _address_keys_lower_cased(db)
+    if row is not None and row.version < 12:
+        _final_moves_counted(db)
+    if row is None:
+        SchemaVersion.create(version=SCHEMA_VERSION)
+    elif row.version < SCHEMA_VERSION:
+        row.version = SCHEMA_VERSION
+        row.save()
+    elif row.version > SCHEMA_VERSION:
+        # An older release started against a newer schema (a rolling upgrade, a rollback): it
+        # works, but it has just made again the indexes the newer one replaced.
+        logger.warning("database schema is at version %s, newer than this release's %s", row.version,
+                       SCHEMA_VERSION)
 
 
 def _drop_made_again(db) -> None:

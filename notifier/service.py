@@ -12,6 +12,7 @@ from datetime import timedelta
 
 from peewee import IntegrityError, OperationalError
 from redis import Redis
+from redis.exceptions import RedisError
 
 from notifier import commits, consent, idempotency, metrics, queues, rules, store, unsubscribe
 from notifier.callback_targets import literal_denied
@@ -32,6 +33,7 @@ from notifier.models import (
     utcnow,
 )
 from notifier.ratelimit import Limiter, parse_rate
+from notifier.redact import keyed_digest
 from notifier.rendering import UNSUBSCRIBE_URL, RenderedEmail, Renderer, TemplateMissing, TemplateRenderError
 
 logger = logging.getLogger(__name__)
@@ -50,6 +52,10 @@ REDIS_AWAY_SECONDS = 2.0
 # every send of those 2 s, a login code too, to the reconciler: 30-60 s later (RECONCILE_GRACE_SECONDS and
 # RECONCILE_INTERVAL), though Redis had answered all along (helper 4's review).
 REDIS_PROBE_SECONDS = 0.1
+
+# Put before the address hashed for the recipient cap's key (_cap_id), so that hash is never one
+# SECRET_KEY makes for anything else.
+RECIPIENT_CAP_CONTEXT = b"notifier.recipient-cap\0"
 
 VERIFICATION_TEMPLATE = "verification"
 # How often a batch is stored again after PostgreSQL broke a deadlock by rolling it back.
@@ -79,6 +85,7 @@ class NotificationService:
         self.categories = rules.own_categories(settings)
         self._redis_away_until = 0.0  # time.monotonic() before which Redis is asked only briefly
         self._redis_probe: Redis | None = None  # the client that asks it so (queues.impatient)
+        self.acceptances = metrics.Acceptances()
 
     def recipient(self, payload: dict) -> tuple[str, str, Category]:
         """(to, user_key, category) of a validated send request: whose consent applies, and to what."""
@@ -242,11 +249,13 @@ class NotificationService:
             if self._redis_probe is None:
                 self._redis_probe = queues.impatient(self.redis, REDIS_PROBE_SECONDS)
             redis = self._redis_probe
-        counts = metrics.Deferred(redis)
-        metrics.accepted(counts, notifications)  # every newly stored notification passes here once
-        handed = queues.dispatch_many(redis, self.settings, [n for n in notifications if n.status in (
-            Status.QUEUED, Status.SCHEDULED)], also=counts.apply)
-        if not handed:
+        counts = self.acceptances.take(notifications)  # every newly stored notification passes here once
+        owed = [n for n in notifications if n.status in (Status.QUEUED, Status.SCHEDULED)]
+        try:
+            queues.enqueue_stored(redis, self.settings, owed, also=lambda pipe: metrics.write_accepted(pipe, counts))
+        except RedisError as exc:
+            queues.not_queued(owed, exc)
+            self.acceptances.not_written(counts, exc)
             # Redis away: asked again for each callback, each waited its 2 s; the reconciler queues them.
             # A brief ask that failed does not make the moment longer: a Redis merely slower than
             # REDIS_PROBE_SECONDS would otherwise never be asked in full again.
@@ -506,7 +515,7 @@ class NotificationService:
         if (self.limiter is None or self.recipient_cap is None or category == rules.Category.TRANSACTIONAL
                 or decision.status not in (Status.QUEUED, Status.SCHEDULED, Status.HELD)):
             return decision
-        if self.limiter.allows(self.recipient_cap, "recipient", str(api_key.id), to.lower()):
+        if self.limiter.allows(self.recipient_cap, "recipient", str(api_key.id), _cap_id(self.settings, to)):
             return decision
         return Decision(Status.SUPPRESSED, f"the recipient cap of {self.settings.recipient_cap} for this address "
                                            "was reached")
@@ -549,6 +558,14 @@ def _key_order(item: tuple[int, Draft]) -> tuple:
     """Where a batch's draft comes when its keys are taken in order: keyed ones by key, then the others."""
     key = item[1].key
     return (0, key.key, key.scope, item[0]) if key is not None else (1, "", "", item[0])
+
+
+def _cap_id(settings: Settings, to: str) -> str:
+    """What names an address's RECIPIENT_CAP counter in Redis: a keyed hash of it (any letter case), the
+    same in every API process and across restarts while SECRET_KEY stays. The address itself stayed in
+    the key for the whole window, after the user's erasure too, for anyone reading Redis (the
+    dashboard's operators) to see; unkeyed, a guessed address could be checked against it."""
+    return keyed_digest(settings.signing_key, RECIPIENT_CAP_CONTEXT + to.lower().encode("utf-8", "surrogatepass"))
 
 
 def _fingerprint(payload: dict) -> str:

@@ -161,6 +161,36 @@ def test_recipient_cap_stops_non_transactional_floods_only(pg_settings, pg_db, r
     assert smtp.count() == 6
 
 
+def test_the_recipient_cap_holds_across_api_processes_without_keeping_the_address_in_redis(pg_settings, pg_db,
+                                                                                           redis_conn, api_key):
+    # Its counters were named by the address, lower-cased: kept in Redis for the whole window, after the
+    # user's erasure too, for anyone reading Redis to see. Now a keyed hash names them.
+    settings = replace(pg_settings, recipient_cap="3/hour", secret_key="s1")
+    one, two = (create_app(settings, redis=redis_conn).test_client() for _ in range(2))
+    hdrs = {"X-API-Key": api_key[1]}
+
+    def send(client, to: str) -> str:
+        return client.post("/api/notifications/send", json={**WELCOME, "to": to}, headers=hdrs).get_json()["status"]
+
+    # Two API processes count into one window, whatever the letter case.
+    sent = [send(client, to) for client, to in ((one, "Ann.Smith@Example.com"), (two, "ann.smith@example.com"),
+                                                 (one, "ANN.SMITH@example.com"), (two, "ann.smith@EXAMPLE.com"),
+                                                 (one, "ann.smith@example.com"))]
+    assert sent == ["queued", "queued", "queued", "suppressed", "suppressed"]
+    # One started later (a restart) finds the same window while SECRET_KEY stays ...
+    assert send(create_app(settings, redis=redis_conn).test_client(), "ann.smith@example.com") == "suppressed"
+    # ... and a new SECRET_KEY starts a new one (README: the cap's window restarts with a rotation).
+    rotated = replace(settings, secret_key="s2", secret_key_fallbacks=("s1",))
+    assert send(create_app(rotated, redis=redis_conn).test_client(), "ann.smith@example.com") == "queued"
+
+    names = [key.decode() for key in redis_conn.scan_iter(count=1000)]
+    assert [name for name in names if "ann" in name.lower() or "example.com" in name.lower()] == []
+    counters = [name for name in names if "/recipient/" in name]
+    assert len(counters) == 2  # one per SECRET_KEY
+    for name in counters:  # and nothing of the address in what they hold either
+        assert not any(b"ann" in item.lower() for item in redis_conn.lrange(name, 0, -1))
+
+
 def test_no_route_lets_one_key_reach_another_keys_data(client, headers, api_key, other_key, redis_conn, smtp,
                                                        deliverer):
     theirs = {"X-API-Key": other_key[1]}

@@ -7,8 +7,10 @@ and then checks the final status of every notification and exactly what the SMTP
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -27,7 +29,7 @@ from rq_scheduler import Scheduler
 
 from app import create_app
 from bench.procs import children
-from notifier import receipts, reconciler
+from notifier import queues, receipts, reconciler
 from notifier.db import bind, database
 from notifier.devmail import CaptureHandler, start
 from notifier.models import Notification, SchemaVersion, Status, utcnow
@@ -35,6 +37,7 @@ from notifier.queues import QUEUE_NAMES, release_job_id_for
 from notifier.ratelimit import Limiter, parse_rate
 from notifier.runtime import warn_about_redis_eviction
 from notifier.schema import SCHEMA_VERSION, upgrade
+from notifier.tally import Tally
 from tests.conftest import PG_ADMIN_URL
 from tests.helpers import LITERAL, drop_connections, held_reply, installed_deliverer, run_worker_until_idle
 from tests.operators import collect_metrics, value
@@ -894,6 +897,94 @@ def test_the_rate_limit_says_once_that_it_lets_requests_through_while_redis_is_o
     assert all(limiter.hit(parse_rate("1/minute"), "key", str(n)).allowed for n in range(5))
     lines = [r.getMessage() for r in caplog.records if "rate limit not enforced" in r.getMessage()]
     assert lines == ["rate limit not enforced, Redis unavailable: OutOfMemoryError (nor for the next 2 s)"]
+
+
+def _refuse_writes(redis: Redis, refusal: str) -> None:
+    """Have Redis refuse every write, as it does out of memory (noeviction), as a read-only replica, or
+    with MISCONF (a snapshot it could not write, under stop-writes-on-bgsave-error)."""
+    if refusal == "OutOfMemoryError":
+        _fill(redis)
+    elif refusal == "ReadOnlyError":
+        redis.replicaof("127.0.0.1", free_port())  # a master nobody answers for: no sync, the data stays
+    else:
+        # The snapshot's file name taken by a directory: every snapshot fails.
+        snapshot = os.path.join(redis.config_get("dir")["dir"], redis.config_get("dbfilename")["dbfilename"])
+        os.makedirs(os.path.join(snapshot, "x"))
+        redis.config_set("stop-writes-on-bgsave-error", "yes")
+        redis.config_set("save", "3600 1")  # Redis refuses writes for a failed snapshot only while it saves
+        redis.bgsave()
+        wait_until(lambda: redis.info("persistence")["rdb_last_bgsave_status"] == "err", timeout=10)
+
+
+def _take_writes(redis: Redis, refusal: str) -> None:
+    """Undo _refuse_writes."""
+    if refusal == "OutOfMemoryError":
+        redis.config_set("maxmemory", 0)  # room for all (the fillers' 512 KB would hold ~200 jobs, not 300)
+    elif refusal == "ReadOnlyError":
+        redis.replicaof("NO", "ONE")
+    else:
+        redis.config_set("save", "")
+
+
+@pytest.mark.parametrize("refusal", ["OutOfMemoryError", "ReadOnlyError", "ResponseError"])  # the last: MISCONF
+def test_sends_redis_refuses_are_logged_once_per_interval_with_their_count_and_counted_accepted_once_it_has_room(
+        pg_settings, pg_db, api_key, own_redis, caplog, monkeypatch, refusal):
+    # Each send stored while Redis refused its job logged a line of its own, hundreds a second under load,
+    # and its acceptance count went with the refused pipeline, never to be counted.
+    url, _, _ = own_redis
+    redis = Redis.from_url(url)
+    settings = replace(pg_settings, redis_url=url, reconcile_grace_seconds=0)
+    client = create_app(settings, redis=redis).test_client()
+    monkeypatch.setattr(queues, "_not_queued", Tally(queues.NOT_QUEUED_LOG_SECONDS))  # as a new process has it
+    hdrs = {"X-API-Key": api_key[1]}
+
+    def send(n: int) -> dict:
+        answer = client.post("/api/notifications/send", json=_to(n), headers=hdrs)
+        assert answer.status_code == 202
+        return answer.get_json()
+
+    assert send(0)["status"] == "queued"
+    _refuse_writes(redis, refusal)
+    caplog.set_level("WARNING", logger="notifier.queues")
+    started, refused = time.monotonic(), []
+    while time.monotonic() - started < 2.5 * queues.NOT_QUEUED_LOG_SECONDS:
+        refused.append(send(len(refused) + 1)["id"])
+    during = [r for r in caplog.records if "stored but not queued" in r.getMessage()]
+    _take_writes(redis, refusal)
+    time.sleep(queues.NOT_QUEUED_LOG_SECONDS)  # the next line is due
+    after = send(len(refused) + 1)  # Redis has room: queued at once, and the last of the count said
+
+    assert len(refused) > 20 and len(during) == 3  # at 0, 2 and 4 s, not one per send
+    # (created is wall-clock time, the interval monotonic: a few ms apart)
+    assert all(b.created - a.created > queues.NOT_QUEUED_LOG_SECONDS - 0.05 for a, b in itertools.pairwise(during))
+    lines = [r.getMessage() for r in caplog.records if "stored but not queued" in r.getMessage()]
+    assert len(lines) == 4
+    assert lines[0] == f"notification {refused[0]} stored but not queued: {refusal}"
+    for line in lines[1:3]:
+        assert re.fullmatch(r"\d+ notifications stored but not queued since the last such line \(this process says "
+                            r"so at most every 2 s\), the latest notification [-0-9a-f]{36}: " + refusal, line)
+    assert re.fullmatch(r"\d+ notifications stored but not queued since the last such line; Redis takes jobs again, "
+                        r"and the reconciler queues them", lines[3])
+    assert 1 + sum(int(line.split()[0]) for line in lines[1:]) == len(refused)  # each in exactly one line
+    # The accepted count of every send Redis refused went with the first pipeline it took.
+    assert value(collect_metrics(redis), "notifier_notifications_accepted_total", priority="default",
+                 template="-") == len(refused) + 2
+    with database.connection_context():  # the reconciler queues every one of them (README: Failure modes)
+        assert reconciler.reconcile(settings, redis).requeued == len(refused)
+    assert {f"notification-{n}" for n in [*refused, after["id"]]} <= {
+        j.decode() for j in redis.lrange("rq:queue:notifier.default", 0, -1)}
+
+
+def test_the_rate_limit_takes_misconf_for_redis_refusing_writes_not_for_a_rate_it_refused(own_redis, caplog):
+    # MISCONF is a plain ResponseError, as Redis's refusal of a rate's numbers is: each request logged an
+    # ERROR blaming a key's rate, for as long as snapshots failed.
+    url, _, _ = own_redis
+    _refuse_writes(Redis.from_url(url), "ResponseError")
+    limiter = Limiter(url)
+    assert all(limiter.hit(parse_rate("1/minute"), "key", str(n)).allowed for n in range(5))
+    assert all(limiter.allows(parse_rate("1/minute"), "recipient", "1", str(n)) for n in range(5))
+    assert [r.getMessage() for r in caplog.records if r.name == "notifier.ratelimit"] == [
+        "rate limit not enforced, Redis unavailable: ResponseError (nor for the next 2 s)"]
 
 
 def test_a_worker_and_the_scheduler_warn_of_a_redis_that_evicts_keys(make_stack, pg_settings, own_redis):

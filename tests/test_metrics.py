@@ -252,7 +252,7 @@ def test_rq_stopping_a_job_passes_through_a_metrics_write(fake_redis, stop):
 
 
 def test_writes_without_redis_do_nothing():
-    metrics.accepted(None, [SimpleNamespace(priority="high", template="welcome")])
+    metrics.expired(None, SimpleNamespace(priority="high", template="welcome"))
 
 
 @pytest.mark.integration

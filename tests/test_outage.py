@@ -7,14 +7,19 @@ import json
 import time
 from dataclasses import replace
 
+import psycopg2
 import pytest
 from peewee import OperationalError
 from rq import Queue, Retry, Worker
 from rq.job import Job, JobStatus, get_current_job
 
-from notifier import queues
+from notifier import jobs, queues
+from notifier.db import bind
+from notifier.jobs import Deliverer
+from notifier.mail import SmtpMailer
 from notifier.models import Status
 from notifier.outage import DatabaseOutage, database_answers
+from notifier.runtime import make_renderer
 from tests.helpers import held_reply, make_notification, reload
 from tests.processes import wait_until
 
@@ -101,11 +106,9 @@ def test_a_job_whose_email_went_out_as_the_database_went_away_goes_back_as_it_wa
     assert _queue(redis_conn).failed_job_registry.count == 0
 
 
-def test_a_shared_job_that_meets_the_database_away_goes_back_whole_and_sends_each_email_once(
-        outage_stack, api_key, redis_conn, smtp, proxy):
-    # Before, the shared job ended on its ERROR ("a shared job stopped"), the worker went on to the next
-    # job, and what it had not sent waited for the reconciler.
-    stack, settings = outage_stack
+def _shared_job_meeting_the_outage(stack, settings, api_key, redis_conn, smtp, proxy) -> tuple[str, list[str]]:
+    """A worker's shared job of three emails, the database stalled while the second is at DATA; then
+    the second goes out, and its `sent` record (and the third's claim) wait for the database."""
     stack.start("worker")
     mid_data, away = held_reply(smtp, n=2)
     ids = [make_notification(api_key[0], to=f"user{n}@example.com").id for n in range(3)]
@@ -113,7 +116,16 @@ def test_a_shared_job_that_meets_the_database_away_goes_back_whole_and_sends_eac
     queues.enqueue_shared(redis_conn, settings, job_id, ids, "default")
     assert mid_data.wait(15)
     proxy.stall()
-    away.set()  # the second email goes out; its `sent` record, and the third's claim, wait for the database
+    away.set()
+    return job_id, ids
+
+
+def test_a_shared_job_that_meets_the_database_away_goes_back_whole_and_sends_each_email_once(
+        outage_stack, api_key, redis_conn, smtp, proxy):
+    # Before, the shared job ended on its ERROR ("a shared job stopped"), the worker went on to the next
+    # job, and what it had not sent waited for the reconciler.
+    stack, settings = outage_stack
+    job_id, ids = _shared_job_meeting_the_outage(stack, settings, api_key, redis_conn, smtp, proxy)
     wait_until(lambda: _paused(stack) or "a shared job stopped" in stack.log("worker"), timeout=25)
     job = Job.fetch(job_id, connection=redis_conn)
     wait_until(lambda: job.get_status(refresh=True) != JobStatus.STARTED, timeout=10)  # the job has ended
@@ -201,3 +213,59 @@ def test_a_job_asked_to_stop_is_not_put_back_by_the_outage(pg_settings, pg_db, r
     job.refresh()
     assert job.get_status() == JobStatus.STOPPED
     assert int(redis_conn.get(RUNS_KEY)) == 1
+
+
+def test_a_shared_job_put_back_leaves_an_email_it_had_left_retrying_to_its_retry(stacks, pg_settings, proxy, api_key,
+                                                                                redis_conn, smtp):
+    # The first run of a batch's shared job had one email refused for now (451): `retrying`, its retry
+    # job due RETRY_INTERVALS later. Put back whole for the outage, the job ran again as soon as the
+    # database answered and sent that email at once, its retry interval not waited and one of its
+    # attempts spent: a greylisting server asks for the wait, and a flapping database took an attempt
+    # each time.
+    settings = replace(pg_settings, retry_intervals=(60, 60),
+                       database_url=proxy.url(pg_settings.database_url.rsplit("/", 1)[1]))
+    stack = stacks(settings)
+    smtp.replies.append("451 4.7.1 try again later")  # the first email's DATA
+    job_id, ids = _shared_job_meeting_the_outage(stack, settings, api_key, redis_conn, smtp, proxy)
+    wait_until(lambda: _paused(stack), timeout=25)
+    proxy.resume()
+    wait_until(lambda: all(reload(i).status == Status.SENT for i in ids[1:]), timeout=20, interval=0.2)
+    wait_until(lambda: Job.fetch(job_id, connection=redis_conn).get_status() == JobStatus.FINISHED, timeout=10)
+
+    first = reload(ids[0])
+    assert (first.status, first.attempts) == (Status.RETRYING, 1)  # its retry job sends it, when due
+    assert sorted(m.rcpt_tos[0] for m in smtp.messages) == ["user1@example.com", "user2@example.com"]
+    retry = Job.fetch(queues.job_id_for(ids[0]), connection=redis_conn)
+    assert retry.get_status() == JobStatus.SCHEDULED
+
+
+def test_a_shared_job_that_fails_on_a_database_that_answers_ends_and_leaves_the_rest_to_the_reconciler(
+        pg_settings, pg_db, pg_url, redis_conn, smtp, api_key):
+    # A statement timeout is no outage: in a worker that waits for the database too, the shared job is
+    # not put back whole (the README said it was); it ends, and the reconciler hands on what it had not sent.
+    from worker import make_worker
+
+    db = bind(pg_settings.database_url, statement_timeout=0.5)
+    ids = [make_notification(api_key[0], to=f"user{n}@example.com").id for n in range(3)]
+    outage = DatabaseOutage(lambda: database_answers(pg_settings.database_connect_timeout))
+    mailer = SmtpMailer(pg_settings)
+    jobs.install(Deliverer(pg_settings, mailer, make_renderer(pg_settings), redis_conn, outage=outage))
+    locker = psycopg2.connect(pg_url)  # another session holds the second row: its claim times out
+    try:
+        with locker.cursor() as cur:
+            cur.execute('SELECT 1 FROM "notifications" WHERE "id" = %s FOR UPDATE', (ids[1],))
+        job_id = queues.new_shared_job_id()
+        queues.enqueue_shared(redis_conn, pg_settings, job_id, ids, "default")
+        make_worker(redis_conn, outage=outage).work(burst=True, with_scheduler=False)
+    finally:
+        locker.rollback()
+        locker.close()
+        jobs.install(None)
+        mailer.close()
+    try:
+        assert Job.fetch(job_id, connection=redis_conn).get_status() == JobStatus.FINISHED  # not put back
+        assert _queue(redis_conn).job_ids == []
+        assert outage.since is None  # no pause
+        assert [reload(i).status for i in ids] == [Status.SENT, Status.QUEUED, Status.QUEUED]
+    finally:
+        db.close_all()
