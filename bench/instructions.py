@@ -185,10 +185,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--jobs", type=int, default=100, help="jobs counted per kind (about 0.5 s each under valgrind)")
     parser.add_argument("--only", action="append", default=[], metavar="MODULE:QUALNAME",
                         help="count only inside this function of the email job (repeatable)")
+    parser.add_argument("--kinds", default=None, help="noop,email (default), or one of them; with --only: email")
     args = parser.parse_args(argv)
     run_dir = os.path.join(ROOT, "var", "bench", time.strftime("instructions-%Y%m%d-%H%M%S-") + str(os.getpid()))
     os.makedirs(run_dir)
-    kinds = ["email"] if args.only else ["noop", "email"]
+    kinds = args.kinds.split(",") if args.kinds else ["email"] if args.only else ["noop", "email"]
+    if set(kinds) - {"noop", "email"}:
+        parser.error("--kinds takes noop, email or both")
     results = [measure(kind, args.jobs, args.only, run_dir) for kind in kinds]
     for result in results:
         print(f"{result['kind']:>6}: {result['per_job'] / 1e6:6.3f}M instructions per job "

@@ -535,7 +535,7 @@ def _transmit_pipelined(smtp: smtplib.SMTP, sender: str, recipient: str, body: b
     """_transmit() where the server offers PIPELINING (RFC 2920), as most do: MAIL, RCPT and DATA go
     in one write and their replies are read in order, two round trips fewer per email (each one the
     server's distance away), with the same outcomes and exceptions. smtplib does not pipeline."""
-    commands = f"mail FROM:{smtplib.quoteaddr(sender)}\r\nrcpt TO:{smtplib.quoteaddr(recipient)}\r\ndata\r\n"
+    commands = f"mail FROM:{_quoted(sender)}\r\nrcpt TO:{smtplib.quoteaddr(recipient)}\r\ndata\r\n"
     if commands.count("\n") != 3 or commands.count("\r") != 3:
         raise ValueError("an address holds a line break")  # as smtplib's putcmd refuses it
     try:
@@ -566,13 +566,27 @@ def _transmit_pipelined(smtp: smtplib.SMTP, sender: str, recipient: str, body: b
         raise smtplib.SMTPDataError(*data)
     # What smtplib's data() sends after a 354: the message, its lines that start with "." doubled,
     # then the line with "." alone.
-    message = smtplib._quote_periods(body)
+    message = _periods_doubled(body)
     smtp.send(message + (b"" if message.endswith(b"\r\n") else b"\r\n") + b".\r\n")
     code, reply = smtp.getreply()
     if code != 250:
         _reset(smtp)
         raise smtplib.SMTPDataError(code, reply)
     return code, reply
+
+
+@lru_cache(maxsize=16)
+def _quoted(sender: str) -> str:
+    # MAIL_FROM's, the same for every email: smtplib parses the address again each time.
+    return smtplib.quoteaddr(sender)
+
+
+def _periods_doubled(body: bytes) -> bytes:
+    """smtplib's doubling of a "." that starts a line, done only where one does: its regular expression
+    looks at every position of the message, which took longer than the rest of the send's Python."""
+    if body.startswith(b".") or b"\n." in body:  # where (?m)^ matches: the start, and after each \n
+        return smtplib._quote_periods(body)
+    return body
 
 
 def _refusal(sender: str, mail: tuple[int, bytes], recipient: str,

@@ -365,6 +365,24 @@ def test_a_kept_connection_the_server_closed_is_replaced_without_a_retry(pg_sett
     assert [m.rcpt_tos for m in first.messages + second.messages] == [["ann@example.com"], ["bob@example.com"]]
 
 
+def test_lines_starting_with_a_dot_arrive_as_written(pg_settings):
+    # SMTP ends a message at a line holding "." alone: each line starting with "." goes out with it
+    # doubled, and the server takes one off again.
+    capture = devmail.CaptureHandler()
+    server = devmail.start(capture)
+    mailer = SmtpMailer(replace(pg_settings, smtp_port=server.port))
+    text = ".first\n.\nmiddle\n..two\n. last\n"
+    try:
+        mailer.send(OutgoingEmail(notification_id="3f1c2a9e-0000-4000-8000-000000000002", to="ann@example.com",
+                                  content=literal("Dots", text, None)))
+        mailer.send(_email("bob@example.com"))  # and the connection goes on
+    finally:
+        mailer.close()
+        server.stop()
+    assert [m.rcpt_tos for m in capture.messages] == [["ann@example.com"], ["bob@example.com"]]
+    assert capture.messages[0].message.get_content().replace("\r\n", "\n") == text
+
+
 @pytest.mark.parametrize("stop", [JobTimeoutException, SystemExit], ids=["job-limit", "process-exit"])
 def test_a_send_cut_off_by_the_job_limit_hangs_up_without_quit(pg_settings, stop):
     # RQ's time limit cut a send off while the server was still answering DATA. Closing the

@@ -18,6 +18,7 @@ from notifier.mail import (
     OutgoingEmail,
     _headers,
     _library_message,
+    _periods_doubled,
     _plain_message,
     build_message,
     classify,
@@ -353,3 +354,9 @@ def test_a_template_email_is_written_directly():
     direct = _plain_message(parts, headers, "=_b")
 
     assert direct is not None and direct == _library_message(parts, headers, "=_b")
+
+
+@pytest.mark.parametrize("body", [b"", b".", b"..", b".a\r\nb", b"a\r\n.b", b"a\n.", b"a.b\r\n", b"a\r.b",
+                                  b"a\r\n\r\n.\r\n", b"x" * 5000, b"no dot at a line's start\r\n" * 200 + b"."])
+def test_periods_are_doubled_as_smtplib_doubles_them(body):
+    assert _periods_doubled(body) == smtplib._quote_periods(body)
